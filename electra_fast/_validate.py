@@ -1,0 +1,74 @@
+"""Argument checks shared by the public ops: every message names the argument and what was expected."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def floating(name: str, x, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+    tensor(name, x)
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name}: expected a floating tensor ({', '.join(str(d) for d in dtypes)}), got {x.dtype}")
+    return x
+
+
+def integer(name: str, x) -> torch.Tensor:
+    tensor(name, x)
+    if x.dtype not in INT_DTYPES:
+        raise TypeError(f"{name}: expected an integer tensor (int32 / int64), got {x.dtype}")
+    return x
+
+
+def rank(name: str, x: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    if x.dim() != n:
+        raise ValueError(f"{name}: expected a {n}-d tensor {what}, got shape {tuple(x.shape)}")
+    return x
+
+
+def same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    if x.shape != ref.shape:
+        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (that of {ref_name}), got {tuple(x.shape)}")
+    return x
+
+
+def same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {x.device}")
+    return x
+
+
+def choice(name: str, value, options: Sequence) -> None:
+    if value not in options:
+        raise ValueError(f"{name}: expected one of {tuple(options)}, got {value!r}")
+
+
+def mask_as_uint8(name: str, mask: Optional[torch.Tensor], ref_name: str, ref: torch.Tensor) -> Optional[torch.Tensor]:
+    """A [B, T] bool / integer attention mask (nonzero = real token) as a contiguous uint8 tensor."""
+    if mask is None:
+        return None
+    tensor(name, mask)
+    if mask.dtype != torch.bool and mask.dtype not in INT_DTYPES:
+        raise TypeError(f"{name}: expected a bool or integer tensor (1 = real token), got {mask.dtype}")
+    same_shape(name, mask, ref_name, ref)
+    same_device(name, mask, ref_name, ref)
+    if mask.dtype == torch.bool:
+        return mask.contiguous().view(torch.uint8)  # free reinterpretation
+    if mask.dtype == torch.uint8:
+        return mask.contiguous()
+    return (mask != 0).view(torch.uint8)
+
+
+def common_ids(*named) -> list:
+    """Integer id tensors converted to one dtype the kernels take (int32 if all are int32, else int64)."""
+    dtype = torch.int32 if all(x.dtype == torch.int32 for _, x in named) else torch.int64
+    return [x.to(dtype).contiguous() for _, x in named]

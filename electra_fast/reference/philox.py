@@ -1,0 +1,88 @@
+"""Philox4x32-10 in eager PyTorch: the one random stream every backend shares.
+
+The stream (DESIGN.md, "randomness contract"). For a draw keyed by ``(seed, index, purpose)``:
+
+  key      k0 = seed & 0xFFFFFFFF,  k1 = seed >> 32            (seed: int in [0, 2**63))
+  counter  c0 = index & 0xFFFFFFFF, c1 = index >> 32, c2 = purpose, c3 = 0
+  output   four uint32 words (x0, x1, x2, x3) = Philox4x32-10(counter, key)
+
+This is exactly ``tl.philox(seed, c0, c1, c2, c3)`` in Triton (constants and round order as in
+``triton.language.random``), ``philox4x32_10`` in ``csrc/philox.h``, and :func:`philox` below,
+so a mask or a Gumbel noise drawn on any backend is bit-identical.
+
+uint32 -> float conversions (exact in fp32, so no backend can round differently):
+  ``uniform(x)      = (x >> 8) * 2**-24``        in [0, 1)
+  ``uniform_open(x) = ((x >> 9) + 0.5) * 2**-23`` in (0, 1)   (for -log(-log(u)))
+
+Purposes and what each op reads (one Philox call per element):
+  MASKING = 1       index = b * T + t:   x0 selection key, x1 replacement draw, x2 random-token draw
+  GUMBEL = 2        index = n * V + v:   x0 -> uniform_open
+  ATTN_DROPOUT = 3  index = ((b * H + h) * T + i) * T + j:  x0 -> uniform, kept iff u >= p
+
+Tensors here hold uint32 values in int64 (torch has no general uint32 arithmetic).
+"""
+from __future__ import annotations
+
+import torch
+
+MASKING = 1
+GUMBEL = 2
+ATTN_DROPOUT = 3
+
+_M32 = 0xFFFFFFFF
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+SEED_LIMIT = 2 ** 63
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """Seeds are Python ints in [0, 2**63) (bool and floats are rejected)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, torch.Tensor) and seed.numel() == 1 and not seed.is_floating_point():
+            seed = int(seed.item())
+        else:
+            raise TypeError(f"{name}: expected an int, got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name}: expected an int in [0, 2**63), got {seed}")
+    return seed
+
+
+def _mulhilo(a: int, b: torch.Tensor):
+    """(hi32, lo32) of the 64-bit product of the constant ``a`` and uint32 values ``b``."""
+    lo = (b * a) & _M32  # int64 wraps, its low 32 bits are still exact
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    hi = ((b_hi * a) + ((b_lo * a) >> 16)) >> 16  # both products < 2**48: no overflow
+    return hi & _M32, lo
+
+
+def philox(seed: int, index: torch.Tensor, purpose: int):
+    """Four uint32 words (as int64 tensors shaped like ``index``) for each element of ``index``.
+
+    ``index``: int64 tensor of non-negative element indices (< 2**63).
+    """
+    seed = check_seed(seed)
+    index = index.to(torch.int64)
+    c0 = index & _M32
+    c1 = (index >> 32) & _M32
+    c2 = torch.full_like(index, purpose & _M32)
+    c3 = torch.zeros_like(index)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _M32
+        k1 = (k1 + _KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def uniform(x: torch.Tensor) -> torch.Tensor:
+    """uint32 (in int64) -> fp32 in [0, 1), exactly ``(x >> 8) * 2**-24``."""
+    return (x >> 8).to(torch.float32) * (2.0 ** -24)
+
+
+def uniform_open(x: torch.Tensor) -> torch.Tensor:
+    """uint32 (in int64) -> fp32 in (0, 1), exactly ``((x >> 9) + 0.5) * 2**-23``."""
+    return ((x >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)

@@ -1,0 +1,28 @@
+"""Triton side of the shared Philox stream (see electra_fast/reference/philox.py for the layout).
+
+``tl.philox(seed, c0, c1, c2, c3)`` is Philox4x32-10 keyed by the 64-bit seed split into
+(lo, hi) words: exactly the stream the reference and C++ backends implement.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def philox4(seed, index, purpose: tl.constexpr):
+    """Four uint32 blocks for int64 element indices ``index`` (seed: i64 scalar)."""
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = ((index >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = lo * 0
+    return tl.philox(seed, lo, hi, zero + purpose, zero)
+
+
+@triton.jit
+def uniform(x):
+    """uint32 -> fp32 in [0, 1): (x >> 8) * 2**-24."""
+    return (x >> 8).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
+def uniform_open(x):
+    """uint32 -> fp32 in (0, 1): ((x >> 9) + 0.5) * 2**-23."""
+    return ((x >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07

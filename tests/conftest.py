@@ -1,0 +1,55 @@
+"""Test lanes (DESIGN.md): CPU (reference / C++), interpreter (Triton on CPU tensors under
+TRITON_INTERPRET=1) and, when a GPU is visible, Triton on CUDA tensors. One pytest run covers them:
+without a GPU this file turns the interpreter on before any kernel module is imported.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import electra_fast  # noqa: E402  (after TRITON_INTERPRET is decided)
+from electra_fast import _backend, _extension  # noqa: E402
+
+REQUIRE_EXT = os.environ.get("ELECTRA_FAST_REQUIRE_EXT", "0") == "1"
+
+
+def _triton_ok() -> bool:
+    return _backend.triton_import_error() is None
+
+
+def fast_backends():
+    """(backend, device) pairs checked against the reference: C++ on CPU, Triton on CUDA or interpreted."""
+    pairs = [pytest.param("cpp", "cpu", id="cpp-cpu")]
+    if _triton_ok():
+        if HAS_CUDA:
+            pairs.append(pytest.param("triton", "cuda", id="triton-cuda"))
+        else:
+            pairs.append(pytest.param("triton", "cpu", id="triton-interp", marks=pytest.mark.interpreter))
+    return pairs
+
+
+def all_backends():
+    return [pytest.param("reference", "cpu", id="reference-cpu")] + fast_backends()
+
+
+@pytest.fixture(autouse=True)
+def _need_backend(request):
+    """Skip (or, under ELECTRA_FAST_REQUIRE_EXT=1, fail) a cpp-parametrised test when _C is missing."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None:
+        return
+    if callspec.params.get("backend") == "cpp" and not _extension.extension_loaded():
+        msg = f"C++ extension not built: {_extension.EXTENSION_ERROR}"
+        if REQUIRE_EXT:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
