@@ -1,4 +1,5 @@
 """Public fused ops (each module registers its torch.library ops on import)."""
 from .rtd_loss import rtd_loss
+from .sampling import gumbel_sample, mlm_loss_and_sample
 
-__all__ = ["rtd_loss"]
+__all__ = ["gumbel_sample", "mlm_loss_and_sample", "rtd_loss"]

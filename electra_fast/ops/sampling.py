@@ -1,0 +1,243 @@
+"""electra_fast.gumbel_sample and electra_fast.mlm_loss_and_sample: Gumbel-max sampling of replacement
+tokens, standalone or fused with the generator's vocabulary projection and MLM cross-entropy.
+
+Ops (torch.library custom ops with fake kernels, each routed to triton / cpp / reference):
+  ``electra_fast::gumbel_sample``          logits [N, V] -> int64 [N]
+  ``electra_fast::mlm_loss_sample_fwd``    streams over the vocabulary in chunks: per-row loss, lse, sample, argmax
+  ``electra_fast::mlm_loss_sample_bwd``    recomputes each logits chunk: dhidden, dweight, dbias
+Semantics, noise layout and shapes: electra_fast/reference/sampling.py.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import _backend, _validate
+from ..reference import philox
+from ..reference import sampling as ref
+
+REDUCTIONS = ("none", "sum", "mean")
+CHUNK_MIN, CHUNK_MAX = 256, 4096
+_FP32_MAX = 3.4028234663852886e38
+
+
+def vocab_chunk(n_rows: int, embed: int, vocab: int) -> int:
+    """Vocabulary columns per streamed chunk: a [N, chunk] fp32 logits block about the size of hidden
+    [N, E] (Liger's fused-linear-cross-entropy rule, transposed to the vocabulary axis), at least
+    CHUNK_MIN columns so each chunk's matmul stays efficient. Peak extra memory is O(N x chunk + V x E)."""
+    return max(1, min(vocab, max(CHUNK_MIN, min(CHUNK_MAX, 1 << max(embed - 1, 0).bit_length()))))
+
+
+# --------------------------------------------------------------------------------------------- ops
+@torch.library.custom_op("electra_fast::gumbel_sample", mutates_args=())
+def _gumbel_sample(logits: torch.Tensor, disallowed: Optional[torch.Tensor], seed: int,
+                   inv_temperature: float) -> torch.Tensor:
+    impl = _backend.implementation("gumbel_sample", logits.device, reference=ref.sample, cpp="gumbel_sample",
+                                   triton="sampling.sample")
+    return impl(logits, disallowed, seed, inv_temperature)
+
+
+@_gumbel_sample.register_fake
+def _(logits, disallowed, seed, inv_temperature):
+    return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
+
+@torch.library.custom_op("electra_fast::mlm_loss_sample_fwd", mutates_args=())
+def _mlm_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+             disallowed: Optional[torch.Tensor], seed: int, inv_temperature: float, ignore_index: int,
+             chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _backend.implementation("mlm_loss_and_sample", hidden.device, reference=ref.forward,
+                                   cpp="mlm_loss_sample_fwd", triton="sampling.forward")
+    return impl(hidden, weight, bias, targets, disallowed, seed, inv_temperature, ignore_index, chunk)
+
+
+@_mlm_fwd.register_fake
+def _(hidden, weight, bias, targets, disallowed, seed, inv_temperature, ignore_index, chunk):
+    n, acc = hidden.shape[0], ref.acc_dtype(hidden.dtype)
+    return (hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc),
+            hidden.new_empty((n,), dtype=torch.int64), hidden.new_empty((n,), dtype=torch.int64))
+
+
+@torch.library.custom_op("electra_fast::mlm_loss_sample_bwd", mutates_args=())
+def _mlm_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             targets: torch.Tensor, lse: torch.Tensor, ignore_index: int,
+             chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _backend.implementation("mlm_loss_and_sample", hidden.device, reference=ref.backward,
+                                   cpp="mlm_loss_sample_bwd", triton="sampling.backward")
+    return impl(grad_rows, hidden, weight, bias, targets, lse, ignore_index, chunk)
+
+
+@_mlm_bwd.register_fake
+def _(grad_rows, hidden, weight, bias, targets, lse, ignore_index, chunk):
+    return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty((weight.shape[0],))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, _disallowed, _seed, _inv_t, ignore_index, chunk = inputs
+    ctx.ignore_index, ctx.chunk, ctx.has_bias = ignore_index, chunk, bias is not None
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+
+
+def _backward(ctx, grad_rows, _grad_lse, _grad_sampled, _grad_argmax):
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    if grad_rows is None:
+        grad_rows = torch.zeros_like(lse)
+    dh, dw, db = _mlm_bwd(grad_rows.to(lse.dtype).contiguous(), hidden, weight, bias, targets, lse,
+                          ctx.ignore_index, ctx.chunk)
+    return dh, dw, (db.to(bias.dtype) if ctx.has_bias else None), None, None, None, None, None, None
+
+
+torch.library.register_autograd("electra_fast::mlm_loss_sample_fwd", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------- validation
+def _floating(name: str, x) -> torch.Tensor:
+    _validate.tensor(name, x)
+    if x.dtype not in _validate.FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected a floating tensor (float32 / float64 / float16 / bfloat16), "
+                         f"got {x.dtype}")
+    return x
+
+
+def _inv_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature: expected a float > 0, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite float > 0, got {temperature}")
+    inv = 1.0 / float(temperature)
+    if inv > _FP32_MAX:
+        raise ValueError(f"temperature: {temperature} is too small (1 / temperature overflows fp32)")
+    return inv
+
+
+def _disallowed_mask(disallowed_ids, vocab: int, device) -> Optional[torch.Tensor]:
+    """uint8 [V] (1 = never drawn) from a sequence / tensor of ids, or None when there are none."""
+    if isinstance(disallowed_ids, torch.Tensor):
+        if disallowed_ids.dtype not in _validate.INT_DTYPES:
+            raise ValueError(f"disallowed_ids: expected integer ids, got a {disallowed_ids.dtype} tensor")
+        ids = disallowed_ids.reshape(-1).to(device=device, dtype=torch.int64)
+    else:
+        try:
+            ids_list = [int(i) for i in disallowed_ids]
+        except (TypeError, ValueError):
+            raise ValueError(f"disallowed_ids: expected a sequence of int ids, got {disallowed_ids!r}") from None
+        if len(ids_list) == 0:
+            return None
+        bad = [i for i in ids_list if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"disallowed_ids: ids must lie in [0, {vocab}), got {bad[:5]}")
+        ids = torch.tensor(ids_list, dtype=torch.int64, device=device)
+    if ids.numel() == 0:
+        return None
+    if not torch.compiler.is_compiling() and bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(f"disallowed_ids: ids must lie in [0, {vocab})")
+    mask = torch.zeros(vocab, dtype=torch.uint8, device=device)
+    mask[ids] = 1
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        raise ValueError(f"disallowed_ids: disallows every one of the {vocab} tokens")
+    return mask
+
+
+# ----------------------------------------------------------------------------------- public API
+def gumbel_sample(logits: torch.Tensor, *, seed: int, temperature: float = 1.0,
+                  disallowed_ids: Union[Sequence[int], torch.Tensor] = ()) -> torch.Tensor:
+    """One token per row by Gumbel-max: ``argmax_v(logits[n, v] / temperature + g[n, v])``.
+
+    Args:
+        logits: float [N, V] (fp32 / fp64 / fp16 / bf16). The scores are computed in fp32.
+        seed: int in [0, 2**63); the noise of element (n, v) is Philox keyed by ``(seed, n * V + v)``
+            (layout: electra_fast/reference/philox.py), identical on every backend and device.
+        temperature: > 0; applied as ``logits * fp32(1 / temperature)``.
+        disallowed_ids: ids in [0, V) that are never drawn (not all of them).
+
+    Returns:
+        int64 [N] sampled ids (no gradient). Ties go to the smallest id.
+    """
+    _floating("logits", logits)
+    _validate.rank("logits", logits, 2, "[N, V]")
+    if logits.shape[1] == 0:
+        raise ValueError("logits: expected V >= 1 columns, got shape " + str(tuple(logits.shape)))
+    seed = philox.check_seed(seed)
+    inv_t = _inv_temperature(temperature)
+    mask = _disallowed_mask(disallowed_ids, logits.shape[1], logits.device)
+    return _gumbel_sample(logits.contiguous(), mask, seed, inv_t)
+
+
+def mlm_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                        bias: Optional[torch.Tensor] = None, seed: int, temperature: float = 1.0,
+                        disallowed_ids: Union[Sequence[int], torch.Tensor] = (), ignore_index: int = -100,
+                        reduction: str = "mean", return_metrics: bool = False):
+    """The generator's vocabulary projection, MLM cross-entropy and Gumbel sampling in one streamed pass.
+
+    ``logits = hidden @ weight.T + bias`` (fp32 accumulation) is never materialised: the vocabulary is
+    processed in chunks of :func:`vocab_chunk` columns, and backward recomputes each chunk.
+
+    Args:
+        hidden: float [N, E] generator hidden states at the masked positions.
+        weight: [V, E] output embedding, same dtype and device as ``hidden``.
+        targets: int [N] original ids in [0, V), or ``ignore_index`` (no loss; still sampled).
+        bias: [V] or None.
+        seed, temperature, disallowed_ids: as :func:`gumbel_sample`; for the same seed ``sampled``
+            equals ``gumbel_sample(hidden @ weight.T + bias, ...)`` up to float rounding at near-ties.
+        reduction: "mean" (over non-ignored rows; none -> 0), "sum" or "none" ([N], 0 at ignored rows).
+        return_metrics: also return ``{"accuracy": fp32 fraction of non-ignored rows whose argmax is the
+            target}``.
+
+    Returns:
+        ``(loss, sampled)`` or ``(loss, sampled, metrics)``; loss fp32 (fp64 for fp64 inputs), sampled
+        int64 [N]. Gradients flow to hidden, weight and bias.
+    """
+    _floating("hidden", hidden)
+    _floating("weight", weight)
+    _validate.rank("hidden", hidden, 2, "[N, E]")
+    _validate.rank("weight", weight, 2, "[V, E]")
+    _validate.same_device("weight", weight, "hidden", hidden)
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight: expected dtype {hidden.dtype} (that of hidden), got {weight.dtype}")
+    n, e = hidden.shape
+    v = weight.shape[0]
+    if weight.shape[1] != e:
+        raise ValueError(f"weight: expected shape [V, {e}] (E from hidden {tuple(hidden.shape)}), "
+                         f"got {tuple(weight.shape)}")
+    if v == 0:
+        raise ValueError("weight: expected V >= 1 rows, got shape " + str(tuple(weight.shape)))
+    if bias is not None:
+        _floating("bias", bias)
+        _validate.same_device("bias", bias, "hidden", hidden)
+        if bias.shape != (v,):
+            raise ValueError(f"bias: expected shape ({v},) (V from weight), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise ValueError(f"bias: expected dtype {hidden.dtype} (that of hidden), got {bias.dtype}")
+    _validate.tensor("targets", targets)
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets: expected an int32 / int64 tensor, got {targets.dtype}")
+    if targets.shape != (n,):
+        raise ValueError(f"targets: expected shape ({n},) (N from hidden), got {tuple(targets.shape)}")
+    _validate.same_device("targets", targets, "hidden", hidden)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    _validate.choice("reduction", reduction, REDUCTIONS)
+    if not torch.compiler.is_compiling() and n > 0:
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
+        if bool(bad.any()):
+            raise ValueError(f"targets: expected ids in [0, {v}) or ignore_index={ignore_index}, "
+                             f"got {targets[bad][:5].tolist()}")
+    seed = philox.check_seed(seed)
+    inv_t = _inv_temperature(temperature)
+    mask = _disallowed_mask(disallowed_ids, v, hidden.device)
+    loss_rows, _lse, sampled, argmax = _mlm_fwd(
+        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.contiguous(),
+        mask, seed, inv_t, ignore_index, vocab_chunk(n, e, v))
+    valid = targets != ignore_index
+    if reduction == "none":
+        loss = loss_rows
+    else:
+        loss = loss_rows.sum()
+        if reduction == "mean":
+            loss = loss / valid.sum().clamp(min=1).to(loss.dtype)
+    if not return_metrics:
+        return loss, sampled
+    correct = ((argmax == targets) & valid).sum().float()
+    return loss, sampled, {"accuracy": correct / valid.sum().clamp(min=1).float()}
