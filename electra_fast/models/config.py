@@ -1,0 +1,238 @@
+"""ElectraConfig: one dataclass describing a generator + discriminator pretraining pair.
+
+``attention="standard"`` builds transformers' ELECTRA layout (``ElectraModel``: embeddings of size E with
+their own LayerNorm, ``embeddings_project`` E -> H, BERT layers with SDPA attention).
+``attention="disentangled"`` builds the DeBERTa-v2/v3 layout (``DebertaV2Model``: embeddings projected
+by ``embed_proj`` (no bias) then LayerNorm over H, relative embeddings shared by all layers, the fused
+disentangled attention op).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Tuple
+
+ATTENTIONS = ("standard", "disentangled")
+SHARINGS = ("none", "tied", "gdes")
+STRATEGIES = ("count", "bernoulli")
+POS_ATT_TYPES = ("c2p", "p2c")
+
+
+@dataclass
+class ElectraConfig:
+    # vocabulary and special ids (BERT uncased WordPiece for ELECTRA)
+    vocab_size: int = 30522
+    pad_token_id: int = 0
+    unk_token_id: int = 100
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    mask_token_id: int = 103
+    # discriminator
+    embedding_size: int = 128
+    hidden_size: int = 256
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024
+    # generator
+    generator_hidden_size: int = 64
+    generator_num_hidden_layers: int = 12
+    generator_num_attention_heads: int = 1
+    generator_intermediate_size: int = 256
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    # attention: "standard" (SDPA, key padding) or "disentangled" (DeBERTa's c2p / p2c, fused op)
+    attention: str = "standard"
+    position_buckets: int = 256
+    max_relative_positions: int = -1          # < 1: max_position_embeddings (as transformers)
+    pos_att_type: Tuple[str, ...] = ("p2c", "c2p")
+    share_att_key: bool = True
+    norm_rel_ebd: str = "layer_norm"
+    position_biased_input: bool = True        # absolute position embeddings added to the input
+    # generator / discriminator embedding sharing
+    embedding_sharing: str = "tied"
+    # masking (electra_fast.mask_tokens)
+    mask_prob: float = 0.15
+    mask_token_frac: float = 0.85
+    random_token_frac: float = 0.0
+    masking_strategy: str = "count"
+    # sampling and loss
+    temperature: float = 1.0
+    disallowed_sample_ids: Tuple[int, ...] = ()
+    disc_weight: float = 50.0
+    # regularisation / init
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        self.pos_att_type = tuple(self.pos_att_type)
+        self.disallowed_sample_ids = tuple(int(i) for i in self.disallowed_sample_ids)
+        self.validate()
+
+    # ---------------------------------------------------------------- checks
+    def validate(self) -> None:
+        def positive(name):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ElectraConfig.{name}: expected a positive int, got {v!r}")
+
+        for name in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "generator_hidden_size", "generator_num_hidden_layers",
+                     "generator_num_attention_heads", "generator_intermediate_size", "max_position_embeddings"):
+            positive(name)
+        for h, n in (("hidden_size", "num_attention_heads"), ("generator_hidden_size", "generator_num_attention_heads")):
+            if getattr(self, h) % getattr(self, n):
+                raise ValueError(f"ElectraConfig.{h}: {getattr(self, h)} is not divisible by {n} = {getattr(self, n)}")
+        for name in ("pad_token_id", "unk_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
+            v = getattr(self, name)
+            if not 0 <= v < self.vocab_size:
+                raise ValueError(f"ElectraConfig.{name}: expected an id in [0, vocab_size={self.vocab_size}), got {v}")
+        for i in self.disallowed_sample_ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"ElectraConfig.disallowed_sample_ids: id {i} outside [0, {self.vocab_size})")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"ElectraConfig.type_vocab_size: expected >= 0, got {self.type_vocab_size}")
+        for name, options in (("attention", ATTENTIONS), ("embedding_sharing", SHARINGS),
+                              ("masking_strategy", STRATEGIES)):
+            if getattr(self, name) not in options:
+                raise ValueError(f"ElectraConfig.{name}: expected one of {options}, got {getattr(self, name)!r}")
+        bad = [p for p in self.pos_att_type if p not in POS_ATT_TYPES]
+        if bad:
+            raise ValueError(f"ElectraConfig.pos_att_type: expected a subset of {POS_ATT_TYPES}, got {self.pos_att_type}")
+        for name in ("mask_prob", "mask_token_frac", "random_token_frac", "hidden_dropout_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ElectraConfig.{name}: expected a probability in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.attention_probs_dropout_prob < 1.0:
+            raise ValueError("ElectraConfig.attention_probs_dropout_prob: expected a probability in [0, 1), "
+                             f"got {self.attention_probs_dropout_prob}")
+        if self.mask_token_frac + self.random_token_frac > 1.0 + 1e-9:
+            raise ValueError("ElectraConfig.random_token_frac: mask_token_frac + random_token_frac must be <= 1, got "
+                             f"{self.mask_token_frac} + {self.random_token_frac}")
+        if not self.temperature > 0:
+            raise ValueError(f"ElectraConfig.temperature: expected > 0, got {self.temperature}")
+        if self.disentangled:
+            if self.relative_span < 1:
+                raise ValueError("ElectraConfig.position_buckets: the relative span (position_buckets if > 0 else "
+                                 "max_relative_positions) must be >= 1")
+            if (self.embedding_sharing == "tied" and self.generator_hidden_size != self.hidden_size):
+                raise ValueError("ElectraConfig.embedding_sharing: 'tied' with disentangled attention shares the "
+                                 "embedding LayerNorm over the hidden size, so generator_hidden_size "
+                                 f"({self.generator_hidden_size}) must equal hidden_size ({self.hidden_size})")
+        if (self.generator_hidden_size > self.hidden_size
+                or self.generator_num_hidden_layers > self.num_hidden_layers):
+            warnings.warn("ElectraConfig: the generator is larger than the discriminator (ELECTRA works best with a "
+                          "generator 1/4 to 1/2 the discriminator's size)", stacklevel=3)
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def disentangled(self) -> bool:
+        return self.attention == "disentangled"
+
+    @property
+    def relative_span(self) -> int:
+        """k: relative embeddings hold 2k rows (transformers' ``pos_ebd_size``)."""
+        if self.position_buckets > 0:
+            return self.position_buckets
+        return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
+
+    @property
+    def special_token_ids(self) -> Tuple[int, ...]:
+        """Ids never selected for masking ([PAD], [CLS], [SEP], [MASK]; padding is also excluded by the mask)."""
+        return tuple(sorted({self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id}))
+
+    def replace(self, **changes) -> "ElectraConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["pos_att_type"] = list(self.pos_att_type)
+        d["disallowed_sample_ids"] = list(self.disallowed_sample_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ElectraConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"ElectraConfig.from_dict: unknown fields {unknown}")
+        return cls(**d)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_string(cls, s: str) -> "ElectraConfig":
+        return cls.from_dict(json.loads(s))
+
+    def to_json_file(self, path: "str | os.PathLike") -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: "str | os.PathLike") -> "ElectraConfig":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json_string(f.read())
+
+    # ---------------------------------------------------------------- presets
+    @classmethod
+    def electra_small(cls, **kw) -> "ElectraConfig":
+        """ELECTRA-Small: E 128, H 256, 12 x 4 heads, FFN 1024; generator 1/4 width (64, 1 head, FFN 256)."""
+        return cls(**{**dict(embedding_size=128, hidden_size=256, num_hidden_layers=12, num_attention_heads=4,
+                             intermediate_size=1024, generator_hidden_size=64, generator_num_hidden_layers=12,
+                             generator_num_attention_heads=1, generator_intermediate_size=256), **kw})
+
+    @classmethod
+    def electra_base(cls, **kw) -> "ElectraConfig":
+        """ELECTRA-Base: E 768, H 768, 12 x 12 heads, FFN 3072; generator 1/3 width (256, 4 heads, FFN 1024)."""
+        return cls(**{**dict(embedding_size=768, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                             intermediate_size=3072, generator_hidden_size=256, generator_num_hidden_layers=12,
+                             generator_num_attention_heads=4, generator_intermediate_size=1024), **kw})
+
+    @classmethod
+    def electra_large(cls, **kw) -> "ElectraConfig":
+        """ELECTRA-Large: E 1024, H 1024, 24 x 16 heads, FFN 4096; generator 1/4 width; mask_prob 0.25."""
+        return cls(**{**dict(embedding_size=1024, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                             intermediate_size=4096, generator_hidden_size=256, generator_num_hidden_layers=24,
+                             generator_num_attention_heads=4, generator_intermediate_size=1024, mask_prob=0.25), **kw})
+
+    @classmethod
+    def _deberta_v3(cls, hidden, layers, heads, **kw) -> "ElectraConfig":
+        # DeBERTa-v3: SentencePiece vocab 128100 ([PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 [MASK]=128000), relative
+        # position buckets 256, c2p + p2c with shared keys, LayerNorm on the relative embeddings, no absolute
+        # positions or token types, generator of the same width and half the depth, GDES; BERT-style 80/10/10
+        # masking as in DeBERTa's NGramMaskGenerator.
+        base = dict(vocab_size=128100, pad_token_id=0, cls_token_id=1, sep_token_id=2, unk_token_id=3,
+                    mask_token_id=128000, embedding_size=hidden, hidden_size=hidden, num_hidden_layers=layers,
+                    num_attention_heads=heads, intermediate_size=4 * hidden, generator_hidden_size=hidden,
+                    generator_num_hidden_layers=max(1, layers // 2), generator_num_attention_heads=heads,
+                    generator_intermediate_size=4 * hidden, type_vocab_size=0, attention="disentangled",
+                    position_buckets=256, max_relative_positions=-1, pos_att_type=("p2c", "c2p"),
+                    share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
+                    embedding_sharing="gdes", mask_token_frac=0.8, random_token_frac=0.1, layer_norm_eps=1e-7)
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def deberta_v3_xsmall(cls, **kw) -> "ElectraConfig":
+        return cls._deberta_v3(384, 12, 6, **kw)
+
+    @classmethod
+    def deberta_v3_small(cls, **kw) -> "ElectraConfig":
+        return cls._deberta_v3(768, 6, 12, **kw)
+
+    @classmethod
+    def deberta_v3_base(cls, **kw) -> "ElectraConfig":
+        return cls._deberta_v3(768, 12, 12, **kw)
+
+    @classmethod
+    def deberta_v3_large(cls, **kw) -> "ElectraConfig":
+        return cls._deberta_v3(1024, 24, 16, **kw)
+
+
+PRESETS = ("electra_small", "electra_base", "electra_large",
+           "deberta_v3_xsmall", "deberta_v3_small", "deberta_v3_base", "deberta_v3_large")

@@ -1,0 +1,311 @@
+"""transformers checkpoint interop (no network, no transformers import needed).
+
+Layout written by ``save_pretrained(path)``::
+
+    path/electra_fast.json           ElectraConfig (all pretraining settings)
+    path/generator/config.json       + model.safetensors: ElectraForMaskedLM     | DebertaV2ForMaskedLM
+    path/discriminator/config.json   + model.safetensors: ElectraForPreTraining  | DebertaV2Model
+
+Key mapping (ours -> transformers), one table serving export and import:
+
+    generator.backbone.*        electra.* | deberta.*
+    generator.head.{dense,LayerNorm}   generator_predictions.* | lm_predictions.lm_head.* (E == H)
+                                       | cls.predictions.transform.* (legacy head, E != H)
+    generator.head.bias         generator_lm_head.bias | lm_predictions.lm_head.bias | cls.predictions.bias
+    discriminator.backbone.*    electra.* | (no prefix: DebertaV2Model)
+    discriminator.head.*        discriminator_predictions.{dense,dense_prediction}.* -- for DeBERTa these
+                                RTD-head keys sit next to the DebertaV2Model weights; transformers ignores
+                                them (reports them as unexpected), electra_fast reads them back.
+
+The generator's output projection is tied to its word embeddings (not stored). GDES is exported
+materialised (discriminator word embeddings = E_G + E_delta) and imported as E_delta = E_D - E_G.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .config import ElectraConfig
+
+CONFIG_NAME = "electra_fast.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not hold what was asked for (architecture, keys or shapes)."""
+
+
+# ---------------------------------------------------------------------------------------- key tables
+def _head_prefix(cfg: ElectraConfig, role: str, legacy: bool) -> Dict[str, str]:
+    """Our head sub-keys -> transformers keys."""
+    if role == "discriminator":
+        return {"head.": "discriminator_predictions."}
+    if not cfg.disentangled:
+        return {"head.bias": "generator_lm_head.bias", "head.": "generator_predictions."}
+    if legacy:
+        return {"head.bias": "cls.predictions.bias", "head.": "cls.predictions.transform."}
+    return {"head.": "lm_predictions.lm_head."}
+
+
+def _backbone_prefix(cfg: ElectraConfig, role: str) -> str:
+    if not cfg.disentangled:
+        return "electra."
+    return "deberta." if role == "generator" else ""
+
+
+def _legacy(cfg: ElectraConfig) -> bool:
+    # DeBERTa's non-legacy LM head multiplies an [.., H] state by the [V, E] embeddings: needs E == H
+    return cfg.embedding_size != cfg.generator_hidden_size
+
+
+def _to_hf_key(key: str, cfg: ElectraConfig, role: str, legacy: bool) -> str:
+    if key.endswith("word_embeddings.delta") or key.endswith("position_embeddings.delta"):
+        key = key[: -len("delta")] + "weight"
+    if key.startswith("backbone."):
+        return _backbone_prefix(cfg, role) + key[len("backbone."):]
+    for ours, theirs in _head_prefix(cfg, role, legacy).items():
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    raise KeyError(key)
+
+
+def _alternatives(hf_key: str, cfg: ElectraConfig, role: str) -> List[str]:
+    """Spellings of a key in checkpoints transformers writes for related classes."""
+    alts = [hf_key]
+    for p in ("electra.", "deberta."):
+        if hf_key.startswith(p):
+            alts.append(hf_key[len(p):])             # a bare ElectraModel / DebertaV2Model
+    if cfg.disentangled and role == "discriminator" and not hf_key.startswith("discriminator_predictions."):
+        alts.append("deberta." + hf_key)             # a DebertaV2ForMaskedLM used as discriminator
+    if hf_key == "cls.predictions.bias":
+        alts.append("cls.predictions.decoder.bias")
+    return alts
+
+
+# ---------------------------------------------------------------------------------------- transformers configs
+def _hf_config(cfg: ElectraConfig, role: str) -> dict:
+    gen = role == "generator"
+    hidden = cfg.generator_hidden_size if gen else cfg.hidden_size
+    d = dict(vocab_size=cfg.vocab_size, embedding_size=cfg.embedding_size, hidden_size=hidden,
+             num_hidden_layers=cfg.generator_num_hidden_layers if gen else cfg.num_hidden_layers,
+             num_attention_heads=cfg.generator_num_attention_heads if gen else cfg.num_attention_heads,
+             intermediate_size=cfg.generator_intermediate_size if gen else cfg.intermediate_size,
+             hidden_act=cfg.hidden_act, hidden_dropout_prob=cfg.hidden_dropout_prob,
+             attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
+             max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
+             initializer_range=cfg.initializer_range, layer_norm_eps=cfg.layer_norm_eps,
+             pad_token_id=cfg.pad_token_id, tie_word_embeddings=True)
+    if not cfg.disentangled:
+        d.update(model_type="electra", architectures=["ElectraForMaskedLM" if gen else "ElectraForPreTraining"])
+    else:
+        d.update(model_type="deberta-v2", architectures=["DebertaV2ForMaskedLM" if gen else "DebertaV2Model"],
+                 relative_attention=True, position_buckets=cfg.position_buckets,
+                 max_relative_positions=cfg.max_relative_positions, pos_att_type=list(cfg.pos_att_type),
+                 share_att_key=cfg.share_att_key, norm_rel_ebd=cfg.norm_rel_ebd,
+                 position_biased_input=cfg.position_biased_input, legacy=_legacy(cfg),
+                 bos_token_id=cfg.cls_token_id, eos_token_id=cfg.sep_token_id)
+    return d
+
+
+def _sizes(hf: dict, prefix: str) -> dict:
+    return {f"{prefix}hidden_size": hf["hidden_size"], f"{prefix}num_hidden_layers": hf["num_hidden_layers"],
+            f"{prefix}num_attention_heads": hf["num_attention_heads"],
+            f"{prefix}intermediate_size": hf["intermediate_size"]}
+
+
+def config_from_transformers(gen: dict, disc: dict, **overrides) -> ElectraConfig:
+    """ElectraConfig from the two config.json dicts (electra or deberta-v2)."""
+    kinds = {gen.get("model_type"), disc.get("model_type")}
+    if len(kinds) != 1 or not kinds <= {"electra", "deberta-v2"}:
+        raise CheckpointError(f"expected two 'electra' or two 'deberta-v2' checkpoints, got model types "
+                              f"generator={gen.get('model_type')!r}, discriminator={disc.get('model_type')!r}")
+    kind = kinds.pop()
+    e_gen = gen.get("embedding_size") or gen["hidden_size"]
+    e_disc = disc.get("embedding_size") or disc["hidden_size"]
+    if e_gen != e_disc or gen["vocab_size"] != disc["vocab_size"]:
+        raise CheckpointError(f"generator and discriminator disagree on embedding_size ({e_gen} vs {e_disc}) or "
+                              f"vocab_size ({gen['vocab_size']} vs {disc['vocab_size']})")
+    common = dict(vocab_size=disc["vocab_size"], embedding_size=e_disc, hidden_act=disc.get("hidden_act", "gelu"),
+                  max_position_embeddings=disc.get("max_position_embeddings", 512),
+                  type_vocab_size=disc.get("type_vocab_size", 2 if kind == "electra" else 0),
+                  layer_norm_eps=disc.get("layer_norm_eps", 1e-12 if kind == "electra" else 1e-7),
+                  hidden_dropout_prob=disc.get("hidden_dropout_prob", 0.1),
+                  attention_probs_dropout_prob=disc.get("attention_probs_dropout_prob", 0.1),
+                  initializer_range=disc.get("initializer_range", 0.02), pad_token_id=disc.get("pad_token_id") or 0,
+                  **_sizes(disc, ""), **_sizes(gen, "generator_"))
+    if kind == "electra":
+        base = dict(attention="standard", embedding_sharing="tied")
+    else:
+        for name, hf in (("generator", gen), ("discriminator", disc)):
+            if not hf.get("relative_attention", False):
+                raise CheckpointError(f"{name}: DeBERTa checkpoints without relative_attention are not supported")
+            if hf.get("conv_kernel_size", 0) > 0 or "attention_head_size" in hf:
+                raise CheckpointError(f"{name}: DeBERTa-v2 conv layers / custom attention_head_size are not supported")
+        pat = disc.get("pos_att_type") or []
+        if isinstance(pat, str):
+            pat = [p.strip() for p in pat.lower().split("|") if p.strip()]
+        base = ElectraConfig.deberta_v3_xsmall().to_dict()
+        base.update(position_buckets=disc.get("position_buckets", -1),
+                    max_relative_positions=disc.get("max_relative_positions", -1), pos_att_type=tuple(pat),
+                    share_att_key=disc.get("share_att_key", False), norm_rel_ebd=disc.get("norm_rel_ebd", "none"),
+                    position_biased_input=disc.get("position_biased_input", True))
+    base.update(common)
+    base.update(overrides)
+    return ElectraConfig.from_dict(base) if kind == "deberta-v2" else ElectraConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------- files
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _checkpoint_files(directory: str, what: str) -> Tuple[dict, str]:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{what}: checkpoint directory {directory!r} does not exist")
+    cfg_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{what}: {directory!r} has no config.json (expected a directory written by "
+                                f"transformers' save_pretrained)")
+    for name in WEIGHT_FILES:
+        if os.path.isfile(os.path.join(directory, name)):
+            return _read_json(cfg_path), os.path.join(directory, name)
+    raise FileNotFoundError(f"{what}: {directory!r} holds none of {WEIGHT_FILES}")
+
+
+def _load_weights(path: str) -> Dict[str, torch.Tensor]:
+    if path.endswith(".index.json"):
+        shards = sorted(set(_read_json(path)["weight_map"].values()))
+        out: Dict[str, torch.Tensor] = {}
+        for shard in shards:
+            out.update(_load_weights(os.path.join(os.path.dirname(path), shard)))
+        return out
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _save_weights(state: Dict[str, torch.Tensor], directory: str) -> None:
+    from safetensors.torch import save_file
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()},
+              os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------- export
+def export_state(model, role: str) -> Dict[str, torch.Tensor]:
+    """transformers-named tensors of ``model.generator`` / ``model.discriminator`` (GDES materialised)."""
+    cfg = model.config
+    part = getattr(model, role)
+    legacy = _legacy(cfg)
+    modules = dict(part.named_modules())
+    out = {}
+    for key, value in part.state_dict().items():
+        if key.endswith(".delta"):  # GDES: E_G + E_delta
+            value = modules[key[: -len(".delta")]].weight
+        out[_to_hf_key(key, cfg, role, legacy)] = value
+    return out
+
+
+def save_pretrained(model, path) -> None:
+    path = os.fspath(path)
+    for role in ("generator", "discriminator"):
+        d = os.path.join(path, role)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(_hf_config(model.config, role), f, indent=2, sort_keys=True)
+        _save_weights(export_state(model, role), d)
+    model.config.to_json_file(os.path.join(path, CONFIG_NAME))
+
+
+# ---------------------------------------------------------------------------------------- import
+def _check_architecture(hf: dict, role: str, state: Dict[str, torch.Tensor], directory: str) -> None:
+    archs = hf.get("architectures") or []
+    gen_like = [a for a in archs if a.endswith("ForMaskedLM")]
+    if role == "generator" and archs and not gen_like:
+        raise CheckpointError(f"generator: {directory!r} holds {archs}, not a masked-LM generator "
+                              f"(ElectraForMaskedLM / DebertaV2ForMaskedLM)")
+    if role == "generator" and not any(k.startswith(("generator_predictions.", "lm_predictions.", "cls.predictions."))
+                                       for k in state):
+        raise CheckpointError(f"generator: {directory!r} has no masked-LM head weights")
+    if role == "discriminator" and any(a.startswith("Electra") and a != "ElectraForPreTraining"
+                                       and a != "ElectraModel" for a in archs):
+        raise CheckpointError(f"discriminator: {directory!r} holds {archs}, not ElectraForPreTraining")
+
+
+def load_part(model, role: str, state: Dict[str, torch.Tensor], directory: str = "") -> None:
+    """Copy transformers-named ``state`` into ``model.<role>`` (shapes checked, every backbone key required)."""
+    cfg = model.config
+    part = getattr(model, role)
+    has_legacy = any(k.startswith("cls.predictions.") for k in state)
+    modules = dict(part.named_modules())
+    used, missing_head = set(), []
+    with torch.no_grad():
+        for key, param in part.state_dict(keep_vars=True).items():
+            hf_key = _to_hf_key(key, cfg, role, has_legacy)
+            src = next((a for a in _alternatives(hf_key, cfg, role) if a in state), None)
+            if src is None:
+                if key.startswith("head."):
+                    missing_head.append(hf_key)
+                    continue
+                raise CheckpointError(f"{role}: {directory!r} lacks {hf_key!r} (is it another architecture or size?)")
+            value = state[src]
+            if tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(f"{role}: {src!r} has shape {tuple(value.shape)} in {directory!r}, the model "
+                                      f"expects {tuple(param.shape)}")
+            if key.endswith(".delta"):  # GDES: E_delta = E_D - E_G
+                value = value.to(param.dtype) - modules[key[: -len(".delta")]].base.weight
+            param.copy_(value)
+            used.add(src)
+    if missing_head:
+        warnings.warn(f"{role}: {directory!r} has no {missing_head}; that head keeps its fresh initialisation",
+                      stacklevel=3)
+
+
+def from_transformers(cls, generator_path, discriminator_path, *, embedding_sharing: Optional[str] = None,
+                      fused: bool = True, **overrides):
+    gen_dir, disc_dir = os.fspath(generator_path), os.fspath(discriminator_path)
+    gen_hf, gen_file = _checkpoint_files(gen_dir, "generator_path")
+    disc_hf, disc_file = _checkpoint_files(disc_dir, "discriminator_path")
+    if embedding_sharing is not None:
+        overrides["embedding_sharing"] = embedding_sharing
+    cfg = config_from_transformers(gen_hf, disc_hf, **overrides)
+    gen_state, disc_state = _load_weights(gen_file), _load_weights(disc_file)
+    _check_architecture(gen_hf, "generator", gen_state, gen_dir)
+    _check_architecture(disc_hf, "discriminator", disc_state, disc_dir)
+    model = cls(cfg, fused=fused)
+    _load_both(model, gen_state, disc_state, gen_dir, disc_dir)
+    return model
+
+
+def _load_both(model, gen_state, disc_state, gen_dir, disc_dir) -> None:
+    load_part(model, "generator", gen_state, gen_dir)
+    if model.config.embedding_sharing == "tied":
+        before = {k: v.clone() for k, v in model.generator.backbone.embeddings.state_dict().items()}
+    load_part(model, "discriminator", disc_state, disc_dir)  # tied: the discriminator's embeddings win
+    if model.config.embedding_sharing == "tied":
+        after = model.generator.backbone.embeddings.state_dict()
+        if any(not torch.equal(before[k], after[k]) for k in before):
+            warnings.warn("embedding_sharing='tied': the generator and discriminator checkpoints hold different "
+                          "embeddings; the shared embeddings take the discriminator's (pass "
+                          "embedding_sharing='none' to keep both)", stacklevel=3)
+
+
+def from_pretrained(cls, path, fused: bool = True):
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"path: {path!r} has no {CONFIG_NAME} (written by ElectraPretrainingModel."
+                                f"save_pretrained); use from_transformers for plain transformers checkpoints")
+    model = cls(ElectraConfig.from_json_file(cfg_path), fused=fused)
+    states = []
+    for role in ("generator", "discriminator"):
+        hf, f = _checkpoint_files(os.path.join(path, role), role)
+        states.append(_load_weights(f))
+    _load_both(model, states[0], states[1], os.path.join(path, "generator"), os.path.join(path, "discriminator"))
+    return model

@@ -1,0 +1,258 @@
+"""ElectraPretrainingModel: generator + discriminator replaced-token-detection pretraining on the fused ops.
+
+One step (``forward``), for ``input_ids`` int [B, T] and ``attention_mask`` [B, T] (1 = real token):
+
+1. ``electra_fast.mask_tokens`` selects positions (never padding, [CLS], [SEP], [MASK], [PAD]) and builds
+   the generator's input;
+2. the generator encodes it; its hidden states are gathered at the N selected positions *before* the
+   head, and ``electra_fast.mlm_loss_and_sample`` projects them onto the tied vocabulary, takes the MLM
+   loss and draws a Gumbel-max replacement per row ([N, V] logits never exist);
+3. the samples replace every selected position of the original ids (a sample equal to the original is
+   labelled real) and the discriminator scores every token;
+4. ``electra_fast.rtd_loss`` takes the token mean of the sigmoid loss over all non-padding tokens.
+
+``loss = mlm_loss + cfg.disc_weight * rtd_loss``. The samples are integers, so no gradient of the RTD
+loss reaches the generator except through embeddings shared on purpose ("tied"; "gdes" blocks it).
+
+Seeds: ``seed`` (int in [0, 2**63), or drawn from torch's default generator when None) keys every random
+decision of the step: masking uses ``seed``, sampling ``seed + 1``, attention-probability dropout of
+generator layer i ``seed + 2 + i`` and of discriminator layer i ``seed + 2 + L_gen + i`` (all mod 2**63;
+Philox purposes also differ per op). Hidden dropout and SDPA's attention dropout use torch's RNG.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .. import _backend
+from ..nn import _fused
+from ..nn.embeddings import DebertaV2Embeddings, ElectraEmbeddings, GDESEmbedding
+from ..nn.encoder import DisentangledEncoder, Encoder
+from ..nn.heads import DiscriminatorHead, GeneratorHead
+from .config import ElectraConfig
+
+SEED_LIMIT = 2 ** 63
+
+
+@dataclass
+class ElectraPretrainingOutput:
+    """Scalars are fp32 tensors; ``metrics`` holds detached fp32 scalars."""
+    loss: torch.Tensor
+    mlm_loss: torch.Tensor
+    rtd_loss: torch.Tensor
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    discriminator_logits: Optional[torch.Tensor] = None   # [B, T]
+    corrupted_ids: Optional[torch.Tensor] = None          # [B, T] the discriminator's input
+    masked: Optional[torch.Tensor] = None                 # bool [B, T] selected positions
+
+
+class Backbone(nn.Module):
+    """transformers' ``ElectraModel`` (standard) or ``DebertaV2Model`` (disentangled) layout:
+    ``embeddings`` [+ ``embeddings_project``] + ``encoder``; ids [B, T] -> hidden [B, T, H]."""
+
+    def __init__(self, cfg: ElectraConfig, hidden: int, layers: int, heads: int, ffn: int):
+        super().__init__()
+        self.disentangled = cfg.disentangled
+        p, pa, eps = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob, cfg.layer_norm_eps
+        if cfg.disentangled:
+            self.embeddings = DebertaV2Embeddings(cfg.vocab_size, cfg.embedding_size, hidden,
+                                                  cfg.max_position_embeddings, cfg.type_vocab_size,
+                                                  cfg.position_biased_input, cfg.pad_token_id, eps, p)
+            self.encoder = DisentangledEncoder(layers, hidden, heads, ffn, cfg.hidden_act, eps, p, pa,
+                                               cfg.pos_att_type, cfg.share_att_key, cfg.position_buckets,
+                                               cfg.max_relative_positions, cfg.relative_span, cfg.norm_rel_ebd)
+        else:
+            self.embeddings = ElectraEmbeddings(cfg.vocab_size, cfg.embedding_size, cfg.max_position_embeddings,
+                                                cfg.type_vocab_size, cfg.pad_token_id, eps, p)
+            if cfg.embedding_size != hidden:
+                self.embeddings_project = nn.Linear(cfg.embedding_size, hidden)
+            self.encoder = Encoder(layers, hidden, heads, ffn, cfg.hidden_act, eps, p, pa)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None, seed: Optional[int] = None) -> torch.Tensor:
+        x = self.embeddings(input_ids, token_type_ids, attention_mask)
+        if hasattr(self, "embeddings_project"):
+            x = self.embeddings_project(x)
+        return self.encoder(x, _key_mask(attention_mask), seed=seed)
+
+
+def _key_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """bool [B, T] key-padding mask, or None when nothing is padded (the fast SDPA path)."""
+    if attention_mask is None:
+        return None
+    m = attention_mask.bool()
+    if bool(m.all()):
+        return None
+    # a row without any real token attends to everything (its outputs are ignored) instead of NaN
+    return m | ~m.any(1, keepdim=True)
+
+
+class ElectraGenerator(nn.Module):
+    """Masked-LM generator: ``backbone`` + ``head`` (output projection tied to the word embeddings)."""
+
+    def __init__(self, cfg: ElectraConfig):
+        super().__init__()
+        self.backbone = Backbone(cfg, cfg.generator_hidden_size, cfg.generator_num_hidden_layers,
+                                 cfg.generator_num_attention_heads, cfg.generator_intermediate_size)
+        # ELECTRA's generator head always uses gelu; DeBERTa's uses hidden_act
+        act = cfg.hidden_act if cfg.disentangled else "gelu"
+        self.head = GeneratorHead(cfg.generator_hidden_size, cfg.embedding_size, cfg.vocab_size, act,
+                                  cfg.layer_norm_eps)
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.backbone.embeddings.word_embeddings
+
+    def logits(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Full [B, T, V] MLM logits (inspection / interop; training never builds them)."""
+        h = self.backbone(input_ids, attention_mask, token_type_ids)
+        return self.head.logits(h, self.word_embeddings.weight)
+
+
+class ElectraDiscriminator(nn.Module):
+    """Replaced-token detector: ``backbone`` + ``head`` (one logit per token)."""
+
+    def __init__(self, cfg: ElectraConfig):
+        super().__init__()
+        self.backbone = Backbone(cfg, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+                                 cfg.intermediate_size)
+        self.head = DiscriminatorHead(cfg.hidden_size, cfg.hidden_act)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, seed=None) -> torch.Tensor:
+        return self.head(self.backbone(input_ids, attention_mask, token_type_ids, seed=seed))
+
+
+class ElectraPretrainingModel(nn.Module):
+    """Generator + discriminator with ``cfg.embedding_sharing`` = "none" | "tied" | "gdes".
+
+    ``fused=False`` runs every op through its eager reference (``electra_fast.use_backend("reference")``):
+    the model's eager twin, same parameters and semantics.
+    """
+
+    def __init__(self, config: ElectraConfig, fused: bool = True):
+        super().__init__()
+        if not isinstance(config, ElectraConfig):
+            raise TypeError(f"config: expected an ElectraConfig, got {type(config).__name__}")
+        self.config = config
+        self.fused = fused
+        self.generator = ElectraGenerator(config)
+        self.discriminator = ElectraDiscriminator(config)
+        self.apply(lambda m: _init_weights(m, config.initializer_range))
+        self._share_embeddings()
+
+    def _share_embeddings(self) -> None:
+        g, d = self.generator.backbone.embeddings, self.discriminator.backbone.embeddings
+        if self.config.embedding_sharing == "tied":
+            self.discriminator.backbone.embeddings = g
+        elif self.config.embedding_sharing == "gdes":
+            d.word_embeddings = GDESEmbedding(g.word_embeddings)
+            if d.position_embeddings is not None:
+                d.position_embeddings = GDESEmbedding(g.position_embeddings)
+
+    # ------------------------------------------------------------------ checks
+    def _check_inputs(self, input_ids, attention_mask, seed):
+        cfg = self.config
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise TypeError(f"input_ids: expected an integer tensor, got {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected a 2-d tensor [B, T], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(f"input_ids: sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                             f"= {cfg.max_position_embeddings}")
+        if input_ids.numel():
+            lo, hi = torch.aminmax(input_ids)
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"input_ids: ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
+                                 f"[{int(lo)}, {int(hi)}]")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor):
+                raise TypeError(f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}")
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of input_ids), "
+                                 f"got {tuple(attention_mask.shape)}")
+            if attention_mask.device != input_ids.device:
+                raise ValueError(f"attention_mask: expected device {input_ids.device}, got {attention_mask.device}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+            raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
+
+    # ------------------------------------------------------------------ step
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                seed: Optional[int] = None, token_type_ids: Optional[torch.Tensor] = None) -> ElectraPretrainingOutput:
+        """One pretraining step's forward. input_ids int [B, T]; attention_mask [B, T] (1 = real) or None."""
+        self._check_inputs(input_ids, attention_mask, seed)
+        if seed is None:
+            seed = int(torch.randint(0, SEED_LIMIT - 1, (1,)).item())
+        ctx = contextlib.nullcontext() if self.fused else _backend.use_backend("reference")
+        with ctx:
+            return self._step(input_ids, attention_mask, seed, token_type_ids)
+
+    def _step(self, input_ids, attention_mask, seed, token_type_ids):
+        cfg = self.config
+        gen, disc = self.generator, self.discriminator
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask != 0
+        m = _fused.mask_tokens(input_ids, mask_token_id=cfg.mask_token_id, vocab_size=cfg.vocab_size, seed=seed,
+                               mask_prob=cfg.mask_prob, mask_token_frac=cfg.mask_token_frac,
+                               random_token_frac=cfg.random_token_frac, special_token_ids=cfg.special_token_ids,
+                               attention_mask=attention_mask, strategy=cfg.masking_strategy)
+        masked = m.masked
+        gen_hidden = gen.backbone(m.input_ids, attention_mask, token_type_ids, seed=(seed + 2) % SEED_LIMIT)
+        # the generator head runs at the masked positions only
+        h = gen.head.transform(gen_hidden[masked])
+        targets = input_ids[masked]
+        mlm_loss, sampled, gen_metrics = _fused.mlm_loss_and_sample(
+            h, gen.word_embeddings.weight, targets, bias=gen.head.bias, seed=(seed + 1) % SEED_LIMIT,
+            temperature=cfg.temperature, disallowed_ids=cfg.disallowed_sample_ids, return_metrics=True)
+        corrupted = input_ids.masked_scatter(masked, sampled.to(input_ids.dtype))
+        disc_seed = (seed + 2 + cfg.generator_num_hidden_layers) % SEED_LIMIT
+        logits = disc(corrupted, attention_mask, token_type_ids, seed=disc_seed)
+        rtd_loss, disc_metrics = _fused.rtd_loss(logits, corrupted, input_ids, attention_mask, return_metrics=True)
+        loss = mlm_loss.float() + cfg.disc_weight * rtd_loss
+        metrics = {"generator_accuracy": gen_metrics["accuracy"].float(),
+                   "discriminator_accuracy": disc_metrics["accuracy"],
+                   "discriminator_precision": disc_metrics["precision"],
+                   "discriminator_recall": disc_metrics["recall"],
+                   "replaced_fraction": disc_metrics["replaced_fraction"]}
+        return ElectraPretrainingOutput(loss=loss, mlm_loss=mlm_loss.float(), rtd_loss=rtd_loss, metrics=metrics,
+                                        discriminator_logits=logits, corrupted_ids=corrupted, masked=masked)
+
+    # ------------------------------------------------------------------ interop
+    def save_pretrained(self, path) -> None:
+        """path/generator + path/discriminator (transformers checkpoints) + path/electra_fast.json."""
+        from . import interop
+        interop.save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path, fused: bool = True) -> "ElectraPretrainingModel":
+        from . import interop
+        return interop.from_pretrained(cls, path, fused=fused)
+
+    @classmethod
+    def from_transformers(cls, generator_path, discriminator_path, *, embedding_sharing: Optional[str] = None,
+                          fused: bool = True, **config_overrides) -> "ElectraPretrainingModel":
+        """Load directories written by transformers' ``save_pretrained`` (ELECTRA or DeBERTa-v2)."""
+        from . import interop
+        return interop.from_transformers(cls, generator_path, discriminator_path, embedding_sharing=embedding_sharing,
+                                         fused=fused, **config_overrides)
+
+
+@torch.no_grad()
+def _init_weights(module: nn.Module, std: float) -> None:
+    """transformers' BERT initialisation: N(0, std) weights, zero biases, zero padding row, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        module.weight.normal_(0.0, std)
+        if module.bias is not None:
+            module.bias.zero_()
+    elif isinstance(module, nn.Embedding):
+        module.weight.normal_(0.0, std)
+        if module.padding_idx is not None:
+            module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.fill_(1.0)
+        module.bias.zero_()

@@ -1,0 +1,100 @@
+"""Input embeddings with transformers' parameter names, and DeBERTa-v3's gradient-disentangled sharing.
+
+``ElectraEmbeddings``   == transformers ``ElectraEmbeddings``: word + position + token type (size E)
+                        -> LayerNorm(E) -> dropout.  (``embeddings_project`` E -> H lives in the backbone.)
+``DebertaV2Embeddings`` == transformers ``DebertaV2Embeddings``: word (+ position if position_biased_input)
+                        (+ token type if type_vocab_size > 0) -> embed_proj E -> H (no bias, if E != H)
+                        -> LayerNorm(H) -> * attention_mask -> dropout.
+``GDESEmbedding``       E_D = stop_grad(E_G) + E_delta (E_delta zero-initialised), a drop-in for nn.Embedding.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class GDESEmbedding(nn.Module):
+    """Gradient-disentangled embedding sharing (DeBERTa-v3): rows of ``base.weight.detach() + delta``.
+
+    ``base`` (the generator's nn.Embedding) is held by reference, not registered, so it is neither a
+    submodule nor saved twice; only ``delta`` [num_embeddings, embedding_dim] belongs to this module. The
+    lookup gathers both tables (never materialising the sum), so the discriminator's loss reaches ``delta``
+    only and the generator's table receives the MLM gradient only.
+    """
+
+    def __init__(self, base: nn.Embedding):
+        super().__init__()
+        object.__setattr__(self, "_base", base)
+        self.padding_idx = base.padding_idx
+        self.delta = nn.Parameter(torch.zeros_like(base.weight, requires_grad=True))
+
+    @property
+    def base(self) -> nn.Embedding:
+        return self._base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The materialised discriminator table E_G + E_delta (what an export writes)."""
+        return self._base.weight.detach() + self.delta
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (F.embedding(ids, self._base.weight.detach(), self.padding_idx)
+                + F.embedding(ids, self.delta, self.padding_idx))
+
+
+class ElectraEmbeddings(nn.Module):
+    """ids int [B, T] -> float [B, T, E] (transformers ElectraEmbeddings)."""
+
+    def __init__(self, vocab_size: int, embedding_size: int, max_position_embeddings: int, type_vocab_size: int,
+                 pad_token_id: int, layer_norm_eps: float, dropout: float):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_token_id)
+        self.position_embeddings = nn.Embedding(max_position_embeddings, embedding_size)
+        self.token_type_embeddings = nn.Embedding(max(type_vocab_size, 1), embedding_size)
+        self.LayerNorm = nn.LayerNorm(embedding_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        T = input_ids.shape[1]
+        x = self.word_embeddings(input_ids)
+        if token_type_ids is None:  # type 0 everywhere: add one broadcast row instead of a [B, T] gather
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings.weight[:T]
+        return self.dropout(self.LayerNorm(x))
+
+
+class DebertaV2Embeddings(nn.Module):
+    """ids int [B, T] (+ attention_mask [B, T]) -> float [B, T, H] (transformers DebertaV2Embeddings)."""
+
+    def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, max_position_embeddings: int,
+                 type_vocab_size: int, position_biased_input: bool, pad_token_id: int, layer_norm_eps: float,
+                 dropout: float):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_token_id)
+        self.position_embeddings = nn.Embedding(max_position_embeddings, embedding_size) \
+            if position_biased_input else None
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, embedding_size) if type_vocab_size > 0 else None
+        self.embed_proj = nn.Linear(embedding_size, hidden_size, bias=False) if embedding_size != hidden_size else None
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings.weight[: input_ids.shape[1]]
+        if self.token_type_embeddings is not None:
+            x = x + (self.token_type_embeddings.weight[0] if token_type_ids is None
+                     else self.token_type_embeddings(token_type_ids))
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
+        x = self.LayerNorm(x)
+        if attention_mask is not None:  # transformers zeroes padded positions here
+            x = x * attention_mask.unsqueeze(-1).to(x.dtype)
+        return self.dropout(x)

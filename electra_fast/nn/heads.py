@@ -1,0 +1,44 @@
+"""Pretraining heads with transformers' parameter names.
+
+``GeneratorHead``     dense (H -> E) -> act -> LayerNorm(E), then the tied output projection + ``bias`` [V]
+                      through ``electra_fast.mlm_loss_and_sample`` at the masked rows only (never [N, V]).
+                      == ElectraGeneratorPredictions + generator_lm_head.bias, or DeBERTa's
+                      ``lm_predictions.lm_head`` (dense, LayerNorm, bias).
+``DiscriminatorHead`` dense (H -> H) -> act -> dense_prediction (H -> 1) == ElectraDiscriminatorPredictions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .encoder import activation
+
+
+class GeneratorHead(nn.Module):
+    def __init__(self, hidden_size: int, embedding_size: int, vocab_size: int, act: str, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, embedding_size)
+        self.act = activation(act)
+        self.LayerNorm = nn.LayerNorm(embedding_size, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., E]: the input of the vocabulary projection."""
+        return self.LayerNorm(self.act(self.dense(hidden)))
+
+    def logits(self, hidden: torch.Tensor, word_weight: torch.Tensor) -> torch.Tensor:
+        """Full [..., V] logits (for inspection and interop tests; training never builds them)."""
+        return F.linear(self.transform(hidden), word_weight, self.bias)
+
+
+class DiscriminatorHead(nn.Module):
+    def __init__(self, hidden_size: int, act: str):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.act = activation(act)
+        self.dense_prediction = nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] -> fp logits [B, T] (> 0 predicts "replaced")."""
+        return self.dense_prediction(self.act(self.dense(hidden))).squeeze(-1)
