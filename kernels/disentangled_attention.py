@@ -1,0 +1,491 @@
+"""Triton DeBERTa disentangled attention: flash-style forward and backward, no [T, T] tensor anywhere.
+
+Contract (shapes, masking, dropout, lse): electra_fast/reference/disentangled_attention.py.
+    forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed) -> (out, lse)
+    backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed)
+        -> (dq, dk, dv, dpos_key, dpos_query)
+q, k, v [B, H, T, D] (D in 32 / 64 / 128; fp32 / fp16 / bf16), pos_* [H, 2k, D] or None, mask uint8 [B, T] or
+None, rel_slots int32 [2T - 1] with rel_slots[i - j + T - 1] = s(i, j).
+
+Design (for H100; performance is unmeasured so far - no GPU was available while writing this):
+
+* Toeplitz position terms. A BM x BN tile (query rows i0.., key columns j0..) touches only the BM + BN - 1
+  consecutive distances r = i - j in [d - BN + 1, d + BM - 1], d = i0 - j0. Band row c <-> distance
+  d - BN + 1 + c, and element (a, b) of the tile sits on band row c = a - b + BN - 1. The c2p term is one
+  tensor-core product q_blk @ pos_key[slots(band)]^T ([BM, BR], BR = BM + BN) followed by a register gather
+  of the diagonal band (tl.gather along the band axis); p2c is pos_query[slots(band)] @ k_blk^T ([BR, BN])
+  gathered along the other axis. That is 2x the c2c product per term instead of a per-element gather from
+  an HBM-resident [T, 2k] table (what the public peers do), and nothing [T, 2k] is ever materialised.
+* Saturated tiles. When every distance of a tile maps to one slot (all |i - j| beyond the log buckets,
+  i.e. most tiles once T >> k), the position terms are a row vector q_blk @ pos_key[s] plus a column vector
+  k_blk @ pos_query[s]: the band products and gathers are skipped (forward and backward), a tile-uniform
+  branch taken after loading BR slot ids.
+* Forward: program per (query block, batch * head), online softmax in fp32 with exp2, lse saved (+inf for
+  padded queries and rows without a valid key; their output is 0). Dropout regenerates Philox words
+  (purpose ATTN_DROPOUT, index ((b * H + h) * T + i) * T + j) per tile; nothing is stored.
+* Backward: delta = rowsum(dO * O) (one small kernel); a dK/dV pass (program per key block, looping over
+  query blocks) that also produces dpos_query, and a dQ pass (program per query block, looping over key
+  blocks) that also produces dpos_key; both recompute P from lse. The two passes do the same amount of work.
+* Deterministic position gradients without atomics. Within one program successive tiles walk the distances
+  upwards (the dQ pass loops over key blocks backwards for that), so - slots being monotone in the distance
+  with steps of at most 1, as every transformers bucket table is - the slots a tile touches form a window
+  [lo, lo + BR) that only slides up. Each program keeps that window of slot rows in registers: a tile's
+  band contributions [BR, D] are summed per slot (segmented scan over runs of equal slots, then a gather),
+  added to the window, and the slot rows the window leaves are final for this program and stored once with a
+  plain store into the program's own fp32 workspace row block. A fixed-order torch sum over (batch,
+  program) then reduces the workspace: no atomics, results independent of scheduling.
+  Workspace: 4 * B * H * 2k * D * (ceil(T / BM_dq) + ceil(T / BN_dkdv)) bytes (fp32; only for the
+  position terms present), i.e. O(B * H * T / 64 * k * D); everything else is O(B * H * T * D + H * k * D).
+* Block sizes per head dim live in one table (CONFIGS) that the launchers and compile_specs() share;
+  BM = BN so that BR = BM + BN is a power of two.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import philox4, uniform
+from .spec import Spec, ptr
+
+ATTN_DROPOUT = 3  # Philox purpose (electra_fast/reference/philox.py)
+LOG2E = 1.4426950408889634
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HEAD_DIMS = (32, 64, 128)
+DELTA_ROWS = 64
+
+# head dim -> pass -> (BM, BN, num_warps, num_stages). BM == BN (the band is BM + BN rows, a power of two).
+CONFIGS = {
+    32: {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 1), "dq": (64, 64, 4, 1)},
+    64: {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 8, 1), "dq": (64, 64, 8, 1)},
+    128: {"fwd": (64, 64, 8, 2), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)},
+}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _slots_at(slots_ptr, r, T):
+    """Slot ids of distances r (any shape), clamped into the table (the slot map is monotone, so a clamped
+    distance never breaks the windowing; clamped rows only ever meet zero contributions)."""
+    idx = tl.minimum(tl.maximum(r + T - 1, 0), 2 * T - 2)
+    return tl.load(slots_ptr + idx, mask=(idx >= 0) & (idx < 2 * T - 1), other=0)
+
+
+@triton.jit
+def _band(slots_ptr, d, T, BN: tl.constexpr, BR: tl.constexpr):
+    """(slots [BR] of distances d - BN + 1 + c, smallest, largest slot of the real band rows c < BR - 1)."""
+    c = tl.arange(0, BR)
+    sl = _slots_at(slots_ptr, d - (BN - 1) + c, T)
+    real = c < BR - 1
+    return sl, tl.min(tl.where(real, sl, 2147483647), 0), tl.max(tl.where(real, sl, -1), 0)
+
+
+@triton.jit
+def _pos_rows(pos_ptr, sl, offs_d, NS, D: tl.constexpr):
+    """pos[sl] rows [BR, D] of one head."""
+    ok = (sl >= 0) & (sl < NS)
+    return tl.load(pos_ptr + sl[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _pos_row(pos_ptr, s, offs_d, NS, D: tl.constexpr):
+    """pos[s] as fp32 [D] (s: scalar slot)."""
+    sv = offs_d * 0 + s  # a vector mask: the interpreter rejects scalar-tensor masks
+    return tl.load(pos_ptr + sv * D + offs_d, mask=(sv >= 0) & (sv < NS), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pos_scores(q, kT, posk_ptr, posq_ptr, sl, smin, smax, offs_d, NS, HAS_C2P: tl.constexpr,
+                HAS_P2C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+    """c2p + p2c terms (unscaled, fp32 [BM, BN]) of one tile with band slots ``sl``."""
+    pos = tl.zeros([BM, BN], dtype=tl.float32)
+    if smin == smax:  # saturated tile: one slot for every (i, j)
+        if HAS_C2P:
+            pk = _pos_row(posk_ptr, smin, offs_d, NS, D)
+            pos += tl.sum(q.to(tl.float32) * pk[None, :], 1)[:, None]
+        if HAS_P2C:
+            pq = _pos_row(posq_ptr, smin, offs_d, NS, D)
+            pos += tl.sum(kT.to(tl.float32) * pq[:, None], 0)[None, :]
+    else:
+        band_idx = tl.arange(0, BM)[:, None] - tl.arange(0, BN)[None, :] + (BN - 1)  # [BM, BN] -> band row
+        if HAS_C2P:
+            c2p = tl.dot(q, tl.trans(_pos_rows(posk_ptr, sl, offs_d, NS, D)), input_precision=PREC)  # [BM, BR]
+            pos += tl.gather(c2p, band_idx, 1)
+        if HAS_P2C:
+            p2c = tl.dot(_pos_rows(posq_ptr, sl, offs_d, NS, D), kT, input_precision=PREC)  # [BR, BN]
+            pos += tl.gather(p2c, band_idx, 0)
+    return pos
+
+
+@triton.jit
+def _keep(seed, bh, offs_m, offs_n, T):
+    """Dropout keep-uniforms [BM, BN] of Philox purpose ATTN_DROPOUT at ((b * H + h) * T + i) * T + j."""
+    idx = (bh.to(tl.int64) * T + offs_m.to(tl.int64))[:, None] * T + offs_n.to(tl.int64)[None, :]
+    x0, _, _, _ = philox4(seed, idx, 3)
+    return uniform(x0)
+
+
+@triton.jit
+def _seg_add(v1, f1, v2, f2):
+    # segmented inclusive sum: f marks the first row of a run of equal slots
+    return tl.where(f2 != 0, v2, v1 + v2), f1 | f2
+
+
+@triton.jit
+def _window_add(win, rows, sl, lo, BR: tl.constexpr, D: tl.constexpr):
+    """win[e] += sum of rows[c] with sl[c] == lo + e (sl monotone, steps <= 1, sl[0] == lo)."""
+    c = tl.arange(0, BR)
+    prev = tl.gather(sl, tl.maximum(c - 1, 0), 0)
+    start = ((c == 0) | (sl != prev)).to(tl.int32)
+    run, _ = tl.associative_scan((rows, start[:, None] + tl.zeros([BR, D], dtype=tl.int32)), 0, _seg_add)
+    target = lo + c  # window row e = c holds slot lo + e
+    le = tl.sum((sl[None, :] <= target[:, None]).to(tl.int32), 1)
+    lt = tl.sum((sl[None, :] < target[:, None]).to(tl.int32), 1)
+    end = tl.maximum(le - 1, 0)  # last band row of slot lo + e's run
+    add = tl.gather(run, end[:, None] + tl.zeros([BR, D], dtype=tl.int32), 0)
+    return win + tl.where((le > lt)[:, None], add, 0.0)
+
+
+@triton.jit
+def _window_emit(win, ws_ptr, lo, lo_next, offs_d, NS, BR: tl.constexpr, D: tl.constexpr):
+    """Store the window rows below slot lo_next (final for this program), slide the window to lo_next."""
+    e = tl.arange(0, BR)
+    shift = lo_next - lo
+    done = (e < shift) & (lo + e < NS)
+    tl.store(ws_ptr + (lo + e)[:, None] * D + offs_d[None, :], win, mask=done[:, None])
+    src = e + shift
+    moved = tl.gather(win, tl.minimum(src, BR - 1)[:, None] + tl.zeros([BR, D], dtype=tl.int32), 0)
+    return tl.where((src < BR)[:, None], moved, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ forward
+@triton.jit
+def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, out_ptr, lse_ptr,
+                  T, H, NS, scale, dropout_p, inv_keep, seed,
+                  HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                  D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    i0 = pid_m * BM
+    offs_m = i0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < T
+    base = bh.to(tl.int64) * T * D
+    q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    posk_ptr += h.to(tl.int64) * NS * D
+    posq_ptr += h.to(tl.int64) * NS * D
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    for j0 in range(0, T, BN):
+        offs_n = j0 + tl.arange(0, BN)
+        col_ok = offs_n < T
+        kT = tl.load(k_ptr + base + offs_n[None, :] * D + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        v = tl.load(v_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, kT, input_precision=PREC)
+        if HAS_C2P or HAS_P2C:
+            sl, smin, smax = _band(slots_ptr, i0 - j0, T, BN, BM + BN)
+            s += _pos_scores(q, kT, posk_ptr, posq_ptr, sl, smin, smax, offs_d, NS, HAS_C2P, HAS_P2C, BM, BN, D,
+                             PREC)
+        if HAS_MASK:
+            col_ok = col_ok & (tl.load(mask_ptr + b * T + offs_n, mask=col_ok, other=0) != 0)
+        s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf while a row has no valid key
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_keep(seed, bh, offs_m, offs_n, T) >= dropout_p, p * inv_keep, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    dead = (l_i == 0.0) | (offs_m >= T)
+    if HAS_MASK:
+        dead = dead | (tl.load(mask_ptr + b * T + offs_m, mask=row_ok, other=0) == 0)
+    l_safe = tl.where(dead, 1.0, l_i)
+    out = tl.where(dead[:, None], 0.0, acc / l_safe[:, None])
+    lse = tl.where(dead, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(out_ptr + base + offs_m[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(lse_ptr + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------- backward
+@triton.jit
+def da_bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, n_rows, D: tl.constexpr, ROWS: tl.constexpr):
+    """delta[r] = sum_d dO[r, d] * O[r, d] in fp32 over the B * H * T rows."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, D)
+    ok = rows < n_rows
+    o = tl.load(out_ptr + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(dout_ptr + rows[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(delta_ptr + rows, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr, seed, bh, b, offs_m, offs_n,
+             offs_d, d, T, NS, qk_scale, dropout_p, inv_keep, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
+             HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+             PREC: tl.constexpr):
+    """Recompute one tile: (dropped probabilities [BM, BN], dS [BM, BN] w.r.t. the unscaled score, band slots,
+    smin, smax). lse2 = lse * log2(e) (+inf for dead rows -> P = 0)."""
+    s = tl.dot(q, kT, input_precision=PREC)
+    sl = tl.zeros([BM + BN], dtype=tl.int32)
+    smin = 0
+    smax = 0
+    if HAS_C2P or HAS_P2C:
+        sl, smin, smax = _band(slots_ptr, d, T, BN, BM + BN)
+        s += _pos_scores(q, kT, posk_ptr, posq_ptr, sl, smin, smax, offs_d, NS, HAS_C2P, HAS_P2C, BM, BN, D,
+                         PREC)
+    col_ok = offs_n < T
+    if HAS_MASK:
+        col_ok = col_ok & (tl.load(mask_ptr + b * T + offs_n, mask=col_ok, other=0) != 0)
+    s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])  # finite - inf, -inf - finite, -inf - inf all give 0
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    if DROPOUT:
+        kept = _keep(seed, bh, offs_m, offs_n, T) >= dropout_p
+        pd = tl.where(kept, p * inv_keep, 0.0)
+        dp = tl.where(kept, dp * inv_keep, 0.0)
+    else:
+        pd = p
+    ds = p * (dp - delta[:, None])
+    return pd, ds, sl, smin, smax
+
+
+@triton.jit
+def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, dout_ptr, lse_ptr, delta_ptr,
+                       dk_ptr, dv_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed,
+                       HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr,
+                       DROPOUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       PREC: tl.constexpr):
+    """Program per (key block, b * H + h): dK, dV and (p2c) this program's dpos_query rows in ws [NS, D]."""
+    BR: tl.constexpr = BM + BN
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    j0 = pid_n * BN
+    offs_n = j0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_n < T
+    base = bh.to(tl.int64) * T * D
+    k = tl.load(k_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    kT = tl.trans(k)
+    posk_ptr += h.to(tl.int64) * NS * D
+    posq_ptr += h.to(tl.int64) * NS * D
+    ws_ptr += (bh.to(tl.int64) * tl.num_programs(0) + pid_n) * NS * D
+    qk_scale = scale * 1.4426950408889634
+    dk = tl.zeros([BN, D], dtype=tl.float32)
+    dv = tl.zeros([BN, D], dtype=tl.float32)
+    win = tl.zeros([BR, D], dtype=tl.float32)
+    e = tl.arange(0, BR)
+    lo = _slots_at(slots_ptr, -j0 - (BN - 1), T)
+    # H[c, b] = dS[c + b - BN + 1, b]: the tile's dS laid out by band row (distance) for the p2c gradients
+    h_idx = e[:, None] + tl.arange(0, BN)[None, :] - (BN - 1)
+    h_ok = (h_idx >= 0) & (h_idx < BM)
+    h_idx = tl.minimum(tl.maximum(h_idx, 0), BM - 1)
+    for i0 in range(0, T, BM):
+        offs_m = i0 + tl.arange(0, BM)
+        row_ok = offs_m < T
+        q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(dout_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+        pd, ds, sl, smin, smax = _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr, seed,
+                                          bh, b, offs_m, offs_n, offs_d, i0 - j0, T, NS, qk_scale, dropout_p,
+                                          inv_keep, HAS_C2P, HAS_P2C, HAS_MASK, DROPOUT, D, BM, BN, PREC)
+        dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        if HAS_P2C:
+            if smin == smax:  # saturated: every (i, j) of the tile reads pos_query[smin]
+                col = tl.sum(ds, 0)
+                dk += col[:, None] * _pos_row(posq_ptr, smin, offs_d, NS, D)[None, :]
+                row = tl.sum(col[:, None] * k.to(tl.float32), 0)
+                win += tl.where((e == 0)[:, None], row[None, :], 0.0)
+            else:
+                hb = tl.where(h_ok, tl.gather(ds, h_idx, 0), 0.0).to(q.dtype)  # [BR, BN]
+                dk += tl.dot(tl.trans(hb), _pos_rows(posq_ptr, sl, offs_d, NS, D), input_precision=PREC)
+                win = _window_add(win, tl.dot(hb, k, input_precision=PREC), sl, lo, BR, D)
+            lo_next = _slots_at(slots_ptr, i0 + BM - j0 - (BN - 1), T)
+            win = _window_emit(win, ws_ptr, lo, lo_next, offs_d, NS, BR, D)
+            lo = lo_next
+    if HAS_P2C:
+        _window_emit(win, ws_ptr, lo, lo + BR, offs_d, NS, BR, D)
+    dk = dk * scale
+    tl.store(dk_ptr + base + offs_n[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=col_ok[:, None])
+    tl.store(dv_ptr + base + offs_n[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=col_ok[:, None])
+
+
+@triton.jit
+def da_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, dout_ptr, lse_ptr, delta_ptr,
+                     dq_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed,
+                     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Program per (query block, b * H + h): dQ and (c2p) this program's dpos_key rows in ws [NS, D].
+    Key blocks are visited last to first so that the distance i0 - j0 (and the slot window) only grows."""
+    BR: tl.constexpr = BM + BN
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    i0 = pid_m * BM
+    offs_m = i0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < T
+    base = bh.to(tl.int64) * T * D
+    q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(dout_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    posk_ptr += h.to(tl.int64) * NS * D
+    posq_ptr += h.to(tl.int64) * NS * D
+    ws_ptr += (bh.to(tl.int64) * tl.num_programs(0) + pid_m) * NS * D
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros([BM, D], dtype=tl.float32)
+    win = tl.zeros([BR, D], dtype=tl.float32)
+    e = tl.arange(0, BR)
+    n_blocks = tl.cdiv(T, BN)
+    lo = _slots_at(slots_ptr, i0 - (n_blocks - 1) * BN - (BN - 1), T)
+    # G[a, c] = dS[a, a - c + BN - 1]: the tile's dS laid out by band row (distance) for the c2p gradients
+    g_idx = tl.arange(0, BM)[:, None] - e[None, :] + (BN - 1)
+    g_ok = (g_idx >= 0) & (g_idx < BN)
+    g_idx = tl.minimum(tl.maximum(g_idx, 0), BN - 1)
+    for jb in range(0, n_blocks):
+        j0 = (n_blocks - 1 - jb) * BN
+        offs_n = j0 + tl.arange(0, BN)
+        col_ok = offs_n < T
+        kT = tl.load(k_ptr + base + offs_n[None, :] * D + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        v = tl.load(v_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        pd, ds, sl, smin, smax = _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr, seed,
+                                          bh, b, offs_m, offs_n, offs_d, i0 - j0, T, NS, qk_scale, dropout_p,
+                                          inv_keep, HAS_C2P, HAS_P2C, HAS_MASK, DROPOUT, D, BM, BN, PREC)
+        dq += tl.dot(ds.to(q.dtype), tl.trans(kT), input_precision=PREC)
+        if HAS_C2P:
+            if smin == smax:  # saturated: every (i, j) of the tile reads pos_key[smin]
+                rsum = tl.sum(ds, 1)
+                dq += rsum[:, None] * _pos_row(posk_ptr, smin, offs_d, NS, D)[None, :]
+                row = tl.sum(rsum[:, None] * q.to(tl.float32), 0)
+                win += tl.where((e == 0)[:, None], row[None, :], 0.0)
+            else:
+                gb = tl.where(g_ok, tl.gather(ds, g_idx, 1), 0.0).to(q.dtype)  # [BM, BR]
+                dq += tl.dot(gb, _pos_rows(posk_ptr, sl, offs_d, NS, D), input_precision=PREC)
+                win = _window_add(win, tl.dot(tl.trans(gb), q, input_precision=PREC), sl, lo, BR, D)
+            lo_next = _slots_at(slots_ptr, i0 - j0 + 1, T)  # first distance of the next (lower) key block
+            win = _window_emit(win, ws_ptr, lo, lo_next, offs_d, NS, BR, D)
+            lo = lo_next
+    if HAS_C2P:
+        _window_emit(win, ws_ptr, lo, lo + BR, offs_d, NS, BR, D)
+    dq = dq * scale
+    tl.store(dq_ptr + base + offs_m[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def _prec(dtype) -> str:
+    # fp32 inputs get true fp32 products (the contract promises fp32 accuracy); fp16/bf16 ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _common(q, pos_key, pos_query, mask, rel_slots, dropout_p):
+    ns = pos_key.shape[1] if pos_key is not None else (pos_query.shape[1] if pos_query is not None else 1)
+    return dict(posk=pos_key if pos_key is not None else q, posq=pos_query if pos_query is not None else q,
+                mask=mask if mask is not None else rel_slots, NS=ns,
+                inv_keep=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0)
+
+
+def forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale: float, dropout_p: float, seed: int):
+    """(out [B, H, T, D] in q's dtype, lse fp32 [B, H, T])."""
+    B, H, T, D = q.shape
+    bm, bn, warps, stages = CONFIGS[D]["fwd"]
+    c = _common(q, pos_key, pos_query, mask, rel_slots, dropout_p)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    da_fwd_kernel[(triton.cdiv(T, bm), B * H)](
+        q, k, v, c["posk"], c["posq"], c["mask"], rel_slots, out, lse, T, H, c["NS"], float(scale),
+        float(dropout_p), c["inv_keep"], int(seed), HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
+        HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, D=D, BM=bm, BN=bn, PREC=_prec(q.dtype),
+        num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def workspace_bytes(B: int, H: int, T: int, D: int, span2: int, c2p: bool, p2c: bool) -> int:
+    """fp32 workspace of backward() for the position gradients (2k = span2 slots)."""
+    n_q = triton.cdiv(T, CONFIGS[D]["dq"][0]) if c2p else 0
+    n_k = triton.cdiv(T, CONFIGS[D]["dkdv"][1]) if p2c else 0
+    return 4 * B * H * span2 * D * (n_q + n_k)
+
+
+def backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale: float, dropout_p: float,
+             seed: int):
+    """(dq, dk, dv, dpos_key or None, dpos_query or None), each in the dtype of its input."""
+    B, H, T, D = q.shape
+    c = _common(q, pos_key, pos_query, mask, rel_slots, dropout_p)
+    ns = c["NS"]
+    grad_out = grad_out.contiguous()
+    delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    da_bwd_delta_kernel[(triton.cdiv(B * H * T, DELTA_ROWS),)](out, grad_out, delta, B * H * T, D=D,
+                                                              ROWS=DELTA_ROWS, num_warps=4)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    flags = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, HAS_MASK=mask is not None,
+                 DROPOUT=dropout_p > 0, D=D, PREC=_prec(q.dtype))
+    args = (c["posk"], c["posq"], c["mask"], rel_slots, grad_out, lse, delta)
+    scalars = (T, H, ns, float(scale), float(dropout_p), c["inv_keep"], int(seed))
+
+    bm, bn, warps, stages = CONFIGS[D]["dkdv"]
+    n_k = triton.cdiv(T, bn)
+    ws_q = torch.zeros((B, H, n_k, ns, D) if pos_query is not None else (1,), device=q.device,
+                       dtype=torch.float32)
+    da_bwd_dkdv_kernel[(n_k, B * H)](q, k, v, *args, dk, dv, ws_q, *scalars, BM=bm, BN=bn, **flags,
+                                     num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages = CONFIGS[D]["dq"]
+    n_q = triton.cdiv(T, bm)
+    ws_k = torch.zeros((B, H, n_q, ns, D) if pos_key is not None else (1,), device=q.device, dtype=torch.float32)
+    da_bwd_dq_kernel[(n_q, B * H)](q, k, v, *args, dq, ws_k, *scalars, BM=bm, BN=bn, **flags,
+                                   num_warps=warps, num_stages=stages)
+    # fixed-order reductions over (batch, program): deterministic
+    dpk = None if pos_key is None else (ws_k.sum((0, 2)) * scale).to(pos_key.dtype)
+    dpq = None if pos_query is None else (ws_q.sum((0, 2)) * scale).to(pos_query.dtype)
+    return dq, dk, dv, dpk, dpq
+
+
+# ---------------------------------------------------------------------------------------------- AOT specs
+def _flag_sets(dropout_values=(False, True)):
+    """(HAS_C2P, HAS_P2C, HAS_MASK, DROPOUT) combinations the launchers can produce."""
+    return list(itertools.product((False, True), (False, True), (False, True), dropout_values))
+
+
+def compile_specs():
+    i32, f32, i64 = "i32", "fp32", "i64"
+    specs = []
+    for dt, D in itertools.product(DTYPES, HEAD_DIMS):
+        specs.append(Spec(da_bwd_delta_kernel, {"out_ptr": ptr(dt), "dout_ptr": ptr(dt), "delta_ptr": ptr(torch.float32),
+                                                "n_rows": i32}, {"D": D, "ROWS": DELTA_ROWS}, num_warps=4))
+        for c2p, p2c, has_mask, drop in _flag_sets():
+            mask_t = ptr(torch.uint8) if has_mask else ptr(torch.int32)
+            common = {"q_ptr": ptr(dt), "k_ptr": ptr(dt), "v_ptr": ptr(dt), "posk_ptr": ptr(dt), "posq_ptr": ptr(dt),
+                      "mask_ptr": mask_t, "slots_ptr": ptr(torch.int32)}
+            scalars = {"T": i32, "H": i32, "NS": i32, "scale": f32, "dropout_p": f32, "inv_keep": f32, "seed": i64}
+            flags = {"HAS_C2P": c2p, "HAS_P2C": p2c, "HAS_MASK": has_mask, "DROPOUT": drop, "D": D,
+                     "PREC": _prec(dt)}
+            bm, bn, w, st = CONFIGS[D]["fwd"]
+            specs.append(Spec(da_fwd_kernel, {**common, "out_ptr": ptr(dt), "lse_ptr": ptr(torch.float32), **scalars},
+                              {**flags, "BM": bm, "BN": bn}, num_warps=w, num_stages=st))
+            bwd = {**common, "dout_ptr": ptr(dt), "lse_ptr": ptr(torch.float32), "delta_ptr": ptr(torch.float32)}
+            bm, bn, w, st = CONFIGS[D]["dkdv"]
+            specs.append(Spec(da_bwd_dkdv_kernel, {**bwd, "dk_ptr": ptr(dt), "dv_ptr": ptr(dt),
+                                                   "ws_ptr": ptr(torch.float32), **scalars},
+                              {**flags, "BM": bm, "BN": bn}, num_warps=w, num_stages=st))
+            bm, bn, w, st = CONFIGS[D]["dq"]
+            specs.append(Spec(da_bwd_dq_kernel, {**bwd, "dq_ptr": ptr(dt), "ws_ptr": ptr(torch.float32), **scalars},
+                              {**flags, "BM": bm, "BN": bn}, num_warps=w, num_stages=st))
+    return specs
