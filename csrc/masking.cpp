@@ -1,0 +1,214 @@
+// Token masking on CPU: one pass per row (rows in parallel; a row's result depends on nothing else, so
+// the output never depends on the thread count). Semantics, the random stream and the rounding rules:
+// electra_fast/reference/masking.py.
+//
+// "count" picks the n smallest (key, position) pairs with nth_element (O(T)); whole-word "count" sorts
+// the eligible words and takes the longest prefix that fits. The Philox block is compiled for AVX-512 /
+// AVX2 / baseline (target_clones) so the 32x32->64 multiplies vectorise on any x86 CPU.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "dispatch.h"
+#include "philox.h"
+
+namespace electra_fast {
+namespace {
+
+constexpr int64_t kIgnoreIndex = -100;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EF_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define EF_TARGET_CLONES
+#endif
+
+// x0, x1, x2 of the MASKING stream for indices base .. base + n - 1.
+EF_TARGET_CLONES
+void philox_row(uint64_t seed, uint64_t base, int64_t n, uint32_t* __restrict x0, uint32_t* __restrict x1,
+                uint32_t* __restrict x2) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const Philox4 r = philox4x32_10(seed, base + static_cast<uint64_t>(i), kMasking);
+    x0[i] = r.x[0];
+    x1[i] = r.x[1];
+    x2[i] = r.x[2];
+  }
+}
+
+struct Params {
+  uint64_t seed;
+  int64_t mask_token_id, n_random, sel_thr, mask_thr, rand_thr;
+  bool count;
+  const int64_t* specials;
+  int64_t n_specials;
+  const int32_t* table;
+};
+
+// Scratch reused across the rows one thread handles.
+struct Scratch {
+  std::vector<uint32_t> x0, x1, x2;
+  std::vector<uint8_t> cand, sel;
+  std::vector<int32_t> ws, len;   // words: start of each token's unit; length of the unit at its start
+  std::vector<uint8_t> ok;        // words: unit holds only candidates (at its start)
+  std::vector<uint64_t> packed;   // (key << 32) | start of the eligible units
+  void resize(int64_t T) {
+    x0.resize(T), x1.resize(T), x2.resize(T), cand.resize(T), sel.resize(T), ws.resize(T), len.resize(T), ok.resize(T);
+    packed.reserve(T);
+  }
+};
+
+static inline bool is_special(int64_t id, const Params& p) {
+  return std::binary_search(p.specials, p.specials + p.n_specials, id);
+}
+
+template <typename id_t>
+void mask_row(const id_t* __restrict ids, const uint8_t* __restrict real_m, const uint8_t* __restrict starts,
+              id_t* __restrict out, int64_t* __restrict labels, bool* __restrict masked, int64_t b, int64_t T,
+              const Params& p, Scratch& s) {
+  philox_row(p.seed, static_cast<uint64_t>(b * T), T, s.x0.data(), s.x1.data(), s.x2.data());
+  int64_t n_real = 0, n_cand = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const bool real = real_m == nullptr || real_m[t] != 0;
+    const bool c = real && (p.n_specials == 0 || !is_special(static_cast<int64_t>(ids[t]), p));
+    s.cand[t] = c;
+    n_real += real;
+    n_cand += c;
+  }
+  // Units: words (start token + following non-start tokens; padding and position 0 always start one) or tokens.
+  if (starts != nullptr) {
+    int32_t start = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const bool real = real_m == nullptr || real_m[t] != 0;
+      if (t == 0 || starts[t] != 0 || !real) {
+        start = static_cast<int32_t>(t);
+        s.len[t] = 0;
+        s.ok[t] = 1;
+      }
+      s.ws[t] = start;
+      s.len[start] += 1;
+      s.ok[start] &= s.cand[t];
+    }
+  }
+  const bool words = starts != nullptr;
+  if (p.count) {
+    const int64_t n = n_cand == 0 ? 0 : std::min<int64_t>(n_cand, std::max<int32_t>(1, p.table[n_real]));
+    s.packed.clear();
+    if (!words) {
+      for (int64_t t = 0; t < T; ++t)
+        if (s.cand[t]) s.packed.push_back((static_cast<uint64_t>(s.x0[t]) << 32) | static_cast<uint64_t>(t));
+      uint64_t last = 0;
+      if (n > 0) {
+        std::nth_element(s.packed.begin(), s.packed.begin() + (n - 1), s.packed.end());
+        last = s.packed[n - 1];
+      }
+      for (int64_t t = 0; t < T; ++t)
+        s.sel[t] = n > 0 && s.cand[t] && ((static_cast<uint64_t>(s.x0[t]) << 32) | static_cast<uint64_t>(t)) <= last;
+    } else {
+      for (int64_t t = 0; t < T; ++t)
+        if (s.ws[t] == t && s.ok[t] && s.len[t] <= n)
+          s.packed.push_back((static_cast<uint64_t>(s.x0[t]) << 32) | static_cast<uint64_t>(t));
+      std::sort(s.packed.begin(), s.packed.end());
+      int64_t total = 0;
+      uint64_t last = 0;
+      bool any = false;
+      for (uint64_t u : s.packed) {
+        const int64_t l = s.len[static_cast<int64_t>(u & 0xFFFFFFFFu)];
+        if (total + l > n) break;
+        total += l;
+        last = u;
+        any = true;
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const int32_t w = s.ws[t];
+        s.sel[t] = any && s.ok[w] && s.len[w] <= n &&
+                   ((static_cast<uint64_t>(s.x0[w]) << 32) | static_cast<uint64_t>(w)) <= last;
+      }
+    }
+  } else {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t w = words ? s.ws[t] : t;
+      const bool ok = words ? s.ok[w] != 0 : s.cand[t] != 0;
+      s.sel[t] = ok && static_cast<int64_t>(s.x0[w] >> 8) < p.sel_thr;
+    }
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t id = static_cast<int64_t>(ids[t]);
+    int64_t v = id;
+    if (s.sel[t]) {
+      const int64_t u = static_cast<int64_t>(s.x1[t] >> 8);
+      if (u < p.mask_thr) {
+        v = p.mask_token_id;
+      } else if (u < p.rand_thr) {
+        int64_t r = static_cast<int64_t>((static_cast<uint64_t>(s.x2[t]) * static_cast<uint64_t>(p.n_random)) >> 32);
+        for (int64_t k = 0; k < p.n_specials; ++k) r += r >= p.specials[k];
+        v = r;
+      }
+    }
+    out[t] = static_cast<id_t>(v);
+    labels[t] = s.sel[t] ? id : kIgnoreIndex;
+    masked[t] = s.sel[t] != 0;
+  }
+}
+
+// Returns (input_ids', labels int64, masked bool), all [B, T].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_tokens(
+    const at::Tensor& input_ids, const c10::optional<at::Tensor>& attention_mask,
+    const c10::optional<at::Tensor>& word_starts, const at::Tensor& specials, const at::Tensor& count_table,
+    int64_t seed, int64_t mask_token_id, int64_t n_random, int64_t sel_thr, int64_t mask_thr, int64_t rand_thr,
+    bool count) {
+  TORCH_CHECK(input_ids.dim() == 2 && input_ids.is_contiguous(), "mask_tokens: input_ids must be contiguous [B, T]");
+  TORCH_CHECK(specials.scalar_type() == at::kLong && specials.is_contiguous(), "mask_tokens: specials must be int64");
+  TORCH_CHECK(count_table.scalar_type() == at::kInt && count_table.is_contiguous(),
+              "mask_tokens: count_table must be int32");
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  TORCH_CHECK(!count || count_table.numel() >= T + 1, "mask_tokens: count_table must hold T + 1 entries");
+  for (const auto* m : {&attention_mask, &word_starts}) {
+    if (m->has_value()) {
+      TORCH_CHECK((*m)->scalar_type() == at::kByte && (*m)->is_contiguous() && (*m)->sizes() == input_ids.sizes(),
+                  "mask_tokens: attention_mask / word_starts must be contiguous uint8 [B, T]");
+    }
+  }
+  at::Tensor out = at::empty_like(input_ids);
+  at::Tensor labels = at::empty(input_ids.sizes(), input_ids.options().dtype(at::kLong));
+  at::Tensor masked = at::empty(input_ids.sizes(), input_ids.options().dtype(at::kBool));
+  if (B * T == 0) return {out, labels, masked};
+  const Params p{static_cast<uint64_t>(seed), mask_token_id, n_random, sel_thr, mask_thr, rand_thr, count,
+                 specials.data_ptr<int64_t>(), specials.numel(), count_table.data_ptr<int32_t>()};
+  const uint8_t* am = attention_mask.has_value() ? attention_mask->data_ptr<uint8_t>() : nullptr;
+  const uint8_t* ws = word_starts.has_value() ? word_starts->data_ptr<uint8_t>() : nullptr;
+  EF_DISPATCH_IDS(input_ids.scalar_type(), "mask_tokens", [&] {
+    const id_t* ids = input_ids.data_ptr<id_t>();
+    id_t* o = out.data_ptr<id_t>();
+    int64_t* l = labels.data_ptr<int64_t>();
+    bool* m = masked.data_ptr<bool>();
+    // Grain: enough rows per task to amortise the scratch, few enough to balance two or more threads.
+    const int64_t grain = std::max<int64_t>(1, 4096 / T);
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      Scratch s;
+      s.resize(T);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t off = b * T;
+        mask_row<id_t>(ids + off, am ? am + off : nullptr, ws ? ws + off : nullptr, o + off, l + off, m + off, b, T,
+                       p, s);
+      }
+    });
+  });
+  return {out, labels, masked};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(electra_fast_cpp, m) {
+  m.def("mask_tokens(Tensor input_ids, Tensor? attention_mask, Tensor? word_starts, Tensor specials, "
+        "Tensor count_table, int seed, int mask_token_id, int n_random, int sel_thr, int mask_thr, int rand_thr, "
+        "bool count) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(electra_fast_cpp, CPU, m) { m.impl("mask_tokens", &mask_tokens); }
+
+}  // namespace electra_fast

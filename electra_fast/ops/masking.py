@@ -1,0 +1,173 @@
+"""electra_fast.mask_tokens: fused MLM / ELECTRA token masking (selection + replacement + labels).
+
+Op: ``electra_fast::mask_tokens`` (torch.library custom op with a fake kernel, so it traces under
+torch.compile; no gradient), routed to triton / cpp / reference. Semantics, the random stream and
+every rounding rule: electra_fast/reference/masking.py. Outputs are bit-identical across backends.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from .. import _backend, _validate
+from ..reference import masking as ref
+from ..reference.philox import check_seed
+
+STRATEGIES = ("count", "bernoulli")
+MAX_TRITON_T = 8192  # one Triton program holds a whole row
+
+
+class MaskedTokens(NamedTuple):
+    input_ids: torch.Tensor  # [B, T], dtype of the input: the generator's input
+    labels: torch.Tensor     # int64 [B, T]: original id where masked, -100 elsewhere
+    masked: torch.Tensor     # bool [B, T]: the selected positions
+
+
+@functools.lru_cache(maxsize=64)
+def _count_table(mask_prob: float, T: int, device: torch.device) -> torch.Tensor:
+    return ref.count_table(mask_prob, T).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _specials(specials: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(specials, dtype=torch.int64).to(device)
+
+
+def _supports(T: int):
+    def supports(backend: str) -> Optional[str]:
+        if backend == "triton" and T > MAX_TRITON_T:
+            return f"the Triton kernel holds a row in one program: T <= {MAX_TRITON_T}, got T = {T}"
+        return None
+    return supports
+
+
+@torch.library.custom_op("electra_fast::mask_tokens", mutates_args=())
+def _mask_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], word_starts: Optional[torch.Tensor],
+                 specials: List[int], seed: int, mask_token_id: int, n_random: int, mask_prob: float,
+                 sel_thr: int, mask_thr: int, rand_thr: int, count: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T = input_ids.shape
+    if input_ids.numel() == 0:
+        return (input_ids.clone(), torch.full_like(input_ids, ref.IGNORE_INDEX, dtype=torch.int64),
+                torch.zeros_like(input_ids, dtype=torch.bool))
+    dev = input_ids.device
+    impl = _backend.implementation("mask_tokens", dev, reference=ref.forward, cpp="mask_tokens",
+                                   triton="masking.forward", supports=_supports(T))
+    table = _count_table(mask_prob, T, dev) if count else _count_table(0.0, 0, dev)
+    return impl(input_ids, attention_mask, word_starts, _specials(tuple(specials), dev), table, seed, mask_token_id,
+                n_random, sel_thr, mask_thr, rand_thr, count)
+
+
+@_mask_tokens.register_fake
+def _(input_ids, attention_mask, word_starts, specials, seed, mask_token_id, n_random, mask_prob, sel_thr, mask_thr,
+      rand_thr, count):
+    return (torch.empty_like(input_ids), torch.empty_like(input_ids, dtype=torch.int64),
+            torch.empty_like(input_ids, dtype=torch.bool))
+
+
+def _int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    return value
+
+
+def _prob(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float in [0, 1], got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name}: expected a probability in [0, 1], got {value}")
+    return float(value)
+
+
+def _flags(name: str, x, input_ids: torch.Tensor, what: str) -> Optional[torch.Tensor]:
+    """A [B, T] bool / integer tensor (nonzero = ``what``) as contiguous uint8."""
+    if x is None:
+        return None
+    _validate.tensor(name, x)
+    if x.dtype != torch.bool and x.dtype not in _validate.INT_DTYPES:
+        raise TypeError(f"{name}: expected a bool or integer tensor (True = {what}), got {x.dtype}")
+    _validate.same_shape(name, x, "input_ids", input_ids)
+    _validate.same_device(name, x, "input_ids", input_ids)
+    return x.contiguous().view(torch.uint8) if x.dtype in (torch.bool, torch.uint8) else (x != 0).view(torch.uint8)
+
+
+def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, seed: int,
+                mask_prob: float = 0.15, mask_token_frac: float = 0.85, random_token_frac: float = 0.0,
+                special_token_ids: Sequence[int] = (), attention_mask: Optional[torch.Tensor] = None,
+                word_starts: Optional[torch.Tensor] = None, strategy: str = "count",
+                validate: bool = True) -> MaskedTokens:
+    """Choose positions to corrupt and build the generator's input and MLM labels in one pass.
+
+    Args:
+        input_ids: int32 / int64 [B, T] token ids in [0, vocab_size).
+        mask_token_id: the [MASK] id, in [0, vocab_size).
+        vocab_size: ids are in [0, vocab_size); random replacements are drawn from there.
+        seed: int in [0, 2**63); the same seed gives the same result on every backend and device.
+        mask_prob: share of real tokens to select ("count") or per-unit probability ("bernoulli").
+        mask_token_frac: of the selected positions, the share replaced by ``mask_token_id``.
+        random_token_frac: of the selected positions, the share replaced by a random non-special token.
+            The rest keeps the original id. ELECTRA: (0.85, 0.0) (the default); BERT: (0.8, 0.1).
+        special_token_ids: ids never selected and never drawn as random tokens ([CLS], [SEP], [PAD], ...).
+        attention_mask: bool / int [B, T], 0 = padding (never selected), or None.
+        word_starts: bool / int [B, T], True where a word begins (whole-word masking), or None.
+            The first real token of each row must be a start.
+        strategy: "count" (exactly ``min(n_candidates, max(1, round(mask_prob * n_real)))`` tokens per row,
+            without replacement) or "bernoulli" (each candidate unit independently with ``mask_prob``).
+        validate: check the data-dependent conditions (id range, word starts); each check synchronises
+            a GPU, so a training loop with trusted data may turn it off.
+
+    Returns:
+        MaskedTokens(input_ids [B, T] dtype of input, labels int64 [B, T] (-100 = not selected), masked bool [B, T]).
+    """
+    _validate.tensor("input_ids", input_ids)
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids: expected an int32 / int64 tensor, got {input_ids.dtype}")
+    _validate.rank("input_ids", input_ids, 2, "[B, T]")
+    vocab_size = _int("vocab_size", vocab_size)
+    if not 1 <= vocab_size < 2 ** 31:
+        raise ValueError(f"vocab_size: expected an int in [1, 2**31), got {vocab_size}")
+    mask_token_id = _int("mask_token_id", mask_token_id)
+    if not 0 <= mask_token_id < vocab_size:
+        raise ValueError(f"mask_token_id: expected an id in [0, vocab_size={vocab_size}), got {mask_token_id}")
+    seed = check_seed(seed)
+    mask_prob = _prob("mask_prob", mask_prob)
+    mask_token_frac = _prob("mask_token_frac", mask_token_frac)
+    random_token_frac = _prob("random_token_frac", random_token_frac)
+    if mask_token_frac + random_token_frac > 1.0 + 1e-12:
+        raise ValueError(f"random_token_frac: mask_token_frac + random_token_frac must be <= 1, got "
+                         f"{mask_token_frac} + {random_token_frac}")
+    if isinstance(special_token_ids, torch.Tensor):
+        special_token_ids = special_token_ids.flatten().tolist()
+    try:
+        specials = sorted({_int("special_token_ids", s) for s in special_token_ids})
+    except TypeError as exc:
+        raise TypeError(f"special_token_ids: expected a sequence of ints ({exc})") from None
+    bad = [s for s in specials if not 0 <= s < vocab_size]
+    if bad:
+        raise ValueError(f"special_token_ids: expected ids in [0, vocab_size={vocab_size}), got {bad}")
+    n_random = vocab_size - len(specials)
+    if random_token_frac > 0 and n_random == 0:
+        raise ValueError("special_token_ids: cover the whole vocabulary, so no random token can be drawn "
+                         "(random_token_frac > 0)")
+    _validate.choice("strategy", strategy, STRATEGIES)
+    mask = _flags("attention_mask", attention_mask, input_ids, "real token")
+    starts = _flags("word_starts", word_starts, input_ids, "a word starts")
+    ids = input_ids.contiguous()
+    if validate and ids.numel():
+        lo, hi = torch.aminmax(ids)
+        if lo.item() < 0 or hi.item() >= vocab_size:
+            raise ValueError(f"input_ids: expected ids in [0, vocab_size={vocab_size}), got values in "
+                             f"[{lo.item()}, {hi.item()}]")
+        if starts is not None:
+            real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+            first = real.to(torch.uint8).argmax(1, keepdim=True)  # first real token (0 for an all-padding row)
+            bad_rows = (real.any(1) & ~starts.bool().gather(1, first).squeeze(1)).nonzero().flatten()
+            if bad_rows.numel():
+                raise ValueError(f"word_starts: the first real token of each row must start a word; rows "
+                                 f"{bad_rows[:8].tolist()} do not")
+    thr = ref.prob_threshold
+    out = _mask_tokens(ids, mask, starts, specials, seed, mask_token_id, n_random, mask_prob, thr(mask_prob),
+                       thr(mask_token_frac), thr(mask_token_frac + random_token_frac), strategy == "count")
+    return MaskedTokens(*out)
