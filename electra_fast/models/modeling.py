@@ -200,7 +200,8 @@ class ElectraPretrainingModel(nn.Module):
         m = _fused.mask_tokens(input_ids, mask_token_id=cfg.mask_token_id, vocab_size=cfg.vocab_size, seed=seed,
                                mask_prob=cfg.mask_prob, mask_token_frac=cfg.mask_token_frac,
                                random_token_frac=cfg.random_token_frac, special_token_ids=cfg.special_token_ids,
-                               attention_mask=attention_mask, strategy=cfg.masking_strategy)
+                               attention_mask=attention_mask, strategy=cfg.masking_strategy,
+                               validate=False)  # ids were checked above
         masked = m.masked
         gen_hidden = gen.backbone(m.input_ids, attention_mask, token_type_ids, seed=(seed + 2) % SEED_LIMIT)
         # the generator head runs at the masked positions only

@@ -1,0 +1,290 @@
+"""ElectraPretrainingModel: config, step semantics, gradient routing, fused vs eager twin, training, bad input."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import electra_fast
+from conftest import all_backends
+from electra_fast.models import PRESETS, ElectraConfig, ElectraPretrainingModel
+from electra_fast.nn.embeddings import GDESEmbedding
+
+V = 97  # vocabulary of the tiny models; ids 0..4 are special
+
+
+def tiny(attention="standard", sharing="tied", dropout=0.0, **kw):
+    base = dict(vocab_size=V, pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3, unk_token_id=4,
+                embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                generator_hidden_size=16, generator_num_hidden_layers=2, generator_num_attention_heads=2,
+                generator_intermediate_size=32, max_position_embeddings=64, attention=attention,
+                embedding_sharing=sharing, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    if attention == "disentangled":
+        base.update(position_buckets=8, max_relative_positions=32, position_biased_input=False, type_vocab_size=0,
+                    layer_norm_eps=1e-7)
+        if sharing == "tied":
+            base.update(generator_hidden_size=32)
+    base.update(kw)
+    return ElectraConfig(**base)
+
+
+def batch(b=3, t=20, pad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, V, (b, t), generator=g)
+    ids[:, 0], ids[:, -1] = 1, 2
+    mask = torch.ones(b, t, dtype=torch.long)
+    if pad:
+        mask[1, t // 2:] = 0
+        ids[1, t // 2:] = 0
+    return ids, mask
+
+
+ATTN = ["standard", "disentangled"]
+
+
+# ------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_json_round_trip(name, tmp_path):
+    cfg = getattr(ElectraConfig, name)()
+    assert ElectraConfig.from_json_string(cfg.to_json_string()) == cfg
+    cfg.to_json_file(tmp_path / "c.json")
+    assert ElectraConfig.from_json_file(tmp_path / "c.json") == cfg
+    json.loads(cfg.to_json_string())  # plain JSON
+
+
+def test_preset_sizes():
+    s = ElectraConfig.electra_small()
+    assert (s.embedding_size, s.hidden_size, s.num_hidden_layers, s.num_attention_heads, s.intermediate_size,
+            s.generator_hidden_size, s.generator_num_attention_heads, s.generator_intermediate_size,
+            s.vocab_size) == (128, 256, 12, 4, 1024, 64, 1, 256, 30522)
+    b = ElectraConfig.electra_base()
+    assert (b.hidden_size, b.generator_hidden_size, b.num_attention_heads) == (768, 256, 12)
+    lg = ElectraConfig.electra_large()
+    assert (lg.hidden_size, lg.num_hidden_layers, lg.num_attention_heads, lg.generator_hidden_size,
+            lg.mask_prob) == (1024, 24, 16, 256, 0.25)
+    for name, (h, n, heads) in {"deberta_v3_xsmall": (384, 12, 6), "deberta_v3_small": (768, 6, 12),
+                                "deberta_v3_base": (768, 12, 12), "deberta_v3_large": (1024, 24, 16)}.items():
+        c = getattr(ElectraConfig, name)()
+        assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads) == (h, n, heads)
+        assert (c.generator_hidden_size, c.generator_num_hidden_layers) == (h, n // 2)
+        assert (c.vocab_size, c.position_buckets, c.embedding_sharing, c.attention) == (128100, 256, "gdes",
+                                                                                        "disentangled")
+        assert set(c.pos_att_type) == {"c2p", "p2c"} and c.share_att_key and not c.position_biased_input
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(hidden_size=30), "hidden_size"),
+    (dict(generator_hidden_size=18, generator_num_attention_heads=4), "generator_hidden_size"),
+    (dict(attention="flash"), "attention"),
+    (dict(embedding_sharing="shared"), "embedding_sharing"),
+    (dict(mask_token_id=V), "mask_token_id"),
+    (dict(mask_prob=1.5), "mask_prob"),
+    (dict(mask_token_frac=0.9, random_token_frac=0.2), "random_token_frac"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(masking_strategy="topk"), "masking_strategy"),
+    (dict(pos_att_type=("c2c",)), "pos_att_type"),
+    (dict(num_hidden_layers=0), "num_hidden_layers"),
+])
+def test_bad_config(change, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**change)
+
+
+def test_bad_config_tied_disentangled_widths():
+    with pytest.raises(ValueError, match="embedding_sharing"):
+        tiny("disentangled", "tied", generator_hidden_size=16)
+
+
+def test_unknown_json_field():
+    d = tiny().to_dict()
+    d["hiden_size"] = 3
+    with pytest.raises(ValueError, match="hiden_size"):
+        ElectraConfig.from_dict(d)
+
+
+def test_generator_larger_warns():
+    with pytest.warns(UserWarning, match="generator is larger"):
+        tiny(generator_hidden_size=64, generator_num_attention_heads=4)
+
+
+# ------------------------------------------------------------------------------------------ step
+@pytest.mark.parametrize("attention", ATTN)
+@pytest.mark.parametrize("sharing", ["none", "tied", "gdes"])
+def test_step_semantics(attention, sharing):
+    cfg = tiny(attention, sharing)
+    model = ElectraPretrainingModel(cfg)
+    ids, mask = batch()
+    out = model(ids, mask, seed=5)
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, out.mlm_loss + cfg.disc_weight * out.rtd_loss)
+    assert set(out.metrics) == {"generator_accuracy", "discriminator_accuracy", "discriminator_precision",
+                                "discriminator_recall", "replaced_fraction"}
+    for v in out.metrics.values():
+        assert v.dtype == torch.float32 and v.dim() == 0 and 0 <= float(v) <= 1
+    # samples replace exactly the selected positions; padding and specials are never selected
+    assert torch.equal(out.corrupted_ids[~out.masked], ids[~out.masked])
+    assert not out.masked[mask == 0].any() and not out.masked[:, 0].any() and not out.masked[:, -1].any()
+    assert out.masked.sum(1).tolist() == [3, 2, 3]  # count strategy: round(0.15 * n_real) per row
+    replaced = (out.corrupted_ids != ids) & (mask == 1)
+    torch.testing.assert_close(out.metrics["replaced_fraction"], replaced.sum().float() / mask.sum())
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("attention", ATTN)
+def test_determinism_and_seed(attention):
+    model = ElectraPretrainingModel(tiny(attention, "gdes", dropout=0.1))
+    ids, mask = batch()
+    a, b, c = (model(ids, mask, seed=s) for s in (7, 7, 8))
+    assert torch.equal(a.corrupted_ids, b.corrupted_ids) and torch.equal(a.masked, b.masked)
+    assert not torch.equal(a.masked, c.masked)
+    model.eval()
+    torch.testing.assert_close(model(ids, mask, seed=3).loss, model(ids, mask, seed=3).loss, rtol=0, atol=0)
+    torch.manual_seed(1)
+    d = model(ids, mask)
+    torch.manual_seed(1)
+    e = model(ids, mask)
+    assert torch.equal(d.masked, e.masked) and torch.equal(d.loss, e.loss)
+
+
+def test_fully_padded_row_no_nan():
+    model = ElectraPretrainingModel(tiny())
+    ids, mask = batch()
+    mask[2] = 0
+    out = model(ids, mask, seed=1)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------------ gradients
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    return {n: (p.grad.abs().sum().item() if p.grad is not None else 0.0) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("attention", ATTN)
+@pytest.mark.parametrize("sharing", ["none", "tied", "gdes"])
+def test_gradient_routing(attention, sharing):
+    model = ElectraPretrainingModel(tiny(attention, sharing))
+    ids, mask = batch()
+    out = model(ids, mask, seed=2)
+    rtd, mlm = _grads(model, out.rtd_loss), _grads(model, out.mlm_loss)
+    word = "generator.backbone.embeddings.word_embeddings.weight"
+    gen_own = [n for n in rtd if n.startswith("generator.") and ".embeddings." not in n]
+    assert gen_own and all(rtd[n] == 0 for n in gen_own)  # RTD never reaches the generator's own layers
+    assert all(mlm[n] == 0 for n in mlm if n.startswith("discriminator."))
+    if sharing == "tied":
+        assert rtd[word] > 0 and mlm[word] > 0
+    elif sharing == "gdes":
+        delta = "discriminator.backbone.embeddings.word_embeddings.delta"
+        assert mlm[word] > 0 and rtd[word] == 0  # E_G: MLM only
+        assert rtd[delta] > 0 and mlm[delta] == 0  # E_delta: RTD only
+    else:
+        assert rtd[word] == 0 and mlm[word] > 0
+        assert rtd["discriminator.backbone.embeddings.word_embeddings.weight"] > 0
+
+
+def test_gdes_is_sum_and_zero_init():
+    model = ElectraPretrainingModel(tiny("standard", "gdes"))
+    emb = model.discriminator.backbone.embeddings.word_embeddings
+    assert isinstance(emb, GDESEmbedding) and not emb.delta.any()
+    with torch.no_grad():
+        emb.delta.normal_()
+    ids, _ = batch()
+    torch.testing.assert_close(emb(ids), emb.weight[ids])
+    torch.testing.assert_close(emb.weight, model.generator.word_embeddings.weight + emb.delta)
+
+
+# ------------------------------------------------------------------------------------------ fused vs eager twin
+@pytest.mark.parametrize("attention", ATTN)
+@pytest.mark.parametrize("backend, device", all_backends())
+def test_fused_matches_eager_twin(attention, backend, device):
+    torch.manual_seed(0)
+    fused = ElectraPretrainingModel(tiny(attention, "gdes"))
+    eager = ElectraPretrainingModel(tiny(attention, "gdes"), fused=False)
+    eager.load_state_dict(fused.state_dict())
+    ids, mask = batch(t=12)
+    with electra_fast.use_backend(backend):
+        a = fused(ids, mask, seed=11)
+    b = eager(ids, mask, seed=11)
+    assert torch.equal(a.masked, b.masked) and torch.equal(a.corrupted_ids, b.corrupted_ids)
+    # fp32 throughout: backends differ only by summation order (~1e-6 relative per op)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-5)
+    a.loss.backward()
+    b.loss.backward()
+    pb = dict(eager.named_parameters())
+    for n, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, pb[n].grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def _train(model, steps, ids, mask, lr=3e-3, seed=None):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        out = model(ids, mask, seed=step if seed is None else seed)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("attention", ATTN)
+def test_convergence_curves_match_eager(attention):
+    torch.manual_seed(0)
+    fused = ElectraPretrainingModel(tiny(attention, "gdes"))
+    eager = ElectraPretrainingModel(tiny(attention, "gdes"), fused=False)
+    eager.load_state_dict(fused.state_dict())
+    ids, mask = batch(b=4, t=16)
+    a, b = _train(fused, 20, ids, mask), _train(eager, 20, ids, mask)
+    # 20 Adam steps amplify fp32 rounding differences a little; the curves must still coincide
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("attention", ATTN)
+def test_overfits_tiny_batch(attention):
+    # one fixed seed: the same corruption every step, so both networks can memorise the batch
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(tiny(attention, "tied" if attention == "standard" else "gdes"))
+    ids, mask = batch(b=4, t=16)
+    losses = _train(model, 60, ids, mask, lr=1e-2, seed=0)
+
+    def window(a, b):
+        return sum(losses[a:b]) / (b - a)
+
+    assert window(20, 30) < 0.4 * window(0, 10), losses
+    assert window(40, 60) < window(20, 30), losses  # still falling late in the run
+    assert window(40, 60) < 0.2 * window(0, 10), losses
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs():
+    model = ElectraPretrainingModel(tiny())
+    ids, mask = batch()
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids.clone().fill_(V), seed=0)
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids.clone().fill_(-1), seed=0)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.randint(5, V, (1, 65)), seed=0)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, mask[:, :-1], seed=0)
+    with pytest.raises(TypeError, match="input_ids"):
+        model(ids.float(), seed=0)
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids[0], seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        model(ids, seed=-1)
+    with pytest.raises(TypeError, match="config"):
+        ElectraPretrainingModel({"vocab_size": 3})
+
+
+def test_warnings_free_default_step():
+    model = ElectraPretrainingModel(tiny())
+    ids, mask = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(ids, mask, seed=0)
