@@ -42,6 +42,16 @@ def batch(b=3, t=20, pad=True, seed=0):
 ATTN = ["standard", "disentangled"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a busy CI machine OpenMP barriers turn
+    every LayerNorm into a multi-millisecond wait; restore the setting for the other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_json_round_trip(name, tmp_path):
