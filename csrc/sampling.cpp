@@ -1,0 +1,306 @@
+// Gumbel sampling, standalone and fused with the generator's vocabulary projection + MLM cross-entropy,
+// on CPU. Semantics and noise layout: electra_fast/reference/sampling.py.
+//
+// The fused op streams over the vocabulary in chunks of `chunk` columns: one at::mm / addmm into a
+// preallocated [N, chunk] buffer per chunk, then an at::parallel_for over rows that updates each row's
+// online log-sum-exp, target logit, plain argmax and Gumbel argmax. Backward recomputes each chunk,
+// turns it into dlogits in place and feeds two more matmuls; each chunk of dweight / dbias is written
+// by exactly one loop iteration. Every row is processed sequentially by one task, so results do not
+// depend on the thread count (beyond what the BLAS itself does).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "dispatch.h"
+#include "philox.h"
+#include "vec_math.h"
+
+namespace electra_fast {
+namespace {
+
+constexpr int64_t kRowGrain = 4;   // rows per parallel task (each row is a full vocabulary chunk of work)
+constexpr int64_t kTile = 256;     // columns whose scores live in a stack buffer at once
+constexpr int64_t kColBlock = 64;  // dbias columns per parallel task
+
+// log(x) for a positive normal float: x = m * 2^e with m in [1, 2). Branch-free, vectorises.
+static inline float log_pos(float x) {
+  const int32_t bits = float_to_bits(x);
+  const float e = static_cast<float>((bits >> 23) - 127);
+  const float m = bits_to_float((bits & 0x007FFFFF) | 0x3F800000);
+  return (log_1_2(m) + e * -2.12194440e-4f) + e * 0.693359375f;
+}
+
+// Gumbel(0, 1) noise of Philox element `index`: -log(-log(u)); u in [2^-24, 1 - 2^-24] keeps both
+// logarithms' arguments positive normal floats.
+static inline float gumbel(uint64_t seed, uint64_t index) {
+  const float u = philox_uniform_open(philox4x32_10(seed, index, kGumbel).x[0]);
+  return -log_pos(-log_pos(u));
+}
+
+// Running Gumbel argmax over columns [v0, v0 + n) of one row: x points at column v0, `index` is the
+// Philox index of column v0 (row * V + v0). Strict > across tiles: ties keep the smallest id.
+template <typename T>
+void gumbel_argmax(const T* __restrict x, int64_t n, int64_t v0, uint64_t index, const uint8_t* __restrict dis,
+                   uint64_t seed, float inv_t, float* best, int64_t* best_id) {
+  alignas(64) float sc[kTile];
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t len = std::min(kTile, n - t0);
+    float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+    for (int64_t i = 0; i < len; ++i) {
+      float s = static_cast<float>(x[t0 + i]) * inv_t;
+      s = s + gumbel(seed, index + t0 + i);
+      if (dis != nullptr) s = dis[v0 + t0 + i] ? -std::numeric_limits<float>::infinity() : s;
+      sc[i] = s;
+      mx = std::max(mx, s);
+    }
+    if (mx > *best) {
+      int64_t i = 0;
+      while (sc[i] != mx) ++i;
+      *best = mx;
+      *best_id = v0 + t0 + i;
+    }
+  }
+}
+
+template <typename acc_t>
+static inline acc_t exp_le0(acc_t x) {
+  return std::exp(x);
+}
+template <>
+inline float exp_le0<float>(float x) {
+  return exp_nonpos(x);
+}
+
+// Per-row state of the fused forward (acc_t: fp32, or fp64 for fp64 inputs).
+template <typename acc_t>
+struct RowState {
+  acc_t* m;        // running max
+  acc_t* s;        // running sum of exp(x - m)
+  acc_t* tgt;      // target logit
+  acc_t* amax;     // plain argmax value / id
+  int64_t* amax_id;
+  float* best;     // Gumbel argmax score / id
+  int64_t* best_id;
+};
+
+template <typename acc_t, typename id_t>
+void update_row(const acc_t* __restrict x, int64_t n, int64_t v0, int64_t row, int64_t vocab, const id_t* targets,
+                const uint8_t* dis, uint64_t seed, float inv_t, const RowState<acc_t>& st) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i]);
+  if (mx > st.amax[row]) {
+    int64_t i = 0;
+    while (i < n - 1 && x[i] != mx) ++i;
+    st.amax[row] = mx;
+    st.amax_id[row] = v0 + i;
+  }
+  const acc_t m_new = std::max(st.m[row], mx);
+  if (m_new != -std::numeric_limits<acc_t>::infinity()) {
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += exp_le0<acc_t>(x[i] - m_new);
+    st.s[row] = st.s[row] * exp_le0<acc_t>(st.m[row] - m_new) + sum;
+    st.m[row] = m_new;
+  }
+  const int64_t t = static_cast<int64_t>(targets[row]);
+  if (t >= v0 && t < v0 + n) st.tgt[row] = x[t - v0];
+  gumbel_argmax<acc_t>(x, n, v0, static_cast<uint64_t>(row) * vocab + v0, dis, seed, inv_t, &st.best[row],
+                       &st.best_id[row]);
+}
+
+// softmax row minus nothing yet, times scale: x <- exp(x - lse) * scale (the caller subtracts the one-hot).
+template <typename acc_t>
+void dlogits_row(acc_t* __restrict x, int64_t n, acc_t lse, acc_t scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_le0<acc_t>(std::min(x[i] - lse, acc_t(0))) * scale;
+}
+
+// out[c] = sum over rows r (in order) of x[r * stride + c], c < width.
+template <typename acc_t>
+void column_sums(const acc_t* __restrict x, int64_t rows, int64_t stride, int64_t width, acc_t* __restrict out) {
+  for (int64_t c = 0; c < width; ++c) out[c] = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* xr = x + r * stride;
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c) out[c] += xr[c];
+  }
+}
+
+// logits chunk [N, vc] = hidden_acc @ weight[v0:v0+vc].T (+ bias[v0:v0+vc]) into `out`.
+void chunk_logits(at::Tensor& out, const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                  int64_t v0, int64_t vc) {
+  const at::Tensor wc = weight.narrow(0, v0, vc).to(h.scalar_type());
+  if (bias.has_value()) {
+    at::addmm_out(out, bias->narrow(0, v0, vc).to(h.scalar_type()), h, wc.t());
+  } else {
+    at::mm_out(out, h, wc.t());
+  }
+}
+
+at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_common(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, int64_t chunk) {
+  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous() && targets.is_contiguous(),
+              "mlm_loss_sample: inputs must be contiguous");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "mlm_loss_sample: hidden [N, E] and weight [V, E] expected");
+  TORCH_CHECK(chunk >= 1, "mlm_loss_sample: chunk must be >= 1");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
+    const c10::optional<at::Tensor>& disallowed, int64_t seed, double inv_temperature, int64_t ignore_index,
+    int64_t chunk) {
+  check_common(hidden, weight, targets, chunk);
+  const int64_t n = hidden.size(0), vocab = weight.size(0);
+  chunk = std::min(chunk, std::max<int64_t>(vocab, 1));
+  const auto acc = acc_type(hidden);
+  const auto fopt = hidden.options().dtype(acc);
+  const at::Tensor h = hidden.to(acc).contiguous();
+  at::Tensor buf = at::empty({n * chunk}, fopt);
+  at::Tensor m = at::full({n}, -std::numeric_limits<double>::infinity(), fopt), s = at::zeros({n}, fopt);
+  at::Tensor tgt = at::zeros({n}, fopt), amax = at::full({n}, -std::numeric_limits<double>::infinity(), fopt);
+  at::Tensor amax_id = at::zeros({n}, hidden.options().dtype(at::kLong)), best_id = at::zeros_like(amax_id);
+  at::Tensor best = at::full({n}, -std::numeric_limits<float>::infinity(), hidden.options().dtype(at::kFloat));
+  const uint8_t* dis = disallowed.has_value() ? disallowed->data_ptr<uint8_t>() : nullptr;
+  const float inv_t = static_cast<float>(inv_temperature);
+  at::Tensor loss = at::empty({n}, fopt), lse = at::empty({n}, fopt);
+  AT_DISPATCH_FLOATING_TYPES(acc, "mlm_loss_sample_fwd", [&] {
+    using acc_t = scalar_t;
+    EF_DISPATCH_IDS(targets.scalar_type(), "mlm_loss_sample_fwd", [&] {
+      const id_t* tg = targets.data_ptr<id_t>();
+      const RowState<acc_t> st{m.data_ptr<acc_t>(),       s.data_ptr<acc_t>(),         tgt.data_ptr<acc_t>(),
+                               amax.data_ptr<acc_t>(),    amax_id.data_ptr<int64_t>(), best.data_ptr<float>(),
+                               best_id.data_ptr<int64_t>()};
+      for (int64_t v0 = 0; v0 < vocab; v0 += chunk) {
+        const int64_t vc = std::min(chunk, vocab - v0);
+        at::Tensor lc = buf.narrow(0, 0, n * vc).view({n, vc});
+        chunk_logits(lc, h, weight, bias, v0, vc);
+        const acc_t* x = lc.data_ptr<acc_t>();
+        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r)
+            update_row<acc_t, id_t>(x + r * vc, vc, v0, r, vocab, tg, dis, static_cast<uint64_t>(seed), inv_t, st);
+        });
+      }
+      acc_t* lo = loss.data_ptr<acc_t>();
+      acc_t* ls = lse.data_ptr<acc_t>();
+      for (int64_t r = 0; r < n; ++r) {
+        ls[r] = st.m[r] + std::log(st.s[r]);
+        lo[r] = static_cast<int64_t>(tg[r]) == ignore_index ? acc_t(0) : ls[r] - st.tgt[r];
+      }
+    });
+  });
+  return {loss, lse, best_id, amax_id};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_bwd(
+    const at::Tensor& grad_rows, const at::Tensor& hidden, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index,
+    int64_t chunk) {
+  check_common(hidden, weight, targets, chunk);
+  const int64_t n = hidden.size(0), vocab = weight.size(0), e = hidden.size(1);
+  chunk = std::min(chunk, std::max<int64_t>(vocab, 1));
+  const auto acc = acc_type(hidden);
+  TORCH_CHECK(grad_rows.scalar_type() == acc && lse.scalar_type() == acc && grad_rows.is_contiguous() &&
+                  lse.is_contiguous(),
+              "mlm_loss_sample_bwd: grad_rows and lse must be contiguous in the accumulation dtype");
+  const auto fopt = hidden.options().dtype(acc);
+  const at::Tensor h = hidden.to(acc).contiguous();
+  at::Tensor buf = at::empty({n * chunk}, fopt);
+  at::Tensor dh = at::zeros({n, e}, fopt);
+  at::Tensor dw = at::empty_like(weight);
+  at::Tensor db = at::empty({vocab}, weight.options());
+  const bool direct = weight.scalar_type() == acc;  // else each dweight chunk goes through an acc buffer
+  at::Tensor dwc_buf = direct ? at::Tensor() : at::empty({chunk * e}, fopt);
+  at::Tensor dbc_buf = at::empty({chunk}, fopt);
+  AT_DISPATCH_FLOATING_TYPES(acc, "mlm_loss_sample_bwd", [&] {
+    using acc_t = scalar_t;
+    EF_DISPATCH_IDS(targets.scalar_type(), "mlm_loss_sample_bwd", [&] {
+      const id_t* tg = targets.data_ptr<id_t>();
+      const acc_t* gr = grad_rows.data_ptr<acc_t>();
+      const acc_t* ls = lse.data_ptr<acc_t>();
+      for (int64_t v0 = 0; v0 < vocab; v0 += chunk) {
+        const int64_t vc = std::min(chunk, vocab - v0);
+        at::Tensor lc = buf.narrow(0, 0, n * vc).view({n, vc});
+        chunk_logits(lc, h, weight, bias, v0, vc);
+        acc_t* x = lc.data_ptr<acc_t>();
+        // dlogits = (softmax - onehot(target)) * grad_rows, zero at ignored rows.
+        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t t = static_cast<int64_t>(tg[r]);
+            const acc_t scale = t == ignore_index ? acc_t(0) : gr[r];
+            dlogits_row<acc_t>(x + r * vc, vc, ls[r], scale);
+            if (t >= v0 && t < v0 + vc) x[r * vc + t - v0] -= scale;
+          }
+        });
+        const at::Tensor wc = weight.narrow(0, v0, vc).to(acc);
+        dh.addmm_(lc, wc);
+        if (direct) {
+          at::Tensor out = dw.narrow(0, v0, vc);
+          at::mm_out(out, lc.t(), h);
+        } else {
+          at::Tensor tmp = dwc_buf.narrow(0, 0, vc * e).view({vc, e});
+          at::mm_out(tmp, lc.t(), h);
+          dw.narrow(0, v0, vc).copy_(tmp);
+        }
+        // dbias chunk: column sums, each column block summed over rows in order by one task.
+        acc_t* dbc = dbc_buf.data_ptr<acc_t>();
+        at::parallel_for(0, (vc + kColBlock - 1) / kColBlock, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t cb = begin; cb < end; ++cb) {
+            const int64_t c0 = cb * kColBlock, c1 = std::min(vc, c0 + kColBlock);
+            column_sums<acc_t>(x + c0, n, vc, c1 - c0, dbc + c0);
+          }
+        });
+        db.narrow(0, v0, vc).copy_(dbc_buf.narrow(0, 0, vc));
+      }
+    });
+  });
+  return {dh.to(hidden.scalar_type()), dw, db};
+}
+
+at::Tensor gumbel_sample(const at::Tensor& logits, const c10::optional<at::Tensor>& disallowed, int64_t seed,
+                         double inv_temperature) {
+  TORCH_CHECK(logits.is_contiguous() && logits.dim() == 2, "gumbel_sample: contiguous [N, V] logits expected");
+  const int64_t n = logits.size(0), vocab = logits.size(1);
+  at::Tensor out = at::zeros({n}, logits.options().dtype(at::kLong));
+  const uint8_t* dis = disallowed.has_value() ? disallowed->data_ptr<uint8_t>() : nullptr;
+  const float inv_t = static_cast<float>(inv_temperature);
+  int64_t* o = out.data_ptr<int64_t>();
+  EF_DISPATCH_FLOATS(logits.scalar_type(), "gumbel_sample", [&] {
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        float best = -std::numeric_limits<float>::infinity();
+        int64_t best_id = 0;
+        gumbel_argmax<scalar_t>(x + r * vocab, vocab, 0, static_cast<uint64_t>(r) * vocab, dis,
+                                static_cast<uint64_t>(seed), inv_t, &best, &best_id);
+        o[r] = best_id;
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(electra_fast_cpp, m) {
+  m.def("gumbel_sample(Tensor logits, Tensor? disallowed, int seed, float inv_temperature) -> Tensor");
+  m.def("mlm_loss_sample_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? disallowed, "
+        "int seed, float inv_temperature, int ignore_index, int chunk) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("mlm_loss_sample_bwd(Tensor grad_rows, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+        "Tensor lse, int ignore_index, int chunk) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(electra_fast_cpp, CPU, m) {
+  m.impl("gumbel_sample", &gumbel_sample);
+  m.impl("mlm_loss_sample_fwd", &mlm_loss_sample_fwd);
+  m.impl("mlm_loss_sample_bwd", &mlm_loss_sample_bwd);
+}
+
+}  // namespace electra_fast
