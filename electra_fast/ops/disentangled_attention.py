@@ -1,0 +1,191 @@
+"""electra_fast.disentangled_attention: DeBERTa-v2/v3 attention (c2p + p2c relative terms), fused.
+
+Ops: ``electra_fast::disentangled_attention_fwd`` / ``_bwd`` (torch.library custom ops with fake kernels),
+each routed to triton (``kernels/disentangled_attention.py``), cpp (``csrc/disentangled_attention.cpp``) or
+the reference. The backend contract is in ``electra_fast/reference/disentangled_attention.py``.
+
+Memory: the fused backends hold O(B*H*T*D + H*k*D) beyond inputs and outputs (lse is [B, H, T] fp32)
+plus per-thread block scratch; no [T, T] tensor exists (the reference materialises [B, H, T, T]).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+
+from .. import _backend, _validate
+from ..reference import disentangled_attention as ref
+from ..reference import philox
+
+TRITON_HEAD_DIMS = (32, 64, 128)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _supports(head_dim: int, dtype: torch.dtype):
+    def supports(backend: str) -> Optional[str]:
+        if backend == "triton" and head_dim not in TRITON_HEAD_DIMS:
+            return f"the Triton kernels support head dims {TRITON_HEAD_DIMS}, got {head_dim}"
+        if backend == "triton" and dtype not in _TRITON_DTYPES:
+            return f"the Triton kernels support fp32 / fp16 / bf16, got {dtype}"
+        return None
+    return supports
+
+
+def _impl(which: str, q: torch.Tensor):
+    return _backend.implementation(
+        "disentangled_attention", q.device, reference=getattr(ref, which),
+        cpp=f"disentangled_attention_{'fwd' if which == 'forward' else 'bwd'}",
+        triton=f"disentangled_attention.{which}", supports=_supports(q.shape[-1], q.dtype))
+
+
+@torch.library.custom_op("electra_fast::disentangled_attention_fwd", mutates_args=())
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optional[torch.Tensor],
+         pos_query: Optional[torch.Tensor], mask: Optional[torch.Tensor], rel_slots: torch.Tensor,
+         scale: float, dropout_p: float, seed: int) -> List[torch.Tensor]:
+    out, lse = _impl("forward", q)(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed)
+    return [out, lse]
+
+
+@_fwd.register_fake
+def _(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed):
+    return [torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)]
+
+
+@torch.library.custom_op("electra_fast::disentangled_attention_bwd", mutates_args=())
+def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+         pos_key: Optional[torch.Tensor], pos_query: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+         rel_slots: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float, dropout_p: float,
+         seed: int) -> List[torch.Tensor]:
+    """[dq, dk, dv, dpos_key, dpos_query]; an absent position gradient is an empty tensor
+    (custom ops cannot return None)."""
+    grads = _impl("backward", q)(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse,
+                                 scale, dropout_p, seed)
+    return [g if g is not None else q.new_empty(0) for g in grads]
+
+
+@_bwd.register_fake
+def _(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(0) if pos_key is None else torch.empty_like(pos_key),
+            q.new_empty(0) if pos_query is None else torch.empty_like(pos_query)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed = inputs
+    ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+    ctx.has_pos = (pos_key is not None, pos_query is not None)
+    ctx.save_for_backward(q, k, v, pos_key, pos_query, mask, rel_slots, output[0], output[1])
+
+
+def _backward(ctx, grads):
+    q, k, v, pos_key, pos_query, mask, rel_slots, out, lse = ctx.saved_tensors
+    dq, dk, dv, dpk, dpq = _bwd(grads[0].contiguous(), q, k, v, pos_key, pos_query, mask, rel_slots, out, lse,
+                                ctx.scale, ctx.dropout_p, ctx.seed)
+    return (dq, dk, dv, dpk if ctx.has_pos[0] else None, dpq if ctx.has_pos[1] else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd("electra_fast::disentangled_attention_fwd", _backward, setup_context=_setup_context)
+
+
+def _check_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    return value
+
+
+def _check_pos(name: str, pos: Optional[torch.Tensor], q: torch.Tensor, span: int) -> Optional[torch.Tensor]:
+    if pos is None:
+        return None
+    _validate.floating(name, pos)
+    _validate.rank(name, pos, 3, "[H, 2k, D]")
+    H, D = q.shape[1], q.shape[3]
+    if pos.dtype != q.dtype:
+        raise ValueError(f"{name}: expected dtype {q.dtype} (that of query), got {pos.dtype}")
+    _validate.same_device(name, pos, "query", q)
+    if pos.shape[0] != H or pos.shape[2] != D:
+        raise ValueError(f"{name}: expected shape [H={H}, 2k, D={D}] (heads and head dim of query), "
+                         f"got {tuple(pos.shape)}")
+    if pos.shape[1] != 2 * span:
+        raise ValueError(f"{name}: expected 2k = {2 * span} rows (k = position_buckets if > 0 else "
+                         f"max_relative_positions), got {pos.shape[1]}; position_buckets / "
+                         f"max_relative_positions do not match the position tensors")
+    return pos.contiguous()
+
+
+def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           pos_key: Optional[torch.Tensor] = None, pos_query: Optional[torch.Tensor] = None, *,
+                           attention_mask: Optional[torch.Tensor] = None, position_buckets: int = 256,
+                           max_relative_positions: int = 512, dropout_p: float = 0.0, seed: Optional[int] = None,
+                           scale: Optional[float] = None) -> torch.Tensor:
+    """DeBERTa-v2/v3 disentangled self-attention, flash-style (no [T, T] tensor on the fused backends).
+
+    ``score(i, j) = scale * (q_i.k_j + q_i.pos_key[s(i, j)] + k_j.pos_query[s(i, j)])`` with the relative
+    slot ``s(i, j) = clamp(bucket(i - j) + k, 0, 2k - 1)`` (transformers' log buckets when
+    ``position_buckets > 0``, else ``bucket(r) = r``), softmax in fp32 over real keys, then ``P @ V``.
+
+    Args:
+        query, key, value: [B, H, T, D], one floating dtype (fp32 / fp16 / bf16; fp64 on CPU) and device.
+        pos_key: [H, 2k, D] projected relative embeddings K_r (the c2p term is present iff given).
+        pos_query: [H, 2k, D] Q_r (the p2c term iff given).
+        attention_mask: [B, T] bool / int, 1 = real token. Padded keys get no weight; padded query rows
+            output zeros (transformers returns the mean of V there; only real positions are comparable).
+        position_buckets, max_relative_positions: as in ``DebertaV2Config``; k = position_buckets if > 0
+            else max_relative_positions.
+        dropout_p: attention-probability dropout in [0, 1); needs ``seed`` (Philox keyed by (seed, b, h, i, j),
+            bit-identical on every backend; the backward regenerates the mask).
+        seed: int in [0, 2**63) or None (only when dropout_p == 0).
+        scale: defaults to 1 / sqrt(D * (1 + number of position terms)).
+
+    Returns:
+        [B, H, T, D] in the dtype of query; differentiable w.r.t. query, key, value, pos_key, pos_query.
+    """
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        _validate.floating(name, x)
+        _validate.rank(name, x, 4, "[B, H, T, D]")
+    for name, x in (("key", key), ("value", value)):
+        _validate.same_shape(name, x, "query", query)
+        _validate.same_device(name, x, "query", query)
+        if x.dtype != query.dtype:
+            raise ValueError(f"{name}: expected dtype {query.dtype} (that of query), got {x.dtype}")
+    if 0 in query.shape:
+        raise ValueError(f"query: expected B, H, T, D >= 1, got shape {tuple(query.shape)}")
+    position_buckets = _check_int("position_buckets", position_buckets)
+    max_relative_positions = _check_int("max_relative_positions", max_relative_positions)
+    if pos_key is not None or pos_query is not None:
+        if max_relative_positions < 1:
+            raise ValueError(f"max_relative_positions: expected >= 1, got {max_relative_positions}")
+        if position_buckets > 0 and (position_buckets < 2 or max_relative_positions <= position_buckets // 2 + 1):
+            raise ValueError(f"position_buckets: expected >= 2 and max_relative_positions > position_buckets // 2 + 1"
+                             f" (log buckets), got position_buckets={position_buckets}, "
+                             f"max_relative_positions={max_relative_positions}")
+    span = ref.attention_span(position_buckets, max_relative_positions)
+    pos_key = _check_pos("pos_key", pos_key, query, span)
+    pos_query = _check_pos("pos_query", pos_query, query, span)
+    B, H, T, D = query.shape
+    mask = _validate.mask_as_uint8("attention_mask", attention_mask, "[B, T] (batch and length of query)",
+                                   query[:, 0, :, 0])
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0:
+        if seed is None:
+            raise ValueError("seed: dropout_p > 0 needs a seed (an int in [0, 2**63)); pass dropout_p=0.0 for "
+                             "evaluation")
+        seed = philox.check_seed(seed, "seed")
+    else:
+        if seed is not None:
+            philox.check_seed(seed, "seed")
+        seed = 0  # the contract: seed is 0 without dropout (nothing is drawn)
+    n_terms = (pos_key is not None) + (pos_query is not None)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D * (1 + n_terms))
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < math.inf):
+        raise ValueError(f"scale: expected a positive finite float or None, got {scale!r}")
+    rel_slots = ref.relative_slots(T, position_buckets, max_relative_positions, query.device)
+    out, _lse = _fwd(query.contiguous(), key.contiguous(), value.contiguous(), pos_key, pos_query, mask, rel_slots,
+                     float(scale), dropout_p, seed)
+    return out
