@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Tuple
 
 ATTENTIONS = ("standard", "disentangled")
@@ -134,11 +134,16 @@ class ElectraConfig:
         return self.attention == "disentangled"
 
     @property
+    def max_relative_distance(self) -> int:
+        """max_relative_positions as transformers resolves it (< 1 -> max_position_embeddings)."""
+        return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
+
+    @property
     def relative_span(self) -> int:
         """k: relative embeddings hold 2k rows (transformers' ``pos_ebd_size``)."""
         if self.position_buckets > 0:
             return self.position_buckets
-        return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
+        return self.max_relative_distance
 
     @property
     def special_token_ids(self) -> Tuple[int, ...]:

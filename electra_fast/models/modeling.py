@@ -64,7 +64,7 @@ class Backbone(nn.Module):
                                                   cfg.position_biased_input, cfg.pad_token_id, eps, p)
             self.encoder = DisentangledEncoder(layers, hidden, heads, ffn, cfg.hidden_act, eps, p, pa,
                                                cfg.pos_att_type, cfg.share_att_key, cfg.position_buckets,
-                                               cfg.max_relative_positions, cfg.relative_span, cfg.norm_rel_ebd)
+                                               cfg.max_relative_distance, cfg.relative_span, cfg.norm_rel_ebd)
         else:
             self.embeddings = ElectraEmbeddings(cfg.vocab_size, cfg.embedding_size, cfg.max_position_embeddings,
                                                 cfg.type_vocab_size, cfg.pad_token_id, eps, p)

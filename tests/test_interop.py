@@ -1,0 +1,233 @@
+"""transformers checkpoint interop: from_transformers / save_pretrained / from_pretrained, both directions,
+against randomly initialised transformers models (fp32, atol 1e-5 on valid positions)."""
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from electra_fast.models import ElectraConfig, ElectraPretrainingModel  # noqa: E402
+from electra_fast.models.interop import CheckpointError  # noqa: E402
+
+V = 120
+IDS = dict(cls_token_id=1, sep_token_id=2, mask_token_id=3, unk_token_id=4)
+ATOL = 1e-5  # fp32 end to end; GDES import (E_D - E_G) + E_G adds ~1 ulp to the embeddings
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_and_one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    yield
+    transformers.logging.set_verbosity(level)
+    torch.set_num_threads(n)
+
+
+def _electra_pair(seed=0):
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=V, embedding_size=16, max_position_embeddings=64, hidden_dropout_prob=0.0,
+              attention_probs_dropout_prob=0.0)
+    g = transformers.ElectraForMaskedLM(transformers.ElectraConfig(
+        hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, **kw)).eval()
+    d = transformers.ElectraForPreTraining(transformers.ElectraConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **kw)).eval()
+    return g, d
+
+
+def _deberta_pair(seed=0, legacy=False, share_att_key=True, pos_att_type=("p2c", "c2p")):
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=V, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+              relative_attention=True, position_buckets=8, max_relative_positions=64, pos_att_type=list(pos_att_type),
+              share_att_key=share_att_key, norm_rel_ebd="layer_norm", position_biased_input=False,
+              type_vocab_size=0, layer_norm_eps=1e-7, legacy=legacy, hidden_act="gelu")
+    g = transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, **kw)).eval()
+    d = transformers.DebertaV2Model(transformers.DebertaV2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **kw)).eval()
+    return g, d
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, V, (3, 19), generator=g)
+    mask = torch.ones(3, 19, dtype=torch.long)
+    mask[1, 11:] = 0
+    return ids, mask
+
+
+def _save(tmp_path, g, d, **kw):
+    g.save_pretrained(tmp_path / "gen", **kw)
+    d.save_pretrained(tmp_path / "disc", **kw)
+    return tmp_path / "gen", tmp_path / "disc"
+
+
+def _close_valid(a, b, mask):
+    valid = mask.bool()
+    torch.testing.assert_close(a[valid], b[valid], rtol=0, atol=ATOL)
+
+
+def _disc_out(d, ids, mask):
+    out = d(ids, attention_mask=mask)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _ours_disc(model, ids, mask):
+    if model.config.disentangled:
+        return model.discriminator.backbone(ids, mask)
+    return model.discriminator(ids, mask)
+
+
+@pytest.mark.parametrize("sharing", ["tied", "none"])
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_electra_from_transformers(tmp_path, sharing, safe):
+    g, d = _electra_pair()
+    if sharing == "tied":  # real ELECTRA checkpoints carry the same (shared) embeddings in both
+        d.electra.embeddings.load_state_dict(g.electra.embeddings.state_dict())
+    gp, dp = _save(tmp_path, g, d, safe_serialization=safe)
+    model = ElectraPretrainingModel.from_transformers(gp, dp, embedding_sharing=sharing, **IDS).eval()
+    assert model.config.embedding_sharing == sharing and model.config.generator_hidden_size == 24
+    ids, mask = _inputs()
+    with torch.no_grad():
+        # generator logits at the masked positions (the only ones a step projects) and everywhere valid
+        out = model(ids, mask, seed=0)
+        hf_logits = g(ids, attention_mask=mask).logits
+        ours = model.generator.logits(ids, mask)
+        _close_valid(ours, hf_logits, mask)
+        masked_in = model.generator.logits(out.corrupted_ids.masked_fill(out.masked, 3), mask)
+        hf_masked = g(out.corrupted_ids.masked_fill(out.masked, 3), attention_mask=mask).logits
+        torch.testing.assert_close(masked_in[out.masked], hf_masked[out.masked], rtol=0, atol=ATOL)
+        _close_valid(_ours_disc(model, ids, mask), _disc_out(d, ids, mask), mask)
+
+
+def test_electra_tied_with_different_embeddings_warns(tmp_path):
+    g, d = _electra_pair()
+    gp, dp = _save(tmp_path, g, d)
+    with pytest.warns(UserWarning, match="different"):
+        model = ElectraPretrainingModel.from_transformers(gp, dp, **IDS)
+    torch.testing.assert_close(model.generator.word_embeddings.weight, d.electra.embeddings.word_embeddings.weight)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("share_att_key, pos_att_type", [(True, ("p2c", "c2p")), (False, ("c2p",)),
+                                                         (False, ("p2c", "c2p"))])
+def test_deberta_from_transformers(tmp_path, legacy, share_att_key, pos_att_type):
+    g, d = _deberta_pair(legacy=legacy, share_att_key=share_att_key, pos_att_type=pos_att_type)
+    gp, dp = _save(tmp_path, g, d)
+    with pytest.warns(UserWarning, match="fresh initialisation"):  # DebertaV2Model holds no RTD head
+        model = ElectraPretrainingModel.from_transformers(gp, dp, vocab_size=V, mask_token_id=100).eval()
+    assert model.config.embedding_sharing == "gdes" and model.config.attention == "disentangled"
+    ids, mask = _inputs()
+    with torch.no_grad():
+        _close_valid(model.generator.logits(ids, mask), g(ids, attention_mask=mask).logits, mask)
+        _close_valid(model.discriminator.backbone(ids, mask), d(ids, attention_mask=mask).last_hidden_state, mask)
+        assert torch.isfinite(model(ids, mask, seed=0).loss)
+
+
+@pytest.mark.parametrize("kind", ["electra", "deberta"])
+def test_save_pretrained_loads_in_transformers(tmp_path, kind):
+    if kind == "electra":
+        cfg = ElectraConfig(vocab_size=V, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=64, generator_hidden_size=16,
+                            generator_num_hidden_layers=2, generator_num_attention_heads=2,
+                            generator_intermediate_size=32, max_position_embeddings=64, **IDS)
+    else:
+        cfg = ElectraConfig.deberta_v3_xsmall(vocab_size=V, mask_token_id=100, hidden_size=32, embedding_size=32,
+                                              generator_hidden_size=32, num_attention_heads=4,
+                                              generator_num_attention_heads=2, intermediate_size=64,
+                                              generator_intermediate_size=64, num_hidden_layers=2,
+                                              generator_num_hidden_layers=1, position_buckets=8,
+                                              max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(cfg).eval()
+    with torch.no_grad():  # break the zero-init symmetry so the export has something to get wrong
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["discriminator", "electra_fast.json", "generator"]
+    ids, mask = _inputs()
+    if kind == "electra":
+        g = transformers.ElectraForMaskedLM.from_pretrained(tmp_path / "ckpt" / "generator").eval()
+        d = transformers.ElectraForPreTraining.from_pretrained(tmp_path / "ckpt" / "discriminator").eval()
+    else:
+        g = transformers.DebertaV2ForMaskedLM.from_pretrained(tmp_path / "ckpt" / "generator").eval()
+        d = transformers.DebertaV2Model.from_pretrained(tmp_path / "ckpt" / "discriminator").eval()
+        # GDES is exported materialised: E_D = E_G + E_delta
+        emb = model.discriminator.backbone.embeddings.word_embeddings
+        torch.testing.assert_close(d.embeddings.word_embeddings.weight, emb.weight.detach(), rtol=0, atol=0)
+    with torch.no_grad():
+        _close_valid(g(ids, attention_mask=mask).logits, model.generator.logits(ids, mask), mask)
+        _close_valid(_disc_out(d, ids, mask), _ours_disc(model, ids, mask), mask)
+    # and back: from_pretrained restores every parameter and the full config
+    back = ElectraPretrainingModel.from_pretrained(tmp_path / "ckpt").eval()
+    assert back.config == cfg
+    for (n, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=ATOL, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids, mask, seed=1).loss, model(ids, mask, seed=1).loss, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ bad checkpoints
+def test_missing_directory_and_files(tmp_path):
+    g, d = _electra_pair()
+    gp, dp = _save(tmp_path, g, d)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ElectraPretrainingModel.from_transformers(tmp_path / "nope", dp, **IDS)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ElectraPretrainingModel.from_transformers(gp, tmp_path / "empty", **IDS)
+    os.remove(dp / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        ElectraPretrainingModel.from_transformers(gp, dp, **IDS)
+    with pytest.raises(FileNotFoundError, match="electra_fast.json"):
+        ElectraPretrainingModel.from_pretrained(tmp_path)
+
+
+def test_wrong_architecture(tmp_path):
+    g, d = _electra_pair()
+    gp, dp = _save(tmp_path, g, d)
+    with pytest.raises(CheckpointError, match="generator"):  # discriminator passed as the generator
+        ElectraPretrainingModel.from_transformers(dp, dp, **IDS)
+    dg, dd = _deberta_pair()
+    dg.save_pretrained(tmp_path / "dgen")
+    with pytest.raises(CheckpointError, match="model types"):
+        ElectraPretrainingModel.from_transformers(tmp_path / "dgen", dp, **IDS)
+
+
+def test_shape_mismatch(tmp_path):
+    g, d = _electra_pair()
+    model = ElectraPretrainingModel(ElectraConfig(vocab_size=V, embedding_size=16, hidden_size=32,
+                                                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                                  generator_hidden_size=16, generator_num_hidden_layers=2,
+                                                  generator_num_attention_heads=2, generator_intermediate_size=32,
+                                                  max_position_embeddings=64, **IDS))
+    model.save_pretrained(tmp_path / "ckpt")
+    cfg = json.loads((tmp_path / "ckpt" / "electra_fast.json").read_text())
+    cfg["intermediate_size"] = 72  # the weights on disk are 64 wide
+    (tmp_path / "ckpt" / "electra_fast.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"shape \(64, 32\).*expects \(72, 32\)"):
+        ElectraPretrainingModel.from_pretrained(tmp_path / "ckpt")
+
+
+def test_missing_key(tmp_path):
+    from safetensors.torch import load_file, save_file
+    g, d = _electra_pair()
+    gp, dp = _save(tmp_path, g, d)
+    state = load_file(dp / "model.safetensors")
+    del state["electra.encoder.layer.1.output.dense.weight"]
+    save_file(state, dp / "model.safetensors")
+    with pytest.raises(CheckpointError, match="layer.1.output.dense.weight"):
+        ElectraPretrainingModel.from_transformers(gp, dp, embedding_sharing="none", **IDS)
+
+
+def test_no_network(tmp_path, monkeypatch):
+    """Interop reads local files only: a hub-style name is a missing directory, not a download."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError):
+        ElectraPretrainingModel.from_transformers("google/electra-small-generator",
+                                                  "google/electra-small-discriminator")
+    logging.getLogger("electra_fast").debug("ok")
