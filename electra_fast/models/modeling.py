@@ -14,10 +14,10 @@ One step (``forward``), for ``input_ids`` int [B, T] and ``attention_mask`` [B, 
 ``loss = mlm_loss + cfg.disc_weight * rtd_loss``. The samples are integers, so no gradient of the RTD
 loss reaches the generator except through embeddings shared on purpose ("tied"; "gdes" blocks it).
 
-Seeds: ``seed`` (int in [0, 2**63), or drawn from torch's default generator when None) keys every random
-decision of the step: masking uses ``seed``, sampling ``seed + 1``, attention-probability dropout of
-generator layer i ``seed + 2 + i`` and of discriminator layer i ``seed + 2 + L_gen + i`` (all mod 2**63;
-Philox purposes also differ per op). Hidden dropout and SDPA's attention dropout use torch's RNG.
+Seeds: ``seed`` (int in [0, 2**63), or drawn from torch's default generator when None) keys the step's
+corruption: masking uses Philox with ``seed``, Gumbel sampling ``(seed + 1) mod 2**63`` (the Philox
+purposes differ as well). Dropout (hidden, SDPA attention, and the disentangled attention's Philox seed)
+draws from torch's default generator, so a training run is reproducible under ``torch.manual_seed``.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ import torch
 import torch.nn as nn
 
 from .. import _backend
-from ..nn import _fused
+from ..ops.masking import mask_tokens
+from ..ops.rtd_loss import rtd_loss as rtd_loss_op
+from ..ops.sampling import mlm_loss_and_sample
 from ..nn.embeddings import DebertaV2Embeddings, ElectraEmbeddings, GDESEmbedding
 from ..nn.encoder import DisentangledEncoder, Encoder
 from ..nn.heads import DiscriminatorHead, GeneratorHead
@@ -73,11 +75,11 @@ class Backbone(nn.Module):
             self.encoder = Encoder(layers, hidden, heads, ffn, cfg.hidden_act, eps, p, pa)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                token_type_ids: Optional[torch.Tensor] = None, seed: Optional[int] = None) -> torch.Tensor:
+                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.embeddings(input_ids, token_type_ids, attention_mask)
         if hasattr(self, "embeddings_project"):
             x = self.embeddings_project(x)
-        return self.encoder(x, _key_mask(attention_mask), seed=seed)
+        return self.encoder(x, _key_mask(attention_mask))
 
 
 def _key_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -122,8 +124,9 @@ class ElectraDiscriminator(nn.Module):
                                  cfg.intermediate_size)
         self.head = DiscriminatorHead(cfg.hidden_size, cfg.hidden_act)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, seed=None) -> torch.Tensor:
-        return self.head(self.backbone(input_ids, attention_mask, token_type_ids, seed=seed))
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T]."""
+        return self.head(self.backbone(input_ids, attention_mask, token_type_ids))
 
 
 class ElectraPretrainingModel(nn.Module):
@@ -197,23 +200,22 @@ class ElectraPretrainingModel(nn.Module):
         gen, disc = self.generator, self.discriminator
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             attention_mask = attention_mask != 0
-        m = _fused.mask_tokens(input_ids, mask_token_id=cfg.mask_token_id, vocab_size=cfg.vocab_size, seed=seed,
+        m = mask_tokens(input_ids, mask_token_id=cfg.mask_token_id, vocab_size=cfg.vocab_size, seed=seed,
                                mask_prob=cfg.mask_prob, mask_token_frac=cfg.mask_token_frac,
                                random_token_frac=cfg.random_token_frac, special_token_ids=cfg.special_token_ids,
                                attention_mask=attention_mask, strategy=cfg.masking_strategy,
                                validate=False)  # ids were checked above
         masked = m.masked
-        gen_hidden = gen.backbone(m.input_ids, attention_mask, token_type_ids, seed=(seed + 2) % SEED_LIMIT)
+        gen_hidden = gen.backbone(m.input_ids, attention_mask, token_type_ids)
         # the generator head runs at the masked positions only
         h = gen.head.transform(gen_hidden[masked])
         targets = input_ids[masked]
-        mlm_loss, sampled, gen_metrics = _fused.mlm_loss_and_sample(
+        mlm_loss, sampled, gen_metrics = mlm_loss_and_sample(
             h, gen.word_embeddings.weight, targets, bias=gen.head.bias, seed=(seed + 1) % SEED_LIMIT,
             temperature=cfg.temperature, disallowed_ids=cfg.disallowed_sample_ids, return_metrics=True)
         corrupted = input_ids.masked_scatter(masked, sampled.to(input_ids.dtype))
-        disc_seed = (seed + 2 + cfg.generator_num_hidden_layers) % SEED_LIMIT
-        logits = disc(corrupted, attention_mask, token_type_ids, seed=disc_seed)
-        rtd_loss, disc_metrics = _fused.rtd_loss(logits, corrupted, input_ids, attention_mask, return_metrics=True)
+        logits = disc(corrupted, attention_mask, token_type_ids)
+        rtd_loss, disc_metrics = rtd_loss_op(logits, corrupted, input_ids, attention_mask, return_metrics=True)
         loss = mlm_loss.float() + cfg.disc_weight * rtd_loss
         metrics = {"generator_accuracy": gen_metrics["accuracy"].float(),
                    "discriminator_accuracy": disc_metrics["accuracy"],
