@@ -1,5 +1,7 @@
 """Public fused ops (each module registers its torch.library ops on import)."""
+from .disentangled_attention import disentangled_attention
+from .masking import MaskedTokens, mask_tokens
 from .rtd_loss import rtd_loss
 from .sampling import gumbel_sample, mlm_loss_and_sample
 
-__all__ = ["gumbel_sample", "mlm_loss_and_sample", "rtd_loss"]
+__all__ = ["MaskedTokens", "disentangled_attention", "mask_tokens", "gumbel_sample", "mlm_loss_and_sample", "rtd_loss"]

@@ -39,10 +39,17 @@ def _impl(which: str, q: torch.Tensor):
         triton=f"disentangled_attention.{which}", supports=_supports(q.shape[-1], q.dtype))
 
 
+def _detached(*tensors):
+    # The C++ kernels call ATen ops (mm, narrow, to) on views of their inputs; detached inputs keep those
+    # views out of autograd even when a dispatch mode (opcheck's fake-tensor cross-check) re-runs them.
+    return [None if t is None else t.detach() for t in tensors]
+
+
 @torch.library.custom_op("electra_fast::disentangled_attention_fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optional[torch.Tensor],
          pos_query: Optional[torch.Tensor], mask: Optional[torch.Tensor], rel_slots: torch.Tensor,
          scale: float, dropout_p: float, seed: int) -> List[torch.Tensor]:
+    q, k, v, pos_key, pos_query = _detached(q, k, v, pos_key, pos_query)
     out, lse = _impl("forward", q)(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed)
     return [out, lse]
 
@@ -59,6 +66,7 @@ def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
          seed: int) -> List[torch.Tensor]:
     """[dq, dk, dv, dpos_key, dpos_query]; an absent position gradient is an empty tensor
     (custom ops cannot return None)."""
+    grad_out, q, k, v, pos_key, pos_query = _detached(grad_out, q, k, v, pos_key, pos_query)
     grads = _impl("backward", q)(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse,
                                  scale, dropout_p, seed)
     return [g if g is not None else q.new_empty(0) for g in grads]

@@ -1,0 +1,443 @@
+"""electra_fast.disentangled_attention: reference vs transformers, every backend vs the reference, gradients,
+dropout, memory, compile, the drop-in module / patch, bad input."""
+import math
+
+import pytest
+import torch
+
+import electra_fast
+from conftest import all_backends, fast_backends
+from electra_fast.nn import DisentangledSelfAttention
+from electra_fast.ops.disentangled_attention import _fwd
+from electra_fast.profiling import peak_memory
+from electra_fast.reference import disentangled_attention as ref
+
+hf = pytest.importorskip("transformers.models.deberta_v2.modeling_deberta_v2")
+from transformers import DebertaV2Config  # noqa: E402
+
+# Small-span configs so that T > 2k is cheap to reach: (position_buckets, max_relative_positions) -> k
+SMALL = (8, 32)  # k = 8, log buckets beyond |r| = 4
+
+
+def _pad(kind: str, B: int, T: int) -> torch.Tensor:
+    m = torch.ones(B, T, dtype=torch.bool)
+    if kind == "right":
+        m[-1, max(1, T // 2):] = False
+    elif kind == "left":
+        m[0, : T // 3] = False
+    elif kind == "holes":
+        m[:, 1::3] = False
+        m[:, 0] = True
+    elif kind == "full_row":
+        m[0] = False
+    return m
+
+
+def _inputs(B, H, T, D, span, dtype, pos=("c2p", "p2c"), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g).to(dtype) for _ in range(3))
+    pk = torch.randn(H, 2 * span, D, generator=g).to(dtype) if "c2p" in pos else None
+    pq = torch.randn(H, 2 * span, D, generator=g).to(dtype) if "p2c" in pos else None
+    return q, k, v, pk, pq
+
+
+# ---------------------------------------------------------------------------------------------- slots
+@pytest.mark.parametrize("buckets,max_rel", [(256, 512), (-1, 64), SMALL])
+@pytest.mark.parametrize("T", [1, 7, 600])
+def test_slots_match_transformers(buckets, max_rel, T):
+    x = torch.zeros(1, T, 4)
+    rel = hf.build_relative_position(x, x, bucket_size=buckets, max_position=max_rel)[0]
+    span = ref.attention_span(buckets, max_rel)
+    c2p = torch.clamp(rel + span, 0, 2 * span - 1)
+    p2c = torch.clamp(-rel + span, 0, 2 * span - 1).T  # transformers gathers p2c at [j, i], then transposes
+    table = ref._slot_table(ref.relative_slots(T, buckets, max_rel), T)
+    assert torch.equal(table, c2p) and torch.equal(table, p2c)
+
+
+def test_slot_511_lands_like_transformers():
+    # |i - j| = 511 with 256 buckets / 512 positions: log(511/128)/log(511/128)*127 is an exact integer.
+    rel = torch.tensor([[-511, -510, 510, 511]])
+    want = torch.clamp(hf.make_log_bucket_position(rel, 256, 512).long() + 256, 0, 511)
+    slots = ref.relative_slots(512, 256, 512)
+    assert torch.equal(slots[rel[0] + 511].long(), want[0])
+
+
+# ------------------------------------------------------------------------- reference vs transformers
+def _hf_config(pos_att, share, buckets, max_rel, hidden=64, heads=2):
+    return DebertaV2Config(hidden_size=hidden, num_attention_heads=heads, relative_attention=True,
+                           pos_att_type=list(pos_att), share_att_key=share, position_buckets=buckets,
+                           max_relative_positions=max_rel, max_position_embeddings=max_rel,
+                           attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+
+
+def _hf_module(pos_att, share, buckets, max_rel, dtype):
+    torch.manual_seed(1)
+    return hf.DisentangledSelfAttention(_hf_config(pos_att, share, buckets, max_rel)).to(dtype).eval()
+
+
+def _module_grads(mod, x, rel, mask, weight, valid, **kw):
+    out = mod(x, mask, rel_embeddings=rel, **kw)[0]
+    loss = (out * weight * valid[..., None]).sum()
+    params = [p for p in mod.parameters()]
+    grads = torch.autograd.grad(loss, [x, rel] + params, allow_unused=True)
+    return out, grads
+
+
+# fp64: both sides are exact to ~1e-15 relative. fp32: transformers multiplies fp32 [T, T] scores in a
+# different order (and divides k by the scale first): a few ulps per score, amplified by sums over T.
+REF_TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-4, atol=2e-5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("buckets,max_rel", [(256, 512), (-1, 64)], ids=["log256", "lin64"])
+@pytest.mark.parametrize("share", [True, False], ids=["share", "own"])
+@pytest.mark.parametrize("pos_att", [("c2p",), ("p2c",), ("c2p", "p2c")], ids=["c2p", "p2c", "both"])
+def test_reference_matches_transformers(pos_att, share, buckets, max_rel, dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hf_mod = _hf_module(pos_att, share, buckets, max_rel, dtype)
+    fused = DisentangledSelfAttention.from_transformers(hf_mod)
+    span = ref.attention_span(buckets, max_rel)
+    B = 2
+    cases = [(1, "none"), (7, "right"), (64, "left"), (129, "holes"), (300, "full_row"), (600, "right")]
+    if dtype == torch.float32:
+        cases = cases[1:4]
+    for T, pad in cases:
+        g = torch.Generator().manual_seed(T)
+        x = torch.randn(B, T, 64, generator=g).to(dtype).requires_grad_()
+        rel = torch.randn(2 * span, 64, generator=g).to(dtype).requires_grad_()
+        weight = torch.randn(B, T, 64, generator=g).to(dtype)
+        m = _pad(pad, B, T)
+        ext = m[:, None, None, :].long()
+        mask4 = ext * ext.squeeze(-2).unsqueeze(-1)
+        want, want_g = _module_grads(hf_mod, x, rel, mask4, weight, m)
+        with electra_fast.use_backend("reference"):
+            got, got_g = _module_grads(fused, x, rel, m.long(), weight, m)
+        torch.testing.assert_close(got[m], want[m], **REF_TOL[dtype])
+        assert (got[~m] == 0).all()  # padded query rows are 0 (transformers: mean of V)
+        for a, b in zip(got_g, want_g):
+            if b is None:
+                assert a is None or not a.any()
+            else:
+                torch.testing.assert_close(a, b, **REF_TOL[dtype])
+
+
+# ----------------------------------------------------------------------------- backends vs reference
+BACKEND_CASES = [  # (T, pos terms, padding, dropout)
+    (1, ("c2p", "p2c"), "none", 0.0),
+    (17, ("c2p", "p2c"), "right", 0.0),   # T > 2k = 16
+    (40, ("c2p", "p2c"), "holes", 0.25),
+    (23, ("c2p",), "left", 0.0),
+    (23, ("p2c",), "full_row", 0.0),
+    (9, (), "none", 0.0),
+]
+
+
+def _run(backend, device, args, grad_out, **kw):
+    q, k, v, pk, pq = [None if a is None else a.detach().to(device).requires_grad_() for a in args]
+    with electra_fast.use_backend(backend):
+        out = electra_fast.disentangled_attention(q, k, v, pk, pq, **kw)
+        grads = torch.autograd.grad(out, [a for a in (q, k, v, pk, pq) if a is not None], grad_out.to(device))
+    return [out.detach().cpu()] + [g.cpu() for g in grads]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=lambda c: f"T{c[0]}-{'+'.join(c[1]) or 'c2c'}-{c[2]}-p{c[3]}")
+@pytest.mark.parametrize("backend,device", fast_backends())
+def test_backend_matches_reference(backend, device, case, dtype):
+    T, pos, pad, p = case
+    B, H, D = 2, 2, 32
+    args = _inputs(B, H, T, D, 8, dtype, pos, seed=T)
+    mask = _pad(pad, B, T)
+    kw = dict(attention_mask=mask.to(device), position_buckets=SMALL[0], max_relative_positions=SMALL[1],
+              dropout_p=p, seed=1234 if p else None)
+    grad_out = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(7)).to(dtype)
+    got = _run(backend, device, args, grad_out, **kw)
+    up = [None if a is None else a.float() for a in args]
+    exact = _run("reference", "cpu", up, grad_out.float(), **kw)  # fp32 truth on the same (rounded) inputs
+    if dtype == torch.float32:
+        # fp32 accumulation in another order (blocked / online softmax): a few ulps times sqrt(T)
+        for a, b in zip(got, exact):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+        return
+    # low precision: within twice the reference's own low-precision error (DESIGN.md), plus one output ulp
+    low = _run("reference", "cpu", args, grad_out, **kw)
+    for a, lo, b in zip(got, low, exact):
+        bound = 2 * (lo.float() - b).abs().max() + 2e-3 * b.abs().max() + 1e-5
+        assert (a.float() - b).abs().max() <= bound
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_fully_padded_batch_is_zero_without_nan(backend, device):
+    B, H, T, D = 2, 2, 12, 32
+    args = _inputs(B, H, T, D, 8, torch.float32)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[1, :5] = True
+    got = _run(backend, device, args, torch.ones(B, H, T, D), attention_mask=mask.to(device),
+               position_buckets=SMALL[0], max_relative_positions=SMALL[1])
+    assert all(torch.isfinite(g).all() for g in got)
+    assert (got[0][0] == 0).all() and (got[1][0] == 0).all()  # out and dq of the padded sequence
+    assert (got[2][0] == 0).all() and (got[3][0] == 0).all()  # its keys and values get nothing
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_lse_contract(backend, device):
+    B, H, T, D = 1, 2, 10, 32
+    q, k, v, pk, pq = _inputs(B, H, T, D, 8, torch.float32)
+    mask = torch.ones(B, T, dtype=torch.uint8)
+    mask[0, 7:] = 0
+    slots = ref.relative_slots(T, *SMALL)
+    args = [a.to(device) for a in (q, k, v, pk, pq, mask, slots)]
+    with electra_fast.use_backend(backend):
+        out, lse = _fwd(*args, 0.1, 0.0, 0)
+    s = ref._scores(q, k, pk, pq, ref._slot_table(slots, T), 0.1)[..., :7]
+    torch.testing.assert_close(lse.cpu()[..., :7], torch.logsumexp(s, -1)[..., :7], rtol=1e-5, atol=1e-5)
+    assert torch.isinf(lse.cpu()[..., 7:]).all() and (lse.cpu()[..., 7:] > 0).all()
+
+
+# ------------------------------------------------------------------------------- gradients, dropout
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("backend,device", [p for p in all_backends() if p.values[0] != "triton"])
+def test_gradcheck_fp64(backend, device, dropout_p):
+    B, H, T, D = 1, 2, 11, 4
+    q, k, v, pk, pq = (a.requires_grad_() for a in _inputs(B, H, T, D, 4, torch.float64))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 3] = False
+
+    def f(q, k, v, pk, pq):  # span 4 with log buckets from |r| = 2: T > 2k and every slot kind
+        return electra_fast.disentangled_attention(q, k, v, pk, pq, attention_mask=mask, position_buckets=4,
+                                                   max_relative_positions=8, dropout_p=dropout_p, seed=5)
+    with electra_fast.use_backend(backend):
+        assert torch.autograd.gradcheck(f, (q, k, v, pk, pq), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_dropout_mask_is_shared_and_deterministic(backend, device):
+    B, H, T, D = 1, 2, 24, 32
+    q, k, v, pk, pq = _inputs(B, H, T, D, 8, torch.float32)
+    v = torch.eye(T, D).expand(B, H, T, D).contiguous()  # out[.., i, j] = dropped probability (j < D)
+    kw = dict(position_buckets=SMALL[0], max_relative_positions=SMALL[1], dropout_p=0.4)
+    with electra_fast.use_backend(backend):
+        a = electra_fast.disentangled_attention(q.to(device), k.to(device), v.to(device), pk.to(device),
+                                                pq.to(device), seed=77, **kw).cpu()
+        b = electra_fast.disentangled_attention(q.to(device), k.to(device), v.to(device), pk.to(device),
+                                                pq.to(device), seed=77, **kw).cpu()
+        c = electra_fast.disentangled_attention(q.to(device), k.to(device), v.to(device), pk.to(device),
+                                                pq.to(device), seed=78, **kw).cpu()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    keep = ref.dropout_keep(77, (B, H, T, T), 0.4, "cpu")
+    assert torch.equal(a[..., :T] != 0, keep)  # bit-identical Philox mask on every backend
+
+
+def test_dropout_statistics():
+    keep = ref.dropout_keep(3, (4, 4, 64, 64), 0.3, "cpu").float()
+    assert abs(keep.mean().item() - 0.7) < 0.02  # 65536 draws: 4.4 sigma
+    B, H, T, D = 1, 1, 16, 8
+    q, k, v, pk, pq = _inputs(B, H, T, D, 8, torch.float64)
+    kw = dict(position_buckets=SMALL[0], max_relative_positions=SMALL[1])
+    plain = electra_fast.disentangled_attention(q, k, v, pk, pq, **kw)
+    mean = sum(electra_fast.disentangled_attention(q, k, v, pk, pq, dropout_p=0.3, seed=s, **kw)
+               for s in range(400)) / 400
+    assert (mean - plain).abs().max() < 0.15 * v.abs().max()  # inverted dropout is unbiased
+
+
+def test_seed_bits_beyond_32_matter():
+    q, k, v, pk, pq = _inputs(1, 1, 8, 8, 8, torch.float32)
+    kw = dict(position_buckets=SMALL[0], max_relative_positions=SMALL[1], dropout_p=0.5)
+    a = electra_fast.disentangled_attention(q, k, v, pk, pq, seed=1, **kw)
+    b = electra_fast.disentangled_attention(q, k, v, pk, pq, seed=1 + 2 ** 32, **kw)
+    assert not torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ memory, op, compile
+def test_cpp_memory_is_not_quadratic():
+    if not electra_fast.extension_loaded():
+        pytest.skip("C++ extension not built")
+    B, H, T, D = 1, 2, 1024, 32
+    args = [a.requires_grad_() for a in _inputs(B, H, T, D, 8, torch.float32)]
+    kw = dict(position_buckets=SMALL[0], max_relative_positions=SMALL[1])
+
+    def step():
+        with electra_fast.use_backend("cpp"):
+            out = electra_fast.disentangled_attention(*args, **kw)
+            out.backward(torch.ones_like(out))
+        for a in args:
+            a.grad = None
+
+    peak = peak_memory(step)
+    one_tt = B * H * T * T * 4  # a single fp32 [B, H, T, T] tensor: what the reference materialises several of
+    linear = 12 * B * H * T * D * 4 + 4 * 64 * T * 4 * 2  # q/k/v/out/grads + per-thread block scratch
+    assert peak < min(one_tt, linear), (peak, one_tt, linear)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in all_backends() if p.values[0] != "triton"])
+def test_opcheck(backend, device):
+    q, k, v, pk, pq = (a.requires_grad_() for a in _inputs(1, 2, 9, 8, 8, torch.float32))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 1, 0]], dtype=torch.uint8)
+    slots = ref.relative_slots(9, *SMALL)
+    with electra_fast.use_backend(backend):
+        for pos in ((pk, pq), (pk, None), (None, None)):
+            torch.library.opcheck(_fwd, (q, k, v, *pos, mask, slots, 0.2, 0.1, 3))
+        torch.library.opcheck(_fwd, (q, k, v, pk, pq, None, slots, 0.2, 0.0, 0))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, pk, pq = (a.requires_grad_() for a in _inputs(2, 2, 12, 32, 8, torch.float32))
+    mask = _pad("right", 2, 12)
+
+    def f(q, k, v, pk, pq):
+        out = electra_fast.disentangled_attention(q, k, v, pk, pq, attention_mask=mask, position_buckets=8,
+                                                  max_relative_positions=32, dropout_p=0.1, seed=9)
+        return (out * out).sum()
+
+    want = torch.autograd.grad(f(q, k, v, pk, pq), (q, k, v, pk, pq))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v, pk, pq), (q, k, v, pk, pq))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------- drop-in for models
+def _tiny_config(**kw):
+    base = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                max_position_embeddings=64, relative_attention=True, position_buckets=8,
+                max_relative_positions=64, pos_att_type=["p2c", "c2p"], share_att_key=True,
+                norm_rel_ebd="layer_norm", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                position_biased_input=False, pad_token_id=0, type_vocab_size=0)
+    base.update(kw)
+    return DebertaV2Config(**base)
+
+
+def _batch(T=40, B=3):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 97, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 25:] = 0
+    mask[2, :3] = 0
+    return ids * mask, mask
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_patched_model_matches_transformers(share):
+    from transformers import DebertaV2ForMaskedLM
+
+    torch.manual_seed(0)
+    model = DebertaV2ForMaskedLM(_tiny_config(share_att_key=share)).eval()
+    ids, mask = _batch()
+    valid = mask.bool()
+    labels = torch.where(valid, ids, -100)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    want = model(input_ids=ids, attention_mask=mask, labels=labels)
+    want_grads = torch.autograd.grad(want.loss, params, allow_unused=True)
+
+    calls = []
+    build = hf.build_relative_position
+    try:
+        hf.build_relative_position = lambda *a, **k: calls.append(1) or build(*a, **k)
+        assert electra_fast.patch_deberta_v2(model) is model
+        assert all(isinstance(layer.attention.self, DisentangledSelfAttention) for layer in model.deberta.encoder.layer)
+        assert [id(p) for p in model.parameters()] == [id(p) for p in params]  # same Parameter objects
+        got = model(input_ids=ids, attention_mask=mask, labels=labels)
+        assert calls == []  # no [T, T] relative-position table
+    finally:
+        hf.build_relative_position = build
+    torch.testing.assert_close(got.logits[valid], want.logits[valid], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    got.loss.backward()
+    for p, g in zip(params, want_grads):
+        if g is None:
+            assert p.grad is None or not p.grad.any()
+        else:
+            torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-5)
+    opt.step()  # the optimizer built before patching updates the patched model
+    after = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert after < got.loss
+
+    electra_fast.unpatch_deberta_v2(model)
+    assert all(type(layer.attention.self) is hf.DisentangledSelfAttention for layer in model.deberta.encoder.layer)
+    assert "get_rel_pos" not in vars(model.deberta.encoder)
+    unpatched = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(unpatched, after, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_sequence_classification_and_output_attentions():
+    from transformers import DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    model = DebertaV2ForSequenceClassification(_tiny_config(num_labels=3)).eval()
+    ids, mask = _batch()
+    want = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    electra_fast.patch_deberta_v2(model)
+    got = model(input_ids=ids, attention_mask=mask)
+    # the pooler reads token 0, which is padding in sequence 2 (left padded): compare the others
+    torch.testing.assert_close(got.logits[:2], want.logits[:2], rtol=1e-4, atol=1e-5)
+    fallback = model(input_ids=ids, attention_mask=mask, output_attentions=True)  # transformers' computation
+    torch.testing.assert_close(fallback.attentions[0], want.attentions[0])
+    with pytest.raises(ValueError, match="model"):
+        electra_fast.patch_deberta_v2(torch.nn.Linear(2, 2))
+
+
+def test_module_query_states_and_4d_mask():
+    hf_mod = _hf_module(("c2p", "p2c"), False, *SMALL, torch.float32)
+    fused = DisentangledSelfAttention.from_transformers(hf_mod)
+    B, T = 2, 20
+    g = torch.Generator().manual_seed(0)
+    x, qs = torch.randn(B, T, 64, generator=g), torch.randn(B, T, 64, generator=g)
+    rel = torch.randn(16, 64, generator=g)
+    m = _pad("right", B, T)
+    ext = m[:, None, None, :].long()
+    mask4 = ext * ext.squeeze(-2).unsqueeze(-1)
+    relpos = hf.build_relative_position(x, x, bucket_size=SMALL[0], max_position=SMALL[1])
+    want = hf_mod(x, mask4, query_states=qs, relative_pos=relpos, rel_embeddings=rel)[0]
+    got = fused(x, mask4, query_states=qs, relative_pos=relpos, rel_embeddings=rel)[0]
+    torch.testing.assert_close(got[m], want[m], rtol=1e-4, atol=1e-5)
+    fresh = DisentangledSelfAttention(_hf_config(("c2p", "p2c"), False, *SMALL))
+    assert sorted(n for n, _ in fresh.named_parameters()) == sorted(n for n, _ in hf_mod.named_parameters())
+
+
+# --------------------------------------------------------------------------------------- bad input
+def _good():
+    q, k, v, pk, pq = _inputs(2, 2, 6, 8, 8, torch.float32)
+    return dict(query=q, key=k, value=v, pos_key=pk, pos_query=pq, attention_mask=torch.ones(2, 6, dtype=torch.bool),
+                position_buckets=8, max_relative_positions=32)
+
+
+BAD = [
+    ("query", lambda a: a.update(query=a["query"][0]), ValueError),
+    ("query", lambda a: a.update(query=[1.0]), TypeError),
+    ("query", lambda a: a.update(query=a["query"].long()), TypeError),
+    ("key", lambda a: a.update(key=a["key"][:, :, :5]), ValueError),
+    ("key", lambda a: a.update(key=a["key"].to("meta")), ValueError),
+    ("value", lambda a: a.update(value=a["value"].double()), ValueError),
+    ("pos_key", lambda a: a.update(pos_key=a["pos_key"][:, :10]), ValueError),  # wrong span
+    ("pos_key", lambda a: a.update(pos_key=a["pos_key"][:1]), ValueError),      # wrong head count
+    ("pos_query", lambda a: a.update(pos_query=a["pos_query"][..., :4]), ValueError),
+    ("pos_query", lambda a: a.update(pos_query=a["pos_query"].half()), ValueError),
+    ("pos_query", lambda a: a.update(pos_query=a["pos_query"][0]), ValueError),
+    ("pos_key", lambda a: a.update(position_buckets=16), ValueError),           # buckets vs pos tensors
+    ("position_buckets", lambda a: a.update(position_buckets=1), ValueError),
+    ("position_buckets", lambda a: a.update(max_relative_positions=5), ValueError),
+    ("max_relative_positions", lambda a: a.update(position_buckets=-1, max_relative_positions=0), ValueError),
+    ("position_buckets", lambda a: a.update(position_buckets=8.0), TypeError),
+    ("attention_mask", lambda a: a.update(attention_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError),
+    ("attention_mask", lambda a: a.update(attention_mask=torch.ones(2, 6)), TypeError),
+    ("dropout_p", lambda a: a.update(dropout_p=1.0, seed=1), ValueError),
+    ("dropout_p", lambda a: a.update(dropout_p=-0.1, seed=1), ValueError),
+    ("seed", lambda a: a.update(dropout_p=0.1), ValueError),
+    ("seed", lambda a: a.update(dropout_p=0.1, seed=-1), ValueError),
+    ("scale", lambda a: a.update(scale=0.0), ValueError),
+    ("scale", lambda a: a.update(scale=math.nan), ValueError),
+]
+
+
+@pytest.mark.parametrize("name,edit,exc", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input(name, edit, exc):
+    args = _good()
+    edit(args)
+    with pytest.raises(exc, match=name):
+        electra_fast.disentangled_attention(**args)
+
+
+def test_module_rejects_bad_config():
+    with pytest.raises(ValueError, match="hidden_size"):
+        DisentangledSelfAttention(_tiny_config(hidden_size=63, num_attention_heads=2))
