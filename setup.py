@@ -3,6 +3,9 @@
 Environment:
   ELECTRA_FAST_SKIP_EXT=1      install without compiling (CPU calls use the reference backend)
   ELECTRA_FAST_EXT_OPTIONAL=1  a failed compile becomes a warning instead of an error
+  ELECTRA_FAST_CPU_ARCH=...    -march for the C++ kernels (default "native": the extension is compiled on
+                               the machine that runs it, as DeepSpeed's CPU ops are; set e.g. "x86-64-v3",
+                               or "" for the compiler default, when building for other machines)
 """
 import glob
 import os
@@ -30,7 +33,12 @@ def _extensions_and_cmdclass():
         return [], {}
 
     sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    # -fno-trapping-math lets GCC if-convert the branch-free math in csrc/vec_math.h into SIMD selects.
+    # Never -ffast-math: vec_math.h relies on IEEE rounding.
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
+    arch = os.environ.get("ELECTRA_FAST_CPU_ARCH", "native").strip()
+    if arch:
+        cxx.append(f"-march={arch}")
     ext_cls = cpp_extension.CppExtension
     kwargs = {}
     # Decide on CUDA sources from the torch build itself: torch.cuda.is_available() is False on a

@@ -1,10 +1,14 @@
-// Discriminator RTD loss on CPU: one fused, vectorised pass forward (loss + metric counts) and one
-// backward. Semantics: electra_fast/reference/rtd_loss.py. Reductions are over fixed chunks summed in
-// chunk order, so results do not depend on the thread count.
+// Discriminator RTD loss on CPU: one fused, vectorised pass computes the loss, the metric counts and
+// (when a gradient is needed) d loss_token / d logit, so the backward is a single scale. Semantics:
+// electra_fast/reference/rtd_loss.py. Reductions run over fixed chunks summed in chunk order, so results
+// do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "dispatch.h"
@@ -16,27 +20,49 @@ namespace {
 constexpr int64_t kChunk = 16384;
 constexpr int kCounts = 5;  // n_valid, n_replaced, n_pred_replaced, n_true_pos, n_correct
 
-template <typename scalar_t, typename id_t, bool kMask, bool kWrite>
+// c != o without a 64-bit vector compare (SSE2 has none, which would keep the whole loop scalar).
+template <typename id_t>
+inline int32_t differs(const id_t* __restrict c, const id_t* __restrict o, int64_t i) {
+  if constexpr (sizeof(id_t) == 8) {
+    const uint32_t* c32 = reinterpret_cast<const uint32_t*>(c);
+    const uint32_t* o32 = reinterpret_cast<const uint32_t*>(o);
+    return ((c32[2 * i] ^ o32[2 * i]) | (c32[2 * i + 1] ^ o32[2 * i + 1])) != 0;
+  } else {
+    return c[i] != o[i];
+  }
+}
+
+// fp64 logits compute in fp64 (so fp64 gradcheck is meaningful); every other dtype in fp32.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename scalar_t, typename id_t, bool kMask, bool kWrite, bool kGrad>
 void forward_chunk(const scalar_t* __restrict x, const id_t* __restrict c, const id_t* __restrict o,
-                   const uint8_t* __restrict m, float* __restrict loss, int64_t n, double* loss_sum,
-                   int64_t* counts) {
-  float acc = 0.f;
+                   const uint8_t* __restrict m, acc_type<scalar_t>* __restrict loss,
+                   acc_type<scalar_t>* __restrict grad, int64_t n, double* loss_sum, int64_t* counts) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t acc = 0;
   int32_t valid_n = 0, rep_n = 0, pred_n = 0, tp_n = 0, ok_n = 0;
 #pragma omp simd reduction(+ : acc, valid_n, rep_n, pred_n, tp_n, ok_n)
   for (int64_t i = 0; i < n; ++i) {
-    const float xi = static_cast<float>(x[i]);
-    const int32_t valid = kMask ? (m[i] != 0) : 1;
-    const int32_t y = c[i] != o[i];
-    const int32_t pred = xi > 0.f;
-    const float l = (xi > 0.f ? xi : 0.f) - (y ? xi : 0.f) + softplus_neg_abs(xi);
-    const float lv = valid ? l : 0.f;
+    const acc_t xi = static_cast<acc_t>(x[i]);
+    const int32_t valid = kMask ? static_cast<int32_t>(m[i] != 0) : 1;
+    const int32_t y = differs(c, o, i);
+    const int32_t pred = static_cast<int32_t>(xi > 0);
+    const acc_t vf = static_cast<acc_t>(valid), yf = static_cast<acc_t>(y);
+    const acc_t e = exp_nonpos(-std::abs(xi));  // shared by softplus and sigmoid
+    const acc_t lv = (std::max(xi, acc_t(0)) - xi * yf + log1p_01(e)) * vf;
     if (kWrite) loss[i] = lv;
+    if (kGrad) {
+      const acc_t inv = acc_t(1) / (acc_t(1) + e);
+      grad[i] = ((xi >= 0 ? inv : e * inv) - yf) * vf;
+    }
     acc += lv;
     valid_n += valid;
-    rep_n += valid & y;
-    pred_n += valid & pred;
-    tp_n += valid & y & pred;
-    ok_n += valid & (y == pred);
+    rep_n += valid * y;
+    pred_n += valid * pred;
+    tp_n += valid * y * pred;
+    ok_n += valid * (1 - (y ^ pred));
   }
   *loss_sum = acc;
   counts[0] = valid_n;
@@ -46,32 +72,23 @@ void forward_chunk(const scalar_t* __restrict x, const id_t* __restrict c, const
   counts[4] = ok_n;
 }
 
-template <typename scalar_t, typename id_t, bool kMask, bool kPerToken>
-void backward_chunk(const float* __restrict gs, const scalar_t* __restrict x, const id_t* __restrict c,
-                    const id_t* __restrict o, const uint8_t* __restrict m, scalar_t* __restrict g, int64_t n) {
-  const float g0 = gs[0];
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float xi = static_cast<float>(x[i]);
-    const float y = c[i] != o[i] ? 1.f : 0.f;
-    const float scale = kPerToken ? gs[i] : g0;
-    const float gi = (sigmoid(xi) - y) * scale;
-    g[i] = static_cast<scalar_t>(kMask ? (m[i] ? gi : 0.f) : gi);
-  }
-}
-
-// reduction: 0 = none ([B, T] fp32 losses, 0 at padding), 1 = sum, 2 = mean. Returns (loss, counts int64[5]).
-std::tuple<at::Tensor, at::Tensor> rtd_loss_fwd(const at::Tensor& logits, const at::Tensor& corrupted,
-                                                const at::Tensor& original, const c10::optional<at::Tensor>& mask,
-                                                int64_t reduction) {
+// reduction: 0 = none ([B, T] fp32 losses, 0 at padding), 1 = sum, 2 = mean.
+// Returns (loss, counts int64[5], dlogits fp32 [B, T] = d loss_token / d logit, or an empty tensor).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rtd_loss_fwd(const at::Tensor& logits, const at::Tensor& corrupted,
+                                                            const at::Tensor& original,
+                                                            const c10::optional<at::Tensor>& mask, int64_t reduction,
+                                                            bool need_grad) {
   TORCH_CHECK(logits.is_contiguous() && corrupted.is_contiguous() && original.is_contiguous(),
               "rtd_loss_fwd: inputs must be contiguous");
   TORCH_CHECK(corrupted.scalar_type() == original.scalar_type(), "rtd_loss_fwd: id dtypes differ");
   const int64_t n = logits.numel();
   const bool has_mask = mask.has_value();
+  TORCH_CHECK(!has_mask || (mask->scalar_type() == at::kByte && mask->is_contiguous()),
+              "rtd_loss_fwd: mask must be contiguous uint8");
   const uint8_t* m = has_mask ? mask->data_ptr<uint8_t>() : nullptr;
-  at::Tensor loss = reduction == 0 ? at::empty(logits.sizes(), logits.options().dtype(at::kFloat))
-                                   : at::empty({}, logits.options().dtype(at::kFloat));
+  const auto f32 = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor loss = reduction == 0 ? at::empty(logits.sizes(), f32) : at::empty({}, f32);
+  at::Tensor grad = need_grad ? at::empty(logits.sizes(), f32) : at::empty({0}, f32);
   const int64_t n_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> sums(n_chunks, 0.0);
   std::vector<int64_t> counts(n_chunks * kCounts, 0);
@@ -79,17 +96,21 @@ std::tuple<at::Tensor, at::Tensor> rtd_loss_fwd(const at::Tensor& logits, const 
     EF_DISPATCH_IDS(corrupted.scalar_type(), "rtd_loss_fwd", [&] {
       EF_BOOL_DISPATCH(has_mask, kMask, [&] {
         EF_BOOL_DISPATCH(reduction == 0, kWrite, [&] {
-          const scalar_t* x = logits.data_ptr<scalar_t>();
-          const id_t* c = corrupted.data_ptr<id_t>();
-          const id_t* o = original.data_ptr<id_t>();
-          float* out = kWrite ? loss.data_ptr<float>() : nullptr;
-          at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t k = begin; k < end; ++k) {
-              const int64_t s = k * kChunk, len = std::min(kChunk, n - s);
-              forward_chunk<scalar_t, id_t, kMask, kWrite>(x + s, c + s, o + s, kMask ? m + s : nullptr,
-                                                           kWrite ? out + s : nullptr, len, &sums[k],
-                                                           &counts[k * kCounts]);
-            }
+          EF_BOOL_DISPATCH(need_grad, kGrad, [&] {
+            const scalar_t* x = logits.data_ptr<scalar_t>();
+            const id_t* c = corrupted.data_ptr<id_t>();
+            const id_t* o = original.data_ptr<id_t>();
+            using acc_t = acc_type<scalar_t>;
+            acc_t* out = kWrite ? loss.data_ptr<acc_t>() : nullptr;
+            acc_t* g = kGrad ? grad.data_ptr<acc_t>() : nullptr;
+            at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+              for (int64_t k = begin; k < end; ++k) {
+                const int64_t s = k * kChunk, len = std::min(kChunk, n - s);
+                forward_chunk<scalar_t, id_t, kMask, kWrite, kGrad>(
+                    x + s, c + s, o + s, kMask ? m + s : nullptr, kWrite ? out + s : nullptr,
+                    kGrad ? g + s : nullptr, len, &sums[k], &counts[k * kCounts]);
+              }
+            });
           });
         });
       });
@@ -104,51 +125,16 @@ std::tuple<at::Tensor, at::Tensor> rtd_loss_fwd(const at::Tensor& logits, const 
   }
   if (reduction == 1) loss.fill_(total);
   if (reduction == 2) loss.fill_(total / static_cast<double>(std::max<int64_t>(t[0], 1)));
-  return {loss, totals};
-}
-
-// grad_scale: fp32, one element (sum / mean: already divided by the token count) or one per token.
-at::Tensor rtd_loss_bwd(const at::Tensor& grad_scale, const at::Tensor& logits, const at::Tensor& corrupted,
-                        const at::Tensor& original, const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.is_contiguous(),
-              "rtd_loss_bwd: grad_scale must be contiguous fp32");
-  const int64_t n = logits.numel();
-  const bool per_token = grad_scale.numel() != 1;
-  TORCH_CHECK(!per_token || grad_scale.numel() == n, "rtd_loss_bwd: grad_scale has the wrong size");
-  at::Tensor grad = at::empty_like(logits);
-  const bool has_mask = mask.has_value();
-  const uint8_t* m = has_mask ? mask->data_ptr<uint8_t>() : nullptr;
-  const float* gs = grad_scale.data_ptr<float>();
-  EF_DISPATCH_FLOATS(logits.scalar_type(), "rtd_loss_bwd", [&] {
-    EF_DISPATCH_IDS(corrupted.scalar_type(), "rtd_loss_bwd", [&] {
-      EF_BOOL_DISPATCH(has_mask, kMask, [&] {
-        EF_BOOL_DISPATCH(per_token, kPerToken, [&] {
-          const scalar_t* x = logits.data_ptr<scalar_t>();
-          const id_t* c = corrupted.data_ptr<id_t>();
-          const id_t* o = original.data_ptr<id_t>();
-          scalar_t* g = grad.data_ptr<scalar_t>();
-          at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
-            backward_chunk<scalar_t, id_t, kMask, kPerToken>(kPerToken ? gs + begin : gs, x + begin, c + begin,
-                                                            o + begin, kMask ? m + begin : nullptr, g + begin,
-                                                            end - begin);
-          });
-        });
-      });
-    });
-  });
-  return grad;
+  return {loss, totals, grad};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(electra_fast_cpp, m) {
-  m.def("rtd_loss_fwd(Tensor logits, Tensor corrupted, Tensor original, Tensor? mask, int reduction) -> (Tensor, Tensor)");
-  m.def("rtd_loss_bwd(Tensor grad_scale, Tensor logits, Tensor corrupted, Tensor original, Tensor? mask) -> Tensor");
+  m.def("rtd_loss_fwd(Tensor logits, Tensor corrupted, Tensor original, Tensor? mask, int reduction, "
+        "bool need_grad) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(electra_fast_cpp, CPU, m) {
-  m.impl("rtd_loss_fwd", &rtd_loss_fwd);
-  m.impl("rtd_loss_bwd", &rtd_loss_bwd);
-}
+TORCH_LIBRARY_IMPL(electra_fast_cpp, CPU, m) { m.impl("rtd_loss_fwd", &rtd_loss_fwd); }
 
 }  // namespace electra_fast

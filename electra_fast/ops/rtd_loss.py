@@ -1,7 +1,8 @@
 """electra_fast.rtd_loss: the discriminator's per-token sigmoid replaced-token-detection loss.
 
-Ops: ``electra_fast::rtd_loss_fwd`` and ``electra_fast::rtd_loss_bwd`` (torch.library custom ops
-with fake kernels, so they trace under torch.compile), each routed to triton / cpp / reference.
+Op: ``electra_fast::rtd_loss_fwd`` (a torch.library custom op with a fake kernel, so it traces under
+torch.compile), routed to triton / cpp / reference. The forward also emits d loss_token / d logit
+(sharing exp(-|x|) with the loss), so the registered backward is a single scale.
 """
 from __future__ import annotations
 
@@ -17,44 +18,35 @@ _SCALAR = torch.Size([])
 
 @torch.library.custom_op("electra_fast::rtd_loss_fwd", mutates_args=())
 def _rtd_loss_fwd(logits: torch.Tensor, corrupted: torch.Tensor, original: torch.Tensor,
-                  mask: Optional[torch.Tensor], reduction: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                  mask: Optional[torch.Tensor], reduction: int,
+                  need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = _backend.implementation("rtd_loss", logits.device, reference=ref.forward,
                                    cpp="rtd_loss_fwd", triton="rtd_loss.forward")
-    return impl(logits, corrupted, original, mask, reduction)
+    return impl(logits, corrupted, original, mask, reduction, need_grad)
 
 
 @_rtd_loss_fwd.register_fake
-def _(logits, corrupted, original, mask, reduction):
+def _(logits, corrupted, original, mask, reduction, need_grad):
     shape = logits.shape if reduction == ref.NONE else _SCALAR
-    return logits.new_empty(shape, dtype=torch.float32), logits.new_empty((5,), dtype=torch.int64)
-
-
-@torch.library.custom_op("electra_fast::rtd_loss_bwd", mutates_args=())
-def _rtd_loss_bwd(grad_scale: torch.Tensor, logits: torch.Tensor, corrupted: torch.Tensor,
-                  original: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    impl = _backend.implementation("rtd_loss", logits.device, reference=ref.backward,
-                                   cpp="rtd_loss_bwd", triton="rtd_loss.backward")
-    return impl(grad_scale, logits, corrupted, original, mask)
-
-
-@_rtd_loss_bwd.register_fake
-def _(grad_scale, logits, corrupted, original, mask):
-    return torch.empty_like(logits)
+    acc = ref.acc_dtype(logits.dtype)
+    return (logits.new_empty(shape, dtype=acc), logits.new_empty((5,), dtype=torch.int64),
+            logits.new_empty(logits.shape if need_grad else (0,), dtype=acc))
 
 
 def _setup_context(ctx, inputs, output):
-    logits, corrupted, original, mask, reduction = inputs
-    ctx.reduction = reduction
-    ctx.save_for_backward(logits, corrupted, original, mask, output[1])
+    logits, _, _, _, reduction, need_grad = inputs
+    ctx.reduction, ctx.dtype, ctx.need_grad = reduction, logits.dtype, need_grad
+    ctx.save_for_backward(output[2], output[1])
 
 
-def _backward(ctx, grad_loss, _grad_counts):
-    logits, corrupted, original, mask, counts = ctx.saved_tensors
-    grad_scale = grad_loss.float()
+def _backward(ctx, grad_loss, _grad_counts, _grad_dlogits):
+    dlogits, counts = ctx.saved_tensors
+    if not ctx.need_grad:
+        raise RuntimeError("electra_fast::rtd_loss_fwd was called with need_grad=False; cannot differentiate it")
+    scale = grad_loss.to(dlogits.dtype)
     if ctx.reduction == ref.MEAN:
-        grad_scale = grad_scale / counts[0].clamp(min=1).float()
-    grad_scale = grad_scale.reshape(-1) if ctx.reduction != ref.NONE else grad_scale.contiguous()
-    return _rtd_loss_bwd(grad_scale, logits, corrupted, original, mask), None, None, None, None
+        scale = scale / counts[0].clamp(min=1).to(dlogits.dtype)
+    return (dlogits * scale).to(ctx.dtype), None, None, None, None, None
 
 
 torch.library.register_autograd("electra_fast::rtd_loss_fwd", _backward, setup_context=_setup_context)
@@ -77,7 +69,8 @@ def rtd_loss(logits: torch.Tensor, corrupted_ids: torch.Tensor, original_ids: to
             precision, recall (of the "replaced" class) and replaced_fraction.
 
     Returns:
-        fp32 loss (and the metrics dict). The gradient flows to ``logits`` only, in its dtype.
+        The loss in fp32 (fp64 for fp64 logits), and the metrics dict when asked. The gradient flows
+        to ``logits`` only, in its dtype.
     """
     _validate.floating("logits", logits)
     _validate.rank("logits", logits, 2, "[B, T]")
@@ -89,7 +82,9 @@ def rtd_loss(logits: torch.Tensor, corrupted_ids: torch.Tensor, original_ids: to
     _validate.choice("reduction", reduction, tuple(ref.REDUCTIONS))
     mask = _validate.mask_as_uint8("attention_mask", attention_mask, "logits", logits)
     corrupted, original = _validate.common_ids(("corrupted_ids", corrupted_ids), ("original_ids", original_ids))
-    loss, counts = _rtd_loss_fwd(logits.contiguous(), corrupted, original, mask, ref.REDUCTIONS[reduction])
+    need_grad = logits.requires_grad and torch.is_grad_enabled()
+    loss, counts, _ = _rtd_loss_fwd(logits.contiguous(), corrupted, original, mask, ref.REDUCTIONS[reduction],
+                                    need_grad)
     if return_metrics:
         return loss, ref.metrics_from_counts(counts)
     return loss

@@ -6,10 +6,14 @@ Shapes and dtypes (every backend takes the same, already validated and contiguou
   original   int [B, T]: the uncorrupted ids; label = corrupted != original ("replaced")
   mask       uint8 [B, T] (1 = real token) or None
   reduction  0 = none, 1 = sum, 2 = mean (token mean over real tokens; 0 tokens -> 0)
+  need_grad  also return d loss_token / d logit
 
-forward -> (loss fp32: [B, T] with 0 at padding for "none", else [];
-            counts int64 [5]: n_valid, n_replaced, n_pred_replaced, n_true_pos, n_correct)
-backward(grad_scale fp32 [] or [B, T]) -> grad wrt logits, dtype of logits; zero at padding.
+forward -> (loss fp32 (fp64 for fp64 logits): [B, T] with 0 at padding for "none", else [];
+            counts int64 [5]: n_valid, n_replaced, n_pred_replaced, n_true_pos, n_correct;
+            dlogits [B, T] (dtype of loss) = (sigmoid(x) - label) * real, or an empty tensor when not need_grad)
+
+The per-token derivative is produced by the forward pass (it shares exp(-|x|) with the loss), so
+the backward is one scale by the incoming gradient (/ token count for "mean") - no recomputation.
 """
 from __future__ import annotations
 
@@ -20,30 +24,27 @@ NONE, SUM, MEAN = 0, 1, 2
 REDUCTIONS = {"none": NONE, "sum": SUM, "mean": MEAN}
 
 
-def forward(logits, corrupted, original, mask, reduction: int):
-    x = logits.float()
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Compute / output dtype: fp32, or fp64 for fp64 logits (so fp64 gradcheck is meaningful)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def forward(logits, corrupted, original, mask, reduction: int, need_grad: bool):
+    x = logits.to(acc_dtype(logits.dtype))
     y = corrupted != original
     valid = torch.ones_like(y) if mask is None else mask.bool()
-    per_token = F.binary_cross_entropy_with_logits(x, y.float(), reduction="none") * valid
+    per_token = F.binary_cross_entropy_with_logits(x, y.to(x.dtype), reduction="none") * valid
+    dlogits = (torch.sigmoid(x) - y.to(x.dtype)) * valid if need_grad else x.new_empty(0)
     pred = x > 0
     counts = torch.stack([
         valid.sum(), (valid & y).sum(), (valid & pred).sum(), (valid & y & pred).sum(), (valid & (y == pred)).sum(),
     ]).to(torch.int64)
     if reduction == NONE:
-        return per_token, counts
+        return per_token, counts, dlogits
     total = per_token.sum()
     if reduction == SUM:
-        return total, counts
-    return total / counts[0].clamp(min=1).to(total.dtype), counts
-
-
-def backward(grad_scale, logits, corrupted, original, mask):
-    x = logits.float()
-    y = (corrupted != original).float()
-    grad = (torch.sigmoid(x) - y) * grad_scale
-    if mask is not None:
-        grad = grad * mask.bool()
-    return grad.to(logits.dtype)
+        return total, counts, dlogits
+    return total / counts[0].clamp(min=1).to(total.dtype), counts, dlogits
 
 
 def metrics_from_counts(counts: torch.Tensor) -> dict:

@@ -1,0 +1,89 @@
+"""Shared benchmark plumbing: device choice, side-by-side runs, tokens/s and peak memory in extra_info.
+
+Every benchmarked callable synchronises CUDA before returning; every side of a comparison runs with the
+same shapes, dtype, thread count, warm-up and rounds; peak memory is measured the same way for every
+side (electra_fast.profiling.peak_memory) in a separate call, never inside the timed rounds.
+"""
+import os
+import platform
+import subprocess
+
+import pytest
+import torch
+
+from electra_fast.profiling import peak_memory
+
+QUICK = os.environ.get("ELECTRA_FAST_BENCH_QUICK", "0") == "1"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=None, choices=("cpu", "cuda"),
+                     help="device to benchmark on (default: cuda when available, else cpu)")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    name = request.config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda but no GPU is visible")
+    return torch.device(name)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(benchmark, fn, *, device, op, impl, pass_, shape, dtype, tokens, rounds=None, warmup=None):
+    """Time ``fn`` (median over rounds), then record tokens/s and peak memory.
+
+    ``impl`` is "fused", "eager" or "transformers"; rows with the same op / pass / shape / dtype are
+    compared side by side in bench/RESULTS.md.
+    """
+    def call():
+        out = fn()
+        _sync(device)
+        return out
+
+    rounds = rounds or (3 if QUICK else 10)
+    warmup = warmup if warmup is not None else (1 if QUICK else 2)
+    benchmark.group = f"{op} | {pass_} | {shape} | {dtype}"
+    benchmark.extra_info.update(op=op, impl=impl, pass_=pass_, shape=shape, dtype=str(dtype).replace("torch.", ""),
+                                tokens=tokens, device=device.type, threads=torch.get_num_threads())
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        benchmark.extra_info["tokens_per_s"] = tokens / stats.stats.median
+    benchmark.extra_info["peak_mem_bytes"] = peak_memory(call, device)
+
+
+def _machine():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import electra_fast
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__)).stdout.strip() or None
+    except OSError:
+        commit = None
+    machine_info.update(
+        electra_fast_machine=_machine(), cores=os.cpu_count(), torch=torch.__version__, triton=triton_version,
+        torch_threads=torch.get_num_threads(), electra_fast=electra_fast.__version__, git_commit=commit,
+        cuda=torch.version.cuda, extension=electra_fast.extension_loaded(),
+    )

@@ -1,0 +1,213 @@
+"""electra_fast.rtd_loss: every backend vs the reference, gradients, metrics, compile, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import electra_fast
+from conftest import all_backends, fast_backends
+from electra_fast.ops.rtd_loss import _rtd_loss_fwd
+
+# fp32 kernels use their own exp/log (~2 ulp) and sum in another order than torch: a few fp32 ulps of
+# the per-token loss, and sqrt(n) ulps on sums. Half inputs are upcast exactly, so the same bound holds.
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=2e-5, atol=2e-6),
+       torch.float16: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=2e-5, atol=2e-6)}
+# Gradients are returned in the logits' dtype: one rounding of that dtype.
+GRAD_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-7), torch.float64: dict(rtol=1e-5, atol=1e-7),
+            torch.float16: dict(rtol=1e-3, atol=1e-6), torch.bfloat16: dict(rtol=8e-3, atol=1e-5)}
+SHAPES = [(1, 1), (1, 7), (3, 37), (4, 128), (2, 1000)]
+
+
+def make(b, t, dtype=torch.float32, device="cpu", scale=4.0, id_dtype=torch.int64, pad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(b, t, generator=g) * scale).to(dtype)
+    original = torch.randint(0, 1000, (b, t), generator=g, dtype=id_dtype)
+    corrupted = torch.where(torch.rand(b, t, generator=g) < 0.3, torch.randint(0, 1000, (b, t), generator=g,
+                                                                                 dtype=id_dtype), original)
+    mask = torch.rand(b, t, generator=g) > 0.25 if pad else None
+    if pad and b > 1:
+        mask[0] = False  # an all-padding row
+    return [x.to(device) if x is not None else None for x in (logits, corrupted, original, mask)]
+
+
+def formula(logits, corrupted, original, mask, reduction):
+    """Independent eager formula (not the reference module) for the loss."""
+    y = (corrupted != original).double()
+    per = F.binary_cross_entropy_with_logits(logits.double(), y, reduction="none")
+    m = torch.ones_like(y) if mask is None else mask.double()
+    per = per * m
+    if reduction == "none":
+        return per
+    return per.sum() if reduction == "sum" else per.sum() / m.sum().clamp(min=1)
+
+
+def run(backend, logits, corrupted, original, mask, reduction="mean", grad=True):
+    x = logits.detach().clone().requires_grad_(grad)
+    with electra_fast.use_backend(backend):
+        loss, metrics = electra_fast.rtd_loss(x, corrupted, original, mask, reduction=reduction, return_metrics=True)
+        if grad:
+            loss.sum().backward()
+    return loss.detach(), metrics, (x.grad if grad else None)
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+@pytest.mark.parametrize("b,t", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_formula_fp32(backend, device, b, t, reduction):
+    args = make(b, t, device=device)
+    loss, _, grad = run(backend, *args, reduction=reduction)
+    assert loss.dtype == torch.float32
+    want = formula(*[a.cpu() if a is not None else None for a in args], reduction)
+    torch.testing.assert_close(loss.cpu().double(), want, **TOL[torch.float32])
+    x = args[0].cpu().double().requires_grad_()
+    formula(x, *[a.cpu() if a is not None else None for a in args[1:]], reduction).sum().backward()
+    torch.testing.assert_close(grad.cpu().double(), x.grad, **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend,device", fast_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backend_matches_reference(backend, device, dtype, id_dtype, reduction):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter truncates bf16 casts (NOTES.md); bf16 Triton runs on the GPU lane")
+    args = make(3, 77, dtype=dtype, id_dtype=id_dtype, device=device)
+    want_loss, want_m, want_grad = run("reference", *[a.cpu() if a is not None else None for a in args],
+                                       reduction=reduction)
+    loss, metrics, grad = run(backend, *args, reduction=reduction)
+    torch.testing.assert_close(loss.cpu(), want_loss, **TOL[dtype])
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.cpu(), want_grad, **GRAD_TOL[dtype])
+    for k in want_m:
+        assert metrics[k].dtype == torch.float32
+        torch.testing.assert_close(metrics[k].cpu(), want_m[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_metrics_exact(backend, device):
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.0, 0.0]], device=device)
+    original = torch.tensor([[1, 2, 3, 4, 5, 6]], device=device)
+    corrupted = torch.tensor([[9, 2, 3, 9, 5, 9]], device=device)  # replaced at 0, 3, 5
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]], device=device)      # 5 real tokens
+    # predictions (logit > 0): replaced at 0, 2, 4 -> tp = 1 (pos 0), pred = 3, replaced = 2 (pos 0, 3)
+    _, m, _ = run(backend, logits, corrupted, original, mask, grad=False)
+    assert m["accuracy"].item() == pytest.approx(2 / 5)  # correct at 0 and 1
+    assert m["precision"].item() == pytest.approx(1 / 3)
+    assert m["recall"].item() == pytest.approx(1 / 2)
+    assert m["replaced_fraction"].item() == pytest.approx(2 / 5)
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_extreme_logits_stable(backend, device, dtype):
+    logits = torch.tensor([[1e4, -1e4, 3e2, -3e2, 0.0, 20.0, -20.0, 60000.0]], dtype=dtype, device=device)
+    original = torch.zeros(1, 8, dtype=torch.long, device=device)
+    corrupted = torch.tensor([[1, 0, 0, 1, 1, 0, 1, 0]], device=device)
+    for reduction in ("none", "mean"):
+        loss, _, grad = run(backend, logits, corrupted, original, None, reduction=reduction)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    want = formula(logits.cpu(), corrupted.cpu(), original.cpu(), None, "none")
+    loss, _, _ = run(backend, logits, corrupted, original, None, reduction="none")
+    torch.testing.assert_close(loss.cpu().double(), want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_all_padding_is_zero_not_nan(backend, device):
+    logits, corrupted, original, _ = make(2, 5, device=device)
+    mask = torch.zeros(2, 5, dtype=torch.bool, device=device)
+    loss, metrics, grad = run(backend, logits, corrupted, original, mask)
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    assert all(v.item() == 0.0 for v in metrics.values())
+
+
+@pytest.mark.parametrize("backend,device", [p for p in all_backends() if p.values[0] != "triton"])
+def test_gradcheck_fp64(backend, device):
+    logits, corrupted, original, mask = make(3, 11, dtype=torch.float64)
+    for reduction in ("mean", "sum", "none"):
+        with electra_fast.use_backend(backend):
+            assert torch.autograd.gradcheck(
+                lambda x: electra_fast.rtd_loss(x, corrupted, original, mask, reduction=reduction),
+                (logits.clone().requires_grad_(),))
+
+
+def test_mask_dtypes_agree():
+    logits, corrupted, original, mask = make(3, 20)
+    want = electra_fast.rtd_loss(logits, corrupted, original, mask)
+    for m in (mask.long(), mask.int(), mask.to(torch.uint8), mask.float().long() * 7):
+        assert torch.equal(electra_fast.rtd_loss(logits, corrupted, original, m), want)
+    # The maskless path is a separate (differently vectorised) kernel: equal up to fp32 summation order.
+    torch.testing.assert_close(electra_fast.rtd_loss(logits, corrupted, original, None),
+                               electra_fast.rtd_loss(logits, corrupted, original, torch.ones_like(mask)),
+                               rtol=1e-6, atol=0)
+
+
+def test_noncontiguous_inputs():
+    logits, corrupted, original, mask = make(6, 40)
+    sl = (slice(None, None, 2), slice(None, None, 3))
+    got = electra_fast.rtd_loss(logits[sl], corrupted[sl], original[sl], mask[sl], reduction="none")
+    want = electra_fast.rtd_loss(logits[sl].contiguous(), corrupted[sl].contiguous(), original[sl].contiguous(),
+                                 mask[sl].contiguous(), reduction="none")
+    assert torch.equal(got, want)
+
+
+def test_deterministic_and_thread_independent():
+    args = make(64, 1024, pad=True)
+    torch.set_num_threads(1)
+    try:
+        one, _, g1 = run("cpp" if electra_fast.extension_loaded() else "reference", *args)
+    finally:
+        torch.set_num_threads(2)
+    two, _, g2 = run("cpp" if electra_fast.extension_loaded() else "reference", *args)
+    assert torch.equal(one, two) and torch.equal(g1, g2)
+
+
+def test_opcheck():
+    logits, corrupted, original, mask = make(3, 17)
+    for need_grad, reduction in ((True, 2), (False, 0), (True, 0)):
+        x = logits.clone().requires_grad_(need_grad)
+        torch.library.opcheck(_rtd_loss_fwd, (x, corrupted, original, mask.view(torch.uint8), reduction, need_grad))
+
+
+def test_torch_compile_fullgraph():
+    logits, corrupted, original, mask = make(4, 33)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x):
+        loss, metrics = electra_fast.rtd_loss(x, corrupted, original, mask, return_metrics=True)
+        return loss * 2, metrics["accuracy"]
+
+    x = logits.clone().requires_grad_()
+    loss, acc = step(x)
+    loss.backward()
+    y = logits.clone().requires_grad_()
+    want, wm = electra_fast.rtd_loss(y, corrupted, original, mask, return_metrics=True)
+    (want * 2).backward()
+    torch.testing.assert_close(loss, want * 2)
+    torch.testing.assert_close(x.grad, y.grad)
+    assert acc.item() == wm["accuracy"].item()
+
+
+def test_forced_backend_unavailable_raises(monkeypatch):
+    logits, corrupted, original, mask = make(2, 3)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with electra_fast.use_backend("triton"), pytest.raises(RuntimeError, match="triton.*CUDA"):
+        electra_fast.rtd_loss(logits, corrupted, original, mask)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(logits=torch.zeros(2, 3, dtype=torch.long)), TypeError, "logits"),
+    (dict(logits=torch.zeros(6)), ValueError, "logits"),
+    (dict(logits=[[0.0]]), TypeError, "logits"),
+    (dict(corrupted_ids=torch.zeros(2, 3)), TypeError, "corrupted_ids"),
+    (dict(original_ids=torch.zeros(2, 4, dtype=torch.long)), ValueError, "original_ids"),
+    (dict(corrupted_ids=torch.zeros(3, 2, dtype=torch.long)), ValueError, "corrupted_ids"),
+    (dict(attention_mask=torch.ones(2, 4)), TypeError, "attention_mask"),
+    (dict(attention_mask=torch.ones(2, 4, dtype=torch.long)), ValueError, "attention_mask"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(original_ids=torch.zeros(2, 3, dtype=torch.long, device="meta")), ValueError, "original_ids"),
+])
+def test_bad_input(bad, exc, match):
+    args = dict(logits=torch.zeros(2, 3), corrupted_ids=torch.zeros(2, 3, dtype=torch.long),
+                original_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=None, reduction="mean")
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        electra_fast.rtd_loss(**args)
