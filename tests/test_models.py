@@ -299,3 +299,16 @@ def test_warnings_free_default_step():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(ids, mask, seed=0)
+
+
+@pytest.mark.parametrize("attention", ATTN)
+def test_bf16_autocast_step(attention):
+    """CPU bf16 autocast (the benchmark's mixed-precision mode): finite loss and gradients, fp32 parameters."""
+    model = ElectraPretrainingModel(tiny(attention, "gdes"))
+    ids, mask = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, mask, seed=0)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters() if p.grad is not None)

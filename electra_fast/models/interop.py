@@ -88,7 +88,7 @@ def _alternatives(hf_key: str, cfg: ElectraConfig, role: str) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------- transformers configs
-def _hf_config(cfg: ElectraConfig, role: str) -> dict:
+def transformers_config(cfg: ElectraConfig, role: str) -> dict:
     gen = role == "generator"
     hidden = cfg.generator_hidden_size if gen else cfg.hidden_size
     d = dict(vocab_size=cfg.vocab_size, embedding_size=cfg.embedding_size, hidden_size=hidden,
@@ -218,7 +218,7 @@ def save_pretrained(model, path) -> None:
         d = os.path.join(path, role)
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(_hf_config(model.config, role), f, indent=2, sort_keys=True)
+            json.dump(transformers_config(model.config, role), f, indent=2, sort_keys=True)
         _save_weights(export_state(model, role), d)
     model.config.to_json_file(os.path.join(path, CONFIG_NAME))
 

@@ -210,8 +210,11 @@ class ElectraPretrainingModel(nn.Module):
         # the generator head runs at the masked positions only
         h = gen.head.transform(gen_hidden[masked])
         targets = input_ids[masked]
+        # under autocast the head's output may be bf16/fp16 while the tied table stays fp32: the op takes one
+        # dtype (it accumulates in fp32 regardless)
+        weight, bias = gen.word_embeddings.weight.to(h.dtype), gen.head.bias.to(h.dtype)
         mlm_loss, sampled, gen_metrics = mlm_loss_and_sample(
-            h, gen.word_embeddings.weight, targets, bias=gen.head.bias, seed=(seed + 1) % SEED_LIMIT,
+            h, weight, targets, bias=bias, seed=(seed + 1) % SEED_LIMIT,
             temperature=cfg.temperature, disallowed_ids=cfg.disallowed_sample_ids, return_metrics=True)
         corrupted = input_ids.masked_scatter(masked, sampled.to(input_ids.dtype))
         logits = disc(corrupted, attention_mask, token_type_ids)

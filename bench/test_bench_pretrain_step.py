@@ -1,0 +1,117 @@
+"""One full pretraining step (forward + backward + AdamW) of ELECTRA-small and DeBERTa-v3-xsmall.
+
+Sides, same sizes / batch / optimizer / dropout:
+  fused         ElectraPretrainingModel (fused ops, the backend serving the device)
+  eager         the same model with fused=False (every op on its eager reference)
+  transformers  ElectraForMaskedLM + ElectraForPreTraining (DebertaV2ForMaskedLM + DebertaV2Model with an
+                ELECTRA-style RTD head) used as HF-based ELECTRA trainers use them: eager masking, full
+                [B, T, V] generator logits, cross-entropy and Gumbel sampling at the masked rows, shared
+                embeddings, loss = MLM + 50 x RTD.
+fp32 and CPU bf16 autocast (bf16 autocast on CUDA).
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import QUICK, run
+from electra_fast.models import ElectraConfig, ElectraPretrainingModel
+from electra_fast.models.interop import transformers_config
+
+transformers = pytest.importorskip("transformers")
+
+CASES = {"electra_small": (32, 128), "deberta_v3_xsmall": (8, 128)}
+if QUICK:
+    CASES = {"electra_small": (32, 128)}
+
+
+def _hf_models(cfg: ElectraConfig):
+    g_cfg, d_cfg = transformers_config(cfg, "generator"), transformers_config(cfg, "discriminator")
+    if cfg.disentangled:
+        gen = transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(**g_cfg))
+        disc = transformers.DebertaV2Model(transformers.DebertaV2Config(**d_cfg))
+        # GDES-less sharing, as HF trainers do it: one word embedding module
+        disc.embeddings.word_embeddings = gen.deberta.embeddings.word_embeddings
+        head = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.GELU(), nn.Linear(cfg.hidden_size, 1))
+    else:
+        gen = transformers.ElectraForMaskedLM(transformers.ElectraConfig(**g_cfg))
+        disc = transformers.ElectraForPreTraining(transformers.ElectraConfig(**d_cfg))
+        disc.electra.embeddings = gen.electra.embeddings
+        head = None
+    return gen, disc, head
+
+
+def _hf_step_fn(cfg, gen, disc, head, ids, mask):
+    special = torch.tensor(cfg.special_token_ids)
+
+    def step():
+        # eager "count" masking: rand + topk per row (the formulation the fused op replaces)
+        cand = mask.bool() & ~torch.isin(ids, special)
+        n = (cfg.mask_prob * mask.sum(1)).round().clamp(min=1).long()
+        keys = torch.rand(ids.shape).masked_fill(~cand, 2.0)
+        rank = keys.argsort(1).argsort(1)
+        masked = (rank < n[:, None]) & cand
+        gen_in = torch.where(masked & (torch.rand(ids.shape) < cfg.mask_token_frac), cfg.mask_token_id, ids)
+        logits = gen(gen_in, attention_mask=mask).logits                  # [B, T, V]
+        mlm_logits = logits[masked].float()
+        mlm_loss = F.cross_entropy(mlm_logits, ids[masked])
+        u = torch.rand_like(mlm_logits).clamp_(1e-9, 1.0)
+        sampled = (mlm_logits.detach() / cfg.temperature - torch.log(-torch.log(u))).argmax(-1)
+        corrupted = ids.masked_scatter(masked, sampled)
+        if head is None:
+            d_logits = disc(corrupted, attention_mask=mask).logits
+        else:
+            d_logits = head(disc(corrupted, attention_mask=mask).last_hidden_state).squeeze(-1)
+        labels = (corrupted != ids).float()
+        valid = mask.bool()
+        rtd = F.binary_cross_entropy_with_logits(d_logits[valid].float(), labels[valid])
+        return mlm_loss + cfg.disc_weight * rtd
+
+    return step
+
+
+def _batch(cfg, b, t):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, min(cfg.vocab_size, 30000), (b, t), generator=g)  # ordinary tokens (DeBERTa: < [MASK])
+    ids[:, 0], ids[:, -1] = cfg.cls_token_id, cfg.sep_token_id
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[: b // 4, int(t * 0.8):] = 0  # a quarter of the rows padded, as in packed-with-remainder batches
+    ids[mask == 0] = cfg.pad_token_id
+    return ids, mask
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager", "transformers"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("preset", list(CASES))
+def test_pretrain_step(benchmark, device, preset, dtype, impl):
+    if device.type != "cpu":
+        pytest.skip("this benchmark runs the CPU step; the GPU step is benchmarked by the trainer")
+    b, t = CASES[preset]
+    cfg = getattr(ElectraConfig, preset)()
+    torch.manual_seed(0)
+    ids, mask = _batch(cfg, b, t)
+    if impl == "transformers":
+        gen, disc, head = _hf_models(cfg)
+        modules = [gen, disc] + ([head] if head is not None else [])
+        params = list({id(p): p for m in modules for p in m.parameters()}.values())
+        for m in modules:
+            m.train()
+        forward = _hf_step_fn(cfg, gen, disc, head, ids, mask)
+    else:
+        model = ElectraPretrainingModel(cfg, fused=impl == "fused").train()
+        params = list(model.parameters())
+
+        def forward():
+            return model(ids, mask).loss
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != "fp32"):
+            loss = forward()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    run(benchmark, step, device=device, op=f"pretrain_step[{preset}]", impl=impl, pass_="fwd+bwd+adamw",
+        shape=f"{b}x{t}", dtype=dtype, tokens=b * t, rounds=3 if QUICK else 5, warmup=1)
