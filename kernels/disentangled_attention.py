@@ -98,23 +98,23 @@ def _pos_row(pos_ptr, s, offs_d, NS, D: tl.constexpr):
 
 
 @triton.jit
-def _pos_scores(q, kT, posk_ptr, posq_ptr, sl, smin, smax, offs_d, NS, HAS_C2P: tl.constexpr,
-                HAS_P2C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+def _pos_scores(q, kT, posk_ptr, posq_ptr, sl, smin, smax, offs_d, NS, has_c2p, has_p2c, BM: tl.constexpr,
+                BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
     """c2p + p2c terms (unscaled, fp32 [BM, BN]) of one tile with band slots ``sl``."""
     pos = tl.zeros([BM, BN], dtype=tl.float32)
     if smin == smax:  # saturated tile: one slot for every (i, j)
-        if HAS_C2P:
+        if has_c2p != 0:
             pk = _pos_row(posk_ptr, smin, offs_d, NS, D)
             pos += tl.sum(q.to(tl.float32) * pk[None, :], 1)[:, None]
-        if HAS_P2C:
+        if has_p2c != 0:
             pq = _pos_row(posq_ptr, smin, offs_d, NS, D)
             pos += tl.sum(kT.to(tl.float32) * pq[:, None], 0)[None, :]
     else:
         band_idx = tl.arange(0, BM)[:, None] - tl.arange(0, BN)[None, :] + (BN - 1)  # [BM, BN] -> band row
-        if HAS_C2P:
+        if has_c2p != 0:
             c2p = tl.dot(q, tl.trans(_pos_rows(posk_ptr, sl, offs_d, NS, D)), input_precision=PREC)  # [BM, BR]
             pos += tl.gather(c2p, band_idx, 1)
-        if HAS_P2C:
+        if has_p2c != 0:
             p2c = tl.dot(_pos_rows(posq_ptr, sl, offs_d, NS, D), kT, input_precision=PREC)  # [BR, BN]
             pos += tl.gather(p2c, band_idx, 0)
     return pos
@@ -141,12 +141,10 @@ def _window_add(win, rows, sl, lo, BR: tl.constexpr, D: tl.constexpr):
     prev = tl.gather(sl, tl.maximum(c - 1, 0), 0)
     start = ((c == 0) | (sl != prev)).to(tl.int32)
     run, _ = tl.associative_scan((rows, start[:, None] + tl.zeros([BR, D], dtype=tl.int32)), 0, _seg_add)
-    target = lo + c  # window row e = c holds slot lo + e
-    le = tl.sum((sl[None, :] <= target[:, None]).to(tl.int32), 1)
-    lt = tl.sum((sl[None, :] < target[:, None]).to(tl.int32), 1)
-    end = tl.maximum(le - 1, 0)  # last band row of slot lo + e's run
+    count = tl.histogram(sl - lo, BR)  # band rows per window row e (slot lo + e)
+    end = tl.maximum(tl.cumsum(count, 0) - 1, 0)  # last band row of slot lo + e's run
     add = tl.gather(run, end[:, None] + tl.zeros([BR, D], dtype=tl.int32), 0)
-    return win + tl.where((le > lt)[:, None], add, 0.0)
+    return win + tl.where((count > 0)[:, None], add, 0.0)
 
 
 @triton.jit
@@ -164,8 +162,7 @@ def _window_emit(win, ws_ptr, lo, lo_next, offs_d, NS, BR: tl.constexpr, D: tl.c
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, out_ptr, lse_ptr,
-                  T, H, NS, scale, dropout_p, inv_keep, seed,
-                  HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                  T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p, has_p2c, has_mask,
                   D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -189,11 +186,11 @@ def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, 
         kT = tl.load(k_ptr + base + offs_n[None, :] * D + offs_d[:, None], mask=col_ok[None, :], other=0.0)
         v = tl.load(v_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, kT, input_precision=PREC)
-        if HAS_C2P or HAS_P2C:
+        if (has_c2p != 0) | (has_p2c != 0):
             sl, smin, smax = _band(slots_ptr, i0 - j0, T, BN, BM + BN)
-            s += _pos_scores(q, kT, posk_ptr, posq_ptr, sl, smin, smax, offs_d, NS, HAS_C2P, HAS_P2C, BM, BN, D,
+            s += _pos_scores(q, kT, posk_ptr, posq_ptr, sl, smin, smax, offs_d, NS, has_c2p, has_p2c, BM, BN, D,
                              PREC)
-        if HAS_MASK:
+        if has_mask != 0:
             col_ok = col_ok & (tl.load(mask_ptr + b * T + offs_n, mask=col_ok, other=0) != 0)
         s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -201,12 +198,12 @@ def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, 
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
+        if dropout_p > 0.0:
             p = tl.where(_keep(seed, bh, offs_m, offs_n, T) >= dropout_p, p * inv_keep, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     dead = (l_i == 0.0) | (offs_m >= T)
-    if HAS_MASK:
+    if has_mask != 0:
         dead = dead | (tl.load(mask_ptr + b * T + offs_m, mask=row_ok, other=0) == 0)
     l_safe = tl.where(dead, 1.0, l_i)
     out = tl.where(dead[:, None], 0.0, acc / l_safe[:, None])
@@ -230,40 +227,34 @@ def da_bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, n_rows, D: tl.constexpr, R
 
 @triton.jit
 def _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr, seed, bh, b, offs_m, offs_n,
-             offs_d, d, T, NS, qk_scale, dropout_p, inv_keep, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
-             HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+             offs_d, d, T, NS, qk_scale, dropout_p, inv_keep, has_c2p, has_p2c, has_mask, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
              PREC: tl.constexpr):
     """Recompute one tile: (dropped probabilities [BM, BN], dS [BM, BN] w.r.t. the unscaled score, band slots,
     smin, smax). lse2 = lse * log2(e) (+inf for dead rows -> P = 0)."""
     s = tl.dot(q, kT, input_precision=PREC)
-    sl = tl.zeros([BM + BN], dtype=tl.int32)
-    smin = 0
-    smax = 0
-    if HAS_C2P or HAS_P2C:
-        sl, smin, smax = _band(slots_ptr, d, T, BN, BM + BN)
-        s += _pos_scores(q, kT, posk_ptr, posq_ptr, sl, smin, smax, offs_d, NS, HAS_C2P, HAS_P2C, BM, BN, D,
+    sl, smin, smax = _band(slots_ptr, d, T, BN, BM + BN)
+    if (has_c2p != 0) | (has_p2c != 0):
+        s += _pos_scores(q, kT, posk_ptr, posq_ptr, sl, smin, smax, offs_d, NS, has_c2p, has_p2c, BM, BN, D,
                          PREC)
     col_ok = offs_n < T
-    if HAS_MASK:
+    if has_mask != 0:
         col_ok = col_ok & (tl.load(mask_ptr + b * T + offs_n, mask=col_ok, other=0) != 0)
     s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
     p = tl.exp2(s - lse2[:, None])  # finite - inf, -inf - finite, -inf - inf all give 0
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    if DROPOUT:
+    pd = p
+    if dropout_p > 0.0:
         kept = _keep(seed, bh, offs_m, offs_n, T) >= dropout_p
         pd = tl.where(kept, p * inv_keep, 0.0)
         dp = tl.where(kept, dp * inv_keep, 0.0)
-    else:
-        pd = p
     ds = p * (dp - delta[:, None])
     return pd, ds, sl, smin, smax
 
 
 @triton.jit
 def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, dout_ptr, lse_ptr, delta_ptr,
-                       dk_ptr, dv_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed,
-                       HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr,
-                       DROPOUT: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       dk_ptr, dv_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p, has_p2c,
+                       has_mask, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        PREC: tl.constexpr):
     """Program per (key block, b * H + h): dK, dV and (p2c) this program's dpos_query rows in ws [NS, D]."""
     BR: tl.constexpr = BM + BN
@@ -301,10 +292,10 @@ def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_
         delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
         pd, ds, sl, smin, smax = _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr, seed,
                                           bh, b, offs_m, offs_n, offs_d, i0 - j0, T, NS, qk_scale, dropout_p,
-                                          inv_keep, HAS_C2P, HAS_P2C, HAS_MASK, DROPOUT, D, BM, BN, PREC)
+                                          inv_keep, has_c2p, has_p2c, has_mask, D, BM, BN, PREC)
         dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-        if HAS_P2C:
+        if has_p2c != 0:
             if smin == smax:  # saturated: every (i, j) of the tile reads pos_query[smin]
                 col = tl.sum(ds, 0)
                 dk += col[:, None] * _pos_row(posq_ptr, smin, offs_d, NS, D)[None, :]
@@ -317,7 +308,7 @@ def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_
             lo_next = _slots_at(slots_ptr, i0 + BM - j0 - (BN - 1), T)
             win = _window_emit(win, ws_ptr, lo, lo_next, offs_d, NS, BR, D)
             lo = lo_next
-    if HAS_P2C:
+    if has_p2c != 0:
         _window_emit(win, ws_ptr, lo, lo + BR, offs_d, NS, BR, D)
     dk = dk * scale
     tl.store(dk_ptr + base + offs_n[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
@@ -328,8 +319,7 @@ def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_
 
 @triton.jit
 def da_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, dout_ptr, lse_ptr, delta_ptr,
-                     dq_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed,
-                     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                     dq_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p, has_p2c, has_mask,
                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Program per (query block, b * H + h): dQ and (c2p) this program's dpos_key rows in ws [NS, D].
     Key blocks are visited last to first so that the distance i0 - j0 (and the slot window) only grows."""
@@ -368,9 +358,9 @@ def da_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_pt
         v = tl.load(v_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         pd, ds, sl, smin, smax = _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr, seed,
                                           bh, b, offs_m, offs_n, offs_d, i0 - j0, T, NS, qk_scale, dropout_p,
-                                          inv_keep, HAS_C2P, HAS_P2C, HAS_MASK, DROPOUT, D, BM, BN, PREC)
+                                          inv_keep, has_c2p, has_p2c, has_mask, D, BM, BN, PREC)
         dq += tl.dot(ds.to(q.dtype), tl.trans(kT), input_precision=PREC)
-        if HAS_C2P:
+        if has_c2p != 0:
             if smin == smax:  # saturated: every (i, j) of the tile reads pos_key[smin]
                 rsum = tl.sum(ds, 1)
                 dq += rsum[:, None] * _pos_row(posk_ptr, smin, offs_d, NS, D)[None, :]
@@ -383,7 +373,7 @@ def da_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_pt
             lo_next = _slots_at(slots_ptr, i0 - j0 + 1, T)  # first distance of the next (lower) key block
             win = _window_emit(win, ws_ptr, lo, lo_next, offs_d, NS, BR, D)
             lo = lo_next
-    if HAS_C2P:
+    if has_c2p != 0:
         _window_emit(win, ws_ptr, lo, lo + BR, offs_d, NS, BR, D)
     dq = dq * scale
     tl.store(dq_ptr + base + offs_m[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
@@ -399,8 +389,13 @@ def _prec(dtype) -> str:
 def _common(q, pos_key, pos_query, mask, rel_slots, dropout_p):
     ns = pos_key.shape[1] if pos_key is not None else (pos_query.shape[1] if pos_query is not None else 1)
     return dict(posk=pos_key if pos_key is not None else q, posq=pos_query if pos_query is not None else q,
-                mask=mask if mask is not None else rel_slots, NS=ns,
+                mask=mask if mask is not None else rel_slots.view(torch.uint8), NS=ns,  # never read
                 inv_keep=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0)
+
+
+def _flags(pos_key, pos_query, mask):
+    # runtime flags, not constexprs: one compiled kernel per (dtype, head dim) keeps the AOT lane affordable
+    return int(pos_key is not None), int(pos_query is not None), int(mask is not None)
 
 
 def forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale: float, dropout_p: float, seed: int):
@@ -412,8 +407,7 @@ def forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale: float, dropout_
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     da_fwd_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, c["posk"], c["posq"], c["mask"], rel_slots, out, lse, T, H, c["NS"], float(scale),
-        float(dropout_p), c["inv_keep"], int(seed), HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
-        HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, D=D, BM=bm, BN=bn, PREC=_prec(q.dtype),
+        float(dropout_p), c["inv_keep"], int(seed), *_flags(pos_key, pos_query, mask), D=D, BM=bm, BN=bn, PREC=_prec(q.dtype),
         num_warps=warps, num_stages=stages)
     return out, lse
 
@@ -436,10 +430,9 @@ def backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, s
     da_bwd_delta_kernel[(triton.cdiv(B * H * T, DELTA_ROWS),)](out, grad_out, delta, B * H * T, D=D,
                                                               ROWS=DELTA_ROWS, num_warps=4)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    flags = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None, HAS_MASK=mask is not None,
-                 DROPOUT=dropout_p > 0, D=D, PREC=_prec(q.dtype))
+    flags = dict(D=D, PREC=_prec(q.dtype))
     args = (c["posk"], c["posq"], c["mask"], rel_slots, grad_out, lse, delta)
-    scalars = (T, H, ns, float(scale), float(dropout_p), c["inv_keep"], int(seed))
+    scalars = (T, H, ns, float(scale), float(dropout_p), c["inv_keep"], int(seed), *_flags(pos_key, pos_query, mask))
 
     bm, bn, warps, stages = CONFIGS[D]["dkdv"]
     n_k = triton.cdiv(T, bn)
@@ -459,33 +452,24 @@ def backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, s
 
 
 # ---------------------------------------------------------------------------------------------- AOT specs
-def _flag_sets(dropout_values=(False, True)):
-    """(HAS_C2P, HAS_P2C, HAS_MASK, DROPOUT) combinations the launchers can produce."""
-    return list(itertools.product((False, True), (False, True), (False, True), dropout_values))
-
-
 def compile_specs():
     i32, f32, i64 = "i32", "fp32", "i64"
+    scalars = {"T": i32, "H": i32, "NS": i32, "scale": f32, "dropout_p": f32, "inv_keep": f32, "seed": i64,
+               "has_c2p": i32, "has_p2c": i32, "has_mask": i32}
     specs = []
     for dt, D in itertools.product(DTYPES, HEAD_DIMS):
-        specs.append(Spec(da_bwd_delta_kernel, {"out_ptr": ptr(dt), "dout_ptr": ptr(dt), "delta_ptr": ptr(torch.float32),
-                                                "n_rows": i32}, {"D": D, "ROWS": DELTA_ROWS}, num_warps=4))
-        for c2p, p2c, has_mask, drop in _flag_sets():
-            mask_t = ptr(torch.uint8) if has_mask else ptr(torch.int32)
-            common = {"q_ptr": ptr(dt), "k_ptr": ptr(dt), "v_ptr": ptr(dt), "posk_ptr": ptr(dt), "posq_ptr": ptr(dt),
-                      "mask_ptr": mask_t, "slots_ptr": ptr(torch.int32)}
-            scalars = {"T": i32, "H": i32, "NS": i32, "scale": f32, "dropout_p": f32, "inv_keep": f32, "seed": i64}
-            flags = {"HAS_C2P": c2p, "HAS_P2C": p2c, "HAS_MASK": has_mask, "DROPOUT": drop, "D": D,
-                     "PREC": _prec(dt)}
-            bm, bn, w, st = CONFIGS[D]["fwd"]
-            specs.append(Spec(da_fwd_kernel, {**common, "out_ptr": ptr(dt), "lse_ptr": ptr(torch.float32), **scalars},
-                              {**flags, "BM": bm, "BN": bn}, num_warps=w, num_stages=st))
-            bwd = {**common, "dout_ptr": ptr(dt), "lse_ptr": ptr(torch.float32), "delta_ptr": ptr(torch.float32)}
-            bm, bn, w, st = CONFIGS[D]["dkdv"]
-            specs.append(Spec(da_bwd_dkdv_kernel, {**bwd, "dk_ptr": ptr(dt), "dv_ptr": ptr(dt),
-                                                   "ws_ptr": ptr(torch.float32), **scalars},
-                              {**flags, "BM": bm, "BN": bn}, num_warps=w, num_stages=st))
-            bm, bn, w, st = CONFIGS[D]["dq"]
-            specs.append(Spec(da_bwd_dq_kernel, {**bwd, "dq_ptr": ptr(dt), "ws_ptr": ptr(torch.float32), **scalars},
-                              {**flags, "BM": bm, "BN": bn}, num_warps=w, num_stages=st))
+        specs.append(Spec(da_bwd_delta_kernel, {"out_ptr": ptr(dt), "dout_ptr": ptr(dt),
+                                                "delta_ptr": ptr(torch.float32), "n_rows": i32},
+                          {"D": D, "ROWS": DELTA_ROWS}, num_warps=4))
+        common = {"q_ptr": ptr(dt), "k_ptr": ptr(dt), "v_ptr": ptr(dt), "posk_ptr": ptr(dt), "posq_ptr": ptr(dt),
+                  "mask_ptr": ptr(torch.uint8), "slots_ptr": ptr(torch.int32)}
+        bwd = {**common, "dout_ptr": ptr(dt), "lse_ptr": ptr(torch.float32), "delta_ptr": ptr(torch.float32)}
+        for kernel, pas, sig in (
+                (da_fwd_kernel, "fwd", {**common, "out_ptr": ptr(dt), "lse_ptr": ptr(torch.float32)}),
+                (da_bwd_dkdv_kernel, "dkdv", {**bwd, "dk_ptr": ptr(dt), "dv_ptr": ptr(dt),
+                                              "ws_ptr": ptr(torch.float32)}),
+                (da_bwd_dq_kernel, "dq", {**bwd, "dq_ptr": ptr(dt), "ws_ptr": ptr(torch.float32)})):
+            bm, bn, w, st = CONFIGS[D][pas]
+            specs.append(Spec(kernel, {**sig, **scalars}, {"D": D, "BM": bm, "BN": bn, "PREC": _prec(dt)},
+                              num_warps=w, num_stages=st))
     return specs
