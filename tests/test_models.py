@@ -19,11 +19,13 @@ def tiny(attention="standard", sharing="tied", dropout=0.0, **kw):
                 generator_hidden_size=16, generator_num_hidden_layers=2, generator_num_attention_heads=2,
                 generator_intermediate_size=32, max_position_embeddings=64, attention=attention,
                 embedding_sharing=sharing, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    if attention == "disentangled":
+    if attention == "disentangled":  # head dim 32: the smallest the Triton attention kernels take
         base.update(position_buckets=8, max_relative_positions=32, position_biased_input=False, type_vocab_size=0,
-                    layer_norm_eps=1e-7)
+                    layer_norm_eps=1e-7, embedding_size=32, hidden_size=64, num_attention_heads=2,
+                    intermediate_size=128, generator_hidden_size=32, generator_num_attention_heads=1,
+                    generator_intermediate_size=64)
         if sharing == "tied":
-            base.update(generator_hidden_size=32)
+            base.update(generator_hidden_size=64, generator_num_attention_heads=2)
     base.update(kw)
     return ElectraConfig(**base)
 
