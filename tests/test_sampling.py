@@ -150,8 +150,10 @@ def chi_square_p(samples: torch.Tensor, probs: torch.Tensor) -> float:
 
 def distribution_cases():
     """(backend, device, k, draws): >= 200k draws wherever that is cheap (C++, Triton on a GPU). The reference
-    ([N, V] int64 Philox in eager torch) and the interpreter (numpy, one program at a time) draw 20k 8-way
-    samples (>= 5 expected per pooled category, so the chi-square approximation holds); their 1000-way
+    ([N, V] int64 Philox in eager torch, ~10 us per element on these machines) and the interpreter (numpy, one
+    program at a time) draw 4000 8-way samples (>= 5 expected per pooled category, so the chi-square
+    approximation holds, and a wrong distribution still fails: e.g. sampling softmax(logits) at T = 0.5 or 2
+    gives p < 1e-30 at this size); their 1000-way
     distributions follow from their samples being checked identical to C++ (test_gumbel_sample_matches_reference,
     test_backend_matches_reference)."""
     cases = []
@@ -161,7 +163,7 @@ def distribution_cases():
         for k in (8, 1000):
             if slow and k == 1000:
                 continue
-            cases.append(pytest.param(backend, device, k, 20_000 if slow else 200_000, id=f"{p.id}-{k}way",
+            cases.append(pytest.param(backend, device, k, 4_000 if slow else 200_000, id=f"{p.id}-{k}way",
                                       marks=p.marks))
     return cases
 
