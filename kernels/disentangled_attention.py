@@ -59,8 +59,8 @@ DELTA_ROWS = 64
 
 # head dim -> pass -> (BM, BN, num_warps, num_stages). BM == BN (the band is BM + BN rows, a power of two).
 CONFIGS = {
-    32: {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 1), "dq": (64, 64, 4, 1)},
-    64: {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 8, 1), "dq": (64, 64, 8, 1)},
+    32: {"fwd": (64, 64, 4, 2), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)},
+    64: {"fwd": (64, 64, 8, 2), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)},
     128: {"fwd": (64, 64, 8, 2), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)},
 }
 
@@ -136,15 +136,20 @@ def _seg_add(v1, f1, v2, f2):
 
 @triton.jit
 def _window_add(win, rows, sl, lo, BR: tl.constexpr, D: tl.constexpr):
-    """win[e] += sum of rows[c] with sl[c] == lo + e (sl monotone, steps <= 1, sl[0] == lo)."""
+    """win[e] += sum of rows[c] with sl[c] == lo + e (sl monotone, steps <= 1, sl[0] == lo).
+
+    A slot table with other steps (see slots_supported) poisons the window with NaN: loud, never silently
+    wrong gradients."""
     c = tl.arange(0, BR)
     prev = tl.gather(sl, tl.maximum(c - 1, 0), 0)
+    step = sl - prev
+    table_ok = (tl.max(step, 0) <= 1) & (tl.min(step, 0) >= 0)
     start = ((c == 0) | (sl != prev)).to(tl.int32)
     run, _ = tl.associative_scan((rows, start[:, None] + tl.zeros([BR, D], dtype=tl.int32)), 0, _seg_add)
     count = tl.histogram(sl - lo, BR)  # band rows per window row e (slot lo + e)
     end = tl.maximum(tl.cumsum(count, 0) - 1, 0)  # last band row of slot lo + e's run
     add = tl.gather(run, end[:, None] + tl.zeros([BR, D], dtype=tl.int32), 0)
-    return win + tl.where((count > 0)[:, None], add, 0.0)
+    return tl.where(table_ok, win + tl.where((count > 0)[:, None], add, 0.0), float("nan"))
 
 
 @triton.jit
@@ -382,8 +387,8 @@ def da_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_pt
 
 # ---------------------------------------------------------------------------------------------- launchers
 def _prec(dtype) -> str:
-    # fp32 inputs get true fp32 products (the contract promises fp32 accuracy); fp16/bf16 ignore it.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs: three tf32 products (~fp32 accuracy on tensor cores; "ieee" compiles to huge FMA loops).
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _common(q, pos_key, pos_query, mask, rel_slots, dropout_p):
@@ -391,6 +396,20 @@ def _common(q, pos_key, pos_query, mask, rel_slots, dropout_p):
     return dict(posk=pos_key if pos_key is not None else q, posq=pos_query if pos_query is not None else q,
                 mask=mask if mask is not None else rel_slots.view(torch.uint8), NS=ns,  # never read
                 inv_keep=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0)
+
+
+def slots_supported(rel_slots: torch.Tensor):
+    """None if the backward can reduce the position gradients for this slot table, else the reason.
+
+    The windowed reduction needs slots monotone in i - j with steps of 0 or 1: true for transformers' tables
+    with position_buckets <= max_relative_positions / 2 (DeBERTa-v3: 256 / 512) and without buckets, false for
+    e.g. position_buckets == max_relative_positions (steps of 2). Call it on a CPU table (it reads values);
+    a table that breaks the rule makes the kernels' position gradients NaN rather than wrong.
+    """
+    steps = rel_slots.to(torch.int64).diff()
+    if steps.numel() and (int(steps.min()) < 0 or int(steps.max()) > 1):
+        return "the slot table is not monotone with steps of 0 or 1 (position_buckets vs max_relative_positions)"
+    return None
 
 
 def _flags(pos_key, pos_query, mask):
