@@ -22,6 +22,15 @@ from . import _extension
 BACKENDS = ("triton", "cpp", "reference")
 log = logging.getLogger("electra_fast")
 
+# op name -> (C++ kernel names, Triton kernel module): filled by each ops module at import; read by info.
+DECLARED: dict = {}
+
+
+def declare(op: str, *, cpp=(), triton: Optional[str] = None) -> None:
+    """Record which kernels implement ``op`` (for ``python -m electra_fast.info``)."""
+    DECLARED[op] = (tuple(cpp), triton)
+
+
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("electra_fast_backend", default=None)
 _logged: set = set()
 
@@ -96,27 +105,28 @@ def default_backend(device: torch.device) -> str:
     return {"cuda": "triton", "cpu": "cpp"}.get(device.type, "reference")
 
 
-def select(op: str, device: torch.device, *, cpp_name: Optional[str] = None,
-           supports: Optional[Callable[[str], Optional[str]]] = None) -> str:
-    """The backend that serves ``op`` on ``device``.
+def resolve(op: str, device: torch.device, *, cpp: Optional[str] = None, triton: Optional[str] = None,
+            supports: Optional[Callable[[str], Optional[str]]] = None):
+    """``(backend, reason)``: the backend that serves ``op`` on ``device``, and why the preferred one
+    was passed over (None when it was not). A forced backend that cannot serve raises RuntimeError.
 
-    ``supports(backend)`` lets an op refuse a backend for this call (e.g. an unsupported head dim)
-    by returning a reason string.
+    ``supports(backend)`` lets an op refuse a backend for this call (e.g. an unsupported head dim).
     """
     forced = forced_backend()
     candidate = forced or default_backend(device)
-    reason = unavailable_reason(candidate, device, cpp_name)
+    if candidate == "cpp" and cpp is None:
+        reason = "no C++ kernel for this op"
+    elif candidate == "triton" and triton is None:
+        reason = "no Triton kernel for this op"
+    else:
+        reason = unavailable_reason(candidate, device, cpp)
     if reason is None and supports is not None and candidate != "reference":
         reason = supports(candidate)
     if reason is None:
-        return candidate
+        return candidate, None
     if forced is not None:
         raise RuntimeError(f"electra_fast.{op}: backend {forced!r} was forced but cannot serve this call: {reason}")
-    key = (op, candidate, reason)
-    if key not in _logged:
-        _logged.add(key)
-        log.warning("electra_fast.%s: %s backend unavailable (%s); using the reference", op, candidate, reason)
-    return "reference"
+    return "reference", f"{candidate} backend unavailable ({reason})"
 
 
 def available_backends(device: "torch.device | str" = "cpu") -> list:
@@ -131,15 +141,12 @@ def implementation(op: str, device: torch.device, *, reference: Callable, cpp: O
 
     ``cpp`` names a kernel in ``torch.ops.electra_fast_cpp``; ``triton`` is ``"module.function"`` inside
     ``electra_fast.kernels``, imported only when chosen (importing electra_fast never imports triton).
+    Automatic routing that falls back to the reference says why, once per (op, reason), in the log.
     """
-    def refuse(backend: str) -> Optional[str]:
-        if backend == "cpp" and cpp is None:
-            return "no C++ kernel for this op"
-        if backend == "triton" and triton is None:
-            return "no Triton kernel for this op"
-        return supports(backend) if supports is not None else None
-
-    backend = select(op, device, cpp_name=cpp, supports=refuse)
+    backend, reason = resolve(op, device, cpp=cpp, triton=triton, supports=supports)
+    if reason is not None and (op, reason) not in _logged:
+        _logged.add((op, reason))
+        log.warning("electra_fast.%s: %s; using the reference", op, reason)
     if backend == "cpp":
         return _extension.cpp_op(cpp)
     if backend == "triton":

@@ -14,6 +14,7 @@ from .. import _backend, _validate
 from ..reference import rtd_loss as ref
 
 _SCALAR = torch.Size([])
+_backend.declare("rtd_loss", cpp=("rtd_loss_fwd",), triton="rtd_loss")
 
 
 @torch.library.custom_op("electra_fast::rtd_loss_fwd", mutates_args=())

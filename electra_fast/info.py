@@ -1,0 +1,72 @@
+"""``python -m electra_fast.info``: versions, extension and Triton status, and which backend serves
+each op on each device in this process."""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+
+import torch
+
+from . import _backend, _extension, ops  # noqa: F401  (importing ops declares them)
+
+
+def _triton_status() -> str:
+    err = _backend.triton_import_error()
+    if err:
+        return f"not available ({err})"
+    import triton
+
+    mode = "interpreter (TRITON_INTERPRET=1)" if _backend.triton_interpret() else "compiled"
+    return f"{triton.__version__}, {mode}"
+
+
+def _serving(op: str, device: torch.device) -> str:
+    cpp_names, triton_mod = _backend.DECLARED[op]
+    try:
+        backend, reason = "reference", None
+        for name in cpp_names or (None,):  # every C++ kernel of the op must be there
+            backend, reason = _backend.resolve(op, device, cpp=name, triton=triton_mod)
+            if reason:
+                break
+        if backend == "triton":
+            importlib.import_module(f"electra_fast.kernels.{triton_mod}")
+    except Exception as exc:  # noqa: BLE001 - a forced backend that cannot serve, a broken kernel module
+        return f"ERROR ({exc})"
+    return backend if reason is None else f"reference ({reason})"
+
+
+def report() -> str:
+    import electra_fast
+
+    lines = [
+        f"electra_fast {electra_fast.__version__}  ({os.path.dirname(electra_fast.__file__)})",
+        f"python       {platform.python_version()} on {platform.machine()}",
+        f"torch        {torch.__version__} (cuda {torch.version.cuda}, {torch.get_num_threads()} threads, "
+        f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'})",
+        f"triton       {_triton_status()}",
+    ]
+    if _extension.extension_loaded():
+        built = getattr(sys.modules.get("electra_fast._C"), "TORCH_VERSION", "?")
+        lines.append(f"extension    built: electra_fast._C ({_extension.EXTENSION_PATH}; compiled against torch {built})")
+    else:
+        lines.append(f"extension    NOT available: {_extension.EXTENSION_ERROR}")
+    forced = _backend.forced_backend()
+    lines.append(f"backend      {'forced: ' + forced if forced else 'automatic (CUDA -> triton, CPU -> cpp, else reference)'}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    width = max(len(op) for op in _backend.DECLARED)
+    lines.append("")
+    lines.append(f"{'op':<{width}}  " + "  ".join(f"{d.type}" for d in devices))
+    for op in sorted(_backend.DECLARED):
+        lines.append(f"{op:<{width}}  " + "  ".join(_serving(op, d) for d in devices))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
