@@ -24,16 +24,16 @@ demo: setup
 	$(PY) -m electra_fast.demo
 
 # ELECTRA_FAST_REQUIRE_EXT=1: a missing C++ extension fails the run instead of skipping the cpp lane.
+# Then the quick benchmark as a smoke test (its results go to build/, never committed from CI).
 test: setup
 	ELECTRA_FAST_REQUIRE_EXT=1 $(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m electra_fast bench --quick --out build/bench-smoke
 
 aot: setup
 	$(PY) -m electra_fast.kernels.check
 
 bench: setup
-	cd bench && ../$(PY) -m pytest -q --benchmark-enable --benchmark-columns=median,iqr,rounds \
-		--benchmark-json=results/$$(../$(PY) -c 'import report; print(report.result_name())').json
-	$(PY) bench/report.py
+	$(PY) -m electra_fast bench
 
 clean:
 	rm -rf build *.egg-info electra_fast/_C*.so

@@ -10,10 +10,19 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, extension status and which backend serves each op")
     sub.add_parser("demo", help="run the RTD-loss op on every available backend")
+    bench = sub.add_parser("bench", help="run the benchmark suite (bench/) and write JSON, RESULTS.md and plots")
+    bench.add_argument("--quick", action="store_true", help="fewer shapes and rounds (a smoke test, < 3 min on CPU)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    bench.add_argument("--out", default=None, help="results directory (default: bench/results)")
+    bench.add_argument("--compare", metavar="PREVIOUS.json", help="fail if a fused speed-up fell by > 15%%")
+    bench.add_argument("-k", dest="select", default=None, help="only benchmarks matching this pytest -k expression")
     args = parser.parse_args(argv)
     if args.command == "info":
         from .info import main as info_main
         return info_main()
+    if args.command == "bench":
+        from .bench import main as bench_main
+        return bench_main(args)
     if args.command == "demo":
         from .demo import main as demo_main
         return demo_main()

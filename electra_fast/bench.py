@@ -1,0 +1,58 @@
+"""``electra-fast bench``: run bench/ with pytest-benchmark, then write the JSON, bench/RESULTS.md and plots,
+and optionally gate on a previous result. Runs from a source checkout (bench/ is not installed)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from . import bench_report
+
+
+def bench_dir() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(here, "bench")
+    if not os.path.isfile(os.path.join(path, "conftest.py")):
+        raise SystemExit("electra-fast bench: bench/ not found next to the package; run it from a source checkout "
+                         "installed with `pip install -e .`")
+    return path
+
+
+def main(args) -> int:
+    bdir = bench_dir()
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    out_dir = os.path.abspath(args.out or os.path.join(bdir, "results"))
+    os.makedirs(out_dir, exist_ok=True)
+    stem = bench_report.result_name() + ("-quick" if args.quick else "")
+    json_path = os.path.join(out_dir, stem + ".json")
+    env = dict(os.environ, ELECTRA_FAST_BENCH_QUICK="1" if args.quick else "0")
+    cmd = [sys.executable, "-m", "pytest", bdir, "-q", "-p", "no:cacheprovider", "--benchmark-enable",
+           f"--device={device}", f"--benchmark-json={json_path}", "--benchmark-columns=median,iqr,rounds",
+           "-o", "addopts="]
+    if args.select:
+        cmd += ["-k", args.select]
+    rc = subprocess.call(cmd, cwd=bdir, env=env)
+    if rc != 0:
+        print(f"electra-fast bench: pytest failed (exit {rc})", file=sys.stderr)
+        return rc
+    images = bench_report.plots(json_path, out_dir)
+    results_md = os.path.join(os.path.dirname(out_dir) if args.out is None else out_dir, "RESULTS.md")
+    paths = bench_report.newest_per_machine(out_dir) if args.out is None else [json_path]
+    if json_path not in paths:
+        paths.append(json_path)
+    bench_report.write_results_md(paths, results_md, {json_path: images})
+    print(f"wrote {json_path}, {results_md} and {len(images)} plot(s)")
+    if args.compare:
+        problems = bench_report.compare(json_path, args.compare)
+        for p in problems:
+            print("REGRESSION " + p, file=sys.stderr)
+        if problems:
+            return 1
+        print(f"no fused speed-up fell by more than 15% since {args.compare}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
