@@ -2,8 +2,8 @@
 // the output never depends on the thread count). Semantics, the random stream and the rounding rules:
 // electra_fast/reference/masking.py.
 //
-// "count" picks the n smallest (key, position) pairs with nth_element (O(T)); whole-word "count" sorts
-// the eligible words and takes the longest prefix that fits. The Philox block is compiled for AVX-512 /
+// "count" is a radix select: a histogram of the keys' top bits finds the bucket where the running total of
+// unit lengths crosses n, and only that bucket's few units are sorted (O(T) per row, words included). The Philox block is compiled for AVX-512 /
 // AVX2 / baseline (target_clones) so the 32x32->64 multiplies vectorise on any x86 CPU.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -55,32 +55,84 @@ struct Scratch {
   std::vector<uint8_t> cand, sel;
   std::vector<int32_t> ws, len;   // words: start of each token's unit; length of the unit at its start
   std::vector<uint8_t> ok;        // words: unit holds only candidates (at its start)
-  std::vector<uint64_t> packed;   // (key << 32) | start of the eligible units
-  void resize(int64_t T) {
+  std::vector<int32_t> hist;      // "count": total unit length per bucket of the key's top bits
+  std::vector<uint64_t> packed;   // "count": (key << 32) | start of the eligible units in the boundary bucket
+  void resize(int64_t T, int bits) {
     x0.resize(T), x1.resize(T), x2.resize(T), cand.resize(T), sel.resize(T), ws.resize(T), len.resize(T), ok.resize(T);
+    hist.resize(size_t{1} << bits);
     packed.reserve(T);
   }
 };
 
-static inline bool is_special(int64_t id, const Params& p) {
-  return std::binary_search(p.specials, p.specials + p.n_specials, id);
+static inline uint64_t pack(uint32_t key, int64_t pos) {
+  return (static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(pos);
+}
+
+// Bucket bits for the "count" radix select: about one unit per bucket, at least 16 buckets.
+static inline int bucket_bits(int64_t T) {
+  int bits = 4;
+  while (bits < 12 && (int64_t{1} << bits) < T) ++bits;
+  return bits;
+}
+
+// "count": mark (in sel, at unit starts) the longest prefix of the eligible units in (key, start) order whose total
+// length stays <= n. One histogram pass over the key's top bits finds the bucket where the running total crosses
+// n; only that bucket's few units are sorted. ``unit(t)`` returns the unit length if t starts an eligible unit, else 0.
+template <typename UnitLen>
+void select_prefix(int64_t T, int64_t n, int bits, Scratch& s, UnitLen unit) {
+  const int shift = 32 - bits;
+  std::fill(s.hist.begin(), s.hist.end(), 0);
+  for (int64_t t = 0; t < T; ++t) s.hist[s.x0[t] >> shift] += unit(t);
+  int64_t before = 0;
+  size_t cut = s.hist.size();  // first bucket that does not fit whole
+  for (size_t k = 0; k < s.hist.size(); ++k) {
+    if (before + s.hist[k] > n) {
+      cut = k;
+      break;
+    }
+    before += s.hist[k];
+  }
+  s.packed.clear();
+  for (int64_t t = 0; t < T; ++t) {
+    const size_t k = s.x0[t] >> shift;
+    const int32_t l = unit(t);
+    s.sel[t] = l > 0 && k < cut;
+    if (l > 0 && k == cut) s.packed.push_back(pack(s.x0[t], t));
+  }
+  std::sort(s.packed.begin(), s.packed.end());
+  for (uint64_t u : s.packed) {
+    const int64_t t = static_cast<int64_t>(u & 0xFFFFFFFFu);
+    const int32_t l = unit(t);
+    if (before + l > n) break;  // the prefix ends at the first unit that does not fit
+    before += l;
+    s.sel[t] = 1;
+  }
 }
 
 template <typename id_t>
 void mask_row(const id_t* __restrict ids, const uint8_t* __restrict real_m, const uint8_t* __restrict starts,
               id_t* __restrict out, int64_t* __restrict labels, bool* __restrict masked, int64_t b, int64_t T,
-              const Params& p, Scratch& s) {
+              int bits, const Params& p, Scratch& s) {
   philox_row(p.seed, static_cast<uint64_t>(b * T), T, s.x0.data(), s.x1.data(), s.x2.data());
+  const int64_t* sp = p.specials;
+  const int64_t n_sp = p.n_specials;
+  // Candidates: real and not special (specials in the outer loop so the inner one vectorises).
+  uint8_t* __restrict cand = s.cand.data();
+#pragma omp simd
+  for (int64_t t = 0; t < T; ++t) cand[t] = real_m == nullptr || real_m[t] != 0;
   int64_t n_real = 0, n_cand = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    const bool real = real_m == nullptr || real_m[t] != 0;
-    const bool c = real && (p.n_specials == 0 || !is_special(static_cast<int64_t>(ids[t]), p));
-    s.cand[t] = c;
-    n_real += real;
-    n_cand += c;
+#pragma omp simd reduction(+ : n_real)
+  for (int64_t t = 0; t < T; ++t) n_real += cand[t];
+  for (int64_t k = 0; k < n_sp; ++k) {
+    const id_t special = static_cast<id_t>(sp[k]);
+#pragma omp simd
+    for (int64_t t = 0; t < T; ++t) cand[t] &= ids[t] != special;
   }
+#pragma omp simd reduction(+ : n_cand)
+  for (int64_t t = 0; t < T; ++t) n_cand += cand[t];
   // Units: words (start token + following non-start tokens; padding and position 0 always start one) or tokens.
-  if (starts != nullptr) {
+  const bool words = starts != nullptr;
+  if (words) {
     int32_t start = 0;
     for (int64_t t = 0; t < T; ++t) {
       const bool real = real_m == nullptr || real_m[t] != 0;
@@ -91,67 +143,55 @@ void mask_row(const id_t* __restrict ids, const uint8_t* __restrict real_m, cons
       }
       s.ws[t] = start;
       s.len[start] += 1;
-      s.ok[start] &= s.cand[t];
+      s.ok[start] &= cand[t];
     }
   }
-  const bool words = starts != nullptr;
   if (p.count) {
     const int64_t n = n_cand == 0 ? 0 : std::min<int64_t>(n_cand, std::max<int32_t>(1, p.table[n_real]));
-    s.packed.clear();
     if (!words) {
-      for (int64_t t = 0; t < T; ++t)
-        if (s.cand[t]) s.packed.push_back((static_cast<uint64_t>(s.x0[t]) << 32) | static_cast<uint64_t>(t));
-      uint64_t last = 0;
-      if (n > 0) {
-        std::nth_element(s.packed.begin(), s.packed.begin() + (n - 1), s.packed.end());
-        last = s.packed[n - 1];
-      }
-      for (int64_t t = 0; t < T; ++t)
-        s.sel[t] = n > 0 && s.cand[t] && ((static_cast<uint64_t>(s.x0[t]) << 32) | static_cast<uint64_t>(t)) <= last;
+      select_prefix(T, n, bits, s, [&](int64_t t) { return static_cast<int32_t>(cand[t] && n > 0); });
     } else {
-      for (int64_t t = 0; t < T; ++t)
-        if (s.ws[t] == t && s.ok[t] && s.len[t] <= n)
-          s.packed.push_back((static_cast<uint64_t>(s.x0[t]) << 32) | static_cast<uint64_t>(t));
-      std::sort(s.packed.begin(), s.packed.end());
-      int64_t total = 0;
-      uint64_t last = 0;
-      bool any = false;
-      for (uint64_t u : s.packed) {
-        const int64_t l = s.len[static_cast<int64_t>(u & 0xFFFFFFFFu)];
-        if (total + l > n) break;
-        total += l;
-        last = u;
-        any = true;
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        const int32_t w = s.ws[t];
-        s.sel[t] = any && s.ok[w] && s.len[w] <= n &&
-                   ((static_cast<uint64_t>(s.x0[w]) << 32) | static_cast<uint64_t>(w)) <= last;
-      }
+      select_prefix(T, n, bits, s, [&](int64_t t) {
+        return static_cast<int32_t>(s.ws[t] == t && s.ok[t] && s.len[t] <= n) * s.len[t];
+      });
+      for (int64_t t = 0; t < T; ++t) s.sel[t] = s.sel[s.ws[t]];  // ws[t] <= t: the start is already final
+    }
+  } else if (words) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t w = s.ws[t];
+      s.sel[t] = s.ok[w] && static_cast<int64_t>(s.x0[w] >> 8) < p.sel_thr;
     }
   } else {
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t w = words ? s.ws[t] : t;
-      const bool ok = words ? s.ok[w] != 0 : s.cand[t] != 0;
-      s.sel[t] = ok && static_cast<int64_t>(s.x0[w] >> 8) < p.sel_thr;
-    }
+    const uint32_t* __restrict x0 = s.x0.data();
+    const uint32_t sel_thr = static_cast<uint32_t>(p.sel_thr);
+#pragma omp simd
+    for (int64_t t = 0; t < T; ++t) s.sel[t] = cand[t] & ((x0[t] >> 8) < sel_thr);
   }
+  const uint32_t* __restrict x1 = s.x1.data();
+  const uint32_t* __restrict x2 = s.x2.data();
+  const uint8_t* __restrict sel = s.sel.data();
+  const uint64_t n_random = static_cast<uint64_t>(p.n_random);
+  const uint32_t mask_thr = static_cast<uint32_t>(p.mask_thr), rand_thr = static_cast<uint32_t>(p.rand_thr);
+  const id_t mask_id = static_cast<id_t>(p.mask_token_id);
+#pragma omp simd
   for (int64_t t = 0; t < T; ++t) {
-    const int64_t id = static_cast<int64_t>(ids[t]);
-    int64_t v = id;
-    if (s.sel[t]) {
-      const int64_t u = static_cast<int64_t>(s.x1[t] >> 8);
-      if (u < p.mask_thr) {
-        v = p.mask_token_id;
-      } else if (u < p.rand_thr) {
-        int64_t r = static_cast<int64_t>((static_cast<uint64_t>(s.x2[t]) * static_cast<uint64_t>(p.n_random)) >> 32);
-        for (int64_t k = 0; k < p.n_specials; ++k) r += r >= p.specials[k];
-        v = r;
-      }
+    const id_t id = ids[t];
+    const uint32_t u = x1[t] >> 8;
+    const id_t r = static_cast<id_t>((static_cast<uint64_t>(x2[t]) * n_random) >> 32);
+    const id_t repl = u < mask_thr ? mask_id : (u < rand_thr ? r : id);
+    out[t] = sel[t] ? repl : id;
+    labels[t] = sel[t] ? static_cast<int64_t>(id) : kIgnoreIndex;
+    masked[t] = sel[t] != 0;
+  }
+  // Random tokens (rare) step past the sorted specials: a scalar fix-up keeps the loop above vectorised.
+  if (n_sp > 0 && rand_thr > mask_thr) {
+    for (int64_t t = 0; t < T; ++t) {
+      const uint32_t u = x1[t] >> 8;
+      if (!sel[t] || u < mask_thr || u >= rand_thr) continue;
+      int64_t r = static_cast<int64_t>((static_cast<uint64_t>(x2[t]) * n_random) >> 32);
+      for (int64_t k = 0; k < n_sp; ++k) r += r >= sp[k];
+      out[t] = static_cast<id_t>(r);
     }
-    out[t] = static_cast<id_t>(v);
-    labels[t] = s.sel[t] ? id : kIgnoreIndex;
-    masked[t] = s.sel[t] != 0;
   }
 }
 
@@ -188,13 +228,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_tokens(
     bool* m = masked.data_ptr<bool>();
     // Grain: enough rows per task to amortise the scratch, few enough to balance two or more threads.
     const int64_t grain = std::max<int64_t>(1, 4096 / T);
+    const int bits = bucket_bits(T);
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       Scratch s;
-      s.resize(T);
+      s.resize(T, bits);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t off = b * T;
         mask_row<id_t>(ids + off, am ? am + off : nullptr, ws ? ws + off : nullptr, o + off, l + off, m + off, b, T,
-                       p, s);
+                       bits, p, s);
       }
     });
   });
