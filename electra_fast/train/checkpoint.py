@@ -1,0 +1,175 @@
+"""Crash-safe checkpoints: ``<out>/checkpoints/step-XXXXXXXX/``.
+
+A checkpoint is written into ``.tmp-step-XXXXXXXX-<pid>/`` (every file fsynced), closed by ``meta.json``
+(step, run id, sha256 of every file), then renamed into place and the parent directory fsynced. A kill at
+any instant therefore leaves either no new directory or a complete one, and the previous checkpoints
+untouched. Loading verifies the checksums and skips (with a warning) anything corrupt or partial.
+
+Files: ``model.safetensors`` (ElectraPretrainingModel state dict, tied tensors saved once per name),
+``training_state.pt`` (optimizer, scheduler, scaler, RNG states, step, data position), ``config.json``
+(ElectraConfig), ``tokenizer.json``, ``meta.json``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .errors import PretrainError
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+TMP_DIR = re.compile(r"^\.tmp-step-\d{8}-\d+$")
+FILES = ("model.safetensors", "training_state.pt", "config.json", "tokenizer.json")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems refuse directory fsync; the rename is still atomic
+        pass
+
+
+def checkpoint_dirs(root: str) -> List[Tuple[int, str]]:
+    """(step, path) of every ``step-*`` directory under ``root``, newest first (unverified)."""
+    if not os.path.isdir(root):
+        return []
+    out = [(int(m.group(1)), os.path.join(root, n)) for n in os.listdir(root) if (m := STEP_DIR.match(n))]
+    return sorted(out, reverse=True)
+
+
+def save(root: str, step: int, run_id: str, writers: Dict[str, Callable[[str], None]],
+         keep: Optional[int] = None, hook: Optional[Callable[[str], None]] = None) -> str:
+    """Write one checkpoint. ``writers`` maps each name in FILES to a function writing that file at the given
+    path. ``hook(stage)`` (tests) is called between stages. Returns the checkpoint's path."""
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{step:08d}")
+    if os.path.isdir(final) and verify(final) is None:
+        return final  # this step is already saved (e.g. the end-of-run save right after a periodic one)
+    tmp = os.path.join(root, f".tmp-step-{step:08d}-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    sums = {}
+    for name in FILES:
+        path = os.path.join(tmp, name)
+        writers[name](path)
+        _fsync_file(path)
+        sums[name] = _sha256(path)
+        if hook:
+            hook(name)
+    meta = {"format": 1, "step": step, "run_id": run_id, "sha256": sums}
+    with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if hook:
+        hook("meta")
+    if os.path.isdir(final):  # a corrupt directory of the same step: move it aside, never lose it silently
+        os.replace(final, final + f".corrupt-{os.getpid()}")
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if hook:
+        hook("renamed")
+    if keep is not None and keep > 0:
+        for _, old in checkpoint_dirs(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify(path: str) -> Optional[str]:
+    """None when ``path`` is a complete, uncorrupted checkpoint, else the reason it is not."""
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        sums = meta["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "meta.json missing or unreadable"
+    for name in FILES:
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            return f"{name} missing"
+        if _sha256(p) != sums.get(name):
+            return f"{name} does not match its checksum"
+    return None
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def newest_complete(root: str, warn=print) -> Optional[str]:
+    """The newest checkpoint under ``root`` that verifies; corrupt ones are skipped with a warning."""
+    for _, path in checkpoint_dirs(root):
+        why = verify(path)
+        if why is None:
+            return path
+        warn(f"warning: skipping corrupt or partial checkpoint {path}: {why}")
+    return None
+
+
+def remove_stale_temporaries(root: str) -> None:
+    """Delete ``.tmp-step-*`` directories a killed run left behind (only names this module creates)."""
+    if os.path.isdir(root):
+        for n in os.listdir(root):
+            if TMP_DIR.match(n):
+                shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+
+
+def resolve(path: str, warn=print) -> str:
+    """A checkpoint directory, or a run's output directory (-> its newest complete checkpoint)."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        why = verify(path)
+        if why:
+            raise PretrainError(f"checkpoint {path} is corrupt or partial: {why}")
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        found = newest_complete(root, warn)
+        if found:
+            return found
+    raise PretrainError(f"no complete checkpoint found in {path}")
+
+
+# ---------------------------------------------------------------------------------------- state I/O
+def save_model(model: torch.nn.Module, path: str) -> None:
+    from safetensors.torch import save_file
+    # clone: tied parameters share storage, which safetensors refuses; loading re-ties them by name
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}, path,
+              metadata={"format": "pt"})
+
+
+def load_model_state(model: torch.nn.Module, path: str) -> None:
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(path, device="cpu"), strict=True)
+
+
+def save_training_state(state: dict, path: str) -> None:
+    torch.save(state, path)
+
+
+def load_training_state(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)

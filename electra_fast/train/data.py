@@ -1,0 +1,208 @@
+"""Text -> token stream cache -> packed [CLS] ... [SEP] sequences (RoBERTa's FULL-SENTENCES).
+
+Inputs: ``.txt`` (documents separated by blank lines), ``.jsonl`` (a ``text`` field per line), directories of
+those (recursively, sorted), and a ``datasets`` ``save_to_disk`` directory (when ``datasets`` is installed).
+
+The corpus is tokenised once into ``<cache>/tokens-<key>.bin``: a flat little-endian int32 stream of ids,
+documents separated by [SEP], keyed by a hash of the input files (path, size, mtime), the tokenizer and the
+reader options. It is read back with ``numpy.memmap``, so a corpus larger than RAM works and a second run
+starts at once. Sequence ``i`` is ``[CLS] + stream[i*(T-2) : (i+1)*(T-2)] + [SEP]``; the last partial chunk
+is dropped. Order: a seeded permutation per epoch, a pure function of (seed, epoch), so the data position
+is just the number of sequences consumed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import PretrainError
+from .tokenizer import encode_documents, fingerprint, special_ids
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+# ---------------------------------------------------------------------------------------- reading
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "dataset_info.json"))
+                                    or os.path.isfile(os.path.join(path, "dataset_dict.json")))
+
+
+def resolve_inputs(paths: Sequence[str]) -> List[str]:
+    """Files (and saved datasets) named by ``paths``, directories expanded; errors for missing / empty."""
+    if not paths:
+        raise PretrainError("--data: no input given")
+    out = []
+    for p in paths:
+        p = os.fspath(p)
+        if not os.path.exists(p):
+            raise PretrainError(f"--data: no such file or directory: {p}")
+        if _is_saved_dataset(p):
+            out.append(p)
+        elif os.path.isdir(p):
+            found = sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs if f.endswith(TEXT_SUFFIXES))
+            if not found:
+                raise PretrainError(f"--data: directory {p} holds no .txt or .jsonl files")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def _decode(path: str, data: bytes, skip_bad_lines: bool, stats: dict) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not skip_bad_lines:
+            raise PretrainError(f"--data: {path} is not UTF-8 (invalid byte at offset {e.start}); fix the file or "
+                                "pass --skip-bad-lines") from None
+    lines = []
+    for line in data.split(b"\n"):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            stats["skipped_lines"] = stats.get("skipped_lines", 0) + 1
+    return "\n".join(lines)
+
+
+def read_documents(path: str, skip_bad_lines: bool = False, stats: Optional[dict] = None) -> Iterator[str]:
+    """Documents of one input, in file order."""
+    stats = {} if stats is None else stats
+    if _is_saved_dataset(path):
+        try:
+            import datasets
+        except ImportError:
+            raise PretrainError(f"--data: {path} is a saved dataset; install `datasets` to read it") from None
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[sorted(ds)[0]]
+        if "text" not in ds.column_names:
+            raise PretrainError(f"--data: dataset {path} has no 'text' column (columns: {ds.column_names})")
+        for row in ds:
+            if row["text"] and row["text"].strip():
+                yield row["text"]
+        return
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise PretrainError(f"--data: cannot read {path}: {e.strerror}") from None
+    text = _decode(path, data, skip_bad_lines, stats)
+    if path.endswith(".jsonl"):
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)["text"]
+                if not isinstance(doc, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                if skip_bad_lines:
+                    stats["skipped_lines"] = stats.get("skipped_lines", 0) + 1
+                    continue
+                raise PretrainError(f"--data: {path} line {n} is not a JSON object with a string 'text' field; "
+                                    "fix it or pass --skip-bad-lines") from None
+            if doc.strip():
+                yield doc
+    else:
+        for doc in text.replace("\r\n", "\n").split("\n\n"):
+            if doc.strip():
+                yield doc.strip()
+
+
+# ---------------------------------------------------------------------------------------- cache
+def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool) -> str:
+    h = hashlib.sha256()
+    for p in inputs:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    h.update(fingerprint(tok).encode())
+    h.update(f"skip={skip_bad_lines};format=1".encode())
+    return h.hexdigest()[:24]
+
+
+def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines: bool = False,
+                      log=print) -> str:
+    """Tokenise ``inputs`` into the cache unless already there; returns the ``.bin`` path."""
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"tokens-{cache_key(inputs, tok, skip_bad_lines)}.bin")
+    if os.path.isfile(path) and os.path.isfile(path + ".json"):
+        return path
+    sep = special_ids(tok)["sep"]
+    stats, n_docs, n_tokens = {}, 0, 0
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        for p in inputs:
+            for ids in encode_documents(tok, read_documents(p, skip_bad_lines, stats)):
+                if not ids:
+                    continue
+                arr = np.asarray(ids + [sep], dtype="<i4")
+                f.write(arr.tobytes())
+                n_docs += 1
+                n_tokens += arr.size
+        f.flush()
+        os.fsync(f.fileno())
+    if n_tokens == 0:
+        os.unlink(tmp)
+        raise PretrainError(f"--data: no text found in {', '.join(inputs)}")
+    if stats.get("skipped_lines"):
+        log(f"warning: skipped {stats['skipped_lines']} bad line(s) (--skip-bad-lines)")
+    meta = {"documents": n_docs, "tokens": n_tokens, "inputs": list(inputs), "dtype": "<i4"}
+    with open(path + ".json.tmp", "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, path)
+    os.replace(path + ".json.tmp", path + ".json")  # written last: its presence marks a complete cache
+    log(f"tokenised {n_docs} documents into {n_tokens} tokens -> {path}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------- packing
+class PackedSequences:
+    """Fixed-length [CLS] chunk [SEP] sequences over a memory-mapped token stream."""
+
+    def __init__(self, stream_path: str, seq_len: int, cls_id: int, sep_id: int):
+        if seq_len < 3:
+            raise PretrainError(f"--seq-len: expected >= 3, got {seq_len}")
+        self.tokens = np.memmap(stream_path, dtype="<i4", mode="r")
+        self.seq_len, self.cls_id, self.sep_id = seq_len, cls_id, sep_id
+        self.body = seq_len - 2
+        self.n = len(self.tokens) // self.body
+        if self.n == 0:
+            raise PretrainError(f"--data: the corpus has {len(self.tokens)} tokens, fewer than one sequence of "
+                                f"--seq-len {seq_len}")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """int64 [len(indices), seq_len]."""
+        out = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        out[:, 0], out[:, -1] = self.cls_id, self.sep_id
+        for r, i in enumerate(indices):
+            out[r, 1:-1] = self.tokens[i * self.body:(i + 1) * self.body]
+        return torch.from_numpy(out)
+
+
+class Sampler:
+    """Global sequence order: epoch ``e`` is ``randperm(n)`` under seed ``seed * 1_000_003 + e``.
+    ``indices(pos, count)`` returns sequences ``pos .. pos+count-1`` of that endless stream."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2 ** 63))
+            self._perm, self._epoch = torch.randperm(self.n, generator=g).numpy(), epoch
+        return self._perm
+
+    def indices(self, pos: int, count: int) -> List[int]:
+        out = []
+        for g in range(pos, pos + count):
+            out.append(int(self._permutation(g // self.n)[g % self.n]))
+        return out

@@ -1,0 +1,38 @@
+"""``electra-fast export CHECKPOINT OUT_DIR``: transformers-format ``generator/`` and ``discriminator/``
+directories (weights, config, tokenizer) that ``AutoModelForMaskedLM`` / ``AutoModelForPreTraining`` and
+``AutoTokenizer`` load. Written to a temporary sibling directory, then renamed: never over existing files."""
+from __future__ import annotations
+
+import os
+import shutil
+
+from . import checkpoint as ckpt
+from .errors import PretrainError
+from .tokenizer import load_tokenizer, save_for_transformers
+
+
+def export(checkpoint: str, out_dir: str, warn=print) -> str:
+    """``checkpoint``: a checkpoint directory or a run's ``--out`` (its newest complete checkpoint)."""
+    from ..models import ElectraConfig, ElectraPretrainingModel
+    src = ckpt.resolve(checkpoint, warn)
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise PretrainError(f"export: {out_dir} already exists and is not empty; choose another directory")
+    cfg = ElectraConfig.from_json_file(os.path.join(src, "config.json"))
+    model = ElectraPretrainingModel(cfg)
+    ckpt.load_model_state(model, os.path.join(src, "model.safetensors"))
+    tok = load_tokenizer(os.path.join(src, "tokenizer.json"))
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        for role in ("generator", "discriminator"):
+            save_for_transformers(tok, os.path.join(tmp, role), cfg.max_position_embeddings)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty (checked above)
+        os.replace(tmp, out_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

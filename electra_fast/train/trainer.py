@@ -1,0 +1,465 @@
+"""``pretrain``: the end-to-end ELECTRA / DeBERTa-v3 RTD pretraining job (what ``electra-fast pretrain`` runs).
+
+Per optimizer step: ``grad_accum`` micro-batches of ``batch_size`` packed sequences per rank; the global
+batch is ``batch_size * grad_accum * world`` sequences, taken in order from the seeded data stream (rank r,
+micro-batch m reads the slice ``pos + (m * world + r) * batch_size``). Each micro-batch's corruption seed is
+``derive_seed(seed, step, rank, m)``; dropout draws from torch's generator, seeded per rank and saved in
+checkpoints. Everything a step depends on is therefore in the checkpoint, and a resumed CPU run reproduces
+the uninterrupted run's losses exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+import uuid
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import checkpoint as ckpt
+from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
+from .distributed import Context, setup
+from .errors import PretrainError
+from .tokenizer import config_overrides, fingerprint, load_tokenizer, special_ids, train_wordpiece
+
+MASK64 = (1 << 64) - 1
+# small enough that the README's default job (no --data, CPU) runs a few hundred steps in a couple of minutes
+TINY = dict(embedding_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=512, generator_hidden_size=64, generator_num_hidden_layers=2,
+            generator_num_attention_heads=1, generator_intermediate_size=256)
+DEFAULT_STEPS, DEFAULT_EMBEDDED_STEPS = 10_000, 300
+DEFAULT_EMBEDDED_VOCAB = 8192
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A seed in [0, 2**63) mixing ``seed`` with ``parts`` (step, rank, micro-batch) through SplitMix64."""
+    x = _splitmix64(seed & MASK64)
+    for p in parts:
+        x = _splitmix64(x ^ (p & MASK64))
+    return x >> 1
+
+
+def model_config(model: str, tok_overrides: dict):
+    """``--model``: a preset name (``electra-small``, ``deberta-v3-base``, ..., ``electra-tiny``) or a
+    CONFIG.json; vocabulary and special ids come from the tokenizer."""
+    from ..models import PRESETS, ElectraConfig
+    try:
+        if model.endswith(".json"):
+            if not os.path.isfile(model):
+                raise PretrainError(f"--model: no such file: {model}")
+            try:
+                cfg = ElectraConfig.from_json_file(model)
+            except (OSError, json.JSONDecodeError) as e:
+                raise PretrainError(f"--model: cannot read {model}: {e}") from None
+            return cfg.replace(**tok_overrides)
+        name = model.replace("-", "_")
+        if name == "electra_tiny":
+            return ElectraConfig(**{**TINY, **tok_overrides})
+        if name not in PRESETS:
+            names = ", ".join(["electra-tiny"] + [p.replace("_", "-") for p in PRESETS])
+            raise PretrainError(f"--model: unknown preset {model!r} (expected one of {names}, or a CONFIG.json)")
+        return getattr(ElectraConfig, name)(**tok_overrides)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, PretrainError):
+            raise
+        raise PretrainError(f"--model: {e}") from None
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    """Weight decay on matrices and embeddings; none on LayerNorm parameters and biases (ELECTRA)."""
+    no_decay = set()
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            no_decay.update(id(p) for p in m.parameters(recurse=False))
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (rest if id(p) in no_decay or name.endswith("bias") or p.dim() < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _schedule(warmup: int, steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:  # step = optimizer steps already taken
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+    return factor
+
+
+def _positive(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PretrainError(f"--{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _rng_state(ctx: Context) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    return state
+
+
+def _set_rng_state(state: dict, ctx: Context) -> None:
+    torch.set_rng_state(state["torch"])
+    if ctx.device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], ctx.device)
+
+
+class _Signals:
+    """SIGINT / SIGTERM set a flag: the loop finishes its step, checkpoints and stops. A second SIGINT aborts."""
+
+    def __init__(self):
+        self.caught, self._old = None, {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.caught is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.caught = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _prepare_out(out: str, resume: bool, ctx: Context, log) -> None:
+    """Refuse to mix runs; never touch files this job did not create."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PretrainError(f"--out: {out} exists and is not a directory")
+    has_run = (os.path.isfile(os.path.join(out, "run.json"))
+               or bool(ckpt.checkpoint_dirs(os.path.join(out, "checkpoints")))
+               or os.path.exists(os.path.join(out, "metrics.jsonl")))
+    if has_run and not resume:
+        raise PretrainError(f"--out: {out} already holds a run (run.json / checkpoints / metrics.jsonl); pass "
+                            "--resume to continue it or choose another --out")
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Keep only the records up to ``step`` (a resumed run re-logs what came after its checkpoint)."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] = None,
+             vocab_size: Optional[int] = None, model: Optional[str] = None, seq_len: int = 128,
+             batch_size: int = 32, grad_accum: int = 1, steps: Optional[int] = None, lr: Optional[float] = None,
+             warmup: Optional[int] = None, weight_decay: float = 0.01, precision: str = "fp32",
+             compile: bool = False, seed: int = 0, out: str = "runs/electra-fast", save_every: Optional[int] = None,
+             keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
+             device: Optional[str] = None, progress: bool = True, fused: bool = True,
+             _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
+    """Pretrain an ELECTRA / DeBERTa-v3 RTD model; returns the closing summary (plus ``"model"``, the trained
+    ElectraPretrainingModel). Bad input raises :class:`PretrainError` with a one-line message.
+
+    ``data``: paths (.txt / .jsonl / directories / saved datasets); None trains on the embedded default corpus
+    (Python's standard-library docstrings) with a tiny model, an 8192-token vocabulary and 300 steps unless
+    ``model`` / ``vocab_size`` / ``steps`` say otherwise.
+    """
+    embedded = data is None or (isinstance(data, (list, tuple)) and len(data) == 0)
+    if isinstance(data, (str, os.PathLike)):
+        data = [os.fspath(data)]
+    model = model or ("electra-tiny" if embedded else "electra-small")
+    steps = DEFAULT_EMBEDDED_STEPS if (steps is None and embedded) else (steps or DEFAULT_STEPS)
+    for name, v, lo in (("steps", steps, 1), ("seq-len", seq_len, 3), ("batch-size", batch_size, 1),
+                        ("grad-accum", grad_accum, 1), ("keep", keep, 1), ("log-every", log_every, 1),
+                        ("seed", seed, 0)):
+        _positive(name, v, lo)
+    del name, v, lo
+    if save_every is not None:
+        _positive("save-every", save_every)
+    if warmup is not None:
+        _positive("warmup", warmup, 0)
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise PretrainError(f"--precision: expected fp32, bf16 or fp16, got {precision!r}")
+    if lr is None:
+        lr = 1e-3 if model == "electra-tiny" else (5e-4 if "small" in model else 2e-4)
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise PretrainError(f"--lr: expected a positive number, got {lr!r}")
+    warmup = min(10_000, steps // 10) if warmup is None else warmup
+
+    out = os.fspath(out)
+    ctx = setup(device)
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx.is_main else (lambda msg: None)
+    try:
+        return _run(**locals())
+    finally:
+        ctx.close()
+
+
+def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum, steps, lr, warmup, weight_decay,
+         precision, compile, seed, out, save_every, keep, resume, log_every, skip_bad_lines, device, progress,
+         fused, _checkpoint_hook, embedded, ctx: Context, say) -> dict:
+    from ..models import ElectraConfig, ElectraPretrainingModel
+
+    _prepare_out(out, resume, ctx, say)
+    ckpt_root, cache_dir = os.path.join(out, "checkpoints"), os.path.join(out, "cache")
+    resume_from = ckpt.newest_complete(ckpt_root, say) if resume else None
+    if resume and resume_from is None:
+        say(f"--resume: no complete checkpoint in {out}; starting from scratch")
+    if ctx.is_main:
+        os.makedirs(out, exist_ok=True)
+        ckpt.remove_stale_temporaries(ckpt_root)
+
+    # ---------------------------------------------------------------- inputs and tokenizer
+    if embedded:
+        from .corpus import write_default_corpus
+        corpus = os.path.join(cache_dir, f"default-corpus-py{sys.version_info[0]}.{sys.version_info[1]}.txt")
+        if ctx.is_main:
+            write_default_corpus(corpus)
+        ctx.barrier()
+        inputs = [corpus]
+    else:
+        inputs = resolve_inputs(data)
+
+    if resume_from is not None:
+        tok = load_tokenizer(os.path.join(resume_from, "tokenizer.json"))
+        if tokenizer is not None:
+            user = load_tokenizer(tokenizer)
+            if fingerprint(user) != fingerprint(tok):
+                raise PretrainError(f"--tokenizer: {tokenizer} does not match the vocabulary of the checkpoint "
+                                    f"being resumed ({resume_from}); drop --tokenizer or start a new --out")
+    elif tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    else:
+        vocab = vocab_size or (DEFAULT_EMBEDDED_VOCAB if embedded else 30522)
+        tok_path = os.path.join(out, "tokenizer.json")
+        if ctx.is_main:
+            say(f"training a WordPiece tokenizer (vocabulary {vocab}) on {len(inputs)} input(s)")
+            docs = (d for p in inputs for d in read_documents(p, skip_bad_lines))
+            tok = train_wordpiece(docs, vocab)
+            if tok.get_vocab_size() <= 5:
+                raise PretrainError("--data: no text found to train a tokenizer on")
+            tok.save(tok_path)
+        ctx.barrier()
+        tok = load_tokenizer(tok_path)
+    ids = special_ids(tok)
+
+    # ---------------------------------------------------------------- model
+    if resume_from is not None:
+        cfg = ElectraConfig.from_json_file(os.path.join(resume_from, "config.json"))
+        if cfg.vocab_size != tok.get_vocab_size(with_added_tokens=True):
+            raise PretrainError(f"checkpoint {resume_from}: config vocab_size {cfg.vocab_size} does not match its "
+                                f"tokenizer ({tok.get_vocab_size()})")
+    else:
+        cfg = model_config(model, config_overrides(tok))
+    if seq_len > cfg.max_position_embeddings:
+        raise PretrainError(f"--seq-len: {seq_len} exceeds the model's max_position_embeddings "
+                            f"({cfg.max_position_embeddings})")
+
+    # ---------------------------------------------------------------- data
+    if ctx.is_main:
+        stream = build_token_cache(inputs, tok, cache_dir, skip_bad_lines, log=say)
+    ctx.barrier()
+    if not ctx.is_main:
+        stream = build_token_cache(inputs, tok, cache_dir, skip_bad_lines, log=say)  # a cache hit by now
+    packed = PackedSequences(stream, seq_len, ids["cls"], ids["sep"])
+    sampler = Sampler(len(packed), seed)
+
+    torch.manual_seed(seed)
+    net = ElectraPretrainingModel(cfg, fused=fused).to(ctx.device)
+    optimizer = torch.optim.AdamW(_param_groups(net, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, steps))
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
+    torch.manual_seed(derive_seed(seed, 0x44524F50, ctx.rank))  # per-rank dropout stream ("DROP")
+
+    start_step, data_pos, tokens_seen, run_id, elapsed_before = 0, 0, 0, uuid.uuid4().hex, 0.0
+    if resume_from is not None:
+        ckpt.load_model_state(net, os.path.join(resume_from, "model.safetensors"))
+        st = ckpt.load_training_state(os.path.join(resume_from, "training_state.pt"))
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        scaler.load_state_dict(st["scaler"])
+        start_step, data_pos, tokens_seen = st["step"], st["data_position"], st["tokens_seen"]
+        elapsed_before = st.get("elapsed_s", 0.0)
+        run_id = ckpt.read_meta(resume_from)["run_id"]
+        rng = st["rng"][ctx.rank] if ctx.rank < len(st["rng"]) else st["rng"][0]
+        _set_rng_state(rng, ctx)
+        if st.get("world", 1) != ctx.world:
+            say(f"warning: resuming a {st.get('world', 1)}-process run on {ctx.world} processes: the data order "
+                "continues but per-step results will differ from an uninterrupted run")
+        say(f"resuming from {resume_from} (step {start_step})")
+    if start_step >= steps:
+        raise PretrainError(f"--steps: the resumed run is already at step {start_step} >= --steps {steps}")
+
+    ddp = net
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    step_fn = torch.compile(ddp) if compile else ddp
+
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if ctx.is_main:
+        if resume_from is None:
+            _write_json(os.path.join(out, "run.json"), {"run_id": run_id, "created": time.time(),
+                                                        "model": model, "inputs": inputs})
+            if os.path.exists(metrics_path):  # only reachable with --resume and no checkpoint: our own file
+                os.unlink(metrics_path)
+        else:
+            _truncate_metrics(metrics_path, start_step)
+    tb = None
+    if ctx.is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(os.path.join(out, "tensorboard"))
+        except Exception:  # tensorboard not installed
+            tb = None
+
+    def gather_rng():
+        if not ctx.distributed:
+            return [_rng_state(ctx)]
+        import torch.distributed as dist
+        states = [None] * ctx.world
+        dist.all_gather_object(states, {k: v.cpu() for k, v in _rng_state(ctx).items()})
+        return states
+
+    def save(step):
+        rngs = gather_rng()  # collective: every rank takes part
+        path = None
+        if ctx.is_main:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": rngs, "step": step, "data_position": data_pos,
+                     "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + time.perf_counter() - t0,
+                     "world": ctx.world, "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum}
+            writers = {"model.safetensors": lambda p: ckpt.save_model(net, p),
+                       "training_state.pt": lambda p: ckpt.save_training_state(state, p),
+                       "config.json": lambda p: cfg.to_json_file(p),
+                       "tokenizer.json": lambda p: tok.save(p)}
+            path = ckpt.save(ckpt_root, step, run_id, writers, keep=keep, hook=_checkpoint_hook)
+        ctx.barrier()
+        return path
+
+    # ---------------------------------------------------------------- loop
+    from tqdm.auto import tqdm
+    dev_type = ctx.device.type
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    per_step_tokens = batch_size * seq_len * grad_accum * ctx.world
+    names = ("loss", "mlm_loss", "rtd_loss", "generator_accuracy", "discriminator_accuracy",
+             "discriminator_precision", "discriminator_recall", "replaced_fraction")
+    bar = tqdm(total=steps, initial=start_step, disable=not (progress and ctx.is_main), unit="step",
+               dynamic_ncols=True, file=sys.stderr)
+    say(f"pretraining {model} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f} M parameters, vocabulary "
+        f"{cfg.vocab_size}) on {len(packed)} sequences of {seq_len} tokens, {per_step_tokens} tokens per step, "
+        f"{steps} steps, {precision}, {ctx.world} process(es) on {ctx.device}")
+    t0 = time.perf_counter()
+    last, first_loss, last_record, interrupted, path = None, None, None, None, None
+    net.train()
+    with _Signals() as signals, open(os.devnull if not ctx.is_main else metrics_path, "a", encoding="utf-8") as mf:
+        step = start_step
+        while step < steps:
+            ts = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            acc = torch.zeros(len(names), device=ctx.device)
+            for m in range(grad_accum):
+                idx = sampler.indices(data_pos + (m * ctx.world + ctx.rank) * batch_size, batch_size)
+                batch = packed.batch(idx).to(ctx.device, non_blocking=True)
+                sync = ctx.distributed and m < grad_accum - 1
+                with (ddp.no_sync() if sync else _null()):
+                    with torch.autocast(dev_type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                        o = step_fn(batch, None, seed=derive_seed(seed, step, ctx.rank, m))
+                    scaler.scale(o.loss / grad_accum).backward()
+                acc += torch.stack([o.loss.detach(), o.mlm_loss.detach(), o.rtd_loss.detach()]
+                                   + [o.metrics[k].detach().float() for k in names[3:]]) / grad_accum
+            data_pos += batch_size * grad_accum * ctx.world
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            lr_now = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            tokens_seen += per_step_tokens
+            acc = ctx.all_mean(acc)
+            dt = time.perf_counter() - ts
+            bar.update(1)
+            if step % log_every == 0 or step == steps or step == start_step + 1:
+                vals = acc.tolist()
+                if not all(math.isfinite(v) for v in vals[:3]):
+                    say(f"warning: non-finite loss at step {step}")
+                rec = {"step": step, **{k: v for k, v in zip(names, vals)}, "lr": lr_now,
+                       "grad_norm": float(grad_norm), "tokens_per_s": per_step_tokens / dt,
+                       "tokens_seen": tokens_seen}
+                last_record = rec
+                if first_loss is None:
+                    first_loss = rec["loss"]
+                if ctx.is_main:
+                    mf.write(json.dumps(rec) + "\n")
+                    mf.flush()
+                    if tb is not None:
+                        for k, v in rec.items():
+                            if k != "step":
+                                tb.add_scalar(k, v, step)
+                    bar.set_postfix(loss=f"{vals[0]:.3f}", mlm=f"{vals[1]:.3f}", rtd=f"{vals[2]:.4f}",
+                                    tok_s=f"{per_step_tokens / dt:,.0f}", refresh=False)
+            if ctx.any(signals.caught is not None):
+                interrupted = signals.caught or "signal"
+                break
+            if save_every and step % save_every == 0 and step < steps:
+                path = save(step)
+        bar.close()
+        wall = time.perf_counter() - t0
+        path = save(step)
+    if tb is not None:
+        tb.close()
+    summary = {"steps": step, "tokens_seen": tokens_seen, "wall_time_s": wall,
+               "tokens_per_s": (step - start_step) * per_step_tokens / max(wall, 1e-9),
+               "first_loss": first_loss, "final": last_record, "checkpoint": path, "out": out,
+               "interrupted": interrupted}
+    if ctx.is_main:
+        f = last_record or {}
+        lines = [f"{'interrupted by ' + interrupted + ', ' if interrupted else ''}trained to step {step}/{steps}: "
+                 f"{tokens_seen:,} tokens seen, {wall:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s",
+                 f"loss {first_loss:.4f} -> {f.get('loss', float('nan')):.4f} (mlm {f.get('mlm_loss', 0):.4f}, "
+                 f"rtd {f.get('rtd_loss', 0):.4f}, discriminator accuracy {f.get('discriminator_accuracy', 0):.3f})"
+                 if first_loss is not None else "no step logged",
+                 f"checkpoint: {path}", f"metrics: {metrics_path}",
+                 f"export: electra-fast export {path} {os.path.join(out, 'export')}"]
+        print("\n".join(lines), flush=True)
+    summary["model"] = net
+    return summary
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
