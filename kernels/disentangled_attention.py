@@ -37,7 +37,14 @@ Design (for H100; performance is unmeasured so far - no GPU was available while 
   Workspace: 4 * B * H * 2k * D * (ceil(T / BM_dq) + ceil(T / BN_dkdv)) bytes (fp32; only for the
   position terms present), i.e. O(B * H * T / 64 * k * D); everything else is O(B * H * T * D + H * k * D).
 * Block sizes per head dim live in one table (CONFIGS) that the launchers and compile_specs() share;
-  BM = BN so that BR = BM + BN is a power of two.
+  BM = BN so that BR = BM + BN is a power of two. Which position terms exist, the key mask and dropout are
+  runtime arguments (Triton's JIT still folds the flags equal to 1), so the AOT lane compiles one kernel per
+  (pass, dtype, head dim). fp32 inputs use tf32x3 products (fp32-level accuracy on tensor cores).
+* Slot tables: the backward needs slots monotone in i - j with steps of 0 or 1 (every transformers table with
+  position_buckets <= max_relative_positions / 2, and the bucket-free one). slots_supported() tells the op;
+  a table that breaks the rule turns dpos_key / dpos_query into NaN instead of silently wrong values.
+* Known: the AOT build shows register spills (ptxas stack 0.3-2 KB/thread) from the band gathers
+  (tl.gather) on top of the flash state; tile sizes are untuned. Tuning on an H100 is the next step.
 """
 from __future__ import annotations
 
