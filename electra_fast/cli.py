@@ -16,7 +16,11 @@ def main(argv=None) -> int:
     bench.add_argument("--out", default=None, help="results directory (default: bench/results)")
     bench.add_argument("--compare", metavar="PREVIOUS.json", help="fail if a fused speed-up fell by > 15%%")
     bench.add_argument("-k", dest="select", default=None, help="only benchmarks matching this pytest -k expression")
+    from .train import cli as train_cli
+    train_cli.add_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command in train_cli.COMMANDS:
+        return train_cli.run(args)
     if args.command == "info":
         from .info import main as info_main
         return info_main()

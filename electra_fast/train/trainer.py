@@ -181,7 +181,7 @@ def _truncate_metrics(path: str, step: int) -> None:
 
 def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] = None,
              vocab_size: Optional[int] = None, model: Optional[str] = None, seq_len: int = 128,
-             batch_size: int = 32, grad_accum: int = 1, steps: Optional[int] = None, lr: Optional[float] = None,
+             batch_size: Optional[int] = None, grad_accum: int = 1, steps: Optional[int] = None, lr: Optional[float] = None,
              warmup: Optional[int] = None, weight_decay: float = 0.01, precision: str = "fp32",
              compile: bool = False, seed: int = 0, out: str = "runs/electra-fast", save_every: Optional[int] = None,
              keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
@@ -191,13 +191,14 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     ElectraPretrainingModel). Bad input raises :class:`PretrainError` with a one-line message.
 
     ``data``: paths (.txt / .jsonl / directories / saved datasets); None trains on the embedded default corpus
-    (Python's standard-library docstrings) with a tiny model, an 8192-token vocabulary and 300 steps unless
-    ``model`` / ``vocab_size`` / ``steps`` say otherwise.
+    (Python's standard-library docstrings) with a tiny model, an 8192-token vocabulary, batch 16 and 300 steps
+    unless ``model`` / ``vocab_size`` / ``batch_size`` / ``steps`` say otherwise.
     """
     embedded = data is None or (isinstance(data, (list, tuple)) and len(data) == 0)
     if isinstance(data, (str, os.PathLike)):
         data = [os.fspath(data)]
     model = model or ("electra-tiny" if embedded else "electra-small")
+    batch_size = (16 if embedded else 32) if batch_size is None else batch_size
     steps = DEFAULT_EMBEDDED_STEPS if (steps is None and embedded) else (steps or DEFAULT_STEPS)
     for name, v, lo in (("steps", steps, 1), ("seq-len", seq_len, 3), ("batch-size", batch_size, 1),
                         ("grad-accum", grad_accum, 1), ("keep", keep, 1), ("log-every", log_every, 1),

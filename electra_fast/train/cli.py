@@ -1,0 +1,76 @@
+"""``electra-fast pretrain`` and ``electra-fast export``: argument parsing and one-line errors.
+
+Kept apart from the top-level ``electra_fast/cli.py`` (which only registers these sub-commands) and light
+to import: torch and the trainer load only when a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS = ("pretrain", "export")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain an ELECTRA / DeBERTa-v3 RTD model (default: a tiny model on an "
+                                        "embedded corpus, a few minutes on CPU)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", nargs="+", metavar="PATH", default=None,
+                   help=".txt (documents separated by blank lines), .jsonl ('text' field), directories of those, or "
+                        "a datasets save_to_disk directory; default: the embedded corpus (Python's stdlib docstrings)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or a transformers tokenizer directory")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="train a WordPiece tokenizer of this size (default 30522; 8192 on the embedded corpus)")
+    p.add_argument("--model", default=None, help="electra-tiny | electra-small | electra-base | electra-large | "
+                   "deberta-v3-xsmall | -small | -base | -large | CONFIG.json (default: electra-tiny on the embedded "
+                   "corpus, else electra-small)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per process per micro-batch "
+                   "(default 32; 16 on the embedded corpus)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 10000; 300 on the embedded corpus)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 tiny, 5e-4 small, 2e-4)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default steps / 10, at most 10000)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/electra-fast", help="output directory (checkpoints, metrics, cache)")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (always at the end)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip lines that are not UTF-8 / not valid JSONL")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    e = sub.add_parser("export", help="write transformers-format generator/ and discriminator/ (with tokenizer)")
+    e.add_argument("checkpoint", help="a checkpoint directory, or a run's --out (its newest complete checkpoint)")
+    e.add_argument("out_dir")
+    e.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def run(args) -> int:
+    """Run a parsed ``pretrain`` / ``export`` command; bad input -> one line on stderr, exit status 2."""
+    try:
+        if args.command == "export":
+            from .export import export
+            path = export(args.checkpoint, args.out_dir, warn=lambda m: print(m, file=sys.stderr))
+            print(f"exported {args.checkpoint} -> {path}/generator, {path}/discriminator")
+            return 0
+        from .trainer import pretrain
+        summary = pretrain(args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, model=args.model,
+                           seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                           steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                           precision=args.precision, compile=args.compile, seed=args.seed, out=args.out,
+                           save_every=args.save_every, keep=args.keep, resume=args.resume,
+                           log_every=args.log_every, skip_bad_lines=args.skip_bad_lines, device=args.device,
+                           progress=not args.no_progress)
+        return 130 if summary.get("interrupted") else 0
+    except Exception as exc:
+        from .errors import PretrainError
+        if args.debug or not isinstance(exc, (PretrainError, OSError)):
+            raise
+        print(f"electra-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
