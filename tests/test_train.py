@@ -1,0 +1,325 @@
+"""The pretraining job: tokenizer, data cache and packing, training, exact resume, crash-safe checkpoints,
+two-process DDP, export to transformers, and every bad-input case (one-line errors, non-zero exit)."""
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from electra_fast.cli import main as cli_main
+from electra_fast.models import ElectraConfig
+from electra_fast.train import PretrainError, derive_seed, export, pretrain
+from electra_fast.train import checkpoint as ckpt
+from electra_fast.train.data import PackedSequences, Sampler, build_token_cache, read_documents
+from electra_fast.train.tokenizer import load_tokenizer, special_ids, train_wordpiece
+
+WORDS = ("the cat dog bird sat ran flew on under over a mat tree roof quickly slowly red blue green big small "
+         "house river stone light dark morning evening sings eats sleeps watches").split()
+
+
+def _corpus(n_docs=120, seed=0):
+    """Synthetic documents with learnable structure (article noun verb preposition article noun)."""
+    r = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sents = []
+        for _ in range(r.randint(2, 5)):
+            sents.append(" ".join(r.choice(WORDS[i:i + 6]) for i in range(0, 30, 6)) + ".")
+        docs.append(" ".join(sents).capitalize())
+    return docs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: threads only add barrier waits on a busy CI machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = root / "corpus.txt"
+    data.write_text("\n\n".join(_corpus()) + "\n", encoding="utf-8")
+    tok = train_wordpiece(_corpus(), vocab_size=120)
+    tok.save(str(root / "tokenizer.json"))
+    cfg = ElectraConfig(embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, generator_hidden_size=16, generator_num_hidden_layers=1,
+                        generator_num_attention_heads=1, generator_intermediate_size=32, max_position_embeddings=64,
+                        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)
+    cfg.to_json_file(str(root / "tiny.json"))
+    return {"root": root, "data": str(data), "tokenizer": str(root / "tokenizer.json"), "model": str(root / "tiny.json")}
+
+
+def _kw(env, out, **kw):
+    base = dict(tokenizer=env["tokenizer"], model=env["model"], seq_len=32, batch_size=4, steps=8, lr=3e-3,
+                warmup=2, out=str(out), log_every=1, progress=False)
+    base.update(kw)
+    return base
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+# ------------------------------------------------------------------------------------------ tokenizer / data
+def test_tokenizer_train_save_load(env, tmp_path):
+    tok = load_tokenizer(env["tokenizer"])
+    ids = special_ids(tok)
+    assert ids == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    enc = tok.encode("The cat sat on the mat.")
+    assert enc.ids[0] == ids["cls"] and enc.ids[-1] == ids["sep"] and ids["unk"] not in enc.ids
+    d = tmp_path / "dir"
+    d.mkdir()
+    shutil.copy(env["tokenizer"], d / "tokenizer.json")
+    assert load_tokenizer(str(d)).get_vocab() == tok.get_vocab()
+    v = tmp_path / "bert"  # a BERT vocab.txt directory
+    v.mkdir()
+    (v / "vocab.txt").write_text("\n".join(sorted(tok.get_vocab(), key=tok.get_vocab().get)) + "\n")
+    assert load_tokenizer(str(v)).encode("the cat").ids == tok.encode("the cat").ids
+
+
+def test_data_cache_packing_and_order(env, tmp_path):
+    tok = load_tokenizer(env["tokenizer"])
+    logs = []
+    path = build_token_cache([env["data"]], tok, str(tmp_path), log=logs.append)
+    assert len(logs) == 1 and "tokenised" in logs[0]
+    again = build_token_cache([env["data"]], tok, str(tmp_path), log=logs.append)
+    assert again == path and len(logs) == 1  # second run: no re-tokenisation
+    stream = np.fromfile(path, dtype="<i4")
+    docs = list(read_documents(env["data"]))
+    ids = special_ids(tok)
+    assert int((stream == ids["sep"]).sum()) == len(docs)  # one [SEP] per document
+    packed = PackedSequences(path, 32, ids["cls"], ids["sep"])
+    assert len(packed) == len(stream) // 30
+    b = packed.batch([0, 3])
+    assert b.shape == (2, 32) and (b[:, 0] == ids["cls"]).all() and (b[:, -1] == ids["sep"]).all()
+    assert b[1, 1:-1].tolist() == stream[90:120].tolist()
+    s = Sampler(len(packed), seed=5)
+    first = s.indices(0, len(packed))
+    assert sorted(first) == list(range(len(packed)))  # each epoch a permutation
+    assert Sampler(len(packed), seed=5).indices(3, 7) == first[3:10]  # a pure function of the position
+    assert s.indices(len(packed), 5) != first[:5]  # a new order next epoch
+
+
+def test_jsonl_directory_and_skip_bad_lines(tmp_path):
+    d = tmp_path / "docs"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.jsonl").write_text('{"text": "first doc"}\n\n{"text": "second doc"}\n', encoding="utf-8")
+    (d / "sub" / "b.txt").write_bytes(b"good line\n\xff\xfe bad line\nmore good\n\nnext doc\n")
+    from electra_fast.train.data import resolve_inputs
+    files = resolve_inputs([str(d)])
+    assert [os.path.basename(f) for f in files] == ["a.jsonl", "b.txt"]
+    assert list(read_documents(files[0])) == ["first doc", "second doc"]
+    with pytest.raises(PretrainError, match=r"b\.txt is not UTF-8 \(invalid byte at offset 10\)"):
+        list(read_documents(files[1]))
+    stats = {}
+    assert list(read_documents(files[1], skip_bad_lines=True, stats=stats)) == ["good line\nmore good", "next doc"]
+    assert stats["skipped_lines"] == 1
+
+
+def test_derive_seed():
+    seeds = {derive_seed(0, s, r, m) for s in range(50) for r in range(2) for m in range(2)}
+    assert len(seeds) == 200 and all(0 <= x < 2 ** 63 for x in seeds)
+    assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) != derive_seed(1, 3, 2)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_end_to_end_loss_falls_checkpoints_export(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    s = pretrain(env["data"], **_kw(env, out, steps=40, batch_size=8, lr=5e-3, warmup=4, save_every=10, keep=2,
+                                    log_every=1))
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, 41))
+    first, last = np.mean([losses[i] for i in range(1, 6)]), np.mean([losses[i] for i in range(36, 41)])
+    assert last < 0.8 * first, (first, last)
+    rec = json.loads(open(out / "metrics.jsonl").readline())
+    for k in ("step", "loss", "mlm_loss", "rtd_loss", "generator_accuracy", "discriminator_accuracy",
+              "discriminator_precision", "discriminator_recall", "replaced_fraction", "lr", "grad_norm",
+              "tokens_per_s"):
+        assert k in rec and np.isfinite(rec[k])
+    assert [os.path.basename(p) for _, p in ckpt.checkpoint_dirs(out / "checkpoints")] == ["step-00000040",
+                                                                                            "step-00000030"]
+    assert s["checkpoint"].endswith("step-00000040") and s["tokens_seen"] == 40 * 8 * 32
+    summary = capsys.readouterr().out
+    assert "tokens/s" in summary and "loss" in summary
+
+    # export -> transformers loads both parts and the tokenizer, and runs them
+    transformers = pytest.importorskip("transformers")
+    exp = tmp_path / "export"
+    assert cli_main(["export", str(out), str(exp)]) == 0
+    tk = transformers.AutoTokenizer.from_pretrained(str(exp / "discriminator"))
+    batch = tk(["the cat sat on the mat."], return_tensors="pt")
+    disc = transformers.AutoModelForPreTraining.from_pretrained(str(exp / "discriminator")).eval()
+    gen = transformers.AutoModelForMaskedLM.from_pretrained(str(exp / "generator")).eval()
+    with torch.no_grad():
+        d_logits, g_logits = disc(**batch).logits, gen(**batch).logits
+    assert d_logits.shape == batch["input_ids"].shape and torch.isfinite(d_logits).all()
+    assert g_logits.shape == (*batch["input_ids"].shape, tk.vocab_size) and torch.isfinite(g_logits).all()
+    # the exported discriminator computes what the trained model computes
+    net = s["model"].eval()
+    with torch.no_grad():
+        ours = net.discriminator(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(ours, d_logits, rtol=1e-4, atol=1e-4)
+    # never over existing files
+    assert cli_main(["export", str(out), str(exp)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_resume_reproduces_uninterrupted_run(env, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain(env["data"], **_kw(env, straight, steps=8, save_every=4, keep=5, grad_accum=2))
+    # a run "killed" after its step-4 checkpoint: the same directory without anything later
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000008")
+    pretrain(env["data"], **_kw(env, resumed, steps=8, save_every=4, keep=5, grad_accum=2, resume=True))
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(b) == list(range(1, 9))
+    assert [a[i] for i in range(1, 9)] == [b[i] for i in range(1, 9)]  # bit-identical on CPU
+
+
+# ------------------------------------------------------------------------------------------ crash safety
+CHILD = textwrap.dedent("""
+    import os, sys, torch
+    from electra_fast.train import checkpoint as ckpt
+    root = sys.argv[1]
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+    step = max([s for s, _ in ckpt.checkpoint_dirs(root)], default=0)
+    while True:
+        step += 1
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(step))
+        state = {"step": step, "blob": torch.full((20000,), float(step))}
+        ckpt.save(root, step, "run", {
+            "model.safetensors": lambda p: ckpt.save_model(model, p),
+            "training_state.pt": lambda p: ckpt.save_training_state(state, p),
+            "config.json": lambda p: open(p, "w").write("{}"),
+            "tokenizer.json": lambda p: open(p, "w").write("{}")}, keep=2)
+""")
+
+
+def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    rng = random.Random(0)
+    for trial in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, root], stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while not ckpt.checkpoint_dirs(root) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        newest = ckpt.newest_complete(root, warn=lambda m: None)
+        assert newest is not None, f"trial {trial}: no loadable checkpoint"
+        st = ckpt.load_training_state(os.path.join(newest, "training_state.pt"))
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+        ckpt.load_model_state(model, os.path.join(newest, "model.safetensors"))
+        assert all((p == float(st["step"])).all() for p in model.parameters())
+        assert ckpt.read_meta(newest)["step"] == st["step"]
+    ckpt.remove_stale_temporaries(root)
+    assert not [n for n in os.listdir(root) if n.startswith(".tmp")]
+
+
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, out, steps=4, save_every=2))
+    newest = out / "checkpoints" / "step-00000004"
+    with open(newest / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    s = pretrain(env["data"], **_kw(env, out, steps=6, save_every=2, resume=True))
+    err = capsys.readouterr().err
+    assert "skipping corrupt or partial checkpoint" in err and "step 2" in err
+    assert s["steps"] == 6 and sorted(_losses(out)) == list(range(1, 7))
+
+
+# ------------------------------------------------------------------------------------------ DDP
+def _ddp_worker(rank, world, port, kw, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    s = pretrain(**kw)
+    flat = torch.cat([p.detach().flatten() for p in s["model"].parameters()])
+    torch.save(flat, os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_two_process_gloo(env, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp"
+    kw = dict(data=[env["data"]], **_kw(env, out, steps=3, batch_size=2))
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, kw, str(tmp_path)), nprocs=2, join=True)
+    p0, p1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(p0, p1)  # DDP keeps the replicas identical
+    assert sorted(_losses(out)) == [1, 2, 3]  # one writer: each step logged once
+    assert [s for s, _ in ckpt.checkpoint_dirs(out / "checkpoints")] == [3]
+    st = ckpt.load_training_state(str(out / "checkpoints" / "step-00000003" / "training_state.pt"))
+    assert st["world"] == 2 and st["data_position"] == 3 * 2 * 2 and len(st["rng"]) == 2
+    net = torch.load(tmp_path / "rank0.pt")
+    assert not torch.equal(net, torch.zeros_like(net))
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _cli(args, capsys):
+    code = cli_main(["pretrain", "--no-progress", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, (err[-1] if err else "")
+
+
+def test_bad_input_one_line_errors(env, tmp_path, capsys):
+    common = ["--tokenizer", env["tokenizer"], "--model", env["model"], "--seq-len", "32", "--steps", "2"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    bad_tok = tmp_path / "bad.json"
+    bad_tok.write_text("{not json")
+    cases = [
+        (["--data", str(tmp_path / "missing.txt")], "no such file or directory"),
+        (["--data", str(empty)], "no text found"),
+        (["--data", str(latin)], "latin1.txt is not UTF-8 (invalid byte at offset 3)"),
+        (["--data", env["data"], "--tokenizer", str(bad_tok)], "cannot read"),
+        (["--data", env["data"], "--tokenizer", str(tmp_path / "nope")], "no such file or directory"),
+        (["--data", env["data"], "--seq-len", "100"], "exceeds the model's max_position_embeddings (64)"),
+        (["--data", env["data"], "--model", "electra-huge"], "unknown preset"),
+        (["--data", env["data"], "--batch-size", "0"], "--batch-size: expected an int >= 1"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        code, line = _cli([*common, "--out", str(tmp_path / f"o{i}"), *extra], capsys)
+        assert code == 2 and line.startswith("electra-fast pretrain: error:") and message in line, (extra, line)
+    # an output directory holding another run, without --resume; the user's files stay untouched
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    assert _cli([*common, "--data", env["data"], "--out", str(run)], capsys)[0] == 0
+    code, line = _cli([*common, "--data", env["data"], "--out", str(run)], capsys)
+    assert code == 2 and "already holds a run" in line and "--resume" in line
+    assert (run / "notes.txt").read_text() == "mine"
+    # a tokenizer that does not match the checkpoint being resumed
+    other = train_wordpiece(["zebra quokka platypus"] * 20 + _corpus(20, seed=3), vocab_size=90)
+    other.save(str(tmp_path / "other.json"))
+    code, line = _cli([*common, "--data", env["data"], "--out", str(run), "--steps", "3", "--resume",
+                       "--tokenizer", str(tmp_path / "other.json")], capsys)
+    assert code == 2 and "does not match the vocabulary of the checkpoint" in line
+    # --skip-bad-lines continues past the bad line
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes(b"\xff\xfe\n" + open(env["data"], "rb").read())
+    assert _cli([*common, "--data", str(mixed), "--skip-bad-lines", "--out", str(tmp_path / "skip")], capsys)[0] == 0
+    # --debug shows the traceback instead
+    with pytest.raises(PretrainError):
+        cli_main(["pretrain", "--debug", "--no-progress", *common, "--data", str(empty), "--out",
+                  str(tmp_path / "dbg")])
+    # export of a directory without checkpoints
+    assert cli_main(["export", str(tmp_path / "o0"), str(tmp_path / "exp")]) == 2
