@@ -173,6 +173,32 @@ def test_reference_matches_python_oracle(words, strategy):
 
 
 @pytest.mark.parametrize("backend,device", all_backends())
+def test_exact_probability_thresholds(backend, device):
+    """u < p is exact: a draw equal to p is not below it, one ulp (2**-24) more is."""
+    ids = torch.full((1, 64), 10)
+    x0, x1, _, _ = philox(21, torch.arange(64)[None], MASKING)
+    k0, k1 = (x0[0, 5] >> 8).item(), (x1[0, 7] >> 8).item()
+    for p, want in ((k0 * 2.0 ** -24, False), ((k0 + 1) * 2.0 ** -24, True)):
+        res = run(backend, ids.to(device), seed=21, mask_prob=p, strategy="bernoulli", special_token_ids=())
+        assert res.masked[0, 5].item() is want
+        assert torch.equal(res.masked.cpu(), (x0 >> 8) < math.ceil(p * 2 ** 24))
+    for f, want in ((k1 * 2.0 ** -24, 10), ((k1 + 1) * 2.0 ** -24, MASK_ID)):
+        res = run(backend, ids.to(device), seed=21, mask_prob=1.0, strategy="bernoulli", mask_token_frac=f)
+        assert res.masked.all() and res.input_ids[0, 7].item() == want
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_count_equal_keys_ordered_by_position(backend, device):
+    """Seed 1146 gives positions 3620 and 3883 of a 4096-token row the same 32-bit key, with 1866 keys
+    below it: n = 1867 takes the earlier position only, n = 1868 both, n = 1866 neither."""
+    ids = torch.full((1, 4096), 10, device=device)
+    for n, want in ((1866, (False, False)), (1867, (True, False)), (1868, (True, True))):
+        res = run(backend, ids, seed=1146, mask_prob=n / 4096, special_token_ids=())
+        assert res.masked.sum().item() == n
+        assert (res.masked[0, 3620].item(), res.masked[0, 3883].item()) == want
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
 def test_large_rows_cpu_backends(backend, device):
     """Rows longer than the smallest Triton tile, every option at once (interpreter: one row)."""
     b = 1 if backend == "triton" else 6
