@@ -5,9 +5,10 @@ from .nn.disentangled_attention import patch_deberta_v2, unpatch_deberta_v2
 from .nn.masking import TokenMasker
 from .ops import MaskedTokens, disentangled_attention, gumbel_sample, mask_tokens, mlm_loss_and_sample, rtd_loss
 from .models import ElectraConfig, ElectraPretrainingModel
+from .train import pretrain
 
 __version__ = "0.1.0"
 
 __all__ = ["ElectraConfig", "ElectraPretrainingModel", "MaskedTokens", "TokenMasker", "available_backends", "mask_tokens", "disentangled_attention",
            "extension_loaded", "gumbel_sample",
-           "mlm_loss_and_sample", "patch_deberta_v2", "rtd_loss", "unpatch_deberta_v2", "use_backend", "__version__"]
+           "mlm_loss_and_sample", "patch_deberta_v2", "pretrain", "rtd_loss", "unpatch_deberta_v2", "use_backend", "__version__"]
