@@ -2,9 +2,10 @@
 // the output never depends on the thread count). Semantics, the random stream and the rounding rules:
 // electra_fast/reference/masking.py.
 //
-// "count" is a radix select: a histogram of the keys' top bits finds the bucket where the running total of
-// unit lengths crosses n, and only that bucket's few units are sorted (O(T) per row, words included). The Philox block is compiled for AVX-512 /
-// AVX2 / baseline (target_clones) so the 32x32->64 multiplies vectorise on any x86 CPU.
+// "count" is a radix select: a histogram of the keys' top bits finds the bucket where the running total
+// of unit lengths crosses n, and only that bucket's few units are sorted (O(T) per row, words included).
+// The Philox block is compiled for AVX-512 / AVX2 / baseline (target_clones) so the 32x32->64 multiplies
+// vectorise on any x86 CPU.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

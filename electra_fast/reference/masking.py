@@ -112,7 +112,8 @@ def forward(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], wor
         sel = ok & ((key >> 8) < sel_thr)
 
     u = x1 >> 8
-    repl = torch.where(u < mask_thr, mask_token_id, torch.where(u < rand_thr, random_tokens(x2, n_random, specials), ids))
+    rand_ids = random_tokens(x2, n_random, specials)
+    repl = torch.where(u < mask_thr, mask_token_id, torch.where(u < rand_thr, rand_ids, ids))
     out = torch.where(sel, repl, ids).to(input_ids.dtype)
     labels = torch.where(sel, ids, IGNORE_INDEX)
     return out, labels, sel
