@@ -16,6 +16,7 @@ from ..reference import masking as ref
 from ..reference.philox import check_seed
 
 STRATEGIES = ("count", "bernoulli")
+_backend.declare("mask_tokens", cpp=("mask_tokens",), triton="masking")
 
 
 class MaskedTokens(NamedTuple):
