@@ -22,7 +22,8 @@ The stream (purpose MASKING, index = b * T + t, ONE Philox call per position, se
       compared exactly as integers: u < p  <=>  (x1 >> 8) < ceil(p * 2**24) (the sum taken in float64).
   x2  random token: r = (x2 * M) >> 32 (64-bit product), M = vocab_size - S, then r is stepped past
       the sorted specials (for s in specials: r += r >= s), giving an id uniform over [0, vocab_size)
-      minus the specials up to a bias below M / 2**32 per id (< 2e-5 relative for M = 128k).
+      minus the specials, up to a relative bias of at most M / 2**32 per id (each id gets floor or
+      ceil of 2**32 / M of the x2 values: 7e-6 for M = 30522, 3e-5 for M = 128k).
 
 Selection. Candidates: real (attention_mask == 1) positions whose id is not special.
   Units: a single token, or with ``word_starts`` a word = a start token plus the following non-start
