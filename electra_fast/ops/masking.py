@@ -51,7 +51,7 @@ def _mask_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
                  specials: List[int], seed: int, mask_token_id: int, n_random: int, mask_prob: float,
                  sel_thr: int, mask_thr: int, rand_thr: int, count: bool
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, T = input_ids.shape
+    T = input_ids.shape[1]
     if input_ids.numel() == 0:
         return (input_ids.clone(), torch.full_like(input_ids, ref.IGNORE_INDEX, dtype=torch.int64),
                 torch.zeros_like(input_ids, dtype=torch.bool))
