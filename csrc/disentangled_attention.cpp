@@ -100,6 +100,13 @@ inline std::pair<int32_t, int32_t> block_slot_range(const Problem& p, int64_t i0
   return {*std::min_element(first, last), *std::max_element(first, last)};
 }
 
+// Row stride of the score blocks: T padded so that rows do not alias in the L1 sets (the p2c term walks
+// the block column by column; a power-of-two stride would keep only a few of its rows cached).
+inline int64_t block_ld(int64_t T) {
+  int64_t ld = (T + 15) / 16 * 16;
+  return ld % 256 == 0 ? ld + 16 : ld;
+}
+
 inline bool query_valid(const Problem& p, int64_t b, int64_t i) { return !p.has_mask || p.mask[b * p.T + i]; }
 
 // Dropout factor of element (b, h, i, j): 0 or 1 / (1 - p) (same Philox draw as every backend).
@@ -112,18 +119,40 @@ inline acc_t keep_factor(const Problem& p, int64_t bh, int64_t i, int64_t j, flo
 
 // Scores of one block: s = scale * (S + C-gather + KP-gather), masked keys -> -inf, written back into `s`.
 // Returns the row max (or -inf when no key is valid).
+// p2c term of a block: s[r, j] += KP[j, s(i0 + r, j) - s0]. Walks keys in the outer loop so each KP row is
+// read contiguously (the slots of one key over the block's rows are consecutive) and the block rows stay in L1.
+template <typename acc_t>
+void add_p2c_block(const Problem& p, int64_t i0, int64_t bm, acc_t* __restrict s, int64_t ld,
+                   const acc_t* __restrict kp, int64_t ns) {
+  const int64_t T = p.T;
+  for (int64_t j = 0; j < T; ++j) {
+    const acc_t* kprow = kp + j * ns - p.s0;
+    const int32_t* sl = p.slots + i0 - j + T - 1;  // sl[r] = s(i0 + r, j)
+    for (int64_t r = 0; r < bm; ++r) s[r * ld + j] += kprow[sl[r]];
+  }
+}
+
+// Its backward: dKP[j, s(i0 + r, j) - s0] += g[r, j], in a fixed order.
+template <typename acc_t>
+void scatter_p2c_block(const Problem& p, int64_t i0, int64_t bm, const acc_t* __restrict g, int64_t ld,
+                       acc_t* __restrict dkp, int64_t ns) {
+  const int64_t T = p.T;
+  for (int64_t j = 0; j < T; ++j) {
+    acc_t* dkprow = dkp + j * ns - p.s0;
+    const int32_t* sl = p.slots + i0 - j + T - 1;
+    for (int64_t r = 0; r < bm; ++r) dkprow[sl[r]] += g[r * ld + j];
+  }
+}
+
 template <typename acc_t>
 inline acc_t score_row(const Problem& p, int64_t b, int64_t i, acc_t* __restrict s, const acc_t* __restrict crow,
-                       int32_t clo, const acc_t* __restrict kp, int64_t kp_ld) {
+                       int32_t clo) {
   const int64_t T = p.T;
   const int32_t* sl = p.slots + i + T - 1;  // sl[-j] = s(i, j)
   const acc_t scale = static_cast<acc_t>(p.scale);
   const uint8_t* m = p.has_mask ? p.mask + b * T : nullptr;
   if (crow != nullptr) {
     for (int64_t j = 0; j < T; ++j) s[j] += crow[sl[-j] - clo];
-  }
-  if (kp != nullptr) {
-    for (int64_t j = 0; j < T; ++j) s[j] += kp[j * kp_ld + sl[-j] - p.s0];
   }
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   acc_t mx = ninf;
@@ -175,10 +204,13 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& q, c
   if (p.has_pq) kp = at::mm(kf, pq[h].narrow(0, p.s0, ns).t()).contiguous();
   const float p32 = static_cast<float>(p.dropout_p);
   const acc_t inv_keep = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
+  const int64_t ld = block_ld(T);
+  at::Tensor sbuf = at::empty({kBlockM, ld}, qf.options());
   for (int64_t i0 = 0; i0 < T; i0 += kBlockM) {
     const int64_t bm = std::min(kBlockM, T - i0);
     const at::Tensor qb = qf.narrow(0, i0, bm);
-    at::Tensor s = at::mm(qb, kf.t()).contiguous();  // [bm, T]
+    at::Tensor s = sbuf.narrow(0, 0, bm).narrow(1, 0, T);  // [bm, T], row stride ld
+    at::mm_out(s, qb, kf.t());
     at::Tensor c;
     int32_t clo = 0;
     if (p.has_pk) {
@@ -189,12 +221,12 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& q, c
     acc_t* sp = s.data_ptr<acc_t>();
     const acc_t* cp = p.has_pk ? c.data_ptr<acc_t>() : nullptr;
     const int64_t c_ld = p.has_pk ? c.size(1) : 0;
-    const acc_t* kpp = p.has_pq ? kp.data_ptr<acc_t>() : nullptr;
+    if (p.has_pq) add_p2c_block<acc_t>(p, i0, bm, sp, ld, kp.data_ptr<acc_t>(), ns);
     for (int64_t r = 0; r < bm; ++r) {
       const int64_t i = i0 + r;
-      acc_t* row = sp + r * T;
+      acc_t* row = sp + r * ld;
       acc_t mx = -std::numeric_limits<acc_t>::infinity();
-      if (query_valid(p, b, i)) mx = score_row<acc_t>(p, b, i, row, cp ? cp + r * c_ld : nullptr, clo, kpp, ns);
+      if (query_valid(p, b, i)) mx = score_row<acc_t>(p, b, i, row, cp ? cp + r * c_ld : nullptr, clo);
       if (mx == -std::numeric_limits<acc_t>::infinity()) {  // padded query or no valid key: output 0
         std::fill(row, row + T, acc_t(0));
         lse[bh * T + i] = std::numeric_limits<float>::infinity();
@@ -251,11 +283,15 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& dou
   const float p32 = static_cast<float>(p.dropout_p);
   const acc_t inv_keep = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
   const acc_t scale = static_cast<acc_t>(p.scale);
+  const int64_t ld = block_ld(T);
+  at::Tensor sbuf = at::empty({kBlockM, ld}, opts), gbuf = at::empty({kBlockM, ld}, opts);
   for (int64_t i0 = 0; i0 < T; i0 += kBlockM) {
     const int64_t bm = std::min(kBlockM, T - i0);
     const at::Tensor qb = qf.narrow(0, i0, bm), dob = dof.narrow(0, i0, bm);
-    at::Tensor s = at::mm(qb, kf.t()).contiguous();   // scores -> probabilities (with dropout)
-    at::Tensor g = at::mm(dob, vf.t()).contiguous();  // dP (before dropout) -> d score
+    at::Tensor s = sbuf.narrow(0, 0, bm).narrow(1, 0, T);  // scores -> probabilities (with dropout)
+    at::Tensor g = gbuf.narrow(0, 0, bm).narrow(1, 0, T);  // dP (before dropout) -> d score
+    at::mm_out(s, qb, kf.t());
+    at::mm_out(g, dob, vf.t());
     at::Tensor c, dc;
     int32_t clo = 0;
     if (p.has_pk) {
@@ -268,19 +304,18 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& dou
     acc_t* gp = g.data_ptr<acc_t>();
     const int64_t c_ld = p.has_pk ? c.size(1) : 0;
     acc_t* dcp = p.has_pk ? dc.data_ptr<acc_t>() : nullptr;
-    const acc_t* kpp = p.has_pq ? kp.data_ptr<acc_t>() : nullptr;
-    acc_t* dkpp = p.has_pq ? dkp.data_ptr<acc_t>() : nullptr;
+    if (p.has_pq) add_p2c_block<acc_t>(p, i0, bm, sp, ld, kp.data_ptr<acc_t>(), ns);
     for (int64_t r = 0; r < bm; ++r) {
       const int64_t i = i0 + r;
-      acc_t* row = sp + r * T;
-      acc_t* grow = gp + r * T;
+      acc_t* row = sp + r * ld;
+      acc_t* grow = gp + r * ld;
       const float l = lse[bh * T + i];
       if (!query_valid(p, b, i) || std::isinf(l)) {
         std::fill(row, row + T, acc_t(0));
         std::fill(grow, grow + T, acc_t(0));
         continue;
       }
-      score_row<acc_t>(p, b, i, row, p.has_pk ? c.data_ptr<acc_t>() + r * c_ld : nullptr, clo, kpp, ns);
+      score_row<acc_t>(p, b, i, row, p.has_pk ? c.data_ptr<acc_t>() + r * c_ld : nullptr, clo);
       if constexpr (std::is_same_v<acc_t, double>) {
         // fp64 (gradcheck): renormalise exactly instead of trusting the fp32 lse
         acc_t mx = -std::numeric_limits<acc_t>::infinity();
@@ -309,11 +344,8 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& dou
         acc_t* dcrow = dcp + r * c_ld - clo;
         for (int64_t j = 0; j < T; ++j) dcrow[sl[-j]] += grow[j];
       }
-      if (dkpp != nullptr) {
-        acc_t* dk_base = dkpp - p.s0;
-        for (int64_t j = 0; j < T; ++j) dk_base[j * ns + sl[-j]] += grow[j];
-      }
     }
+    if (p.has_pq) scatter_p2c_block<acc_t>(p, i0, bm, gp, ld, dkp.data_ptr<acc_t>(), ns);
     dvf.addmm_(s.t(), dob);
     dkf.addmm_(g.t(), qb);
     at::Tensor dqb = at::mm(g, kf);
