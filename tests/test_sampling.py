@@ -125,7 +125,8 @@ def test_noise_layout_documented():
 @pytest.mark.parametrize("backend,device", all_backends())
 def test_cross_function_agreement(backend, device):
     """mlm_loss_and_sample draws from the same noise as gumbel_sample(hidden @ W.T + b)."""
-    n, v = (48, 200) if device == "cpu" and backend == "triton" else (2000, 500)
+    slow = backend == "reference" or (backend == "triton" and device == "cpu")  # see distribution_cases
+    n, v = (48, 200) if slow else (2000, 500)
     hidden, weight, bias, targets = make(n=n, e=32, v=v, device=device)
     with electra_fast.use_backend(backend):
         _, fused = electra_fast.mlm_loss_and_sample(hidden, weight, targets, bias=bias, seed=7, temperature=1.5,
@@ -258,8 +259,8 @@ def test_empty_and_all_ignored(backend, device):
 # ------------------------------------------------------------------------------ autograd / torch
 @pytest.mark.parametrize("backend,device", [p for p in all_backends() if p.values[0] != "triton"])
 def test_gradcheck_fp64(backend, device, monkeypatch):
-    small_chunks(monkeypatch, 8)
-    hidden, weight, bias, targets = make(n=5, e=4, v=19, dtype=torch.float64, ignore=1)
+    small_chunks(monkeypatch, 4)
+    hidden, weight, bias, targets = make(n=4, e=3, v=11, dtype=torch.float64, ignore=1)
     for reduction in ("mean", "none"):
         with electra_fast.use_backend(backend):
             assert torch.autograd.gradcheck(
