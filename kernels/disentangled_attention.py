@@ -70,6 +70,15 @@ CONFIGS = {
     64: {"fwd": (64, 64, 8, 2), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)},
     128: {"fwd": (64, 64, 8, 2), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)},
 }
+# fp32 tiles are twice the bytes: the 64 x 64 forward at D = 128 needs 229 KB of shared memory (sm_80 has 163).
+FP32_CONFIGS = {128: {"fwd": (32, 32, 4, 1)}}
+
+
+def config(head_dim: int, dtype: torch.dtype, pas: str):
+    """(BM, BN, num_warps, num_stages) of pass "fwd" | "dkdv" | "dq" - the launchers and compile_specs()."""
+    if dtype == torch.float32 and pas in FP32_CONFIGS.get(head_dim, {}):
+        return FP32_CONFIGS[head_dim][pas]
+    return CONFIGS[head_dim][pas]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -143,7 +152,8 @@ def _seg_add(v1, f1, v2, f2):
 
 @triton.jit
 def _window_add(win, rows, sl, lo, BR: tl.constexpr, D: tl.constexpr):
-    """win[e] += sum of rows[c] with sl[c] == lo + e (sl monotone, steps <= 1, sl[0] == lo).
+    """Ring window of slot rows: win[p] holds slot s in [lo, lo + BR) with s % BR == p. Adds rows[c] (band row
+    c, slot sl[c]; sl monotone with steps <= 1 and sl[0] == lo) to the slot rows.
 
     A slot table with other steps (see slots_supported) poisons the window with NaN: loud, never silently
     wrong gradients."""
@@ -151,24 +161,25 @@ def _window_add(win, rows, sl, lo, BR: tl.constexpr, D: tl.constexpr):
     prev = tl.gather(sl, tl.maximum(c - 1, 0), 0)
     step = sl - prev
     table_ok = (tl.max(step, 0) <= 1) & (tl.min(step, 0) >= 0)
-    start = ((c == 0) | (sl != prev)).to(tl.int32)
+    start = ((c == 0) | (step != 0)).to(tl.int32)
     run, _ = tl.associative_scan((rows, start[:, None] + tl.zeros([BR, D], dtype=tl.int32)), 0, _seg_add)
-    count = tl.histogram(sl - lo, BR)  # band rows per window row e (slot lo + e)
-    end = tl.maximum(tl.cumsum(count, 0) - 1, 0)  # last band row of slot lo + e's run
-    add = tl.gather(run, end[:, None] + tl.zeros([BR, D], dtype=tl.int32), 0)
-    return tl.where(table_ok, win + tl.where((count > 0)[:, None], add, 0.0), float("nan"))
+    count = tl.histogram(sl - lo, BR)  # band rows of slot lo + e
+    end = tl.cumsum(count, 0) - 1  # last band row of slot lo + e's run
+    e = (c + BR - lo % BR) % BR  # ring position p = c holds slot lo + e
+    end_p = tl.maximum(tl.gather(end, e, 0), 0)
+    present = tl.gather(count, e, 0) > 0
+    add = tl.gather(run, end_p[:, None] + tl.zeros([BR, D], dtype=tl.int32), 0)
+    return tl.where(table_ok, win + tl.where(present[:, None], add, 0.0), float("nan"))
 
 
 @triton.jit
 def _window_emit(win, ws_ptr, lo, lo_next, offs_d, NS, BR: tl.constexpr, D: tl.constexpr):
-    """Store the window rows below slot lo_next (final for this program), slide the window to lo_next."""
-    e = tl.arange(0, BR)
-    shift = lo_next - lo
-    done = (e < shift) & (lo + e < NS)
-    tl.store(ws_ptr + (lo + e)[:, None] * D + offs_d[None, :], win, mask=done[:, None])
-    src = e + shift
-    moved = tl.gather(win, tl.minimum(src, BR - 1)[:, None] + tl.zeros([BR, D], dtype=tl.int32), 0)
-    return tl.where((src < BR)[:, None], moved, 0.0)
+    """Store the ring rows of slots [lo, lo_next) (final for this program: later tiles only touch slots >=
+    lo_next) and clear them for the slots lo + BR... that reuse their positions."""
+    e = (tl.arange(0, BR) + BR - lo % BR) % BR
+    done = e < lo_next - lo
+    tl.store(ws_ptr + (lo + e)[:, None] * D + offs_d[None, :], win, mask=(done & (lo + e < NS))[:, None])
+    return tl.where(done[:, None], 0.0, win)
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -312,7 +323,7 @@ def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_
                 col = tl.sum(ds, 0)
                 dk += col[:, None] * _pos_row(posq_ptr, smin, offs_d, NS, D)[None, :]
                 row = tl.sum(col[:, None] * k.to(tl.float32), 0)
-                win += tl.where((e == 0)[:, None], row[None, :], 0.0)
+                win += tl.where((e == lo % BR)[:, None], row[None, :], 0.0)
             else:
                 hb = tl.where(h_ok, tl.gather(ds, h_idx, 0), 0.0).to(q.dtype)  # [BR, BN]
                 dk += tl.dot(tl.trans(hb), _pos_rows(posq_ptr, sl, offs_d, NS, D), input_precision=PREC)
@@ -377,7 +388,7 @@ def da_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_pt
                 rsum = tl.sum(ds, 1)
                 dq += rsum[:, None] * _pos_row(posk_ptr, smin, offs_d, NS, D)[None, :]
                 row = tl.sum(rsum[:, None] * q.to(tl.float32), 0)
-                win += tl.where((e == 0)[:, None], row[None, :], 0.0)
+                win += tl.where((e == lo % BR)[:, None], row[None, :], 0.0)
             else:
                 gb = tl.where(g_ok, tl.gather(ds, g_idx, 1), 0.0).to(q.dtype)  # [BM, BR]
                 dq += tl.dot(gb, _pos_rows(posk_ptr, sl, offs_d, NS, D), input_precision=PREC)
@@ -427,7 +438,7 @@ def _flags(pos_key, pos_query, mask):
 def forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale: float, dropout_p: float, seed: int):
     """(out [B, H, T, D] in q's dtype, lse fp32 [B, H, T])."""
     B, H, T, D = q.shape
-    bm, bn, warps, stages = CONFIGS[D]["fwd"]
+    bm, bn, warps, stages = config(D, q.dtype, "fwd")
     c = _common(q, pos_key, pos_query, mask, rel_slots, dropout_p)
     out = torch.empty_like(q)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
@@ -438,10 +449,11 @@ def forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale: float, dropout_
     return out, lse
 
 
-def workspace_bytes(B: int, H: int, T: int, D: int, span2: int, c2p: bool, p2c: bool) -> int:
+def workspace_bytes(B: int, H: int, T: int, D: int, span2: int, c2p: bool, p2c: bool,
+                    dtype: torch.dtype = torch.bfloat16) -> int:
     """fp32 workspace of backward() for the position gradients (2k = span2 slots)."""
-    n_q = triton.cdiv(T, CONFIGS[D]["dq"][0]) if c2p else 0
-    n_k = triton.cdiv(T, CONFIGS[D]["dkdv"][1]) if p2c else 0
+    n_q = triton.cdiv(T, config(D, dtype, "dq")[0]) if c2p else 0
+    n_k = triton.cdiv(T, config(D, dtype, "dkdv")[1]) if p2c else 0
     return 4 * B * H * span2 * D * (n_q + n_k)
 
 
@@ -460,13 +472,13 @@ def backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, s
     args = (c["posk"], c["posq"], c["mask"], rel_slots, grad_out, lse, delta)
     scalars = (T, H, ns, float(scale), float(dropout_p), c["inv_keep"], int(seed), *_flags(pos_key, pos_query, mask))
 
-    bm, bn, warps, stages = CONFIGS[D]["dkdv"]
+    bm, bn, warps, stages = config(D, q.dtype, "dkdv")
     n_k = triton.cdiv(T, bn)
     ws_q = torch.zeros((B, H, n_k, ns, D) if pos_query is not None else (1,), device=q.device,
                        dtype=torch.float32)
     da_bwd_dkdv_kernel[(n_k, B * H)](q, k, v, *args, dk, dv, ws_q, *scalars, BM=bm, BN=bn, **flags,
                                      num_warps=warps, num_stages=stages)
-    bm, bn, warps, stages = CONFIGS[D]["dq"]
+    bm, bn, warps, stages = config(D, q.dtype, "dq")
     n_q = triton.cdiv(T, bm)
     ws_k = torch.zeros((B, H, n_q, ns, D) if pos_key is not None else (1,), device=q.device, dtype=torch.float32)
     da_bwd_dq_kernel[(n_q, B * H)](q, k, v, *args, dq, ws_k, *scalars, BM=bm, BN=bn, **flags,
@@ -495,7 +507,7 @@ def compile_specs():
                 (da_bwd_dkdv_kernel, "dkdv", {**bwd, "dk_ptr": ptr(dt), "dv_ptr": ptr(dt),
                                               "ws_ptr": ptr(torch.float32)}),
                 (da_bwd_dq_kernel, "dq", {**bwd, "dq_ptr": ptr(dt), "ws_ptr": ptr(torch.float32)})):
-            bm, bn, w, st = CONFIGS[D][pas]
+            bm, bn, w, st = config(D, dt, pas)
             specs.append(Spec(kernel, {**sig, **scalars}, {"D": D, "BM": bm, "BN": bn, "PREC": _prec(dt)},
                               num_warps=w, num_stages=st))
     return specs
