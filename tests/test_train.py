@@ -323,3 +323,29 @@ def test_bad_input_one_line_errors(env, tmp_path, capsys):
                   str(tmp_path / "dbg")])
     # export of a directory without checkpoints
     assert cli_main(["export", str(tmp_path / "o0"), str(tmp_path / "exp")]) == 2
+
+
+# ------------------------------------------------------------------------------------------ precision / signals
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(env, tmp_path, precision):
+    s = pretrain(env["data"], **_kw(env, tmp_path / precision, steps=3, precision=precision))
+    assert all(np.isfinite(v) for v in _losses(tmp_path / precision).values())
+    st = ckpt.load_training_state(os.path.join(s["checkpoint"], "training_state.pt"))
+    assert st["scaler"] != {} if precision == "fp16" else True  # the gradient scaler's state is checkpointed
+
+
+def test_sigterm_checkpoints_and_stops(env, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "electra_fast", "pretrain", "--no-progress", "--data", env["data"], "--tokenizer",
+           env["tokenizer"], "--model", env["model"], "--seq-len", "32", "--batch-size", "4", "--steps", "100000",
+           "--log-every", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").is_file() and _losses(out)):  # wait for the first logged step
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted by SIGTERM" in stdout
+    steps = ckpt.checkpoint_dirs(out / "checkpoints")
+    assert len(steps) == 1 and ckpt.verify(steps[0][1]) is None and steps[0][0] == max(_losses(out))

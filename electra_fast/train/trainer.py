@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import uuid
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -405,7 +406,9 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
             scaler.step(optimizer)
             scaler.update()
             lr_now = scheduler.get_last_lr()[0]
-            scheduler.step()
+            with warnings.catch_warnings():  # fp16: a step the scaler skipped (inf grads) still advances the lr
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                scheduler.step()
             step += 1
             tokens_seen += per_step_tokens
             acc = ctx.all_mean(acc)
