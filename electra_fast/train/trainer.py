@@ -151,6 +151,11 @@ def _prepare_out(out: str, resume: bool, ctx: Context, log) -> None:
     if has_run and not resume:
         raise PretrainError(f"--out: {out} already holds a run (run.json / checkpoints / metrics.jsonl); pass "
                             "--resume to continue it or choose another --out")
+    if not resume:  # names this job writes into (cache/ is its own, content-keyed: reused by a retry)
+        ours = [n for n in ("checkpoints", "tensorboard") if os.path.exists(os.path.join(out, n))]
+        if ours:
+            raise PretrainError(f"--out: {out} already has {', '.join(ours)} (not from a run this job can continue); "
+                                "choose another --out so nothing there is overwritten")
 
 
 def _write_json(path: str, obj) -> None:
@@ -263,8 +268,9 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
         tok = load_tokenizer(tokenizer)
     else:
         vocab = vocab_size or (DEFAULT_EMBEDDED_VOCAB if embedded else 30522)
-        tok_path = os.path.join(out, "tokenizer.json")
+        tok_path = os.path.join(cache_dir, "tokenizer.json")
         if ctx.is_main:
+            os.makedirs(cache_dir, exist_ok=True)
             say(f"training a WordPiece tokenizer (vocabulary {vocab}) on {len(inputs)} input(s)")
             docs = (d for p in inputs for d in read_documents(p, skip_bad_lines))
             tok = train_wordpiece(docs, vocab)
