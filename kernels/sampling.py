@@ -27,6 +27,7 @@ BLOCK_N, BLOCK_V, BLOCK_E = 64, 64, 32
 BW_BLOCK_E, BW_BLOCK_K = 64, 32            # dhidden / dweight tiles: output E columns, reduction step
 SAMPLE_BLOCK_N, SAMPLE_BLOCK_V = 16, 256   # standalone sampler
 NUM_WARPS = 4
+FWD_NUM_WARPS = 8                           # the fused forward's 64 x 64 tile + Philox spilled at 4 warps
 TARGET_PROGRAMS = 512                       # vocabulary splits fill about this many programs
 MIN_CHUNK = 4096                            # backward chunk floor on the GPU (fills the dW grid)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -275,7 +276,7 @@ def forward(hidden, weight, bias, targets, disallowed, seed: int, inv_temperatur
             hidden, weight, _bias_or_zeros(bias, weight), targets.to(torch.int64),
             _mask_or_zeros(disallowed, vocab, hidden.device), m, s, tgt, amax, amax_id, best, best_id, n, vocab, e,
             span, seed, inv_temperature, **_flags(hidden.dtype), BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_E=BLOCK_E,
-            num_warps=NUM_WARPS)
+            num_warps=FWD_NUM_WARPS)
     big = m.max(0).values
     safe = torch.where(torch.isinf(big), torch.zeros_like(big), big)
     lse = big + torch.log((s * torch.exp(m - safe)).sum(0))
@@ -324,7 +325,7 @@ def compile_specs():
             "h_ptr": x, "w_ptr": x, "b_ptr": x, "t_ptr": ptr(torch.int64), "dis_ptr": u8, "m_ptr": a, "s_ptr": a,
             "tgt_ptr": a, "amax_ptr": a, "amax_id_ptr": ptr(torch.int64), "best_ptr": f32,
             "best_id_ptr": ptr(torch.int64), "N": i32, "V": i32, "E": i32, "span": i32, "seed": i64, "inv_t": "fp32"},
-            dict(flags, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_E=BLOCK_E), num_warps=NUM_WARPS))
+            dict(flags, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_E=BLOCK_E), num_warps=FWD_NUM_WARPS))
         specs.append(Spec(gumbel_sample_kernel, {
             "x_ptr": x, "dis_ptr": u8, "best_ptr": f32, "best_id_ptr": ptr(torch.int64), "N": i32, "V": i32,
             "span": i32, "seed": i64, "inv_t": "fp32"},
