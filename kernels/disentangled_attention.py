@@ -28,14 +28,15 @@ Design (for H100; performance is unmeasured so far - no GPU was available while 
   blocks) that also produces dpos_key; both recompute P from lse. The two passes do the same amount of work.
 * Deterministic position gradients without atomics. Within one program successive tiles walk the distances
   upwards (the dQ pass loops over key blocks backwards for that), so - slots being monotone in the distance
-  with steps of at most 1, as every transformers bucket table is - the slots a tile touches form a window
+  with steps of at most 1 (see slots_supported below) - the slots a tile touches form a window
   [lo, lo + BR) that only slides up. Each program keeps that window of slot rows in registers: a tile's
   band contributions [BR, D] are summed per slot (segmented scan over runs of equal slots, then a gather),
   added to the window, and the slot rows the window leaves are final for this program and stored once with a
-  plain store into the program's own fp32 workspace row block. A fixed-order torch sum over (batch,
-  program) then reduces the workspace: no atomics, results independent of scheduling.
+  plain store into the program's own fp32 workspace row block (the window is a ring buffer: slot s lives
+  in row s % BR, so sliding it moves nothing). A fixed-order torch sum over (batch, program) then reduces
+  the workspace: no atomics, results independent of scheduling.
   Workspace: 4 * B * H * 2k * D * (ceil(T / BM_dq) + ceil(T / BN_dkdv)) bytes (fp32; only for the
-  position terms present), i.e. O(B * H * T / 64 * k * D); everything else is O(B * H * T * D + H * k * D).
+  position terms present), i.e. O(B * H * T / 32 * k * D); everything else is O(B * H * T * D + H * k * D).
 * Block sizes per head dim live in one table (CONFIGS) that the launchers and compile_specs() share;
   BM = BN so that BR = BM + BN is a power of two. Which position terms exist, the key mask and dropout are
   runtime arguments (Triton's JIT still folds the flags equal to 1), so the AOT lane compiles one kernel per
@@ -44,12 +45,12 @@ Design (for H100; performance is unmeasured so far - no GPU was available while 
   position_buckets <= max_relative_positions / 2, and the bucket-free one). slots_supported() tells the op;
   a table that breaks the rule turns dpos_key / dpos_query into NaN instead of silently wrong values.
 * Known: the AOT build shows register spills (ptxas stack 0.3-2 KB/thread) from the band gathers
-  (tl.gather) on top of the flash state; tile sizes are untuned. Tuning on an H100 is the next step.
+  (tl.gather) on top of the flash state, and the 72 specialisations take minutes to compile; tile sizes
+  are untuned. Tuning on an H100 is the next step.
 """
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 import triton
@@ -58,8 +59,7 @@ import triton.language as tl
 from .philox import philox4, uniform
 from .spec import Spec, ptr
 
-ATTN_DROPOUT = 3  # Philox purpose (electra_fast/reference/philox.py)
-LOG2E = 1.4426950408889634
+ATTN_DROPOUT = 3  # Philox purpose (electra_fast/reference/philox.py); literal in _keep (jit code)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (32, 64, 128)
 DELTA_ROWS = 64
@@ -140,7 +140,7 @@ def _pos_scores(q, kT, posk_ptr, posq_ptr, sl, smin, smax, offs_d, NS, has_c2p, 
 def _keep(seed, bh, offs_m, offs_n, T):
     """Dropout keep-uniforms [BM, BN] of Philox purpose ATTN_DROPOUT at ((b * H + h) * T + i) * T + j."""
     idx = (bh.to(tl.int64) * T + offs_m.to(tl.int64))[:, None] * T + offs_n.to(tl.int64)[None, :]
-    x0, _, _, _ = philox4(seed, idx, 3)
+    x0, _, _, _ = philox4(seed, idx, 3)  # ATTN_DROPOUT
     return uniform(x0)
 
 
