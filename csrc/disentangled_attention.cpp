@@ -31,7 +31,10 @@
 namespace electra_fast {
 namespace {
 
-constexpr int64_t kBlockM = 64;        // query rows per block
+#ifndef EF_DA_BLOCK_M
+#define EF_DA_BLOCK_M 64
+#endif
+constexpr int64_t kBlockM = EF_DA_BLOCK_M;  // query rows per block
 constexpr int64_t kPosPartitions = 8;  // fixed batch partitions for the position-gradient reduction
 
 template <typename acc_t>
