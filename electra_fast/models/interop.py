@@ -156,7 +156,7 @@ def config_from_transformers(gen: dict, disc: dict, **overrides) -> ElectraConfi
                     position_biased_input=disc.get("position_biased_input", True))
     base.update(common)
     base.update(overrides)
-    return ElectraConfig.from_dict(base) if kind == "deberta-v2" else ElectraConfig(**base)
+    return ElectraConfig.from_dict(base)
 
 
 # ---------------------------------------------------------------------------------------- files

@@ -161,8 +161,8 @@ class ElectraPretrainingModel(nn.Module):
         cfg = self.config
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
-            raise TypeError(f"input_ids: expected an integer tensor, got {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"input_ids: expected an int32 / int64 tensor, got {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a 2-d tensor [B, T], got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] > cfg.max_position_embeddings:
@@ -201,10 +201,10 @@ class ElectraPretrainingModel(nn.Module):
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             attention_mask = attention_mask != 0
         m = mask_tokens(input_ids, mask_token_id=cfg.mask_token_id, vocab_size=cfg.vocab_size, seed=seed,
-                               mask_prob=cfg.mask_prob, mask_token_frac=cfg.mask_token_frac,
-                               random_token_frac=cfg.random_token_frac, special_token_ids=cfg.special_token_ids,
-                               attention_mask=attention_mask, strategy=cfg.masking_strategy,
-                               validate=False)  # ids were checked above
+                        mask_prob=cfg.mask_prob, mask_token_frac=cfg.mask_token_frac,
+                        random_token_frac=cfg.random_token_frac, special_token_ids=cfg.special_token_ids,
+                        attention_mask=attention_mask, strategy=cfg.masking_strategy,
+                        validate=False)  # ids were checked above
         masked = m.masked
         gen_hidden = gen.backbone(m.input_ids, attention_mask, token_type_ids)
         # the generator head runs at the masked positions only
