@@ -43,6 +43,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--skip-bad-lines", action="store_true", help="skip lines that are not UTF-8 / not valid JSONL")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's; 1 is "
+                   "fastest for tiny models on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     e = sub.add_parser("export", help="write transformers-format generator/ and discriminator/ (with tokenizer)")
@@ -66,6 +68,7 @@ def run(args) -> int:
                            precision=args.precision, compile=args.compile, seed=args.seed, out=args.out,
                            save_every=args.save_every, keep=args.keep, resume=args.resume,
                            log_every=args.log_every, skip_bad_lines=args.skip_bad_lines, device=args.device,
+                           threads=args.threads,
                            progress=not args.no_progress)
         return 130 if summary.get("interrupted") else 0
     except Exception as exc:

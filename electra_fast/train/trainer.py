@@ -191,7 +191,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
              warmup: Optional[int] = None, weight_decay: float = 0.01, precision: str = "fp32",
              compile: bool = False, seed: int = 0, out: str = "runs/electra-fast", save_every: Optional[int] = None,
              keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
-             device: Optional[str] = None, progress: bool = True, fused: bool = True,
+             device: Optional[str] = None, threads: Optional[int] = None, progress: bool = True,
+             fused: bool = True,
              _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
     """Pretrain an ELECTRA / DeBERTa-v3 RTD model; returns the closing summary (plus ``"model"``, the trained
     ElectraPretrainingModel). Bad input raises :class:`PretrainError` with a one-line message.
@@ -213,6 +214,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     del name, v, lo
     if save_every is not None:
         _positive("save-every", save_every)
+    if threads is not None:  # CPU intra-op threads; 1 is fastest for tiny models on a busy machine
+        torch.set_num_threads(_positive("threads", threads))
     if warmup is not None:
         _positive("warmup", warmup, 0)
     if precision not in ("fp32", "bf16", "fp16"):
@@ -233,8 +236,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
 
 
 def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum, steps, lr, warmup, weight_decay,
-         precision, compile, seed, out, save_every, keep, resume, log_every, skip_bad_lines, device, progress,
-         fused, _checkpoint_hook, embedded, ctx: Context, say) -> dict:
+         precision, compile, seed, out, save_every, keep, resume, log_every, skip_bad_lines, device, threads,
+         progress, fused, _checkpoint_hook, embedded, ctx: Context, say) -> dict:
     from ..models import ElectraConfig, ElectraPretrainingModel
 
     _prepare_out(out, resume, ctx, say)
