@@ -316,3 +316,21 @@ def test_bf16_autocast_step(attention):
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert all(p.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in model.parameters() if p.grad is not None)
+
+
+def test_generator_head_runs_at_masked_rows_only(monkeypatch):
+    """The head (and so the vocabulary projection) sees [N, H_gen] rows, N = number of masked positions."""
+    from electra_fast.nn.heads import GeneratorHead
+    seen = []
+    original = GeneratorHead.transform
+
+    def spy(self, hidden):
+        seen.append(tuple(hidden.shape))
+        return original(self, hidden)
+
+    monkeypatch.setattr(GeneratorHead, "transform", spy)
+    cfg = tiny()
+    model = ElectraPretrainingModel(cfg)
+    ids, mask = batch()
+    out = model(ids, mask, seed=0)
+    assert seen == [(int(out.masked.sum()), cfg.generator_hidden_size)]
