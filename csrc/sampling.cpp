@@ -162,8 +162,8 @@ void check_common(const at::Tensor& hidden, const at::Tensor& weight, const at::
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_fwd(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
-    const c10::optional<at::Tensor>& disallowed, int64_t seed, double inv_temperature, int64_t ignore_index,
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const c10::optional<at::Tensor>& disallowed, int64_t seed, double inv_temperature, int64_t ignore_index,
     int64_t chunk) {
   check_common(hidden, weight, targets, chunk);
   const int64_t n = hidden.size(0), vocab = weight.size(0);
