@@ -3,6 +3,15 @@
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group is initialised with gloo on
 CPU and nccl on CUDA; each rank takes its own slice of every global batch (see trainer), gradients are
 averaged by DDP, and only rank 0 logs and writes checkpoints while the others wait at a barrier.
+
+Multi-node (run on every node, same --out on a shared filesystem)::
+
+    torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --rdzv_backend c10d \
+        --rdzv_endpoint $HEAD_NODE:29500 -m electra_fast pretrain --data corpus/ --out /shared/run
+
+DDP keeps a full replica of the model and optimizer on every device, which is right for every ELECTRA /
+DeBERTa-v3 size up to large (~335 M parameters + AdamW fits easily on one GPU). Prefer FSDP (not wired in
+here) only when parameters + optimizer state no longer fit one device.
 """
 from __future__ import annotations
 
