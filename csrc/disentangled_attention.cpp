@@ -2,8 +2,9 @@
 // Semantics and the backend contract: electra_fast/reference/disentangled_attention.py.
 //
 // Work is blocked over (batch, head, query block of kBlockM rows). One task owns one (b, h) in the forward
-// and one (head, fixed batch partition) in the backward, walks its query blocks in order and never holds
-// more than one block of scores ([kBlockM, T]). Matrix products go through ATen (at::mm on blocks).
+// and one (head, fixed batch partition) in the backward (tasks handed out dynamically over at::parallel_for's
+// threads), walks its query blocks in order and never holds more than one block of scores ([kBlockM, T]).
+// Matrix products go through ATen (at::mm on blocks).
 //
 // The relative slot s(i, j) = rel_slots[i - j + T - 1] is Toeplitz, so the position terms are matrix
 // products over the slot range a block touches, then gathered:
@@ -19,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -108,6 +110,20 @@ inline std::pair<int32_t, int32_t> block_slot_range(const Problem& p, int64_t i0
 inline int64_t block_ld(int64_t T) {
   int64_t ld = (T + 15) / 16 * 16;
   return ld % 256 == 0 ? ld + 16 : ld;
+}
+
+// Runs task(t) for t in [0, n) on at::parallel_for's threads, handing tasks out dynamically: a descheduled
+// thread (shared machine) does not hold the others back at the end. Tasks write disjoint outputs, so the
+// result does not depend on which thread ran which task.
+template <typename F>
+void parallel_tasks(int64_t n, const F& task) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t);
+    }
+  });
 }
 
 inline bool query_valid(const Problem& p, int64_t b, int64_t i) { return !p.has_mask || p.mask[b * p.T + i]; }
@@ -254,13 +270,11 @@ std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd(
   const at::Tensor pk = p.has_pk ? pos_key->to(p.acc) : at::Tensor();
   const at::Tensor pq = p.has_pq ? pos_query->to(p.acc) : at::Tensor();
   float* lp = lse.data_ptr<float>();
-  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      if (p.acc == at::kDouble) {
-        forward_head<double>(p, bh / p.H, bh % p.H, q, k, v, pk, pq, out, lp);
-      } else {
-        forward_head<float>(p, bh / p.H, bh % p.H, q, k, v, pk, pq, out, lp);
-      }
+  parallel_tasks(p.B * p.H, [&](int64_t bh) {
+    if (p.acc == at::kDouble) {
+      forward_head<double>(p, bh / p.H, bh % p.H, q, k, v, pk, pq, out, lp);
+    } else {
+      forward_head<float>(p, bh / p.H, bh % p.H, q, k, v, pk, pq, out, lp);
     }
   });
   return {out, lse};
@@ -389,17 +403,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
   at::Tensor dpq_parts = p.has_pq ? at::zeros({n_part, p.H, p.two_k, p.D}, acc_opts) : at::Tensor();
   const float* lp = lse_c.data_ptr<float>();
   // Task (partition c, head h) owns batches [c * B / n_part, (c + 1) * B / n_part) and its own partials.
-  at::parallel_for(0, n_part * p.H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t c = t / p.H, h = t % p.H;
-      at::Tensor dpk_part = p.has_pk ? dpk_parts[c][h] : at::Tensor();
-      at::Tensor dpq_part = p.has_pq ? dpq_parts[c][h] : at::Tensor();
-      for (int64_t b = c * p.B / n_part; b < (c + 1) * p.B / n_part; ++b) {
-        if (p.acc == at::kDouble) {
-          backward_head<double>(p, b, h, dout, q, k, v, pk, pq, lp, dq, dk, dv, dpk_part, dpq_part);
-        } else {
-          backward_head<float>(p, b, h, dout, q, k, v, pk, pq, lp, dq, dk, dv, dpk_part, dpq_part);
-        }
+  parallel_tasks(n_part * p.H, [&](int64_t t) {
+    const int64_t c = t / p.H, h = t % p.H;
+    at::Tensor dpk_part = p.has_pk ? dpk_parts[c][h] : at::Tensor();
+    at::Tensor dpq_part = p.has_pq ? dpq_parts[c][h] : at::Tensor();
+    for (int64_t b = c * p.B / n_part; b < (c + 1) * p.B / n_part; ++b) {
+      if (p.acc == at::kDouble) {
+        backward_head<double>(p, b, h, dout, q, k, v, pk, pq, lp, dq, dk, dv, dpk_part, dpq_part);
+      } else {
+        backward_head<float>(p, b, h, dout, q, k, v, pk, pq, lp, dq, dk, dv, dpk_part, dpq_part);
       }
     }
   });

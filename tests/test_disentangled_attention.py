@@ -144,10 +144,10 @@ def _run(backend, device, args, grad_out, **kw):
 
 # fp16 on the cases with both terms and T > 2k only (the interpreter is slow; CI budget)
 DTYPE_CASES = [(c, torch.float32) for c in BACKEND_CASES] + [(c, torch.float16) for c in BACKEND_CASES[1:3]]
+DTYPE_IDS = [f"T{c[0]}-{'+'.join(c[1]) or 'c2c'}-{c[2]}-p{c[3]}-{str(d)[-7:]}" for c, d in DTYPE_CASES]
 
 
-@pytest.mark.parametrize("case,dtype", DTYPE_CASES,
-                         ids=[f"T{c[0]}-{'+'.join(c[1]) or 'c2c'}-{c[2]}-p{c[3]}-{str(d)[-7:]}" for c, d in DTYPE_CASES])
+@pytest.mark.parametrize("case,dtype", DTYPE_CASES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("backend,device", fast_backends())
 def test_backend_matches_reference(backend, device, case, dtype):
     T, pos, pad, p = case
