@@ -43,42 +43,67 @@ def _compile(spec, arch: int):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def check_module(mod, archs=(80, 90), verbose=False):
-    """(number of specialisations compiled, failure messages) for one kernel module."""
+_MODULES: dict = {}  # filled before the pool forks, so workers find modules that are not importable by name
+
+
+def _compile_task(task):
+    """Worker: compile spec ``index`` of module ``mod_name`` for ``arch``; returns (label, shared bytes, error)."""
+    mod_name, index, arch = task
+    spec = _MODULES[mod_name].compile_specs()[index]
+    label = f"sm_{arch} {mod_name.rsplit('.', 1)[-1]}.{spec.name}"
+    try:
+        return label, _compile(spec, arch).metadata.shared, None
+    except Exception as exc:  # noqa: BLE001 - report every failing specialisation
+        msg = str(exc).strip().splitlines()
+        return label, None, f"{type(exc).__name__}: {msg[-1] if msg else ''}"
+
+
+def check_modules(mods, archs=(80, 90), verbose=False, jobs=1):
+    """(number of specialisations compiled, failure messages) for kernel modules, ``jobs`` processes at once."""
     import triton
 
-    name = mod.__name__.rsplit(".", 1)[-1]
-    kernels = {n for n, v in vars(mod).items() if isinstance(v, triton.runtime.JITFunction) and n.endswith("_kernel")}
-    if not hasattr(mod, "compile_specs"):
-        return 0, [f"{name}: no compile_specs()"]
-    specs = mod.compile_specs()
-    failures = [f"{name}.{k}: kernel without a compile spec" for k in sorted(kernels - {s.kernel.__name__ for s in specs})]
+    failures, tasks = [], []
+    for mod in mods:
+        name = mod.__name__.rsplit(".", 1)[-1]
+        kernels = {n for n, v in vars(mod).items()
+                   if isinstance(v, triton.runtime.JITFunction) and n.endswith("_kernel")}
+        if not hasattr(mod, "compile_specs"):
+            failures.append(f"{name}: no compile_specs()")
+            continue
+        specs = mod.compile_specs()
+        _MODULES[mod.__name__] = mod
+        failures += [f"{name}.{k}: kernel without a compile spec"
+                     for k in sorted(kernels - {s.kernel.__name__ for s in specs})]
+        tasks += [(mod.__name__, i, arch) for i in range(len(specs)) for arch in archs]
+    if jobs > 1 and len(tasks) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            results = pool.map(_compile_task, tasks, chunksize=1)
+    else:
+        results = [_compile_task(t) for t in tasks]
     compiled = 0
-    for spec in specs:
-        for arch in archs:
-            try:
-                k = _compile(spec, arch)
-                compiled += 1
-                if verbose:
-                    print(f"ok   sm_{arch} {name}.{spec.name} shared={k.metadata.shared}B", flush=True)
-            except Exception as exc:  # noqa: BLE001 - report every failing specialisation
-                msg = str(exc).strip().splitlines()
-                failures.append(f"sm_{arch} {name}.{spec.name}: {type(exc).__name__}: {msg[-1] if msg else ''}")
+    for label, shared, error in results:
+        if error is None:
+            compiled += 1
+            if verbose:
+                print(f"ok   {label} shared={shared}B", flush=True)
+        else:
+            failures.append(f"{label}: {error}")
     return compiled, failures
 
 
-def run(archs=(80, 90), only=None, verbose=False) -> int:
+def check_module(mod, archs=(80, 90), verbose=False):
+    return check_modules([mod], archs, verbose)
+
+
+def run(archs=(80, 90), only=None, verbose=False, jobs=None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
 
-    failures, total = [], 0
     t0 = time.time()
-    for mod_name in kernel_modules():
-        if only and mod_name not in only:
-            continue
-        compiled, fails = check_module(importlib.import_module(f"electra_fast.kernels.{mod_name}"), archs, verbose)
-        total += compiled
-        failures += fails
+    mods = [importlib.import_module(f"electra_fast.kernels.{m}") for m in kernel_modules() if not only or m in only]
+    total, failures = check_modules(mods, archs, verbose, jobs or os.cpu_count() or 1)
     for f in failures:
         print("FAIL " + f)
     print(f"AOT check: {total} specialisations compiled for sm_{'/sm_'.join(map(str, archs))} in "
@@ -91,8 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     p.add_argument("--only", nargs="+", help="kernel modules to check (default: all)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-j", "--jobs", type=int, default=None, help="compile processes (default: all cores)")
     a = p.parse_args(argv)
-    return run(tuple(a.arch), a.only, a.verbose)
+    return run(tuple(a.arch), a.only, a.verbose, a.jobs)
 
 
 if __name__ == "__main__":
