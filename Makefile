@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test aot bench clean
+.PHONY: setup pretrain demo test aot bench clean
 
 # torch is installed first and the package with --no-build-isolation, so pip never resolves torch
 # itself (an unpinned torch pulls several GB of CUDA packages) and _C compiles against this torch.
@@ -18,6 +18,12 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	touch $@
 
 setup: $(VENV)/.installed
+
+# The main job: pretrain a tiny ELECTRA on the embedded corpus (a few minutes on a 2-core CPU), in a fresh
+# run directory each time so nothing earlier is touched.
+pretrain: setup
+	$(PY) -m electra_fast info
+	$(PY) -m electra_fast pretrain --out runs/pretrain-$$(date +%Y%m%d-%H%M%S)
 
 demo: setup
 	$(PY) -m electra_fast.info

@@ -18,6 +18,9 @@ from .. import _backend, _validate
 from ..reference import philox
 from ..reference import sampling as ref
 
+_backend.declare("gumbel_sample", cpp=("gumbel_sample",), triton="sampling")
+_backend.declare("mlm_loss_and_sample", cpp=("mlm_loss_sample_fwd", "mlm_loss_sample_bwd"), triton="sampling")
+
 REDUCTIONS = ("none", "sum", "mean")
 CHUNK_MIN, CHUNK_MAX = 2048, 8192
 _FP32_MAX = 3.4028234663852886e38
