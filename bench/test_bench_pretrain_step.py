@@ -80,16 +80,8 @@ def _batch(cfg, b, t):
     return ids, mask
 
 
-@pytest.mark.parametrize("impl", ["fused", "eager", "transformers"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16-autocast"])
-@pytest.mark.parametrize("preset", list(CASES))
-def test_pretrain_step(benchmark, device, preset, dtype, impl):
-    if device.type != "cpu":
-        pytest.skip("this benchmark runs the CPU step; the GPU step is benchmarked by the trainer")
-    b, t = CASES[preset]
-    cfg = getattr(ElectraConfig, preset)()
-    torch.manual_seed(0)
-    ids, mask = _batch(cfg, b, t)
+def _step_fn(cfg, impl, ids, mask, dtype):
+    """One optimizer step of ``impl`` ("fused" | "eager" | "transformers") on a fixed batch."""
     if impl == "transformers":
         gen, disc, head = _hf_models(cfg)
         modules = [gen, disc] + ([head] if head is not None else [])
@@ -113,5 +105,36 @@ def test_pretrain_step(benchmark, device, preset, dtype, impl):
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    run(benchmark, step, device=device, op=f"pretrain_step[{preset}]", impl=impl, pass_="fwd+bwd+adamw",
-        shape=f"{b}x{t}", dtype=dtype, tokens=b * t, rounds=3 if QUICK else 5, warmup=1)
+    return step
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager", "transformers"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("preset", list(CASES))
+def test_pretrain_step(benchmark, device, preset, dtype, impl):
+    if device.type != "cpu":
+        pytest.skip("this benchmark runs the CPU step; the GPU step is benchmarked by the trainer")
+    b, t = CASES[preset]
+    cfg = getattr(ElectraConfig, preset)()
+    torch.manual_seed(0)
+    ids, mask = _batch(cfg, b, t)
+    run(benchmark, _step_fn(cfg, impl, ids, mask, dtype), device=device, op=f"pretrain_step[{preset}]", impl=impl,
+        pass_="fwd+bwd+adamw", shape=f"{b}x{t}", dtype=dtype, tokens=b * t, rounds=3 if QUICK else 5, warmup=1)
+
+
+SCALING_TOKENS = 4096  # B x T held constant, so tokens/s compares sequence lengths at equal work per step
+
+
+@pytest.mark.skipif(QUICK, reason="the sequence-length sweep is not part of --quick")
+@pytest.mark.parametrize("impl", ["fused", "eager", "transformers"])
+@pytest.mark.parametrize("t", [128, 256, 512, 1024, 2048])
+def test_pretrain_step_scaling(benchmark, device, t, impl):
+    """ELECTRA-small step vs sequence length (128 .. 2048, positions extended to 2048), fp32."""
+    if device.type != "cpu":
+        pytest.skip("this benchmark runs the CPU step")
+    cfg = ElectraConfig.electra_small(max_position_embeddings=2048)
+    torch.manual_seed(0)
+    ids, mask = _batch(cfg, SCALING_TOKENS // t, t)
+    run(benchmark, _step_fn(cfg, impl, ids, mask, "fp32"), device=device, op="pretrain_step[electra_small]",
+        impl=impl, pass_="fwd+bwd+adamw (sweep)", shape=f"{SCALING_TOKENS // t}x{t}", dtype="fp32",
+        tokens=SCALING_TOKENS, rounds=2, warmup=1)
