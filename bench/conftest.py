@@ -5,12 +5,12 @@ same shapes, dtype, thread count, warm-up and rounds; peak memory is measured th
 side (electra_fast.profiling.peak_memory) in a separate call, never inside the timed rounds.
 """
 import os
-import platform
 import subprocess
 
 import pytest
 import torch
 
+from electra_fast.bench_report import machine_name
 from electra_fast.profiling import peak_memory
 
 QUICK = os.environ.get("ELECTRA_FAST_BENCH_QUICK", "0") == "1"
@@ -57,18 +57,6 @@ def run(benchmark, fn, *, device, op, impl, pass_, shape, dtype, tokens, rounds=
     benchmark.extra_info["peak_mem_bytes"] = peak_memory(call, device)
 
 
-def _machine():
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def pytest_benchmark_update_machine_info(config, machine_info):
     import electra_fast
 
@@ -83,7 +71,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     except OSError:
         commit = None
     machine_info.update(
-        electra_fast_machine=_machine(), cores=os.cpu_count(), torch=torch.__version__, triton=triton_version,
+        electra_fast_machine=machine_name(), cores=os.cpu_count(), torch=torch.__version__, triton=triton_version,
         torch_threads=torch.get_num_threads(), electra_fast=electra_fast.__version__, git_commit=commit,
         cuda=torch.version.cuda, extension=electra_fast.extension_loaded(),
     )
