@@ -17,6 +17,7 @@
 // Scratch per task: O(BM * T + T * 2k + T * D) in the accumulation dtype (fp32; fp64 for fp64 inputs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -264,6 +265,9 @@ std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& pos_key,
     const c10::optional<at::Tensor>& pos_query, const c10::optional<at::Tensor>& mask, const at::Tensor& rel_slots,
     double scale, double dropout_p, int64_t seed) {
+  // The internal at::mm calls work on acc-dtype (fp32) copies: under autocast they would be recast to
+  // bf16 / fp16 and break the typed scratch. The kernel has its own precision policy, so skip autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Problem p = make_problem(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({p.B, p.H, p.T}, q.options().dtype(at::kFloat));
@@ -387,6 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
     const c10::optional<at::Tensor>& pos_key, const c10::optional<at::Tensor>& pos_query,
     const c10::optional<at::Tensor>& mask, const at::Tensor& rel_slots, const at::Tensor& out, const at::Tensor& lse,
     double scale, double dropout_p, int64_t seed) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as in the forward
   const Problem p = make_problem(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
               "disentangled_attention_bwd: grad_out must match q");

@@ -1,5 +1,6 @@
 """electra_fast.disentangled_attention: reference vs transformers, every backend vs the reference, gradients,
 dropout, memory, compile, the drop-in module / patch, bad input."""
+import importlib
 import math
 
 import pytest
@@ -194,7 +195,7 @@ def test_lse_contract(backend, device):
     slots = ref.relative_slots(T, *SMALL)
     args = [a.to(device) for a in (q, k, v, pk, pq, mask, slots)]
     with electra_fast.use_backend(backend):
-        out, lse = _fwd(*args, 0.1, 0.0, 0)
+        out, lse = _fwd(*args, 0.1, 0.0, 0, *SMALL)
     s = ref._scores(q, k, pk, pq, ref._slot_table(slots, T), 0.1)[..., :7]
     torch.testing.assert_close(lse.cpu()[..., :7], torch.logsumexp(s, -1)[..., :7], rtol=1e-5, atol=1e-5)
     assert torch.isinf(lse.cpu()[..., 7:]).all() and (lse.cpu()[..., 7:] > 0).all()
@@ -283,8 +284,63 @@ def test_opcheck(backend, device):
     slots = ref.relative_slots(9, *SMALL)
     with electra_fast.use_backend(backend):
         for pos in ((pk, pq), (pk, None), (None, None)):
-            torch.library.opcheck(_fwd, (q, k, v, *pos, mask, slots, 0.2, 0.1, 3))
-        torch.library.opcheck(_fwd, (q, k, v, pk, pq, None, slots, 0.2, 0.0, 0))
+            torch.library.opcheck(_fwd, (q, k, v, *pos, mask, slots, 0.2, 0.1, 3, *SMALL))
+        torch.library.opcheck(_fwd, (q, k, v, pk, pq, None, slots, 0.2, 0.0, 0, *SMALL))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend,device", [p for p in all_backends() if p.values[0] != "triton"])
+def test_bf16_autocast_region(backend, device, dtype):
+    """Regression: under CPU bf16 autocast the C++ kernels' internal at::mm calls were recast to bf16
+    ("expected scalar type Float but found BFloat16"). The op keeps its own precision policy: inside an
+    autocast region it gives exactly what it gives outside."""
+    B, H, T, D = 2, 2, 10, 16
+    mask = _pad("right", B, T)
+    args = [a.to(dtype).requires_grad_() for a in _inputs(B, H, T, D, 8, torch.float32)]
+
+    def run():
+        out = electra_fast.disentangled_attention(*args, attention_mask=mask, position_buckets=SMALL[0],
+                                                  max_relative_positions=SMALL[1], dropout_p=0.2, seed=7)
+        grads = torch.autograd.grad(out, args, torch.ones_like(out))
+        return [out, *grads]
+
+    with electra_fast.use_backend(backend):
+        plain = run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = run()
+    for a, b in zip(plain, mixed):
+        assert a.dtype == dtype and torch.equal(a, b)
+
+
+def test_triton_refuses_unsupported_slot_tables(monkeypatch):
+    """The Triton backward needs slot steps of 0 or 1 in i - j (position_buckets <= max_relative_positions / 2);
+    other tables (here position_buckets == max_relative_positions: steps of 2) are refused: forced triton
+    raises naming the reason, automatic routing falls back to the reference."""
+    from electra_fast import _backend
+    from electra_fast.kernels import disentangled_attention as kernels
+    op = importlib.import_module("electra_fast.ops.disentangled_attention")  # the module, not the function
+    bad, good, T = (16, 16), SMALL, 40
+    assert kernels.slots_supported(ref.relative_slots(T, *bad)) is not None
+    assert kernels.slots_supported(ref.relative_slots(T, *good)) is None
+    assert "monotone" in op._supports(32, torch.float32, (*bad, T))("triton")
+    assert op._supports(32, torch.float32, (*good, T))("triton") is None
+    assert op._supports(32, torch.float32, (*bad, T))("cpp") is None  # only the Triton backend is refused
+    q, k, v, pk, pq = _inputs(1, 2, T, 32, 16, torch.float32)
+    kw = dict(position_buckets=bad[0], max_relative_positions=bad[1])
+    with electra_fast.use_backend("triton"), pytest.raises(RuntimeError, match="triton.*monotone"):
+        electra_fast.disentangled_attention(q, k, v, pk, pq, **kw)
+    # automatic routing whose first choice is triton (as on CUDA; here the interpreter on CPU tensors)
+    monkeypatch.setattr(_backend, "default_backend", lambda device: "triton")
+    supports = op._supports(32, torch.float32, (*bad, T))
+    backend, reason = _backend.resolve("disentangled_attention", q.device, cpp="x", triton="y", supports=supports)
+    assert backend == "reference" and "monotone" in reason
+    x = [a.requires_grad_() for a in (q, k, v, pk, pq)]
+    out = electra_fast.disentangled_attention(*x, **kw)
+    out.sum().backward()
+    want = ref.forward(q.detach(), k.detach(), v.detach(), pk.detach(), pq.detach(), None,
+                       ref.relative_slots(T, *bad), 1 / (32 * 3) ** 0.5, 0.0, 0)[0]
+    torch.testing.assert_close(out, want, rtol=0, atol=0)  # served by the reference itself
+    assert all(torch.isfinite(a.grad).all() for a in x)
 
 
 def test_torch_compile_fullgraph():

@@ -9,6 +9,7 @@ plus per-thread block scratch; no [T, T] tensor exists (the reference materialis
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional
 
@@ -22,21 +23,40 @@ TRITON_HEAD_DIMS = (32, 64, 128)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _supports(head_dim: int, dtype: torch.dtype):
+@functools.lru_cache(maxsize=256)
+def _triton_slot_reason(position_buckets: int, max_relative_positions: int, T: int) -> Optional[str]:
+    """The Triton backward's slot-table rule (``kernels.disentangled_attention.slots_supported``), evaluated once
+    per configuration on a CPU table: no device sync per call, and the kernels module is imported lazily."""
+    from ..kernels import disentangled_attention as kernels
+    return kernels.slots_supported(ref.relative_slots(T, position_buckets, max_relative_positions, "cpu"))
+
+
+def _supports(head_dim: int, dtype: torch.dtype, slots_key: Optional[tuple]):
     def supports(backend: str) -> Optional[str]:
         if backend == "triton" and head_dim not in TRITON_HEAD_DIMS:
             return f"the Triton kernels support head dims {TRITON_HEAD_DIMS}, got {head_dim}"
         if backend == "triton" and dtype not in _TRITON_DTYPES:
             return f"the Triton kernels support fp32 / fp16 / bf16, got {dtype}"
+        if backend == "triton" and slots_key is not None:
+            reason = _triton_slot_reason(*slots_key)
+            if reason is not None:
+                return (f"{reason}: position_buckets={slots_key[0]}, max_relative_positions={slots_key[1]}, "
+                        f"T={slots_key[2]} is not supported by the Triton kernels")
         return None
     return supports
 
 
-def _impl(which: str, q: torch.Tensor):
+def _impl(which: str, q: torch.Tensor, slots_key: Optional[tuple]):
     return _backend.implementation(
         "disentangled_attention", q.device, reference=getattr(ref, which),
         cpp=f"disentangled_attention_{'fwd' if which == 'forward' else 'bwd'}",
-        triton=f"disentangled_attention.{which}", supports=_supports(q.shape[-1], q.dtype))
+        triton=f"disentangled_attention.{which}", supports=_supports(q.shape[-1], q.dtype, slots_key))
+
+
+def _no_autocast(q: torch.Tensor):
+    # Every backend has its own precision policy (fp32 accumulation, outputs in q's dtype); an enclosing
+    # autocast region must not recast the matmuls inside the op body (the C++ kernels also exclude it).
+    return torch.autocast(q.device.type, enabled=False)
 
 
 def _detached(*tensors):
@@ -48,14 +68,19 @@ def _detached(*tensors):
 @torch.library.custom_op("electra_fast::disentangled_attention_fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optional[torch.Tensor],
          pos_query: Optional[torch.Tensor], mask: Optional[torch.Tensor], rel_slots: torch.Tensor,
-         scale: float, dropout_p: float, seed: int) -> List[torch.Tensor]:
+         scale: float, dropout_p: float, seed: int, position_buckets: int,
+         max_relative_positions: int) -> List[torch.Tensor]:
+    """position_buckets / max_relative_positions describe rel_slots (for backend routing only)."""
     q, k, v, pos_key, pos_query = _detached(q, k, v, pos_key, pos_query)
-    out, lse = _impl("forward", q)(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed)
+    key = (position_buckets, max_relative_positions, q.shape[2])
+    with _no_autocast(q):
+        out, lse = _impl("forward", q, key)(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed)
     return [out, lse]
 
 
 @_fwd.register_fake
-def _(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed):
+def _(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, position_buckets,
+      max_relative_positions):
     return [torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)]
 
 
@@ -63,25 +88,28 @@ def _(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed):
 def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
          pos_key: Optional[torch.Tensor], pos_query: Optional[torch.Tensor], mask: Optional[torch.Tensor],
          rel_slots: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float, dropout_p: float,
-         seed: int) -> List[torch.Tensor]:
+         seed: int, position_buckets: int, max_relative_positions: int) -> List[torch.Tensor]:
     """[dq, dk, dv, dpos_key, dpos_query]; an absent position gradient is an empty tensor
     (custom ops cannot return None)."""
     grad_out, q, k, v, pos_key, pos_query = _detached(grad_out, q, k, v, pos_key, pos_query)
-    grads = _impl("backward", q)(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse,
-                                 scale, dropout_p, seed)
+    key = (position_buckets, max_relative_positions, q.shape[2])
+    with _no_autocast(q):
+        grads = _impl("backward", q, key)(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse,
+                                          scale, dropout_p, seed)
     return [g if g is not None else q.new_empty(0) for g in grads]
 
 
 @_bwd.register_fake
-def _(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed):
+def _(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed, position_buckets,
+      max_relative_positions):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(0) if pos_key is None else torch.empty_like(pos_key),
             q.new_empty(0) if pos_query is None else torch.empty_like(pos_query)]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed = inputs
-    ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+    q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, buckets, max_rel = inputs
+    ctx.scale, ctx.dropout_p, ctx.seed, ctx.buckets = scale, dropout_p, seed, (buckets, max_rel)
     ctx.has_pos = (pos_key is not None, pos_query is not None)
     ctx.save_for_backward(q, k, v, pos_key, pos_query, mask, rel_slots, output[0], output[1])
 
@@ -89,9 +117,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grads):
     q, k, v, pos_key, pos_query, mask, rel_slots, out, lse = ctx.saved_tensors
     dq, dk, dv, dpk, dpq = _bwd(grads[0].contiguous(), q, k, v, pos_key, pos_query, mask, rel_slots, out, lse,
-                                ctx.scale, ctx.dropout_p, ctx.seed)
+                                ctx.scale, ctx.dropout_p, ctx.seed, *ctx.buckets)
     return (dq, dk, dv, dpk if ctx.has_pos[0] else None, dpq if ctx.has_pos[1] else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("electra_fast::disentangled_attention_fwd", _backward, setup_context=_setup_context)
@@ -195,5 +223,5 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         raise ValueError(f"scale: expected a positive finite float or None, got {scale!r}")
     rel_slots = ref.relative_slots(T, position_buckets, max_relative_positions, query.device)
     out, _lse = _fwd(query.contiguous(), key.contiguous(), value.contiguous(), pos_key, pos_query, mask, rel_slots,
-                     float(scale), dropout_p, seed)
+                     float(scale), dropout_p, seed, position_buckets, max_relative_positions)
     return out
