@@ -64,8 +64,9 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const c10::optional<at::Tensor>& pos_key, const c10::optional<at::Tensor>& pos_query,
                      const c10::optional<at::Tensor>& mask, const at::Tensor& rel_slots, double scale,
                      double dropout_p, int64_t seed) {
-  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
-              "disentangled_attention: q, k, v must be contiguous [B, H, T, D]");
+  // q, k, v may be strided views (e.g. [B, T, H, D] memory seen as [B, H, T, D]): every per-(b, h) slice is
+  // a [T, D] matrix that at::mm reads through its row stride, so the caller's permute copies are not needed.
+  TORCH_CHECK(q.dim() == 4, "disentangled_attention: q, k, v must be [B, H, T, D]");
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "disentangled_attention: q, k, v shapes differ");
   Problem p;
   p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.D = q.size(3);
@@ -386,6 +387,19 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& dou
   dv[b][h].copy_(dvf);
 }
 
+// dst[e] = sum over c of src[c * n + e], c in increasing order (fixed chunks: thread-count independent).
+template <typename acc_t>
+void sum_partitions(const acc_t* __restrict src, acc_t* __restrict dst, int64_t n_part, int64_t n) {
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    std::copy(src + begin, src + end, dst + begin);
+    for (int64_t c = 1; c < n_part; ++c) {
+      const acc_t* part = src + c * n;
+#pragma omp simd
+      for (int64_t e = begin; e < end; ++e) dst[e] += part[e];
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentangled_attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& pos_key, const c10::optional<at::Tensor>& pos_query,
@@ -398,7 +412,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == p.B * p.H * p.T,
               "disentangled_attention_bwd: lse must be fp32 [B, H, T]");
   (void)out;  // delta is recomputed exactly from the block's probabilities instead of rowsum(dO * O)
-  const at::Tensor dout = grad_out.contiguous(), lse_c = lse.contiguous();
+  const at::Tensor& dout = grad_out;  // strided like q is fine (read per (b, h) through at::mm / to)
+  const at::Tensor lse_c = lse.contiguous();
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   const at::Tensor pk = p.has_pk ? pos_key->to(p.acc) : at::Tensor();
   const at::Tensor pq = p.has_pq ? pos_query->to(p.acc) : at::Tensor();
@@ -420,10 +435,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
       }
     }
   });
+  // Sum of the partitions in a fixed order, in one parallel pass over elements (fixed chunks): one
+  // parallel region instead of n_part - 1 whole-tensor add_ calls.
   auto reduce = [&](const at::Tensor& parts, const c10::optional<at::Tensor>& like) -> at::Tensor {
     if (!parts.defined()) return at::Tensor();
-    at::Tensor total = parts[0].clone();
-    for (int64_t c = 1; c < n_part; ++c) total.add_(parts[c]);  // fixed order
+    const int64_t n = p.H * p.two_k * p.D;
+    at::Tensor total = at::empty({p.H, p.two_k, p.D}, parts.options());
+    if (p.acc == at::kDouble) {
+      sum_partitions<double>(parts.data_ptr<double>(), total.data_ptr<double>(), n_part, n);
+    } else {
+      sum_partitions<float>(parts.data_ptr<float>(), total.data_ptr<float>(), n_part, n);
+    }
     return total.to(like->scalar_type());
   };
   return {dq, dk, dv, reduce(dpk_parts, pos_key), reduce(dpq_parts, pos_query)};

@@ -312,6 +312,28 @@ def test_bf16_autocast_region(backend, device, dtype):
         assert a.dtype == dtype and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_strided_inputs_match_contiguous(backend, device):
+    """q / k / v as [B, T, H, D] memory viewed as [B, H, T, D] (what the module passes; the C++ kernels read
+    them through strides, no permute copy): same output and gradients, bit for bit, as contiguous inputs."""
+    B, H, T, D = 2, 3, 13, 32
+    mask = _pad("holes", B, T).to(device)
+    base = _inputs(B, H, T, D, 8, torch.float32)
+    kw = dict(attention_mask=mask, position_buckets=SMALL[0], max_relative_positions=SMALL[1], dropout_p=0.2,
+              seed=3)
+    results = []
+    for strided in (False, True):
+        qkv = [x.to(device).transpose(1, 2).contiguous().transpose(1, 2) if strided else x.to(device).clone()
+               for x in base[:3]]
+        x = [t.requires_grad_() for t in (*qkv, base[3].to(device), base[4].to(device))]
+        with electra_fast.use_backend(backend):
+            out = electra_fast.disentangled_attention(*x, **kw)
+            out.transpose(1, 2).sum(-1).pow(2).sum().backward()  # a strided upstream gradient
+        results.append([out.detach(), *(t.grad for t in x)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_triton_refuses_unsupported_slot_tables(monkeypatch):
     """The Triton backward needs slot steps of 0 or 1 in i - j (position_buckets <= max_relative_positions / 2);
     other tables (here position_buckets == max_relative_positions: steps of 2) are refused: forced triton

@@ -59,6 +59,19 @@ def _no_autocast(q: torch.Tensor):
     return torch.autocast(q.device.type, enabled=False)
 
 
+def _takes_strided(fn) -> bool:
+    # The C++ kernels read q / k / v / grad_out through strides and allocate outputs with empty_like (the
+    # layout the fake kernels promise); the reference and Triton get contiguous tensors.
+    return isinstance(fn, torch._ops.OpOverloadPacket)
+
+
+def _like(t: torch.Tensor, layout_of: torch.Tensor) -> torch.Tensor:
+    """t with the strides of empty_like(layout_of) (what the fake kernels promise); no copy when they match."""
+    if t.stride() == layout_of.stride():
+        return t
+    return torch.empty_like(layout_of, dtype=t.dtype).copy_(t)
+
+
 def _detached(*tensors):
     # The C++ kernels call ATen ops (mm, narrow, to) on views of their inputs; detached inputs keep those
     # views out of autograd even when a dispatch mode (opcheck's fake-tensor cross-check) re-runs them.
@@ -73,9 +86,13 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optional[to
     """position_buckets / max_relative_positions describe rel_slots (for backend routing only)."""
     q, k, v, pos_key, pos_query = _detached(q, k, v, pos_key, pos_query)
     key = (position_buckets, max_relative_positions, q.shape[2])
+    fn = _impl("forward", q, key)
     with _no_autocast(q):
-        out, lse = _impl("forward", q, key)(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed)
-    return [out, lse]
+        if _takes_strided(fn):
+            return list(fn(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed))
+        out, lse = fn(q.contiguous(), k.contiguous(), v.contiguous(), pos_key, pos_query, mask, rel_slots, scale,
+                      dropout_p, seed)
+    return [_like(out, q), lse]
 
 
 @_fwd.register_fake
@@ -93,9 +110,14 @@ def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     (custom ops cannot return None)."""
     grad_out, q, k, v, pos_key, pos_query = _detached(grad_out, q, k, v, pos_key, pos_query)
     key = (position_buckets, max_relative_positions, q.shape[2])
+    fn = _impl("backward", q, key)
     with _no_autocast(q):
-        grads = _impl("backward", q, key)(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse,
-                                          scale, dropout_p, seed)
+        if _takes_strided(fn):
+            grads = fn(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed)
+        else:
+            grads = fn(*(t.contiguous() for t in (grad_out, q, k, v)), pos_key, pos_query, mask, rel_slots,
+                       out.contiguous(), lse, scale, dropout_p, seed)
+            grads = [_like(g, x) for g, x in zip(grads[:3], (q, k, v))] + list(grads[3:])
     return [g if g is not None else q.new_empty(0) for g in grads]
 
 
@@ -116,7 +138,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grads):
     q, k, v, pos_key, pos_query, mask, rel_slots, out, lse = ctx.saved_tensors
-    dq, dk, dv, dpk, dpq = _bwd(grads[0].contiguous(), q, k, v, pos_key, pos_query, mask, rel_slots, out, lse,
+    g = grads[0] if grads[0].stride(-1) == 1 else grads[0].contiguous()  # e.g. expanded: stride 0
+    dq, dk, dv, dpk, dpq = _bwd(g, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse,
                                 ctx.scale, ctx.dropout_p, ctx.seed, *ctx.buckets)
     return (dq, dk, dv, dpk if ctx.has_pos[0] else None, dpq if ctx.has_pos[1] else None,
             None, None, None, None, None, None, None)
@@ -222,6 +245,10 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < math.inf):
         raise ValueError(f"scale: expected a positive finite float or None, got {scale!r}")
     rel_slots = ref.relative_slots(T, position_buckets, max_relative_positions, query.device)
-    out, _lse = _fwd(query.contiguous(), key.contiguous(), value.contiguous(), pos_key, pos_query, mask, rel_slots,
+    # CPU: q / k / v go in as given when their last dim is dense (the C++ kernels read strided [B, H, T, D]
+    # views, e.g. the module's [B, T, H, D] projections, without a permute copy; out takes that layout too).
+    # CUDA: contiguous, the Triton kernels' contract.
+    qkv = [x if x.device.type == "cpu" and x.stride(-1) == 1 else x.contiguous() for x in (query, key, value)]
+    out, _lse = _fwd(*qkv, pos_key, pos_query, mask, rel_slots,
                      float(scale), dropout_p, seed, position_buckets, max_relative_positions)
     return out
