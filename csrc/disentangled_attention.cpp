@@ -173,7 +173,9 @@ inline acc_t score_row(const Problem& p, int64_t b, int64_t i, acc_t* __restrict
   const acc_t scale = static_cast<acc_t>(p.scale);
   const uint8_t* m = p.has_mask ? p.mask + b * T : nullptr;
   if (crow != nullptr) {
-    for (int64_t j = 0; j < T; ++j) s[j] += crow[sl[-j] - clo];
+    const acc_t* c0 = crow - clo;
+#pragma omp simd  // a gather (no write conflicts: s[j] is written once)
+    for (int64_t j = 0; j < T; ++j) s[j] += c0[sl[-j]];
   }
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   acc_t mx = ninf;
