@@ -334,6 +334,29 @@ def test_strided_inputs_match_contiguous(backend, device):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in all_backends() if p.values[0] == "cpp"])
+def test_cpp_is_thread_count_independent(backend, device):
+    """Outputs and every gradient (position-gradient partitions included) are bitwise the same on 1 and 3
+    threads: fixed task partitions and a fixed-order reduction."""
+    B, H, T, D = 9, 2, 70, 32  # B > the 8 position-gradient partitions, T over two query blocks
+    mask = _pad("left", B, T)
+    base = _inputs(B, H, T, D, 8, torch.float32)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            x = [t.clone().requires_grad_() for t in base]
+            with electra_fast.use_backend(backend):
+                out = electra_fast.disentangled_attention(*x, attention_mask=mask, position_buckets=SMALL[0],
+                                                          max_relative_positions=SMALL[1], dropout_p=0.1, seed=1)
+                out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)))
+            results.append([out.detach(), *(t.grad for t in x)])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_triton_refuses_unsupported_slot_tables(monkeypatch):
     """The Triton backward needs slot steps of 0 or 1 in i - j (position_buckets <= max_relative_positions / 2);
     other tables (here position_buckets == max_relative_positions: steps of 2) are refused: forced triton
