@@ -14,7 +14,8 @@ from electra_fast.nn import DisentangledSelfAttention
 hf = pytest.importorskip("transformers.models.deberta_v2.modeling_deberta_v2")
 from transformers import DebertaV2Config  # noqa: E402
 
-SHAPES = [(8, 512)] if QUICK else [(8, 512), (2, 2048)]
+# The shapes, then a sequence-length sweep at 4096 tokens per call for the scaling plot.
+SHAPES = [(8, 512)] if QUICK else [(8, 512), (2, 2048), (32, 128), (16, 256), (4, 1024)]
 
 
 def base_config():

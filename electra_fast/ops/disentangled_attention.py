@@ -21,6 +21,8 @@ from ..reference import philox
 
 TRITON_HEAD_DIMS = (32, 64, 128)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_backend.declare("disentangled_attention", cpp=("disentangled_attention_fwd", "disentangled_attention_bwd"),
+                 triton="disentangled_attention")
 
 
 @functools.lru_cache(maxsize=256)
