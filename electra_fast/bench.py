@@ -18,8 +18,35 @@ def bench_dir() -> str:
     return path
 
 
+def record_pretrain(out_dir: str) -> str:
+    """Run the default pretraining job in a scratch directory and record its summary next to the results."""
+    import json
+    import tempfile
+
+    import torch
+
+    from .train import pretrain
+
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = pretrain(None, out=os.path.join(tmp, "run"), progress=False)
+    keep = {k: summary[k] for k in ("steps", "tokens_seen", "wall_time_s", "tokens_per_s", "first_loss", "final")}
+    keep.update(machine=bench_report.machine_name(), threads=torch.get_num_threads())
+    path = os.path.join(out_dir, bench_report.result_name() + "-pretrain-default.json")
+    with open(path, "w") as fh:
+        json.dump(keep, fh, indent=2)
+    return path
+
+
 def main(args) -> int:
     bdir = bench_dir()
+    if getattr(args, "pretrain", False):
+        out_dir = os.path.abspath(args.out or os.path.join(bdir, "results"))
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"recorded {record_pretrain(out_dir)}")
+        paths = bench_report.newest_per_machine(out_dir)
+        bench_report.write_results_md(paths, os.path.join(os.path.dirname(out_dir) if args.out is None else out_dir,
+                                                          "RESULTS.md"), {})
+        return 0
     device = args.device or ("cuda" if _cuda() else "cpu")
     out_dir = os.path.abspath(args.out or os.path.join(bdir, "results"))
     os.makedirs(out_dir, exist_ok=True)

@@ -172,11 +172,32 @@ def plots(path: str, out_dir: str) -> List[str]:
 
 
 def newest_per_machine(results_dir: str) -> List[str]:
+    """The newest full benchmark JSON of each machine (quick runs only where a machine has nothing else)."""
     latest: Dict[str, str] = {}
-    for f in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+    files = [f for f in glob.glob(os.path.join(results_dir, "*.json")) if not f.endswith("-pretrain-default.json")]
+    # names are <machine>-<YYYY-MM-DD>[-quick].json: full runs sort after quick ones, newer dates after older
+    for f in sorted(files, key=lambda f: (not f.endswith("-quick.json"), f)):
         machine = re.sub(r"-\d{4}-\d{2}-\d{2}.*$", "", os.path.basename(f))
-        latest[machine] = f  # names end in -YYYY-MM-DD: sorted order leaves the newest last
+        latest[machine] = f
     return sorted(latest.values())
+
+
+def pretrain_section(results_dir: str) -> List[str]:
+    """Rows for the recorded runs of the default pretraining job (``electra-fast bench --pretrain``)."""
+    files = sorted(glob.glob(os.path.join(results_dir, "*-pretrain-default.json")))
+    if not files:
+        return []
+    lines = ["## The default pretraining job (`electra-fast pretrain`, embedded corpus)", "",
+             "| file | machine | steps | tokens | wall time | tokens/s | loss first -> last | mlm | rtd | "
+             "disc. accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for f in files:
+        r = json.load(open(f))
+        fin = r.get("final") or {}
+        lines.append(f"| `{os.path.basename(f)}` | {r.get('machine')} ({r.get('threads')} threads) | {r['steps']} | "
+                     f"{r['tokens_seen']:,} | {r['wall_time_s']:.1f} s | {r['tokens_per_s']:,.0f} | "
+                     f"{r['first_loss']:.3f} -> {fin.get('loss', float('nan')):.3f} | {fin.get('mlm_loss', 0):.3f} | "
+                     f"{fin.get('rtd_loss', 0):.4f} | {fin.get('discriminator_accuracy', 0):.3f} |")
+    return lines + [""]
 
 
 def write_results_md(paths: List[str], out_path: str, images: Dict[str, List[str]]) -> None:
@@ -189,8 +210,10 @@ def write_results_md(paths: List[str], out_path: str, images: Dict[str, List[str
     base = os.path.dirname(out_path)
     for p in paths:
         text += [table(p), ""]
-        for img in images.get(p, []):
+        found = sorted(glob.glob(os.path.splitext(p)[0] + "-*.png"))  # plots written by an earlier run
+        for img in images.get(p) or found:
             text.append(f"![{os.path.basename(img)}]({os.path.relpath(img, base)})")
         text.append("")
+    text += pretrain_section(os.path.dirname(paths[0]) if paths else os.path.join(base, "results"))
     with open(out_path, "w") as fh:
         fh.write("\n".join(text))

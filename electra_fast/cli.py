@@ -16,6 +16,8 @@ def main(argv=None) -> int:
     bench.add_argument("--out", default=None, help="results directory (default: bench/results)")
     bench.add_argument("--compare", metavar="PREVIOUS.json", help="fail if a fused speed-up fell by > 15%%")
     bench.add_argument("-k", dest="select", default=None, help="only benchmarks matching this pytest -k expression")
+    bench.add_argument("--pretrain", action="store_true",
+                       help="instead: run the default `electra-fast pretrain` job and record its summary")
     from .train import cli as train_cli
     train_cli.add_parsers(sub)
     args = parser.parse_args(argv)

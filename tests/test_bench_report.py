@@ -68,3 +68,19 @@ def test_cli_compare_exit_code(tmp_path, monkeypatch):
     args.compare = None
     assert bench_cli.main(args) == 0
     assert (tmp_path / "out" / "RESULTS.md").exists()
+
+
+def test_pretrain_record_and_newest_selection(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    full = _write(results / "cpu-x-2026-11-20.json", [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", 2.0)])
+    _write(results / "cpu-x-2026-11-21-quick.json", [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", 9.0)])
+    (results / "cpu-x-2026-11-21-pretrain-default.json").write_text(json.dumps({
+        "steps": 300, "tokens_seen": 614400, "wall_time_s": 150.0, "tokens_per_s": 4096.0, "first_loss": 43.6,
+        "final": {"loss": 26.1, "mlm_loss": 5.7, "rtd_loss": 0.41, "discriminator_accuracy": 0.86},
+        "machine": "test cpu", "threads": 2}))
+    assert bench_report.newest_per_machine(str(results)) == [full]  # a full run beats a newer quick one
+    md = tmp_path / "RESULTS.md"
+    bench_report.write_results_md([full], str(md), {})
+    text = md.read_text()
+    assert "The default pretraining job" in text and "43.600 -> 26.100" in text and "4,096" in text
