@@ -73,7 +73,8 @@ void forward_chunk(const scalar_t* __restrict x, const id_t* __restrict c, const
 }
 
 // reduction: 0 = none ([B, T] fp32 losses, 0 at padding), 1 = sum, 2 = mean.
-// Returns (loss, counts int64[5], dlogits fp32 [B, T] = d loss_token / d logit, or an empty tensor).
+// Returns (loss, counts int64[5], dlogits fp32 [B, T] = d loss / d logit (per token for "none", divided by the
+// real-token count for "mean"), or an empty tensor).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rtd_loss_fwd(const at::Tensor& logits, const at::Tensor& corrupted,
                                                             const at::Tensor& original,
                                                             const c10::optional<at::Tensor>& mask, int64_t reduction,
@@ -124,7 +125,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rtd_loss_fwd(const at::Tensor& lo
     for (int j = 0; j < kCounts; ++j) t[j] += counts[k * kCounts + j];
   }
   if (reduction == 1) loss.fill_(total);
-  if (reduction == 2) loss.fill_(total / static_cast<double>(std::max<int64_t>(t[0], 1)));
+  if (reduction == 2) {
+    const double n = static_cast<double>(std::max<int64_t>(t[0], 1));
+    loss.fill_(total / n);
+    if (need_grad) grad.div_(n);  // dlogits becomes d mean / d logit: the backward is one scale
+  }
   return {loss, totals, grad};
 }
 

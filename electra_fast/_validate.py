@@ -53,7 +53,8 @@ def choice(name: str, value, options: Sequence) -> None:
 
 
 def mask_as_uint8(name: str, mask: Optional[torch.Tensor], ref_name: str, ref: torch.Tensor) -> Optional[torch.Tensor]:
-    """A [B, T] bool / integer attention mask (nonzero = real token) as a contiguous uint8 tensor."""
+    """A [B, T] bool / integer attention mask (nonzero = real token) as a contiguous uint8 tensor (a free view
+    for bool and uint8 masks, one comparison pass otherwise)."""
     if mask is None:
         return None
     tensor(name, mask)

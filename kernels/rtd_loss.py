@@ -81,7 +81,10 @@ def forward(logits, corrupted, original, mask, reduction: int, need_grad: bool):
     if reduction == 0:
         return per_token, counts, dlogits
     total = partial_loss.sum()
-    return (total if reduction == 1 else total / counts[0].clamp(min=1).to(total.dtype)), counts, dlogits
+    if reduction == 1:
+        return total, counts, dlogits
+    n = counts[0].clamp(min=1).to(total.dtype)
+    return total / n, counts, dlogits.div_(n) if need_grad else dlogits
 
 
 def compile_specs():

@@ -211,3 +211,18 @@ def test_bad_input(bad, exc, match):
     args.update(bad)
     with pytest.raises(exc, match=match):
         electra_fast.rtd_loss(**args)
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_backward_twice_accumulates_without_aliasing(backend, device):
+    """The backward may hand autograd the saved derivative itself: accumulating twice must still double it."""
+    logits, corrupted, original, mask = make(3, 29, device=device)
+    x = logits.clone().requires_grad_()
+    with electra_fast.use_backend(backend):
+        loss = electra_fast.rtd_loss(x, corrupted, original, mask)
+        loss.backward(retain_graph=True)
+        once = x.grad.clone()
+        loss.backward(retain_graph=True)
+        torch.testing.assert_close(x.grad, 2 * once, rtol=0, atol=0)
+        (loss * 3).backward()
+        torch.testing.assert_close(x.grad, 5 * once, rtol=1e-6, atol=0)

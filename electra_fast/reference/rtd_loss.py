@@ -10,7 +10,8 @@ Shapes and dtypes (every backend takes the same, already validated and contiguou
 
 forward -> (loss fp32 (fp64 for fp64 logits): [B, T] with 0 at padding for "none", else [];
             counts int64 [5]: n_valid, n_replaced, n_pred_replaced, n_true_pos, n_correct;
-            dlogits [B, T] (dtype of loss) = (sigmoid(x) - label) * real, or an empty tensor when not need_grad)
+            dlogits [B, T] (dtype of loss) = d loss / d logit = (sigmoid(x) - label) * real, divided by the
+            number of real tokens for "mean"; an empty tensor when not need_grad)
 
 The per-token derivative is produced by the forward pass (it shares exp(-|x|) with the loss), so
 the backward is one scale by the incoming gradient (/ token count for "mean") - no recomputation.
@@ -44,7 +45,8 @@ def forward(logits, corrupted, original, mask, reduction: int, need_grad: bool):
     total = per_token.sum()
     if reduction == SUM:
         return total, counts, dlogits
-    return total / counts[0].clamp(min=1).to(total.dtype), counts, dlogits
+    n = counts[0].clamp(min=1).to(total.dtype)
+    return total / n, counts, dlogits / n if need_grad else dlogits
 
 
 def metrics_from_counts(counts: torch.Tensor) -> dict:
