@@ -9,6 +9,8 @@ from .train import pretrain
 
 __version__ = "0.1.0"
 
-__all__ = ["ElectraConfig", "ElectraPretrainingModel", "MaskedTokens", "TokenMasker", "available_backends", "mask_tokens", "disentangled_attention",
-           "extension_loaded", "gumbel_sample",
-           "mlm_loss_and_sample", "patch_deberta_v2", "pretrain", "rtd_loss", "unpatch_deberta_v2", "use_backend", "__version__"]
+__all__ = [
+    "ElectraConfig", "ElectraPretrainingModel", "MaskedTokens", "TokenMasker", "available_backends",
+    "disentangled_attention", "extension_loaded", "gumbel_sample", "mask_tokens", "mlm_loss_and_sample",
+    "patch_deberta_v2", "pretrain", "rtd_loss", "unpatch_deberta_v2", "use_backend", "__version__",
+]
