@@ -26,3 +26,22 @@
     constexpr bool NAME = false;          \
     return __VA_ARGS__();                 \
   }()
+
+// Optional mask of uint8 / int32 / int64 as `mask_t` (void when absent).
+#define EF_DISPATCH_MASK(HAS_MASK, TYPE, ...)                  \
+  [&] {                                                        \
+    if (!(HAS_MASK)) {                                         \
+      using mask_t = void;                                     \
+      return __VA_ARGS__();                                    \
+    }                                                          \
+    if ((TYPE) == at::kLong) {                                 \
+      using mask_t = int64_t;                                  \
+      return __VA_ARGS__();                                    \
+    }                                                          \
+    if ((TYPE) == at::kInt) {                                  \
+      using mask_t = int32_t;                                  \
+      return __VA_ARGS__();                                    \
+    }                                                          \
+    using mask_t = uint8_t;                                    \
+    return __VA_ARGS__();                                      \
+  }()

@@ -36,17 +36,27 @@ inline int32_t differs(const id_t* __restrict c, const id_t* __restrict o, int64
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-template <typename scalar_t, typename id_t, bool kMask, bool kWrite, bool kGrad>
+template <typename T>
+inline const T* advance(const T* p, int64_t s) {
+  return p + s;
+}
+inline const void* advance(const void*, int64_t) { return nullptr; }  // no mask
+
+// mask_t: uint8_t (bool / uint8 masks), int32_t or int64_t (transformers' attention masks, read as they are
+// rather than converted in a separate pass); void = no mask.
+template <typename scalar_t, typename id_t, typename mask_t, bool kWrite, bool kGrad>
 void forward_chunk(const scalar_t* __restrict x, const id_t* __restrict c, const id_t* __restrict o,
-                   const uint8_t* __restrict m, acc_type<scalar_t>* __restrict loss,
+                   const mask_t* __restrict m, acc_type<scalar_t>* __restrict loss,
                    acc_type<scalar_t>* __restrict grad, int64_t n, double* loss_sum, int64_t* counts) {
   using acc_t = acc_type<scalar_t>;
+  constexpr bool kMask = !std::is_void_v<mask_t>;
   acc_t acc = 0;
   int32_t valid_n = 0, rep_n = 0, pred_n = 0, tp_n = 0, ok_n = 0;
 #pragma omp simd reduction(+ : acc, valid_n, rep_n, pred_n, tp_n, ok_n)
   for (int64_t i = 0; i < n; ++i) {
     const acc_t xi = static_cast<acc_t>(x[i]);
-    const int32_t valid = kMask ? static_cast<int32_t>(m[i] != 0) : 1;
+    int32_t valid = 1;
+    if constexpr (kMask) valid = static_cast<int32_t>(m[i] != 0);
     const int32_t y = differs(c, o, i);
     const int32_t pred = static_cast<int32_t>(xi > 0);
     const acc_t vf = static_cast<acc_t>(valid), yf = static_cast<acc_t>(y);
@@ -84,9 +94,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rtd_loss_fwd(const at::Tensor& lo
   TORCH_CHECK(corrupted.scalar_type() == original.scalar_type(), "rtd_loss_fwd: id dtypes differ");
   const int64_t n = logits.numel();
   const bool has_mask = mask.has_value();
-  TORCH_CHECK(!has_mask || (mask->scalar_type() == at::kByte && mask->is_contiguous()),
-              "rtd_loss_fwd: mask must be contiguous uint8");
-  const uint8_t* m = has_mask ? mask->data_ptr<uint8_t>() : nullptr;
+  const at::ScalarType mask_type = has_mask ? mask->scalar_type() : at::kByte;
+  TORCH_CHECK(!has_mask || ((mask_type == at::kByte || mask_type == at::kInt || mask_type == at::kLong) &&
+                            mask->is_contiguous() && mask->numel() == logits.numel()),
+              "rtd_loss_fwd: mask must be contiguous uint8 / int32 / int64 shaped like logits");
   const auto f32 = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   at::Tensor loss = reduction == 0 ? at::empty(logits.sizes(), f32) : at::empty({}, f32);
   at::Tensor grad = need_grad ? at::empty(logits.sizes(), f32) : at::empty({0}, f32);
@@ -95,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rtd_loss_fwd(const at::Tensor& lo
   std::vector<int64_t> counts(n_chunks * kCounts, 0);
   EF_DISPATCH_FLOATS(logits.scalar_type(), "rtd_loss_fwd", [&] {
     EF_DISPATCH_IDS(corrupted.scalar_type(), "rtd_loss_fwd", [&] {
-      EF_BOOL_DISPATCH(has_mask, kMask, [&] {
+      EF_DISPATCH_MASK(has_mask, mask_type, [&] {
         EF_BOOL_DISPATCH(reduction == 0, kWrite, [&] {
           EF_BOOL_DISPATCH(need_grad, kGrad, [&] {
             const scalar_t* x = logits.data_ptr<scalar_t>();
@@ -104,11 +115,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rtd_loss_fwd(const at::Tensor& lo
             using acc_t = acc_type<scalar_t>;
             acc_t* out = kWrite ? loss.data_ptr<acc_t>() : nullptr;
             acc_t* g = kGrad ? grad.data_ptr<acc_t>() : nullptr;
+            const mask_t* m = has_mask ? static_cast<const mask_t*>(mask->data_ptr()) : nullptr;
             at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
               for (int64_t k = begin; k < end; ++k) {
                 const int64_t s = k * kChunk, len = std::min(kChunk, n - s);
-                forward_chunk<scalar_t, id_t, kMask, kWrite, kGrad>(
-                    x + s, c + s, o + s, kMask ? m + s : nullptr, kWrite ? out + s : nullptr,
+                forward_chunk<scalar_t, id_t, mask_t, kWrite, kGrad>(
+                    x + s, c + s, o + s, advance(m, s), kWrite ? out + s : nullptr,
                     kGrad ? g + s : nullptr, len, &sums[k], &counts[k * kCounts]);
               }
             });

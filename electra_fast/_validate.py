@@ -52,9 +52,11 @@ def choice(name: str, value, options: Sequence) -> None:
         raise ValueError(f"{name}: expected one of {tuple(options)}, got {value!r}")
 
 
-def mask_as_uint8(name: str, mask: Optional[torch.Tensor], ref_name: str, ref: torch.Tensor) -> Optional[torch.Tensor]:
+def mask_as_uint8(name: str, mask: Optional[torch.Tensor], ref_name: str, ref: torch.Tensor,
+                  keep_int: bool = False) -> Optional[torch.Tensor]:
     """A [B, T] bool / integer attention mask (nonzero = real token) as a contiguous uint8 tensor (a free view
-    for bool and uint8 masks, one comparison pass otherwise)."""
+    for bool and uint8 masks, one comparison pass otherwise). ``keep_int``: int32 / int64 masks are passed
+    through as they are, for kernels that read them directly."""
     if mask is None:
         return None
     tensor(name, mask)
@@ -64,7 +66,7 @@ def mask_as_uint8(name: str, mask: Optional[torch.Tensor], ref_name: str, ref: t
     same_device(name, mask, ref_name, ref)
     if mask.dtype == torch.bool:
         return mask.contiguous().view(torch.uint8)  # free reinterpretation
-    if mask.dtype == torch.uint8:
+    if mask.dtype == torch.uint8 or (keep_int and mask.dtype in (torch.int32, torch.int64)):
         return mask.contiguous()
     return (mask != 0).view(torch.uint8)
 

@@ -64,6 +64,9 @@ def rtd_loss_fwd_kernel(logits_ptr, corrupted_ptr, original_ptr, mask_ptr, loss_
 
 
 def forward(logits, corrupted, original, mask, reduction: int, need_grad: bool):
+    """``mask``: uint8, or int32 / int64 (converted here: the kernels are specialised for uint8 masks)."""
+    if mask is not None and mask.dtype != torch.uint8:
+        mask = (mask != 0).view(torch.uint8)
     n = logits.numel()
     n_blocks = max(triton.cdiv(n, BLOCK), 1)
     f32 = dict(device=logits.device, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)

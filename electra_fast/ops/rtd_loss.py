@@ -111,7 +111,7 @@ def rtd_loss(logits: torch.Tensor, corrupted_ids: torch.Tensor, original_ids: to
         _validate.same_shape(name, ids, "logits", logits)
         _validate.same_device(name, ids, "logits", logits)
     _validate.choice("reduction", reduction, tuple(ref.REDUCTIONS))
-    mask = _validate.mask_as_uint8("attention_mask", attention_mask, "logits", logits)
+    mask = _validate.mask_as_uint8("attention_mask", attention_mask, "logits", logits, keep_int=True)
     corrupted, original = _validate.common_ids(("corrupted_ids", corrupted_ids), ("original_ids", original_ids))
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     if need_grad and not torch.compiler.is_compiling():

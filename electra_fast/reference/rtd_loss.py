@@ -4,7 +4,7 @@ Shapes and dtypes (every backend takes the same, already validated and contiguou
   logits     float [B, T] (fp32 / fp64 / fp16 / bf16): one discriminator logit per token
   corrupted  int [B, T] (int32 or int64, same dtype as original): the discriminator's input
   original   int [B, T]: the uncorrupted ids; label = corrupted != original ("replaced")
-  mask       uint8 [B, T] (1 = real token) or None
+  mask       uint8 / int32 / int64 [B, T] (nonzero = real token) or None
   reduction  0 = none, 1 = sum, 2 = mean (token mean over real tokens; 0 tokens -> 0)
   need_grad  also return d loss_token / d logit
 
