@@ -5,7 +5,14 @@ from .nn.disentangled_attention import patch_deberta_v2, unpatch_deberta_v2
 from .nn.masking import TokenMasker
 from .ops import MaskedTokens, disentangled_attention, gumbel_sample, mask_tokens, mlm_loss_and_sample, rtd_loss
 from .models import ElectraConfig, ElectraPretrainingModel
-from .train import pretrain
+
+
+def __getattr__(name):
+    # The training job (tokenizers, tqdm, data loading) loads on first use, not with every `import electra_fast`.
+    if name == "pretrain":
+        from .train import pretrain
+        return pretrain
+    raise AttributeError(f"module 'electra_fast' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

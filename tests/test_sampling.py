@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import electra_fast
 import electra_fast.ops.sampling as sampling_ops
-from conftest import all_backends, fast_backends
+from conftest import all_backends, backend_dtypes, fast_backends
 from electra_fast.profiling import peak_memory
 from electra_fast.reference import philox
 from electra_fast.reference import sampling as ref
@@ -19,7 +19,6 @@ LOSS_TOL = dict(rtol=1e-5, atol=1e-5)
 # of their dtype on top (fp16: 2^-11, bf16: 2^-8 relative).
 GRAD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12),
             torch.float16: dict(rtol=2e-3, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-4)}
-INTERP_SKIP_BF16 = "the Triton interpreter has no bf16 tl.dot (NOTES.md); bf16 Triton runs on the GPU lane"
 
 
 def make(n=13, e=16, v=300, dtype=torch.float32, device="cpu", bias=True, ignore=2, scale=1.0, seed=0,
@@ -72,13 +71,11 @@ def test_reference_matches_eager_formula(backend, device, reduction, monkeypatch
     assert metrics["accuracy"].item() == pytest.approx(acc.item())
 
 
-@pytest.mark.parametrize("backend,device", fast_backends())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("backend,device,dtype",
+                         backend_dtypes([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
 def test_backend_matches_reference(backend, device, dtype, bias, id_dtype, monkeypatch):
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip(INTERP_SKIP_BF16)
     small_chunks(monkeypatch)
     args = make(dtype=dtype, device=device, bias=bias, id_dtype=id_dtype)
     want = run("reference", *[a.cpu() if a is not None else None for a in args], temperature=0.7,
