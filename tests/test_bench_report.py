@@ -1,9 +1,5 @@
 """The benchmark report and the regression gate (synthetic pytest-benchmark JSON)."""
 import json
-import subprocess
-import sys
-
-import pytest
 
 from electra_fast import bench_report
 

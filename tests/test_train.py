@@ -17,7 +17,7 @@ import torch
 
 from electra_fast.cli import main as cli_main
 from electra_fast.models import ElectraConfig
-from electra_fast.train import PretrainError, derive_seed, export, pretrain
+from electra_fast.train import PretrainError, derive_seed, pretrain
 from electra_fast.train import checkpoint as ckpt
 from electra_fast.train.data import PackedSequences, Sampler, build_token_cache, read_documents
 from electra_fast.train.tokenizer import load_tokenizer, special_ids, train_wordpiece

@@ -391,7 +391,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
         f"{cfg.vocab_size}) on {len(packed)} sequences of {seq_len} tokens, {per_step_tokens} tokens per step, "
         f"{steps} steps, {precision}, {ctx.world} process(es) on {ctx.device}")
     t0 = time.perf_counter()
-    last, first_loss, last_record, interrupted, path = None, None, None, None, None
+    first_loss, last_record, interrupted, path = None, None, None, None
     net.train()
     with _Signals() as signals, open(os.devnull if not ctx.is_main else metrics_path, "a", encoding="utf-8") as mf:
         step = start_step
