@@ -42,4 +42,4 @@ def test_rtd_loss(benchmark, device, impl, pass_, b, t):
         return loss
 
     run(benchmark, step, device=device, op="rtd_loss", impl=impl, pass_=pass_, shape=f"{b}x{t}", dtype=dtype,
-        tokens=b * t, rounds=5 if QUICK else 30)
+        tokens=b * t, rounds=5 if QUICK else 200, warmup=2 if QUICK else 20)

@@ -114,12 +114,7 @@ def resolve(op: str, device: torch.device, *, cpp: Optional[str] = None, triton:
     """
     forced = forced_backend()
     candidate = forced or default_backend(device)
-    if candidate == "cpp" and cpp is None:
-        reason = "no C++ kernel for this op"
-    elif candidate == "triton" and triton is None:
-        reason = "no Triton kernel for this op"
-    else:
-        reason = unavailable_reason(candidate, device, cpp)
+    reason = _static_reason(candidate, device.type, cpp, triton, triton_interpret(), _extension.EXTENSION_ERROR)
     if reason is None and supports is not None and candidate != "reference":
         reason = supports(candidate)
     if reason is None:
@@ -127,6 +122,18 @@ def resolve(op: str, device: torch.device, *, cpp: Optional[str] = None, triton:
     if forced is not None:
         raise RuntimeError(f"electra_fast.{op}: backend {forced!r} was forced but cannot serve this call: {reason}")
     return "reference", f"{candidate} backend unavailable ({reason})"
+
+
+@functools.lru_cache(maxsize=None)
+def _static_reason(candidate: str, device_type: str, cpp: Optional[str], triton: Optional[str],
+                   interpret: bool, extension_error: Optional[str]) -> Optional[str]:
+    # Fixed for the process once TRITON_INTERPRET and the extension's state are part of the key; cached
+    # because the small ops pay this on every call (about as much as the validation of their arguments).
+    if candidate == "cpp" and cpp is None:
+        return "no C++ kernel for this op"
+    if candidate == "triton" and triton is None:
+        return "no Triton kernel for this op"
+    return unavailable_reason(candidate, torch.device(device_type), cpp)
 
 
 def available_backends(device: "torch.device | str" = "cpu") -> list:

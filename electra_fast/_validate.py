@@ -74,4 +74,6 @@ def mask_as_uint8(name: str, mask: Optional[torch.Tensor], ref_name: str, ref: t
 def common_ids(*named) -> list:
     """Integer id tensors converted to one dtype the kernels take (int32 if all are int32, else int64)."""
     dtype = torch.int32 if all(x.dtype == torch.int32 for _, x in named) else torch.int64
-    return [x.to(dtype).contiguous() for _, x in named]
+    # Untouched tensors are returned as they are: each no-op .to() is a dispatcher round trip, which shows
+    # at the per-call scale of the small ops.
+    return [x if x.dtype == dtype and x.is_contiguous() else x.to(dtype).contiguous() for _, x in named]

@@ -229,3 +229,42 @@ def test_backward_twice_accumulates_without_aliasing(backend, device):
         torch.testing.assert_close(x.grad, 2 * once, rtol=0, atol=0)
         (loss * 3).backward()
         torch.testing.assert_close(x.grad, 5 * once, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_training_without_metrics_is_identical(backend, device, reduction):
+    """Training calls without return_metrics skip the metric counters in the C++ loop: same loss, same gradient."""
+    args = make(5, 300, device=device)
+    want_loss, _, want_grad = run(backend, *args, reduction=reduction)
+    x = args[0].detach().clone().requires_grad_()
+    with electra_fast.use_backend(backend):
+        loss = electra_fast.rtd_loss(x, *args[1:], reduction=reduction)
+    loss.sum().backward()
+    torch.testing.assert_close(loss.detach(), want_loss, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, want_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_second_backward_without_retain_graph_raises(backend, device):
+    logits, corrupted, original, mask = make(2, 9, device=device)
+    x = logits.clone().requires_grad_()
+    with electra_fast.use_backend(backend):
+        loss = electra_fast.rtd_loss(x, corrupted, original, mask)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_gradients_of_separate_calls_do_not_alias(backend, device):
+    """The backward hands autograd the forward's derivative buffer: every call must own a fresh one."""
+    a, b = make(3, 40, device=device, seed=1), make(3, 40, device=device, seed=2)
+    xa, xb = a[0].clone().requires_grad_(), b[0].clone().requires_grad_()
+    with electra_fast.use_backend(backend):
+        electra_fast.rtd_loss(xa, *a[1:]).backward()
+        kept = xa.grad.clone()
+        electra_fast.rtd_loss(xb, *b[1:]).backward()
+        electra_fast.rtd_loss(xa, *a[1:]).backward()  # accumulates into xa.grad
+    assert xa.grad.data_ptr() != xb.grad.data_ptr()
+    torch.testing.assert_close(xa.grad, 2 * kept, rtol=1e-6, atol=0)

@@ -3,6 +3,10 @@
 Op: ``electra_fast::rtd_loss_fwd`` (a torch.library custom op with a fake kernel, so it traces under
 torch.compile), routed to triton / cpp / reference. The forward also emits d loss_token / d logit
 (sharing exp(-|x|) with the loss), so the registered backward is a single scale.
+
+Eager training calls skip the custom-op layer, whose Python dispatch costs about as much as the C++ kernel
+at 256 x 512 tokens: the C++ backend through its own C++ autograd function (``rtd_loss_train`` in
+csrc/rtd_loss.cpp, the same formula), the others through ``_EagerRTDLoss``. torch.compile traces the op.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from .. import _backend, _validate
 from ..reference import rtd_loss as ref
 
 _SCALAR = torch.Size([])
-_backend.declare("rtd_loss", cpp=("rtd_loss_fwd",), triton="rtd_loss")
+_backend.declare("rtd_loss", cpp=("rtd_loss_fwd", "rtd_loss_train"), triton="rtd_loss")
 
 
 def _forward_impl(logits, corrupted, original, mask, reduction, need_grad):
@@ -60,9 +64,7 @@ torch.library.register_autograd("electra_fast::rtd_loss_fwd", _backward, setup_c
 
 
 class _EagerRTDLoss(torch.autograd.Function):
-    """The same kernels and backward without the custom-op layer: in eager mode that layer's Python
-    dispatch costs about as much as the C++ kernel itself at 256 x 512 tokens. torch.compile traces the
-    custom op instead (see rtd_loss)."""
+    """The same kernels and backward without the custom-op layer (eager training on Triton / reference)."""
 
     @staticmethod
     def forward(ctx, logits, corrupted, original, mask, reduction):
@@ -81,6 +83,13 @@ class _EagerRTDLoss(torch.autograd.Function):
                 and grad_loss.item() == 1.0):
             return dlogits, None, None, None, None
         return _grad_logits(dlogits, grad_loss, ctx.dtype), None, None, None, None
+
+
+def _train_eager(logits, corrupted, original, mask, reduction, need_metrics):
+    backend, _ = _backend.resolve("rtd_loss", logits.device, cpp="rtd_loss_train", triton="rtd_loss")
+    if backend == "cpp":  # counts[1:] are only filled when need_metrics
+        return torch.ops.electra_fast_cpp.rtd_loss_train(logits, corrupted, original, mask, reduction, need_metrics)
+    return _EagerRTDLoss.apply(logits, corrupted, original, mask, reduction)
 
 
 def rtd_loss(logits: torch.Tensor, corrupted_ids: torch.Tensor, original_ids: torch.Tensor,
@@ -115,7 +124,8 @@ def rtd_loss(logits: torch.Tensor, corrupted_ids: torch.Tensor, original_ids: to
     corrupted, original = _validate.common_ids(("corrupted_ids", corrupted_ids), ("original_ids", original_ids))
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     if need_grad and not torch.compiler.is_compiling():
-        loss, counts = _EagerRTDLoss.apply(logits.contiguous(), corrupted, original, mask, ref.REDUCTIONS[reduction])
+        loss, counts = _train_eager(logits.contiguous(), corrupted, original, mask, ref.REDUCTIONS[reduction],
+                                    return_metrics)
     else:
         loss, counts, _ = _rtd_loss_fwd(logits.contiguous(), corrupted, original, mask, ref.REDUCTIONS[reduction],
                                         need_grad)
