@@ -5,15 +5,16 @@
 
 namespace electra_fast {
 
-enum PhiloxPurpose : uint32_t { kMasking = 1, kGumbel = 2, kAttnDropout = 3 };
+enum PhiloxPurpose : uint32_t { kMasking = 1, kGumbel = 2, kAttnDropout = 3, kDropout = 4 };
 
 struct Philox4 {
   uint32_t x[4];
 };
 
-static inline Philox4 philox4x32_10(uint64_t seed, uint64_t index, uint32_t purpose) {
+// ``stream``: the counter's fourth word (0 for every purpose but kDropout, which keys its dropout site).
+static inline Philox4 philox4x32_10(uint64_t seed, uint64_t index, uint32_t purpose, uint32_t stream = 0) {
   uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32);
-  uint32_t c2 = purpose, c3 = 0;
+  uint32_t c2 = purpose, c3 = stream;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int r = 0; r < 10; ++r) {
     const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2;

@@ -17,6 +17,15 @@ def philox4(seed, index, purpose: tl.constexpr):
 
 
 @triton.jit
+def philox4_stream(seed, index, purpose: tl.constexpr, stream):
+    """``philox4`` with the counter's fourth word set to ``stream`` (u32 / i64 scalar; DROPOUT's site key)."""
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = ((index >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = lo * 0
+    return tl.philox(seed, lo, hi, zero + purpose, (zero.to(tl.int64) + stream).to(tl.uint32))
+
+
+@triton.jit
 def uniform(x):
     """uint32 -> fp32 in [0, 1): (x >> 8) * 2**-24."""
     return (x >> 8).to(tl.float32) * 5.9604644775390625e-08

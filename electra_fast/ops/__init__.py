@@ -1,7 +1,9 @@
 """Public fused ops (each module registers its torch.library ops on import)."""
 from .disentangled_attention import disentangled_attention
+from .dropout import dropout
 from .masking import MaskedTokens, mask_tokens
 from .rtd_loss import rtd_loss
 from .sampling import gumbel_sample, mlm_loss_and_sample
 
-__all__ = ["MaskedTokens", "disentangled_attention", "mask_tokens", "gumbel_sample", "mlm_loss_and_sample", "rtd_loss"]
+__all__ = ["MaskedTokens", "disentangled_attention", "dropout", "mask_tokens", "gumbel_sample", "mlm_loss_and_sample",
+           "rtd_loss"]

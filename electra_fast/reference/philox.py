@@ -3,7 +3,7 @@
 The stream (DESIGN.md, "randomness contract"). For a draw keyed by ``(seed, index, purpose)``:
 
   key      k0 = seed & 0xFFFFFFFF,  k1 = seed >> 32            (seed: int in [0, 2**63))
-  counter  c0 = index & 0xFFFFFFFF, c1 = index >> 32, c2 = purpose, c3 = 0
+  counter  c0 = index & 0xFFFFFFFF, c1 = index >> 32, c2 = purpose, c3 = 0 (DROPOUT: c3 = stream)
   output   four uint32 words (x0, x1, x2, x3) = Philox4x32-10(counter, key)
 
 This is exactly ``tl.philox(seed, c0, c1, c2, c3)`` in Triton (constants and round order as in
@@ -18,6 +18,9 @@ Purposes and what each op reads (one Philox call per element):
   MASKING = 1       index = b * T + t:   x0 selection key, x1 replacement draw, x2 random-token draw
   GUMBEL = 2        index = n * V + v:   x0 -> uniform_open
   ATTN_DROPOUT = 3  index = ((b * H + h) * T + i) * T + j:  x0 -> uniform, kept iff u >= p
+  DROPOUT = 4       index = i // 4 for element i of the contiguous tensor, c3 = stream (int in [0, 2**32),
+                    one per dropout site; seed in [0, 2**64)): word x[i % 4] -> uniform, kept iff u >= p
+                    (one Philox call serves four elements)
 
 Tensors here hold uint32 values in int64 (torch has no general uint32 arithmetic).
 """
@@ -28,6 +31,7 @@ import torch
 MASKING = 1
 GUMBEL = 2
 ATTN_DROPOUT = 3
+DROPOUT = 4
 
 _M32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
@@ -37,15 +41,15 @@ _KEY_B = 0xBB67AE85
 SEED_LIMIT = 2 ** 63
 
 
-def check_seed(seed, name: str = "seed") -> int:
-    """Seeds are Python ints in [0, 2**63) (bool and floats are rejected)."""
+def check_seed(seed, name: str = "seed", limit: int = SEED_LIMIT) -> int:
+    """Seeds are Python ints in [0, limit) (default 2**63; bool and floats are rejected)."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         if isinstance(seed, torch.Tensor) and seed.numel() == 1 and not seed.is_floating_point():
             seed = int(seed.item())
         else:
             raise TypeError(f"{name}: expected an int, got {type(seed).__name__}")
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"{name}: expected an int in [0, 2**63), got {seed}")
+    if not 0 <= seed < limit:
+        raise ValueError(f"{name}: expected an int in [0, 2**{limit.bit_length() - 1}), got {seed}")
     return seed
 
 
@@ -57,17 +61,18 @@ def _mulhilo(a: int, b: torch.Tensor):
     return hi & _M32, lo
 
 
-def philox(seed: int, index: torch.Tensor, purpose: int):
+def philox(seed: int, index: torch.Tensor, purpose: int, stream: int = 0):
     """Four uint32 words (as int64 tensors shaped like ``index``) for each element of ``index``.
 
-    ``index``: int64 tensor of non-negative element indices (< 2**63).
+    ``index``: int64 tensor of non-negative element indices (< 2**63). ``seed``: the full 64-bit key
+    (ops validate their own, narrower ranges). ``stream``: the counter's fourth word (0 but for DROPOUT).
     """
-    seed = check_seed(seed)
+    seed = check_seed(seed, limit=2 ** 64)
     index = index.to(torch.int64)
     c0 = index & _M32
     c1 = (index >> 32) & _M32
     c2 = torch.full_like(index, purpose & _M32)
-    c3 = torch.zeros_like(index)
+    c3 = torch.full_like(index, stream & _M32)
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     for _ in range(10):
         hi_b, lo_b = _mulhilo(_ROUND_B, c2)
