@@ -32,7 +32,7 @@ def dropout_kernel(x_ptr, y_ptr, n, seed, stream, threshold, scale, ACC64: tl.co
     inb = offs < n
     x = tl.load(x_ptr + offs, mask=inb, other=0.0)
     if ACC64:
-        v = x.to(tl.float64) * scale.to(tl.float64)
+        v = x.to(tl.float64) * scale  # the fp32 scale widens exactly
     else:
         v = x.to(tl.float32) * scale
     y = tl.where(keep, v, 0.0)

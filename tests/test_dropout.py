@@ -1,0 +1,202 @@
+"""electra_fast.dropout: counter-based dropout (Philox keyed by seed, stream, element index)."""
+import math
+
+import pytest
+import torch
+
+import electra_fast
+from conftest import all_backends, backend_dtypes, fast_backends
+from electra_fast.ops.dropout import _dropout
+from electra_fast.reference import dropout as ref
+from electra_fast.reference import philox
+
+SEED, STREAM = 0x1234_5678_9ABC, 5
+SIZES = [(1,), (3,), (4,), (5,), (4097,), (7, 33), (2, 3, 5, 7)]
+
+
+def run(backend, x, p, seed=SEED, stream=STREAM):
+    with electra_fast.use_backend(backend):
+        return electra_fast.dropout(x, p, seed, stream)
+
+
+def expected(x, p, seed=SEED, stream=STREAM):
+    """Independent of the kernels' integer threshold: the literal uniform(w) >= p mask, product in fp32/fp64."""
+    keep = ref.keep_mask(x.numel(), seed, stream, p).view(x.shape)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).to(acc)
+    return torch.where(keep, x.to(acc) * scale, torch.zeros((), dtype=acc)).to(x.dtype), keep
+
+
+def test_reference_matches_definition():
+    # Element i keeps iff uniform(word i % 4 of Philox(seed, (i // 4, DROPOUT, stream))) >= p, one element at a time.
+    x = torch.randn(4097, dtype=torch.float64)
+    y = ref.apply(x, ref.keep_threshold(0.3), ref.keep_scale(0.3), SEED, STREAM)
+    for i in (0, 1, 2, 3, 4, 7, 2049, 4096):
+        w = philox.philox(SEED, torch.tensor([i // 4]), philox.DROPOUT, STREAM)[i % 4]
+        kept = philox.uniform(w).item() >= 0.3
+        assert (y[i] != 0).item() == kept
+        if kept:
+            assert y[i].item() == x[i].item() * float(torch.tensor(1 / 0.7, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 1 - 2 ** -24, 2 ** -24, 0.3])
+def test_threshold_is_exact_comparison(p):
+    # The integer threshold the kernels compare equals uniform(w) >= p for every p (including p on the 2**-24 grid).
+    w = torch.arange(0, 2 ** 32, 2 ** 8 - 1, dtype=torch.int64)[:200000]
+    w = torch.cat([w, torch.tensor([math.floor(p * 2 ** 24) << 8, math.ceil(p * 2 ** 24) << 8], dtype=torch.int64)])
+    assert torch.equal((w >> 8) >= ref.keep_threshold(p), philox.uniform(w).double() >= p)
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_dtypes(
+    [torch.float32, torch.float16, torch.bfloat16, torch.float64], all_backends()))
+@pytest.mark.parametrize("shape", SIZES, ids=str)
+def test_matches_definition_bitwise(backend, device, dtype, shape):
+    # One fp32 (fp64) product and one rounding to the dtype on every backend: bit-identical, no tolerance.
+    x = torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
+    got = run(backend, x, 0.3)
+    want, keep = expected(x.cpu(), 0.3)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(got.cpu() != 0, keep & (x.cpu() != 0))
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_noncontiguous_and_large_seed(backend, device):
+    x = torch.randn(33, 20, device=device)
+    for seed in (0, 1, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1):
+        got = run(backend, x.t(), 0.25, seed=seed, stream=2 ** 32 - 1)
+        want, _ = expected(x.t().contiguous().cpu(), 0.25, seed=seed, stream=2 ** 32 - 1)
+        assert torch.equal(got.cpu(), want)
+        assert got.is_contiguous()
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_fraction(backend, device, p):
+    n = 1 << 18
+    y = run(backend, torch.ones(n, device=device), p)
+    kept = (y != 0).double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(kept - (1 - p)) < 5 * sigma
+    assert torch.all((y == 0) | (y == ref.keep_scale(p)))
+    # Each of the four words of a Philox call is used (no lane biased or repeated).
+    lanes = (y != 0).view(-1, 4).double().mean(0)
+    assert torch.all((lanes - (1 - p)).abs() < 5 * math.sqrt(p * (1 - p) / (n // 4)))
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_seeds_and_streams(backend, device):
+    x = torch.ones(4096, device=device)
+    base = run(backend, x, 0.5)
+    assert torch.equal(base, run(backend, x, 0.5))
+    for other in (run(backend, x, 0.5, seed=SEED + 1), run(backend, x, 0.5, stream=STREAM + 1),
+                  run(backend, x, 0.5, seed=SEED + (1 << 32)), run(backend, x, 0.5, stream=0)):
+        agree = (other != 0) == (base != 0)
+        assert 0.4 < agree.double().mean().item() < 0.6  # independent masks agree about half the time
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_dtypes([torch.float32, torch.float16], all_backends()))
+def test_backward_is_same_mask_times_scale(backend, device, dtype):
+    x = torch.randn(5, 67, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(5, 67, device=device, dtype=dtype) * 1e3
+    with electra_fast.use_backend(backend):
+        y = electra_fast.dropout(x, 0.4, SEED, STREAM)
+        y.backward(g)
+    want, keep = expected(g.cpu(), 0.4)
+    assert x.grad.dtype == dtype
+    assert torch.equal(x.grad.cpu(), want)
+    assert torch.all(x.grad.cpu()[~keep] == 0)
+    assert torch.equal((y.detach().cpu() != 0) | (x.detach().cpu() == 0), keep | (x.detach().cpu() == 0))
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_gradcheck_fp64(backend, device):
+    x = torch.randn(3, 11, dtype=torch.float64, device=device, requires_grad=True)
+    with electra_fast.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda t: electra_fast.dropout(t, 0.35, SEED, STREAM), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: electra_fast.dropout(t, 0.35, SEED, STREAM), (x,))
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_dropped_is_exactly_zero_for_any_value(backend, device):
+    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.5] * 64, device=device)
+    y = run(backend, x, 0.5)
+    _, keep = expected(x.cpu(), 0.5)
+    assert torch.all(y.cpu()[~keep] == 0)  # a select, not a multiply by 0: no NaN from inf / nan
+    torch.testing.assert_close(y.cpu()[keep], x.cpu()[keep] * 2.0, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_empty_and_tiny_p(backend, device):
+    assert run(backend, torch.empty(0, 3, device=device), 0.5).shape == (0, 3)
+    x = torch.randn(100, device=device)
+    assert torch.equal(run(backend, x, 1e-12), x)  # threshold 1, scale fp32(1 / (1 - 1e-12)) == 1
+
+
+def test_p_zero_is_identity():
+    x = torch.randn(4, 5, requires_grad=True)
+    assert electra_fast.dropout(x, 0.0, SEED) is x
+    assert electra_fast.dropout(x, 0, SEED, 3) is x
+
+
+@pytest.mark.parametrize("backend,device", [p for p in fast_backends() if p.id == "cpp-cpu"])
+def test_thread_count_independent(backend, device):
+    x = torch.randn(3 * 16384 + 5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run(backend, x, 0.2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, run(backend, x, 0.2))
+    assert torch.equal(one, expected(x, 0.2)[0])
+
+
+def test_opcheck():
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(3, 17, dtype=dtype, requires_grad=True)
+        torch.library.opcheck(_dropout, (x, 0.3, SEED, STREAM))
+        torch.library.opcheck(_dropout, (x.detach(), 0.3, -5, 2 ** 32 - 1))
+
+
+def test_torch_compile_fullgraph():
+    x0 = torch.randn(8, 33)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x):
+        h = electra_fast.dropout(x * 2, 0.1, SEED, stream=1)
+        return electra_fast.dropout(h.tanh(), 0.2, SEED, stream=2).sum()
+
+    x = x0.clone().requires_grad_()
+    loss = step(x)
+    loss.backward()
+    y = x0.clone().requires_grad_()
+    want = electra_fast.dropout(electra_fast.dropout(y * 2, 0.1, SEED, 1).tanh(), 0.2, SEED, 2).sum()
+    want.backward()
+    assert torch.equal(loss, want) and torch.equal(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(input=[1.0]), TypeError, "input"),
+    (dict(input=torch.ones(3, dtype=torch.long)), TypeError, "input"),
+    (dict(input=torch.ones(3, dtype=torch.bool)), TypeError, "input"),
+    (dict(p=1.0), ValueError, "p"),
+    (dict(p=-0.1), ValueError, "p"),
+    (dict(p=float("nan")), ValueError, "p"),
+    (dict(p="0.1"), TypeError, "p"),
+    (dict(p=True), TypeError, "p"),
+    (dict(p=torch.tensor(0.1)), TypeError, "p"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=2 ** 64), ValueError, "seed"),
+    (dict(seed=1.0), TypeError, "seed"),
+    (dict(seed=None), TypeError, "seed"),
+    (dict(seed=True), TypeError, "seed"),
+    (dict(stream=-1), ValueError, "stream"),
+    (dict(stream=2 ** 32), ValueError, "stream"),
+    (dict(stream=0.5), TypeError, "stream"),
+])
+def test_bad_input(bad, exc, match):
+    args = dict(input=torch.ones(3), p=0.1, seed=1, stream=0)
+    args.update(bad)
+    with pytest.raises(exc, match=f"^{match}:"):
+        electra_fast.dropout(**args)
