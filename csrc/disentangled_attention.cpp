@@ -26,6 +26,7 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "dispatch.h"
 #include "philox.h"
@@ -130,12 +131,25 @@ void parallel_tasks(int64_t n, const F& task) {
 
 inline bool query_valid(const Problem& p, int64_t b, int64_t i) { return !p.has_mask || p.mask[b * p.T + i]; }
 
-// Dropout factor of element (b, h, i, j): 0 or 1 / (1 - p) (same Philox draw as every backend).
+// keep[j] = 1 iff element (b, h, i, j) survives dropout: word 0 of the ATTN_DROPOUT stream at index
+// ((b * H + h) * T + i) * T + j = base + j (the draw every backend makes). One row per call, vectorised.
+EF_TARGET_CLONES
+void keep_row(uint64_t seed, uint64_t base, int64_t n, float p, uint8_t* __restrict keep) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    keep[j] = philox_uniform(philox4x32_10(seed, base + static_cast<uint64_t>(j), kAttnDropout).x[0]) >= p;
+  }
+}
+
+// row[j] *= keep[j] ? 1 / (1 - p) : 0
 template <typename acc_t>
-inline acc_t keep_factor(const Problem& p, int64_t bh, int64_t i, int64_t j, float p32, acc_t inv_keep) {
-  const uint64_t index = static_cast<uint64_t>((bh * p.T + i) * p.T + j);
-  const float u = philox_uniform(philox4x32_10(p.seed, index, kAttnDropout).x[0]);
-  return u >= p32 ? inv_keep : acc_t(0);
+inline void apply_keep(acc_t* __restrict row, const uint8_t* __restrict keep, int64_t n, acc_t inv_keep) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] *= keep[j] ? inv_keep : acc_t(0);
+}
+
+inline uint64_t dropout_base(const Problem& p, int64_t bh, int64_t i) {
+  return static_cast<uint64_t>((bh * p.T + i) * p.T);
 }
 
 // Scores of one block: s = scale * (S + C-gather + KP-gather), masked keys -> -inf, written back into `s`.
@@ -179,11 +193,21 @@ inline acc_t score_row(const Problem& p, int64_t b, int64_t i, acc_t* __restrict
   }
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   acc_t mx = ninf;
+  // Two loops: a `m == nullptr ||` test inside the body kept GCC from vectorising the max reduction.
+  if (m != nullptr) {
 #pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < T; ++j) {
-    const acc_t x = (m == nullptr || m[j]) ? s[j] * scale : ninf;
-    s[j] = x;
-    mx = x > mx ? x : mx;
+    for (int64_t j = 0; j < T; ++j) {
+      const acc_t x = m[j] ? s[j] * scale : ninf;
+      s[j] = x;
+      mx = x > mx ? x : mx;
+    }
+  } else {
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < T; ++j) {
+      const acc_t x = s[j] * scale;
+      s[j] = x;
+      mx = x > mx ? x : mx;
+    }
   }
   return mx;
 }
@@ -227,6 +251,7 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& q, c
   if (p.has_pq) kp = at::mm(kf, pq[h].narrow(0, p.s0, ns).t()).contiguous();
   const float p32 = static_cast<float>(p.dropout_p);
   const acc_t inv_keep = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
+  std::vector<uint8_t> keep(p.dropout_p > 0 ? T : 0);
   const int64_t ld = block_ld(T);
   at::Tensor sbuf = at::empty({kBlockM, ld}, qf.options());
   for (int64_t i0 = 0; i0 < T; i0 += kBlockM) {
@@ -257,7 +282,8 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& q, c
       }
       lse[bh * T + i] = static_cast<float>(softmax_row<acc_t>(T, row, mx, nullptr));
       if (p.dropout_p > 0) {
-        for (int64_t j = 0; j < T; ++j) row[j] *= keep_factor<acc_t>(p, bh, i, j, p32, inv_keep);
+        keep_row(p.seed, dropout_base(p, bh, i), T, p32, keep.data());
+        apply_keep<acc_t>(row, keep.data(), T, inv_keep);
       }
     }
     out[b][h].narrow(0, i0, bm).copy_(at::mm(s, vf));
@@ -306,6 +332,7 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& dou
   }
   const float p32 = static_cast<float>(p.dropout_p);
   const acc_t inv_keep = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
+  std::vector<uint8_t> keep(p.dropout_p > 0 ? T : 0);
   const acc_t scale = static_cast<acc_t>(p.scale);
   const int64_t ld = block_ld(T);
   at::Tensor sbuf = at::empty({kBlockM, ld}, opts), gbuf = at::empty({kBlockM, ld}, opts);
@@ -349,20 +376,16 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& dou
         const acc_t la = static_cast<acc_t>(l);
         softmax_row<acc_t>(T, row, acc_t(0), &la);
       }
-      if (p.dropout_p > 0) {
-        for (int64_t j = 0; j < T; ++j) {
-          const acc_t f = keep_factor<acc_t>(p, bh, i, j, p32, inv_keep);
-          grow[j] *= f;  // dP through the dropout mask
-        }
+      if (p.dropout_p > 0) {  // dP through the dropout mask
+        keep_row(p.seed, dropout_base(p, bh, i), T, p32, keep.data());
+        apply_keep<acc_t>(grow, keep.data(), T, inv_keep);
       }
       acc_t delta = 0;
 #pragma omp simd reduction(+ : delta)
       for (int64_t j = 0; j < T; ++j) delta += row[j] * grow[j];
 #pragma omp simd
       for (int64_t j = 0; j < T; ++j) grow[j] = row[j] * (grow[j] - delta) * scale;
-      if (p.dropout_p > 0) {  // the probabilities that multiplied V: dropped-out, rescaled
-        for (int64_t j = 0; j < T; ++j) row[j] *= keep_factor<acc_t>(p, bh, i, j, p32, inv_keep);
-      }
+      if (p.dropout_p > 0) apply_keep<acc_t>(row, keep.data(), T, inv_keep);  // the probabilities that hit V
       const int32_t* sl = p.slots + i + T - 1;
       if (dcp != nullptr) {
         acc_t* dcrow = dcp + r * c_ld - clo;

@@ -22,12 +22,6 @@ namespace {
 
 constexpr int64_t kIgnoreIndex = -100;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define EF_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define EF_TARGET_CLONES
-#endif
-
 // x0, x1, x2 of the MASKING stream for indices base .. base + n - 1.
 EF_TARGET_CLONES
 void philox_row(uint64_t seed, uint64_t base, int64_t n, uint32_t* __restrict x0, uint32_t* __restrict x1,

@@ -32,6 +32,11 @@ def _hf():
     return modeling_deberta_v2
 
 
+
+def draw_seed() -> int:
+    """A Philox seed for one dropout call from torch's default generator (reproducible under manual_seed)."""
+    return int(torch.randint(_SEED_LIMIT, (), dtype=torch.int64).item())
+
 class DisentangledSelfAttention(nn.Module):
     """Fused drop-in for transformers' DebertaV2 ``DisentangledSelfAttention`` (same ``config`` argument)."""
 
@@ -164,7 +169,7 @@ class DisentangledSelfAttention(nn.Module):
         factor = 1 + int(c2p) + int(p2c)
         denom = torch.sqrt(torch.tensor(q.shape[-1], dtype=torch.float) * factor).to(q.dtype)
         p = self.dropout.p if self.training else 0.0
-        seed = int(torch.randint(_SEED_LIMIT, (), dtype=torch.int64).item()) if p > 0 else None
+        seed = draw_seed() if p > 0 else None
         out = disentangled_attention(q, k, v, pos_key, pos_query, attention_mask=key_mask,
                                      position_buckets=buckets, max_relative_positions=max_rel, dropout_p=p,
                                      seed=seed, scale=1.0 / float(denom))

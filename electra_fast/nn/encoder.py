@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .disentangled_attention import DisentangledSelfAttention
+from ..ops.disentangled_attention import disentangled_attention
+from .disentangled_attention import DisentangledSelfAttention, draw_seed
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "swish": F.silu,
@@ -32,7 +33,14 @@ def activation(name: str):
 
 
 class StandardSelfAttention(nn.Module):
-    """[B, T, H] -> [B, T, H] with ``scaled_dot_product_attention`` (transformers ElectraSelfAttention)."""
+    """[B, T, H] -> [B, T, H] (transformers ElectraSelfAttention).
+
+    Without dropout: ``scaled_dot_product_attention``. With attention dropout (training): the fused
+    attention op without position terms, whose dropout regenerates a Philox mask per tile - torch's
+    attention dropout is bernoulli_ over materialised [B, heads, T, T] probabilities, one of the most
+    expensive ops of a CPU training step. Padded query rows then hold 0 instead of SDPA's mean of V:
+    nothing downstream reads them.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float):
         super().__init__()
@@ -48,9 +56,13 @@ class StandardSelfAttention(nn.Module):
         w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         q, k, v = F.linear(x, w, b).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout_p if self.training else 0.0)
+        p = self.dropout_p if self.training else 0.0
+        if p > 0:
+            out = disentangled_attention(q, k, v, attention_mask=key_mask, dropout_p=p, seed=draw_seed(),
+                                         scale=q.shape[-1] ** -0.5)
+        else:
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.transpose(1, 2).reshape(B, T, H)
 
 
