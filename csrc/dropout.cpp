@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <type_traits>
 
 #include "dispatch.h"
 #include "philox.h"
@@ -27,32 +29,143 @@
 namespace electra_fast {
 namespace {
 
-constexpr int64_t kBlock = 1024;       // elements per Philox batch (a 4 KiB word buffer, stays in L1)
+constexpr int64_t kBlock = 1024;         // elements per Philox batch (a 1 KiB keep buffer, stays in L1)
 constexpr int64_t kChunk = 16 * kBlock;  // elements per parallel task: fixed, so results ignore the thread count
 
-// keep[i] = 0xFFFFFFFF if element (group0 * 4 + i) is kept, else 0, for i < 4 * n_groups.
+// keep[i] = 1 if element (4 * group0 + i) is kept, else 0, for i < 4 * n_groups: the portable path (GCC
+// vectorises the Philox rounds; the stores of the four words interleave).
 EF_TARGET_CLONES
-void keep_words(uint64_t seed, uint32_t stream, uint64_t group0, int64_t n_groups, uint32_t threshold,
-                uint32_t* __restrict keep) {
+void keep_bytes_portable(uint64_t seed, uint32_t stream, uint64_t group0, int64_t n_groups, uint32_t threshold,
+                         uint8_t* __restrict keep) {
 #pragma omp simd
   for (int64_t g = 0; g < n_groups; ++g) {
     const Philox4 r = philox4x32_10(seed, group0 + static_cast<uint64_t>(g), kDropout, stream);
-    keep[4 * g + 0] = (r.x[0] >> 8) >= threshold ? 0xFFFFFFFFu : 0u;
-    keep[4 * g + 1] = (r.x[1] >> 8) >= threshold ? 0xFFFFFFFFu : 0u;
-    keep[4 * g + 2] = (r.x[2] >> 8) >= threshold ? 0xFFFFFFFFu : 0u;
-    keep[4 * g + 3] = (r.x[3] >> 8) >= threshold ? 0xFFFFFFFFu : 0u;
+    keep[4 * g + 0] = (r.x[0] >> 8) >= threshold;
+    keep[4 * g + 1] = (r.x[1] >> 8) >= threshold;
+    keep[4 * g + 2] = (r.x[2] >> 8) >= threshold;
+    keep[4 * g + 3] = (r.x[3] >> 8) >= threshold;
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EF_HAVE_AVX512_PATH 1
+#include <immintrin.h>
+// GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined_* temporaries.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// (hi32, lo32) of the 32x32->64 products of each u32 lane of a with m (m: the same constant in every lane).
+// vpmuludq multiplies the even lanes; a dword shuffle (CDAB: swap the halves of each 64-bit lane) feeds it the odd
+// ones and moves the halves back into place. Shuffles and blends run beside the multiplies (the multiplies'
+// port is the bottleneck; vpmulld for lo would take two more of its slots).
+__attribute__((target("avx512f"))) static inline void mulhilo32(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_CDAB), m);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_shuffle_epi32(even, _MM_PERM_CDAB), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_shuffle_epi32(odd, _MM_PERM_CDAB));
+}
+
+// The same bytes as keep_bytes_portable, 16 Philox calls (64 elements) per 512-bit vector (GCC keeps the portable
+// loop at 256 bits), kUnroll independent vectors per iteration: a round is a chain of dependent multiplies, and
+// interleaving vectors hides their latency. The four words' keep bits are interleaved with pdep (bit 4j + k = word
+// k of call j) and expanded to bytes with one vpmovm2b. n_groups: a multiple of 16 * kUnroll.
+constexpr int kUnroll = 4;
+
+__attribute__((target("avx512f,avx512bw,bmi2"))) void keep_bytes_avx512(uint64_t seed, uint32_t stream,
+                                                                        uint64_t group0, int64_t n_groups,
+                                                                        uint32_t threshold, uint8_t* keep) {
+  const __m512i ma = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i mb = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t g = 0; g < n_groups; g += 16 * kUnroll) {
+    __m512i c0[kUnroll], c1[kUnroll], c2[kUnroll], c3[kUnroll];
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint64_t base = group0 + static_cast<uint64_t>(g + 16 * u);
+      const __m512i lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
+      c0[u] = _mm512_add_epi32(lo, lane);
+      const __mmask16 carry = _mm512_cmplt_epu32_mask(c0[u], lo);  // the index's lo word wrapped: carry into hi
+      const __m512i hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32)));
+      c1[u] = _mm512_mask_add_epi32(hi, carry, hi, one);
+      c2[u] = _mm512_set1_epi32(static_cast<int>(kDropout));
+      c3[u] = _mm512_set1_epi32(static_cast<int>(stream));
+    }
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < 10; ++r) {  // the rounds of philox4x32_10 (csrc/philox.h)
+      const __m512i vk0 = _mm512_set1_epi32(static_cast<int>(k0)), vk1 = _mm512_set1_epi32(static_cast<int>(k1));
+      for (int u = 0; u < kUnroll; ++u) {
+        __m512i hb, lb, ha, la;
+        mulhilo32(c2[u], mb, hb, lb);
+        mulhilo32(c0[u], ma, ha, la);
+        c0[u] = _mm512_ternarylogic_epi32(hb, c1[u], vk0, 0x96);  // hi ^ c ^ k in one vpternlogd (three-way xor)
+        c2[u] = _mm512_ternarylogic_epi32(ha, c3[u], vk1, 0x96);
+        c1[u] = lb;
+        c3[u] = la;
+      }
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint64_t m0 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c0[u], 8), thr);
+      const uint64_t m1 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c1[u], 8), thr);
+      const uint64_t m2 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c2[u], 8), thr);
+      const uint64_t m3 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c3[u], 8), thr);
+      const uint64_t bits = _pdep_u64(m0, 0x1111111111111111ull) | _pdep_u64(m1, 0x2222222222222222ull) |
+                            _pdep_u64(m2, 0x4444444444444444ull) | _pdep_u64(m3, 0x8888888888888888ull);
+      _mm512_storeu_si512(keep + 4 * (g + 16 * u), _mm512_and_si512(_mm512_movm_epi8(bits), _mm512_set1_epi8(1)));
+    }
+  }
+}
+
+// ELECTRA_FAST_NO_AVX512=1 (read once per process) takes the portable path: lets the tests check it on any CPU.
+bool have_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("bmi2") && std::getenv("ELECTRA_FAST_NO_AVX512") == nullptr;
+  return ok;
+}
+#pragma GCC diagnostic pop
+#endif
+
+// keep bytes for elements 4 * group0 .. 4 * (group0 + n_groups) - 1 (keep holds 4 * n_groups rounded up to 256).
+void keep_bytes(uint64_t seed, uint32_t stream, uint64_t group0, int64_t n_groups, uint32_t threshold,
+                uint8_t* keep) {
+#ifdef EF_HAVE_AVX512_PATH
+  if (have_avx512()) {
+    constexpr int64_t step = 16 * kUnroll;  // the extra calls of a partial last step write bytes past n: unused
+    keep_bytes_avx512(seed, stream, group0, (n_groups + step - 1) / step * step, threshold, keep);
+    return;
+  }
+#endif
+  keep_bytes_portable(seed, stream, group0, n_groups, threshold, keep);
+}
+
+// y = keep ? x * scale : 0 with the product in fp32 (fp64 for double) and one rounding to the dtype.
 template <typename scalar_t>
-EF_TARGET_CLONES void scale_kept(const scalar_t* __restrict x, const uint32_t* __restrict keep, scalar_t* __restrict y,
-                                 int64_t n, float scale) {
+EF_TARGET_CLONES void scale_kept(const scalar_t* __restrict x, const uint8_t* __restrict keep,
+                                 scalar_t* __restrict y, int64_t n, float scale) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const acc_t s = static_cast<acc_t>(scale);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const acc_t v = static_cast<acc_t>(x[i]) * s;
     y[i] = static_cast<scalar_t>(keep[i] ? v : acc_t(0));
+  }
+}
+
+// bf16 on its bits, so the loop vectorises: widen by a shift, round to nearest even exactly as c10::BFloat16
+// (NaN -> 0x7FC0).
+template <>
+EF_TARGET_CLONES void scale_kept<at::BFloat16>(const at::BFloat16* __restrict xb, const uint8_t* __restrict keep,
+                                               at::BFloat16* __restrict yb, int64_t n, float scale) {
+  const uint16_t* __restrict x = reinterpret_cast<const uint16_t*>(xb);
+  uint16_t* __restrict y = reinterpret_cast<uint16_t*>(yb);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = __builtin_bit_cast(float, static_cast<uint32_t>(x[i]) << 16) * scale;
+    const uint32_t u = __builtin_bit_cast(uint32_t, v);
+    const uint16_t r = v != v ? uint16_t{0x7FC0} : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    y[i] = keep[i] ? r : uint16_t{0};
   }
 }
 
@@ -72,10 +185,10 @@ at::Tensor dropout_apply(const at::Tensor& x_in, int64_t threshold, double scale
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t n_chunks = (n + kChunk - 1) / kChunk;
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-      alignas(64) uint32_t keep[kBlock];
+      alignas(64) uint8_t keep[kBlock];
       for (int64_t b = c0 * kChunk; b < std::min(n, c1 * kChunk); b += kBlock) {
         const int64_t len = std::min(kBlock, n - b);  // b is a multiple of 4: groups never straddle blocks
-        keep_words(key, st, static_cast<uint64_t>(b / 4), (len + 3) / 4, thr, keep);
+        keep_bytes(key, st, static_cast<uint64_t>(b / 4), (len + 3) / 4, thr, keep);
         scale_kept<scalar_t>(xp + b, keep, yp + b, len, sc);
       }
     });

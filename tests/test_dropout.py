@@ -1,5 +1,8 @@
 """electra_fast.dropout: counter-based dropout (Philox keyed by seed, stream, element index)."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -150,6 +153,22 @@ def test_thread_count_independent(backend, device):
         torch.set_num_threads(threads)
     assert torch.equal(one, run(backend, x, 0.2))
     assert torch.equal(one, expected(x, 0.2)[0])
+
+
+@pytest.mark.parametrize("backend,device", [p for p in fast_backends() if p.id == "cpp-cpu"])
+def test_portable_cpu_path_matches(backend, device):
+    # The C++ kernel's non-AVX-512 path (taken on other CPUs) gives the same bits: run it in a fresh process.
+    code = ("import torch, electra_fast; from electra_fast.reference import dropout as ref\n"
+            "x = torch.randn(3 * 16384 + 4097, dtype=torch.float64)\n"
+            "for dt in (torch.float32, torch.bfloat16, torch.float64):\n"
+            "    xd = x.to(dt)\n"
+            "    with electra_fast.use_backend('cpp'):\n"
+            f"        got = electra_fast.dropout(xd, 0.3, {SEED}, {STREAM})\n"
+            f"    assert torch.equal(got, ref.apply(xd, ref.keep_threshold(0.3), ref.keep_scale(0.3), {SEED}, {STREAM}))\n"
+            "print('ok')\n")
+    env = dict(os.environ, ELECTRA_FAST_NO_AVX512="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_opcheck():
