@@ -160,7 +160,7 @@ def test_portable_cpu_path_matches(backend, device):
     # The C++ kernel's non-AVX-512 path (taken on other CPUs) gives the same bits: run it in a fresh process.
     code = ("import torch, electra_fast; from electra_fast.reference import dropout as ref\n"
             "x = torch.randn(3 * 16384 + 4097, dtype=torch.float64)\n"
-            "for dt in (torch.float32, torch.bfloat16, torch.float64):\n"
+            "for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):\n"
             "    xd = x.to(dt)\n"
             "    with electra_fast.use_backend('cpp'):\n"
             f"        got = electra_fast.dropout(xd, 0.3, {SEED}, {STREAM})\n"
