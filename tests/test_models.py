@@ -349,3 +349,45 @@ def test_encoder_compiles_fullgraph(attention):
     key_mask = mask.bool()
     compiled = torch.compile(backbone.encoder, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, key_mask)[key_mask], backbone.encoder(x, key_mask)[key_mask])
+
+
+# ------------------------------------------------------------------------------------------ nn.Dropout
+def test_dropout_module_is_the_philox_op_seeded_from_torch():
+    from electra_fast.nn import Dropout
+
+    x = torch.randn(4, 33)
+    drop = Dropout(0.25)
+    torch.manual_seed(5)
+    a = drop(x)
+    torch.manual_seed(5)
+    seed = int(torch.randint(2 ** 62, (), dtype=torch.int64).item())
+    assert torch.equal(a, electra_fast.dropout(x, 0.25, seed))  # the op, keyed by a seed drawn from torch
+    assert not torch.equal(drop(x), a)  # a fresh seed per call
+    assert torch.equal(drop.eval()(x), x)  # identity in eval mode
+    with pytest.raises(ValueError, match="p: expected"):
+        Dropout(1.0)
+
+
+def test_dropout_module_in_the_eager_twin_is_torch_dropout():
+    from electra_fast.nn import Dropout
+
+    x = torch.randn(4, 33)
+    with electra_fast.use_backend("reference"):
+        torch.manual_seed(3)
+        got = Dropout(0.25)(x)
+    torch.manual_seed(3)
+    assert torch.equal(got, torch.nn.functional.dropout(x, 0.25, training=True))
+
+
+def test_standard_attention_dropout_is_reproducible_and_masks_probabilities():
+    model = ElectraPretrainingModel(tiny("standard", dropout=0.3)).train()
+    layer = model.discriminator.backbone.encoder.layer[0].attention.self
+    x = torch.randn(2, 9, layer.query.in_features)
+    key_mask = torch.ones(2, 9, dtype=torch.bool)
+    torch.manual_seed(0)
+    a = layer(x, key_mask)
+    torch.manual_seed(0)
+    b = layer(x, key_mask)
+    c = layer(x, key_mask)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.allclose(a, layer.eval()(x, key_mask))  # dropout did act in training

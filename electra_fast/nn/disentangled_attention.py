@@ -22,8 +22,7 @@ from torch import nn
 
 from ..ops.disentangled_attention import disentangled_attention
 from ..reference.disentangled_attention import attention_span, relative_slots
-
-_SEED_LIMIT = 2 ** 62
+from .dropout import draw_seed
 
 
 def _hf():
@@ -32,10 +31,6 @@ def _hf():
     return modeling_deberta_v2
 
 
-
-def draw_seed() -> int:
-    """A Philox seed for one dropout call from torch's default generator (reproducible under manual_seed)."""
-    return int(torch.randint(_SEED_LIMIT, (), dtype=torch.int64).item())
 
 class DisentangledSelfAttention(nn.Module):
     """Fused drop-in for transformers' DebertaV2 ``DisentangledSelfAttention`` (same ``config`` argument)."""

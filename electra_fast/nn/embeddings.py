@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dropout import Dropout
+
 
 class GDESEmbedding(nn.Module):
     """Gradient-disentangled embedding sharing (DeBERTa-v3): rows of ``base.weight.detach() + delta``.
@@ -55,7 +57,7 @@ class ElectraEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(max_position_embeddings, embedding_size)
         self.token_type_embeddings = nn.Embedding(max(type_vocab_size, 1), embedding_size)
         self.LayerNorm = nn.LayerNorm(embedding_size, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -82,7 +84,7 @@ class DebertaV2Embeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(type_vocab_size, embedding_size) if type_vocab_size > 0 else None
         self.embed_proj = nn.Linear(embedding_size, hidden_size, bias=False) if embedding_size != hidden_size else None
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

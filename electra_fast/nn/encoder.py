@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.disentangled_attention import disentangled_attention
-from .disentangled_attention import DisentangledSelfAttention, draw_seed
+from .disentangled_attention import DisentangledSelfAttention
+from .dropout import Dropout, draw_seed, eager_twin
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "swish": F.silu,
@@ -39,7 +40,7 @@ class StandardSelfAttention(nn.Module):
     attention op without position terms, whose dropout regenerates a Philox mask per tile - torch's
     attention dropout is bernoulli_ over materialised [B, heads, T, T] probabilities, one of the most
     expensive ops of a CPU training step. Padded query rows then hold 0 instead of SDPA's mean of V:
-    nothing downstream reads them.
+    nothing downstream reads them. The eager twin (reference backend) keeps SDPA's own dropout.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float):
@@ -57,12 +58,12 @@ class StandardSelfAttention(nn.Module):
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         q, k, v = F.linear(x, w, b).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
         p = self.dropout_p if self.training else 0.0
-        if p > 0:
+        if p > 0 and not eager_twin():
             out = disentangled_attention(q, k, v, attention_mask=key_mask, dropout_p=p, seed=draw_seed(),
                                          scale=q.shape[-1] ** -0.5)
         else:
             mask = None if key_mask is None else key_mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return out.transpose(1, 2).reshape(B, T, H)
 
 
@@ -85,7 +86,7 @@ class _AddNorm(nn.Module):
         super().__init__()
         self.dense = nn.Linear(d_in, d_out)
         self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)

@@ -1,0 +1,48 @@
+"""Dropout as a module on the fused Philox op (``electra_fast.dropout``): a drop-in for ``nn.Dropout``.
+
+Each training call draws the op's seed from torch's default generator, so a run is reproducible under
+``torch.manual_seed`` (and the mask costs no bernoulli_ pass and no saved tensor: the backward regenerates
+it). Under a forced reference backend - the models' eager twin (``ElectraPretrainingModel(fused=False)``) -
+the module is torch's own dropout, the eager formulation the fused one is benchmarked against (the
+reference op would run Philox in Python).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _backend
+from ..ops.dropout import dropout
+
+_SEED_LIMIT = 2 ** 62
+
+
+def draw_seed() -> int:
+    """A Philox seed for one dropout call from torch's default generator (reproducible under manual_seed)."""
+    return int(torch.randint(_SEED_LIMIT, (), dtype=torch.int64).item())
+
+
+def eager_twin() -> bool:
+    """True inside ``use_backend("reference")``: modules then take torch's eager paths (SDPA, F.dropout)."""
+    return _backend.forced_backend() == "reference"
+
+
+class Dropout(nn.Module):
+    """x (any shape, float) -> same shape and dtype; identity in eval mode or with p == 0."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= float(p) < 1.0:
+            raise ValueError(f"p: expected a probability in [0, 1), got {p!r}")
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if eager_twin():
+            return F.dropout(x, self.p, training=True)
+        return dropout(x, self.p, draw_seed())
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
