@@ -164,7 +164,8 @@ def test_portable_cpu_path_matches(backend, device):
             "    xd = x.to(dt)\n"
             "    with electra_fast.use_backend('cpp'):\n"
             f"        got = electra_fast.dropout(xd, 0.3, {SEED}, {STREAM})\n"
-            f"    assert torch.equal(got, ref.apply(xd, ref.keep_threshold(0.3), ref.keep_scale(0.3), {SEED}, {STREAM}))\n"
+            f"    want = ref.apply(xd, ref.keep_threshold(0.3), ref.keep_scale(0.3), {SEED}, {STREAM})\n"
+            "    assert torch.equal(got, want), dt\n"
             "print('ok')\n")
     env = dict(os.environ, ELECTRA_FAST_NO_AVX512="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
