@@ -35,8 +35,19 @@ Design (for H100; performance is unmeasured so far - no GPU was available while 
   plain store into the program's own fp32 workspace row block (the window is a ring buffer: slot s lives
   in row s % BR, so sliding it moves nothing). A fixed-order torch sum over (batch, program) then reduces
   the workspace: no atomics, results independent of scheduling.
-  Workspace: 4 * B * H * 2k * D * (ceil(T / BM_dq) + ceil(T / BN_dkdv)) bytes (fp32; only for the
-  position terms present), i.e. O(B * H * T / 32 * k * D); everything else is O(B * H * T * D + H * k * D).
+  Grouping keeps that workspace O(T) per (b, h): a backward program handles G consecutive blocks (query
+  blocks in the dQ pass, key blocks in the dK/dV pass) one after another, each with a fresh window, and
+  ACCUMULATES its finished slot rows into the program's workspace (load + add + store: the program is its
+  rows' only writer and walks its blocks in a fixed order, so results stay deterministic; a barrier after
+  each block's last flush orders the stores before the next block's loads). The rows cover only the slots
+  reachable at this T: W0 = max(0, k - T + 1) .. min(2k - 1, k + T - 1), NW <= min(2k, 2T - 1) of them.
+  G = max(1, ceil(NW / (4 * BLOCK))) (GROUP_SLOTS_PER_BLOCK = 4), grid ceil(ceil(T / BLOCK) / G) x B * H.
+  Workspace (fp32, per position term present; workspace_layout() proves it):
+      4 * B * H * D * ceil(ceil(T / BLOCK) / G) * NW <= 4 * B * H * D * (4T + 4 * BLOCK + NW)
+                                                     <= 4 * B * H * D * (6T + 4 * BLOCK) bytes,
+  i.e. <= 4 * B * H * D * (12T + 256) for both terms (BLOCK = 32), independent of k. Total extra memory of
+  the op beyond inputs and outputs: lse fp32 [B, H, T] (saved by the forward), delta fp32 [B, H, T], that
+  workspace, and the dpos_key / dpos_query reductions (fp32 [H, 2k, D] each): O(B * H * T * D + H * k * D).
 * Block sizes per head dim live in one table (CONFIGS) that the launchers and compile_specs() share;
   BM = BN so that BR = BM + BN is a power of two. Which position terms exist, the key mask and dropout are
   runtime arguments (Triton's JIT still folds the flags equal to 1), so the AOT lane compiles one kernel per
@@ -51,6 +62,7 @@ Design (for H100; performance is unmeasured so far - no GPU was available while 
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import triton
@@ -173,12 +185,18 @@ def _window_add(win, rows, sl, lo, BR: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _window_emit(win, ws_ptr, lo, lo_next, offs_d, NS, BR: tl.constexpr, D: tl.constexpr):
-    """Store the ring rows of slots [lo, lo_next) (final for this program: later tiles only touch slots >=
-    lo_next) and clear them for the slots lo + BR... that reuse their positions."""
+def _window_emit(win, ws_ptr, lo, lo_next, offs_d, W0, NW, BR: tl.constexpr, D: tl.constexpr):
+    """Add the ring rows of slots [lo, lo_next) (final for this block: its later tiles only touch slots >=
+    lo_next) into the program's workspace rows (slot s -> row s - W0 of NW) and clear them for the slots
+    lo + BR... that reuse their positions. Accumulating (not storing) lets one program reduce several blocks
+    into the same rows; each element's load and store are done by the same thread, and within one block a
+    slot is emitted once, so only the switch to the next block needs a barrier (the caller's)."""
     e = (tl.arange(0, BR) + BR - lo % BR) % BR
     done = e < lo_next - lo
-    tl.store(ws_ptr + (lo + e)[:, None] * D + offs_d[None, :], win, mask=(done & (lo + e < NS))[:, None])
+    w = lo + e - W0
+    ok = (done & (w >= 0) & (w < NW))[:, None]
+    ptrs = ws_ptr + w[:, None] * D + offs_d[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + win, mask=ok)
     return tl.where(done[:, None], 0.0, win)
 
 
@@ -277,130 +295,147 @@ def _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr,
 @triton.jit
 def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, dout_ptr, lse_ptr, delta_ptr,
                        dk_ptr, dv_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p, has_p2c,
-                       has_mask, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       has_mask, G, W0, NW, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        PREC: tl.constexpr):
-    """Program per (key block, b * H + h): dK, dV and (p2c) this program's dpos_query rows in ws [NS, D]."""
+    """Program per (group of G consecutive key blocks, b * H + h): dK, dV of each block and (p2c) the group's
+    dpos_query rows in ws [NW, D] (slots W0 .. W0 + NW - 1), accumulated over its blocks in order."""
     BR: tl.constexpr = BM + BN
-    pid_n = tl.program_id(0)
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    j0 = pid_n * BN
-    offs_n = j0 + tl.arange(0, BN)
     offs_d = tl.arange(0, D)
-    col_ok = offs_n < T
     base = bh.to(tl.int64) * T * D
-    k = tl.load(k_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(v_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    kT = tl.trans(k)
     posk_ptr += h.to(tl.int64) * NS * D
     posq_ptr += h.to(tl.int64) * NS * D
-    ws_ptr += (bh.to(tl.int64) * tl.num_programs(0) + pid_n) * NS * D
+    ws_ptr += (bh.to(tl.int64) * tl.num_programs(0) + pid) * NW * D
     qk_scale = scale * 1.4426950408889634
-    dk = tl.zeros([BN, D], dtype=tl.float32)
-    dv = tl.zeros([BN, D], dtype=tl.float32)
-    win = tl.zeros([BR, D], dtype=tl.float32)
     e = tl.arange(0, BR)
-    lo = _slots_at(slots_ptr, -j0 - (BN - 1), T)
-    # H[c, b] = dS[c + b - BN + 1, b]: the tile's dS laid out by band row (distance) for the p2c gradients
+    # hb[c, b] = dS[c + b - BN + 1, b]: the tile's dS laid out by band row (distance) for the p2c gradients
     h_idx = e[:, None] + tl.arange(0, BN)[None, :] - (BN - 1)
     h_ok = (h_idx >= 0) & (h_idx < BM)
     h_idx = tl.minimum(tl.maximum(h_idx, 0), BM - 1)
-    for i0 in range(0, T, BM):
-        offs_m = i0 + tl.arange(0, BM)
-        row_ok = offs_m < T
-        q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(dout_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-        pd, ds, sl, smin, smax = _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr, seed,
-                                          bh, b, offs_m, offs_n, offs_d, i0 - j0, T, NS, qk_scale, dropout_p,
-                                          inv_keep, has_c2p, has_p2c, has_mask, D, BM, BN, PREC)
-        dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-        if has_p2c != 0:
-            if smin == smax:  # saturated: every (i, j) of the tile reads pos_query[smin]
-                col = tl.sum(ds, 0)
-                dk += col[:, None] * _pos_row(posq_ptr, smin, offs_d, NS, D)[None, :]
-                row = tl.sum(col[:, None] * k.to(tl.float32), 0)
-                win += tl.where((e == lo % BR)[:, None], row[None, :], 0.0)
-            else:
-                hb = tl.where(h_ok, tl.gather(ds, h_idx, 0), 0.0).to(q.dtype)  # [BR, BN]
-                dk += tl.dot(tl.trans(hb), _pos_rows(posq_ptr, sl, offs_d, NS, D), input_precision=PREC)
-                win = _window_add(win, tl.dot(hb, k, input_precision=PREC), sl, lo, BR, D)
-            lo_next = _slots_at(slots_ptr, i0 + BM - j0 - (BN - 1), T)
-            win = _window_emit(win, ws_ptr, lo, lo_next, offs_d, NS, BR, D)
-            lo = lo_next
-    if has_p2c != 0:
-        _window_emit(win, ws_ptr, lo, lo + BR, offs_d, NS, BR, D)
-    dk = dk * scale
-    tl.store(dk_ptr + base + offs_n[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
-             mask=col_ok[:, None])
-    tl.store(dv_ptr + base + offs_n[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=col_ok[:, None])
+    n_blocks = tl.cdiv(T, BN)
+    for g in range(0, G):
+        pid_n = pid * G + g
+        if pid_n < n_blocks:
+            j0 = pid_n * BN
+            offs_n = j0 + tl.arange(0, BN)
+            col_ok = offs_n < T
+            k = tl.load(k_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            kT = tl.trans(k)
+            dk = tl.zeros([BN, D], dtype=tl.float32)
+            dv = tl.zeros([BN, D], dtype=tl.float32)
+            win = tl.zeros([BR, D], dtype=tl.float32)  # a fresh slot window per block
+            lo = _slots_at(slots_ptr, -j0 - (BN - 1), T)
+            for i0 in range(0, T, BM):
+                offs_m = i0 + tl.arange(0, BM)
+                row_ok = offs_m < T
+                q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+                do = tl.load(dout_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
+                             other=0.0)
+                lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok,
+                               other=float("inf")) * 1.4426950408889634
+                delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+                pd, ds, sl, smin, smax = _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr,
+                                                  mask_ptr, seed, bh, b, offs_m, offs_n, offs_d, i0 - j0, T, NS,
+                                                  qk_scale, dropout_p, inv_keep, has_c2p, has_p2c, has_mask, D,
+                                                  BM, BN, PREC)
+                dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+                if has_p2c != 0:
+                    if smin == smax:  # saturated: every (i, j) of the tile reads pos_query[smin]
+                        col = tl.sum(ds, 0)
+                        dk += col[:, None] * _pos_row(posq_ptr, smin, offs_d, NS, D)[None, :]
+                        row = tl.sum(col[:, None] * k.to(tl.float32), 0)
+                        win += tl.where((e == lo % BR)[:, None], row[None, :], 0.0)
+                    else:
+                        hb = tl.where(h_ok, tl.gather(ds, h_idx, 0), 0.0).to(q.dtype)  # [BR, BN]
+                        dk += tl.dot(tl.trans(hb), _pos_rows(posq_ptr, sl, offs_d, NS, D), input_precision=PREC)
+                        win = _window_add(win, tl.dot(hb, k, input_precision=PREC), sl, lo, BR, D)
+                    lo_next = _slots_at(slots_ptr, i0 + BM - j0 - (BN - 1), T)
+                    win = _window_emit(win, ws_ptr, lo, lo_next, offs_d, W0, NW, BR, D)
+                    lo = lo_next
+            if has_p2c != 0:
+                _window_emit(win, ws_ptr, lo, lo + BR, offs_d, W0, NW, BR, D)
+            tl.debug_barrier()  # the next block's workspace loads see this block's stores, whichever thread did them
+            dk = dk * scale
+            tl.store(dk_ptr + base + offs_n[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
+                     mask=col_ok[:, None])
+            tl.store(dv_ptr + base + offs_n[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
+                     mask=col_ok[:, None])
 
 
 @triton.jit
 def da_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, dout_ptr, lse_ptr, delta_ptr,
                      dq_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p, has_p2c, has_mask,
-                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """Program per (query block, b * H + h): dQ and (c2p) this program's dpos_key rows in ws [NS, D].
+                     G, W0, NW, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Program per (group of G consecutive query blocks, b * H + h): dQ of each block and (c2p) the group's
+    dpos_key rows in ws [NW, D] (slots W0 .. W0 + NW - 1), accumulated over its blocks in order.
     Key blocks are visited last to first so that the distance i0 - j0 (and the slot window) only grows."""
     BR: tl.constexpr = BM + BN
-    pid_m = tl.program_id(0)
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    i0 = pid_m * BM
-    offs_m = i0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < T
     base = bh.to(tl.int64) * T * D
-    q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(dout_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     posk_ptr += h.to(tl.int64) * NS * D
     posq_ptr += h.to(tl.int64) * NS * D
-    ws_ptr += (bh.to(tl.int64) * tl.num_programs(0) + pid_m) * NS * D
+    ws_ptr += (bh.to(tl.int64) * tl.num_programs(0) + pid) * NW * D
     qk_scale = scale * 1.4426950408889634
-    dq = tl.zeros([BM, D], dtype=tl.float32)
-    win = tl.zeros([BR, D], dtype=tl.float32)
     e = tl.arange(0, BR)
-    n_blocks = tl.cdiv(T, BN)
-    lo = _slots_at(slots_ptr, i0 - (n_blocks - 1) * BN - (BN - 1), T)
-    # G[a, c] = dS[a, a - c + BN - 1]: the tile's dS laid out by band row (distance) for the c2p gradients
+    # gb[a, c] = dS[a, a - c + BN - 1]: the tile's dS laid out by band row (distance) for the c2p gradients
     g_idx = tl.arange(0, BM)[:, None] - e[None, :] + (BN - 1)
     g_ok = (g_idx >= 0) & (g_idx < BN)
     g_idx = tl.minimum(tl.maximum(g_idx, 0), BN - 1)
-    for jb in range(0, n_blocks):
-        j0 = (n_blocks - 1 - jb) * BN
-        offs_n = j0 + tl.arange(0, BN)
-        col_ok = offs_n < T
-        kT = tl.load(k_ptr + base + offs_n[None, :] * D + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        pd, ds, sl, smin, smax = _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr, seed,
-                                          bh, b, offs_m, offs_n, offs_d, i0 - j0, T, NS, qk_scale, dropout_p,
-                                          inv_keep, has_c2p, has_p2c, has_mask, D, BM, BN, PREC)
-        dq += tl.dot(ds.to(q.dtype), tl.trans(kT), input_precision=PREC)
-        if has_c2p != 0:
-            if smin == smax:  # saturated: every (i, j) of the tile reads pos_key[smin]
-                rsum = tl.sum(ds, 1)
-                dq += rsum[:, None] * _pos_row(posk_ptr, smin, offs_d, NS, D)[None, :]
-                row = tl.sum(rsum[:, None] * q.to(tl.float32), 0)
-                win += tl.where((e == lo % BR)[:, None], row[None, :], 0.0)
-            else:
-                gb = tl.where(g_ok, tl.gather(ds, g_idx, 1), 0.0).to(q.dtype)  # [BM, BR]
-                dq += tl.dot(gb, _pos_rows(posk_ptr, sl, offs_d, NS, D), input_precision=PREC)
-                win = _window_add(win, tl.dot(tl.trans(gb), q, input_precision=PREC), sl, lo, BR, D)
-            lo_next = _slots_at(slots_ptr, i0 - j0 + 1, T)  # first distance of the next (lower) key block
-            win = _window_emit(win, ws_ptr, lo, lo_next, offs_d, NS, BR, D)
-            lo = lo_next
-    if has_c2p != 0:
-        _window_emit(win, ws_ptr, lo, lo + BR, offs_d, NS, BR, D)
-    dq = dq * scale
-    tl.store(dq_ptr + base + offs_m[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
+    n_blocks = tl.cdiv(T, BN)
+    n_qblocks = tl.cdiv(T, BM)
+    for g in range(0, G):
+        pid_m = pid * G + g
+        if pid_m < n_qblocks:
+            i0 = pid_m * BM
+            offs_m = i0 + tl.arange(0, BM)
+            row_ok = offs_m < T
+            q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(dout_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok,
+                           other=float("inf")) * 1.4426950408889634
+            delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+            dq = tl.zeros([BM, D], dtype=tl.float32)
+            win = tl.zeros([BR, D], dtype=tl.float32)  # a fresh slot window per block
+            lo = _slots_at(slots_ptr, i0 - (n_blocks - 1) * BN - (BN - 1), T)
+            for jb in range(0, n_blocks):
+                j0 = (n_blocks - 1 - jb) * BN
+                offs_n = j0 + tl.arange(0, BN)
+                col_ok = offs_n < T
+                kT = tl.load(k_ptr + base + offs_n[None, :] * D + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+                v = tl.load(v_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+                pd, ds, sl, smin, smax = _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr,
+                                                  mask_ptr, seed, bh, b, offs_m, offs_n, offs_d, i0 - j0, T, NS,
+                                                  qk_scale, dropout_p, inv_keep, has_c2p, has_p2c, has_mask, D,
+                                                  BM, BN, PREC)
+                dq += tl.dot(ds.to(q.dtype), tl.trans(kT), input_precision=PREC)
+                if has_c2p != 0:
+                    if smin == smax:  # saturated: every (i, j) of the tile reads pos_key[smin]
+                        rsum = tl.sum(ds, 1)
+                        dq += rsum[:, None] * _pos_row(posk_ptr, smin, offs_d, NS, D)[None, :]
+                        row = tl.sum(rsum[:, None] * q.to(tl.float32), 0)
+                        win += tl.where((e == lo % BR)[:, None], row[None, :], 0.0)
+                    else:
+                        gb = tl.where(g_ok, tl.gather(ds, g_idx, 1), 0.0).to(q.dtype)  # [BM, BR]
+                        dq += tl.dot(gb, _pos_rows(posk_ptr, sl, offs_d, NS, D), input_precision=PREC)
+                        win = _window_add(win, tl.dot(tl.trans(gb), q, input_precision=PREC), sl, lo, BR, D)
+                    lo_next = _slots_at(slots_ptr, i0 - j0 + 1, T)  # first distance of the next (lower) key block
+                    win = _window_emit(win, ws_ptr, lo, lo_next, offs_d, W0, NW, BR, D)
+                    lo = lo_next
+            if has_c2p != 0:
+                _window_emit(win, ws_ptr, lo, lo + BR, offs_d, W0, NW, BR, D)
+            tl.debug_barrier()  # the next block's workspace loads see this block's stores, whichever thread did them
+            dq = dq * scale
+            tl.store(dq_ptr + base + offs_m[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -449,12 +484,54 @@ def forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale: float, dropout_
     return out, lse
 
 
+# Blocks per backward program: G = max(1, ceil(slots / (GROUP_SLOTS_PER_BLOCK * block))), so that a program's
+# workspace rows (one per slot) amortise over at least GROUP_SLOTS_PER_BLOCK * block / slots of its own blocks'
+# rows: the workspace stays O(T) per (b, h) however large the span is (bound in workspace_layout()).
+GROUP_SLOTS_PER_BLOCK = 4
+
+
+def workspace_layout(T: int, D: int, span2: int, pas: str, dtype: torch.dtype):
+    """(G, programs, W0, NW) of backward pass "dq" (c2p -> dpos_key) or "dkdv" (p2c -> dpos_query).
+
+    The pass's grid is (programs, B * H); program p handles the G consecutive blocks p * G .. p * G + G - 1
+    (BLOCK = BM_dq or BN_dkdv rows each, blocks >= n = ceil(T / BLOCK) skipped) and accumulates their position
+    gradients into its own fp32 workspace rows [NW, D] for slots W0 .. W0 + NW - 1. Those are the slots any
+    (i, j) can reach: s(0) = k and the slot map is monotone with steps <= 1 (slots_supported), so
+    s(i - j) lies in [max(0, k - T + 1), min(2k - 1, k + T - 1)], NW <= min(2k, 2T - 1).
+
+    Bound. programs = ceil(n / G). If G = 1, NW <= 4 * BLOCK and programs * NW <= n * 4 * BLOCK. If G > 1,
+    G >= NW / (4 * BLOCK) and programs * NW <= (n / G + 1) * NW <= n * 4 * BLOCK + NW. With n * BLOCK <= T +
+    BLOCK - 1 and NW <= 2T - 1: programs * NW <= 4T + 4 * BLOCK + NW <= 6T + 4 * BLOCK - 1 rows per (b, h).
+    """
+    blk = config(D, dtype, pas)[0 if pas == "dq" else 1]
+    k = span2 // 2
+    w0 = max(0, k - (T - 1))
+    nw = min(span2 - 1, k + T - 1) - w0 + 1
+    g = max(1, math.ceil(nw / (GROUP_SLOTS_PER_BLOCK * blk)))
+    return g, triton.cdiv(triton.cdiv(T, blk), g), w0, nw
+
+
+def workspace_shapes(B: int, H: int, T: int, D: int, span2: int, c2p: bool, p2c: bool,
+                     dtype: torch.dtype = torch.bfloat16):
+    """{"dq": fp32 workspace shape of the c2p gradients or None, "dkdv": same for p2c} - what backward()
+    allocates (it calls this): [B, H, programs, NW, D] per pass present (workspace_layout)."""
+    def shape(pas, present):
+        if not present:
+            return None
+        _, programs, _, nw = workspace_layout(T, D, span2, pas, dtype)
+        return (B, H, programs, nw, D)
+    return {"dq": shape("dq", c2p), "dkdv": shape("dkdv", p2c)}
+
+
 def workspace_bytes(B: int, H: int, T: int, D: int, span2: int, c2p: bool, p2c: bool,
                     dtype: torch.dtype = torch.bfloat16) -> int:
-    """fp32 workspace of backward() for the position gradients (2k = span2 slots)."""
-    n_q = triton.cdiv(T, config(D, dtype, "dq")[0]) if c2p else 0
-    n_k = triton.cdiv(T, config(D, dtype, "dkdv")[1]) if p2c else 0
-    return 4 * B * H * span2 * D * (n_q + n_k)
+    """Bytes of backward()'s fp32 position-gradient workspaces (2k = span2 slots).
+
+    Per pass present, by workspace_layout(): <= 4 * B * H * D * (4T + 4 * BLOCK + min(2k, 2T - 1)) bytes
+    <= 4 * B * H * D * (6T + 4 * BLOCK); both passes (BLOCK = 32 in every config):
+    <= 4 * B * H * D * (12T + 256) = O(B * H * T * D), independent of k.
+    """
+    return sum(4 * math.prod(s) for s in workspace_shapes(B, H, T, D, span2, c2p, p2c, dtype).values() if s)
 
 
 def backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale: float, dropout_p: float,
@@ -471,22 +548,28 @@ def backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, s
     flags = dict(D=D, PREC=_prec(q.dtype))
     args = (c["posk"], c["posq"], c["mask"], rel_slots, grad_out, lse, delta)
     scalars = (T, H, ns, float(scale), float(dropout_p), c["inv_keep"], int(seed), *_flags(pos_key, pos_query, mask))
+    shapes = workspace_shapes(B, H, T, D, ns, pos_key is not None, pos_query is not None, q.dtype)
+    ws = {pas: torch.zeros(shape or (1,), device=q.device, dtype=torch.float32) for pas, shape in shapes.items()}
 
     bm, bn, warps, stages = config(D, q.dtype, "dkdv")
-    n_k = triton.cdiv(T, bn)
-    ws_q = torch.zeros((B, H, n_k, ns, D) if pos_query is not None else (1,), device=q.device,
-                       dtype=torch.float32)
-    da_bwd_dkdv_kernel[(n_k, B * H)](q, k, v, *args, dk, dv, ws_q, *scalars, BM=bm, BN=bn, **flags,
-                                     num_warps=warps, num_stages=stages)
+    g, programs, w0, nw = workspace_layout(T, D, ns, "dkdv", q.dtype)
+    da_bwd_dkdv_kernel[(programs, B * H)](q, k, v, *args, dk, dv, ws["dkdv"], *scalars, g, w0, nw, BM=bm, BN=bn,
+                                          **flags, num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = config(D, q.dtype, "dq")
-    n_q = triton.cdiv(T, bm)
-    ws_k = torch.zeros((B, H, n_q, ns, D) if pos_key is not None else (1,), device=q.device, dtype=torch.float32)
-    da_bwd_dq_kernel[(n_q, B * H)](q, k, v, *args, dq, ws_k, *scalars, BM=bm, BN=bn, **flags,
-                                   num_warps=warps, num_stages=stages)
-    # fixed-order reductions over (batch, program): deterministic
-    dpk = None if pos_key is None else (ws_k.sum((0, 2)) * scale).to(pos_key.dtype)
-    dpq = None if pos_query is None else (ws_q.sum((0, 2)) * scale).to(pos_query.dtype)
-    return dq, dk, dv, dpk, dpq
+    g, programs, w0, nw = workspace_layout(T, D, ns, "dq", q.dtype)
+    da_bwd_dq_kernel[(programs, B * H)](q, k, v, *args, dq, ws["dq"], *scalars, g, w0, nw, BM=bm, BN=bn, **flags,
+                                        num_warps=warps, num_stages=stages)
+    # fixed-order reductions over (batch, program): deterministic; slots outside W0 .. W0 + NW - 1 get nothing
+    dpos = []
+    for pos, pas in ((pos_key, "dq"), (pos_query, "dkdv")):
+        if pos is None:
+            dpos.append(None)
+            continue
+        _, _, w0, nw = workspace_layout(T, D, ns, pas, q.dtype)
+        grad = torch.zeros(pos.shape, device=pos.device, dtype=torch.float32)
+        grad[:, w0:w0 + nw] = ws[pas].sum((0, 2)) * scale
+        dpos.append(grad.to(pos.dtype))
+    return dq, dk, dv, dpos[0], dpos[1]
 
 
 # ---------------------------------------------------------------------------------------------- AOT specs
@@ -494,6 +577,7 @@ def compile_specs():
     i32, f32, i64 = "i32", "fp32", "i64"
     scalars = {"T": i32, "H": i32, "NS": i32, "scale": f32, "dropout_p": f32, "inv_keep": f32, "seed": i64,
                "has_c2p": i32, "has_p2c": i32, "has_mask": i32}
+    groups = {"G": i32, "W0": i32, "NW": i32}  # backward passes: blocks per program, workspace slot range
     specs = []
     for dt, D in itertools.product(DTYPES, HEAD_DIMS):
         specs.append(Spec(da_bwd_delta_kernel, {"out_ptr": ptr(dt), "dout_ptr": ptr(dt),
@@ -503,11 +587,12 @@ def compile_specs():
                   "mask_ptr": ptr(torch.uint8), "slots_ptr": ptr(torch.int32)}
         bwd = {**common, "dout_ptr": ptr(dt), "lse_ptr": ptr(torch.float32), "delta_ptr": ptr(torch.float32)}
         for kernel, pas, sig in (
-                (da_fwd_kernel, "fwd", {**common, "out_ptr": ptr(dt), "lse_ptr": ptr(torch.float32)}),
+                (da_fwd_kernel, "fwd", {**common, "out_ptr": ptr(dt), "lse_ptr": ptr(torch.float32), **scalars}),
                 (da_bwd_dkdv_kernel, "dkdv", {**bwd, "dk_ptr": ptr(dt), "dv_ptr": ptr(dt),
-                                              "ws_ptr": ptr(torch.float32)}),
-                (da_bwd_dq_kernel, "dq", {**bwd, "dq_ptr": ptr(dt), "ws_ptr": ptr(torch.float32)})):
+                                              "ws_ptr": ptr(torch.float32), **scalars, **groups}),
+                (da_bwd_dq_kernel, "dq", {**bwd, "dq_ptr": ptr(dt), "ws_ptr": ptr(torch.float32), **scalars,
+                                          **groups})):
             bm, bn, w, st = config(D, dt, pas)
-            specs.append(Spec(kernel, {**sig, **scalars}, {"D": D, "BM": bm, "BN": bn, "PREC": _prec(dt)},
+            specs.append(Spec(kernel, sig, {"D": D, "BM": bm, "BN": bn, "PREC": _prec(dt)},
                               num_warps=w, num_stages=st))
     return specs

@@ -388,6 +388,77 @@ def test_triton_refuses_unsupported_slot_tables(monkeypatch):
     assert all(torch.isfinite(a.grad).all() for a in x)
 
 
+GROUP_CASES = [  # (T, GROUP_SLOTS_PER_BLOCK, padding, dropout): with span 8 (16 slots) and 32-row blocks
+    (100, 0.2, "holes", 0.25),  # G = 3 blocks per program, 4 blocks: the second program skips 2 of its 3
+    (40, 0.1, "left", 0.25),    # G = 5 >= 2 blocks: one program per (b, h) walks them all
+    (7, 4, "right", 0.0),       # 2T - 1 < 2k: workspace rows for slots 2 .. 14 only (W0 = 2, NW = 13)
+]
+
+
+@pytest.mark.parametrize("T,per_block,pad,p", GROUP_CASES, ids=[f"T{c[0]}-g{c[1]}" for c in GROUP_CASES])
+@pytest.mark.parametrize("backend,device", [p for p in fast_backends() if p.values[0] == "triton"])
+def test_triton_grouped_backward_matches_reference(backend, device, monkeypatch, T, per_block, pad, p):
+    """Backward programs that reduce several blocks into one workspace (G > 1, accumulate across blocks, blocks
+    past T skipped) and workspaces restricted to the reachable slots: gradients still equal the reference, and
+    backward() allocates exactly workspace_shapes()."""
+    from electra_fast.kernels import disentangled_attention as kernels
+    monkeypatch.setattr(kernels, "GROUP_SLOTS_PER_BLOCK", per_block)
+    B, H, D = 2, 2, 32
+    layouts = [kernels.workspace_layout(T, D, 16, pas, torch.float32) for pas in ("dq", "dkdv")]
+    if T >= 64:
+        assert all(g > 1 and programs * g >= math.ceil(T / 32) for g, programs, _, _ in layouts)
+    else:
+        assert all(lay[2:] == (2, 13) for lay in layouts)
+    args = _inputs(B, H, T, D, 8, torch.float32, seed=T)
+    kw = dict(attention_mask=_pad(pad, B, T).to(device), position_buckets=SMALL[0],
+              max_relative_positions=SMALL[1], dropout_p=p, seed=99 if p else None)
+    grad_out = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(3))
+    zeros, seen = torch.zeros, []
+
+    def spy(*shape, **kwargs):
+        t = zeros(*shape, **kwargs)
+        if t.dim() == 5 and t.dtype == torch.float32:
+            seen.append(tuple(t.shape))
+        return t
+    monkeypatch.setattr(torch, "zeros", spy)
+    got = _run(backend, device, args, grad_out, **kw)
+    monkeypatch.setattr(torch, "zeros", zeros)
+    want = kernels.workspace_shapes(B, H, T, D, 16, True, True, torch.float32)
+    assert sorted(seen) == sorted(want.values())
+    exact = _run("reference", "cpu", args, grad_out, **kw)
+    for a, b in zip(got, exact):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_triton_workspace_is_linear_in_T():
+    """The issue's memory rule: the Triton backward's extra memory is O(B * H * T * D + H * k * D). Its only
+    T-and-k-dependent buffers are the position-gradient workspaces; workspace_layout() proves
+    programs * NW <= 4T + 4 * BLOCK + NW per pass with NW <= min(2k, 2T - 1), i.e. both passes
+    <= 4 * B * H * D * (12T + 256) bytes."""
+    from electra_fast.kernels import disentangled_attention as kernels
+    B, H, D, span2 = 8, 12, 64, 512
+    sizes = {}
+    for T in (128, 512, 2048, 8192):
+        for dtype in (torch.bfloat16, torch.float32):
+            sizes[T] = got = kernels.workspace_bytes(B, H, T, D, span2, True, True, dtype)
+            assert got <= 4 * B * H * D * (2 * (4 * T + 4 * 32 + min(span2, 2 * T - 1)))
+            assert got <= 4 * B * H * D * (12 * T + 256)
+            assert got <= 8 * 4 * B * H * T * D  # what these shapes reach (GROUP_SLOTS_PER_BLOCK = 4)
+    assert sizes[8192] / sizes[2048] <= 4.1 and sizes[2048] / sizes[512] <= 4.1
+    # k does not matter: a 16x wider span costs nothing at T = 2048 (the old layout grew as T * k)
+    assert kernels.workspace_bytes(B, H, 2048, D, 16 * span2, True, True) <= sizes[2048] * 1.01
+    # the per-pass bound over many (T, k), and the reachable-slot range
+    for T in range(1, 3000, 37):
+        for span2 in (2, 16, 128, 512, 1024, 8192):
+            for pas in ("dq", "dkdv"):
+                g, programs, w0, nw = kernels.workspace_layout(T, D, span2, pas, torch.bfloat16)
+                if T < 600:
+                    slots = ref.relative_slots(T, -1, span2 // 2, "cpu")
+                    assert (w0, w0 + nw - 1) == (int(slots.min()), int(slots.max()))
+                assert nw <= min(span2, 2 * T - 1) and programs * g >= math.ceil(T / 32) > (programs - 1) * g
+                assert programs * nw <= 4 * T + 4 * 32 + nw
+
+
 def test_torch_compile_fullgraph():
     q, k, v, pk, pq = (a.requires_grad_() for a in _inputs(2, 2, 12, 32, 8, torch.float32))
     mask = _pad("right", 2, 12)
