@@ -167,6 +167,27 @@ void add_p2c_block(const Problem& p, int64_t i0, int64_t bm, acc_t* __restrict s
   }
 }
 
+// dst[sl[e * sl_step]] += src[e * src_step] for e in [0, n), in order. Neighbouring elements mostly share a slot
+// (runs of equal slots: every bucketed distance beyond the exact range), so the sum of a run is kept in a
+// register and stored once: a read-modify-write per element would stall on store-to-load forwarding.
+template <typename acc_t>
+inline void scatter_runs(acc_t* __restrict dst, const int32_t* sl, int64_t sl_step, const acc_t* __restrict src,
+                         int64_t src_step, int64_t n) {
+  if (n <= 0) return;
+  int32_t cur = sl[0];
+  acc_t run = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    const int32_t s = sl[e * sl_step];
+    if (s != cur) {
+      dst[cur] += run;
+      run = 0;
+      cur = s;
+    }
+    run += src[e * src_step];
+  }
+  dst[cur] += run;
+}
+
 // Its backward: dKP[j, s(i0 + r, j) - s0] += g[r, j], in a fixed order.
 template <typename acc_t>
 void scatter_p2c_block(const Problem& p, int64_t i0, int64_t bm, const acc_t* __restrict g, int64_t ld,
@@ -175,7 +196,7 @@ void scatter_p2c_block(const Problem& p, int64_t i0, int64_t bm, const acc_t* __
   for (int64_t j = 0; j < T; ++j) {
     acc_t* dkprow = dkp + j * ns - p.s0;
     const int32_t* sl = p.slots + i0 - j + T - 1;
-    for (int64_t r = 0; r < bm; ++r) dkprow[sl[r]] += g[r * ld + j];
+    scatter_runs<acc_t>(dkprow, sl, 1, g + j, ld, bm);
   }
 }
 
@@ -286,7 +307,12 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& q, c
         apply_keep<acc_t>(row, keep.data(), T, inv_keep);
       }
     }
-    out[b][h].narrow(0, i0, bm).copy_(at::mm(s, vf));
+    at::Tensor dst = out[b][h].narrow(0, i0, bm);
+    if (dst.scalar_type() == p.acc) {
+      at::mm_out(dst, s, vf);  // straight into the (row-strided) output: no temporary, no copy
+    } else {
+      dst.copy_(at::mm(s, vf));
+    }
   }
 }
 
@@ -323,7 +349,10 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& dou
   const at::Tensor qf = q[b][h].to(p.acc), kf = k[b][h].to(p.acc), vf = v[b][h].to(p.acc);
   const at::Tensor dof = dout[b][h].to(p.acc);
   const auto opts = qf.options();
-  at::Tensor dkf = at::zeros({T, p.D}, opts), dvf = at::zeros({T, p.D}, opts);
+  // dK / dV accumulate over query blocks: straight in the outputs when they have the accumulation dtype
+  const bool direct = dq.scalar_type() == p.acc;
+  at::Tensor dkf = direct ? dk[b][h].zero_() : at::zeros({T, p.D}, opts);
+  at::Tensor dvf = direct ? dv[b][h].zero_() : at::zeros({T, p.D}, opts);
   const int64_t ns = p.s1 - p.s0 + 1;
   at::Tensor kp, dkp;  // [T, ns]
   if (p.has_pq) {
@@ -388,28 +417,30 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& dou
       if (p.dropout_p > 0) apply_keep<acc_t>(row, keep.data(), T, inv_keep);  // the probabilities that hit V
       const int32_t* sl = p.slots + i + T - 1;
       if (dcp != nullptr) {
-        acc_t* dcrow = dcp + r * c_ld - clo;
-        for (int64_t j = 0; j < T; ++j) dcrow[sl[-j]] += grow[j];
+        scatter_runs<acc_t>(dcp + r * c_ld - clo, sl, -1, grow, 1, T);  // dC[r, s(i, j)] += g[j]
       }
     }
     if (p.has_pq) scatter_p2c_block<acc_t>(p, i0, bm, gp, ld, dkp.data_ptr<acc_t>(), ns);
     dvf.addmm_(s.t(), dob);
     dkf.addmm_(g.t(), qb);
-    at::Tensor dqb = at::mm(g, kf);
+    at::Tensor dq_dst = dq[b][h].narrow(0, i0, bm);
+    at::Tensor dqb = direct ? at::mm_out(dq_dst, g, kf) : at::mm(g, kf);
     if (p.has_pk) {
       const at::Tensor pk_blk = pk[h].narrow(0, clo, c.size(1));
       dqb.addmm_(dc, pk_blk);
       dpk_part.narrow(0, clo, c.size(1)).addmm_(dc.t(), qb);
     }
-    dq[b][h].narrow(0, i0, bm).copy_(dqb);
+    if (!direct) dq_dst.copy_(dqb);
   }
   if (p.has_pq) {
     const at::Tensor pq_rng = pq[h].narrow(0, p.s0, ns);
     dkf.addmm_(dkp, pq_rng);
     dpq_part.narrow(0, p.s0, ns).addmm_(dkp.t(), kf);
   }
-  dk[b][h].copy_(dkf);
-  dv[b][h].copy_(dvf);
+  if (!direct) {
+    dk[b][h].copy_(dkf);
+    dv[b][h].copy_(dvf);
+  }
 }
 
 // dst[e] = sum over c of src[c * n + e], c in increasing order (fixed chunks: thread-count independent).
