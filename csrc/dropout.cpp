@@ -161,6 +161,7 @@ struct Bits<at::BFloat16> {  // widen by a shift; round to nearest even exactly 
     return v != v ? raw{0x7FC0} : static_cast<raw>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
   }
 };
+
 template <typename scalar_t>
 EF_TARGET_CLONES void scale_kept(const scalar_t* __restrict xs, const uint8_t* __restrict keep,
                                  scalar_t* __restrict ys, int64_t n, float scale) {

@@ -177,6 +177,7 @@ def test_opcheck():
         x = torch.randn(3, 17, dtype=dtype, requires_grad=True)
         torch.library.opcheck(_dropout, (x, 0.3, SEED, STREAM))
         torch.library.opcheck(_dropout, (x.detach(), 0.3, -5, 2 ** 32 - 1))
+        torch.library.opcheck(_dropout, (x.detach().t(), 0.5, SEED, 0))  # non-contiguous: made contiguous
 
 
 def test_torch_compile_fullgraph():
