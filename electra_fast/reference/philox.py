@@ -2,7 +2,7 @@
 
 The stream (DESIGN.md, "randomness contract"). For a draw keyed by ``(seed, index, purpose)``:
 
-  key      k0 = seed & 0xFFFFFFFF,  k1 = seed >> 32            (seed: int in [0, 2**63))
+  key      k0 = seed & 0xFFFFFFFF,  k1 = seed >> 32            (seed: int in [0, 2**63); DROPOUT: [0, 2**64))
   counter  c0 = index & 0xFFFFFFFF, c1 = index >> 32, c2 = purpose, c3 = 0 (DROPOUT: c3 = stream)
   output   four uint32 words (x0, x1, x2, x3) = Philox4x32-10(counter, key)
 
