@@ -31,9 +31,9 @@ Design (for H100; performance is unmeasured so far - no GPU was available while 
   with steps of at most 1 (see slots_supported below) - the slots a tile touches form a window
   [lo, lo + BR) that only slides up. Each program keeps that window of slot rows in registers: a tile's
   band contributions [BR, D] are summed per slot (segmented scan over runs of equal slots, then a gather),
-  added to the window, and the slot rows the window leaves are final for this program and stored once with a
-  plain store into the program's own fp32 workspace row block (the window is a ring buffer: slot s lives
-  in row s % BR, so sliding it moves nothing). A fixed-order torch sum over (batch, program) then reduces
+  added to the window, and the slot rows the window leaves are final for this block and added once into the
+  program's own fp32 workspace row block (the window is a ring buffer: slot s lives in row s % BR, so
+  sliding it moves nothing). A fixed-order torch sum over (batch, program) then reduces
   the workspace: no atomics, results independent of scheduling.
   Grouping keeps that workspace O(T) per (b, h): a backward program handles G consecutive blocks (query
   blocks in the dQ pass, key blocks in the dK/dV pass) one after another, each with a fresh window, and
@@ -268,8 +268,8 @@ def da_bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, n_rows, D: tl.constexpr, R
 
 @triton.jit
 def _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr, seed, bh, b, offs_m, offs_n,
-             offs_d, d, T, NS, qk_scale, dropout_p, inv_keep, has_c2p, has_p2c, has_mask, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-             PREC: tl.constexpr):
+             offs_d, d, T, NS, qk_scale, dropout_p, inv_keep, has_c2p, has_p2c, has_mask, D: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Recompute one tile: (dropped probabilities [BM, BN], dS [BM, BN] w.r.t. the unscaled score, band slots,
     smin, smax). lse2 = lse * log2(e) (+inf for dead rows -> P = 0)."""
     s = tl.dot(q, kT, input_precision=PREC)
@@ -479,8 +479,8 @@ def forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale: float, dropout_
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     da_fwd_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, c["posk"], c["posq"], c["mask"], rel_slots, out, lse, T, H, c["NS"], float(scale),
-        float(dropout_p), c["inv_keep"], int(seed), *_flags(pos_key, pos_query, mask), D=D, BM=bm, BN=bn, PREC=_prec(q.dtype),
-        num_warps=warps, num_stages=stages)
+        float(dropout_p), c["inv_keep"], int(seed), *_flags(pos_key, pos_query, mask), D=D, BM=bm, BN=bn,
+        PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
     return out, lse
 
 
