@@ -1,9 +1,10 @@
-// DeBERTa disentangled attention on CPU, forward and backward, flash-style: no [T, T] tensor.
+// DeBERTa disentangled attention on CPU, forward and backward, flash-style.
 // Semantics and the backend contract: electra_fast/reference/disentangled_attention.py.
 //
-// Work is blocked over (batch, head, query block of kBlockM rows). One task owns one (b, h) in the forward
-// and one (head, fixed batch partition) in the backward (tasks handed out dynamically over at::parallel_for's
-// threads), walks its query blocks in order and never holds more than one block of scores ([kBlockM, T]).
+// Work is blocked over (batch, head, query block; no [B, H, T, T] tensor). One task owns one (b, h) in the
+// forward and one (head, fixed batch partition) in the backward (tasks handed out dynamically over
+// at::parallel_for's threads), walks its query blocks in order and never holds more than one block of scores:
+// [kBlockM, T], or [T, T] for T <= kWholeT (one block: fewer, larger GEMM calls).
 // Matrix products go through ATen (at::mm on blocks).
 //
 // The relative slot s(i, j) = rel_slots[i - j + T - 1] is Toeplitz, so the position terms are matrix
@@ -39,6 +40,11 @@ namespace {
 #define EF_DA_BLOCK_M 64
 #endif
 constexpr int64_t kBlockM = EF_DA_BLOCK_M;  // query rows per block
+constexpr int64_t kWholeT = 512;             // sequences up to this length take one block of all T rows
+
+// Rows per block for length T: short sequences in one block (the [T, T] scores of T <= 512 are ~1 MB, still
+// cache-resident), which halves or quarters the number of small GEMM calls, whose fixed cost dominates there.
+inline int64_t block_rows(int64_t T) { return T <= kWholeT ? T : kBlockM; }
 constexpr int64_t kPosPartitions = 8;  // fixed batch partitions for the position-gradient reduction
 
 template <typename acc_t>
@@ -274,9 +280,10 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& q, c
   const acc_t inv_keep = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
   std::vector<uint8_t> keep(p.dropout_p > 0 ? T : 0);
   const int64_t ld = block_ld(T);
-  at::Tensor sbuf = at::empty({kBlockM, ld}, qf.options());
-  for (int64_t i0 = 0; i0 < T; i0 += kBlockM) {
-    const int64_t bm = std::min(kBlockM, T - i0);
+  const int64_t rows = block_rows(T);
+  at::Tensor sbuf = at::empty({rows, ld}, qf.options());
+  for (int64_t i0 = 0; i0 < T; i0 += rows) {
+    const int64_t bm = std::min(rows, T - i0);
     const at::Tensor qb = qf.narrow(0, i0, bm);
     at::Tensor s = sbuf.narrow(0, 0, bm).narrow(1, 0, T);  // [bm, T], row stride ld
     at::mm_out(s, qb, kf.t());
@@ -364,9 +371,10 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& dou
   std::vector<uint8_t> keep(p.dropout_p > 0 ? T : 0);
   const acc_t scale = static_cast<acc_t>(p.scale);
   const int64_t ld = block_ld(T);
-  at::Tensor sbuf = at::empty({kBlockM, ld}, opts), gbuf = at::empty({kBlockM, ld}, opts);
-  for (int64_t i0 = 0; i0 < T; i0 += kBlockM) {
-    const int64_t bm = std::min(kBlockM, T - i0);
+  const int64_t rows = block_rows(T);
+  at::Tensor sbuf = at::empty({rows, ld}, opts), gbuf = at::empty({rows, ld}, opts);
+  for (int64_t i0 = 0; i0 < T; i0 += rows) {
+    const int64_t bm = std::min(rows, T - i0);
     const at::Tensor qb = qf.narrow(0, i0, bm), dob = dof.narrow(0, i0, bm);
     at::Tensor s = sbuf.narrow(0, 0, bm).narrow(1, 0, T);  // scores -> probabilities (with dropout)
     at::Tensor g = gbuf.narrow(0, 0, bm).narrow(1, 0, T);  // dP (before dropout) -> d score
