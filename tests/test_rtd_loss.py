@@ -206,6 +206,10 @@ def test_forced_backend_unavailable_raises(monkeypatch):
     (dict(attention_mask=torch.ones(2, 4)), TypeError, "attention_mask"),
     (dict(attention_mask=torch.ones(2, 4, dtype=torch.long)), ValueError, "attention_mask"),
     (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(reduction=["mean"]), ValueError, "reduction"),
+    (dict(corrupted_ids=[[0, 0, 0], [0, 0, 0]]), TypeError, "corrupted_ids"),
+    (dict(attention_mask=[[1, 1, 1], [1, 1, 1]]), TypeError, "attention_mask"),
+    (dict(attention_mask=torch.ones(2, 3)), TypeError, "attention_mask"),
     (dict(original_ids=torch.zeros(2, 3, dtype=torch.long, device="meta")), ValueError, "original_ids"),
 ])
 def test_bad_input(bad, exc, match):
@@ -268,3 +272,18 @@ def test_gradients_of_separate_calls_do_not_alias(backend, device):
         electra_fast.rtd_loss(xa, *a[1:]).backward()  # accumulates into xa.grad
     assert xa.grad.data_ptr() != xb.grad.data_ptr()
     torch.testing.assert_close(xa.grad, 2 * kept, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_calls_needing_conversion_match_the_usual_call(backend, device):
+    """Mixed id dtypes, int16 ids, int8 / int64 masks and strided ids take the validators' converting path (the
+    usual call skips it): same loss and gradient (up to fp32 summation order: an int64 mask or int32 ids run their
+    own, differently vectorised, C++ instantiation)."""
+    logits, corrupted, original, mask = make(4, 50, device=device)
+    want_loss, _, want_grad = run(backend, logits, corrupted, original, mask)
+    for c, o, m in ((corrupted.int(), original, mask), (corrupted.to(torch.int16), original.to(torch.int16), mask),
+                    (corrupted, original, mask.to(torch.int8)),
+                    (corrupted.t().contiguous().t(), original, mask.long())):
+        loss, _, grad = run(backend, logits, c, o, m)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)  # per-token: no summation

@@ -88,8 +88,31 @@ class _EagerRTDLoss(torch.autograd.Function):
 def _train_eager(logits, corrupted, original, mask, reduction, need_metrics):
     backend, _ = _backend.resolve("rtd_loss", logits.device, cpp="rtd_loss_train", triton="rtd_loss")
     if backend == "cpp":  # counts[1:] are only filled when need_metrics
-        return torch.ops.electra_fast_cpp.rtd_loss_train(logits, corrupted, original, mask, reduction, need_metrics)
+        return torch.ops.electra_fast_cpp.rtd_loss_train.default(logits, corrupted, original, mask, reduction,
+                                                                 need_metrics)
     return _EagerRTDLoss.apply(logits, corrupted, original, mask, reduction)
+
+
+_IDS = (torch.int64, torch.int32)
+_MASKS = (torch.int64, torch.int32, torch.uint8, torch.bool)
+
+
+def _usual_call(logits, corrupted, original, mask, reduction) -> bool:
+    """True when every check of rtd_loss passes and nothing needs converting: contiguous ids of one kernel dtype
+    and a contiguous bool / integer mask, all shaped and placed like the [B, T] floating logits. One expression
+    instead of a dozen validator calls (the per-call cost matters at this op's size); anything else takes the
+    validators, which explain what is wrong."""
+    try:
+        shape, device = logits.shape, logits.device
+        return (logits.dtype in _validate.FLOAT_DTYPES and len(shape) == 2 and reduction in ref.REDUCTIONS
+                and corrupted.dtype in _IDS and original.dtype == corrupted.dtype
+                and corrupted.shape == shape and original.shape == shape
+                and corrupted.device == device and original.device == device
+                and corrupted.is_contiguous() and original.is_contiguous()
+                and (mask is None or (mask.dtype in _MASKS and mask.shape == shape and mask.device == device
+                                      and mask.is_contiguous())))
+    except (AttributeError, TypeError):  # not a tensor, an unhashable reduction: the validators name it
+        return False
 
 
 def rtd_loss(logits: torch.Tensor, corrupted_ids: torch.Tensor, original_ids: torch.Tensor,
@@ -112,16 +135,22 @@ def rtd_loss(logits: torch.Tensor, corrupted_ids: torch.Tensor, original_ids: to
         The loss in fp32 (fp64 for fp64 logits), and the metrics dict when asked. The gradient flows
         to ``logits`` only, in its dtype.
     """
-    _validate.floating("logits", logits)
-    _validate.rank("logits", logits, 2, "[B, T]")
-    _validate.integer("corrupted_ids", corrupted_ids)
-    _validate.integer("original_ids", original_ids)
-    for name, ids in (("corrupted_ids", corrupted_ids), ("original_ids", original_ids)):
-        _validate.same_shape(name, ids, "logits", logits)
-        _validate.same_device(name, ids, "logits", logits)
-    _validate.choice("reduction", reduction, tuple(ref.REDUCTIONS))
-    mask = _validate.mask_as_uint8("attention_mask", attention_mask, "logits", logits, keep_int=True)
-    corrupted, original = _validate.common_ids(("corrupted_ids", corrupted_ids), ("original_ids", original_ids))
+    if _usual_call(logits, corrupted_ids, original_ids, attention_mask, reduction):
+        corrupted, original = corrupted_ids, original_ids
+        mask = attention_mask
+        if mask is not None and mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)
+    else:
+        _validate.floating("logits", logits)
+        _validate.rank("logits", logits, 2, "[B, T]")
+        _validate.integer("corrupted_ids", corrupted_ids)
+        _validate.integer("original_ids", original_ids)
+        for name, ids in (("corrupted_ids", corrupted_ids), ("original_ids", original_ids)):
+            _validate.same_shape(name, ids, "logits", logits)
+            _validate.same_device(name, ids, "logits", logits)
+        _validate.choice("reduction", reduction, tuple(ref.REDUCTIONS))
+        mask = _validate.mask_as_uint8("attention_mask", attention_mask, "logits", logits, keep_int=True)
+        corrupted, original = _validate.common_ids(("corrupted_ids", corrupted_ids), ("original_ids", original_ids))
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     if need_grad and not torch.compiler.is_compiling():
         loss, counts = _train_eager(logits.contiguous(), corrupted, original, mask, ref.REDUCTIONS[reduction],
