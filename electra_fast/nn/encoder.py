@@ -36,11 +36,12 @@ def activation(name: str):
 class StandardSelfAttention(nn.Module):
     """[B, T, H] -> [B, T, H] (transformers ElectraSelfAttention).
 
-    Without dropout: ``scaled_dot_product_attention``. With attention dropout (training): the fused
-    attention op without position terms, whose dropout regenerates a Philox mask per tile - torch's
+    ``scaled_dot_product_attention``, except for training with attention dropout on CPU: there the fused
+    attention op without position terms, whose dropout regenerates a Philox mask per block - torch's CPU
     attention dropout is bernoulli_ over materialised [B, heads, T, T] probabilities, one of the most
-    expensive ops of a CPU training step. Padded query rows then hold 0 instead of SDPA's mean of V:
-    nothing downstream reads them. The eager twin (reference backend) keeps SDPA's own dropout.
+    expensive ops of a CPU training step (on CUDA, SDPA's flash kernels already fuse dropout). Padded query
+    rows then hold 0 instead of SDPA's mean of V: nothing downstream reads them. The eager twin (reference
+    backend) keeps SDPA's own dropout.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float):
@@ -58,7 +59,7 @@ class StandardSelfAttention(nn.Module):
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         q, k, v = F.linear(x, w, b).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
         p = self.dropout_p if self.training else 0.0
-        if p > 0 and not eager_twin():
+        if p > 0 and x.device.type == "cpu" and not eager_twin():
             out = disentangled_attention(q, k, v, attention_mask=key_mask, dropout_p=p, seed=draw_seed(),
                                          scale=q.shape[-1] ** -0.5)
         else:
