@@ -13,6 +13,7 @@ import torch
 
 from .. import _backend, _validate
 from ..reference import dropout as ref
+from ..reference.philox import check_seed
 
 _backend.declare("dropout", cpp=("dropout_apply",), triton="dropout")
 SEED_LIMIT = 2 ** 64
@@ -47,15 +48,6 @@ def _backward(ctx, grad):
 torch.library.register_autograd("electra_fast::dropout", _backward, setup_context=_setup_context)
 
 
-def _check_int(name: str, value, limit: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int in {what}, got {type(value).__name__}")
-    value = int(value)
-    if not 0 <= value < limit:
-        raise ValueError(f"{name}: expected an int in {what}, got {value}")
-    return value
-
-
 def dropout(input: torch.Tensor, p: float, seed: int, stream: int = 0) -> torch.Tensor:
     """Dropout whose mask is Philox keyed by ``(seed, stream, element index)``: reproducible from the seed on
     every backend, and nothing is stored for the backward (it regenerates the mask).
@@ -81,8 +73,8 @@ def dropout(input: torch.Tensor, p: float, seed: int, stream: int = 0) -> torch.
     p = float(p)
     if not 0.0 <= p < 1.0:  # also rejects NaN
         raise ValueError(f"p: expected a real number in [0, 1), got {p}")
-    seed = _check_int("seed", seed, SEED_LIMIT, "[0, 2**64)")
-    stream = _check_int("stream", stream, STREAM_LIMIT, "[0, 2**32)")
+    seed = check_seed(seed, "seed", SEED_LIMIT)
+    stream = check_seed(stream, "stream", STREAM_LIMIT)  # the same rule: an int in [0, limit)
     if p == 0.0:
         return input
     return _dropout(input, p, _as_int64(seed), stream)
