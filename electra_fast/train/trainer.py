@@ -307,7 +307,9 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
 
     torch.manual_seed(seed)
     net = ElectraPretrainingModel(cfg, fused=fused).to(ctx.device)
-    optimizer = torch.optim.AdamW(_param_groups(net, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6)
+    # fused AdamW: one kernel over all parameters (CPU and CUDA) instead of ~10 ops per parameter tensor
+    optimizer = torch.optim.AdamW(_param_groups(net, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6,
+                                  fused=ctx.device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, steps))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
     torch.manual_seed(derive_seed(seed, 0x44524F50, ctx.rank))  # per-rank dropout stream ("DROP")
