@@ -166,11 +166,59 @@ def test_backend_matches_reference(backend, device, case, dtype):
         for a, b in zip(got, exact):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
         return
-    # low precision: within twice the reference's own low-precision error (DESIGN.md), plus one output ulp
-    low = _run("reference", "cpu", args, grad_out, **kw)
+    _assert_low_precision(got, _run("reference", "cpu", args, grad_out, **kw), exact)
+
+
+def _assert_low_precision(got, low, exact):
+    """Within twice the reference's own low-precision error (DESIGN.md), plus one output ulp."""
     for a, lo, b in zip(got, low, exact):
         bound = 2 * (lo.float() - b).abs().max() + 2e-3 * b.abs().max() + 1e-5
         assert (a.float() - b).abs().max() <= bound
+
+
+AMX = electra_fast.extension_loaded() and torch.ops.electra_fast_cpp.disentangled_attention_amx_available()
+CPP = [p for p in all_backends() if p.values[0] == "cpp"]
+BF16_CASES = BACKEND_CASES + [(600, ("c2p", "p2c"), "holes", 0.1)]  # T > 512: blocks of 64 query rows
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=[f"T{c[0]}-{'+'.join(c[1]) or 'c2c'}-{c[2]}-p{c[3]}"
+                                                  for c in BF16_CASES])
+@pytest.mark.parametrize("amx", [True, False], ids=["brgemm", "fp32-products"])
+@pytest.mark.parametrize("backend,device", CPP)
+def test_cpp_bf16_matches_reference(backend, device, case, amx, monkeypatch):
+    """bf16 on both C++ paths: bf16 x bf16 -> fp32 brgemm products (probabilities and d scores rounded to bf16
+    as product operands) where the CPU runs them natively, and fp32 products of upcast blocks elsewhere."""
+    if amx and not AMX:
+        pytest.skip("this CPU has no native bf16 brgemm (AMX / AVX512-BF16): the fp32-products case covers it")
+    monkeypatch.setenv("ELECTRA_FAST_NO_AMX", "0" if amx else "1")
+    T, pos, pad, p = case
+    B, H, D = 2, 2, 32 if T < 600 else 64
+    args = _inputs(B, H, T, D, 8, torch.bfloat16, pos, seed=T)
+    kw = dict(attention_mask=_pad(pad, B, T), position_buckets=SMALL[0], max_relative_positions=SMALL[1],
+              dropout_p=p, seed=1234 if p else None)
+    grad_out = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(7)).bfloat16()
+    got = _run(backend, device, args, grad_out, **kw)
+    exact = _run("reference", "cpu", [None if a is None else a.float() for a in args], grad_out.float(), **kw)
+    _assert_low_precision(got, _run("reference", "cpu", args, grad_out, **kw), exact)
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU has no native bf16 brgemm (AMX / AVX512-BF16)")
+def test_cpp_bf16_takes_the_brgemm_path():
+    """Where the brgemm path is available, bf16 inputs take it (its rounding of P / dS differs from the fp32
+    path's) and ELECTRA_FAST_NO_AMX=1 turns it off."""
+    import os
+    args = [a.requires_grad_() for a in _inputs(1, 2, 33, 32, 8, torch.bfloat16)]
+    kw = dict(position_buckets=SMALL[0], max_relative_positions=SMALL[1])
+    results = []
+    for off in ("0", "1"):
+        os.environ["ELECTRA_FAST_NO_AMX"] = off
+        try:
+            with electra_fast.use_backend("cpp"):
+                out = electra_fast.disentangled_attention(*args, **kw)
+                results.append([out, *torch.autograd.grad(out, args, torch.ones_like(out))])
+        finally:
+            del os.environ["ELECTRA_FAST_NO_AMX"]
+    assert any(not torch.equal(a, b) for a, b in zip(*results))
 
 
 @pytest.mark.parametrize("backend,device", all_backends())
@@ -318,29 +366,32 @@ def test_strided_inputs_match_contiguous(backend, device):
     them through strides, no permute copy): same output and gradients, bit for bit, as contiguous inputs."""
     B, H, T, D = 2, 3, 13, 32
     mask = _pad("holes", B, T).to(device)
-    base = _inputs(B, H, T, D, 8, torch.float32)
     kw = dict(attention_mask=mask, position_buckets=SMALL[0], max_relative_positions=SMALL[1], dropout_p=0.2,
               seed=3)
-    results = []
-    for strided in (False, True):
-        qkv = [x.to(device).transpose(1, 2).contiguous().transpose(1, 2) if strided else x.to(device).clone()
-               for x in base[:3]]
-        x = [t.requires_grad_() for t in (*qkv, base[3].to(device), base[4].to(device))]
-        with electra_fast.use_backend(backend):
-            out = electra_fast.disentangled_attention(*x, **kw)
-            out.transpose(1, 2).sum(-1).pow(2).sum().backward()  # a strided upstream gradient
-        results.append([out.detach(), *(t.grad for t in x)])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # bf16 on C++ (the brgemm path where available); the interpreter's bf16 is not meaningful
+    for dtype in [torch.float32] + ([torch.bfloat16] if backend == "cpp" else []):
+        base = _inputs(B, H, T, D, 8, dtype)
+        results = []
+        for strided in (False, True):
+            qkv = [x.to(device).transpose(1, 2).contiguous().transpose(1, 2) if strided else x.to(device).clone()
+                   for x in base[:3]]
+            x = [t.requires_grad_() for t in (*qkv, base[3].to(device), base[4].to(device))]
+            with electra_fast.use_backend(backend):
+                out = electra_fast.disentangled_attention(*x, **kw)
+                out.transpose(1, 2).sum(-1).pow(2).sum().backward()  # a strided upstream gradient
+            results.append([out.detach(), *(t.grad for t in x)])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend,device", [p for p in all_backends() if p.values[0] == "cpp"])
-def test_cpp_is_thread_count_independent(backend, device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend,device", CPP)
+def test_cpp_is_thread_count_independent(backend, device, dtype):
     """Outputs and every gradient (position-gradient partitions included) are bitwise the same on 1 and 3
-    threads: fixed task partitions and a fixed-order reduction."""
+    threads: fixed task partitions and a fixed-order reduction (bf16: the brgemm path where available)."""
     B, H, T, D = 9, 2, 70, 32  # B > the 8 position-gradient partitions, T over two query blocks
     mask = _pad("left", B, T)
-    base = _inputs(B, H, T, D, 8, torch.float32)
+    base = _inputs(B, H, T, D, 8, dtype)
     results, threads = [], torch.get_num_threads()
     try:
         for n in (1, 3):
@@ -349,7 +400,7 @@ def test_cpp_is_thread_count_independent(backend, device):
             with electra_fast.use_backend(backend):
                 out = electra_fast.disentangled_attention(*x, attention_mask=mask, position_buckets=SMALL[0],
                                                           max_relative_positions=SMALL[1], dropout_p=0.1, seed=1)
-                out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)))
+                out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype))
             results.append([out.detach(), *(t.grad for t in x)])
     finally:
         torch.set_num_threads(threads)

@@ -1,0 +1,337 @@
+// Shared pieces of the CPU disentangled attention (disentangled_attention.cpp: fp32 / fp64 accumulation through
+// at::mm; disentangled_attention_amx.cpp: bf16 through brgemm). See the .cpp for the blocking scheme.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "philox.h"
+#include "vec_math.h"
+
+namespace electra_fast {
+namespace da {
+
+#ifndef EF_DA_BLOCK_M
+#define EF_DA_BLOCK_M 64
+#endif
+constexpr int64_t kBlockM = EF_DA_BLOCK_M;  // query rows per block
+constexpr int64_t kWholeT = 512;             // sequences up to this length take one block of all T rows
+
+// Rows per block for length T: short sequences in one block (the [T, T] scores of T <= 512 are ~1 MB, still
+// cache-resident), which halves or quarters the number of small GEMM calls, whose fixed cost dominates there.
+inline int64_t block_rows(int64_t T) { return T <= kWholeT ? T : kBlockM; }
+constexpr int64_t kPosPartitions = 8;  // fixed batch partitions for the position-gradient reduction
+constexpr int64_t kJB = 16;            // keys per tile of the p2c gather / scatter
+
+template <typename acc_t>
+inline acc_t exp_shifted(acc_t x) {  // exp(x) for x <= 0 (vectorisable for fp32)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return exp_nonpos(x);
+  } else {
+    return std::exp(x);
+  }
+}
+
+struct Problem {
+  int64_t B, H, T, D, two_k;
+  bool has_pk, has_pq, has_mask;
+  double scale, dropout_p;
+  uint64_t seed;
+  const uint8_t* mask;
+  const int32_t* slots;  // rel_slots
+  int32_t s0, s1;        // slot range over all (i, j)
+  at::ScalarType acc;
+};
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& pos_key, const c10::optional<at::Tensor>& pos_query,
+                     const c10::optional<at::Tensor>& mask, const at::Tensor& rel_slots, double scale,
+                     double dropout_p, int64_t seed);
+
+// Slot range [lo, hi] touched by query rows [i0, i0 + bm) against all keys.
+inline std::pair<int32_t, int32_t> block_slot_range(const Problem& p, int64_t i0, int64_t bm) {
+  const int32_t* first = p.slots + i0;
+  const int32_t* last = p.slots + i0 + bm - 1 + p.T;  // one past index i0 + bm - 1 + T - 1
+  return {*std::min_element(first, last), *std::max_element(first, last)};
+}
+
+// Row stride of the score blocks: T padded so that rows do not alias in the L1 sets (the p2c term walks
+// the block column by column; a power-of-two stride would keep only a few of its rows cached).
+inline int64_t block_ld(int64_t T) {
+  int64_t ld = (T + 15) / 16 * 16;
+  return ld % 256 == 0 ? ld + 16 : ld;
+}
+
+// Runs task(t) for t in [0, n) on at::parallel_for's threads, handing tasks out dynamically: a descheduled
+// thread (shared machine) does not hold the others back at the end. Tasks write disjoint outputs, so the
+// result does not depend on which thread ran which task.
+template <typename F>
+void parallel_tasks(int64_t n, const F& task) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t);
+    }
+  });
+}
+
+inline bool query_valid(const Problem& p, int64_t b, int64_t i) { return !p.has_mask || p.mask[b * p.T + i]; }
+
+// keep[j] = 1 iff element (b, h, i, j) survives dropout: word 0 of the ATTN_DROPOUT stream at index
+// ((b * H + h) * T + i) * T + j = base + j (the draw every backend makes). One row per call, vectorised.
+void keep_row(uint64_t seed, uint64_t base, int64_t n, float p, uint8_t* __restrict keep);
+
+// row[j] *= keep[j] ? 1 / (1 - p) : 0
+template <typename acc_t>
+inline void apply_keep(acc_t* __restrict row, const uint8_t* __restrict keep, int64_t n, acc_t inv_keep) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] *= keep[j] ? inv_keep : acc_t(0);
+}
+
+inline uint64_t dropout_base(const Problem& p, int64_t bh, int64_t i) {
+  return static_cast<uint64_t>((bh * p.T + i) * p.T);
+}
+
+// Scores of one block: s = scale * (S + C-gather + KP-gather), masked keys -> -inf, written back into `s`.
+// Returns the row max (or -inf when no key is valid).
+// p2c term of a block: s[r, j] += KP[j, s(i0 + r, j) - s0]. Walks keys in the outer loop so each KP row is
+// read contiguously (the slots of one key over the block's rows are consecutive) and the block rows stay in L1.
+template <typename acc_t>
+void add_p2c_block(const Problem& p, int64_t i0, int64_t bm, acc_t* __restrict s, int64_t ld,
+                   const acc_t* __restrict kp, int64_t ns) {
+  // kJB keys at a time through an L1-resident [bm, kJB] tile: walking a column of the block itself (stride ld)
+  // missed L1 on every element.
+  const int64_t T = p.T;
+  std::unique_ptr<acc_t[]> tile(new acc_t[kJB * bm]);
+  acc_t* __restrict t = tile.get();
+  for (int64_t j0 = 0; j0 < T; j0 += kJB) {
+    const int64_t jb = std::min(kJB, T - j0);
+    for (int64_t jj = 0; jj < jb; ++jj) {
+      const acc_t* kprow = kp + (j0 + jj) * ns - p.s0;
+      const int32_t* sl = p.slots + i0 - (j0 + jj) + T - 1;  // sl[r] = s(i0 + r, j)
+      for (int64_t r = 0; r < bm; ++r) t[r * kJB + jj] = kprow[sl[r]];
+    }
+    for (int64_t r = 0; r < bm; ++r) {
+      acc_t* srow = s + r * ld + j0;
+#pragma omp simd
+      for (int64_t jj = 0; jj < jb; ++jj) srow[jj] += t[r * kJB + jj];
+    }
+  }
+}
+
+// dst[sl[e * sl_step]] += src[e * src_step] for e in [0, n), in order. Neighbouring elements mostly share a slot
+// (runs of equal slots: every bucketed distance beyond the exact range), so the sum of a run is kept in a
+// register and stored once: a read-modify-write per element would stall on store-to-load forwarding.
+template <typename acc_t>
+inline void scatter_runs(acc_t* __restrict dst, const int32_t* sl, int64_t sl_step, const acc_t* __restrict src,
+                         int64_t src_step, int64_t n) {
+  if (n <= 0) return;
+  int32_t cur = sl[0];
+  acc_t run = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    const int32_t s = sl[e * sl_step];
+    if (s != cur) {
+      dst[cur] += run;
+      run = 0;
+      cur = s;
+    }
+    run += src[e * src_step];
+  }
+  dst[cur] += run;
+}
+
+// Its backward: dKP[j, s(i0 + r, j) - s0] += g[r, j], in a fixed order (columns of g copied kJB at a time into
+// an L1-resident tile first, as in add_p2c_block).
+template <typename acc_t>
+void scatter_p2c_block(const Problem& p, int64_t i0, int64_t bm, const acc_t* __restrict g, int64_t ld,
+                       acc_t* __restrict dkp, int64_t ns) {
+  const int64_t T = p.T;
+  std::unique_ptr<acc_t[]> tile(new acc_t[kJB * bm]);
+  acc_t* __restrict t = tile.get();
+  for (int64_t j0 = 0; j0 < T; j0 += kJB) {
+    const int64_t jb = std::min(kJB, T - j0);
+    for (int64_t r = 0; r < bm; ++r) {
+      const acc_t* grow = g + r * ld + j0;
+      for (int64_t jj = 0; jj < jb; ++jj) t[jj * bm + r] = grow[jj];
+    }
+    for (int64_t jj = 0; jj < jb; ++jj) {
+      scatter_runs<acc_t>(dkp + (j0 + jj) * ns - p.s0, p.slots + i0 - (j0 + jj) + T - 1, 1, t + jj * bm, 1, bm);
+    }
+  }
+}
+
+template <typename acc_t>
+inline acc_t score_row(const Problem& p, int64_t b, int64_t i, acc_t* __restrict s, const acc_t* __restrict crow,
+                       int32_t clo) {
+  const int64_t T = p.T;
+  const int32_t* sl = p.slots + i + T - 1;  // sl[-j] = s(i, j)
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const uint8_t* m = p.has_mask ? p.mask + b * T : nullptr;
+  if (crow != nullptr) {
+    const acc_t* c0 = crow - clo;
+#pragma omp simd  // a gather (no write conflicts: s[j] is written once)
+    for (int64_t j = 0; j < T; ++j) s[j] += c0[sl[-j]];
+  }
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  acc_t mx = ninf;
+  // Two loops: a `m == nullptr ||` test inside the body kept GCC from vectorising the max reduction.
+  if (m != nullptr) {
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < T; ++j) {
+      const acc_t x = m[j] ? s[j] * scale : ninf;
+      s[j] = x;
+      mx = x > mx ? x : mx;
+    }
+  } else {
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < T; ++j) {
+      const acc_t x = s[j] * scale;
+      s[j] = x;
+      mx = x > mx ? x : mx;
+    }
+  }
+  return mx;
+}
+
+// Turns a scored row into probabilities (dropout not applied); returns lse.
+template <typename acc_t>
+inline acc_t softmax_row(int64_t T, acc_t* __restrict s, acc_t mx, const acc_t* lse_in) {
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  if (lse_in != nullptr) {  // backward: probabilities from the saved lse
+    const acc_t l = *lse_in;
+#pragma omp simd
+    for (int64_t j = 0; j < T; ++j) {
+      const acc_t x = s[j];
+      const acc_t e = exp_shifted<acc_t>(std::min<acc_t>(x - l, acc_t(0)));
+      s[j] = x == ninf ? acc_t(0) : e;
+    }
+    return l;
+  }
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < T; ++j) {
+    const acc_t x = s[j];
+    const acc_t e = exp_shifted<acc_t>(x - mx);
+    const acc_t e2 = x == ninf ? acc_t(0) : e;
+    s[j] = e2;
+    sum += e2;
+  }
+  const acc_t inv = acc_t(1) / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < T; ++j) s[j] *= inv;
+  return mx + std::log(sum);
+}
+
+// Forward rows of one block: s ([bm, T], row stride ld) holds S (+ the p2c term) and becomes the probabilities
+// with dropout applied; lse[bh * T + i] is written (+inf for a row with no valid key, whose probabilities are 0).
+// c: the block's c2p products ([bm, c_ld], column 0 = slot clo) or nullptr. keep: scratch of T bytes.
+template <typename acc_t>
+void forward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t bm, acc_t* s, int64_t ld,
+                  const acc_t* c, int64_t c_ld, int32_t clo, float* lse, uint8_t* keep) {
+  const int64_t T = p.T;
+  const float p32 = static_cast<float>(p.dropout_p);
+  const acc_t inv_keep = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < bm; ++r) {
+    const int64_t i = i0 + r;
+    acc_t* row = s + r * ld;
+    acc_t mx = ninf;
+    if (query_valid(p, b, i)) mx = score_row<acc_t>(p, b, i, row, c ? c + r * c_ld : nullptr, clo);
+    if (mx == ninf) {  // padded query or no valid key: output 0
+      std::fill(row, row + T, acc_t(0));
+      lse[bh * T + i] = std::numeric_limits<float>::infinity();
+      continue;
+    }
+    lse[bh * T + i] = static_cast<float>(softmax_row<acc_t>(T, row, mx, nullptr));
+    if (p.dropout_p > 0) {
+      keep_row(p.seed, dropout_base(p, bh, i), T, p32, keep);
+      apply_keep<acc_t>(row, keep, T, inv_keep);
+    }
+  }
+}
+
+// Backward rows of one block. In: s = S (+ p2c), g = dP (dO V^T). Out: s = the probabilities that hit V
+// (dropout applied), g = d score (scale included); dc[r, s(i, j) - clo] += g[r, j] when dc is given.
+template <typename acc_t>
+void backward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t bm, acc_t* s, acc_t* g,
+                   int64_t ld, const acc_t* c, acc_t* dc, int64_t c_ld, int32_t clo, const float* lse,
+                   uint8_t* keep) {
+  const int64_t T = p.T;
+  const float p32 = static_cast<float>(p.dropout_p);
+  const acc_t inv_keep = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  for (int64_t r = 0; r < bm; ++r) {
+    const int64_t i = i0 + r;
+    acc_t* row = s + r * ld;
+    acc_t* grow = g + r * ld;
+    const float l = lse[bh * T + i];
+    if (!query_valid(p, b, i) || std::isinf(l)) {
+      std::fill(row, row + T, acc_t(0));
+      std::fill(grow, grow + T, acc_t(0));
+      continue;
+    }
+    score_row<acc_t>(p, b, i, row, c ? c + r * c_ld : nullptr, clo);
+    if constexpr (std::is_same_v<acc_t, double>) {
+      // fp64 (gradcheck): renormalise exactly instead of trusting the fp32 lse
+      acc_t mx = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t j = 0; j < T; ++j) mx = std::max(mx, row[j]);
+      softmax_row<acc_t>(T, row, mx, nullptr);
+    } else {
+      const acc_t la = static_cast<acc_t>(l);
+      softmax_row<acc_t>(T, row, acc_t(0), &la);
+    }
+    if (p.dropout_p > 0) {  // dP through the dropout mask
+      keep_row(p.seed, dropout_base(p, bh, i), T, p32, keep);
+      apply_keep<acc_t>(grow, keep, T, inv_keep);
+    }
+    acc_t delta = 0;
+#pragma omp simd reduction(+ : delta)
+    for (int64_t j = 0; j < T; ++j) delta += row[j] * grow[j];
+#pragma omp simd
+    for (int64_t j = 0; j < T; ++j) grow[j] = row[j] * (grow[j] - delta) * scale;
+    if (p.dropout_p > 0) apply_keep<acc_t>(row, keep, T, inv_keep);  // the probabilities that hit V
+    if (dc != nullptr) {
+      scatter_runs<acc_t>(dc + r * c_ld - clo, p.slots + i + T - 1, -1, grow, 1, T);  // dC[r, s(i, j)] += g[j]
+    }
+  }
+}
+
+// dst[e] = sum over c of src[c * n + e], c in increasing order (fixed chunks: thread-count independent).
+template <typename acc_t>
+void sum_partitions(const acc_t* __restrict src, acc_t* __restrict dst, int64_t n_part, int64_t n) {
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    std::copy(src + begin, src + end, dst + begin);
+    for (int64_t c = 1; c < n_part; ++c) {
+      const acc_t* part = src + c * n;
+#pragma omp simd
+      for (int64_t e = begin; e < end; ++e) dst[e] += part[e];
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// bf16 on AMX / AVX512-BF16 (disentangled_attention_amx.cpp): bf16 x bf16 -> fp32 block products through
+// ATen's brgemm micro-kernels; softmax, gathers and scatters stay in fp32 (the functions above).
+
+// True when torch's bf16 brgemm runs natively on this CPU (checked once, on a product with a known result).
+bool amx_native();
+// True when q is bf16 and torch's bf16 brgemm runs natively here (and ELECTRA_FAST_NO_AMX is unset).
+bool amx_usable(const at::Tensor& q, const Problem& p);
+std::tuple<at::Tensor, at::Tensor> forward_amx(const Problem& p, const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, const at::Tensor& pos_key,
+                                               const at::Tensor& pos_query);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_amx(
+    const Problem& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& pos_key, const at::Tensor& pos_query, const float* lse);
+
+}  // namespace da
+}  // namespace electra_fast

@@ -1,0 +1,394 @@
+// bf16 disentangled attention on AMX / AVX512-BF16: the blocking, rows and reductions of
+// disentangled_attention.cpp, with every block product a bf16 x bf16 -> fp32 brgemm (ATen's oneDNN micro-kernels,
+// the ones torch's own CPU flash attention uses). Scores, softmax, lse, gathers, scatters and every accumulation
+// stay fp32; the probabilities, d scores and position-product gradients are rounded to bf16 (nearest even) only as
+// operands of the products that consume them, as flash attention does on GPUs.
+//
+// brgemm reads B ([K, N]) in VNNI-2 layout: element (k, n) at B[(k / 2) * 2 * ldb + 2 * n + k % 2], K even.
+// Products that need a transposed operand are turned around instead (dV^T = dO^T P, dK^T = Q^T dS,
+// dpos_key^T = Q^T dC, dpos_query^T = K^T dKP), so every B is packed from rows or columns in one pass.
+#include <ATen/native/CPUBlas.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "disentangled_attention.h"
+
+namespace electra_fast {
+namespace da {
+
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+namespace {
+
+using bf16 = c10::BFloat16;
+
+inline int64_t even(int64_t n) { return n + (n & 1); }
+
+inline uint16_t bf16_bits(float x) {  // round to nearest even (finite inputs)
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline uint16_t bf16_bits(bf16 x) { return x.x; }
+
+inline const bf16* as_bf16(const uint16_t* p) { return reinterpret_cast<const bf16*>(p); }
+
+constexpr int64_t kChunk = 512;  // brgemm calls are cut into <= 512 x 512 x 512 pieces (a few kernel shapes)
+
+// C[M, N] (fp32, row stride ldc) (+)= A[M, K] (bf16, row stride lda) @ B (VNNI-2, ldb); K even.
+void gemm(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B, int64_t ldb, float* C,
+          int64_t ldc, bool add) {
+  for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+    for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+        at::native::cpublas::brgemm(std::min(kChunk, M - m0), std::min(kChunk, N - n0), std::min(kChunk, K - k0),
+                                    lda, ldb, ldc, add || k0 > 0, A + m0 * lda + k0, B + k0 * ldb + 2 * n0,
+                                    C + m0 * ldc + n0, true);
+      }
+    }
+  }
+}
+inline void gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                 float* C, int64_t ldc, bool add) {
+  gemm(M, N, K, as_bf16(A), lda, as_bf16(B), ldb, C, ldc, add);
+}
+
+// dst (VNNI-2, row-pair stride 2 * ld) = src [R, C] (row stride lds); an odd last row pairs with zeros.
+template <typename S>
+void pack_rows(const S* __restrict src, int64_t lds, int64_t R, int64_t C, uint16_t* __restrict dst, int64_t ld) {
+  for (int64_t r = 0; r < R; r += 2) {
+    const S* a = src + r * lds;
+    const S* b = a + lds;
+    uint16_t* d = dst + r * ld;
+    if (r + 1 < R) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        d[2 * c] = bf16_bits(a[c]);
+        d[2 * c + 1] = bf16_bits(b[c]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        d[2 * c] = bf16_bits(a[c]);
+        d[2 * c + 1] = 0;
+      }
+    }
+  }
+}
+
+// dst (VNNI-2, ld) = the transpose of src [N, K] (bf16, row stride lds, K even): B[k, n] = src[n, k]. The pair
+// (src[n, k], src[n, k + 1]) is already the VNNI pair of column n.
+void pack_cols(const bf16* __restrict src, int64_t lds, int64_t N, int64_t K, uint16_t* __restrict dst, int64_t ld) {
+  for (int64_t k = 0; k < K; k += 2) {  // contiguous writes, strided reads (cheaper than strided writes)
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst + k * ld);
+    for (int64_t n = 0; n < N; ++n) std::memcpy(d + n, src + n * lds + k, 4);
+  }
+}
+
+// dst [K, ld] = the transpose of src [N, K] (bf16, row stride lds), columns N..ld-1 zero (K padding)
+void transpose(const bf16* __restrict src, int64_t lds, int64_t N, int64_t K, uint16_t* __restrict dst, int64_t ld) {
+  for (int64_t k = 0; k < K; ++k) {
+    uint16_t* d = dst + k * ld;
+    for (int64_t n = 0; n < N; ++n) d[n] = src[n * lds + k].x;
+    std::fill(d + N, d + ld, uint16_t(0));
+  }
+}
+
+// dst [R, C] (row stride ld) = src (fp32, row stride lds) rounded to bf16
+void to_rows(const float* __restrict src, int64_t lds, int64_t R, int64_t C, uint16_t* __restrict dst, int64_t ld) {
+  for (int64_t r = 0; r < R; ++r) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) dst[r * ld + c] = bf16_bits(src[r * lds + c]);
+  }
+}
+
+// 2 x 2 product with known result: brgemm must run natively with VNNI B here (a fallback would read B plainly).
+bool brgemm_bf16_works() {
+  try {
+    if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
+    const bf16 a[4] = {1, 2, 3, 4};
+    const bf16 b[4] = {5, 7, 6, 8};  // B = [[5, 6], [7, 8]] in VNNI-2
+    float c[4] = {0, 0, 0, 0};
+    at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, true);
+    at::native::cpublas::brgemm_release(true);
+    return c[0] == 19 && c[1] == 22 && c[2] == 43 && c[3] == 50;
+  } catch (...) {
+    return false;
+  }
+}
+
+// [B, H, T, D] tensor with unit last stride: base pointer of (b, h) and the row stride
+struct Rows {
+  const bf16* base;
+  int64_t s0, s1, ld;
+  explicit Rows(const at::Tensor& t)
+      : base(t.data_ptr<bf16>()), s0(t.stride(0)), s1(t.stride(1)), ld(t.stride(2)) {}
+  const bf16* at(int64_t b, int64_t h) const { return base + b * s0 + h * s1; }
+};
+
+inline at::Tensor unit_last(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+
+// Per-head B operands of the position products, packed once per call (shared by every batch).
+struct PosPack {
+  int64_t ns = 0, nsp = 0;  // slots s0..s1, and that count rounded up to even
+  at::Tensor key_t, query_t;        // [H, D * nsp]: VNNI of pos[h][s0 + c]^T (c2p / p2c scores)
+  at::Tensor key_rows, query_rows;  // [H, nsp * D]: VNNI of rows pos[h][s0 ..] (dQ += dC pos_key, dK += dKP pos_query)
+  const uint16_t* ptr(const at::Tensor& t, int64_t h) const {
+    return reinterpret_cast<const uint16_t*>(t.data_ptr<int16_t>()) + h * t.size(1);
+  }
+};
+
+PosPack pack_positions(const Problem& p, const at::Tensor& pos_key, const at::Tensor& pos_query, bool rows) {
+  PosPack pp;
+  pp.ns = p.s1 - p.s0 + 1;
+  pp.nsp = even(pp.ns);
+  const auto opts = at::TensorOptions().dtype(at::kShort);
+  auto pack = [&](const at::Tensor& pos, at::Tensor& t_out, at::Tensor& rows_out) {
+    if (!pos.defined()) return;
+    const at::Tensor src = pos.contiguous();
+    t_out = at::zeros({p.H, p.D * pp.nsp}, opts);
+    if (rows) rows_out = at::zeros({p.H, pp.nsp * p.D}, opts);
+    for (int64_t h = 0; h < p.H; ++h) {
+      const bf16* s = src.data_ptr<bf16>() + (h * p.two_k + p.s0) * p.D;
+      pack_cols(s, p.D, pp.ns, p.D, reinterpret_cast<uint16_t*>(t_out[h].data_ptr<int16_t>()), pp.nsp);
+      if (rows) pack_rows(s, p.D, pp.ns, p.D, reinterpret_cast<uint16_t*>(rows_out[h].data_ptr<int16_t>()), p.D);
+    }
+  };
+  pack(pos_key, pp.key_t, pp.key_rows);
+  pack(pos_query, pp.query_t, pp.query_rows);
+  return pp;
+}
+
+// Uninitialised scratch of one task, reused across its (b, h) problems; at::empty allocations (seen by torch's
+// memory accounting like the fp32 path's scratch).
+class Scratch {
+ public:
+  template <typename T>
+  T* get(int slot, int64_t n) {
+    at::Tensor& t = bufs_[slot];
+    const int64_t bytes = std::max<int64_t>(n * static_cast<int64_t>(sizeof(T)), 1);
+    if (!t.defined() || t.numel() < bytes) t = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+    return reinterpret_cast<T*>(t.data_ptr<uint8_t>());
+  }
+
+ private:
+  at::Tensor bufs_[20];
+};
+
+// out rows [bm, D] (strided bf16) = src (fp32 [bm, D])
+void store_rows(const float* src, int64_t bm, int64_t D, bf16* dst, int64_t ld_dst, int64_t d_stride) {
+  for (int64_t r = 0; r < bm; ++r) {
+    for (int64_t d = 0; d < D; ++d) dst[r * ld_dst + d * d_stride].x = bf16_bits(src[r * D + d]);
+  }
+}
+
+// Zero column `col` of a [rows, ld] bf16 matrix (the K padding of an odd T)
+void zero_col(uint16_t* m, int64_t rows, int64_t ld, int64_t col) {
+  if (col < ld) {
+    for (int64_t r = 0; r < rows; ++r) m[r * ld + col] = 0;
+  }
+}
+
+void forward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const Rows& k, const Rows& v,
+                  const PosPack& pos, at::Tensor& out, float* lse, Scratch& ws) {
+  const int64_t T = p.T, D = p.D, Te = even(T), bh = b * p.H + h, nsp = pos.nsp;
+  const bf16 *qp = q.at(b, h), *kp = k.at(b, h), *vp = v.at(b, h);
+  const int64_t ld = block_ld(T), rows = block_rows(T);
+  uint16_t *kt = ws.get<uint16_t>(0, D * T), *vv = ws.get<uint16_t>(1, Te * D), *pb = ws.get<uint16_t>(2, rows * Te);
+  float *s = ws.get<float>(3, rows * ld), *c = ws.get<float>(4, rows * nsp), *kpf = ws.get<float>(5, T * nsp);
+  float* of = ws.get<float>(6, rows * D);
+  uint8_t* keep = ws.get<uint8_t>(7, T);
+  zero_col(pb, rows, Te, T);
+  pack_cols(kp, k.ld, T, D, kt, T);
+  pack_rows(vp, v.ld, T, D, vv, D);
+  if (p.has_pq) gemm(T, nsp, D, kp, k.ld, as_bf16(pos.ptr(pos.query_t, h)), nsp, kpf, nsp, false);
+  bf16* op = out.data_ptr<bf16>() + b * out.stride(0) + h * out.stride(1);
+  for (int64_t i0 = 0; i0 < T; i0 += rows) {
+    const int64_t bm = std::min(rows, T - i0);
+    const bf16* qb = qp + i0 * q.ld;
+    gemm(bm, T, D, qb, q.ld, as_bf16(kt), T, s, ld, false);
+    int32_t lo = 0;
+    int64_t nc = 0;
+    if (p.has_pk) {
+      const auto range = block_slot_range(p, i0, bm);
+      lo = range.first;
+      nc = range.second - lo + 1;
+      gemm(bm, nc, D, qb, q.ld, as_bf16(pos.ptr(pos.key_t, h)) + 2 * (lo - p.s0), nsp, c, nc, false);
+    }
+    if (p.has_pq) add_p2c_block<float>(p, i0, bm, s, ld, kpf, nsp);
+    forward_rows<float>(p, b, bh, i0, bm, s, ld, p.has_pk ? c : nullptr, nc, lo, lse, keep);
+    to_rows(s, ld, bm, T, pb, Te);
+    gemm(bm, D, Te, pb, Te, vv, D, of, D, false);
+    store_rows(of, bm, D, op + i0 * out.stride(2), out.stride(2), out.stride(3));
+  }
+}
+
+// Backward of one (b, h). dpk_t / dpq_t: this task's [D, ldp] fp32 position-gradient partials (transposed).
+void backward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const Rows& k, const Rows& v,
+                   const Rows& dout, const PosPack& pos, const float* lse, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv, float* dpk_t, float* dpq_t, int64_t ldp, Scratch& ws) {
+  const int64_t T = p.T, D = p.D, Te = even(T), bh = b * p.H + h, nsp = pos.nsp;
+  const bf16 *qp = q.at(b, h), *kp = k.at(b, h), *vp = v.at(b, h), *dop = dout.at(b, h);
+  const int64_t ld = block_ld(T), rows = block_rows(T), rows_e = even(rows);
+  // B operands of the whole (b, h): K^T and V^T (scores, dP), K rows (dQ); A operands Q^T, dO^T, K^T (the
+  // turned-around products)
+  uint16_t *kt = ws.get<uint16_t>(0, D * T), *vt = ws.get<uint16_t>(1, D * T), *kv = ws.get<uint16_t>(2, Te * D);
+  uint16_t *qt = ws.get<uint16_t>(3, D * Te), *dot = ws.get<uint16_t>(4, D * Te), *ktr = ws.get<uint16_t>(5, D * Te);
+  // per block
+  uint16_t *pv = ws.get<uint16_t>(6, rows_e * T), *dsv = ws.get<uint16_t>(7, rows_e * T);
+  uint16_t* dsr = ws.get<uint16_t>(8, rows * Te);
+  float *s = ws.get<float>(9, rows * ld), *g = ws.get<float>(10, rows * ld), *dqf = ws.get<float>(11, rows * D);
+  float *dvt = ws.get<float>(12, D * T), *dkt = ws.get<float>(13, D * T);
+  uint8_t* keep = ws.get<uint8_t>(14, T);
+  float *c = ws.get<float>(15, rows * nsp), *dc = ws.get<float>(16, rows * nsp);
+  uint16_t *dcr = ws.get<uint16_t>(17, rows * nsp), *dcv = ws.get<uint16_t>(18, rows_e * nsp);
+  pack_cols(kp, k.ld, T, D, kt, T);
+  pack_cols(vp, v.ld, T, D, vt, T);
+  pack_rows(kp, k.ld, T, D, kv, D);
+  transpose(qp, q.ld, T, D, qt, Te);
+  transpose(dop, dout.ld, T, D, dot, Te);
+  zero_col(dsr, rows, Te, T);
+  float *kpf = nullptr, *dkp = nullptr;
+  if (p.has_pq) {
+    kpf = ws.get<float>(19, 2 * T * nsp);  // KP, then dKP
+    dkp = kpf + T * nsp;
+    std::fill(dkp, dkp + T * nsp, 0.f);
+    gemm(T, nsp, D, kp, k.ld, as_bf16(pos.ptr(pos.query_t, h)), nsp, kpf, nsp, false);
+  }
+  bf16* dqp = dq.data_ptr<bf16>() + b * dq.stride(0) + h * dq.stride(1);
+  for (int64_t i0 = 0; i0 < T; i0 += rows) {
+    const int64_t bm = std::min(rows, T - i0), bme = even(bm);
+    const bf16 *qb = qp + i0 * q.ld, *dob = dop + i0 * dout.ld;
+    gemm(bm, T, D, qb, q.ld, as_bf16(kt), T, s, ld, false);
+    gemm(bm, T, D, dob, dout.ld, as_bf16(vt), T, g, ld, false);
+    int32_t lo = 0;
+    int64_t nc = 0;
+    if (p.has_pk) {  // columns from an even slot offset, so the VNNI rows of pos_key line up for dQ += dC pos_key
+      const auto range = block_slot_range(p, i0, bm);
+      lo = p.s0 + ((range.first - p.s0) & ~1);
+      nc = even(range.second - lo + 1);
+      gemm(bm, nc, D, qb, q.ld, as_bf16(pos.ptr(pos.key_t, h)) + 2 * (lo - p.s0), nsp, c, nc, false);
+      std::fill(dc, dc + bm * nc, 0.f);
+    }
+    if (p.has_pq) add_p2c_block<float>(p, i0, bm, s, ld, kpf, nsp);
+    backward_rows<float>(p, b, bh, i0, bm, s, g, ld, p.has_pk ? c : nullptr, p.has_pk ? dc : nullptr, nc, lo, lse,
+                         keep);
+    if (p.has_pq) scatter_p2c_block<float>(p, i0, bm, g, ld, dkp, nsp);
+    pack_rows(s, ld, bm, T, pv, T);
+    pack_rows(g, ld, bm, T, dsv, T);
+    to_rows(g, ld, bm, T, dsr, Te);
+    gemm(D, T, bme, dot + i0, Te, pv, T, dvt, T, i0 > 0);  // dV^T += dO^T P
+    gemm(D, T, bme, qt + i0, Te, dsv, T, dkt, T, i0 > 0);  // dK^T += Q^T dS
+    gemm(bm, D, Te, dsr, Te, kv, D, dqf, D, false);        // dQ = dS K
+    if (p.has_pk) {
+      to_rows(dc, nc, bm, nc, dcr, nc);
+      pack_rows(dc, nc, bm, nc, dcv, nc);
+      gemm(bm, D, nc, dcr, nc, pos.ptr(pos.key_rows, h) + (lo - p.s0) * D, D, dqf, D, true);  // dQ += dC pos_key
+      gemm(D, nc, bme, qt + i0, Te, dcv, nc, dpk_t + lo, ldp, true);  // dpos_key^T += Q^T dC
+    }
+    store_rows(dqf, bm, D, dqp + i0 * dq.stride(2), dq.stride(2), dq.stride(3));
+  }
+  float* dkf = nullptr;
+  if (p.has_pq) {  // dK += dKP pos_query, dpos_query^T += K^T dKP (the scores' slot range: columns from s0)
+    uint16_t* dkpr = ws.get<uint16_t>(6, std::max(rows_e * T, 2 * Te * nsp));  // the block buffers are free now
+    uint16_t* dkpv = dkpr + Te * nsp;
+    to_rows(dkp, nsp, T, nsp, dkpr, nsp);
+    pack_rows(dkp, nsp, T, nsp, dkpv, nsp);
+    transpose(kp, k.ld, T, D, ktr, Te);
+    dkf = ws.get<float>(9, std::max(rows * ld, T * D));
+    gemm(T, D, nsp, dkpr, nsp, pos.ptr(pos.query_rows, h), D, dkf, D, false);
+    gemm(D, nsp, Te, ktr, Te, dkpv, nsp, dpq_t + p.s0, ldp, true);
+  }
+  bf16* dk_out = dk.data_ptr<bf16>() + b * dk.stride(0) + h * dk.stride(1);
+  bf16* dv_out = dv.data_ptr<bf16>() + b * dv.stride(0) + h * dv.stride(1);
+  for (int64_t j = 0; j < T; ++j) {
+    for (int64_t d = 0; d < D; ++d) {
+      const float kval = dkt[d * T + j] + (dkf != nullptr ? dkf[j * D + d] : 0.f);
+      dk_out[j * dk.stride(2) + d * dk.stride(3)].x = bf16_bits(kval);
+      dv_out[j * dv.stride(2) + d * dv.stride(3)].x = bf16_bits(dvt[d * T + j]);
+    }
+  }
+}
+
+}  // namespace
+
+bool amx_native() {
+  static const bool native = brgemm_bf16_works();
+  return native;
+}
+
+bool amx_usable(const at::Tensor& q, const Problem& p) {
+  if (!amx_native() || q.scalar_type() != at::kBFloat16 || p.D % 2 != 0) return false;
+  const char* off = std::getenv("ELECTRA_FAST_NO_AMX");  // read per call: tests compare both paths
+  return off == nullptr || *off == '\0' || (off[0] == '0' && off[1] == '\0');
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_amx(const Problem& p, const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, const at::Tensor& pos_key,
+                                               const at::Tensor& pos_query) {
+  const at::Tensor qc = unit_last(q), kc = unit_last(k), vc = unit_last(v);
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({p.B, p.H, p.T}, q.options().dtype(at::kFloat));
+  const PosPack pos = pack_positions(p, pos_key, pos_query, false);
+  const Rows qr(qc), kr(kc), vr(vc);
+  float* lp = lse.data_ptr<float>();
+  parallel_tasks(p.B * p.H, [&](int64_t bh) {
+    Scratch ws;
+    forward_head(p, bh / p.H, bh % p.H, qr, kr, vr, pos, out, lp, ws);
+    at::native::cpublas::brgemm_release(true);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_amx(
+    const Problem& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& pos_key, const at::Tensor& pos_query, const float* lse) {
+  const at::Tensor qc = unit_last(q), kc = unit_last(k), vc = unit_last(v), dc = unit_last(grad_out);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const PosPack pos = pack_positions(p, pos_key, pos_query, true);
+  const int64_t n_part = std::min(p.B, kPosPartitions);
+  const int64_t ldp = p.two_k + 2;  // room for the even-aligned slot columns past 2k - 1 (zero products)
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dpk_parts = p.has_pk ? at::zeros({n_part, p.H, p.D, ldp}, f32) : at::Tensor();
+  at::Tensor dpq_parts = p.has_pq ? at::zeros({n_part, p.H, p.D, ldp}, f32) : at::Tensor();
+  const Rows qr(qc), kr(kc), vr(vc), dr(dc);
+  // Task (partition c, head h) owns batches [c * B / n_part, (c + 1) * B / n_part) and its own partials.
+  parallel_tasks(n_part * p.H, [&](int64_t t) {
+    const int64_t c = t / p.H, h = t % p.H;
+    float* dpk_t = p.has_pk ? dpk_parts[c][h].data_ptr<float>() : nullptr;
+    float* dpq_t = p.has_pq ? dpq_parts[c][h].data_ptr<float>() : nullptr;
+    Scratch ws;
+    for (int64_t b = c * p.B / n_part; b < (c + 1) * p.B / n_part; ++b) {
+      backward_head(p, b, h, qr, kr, vr, dr, pos, lse, dq, dk, dv, dpk_t, dpq_t, ldp, ws);
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+  auto reduce = [&](const at::Tensor& parts) -> at::Tensor {
+    if (!parts.defined()) return at::Tensor();
+    const int64_t n = p.H * p.D * ldp;
+    at::Tensor total = at::empty({p.H, p.D, ldp}, parts.options());
+    sum_partitions<float>(parts.data_ptr<float>(), total.data_ptr<float>(), n_part, n);
+    return total.narrow(2, 0, p.two_k).transpose(1, 2).to(at::kBFloat16).contiguous();
+  };
+  return {dq, dk, dv, reduce(dpk_parts), reduce(dpq_parts)};
+}
+
+#else  // a torch without the bf16 brgemm: bf16 takes the fp32-accumulation path of disentangled_attention.cpp
+
+bool amx_native() { return false; }
+bool amx_usable(const at::Tensor&, const Problem&) { return false; }
+std::tuple<at::Tensor, at::Tensor> forward_amx(const Problem&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "disentangled_attention: bf16 brgemm is not available in this torch build");
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_amx(
+    const Problem&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const float*) {
+  TORCH_CHECK(false, "disentangled_attention: bf16 brgemm is not available in this torch build");
+}
+
+#endif
+
+}  // namespace da
+}  // namespace electra_fast
