@@ -91,6 +91,27 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def _keep_freed_memory() -> bool:
+    """CPU training: let glibc keep freed memory for reuse (True when applied).
+
+    By default glibc serves large blocks with fresh mmaps and trims the heap top, so every step re-faults
+    its activations (~50 k page faults, ~200 MB, per ELECTRA-small 32 x 128 step): ~5% of a CPU step
+    (fused bf16 ~790 -> ~750 ms; transformers' step gains ~8%). Blocks up to 1 GiB then come from the heap,
+    which is never trimmed below 2 GiB of free space - the footprint a training loop reuses every step.
+    No-op off glibc. ``ELECTRA_FAST_KEEP_FREED_MEMORY=0`` turns it off.
+    """
+    if os.environ.get("ELECTRA_FAST_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) & bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
 def _schedule(warmup: int, steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:  # step = optimizer steps already taken
         if step < warmup:
@@ -307,6 +328,8 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
 
     torch.manual_seed(seed)
     net = ElectraPretrainingModel(cfg, fused=fused).to(ctx.device)
+    if ctx.device.type == "cpu":
+        _keep_freed_memory()
     # fused AdamW: one kernel over all parameters (CPU and CUDA) instead of ~10 ops per parameter tensor
     optimizer = torch.optim.AdamW(_param_groups(net, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6,
                                   fused=ctx.device.type in ("cpu", "cuda"))
