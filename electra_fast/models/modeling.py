@@ -35,6 +35,7 @@ from ..ops.sampling import mlm_loss_and_sample
 from ..nn.embeddings import DebertaV2Embeddings, ElectraEmbeddings, GDESEmbedding
 from ..nn.encoder import DisentangledEncoder, Encoder
 from ..nn.heads import DiscriminatorHead, GeneratorHead
+from ..nn.linear import Linear
 from .config import ElectraConfig
 
 SEED_LIMIT = 2 ** 63
@@ -71,7 +72,7 @@ class Backbone(nn.Module):
             self.embeddings = ElectraEmbeddings(cfg.vocab_size, cfg.embedding_size, cfg.max_position_embeddings,
                                                 cfg.type_vocab_size, cfg.pad_token_id, eps, p)
             if cfg.embedding_size != hidden:
-                self.embeddings_project = nn.Linear(cfg.embedding_size, hidden)
+                self.embeddings_project = Linear(cfg.embedding_size, hidden)
             self.encoder = Encoder(layers, hidden, heads, ffn, cfg.hidden_act, eps, p, pa)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,

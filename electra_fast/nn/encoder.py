@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..ops.disentangled_attention import disentangled_attention
 from .disentangled_attention import DisentangledSelfAttention
 from .dropout import Dropout, draw_seed, eager_twin
+from .linear import Linear, linear
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "swish": F.silu,
@@ -47,9 +48,9 @@ class StandardSelfAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, dropout: float):
         super().__init__()
         self.num_heads = num_heads
-        self.query = nn.Linear(hidden_size, hidden_size)
-        self.key = nn.Linear(hidden_size, hidden_size)
-        self.value = nn.Linear(hidden_size, hidden_size)
+        self.query = Linear(hidden_size, hidden_size)
+        self.key = Linear(hidden_size, hidden_size)
+        self.value = Linear(hidden_size, hidden_size)
         self.dropout_p = dropout
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -57,7 +58,7 @@ class StandardSelfAttention(nn.Module):
         # one [H, 3H] projection instead of three: a single larger GEMM is faster on CPU
         w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        q, k, v = F.linear(x, w, b).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = linear(x, w, b).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
         p = self.dropout_p if self.training else 0.0
         if p > 0 and x.device.type == "cpu" and not eager_twin():
             out = disentangled_attention(q, k, v, attention_mask=key_mask, dropout_p=p, seed=draw_seed(),
@@ -85,7 +86,7 @@ class _AddNorm(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, eps: float, dropout: float):
         super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
+        self.dense = Linear(d_in, d_out)
         self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
         self.dropout = Dropout(dropout)
 
@@ -103,7 +104,7 @@ class _Attention(nn.Module):
 class _Intermediate(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, intermediate_size)
+        self.dense = Linear(hidden_size, intermediate_size)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

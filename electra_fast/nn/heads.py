@@ -13,12 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .encoder import activation
+from .linear import Linear
 
 
 class GeneratorHead(nn.Module):
     def __init__(self, hidden_size: int, embedding_size: int, vocab_size: int, act: str, eps: float):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, embedding_size)
+        self.dense = Linear(hidden_size, embedding_size)
         self.act = activation(act)
         self.LayerNorm = nn.LayerNorm(embedding_size, eps=eps)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
@@ -35,7 +36,7 @@ class GeneratorHead(nn.Module):
 class DiscriminatorHead(nn.Module):
     def __init__(self, hidden_size: int, act: str):
         super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dense = Linear(hidden_size, hidden_size)
         self.act = activation(act)
         self.dense_prediction = nn.Linear(hidden_size, 1)
 
