@@ -47,17 +47,6 @@ void keep_bytes_portable(uint64_t seed, uint32_t stream, uint64_t group0, int64_
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// (hi32, lo32) of the 32x32->64 products of each u32 lane of a with m (m: the same constant in every lane).
-// vpmuludq multiplies the even lanes; a dword shuffle (CDAB: swap the halves of each 64-bit lane) feeds it the odd
-// ones and moves the halves back into place. Shuffles and blends run beside the multiplies (the multiplies'
-// port is the bottleneck; vpmulld for lo would take two more of its slots).
-__attribute__((target("avx512f"))) static inline void mulhilo32(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(a, m);
-  const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_CDAB), m);
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_shuffle_epi32(even, _MM_PERM_CDAB), odd);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_shuffle_epi32(odd, _MM_PERM_CDAB));
-}
-
 // The same bytes as keep_bytes_portable, 16 Philox calls (64 elements) per 512-bit vector (GCC keeps the portable
 // loop at 256 bits), kUnroll independent vectors per iteration: a round is a chain of dependent multiplies, and
 // interleaving vectors hides their latency. The four words' keep bits are interleaved with pdep (bit 4j + k = word
@@ -67,38 +56,15 @@ constexpr int kUnroll = 4;
 __attribute__((target("avx512f,avx512bw,bmi2"))) void keep_bytes_avx512(uint64_t seed, uint32_t stream,
                                                                         uint64_t group0, int64_t n_groups,
                                                                         uint32_t threshold, uint8_t* keep) {
-  const __m512i ma = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m512i mb = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
-  const __m512i one = _mm512_set1_epi32(1);
   for (int64_t g = 0; g < n_groups; g += 16 * kUnroll) {
     __m512i c0[kUnroll], c1[kUnroll], c2[kUnroll], c3[kUnroll];
     for (int u = 0; u < kUnroll; ++u) {
-      const uint64_t base = group0 + static_cast<uint64_t>(g + 16 * u);
-      const __m512i lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
-      c0[u] = _mm512_add_epi32(lo, lane);
-      const __mmask16 carry = _mm512_cmplt_epu32_mask(c0[u], lo);  // the index's lo word wrapped: carry into hi
-      const __m512i hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32)));
-      c1[u] = _mm512_mask_add_epi32(hi, carry, hi, one);
+      philox_index_x16(group0 + static_cast<uint64_t>(g + 16 * u), c0[u], c1[u]);
       c2[u] = _mm512_set1_epi32(static_cast<int>(kDropout));
       c3[u] = _mm512_set1_epi32(static_cast<int>(stream));
     }
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int r = 0; r < 10; ++r) {  // the rounds of philox4x32_10 (csrc/philox.h)
-      const __m512i vk0 = _mm512_set1_epi32(static_cast<int>(k0)), vk1 = _mm512_set1_epi32(static_cast<int>(k1));
-      for (int u = 0; u < kUnroll; ++u) {
-        __m512i hb, lb, ha, la;
-        mulhilo32(c2[u], mb, hb, lb);
-        mulhilo32(c0[u], ma, ha, la);
-        c0[u] = _mm512_ternarylogic_epi32(hb, c1[u], vk0, 0x96);  // hi ^ c ^ k in one vpternlogd (three-way xor)
-        c2[u] = _mm512_ternarylogic_epi32(ha, c3[u], vk1, 0x96);
-        c1[u] = lb;
-        c3[u] = la;
-      }
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
+    philox_rounds_x16<kUnroll>(c0, c1, c2, c3, seed);  // csrc/philox.h
     for (int u = 0; u < kUnroll; ++u) {
       const uint64_t m0 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c0[u], 8), thr);
       const uint64_t m1 = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(c1[u], 8), thr);

@@ -376,3 +376,39 @@ def test_forced_backend_unavailable_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with electra_fast.use_backend("triton"), pytest.raises(RuntimeError, match="triton.*CUDA"):
         electra_fast.gumbel_sample(torch.zeros(2, 3), seed=0)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in fast_backends() if p.id == "cpp-cpu"])
+def test_portable_cpu_path_matches(backend, device):
+    """The C++ Gumbel noise without the AVX-512 Philox (other CPUs / builds; ELECTRA_FAST_NO_AVX512=1) gives the
+    same samples and fused results bit for bit: run it in a fresh process and compare with this one's."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, electra_fast\n"
+            "g = torch.Generator().manual_seed(3)\n"
+            "logits = torch.randn(37, 1000, generator=g) * 3\n"
+            "h, w = torch.randn(37, 16, generator=g), torch.randn(1000, 16, generator=g)\n"
+            "t = torch.randint(0, 1000, (37,), generator=g)\n"
+            "out = []\n"
+            "with electra_fast.use_backend('cpp'):\n"
+            "    for dt in (torch.float32, torch.bfloat16, torch.float64):\n"
+            "        out.append(electra_fast.gumbel_sample(logits.to(dt), seed=2 ** 62 + 99, temperature=0.7,\n"
+            "                                              disallowed_ids=[1, 999]))\n"
+            "    for seed in (5, 2 ** 32 - 1000):\n"
+            "        loss, sampled = electra_fast.mlm_loss_and_sample(h, w, t, seed=seed, reduction='none')\n"
+            "        out += [loss, sampled]\n"
+            "torch.save(out, sys.argv[1])\n")
+    paths = []
+    for i, extra in enumerate(({}, {"ELECTRA_FAST_NO_AVX512": "1"})):
+        paths.append(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ef_sampling_{os.getpid()}_{i}.pt"))
+        env = {k: v for k, v in os.environ.items() if k != "ELECTRA_FAST_NO_AVX512"}
+        out = subprocess.run([sys.executable, "-c", code, paths[-1]], env=dict(env, **extra), capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+    fast, portable = (torch.load(p) for p in paths)
+    for p in paths:
+        os.remove(p)
+    assert len(fast) == len(portable) == 7
+    assert all(torch.equal(a, b) for a, b in zip(fast, portable))
