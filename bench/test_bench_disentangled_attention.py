@@ -67,3 +67,25 @@ def test_disentangled_attention(benchmark, device, impl, pass_, b, t, dtype_name
     rounds = 2 if QUICK else (3 if t >= 2048 or impl == "transformers" else 5)
     run(benchmark, step, device=device, op="disentangled_attention", impl=impl, pass_=pass_, shape=f"{b}x{t}",
         dtype=dtype, tokens=b * t, rounds=rounds, warmup=1)
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_projection_floor(benchmark, device, dtype_name):
+    """Only the module's projections (q / k / v of x, key / query of the relative embeddings), fwd+bwd: work
+    that both modules above do identically, so transformers' time over this one bounds any attention module's
+    speed-up (8 x 512: the issue's target shape). Its own op name: not a side of a speed-up ratio."""
+    if device.type == "cuda" and dtype_name == "fp32":
+        pytest.skip("GPU rows are bf16 (the issue's GPU benchmark)")
+    dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
+    m = modules(dtype, device)["transformers"]
+    x, rel, _, _ = inputs(8, 512, dtype, device)
+
+    def step():
+        out = m.query_proj(x) + m.key_proj(x) + m.value_proj(x) + (m.key_proj(rel).sum() + m.query_proj(rel).sum())
+        out.backward(torch.ones_like(out))
+        x.grad = rel.grad = None
+        m.zero_grad(set_to_none=True)
+        return out
+
+    run(benchmark, step, device=device, op="disentangled_attention projections only (floor)", impl="projections",
+        pass_="fwd+bwd", shape="8x512", dtype=dtype, tokens=8 * 512, rounds=2 if QUICK else 5, warmup=1)
