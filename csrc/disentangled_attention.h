@@ -86,8 +86,7 @@ void parallel_tasks(int64_t n, const F& task) {
 
 inline bool query_valid(const Problem& p, int64_t b, int64_t i) { return !p.has_mask || p.mask[b * p.T + i]; }
 
-// keep[j] = 1 iff element (b, h, i, j) survives dropout: word 0 of the ATTN_DROPOUT stream at index
-// ((b * H + h) * T + i) * T + j = base + j (the draw every backend makes). One row per call, vectorised.
+// keep[j] = 1 iff element e = base + j survives dropout (word e % 4 of the ATTN_DROPOUT call at e // 4).
 void keep_row(uint64_t seed, uint64_t base, int64_t n, float p, uint8_t* __restrict keep);
 
 // row[j] *= keep[j] ? 1 / (1 - p) : 0

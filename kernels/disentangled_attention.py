@@ -22,7 +22,8 @@ Design (for H100; performance is unmeasured so far - no GPU was available while 
   branch taken after loading BR slot ids.
 * Forward: program per (query block, batch * head), online softmax in fp32 with exp2, lse saved (+inf for
   padded queries and rows without a valid key; their output is 0). Dropout regenerates Philox words
-  (purpose ATTN_DROPOUT, index ((b * H + h) * T + i) * T + j) per tile; nothing is stored.
+  (purpose ATTN_DROPOUT, element e = ((b * H + h) * T + i) * T + j: word e % 4 of the call at e // 4) per
+  tile; nothing is stored.
 * Backward: delta = rowsum(dO * O) (one small kernel); a dK/dV pass (program per key block, looping over
   query blocks) that also produces dpos_query, and a dQ pass (program per query block, looping over key
   blocks) that also produces dpos_key; both recompute P from lse. The two passes do the same amount of work.
@@ -150,10 +151,12 @@ def _pos_scores(q, kT, posk_ptr, posq_ptr, sl, smin, smax, offs_d, NS, has_c2p, 
 
 @triton.jit
 def _keep(seed, bh, offs_m, offs_n, T):
-    """Dropout keep-uniforms [BM, BN] of Philox purpose ATTN_DROPOUT at ((b * H + h) * T + i) * T + j."""
-    idx = (bh.to(tl.int64) * T + offs_m.to(tl.int64))[:, None] * T + offs_n.to(tl.int64)[None, :]
-    x0, _, _, _ = philox4(seed, idx, 3)  # ATTN_DROPOUT
-    return uniform(x0)
+    """Dropout keep-uniforms [BM, BN] of Philox purpose ATTN_DROPOUT: element e = ((b * H + h) * T + i) * T + j
+    reads word e % 4 of the call at index e // 4 (a tile computes each call once per element it serves)."""
+    e = (bh.to(tl.int64) * T + offs_m.to(tl.int64))[:, None] * T + offs_n.to(tl.int64)[None, :]
+    x0, x1, x2, x3 = philox4(seed, e // 4, 3)  # ATTN_DROPOUT
+    w = e % 4
+    return uniform(tl.where(w == 0, x0, tl.where(w == 1, x1, tl.where(w == 2, x2, x3))))
 
 
 @triton.jit

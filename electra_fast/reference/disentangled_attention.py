@@ -13,8 +13,9 @@ Backend contract (shared with ``torch.ops.electra_fast_cpp.disentangled_attentio
   rel_slots    int32 [2T - 1]: rel_slots[i - j + T - 1] = s(i, j) = clamp(bucket(i - j) + k, 0, 2k - 1)
   score(i, j) = scale * (q_i.k_j + q_i.pos_key[s(i, j)] + k_j.pos_query[s(i, j)])
   softmax in fp32 (fp64 for fp64 inputs) over valid keys; lse fp32 [B, H, T] (+inf for padded queries
-  and rows without a valid key, whose output is 0); dropout: Philox purpose ATTN_DROPOUT,
-  index ((b * H + h) * T + i) * T + j, keep iff uniform(x0) >= dropout_p, kept scaled by 1 / (1 - p).
+  and rows without a valid key, whose output is 0); dropout: Philox purpose ATTN_DROPOUT, element
+  e = ((b * H + h) * T + i) * T + j reads word e % 4 of the call at index e // 4 (one call, four elements),
+  keep iff uniform(word) >= dropout_p, kept scaled by 1 / (1 - p).
 """
 from __future__ import annotations
 
@@ -89,9 +90,8 @@ def _valid(mask: Optional[Tensor], B: int, T: int, device) -> Tuple[Tensor, Tens
 
 def dropout_keep(seed: int, shape, dropout_p: float, device) -> Tensor:
     """bool [B, H, T, T]: the kept attention probabilities (same Philox draws on every backend)."""
-    index = torch.arange(int(torch.tensor(shape).prod()), dtype=torch.int64, device=device).view(shape)
-    x0 = philox.philox(seed, index, philox.ATTN_DROPOUT)[0]
-    return philox.uniform(x0) >= dropout_p
+    element = torch.arange(int(torch.tensor(shape).prod()), dtype=torch.int64, device=device).view(shape)
+    return philox.uniform(philox.element_words(seed, element, philox.ATTN_DROPOUT)) >= dropout_p
 
 
 def _probs(q, k, pos_key, pos_query, mask, rel_slots, scale, lse=None):

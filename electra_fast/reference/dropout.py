@@ -33,9 +33,8 @@ def keep_scale(p: float) -> float:
 
 def words(numel: int, seed: int, stream: int, device="cpu") -> torch.Tensor:
     """int64 [numel] (uint32 values): the Philox word of each element (word i % 4 of group i // 4)."""
-    groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
-    w = torch.stack(philox.philox(seed & (2 ** 64 - 1), groups, philox.DROPOUT, stream), dim=1)
-    return w.reshape(-1)[:numel]
+    element = torch.arange(numel, dtype=torch.int64, device=device)
+    return philox.element_words(seed & (2 ** 64 - 1), element, philox.DROPOUT, stream)
 
 
 def keep_mask(numel: int, seed: int, stream: int, p: float, device="cpu") -> torch.Tensor:

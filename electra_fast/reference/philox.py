@@ -17,10 +17,10 @@ uint32 -> float conversions (exact in fp32, so no backend can round differently)
 Purposes and what each op reads (one Philox call per element):
   MASKING = 1       index = b * T + t:   x0 selection key, x1 replacement draw, x2 random-token draw
   GUMBEL = 2        index = n * V + v:   x0 -> uniform_open
-  ATTN_DROPOUT = 3  index = ((b * H + h) * T + i) * T + j:  x0 -> uniform, kept iff u >= p
-  DROPOUT = 4       index = i // 4 for element i of the contiguous tensor, c3 = stream (int in [0, 2**32),
-                    one per dropout site; seed in [0, 2**64)): word x[i % 4] -> uniform, kept iff u >= p
-                    (one Philox call serves four elements)
+  ATTN_DROPOUT = 3  element e = ((b * H + h) * T + i) * T + j: index = e // 4, word x[e % 4] -> uniform,
+                    kept iff u >= p (one Philox call serves four elements: :func:`element_words`)
+  DROPOUT = 4       element e of the contiguous tensor: index = e // 4, c3 = stream (int in [0, 2**32), one
+                    per dropout site; seed in [0, 2**64)): word x[e % 4] -> uniform, kept iff u >= p
 
 Tensors here hold uint32 values in int64 (torch has no general uint32 arithmetic).
 """
@@ -81,6 +81,14 @@ def philox(seed: int, index: torch.Tensor, purpose: int, stream: int = 0):
         k0 = (k0 + _KEY_A) & _M32
         k1 = (k1 + _KEY_B) & _M32
     return c0, c1, c2, c3
+
+
+def element_words(seed: int, element: torch.Tensor, purpose: int, stream: int = 0) -> torch.Tensor:
+    """int64 (uint32 values) shaped like ``element``: word ``e % 4`` of the Philox call at index ``e // 4``
+    (the layout of the purposes whose one call serves four consecutive elements)."""
+    element = element.to(torch.int64)
+    words = torch.stack(philox(seed, element // 4, purpose, stream), dim=-1)
+    return words.gather(-1, (element % 4).unsqueeze(-1)).squeeze(-1)
 
 
 def uniform(x: torch.Tensor) -> torch.Tensor:
