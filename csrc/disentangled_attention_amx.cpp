@@ -77,22 +77,33 @@ void pack_rows(const S* __restrict src, int64_t lds, int64_t R, int64_t C, uint1
   }
 }
 
+// Transposes walk 16 source rows at a time: their lines stay in L1 while every column is read (a source row
+// stride like 3 * H * D * 2 bytes maps all rows onto a few L1 sets; whole-T column walks thrashed them), and
+// each column's 16 values land contiguously in the destination.
+constexpr int64_t kTR = 16;
+
 // dst (VNNI-2, ld) = the transpose of src [N, K] (bf16, row stride lds, K even): B[k, n] = src[n, k]. The pair
 // (src[n, k], src[n, k + 1]) is already the VNNI pair of column n.
 void pack_cols(const bf16* __restrict src, int64_t lds, int64_t N, int64_t K, uint16_t* __restrict dst, int64_t ld) {
-  for (int64_t k = 0; k < K; k += 2) {  // contiguous writes, strided reads (cheaper than strided writes)
-    uint32_t* d = reinterpret_cast<uint32_t*>(dst + k * ld);
-    for (int64_t n = 0; n < N; ++n) std::memcpy(d + n, src + n * lds + k, 4);
+  for (int64_t n0 = 0; n0 < N; n0 += kTR) {
+    const int64_t nb = std::min(kTR, N - n0);
+    for (int64_t k = 0; k < K; k += 2) {
+      uint32_t* d = reinterpret_cast<uint32_t*>(dst + k * ld) + n0;
+      for (int64_t n = 0; n < nb; ++n) std::memcpy(d + n, src + (n0 + n) * lds + k, 4);
+    }
   }
 }
 
 // dst [K, ld] = the transpose of src [N, K] (bf16, row stride lds), columns N..ld-1 zero (K padding)
 void transpose(const bf16* __restrict src, int64_t lds, int64_t N, int64_t K, uint16_t* __restrict dst, int64_t ld) {
-  for (int64_t k = 0; k < K; ++k) {
-    uint16_t* d = dst + k * ld;
-    for (int64_t n = 0; n < N; ++n) d[n] = src[n * lds + k].x;
-    std::fill(d + N, d + ld, uint16_t(0));
+  for (int64_t n0 = 0; n0 < N; n0 += kTR) {
+    const int64_t nb = std::min(kTR, N - n0);
+    for (int64_t k = 0; k < K; ++k) {
+      uint16_t* d = dst + k * ld + n0;
+      for (int64_t n = 0; n < nb; ++n) d[n] = src[(n0 + n) * lds + k].x;
+    }
   }
+  for (int64_t k = 0; k < K; ++k) std::fill(dst + k * ld + N, dst + (k + 1) * ld, uint16_t(0));
 }
 
 // dst [R, C] (row stride ld) = src (fp32, row stride lds) rounded to bf16
@@ -176,10 +187,41 @@ class Scratch {
   at::Tensor bufs_[20];
 };
 
-// out rows [bm, D] (strided bf16) = src (fp32 [bm, D])
-void store_rows(const float* src, int64_t bm, int64_t D, bf16* dst, int64_t ld_dst, int64_t d_stride) {
+// out rows [bm, D] (strided bf16) = src (fp32 [bm, D], row stride lds)
+void store_rows(const float* __restrict src, int64_t lds, int64_t bm, int64_t D, bf16* __restrict dst,
+                int64_t ld_dst, int64_t d_stride) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);
   for (int64_t r = 0; r < bm; ++r) {
-    for (int64_t d = 0; d < D; ++d) dst[r * ld_dst + d * d_stride].x = bf16_bits(src[r * D + d]);
+    if (d_stride == 1) {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) out[r * ld_dst + d] = bf16_bits(src[r * lds + d]);
+    } else {
+      for (int64_t d = 0; d < D; ++d) out[r * ld_dst + d * d_stride] = bf16_bits(src[r * lds + d]);
+    }
+  }
+}
+
+// out rows [T, D] (strided bf16) = at^T (+ add): at fp32 [D, T] (a transposed accumulator), add fp32 [T, D] or
+// nullptr. Tiles of kTR rows keep the column reads of `at` and the row writes in L1.
+void store_transposed(const float* __restrict at, const float* __restrict add, int64_t T, int64_t D,
+                      bf16* __restrict dst, int64_t ld_dst, int64_t d_stride) {
+  float tile[kTR * 128];
+  for (int64_t j0 = 0; j0 < T; j0 += kTR) {
+    const int64_t jb = std::min(kTR, T - j0);
+    for (int64_t d0 = 0; d0 < D; d0 += 128) {
+      const int64_t db = std::min<int64_t>(128, D - d0);
+      for (int64_t d = 0; d < db; ++d) {
+        for (int64_t j = 0; j < jb; ++j) tile[j * 128 + d] = at[(d0 + d) * T + j0 + j];
+      }
+      for (int64_t j = 0; j < jb; ++j) {
+        float* row = tile + j * 128;
+        if (add != nullptr) {
+#pragma omp simd
+          for (int64_t d = 0; d < db; ++d) row[d] += add[(j0 + j) * D + d0 + d];
+        }
+      }
+      store_rows(tile, 128, jb, db, dst + j0 * ld_dst + d0 * d_stride, ld_dst, d_stride);
+    }
   }
 }
 
@@ -220,7 +262,7 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const R
     forward_rows<float>(p, b, bh, i0, bm, s, ld, p.has_pk ? c : nullptr, nc, lo, lse, keep);
     to_rows(s, ld, bm, T, pb, Te);
     gemm(bm, D, Te, pb, Te, vv, D, of, D, false);
-    store_rows(of, bm, D, op + i0 * out.stride(2), out.stride(2), out.stride(3));
+    store_rows(of, D, bm, D, op + i0 * out.stride(2), out.stride(2), out.stride(3));
   }
 }
 
@@ -287,7 +329,7 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const 
       gemm(bm, D, nc, dcr, nc, pos.ptr(pos.key_rows, h) + (lo - p.s0) * D, D, dqf, D, true);  // dQ += dC pos_key
       gemm(D, nc, bme, qt + i0, Te, dcv, nc, dpk_t + lo, ldp, true);  // dpos_key^T += Q^T dC
     }
-    store_rows(dqf, bm, D, dqp + i0 * dq.stride(2), dq.stride(2), dq.stride(3));
+    store_rows(dqf, D, bm, D, dqp + i0 * dq.stride(2), dq.stride(2), dq.stride(3));
   }
   float* dkf = nullptr;
   if (p.has_pq) {  // dK += dKP pos_query, dpos_query^T += K^T dKP (the scores' slot range: columns from s0)
@@ -300,15 +342,10 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const 
     gemm(T, D, nsp, dkpr, nsp, pos.ptr(pos.query_rows, h), D, dkf, D, false);
     gemm(D, nsp, Te, ktr, Te, dkpv, nsp, dpq_t + p.s0, ldp, true);
   }
-  bf16* dk_out = dk.data_ptr<bf16>() + b * dk.stride(0) + h * dk.stride(1);
-  bf16* dv_out = dv.data_ptr<bf16>() + b * dv.stride(0) + h * dv.stride(1);
-  for (int64_t j = 0; j < T; ++j) {
-    for (int64_t d = 0; d < D; ++d) {
-      const float kval = dkt[d * T + j] + (dkf != nullptr ? dkf[j * D + d] : 0.f);
-      dk_out[j * dk.stride(2) + d * dk.stride(3)].x = bf16_bits(kval);
-      dv_out[j * dv.stride(2) + d * dv.stride(3)].x = bf16_bits(dvt[d * T + j]);
-    }
-  }
+  store_transposed(dkt, dkf, T, D, dk.data_ptr<bf16>() + b * dk.stride(0) + h * dk.stride(1), dk.stride(2),
+                   dk.stride(3));
+  store_transposed(dvt, nullptr, T, D, dv.data_ptr<bf16>() + b * dv.stride(0) + h * dv.stride(1), dv.stride(2),
+                   dv.stride(3));
 }
 
 }  // namespace
