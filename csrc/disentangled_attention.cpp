@@ -23,10 +23,12 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "disentangled_attention.h"
 #include "dispatch.h"
+#include "keep_bytes.h"
 
 namespace electra_fast {
 namespace da {
@@ -72,29 +74,19 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 // keep[j] = 1 iff element e = base + j (e = ((b * H + h) * T + i) * T + j) survives dropout: word e % 4 of the
-// ATTN_DROPOUT call at index e // 4, the draw every backend makes. One Philox call per four elements,
-// 64 calls per vectorised chunk.
-EF_TARGET_CLONES
-void keep_row(uint64_t seed, uint64_t base, int64_t n, float p, uint8_t* __restrict keep) {
-  constexpr int64_t kCalls = 64;
-  uint32_t words[4 * kCalls];
+// ATTN_DROPOUT call at index e // 4, the draw every backend makes; the bytes come from the dropout op's
+// generator (csrc/keep_bytes.h: 16 calls per AVX-512 vector), 1024 elements at a time.
+void keep_span(uint64_t seed, uint64_t base, int64_t n, float p, uint8_t* __restrict keep) {
+  // uniform(w) >= p  <=>  (w >> 8) >= ceil(p * 2^24), exactly (uniform is a multiple of 2^-24)
+  const uint32_t threshold = static_cast<uint32_t>(std::ceil(static_cast<double>(p) * 16777216.0));
+  constexpr int64_t kGroups = 256;
+  uint8_t bytes[4 * kGroups];
   const uint64_t g_begin = base >> 2, g_end = (base + static_cast<uint64_t>(n) + 3) >> 2;
-  for (uint64_t g0 = g_begin; g0 < g_end; g0 += kCalls) {
-    const int64_t m = static_cast<int64_t>(std::min<uint64_t>(kCalls, g_end - g0));
-#pragma omp simd
-    for (int64_t g = 0; g < m; ++g) {
-      const Philox4 r = philox4x32_10(seed, g0 + static_cast<uint64_t>(g), kAttnDropout);
-      words[4 * g] = r.x[0];
-      words[4 * g + 1] = r.x[1];
-      words[4 * g + 2] = r.x[2];
-      words[4 * g + 3] = r.x[3];
-    }
+  for (uint64_t g0 = g_begin; g0 < g_end; g0 += kGroups) {
+    const int64_t m = static_cast<int64_t>(std::min<uint64_t>(kGroups, g_end - g0));
+    keep_bytes(seed, kAttnDropout, 0, g0, m, threshold, bytes);
     const uint64_t e0 = std::max(g0 * 4, base), e1 = std::min((g0 + m) * 4, base + static_cast<uint64_t>(n));
-    const int64_t shift = static_cast<int64_t>(base) - static_cast<int64_t>(g0 * 4);  // words[j + shift]: element base + j
-#pragma omp simd
-    for (int64_t j = static_cast<int64_t>(e0 - base); j < static_cast<int64_t>(e1 - base); ++j) {
-      keep[j] = philox_uniform(words[j + shift]) >= p;
-    }
+    std::memcpy(keep + (e0 - base), bytes + (e0 - g0 * 4), e1 - e0);
   }
 }
 
@@ -106,7 +98,7 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& q, c
   const int64_t ns = p.s1 - p.s0 + 1;
   at::Tensor kp;  // [T, ns]: k_j . pos_query[s0 + c]
   if (p.has_pq) kp = at::mm(kf, pq[h].narrow(0, p.s0, ns).t()).contiguous();
-  std::vector<uint8_t> keep(p.dropout_p > 0 ? T : 0);
+  std::vector<uint8_t> keep(p.dropout_p > 0 ? block_rows(T) * T : 0);
   const int64_t ld = block_ld(T);
   const int64_t rows = block_rows(T);
   at::Tensor sbuf = at::empty({rows, ld}, qf.options());
@@ -181,7 +173,7 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& dou
     kp = at::mm(kf, pq[h].narrow(0, p.s0, ns).t()).contiguous();
     dkp = at::zeros({T, ns}, opts);
   }
-  std::vector<uint8_t> keep(p.dropout_p > 0 ? T : 0);
+  std::vector<uint8_t> keep(p.dropout_p > 0 ? block_rows(T) * T : 0);
   const int64_t ld = block_ld(T);
   const int64_t rows = block_rows(T);
   at::Tensor sbuf = at::empty({rows, ld}, opts), gbuf = at::empty({rows, ld}, opts);

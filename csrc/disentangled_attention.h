@@ -87,7 +87,7 @@ void parallel_tasks(int64_t n, const F& task) {
 inline bool query_valid(const Problem& p, int64_t b, int64_t i) { return !p.has_mask || p.mask[b * p.T + i]; }
 
 // keep[j] = 1 iff element e = base + j survives dropout (word e % 4 of the ATTN_DROPOUT call at e // 4).
-void keep_row(uint64_t seed, uint64_t base, int64_t n, float p, uint8_t* __restrict keep);
+void keep_span(uint64_t seed, uint64_t base, int64_t n, float p, uint8_t* __restrict keep);
 
 // row[j] *= keep[j] ? 1 / (1 - p) : 0
 template <typename acc_t>
@@ -232,7 +232,7 @@ inline acc_t softmax_row(int64_t T, acc_t* __restrict s, acc_t mx, const acc_t* 
 
 // Forward rows of one block: s ([bm, T], row stride ld) holds S (+ the p2c term) and becomes the probabilities
 // with dropout applied; lse[bh * T + i] is written (+inf for a row with no valid key, whose probabilities are 0).
-// c: the block's c2p products ([bm, c_ld], column 0 = slot clo) or nullptr. keep: scratch of T bytes.
+// c: the block's c2p products ([bm, c_ld], column 0 = slot clo) or nullptr. keep: scratch of bm * T bytes.
 template <typename acc_t>
 void forward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t bm, acc_t* s, int64_t ld,
                   const acc_t* c, int64_t c_ld, int32_t clo, float* lse, uint8_t* keep) {
@@ -240,6 +240,8 @@ void forward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t b
   const float p32 = static_cast<float>(p.dropout_p);
   const acc_t inv_keep = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  // the block's rows are consecutive elements of the dropout stream: one call for all of them
+  if (p.dropout_p > 0) keep_span(p.seed, dropout_base(p, bh, i0), bm * T, p32, keep);
   for (int64_t r = 0; r < bm; ++r) {
     const int64_t i = i0 + r;
     acc_t* row = s + r * ld;
@@ -251,10 +253,7 @@ void forward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t b
       continue;
     }
     lse[bh * T + i] = static_cast<float>(softmax_row<acc_t>(T, row, mx, nullptr));
-    if (p.dropout_p > 0) {
-      keep_row(p.seed, dropout_base(p, bh, i), T, p32, keep);
-      apply_keep<acc_t>(row, keep, T, inv_keep);
-    }
+    if (p.dropout_p > 0) apply_keep<acc_t>(row, keep + r * T, T, inv_keep);
   }
 }
 
@@ -268,10 +267,12 @@ void backward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t 
   const float p32 = static_cast<float>(p.dropout_p);
   const acc_t inv_keep = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
   const acc_t scale = static_cast<acc_t>(p.scale);
+  if (p.dropout_p > 0) keep_span(p.seed, dropout_base(p, bh, i0), bm * T, p32, keep);  // as in forward_rows
   for (int64_t r = 0; r < bm; ++r) {
     const int64_t i = i0 + r;
     acc_t* row = s + r * ld;
     acc_t* grow = g + r * ld;
+    const uint8_t* krow = keep + r * T;
     const float l = lse[bh * T + i];
     if (!query_valid(p, b, i) || std::isinf(l)) {
       std::fill(row, row + T, acc_t(0));
@@ -288,16 +289,13 @@ void backward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t 
       const acc_t la = static_cast<acc_t>(l);
       softmax_row<acc_t>(T, row, acc_t(0), &la);
     }
-    if (p.dropout_p > 0) {  // dP through the dropout mask
-      keep_row(p.seed, dropout_base(p, bh, i), T, p32, keep);
-      apply_keep<acc_t>(grow, keep, T, inv_keep);
-    }
+    if (p.dropout_p > 0) apply_keep<acc_t>(grow, krow, T, inv_keep);  // dP through the dropout mask
     acc_t delta = 0;
 #pragma omp simd reduction(+ : delta)
     for (int64_t j = 0; j < T; ++j) delta += row[j] * grow[j];
 #pragma omp simd
     for (int64_t j = 0; j < T; ++j) grow[j] = row[j] * (grow[j] - delta) * scale;
-    if (p.dropout_p > 0) apply_keep<acc_t>(row, keep, T, inv_keep);  // the probabilities that hit V
+    if (p.dropout_p > 0) apply_keep<acc_t>(row, krow, T, inv_keep);  // the probabilities that hit V
     if (dc != nullptr) {
       scatter_runs<acc_t>(dc + r * c_ld - clo, p.slots + i + T - 1, -1, grow, 1, T);  // dC[r, s(i, j)] += g[j]
     }

@@ -240,7 +240,7 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const R
   uint16_t *kt = ws.get<uint16_t>(0, D * T), *vv = ws.get<uint16_t>(1, Te * D), *pb = ws.get<uint16_t>(2, rows * Te);
   float *s = ws.get<float>(3, rows * ld), *c = ws.get<float>(4, rows * nsp), *kpf = ws.get<float>(5, T * nsp);
   float* of = ws.get<float>(6, rows * D);
-  uint8_t* keep = ws.get<uint8_t>(7, T);
+  uint8_t* keep = ws.get<uint8_t>(7, rows * T);
   zero_col(pb, rows, Te, T);
   pack_cols(kp, k.ld, T, D, kt, T);
   pack_rows(vp, v.ld, T, D, vv, D);
@@ -282,7 +282,7 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const 
   uint16_t* dsr = ws.get<uint16_t>(8, rows * Te);
   float *s = ws.get<float>(9, rows * ld), *g = ws.get<float>(10, rows * ld), *dqf = ws.get<float>(11, rows * D);
   float *dvt = ws.get<float>(12, D * T), *dkt = ws.get<float>(13, D * T);
-  uint8_t* keep = ws.get<uint8_t>(14, T);
+  uint8_t* keep = ws.get<uint8_t>(14, rows * T);
   float *c = ws.get<float>(15, rows * nsp), *dc = ws.get<float>(16, rows * nsp);
   uint16_t *dcr = ws.get<uint16_t>(17, rows * nsp), *dcv = ws.get<uint16_t>(18, rows_e * nsp);
   pack_cols(kp, k.ld, T, D, kt, T);
