@@ -63,8 +63,8 @@ inline std::pair<int32_t, int32_t> block_slot_range(const Problem& p, int64_t i0
   return {*std::min_element(first, last), *std::max_element(first, last)};
 }
 
-// Row stride of the score blocks: T padded so that rows do not alias in the L1 sets (the p2c term walks
-// the block column by column; a power-of-two stride would keep only a few of its rows cached).
+// Row stride of the score blocks: T padded off multiples of 256 floats so that a block's rows do not alias in
+// the L1 sets (the p2c tiles touch kJB columns of every row).
 inline int64_t block_ld(int64_t T) {
   int64_t ld = (T + 15) / 16 * 16;
   return ld % 256 == 0 ? ld + 16 : ld;
@@ -100,15 +100,13 @@ inline uint64_t dropout_base(const Problem& p, int64_t bh, int64_t i) {
   return static_cast<uint64_t>((bh * p.T + i) * p.T);
 }
 
-// Scores of one block: s = scale * (S + C-gather + KP-gather), masked keys -> -inf, written back into `s`.
-// Returns the row max (or -inf when no key is valid).
-// p2c term of a block: s[r, j] += KP[j, s(i0 + r, j) - s0]. Walks keys in the outer loop so each KP row is
-// read contiguously (the slots of one key over the block's rows are consecutive) and the block rows stay in L1.
+// p2c term of a block: s[r, j] += KP[j, s(i0 + r, j) - s0] (KP row stride ns). A key's values over the block's
+// rows come from consecutive slots of one KP row, so keys are the outer loop; kJB keys at a time go through an
+// L1-resident [bm, kJB] tile and are then added row-wise (walking a column of the block itself, stride ld,
+// missed L1 on every element).
 template <typename acc_t>
 void add_p2c_block(const Problem& p, int64_t i0, int64_t bm, acc_t* __restrict s, int64_t ld,
                    const acc_t* __restrict kp, int64_t ns) {
-  // kJB keys at a time through an L1-resident [bm, kJB] tile: walking a column of the block itself (stride ld)
-  // missed L1 on every element.
   const int64_t T = p.T;
   std::unique_ptr<acc_t[]> tile(new acc_t[kJB * bm]);
   acc_t* __restrict t = tile.get();
@@ -168,6 +166,8 @@ void scatter_p2c_block(const Problem& p, int64_t i0, int64_t bm, const acc_t* __
   }
 }
 
+// Scores of query row i: s = scale * (S + p2c + the c2p gather from crow), masked keys -> -inf, written back
+// into `s`. Returns the row max (-inf when no key is valid).
 template <typename acc_t>
 inline acc_t score_row(const Problem& p, int64_t b, int64_t i, acc_t* __restrict s, const acc_t* __restrict crow,
                        int32_t clo) {

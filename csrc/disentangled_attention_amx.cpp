@@ -11,7 +11,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 
 #include "disentangled_attention.h"
 
@@ -25,7 +24,7 @@ using bf16 = c10::BFloat16;
 
 inline int64_t even(int64_t n) { return n + (n & 1); }
 
-inline uint16_t bf16_bits(float x) {  // round to nearest even (finite inputs)
+inline uint16_t bf16_bits(float x) {  // round to nearest even (branch-free: finite inputs, as scores of legal input are)
   uint32_t u;
   std::memcpy(&u, &x, 4);
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
