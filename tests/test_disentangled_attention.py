@@ -203,21 +203,17 @@ def test_cpp_bf16_matches_reference(backend, device, case, amx, monkeypatch):
 
 
 @pytest.mark.skipif(not AMX, reason="this CPU has no native bf16 brgemm (AMX / AVX512-BF16)")
-def test_cpp_bf16_takes_the_brgemm_path():
+def test_cpp_bf16_takes_the_brgemm_path(monkeypatch):
     """Where the brgemm path is available, bf16 inputs take it (its rounding of P / dS differs from the fp32
     path's) and ELECTRA_FAST_NO_AMX=1 turns it off."""
-    import os
     args = [a.requires_grad_() for a in _inputs(1, 2, 33, 32, 8, torch.bfloat16)]
     kw = dict(position_buckets=SMALL[0], max_relative_positions=SMALL[1])
     results = []
     for off in ("0", "1"):
-        os.environ["ELECTRA_FAST_NO_AMX"] = off
-        try:
-            with electra_fast.use_backend("cpp"):
-                out = electra_fast.disentangled_attention(*args, **kw)
-                results.append([out, *torch.autograd.grad(out, args, torch.ones_like(out))])
-        finally:
-            del os.environ["ELECTRA_FAST_NO_AMX"]
+        monkeypatch.setenv("ELECTRA_FAST_NO_AMX", off)
+        with electra_fast.use_backend("cpp"):
+            out = electra_fast.disentangled_attention(*args, **kw)
+            results.append([out, *torch.autograd.grad(out, args, torch.ones_like(out))])
     assert any(not torch.equal(a, b) for a, b in zip(*results))
 
 
