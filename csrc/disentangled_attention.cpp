@@ -284,8 +284,6 @@ TORCH_LIBRARY_FRAGMENT(electra_fast_cpp, m) {
   m.def("disentangled_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? pos_key, "
         "Tensor? pos_query, Tensor? mask, Tensor rel_slots, Tensor out, Tensor lse, float scale, float dropout_p, "
         "int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Whether bf16 inputs run on the brgemm (AMX / AVX512-BF16) path here (ELECTRA_FAST_NO_AMX=1 turns it off).
-  m.def("disentangled_attention_amx_available() -> bool", []() { return da::amx_native(); });
 }
 
 TORCH_LIBRARY_IMPL(electra_fast_cpp, CPU, m) {

@@ -319,9 +319,7 @@ void sum_partitions(const acc_t* __restrict src, acc_t* __restrict dst, int64_t 
 // bf16 on AMX / AVX512-BF16 (disentangled_attention_amx.cpp): bf16 x bf16 -> fp32 block products through
 // ATen's brgemm micro-kernels; softmax, gathers and scatters stay in fp32 (the functions above).
 
-// True when torch's bf16 brgemm runs natively on this CPU (checked once, on a product with a known result).
-bool amx_native();
-// True when q is bf16 and torch's bf16 brgemm runs natively here (and ELECTRA_FAST_NO_AMX is unset).
+// True when q is bf16 and D even, and brg::enabled() (torch's bf16 brgemm runs natively, ELECTRA_FAST_NO_AMX unset).
 bool amx_usable(const at::Tensor& q, const Problem& p);
 std::tuple<at::Tensor, at::Tensor> forward_amx(const Problem& p, const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& v, const at::Tensor& pos_key,

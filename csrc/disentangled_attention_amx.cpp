@@ -7,126 +7,18 @@
 // brgemm reads B ([K, N]) in VNNI-2 layout: element (k, n) at B[(k / 2) * 2 * ldb + 2 * n + k % 2], K even.
 // Products that need a transposed operand are turned around instead (dV^T = dO^T P, dK^T = Q^T dS,
 // dpos_key^T = Q^T dC, dpos_query^T = K^T dKP), so every B is packed from rows or columns in one pass.
-#include <ATen/native/CPUBlas.h>
-
-#include <cstdlib>
 #include <cstring>
 
+#include "brgemm.h"
 #include "disentangled_attention.h"
 
 namespace electra_fast {
 namespace da {
 
-#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+#ifdef EF_HAVE_BRGEMM
 namespace {
 
-using bf16 = c10::BFloat16;
-
-inline int64_t even(int64_t n) { return n + (n & 1); }
-
-inline uint16_t bf16_bits(float x) {  // round to nearest even (branch-free: finite inputs, as scores of legal input are)
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-inline uint16_t bf16_bits(bf16 x) { return x.x; }
-
-inline const bf16* as_bf16(const uint16_t* p) { return reinterpret_cast<const bf16*>(p); }
-
-constexpr int64_t kChunk = 512;  // brgemm calls are cut into <= 512 x 512 x 512 pieces (a few kernel shapes)
-
-// C[M, N] (fp32, row stride ldc) (+)= A[M, K] (bf16, row stride lda) @ B (VNNI-2, ldb); K even.
-void gemm(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf16* B, int64_t ldb, float* C,
-          int64_t ldc, bool add) {
-  for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
-    for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
-      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-        at::native::cpublas::brgemm(std::min(kChunk, M - m0), std::min(kChunk, N - n0), std::min(kChunk, K - k0),
-                                    lda, ldb, ldc, add || k0 > 0, A + m0 * lda + k0, B + k0 * ldb + 2 * n0,
-                                    C + m0 * ldc + n0, true);
-      }
-    }
-  }
-}
-inline void gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb,
-                 float* C, int64_t ldc, bool add) {
-  gemm(M, N, K, as_bf16(A), lda, as_bf16(B), ldb, C, ldc, add);
-}
-
-// dst (VNNI-2, row-pair stride 2 * ld) = src [R, C] (row stride lds); an odd last row pairs with zeros.
-template <typename S>
-void pack_rows(const S* __restrict src, int64_t lds, int64_t R, int64_t C, uint16_t* __restrict dst, int64_t ld) {
-  for (int64_t r = 0; r < R; r += 2) {
-    const S* a = src + r * lds;
-    const S* b = a + lds;
-    uint16_t* d = dst + r * ld;
-    if (r + 1 < R) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        d[2 * c] = bf16_bits(a[c]);
-        d[2 * c + 1] = bf16_bits(b[c]);
-      }
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        d[2 * c] = bf16_bits(a[c]);
-        d[2 * c + 1] = 0;
-      }
-    }
-  }
-}
-
-// Transposes walk 16 source rows at a time: their lines stay in L1 while every column is read (a source row
-// stride like 3 * H * D * 2 bytes maps all rows onto a few L1 sets; whole-T column walks thrashed them), and
-// each column's 16 values land contiguously in the destination.
-constexpr int64_t kTR = 16;
-
-// dst (VNNI-2, ld) = the transpose of src [N, K] (bf16, row stride lds, K even): B[k, n] = src[n, k]. The pair
-// (src[n, k], src[n, k + 1]) is already the VNNI pair of column n.
-void pack_cols(const bf16* __restrict src, int64_t lds, int64_t N, int64_t K, uint16_t* __restrict dst, int64_t ld) {
-  for (int64_t n0 = 0; n0 < N; n0 += kTR) {
-    const int64_t nb = std::min(kTR, N - n0);
-    for (int64_t k = 0; k < K; k += 2) {
-      uint32_t* d = reinterpret_cast<uint32_t*>(dst + k * ld) + n0;
-      for (int64_t n = 0; n < nb; ++n) std::memcpy(d + n, src + (n0 + n) * lds + k, 4);
-    }
-  }
-}
-
-// dst [K, ld] = the transpose of src [N, K] (bf16, row stride lds), columns N..ld-1 zero (K padding)
-void transpose(const bf16* __restrict src, int64_t lds, int64_t N, int64_t K, uint16_t* __restrict dst, int64_t ld) {
-  for (int64_t n0 = 0; n0 < N; n0 += kTR) {
-    const int64_t nb = std::min(kTR, N - n0);
-    for (int64_t k = 0; k < K; ++k) {
-      uint16_t* d = dst + k * ld + n0;
-      for (int64_t n = 0; n < nb; ++n) d[n] = src[(n0 + n) * lds + k].x;
-    }
-  }
-  for (int64_t k = 0; k < K; ++k) std::fill(dst + k * ld + N, dst + (k + 1) * ld, uint16_t(0));
-}
-
-// dst [R, C] (row stride ld) = src (fp32, row stride lds) rounded to bf16
-void to_rows(const float* __restrict src, int64_t lds, int64_t R, int64_t C, uint16_t* __restrict dst, int64_t ld) {
-  for (int64_t r = 0; r < R; ++r) {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) dst[r * ld + c] = bf16_bits(src[r * lds + c]);
-  }
-}
-
-// 2 x 2 product with known result: brgemm must run natively with VNNI B here (a fallback would read B plainly).
-bool brgemm_bf16_works() {
-  try {
-    if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
-    const bf16 a[4] = {1, 2, 3, 4};
-    const bf16 b[4] = {5, 7, 6, 8};  // B = [[5, 6], [7, 8]] in VNNI-2
-    float c[4] = {0, 0, 0, 0};
-    at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, true);
-    at::native::cpublas::brgemm_release(true);
-    return c[0] == 19 && c[1] == 22 && c[2] == 43 && c[3] == 50;
-  } catch (...) {
-    return false;
-  }
-}
+using namespace brg;
 
 // [B, H, T, D] tensor with unit last stride: base pointer of (b, h) and the row stride
 struct Rows {
@@ -169,22 +61,6 @@ PosPack pack_positions(const Problem& p, const at::Tensor& pos_key, const at::Te
   pack(pos_query, pp.query_t, pp.query_rows);
   return pp;
 }
-
-// Uninitialised scratch of one task, reused across its (b, h) problems; at::empty allocations (seen by torch's
-// memory accounting like the fp32 path's scratch).
-class Scratch {
- public:
-  template <typename T>
-  T* get(int slot, int64_t n) {
-    at::Tensor& t = bufs_[slot];
-    const int64_t bytes = std::max<int64_t>(n * static_cast<int64_t>(sizeof(T)), 1);
-    if (!t.defined() || t.numel() < bytes) t = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-    return reinterpret_cast<T*>(t.data_ptr<uint8_t>());
-  }
-
- private:
-  at::Tensor bufs_[20];
-};
 
 // out rows [bm, D] (strided bf16) = src (fp32 [bm, D], row stride lds)
 void store_rows(const float* __restrict src, int64_t lds, int64_t bm, int64_t D, bf16* __restrict dst,
@@ -349,15 +225,8 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const 
 
 }  // namespace
 
-bool amx_native() {
-  static const bool native = brgemm_bf16_works();
-  return native;
-}
-
 bool amx_usable(const at::Tensor& q, const Problem& p) {
-  if (!amx_native() || q.scalar_type() != at::kBFloat16 || p.D % 2 != 0) return false;
-  const char* off = std::getenv("ELECTRA_FAST_NO_AMX");  // read per call: tests compare both paths
-  return off == nullptr || *off == '\0' || (off[0] == '0' && off[1] == '\0');
+  return q.scalar_type() == at::kBFloat16 && p.D % 2 == 0 && brg::enabled();
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_amx(const Problem& p, const at::Tensor& q, const at::Tensor& k,
@@ -372,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> forward_amx(const Problem& p, const at::Tenso
   parallel_tasks(p.B * p.H, [&](int64_t bh) {
     Scratch ws;
     forward_head(p, bh / p.H, bh % p.H, qr, kr, vr, pos, out, lp, ws);
-    at::native::cpublas::brgemm_release(true);
+    release();
   });
   return {out, lse};
 }
@@ -398,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     for (int64_t b = c * p.B / n_part; b < (c + 1) * p.B / n_part; ++b) {
       backward_head(p, b, h, qr, kr, vr, dr, pos, lse, dq, dk, dv, dpk_t, dpq_t, ldp, ws);
     }
-    at::native::cpublas::brgemm_release(true);
+    release();
   });
   auto reduce = [&](const at::Tensor& parts) -> at::Tensor {
     if (!parts.defined()) return at::Tensor();
@@ -412,7 +281,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 
 #else  // a torch without the bf16 brgemm: bf16 takes the fp32-accumulation path of disentangled_attention.cpp
 
-bool amx_native() { return false; }
 bool amx_usable(const at::Tensor&, const Problem&) { return false; }
 std::tuple<at::Tensor, at::Tensor> forward_amx(const Problem&, const at::Tensor&, const at::Tensor&,
                                                const at::Tensor&, const at::Tensor&, const at::Tensor&) {

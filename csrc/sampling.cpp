@@ -7,6 +7,11 @@
 // turns it into dlogits in place and feeds two more matmuls; each chunk of dweight / dbias is written
 // by exactly one loop iteration. Every row is processed sequentially by one task, so results do not
 // depend on the thread count (beyond what the BLAS itself does).
+//
+// bf16 hidden and weight (the generator head under CPU bf16 autocast) take brgemm (brgemm.h) where it runs
+// natively: every product is bf16 x bf16 -> fp32 in fixed row / column blocks (so no thread-count dependence at
+// all), the forward products exact as before (bf16 products are exact in fp32), and dlogits rounded to bf16
+// only as the operand of the two backward products, as flash attention does with its score gradients.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,7 +20,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
 
+#include "brgemm.h"
 #include "dispatch.h"
 #include "philox.h"
 #include "vec_math.h"
@@ -206,6 +213,147 @@ void check_common(const at::Tensor& hidden, const at::Tensor& weight, const at::
   TORCH_CHECK(chunk >= 1, "mlm_loss_sample: chunk must be >= 1");
 }
 
+#ifdef EF_HAVE_BRGEMM
+constexpr int64_t kBrRows = 32;  // rows per task on the bf16 path: a [32, chunk] fp32 logits block stays in L2
+
+bool brgemm_path(const at::Tensor& hidden, const at::Tensor& weight) {
+  return hidden.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 && hidden.size(1) % 2 == 0 &&
+         brg::enabled();
+}
+
+const brg::bf16* bf16_ptr(const at::Tensor& t) { return t.data_ptr<brg::bf16>(); }
+uint16_t* u16_ptr(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<int16_t>()); }
+
+// weight [V, E] -> VNNI of weight^T, the B operand ([E, V], ld V) of hidden @ weight^T
+at::Tensor pack_weight_cols(const at::Tensor& weight) {
+  const int64_t vocab = weight.size(0), e = weight.size(1);
+  at::Tensor out = at::empty({e * vocab}, weight.options().dtype(at::kShort));
+  const brg::bf16* w = bf16_ptr(weight);
+  uint16_t* dst = u16_ptr(out);
+  at::parallel_for(0, vocab, 1024, [&](int64_t begin, int64_t end) {
+    brg::pack_cols(w + begin * e, e, end - begin, e, dst + 2 * begin, vocab);
+  });
+  return out;
+}
+
+// weight [V, E] -> VNNI of its rows, the B operand ([V, E], ld E) of dlogits @ weight; an odd V pairs with zeros
+at::Tensor pack_weight_rows(const at::Tensor& weight) {
+  const int64_t vocab = weight.size(0), e = weight.size(1);
+  at::Tensor out = at::empty({brg::even(vocab) * e}, weight.options().dtype(at::kShort));
+  const brg::bf16* w = bf16_ptr(weight);
+  uint16_t* dst = u16_ptr(out);
+  at::parallel_for(0, (vocab + 1) / 2, 512, [&](int64_t begin, int64_t end) {
+    const int64_t r0 = 2 * begin, r1 = std::min(vocab, 2 * end);
+    brg::pack_rows(w + r0 * e, e, r1 - r0, e, dst + r0 * e, e);
+  });
+  return out;
+}
+
+// The bias in fp32 (undefined without bias): the row loops add it to each fp32 logits chunk.
+at::Tensor bias_fp32(const c10::optional<at::Tensor>& bias) {
+  return bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+// Fills st like the generic loop (acc_t is float whenever brgemm_path() holds).
+template <typename acc_t, typename id_t>
+void fwd_brgemm(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                const id_t* tg, const uint8_t* dis, uint64_t seed, float inv_t, int64_t chunk, at::Tensor& buf,
+                const RowState<acc_t>& st) {
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    TORCH_CHECK(false, "mlm_loss_sample_fwd: the brgemm path accumulates in fp32");
+  } else {
+  const int64_t n = hidden.size(0), vocab = weight.size(0), e = hidden.size(1);
+  const at::Tensor wt = pack_weight_cols(weight), bf = bias_fp32(bias);
+  const brg::bf16* h = bf16_ptr(hidden);
+  const uint16_t* wp = u16_ptr(wt);
+  for (int64_t v0 = 0; v0 < vocab; v0 += chunk) {  // chunk-outer: a weight chunk is shared by every row block
+    const int64_t vc = std::min(chunk, vocab - v0);
+    float* x = buf.data_ptr<float>();
+    const float* bp = bf.defined() ? bf.data_ptr<float>() + v0 : nullptr;
+    at::parallel_for(0, (n + kBrRows - 1) / kBrRows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t r0 = blk * kBrRows, rows = std::min(kBrRows, n - r0);
+        brg::gemm(rows, vc, e, h + r0 * e, e, brg::as_bf16(wp) + 2 * v0, vocab, x + r0 * vc, vc, false);
+        for (int64_t r = r0; r < r0 + rows; ++r)
+          update_row<float, id_t>(x + r * vc, bp, vc, v0, r, vocab, tg, dis, seed, inv_t, st);
+      }
+      brg::release();
+    });
+  }
+  }
+}
+
+// dh [N, E], dweight [V, E] (bf16), dbias [V] (weight dtype): per chunk, (1) row blocks recompute the logits,
+// turn them into dlogits (kept in fp32 for dbias), add dlogits @ W_chunk to their dh rows and pack their
+// dlogits as VNNI row pairs; (2) column blocks compute dW_chunk^T = hidden^T @ dlogits (turned around so B
+// packs from rows) and the dbias sums.
+template <typename id_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_brgemm(const at::Tensor& grad_rows, const at::Tensor& hidden,
+                                                          const at::Tensor& weight,
+                                                          const c10::optional<at::Tensor>& bias, const id_t* tg,
+                                                          const float* ls, int64_t ignore_index, int64_t chunk) {
+  const int64_t n = hidden.size(0), vocab = weight.size(0), e = hidden.size(1), ne = brg::even(n);
+  const at::Tensor wt = pack_weight_cols(weight), wr = pack_weight_rows(weight), bf = bias_fp32(bias);
+  const auto f32 = hidden.options().dtype(at::kFloat), i16 = hidden.options().dtype(at::kShort);
+  at::Tensor ht = at::empty({e * ne}, i16);  // hidden^T [E, N] (zero column N when N is odd): A of dW^T
+  brg::transpose(bf16_ptr(hidden), e, n, e, u16_ptr(ht), ne);
+  at::Tensor buf = at::empty({n * chunk}, f32), dlp = at::empty({ne * chunk}, i16);
+  at::Tensor dh = at::empty({n, e}, f32), dw = at::empty_like(weight), db = at::empty({vocab}, weight.options());
+  at::Tensor dbc_buf = at::empty({chunk}, f32);
+  const brg::bf16* h = bf16_ptr(hidden);
+  const float* gr = grad_rows.data_ptr<float>();
+  const uint16_t *wtp = u16_ptr(wt), *wrp = u16_ptr(wr);
+  const uint16_t* htp = u16_ptr(ht);
+  float* dhp = dh.data_ptr<float>();
+  uint16_t* dwp = reinterpret_cast<uint16_t*>(dw.data_ptr<brg::bf16>());
+  for (int64_t v0 = 0; v0 < vocab; v0 += chunk) {
+    const int64_t vc = std::min(chunk, vocab - v0), vce = brg::even(vc);
+    float* x = buf.data_ptr<float>();
+    uint16_t* dl = u16_ptr(dlp);
+    const float* bp = bf.defined() ? bf.data_ptr<float>() + v0 : nullptr;
+    at::parallel_for(0, (n + kBrRows - 1) / kBrRows, 1, [&](int64_t begin, int64_t end) {
+      brg::Scratch ws;
+      uint16_t* a = ws.get<uint16_t>(0, kBrRows * vce);  // this block's dlogits in bf16, zero column vc if odd
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t r0 = blk * kBrRows, rows = std::min(kBrRows, n - r0);
+        float* xb = x + r0 * vc;
+        brg::gemm(rows, vc, e, h + r0 * e, e, brg::as_bf16(wtp) + 2 * v0, vocab, xb, vc, false);
+        for (int64_t r = r0; r < r0 + rows; ++r) {
+          const int64_t t = static_cast<int64_t>(tg[r]);
+          const float scale = t == ignore_index ? 0.f : gr[r];
+          dlogits_row<float>(x + r * vc, bp, vc, ls[r], scale);
+          if (t >= v0 && t < v0 + vc) x[r * vc + t - v0] -= scale;
+        }
+        brg::to_rows(xb, vc, rows, vc, a, vce);
+        if (vce != vc) {
+          for (int64_t r = 0; r < rows; ++r) a[r * vce + vc] = 0;
+        }
+        brg::gemm(rows, e, vce, a, vce, wrp + v0 * e, e, dhp + r0 * e, e, v0 > 0);
+        brg::pack_rows(xb, vc, rows, vc, dl + r0 * vc, vc);  // rows r0.. (r0 even) pair within the block
+      }
+      brg::release();
+    });
+    float* dbc = dbc_buf.data_ptr<float>();
+    at::parallel_for(0, (vc + kColBlock - 1) / kColBlock, 1, [&](int64_t begin, int64_t end) {
+      brg::Scratch ws;
+      float* tile = ws.get<float>(0, e * kColBlock);
+      for (int64_t cb = begin; cb < end; ++cb) {
+        const int64_t c0 = cb * kColBlock, cols = std::min(kColBlock, vc - c0);
+        brg::gemm(e, cols, ne, htp, ne, dl + 2 * c0, vc, tile, kColBlock, false);
+        for (int64_t c = 0; c < cols; ++c) {
+          uint16_t* row = dwp + (v0 + c0 + c) * e;
+          for (int64_t k = 0; k < e; ++k) row[k] = brg::bf16_bits(tile[k * kColBlock + c]);
+        }
+        column_sums<float>(x + c0, n, vc, cols, dbc + c0);
+      }
+      brg::release();
+    });
+    db.narrow(0, v0, vc).copy_(dbc_buf.narrow(0, 0, vc));
+  }
+  return {dh.to(hidden.scalar_type()), dw, db};
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, const c10::optional<at::Tensor>& disallowed, int64_t seed, double inv_temperature, int64_t ignore_index,
@@ -213,9 +361,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_fwd(
   check_common(hidden, weight, targets, chunk);
   const int64_t n = hidden.size(0), vocab = weight.size(0);
   chunk = std::min(chunk, std::max<int64_t>(vocab, 1));
+#ifdef EF_HAVE_BRGEMM
+  const bool brgemm = brgemm_path(hidden, weight);
+  if (brgemm) chunk = brg::even(chunk);  // chunks start at even rows of the packed weight
+#else
+  const bool brgemm = false;
+#endif
   const auto acc = acc_type(hidden);
   const auto fopt = hidden.options().dtype(acc);
-  const at::Tensor h = hidden.to(acc).contiguous();
+  const at::Tensor h = brgemm ? hidden : hidden.to(acc).contiguous();
   at::Tensor buf = at::empty({n * chunk}, fopt);
   at::Tensor m = at::full({n}, -std::numeric_limits<double>::infinity(), fopt), s = at::zeros({n}, fopt);
   at::Tensor tgt = at::zeros({n}, fopt), amax = at::full({n}, -std::numeric_limits<double>::infinity(), fopt);
@@ -231,7 +385,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_fwd(
       const RowState<acc_t> st{m.data_ptr<acc_t>(),       s.data_ptr<acc_t>(),         tgt.data_ptr<acc_t>(),
                                amax.data_ptr<acc_t>(),    amax_id.data_ptr<int64_t>(), best.data_ptr<float>(),
                                best_id.data_ptr<int64_t>()};
-      for (int64_t v0 = 0; v0 < vocab; v0 += chunk) {
+#ifdef EF_HAVE_BRGEMM
+      if (brgemm) fwd_brgemm<acc_t, id_t>(hidden, weight, bias, tg, dis, static_cast<uint64_t>(seed), inv_t, chunk, buf, st);
+#endif
+      for (int64_t v0 = 0; v0 < (brgemm ? 0 : vocab); v0 += chunk) {
         const int64_t vc = std::min(chunk, vocab - v0);
         at::Tensor lc = buf.narrow(0, 0, n * vc).view({n, vc});
         const at::Tensor bc = chunk_logits(lc, h, weight, bias, v0, vc);
@@ -265,6 +422,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_bwd(
   TORCH_CHECK(grad_rows.scalar_type() == acc && lse.scalar_type() == acc && grad_rows.is_contiguous() &&
                   lse.is_contiguous(),
               "mlm_loss_sample_bwd: grad_rows and lse must be contiguous in the accumulation dtype");
+#ifdef EF_HAVE_BRGEMM
+  if (brgemm_path(hidden, weight)) {
+    return EF_DISPATCH_IDS(targets.scalar_type(), "mlm_loss_sample_bwd", [&] {
+      return bwd_brgemm<id_t>(grad_rows, hidden, weight, bias, targets.data_ptr<id_t>(), lse.data_ptr<float>(),
+                              ignore_index, brg::even(chunk));
+    });
+  }
+#endif
   const auto fopt = hidden.options().dtype(acc);
   const at::Tensor h = hidden.to(acc).contiguous();
   at::Tensor buf = at::empty({n * chunk}, fopt);

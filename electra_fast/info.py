@@ -50,9 +50,9 @@ def report() -> str:
     if _extension.extension_loaded():
         built = getattr(sys.modules.get("electra_fast._C"), "TORCH_VERSION", "?")
         lines.append(f"extension    built: electra_fast._C ({_extension.EXTENSION_PATH}; compiled against torch {built})")
-        probe = getattr(torch.ops.electra_fast_cpp, "disentangled_attention_amx_available", None)
+        probe = getattr(torch.ops.electra_fast_cpp, "bf16_brgemm_available", None)
         amx = probe is not None and probe()
-        lines.append(f"cpu bf16     {'brgemm (AMX / AVX512-BF16) for bf16 attention' if amx else 'no native bf16 brgemm: bf16 attention multiplies in fp32'}")
+        lines.append(f"cpu bf16     {'brgemm (AMX / AVX512-BF16) for bf16 attention and MLM products' if amx else 'no native bf16 brgemm: bf16 attention and MLM multiply in fp32'}")
     else:
         lines.append(f"extension    NOT available: {_extension.EXTENSION_ERROR}")
     forced = _backend.forced_backend()

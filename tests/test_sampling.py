@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import electra_fast
 import electra_fast.ops.sampling as sampling_ops
-from conftest import all_backends, backend_dtypes, fast_backends
+from conftest import all_backends, assert_low_precision, backend_dtypes, fast_backends
 from electra_fast.profiling import peak_memory
 from electra_fast.reference import philox
 from electra_fast.reference import sampling as ref
@@ -92,6 +92,53 @@ def test_backend_matches_reference(backend, device, dtype, bias, id_dtype, monke
             continue
         assert g.dtype == dtype
         torch.testing.assert_close(g.cpu(), w, **GRAD_TOL[dtype])
+
+
+BRGEMM = electra_fast.extension_loaded() and torch.ops.electra_fast_cpp.bf16_brgemm_available()
+
+
+@pytest.mark.parametrize("shape", [(37, 16, 333), (64, 24, 130), (1, 2, 7)], ids=["odd-n-odd-v", "even", "tiny"])
+@pytest.mark.parametrize("amx", [True, False], ids=["brgemm", "fp32-products"])
+@pytest.mark.parametrize("backend,device", [p for p in fast_backends() if p.id == "cpp-cpu"])
+def test_cpp_bf16_paths_match_reference(backend, device, shape, amx, monkeypatch):
+    """bf16 on both C++ paths: bf16 x bf16 -> fp32 brgemm (dlogits rounded to bf16 as the operand of the two
+    backward products) where the CPU runs it natively, fp32 products of upcast chunks elsewhere. Odd row counts
+    (a ragged last row block, a zero K-padding row), an odd vocabulary (a ragged odd last chunk) and ignored rows."""
+    if amx and not BRGEMM:
+        pytest.skip("this CPU has no native bf16 brgemm (AMX / AVX512-BF16): the fp32-products case covers it")
+    monkeypatch.setenv("ELECTRA_FAST_NO_AMX", "0" if amx else "1")
+    small_chunks(monkeypatch)
+    n, e, v = shape
+    for bias in (True, False):
+        args = make(n=n, e=e, v=v, dtype=torch.bfloat16, bias=bias, ignore=3, seed=n)
+        kw = dict(temperature=0.7, disallowed_ids=[0, v - 1])
+        want = run("reference", *args, **kw)
+        exact = run("reference", *[a.float() if a is not None and a.is_floating_point() else a for a in args], **kw)
+        got = run(backend, *args, **kw)
+        torch.testing.assert_close(got[0], want[0], **LOSS_TOL)  # forward products are exact in fp32 on both
+        assert (got[1] == want[1]).float().mean() >= 0.97  # at most one near-tie in 37 rows
+        assert all(g is None or g.dtype == torch.bfloat16 for g in got[3])
+        assert_low_precision(got[3], want[3], exact[3])
+
+
+@pytest.mark.skipif(not BRGEMM, reason="this CPU has no native bf16 brgemm (AMX / AVX512-BF16)")
+def test_cpp_bf16_takes_the_brgemm_path_thread_independent(monkeypatch):
+    """bf16 takes the brgemm path where it exists (its rounding of dlogits changes the gradients' last bits) and
+    ELECTRA_FAST_NO_AMX=1 turns it off; the brgemm path's results do not depend on the thread count."""
+    small_chunks(monkeypatch, cols=128)
+    args = make(n=70, e=32, v=1000, dtype=torch.bfloat16)
+    results = {}
+    for off, threads in (("0", 2), ("0", 1), ("1", 2)):
+        monkeypatch.setenv("ELECTRA_FAST_NO_AMX", off)
+        torch.set_num_threads(threads)
+        try:
+            results[off, threads] = run("cpp", *args)
+        finally:
+            torch.set_num_threads(2)
+    one, two, fp32 = results["0", 1], results["0", 2], results["1", 2]
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert all(torch.equal(a, b) for a, b in zip(one[3], two[3]))
+    assert any(not torch.equal(a, b) for a, b in zip(two[3], fp32[3]))
 
 
 @pytest.mark.parametrize("backend,device", fast_backends())
