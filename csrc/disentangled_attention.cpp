@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd(
   if (amx_usable(q, p)) {
     return forward_amx(p, q, k, v, p.has_pk ? *pos_key : at::Tensor(), p.has_pq ? *pos_query : at::Tensor());
   }
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = empty_in_dim_order(q);
   at::Tensor lse = at::empty({p.B, p.H, p.T}, q.options().dtype(at::kFloat));
   const at::Tensor pk = p.has_pk ? pos_key->to(p.acc) : at::Tensor();
   const at::Tensor pq = p.has_pq ? pos_query->to(p.acc) : at::Tensor();
@@ -239,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
     return backward_amx(p, grad_out, q, k, v, p.has_pk ? *pos_key : at::Tensor(),
                         p.has_pq ? *pos_query : at::Tensor(), lse_c.data_ptr<float>());
   }
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = empty_in_dim_order(q), dk = empty_in_dim_order(k), dv = empty_in_dim_order(v);
   const at::Tensor pk = p.has_pk ? pos_key->to(p.acc) : at::Tensor();
   const at::Tensor pq = p.has_pq ? pos_query->to(p.acc) : at::Tensor();
   const int64_t n_part = std::min(p.B, kPosPartitions);

@@ -315,6 +315,17 @@ void sum_partitions(const acc_t* __restrict src, acc_t* __restrict dst, int64_t 
   });
 }
 
+// An uninitialised [B, H, T, D] tensor in t's dim order (the outputs' layout, mirrored by the fake kernels in
+// ops/disentangled_attention.py): token-major ([B, T, H, D] memory) when t is a token-major view (H, T > 1 and
+// stride(1) < stride(2): heads of a projection, or q / k / v sliced from one fused [B, T, 3, H, D] projection),
+// so that the caller's transpose back to tokens is free and gradients stack into the projection in one copy;
+// contiguous otherwise.
+inline at::Tensor empty_in_dim_order(const at::Tensor& t) {
+  if (t.size(1) > 1 && t.size(2) > 1 && t.stride(1) < t.stride(2))
+    return at::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options()).transpose(1, 2);
+  return at::empty(t.sizes(), t.options());
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // bf16 on AMX / AVX512-BF16 (disentangled_attention_amx.cpp): bf16 x bf16 -> fp32 block products through
 // ATen's brgemm micro-kernels; softmax, gathers and scatters stay in fp32 (the functions above).

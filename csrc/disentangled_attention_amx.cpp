@@ -233,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> forward_amx(const Problem& p, const at::Tenso
                                                const at::Tensor& v, const at::Tensor& pos_key,
                                                const at::Tensor& pos_query) {
   const at::Tensor qc = unit_last(q), kc = unit_last(k), vc = unit_last(v);
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = empty_in_dim_order(q);
   at::Tensor lse = at::empty({p.B, p.H, p.T}, q.options().dtype(at::kFloat));
   const PosPack pos = pack_positions(p, pos_key, pos_query, false);
   const Rows qr(qc), kr(kc), vr(vc);
@@ -250,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const Problem& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& pos_key, const at::Tensor& pos_query, const float* lse) {
   const at::Tensor qc = unit_last(q), kc = unit_last(k), vc = unit_last(v), dc = unit_last(grad_out);
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = empty_in_dim_order(q), dk = empty_in_dim_order(k), dv = empty_in_dim_order(v);
   const PosPack pos = pack_positions(p, pos_key, pos_query, true);
   const int64_t n_part = std::min(p.B, kPosPartitions);
   const int64_t ldp = p.two_k + 2;  // room for the even-aligned slot columns past 2k - 1 (zero products)

@@ -351,26 +351,49 @@ def test_bf16_autocast_region(backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device", all_backends())
 def test_strided_inputs_match_contiguous(backend, device):
-    """q / k / v as [B, T, H, D] memory viewed as [B, H, T, D] (what the module passes; the C++ kernels read
-    them through strides, no permute copy): same output and gradients, bit for bit, as contiguous inputs."""
+    """q / k / v as [B, T, H, D] memory viewed as [B, H, T, D] (the DeBERTa module's heads), or sliced from one
+    fused [B, T, 3, H, D] projection (the standard-attention module's): the C++ kernels read them through
+    strides, no copies, and give the same output and gradients, bit for bit, as contiguous inputs. Outputs and
+    gradients of token-major inputs are token-major on every backend (the layout the fake kernels promise),
+    so the transpose back to tokens is free and the fused projection's gradient is one stack."""
     B, H, T, D = 2, 3, 13, 32
     mask = _pad("holes", B, T).to(device)
     kw = dict(attention_mask=mask, position_buckets=SMALL[0], max_relative_positions=SMALL[1], dropout_p=0.2,
               seed=3)
+    token_major = (T * H * D, D, H * D, 1)
     # bf16 on C++ (the brgemm path where available); the interpreter's bf16 is not meaningful
     for dtype in [torch.float32] + ([torch.bfloat16] if backend == "cpp" else []):
         base = _inputs(B, H, T, D, 8, dtype)
         results = []
-        for strided in (False, True):
-            qkv = [x.to(device).transpose(1, 2).contiguous().transpose(1, 2) if strided else x.to(device).clone()
-                   for x in base[:3]]
-            x = [t.requires_grad_() for t in (*qkv, base[3].to(device), base[4].to(device))]
+        for layout in ("contiguous", "heads", "fused"):
+            if layout == "fused":
+                packed = torch.stack([x.to(device).transpose(1, 2) for x in base[:3]], dim=2).requires_grad_()
+                qkv = [t.transpose(1, 2) for t in packed.unbind(2)]
+                leaves = [packed, base[3].to(device).requires_grad_(), base[4].to(device).requires_grad_()]
+            else:
+                qkv = [x.to(device).transpose(1, 2).contiguous().transpose(1, 2) if layout == "heads"
+                       else x.to(device).clone() for x in base[:3]]
+                leaves = [t.requires_grad_() for t in (*qkv, base[3].to(device), base[4].to(device))]
             with electra_fast.use_backend(backend):
-                out = electra_fast.disentangled_attention(*x, **kw)
-                out.transpose(1, 2).sum(-1).pow(2).sum().backward()  # a strided upstream gradient
-            results.append([out.detach(), *(t.grad for t in x)])
-        for a, b in zip(*results):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+                out = electra_fast.disentangled_attention(*qkv, *leaves[-2:], **kw)
+                grads = torch.autograd.grad(out.transpose(1, 2).sum(-1).pow(2).sum(), leaves)  # strided upstream
+            assert out.stride() == (token_major if layout != "contiguous" else (H * T * D, T * D, D, 1))
+            if layout == "fused":
+                assert grads[0].is_contiguous()
+                grads = [g.transpose(1, 2) for g in grads[0].unbind(2)] + list(grads[1:])
+            results.append([out.detach(), *grads])
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in all_backends() if p.values[0] != "triton"])
+def test_opcheck_fused_projection_views(backend, device):
+    """The fake kernels promise the real kernels' token-major layout for q / k / v sliced from one projection."""
+    q, k, v = (a.transpose(1, 2) for a in torch.randn(1, 9, 3, 2, 8).requires_grad_().unbind(2))
+    slots = ref.relative_slots(9, *SMALL)
+    with electra_fast.use_backend(backend):
+        torch.library.opcheck(_fwd, (q, k, v, None, None, None, slots, 0.2, 0.1, 3, *SMALL))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

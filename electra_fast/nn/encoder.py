@@ -55,10 +55,13 @@ class StandardSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
         B, T, H = x.shape
-        # one [H, 3H] projection instead of three: a single larger GEMM is faster on CPU
+        # one [H, 3H] projection instead of three: a single larger GEMM is faster on CPU. q / k / v stay views
+        # of it (unbind, then transpose): the fused op returns token-major outputs and gradients for such views,
+        # so the output's transpose back is free and the gradients stack into the projection's layout in one copy.
         w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        q, k, v = linear(x, w, b).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = linear(x, w, b).view(B, T, 3, self.num_heads, H // self.num_heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         p = self.dropout_p if self.training else 0.0
         if p > 0 and x.device.type == "cpu" and not eager_twin():
             out = disentangled_attention(q, k, v, attention_mask=key_mask, dropout_p=p, seed=draw_seed(),

@@ -62,16 +62,29 @@ def _no_autocast(q: torch.Tensor):
 
 
 def _takes_strided(fn) -> bool:
-    # The C++ kernels read q / k / v / grad_out through strides and allocate outputs with empty_like (the
-    # layout the fake kernels promise); the reference and Triton get contiguous tensors.
+    # The C++ kernels read q / k / v / grad_out through strides and allocate outputs with _empty_in_dim_order
+    # (the layout the fake kernels promise); the reference and Triton get contiguous tensors.
     return isinstance(fn, torch._ops.OpOverloadPacket)
 
 
+def _empty_in_dim_order(t: torch.Tensor) -> torch.Tensor:
+    """An empty [B, H, T, D] tensor in t's dim order (csrc/disentangled_attention.h's empty_in_dim_order):
+    token-major memory when t is a token-major view (H, T > 1 and stride(1) < stride(2): heads of a projection,
+    or q / k / v sliced from one fused [B, T, 3, H, D] projection), so the transpose back to tokens is free and
+    gradients stack into the projection in one copy; contiguous otherwise."""
+    b, h, n, d = t.shape
+    if h > 1 and n > 1 and t.stride(1) < t.stride(2):
+        return t.new_empty((b, n, h, d)).transpose(1, 2)
+    return t.new_empty(t.shape)
+
+
 def _like(t: torch.Tensor, layout_of: torch.Tensor) -> torch.Tensor:
-    """t with the strides of empty_like(layout_of) (what the fake kernels promise); no copy when they match."""
-    if t.stride() == layout_of.stride():
+    """t with the strides of _empty_in_dim_order(layout_of) (what the fake kernels promise); no copy when they
+    match."""
+    want = _empty_in_dim_order(layout_of)
+    if t.stride() == want.stride():
         return t
-    return torch.empty_like(layout_of, dtype=t.dtype).copy_(t)
+    return want.copy_(t)
 
 
 def _detached(*tensors):
@@ -100,7 +113,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optional[to
 @_fwd.register_fake
 def _(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, position_buckets,
       max_relative_positions):
-    return [torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)]
+    return [_empty_in_dim_order(q), q.new_empty(q.shape[:-1], dtype=torch.float32)]
 
 
 @torch.library.custom_op("electra_fast::disentangled_attention_bwd", mutates_args=())
@@ -126,7 +139,7 @@ def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 @_bwd.register_fake
 def _(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed, position_buckets,
       max_relative_positions):
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+    return [_empty_in_dim_order(q), _empty_in_dim_order(k), _empty_in_dim_order(v),
             q.new_empty(0) if pos_key is None else torch.empty_like(pos_key),
             q.new_empty(0) if pos_query is None else torch.empty_like(pos_query)]
 
