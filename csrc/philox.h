@@ -104,19 +104,46 @@ __attribute__((target("avx512f"))) static inline void philox_rounds_x16(__m512i 
   }
 }
 
-// words[i] = philox4x32_10(seed, index0 + i, purpose).x[0] for i < n (n a multiple of 64), bit-identical.
-__attribute__((target("avx512f"))) static inline void philox_word0_x16(uint64_t seed, uint64_t index0, int64_t n,
+// Stores the four words of 16 calls in element order: words[4 * j + k] = word k of call j (stream 0).
+__attribute__((target("avx512f"))) static inline void philox_store_words_x16(__m512i x0, __m512i x1, __m512i x2,
+                                                                             __m512i x3, uint32_t* __restrict out) {
+  // per 128-bit lane i: t = (x0, x1) / (x2, x3) pairs of calls 4i, 4i + 1 (lo) and 4i + 2, 4i + 3 (hi)
+  const __m512i t0 = _mm512_unpacklo_epi32(x0, x1), t1 = _mm512_unpackhi_epi32(x0, x1);
+  const __m512i t2 = _mm512_unpacklo_epi32(x2, x3), t3 = _mm512_unpackhi_epi32(x2, x3);
+  // u_m: lane i holds the four words of call 4i + m
+  const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+  const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+  const __m512i a01 = _mm512_shuffle_i32x4(u0, u1, 0x88), a23 = _mm512_shuffle_i32x4(u2, u3, 0x88);  // 0 8 1 9 | 2 10 3 11
+  const __m512i b01 = _mm512_shuffle_i32x4(u0, u1, 0xDD), b23 = _mm512_shuffle_i32x4(u2, u3, 0xDD);  // 4 12 5 13 | 6 14 7 15
+  _mm512_storeu_si512(out, _mm512_shuffle_i32x4(a01, a23, 0x88));       // calls 0 1 2 3
+  _mm512_storeu_si512(out + 16, _mm512_shuffle_i32x4(b01, b23, 0x88));  // 4 5 6 7
+  _mm512_storeu_si512(out + 32, _mm512_shuffle_i32x4(a01, a23, 0xDD));  // 8 9 10 11
+  _mm512_storeu_si512(out + 48, _mm512_shuffle_i32x4(b01, b23, 0xDD));  // 12 13 14 15
+}
+
+// words[4 * j + k] = philox4x32_10(seed, call0 + j, purpose).x[k] for j < n_calls (a multiple of 16): the
+// element-order words of the purposes whose call serves four elements, bit-identical to the scalar Philox.
+__attribute__((target("avx512f"))) static inline void philox_words_x16(uint64_t seed, uint64_t call0, int64_t n_calls,
                                                                        uint32_t purpose, uint32_t* __restrict words) {
   constexpr int kU = 4;
-  for (int64_t g = 0; g < n; g += 16 * kU) {
+  int64_t g = 0;
+  for (; g + 16 * kU <= n_calls; g += 16 * kU) {
     __m512i c0[kU], c1[kU], c2[kU], c3[kU];
     for (int u = 0; u < kU; ++u) {
-      philox_index_x16(index0 + static_cast<uint64_t>(g + 16 * u), c0[u], c1[u]);
+      philox_index_x16(call0 + static_cast<uint64_t>(g + 16 * u), c0[u], c1[u]);
       c2[u] = _mm512_set1_epi32(static_cast<int>(purpose));
       c3[u] = _mm512_setzero_si512();
     }
     philox_rounds_x16<kU>(c0, c1, c2, c3, seed);
-    for (int u = 0; u < kU; ++u) _mm512_storeu_si512(words + g + 16 * u, c0[u]);
+    for (int u = 0; u < kU; ++u) philox_store_words_x16(c0[u], c1[u], c2[u], c3[u], words + 4 * (g + 16 * u));
+  }
+  for (; g < n_calls; g += 16) {
+    __m512i c0[1], c1[1], c2[1], c3[1];
+    philox_index_x16(call0 + static_cast<uint64_t>(g), c0[0], c1[0]);
+    c2[0] = _mm512_set1_epi32(static_cast<int>(purpose));
+    c3[0] = _mm512_setzero_si512();
+    philox_rounds_x16<1>(c0, c1, c2, c3, seed);
+    philox_store_words_x16(c0[0], c1[0], c2[0], c3[0], words + 4 * g);
   }
 }
 #pragma GCC diagnostic pop

@@ -31,8 +31,9 @@ namespace electra_fast {
 namespace {
 
 constexpr int64_t kRowGrain = 4;   // rows per parallel task (each row is a full vocabulary chunk of work)
-constexpr int64_t kTile = 256;     // columns whose scores live in a stack buffer at once
-static_assert(kTile % 64 == 0, "philox_word0_x16 fills whole 64-word groups");
+constexpr int64_t kTile = 1024;    // columns whose scores and Philox words live in stack buffers at once
+// Philox calls of one tile (four columns per call; a tile may start mid-call), in whole vectors of 16
+constexpr int64_t kTileCalls = ((kTile + 3) / 4 + 1 + 15) / 16 * 16;
 constexpr int64_t kColBlock = 64;  // dbias columns per parallel task
 
 // log(x) for a positive normal float: x = m * 2^e with m in [1, 2). Branch-free, vectorises.
@@ -43,29 +44,45 @@ static inline float log_pos(float x) {
   return (log_1_2(m) + e * -2.12194440e-4f) + e * 0.693359375f;
 }
 
-// Gumbel(0, 1) noise of Philox element `index`: -log(-log(u)); u in [2^-24, 1 - 2^-24] keeps both
-// logarithms' arguments positive normal floats.
-static inline float gumbel(uint64_t seed, uint64_t index) {
-  const float u = philox_uniform_open(philox4x32_10(seed, index, kGumbel).x[0]);
-  return -log_pos(-log_pos(u));
-}
-
-// The AVX-512 Gumbel path needs the whole file built for AVX-512 (-march=native on such a CPU): its float loop
+// The AVX-512 Philox needs the whole file built for AVX-512 (-march=native on such a CPU): the score loop
 // inlines vec_math.h's logs, which a target attribute alone would turn into calls.
 #if defined(EF_HAVE_PHILOX_X16) && defined(__AVX512F__)
 #define EF_GUMBEL_X16 1
+// 512-bit vectors for the score loop (GCC's default tuning keeps loops at 256 bits)
+#define EF_VEC512 __attribute__((target("prefer-vector-width=512")))
 // ELECTRA_FAST_NO_AVX512=1 (read once per process) takes the portable loop: lets the tests check both.
 bool use_philox_x16() {
   static const bool ok = std::getenv("ELECTRA_FAST_NO_AVX512") == nullptr;
   return ok;
 }
+#else
+#define EF_VEC512
+#endif
 
-// sc[i] = x[i] * inv_t + Gumbel noise of Philox word w[i] (-inf where disallowed); returns max sc.
-// A separate function so the loop gets 512-bit vectors (GCC's default tuning keeps loops at 256 bits).
+// words[4 * j + k] = word k of Philox call call0 + j (purpose GUMBEL), j < n_calls: with AVX-512 16 calls per
+// vector (bit-identical to the scalar rounds GCC vectorises ~2.6x slower); room for n_calls rounded up to 16.
+void gumbel_words(uint64_t seed, uint64_t call0, int64_t n_calls, uint32_t* __restrict words) {
+#ifdef EF_GUMBEL_X16
+  if (use_philox_x16()) {
+    philox_words_x16(seed, call0, (n_calls + 15) / 16 * 16, kGumbel, words);
+    return;
+  }
+#endif
+#pragma omp simd
+  for (int64_t j = 0; j < n_calls; ++j) {
+    const Philox4 r = philox4x32_10(seed, call0 + static_cast<uint64_t>(j), kGumbel);
+    words[4 * j] = r.x[0];
+    words[4 * j + 1] = r.x[1];
+    words[4 * j + 2] = r.x[2];
+    words[4 * j + 3] = r.x[3];
+  }
+}
+
+// sc[i] = x[i] * inv_t + Gumbel noise -log(-log(u)) of Philox word w[i] (-inf where disallowed); returns max sc.
+// u in [2^-24, 1 - 2^-24] keeps both logarithms' arguments positive normal floats.
 template <typename T>
-__attribute__((target("prefer-vector-width=512"))) float gumbel_scores_x16(
-    const T* __restrict x, const uint32_t* __restrict w, int64_t len, const uint8_t* __restrict dis, float inv_t,
-    float* __restrict sc) {
+EF_VEC512 float gumbel_scores(const T* __restrict x, const uint32_t* __restrict w, int64_t len,
+                              const uint8_t* __restrict dis, float inv_t, float* __restrict sc) {
   float mx = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : mx)
   for (int64_t i = 0; i < len; ++i) {
@@ -77,39 +94,21 @@ __attribute__((target("prefer-vector-width=512"))) float gumbel_scores_x16(
   }
   return mx;
 }
-#endif
 
 // Running Gumbel argmax over columns [v0, v0 + n) of one row: x points at column v0, `index` is the
-// Philox index of column v0 (row * V + v0). Strict > across tiles: ties keep the smallest id. With AVX-512
-// a tile's Philox words come 16 calls per vector first (~2.6x faster than GCC's vectorisation of the
-// scalar rounds), bit-identical.
+// Philox element of column v0 (row * V + v0; element e reads word e % 4 of call e // 4). Strict > across
+// tiles: ties keep the smallest id.
 template <typename T>
 void gumbel_argmax(const T* __restrict x, int64_t n, int64_t v0, uint64_t index, const uint8_t* __restrict dis,
                    uint64_t seed, float inv_t, float* best, int64_t* best_id) {
   alignas(64) float sc[kTile];
-#ifdef EF_GUMBEL_X16
-  alignas(64) uint32_t words[kTile];
-  const bool x16 = use_philox_x16();
-#endif
+  alignas(64) uint32_t words[4 * kTileCalls];
   for (int64_t t0 = 0; t0 < n; t0 += kTile) {
     const int64_t len = std::min(kTile, n - t0);
-    float mx = -std::numeric_limits<float>::infinity();
-#ifdef EF_GUMBEL_X16
-    if (x16) {
-      philox_word0_x16(seed, index + t0, (len + 63) / 64 * 64, kGumbel, words);  // kTile is a multiple of 64
-      mx = gumbel_scores_x16<T>(x + t0, words, len, dis == nullptr ? nullptr : dis + v0 + t0, inv_t, sc);
-    } else
-#endif
-    {
-#pragma omp simd reduction(max : mx)
-      for (int64_t i = 0; i < len; ++i) {
-        float s = static_cast<float>(x[t0 + i]) * inv_t;
-        s = s + gumbel(seed, index + t0 + i);
-        if (dis != nullptr) s = dis[v0 + t0 + i] ? -std::numeric_limits<float>::infinity() : s;
-        sc[i] = s;
-        mx = std::max(mx, s);
-      }
-    }
+    const uint64_t e0 = index + static_cast<uint64_t>(t0);
+    const int64_t off = static_cast<int64_t>(e0 % 4);
+    gumbel_words(seed, e0 / 4, (off + len + 3) / 4, words);
+    const float mx = gumbel_scores<T>(x + t0, words + off, len, dis == nullptr ? nullptr : dis + v0 + t0, inv_t, sc);
     if (mx > *best) {
       int64_t i = 0;
       while (sc[i] != mx) ++i;

@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import philox4, uniform
+from .philox import element_word, uniform
 from .spec import Spec, ptr
 
 ATTN_DROPOUT = 3  # Philox purpose (electra_fast/reference/philox.py); literal in _keep (jit code)
@@ -154,9 +154,7 @@ def _keep(seed, bh, offs_m, offs_n, T):
     """Dropout keep-uniforms [BM, BN] of Philox purpose ATTN_DROPOUT: element e = ((b * H + h) * T + i) * T + j
     reads word e % 4 of the call at index e // 4 (a tile computes each call once per element it serves)."""
     e = (bh.to(tl.int64) * T + offs_m.to(tl.int64))[:, None] * T + offs_n.to(tl.int64)[None, :]
-    x0, x1, x2, x3 = philox4(seed, e // 4, 3)  # ATTN_DROPOUT
-    w = e % 4
-    return uniform(tl.where(w == 0, x0, tl.where(w == 1, x1, tl.where(w == 2, x2, x3))))
+    return uniform(element_word(seed, e, 3))  # ATTN_DROPOUT
 
 
 @triton.jit

@@ -26,6 +26,16 @@ def philox4_stream(seed, index, purpose: tl.constexpr, stream):
 
 
 @triton.jit
+def element_word(seed, element, purpose: tl.constexpr):
+    """uint32 word ``element % 4`` of the call at ``element // 4`` (int64 element indices): the layout of the
+    purposes whose one call serves four elements (reference ``philox.element_words``). Each element computes its
+    own call here: tiles whose element indices do not start at a multiple of 4 in every row cannot interleave."""
+    x0, x1, x2, x3 = philox4(seed, element // 4, purpose)
+    w = element % 4
+    return tl.where(w == 0, x0, tl.where(w == 1, x1, tl.where(w == 2, x2, x3)))
+
+
+@triton.jit
 def uniform(x):
     """uint32 -> fp32 in [0, 1): (x >> 8) * 2**-24."""
     return (x >> 8).to(tl.float32) * 5.9604644775390625e-08

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import philox4, uniform_open
+from .philox import element_word, uniform_open
 from .spec import Spec, ptr
 
 GUMBEL = tl.constexpr(2)  # electra_fast.reference.philox.GUMBEL (kernels import nothing from electra_fast)
@@ -37,7 +37,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def _gumbel_scores(x, rows, cols, cmask, V, seed, inv_t, dis_ptr):
     """fp32 scores x * inv_t + g for a [R, C] tile (-inf at disallowed or out-of-range columns)."""
     idx = rows.to(tl.int64)[:, None] * V + cols.to(tl.int64)[None, :]
-    u = uniform_open(philox4(seed, idx, GUMBEL)[0])
+    u = uniform_open(element_word(seed, idx, GUMBEL))
     sc = x.to(tl.float32) * inv_t + (-tl.log(-tl.log(u)))
     dis = tl.load(dis_ptr + cols, mask=cmask, other=1)
     return tl.where((dis != 0)[None, :], float("-inf"), sc)

@@ -157,12 +157,14 @@ def test_gumbel_sample_matches_reference(backend, device, dtype):
 
 
 def test_noise_layout_documented():
-    """g[n, v] = -log(-log(uniform_open(philox(seed, n * V + v, GUMBEL).x0))), checked element by element."""
+    """g[n, v] = -log(-log(uniform_open(x))), x = word e % 4 of philox(seed, e // 4, GUMBEL), e = n * V + v:
+    checked element by element (V = 7: rows start mid-call)."""
     seed, v = 99, 7
     noise = ref.gumbel_noise(seed, 3, v, "cpu")
-    for n, c in ((0, 0), (1, 3), (2, 6)):
-        x0 = philox.philox(seed, torch.tensor([n * v + c]), philox.GUMBEL)[0]
-        u = ((x0 >> 9).double() + 0.5) * 2 ** -23
+    for n, c in ((0, 0), (1, 3), (2, 6), (1, 0), (2, 2)):
+        e = n * v + c
+        x = philox.philox(seed, torch.tensor([e // 4]), philox.GUMBEL)[e % 4]
+        u = ((x >> 9).double() + 0.5) * 2 ** -23
         assert noise[n, c].item() == pytest.approx((-torch.log(-torch.log(u))).item(), rel=1e-6)
 
 

@@ -3,7 +3,8 @@ electra_fast.gumbel_sample and electra_fast.mlm_loss_and_sample. It materialises
 logits; the C++ and Triton backends stream over the vocabulary instead.
 
 Noise (every backend): for row n of a [N, V] problem, column v,
-  u = uniform_open(philox(seed, n * V + v, GUMBEL).x0)      (fp32, in (0, 1); see philox.py)
+  e = n * V + v                                             (the Philox element)
+  u = uniform_open(word e % 4 of philox(seed, e // 4, GUMBEL))  (fp32, in (0, 1); see philox.py)
   g = -log(-log(u))                                         (fp32)
   score = fp32(logits[n, v]) * inv_temperature + g           (inv_temperature = fp32(1 / temperature);
                                                               one product, one sum, both rounded to fp32)
@@ -36,7 +37,7 @@ def gumbel_noise(seed: int, rows: int, vocab: int, device) -> torch.Tensor:
     """fp32 [rows, vocab] Gumbel(0, 1) noise of rows 0..rows-1 of a vocab-wide problem."""
     index = (torch.arange(rows, device=device, dtype=torch.int64)[:, None] * vocab
              + torch.arange(vocab, device=device, dtype=torch.int64)[None, :])
-    u = philox.uniform_open(philox.philox(seed, index, philox.GUMBEL)[0])
+    u = philox.uniform_open(philox.element_words(seed, index, philox.GUMBEL))
     return -torch.log(-torch.log(u))
 
 
