@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "dispatch.h"
+#include "float_bits.h"
 #include "keep_bytes.h"
 #include "philox.h"
 
@@ -36,34 +37,7 @@ constexpr int64_t kChunk = 16384;
 
 // y = keep ? x * scale : 0 with the product in fp32 (fp64 for double) and one rounding to the dtype. The select is
 // an AND with a mask of the value's width (a byte-keyed select of wider values leaves GCC's loop scalar) and works
-// on the bits of 16-bit types, so every dtype's loop vectorises.
-template <typename T>
-struct Bits;  // storage bits -> accumulation value and back
-template <>
-struct Bits<float> {
-  using raw = uint32_t;
-  using acc = float;
-  static acc load(raw r) { return __builtin_bit_cast(float, r); }
-  static raw store(acc v) { return __builtin_bit_cast(raw, v); }
-};
-template <>
-struct Bits<double> {
-  using raw = uint64_t;
-  using acc = double;
-  static acc load(raw r) { return __builtin_bit_cast(double, r); }
-  static raw store(acc v) { return __builtin_bit_cast(raw, v); }
-};
-template <>
-struct Bits<at::BFloat16> {  // widen by a shift; round to nearest even exactly as c10::BFloat16 (NaN -> 0x7FC0)
-  using raw = uint16_t;
-  using acc = float;
-  static acc load(raw r) { return __builtin_bit_cast(float, static_cast<uint32_t>(r) << 16); }
-  static raw store(acc v) {
-    const uint32_t u = __builtin_bit_cast(uint32_t, v);
-    return v != v ? raw{0x7FC0} : static_cast<raw>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-  }
-};
-
+// on the bits of 16-bit types (float_bits.h), so every dtype's loop vectorises.
 template <typename scalar_t>
 EF_TARGET_CLONES void scale_kept(const scalar_t* __restrict xs, const uint8_t* __restrict keep,
                                  scalar_t* __restrict ys, int64_t n, float scale) {

@@ -3,8 +3,8 @@ from ._backend import available_backends, use_backend
 from ._extension import extension_loaded
 from .nn.disentangled_attention import patch_deberta_v2, unpatch_deberta_v2
 from .nn.masking import TokenMasker
-from .ops import (MaskedTokens, disentangled_attention, dropout, gumbel_sample, mask_tokens, mlm_loss_and_sample,
-                  rtd_loss)
+from .ops import (MaskedTokens, disentangled_attention, dropout, dropout_add_layer_norm, gumbel_sample, mask_tokens,
+                  mlm_loss_and_sample, rtd_loss)
 from .models import ElectraConfig, ElectraPretrainingModel
 
 
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ElectraConfig", "ElectraPretrainingModel", "MaskedTokens", "TokenMasker", "available_backends",
-    "disentangled_attention", "dropout", "extension_loaded", "gumbel_sample", "mask_tokens",
+    "disentangled_attention", "dropout", "dropout_add_layer_norm", "extension_loaded", "gumbel_sample", "mask_tokens",
     "mlm_loss_and_sample",
     "patch_deberta_v2", "pretrain", "rtd_loss", "unpatch_deberta_v2", "use_backend", "__version__",
 ]

@@ -26,11 +26,12 @@ def philox4_stream(seed, index, purpose: tl.constexpr, stream):
 
 
 @triton.jit
-def element_word(seed, element, purpose: tl.constexpr):
-    """uint32 word ``element % 4`` of the call at ``element // 4`` (int64 element indices): the layout of the
-    purposes whose one call serves four elements (reference ``philox.element_words``). Each element computes its
-    own call here: tiles whose element indices do not start at a multiple of 4 in every row cannot interleave."""
-    x0, x1, x2, x3 = philox4(seed, element // 4, purpose)
+def element_word(seed, element, purpose: tl.constexpr, stream=0):
+    """uint32 word ``element % 4`` of the call at ``element // 4`` (int64 element indices; ``stream``: the
+    counter's fourth word): the layout of the purposes whose one call serves four elements (reference
+    ``philox.element_words``). Each element computes its own call here: tiles whose element indices do not start
+    at a multiple of 4 in every row cannot interleave."""
+    x0, x1, x2, x3 = philox4_stream(seed, element // 4, purpose, stream)
     w = element % 4
     return tl.where(w == 0, x0, tl.where(w == 1, x1, tl.where(w == 2, x2, x3)))
 

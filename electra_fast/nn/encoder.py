@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.disentangled_attention import disentangled_attention
+from ..ops.dropout_add_layer_norm import dropout_add_layer_norm
 from .disentangled_attention import DisentangledSelfAttention
 from .dropout import Dropout, draw_seed, eager_twin
 from .linear import Linear, linear
@@ -85,7 +86,11 @@ def disentangled_self_attention(hidden_size: int, num_heads: int, dropout: float
 
 
 class _AddNorm(nn.Module):
-    """dense -> dropout -> LayerNorm(x + residual) (transformers *SelfOutput / *Output)."""
+    """dense -> dropout -> LayerNorm(x + residual) (transformers *SelfOutput / *Output).
+
+    The dropout, the add and the norm run as one fused op (``electra_fast.dropout_add_layer_norm``: the same
+    mask as the Dropout module's, one pass each way) when the dense output and the residual share a dtype; the
+    eager twin keeps torch's three ops."""
 
     def __init__(self, d_in: int, d_out: int, eps: float, dropout: float):
         super().__init__()
@@ -94,7 +99,15 @@ class _AddNorm(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        y = self.dense(x)
+        ln = self.LayerNorm
+        if (y.dtype == residual.dtype and y.shape == residual.shape and ln.weight is not None
+                and ln.weight.dtype in (torch.float32, y.dtype)
+                and (torch.compiler.is_compiling() or not eager_twin())):  # dynamo cannot read the ContextVar
+            p = self.dropout.p if self.training else 0.0
+            return dropout_add_layer_norm(y, residual, ln.weight, ln.bias, p=p,
+                                          seed=draw_seed() if p > 0 else None, eps=ln.eps)
+        return ln(self.dropout(y) + residual)
 
 
 class _Attention(nn.Module):

@@ -1,0 +1,143 @@
+"""electra_fast.dropout_add_layer_norm: ``LayerNorm(dropout(input) + residual)`` in one pass forward and one
+backward (the post-LN transformer's *SelfOutput / *Output after its dense layer).
+
+Ops (torch.library custom ops with fake kernels, routed to triton / cpp / reference):
+  ``electra_fast::dropout_add_layer_norm_fwd``  (out, h, mean, rstd): h = the pre-norm sum, saved for the backward
+  ``electra_fast::dropout_add_layer_norm_bwd``  (dinput, dresidual, dweight, dbias)
+The dropout mask is the one ``electra_fast.dropout(input, p, seed, stream)`` draws (regenerated in the backward,
+nothing stored). Semantics: electra_fast/reference/dropout_add_layer_norm.py.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+from .. import _backend, _validate
+from ..reference import dropout_add_layer_norm as ref
+from ..reference.dropout import keep_scale, keep_threshold
+from ..reference.philox import check_seed
+from .dropout import SEED_LIMIT, STREAM_LIMIT, _as_int64
+
+_backend.declare("dropout_add_layer_norm", cpp=("dropout_add_layer_norm_fwd", "dropout_add_layer_norm_bwd"),
+                 triton="dropout_add_layer_norm")
+
+
+@torch.library.custom_op("electra_fast::dropout_add_layer_norm_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], threshold: int,
+         scale: float, seed: int, stream: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor]:
+    impl = _backend.implementation("dropout_add_layer_norm", x.device, reference=ref.forward,
+                                   cpp="dropout_add_layer_norm_fwd", triton="dropout_add_layer_norm.forward")
+    out, h, mean, rstd = impl(x, residual, weight, bias, threshold, scale, seed, stream, eps)
+    return out, h, mean, rstd
+
+
+@_fwd.register_fake
+def _(x, residual, weight, bias, threshold, scale, seed, stream, eps):
+    acc = ref.acc_dtype(x.dtype)
+    return (torch.empty_like(x), torch.empty_like(x), x.new_empty((x.shape[0],), dtype=acc),
+            x.new_empty((x.shape[0],), dtype=acc))
+
+
+@torch.library.custom_op("electra_fast::dropout_add_layer_norm_bwd", mutates_args=())
+def _bwd(grad_out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+         threshold: int, scale: float, seed: int, stream: int,
+         has_bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _backend.implementation("dropout_add_layer_norm", h.device, reference=ref.backward,
+                                   cpp="dropout_add_layer_norm_bwd", triton="dropout_add_layer_norm.backward")
+    dx, dres, dw, db = impl(grad_out, h, weight, mean, rstd, threshold, scale, seed, stream, has_bias)
+    return dx, dres, dw, (db if db is not None else weight.new_empty(0))  # custom ops return no None
+
+
+@_bwd.register_fake
+def _(grad_out, h, weight, mean, rstd, threshold, scale, seed, stream, has_bias):
+    return (torch.empty_like(h), torch.empty_like(h), torch.empty_like(weight),
+            weight.new_empty(weight.shape[0] if has_bias else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    _x, _res, weight, bias, ctx.threshold, ctx.scale, ctx.seed, ctx.stream, _eps = inputs
+    ctx.has_bias = bias is not None
+    _out, h, mean, rstd = output
+    ctx.save_for_backward(h, weight, mean, rstd)
+
+
+def _backward(ctx, grad_out, _grad_h, _grad_mean, _grad_rstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    dx, dres, dw, db = _bwd(grad_out.contiguous(), h, weight, mean, rstd, ctx.threshold, ctx.scale, ctx.seed,
+                            ctx.stream, ctx.has_bias)
+    return dx, dres, dw, (db if ctx.has_bias else None), None, None, None, None, None
+
+
+torch.library.register_autograd("electra_fast::dropout_add_layer_norm_fwd", _backward, setup_context=_setup_context)
+
+
+def _real(name: str, value, lo: float, lo_open: bool, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    v = float(value)
+    if not (v > lo if lo_open else v >= lo) or not v < hi or math.isnan(v):
+        raise ValueError(f"{name}: expected a real number in {'(' if lo_open else '['}{lo}, {hi}), got {v}")
+    return v
+
+
+def dropout_add_layer_norm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           bias: Optional[torch.Tensor] = None, *, p: float = 0.0, seed: Optional[int] = None,
+                           stream: int = 0, eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm(dropout(input, p, seed, stream) + residual, [H], weight, bias, eps)`` fused: one pass forward,
+    one backward, the dropout mask regenerated from the seed (nothing stored but the pre-norm sum, which the
+    LayerNorm's backward needs anyway).
+
+    Args:
+        input: [..., H] floating tensor (fp32 / fp64 / fp16 / bf16), e.g. a dense layer's output.
+        residual: the same shape, dtype and device as ``input``.
+        weight: [H] LayerNorm weight, fp32 or ``input``'s dtype (fp32 parameters under autocast work as they are).
+        bias: [H] LayerNorm bias of ``weight``'s dtype, or None.
+        p: drop probability in [0, 1); 0 (e.g. in eval mode) fuses the add and the norm only.
+        seed: int in [0, 2**64), required when ``p > 0``; stream: int in [0, 2**32). The mask is exactly that of
+            ``electra_fast.dropout(input, p, seed, stream)`` (element i of ``input.contiguous()``).
+        eps: the LayerNorm epsilon (> 0).
+
+    Returns:
+        A tensor shaped and typed like ``input``. The dropout product and the sum are rounded to the dtype as the
+        unfused ops round them; mean, variance and the normalisation run in fp32 (fp64 for fp64). Gradients flow
+        to input, residual, weight and bias.
+    """
+    _validate.floating("input", input)
+    _validate.floating("residual", residual)
+    _validate.same_shape("residual", residual, "input", input)
+    _validate.same_device("residual", residual, "input", input)
+    if residual.dtype != input.dtype:
+        raise ValueError(f"residual: expected dtype {input.dtype} (that of input), got {residual.dtype}")
+    if input.dim() < 1 or input.shape[-1] == 0:
+        raise ValueError(f"input: expected a tensor [..., H] with H >= 1, got shape {tuple(input.shape)}")
+    H = input.shape[-1]
+    _validate.floating("weight", weight)
+    if weight.shape != (H,):
+        raise ValueError(f"weight: expected shape ({H},) (the last dim of input), got {tuple(weight.shape)}")
+    _validate.same_device("weight", weight, "input", input)
+    if weight.dtype not in (torch.float32, input.dtype):
+        raise ValueError(f"weight: expected dtype float32 or {input.dtype} (that of input), got {weight.dtype}")
+    if bias is not None:
+        _validate.floating("bias", bias)
+        if bias.shape != (H,) or bias.dtype != weight.dtype:
+            raise ValueError(f"bias: expected shape ({H},) and dtype {weight.dtype} (those of weight), "
+                             f"got {tuple(bias.shape)} {bias.dtype}")
+        _validate.same_device("bias", bias, "input", input)
+    p = _real("p", p, 0.0, False, 1.0)
+    eps = _real("eps", eps, 0.0, True, math.inf)
+    stream = check_seed(stream, "stream", STREAM_LIMIT)
+    if p > 0.0:
+        if seed is None:
+            raise ValueError("seed: required when p > 0 (an int in [0, 2**64), e.g. the step's seed)")
+        seed = check_seed(seed, "seed", SEED_LIMIT)
+    else:
+        seed = 0 if seed is None else check_seed(seed, "seed", SEED_LIMIT)
+    x2 = input.reshape(-1, H).contiguous()
+    r2 = residual.reshape(-1, H).contiguous()
+    out = _fwd(x2, r2, weight.contiguous(), None if bias is None else bias.contiguous(), keep_threshold(p),
+               keep_scale(p), _as_int64(seed), stream, eps)[0]
+    return out.view(input.shape)
