@@ -81,8 +81,12 @@ void pack_rows(const S* __restrict src, int64_t lds, int64_t R, int64_t C, uint1
 // stride like 3 * H * D * 2 bytes maps all rows onto a few L1 sets; whole-column walks thrashed them).
 constexpr int64_t kTR = 16;
 
+// dst[c * ldd + r] = src[r * lds + c] for an R x C matrix of 32-bit values (AVX-512: 16 x 16 register tiles)
+void transpose32(const uint32_t* __restrict src, int64_t lds, int64_t R, int64_t C, uint32_t* __restrict dst,
+                 int64_t ldd);
+
 // dst (VNNI-2, ld) = the transpose of src [N, K] (bf16, row stride lds, K even): B[k, n] = src[n, k]. The pair
-// (src[n, k], src[n, k + 1]) is already the VNNI pair of column n.
+// (src[n, k], src[n, k + 1]) is already the VNNI pair of column n: a 32-bit transpose.
 void pack_cols(const bf16* __restrict src, int64_t lds, int64_t N, int64_t K, uint16_t* __restrict dst, int64_t ld);
 
 // dst [K, ld] = the transpose of src [N, K] (bf16, row stride lds), columns N..ld-1 zero (K padding)

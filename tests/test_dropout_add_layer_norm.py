@@ -175,6 +175,14 @@ def test_bad_input(over, exc, match):
         electra_fast.dropout_add_layer_norm(**_kw(**over))
 
 
+def test_triton_row_limit_is_the_kernels():
+    pytest.importorskip("triton")
+    from electra_fast.kernels import dropout_add_layer_norm as kernels
+    from electra_fast.ops.dropout_add_layer_norm import TRITON_MAX_H
+
+    assert kernels.MAX_H == TRITON_MAX_H
+
+
 @pytest.mark.parametrize("backend,device", fast_backends())
 def test_forced_backend_serves_the_call(backend, device):
     """A forced fast backend runs its own kernels (no silent fallback) for a 3-d bf16 / fp16 input."""

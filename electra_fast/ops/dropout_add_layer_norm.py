@@ -23,15 +23,25 @@ from .dropout import SEED_LIMIT, STREAM_LIMIT, _as_int64
 
 _backend.declare("dropout_add_layer_norm", cpp=("dropout_add_layer_norm_fwd", "dropout_add_layer_norm_bwd"),
                  triton="dropout_add_layer_norm")
+TRITON_MAX_H = 2048  # kernels.dropout_add_layer_norm.MAX_H (a row is one register tile); larger H: the reference
+
+
+def _impl(which: str, t: torch.Tensor):
+    def supports(backend: str) -> Optional[str]:
+        if backend == "triton" and t.shape[-1] > TRITON_MAX_H:
+            return f"the Triton kernels hold a row in registers, up to H = {TRITON_MAX_H}; got {t.shape[-1]}"
+        return None
+
+    return _backend.implementation("dropout_add_layer_norm", t.device, reference=getattr(ref, which),
+                                   cpp=f"dropout_add_layer_norm_{'fwd' if which == 'forward' else 'bwd'}",
+                                   triton=f"dropout_add_layer_norm.{which}", supports=supports)
 
 
 @torch.library.custom_op("electra_fast::dropout_add_layer_norm_fwd", mutates_args=())
 def _fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], threshold: int,
          scale: float, seed: int, stream: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                     torch.Tensor]:
-    impl = _backend.implementation("dropout_add_layer_norm", x.device, reference=ref.forward,
-                                   cpp="dropout_add_layer_norm_fwd", triton="dropout_add_layer_norm.forward")
-    out, h, mean, rstd = impl(x, residual, weight, bias, threshold, scale, seed, stream, eps)
+    out, h, mean, rstd = _impl("forward", x)(x, residual, weight, bias, threshold, scale, seed, stream, eps)
     return out, h, mean, rstd
 
 
@@ -46,9 +56,7 @@ def _(x, residual, weight, bias, threshold, scale, seed, stream, eps):
 def _bwd(grad_out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
          threshold: int, scale: float, seed: int, stream: int,
          has_bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _backend.implementation("dropout_add_layer_norm", h.device, reference=ref.backward,
-                                   cpp="dropout_add_layer_norm_bwd", triton="dropout_add_layer_norm.backward")
-    dx, dres, dw, db = impl(grad_out, h, weight, mean, rstd, threshold, scale, seed, stream, has_bias)
+    dx, dres, dw, db = _impl("backward", h)(grad_out, h, weight, mean, rstd, threshold, scale, seed, stream, has_bias)
     return dx, dres, dw, (db if db is not None else weight.new_empty(0))  # custom ops return no None
 
 
