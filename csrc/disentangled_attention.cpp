@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd(
   const at::Tensor pk = p.has_pk ? pos_key->to(p.acc) : at::Tensor();
   const at::Tensor pq = p.has_pq ? pos_query->to(p.acc) : at::Tensor();
   float* lp = lse.data_ptr<float>();
-  parallel_tasks(p.B * p.H, [&](int64_t bh) {
+  parallel_tasks(p.B * p.H, [&](int64_t bh, int64_t) {
     if (p.acc == at::kDouble) {
       forward_head<double>(p, bh / p.H, bh % p.H, q, k, v, pk, pq, out, lp);
     } else {
@@ -248,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
   at::Tensor dpq_parts = p.has_pq ? at::zeros({n_part, p.H, p.two_k, p.D}, acc_opts) : at::Tensor();
   const float* lp = lse_c.data_ptr<float>();
   // Task (partition c, head h) owns batches [c * B / n_part, (c + 1) * B / n_part) and its own partials.
-  parallel_tasks(n_part * p.H, [&](int64_t t) {
+  parallel_tasks(n_part * p.H, [&](int64_t t, int64_t) {
     const int64_t c = t / p.H, h = t % p.H;
     at::Tensor dpk_part = p.has_pk ? dpk_parts[c][h] : at::Tensor();
     at::Tensor dpq_part = p.has_pq ? dpq_parts[c][h] : at::Tensor();

@@ -70,16 +70,19 @@ inline int64_t block_ld(int64_t T) {
   return ld % 256 == 0 ? ld + 16 : ld;
 }
 
-// Runs task(t) for t in [0, n) on at::parallel_for's threads, handing tasks out dynamically: a descheduled
-// thread (shared machine) does not hold the others back at the end. Tasks write disjoint outputs, so the
+// Number of workers parallel_tasks(n, ...) uses (the size of per-worker state).
+inline int64_t task_workers(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads())); }
+
+// Runs task(t, w) for t in [0, n) on at::parallel_for's threads, handing tasks out dynamically: a descheduled
+// thread (shared machine) does not hold the others back at the end. w in [0, task_workers(n)) names the worker
+// (for per-worker scratch: one worker runs its tasks one after another). Tasks write disjoint outputs, so the
 // result does not depend on which thread ran which task.
 template <typename F>
 void parallel_tasks(int64_t n, const F& task) {
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, task_workers(n), 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
-      for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t);
+      for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t, w);
     }
   });
 }

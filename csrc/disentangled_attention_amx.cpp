@@ -8,6 +8,7 @@
 // Products that need a transposed operand are turned around instead (dV^T = dO^T P, dK^T = Q^T dS,
 // dpos_key^T = Q^T dC, dpos_query^T = K^T dKP), so every B is packed from rows or columns in one pass.
 #include <cstring>
+#include <vector>
 
 #include "brgemm.h"
 #include "disentangled_attention.h"
@@ -85,9 +86,8 @@ void store_transposed(const float* __restrict at, const float* __restrict add, i
     const int64_t jb = std::min(kTR, T - j0);
     for (int64_t d0 = 0; d0 < D; d0 += 128) {
       const int64_t db = std::min<int64_t>(128, D - d0);
-      for (int64_t d = 0; d < db; ++d) {
-        for (int64_t j = 0; j < jb; ++j) tile[j * 128 + d] = at[(d0 + d) * T + j0 + j];
-      }
+      transpose32(reinterpret_cast<const uint32_t*>(at + d0 * T + j0), T, db, jb, reinterpret_cast<uint32_t*>(tile),
+                  128);
       for (int64_t j = 0; j < jb; ++j) {
         float* row = tile + j * 128;
         if (add != nullptr) {
@@ -238,9 +238,9 @@ std::tuple<at::Tensor, at::Tensor> forward_amx(const Problem& p, const at::Tenso
   const PosPack pos = pack_positions(p, pos_key, pos_query, false);
   const Rows qr(qc), kr(kc), vr(vc);
   float* lp = lse.data_ptr<float>();
-  parallel_tasks(p.B * p.H, [&](int64_t bh) {
-    Scratch ws;
-    forward_head(p, bh / p.H, bh % p.H, qr, kr, vr, pos, out, lp, ws);
+  std::vector<Scratch> ws(task_workers(p.B * p.H));  // per worker: allocated once, reused by its tasks
+  parallel_tasks(p.B * p.H, [&](int64_t bh, int64_t w) {
+    forward_head(p, bh / p.H, bh % p.H, qr, kr, vr, pos, out, lp, ws[w]);
     release();
   });
   return {out, lse};
@@ -259,13 +259,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor dpq_parts = p.has_pq ? at::zeros({n_part, p.H, p.D, ldp}, f32) : at::Tensor();
   const Rows qr(qc), kr(kc), vr(vc), dr(dc);
   // Task (partition c, head h) owns batches [c * B / n_part, (c + 1) * B / n_part) and its own partials.
-  parallel_tasks(n_part * p.H, [&](int64_t t) {
+  std::vector<Scratch> ws(task_workers(n_part * p.H));
+  parallel_tasks(n_part * p.H, [&](int64_t t, int64_t w) {
     const int64_t c = t / p.H, h = t % p.H;
     float* dpk_t = p.has_pk ? dpk_parts[c][h].data_ptr<float>() : nullptr;
     float* dpq_t = p.has_pq ? dpq_parts[c][h].data_ptr<float>() : nullptr;
-    Scratch ws;
     for (int64_t b = c * p.B / n_part; b < (c + 1) * p.B / n_part; ++b) {
-      backward_head(p, b, h, qr, kr, vr, dr, pos, lse, dq, dk, dv, dpk_t, dpq_t, ldp, ws);
+      backward_head(p, b, h, qr, kr, vr, dr, pos, lse, dq, dk, dv, dpk_t, dpq_t, ldp, ws[w]);
     }
     release();
   });
