@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import electra_fast
+from conftest import assert_low_precision
 from electra_fast.nn import linear as lin
 
 pytestmark = pytest.mark.skipif(not lin._ONEDNN, reason="torch built without oneDNN: Linear is nn.Linear")
@@ -81,3 +82,60 @@ def test_compiles_fullgraph():
     fn = torch.compile(m, fullgraph=True, backend="eager")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(fn(x).float(), F.linear(x, m.weight, m.bias).float(), rtol=2 ** -7, atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------- gelu_mlp
+def test_gelu_and_grad_kernel():
+    """The C++ GELU + derivative (erf by Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7) against torch's in fp64,
+    over the whole range where either changes (fp32: within 1e-6 absolute, far below a bf16 ulp)."""
+    op = lin._GELU_AND_GRAD
+    if op is None:
+        pytest.skip("the C++ extension is not built")
+    z = torch.linspace(-14, 14, 200001, dtype=torch.float64)
+    y, s = op(z.float())
+    zr = z.clone().requires_grad_()
+    yr = F.gelu(zr)
+    yr.backward(torch.ones_like(yr))
+    assert (y.double() - yr.detach()).abs().max() < 1e-6 and (s.double() - zr.grad).abs().max() < 1e-6
+    yb, sb = op(z.bfloat16())  # bf16: the fp32 values rounded once
+    zb = z.bfloat16().double()
+    yrb = F.gelu(zb)
+    torch.testing.assert_close(yb.double(), yrb, rtol=2 ** -8, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gelu_mlp_matches_unfused(bias):
+    """Under CPU bf16 autocast the fused feed-forward block (GELU's backward inside the second product's) is as
+    close to the fp32 computation as the unfused autocast composition (DESIGN.md's low-precision criterion): the
+    same bf16 products; the backward rounds gelu'(z) to bf16 where the unfused one rounds dY w2."""
+    if lin._GELU_AND_GRAD is None:
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 40, 48, generator=g, requires_grad=True)
+    w1 = (torch.randn(96, 48, generator=g) * 0.15).requires_grad_()
+    w2 = (torch.randn(32, 96, generator=g) * 0.1).requires_grad_()
+    b1 = torch.randn(96, generator=g).requires_grad_() if bias else None
+    b2 = torch.randn(32, generator=g).requires_grad_() if bias else None
+    dy = torch.randn(3, 40, 32, generator=g).bfloat16()
+    leaves = [t for t in (x, w1, b1, w2, b2) if t is not None]
+
+    def run(fn, autocast=True):
+        for t in leaves:
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(x, w1, b1, w2, b2)
+        y.backward(dy.float() if not autocast else dy)
+        return [y.detach().float()] + [t.grad.clone() for t in leaves], y.grad_fn
+
+    def unfused(*a):
+        return F.linear(F.gelu(F.linear(a[0], a[1], a[2])), a[3], a[4])
+
+    got, fn = run(lin.gelu_mlp)
+    assert "_GeluMLP" in type(fn).__name__ or any("_GeluMLP" in type(f).__name__ for f, _ in fn.next_functions if f)
+    low, _ = run(unfused)
+    exact, _ = run(unfused, autocast=False)
+    assert_low_precision(got, low, exact)
+    # outside the fast path it is the plain composition
+    with electra_fast.use_backend("reference"):
+        y2 = lin.gelu_mlp(x, w1, b1, w2, b2)
+    torch.testing.assert_close(y2, F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2))

@@ -22,7 +22,7 @@ from ..ops.disentangled_attention import disentangled_attention
 from ..ops.dropout_add_layer_norm import dropout_add_layer_norm
 from .disentangled_attention import DisentangledSelfAttention
 from .dropout import Dropout, draw_seed, eager_twin
-from .linear import Linear, linear
+from .linear import Linear, gelu_mlp, linear
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "swish": F.silu,
@@ -99,7 +99,10 @@ class _AddNorm(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        y = self.dense(x)
+        return self.norm(self.dense(x), residual)
+
+    def norm(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """LayerNorm(dropout(y) + residual): the sublayer after its dense layer."""
         ln = self.LayerNorm
         if (y.dtype == residual.dtype and y.shape == residual.shape and ln.weight is not None
                 and ln.weight.dtype in (torch.float32, y.dtype)
@@ -122,6 +125,7 @@ class _Intermediate(nn.Module):
         super().__init__()
         self.dense = Linear(hidden_size, intermediate_size)
         self.act = activation(act)
+        self.act_name = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.dense(x))
@@ -144,6 +148,9 @@ class EncoderLayer(nn.Module):
         else:  # transformers' signature: (hidden, mask, output_attentions, query_states, relative_pos, rel_emb)
             a = self.attention.self(x, key_mask, rel_embeddings=rel_embeddings)[0]
         a = self.attention.output(a, x)
+        if self.intermediate.act_name == "gelu":  # the GELU's backward fused into the second product's
+            d1, d2 = self.intermediate.dense, self.output.dense
+            return self.output.norm(gelu_mlp(a, d1.weight, d1.bias, d2.weight, d2.bias), a)
         return self.output(self.intermediate(a), a)
 
 
