@@ -20,10 +20,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
-#include <type_traits>
 
 #include "brgemm.h"
 #include "dispatch.h"
+#include "float_bits.h"
 #include "philox.h"
 #include "vec_math.h"
 
@@ -253,14 +253,11 @@ at::Tensor bias_fp32(const c10::optional<at::Tensor>& bias) {
   return bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
 }
 
-// Fills st like the generic loop (acc_t is float whenever brgemm_path() holds).
-template <typename acc_t, typename id_t>
+// Fills st like the generic loop.
+template <typename id_t>
 void fwd_brgemm(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                 const id_t* tg, const uint8_t* dis, uint64_t seed, float inv_t, int64_t chunk, at::Tensor& buf,
-                const RowState<acc_t>& st) {
-  if constexpr (!std::is_same_v<acc_t, float>) {
-    TORCH_CHECK(false, "mlm_loss_sample_fwd: the brgemm path accumulates in fp32");
-  } else {
+                const RowState<float>& st) {
   const int64_t n = hidden.size(0), vocab = weight.size(0), e = hidden.size(1);
   const at::Tensor wt = pack_weight_cols(weight), bf = bias_fp32(bias);
   const brg::bf16* h = bf16_ptr(hidden);
@@ -279,7 +276,13 @@ void fwd_brgemm(const at::Tensor& hidden, const at::Tensor& weight, const c10::o
       brg::release();
     });
   }
-  }
+}
+// brgemm_path() implies bf16 inputs, whose accumulation dtype is fp32: the generic loop's fp64 instance never
+// gets here
+template <typename id_t>
+void fwd_brgemm(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const id_t*, const uint8_t*,
+                uint64_t, float, int64_t, at::Tensor&, const RowState<double>&) {
+  TORCH_CHECK(false, "mlm_loss_sample_fwd: the brgemm path accumulates in fp32");
 }
 
 // dh [N, E], dweight [V, E] (bf16), dbias [V] (weight dtype): per chunk, (1) row blocks recompute the logits,
@@ -341,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_brgemm(const at::Tensor& grad
         brg::gemm(e, cols, ne, htp, ne, dl + 2 * c0, vc, tile, kColBlock, false);
         for (int64_t c = 0; c < cols; ++c) {
           uint16_t* row = dwp + (v0 + c0 + c) * e;
-          for (int64_t k = 0; k < e; ++k) row[k] = brg::bf16_bits(tile[k * kColBlock + c]);
+          for (int64_t k = 0; k < e; ++k) row[k] = Bits<at::BFloat16>::store(tile[k * kColBlock + c]);  // NaN stays
         }
         column_sums<float>(x + c0, n, vc, cols, dbc + c0);
       }
@@ -385,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_fwd(
                                amax.data_ptr<acc_t>(),    amax_id.data_ptr<int64_t>(), best.data_ptr<float>(),
                                best_id.data_ptr<int64_t>()};
 #ifdef EF_HAVE_BRGEMM
-      if (brgemm) fwd_brgemm<acc_t, id_t>(hidden, weight, bias, tg, dis, static_cast<uint64_t>(seed), inv_t, chunk, buf, st);
+      if (brgemm) fwd_brgemm<id_t>(hidden, weight, bias, tg, dis, static_cast<uint64_t>(seed), inv_t, chunk, buf, st);
 #endif
       for (int64_t v0 = 0; v0 < (brgemm ? 0 : vocab); v0 += chunk) {
         const int64_t vc = std::min(chunk, vocab - v0);
