@@ -67,24 +67,27 @@ def _takes_strided(fn) -> bool:
     return isinstance(fn, torch._ops.OpOverloadPacket)
 
 
+def _token_major(t: torch.Tensor) -> bool:
+    return t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2)
+
+
 def _empty_in_dim_order(t: torch.Tensor) -> torch.Tensor:
     """An empty [B, H, T, D] tensor in t's dim order (csrc/disentangled_attention.h's empty_in_dim_order):
     token-major memory when t is a token-major view (H, T > 1 and stride(1) < stride(2): heads of a projection,
     or q / k / v sliced from one fused [B, T, 3, H, D] projection), so the transpose back to tokens is free and
     gradients stack into the projection in one copy; contiguous otherwise."""
     b, h, n, d = t.shape
-    if h > 1 and n > 1 and t.stride(1) < t.stride(2):
+    if _token_major(t):
         return t.new_empty((b, n, h, d)).transpose(1, 2)
     return t.new_empty(t.shape)
 
 
 def _like(t: torch.Tensor, layout_of: torch.Tensor) -> torch.Tensor:
-    """t with the strides of _empty_in_dim_order(layout_of) (what the fake kernels promise); no copy when they
-    match."""
-    want = _empty_in_dim_order(layout_of)
-    if t.stride() == want.stride():
-        return t
-    return want.copy_(t)
+    """t (a contiguous kernel output) with the strides of _empty_in_dim_order(layout_of), what the fake kernels
+    promise: a copy only for token-major layout_of."""
+    if not _token_major(layout_of):
+        return t if t.is_contiguous() else t.contiguous()
+    return _empty_in_dim_order(layout_of).copy_(t)
 
 
 @functools.lru_cache(maxsize=64)
