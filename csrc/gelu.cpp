@@ -13,7 +13,6 @@
 #include <tuple>
 #include <type_traits>
 
-#include "dispatch.h"
 #include "float_bits.h"
 #include "vec_math.h"
 
