@@ -12,7 +12,9 @@ second product's input gradient (``_GeluMLP``; its forward keeps gelu'(z) from `
 instead of z).
 
 Anywhere else - fp32, CUDA, the eager twin (``use_backend("reference")``), torch.compile tracing, a build
-without oneDNN - it is ``nn.Linear``. Parameter names, init and ``isinstance(m, nn.Linear)`` are unchanged.
+without oneDNN, a CPU where oneDNN has no native bf16 GEMM (it then cannot create these primitives at all: asked
+once per process by ``_cpu.onednn_bf16_linear``, which probes the ops) - it is ``nn.Linear``. Parameter names,
+init and ``isinstance(m, nn.Linear)`` are unchanged.
 """
 from __future__ import annotations
 
@@ -22,20 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _extension
+from .. import _cpu, _extension
 from .dropout import eager_twin
 
 _MIN_OUT = 16  # a [N, 1] prediction layer gains nothing from the epilogue
-
-
-def _has_onednn_linear() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_ONEDNN = _has_onednn_linear()
 
 
 class _EpilogueLinear(torch.autograd.Function):
@@ -92,9 +84,9 @@ _GELU_AND_GRAD = _extension.cpp_op("gelu_and_grad")
 
 
 def _fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_ONEDNN and x.device.type == "cpu" and x.dim() >= 2 and weight.shape[0] >= _MIN_OUT
+    return (x.device.type == "cpu" and x.dim() >= 2 and weight.shape[0] >= _MIN_OUT
             and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and not torch.compiler.is_compiling() and not eager_twin())
+            and not torch.compiler.is_compiling() and not eager_twin() and _cpu.onednn_bf16_linear()[0])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
