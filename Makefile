@@ -1,20 +1,31 @@
 # electra_fast: one command to set up, one to test. Override TORCH_SPEC to bring your own torch, e.g.
 #   make setup TORCH_SPEC="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"
-PYTHON     ?= python3
-VENV       ?= .venv
-TORCH_SPEC ?= torch==2.13.0
-PY         := $(VENV)/bin/python
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+# The test toolchain is pinned (requirements/ci-constraints.txt) so that an upstream release cannot turn CI red
+# overnight; `make test-latest` installs the newest releases pyproject.toml allows instead, as a canary.
+CONSTRAINTS ?= requirements/ci-constraints.txt
+PY          := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# The forced-AVX2 lane: a second, non-editable install whose C++ extension is built for x86-64-v3 (AVX2, no
+# AVX-512), run with oneDNN / ATen capped at AVX2 and the project's AMX / AVX-512 paths switched off: the machine
+# then looks like an AVX2-only CPU (e.g. AMD EPYC Zen 3) whatever it really is.
+AVX2_VENV   ?= .venv-avx2
+AVX2_ENV    := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 ELECTRA_FAST_NO_AMX=1 ELECTRA_FAST_NO_AVX512=1
+AVX2_TESTS  ?= tests/test_models.py tests/test_nn_linear.py tests/test_disentangled_attention.py \
+               tests/test_sampling.py tests/test_cpu_paths.py tests/test_train.py
+LATEST_VENV ?= .venv-latest
 
-.PHONY: setup pretrain demo test aot bench clean
+.PHONY: setup pretrain demo test test-fast test-avx2 test-latest lock aot aot-triton36 bench clean
 
 # torch is installed first and the package with --no-build-isolation, so pip never resolves torch
 # itself (an unpinned torch pulls several GB of CUDA packages) and _C compiles against this torch.
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel ninja
+	$(PY) -m pip install -q --upgrade -c $(CONSTRAINTS) pip setuptools wheel ninja
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -30,10 +41,44 @@ demo: setup
 	$(PY) -m electra_fast.demo
 
 # ELECTRA_FAST_REQUIRE_EXT=1: a missing C++ extension fails the run instead of skipping the cpp lane.
-# Then the quick benchmark as a smoke test (its results go to build/, never committed from CI).
-test: setup
-	ELECTRA_FAST_REQUIRE_EXT=1 $(PY) -m pytest tests -q $(PYTEST_ARGS)
+# Then the forced-AVX2 lane, and the quick benchmark as a smoke test (its results go to build/, never committed).
+test: test-fast test-avx2
 	$(PY) -m electra_fast bench --quick --out build/bench-smoke
+
+test-fast: setup
+	ELECTRA_FAST_REQUIRE_EXT=1 $(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# The lane installs a copy of the sources (a non-editable build must not share build/ or the in-tree _C with the
+# editable one) and runs pytest with PYTHONSAFEPATH=1, so `electra_fast` comes from that install, not the checkout.
+$(AVX2_VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h electra_fast/*.py electra_fast/*/*.py kernels/*.py)
+	test -x $(AVX2_VENV)/bin/python || $(PYTHON) -m venv $(AVX2_VENV)
+	$(AVX2_VENV)/bin/python -m pip install -q --upgrade -c $(CONSTRAINTS) pip setuptools wheel ninja
+	$(AVX2_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	rm -rf build/avx2-src && mkdir -p build/avx2-src
+	cp -r pyproject.toml setup.py README.md MANIFEST.in csrc kernels electra_fast build/avx2-src/
+	rm -f build/avx2-src/electra_fast/_C*.so build/avx2-src/electra_fast/_C_isa.json
+	ELECTRA_FAST_CPU_ARCH=x86-64-v3 $(AVX2_VENV)/bin/python -m pip install -q --no-build-isolation \
+	    -c $(CONSTRAINTS) "./build/avx2-src[test]"
+	touch $@
+
+test-avx2: $(AVX2_VENV)/.installed
+	$(AVX2_ENV) PYTHONSAFEPATH=1 ELECTRA_FAST_REQUIRE_EXT=1 $(AVX2_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	    $(AVX2_TESTS) $(PYTEST_ARGS)
+	$(AVX2_ENV) PYTHONSAFEPATH=1 $(AVX2_VENV)/bin/python -m electra_fast info
+
+# The canary: the newest releases pyproject.toml allows (no constraints), then the whole suite.
+test-latest:
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
+	$(LATEST_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e ".[test]"
+	ELECTRA_FAST_REQUIRE_EXT=1 $(LATEST_VENV)/bin/python -m pytest tests -q $(PYTEST_ARGS)
+
+# Refresh the pins from what test-latest resolved (review the diff, then commit it).
+lock: test-latest
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -E '^torch=='; \
+	  $(LATEST_VENV)/bin/python -m pip list --format=freeze | grep -E '^(pip|setuptools|wheel)=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 aot: setup
 	$(PY) -m electra_fast.kernels.check
@@ -42,4 +87,4 @@ bench: setup
 	$(PY) -m electra_fast bench
 
 clean:
-	rm -rf build *.egg-info electra_fast/_C*.so
+	rm -rf build *.egg-info electra_fast/_C*.so electra_fast/_C_isa.json

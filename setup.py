@@ -8,13 +8,42 @@ Environment:
                                or "" for the compiler default, when building for other machines)
 """
 import glob
+import json
 import os
+import subprocess
 import sys
 
 from setuptools import setup
 
 SKIP = os.environ.get("ELECTRA_FAST_SKIP_EXT", "0") == "1"
 OPTIONAL = os.environ.get("ELECTRA_FAST_EXT_OPTIONAL", "0") == "1"
+
+
+# GCC's predefined instruction-set macros -> the flag Linux lists in /proc/cpuinfo for the same feature.
+_ISA_MACROS = {
+    "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2", "__SSE4A__": "sse4a", "__POPCNT__": "popcnt", "__AVX__": "avx",
+    "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c", "__BMI__": "bmi1", "__BMI2__": "bmi2",
+    "__LZCNT__": "abm", "__MOVBE__": "movbe", "__SHA__": "sha_ni", "__GFNI__": "gfni", "__VAES__": "vaes",
+    "__VPCLMULQDQ__": "vpclmulqdq", "__AVXVNNI__": "avx_vnni", "__AVX512F__": "avx512f", "__AVX512CD__": "avx512cd",
+    "__AVX512BW__": "avx512bw", "__AVX512DQ__": "avx512dq", "__AVX512VL__": "avx512vl", "__AVX512IFMA__": "avx512ifma",
+    "__AVX512VBMI__": "avx512vbmi", "__AVX512VBMI2__": "avx512_vbmi2", "__AVX512VNNI__": "avx512_vnni",
+    "__AVX512BITALG__": "avx512_bitalg", "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq", "__AVX512BF16__": "avx512_bf16",
+    "__AVX512FP16__": "avx512_fp16", "__AMX_TILE__": "amx_tile", "__AMX_BF16__": "amx_bf16", "__AMX_INT8__": "amx_int8",
+}
+
+
+def _required_cpu_flags(cxx_flags):
+    """The CPU flags code compiled with ``cxx_flags`` may execute (from the compiler's predefined macros), or None
+    when the compiler cannot be asked. Recorded next to _C so that a build copied to an older CPU is refused at
+    import (electra_fast/_extension.py) instead of dying of SIGILL."""
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([compiler, *[f for f in cxx_flags if f.startswith("-m")], "-dM", "-E", "-x", "c++",
+                              os.devnull], capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    macros = {line.split()[1] for line in out.splitlines() if line.startswith("#define ")}
+    return sorted(flag for macro, flag in _ISA_MACROS.items() if macro in macros)
 
 
 def _extensions_and_cmdclass():
@@ -72,6 +101,14 @@ def _extensions_and_cmdclass():
                     raise
                 print(f"WARNING: electra_fast._C failed to build ({exc}); CPU ops will use the "
                       "reference backend", file=sys.stderr)
+                return
+            record = {"march": arch or None, "cpu_flags": _required_cpu_flags(cxx)}
+            targets = [os.path.dirname(self.get_ext_fullpath(extension.name))]  # the wheel's copy
+            if self.editable_mode:  # an editable install copies only the .so into the tree: the record goes too
+                targets.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "electra_fast"))
+            for folder in targets:
+                with open(os.path.join(folder, "_C_isa.json"), "w") as fh:
+                    json.dump(record, fh)
 
     return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
 

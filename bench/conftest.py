@@ -10,10 +10,33 @@ import subprocess
 import pytest
 import torch
 
+from electra_fast import _cpu
 from electra_fast.bench_report import machine_name
 from electra_fast.profiling import peak_memory
 
 QUICK = os.environ.get("ELECTRA_FAST_BENCH_QUICK", "0") == "1"
+_SKIPPED: list = []  # (test, reason) of the rows this run left out, recorded in the results' machine_info
+
+
+def _is_bf16(value) -> bool:
+    return value is torch.bfloat16 or (isinstance(value, str) and "bf16" in value)
+
+
+@pytest.fixture(autouse=True)
+def _native_bf16_only(request, device):
+    """CPU bf16 rows run only where the CPU multiplies bf16 natively: elsewhere a bf16 matmul is emulated ~50x
+    slower than fp32 (minutes per model step), which measures the emulation, not the code."""
+    callspec = getattr(request.node, "callspec", None)
+    if device.type != "cpu" or callspec is None or not any(_is_bf16(v) for v in callspec.params.values()):
+        return
+    native, why = _cpu.native_bf16()
+    if not native:
+        pytest.skip(f"CPU bf16 row left out: {why}")
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when == "setup" and isinstance(report.longrepr, tuple):
+        _SKIPPED.append({"test": report.nodeid, "reason": report.longrepr[2].removeprefix("Skipped: ")})
 
 
 def pytest_addoption(parser):
@@ -73,5 +96,6 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info.update(
         electra_fast_machine=machine_name(), cores=os.cpu_count(), torch=torch.__version__, triton=triton_version,
         torch_threads=torch.get_num_threads(), electra_fast=electra_fast.__version__, git_commit=commit,
-        cuda=torch.version.cuda, extension=electra_fast.extension_loaded(),
+        cuda=torch.version.cuda, extension=electra_fast.extension_loaded(), cpu_bf16_native=_cpu.native_bf16()[0],
+        cpu_bf16=_cpu.native_bf16()[1], skipped=list(_SKIPPED),
     )

@@ -1,5 +1,6 @@
 // Out-of-line parts of brgemm.h.
 #include "brgemm.h"
+#include "env_switch.h"
 
 #include <torch/library.h>
 
@@ -166,11 +167,7 @@ void to_rows(const float* __restrict src, int64_t lds, int64_t R, int64_t C, uin
 bool native() { return false; }
 #endif
 
-bool enabled() {
-  if (!native()) return false;
-  const char* off = std::getenv("ELECTRA_FAST_NO_AMX");
-  return off == nullptr || *off == '\0' || (off[0] == '0' && off[1] == '\0');
-}
+bool enabled() { return native() && !env_switch("ELECTRA_FAST_NO_AMX"); }
 
 }  // namespace brg
 

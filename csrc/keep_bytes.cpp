@@ -1,6 +1,7 @@
 // Keep bytes of counter-based dropout (one Philox call per four elements: word e % 4 of the call at e // 4 is
 // element e's), shared by the dropout op and the attention dropout. See electra_fast/reference/philox.py.
 #include "keep_bytes.h"
+#include "env_switch.h"
 
 #include <cstdint>
 #include <cstdlib>
@@ -70,7 +71,7 @@ __attribute__((target("avx512f,avx512bw,bmi2"))) void keep_bytes_avx512(uint64_t
 bool have_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("bmi2") && std::getenv("ELECTRA_FAST_NO_AVX512") == nullptr;
+                         __builtin_cpu_supports("bmi2") && !env_switch("ELECTRA_FAST_NO_AVX512");
   return ok;
 #else
   return false;

@@ -23,6 +23,7 @@
 
 #include "brgemm.h"
 #include "dispatch.h"
+#include "env_switch.h"
 #include "float_bits.h"
 #include "philox.h"
 #include "vec_math.h"
@@ -52,7 +53,7 @@ static inline float log_pos(float x) {
 #define EF_VEC512 __attribute__((target("prefer-vector-width=512")))
 // ELECTRA_FAST_NO_AVX512=1 (read once per process) takes the portable loop: lets the tests check both.
 bool use_philox_x16() {
-  static const bool ok = std::getenv("ELECTRA_FAST_NO_AVX512") == nullptr;
+  static const bool ok = !env_switch("ELECTRA_FAST_NO_AVX512");
   return ok;
 }
 #else

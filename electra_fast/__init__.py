@@ -1,5 +1,5 @@
 """electra_fast: fused kernels for ELECTRA / DeBERTa-v3 replaced-token-detection pretraining."""
-from ._backend import available_backends, use_backend
+from ._backend import available_backends, eager_twin_mode, use_backend
 from ._extension import extension_loaded
 from .nn.disentangled_attention import patch_deberta_v2, unpatch_deberta_v2
 from .nn.masking import TokenMasker
@@ -21,5 +21,5 @@ __all__ = [
     "ElectraConfig", "ElectraPretrainingModel", "MaskedTokens", "TokenMasker", "available_backends",
     "disentangled_attention", "dropout", "dropout_add_layer_norm", "extension_loaded", "gumbel_sample", "mask_tokens",
     "mlm_loss_and_sample",
-    "patch_deberta_v2", "pretrain", "rtd_loss", "unpatch_deberta_v2", "use_backend", "__version__",
+    "patch_deberta_v2", "pretrain", "rtd_loss", "unpatch_deberta_v2", "use_backend", "eager_twin_mode", "__version__",
 ]

@@ -32,6 +32,7 @@ def declare(op: str, *, cpp=(), triton: Optional[str] = None) -> None:
 
 
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("electra_fast_backend", default=None)
+_twin: contextvars.ContextVar[bool] = contextvars.ContextVar("electra_fast_eager_twin", default=False)
 _logged: set = set()
 
 
@@ -49,6 +50,26 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         yield
     finally:
         _forced.reset(token)
+
+
+@contextlib.contextmanager
+def eager_twin_mode() -> Iterator[None]:
+    """The eager twin: inside the block electra_fast's modules take torch's own eager paths (``F.dropout``, SDPA,
+    ``F.linear``, ``F.layer_norm``) and the ops without a torch counterpart (masking, sampling, RTD loss,
+    disentangled attention) run their reference kernels. It is what the fused model is tested and benchmarked
+    against (``ElectraPretrainingModel(fused=False)``). Forcing the ``reference`` backend alone
+    (:func:`use_backend`) keeps the modules on the ops and only swaps the ops' kernels."""
+    twin, forced = _twin.set(True), _forced.set("reference")
+    try:
+        yield
+    finally:
+        _forced.reset(forced)
+        _twin.reset(twin)
+
+
+def eager_twin() -> bool:
+    """True inside :func:`eager_twin_mode`."""
+    return _twin.get()
 
 
 def forced_backend() -> Optional[str]:

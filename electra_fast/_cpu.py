@@ -32,7 +32,8 @@ _ONEDNN_BF16_ISAS = {
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
-def _switch(name: str) -> bool:
+def switch(name: str) -> bool:
+    """An ``ELECTRA_FAST_NO_*``-style switch: set to anything but "" or "0"."""
     value = os.environ.get(name, "").strip()
     return value not in ("", "0")
 
@@ -107,7 +108,7 @@ def _probe_onednn_linear() -> Optional[str]:
 def onednn_bf16_linear() -> Answer:
     """Whether ``nn.linear``'s CPU bf16 fast path (oneDNN's private ``mkldnn._linear_pointwise`` with a bias and a
     binary-mul epilogue) may run here: native bf16, the op present, and a probe run that gives the right numbers."""
-    if _switch("ELECTRA_FAST_NO_ONEDNN"):
+    if switch("ELECTRA_FAST_NO_ONEDNN"):
         return False, "disabled by ELECTRA_FAST_NO_ONEDNN"
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False, "this torch build has no oneDNN linear ops"

@@ -105,6 +105,7 @@ def _run_files(bdir: str, device: str, select, json_path: str, env) -> int:
                 merged = data
             else:
                 merged["benchmarks"].extend(data["benchmarks"])
+                merged["machine_info"].setdefault("skipped", []).extend(data["machine_info"].get("skipped", []))
     if not ran:
         print("electra-fast bench: no benchmark was selected", file=sys.stderr)
         return 5

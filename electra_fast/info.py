@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from . import _backend, _extension, ops  # noqa: F401  (importing ops declares them)
+from . import _backend, _cpu, _extension, ops  # noqa: F401  (importing ops declares them)
 
 
 def _triton_status() -> str:
@@ -37,6 +37,22 @@ def _serving(op: str, device: torch.device) -> str:
     return backend if reason is None else f"reference ({reason})"
 
 
+def _cpp_paths() -> list:
+    """The C++ kernels' own instruction-set choices (each asks the CPU at run time; the switches turn them off)."""
+    if not _extension.extension_loaded():
+        return []
+    probe = getattr(torch.ops.electra_fast_cpp, "bf16_brgemm_available", None)
+    native = probe is not None and probe()
+    off = _cpu.switch("ELECTRA_FAST_NO_AMX")
+    brgemm = ("brgemm (AMX / AVX512-BF16)" if native and not off else
+              f"fp32 products ({'ELECTRA_FAST_NO_AMX' if native else 'no native bf16 brgemm on this CPU'})")
+    avx512 = "avx512f" in _extension.BUILD_ISA.get("cpu_flags", ()) and not _cpu.switch("ELECTRA_FAST_NO_AVX512")
+    philox = ("16-lane AVX-512" if avx512 else
+              f"portable ({'ELECTRA_FAST_NO_AVX512' if _cpu.switch('ELECTRA_FAST_NO_AVX512') else 'build without AVX-512'})")
+    return [f"C++ bf16     attention and MLM products: {brgemm}",
+            f"C++ Philox   dropout / Gumbel noise: {philox}"]
+
+
 def report() -> str:
     import electra_fast
 
@@ -49,12 +65,13 @@ def report() -> str:
     ]
     if _extension.extension_loaded():
         built = getattr(sys.modules.get("electra_fast._C"), "TORCH_VERSION", "?")
-        lines.append(f"extension    built: electra_fast._C ({_extension.EXTENSION_PATH}; compiled against torch {built})")
-        probe = getattr(torch.ops.electra_fast_cpp, "bf16_brgemm_available", None)
-        amx = probe is not None and probe()
-        lines.append(f"cpu bf16     {'brgemm (AMX / AVX512-BF16) for bf16 attention and MLM products' if amx else 'no native bf16 brgemm: bf16 attention and MLM multiply in fp32'}")
+        march = _extension.BUILD_ISA.get("march") or "compiler default"
+        lines.append(f"extension    built: electra_fast._C ({_extension.EXTENSION_PATH}; compiled against torch {built}, "
+                     f"-march={march})")
     else:
         lines.append(f"extension    NOT available: {_extension.EXTENSION_ERROR}")
+    lines += _cpu.report()
+    lines += _cpp_paths()
     forced = _backend.forced_backend()
     lines.append(f"backend      {'forced: ' + forced if forced else 'automatic (CUDA -> triton, CPU -> cpp, else reference)'}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -36,7 +36,7 @@ def fast_backends():
 def backend_dtypes(dtypes, backends=None):
     """``(backend, device, dtype)`` params for every pair in ``backends`` (default: the fast ones) and dtype,
     leaving out what a lane cannot run rather than skipping it: bf16 in the Triton interpreter (its bf16 casts
-    truncate and its bf16 tl.dot is wrong, NOTES.md); those run on the GPU lane."""
+    truncate and its bf16 tl.dot is wrong with Triton 3.9); those run on the GPU lane."""
     out = []
     for p in backends if backends is not None else fast_backends():
         backend, device = p.values
@@ -63,17 +63,27 @@ def assert_low_precision(got, low, exact):
         assert (a.float() - b).abs().max() <= bound
 
 
-@pytest.fixture(autouse=True)
-def _need_backend(request):
-    """Skip (or, under ELECTRA_FAST_REQUIRE_EXT=1, fail) a cpp-parametrised test when _C is missing."""
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is None:
-        return
-    if callspec.params.get("backend") == "cpp" and not _extension.extension_loaded():
+def _require_extension() -> None:
+    """Skip (or, under ELECTRA_FAST_REQUIRE_EXT=1, fail) the calling test when _C is missing."""
+    if not _extension.extension_loaded():
         msg = f"C++ extension not built: {_extension.EXTENSION_ERROR}"
         if REQUIRE_EXT:
             pytest.fail(msg)
         pytest.skip(msg)
+
+
+@pytest.fixture
+def cpp_extension():
+    """For tests that call C++ kernels directly (no ``backend`` parameter): the same rule as cpp-parametrised ones."""
+    _require_extension()
+
+
+@pytest.fixture(autouse=True)
+def _need_backend(request):
+    """cpp-parametrised tests need _C (see :func:`_require_extension`)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "cpp":
+        _require_extension()
 
 
 @pytest.fixture(autouse=True)

@@ -294,9 +294,7 @@ def test_seed_bits_beyond_32_matter():
 
 
 # ------------------------------------------------------------------------------ memory, op, compile
-def test_cpp_memory_is_not_quadratic():
-    if not electra_fast.extension_loaded():
-        pytest.skip("C++ extension not built")
+def test_cpp_memory_is_not_quadratic(cpp_extension):
     B, H, T, D = 1, 2, 1024, 32
     args = [a.requires_grad_() for a in _inputs(B, H, T, D, 8, torch.float32)]
     kw = dict(position_buckets=SMALL[0], max_relative_positions=SMALL[1])

@@ -211,9 +211,7 @@ def test_large_rows_cpu_backends(backend, device):
         check_invariants(ids, mask, starts, want, strategy=strategy, mask_prob=0.15, random_token_frac=0.1)
 
 
-def test_cpp_thread_count_independent():
-    if not electra_fast.extension_loaded():
-        pytest.skip("C++ extension not built")
+def test_cpp_thread_count_independent(cpp_extension):
     ids, mask, starts = make(64, 200, seed=1, words=True)
     threads = torch.get_num_threads()
     outs = []

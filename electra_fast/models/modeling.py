@@ -133,8 +133,8 @@ class ElectraDiscriminator(nn.Module):
 class ElectraPretrainingModel(nn.Module):
     """Generator + discriminator with ``cfg.embedding_sharing`` = "none" | "tied" | "gdes".
 
-    ``fused=False`` runs every op through its eager reference (``electra_fast.use_backend("reference")``):
-    the model's eager twin, same parameters and semantics.
+    ``fused=False`` runs the model as its eager twin (``electra_fast.eager_twin_mode()``: torch's own modules,
+    the ops' reference kernels), same parameters and semantics.
     """
 
     def __init__(self, config: ElectraConfig, fused: bool = True):
@@ -192,7 +192,7 @@ class ElectraPretrainingModel(nn.Module):
         self._check_inputs(input_ids, attention_mask, seed)
         if seed is None:
             seed = int(torch.randint(0, SEED_LIMIT - 1, (1,)).item())
-        ctx = contextlib.nullcontext() if self.fused else _backend.use_backend("reference")
+        ctx = contextlib.nullcontext() if self.fused else _backend.eager_twin_mode()
         with ctx:
             return self._step(input_ids, attention_mask, seed, token_type_ids)
 

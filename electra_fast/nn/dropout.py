@@ -2,8 +2,8 @@
 
 Each training call draws the op's seed from torch's default generator, so a run is reproducible under
 ``torch.manual_seed`` (and the mask costs no bernoulli_ pass and no saved tensor: the backward regenerates
-it). Under a forced reference backend - the models' eager twin (``ElectraPretrainingModel(fused=False)``) -
-the module is torch's own dropout, the eager formulation the fused one is benchmarked against (the
+it). In the eager twin (``electra_fast.eager_twin_mode()``, ``ElectraPretrainingModel(fused=False)``) the
+module is torch's own dropout, the eager formulation the fused one is benchmarked against (the
 reference op would run Philox in Python).
 """
 from __future__ import annotations
@@ -23,9 +23,7 @@ def draw_seed() -> int:
     return int(torch.randint(_SEED_LIMIT, (), dtype=torch.int64).item())
 
 
-def eager_twin() -> bool:
-    """True inside ``use_backend("reference")``: modules then take torch's eager paths (SDPA, F.dropout)."""
-    return _backend.forced_backend() == "reference"
+eager_twin = _backend.eager_twin  # modules take torch's eager paths inside electra_fast.eager_twin_mode()
 
 
 class Dropout(nn.Module):

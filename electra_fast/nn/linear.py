@@ -11,7 +11,7 @@ is ``addmm``'s (dX = dY W, dW = dY^T X, db = sum dY).
 second product's input gradient (``_GeluMLP``; its forward keeps gelu'(z) from ``electra_fast_cpp::gelu_and_grad``
 instead of z).
 
-Anywhere else - fp32, CUDA, the eager twin (``use_backend("reference")``), torch.compile tracing, a build
+Anywhere else - fp32, CUDA, the eager twin (``eager_twin_mode()``), torch.compile tracing, a build
 without oneDNN, a CPU where oneDNN has no native bf16 GEMM (it then cannot create these primitives at all: asked
 once per process by ``_cpu.onednn_bf16_linear``, which probes the ops) - it is ``nn.Linear``. Parameter names,
 init and ``isinstance(m, nn.Linear)`` are unchanged.

@@ -1,0 +1,126 @@
+"""Portability: every instruction-set-specific path asks first (electra_fast._cpu), the checkout's kernels/ folder
+never shadows the PyPI package ``kernels``, and a C++ build for another CPU is refused instead of crashing.
+
+The forced-AVX2 lane (`make test-avx2`) runs this file, the model / linear / attention / sampling tests and the
+training tests on an install built for x86-64-v3 with oneDNN and ATen capped at AVX2."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+import torch
+
+from electra_fast import _cpu, _extension
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPPED = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+ELSEWHERE = tempfile.gettempdir()  # imports electra_fast as installed (the lane's install, not the checkout)
+
+
+def _python(code: str, cwd: str = ELSEWHERE, extra_env=None, flags=()):
+    """Run ``code`` in a fresh interpreter with ``cwd`` as the working directory (so on sys.path, as for a user's
+    ``python -c``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH", *CAPPED)}
+    env.update(extra_env or {})
+    return subprocess.run([sys.executable, *flags, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_transformers_imports_from_the_checkout_root():
+    """transformers >= 5.25 imports the PyPI package ``kernels``; the checkout's kernels/ must not shadow it."""
+    pytest.importorskip("transformers")
+    proc = _python("""
+        import transformers.models.deberta_v2.modeling_deberta_v2
+        import transformers.models.electra.modeling_electra
+        import kernels, electra_fast.kernels.rtd_loss as ours
+        print(kernels.__file__)
+        print(ours.__name__)
+    """, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    real, ours = proc.stdout.split()[-2:]
+    assert not os.path.abspath(real).startswith(os.path.join(ROOT, "kernels")) and ours == "electra_fast.kernels.rtd_loss"
+
+
+def test_kernels_folder_is_not_a_top_level_package():
+    """Without the PyPI package (-S: no site-packages), ``import kernels`` from the root fails as a missing one."""
+    proc = _python("import kernels", cwd=ROOT, flags=("-S",))
+    assert proc.returncode == 1 and "ModuleNotFoundError: No module named 'kernels'" in proc.stderr
+
+
+def test_capped_isa_means_no_native_bf16_and_no_onednn_linear():
+    proc = _python("""
+        from electra_fast import _cpu
+        print(_cpu.native_bf16()[0], _cpu.onednn_bf16_linear()[0], _cpu.default_precision("cpu")[0])
+        print(_cpu.native_bf16()[1])
+    """, extra_env=CAPPED)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0] == "False False fp32"
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in proc.stdout
+
+
+def test_switch_turns_the_onednn_path_off():
+    proc = _python("from electra_fast import _cpu; print(_cpu.onednn_bf16_linear())",
+                   extra_env={"ELECTRA_FAST_NO_ONEDNN": "1"})
+    assert proc.returncode == 0 and "(False, 'disabled by ELECTRA_FAST_NO_ONEDNN')" in proc.stdout
+
+
+def test_onednn_linear_answer_matches_a_direct_try():
+    """Where the probe says yes the private op really serves bf16; where it says no, the op really fails or the
+    CPU has no native bf16 (the probe must not turn off a working fast path for no reason)."""
+    x, w, b = torch.randn(8, 64).bfloat16(), torch.randn(32, 64).bfloat16(), torch.randn(32).bfloat16()
+    try:
+        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        works = torch.allclose(y.float(), torch.nn.functional.linear(x.float(), w.float(), b.float()),
+                               rtol=2e-2, atol=0.5)
+    except Exception:  # noqa: BLE001 - the failure this module exists to avoid
+        works = False
+    ok, why = _cpu.onednn_bf16_linear()
+    if ok:
+        assert works
+    else:
+        assert not works or not _cpu.native_bf16()[0] or "ELECTRA_FAST_NO_ONEDNN" in why
+
+
+def test_bf16_autocast_linear_and_mlp_run_on_a_capped_cpu():
+    """The crash seen on an AVX2-only EPYC: oneDNN's private linear op under bf16 autocast. Capped, the layers must
+    take F.linear and give autocast's numbers."""
+    proc = _python("""
+        import torch, torch.nn.functional as F
+        from electra_fast.nn import linear as lin
+        x, w1, b1 = torch.randn(6, 32), torch.randn(64, 32) * 0.1, torch.randn(64)
+        w2, b2 = torch.randn(32, 64) * 0.1, torch.randn(32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lin.gelu_mlp(x, w1, b1, w2, b2)
+            ref = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+        assert torch.equal(y, ref), (y - ref).abs().max()
+        print("ok")
+    """, extra_env=CAPPED)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_extension_built_for_another_cpu_is_refused(tmp_path, monkeypatch):
+    sidecar = tmp_path / "_C_isa.json"
+    sidecar.write_text(json.dumps({"march": "sapphirerapids", "cpu_flags": ["avx2", "amx_tile"]}))
+    monkeypatch.setattr(_cpu, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    err = _extension.isa_error(str(sidecar))
+    assert err is not None and "amx_tile" in err and "ELECTRA_FAST_CPU_ARCH" in err
+    sidecar.write_text(json.dumps({"march": "x86-64-v3", "cpu_flags": ["avx2", "fma"]}))
+    assert _extension.isa_error(str(sidecar)) is None
+    assert _extension.isa_error(str(tmp_path / "absent.json")) is None  # older builds recorded nothing
+
+
+def test_this_build_runs_here(cpp_extension):
+    """The build CI made records the flags its -march needs, and this CPU has them all."""
+    assert _extension.BUILD_ISA.get("cpu_flags"), "setup.py recorded no instruction sets for _C"
+    assert _cpu.missing_flags(_extension.BUILD_ISA["cpu_flags"]) == []
+
+
+def test_info_reports_the_paths():
+    proc = _python("from electra_fast.info import report; print(report())", extra_env=CAPPED)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "cpu bf16     NOT native (ONEDNN_MAX_CPU_ISA=AVX2" in out and "--precision auto -> fp32" in out
+    assert "Linear / MLP torch F.linear" in out
