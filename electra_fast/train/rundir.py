@@ -1,7 +1,7 @@
 """The run directory (``--out``): which folders a job may write into, and what a killed job left behind.
 
 A folder is one of our runs when it holds the marker ``.electra-fast-run`` (written when a job claims the folder,
-before anything else) or ``run.json`` (runs from before the marker). A job writes only the names in ``OWNED``, so:
+before anything else) or our ``run.json`` (runs from before the marker). A job writes only the names in ``OWNED``, so:
 
 - a missing ``--out`` is created and claimed; an empty folder is claimed;
 - a run of ours is continued with ``--resume`` and refused without it once it holds a run (run.json, metrics,
@@ -52,7 +52,7 @@ def prepare(out: str, *, resume: bool, allow_nonempty: bool = False, claim: bool
         names = sorted(os.listdir(out))
     except OSError as e:
         raise PretrainError(f"--out: cannot read {out}: {e.strerror}") from None
-    ours = MARKER in names or "run.json" in names
+    ours = MARKER in names or ("run.json" in names and _is_our_run_json(os.path.join(out, "run.json")))
     ckpts = os.path.join(out, "checkpoints")
     has_run = any(n in names for n in _HAS_RUN) or (os.path.isdir(ckpts) and bool(os.listdir(ckpts)))
     if ours and has_run and not resume:
@@ -71,6 +71,16 @@ def prepare(out: str, *, resume: bool, allow_nonempty: bool = False, claim: bool
         raise PretrainError(f"--out: {out} is not writable")
     if claim and not ours:
         _write_marker(out)
+
+
+def _is_our_run_json(path: str) -> bool:
+    """A ``run.json`` this job wrote (runs from before the marker): a JSON object with our run id and inputs."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and isinstance(run.get("run_id"), str) and "inputs" in run
 
 
 def _write_marker(out: str) -> None:
