@@ -289,7 +289,7 @@ KILL_IN_PRUNE = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("kill_at", [1, 3])
-def test_sigkill_inside_pruning_leaves_a_resumable_run(env, tmp_path, kill_at):
+def test_sigkill_inside_pruning_leaves_a_resumable_run(env, tmp_path, capsys, kill_at):
     out = str(tmp_path / "run")
     pretrain(env["data"], **_kw(env, out, steps=8, save_every=2, keep=10))
     _corrupt(out, 6, 8)
@@ -298,7 +298,9 @@ def test_sigkill_inside_pruning_leaves_a_resumable_run(env, tmp_path, kill_at):
                            stderr=subprocess.PIPE, text=True, timeout=120)
     assert child.returncode == -signal.SIGKILL, child.stderr  # killed inside pruning
     assert 5 in _complete_steps(out)
+    capsys.readouterr()
     s = pretrain(env["data"], **_kw(env, out, steps=6, save_every=1, keep=1, resume=True))
+    assert "step-00000005 (step 5)" in capsys.readouterr().err  # resumed from the checkpoint pruning protected
     assert s["steps"] == 6 and _complete_steps(out) == [6]
     assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith(".")]  # no leftovers
 
