@@ -244,6 +244,86 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(env, tmp_path, caps
     assert s["steps"] == 6 and sorted(_losses(out)) == list(range(1, 7))
 
 
+def _corrupt(out, *steps):
+    """Truncate the training state of these checkpoints (what a full disk or a bad copy leaves)."""
+    for step in steps:
+        with open(os.path.join(out, "checkpoints", f"step-{step:08d}", "training_state.pt"), "r+b") as f:
+            f.truncate(64)
+
+
+def _complete_steps(out):
+    return [s for s, p in ckpt.checkpoint_dirs(os.path.join(out, "checkpoints")) if ckpt.verify(p) is None]
+
+
+@pytest.mark.parametrize("keep, corrupt, steps, kept", [(1, (6, 8), 5, [5]), (3, (4, 6, 8), 3, [3, 2])])
+def test_keep_counts_only_complete_checkpoints(env, tmp_path, capsys, keep, corrupt, steps, kept):
+    """Corrupt checkpoints newer than the resumed one never count against --keep: the new checkpoint and the
+    complete ones it leaves room for survive; the corrupt ones are set aside byte for byte."""
+    out = str(tmp_path / "run")
+    pretrain(env["data"], **_kw(env, out, steps=8, save_every=2, keep=10))
+    _corrupt(out, *corrupt)
+    with open(os.path.join(out, "checkpoints", "step-00000008", "training_state.pt"), "rb") as f:
+        corrupt_bytes = f.read()
+    capsys.readouterr()
+    s = pretrain(env["data"], **_kw(env, out, steps=steps, save_every=1, keep=keep, resume=True))
+    assert _complete_steps(out) == kept
+    assert ckpt.verify(s["checkpoint"]) is None and ckpt.resolve(out) == s["checkpoint"]
+    assert f"checkpoint: {s['checkpoint']}" in capsys.readouterr().out  # the final message names a kept one
+    assert [s for s, _ in ckpt.checkpoint_dirs(os.path.join(out, "checkpoints"))] == kept  # nothing corrupt left
+    with open(os.path.join(out, "checkpoints", "step-00000008.corrupt", "training_state.pt"), "rb") as f:
+        assert f.read() == corrupt_bytes
+
+
+KILL_IN_PRUNE = textwrap.dedent("""
+    import json, os, signal, sys
+    from electra_fast.train import pretrain
+    kw, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
+    seen = []
+    def hook(stage):
+        if stage.startswith("prune"):
+            seen.append(stage)
+            if len(seen) == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+    pretrain(**kw, _checkpoint_hook=hook)
+""")
+
+
+@pytest.mark.parametrize("kill_at", [1, 3])
+def test_sigkill_inside_pruning_leaves_a_resumable_run(env, tmp_path, capsys, kill_at):
+    out = str(tmp_path / "run")
+    pretrain(env["data"], **_kw(env, out, steps=8, save_every=2, keep=10))
+    _corrupt(out, 6, 8)
+    kw = dict(data=[env["data"]], **_kw(env, out, steps=5, save_every=1, keep=1, resume=True))
+    child = subprocess.run([sys.executable, "-c", KILL_IN_PRUNE, json.dumps(kw), str(kill_at)],
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr  # killed inside pruning
+    assert 5 in _complete_steps(out)
+    capsys.readouterr()
+    s = pretrain(env["data"], **_kw(env, out, steps=6, save_every=1, keep=1, resume=True))
+    assert "step-00000005 (step 5)" in capsys.readouterr().err  # resumed from the checkpoint pruning protected
+    assert s["steps"] == 6 and _complete_steps(out) == [6]
+    assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith(".")]  # no leftovers
+
+
+def test_tokenizer_training_is_deterministic(env, tmp_path):
+    """Same documents -> byte-identical tokenizer.json (the Rust trainer's hash-map order must not leak)."""
+    docs = _corpus()
+    first = train_wordpiece(docs, vocab_size=120).to_str()
+    assert all(train_wordpiece(iter(docs), vocab_size=120).to_str() == first for _ in range(3))
+    assert train_wordpiece(lambda: iter(docs), vocab_size=120).to_str() == first  # a corpus streamed twice
+    # the pinned continuation pieces are ordinary vocabulary entries, not added (special) tokens
+    tok = load_tokenizer(env["tokenizer"])
+    assert [t["content"] for t in json.loads(tok.to_str())["added_tokens"]] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]",
+                                                                                "[MASK]"]
+    assert tok.get_vocab_size() == 120 and "##s" in tok.get_vocab() and "##s" not in tok.encode("the ##s").tokens
+    # two fresh runs with the same data and seed: the same tokenizer file, the same losses from step 1
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        pretrain(env["data"], **{**_kw(env, out, steps=2), "tokenizer": None, "vocab_size": 150})
+    a, b = (open(out / "cache" / "tokenizer.json", "rb").read() for out in runs)
+    assert a == b and _losses(runs[0]) == _losses(runs[1])
+
+
 # ------------------------------------------------------------------------------------------ DDP
 def _ddp_worker(rank, world, port, kw, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -299,11 +379,14 @@ def test_bad_input_one_line_errors(env, tmp_path, capsys):
     for i, (extra, message) in enumerate(cases):
         code, line = _cli([*common, "--out", str(tmp_path / f"o{i}"), *extra], capsys)
         assert code == 2 and line.startswith("electra-fast pretrain: error:") and message in line, (extra, line)
-    # an output directory holding another run, without --resume; the user's files stay untouched
+    # an output directory holding the user's files (only with --allow-nonempty-out), then another run without
+    # --resume; the user's files stay untouched (tests/test_run_dir.py covers every --out situation)
     run = tmp_path / "run"
     run.mkdir()
     (run / "notes.txt").write_text("mine")
-    assert _cli([*common, "--data", env["data"], "--out", str(run)], capsys)[0] == 0
+    code, line = _cli([*common, "--data", env["data"], "--out", str(run)], capsys)
+    assert code == 2 and "is not empty" in line and "--allow-nonempty-out" in line
+    assert _cli([*common, "--data", env["data"], "--out", str(run), "--allow-nonempty-out"], capsys)[0] == 0
     code, line = _cli([*common, "--data", env["data"], "--out", str(run)], capsys)
     assert code == 2 and "already holds a run" in line and "--resume" in line
     assert (run / "notes.txt").read_text() == "mine"

@@ -5,6 +5,12 @@ A checkpoint is written into ``.tmp-step-XXXXXXXX-<pid>/`` (every file fsynced),
 any instant therefore leaves either no new directory or a complete one, and the previous checkpoints
 untouched. Loading verifies the checksums and skips (with a warning) anything corrupt or partial.
 
+Retention (``keep``): after each save, the ``keep`` newest checkpoints that verify are kept, and always the one just
+written; older complete ones are deleted (renamed to ``.del-step-...-<pid>`` first, so a kill mid-delete leaves no
+half-deleted ``step-*``). Corrupt or partial ones are never counted and never deleted: they are renamed to
+``step-XXXXXXXX.corrupt`` (``.corrupt-2``, ...), which resume and export ignore, and left for the user to inspect.
+Retention therefore never removes the last complete checkpoint.
+
 Files: ``model.safetensors`` (ElectraPretrainingModel state dict, tied tensors saved once per name),
 ``training_state.pt`` (optimizer, scheduler, scaler, RNG states, step, data position), ``config.json``
 (ElectraConfig), ``tokenizer.json``, ``meta.json``.
@@ -21,9 +27,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .errors import PretrainError
+from .temporaries import remove_dead_temporaries
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-TMP_DIR = re.compile(r"^\.tmp-step-\d{8}-\d+$")
+TMP_DIR = re.compile(r"^\.(?:tmp|del)-step-\d{8}-(\d+)$")  # being written / being deleted by that PID
 FILES = ("model.safetensors", "training_state.pt", "config.json", "tokenizer.json")
 
 
@@ -59,12 +66,14 @@ def checkpoint_dirs(root: str) -> List[Tuple[int, str]]:
 
 
 def save(root: str, step: int, run_id: str, writers: Dict[str, Callable[[str], None]],
-         keep: Optional[int] = None, hook: Optional[Callable[[str], None]] = None) -> str:
-    """Write one checkpoint. ``writers`` maps each name in FILES to a function writing that file at the given
-    path. ``hook(stage)`` (tests) is called between stages. Returns the checkpoint's path."""
+         keep: Optional[int] = None, hook: Optional[Callable[[str], None]] = None, warn=print) -> str:
+    """Write one checkpoint, then apply retention (``keep``, see the module docstring). ``writers`` maps each name
+    in FILES to a function writing that file at the given path. ``hook(stage)`` (tests) is called between stages.
+    Returns the checkpoint's path."""
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:08d}")
-    if os.path.isdir(final) and verify(final) is None:
+    why = verify(final) if os.path.isdir(final) else None
+    if os.path.isdir(final) and why is None:
         return final  # this step is already saved (e.g. the end-of-run save right after a periodic one)
     tmp = os.path.join(root, f".tmp-step-{step:08d}-{os.getpid()}")
     if os.path.exists(tmp):
@@ -87,19 +96,73 @@ def save(root: str, step: int, run_id: str, writers: Dict[str, Callable[[str], N
     if hook:
         hook("meta")
     if os.path.isdir(final):  # a corrupt directory of the same step: move it aside, never lose it silently
-        os.replace(final, final + f".corrupt-{os.getpid()}")
+        _set_aside(final, why, warn)
     os.replace(tmp, final)
     _fsync_dir(root)
+    _VERIFIED[final] = _file_stats(final)  # its checksums were just taken from these very files
     if hook:
         hook("renamed")
     if keep is not None and keep > 0:
-        for _, old in checkpoint_dirs(root)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(root, keep, protect=final, hook=hook, warn=warn)
     return final
+
+
+def prune(root: str, keep: int, protect: Optional[str] = None, hook: Optional[Callable[[str], None]] = None,
+          warn=print) -> None:
+    """Keep the ``keep`` newest complete checkpoints and ``protect``; delete older complete ones; set corrupt or
+    partial ones aside. ``hook("prune ...")`` (tests) is called after each action."""
+    complete = 0
+    for _, path in checkpoint_dirs(root):
+        why = verify(path)
+        if why is not None:
+            if path != protect:
+                _set_aside(path, why, warn)
+                if hook:
+                    hook(f"prune set-aside {path}")
+            continue
+        complete += 1
+        if complete <= keep or path == protect:
+            continue
+        doomed = os.path.join(root, f".del-{os.path.basename(path)}-{os.getpid()}")
+        os.replace(path, doomed)  # atomic: from here on no step-* name refers to a half-deleted checkpoint
+        _fsync_dir(root)
+        if hook:
+            hook(f"prune renamed {path}")
+        shutil.rmtree(doomed, ignore_errors=True)
+        if hook:
+            hook(f"prune deleted {path}")
+
+
+def _set_aside(path: str, why: str, warn) -> None:
+    """Rename a corrupt or partial checkpoint to ``<path>.corrupt[-N]``: out of resume's and retention's way, kept."""
+    aside, n = path + ".corrupt", 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = f"{path}.corrupt-{n}"
+    os.replace(path, aside)
+    _fsync_dir(os.path.dirname(path))
+    warn(f"warning: checkpoint {path} is corrupt or partial ({why}): moved to {aside} (not counted against "
+         "--keep, never deleted; remove it yourself when done with it)")
+
+
+# path -> its files' (inode, size, mtime) when it last verified: retention checks every checkpoint at each save,
+# and re-hashing gigabytes of unchanged files each time would cost more than the save
+_VERIFIED: Dict[str, tuple] = {}
+
+
+def _file_stats(path: str) -> Optional[tuple]:
+    try:
+        return tuple((n, st.st_ino, st.st_size, st.st_mtime_ns)
+                     for n in FILES + ("meta.json",) for st in (os.stat(os.path.join(path, n)),))
+    except OSError:
+        return None
 
 
 def verify(path: str) -> Optional[str]:
     """None when ``path`` is a complete, uncorrupted checkpoint, else the reason it is not."""
+    stats = _file_stats(path)
+    if stats is not None and _VERIFIED.get(path) == stats:
+        return None
     meta_path = os.path.join(path, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
@@ -113,6 +176,8 @@ def verify(path: str) -> Optional[str]:
             return f"{name} missing"
         if _sha256(p) != sums.get(name):
             return f"{name} does not match its checksum"
+    if stats is not None:
+        _VERIFIED[path] = stats
     return None
 
 
@@ -132,11 +197,9 @@ def newest_complete(root: str, warn=print) -> Optional[str]:
 
 
 def remove_stale_temporaries(root: str) -> None:
-    """Delete ``.tmp-step-*`` directories a killed run left behind (only names this module creates)."""
-    if os.path.isdir(root):
-        for n in os.listdir(root):
-            if TMP_DIR.match(n):
-                shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+    """Delete the ``.tmp-step-*`` / ``.del-step-*`` directories of killed runs (only names this module creates,
+    only those whose process is gone)."""
+    remove_dead_temporaries(root, TMP_DIR)
 
 
 def resolve(path: str, warn=print) -> str:

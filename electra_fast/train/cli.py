@@ -40,6 +40,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (always at the end)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--allow-nonempty-out", action="store_true", help="use an --out holding other files (never touched)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--skip-bad-lines", action="store_true", help="skip lines that are not UTF-8 / not valid JSONL")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -69,6 +70,7 @@ def run(args) -> int:
                            save_every=args.save_every, keep=args.keep, resume=args.resume,
                            log_every=args.log_every, skip_bad_lines=args.skip_bad_lines, device=args.device,
                            threads=args.threads,
+                           allow_nonempty_out=args.allow_nonempty_out,
                            progress=not args.no_progress)
         return 130 if summary.get("interrupted") else 0
     except Exception as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -24,6 +25,8 @@ from .errors import PretrainError
 from .tokenizer import encode_documents, fingerprint, special_ids
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
+# what the cache folder's writers (this module, corpus.write_default_corpus) name a file until it is complete
+CACHE_TEMPORARY = re.compile(r"^(?:tokens-[0-9a-f]{24}\.bin(?:\.json)?|default-corpus-py\d+\.\d+\.txt)\.tmp-(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -134,28 +137,33 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
         return path
     sep = special_ids(tok)["sep"]
     stats, n_docs, n_tokens = {}, 0, 0
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        for p in inputs:
-            for ids in encode_documents(tok, read_documents(p, skip_bad_lines, stats)):
-                if not ids:
-                    continue
-                arr = np.asarray(ids + [sep], dtype="<i4")
-                f.write(arr.tobytes())
-                n_docs += 1
-                n_tokens += arr.size
-        f.flush()
-        os.fsync(f.fileno())
-    if n_tokens == 0:
-        os.unlink(tmp)
-        raise PretrainError(f"--data: no text found in {', '.join(inputs)}")
-    if stats.get("skipped_lines"):
-        log(f"warning: skipped {stats['skipped_lines']} bad line(s) (--skip-bad-lines)")
-    meta = {"documents": n_docs, "tokens": n_tokens, "inputs": list(inputs), "dtype": "<i4"}
-    with open(path + ".json.tmp", "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, path)
-    os.replace(path + ".json.tmp", path + ".json")  # written last: its presence marks a complete cache
+    tmp, meta_tmp = f"{path}.tmp-{os.getpid()}", f"{path}.json.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for p in inputs:
+                for ids in encode_documents(tok, read_documents(p, skip_bad_lines, stats)):
+                    if not ids:
+                        continue
+                    arr = np.asarray(ids + [sep], dtype="<i4")
+                    f.write(arr.tobytes())
+                    n_docs += 1
+                    n_tokens += arr.size
+            f.flush()
+            os.fsync(f.fileno())
+        if n_tokens == 0:
+            raise PretrainError(f"--data: no text found in {', '.join(inputs)}")
+        if stats.get("skipped_lines"):
+            log(f"warning: skipped {stats['skipped_lines']} bad line(s) (--skip-bad-lines)")
+        meta = {"documents": n_docs, "tokens": n_tokens, "inputs": list(inputs), "dtype": "<i4"}
+        with open(meta_tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp, path)
+        os.replace(meta_tmp, path + ".json")  # written last: its presence marks a complete cache
+    except BaseException:  # bad input, Ctrl-C: leave no temporary behind (a kill -9: the next start removes it)
+        for t in (tmp, meta_tmp):
+            if os.path.exists(t):
+                os.unlink(t)
+        raise
     log(f"tokenised {n_docs} documents into {n_tokens} tokens -> {path}")
     return path
 

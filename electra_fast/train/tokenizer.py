@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable
+from typing import Callable, Dict, Iterable, List, Union
 
 from .errors import PretrainError
 
@@ -17,22 +17,50 @@ _ROLES = {"pad": ("[PAD]", "<pad>"), "unk": ("[UNK]", "<unk>"), "cls": ("[CLS]",
           "sep": ("[SEP]", "</s>"), "mask": ("[MASK]", "<mask>")}
 
 
-def train_wordpiece(documents: Iterable[str], vocab_size: int = 30522, min_frequency: int = 2):
+def train_wordpiece(documents: Union[Iterable[str], Callable[[], Iterable[str]]], vocab_size: int = 30522,
+                    min_frequency: int = 2):
     """WordPiece with BERT's normaliser (lower-casing, accents stripped) and pre-tokeniser, special tokens
-    [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, trained on ``documents`` (strings) with the Rust trainer."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, trained on ``documents`` (strings) with the Rust trainer.
+
+    Deterministic: the same documents give a byte-identical tokenizer. The Rust trainer numbers the ``##x``
+    continuation pieces in the order it walks a hash map of words (a new random order per map, whatever the
+    thread count), and ties between equally frequent merges are broken by those numbers, so its vocabulary
+    varies from run to run. A first pass (``vocab_size=1``: no merges) collects the continuation pieces, which
+    the real pass then receives, sorted, as fixed entries right after the special tokens. ``documents`` is read
+    twice: pass a function returning a fresh iterable to stream a large corpus (an iterator is kept in memory).
+    """
+    from tokenizers import Tokenizer, models, trainers
     if not isinstance(vocab_size, int) or vocab_size < len(SPECIAL_TOKENS) + 1:
         raise PretrainError(f"--vocab-size: expected an int > {len(SPECIAL_TOKENS)}, got {vocab_size!r}")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    if not callable(documents):
+        kept = documents if isinstance(documents, (list, tuple)) else list(documents)
+
+        def documents():
+            return kept
+
+    def train(size: int, fixed: List[str]):
+        tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)))
+        trainer = trainers.WordPieceTrainer(vocab_size=size, min_frequency=min_frequency,
+                                            special_tokens=SPECIAL_TOKENS + fixed, show_progress=False,
+                                            continuing_subword_prefix="##")
+        tok.train_from_iterator(documents(), trainer)
+        return tok.get_vocab(with_added_tokens=False)
+
+    pieces = sorted(t for t in train(1, []) if t.startswith("##") and t not in SPECIAL_TOKENS)
+    vocab = train(vocab_size, pieces)
+    # rebuilt from the vocabulary: the fixed pieces are ordinary entries, not added (special) tokens
+    tok = _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)))
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    _add_post_processor(tok)
+    return tok
+
+
+def _bert_pipeline(tok):
+    from tokenizers import decoders, normalizers, pre_tokenizers
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=True,
                                                 lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                        continuing_subword_prefix="##")
-    tok.train_from_iterator(documents, trainer)
-    _add_post_processor(tok)
     return tok
 
 

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import checkpoint as ckpt
+from . import rundir
 from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
 from .distributed import Context, setup
 from .errors import PretrainError
@@ -162,23 +163,6 @@ class _Signals:
             signal.signal(s, h)
 
 
-def _prepare_out(out: str, resume: bool, ctx: Context, log) -> None:
-    """Refuse to mix runs; never touch files this job did not create."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise PretrainError(f"--out: {out} exists and is not a directory")
-    has_run = (os.path.isfile(os.path.join(out, "run.json"))
-               or bool(ckpt.checkpoint_dirs(os.path.join(out, "checkpoints")))
-               or os.path.exists(os.path.join(out, "metrics.jsonl")))
-    if has_run and not resume:
-        raise PretrainError(f"--out: {out} already holds a run (run.json / checkpoints / metrics.jsonl); pass "
-                            "--resume to continue it or choose another --out")
-    if not resume:  # names this job writes into (cache/ is its own, content-keyed: reused by a retry)
-        ours = [n for n in ("checkpoints", "tensorboard") if os.path.exists(os.path.join(out, n))]
-        if ours:
-            raise PretrainError(f"--out: {out} already has {', '.join(ours)} (not from a run this job can continue); "
-                                "choose another --out so nothing there is overwritten")
-
-
 def _write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -213,7 +197,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
              compile: bool = False, seed: int = 0, out: str = "runs/electra-fast", save_every: Optional[int] = None,
              keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
              device: Optional[str] = None, threads: Optional[int] = None, progress: bool = True,
-             fused: bool = True,
+             fused: bool = True, allow_nonempty_out: bool = False,
              _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
     """Pretrain an ELECTRA / DeBERTa-v3 RTD model; returns the closing summary (plus ``"model"``, the trained
     ElectraPretrainingModel). Bad input raises :class:`PretrainError` with a one-line message.
@@ -258,17 +242,17 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
 
 def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum, steps, lr, warmup, weight_decay,
          precision, compile, seed, out, save_every, keep, resume, log_every, skip_bad_lines, device, threads,
-         progress, fused, _checkpoint_hook, embedded, ctx: Context, say) -> dict:
+         progress, fused, allow_nonempty_out, _checkpoint_hook, embedded, ctx: Context, say) -> dict:
     from ..models import ElectraConfig, ElectraPretrainingModel
 
-    _prepare_out(out, resume, ctx, say)
+    rundir.prepare(out, resume=resume, allow_nonempty=allow_nonempty_out, claim=ctx.is_main)
     ckpt_root, cache_dir = os.path.join(out, "checkpoints"), os.path.join(out, "cache")
     resume_from = ckpt.newest_complete(ckpt_root, say) if resume else None
     if resume and resume_from is None:
         say(f"--resume: no complete checkpoint in {out}; starting from scratch")
     if ctx.is_main:
         os.makedirs(out, exist_ok=True)
-        ckpt.remove_stale_temporaries(ckpt_root)
+        rundir.remove_stale_temporaries(out)
 
     # ---------------------------------------------------------------- inputs and tokenizer
     if embedded:
@@ -296,8 +280,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
         if ctx.is_main:
             os.makedirs(cache_dir, exist_ok=True)
             say(f"training a WordPiece tokenizer (vocabulary {vocab}) on {len(inputs)} input(s)")
-            docs = (d for p in inputs for d in read_documents(p, skip_bad_lines))
-            tok = train_wordpiece(docs, vocab)
+            tok = train_wordpiece(lambda: (d for p in inputs for d in read_documents(p, skip_bad_lines)), vocab)
             if tok.get_vocab_size() <= 5:
                 raise PretrainError("--data: no text found to train a tokenizer on")
             tok.save(tok_path)
@@ -399,7 +382,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
                        "training_state.pt": lambda p: ckpt.save_training_state(state, p),
                        "config.json": lambda p: cfg.to_json_file(p),
                        "tokenizer.json": lambda p: tok.save(p)}
-            path = ckpt.save(ckpt_root, step, run_id, writers, keep=keep, hook=_checkpoint_hook)
+            path = ckpt.save(ckpt_root, step, run_id, writers, keep=keep, hook=_checkpoint_hook, warn=say)
         ctx.barrier()
         return path
 

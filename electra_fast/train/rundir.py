@@ -1,0 +1,100 @@
+"""The run directory (``--out``): which folders a job may write into, and what a killed job left behind.
+
+A folder is one of our runs when it holds the marker ``.electra-fast-run`` (written when a job claims the folder,
+before anything else) or our ``run.json`` (runs from before the marker). A job writes only the names in ``OWNED``, so:
+
+- a missing ``--out`` is created and claimed; an empty folder is claimed;
+- a run of ours is continued with ``--resume`` and refused without it once it holds a run (run.json, metrics,
+  checkpoints); a run that never got that far (a kill during tokenisation) is simply reused;
+- any other non-empty folder is refused unless ``allow_nonempty`` (``--allow-nonempty-out``), and even then when it
+  already holds one of the names in ``OWNED``: nothing the user made is ever overwritten;
+- a file, or a folder the job cannot write to, is refused.
+
+Every refusal is a :class:`PretrainError` naming ``--out`` and raised before anything is written.
+
+A kill -9 can leave temporaries (``NAME.tmp-PID``) in ``--out``, ``cache/`` and ``checkpoints/``; the next start
+removes those of dead processes (:func:`remove_stale_temporaries`), and only names matching their writer's pattern.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+from . import checkpoint as ckpt
+from .data import CACHE_TEMPORARY
+from .errors import PretrainError
+from .temporaries import remove_dead_temporaries
+
+MARKER = ".electra-fast-run"
+OWNED = (MARKER, "run.json", "metrics.jsonl", "checkpoints", "cache", "tensorboard")
+_HAS_RUN = ("run.json", "metrics.jsonl")
+TEMPORARY = re.compile(r"^(?:run\.json|metrics\.jsonl)\.tmp-(\d+)$")  # the job's atomic rewrites in --out
+
+
+def prepare(out: str, *, resume: bool, allow_nonempty: bool = False, claim: bool = True) -> None:
+    """Check that ``out`` may hold this job's run (see the module docstring) and, with ``claim`` (the writing
+    process), create it if missing and write the marker."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise PretrainError(f"--out: {out} exists and is not a directory")
+    if not os.path.isdir(out):
+        if claim:
+            try:
+                os.makedirs(out)
+            except FileExistsError:  # another process created it meanwhile: check it like an existing one
+                return prepare(out, resume=resume, allow_nonempty=allow_nonempty, claim=claim)
+            except OSError as e:
+                raise PretrainError(f"--out: cannot create {out}: {e.strerror}") from None
+            _write_marker(out)
+        return
+    try:
+        names = sorted(os.listdir(out))
+    except OSError as e:
+        raise PretrainError(f"--out: cannot read {out}: {e.strerror}") from None
+    ours = MARKER in names or ("run.json" in names and _is_our_run_json(os.path.join(out, "run.json")))
+    ckpts = os.path.join(out, "checkpoints")
+    has_run = any(n in names for n in _HAS_RUN) or (os.path.isdir(ckpts) and bool(os.listdir(ckpts)))
+    if ours and has_run and not resume:
+        raise PretrainError(f"--out: {out} already holds a run (run.json / checkpoints / metrics.jsonl); pass "
+                            "--resume to continue it or choose another --out")
+    if not ours and names:
+        if not allow_nonempty:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise PretrainError(f"--out: {out} is not empty ({shown}) and holds no electra-fast run; choose a new or "
+                                "empty directory, or pass --allow-nonempty-out to put the run next to those files")
+        clash = [n for n in OWNED if n in names]
+        if clash:
+            raise PretrainError(f"--out: {out} already has {', '.join(clash)}, not created by electra-fast; the run "
+                                "would write there: choose another --out")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PretrainError(f"--out: {out} is not writable")
+    if claim and not ours:
+        _write_marker(out)
+
+
+def _is_our_run_json(path: str) -> bool:
+    """A ``run.json`` this job wrote (runs from before the marker): a JSON object with our run id and inputs."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and isinstance(run.get("run_id"), str) and "inputs" in run
+
+
+def _write_marker(out: str) -> None:
+    try:
+        with open(os.path.join(out, MARKER), "x", encoding="utf-8") as f:  # "x": never over a file
+            json.dump({"created_by": "electra-fast pretrain", "created": time.time()}, f)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise PretrainError(f"--out: {out} is not writable ({e.strerror})") from None
+
+
+def remove_stale_temporaries(out: str) -> None:
+    """Remove what killed jobs left half-written in the run directory ``out`` (their processes being gone)."""
+    remove_dead_temporaries(out, TEMPORARY)
+    remove_dead_temporaries(os.path.join(out, "cache"), CACHE_TEMPORARY)
+    ckpt.remove_stale_temporaries(os.path.join(out, "checkpoints"))
