@@ -35,13 +35,11 @@ def test_transformers_imports_from_the_checkout_root():
     proc = _python("""
         import transformers.models.deberta_v2.modeling_deberta_v2
         import transformers.models.electra.modeling_electra
-        import kernels, electra_fast.kernels.rtd_loss as ours
+        import kernels
         print(kernels.__file__)
-        print(ours.__name__)
     """, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    real, ours = proc.stdout.split()[-2:]
-    assert not os.path.abspath(real).startswith(os.path.join(ROOT, "kernels")) and ours == "electra_fast.kernels.rtd_loss"
+    assert not os.path.abspath(proc.stdout.split()[-1]).startswith(os.path.join(ROOT, "kernels"))
 
 
 def test_kernels_folder_is_not_a_top_level_package():
