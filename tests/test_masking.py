@@ -2,6 +2,7 @@
 statistics (5-sigma bounds), determinism, hypothesis properties, compile / opcheck, bad input."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -42,6 +43,12 @@ def make(b, t, *, seed=0, pad=True, words=False, id_dtype=torch.int64, vocab=VOC
     return ids, (mask if pad else None), starts
 
 
+def electra_count(n_real: int, mask_prob: float, T: int) -> int:
+    """google-research/electra's num_to_predict before its max(1, .): tf.round(fp32(num_tokens) * fp32(mask_prob))
+    (half to even, as Python's round) capped by max_predictions_per_seq = int((mask_prob + 0.005) * T)."""
+    return min(int((mask_prob + 0.005) * T), round(float(np.float32(n_real) * np.float32(mask_prob))))
+
+
 def run(backend, ids, **kw):
     kw = {"mask_token_id": MASK_ID, "vocab_size": VOCAB, "special_token_ids": SPECIALS, **kw}
     with electra_fast.use_backend(backend):
@@ -68,8 +75,7 @@ def oracle(ids, mask, starts, *, seed, mask_prob=0.15, mask_token_frac=0.85, ran
         units = [(s, ln) for s, ln in units if all(cand[s:s + ln])]
         take = []
         if strategy == "count":
-            n = min(sum(cand), max(1, math.floor(float(torch.tensor(mask_prob, dtype=torch.float32)
-                                                       * torch.tensor(float(sum(real)))) + 0.5)))
+            n = min(sum(cand), max(1, electra_count(sum(real), mask_prob, T)))
             if sum(cand) == 0:
                 n = 0
             total = 0
@@ -121,7 +127,8 @@ def check_invariants(ids, mask, starts, res, *, strategy, mask_prob, random_toke
                     assert cand[b][wid[b] == w].all()
     if strategy == "count":
         n_real, n_cand = real.sum(1), cand.sum(1)
-        want = torch.minimum(n_cand, torch.floor(n_real.float() * torch.tensor(mask_prob) + 0.5).long().clamp(min=1))
+        T = real.shape[1]
+        want = torch.minimum(n_cand, torch.tensor([max(1, electra_count(int(k), mask_prob, T)) for k in n_real]))
         got = masked.sum(1)
         if starts is None:
             assert torch.equal(got, want), "count mode must select exactly n tokens"
@@ -239,10 +246,29 @@ def test_invariants_and_edge_shapes(backend, device):
     assert one.masked.cpu().tolist() == [[True], [False]]
 
 
-def test_count_rounding_half_up():
+def test_count_is_electras():
+    """tf.round rounds half to even; max_predictions_per_seq = int((mask_prob + 0.005) * max_seq_length) caps."""
     table = ref.count_table(0.5, 9)
-    assert table.tolist() == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5]  # round half up, not to even
-    assert ref.count_table(0.15, 512)[512].item() == 77 and ref.count_table(0.15, 10)[10].item() == 2
+    assert table.tolist() == [0, 0, 1, 2, 2, 2, 3, 4, 4, 4]  # 0.5 -> 0, 2.5 -> 2, 4.5 -> 4 (N = 4 for T = 9)
+    t128 = ref.count_table(0.15, 128)
+    # 0.15 x 30 = 4.5 -> 4 (half to even: the case the old half-up rule got wrong); 70 -> 10.5 -> 10; 110 -> 16
+    assert t128[30].item() == 4 and t128[70].item() == 10 and t128[110].item() == 16
+    assert t128[128].item() == 19 and int((0.15 + 0.005) * 128) == 19  # 19.2 rounds to the cap
+    assert ref.count_table(0.15, 512)[512].item() == 77 and ref.count_table(0.15, 10)[10].item() == 1  # N = 1
+    for T in (1, 7, 64, 512):  # the table agrees with the independent formula everywhere
+        assert ref.count_table(0.15, T).tolist() == [electra_count(k, 0.15, T) for k in range(T + 1)]
+
+
+@pytest.mark.parametrize("backend, device", all_backends())
+def test_count_matches_electra_for_half_way_rows(backend, device):
+    """Rows of 30 / 70 / 110 real tokens (x 0.15 lands on .5): every backend masks ELECTRA's count."""
+    T = 128
+    ids = torch.randint(10, VOCAB, (3, T))
+    mask = torch.zeros(3, T, dtype=torch.bool)
+    for row, n in enumerate((30, 70, 110)):
+        mask[row, :n] = True
+    res = run(backend, ids.to(device), seed=5, attention_mask=mask.to(device))
+    assert res.masked.sum(1).cpu().tolist() == [4, 10, 16]
 
 
 def test_whole_word_count_takes_prefix_and_at_least_one_word():

@@ -116,8 +116,8 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int,
         attention_mask: bool / int [B, T], 0 = padding (never selected), or None.
         word_starts: bool / int [B, T], True where a word begins (whole-word masking), or None.
             The first real token of each row must be a start.
-        strategy: "count" (exactly ``min(n_candidates, max(1, round(mask_prob * n_real)))`` tokens per row,
-            without replacement) or "bernoulli" (each candidate unit independently with ``mask_prob``).
+        strategy: "count" (exactly ``min(n_candidates, max(1, min(N, round(mask_prob * n_real))))`` tokens per
+            row, without replacement: ELECTRA's count, round half to even, N = ``int((mask_prob + 0.005) * T)``) or "bernoulli" (each candidate unit independently with ``mask_prob``).
         validate: check the data-dependent conditions (id range, word starts); each check synchronises
             a GPU, so a training loop with trusted data may turn it off.
 

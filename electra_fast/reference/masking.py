@@ -30,9 +30,13 @@ Selection. Candidates: real (attention_mask == 1) positions whose id is not spec
   tokens. Padding never joins a word (each padding position is its own unit) and position 0 always
   starts a unit. A unit holding any non-candidate (special, padding) is never selected.
   "bernoulli": a unit is selected iff uniform(key) < mask_prob, exactly (key >> 8) < ceil(mask_prob * 2**24).
-  "count": n = min(n_candidates, max(1, floor(fl32(fl32(mask_prob) * n_real) + 0.5))), each step rounded
-      to fp32 (round half up; precomputed per n_real in :func:`count_table`); a row without candidates
-      masks nothing. Units longer than n are not eligible. The eligible units are ordered by
+  "count": n = min(n_candidates, max(1, min(N, round_half_even(fl32(fl32(n_real) * fl32(mask_prob)))))) with
+      N = int((mask_prob + 0.005) * T) (float64, truncated): google-research/electra pretrain_helpers.py
+      ``mask()``, ``num_to_predict = tf.maximum(1, tf.minimum(N, tf.cast(tf.round(num_tokens * mask_prob),
+      tf.int32)))`` (tf.round rounds half to even; num_tokens, the real tokens, is fp32), with N its
+      ``max_predictions_per_seq`` as configure_pretraining.py sets it (``int((mask_prob + 0.005) *
+      max_seq_length)``; T here). Precomputed per n_real in :func:`count_table`; a row without candidates
+      masks nothing (ELECTRA masks none there either: it draws only among candidates). Units longer than n are not eligible. The eligible units are ordered by
       (key, start position) and the longest prefix of that order whose total length stays <= n is
       selected: exactly n tokens without words, at least one word when any is eligible with words.
       The order is a total order, so the choice never depends on tiling or thread count.
@@ -56,14 +60,16 @@ def prob_threshold(p: float) -> int:
 
 
 def count_table(mask_prob: float, T: int) -> torch.Tensor:
-    """int32 [T + 1]: floor(fl32(fl32(mask_prob) * k) + 0.5) for k = n_real in 0..T.
+    """int32 [T + 1]: min(N, round_half_even(fl32(fl32(k) * fl32(mask_prob)))) for k = n_real in 0..T, with
+    N = int((mask_prob + 0.005) * T) (ELECTRA's count and cap, see the module docstring; the max(1, .) and the
+    n_candidates bound are applied per row by every backend).
 
-    Computed once on the CPU with two separately rounded fp32 ops (no fused multiply-add), so every
+    Computed once on the CPU with one fp32 product rounded half to even (torch.round, as tf.round), so every
     backend reads the same counts.
     """
     k = torch.arange(T + 1, dtype=torch.float32)
-    prod = k * torch.tensor(mask_prob, dtype=torch.float32)
-    return torch.floor(prod + torch.tensor(0.5, dtype=torch.float32)).to(torch.int32)
+    n = torch.round(k * torch.tensor(mask_prob, dtype=torch.float32))
+    return n.clamp(max=int((mask_prob + 0.005) * T)).to(torch.int32)
 
 
 def random_tokens(x2: torch.Tensor, n_random: int, specials: torch.Tensor) -> torch.Tensor:
