@@ -19,7 +19,9 @@ def main(argv=None) -> int:
     bench.add_argument("--pretrain", action="store_true",
                        help="instead: run the default `electra-fast pretrain` job and record its summary")
     train_cli.add_parsers(sub)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the sub-command, whose --help lists what it takes
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command in train_cli.COMMANDS:
         return train_cli.run(args)
     if args.command == "info":

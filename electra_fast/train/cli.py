@@ -92,7 +92,7 @@ def run(args) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop, or a second one inside it
         if args.debug:
             raise
-        print(f"electra-fast {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        print(f"electra-fast {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as exc:
         from .errors import PretrainError

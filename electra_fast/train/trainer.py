@@ -288,7 +288,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
                             ("keep", keep, 1, None), ("log-every", log_every, 1, None), ("seed", seed, 0, 2**63 - 1),
                             *(o for o in optional if o[1] is not None)):
         _positive(name, v, lo, hi)
-    del name, v, lo, hi, optional
+    del name, v, lo, hi, optional, cpus
     if threads is not None:  # CPU intra-op threads; 1 is fastest for tiny models on a busy machine
         torch.set_num_threads(threads)
     if precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -317,29 +317,31 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
 
 
 RUN_FILES = ("run.json", "metrics.jsonl", "tensorboard", "checkpoints")
+KEPT_UNLESS_EMPTY = ("cache", "")  # cache/ is content-keyed (a retry reuses it); "": --out itself
 
 
 def _run_files(out: str):
     """The run's names not yet in ``out``, and its checkpoints: what :func:`_take_back` compares against."""
-    return ([n for n in RUN_FILES if not os.path.lexists(os.path.join(out, n))],
+    return ([n for n in RUN_FILES + KEPT_UNLESS_EMPTY if not os.path.lexists(os.path.join(out, n))],
             ckpt.checkpoint_dirs(os.path.join(out, "checkpoints")))
 
 
 def _take_back(out: str, before) -> None:
     """A job that failed before writing a checkpoint leaves nothing a rerun would have to ``--resume``: it removes
-    the run files it created, never anything that was there before it started. ``cache/`` stays: content-keyed,
-    a retry reuses it."""
+    the run files it created (and the directories it created, if empty), never anything that was there before."""
     absent, checkpoints = before
     if ckpt.checkpoint_dirs(os.path.join(out, "checkpoints")) != checkpoints:
         return  # this job wrote a checkpoint: the run is resumable as it stands
     for name in absent:
         path = os.path.join(out, name)
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
+            if name in KEPT_UNLESS_EMPTY:
+                os.rmdir(path)  # only when empty
+            elif os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
             elif os.path.lexists(path):
                 os.unlink(path)
-        except OSError:  # never hide the failure being reported
+        except OSError:  # not there, not empty: keep it, and never hide the failure being reported
             pass
 
 
