@@ -509,7 +509,8 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     t0 = time.perf_counter()
     first_loss, last_record, interrupted, path = None, None, None, None
     net.train()
-    with _Signals(loud=ctx.is_main) as signals, open(os.devnull if not ctx.is_main else metrics_path, "a", encoding="utf-8") as mf:
+    with _Signals(loud=ctx.is_main) as signals, \
+            open(os.devnull if not ctx.is_main else metrics_path, "a", encoding="utf-8") as mf:
         step = start_step
         while step < steps:
             ts = time.perf_counter()
