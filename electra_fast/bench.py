@@ -18,7 +18,7 @@ def bench_dir() -> str:
     return path
 
 
-def record_pretrain(out_dir: str) -> str:
+def record_pretrain(out_dir: str, device: "str | None" = None) -> str:
     """Run the default pretraining job in a scratch directory and record its summary next to the results."""
     import json
     import tempfile
@@ -28,8 +28,9 @@ def record_pretrain(out_dir: str) -> str:
     from .train import pretrain
 
     with tempfile.TemporaryDirectory() as tmp:
-        summary = pretrain(None, out=os.path.join(tmp, "run"), progress=False)
-    keep = {k: summary[k] for k in ("steps", "tokens_seen", "wall_time_s", "tokens_per_s", "first_loss", "final")}
+        summary = pretrain(None, out=os.path.join(tmp, "run"), progress=False, device=device)
+    keep = {k: summary[k] for k in ("steps", "tokens_seen", "wall_time_s", "tokens_per_s", "first_loss", "final",
+                                    "precision")}
     keep.update(machine=bench_report.machine_name(), threads=torch.get_num_threads())
     path = os.path.join(out_dir, bench_report.result_name() + "-pretrain-default.json")
     with open(path, "w") as fh:
@@ -37,12 +38,48 @@ def record_pretrain(out_dir: str) -> str:
     return path
 
 
+def check_args(args) -> "str | None":
+    """What is wrong with the arguments (one line), checked before anything runs; None when nothing is."""
+    if args.pretrain:
+        extra = [flag for flag, value in (("--quick", args.quick), ("-k", args.select), ("--compare", args.compare))
+                 if value]
+        if extra:
+            return f"{', '.join(extra)}: not used by --pretrain (it runs the default pretrain job only)"
+    if args.device is not None:
+        from .train import PretrainError
+        from .train.distributed import check_device
+        try:
+            check_device(args.device)
+        except PretrainError as e:
+            return str(e)
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"--out: {args.out} exists and is not a directory"
+    if args.select is not None:
+        why = _bad_expression(args.select)
+        if why:
+            return f"-k: {args.select!r} is not a pytest -k expression ({why})"
+    if args.compare is not None:
+        try:
+            rows = bench_report.speedups(bench_report.load_groups(args.compare))
+        except OSError as e:
+            return f"--compare: cannot read {args.compare}: {e.strerror}"
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            return f"--compare: {args.compare} is not a pytest-benchmark JSON written by electra-fast bench ({e})"
+        if not rows:
+            return f"--compare: {args.compare} holds no fused-vs-baseline rows to compare against"
+    return None
+
+
 def main(args) -> int:
+    problem = check_args(args)
+    if problem:
+        print(f"electra-fast bench: error: {problem}", file=sys.stderr)
+        return 2
     bdir = bench_dir()
     if getattr(args, "pretrain", False):
         out_dir = os.path.abspath(args.out or os.path.join(bdir, "results"))
         os.makedirs(out_dir, exist_ok=True)
-        print(f"recorded {record_pretrain(out_dir)}")
+        print(f"recorded {record_pretrain(out_dir, args.device)}")
         paths = bench_report.newest_per_machine(out_dir)
         bench_report.write_results_md(paths, os.path.join(os.path.dirname(out_dir) if args.out is None else out_dir,
                                                           "RESULTS.md"), {})
@@ -112,6 +149,22 @@ def _run_files(bdir: str, device: str, select, json_path: str, env) -> int:
     with open(json_path, "w") as fh:
         json.dump(merged, fh, indent=2)
     return 0
+
+
+def _bad_expression(select: str) -> "str | None":
+    """Why pytest would refuse ``-k select`` (checked once here, not by every per-file run), or None."""
+    if not select.strip():
+        return "empty"
+    try:
+        from _pytest.mark import expression  # pytest's own parser: private, so only its parse errors count
+    except ImportError:
+        return None
+    errors = tuple(e for e in (getattr(expression, "ParseError", None), SyntaxError) if e is not None)
+    try:
+        expression.Expression.compile(select)
+    except errors as e:
+        return getattr(e, "msg", None) or getattr(e, "message", None) or str(e) or type(e).__name__
+    return None
 
 
 def _cuda() -> bool:

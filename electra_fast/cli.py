@@ -1,12 +1,12 @@
 """The ``electra-fast`` command (also ``python -m electra_fast``)."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="electra-fast", description=__doc__)
+    from .train import cli as train_cli
+    parser = train_cli.Parser(prog="electra-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, extension status and which backend serves each op")
     sub.add_parser("demo", help="run the RTD-loss op on every available backend")
@@ -18,9 +18,10 @@ def main(argv=None) -> int:
     bench.add_argument("-k", dest="select", default=None, help="only benchmarks matching this pytest -k expression")
     bench.add_argument("--pretrain", action="store_true",
                        help="instead: run the default `electra-fast pretrain` job and record its summary")
-    from .train import cli as train_cli
     train_cli.add_parsers(sub)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the sub-command, whose --help lists what it takes
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command in train_cli.COMMANDS:
         return train_cli.run(args)
     if args.command == "info":

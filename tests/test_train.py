@@ -473,3 +473,158 @@ def _mallinfo():
         pytest.skip("glibc < 2.33 has no mallinfo2")
     libc.mallinfo2.restype = MallInfo2
     return libc.mallinfo2()
+
+
+def test_fp16_scheduler_steps_only_when_the_optimizer_did(env, tmp_path):
+    """fp16: GradScaler skips the first steps (inf gradients at scale 65536); the warm-up must not advance then."""
+    s = pretrain(env["data"], **_kw(env, tmp_path / "run", steps=8, warmup=4, precision="fp16"))
+    st = ckpt.load_training_state(os.path.join(s["checkpoint"], "training_state.pt"))
+    taken = {int(v["step"]) for v in st["optimizer"]["state"].values()}
+    assert len(taken) == 1 and taken.pop() < 8  # the scaler did skip steps here (else this test proves nothing)
+    assert st["scheduler"]["last_epoch"] == int(next(iter(st["optimizer"]["state"].values()))["step"])
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert lrs[0] == lrs[1] == pytest.approx(3e-3 / 4)  # step 1 skipped: step 2 is still the first warm-up step
+
+
+def _fail_on_call(monkeypatch, n):
+    """Make the model's n-th forward call raise (a step that fails: out of memory, a bad kernel...)."""
+    from electra_fast.models import ElectraPretrainingModel
+    forward, calls = ElectraPretrainingModel.forward, []
+
+    def failing(self, *a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("simulated failure")
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(ElectraPretrainingModel, "forward", failing)
+
+
+def test_failed_first_step_leaves_nothing_that_refuses_a_rerun(env, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    _fail_on_call(monkeypatch, 1)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        pretrain(env["data"], **_kw(env, out, steps=4))
+    assert sorted(os.listdir(out)) == ["cache", "notes.txt"]  # run.json, metrics.jsonl, tensorboard/ taken back
+    assert (out / "notes.txt").read_text() == "mine"
+    monkeypatch.undo()
+    assert pretrain(env["data"], **_kw(env, out, steps=4))["steps"] == 4  # no --resume needed
+
+
+def test_failure_after_a_checkpoint_keeps_the_run(env, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _fail_on_call(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        pretrain(env["data"], **_kw(env, out, steps=4, save_every=2))
+    assert (out / "run.json").is_file() and sorted(_losses(out)) == [1, 2]
+    assert [s for s, _ in ckpt.checkpoint_dirs(out / "checkpoints")] == [2]
+    monkeypatch.undo()
+    with pytest.raises(PretrainError, match="already holds a run"):
+        pretrain(env["data"], **_kw(env, out, steps=4))
+    assert pretrain(env["data"], **_kw(env, out, steps=4, resume=True))["steps"] == 4
+
+
+def test_precision_auto_is_recorded_and_kept_on_resume(env, tmp_path, monkeypatch):
+    from electra_fast import _cpu
+    assert pretrain(env["data"], **_kw(env, tmp_path / "default", steps=1))["precision"] == \
+        _cpu.default_precision("cpu")[0]
+    monkeypatch.setattr(_cpu, "default_precision", lambda device: ("bf16", "a machine with native bf16"))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert pretrain(env["data"], **_kw(env, straight, steps=4, save_every=2, keep=5))["precision"] == "bf16"
+    assert json.loads((straight / "run.json").read_text())["precision"] == "bf16"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    monkeypatch.setattr(_cpu, "default_precision", lambda device: ("fp32", "moved to a machine without it"))
+    s = pretrain(env["data"], **_kw(env, resumed, steps=4, save_every=2, keep=5, resume=True))
+    assert s["precision"] == "bf16"
+    assert ckpt.load_training_state(os.path.join(s["checkpoint"], "training_state.pt"))["precision"] == "bf16"
+    assert _losses(straight) == _losses(resumed)  # resumed in bf16, as the run was made: bit-identical
+
+
+BF16_CHILD = textwrap.dedent("""
+    import json, os, sys
+    from electra_fast import _cpu
+    from electra_fast.cli import main
+    print("native", _cpu.native_bf16()[0], file=sys.stderr, flush=True)
+    common = sys.argv[1:]
+    for precision in ("bf16", "auto"):
+        out = os.path.join(os.environ["OUT"], precision)
+        assert main(["pretrain", "--no-progress", "--precision", precision, "--out", out, *common]) == 0
+        print("recorded", json.load(open(os.path.join(out, "run.json")))["precision"], file=sys.stderr, flush=True)
+""")
+
+
+def test_bf16_without_native_support_warns_once_and_auto_picks_fp32(env, tmp_path):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes a fresh process see a CPU without native bf16 (any x86 machine)."""
+    common = ["--data", env["data"], "--tokenizer", env["tokenizer"], "--model", env["model"], "--seq-len", "32",
+              "--batch-size", "2", "--steps", "1", "--threads", "1"]
+    r = subprocess.run([sys.executable, "-c", BF16_CHILD, *common], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", OUT=str(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert "native False" in lines and lines.count("recorded bf16") == 1 and lines.count("recorded fp32") == 1
+    warnings_ = [line for line in lines if "warning" in line]
+    assert len(warnings_) == 1, lines  # explicit bf16: one line, with the cost; auto: none
+    assert warnings_[0].startswith("warning: --precision bf16: ONEDNN_MAX_CPU_ISA=AVX2") and "91 s" in warnings_[0]
+
+
+SLOW_CHILD = textwrap.dedent("""
+    import os, sys, time
+    from electra_fast.models import ElectraPretrainingModel
+    from electra_fast.train import checkpoint
+    forward, save_model = ElectraPretrainingModel.forward, checkpoint.save_model
+
+    def slow_forward(self, *a, **k):  # a long step: room for two Ctrl-C inside it
+        time.sleep(float(os.environ["STEP_S"]))
+        return forward(self, *a, **k)
+
+    def slow_save(model, path):  # a long checkpoint write, announced by a marker file
+        open(os.environ["SAVING"], "w").close()
+        time.sleep(float(os.environ["SAVE_S"]))
+        save_model(model, path)
+
+    ElectraPretrainingModel.forward, checkpoint.save_model = slow_forward, slow_save
+    from electra_fast.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _interrupt_twice(env, tmp_path, step_s, save_s, second_when):
+    out, saving = tmp_path / "run", tmp_path / "saving"
+    cmd = [sys.executable, "-c", SLOW_CHILD, "pretrain", "--no-progress", "--data", env["data"], "--tokenizer",
+           env["tokenizer"], "--model", env["model"], "--seq-len", "32", "--batch-size", "2", "--steps", "1000",
+           "--log-every", "1", "--threads", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, STEP_S=str(step_s), SAVE_S=str(save_s), SAVING=str(saving)))
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").is_file() and _losses(out)):  # step 1 done: step 2 is sleeping now
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    first = time.time()
+    while not second_when(saving, time.time() - first):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr, out
+
+
+def test_second_ctrl_c_during_a_step_stops_without_a_checkpoint_or_traceback(env, tmp_path):
+    code, stdout, stderr, out = _interrupt_twice(env, tmp_path, step_s=2.0, save_s=0.0,
+                                                 second_when=lambda _, since_first: since_first > 0.3)
+    assert code == 130 and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1] == "electra-fast pretrain: interrupted again: stopping without a checkpoint"
+    assert "SIGINT: finishing this step, then saving a checkpoint" in stderr
+    assert not ckpt.checkpoint_dirs(out / "checkpoints") and not (out / "run.json").exists()  # a rerun may start
+
+
+def test_second_ctrl_c_while_the_checkpoint_is_written_waits_for_it(env, tmp_path):
+    code, stdout, stderr, out = _interrupt_twice(env, tmp_path, step_s=0.5, save_s=1.5,
+                                                 second_when=lambda saving, _: saving.exists())
+    assert code == 130 and "Traceback" not in stderr and "interrupted again" not in stderr, stderr
+    assert "interrupted by SIGINT" in stdout
+    steps = ckpt.checkpoint_dirs(out / "checkpoints")
+    assert len(steps) == 1 and ckpt.verify(steps[0][1]) is None and steps[0][0] == max(_losses(out))

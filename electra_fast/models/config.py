@@ -162,8 +162,10 @@ class ElectraConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ElectraConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"ElectraConfig.from_dict: expected a dict of config fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names, key=str)
         if unknown:
             raise ValueError(f"ElectraConfig.from_dict: unknown fields {unknown}")
         return cls(**d)
@@ -173,7 +175,17 @@ class ElectraConfig:
 
     @classmethod
     def from_json_string(cls, s: str) -> "ElectraConfig":
-        return cls.from_dict(json.loads(s))
+        """A JSON object of config fields, each of its field's JSON type (a float field takes an int too)."""
+        d = json.loads(s)
+        if not isinstance(d, dict):
+            raise TypeError(f"ElectraConfig: a config must be a JSON object of fields, got a JSON {_json_type(d)}: "
+                            f"{_clip(s)}")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for name, value in d.items():
+            if name in defaults and _json_type(value) not in _accepted(defaults[name]):
+                raise TypeError(f"ElectraConfig.{name}: expected a JSON {' or '.join(_accepted(defaults[name]))}, "
+                                f"got {_clip(json.dumps(value))}")
+        return cls.from_dict(d)
 
     def to_json_file(self, path: "str | os.PathLike") -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -237,6 +249,24 @@ class ElectraConfig:
     @classmethod
     def deberta_v3_large(cls, **kw) -> "ElectraConfig":
         return cls._deberta_v3(1024, 24, 16, **kw)
+
+
+def _json_type(value) -> str:
+    for kind, types in (("boolean", bool), ("integer", int), ("number", float), ("string", str), ("array", list),
+                        ("object", dict)):
+        if isinstance(value, types):
+            return kind
+    return "null"
+
+
+def _accepted(default) -> tuple:
+    kind = "array" if isinstance(default, tuple) else _json_type(default)
+    return ("number", "integer") if kind == "number" else (kind,)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 PRESETS = ("electra_small", "electra_base", "electra_large",

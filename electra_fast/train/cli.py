@@ -6,9 +6,25 @@ to import: torch and the trainer load only when a command runs.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 COMMANDS = ("pretrain", "export")
+# argparse's own pattern knows only "-1" and "-.5", so "--lr -1e-3" read as a missing value: every float
+# spelling of a negative number is a value here, and the range checks then say what is wrong with it
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``PROG: error: ...``, exit status 2, no usage block) that reads negative
+    numbers in any float spelling as values. Sub-parsers are made of the same class."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def add_parsers(sub) -> None:
@@ -33,7 +49,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 tiny, 5e-4 small, 2e-4)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default steps / 10, at most 10000)")
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 where the device multiplies it natively (GPUs, CPUs with AVX512-BF16 / AMX), "
+                        "else fp32; a resumed run keeps its precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/electra-fast", help="output directory (checkpoints, metrics, cache)")
@@ -43,7 +61,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--allow-nonempty-out", action="store_true", help="use an --out holding other files (never touched)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--skip-bad-lines", action="store_true", help="skip lines that are not UTF-8 / not valid JSONL")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's; 1 is "
                    "fastest for tiny models on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -73,6 +91,11 @@ def run(args) -> int:
                            allow_nonempty_out=args.allow_nonempty_out,
                            progress=not args.no_progress)
         return 130 if summary.get("interrupted") else 0
+    except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop, or a second one inside it
+        if args.debug:
+            raise
+        print(f"electra-fast {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130
     except Exception as exc:
         from .errors import PretrainError
         if args.debug or not isinstance(exc, (PretrainError, OSError)):

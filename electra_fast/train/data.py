@@ -53,6 +53,10 @@ def resolve_inputs(paths: Sequence[str]) -> List[str]:
             out.extend(found)
         else:
             out.append(p)
+    for p in out:  # a broken link in a folder, a pipe, a device: refused here, not by a later os.stat / read
+        if not (_is_saved_dataset(p) or os.path.isfile(p)):
+            why = "a broken symbolic link" if os.path.islink(p) and not os.path.exists(p) else "not a regular file"
+            raise PretrainError(f"--data: cannot read {p}: {why}")
     return out
 
 

@@ -16,10 +16,13 @@ here) only when parameters + optimizer state no longer fit one device.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .errors import PretrainError
 
 
 @dataclass
@@ -63,6 +66,20 @@ class Context:
             dist.destroy_process_group()
 
 
+def check_device(device: "str | torch.device") -> torch.device:
+    """``--device`` (cpu, cuda, cuda:N) as a torch.device; PretrainError when this machine cannot run it."""
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", str(device))
+    if m is None:
+        raise PretrainError(f"--device: expected cpu, cuda or cuda:N, got {str(device)!r}")
+    if m.group(1) == "cuda":
+        if not torch.cuda.is_available():
+            why = "no CUDA GPU is visible" if torch.backends.cuda.is_built() else "this torch is built without CUDA"
+            raise PretrainError(f"--device {device}: {why}; use --device cpu")
+        if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
+            raise PretrainError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return torch.device(str(device))
+
+
 def setup(device: "str | None" = None) -> Context:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -70,7 +87,7 @@ def setup(device: "str | None" = None) -> Context:
     if device is None:
         dev = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
-        dev = torch.device(device)
+        dev = check_device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
     if dev.type == "cuda":

@@ -16,13 +16,20 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
     from ..models import ElectraConfig, ElectraPretrainingModel
     src = ckpt.resolve(checkpoint, warn)
     out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        what = "is a file" if os.path.isfile(out_dir) else "exists and is not a directory"
+        raise PretrainError(f"export: {out_dir} {what}; choose a new directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise PretrainError(f"export: {out_dir} already exists and is not empty; choose another directory")
+    parent = above = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.lexists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise PretrainError(f"export: cannot create {out_dir}: {above} is a file, not a directory")
     cfg = ElectraConfig.from_json_file(os.path.join(src, "config.json"))
     model = ElectraPretrainingModel(cfg)
     ckpt.load_model_state(model, os.path.join(src, "model.safetensors"))
     tok = load_tokenizer(os.path.join(src, "tokenizer.json"))
-    parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
     try:

@@ -12,21 +12,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 import uuid
-import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import _cpu
 from . import checkpoint as ckpt
 from . import rundir
 from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
 from .distributed import Context, setup
-from .errors import PretrainError
-from .tokenizer import config_overrides, fingerprint, load_tokenizer, special_ids, train_wordpiece
+from .errors import InterruptedAgain, PretrainError
+from .tokenizer import SPECIAL_TOKENS, config_overrides, fingerprint, load_tokenizer, special_ids, train_wordpiece
 
 MASK64 = (1 << 64) - 1
 # small enough that the README's default job (no --data, CPU) runs a few hundred steps in a couple of minutes
@@ -78,6 +79,12 @@ def model_config(model: str, tok_overrides: dict):
         raise PretrainError(f"--model: {e}") from None
 
 
+def _check_seq_len(seq_len: int, cfg) -> None:
+    if seq_len > cfg.max_position_embeddings:
+        raise PretrainError(f"--seq-len: {seq_len} exceeds the model's max_position_embeddings "
+                            f"({cfg.max_position_embeddings})")
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float):
     """Weight decay on matrices and embeddings; none on LayerNorm parameters and biases (ELECTRA)."""
     no_decay = set()
@@ -121,10 +128,40 @@ def _schedule(warmup: int, steps: int) -> Callable[[int], float]:
     return factor
 
 
-def _positive(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PretrainError(f"--{name}: expected an int >= {minimum}, got {value!r}")
+def _positive(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> int:
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            or (maximum is not None and value > maximum)):
+        expected = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+        raise PretrainError(f"--{name}: expected {expected}, got {value!r}")
     return value
+
+
+def _real(name: str, value, minimum: float, inclusive: bool) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value < minimum or (value == minimum and not inclusive)):
+        raise PretrainError(f"--{name}: expected a finite number {'>=' if inclusive else '>'} {minimum:g}, "
+                            f"got {value!r}")
+    return value
+
+
+# "an ELECTRA-small 32 x 128 step took 91 s in bf16 vs 4.5 s in fp32" (AVX2-only AMD EPYC, no native bf16)
+EMULATED_BF16 = ("bf16 matrix products are emulated here, ~20x slower than fp32 (an ELECTRA-small 32x128 step: 91 s "
+                 "vs 4.5 s on an AVX2-only AMD EPYC); --precision auto picks fp32 on this CPU")
+
+
+def _resolve_precision(precision: str, device: torch.device, recorded: Optional[str], say) -> str:
+    """``auto``: the resumed run's own precision, else bf16 where ``device`` runs it natively, else fp32.
+    Warns (one line) when bf16 is emulated on this CPU, or when a resumed run changes precision."""
+    if precision == "auto":
+        precision = recorded or _cpu.default_precision(device)[0]
+    elif recorded and precision != recorded:
+        say(f"warning: --precision {precision}: resuming a {recorded} run; its losses will differ from an "
+            "uninterrupted run's")
+    if precision == "bf16" and device.type == "cpu":
+        native, why = _cpu.native_bf16()
+        if not native:
+            say(f"warning: --precision bf16: {why}: {EMULATED_BF16}")
+    return precision
 
 
 def _rng_state(ctx: Context) -> dict:
@@ -141,10 +178,11 @@ def _set_rng_state(state: dict, ctx: Context) -> None:
 
 
 class _Signals:
-    """SIGINT / SIGTERM set a flag: the loop finishes its step, checkpoints and stops. A second SIGINT aborts."""
+    """SIGINT / SIGTERM set a flag: the loop finishes its step, checkpoints and stops. A second SIGINT before that
+    checkpoint raises InterruptedAgain (no checkpoint); while one is being written (``saving``) it is ignored."""
 
-    def __init__(self):
-        self.caught, self._old = None, {}
+    def __init__(self, loud: bool = True):
+        self.caught, self.saving, self.loud, self._old = None, False, loud, {}
 
     def __enter__(self):
         import threading
@@ -154,9 +192,21 @@ class _Signals:
         return self
 
     def _handle(self, signum, frame):
-        if self.caught is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.caught = signal.Signals(signum).name
+        if self.caught is None:
+            self.caught = signal.Signals(signum).name
+            if self.loud:  # os.write: safe whatever the interrupted code was printing
+                os.write(2, f"\n{self.caught}: finishing this step, then saving a checkpoint "
+                            "(Ctrl-C again stops without one)\n".encode())
+        elif signum == signal.SIGINT and not self.saving:
+            raise InterruptedAgain("interrupted again: stopping without a checkpoint")
+
+    def writing(self, save: Callable[[int], str], step: int) -> str:
+        """``save(step)`` with a second Ctrl-C ignored until the checkpoint is complete."""
+        self.saving = True
+        try:
+            return save(step)
+        finally:
+            self.saving = False
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -193,7 +243,7 @@ def _truncate_metrics(path: str, step: int) -> None:
 def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] = None,
              vocab_size: Optional[int] = None, model: Optional[str] = None, seq_len: int = 128,
              batch_size: Optional[int] = None, grad_accum: int = 1, steps: Optional[int] = None, lr: Optional[float] = None,
-             warmup: Optional[int] = None, weight_decay: float = 0.01, precision: str = "fp32",
+             warmup: Optional[int] = None, weight_decay: float = 0.01, precision: str = "auto",
              compile: bool = False, seed: int = 0, out: str = "runs/electra-fast", save_every: Optional[int] = None,
              keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
              device: Optional[str] = None, threads: Optional[int] = None, progress: bool = True,
@@ -211,33 +261,72 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         data = [os.fspath(data)]
     model = model or ("electra-tiny" if embedded else "electra-small")
     batch_size = (16 if embedded else 32) if batch_size is None else batch_size
-    steps = DEFAULT_EMBEDDED_STEPS if (steps is None and embedded) else (steps or DEFAULT_STEPS)
-    for name, v, lo in (("steps", steps, 1), ("seq-len", seq_len, 3), ("batch-size", batch_size, 1),
-                        ("grad-accum", grad_accum, 1), ("keep", keep, 1), ("log-every", log_every, 1),
-                        ("seed", seed, 0)):
-        _positive(name, v, lo)
-    del name, v, lo
-    if save_every is not None:
-        _positive("save-every", save_every)
+    if steps is None:  # an explicit 0 is refused below, never read as "unset"
+        steps = DEFAULT_EMBEDDED_STEPS if embedded else DEFAULT_STEPS
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    optional = (("save-every", save_every, 1, None), ("warmup", warmup, 0, None),
+                ("vocab-size", vocab_size, len(SPECIAL_TOKENS) + 1, None),
+                ("threads", threads, 1, cpus))  # more threads than CPUs only slow down (100000 crashed OpenMP)
+    for name, v, lo, hi in (("steps", steps, 1, None), ("seq-len", seq_len, 3, None),
+                            ("batch-size", batch_size, 1, None), ("grad-accum", grad_accum, 1, None),
+                            ("keep", keep, 1, None), ("log-every", log_every, 1, None), ("seed", seed, 0, 2**63 - 1),
+                            *(o for o in optional if o[1] is not None)):
+        _positive(name, v, lo, hi)
+    del name, v, lo, hi, optional, cpus
     if threads is not None:  # CPU intra-op threads; 1 is fastest for tiny models on a busy machine
-        torch.set_num_threads(_positive("threads", threads))
-    if warmup is not None:
-        _positive("warmup", warmup, 0)
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise PretrainError(f"--precision: expected fp32, bf16 or fp16, got {precision!r}")
+        torch.set_num_threads(threads)
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise PretrainError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
     if lr is None:
         lr = 1e-3 if model == "electra-tiny" else (5e-4 if "small" in model else 2e-4)
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise PretrainError(f"--lr: expected a positive number, got {lr!r}")
+    _real("lr", lr, 0.0, inclusive=False)
+    _real("weight-decay", weight_decay, 0.0, inclusive=True)
     warmup = min(10_000, steps // 10) if warmup is None else warmup
+    if not resume:  # --model and --seq-len now, not after a tokenizer was trained (resume: the checkpoint's model)
+        _check_seq_len(seq_len, model_config(model, {}))
 
     out = os.fspath(out)
     ctx = setup(device)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx.is_main else (lambda msg: None)
+    kwargs = dict(locals())
+    before = _run_files(out) if ctx.is_main else None
     try:
-        return _run(**locals())
+        return _run(**kwargs)
+    except BaseException:
+        if before is not None:
+            _take_back(out, before)
+        raise
     finally:
         ctx.close()
+
+
+RUN_FILES = ("run.json", "metrics.jsonl", "tensorboard", "checkpoints")
+KEPT_UNLESS_EMPTY = ("cache", "")  # cache/ is content-keyed (a retry reuses it); "": --out itself
+
+
+def _run_files(out: str):
+    """The run's names not yet in ``out``, and its checkpoints: what :func:`_take_back` compares against."""
+    return ([n for n in RUN_FILES + KEPT_UNLESS_EMPTY if not os.path.lexists(os.path.join(out, n))],
+            ckpt.checkpoint_dirs(os.path.join(out, "checkpoints")))
+
+
+def _take_back(out: str, before) -> None:
+    """A job that failed before writing a checkpoint leaves nothing a rerun would have to ``--resume``: it removes
+    the run files it created (and the directories it created, if empty), never anything that was there before."""
+    absent, checkpoints = before
+    if ckpt.checkpoint_dirs(os.path.join(out, "checkpoints")) != checkpoints:
+        return  # this job wrote a checkpoint: the run is resumable as it stands
+    for name in absent:
+        path = os.path.join(out, name)
+        try:
+            if name in KEPT_UNLESS_EMPTY:
+                os.rmdir(path)  # only when empty
+            elif os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+        except OSError:  # not there, not empty: keep it, and never hide the failure being reported
+            pass
 
 
 def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum, steps, lr, warmup, weight_decay,
@@ -250,6 +339,8 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     resume_from = ckpt.newest_complete(ckpt_root, say) if resume else None
     if resume and resume_from is None:
         say(f"--resume: no complete checkpoint in {out}; starting from scratch")
+    st = ckpt.load_training_state(os.path.join(resume_from, "training_state.pt")) if resume_from else None
+    precision = _resolve_precision(precision, ctx.device, st and st.get("precision"), say)
     if ctx.is_main:
         os.makedirs(out, exist_ok=True)
         rundir.remove_stale_temporaries(out)
@@ -296,9 +387,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
                                 f"tokenizer ({tok.get_vocab_size()})")
     else:
         cfg = model_config(model, config_overrides(tok))
-    if seq_len > cfg.max_position_embeddings:
-        raise PretrainError(f"--seq-len: {seq_len} exceeds the model's max_position_embeddings "
-                            f"({cfg.max_position_embeddings})")
+    _check_seq_len(seq_len, cfg)
 
     # ---------------------------------------------------------------- data
     if ctx.is_main:
@@ -318,15 +407,15 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
                                   fused=ctx.device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, steps))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
+    if st is not None and st["scaler"]:  # empty when the run was not fp16
+        scaler.load_state_dict(st["scaler"])
     torch.manual_seed(derive_seed(seed, 0x44524F50, ctx.rank))  # per-rank dropout stream ("DROP")
 
     start_step, data_pos, tokens_seen, run_id, elapsed_before = 0, 0, 0, uuid.uuid4().hex, 0.0
     if resume_from is not None:
         ckpt.load_model_state(net, os.path.join(resume_from, "model.safetensors"))
-        st = ckpt.load_training_state(os.path.join(resume_from, "training_state.pt"))
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
-        scaler.load_state_dict(st["scaler"])
         start_step, data_pos, tokens_seen = st["step"], st["data_position"], st["tokens_seen"]
         elapsed_before = st.get("elapsed_s", 0.0)
         run_id = ckpt.read_meta(resume_from)["run_id"]
@@ -349,7 +438,8 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     if ctx.is_main:
         if resume_from is None:
             _write_json(os.path.join(out, "run.json"), {"run_id": run_id, "created": time.time(),
-                                                        "model": model, "inputs": inputs})
+                                                        "model": model, "inputs": inputs,
+                                                        "precision": precision})
             if os.path.exists(metrics_path):  # only reachable with --resume and no checkpoint: our own file
                 os.unlink(metrics_path)
         else:
@@ -377,7 +467,8 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "rng": rngs, "step": step, "data_position": data_pos,
                      "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                     "world": ctx.world, "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum}
+                     "world": ctx.world, "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
+                     "precision": precision}
             writers = {"model.safetensors": lambda p: ckpt.save_model(net, p),
                        "training_state.pt": lambda p: ckpt.save_training_state(state, p),
                        "config.json": lambda p: cfg.to_json_file(p),
@@ -401,7 +492,8 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     t0 = time.perf_counter()
     first_loss, last_record, interrupted, path = None, None, None, None
     net.train()
-    with _Signals() as signals, open(os.devnull if not ctx.is_main else metrics_path, "a", encoding="utf-8") as mf:
+    with _Signals(loud=ctx.is_main) as signals, \
+            open(os.devnull if not ctx.is_main else metrics_path, "a", encoding="utf-8") as mf:
         step = start_step
         while step < steps:
             ts = time.perf_counter()
@@ -420,11 +512,11 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
             data_pos += batch_size * grad_accum * ctx.world
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
             lr_now = scheduler.get_last_lr()[0]
-            with warnings.catch_warnings():  # fp16: a step the scaler skipped (inf grads) still advances the lr
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            if scaler.get_scale() >= scale:  # fp16: a backed-off scale means the optimizer skipped (inf grads)
                 scheduler.step()
             step += 1
             tokens_seen += per_step_tokens
@@ -454,16 +546,16 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
                 interrupted = signals.caught or "signal"
                 break
             if save_every and step % save_every == 0 and step < steps:
-                path = save(step)
+                path = signals.writing(save, step)
         bar.close()
         wall = time.perf_counter() - t0
-        path = save(step)
+        path = signals.writing(save, step)
     if tb is not None:
         tb.close()
     summary = {"steps": step, "tokens_seen": tokens_seen, "wall_time_s": wall,
                "tokens_per_s": (step - start_step) * per_step_tokens / max(wall, 1e-9),
                "first_loss": first_loss, "final": last_record, "checkpoint": path, "out": out,
-               "interrupted": interrupted}
+               "interrupted": interrupted, "precision": precision}
     if ctx.is_main:
         f = last_record or {}
         lines = [f"{'interrupted by ' + interrupted + ', ' if interrupted else ''}trained to step {step}/{steps}: "

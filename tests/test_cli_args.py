@@ -1,0 +1,316 @@
+"""The command line's contract for bad input: every documented flag of ``pretrain`` / ``export`` / ``bench`` with an
+invalid value, and every pathology of a ``--data`` input, ends in exit status 2 with exactly one line on stderr (no
+traceback), and leaves the user's files as they were. Everything runs in-process (argument errors take
+milliseconds); the signal and CPU-cap cases that need a fresh process live in test_train.py."""
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from electra_fast import bench
+from electra_fast.cli import main as cli_main
+from electra_fast.models import ElectraConfig
+from electra_fast.train import PretrainError, pretrain
+from test_train import _corpus, _kw, env  # noqa: F401  (env: the module-scoped fixture: corpus, tokenizer, tiny model)
+
+
+def _cli(argv, capsys):
+    """(exit status, stderr lines, stdout) of one in-process ``electra-fast`` call."""
+    try:
+        code = cli_main(argv)
+    except SystemExit as e:  # argparse's own exits
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.err.splitlines(), captured.out
+
+
+def _assert_refused(code, err, command, message):
+    assert code == 2, (code, err)
+    assert len(err) == 1, err  # one line: no usage block, no traceback, no progress chatter
+    assert err[0].startswith(f"electra-fast {command}: error: ") and message in err[0], err[0]
+
+
+def _snapshot(root):
+    """{relative path: sha256 | 'dir' | 'link -> target'} of everything under ``root``."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                out[rel] = "link -> " + os.readlink(path)
+            elif os.path.isdir(path):
+                out[rel] = "dir"
+            else:
+                with open(path, "rb") as f:
+                    out[rel] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def user(env, tmp_path):  # noqa: F811
+    """The user's directory: the corpus, tokenizer and model of ``env`` plus files the cases point at."""
+    d = tmp_path / "user"
+    d.mkdir()
+    for name in ("corpus.txt", "tokenizer.json", "tiny.json"):
+        (d / name).write_bytes((env["root"] / name).read_bytes())
+    (d / "array.json").write_text("[1, 2, 3]\n")
+    (d / "broken.json").write_text('{"hidden_size": 32,')
+    (d / "typed.json").write_text('{"hidden_size": "32"}\n')
+    (d / "notes.txt").write_text("the user's own notes\n")
+    return d
+
+
+# ------------------------------------------------------------------------------------------ pretrain: up front
+NOT_CUDA = [] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: ")]
+PRETRAIN_UPFRONT = [
+    (["--steps", "0"], "--steps: expected an int >= 1, got 0"),  # 0 was read as "unset": 10,000 steps
+    (["--steps", "-5"], "--steps: expected an int >= 1, got -5"),
+    (["--steps", "1.5"], "argument --steps: invalid int value: '1.5'"),
+    (["--steps"], "argument --steps: expected one argument"),
+    (["--batch-size", "0"], "--batch-size: expected an int >= 1, got 0"),
+    (["--grad-accum", "0"], "--grad-accum: expected an int >= 1, got 0"),
+    (["--seq-len", "2"], "--seq-len: expected an int >= 3, got 2"),
+    (["--seq-len", "65"], "--seq-len: 65 exceeds the model's max_position_embeddings (64)"),
+    (["--lr", "-1e-3"], "--lr: expected a finite number > 0, got -0.001"),  # was: "expected one argument" + usage
+    (["--lr=-1e-3"], "--lr: expected a finite number > 0, got -0.001"),
+    (["--lr", "-2E+1"], "--lr: expected a finite number > 0, got -20.0"),
+    (["--lr", "-.5"], "--lr: expected a finite number > 0, got -0.5"),
+    (["--lr", "0"], "--lr: expected a finite number > 0, got 0.0"),
+    (["--lr", "nan"], "--lr: expected a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr: expected a finite number > 0, got inf"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--warmup", "-1"], "--warmup: expected an int >= 0, got -1"),
+    (["--weight-decay", "-0.01"], "--weight-decay: expected a finite number >= 0, got -0.01"),  # trained before
+    (["--weight-decay", "nan"], "--weight-decay: expected a finite number >= 0, got nan"),
+    (["--keep", "0"], "--keep: expected an int >= 1, got 0"),
+    (["--save-every", "0"], "--save-every: expected an int >= 1, got 0"),
+    (["--log-every", "0"], "--log-every: expected an int >= 1, got 0"),
+    (["--seed", "-1"], "--seed: expected an int in [0, 9223372036854775807], got -1"),
+    (["--seed", str(2 ** 64)], f"--seed: expected an int in [0, 9223372036854775807], got {2 ** 64}"),
+    (["--vocab-size", "0"], "--vocab-size: expected an int >= 6, got 0"),  # 0 was read as "unset": 30522
+    (["--threads", "0"], "--threads: expected an int in [1, "),
+    (["--threads", "100000"], "--threads: expected an int in [1, "),  # set as is, it crashed OpenMP
+    (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["--device", "tpu"], "--device: expected cpu, cuda or cuda:N, got 'tpu'"),  # was a traceback
+    (["--device", "cuda:x"], "--device: expected cpu, cuda or cuda:N, got 'cuda:x'"),
+    (["--device", "cuda:99"], "--device cuda:99: "),
+    *NOT_CUDA,
+    (["--model", "electra-huge"], "--model: unknown preset 'electra-huge'"),
+    (["--model", "{user}/missing.json"], "--model: no such file"),
+    (["--model", "{user}/array.json"], "a config must be a JSON object of fields, got a JSON array: [1, 2, 3]"),
+    (["--model", "{user}/broken.json"], "--model: cannot read"),
+    (["--model", "{user}/typed.json"], "ElectraConfig.hidden_size: expected a JSON integer, got \"32\""),
+    (["--tokenizer", "{user}/tokenizer.json", "--vocab-size", "100"], "not allowed with argument"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+]
+
+
+@pytest.mark.parametrize("extra, message", PRETRAIN_UPFRONT, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_pretrain_flag_refused_before_anything_is_written(user, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    before = _snapshot(user)
+    argv = ["pretrain", "--no-progress", "--data", str(user / "corpus.txt"), "--model", str(user / "tiny.json"),
+            "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--out", str(out)]
+    code, err, _ = _cli(argv + [a.format(user=user) for a in extra], capsys)
+    _assert_refused(code, err, "pretrain", message)
+    assert not out.exists()  # refused before --out was created
+    assert _snapshot(user) == before
+
+
+def test_api_distinguishes_zero_from_unset(env, tmp_path):  # noqa: F811
+    for kw, message in ((dict(steps=0), "--steps: expected an int >= 1, got 0"),
+                        (dict(vocab_size=0, tokenizer=None), "--vocab-size: expected an int >= 6, got 0"),
+                        (dict(warmup=-1), "--warmup"), (dict(precision="fp64"), "--precision: expected auto")):
+        with pytest.raises(PretrainError, match=message.replace("[", r"\[")):
+            pretrain(env["data"], **_kw(env, tmp_path / "out", **kw))
+        assert not (tmp_path / "out").exists()
+
+
+def test_config_json_must_be_an_object():
+    with pytest.raises(TypeError, match=r"must be a JSON object of fields, got a JSON array: \[1, 2, 3\]"):
+        ElectraConfig.from_json_string("[1, 2, 3]")
+    with pytest.raises(TypeError, match="ElectraConfig.share_att_key: expected a JSON boolean, got 1"):
+        ElectraConfig.from_json_string('{"share_att_key": 1}')
+    assert ElectraConfig.from_json_string('{"mask_prob": 0}').mask_prob == 0  # an int where a float goes is fine
+    with pytest.raises(TypeError, match="expected a dict of config fields, got list"):
+        ElectraConfig.from_dict([1, 2, 3])
+
+
+# ------------------------------------------------------------------------------------------ pretrain: inputs
+def _write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(data, bytes) else path.write_text)(data)
+    return path
+
+
+def _pathologies(d):
+    """(--data path, message) for each way an input can be unusable."""
+    return [
+        (_write(d / "empty.txt", b""), "no text found"),
+        (_write(d / "blank.txt", "\n\n   \n\t\n"), "no text found"),
+        (_write(d / "binary.bin", bytes(range(256)) * 8), "binary.bin is not UTF-8 (invalid byte at offset 128)"),
+        (_write(d / "nul.txt", b"\x00\x01\x02" * 300), "no text found"),  # valid UTF-8, control characters only
+        (_write(d / "latin1.txt", "caf\xe9 au lait\n".encode("latin-1")), "latin1.txt is not UTF-8 (invalid byte at "
+                                                                          "offset 3)"),
+        (_write(d / "badutf8.jsonl", b'{"text": "ok"}\n{"text": "\xff"}\n'), "badutf8.jsonl is not UTF-8"),
+        (_write(d / "malformed.jsonl", '{"text": "first"}\n{"text": "second"\n'),
+         "malformed.jsonl line 2 is not a JSON object with a string 'text' field"),
+        (_write(d / "notext.jsonl", '{"body": "no text field"}\n'), "notext.jsonl line 1 is not a JSON object"),
+        (_write(d / "number.jsonl", '{"text": 5}\n'), "number.jsonl line 1 is not a JSON object"),
+        (_write(d / "array.jsonl", '["text", "a list"]\n'), "array.jsonl line 1 is not a JSON object"),
+        (_write(d / "empty_texts.jsonl", '{"text": ""}\n{"text": "  "}\n'), "no text found"),
+        (_write(d / "unusable" / "notes.csv", "a,b\n1,2\n").parent, "holds no .txt or .jsonl files"),
+        (_write(d / "empty_dir" / ".keep", b"").parent, "holds no .txt or .jsonl files"),
+        (_write(d / "dir_of_empty" / "a.txt", b"").parent, "no text found"),
+        (d / "missing.txt", "no such file or directory"),
+    ]
+
+
+def test_every_data_pathology_is_one_line_and_touches_nothing(user, tmp_path, capsys):
+    cases = _pathologies(user / "data")
+    link_dir = user / "data" / "broken_link"
+    link_dir.mkdir()
+    os.symlink(str(user / "data" / "nowhere.txt"), str(link_dir / "x.txt"))
+    cases.append((link_dir, "--data: cannot read"))
+    dataset = _write(user / "data" / "saved" / "dataset_info.json", "{}").parent  # a datasets save_to_disk layout
+    cases.append((dataset, "--data: "))
+    before = _snapshot(user)
+    for i, (path, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        code, err, _ = _cli(["pretrain", "--no-progress", "--data", str(path), "--tokenizer",
+                             str(user / "tokenizer.json"), "--model", str(user / "tiny.json"), "--seq-len", "32",
+                             "--steps", "1", "--out", str(out)], capsys)
+        _assert_refused(code, err, "pretrain", message)
+        assert err[0].startswith("electra-fast pretrain: error: --data: "), err
+        assert not (out / "run.json").exists()  # a rerun with good data is not refused
+    assert _snapshot(user) == before
+
+
+def test_data_pathology_while_training_a_tokenizer(user, tmp_path, capsys):
+    """Without --tokenizer the data is first read by the tokenizer trainer (Rust): the error still surfaces as
+    the last line, after the one progress line, with no traceback."""
+    bad = _write(user / "bad.jsonl", '{"text": "fine"}\n{"txt": "typo"}\n')
+    before = _snapshot(user)
+    code, err, _ = _cli(["pretrain", "--no-progress", "--data", str(bad), "--model", str(user / "tiny.json"),
+                         "--seq-len", "32", "--steps", "1", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err) == 2 and err[0].startswith("training a WordPiece tokenizer"), err
+    assert err[1] == ("electra-fast pretrain: error: --data: " + str(bad) + " line 2 is not a JSON object with a "
+                      "string 'text' field; fix it or pass --skip-bad-lines")
+    assert _snapshot(user) == before and not (tmp_path / "out").exists()  # nothing left behind to refuse a rerun
+
+
+def test_pretrain_output_and_tokenizer_errors(user, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a directory\n")
+    _write(user / "garbage-tokenizer.json", "{not json")
+    cases = [(["--out", str(tmp_path / "a-file")], "--out: ", "exists and is not a directory"),
+             (["--tokenizer", str(user / "nope.json")], "--tokenizer: no such file or directory", ""),
+             (["--tokenizer", str(user / "garbage-tokenizer.json")], "--tokenizer: cannot read", "")]
+    before, file_before = _snapshot(user), (tmp_path / "a-file").read_text()
+    for i, (extra, message, tail) in enumerate(cases):
+        argv = ["pretrain", "--no-progress", "--data", str(user / "corpus.txt"), "--tokenizer",
+                str(user / "tokenizer.json"), "--model", str(user / "tiny.json"), "--seq-len", "32", "--steps", "1",
+                "--out", str(tmp_path / f"out{i}")]
+        code, err, _ = _cli(argv + extra, capsys)
+        _assert_refused(code, err, "pretrain", message)
+        assert err[0].endswith(tail)
+    assert _snapshot(user) == before and (tmp_path / "a-file").read_text() == file_before
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line(user, tmp_path, capsys, monkeypatch):
+    from electra_fast.train import trainer
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "build_token_cache", interrupted)
+    code, err, _ = _cli(["pretrain", "--no-progress", "--data", str(user / "corpus.txt"), "--tokenizer",
+                         str(user / "tokenizer.json"), "--model", str(user / "tiny.json"), "--seq-len", "32",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert code == 130 and err == ["electra-fast pretrain: interrupted"]
+
+
+# ------------------------------------------------------------------------------------------ export
+@pytest.fixture(scope="module")
+def finished_run(env, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("export") / "run"
+    pretrain(env["data"], **_kw(env, out, steps=1))
+    return out
+
+
+def test_export_bad_arguments(finished_run, tmp_path, capsys):
+    import shutil
+    (tmp_path / "a-file").write_text("mine\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine\n")
+    (tmp_path / "no-checkpoints").mkdir()
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(finished_run / "checkpoints" / "step-00000001", corrupt)
+    with open(corrupt / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    cases = [
+        ([str(tmp_path / "missing"), str(tmp_path / "e1")], "no complete checkpoint found in"),
+        ([str(tmp_path / "no-checkpoints"), str(tmp_path / "e2")], "no complete checkpoint found in"),
+        ([str(corrupt), str(tmp_path / "e3")], "is corrupt or partial: model.safetensors does not match"),
+        ([str(finished_run), str(tmp_path / "a-file")], f"export: {tmp_path / 'a-file'} is a file; choose a new"),
+        ([str(finished_run), str(tmp_path / "full")], "already exists and is not empty"),
+        ([str(finished_run), str(tmp_path / "a-file" / "sub")], f"{tmp_path / 'a-file'} is a file, not a directory"),
+        ([str(finished_run)], "the following arguments are required: out_dir"),
+        ([str(finished_run), str(tmp_path / "e4"), "--bogus"], "unrecognized arguments: --bogus"),
+    ]
+    before, run_before = _snapshot(tmp_path), _snapshot(finished_run)
+    for extra, message in cases:
+        code, err, _ = _cli(["export", *extra], capsys)
+        _assert_refused(code, err, "export", message)
+    assert _snapshot(tmp_path) == before and _snapshot(finished_run) == run_before
+
+
+# ------------------------------------------------------------------------------------------ bench
+@pytest.fixture
+def no_bench_runs(monkeypatch):
+    """Any benchmark or report the bench command would start fails the test: arguments are checked first."""
+    def ran(*a, **k):
+        raise AssertionError("electra-fast bench ran something despite a bad argument")
+
+    for name in ("_run_files", "record_pretrain"):
+        monkeypatch.setattr(bench, name, ran)
+    for name in ("plots", "write_results_md", "compare"):
+        monkeypatch.setattr(bench.bench_report, name, ran)
+
+
+def _bench_json(path, benchmarks):
+    path.write_text(json.dumps({"machine_info": {}, "benchmarks": benchmarks}))
+    return str(path)
+
+
+def test_bench_bad_arguments_checked_before_running(tmp_path, capsys, no_bench_runs):
+    (tmp_path / "a-file").write_text("mine\n")
+    (tmp_path / "not.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    no_rows = _bench_json(tmp_path / "no-rows.json", [{"stats": {"median": 1.0}, "extra_info": {
+        "op": "rtd", "impl": "eager", "pass_": "fwd", "shape": "2x8", "dtype": "float32"}}])
+    cases = [
+        (["--compare", str(tmp_path / "missing.json")], "--compare: cannot read"),  # ran everything, then a traceback
+        (["--compare", str(tmp_path / "not.json")], "is not a pytest-benchmark JSON written by electra-fast bench"),
+        (["--compare", str(tmp_path / "list.json")], "is not a pytest-benchmark JSON written by electra-fast bench"),
+        (["--compare", no_rows], "holds no fused-vs-baseline rows to compare against"),
+        (["--compare", str(tmp_path)], "--compare: cannot read"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        *([(["--device", "cuda"], "--device cuda: ")] if not torch.cuda.is_available() else []),
+        (["--out", str(tmp_path / "a-file")], "exists and is not a directory"),
+        (["-k", "("], "-k: '(' is not a pytest -k expression"),
+        (["-k", " "], "-k: ' ' is not a pytest -k expression (empty)"),
+        (["--pretrain", "--compare", no_rows], "--compare: not used by --pretrain"),
+        (["--pretrain", "-k", "rtd", "--quick"], "--quick, -k: not used by --pretrain"),
+        (["--quick=yes"], "argument --quick: ignored explicit argument 'yes'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ]
+    before = _snapshot(tmp_path)
+    results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(bench.__file__))), "bench", "results")
+    results_before = sorted(os.listdir(results))
+    for extra, message in cases:
+        code, err, _ = _cli(["bench", *extra], capsys)
+        _assert_refused(code, err, "bench", message)
+    assert _snapshot(tmp_path) == before and sorted(os.listdir(results)) == results_before
