@@ -319,6 +319,8 @@ def _take_back(out: str, before) -> None:
     for name in absent:
         path = os.path.join(out, name)
         try:
+            if name == "" and os.listdir(path) == [rundir.MARKER]:
+                os.unlink(os.path.join(path, rundir.MARKER))  # this job made --out: its claim goes with it
             if name in KEPT_UNLESS_EMPTY:
                 os.rmdir(path)  # only when empty
             elif os.path.isdir(path) and not os.path.islink(path):
