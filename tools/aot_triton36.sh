@@ -16,9 +16,20 @@ stamp="$(sha256sum pyproject.toml | cut -d' ' -f1) $TRITON_SPEC ${TORCH_SPEC:-to
 
 triton36() { "$PY" -c 'import sys, triton; sys.exit(not triton.__version__.startswith("3.6."))' 2>/dev/null; }
 
+# Never install into an environment this script did not make (say AOT36_VENV=.venv): pip would downgrade its triton.
+# One made by hand for the same purpose (it has triton 3.6) is adopted.
+if [ -e "$VENV" ] && [ ! -f "$VENV/.aot-venv" ]; then
+  if ! triton36; then
+    echo "aot-triton36: $VENV exists and is not this script's Triton 3.6 virtualenv; not touching it" \
+         "(remove it, or set AOT36_VENV to another path)" >&2
+    exit 2
+  fi
+  touch "$VENV/.aot-venv"
+fi
+
 if [ ! -f "$VENV/.aot-installed" ] || [ "$(cat "$VENV/.aot-installed")" != "$stamp" ] || ! triton36; then
   echo "aot-triton36: setting up $VENV" >&2
-  test -x "$PY" || "${PYTHON:-python3}" -m venv "$VENV"
+  if [ ! -e "$VENV" ]; then "${PYTHON:-python3}" -m venv "$VENV" && touch "$VENV/.aot-venv"; fi
   echo '*' > "$VENV/.gitignore"  # keep git status clean (Python < 3.13 venvs do not write this themselves)
   "$PY" -m pip install -q --upgrade pip "setuptools>=77" wheel
   # torch's CPU wheel does not require triton, so this pin is what the check runs with (verified below).
