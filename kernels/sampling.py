@@ -67,8 +67,8 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, E, ACC64: tl.con
                     other=0.0)
         w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * E + ks[None, :], mask=cmask[:, None] & kmask[None, :],
                     other=0.0)
-        if IEEE:
-            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        if IEEE:  # out_dtype: Triton 3.6 defaults it to fp32 and then rejects an fp64 acc
+            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee", out_dtype=acc.dtype)
         else:
             acc = tl.dot(h, tl.trans(w), acc)
     return acc + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(acc.dtype)[None, :]
@@ -174,7 +174,7 @@ def mlm_dhidden_kernel(dl_ptr, w_ptr, dh_ptr, N, E, v0, vc, IEEE: tl.constexpr, 
         w = tl.load(w_ptr + (v0 + ks).to(tl.int64)[:, None] * E + es[None, :], mask=kmask[:, None] & emask[None, :],
                     other=0.0).to(dl.dtype)
         if IEEE:
-            acc = tl.dot(dl, w, acc, input_precision="ieee")
+            acc = tl.dot(dl, w, acc, input_precision="ieee", out_dtype=acc.dtype)
         else:
             acc = tl.dot(dl, w, acc)
     tl.store(dh_ptr + dh_offs, acc, mask=rmask[:, None] & emask[None, :])
@@ -202,7 +202,7 @@ def mlm_dweight_kernel(dl_ptr, h_ptr, dw_ptr, db_ptr, N, E, v0, vc, IEEE: tl.con
         h = tl.load(h_ptr + ns.to(tl.int64)[:, None] * E + es[None, :], mask=nmask[:, None] & emask[None, :],
                     other=0.0).to(dl.dtype)
         if IEEE:
-            acc = tl.dot(tl.trans(dl), h, acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(dl), h, acc, input_precision="ieee", out_dtype=acc.dtype)
         else:
             acc = tl.dot(tl.trans(dl), h, acc)
         dbias += tl.sum(dl.to(dbias.dtype), 0)
