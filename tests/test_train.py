@@ -529,8 +529,8 @@ def test_failure_after_a_checkpoint_keeps_the_run(env, tmp_path, monkeypatch):
 
 def test_precision_auto_is_recorded_and_kept_on_resume(env, tmp_path, monkeypatch):
     from electra_fast import _cpu
-    assert pretrain(env["data"], **_kw(env, tmp_path / "default", steps=1))["precision"] == \
-        _cpu.default_precision("cpu")[0]
+    s = pretrain(env["data"], **_kw(env, tmp_path / "default", steps=1))
+    assert s["precision"] == _cpu.default_precision(next(s["model"].parameters()).device)[0]
     monkeypatch.setattr(_cpu, "default_precision", lambda device: ("bf16", "a machine with native bf16"))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert pretrain(env["data"], **_kw(env, straight, steps=4, save_every=2, keep=5))["precision"] == "bf16"
