@@ -233,6 +233,10 @@ inline acc_t softmax_row(int64_t T, acc_t* __restrict s, acc_t mx, const acc_t* 
     sum += e2;
   }
   const acc_t inv = acc_t(1) / sum;
+  if (std::isnan(inv)) {  // a NaN or +inf score: an invalid row, NaN except at -inf scores (exactly 0)
+    for (int64_t j = 0; j < T; ++j) s[j] = s[j] == acc_t(0) ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+    return std::numeric_limits<acc_t>::quiet_NaN();
+  }
 #pragma omp simd
   for (int64_t j = 0; j < T; ++j) s[j] *= inv;
   return mx + std::log(sum);
@@ -261,9 +265,10 @@ void forward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t b
       // padded query or no valid key: output 0. Otherwise every valid score is NaN or -inf (score_row's max skips
       // NaN): the row is invalid and outputs NaN, as the reference and the eager softmax do.
       const bool dead = !live || !any_key(p, b);
-      std::fill(row, row + T, dead ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+      for (int64_t j = 0; j < T; ++j)  // an invalid row: NaN except at -inf scores (masked keys), exactly 0
+        row[j] = dead || row[j] == ninf ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
       lse[bh * T + i] = dead ? std::numeric_limits<float>::infinity() : std::numeric_limits<float>::quiet_NaN();
-      continue;
+      continue;  // (dropout would keep NaN NaN and 0 zero)
     }
     lse[bh * T + i] = static_cast<float>(softmax_row<acc_t>(T, row, mx, nullptr));
     if (p.dropout_p > 0) apply_keep<acc_t>(row, keep + r * T, T, inv_keep);

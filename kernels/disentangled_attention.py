@@ -287,14 +287,16 @@ def _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr,
     if has_mask != 0:
         col_ok = col_ok & (tl.load(mask_ptr + b * T + offs_n, mask=col_ok, other=0) != 0)
     s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
-    dead = (lse2 == float("inf"))[:, None]  # padded queries, rows without a valid key: P = dS = 0 even at NaN
-    p = tl.where(dead, 0.0, tl.exp2(s - lse2[:, None]))  # finite - inf, -inf - finite give 0
+    # Dead rows (padded queries, no valid key) have P = dS = 0 even at NaN scores, and a -inf score (a masked key)
+    # P = 0 also in an invalid row (lse NaN): the reference's rule
+    dead = (lse2 == float("inf"))[:, None]
+    p = tl.where(dead | (s == float("-inf")), 0.0, tl.exp2(s - lse2[:, None]))
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     pd = p
     if dropout_p > 0.0:
-        kept = _keep(seed, bh, offs_m, offs_n, T) >= dropout_p
-        pd = tl.where(kept, p * inv_keep, 0.0)
-        dp = tl.where(kept, dp * inv_keep, 0.0)
+        kept = tl.where(_keep(seed, bh, offs_m, offs_n, T) >= dropout_p, inv_keep, 0.0)
+        pd = p * kept  # products, not selects: a dropped NaN stays NaN, as in the reference
+        dp = dp * kept
     ds = tl.where(dead, 0.0, p * (dp - delta[:, None]))
     return pd, ds, sl, smin, smax
 

@@ -14,9 +14,13 @@ Backend contract (shared with ``torch.ops.electra_fast_cpp.disentangled_attentio
   score(i, j) = scale * (q_i.k_j + q_i.pos_key[s(i, j)] + k_j.pos_query[s(i, j)])
   softmax in fp32 (fp64 for fp64 inputs) over valid keys; lse fp32 [B, H, T] (+inf for padded queries
   and rows without a valid key: dead rows, whose output is exactly 0 and whose probabilities and score
-  gradients are 0, whatever their q holds). NaN in, NaN out: a row with a NaN or infinite score
-  among its valid keys (a NaN in q, k or a position tensor, or an overflow) has lse NaN and a NaN output,
-  and so are the gradients it touches, on every backend (as the eager softmax gives). Dropout: Philox purpose ATTN_DROPOUT, element
+  gradients are 0, whatever their q holds).
+  NaN in, NaN out, identically on every backend: a live row with a NaN or infinite score among its valid
+  keys (a NaN in q, k or a position tensor, or an overflow) is invalid: lse NaN, output NaN (as the eager
+  softmax gives), and its probabilities NaN except at -inf scores (masked keys), which stay exactly 0; the
+  gradients follow from those probabilities (products: 0 * NaN is NaN, so a NaN in V reaches every live row
+  of its head through P @ V, even at a padded key). Dropout multiplies P (and dP) by keep / (1 - p), so a
+  dropped NaN stays NaN. Dropout: Philox purpose ATTN_DROPOUT, element
   e = ((b * H + h) * T + i) * T + j reads word e % 4 of the call at index e // 4 (one call, four elements),
   keep iff uniform(word) >= dropout_p, kept scaled by 1 / (1 - p).
 """
@@ -114,8 +118,9 @@ def _probs(q, k, pos_key, pos_query, mask, rel_slots, scale, lse=None):
         lse = row.squeeze(-1).float() if lse is None else lse
     else:
         row = lse.to(acc).unsqueeze(-1)
-    # -inf - finite and finite - inf both give 0; a dead row (row = +inf) is 0 even where its scores are NaN
-    p = torch.exp(s - row).masked_fill(row == float("inf"), 0.0)
+    # A -inf score (a masked key, or -inf itself) has probability exactly 0, also in an invalid (NaN) row, and a
+    # dead row (row = +inf) is 0 even where its scores are NaN: NaN never reaches padded positions' gradients.
+    p = torch.exp(s - row).masked_fill((s == float("-inf")) | (row == float("inf")), 0.0)
     return p, lse
 
 
