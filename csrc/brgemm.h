@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "float_bits.h"
+
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
 #define EF_HAVE_BRGEMM 1
 #endif
@@ -32,12 +34,9 @@ using bf16 = c10::BFloat16;
 
 inline int64_t even(int64_t n) { return n + (n & 1); }
 
-// round to nearest even (branch-free: finite inputs)
-inline uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+// round to nearest even; NaN stays NaN (the rounding add alone can carry a NaN's payload into -0 or inf: NaN
+// probabilities of an invalid attention row must reach the output)
+inline uint16_t bf16_bits(float x) { return Bits<at::BFloat16>::store(x); }
 inline uint16_t bf16_bits(bf16 x) { return x.x; }
 
 inline const bf16* as_bf16(const uint16_t* p) { return reinterpret_cast<const bf16*>(p); }

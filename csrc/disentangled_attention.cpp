@@ -119,10 +119,14 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& q, c
     forward_rows<acc_t>(p, b, bh, i0, bm, sp, ld, p.has_pk ? c.data_ptr<acc_t>() : nullptr,
                         p.has_pk ? c.size(1) : 0, clo, lse, keep.data());
     at::Tensor dst = out[b][h].narrow(0, i0, bm);
+    const float* block_lse = lse + bh * T + i0;
     if (dst.scalar_type() == p.acc) {
       at::mm_out(dst, s, vf);  // straight into the (row-strided) output: no temporary, no copy
+      zero_dead_rows<acc_t>(dst.data_ptr<acc_t>(), dst.stride(0), bm, p.D, block_lse);
     } else {
-      dst.copy_(at::mm(s, vf));
+      at::Tensor pv = at::mm(s, vf);
+      zero_dead_rows<acc_t>(pv.data_ptr<acc_t>(), pv.stride(0), bm, p.D, block_lse);
+      dst.copy_(pv);
     }
   }
 }

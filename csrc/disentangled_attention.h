@@ -89,6 +89,11 @@ void parallel_tasks(int64_t n, const F& task) {
 
 inline bool query_valid(const Problem& p, int64_t b, int64_t i) { return !p.has_mask || p.mask[b * p.T + i]; }
 
+// Whether sequence b has a valid key (read only for rows whose scores have no finite maximum: rare).
+inline bool any_key(const Problem& p, int64_t b) {
+  return !p.has_mask || std::any_of(p.mask + b * p.T, p.mask + (b + 1) * p.T, [](uint8_t m) { return m != 0; });
+}
+
 // keep[j] = 1 iff element e = base + j survives dropout (word e % 4 of the ATTN_DROPOUT call at e // 4).
 void keep_span(uint64_t seed, uint64_t base, int64_t n, float p, uint8_t* __restrict keep);
 
@@ -228,13 +233,18 @@ inline acc_t softmax_row(int64_t T, acc_t* __restrict s, acc_t mx, const acc_t* 
     sum += e2;
   }
   const acc_t inv = acc_t(1) / sum;
+  if (std::isnan(inv)) {  // a NaN or +inf score: an invalid row, NaN except at -inf scores (exactly 0)
+    for (int64_t j = 0; j < T; ++j) s[j] = s[j] == acc_t(0) ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+    return std::numeric_limits<acc_t>::quiet_NaN();
+  }
 #pragma omp simd
   for (int64_t j = 0; j < T; ++j) s[j] *= inv;
   return mx + std::log(sum);
 }
 
 // Forward rows of one block: s ([bm, T], row stride ld) holds S (+ the p2c term) and becomes the probabilities
-// with dropout applied; lse[bh * T + i] is written (+inf for a row with no valid key, whose probabilities are 0).
+// with dropout applied; lse[bh * T + i] is written (+inf for a padded query or a row with no valid key, whose
+// probabilities are 0; NaN for a row with a NaN or infinite score, whose probabilities are NaN: NaN in, NaN out).
 // c: the block's c2p products ([bm, c_ld], column 0 = slot clo) or nullptr. keep: scratch of bm * T bytes.
 template <typename acc_t>
 void forward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t bm, acc_t* s, int64_t ld,
@@ -249,14 +259,28 @@ void forward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t b
     const int64_t i = i0 + r;
     acc_t* row = s + r * ld;
     acc_t mx = ninf;
-    if (query_valid(p, b, i)) mx = score_row<acc_t>(p, b, i, row, c ? c + r * c_ld : nullptr, clo);
-    if (mx == ninf) {  // padded query or no valid key: output 0
-      std::fill(row, row + T, acc_t(0));
-      lse[bh * T + i] = std::numeric_limits<float>::infinity();
-      continue;
+    const bool live = query_valid(p, b, i);
+    if (live) mx = score_row<acc_t>(p, b, i, row, c ? c + r * c_ld : nullptr, clo);
+    if (mx == ninf) {
+      // padded query or no valid key: output 0. Otherwise every valid score is NaN or -inf (score_row's max skips
+      // NaN): the row is invalid and outputs NaN, as the reference and the eager softmax do.
+      const bool dead = !live || !any_key(p, b);
+      for (int64_t j = 0; j < T; ++j)  // an invalid row: NaN except at -inf scores (masked keys), exactly 0
+        row[j] = dead || row[j] == ninf ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+      lse[bh * T + i] = dead ? std::numeric_limits<float>::infinity() : std::numeric_limits<float>::quiet_NaN();
+      continue;  // (dropout would keep NaN NaN and 0 zero)
     }
     lse[bh * T + i] = static_cast<float>(softmax_row<acc_t>(T, row, mx, nullptr));
     if (p.dropout_p > 0) apply_keep<acc_t>(row, keep + r * T, T, inv_keep);
+  }
+}
+
+// Dead rows (lse +inf: padded queries, rows without a valid key) output exactly 0, also where V holds a NaN or inf:
+// their probabilities are 0, but 0 * NaN is NaN in the P @ V product. out: the block's [bm, D] rows (row stride ld).
+template <typename T>
+inline void zero_dead_rows(T* out, int64_t ld, int64_t bm, int64_t D, const float* lse_rows) {
+  for (int64_t r = 0; r < bm; ++r) {
+    if (lse_rows[r] == std::numeric_limits<float>::infinity()) std::fill(out + r * ld, out + r * ld + D, T(0));
   }
 }
 

@@ -137,6 +137,7 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const R
     forward_rows<float>(p, b, bh, i0, bm, s, ld, p.has_pk ? c : nullptr, nc, lo, lse, keep);
     to_rows(s, ld, bm, T, pb, Te);
     gemm(bm, D, Te, pb, Te, vv, D, of, D, false);
+    zero_dead_rows<float>(of, D, bm, D, lse + bh * T + i0);
     store_rows(of, D, bm, D, op + i0 * out.stride(2), out.stride(2), out.stride(3));
   }
 }

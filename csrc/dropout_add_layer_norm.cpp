@@ -40,6 +40,29 @@ struct Mask {
 template <typename T>
 using acc_of = typename Bits<T>::acc;
 
+constexpr int kScaledExp = 20;  // reference.dropout_add_layer_norm.SCALED_EXP
+
+// mean and rstd of a row whose sum of squares overflowed acc (|h| beyond ~1e19 in fp32), by the reference's rule:
+// from the row scaled by an exact power of two s, max |s h| in [2^20, 2^21). A row holding inf / NaN keeps its
+// non-finite moments. Rare, so plain loops.
+template <typename acc>
+void scaled_moments(const acc* __restrict buf, int64_t H, double eps, acc* mean, acc* rstd) {
+  acc mx = 0;
+  for (int64_t c = 0; c < H; ++c) {
+    if (!std::isfinite(buf[c])) return;
+    mx = std::max(mx, std::abs(buf[c]));
+  }
+  const acc s = std::ldexp(acc(1), kScaledExp - std::ilogb(mx));
+  acc sum = 0;
+  for (int64_t c = 0; c < H; ++c) sum += buf[c] * s;
+  const acc ms = sum / static_cast<acc>(H);
+  acc ss = 0;
+  for (int64_t c = 0; c < H; ++c) ss += (buf[c] * s - ms) * (buf[c] * s - ms);
+  const acc e = static_cast<acc>(eps);
+  *mean = ms / s;
+  *rstd = std::min(s / std::sqrt(ss / static_cast<acc>(H) + e * s * s), acc(1) / std::sqrt(e));
+}
+
 template <typename T, typename W>
 void forward_rows(const T* __restrict x, const T* __restrict res, const W* __restrict w, const W* __restrict b,
                   int64_t r0, int64_t rows, int64_t H, double eps, const Mask& mk, const uint8_t* __restrict keep,
@@ -75,11 +98,12 @@ void forward_rows(const T* __restrict x, const T* __restrict res, const W* __res
         sum += buf[c];
       }
     }
-    const acc mu = sum / static_cast<acc>(H);
+    acc mu = sum / static_cast<acc>(H);
     acc ss = 0;
 #pragma omp simd reduction(+ : ss)
     for (int64_t c = 0; c < H; ++c) ss += (buf[c] - mu) * (buf[c] - mu);
-    const acc rs = acc(1) / std::sqrt(ss / static_cast<acc>(H) + static_cast<acc>(eps));
+    acc rs = acc(1) / std::sqrt(ss / static_cast<acc>(H) + static_cast<acc>(eps));
+    if (!std::isfinite(ss)) scaled_moments<acc>(buf, H, eps, &mu, &rs);
     mean[r] = mu;
     rstd[r] = rs;
     if (b != nullptr) {

@@ -75,14 +75,16 @@ void forward_chunk(const scalar_t* __restrict x, const id_t* __restrict c, const
     const int32_t pred = static_cast<int32_t>(xi > 0);
     const acc_t vf = static_cast<acc_t>(valid), yf = static_cast<acc_t>(y);
     const acc_t e = exp_nonpos(-std::abs(xi));  // shared by softplus and sigmoid
-    const acc_t lv = (std::max(xi, acc_t(0)) - xi * yf + log1p_01(e)) * vf;
+    // softplus(y ? -x : x): selects, not products with the label or the mask, so an infinite logit has the
+    // limit as its loss (0 or +inf, never inf - inf) and a padded token 0 whatever its logit (the reference's rule)
+    const acc_t lv = valid ? std::max(y ? -xi : xi, acc_t(0)) + log1p_01(e) : acc_t(0);
     if (kWrite) loss[i] = lv;
     if (kGrad) {
       const acc_t inv = acc_t(1) / (acc_t(1) + e);  // sigmoid(|x|)
       // sigmoid(x) - y without cancellation: +sigmoid(x) for y = 0, -sigmoid(-x) for y = 1, where
       // sigmoid(|x|) = inv and sigmoid(-|x|) = e * inv.
       const bool big = (xi >= 0) != (y != 0);
-      grad[i] = (big ? inv : e * inv) * ((acc_t(1) - acc_t(2) * yf) * vf);
+      grad[i] = valid ? (big ? inv : e * inv) * (acc_t(1) - acc_t(2) * yf) : acc_t(0);
     }
     acc += lv;
     valid_n += valid;

@@ -79,26 +79,56 @@ void gumbel_words(uint64_t seed, uint64_t call0, int64_t n_calls, uint32_t* __re
   }
 }
 
-// sc[i] = x[i] * inv_t + Gumbel noise -log(-log(u)) of Philox word w[i] (-inf where disallowed); returns max sc.
+// sc[i] = x[i] * inv_t + Gumbel noise -log(-log(u)) of Philox word w[i] (-inf where disallowed); returns max sc
+// over the non-NaN scores and sets *has_nan when a score is NaN (the vector max reduction drops NaN).
 // u in [2^-24, 1 - 2^-24] keeps both logarithms' arguments positive normal floats.
 template <typename T>
 EF_VEC512 float gumbel_scores(const T* __restrict x, const uint32_t* __restrict w, int64_t len,
-                              const uint8_t* __restrict dis, float inv_t, float* __restrict sc) {
+                              const uint8_t* __restrict dis, float inv_t, float* __restrict sc, bool* has_nan) {
   float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
   for (int64_t i = 0; i < len; ++i) {
     float s = static_cast<float>(x[i]) * inv_t;
     s = s + -log_pos(-log_pos(philox_uniform_open(w[i])));
     if (dis != nullptr) s = dis[i] ? -std::numeric_limits<float>::infinity() : s;
     sc[i] = s;
     mx = std::max(mx, s);
+    nan |= s != s;
   }
+  *has_nan = nan != 0;
   return mx;
 }
 
+// One tile's step of a running argmax in torch.argmax's order over the allowed columns (the reference's rule):
+// a NaN value beats everything and the first one is kept; otherwise strict > keeps the smallest id on ties.
+// *best_id stays -1 until the first allowed column, which a row of -inf values then keeps. vals: the tile's
+// values (disallowed ones -inf, never NaN), mx: their max over non-NaN values; dis: the tile's disallowed flags
+// or nullptr; id0: the id of the tile's first column.
+template <typename acc_t>
+inline void argmax_step(const acc_t* vals, int64_t len, acc_t mx, bool has_nan, const uint8_t* dis, int64_t id0,
+                        acc_t* best, int64_t* best_id) {
+  if (has_nan) {
+    if (!std::isnan(*best)) {
+      int64_t i = 0;
+      while (!std::isnan(vals[i])) ++i;
+      *best = vals[i];
+      *best_id = id0 + i;
+    }
+  } else if (mx > *best) {
+    int64_t i = 0;
+    while (vals[i] != mx) ++i;
+    *best = mx;
+    *best_id = id0 + i;
+  } else if (*best_id < 0) {  // every allowed value so far is -inf: the first allowed column
+    int64_t i = 0;
+    while (i < len && dis != nullptr && dis[i]) ++i;
+    if (i < len) *best_id = id0 + i;
+  }
+}
+
 // Running Gumbel argmax over columns [v0, v0 + n) of one row: x points at column v0, `index` is the
-// Philox element of column v0 (row * V + v0; element e reads word e % 4 of call e // 4). Strict > across
-// tiles: ties keep the smallest id.
+// Philox element of column v0 (row * V + v0; element e reads word e % 4 of call e // 4). *best_id starts at -1.
 template <typename T>
 void gumbel_argmax(const T* __restrict x, int64_t n, int64_t v0, uint64_t index, const uint8_t* __restrict dis,
                    uint64_t seed, float inv_t, float* best, int64_t* best_id) {
@@ -109,13 +139,10 @@ void gumbel_argmax(const T* __restrict x, int64_t n, int64_t v0, uint64_t index,
     const uint64_t e0 = index + static_cast<uint64_t>(t0);
     const int64_t off = static_cast<int64_t>(e0 % 4);
     gumbel_words(seed, e0 / 4, (off + len + 3) / 4, words);
-    const float mx = gumbel_scores<T>(x + t0, words + off, len, dis == nullptr ? nullptr : dis + v0 + t0, inv_t, sc);
-    if (mx > *best) {
-      int64_t i = 0;
-      while (sc[i] != mx) ++i;
-      *best = mx;
-      *best_id = v0 + t0 + i;
-    }
+    const uint8_t* tile_dis = dis == nullptr ? nullptr : dis + v0 + t0;
+    bool nan = false;
+    const float mx = gumbel_scores<T>(x + t0, words + off, len, tile_dis, inv_t, sc, &nan);
+    argmax_step<float>(sc, len, mx, nan, tile_dis, v0 + t0, best, best_id);
   }
 }
 
@@ -145,26 +172,28 @@ template <typename acc_t, typename id_t>
 void update_row(acc_t* __restrict x, const acc_t* __restrict bias, int64_t n, int64_t v0, int64_t row, int64_t vocab,
                 const id_t* targets, const uint8_t* dis, uint64_t seed, float inv_t, const RowState<acc_t>& st) {
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  int nan = 0;
   if (bias != nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) x[i] += bias[i];
   }
-#pragma omp simd reduction(max : mx)
-  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i]);
-  if (mx > st.amax[row]) {
-    int64_t i = 0;
-    while (i < n - 1 && x[i] != mx) ++i;
-    st.amax[row] = mx;
-    st.amax_id[row] = v0 + i;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+  for (int64_t i = 0; i < n; ++i) {
+    mx = std::max(mx, x[i]);
+    nan |= x[i] != x[i];
   }
-  const acc_t m_new = std::max(st.m[row], mx);
-  if (m_new != -std::numeric_limits<acc_t>::infinity()) {
+  // plain argmax: torch.argmax's order over every column (st.amax_id starts at 0, so a row of -inf gives 0)
+  argmax_step<acc_t>(x, n, mx, nan != 0, nullptr, v0, &st.amax[row], &st.amax_id[row]);
+  // online log-sum-exp with torch.logsumexp's non-finite results: a NaN or +inf running max sticks and is the
+  // lse (see the end of the forward); the sum is only taken under a finite max
+  const acc_t m_new = nan != 0 ? std::numeric_limits<acc_t>::quiet_NaN() : std::max(st.m[row], mx);
+  if (std::isfinite(m_new)) {
     acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < n; ++i) sum += exp_le0<acc_t>(x[i] - m_new);
     st.s[row] = st.s[row] * exp_le0<acc_t>(st.m[row] - m_new) + sum;
-    st.m[row] = m_new;
   }
+  st.m[row] = m_new;  // std::max keeps a NaN first argument
   const int64_t t = static_cast<int64_t>(targets[row]);
   if (t >= v0 && t < v0 + n) st.tgt[row] = x[t - v0];
   gumbel_argmax<acc_t>(x, n, v0, static_cast<uint64_t>(row) * vocab + v0, dis, seed, inv_t, &st.best[row],
@@ -376,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_fwd(
   at::Tensor buf = at::empty({n * chunk}, fopt);
   at::Tensor m = at::full({n}, -std::numeric_limits<double>::infinity(), fopt), s = at::zeros({n}, fopt);
   at::Tensor tgt = at::zeros({n}, fopt), amax = at::full({n}, -std::numeric_limits<double>::infinity(), fopt);
-  at::Tensor amax_id = at::zeros({n}, hidden.options().dtype(at::kLong)), best_id = at::zeros_like(amax_id);
+  at::Tensor amax_id = at::zeros({n}, hidden.options().dtype(at::kLong)), best_id = at::full_like(amax_id, -1);
   at::Tensor best = at::full({n}, -std::numeric_limits<float>::infinity(), hidden.options().dtype(at::kFloat));
   const uint8_t* dis = disallowed.has_value() ? disallowed->data_ptr<uint8_t>() : nullptr;
   const float inv_t = static_cast<float>(inv_temperature);
@@ -406,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_fwd(
       acc_t* lo = loss.data_ptr<acc_t>();
       acc_t* ls = lse.data_ptr<acc_t>();
       for (int64_t r = 0; r < n; ++r) {
-        ls[r] = st.m[r] + std::log(st.s[r]);
+        ls[r] = std::isfinite(st.m[r]) ? st.m[r] + std::log(st.s[r]) : st.m[r];  // NaN, +inf or -inf as is
         lo[r] = static_cast<int64_t>(tg[r]) == ignore_index ? acc_t(0) : ls[r] - st.tgt[r];
       }
     });
@@ -501,7 +530,7 @@ at::Tensor gumbel_sample(const at::Tensor& logits, const c10::optional<at::Tenso
     at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         float best = -std::numeric_limits<float>::infinity();
-        int64_t best_id = 0;
+        int64_t best_id = -1;
         gumbel_argmax<scalar_t>(x + r * vocab, vocab, 0, static_cast<uint64_t>(r) * vocab, dis,
                                 static_cast<uint64_t>(seed), inv_t, &best, &best_id);
         o[r] = best_id;

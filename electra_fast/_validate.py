@@ -1,9 +1,11 @@
 """Argument checks shared by the public ops: every message names the argument and what was expected."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import operator
+from typing import List, Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -27,6 +29,33 @@ def integer(name: str, x) -> torch.Tensor:
     if x.dtype not in INT_DTYPES:
         raise TypeError(f"{name}: expected an integer tensor (int32 / int64), got {x.dtype}")
     return x
+
+
+def inspectable(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether data-dependent checks may read these tensors' values: not while torch.compile traces, and not for
+    meta / fake tensors (shapes without data, which the ops' fake kernels serve)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(t is not None and (t.device.type == "meta" or is_fake(t)) for t in tensors)
+
+
+def int_ids(name: str, values) -> List[int]:
+    """A sequence of integer ids (Python / NumPy ints) as a list; a bool, float or string element is a TypeError
+    (``[1.7]`` is never read as 1)."""
+    try:
+        items = list(values)
+    except TypeError:
+        raise TypeError(f"{name}: expected a sequence of int ids, got {type(values).__name__}") from None
+    out = []
+    for v in items:
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            out.append(operator.index(v))
+        except TypeError:
+            raise TypeError(f"{name}: integer dtype required: expected int ids, got {v!r} "
+                            f"({type(v).__name__})") from None
+    return out
 
 
 def rank(name: str, x: torch.Tensor, n: int, what: str) -> torch.Tensor:

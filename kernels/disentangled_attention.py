@@ -21,7 +21,8 @@ Design (for H100; performance is unmeasured so far - no GPU was available while 
   k_blk @ pos_query[s]: the band products and gathers are skipped (forward and backward), a tile-uniform
   branch taken after loading BR slot ids.
 * Forward: program per (query block, batch * head), online softmax in fp32 with exp2, lse saved (+inf for
-  padded queries and rows without a valid key; their output is 0). Dropout regenerates Philox words
+  padded queries and rows without a valid key, whose output is 0; NaN, with a NaN output, for a row with a NaN or
+  infinite score). Dropout regenerates Philox words
   (purpose ATTN_DROPOUT, element e = ((b * H + h) * T + i) * T + j: word e % 4 of the call at e // 4) per
   tile; nothing is stored.
 * Backward: delta = rowsum(dO * O) (one small kernel); a dK/dV pass (program per key block, looping over
@@ -222,6 +223,7 @@ def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, 
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, D], dtype=tl.float32)
+    any_key = tl.zeros([BM], dtype=tl.int32)  # 1 once a valid key was seen (the same for every row)
     for j0 in range(0, T, BN):
         offs_n = j0 + tl.arange(0, BN)
         col_ok = offs_n < T
@@ -234,6 +236,7 @@ def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, 
                              PREC)
         if has_mask != 0:
             col_ok = col_ok & (tl.load(mask_ptr + b * T + offs_n, mask=col_ok, other=0) != 0)
+        any_key = tl.maximum(any_key, tl.max(col_ok.to(tl.int32), 0))
         s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf while a row has no valid key
@@ -244,12 +247,14 @@ def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, 
             p = tl.where(_keep(seed, bh, offs_m, offs_n, T) >= dropout_p, p * inv_keep, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    dead = (l_i == 0.0) | (offs_m >= T)
+    dead = (any_key == 0) | (offs_m >= T)
     if has_mask != 0:
         dead = dead | (tl.load(mask_ptr + b * T + offs_m, mask=row_ok, other=0) == 0)
+    # A live row with a NaN or infinite score (l_i NaN, or 0 when every score is -inf) is invalid: NaN out, lse NaN.
     l_safe = tl.where(dead, 1.0, l_i)
     out = tl.where(dead[:, None], 0.0, acc / l_safe[:, None])
-    lse = tl.where(dead, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    lse = tl.where(dead, float("inf"), tl.where(tl.abs(lse) < float("inf"), lse, float("nan")))
     tl.store(out_ptr + base + offs_m[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(lse_ptr + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
@@ -282,14 +287,17 @@ def _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr,
     if has_mask != 0:
         col_ok = col_ok & (tl.load(mask_ptr + b * T + offs_n, mask=col_ok, other=0) != 0)
     s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
-    p = tl.exp2(s - lse2[:, None])  # finite - inf, -inf - finite, -inf - inf all give 0
+    # Dead rows (padded queries, no valid key) have P = dS = 0 even at NaN scores, and a -inf score (a masked key)
+    # P = 0 also in an invalid row (lse NaN): the reference's rule
+    dead = (lse2 == float("inf"))[:, None]
+    p = tl.where(dead | (s == float("-inf")), 0.0, tl.exp2(s - lse2[:, None]))
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     pd = p
     if dropout_p > 0.0:
-        kept = _keep(seed, bh, offs_m, offs_n, T) >= dropout_p
-        pd = tl.where(kept, p * inv_keep, 0.0)
-        dp = tl.where(kept, dp * inv_keep, 0.0)
-    ds = p * (dp - delta[:, None])
+        kept = tl.where(_keep(seed, bh, offs_m, offs_n, T) >= dropout_p, inv_keep, 0.0)
+        pd = p * kept  # products, not selects: a dropped NaN stays NaN, as in the reference
+        dp = dp * kept
+    ds = tl.where(dead, 0.0, p * (dp - delta[:, None]))
     return pd, ds, sl, smin, smax
 
 

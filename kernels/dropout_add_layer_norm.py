@@ -50,6 +50,33 @@ def _rsqrt(v, ACC64: tl.constexpr):
     return r
 
 
+SCALED_EXP = tl.constexpr(20)  # electra_fast.reference.dropout_add_layer_norm.SCALED_EXP
+
+
+@triton.jit
+def _scaled_moments(hf, mask, H, eps, mean, rstd, redo, ACC64: tl.constexpr):
+    """The reference's moments of rows whose sum of squares overflowed (redo, [BLOCK_M]; rows holding inf / NaN
+    keep theirs): from the row scaled by an exact power of two s (built from max |h|'s exponent bits), max |s h|
+    in [2^20, 2^21): mean = mean(s h) / s, rstd = min(s / sqrt(var(s h) + eps s^2), 1 / sqrt(eps))."""
+    ah = tl.where(mask, tl.abs(hf), 0.0)
+    redo = redo & (tl.max(tl.where(ah < float("inf"), 0, 1), 1) == 0)  # NaN compares false too
+    mx = tl.max(ah, 1)
+    if ACC64:
+        e = ((mx.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023
+        e = tl.minimum(tl.maximum(e, 0), 1023)
+        s = ((-e + (1023 + SCALED_EXP)) << 52).to(tl.float64, bitcast=True)  # tensor first: constexpr - tensor
+    else:
+        e = ((mx.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        e = tl.minimum(tl.maximum(e, 0), 127)
+        s = ((-e + (127 + SCALED_EXP)) << 23).to(tl.float32, bitcast=True)
+    hs = tl.where(mask, hf * s[:, None], 0.0)
+    mean_s = tl.sum(hs, axis=1) / H
+    d = tl.where(mask, hs - mean_s[:, None], 0.0)
+    eps_v = tl.zeros_like(mean_s) + eps
+    rstd_s = tl.minimum(s * _rsqrt(tl.sum(d * d, axis=1) / H + eps_v * s * s, ACC64), _rsqrt(eps_v, ACC64))
+    return tl.where(redo, mean_s / s, mean), tl.where(redo, rstd_s, rstd)
+
+
 @triton.jit
 def _keep(seed, stream, threshold, rows, cols, H, BLOCK_H: tl.constexpr):
     """bool [BLOCK_M, BLOCK_H]: element rows * H + cols kept (rows int64 [BLOCK_M], cols [BLOCK_H])."""
@@ -89,6 +116,10 @@ def dropout_add_layer_norm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, h_p
     xc = tl.where(mask, hf - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / H  # two passes in registers: no cancellation
     rstd = _rsqrt(var + eps, ACC64)
+    overflow = (tl.abs(var) == float("inf")) | (var != var)
+    if tl.max(overflow.to(tl.int32), 0) != 0:  # rare: |h| beyond ~1e19 in fp32
+        mean, rstd = _scaled_moments(hf, mask, H, eps, mean, rstd, overflow, ACC64)
+        xc = tl.where(mask, hf - mean[:, None], 0.0)
     tl.store(mean_ptr + rows, mean, mask=rmask)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
     w = _acc(tl.load(w_ptr + cols, mask=cmask, other=0.0), ACC64)

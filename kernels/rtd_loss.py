@@ -46,7 +46,7 @@ def rtd_loss_fwd_kernel(logits_ptr, corrupted_ptr, original_ptr, mask_ptr, loss_
         valid = valid & (tl.load(mask_ptr + offs, mask=inb, other=0) != 0)
     yf = y.to(x.dtype)
     e = tl.exp(-tl.abs(x))  # shared by the softplus and the sigmoid
-    loss = tl.where(valid, tl.maximum(x, 0.0) - x * yf + _log1p_small(e), 0.0)
+    loss = tl.where(valid, tl.maximum(tl.where(y, -x, x), 0.0) + _log1p_small(e), 0.0)  # no inf - inf
     if WRITE_LOSS:
         tl.store(loss_ptr + offs, loss, mask=inb)
     if NEED_GRAD:

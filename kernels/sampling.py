@@ -35,20 +35,29 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 @triton.jit
 def _gumbel_scores(x, rows, cols, cmask, V, seed, inv_t, dis_ptr):
-    """fp32 scores x * inv_t + g for a [R, C] tile (-inf at disallowed or out-of-range columns)."""
+    """(fp32 scores x * inv_t + g for a [R, C] tile, -inf at disallowed or out-of-range columns; allowed [C])."""
     idx = rows.to(tl.int64)[:, None] * V + cols.to(tl.int64)[None, :]
     u = uniform_open(element_word(seed, idx, GUMBEL))
     sc = x.to(tl.float32) * inv_t + (-tl.log(-tl.log(u)))
-    dis = tl.load(dis_ptr + cols, mask=cmask, other=1)
-    return tl.where((dis != 0)[None, :], float("-inf"), sc)
+    ok = tl.load(dis_ptr + cols, mask=cmask, other=1) == 0
+    return tl.where(ok[None, :], sc, float("-inf")), ok
 
 
 @triton.jit
-def _argmax_update(vals, cols, best, best_id, V):
-    """Running (max, first index) per row: strict > keeps the earlier (smaller) id on ties."""
-    tmax = tl.max(vals, 1)
-    tidx = tl.min(tl.where(vals == tmax[:, None], cols[None, :], V), 1).to(tl.int64)
-    upd = tmax > best
+def _argmax_update(vals, cols, ok, best, best_id, V):
+    """Running argmax per row in torch.argmax's order over the columns where ok ([C]; vals is -inf elsewhere):
+    the first NaN beats everything, else strict > keeps the smaller id on ties. best_id starts at -1 and takes
+    the first ok column even at -inf (a row of -inf then gives its first ok id). NaN is handled explicitly:
+    tl.max's NaN behaviour differs between the GPU and the interpreter."""
+    nan = vals != vals
+    has_nan = tl.max(nan.to(tl.int32), 1) > 0
+    clean = tl.where(nan, float("-inf"), vals)
+    tmax = tl.max(clean, 1)
+    first_max = tl.min(tl.where((clean == tmax[:, None]) & ok[None, :], cols[None, :], V), 1)
+    first_nan = tl.min(tl.where(nan, cols[None, :], V), 1)
+    tmax = tl.where(has_nan, float("nan"), tmax)
+    tidx = tl.where(has_nan, first_nan, first_max).to(tl.int64)
+    upd = tl.where(has_nan, best == best, (tmax > best) | ((best_id < 0) & (tidx < V)))
     return tl.where(upd, tmax, best), tl.where(upd, tidx, best_id)
 
 
@@ -90,21 +99,25 @@ def mlm_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, dis_ptr, m_ptr, s_ptr, tgt_ptr, a
         zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m, s, tgt, amax = zero - float("inf"), zero, zero, zero - float("inf")
     best = tl.zeros((BLOCK_N,), dtype=tl.float32) - float("inf")
-    amax_id = tl.zeros((BLOCK_N,), dtype=tl.int64)
-    best_id = tl.zeros((BLOCK_N,), dtype=tl.int64)
+    amax_id = tl.zeros((BLOCK_N,), dtype=tl.int64) - 1
+    best_id = tl.zeros((BLOCK_N,), dtype=tl.int64) - 1
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < v_end
         x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, E, ACC64, IEEE, BLOCK_N, BLOCK_V, BLOCK_E)
         x = tl.where(cmask[None, :], x, float("-inf"))
-        amax, amax_id = _argmax_update(x, cols, amax, amax_id, V)
-        m_new = tl.maximum(m, tl.max(x, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        amax, amax_id = _argmax_update(x, cols, cmask, amax, amax_id, V)
+        # running max with torch.logsumexp's non-finite results: NaN sticks; s only matters under a finite max
+        # (the launcher takes a non-finite max as the lse)
+        x_nan = tl.max((x != x).to(tl.int32), 1) > 0
+        m_new = tl.maximum(m, tl.max(tl.where(x != x, float("-inf"), x), 1))
+        m_new = tl.where(x_nan | (m != m), float("nan"), m_new)
+        m_safe = tl.where((m_new == float("-inf")) | (m_new != m_new), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
         m = m_new
         tgt += tl.sum(tl.where(cols[None, :] == tgt_ids[:, None], x, 0.0), 1)
-        sc = _gumbel_scores(x, rows, cols, cmask, V, seed, inv_t, dis_ptr)
-        best, best_id = _argmax_update(sc, cols, best, best_id, V)
+        sc, ok = _gumbel_scores(x, rows, cols, cmask, V, seed, inv_t, dis_ptr)
+        best, best_id = _argmax_update(sc, cols, ok, best, best_id, V)
     out = split.to(tl.int64) * N + rows
     tl.store(m_ptr + out, m, mask=rmask)
     tl.store(s_ptr + out, s, mask=rmask)
@@ -124,14 +137,14 @@ def gumbel_sample_kernel(x_ptr, dis_ptr, best_ptr, best_id_ptr, N, V, span, seed
     v_begin = split * span
     v_end = tl.minimum(V, v_begin + span)
     best = tl.zeros((BLOCK_N,), dtype=tl.float32) - float("inf")
-    best_id = tl.zeros((BLOCK_N,), dtype=tl.int64)
+    best_id = tl.zeros((BLOCK_N,), dtype=tl.int64) - 1
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < v_end
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                     other=0.0)
-        sc = _gumbel_scores(x, rows, cols, cmask, V, seed, inv_t, dis_ptr)
-        best, best_id = _argmax_update(sc, cols, best, best_id, V)
+        sc, ok = _gumbel_scores(x, rows, cols, cmask, V, seed, inv_t, dis_ptr)
+        best, best_id = _argmax_update(sc, cols, ok, best, best_id, V)
     out = split.to(tl.int64) * N + rows
     tl.store(best_ptr + out, best, mask=rmask)
     tl.store(best_id_ptr + out, best_id, mask=rmask)
@@ -240,8 +253,14 @@ def _mask_or_zeros(disallowed, vocab, device):
 
 
 def _first_max(vals, ids):
-    """Across splits (dim 0, in vocabulary order): the first maximum wins, i.e. the smallest id."""
-    k = vals.argmax(0, keepdim=True) if vals.shape[1] else torch.zeros_like(ids[:1])
+    """Across splits (dim 0, in vocabulary order), torch.argmax's order as in the kernels: the first NaN, else the
+    first maximum (the smallest id); when every split is at -inf, the first split with an allowed column (id -1
+    marks a split without one)."""
+    if not vals.shape[1]:
+        return ids[0]
+    k = vals.argmax(0, keepdim=True)
+    first_ok = (ids >= 0).to(torch.int32).argmax(0, keepdim=True)
+    k = torch.where(vals.gather(0, k) == float("-inf"), first_ok, k)
     return ids.gather(0, k)[0]
 
 
@@ -277,9 +296,9 @@ def forward(hidden, weight, bias, targets, disallowed, seed: int, inv_temperatur
             _mask_or_zeros(disallowed, vocab, hidden.device), m, s, tgt, amax, amax_id, best, best_id, n, vocab, e,
             span, seed, inv_temperature, **_flags(hidden.dtype), BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_E=BLOCK_E,
             num_warps=FWD_NUM_WARPS)
-    big = m.max(0).values
-    safe = torch.where(torch.isinf(big), torch.zeros_like(big), big)
-    lse = big + torch.log((s * torch.exp(m - safe)).sum(0))
+    big = m.max(0).values  # NaN when a split saw a NaN, +inf when one saw +inf: the lse as it is
+    safe = torch.where(torch.isfinite(big), big, torch.zeros_like(big))
+    lse = torch.where(torch.isfinite(big), big + torch.log((s * torch.exp(m - safe)).sum(0)), big)
     valid = targets != ignore_index
     loss = torch.where(valid, lse - tgt.sum(0), torch.zeros_like(lse))  # one split holds the target, others 0
     return loss, lse, _first_max(best, best_id), _first_max(amax, amax_id)

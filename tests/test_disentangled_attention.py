@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import electra_fast
-from conftest import all_backends, assert_low_precision, fast_backends
+from conftest import all_backends, assert_low_precision, backend_dtypes, fast_backends
 from electra_fast.nn import DisentangledSelfAttention
 from electra_fast.ops.disentangled_attention import _fwd
 from electra_fast.profiling import peak_memory
@@ -236,6 +236,66 @@ def test_lse_contract(backend, device):
     s = ref._scores(q, k, pk, pq, ref._slot_table(slots, T), 0.1)[..., :7]
     torch.testing.assert_close(lse.cpu()[..., :7], torch.logsumexp(s, -1)[..., :7], rtol=1e-5, atol=1e-5)
     assert torch.isinf(lse.cpu()[..., 7:]).all() and (lse.cpu()[..., 7:] > 0).all()
+
+
+# ------------------------------------------------------------------------------------ NaN in, NaN out
+NAN_CASES = ("q-row", "k-key", "pos-slot", "overflow", "padded-q", "padded-v")
+
+
+def _nan_inputs(case, dtype):
+    """B = 2 (batch 1 padded from token 15), H = 2, T = 20, both position terms, one bad value per case."""
+    q, k, v, pk, pq = _inputs(2, 2, 20, 32, 8, torch.float32, seed=3)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1, 15:] = False
+    nan = float("nan")
+    if case == "q-row":
+        q[0, 1, 3] = nan          # once: C++ returned zeros for this row, the reference NaN
+    elif case == "k-key":
+        k[1, 0, 4] = nan          # a valid key: every live row of (1, 0) sees it
+    elif case == "pos-slot":
+        pk[1, 5] = nan            # one relative slot: the rows whose keys fall in it
+    elif case == "overflow":
+        q[0, 0, 6] = 3e38         # finite inputs whose scores overflow (to +inf or NaN in any summation order)
+        k[0, 0] = k[0, 0].abs() + 0.5
+    elif case == "padded-q":
+        q[1, 0, 17] = nan         # a padded query: its row stays 0
+    else:
+        v[1, 1, 16] = nan         # a padded key's value: its zero weight times NaN in P @ V (every backend)
+    return [t.to(dtype) for t in (q, k, v, pk, pq)], mask
+
+
+@pytest.mark.parametrize("case", NAN_CASES)
+@pytest.mark.parametrize("backend,device,dtype", backend_dtypes([torch.float32, torch.bfloat16], fast_backends()))
+def test_nan_in_is_nan_out(backend, device, dtype, case, monkeypatch):
+    """The reference's NaN contract on every backend: the same NaN rows in the output and the same NaN pattern in
+    dq, dk, dv as the reference (fp32 truth on the same inputs), the finite values close; padded query rows 0.
+    bf16 on C++ runs both the brgemm path (where the CPU has it) and the fp32-products path."""
+    args, mask = _nan_inputs(case, dtype)
+    kw = dict(attention_mask=mask, position_buckets=SMALL[0], max_relative_positions=SMALL[1])
+    grad_out = torch.randn(2, 2, 20, 32, generator=torch.Generator().manual_seed(7)).to(dtype)
+    want = _run("reference", "cpu", [a.float() for a in args], grad_out.float(), **kw)
+    paths = ("0", "1") if backend == "cpp" and dtype == torch.bfloat16 and AMX else (None,)
+    for no_amx in paths:
+        if no_amx is not None:
+            monkeypatch.setenv("ELECTRA_FAST_NO_AMX", no_amx)
+        got = _run(backend, device, args, grad_out, **{**kw, "attention_mask": mask.to(device)})
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert torch.equal(a.isnan(), b.isnan()), name
+            tol = dict(rtol=1e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+            torch.testing.assert_close(a.float().nan_to_num(), b.nan_to_num(), **tol, msg=name)
+    out = want[0]
+    assert (out[1, :, 15:] == 0).all()  # padded queries
+    if case == "q-row":
+        assert out[0, 1, 3].isnan().all() and out[0, 1].isnan().sum() == 32 and not out[1].isnan().any()
+    elif case in ("k-key", "padded-v"):
+        h = 0 if case == "k-key" else 1
+        assert out[1, h, :15].isnan().all() and not out[0].isnan().any() and not out[1, 1 - h].isnan().any()
+    elif case == "overflow":
+        assert out[0, 0, 6].isnan().all() and out.isnan().sum() == 32
+    elif case == "pos-slot":
+        assert out[:, 1].isnan().any() and not out[:, 0].isnan().any()
+    else:
+        assert not out.isnan().any()
 
 
 # ------------------------------------------------------------------------------- gradients, dropout

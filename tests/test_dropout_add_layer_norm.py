@@ -98,6 +98,35 @@ def test_constant_rows_and_empty_input(backend, device):
         assert e.shape == (0, 16)
 
 
+# Per dtype, row magnitudes from ordinary to far beyond where the sum of squares overflows the accumulation dtype
+# (fp32: |h| > ~1.8e19; fp64: > ~1.3e154), interleaved so one 32-row block / Triton program mixes both kinds.
+HUGE = {torch.float32: (1.0, 1e30, 3e19, 1e37), torch.bfloat16: (1.0, 1e30, 3e19, 1e37),
+        torch.float64: (1.0, 1e200, 1e160, 1e300)}
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_dtypes(list(HUGE), all_backends()))
+def test_huge_rows_normalise(backend, device, dtype):
+    """Rows of any finite magnitude are normalised, gradients included (once the fp32 variance of 1e30 rows
+    overflowed and every backend returned exactly the bias); a row holding inf gives NaN, never a finite wrong
+    value. Oracle: LayerNorm in fp64 of each row scaled by an exact power of two s (LN_eps(h) = LN_{eps s^2}(s h))."""
+    n, H, eps = 40, 48, 1e-5
+    x, _, w, b, gout = make(n, H, torch.float64, seed=5)
+    x = (x * torch.tensor(HUGE[dtype], dtype=torch.float64).repeat(n // 4)[:, None]).to(dtype)
+    x[-1, 3] = float("inf")
+    args = [t.to(device=device, dtype=dtype) for t in (x, torch.zeros_like(x), w, b, gout)]
+    out, h, _dx, dres, _dw, _db = [t.cpu() for t in run(backend, *args, 0.0, eps=eps)]
+    h, out, dres, gout = h[:-1].double(), out.double(), dres[:-1].double(), gout[:-1].double()
+    s = torch.ldexp(torch.ones(n - 1, 1, dtype=torch.float64), -torch.frexp(h.abs().amax(-1, keepdim=True)).exponent)
+    hs = (h * s).requires_grad_()
+    xc = hs - hs.mean(-1, keepdim=True)
+    want = xc / torch.sqrt(xc.pow(2).mean(-1, keepdim=True) + eps * s * s) * w.double() + b.double()
+    want.backward(gout)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out[:-1], want.detach(), **tol)
+    assert out[-1].isnan().all()
+    torch.testing.assert_close(dres / s, hs.grad, **tol)  # d/dh = s * d/d(s h)
+
+
 def test_leading_dims_and_no_dropout_without_seed():
     x, r, w, b, _ = make(6, 8, torch.float32)
     y = electra_fast.dropout_add_layer_norm(x.view(2, 3, 8), r.view(2, 3, 8), w, b)  # p = 0: no seed needed

@@ -108,6 +108,27 @@ def test_extreme_logits_stable(backend, device, dtype):
     torch.testing.assert_close(loss.cpu().double(), want, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("backend,device,dtype", backend_dtypes([torch.float32, torch.bfloat16], all_backends()))
+def test_non_finite_logits_follow_the_contract(backend, device, dtype):
+    """Infinite logits give the limits (once: the reference NaN via inf * 0 where C++ gave inf), a NaN logit of a
+    real token NaN, a padded token 0 whatever its logit (once NaN on the reference and C++, 0 on Triton)."""
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([[-inf, inf, -inf, inf, nan, nan, 1.0, inf]], dtype=dtype, device=device)
+    corrupted = torch.tensor([[1, 0, 0, 1, 1, 0, 0, 1]], device=device)  # label: replaced where 1
+    original = torch.zeros_like(corrupted)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool, device=device)
+    loss, metrics, grad = run(backend, logits, corrupted, original, mask, reduction="none")
+    # the limit 0 within 2e-38: C++'s vectorised exp(x) is exp(-87) ~ 1.6e-38 for x below -87
+    torch.testing.assert_close(loss[0, :4].cpu(), torch.tensor([inf, inf, 0.0, 0.0]), rtol=0, atol=2e-38)
+    assert loss[0, 4].isnan() and (loss[0, 5:] == 0).all()
+    torch.testing.assert_close(grad[0, :4].cpu().float(), torch.tensor([-1.0, 1.0, 0.0, 0.0]), rtol=0, atol=2e-38)
+    assert grad[0, 4].isnan() and (grad[0, 5:] == 0).all()
+    assert metrics["accuracy"].item() == pytest.approx(2 / 5)  # tokens 2 and 3; a NaN logit predicts "real"
+    mean, _, _ = run(backend, logits[:, [0, 2, 5]], corrupted[:, [0, 2, 5]], original[:, [0, 2, 5]],
+                     mask[:, [0, 2, 5]])
+    assert mean.item() == inf
+
+
 @pytest.mark.parametrize("backend,device", all_backends())
 def test_all_padding_is_zero_not_nan(backend, device):
     logits, corrupted, original, _ = make(2, 5, device=device)

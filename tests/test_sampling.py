@@ -290,6 +290,102 @@ def test_large_logits_are_stable(backend, device):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+# ------------------------------------------------------------------- non-finite logits (the contract)
+NAN, INF = float("nan"), float("inf")
+DISALLOWED = [0, 1, 2, 3]
+
+
+def non_finite_logits(v=300):
+    """[8, v] logits with one non-finite pattern per row, and the id the reference's rule draws (None: an
+    ordinary draw, only compared with the reference). Disallowed: DISALLOWED."""
+    logits = torch.randn(8, v, generator=torch.Generator().manual_seed(4))
+    want = [None] * 8
+    logits[0], want[0] = NAN, 4                  # all NaN: the smallest allowed id (they tie as NaN)
+    logits[1], want[1] = -INF, 4                 # all -inf: the smallest allowed id
+    logits[2, 7], want[2] = NAN, 7               # one NaN at an allowed id: that id
+    logits[3, [39, 261]], want[3] = INF, 39      # +inf ties: the smallest
+    logits[4, [1, 2]] = NAN                      # NaN only at disallowed ids: an ordinary draw
+    logits[5, [250, 9]], want[5] = NAN, 9        # the smallest NaN id, wherever the tiles / splits fall
+    logits[6], want[6] = -INF, 4                 # the only finite logit is disallowed
+    logits[6, 0] = 5.0
+    logits[7, v - 1], want[7] = NAN, v - 1       # in the last, ragged chunk
+    return logits, want
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_non_finite_logits_follow_the_contract(backend, device):
+    """Once all-NaN and all--inf rows drew the disallowed id 0, and C++ and the reference disagreed on NaN rows
+    (0 vs 2; a NaN at column 7: 7 vs 39). Now every backend draws what the reference's rule says, bit for bit,
+    and never a disallowed id."""
+    logits, want = non_finite_logits()
+    with electra_fast.use_backend(backend):
+        got = electra_fast.gumbel_sample(logits.to(device), seed=11, disallowed_ids=DISALLOWED).cpu()
+        # every id disallowed but one whose logit is -inf: that one (once: 0 on every row, no error)
+        lone = torch.randn(3, 10)
+        lone[:, 5] = -INF
+        only = electra_fast.gumbel_sample(lone.to(device), seed=0, disallowed_ids=[i for i in range(10) if i != 5])
+    with electra_fast.use_backend("reference"):
+        assert torch.equal(got, electra_fast.gumbel_sample(logits, seed=11, disallowed_ids=DISALLOWED))
+    assert [got[r].item() for r, w in enumerate(want) if w is not None] == [w for w in want if w is not None]
+    assert not torch.isin(got, torch.tensor(DISALLOWED)).any()
+    assert only.tolist() == [5, 5, 5]
+
+
+@pytest.mark.parametrize("backend,device,dtype", backend_dtypes([torch.float32, torch.bfloat16], all_backends()))
+def test_non_finite_mlm_rows(backend, device, dtype, monkeypatch):
+    """The fused op on NaN / infinite logits, over several vocabulary chunks: samples by gumbel_sample's rule, the
+    loss of a non-ignored row with a NaN logit is NaN (the problem shows), lse and argmax as torch's; every
+    backend equal to the reference (bf16 on the C++ lane: the brgemm path where the CPU has it)."""
+    small_chunks(monkeypatch)
+    hidden, weight, bias, targets = make(n=6, e=16, v=300, ignore=1, dtype=dtype)
+    targets[1:] = torch.tensor([50, 60, 70, 80, 90])
+    cases = {"nan-row": ([2], None, None), "nan-column": (None, 7, None), "all--inf": (None, None, -INF),
+             "+inf": (None, None, "inf-cols")}
+    for name, (nan_rows, nan_col, bias_fill) in cases.items():
+        h, w, b = hidden.clone(), weight.clone(), bias.clone()
+        if nan_rows:
+            h[nan_rows] = NAN
+        if nan_col is not None:
+            w[nan_col] = NAN
+        if bias_fill == "inf-cols":
+            b[[39, 261]] = INF
+        elif bias_fill is not None:
+            b[:] = bias_fill
+        results = []
+        for bk, dev in ((backend, device), ("reference", "cpu")):
+            loss, sampled, metrics, _ = run(bk, h.to(dev), w.to(dev), b.to(dev), targets.to(dev), reduction="none",
+                                            grad=False, disallowed_ids=DISALLOWED)
+            results.append((loss.cpu(), sampled.cpu(), metrics["accuracy"].cpu()))
+        (loss, sampled, acc), (want_loss, want_sampled, want_acc) = results
+        torch.testing.assert_close(loss, want_loss, equal_nan=True, rtol=1e-5, atol=1e-5, msg=name)
+        assert torch.equal(sampled, want_sampled), name
+        assert torch.equal(acc, want_acc), name
+        assert not torch.isin(sampled, torch.tensor(DISALLOWED)).any(), name
+        assert loss[0] == 0  # ignored row
+        if name == "nan-row":
+            assert sampled[2] == 4 and loss[2].isnan() and not loss[3:].isnan().any()
+        elif name == "nan-column":
+            assert (sampled == 7).all() and loss[1:].isnan().all()
+        elif name == "all--inf":
+            assert (sampled == 4).all() and loss[1:].isnan().all()
+        else:
+            assert (sampled == 39).all() and (loss[1:] == INF).all()
+
+
+def test_disallowed_ids_devices_and_meta():
+    """Ids on another device are moved (a few ids); a meta tensor of ids holds none (clear error instead of torch's
+    meta-tensor message); meta inputs run through the fake kernels."""
+    logits = torch.randn(3, 10)
+    with pytest.raises(ValueError, match="disallowed_ids: a meta tensor"):
+        electra_fast.gumbel_sample(logits, seed=0, disallowed_ids=torch.tensor([1], device="meta"))
+    out = electra_fast.gumbel_sample(logits.to("meta"), seed=0, disallowed_ids=torch.tensor([1]))
+    assert out.device.type == "meta" and out.shape == (3,) and out.dtype == torch.int64
+    hidden, weight, _, targets = make(n=4, e=8, v=30)
+    loss, sampled = electra_fast.mlm_loss_and_sample(hidden.to("meta"), weight.to("meta"), targets.to("meta"), seed=0,
+                                                     disallowed_ids=torch.tensor([1]))
+    assert loss.device.type == sampled.device.type == "meta" and sampled.shape == (4,)
+
+
 @pytest.mark.parametrize("backend,device", all_backends())
 def test_empty_and_all_ignored(backend, device):
     hidden, weight, bias, targets = make(n=0, device=device)
@@ -376,15 +472,15 @@ def _mlm_kwargs(**over):
 
 @pytest.mark.parametrize("over,exc,match", [
     (dict(hidden=torch.zeros(4, 7)), ValueError, "weight"),
-    (dict(hidden=torch.zeros(4, 8, dtype=torch.long)), ValueError, "hidden"),
-    (dict(weight=torch.zeros(30, 8, dtype=torch.long)), ValueError, "weight"),
+    (dict(hidden=torch.zeros(4, 8, dtype=torch.long)), TypeError, "hidden"),
+    (dict(weight=torch.zeros(30, 8, dtype=torch.long)), TypeError, "weight"),
     (dict(hidden=torch.zeros(4, 8, dtype=torch.float64)), ValueError, "weight"),
     (dict(hidden=torch.zeros(8)), ValueError, "hidden"),
     (dict(hidden=[[0.0]]), TypeError, "hidden"),
     (dict(bias=torch.zeros(29)), ValueError, "bias"),
     (dict(bias=torch.zeros(30, dtype=torch.float64)), ValueError, "bias"),
     (dict(targets=torch.zeros(5, dtype=torch.long)), ValueError, "targets"),
-    (dict(targets=torch.zeros(4)), ValueError, "targets"),
+    (dict(targets=torch.zeros(4)), TypeError, "targets"),
     (dict(targets=torch.tensor([0, 1, 30, 2])), ValueError, "targets"),
     (dict(targets=torch.tensor([0, 1, -1, 2])), ValueError, "targets"),
     (dict(temperature=0.0), ValueError, "temperature"),
@@ -395,6 +491,10 @@ def _mlm_kwargs(**over):
     (dict(disallowed_ids=[-1]), ValueError, "disallowed_ids"),
     (dict(disallowed_ids=torch.tensor([31])), ValueError, "disallowed_ids"),
     (dict(disallowed_ids=list(range(30))), ValueError, "disallowed_ids"),
+    (dict(disallowed_ids=[1.7]), TypeError, "disallowed_ids: integer dtype required"),
+    (dict(disallowed_ids=[True]), TypeError, "disallowed_ids: integer dtype required"),
+    (dict(disallowed_ids="ab"), TypeError, "disallowed_ids: integer dtype required"),
+    (dict(disallowed_ids=3), TypeError, "disallowed_ids"),
     (dict(reduction="avg"), ValueError, "reduction"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(seed=1.5), TypeError, "seed"),
@@ -406,13 +506,14 @@ def test_bad_input_mlm(over, exc, match):
 
 
 @pytest.mark.parametrize("kw,exc,match", [
-    (dict(logits=torch.zeros(3, 4, dtype=torch.int32)), ValueError, "logits"),
+    (dict(logits=torch.zeros(3, 4, dtype=torch.int32)), TypeError, "logits"),
     (dict(logits=torch.zeros(12)), ValueError, "logits"),
     (dict(logits=torch.zeros(3, 0)), ValueError, "logits"),
     (dict(temperature=0), ValueError, "temperature"),
     (dict(disallowed_ids=[0, 1, 2, 3]), ValueError, "disallowed_ids"),
     (dict(disallowed_ids=[4]), ValueError, "disallowed_ids"),
-    (dict(disallowed_ids=torch.tensor([0.5])), ValueError, "disallowed_ids"),
+    (dict(disallowed_ids=[1.7]), TypeError, "disallowed_ids: integer dtype required"),
+    (dict(disallowed_ids=torch.tensor([0.5])), TypeError, "disallowed_ids: integer dtype required"),
     (dict(seed=2 ** 63), ValueError, "seed"),
 ])
 def test_bad_input_gumbel(kw, exc, match):

@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Tuple
 
+from .. import _validate
+
 ATTENTIONS = ("standard", "disentangled")
 SHARINGS = ("none", "tied", "gdes")
 STRATEGIES = ("count", "bernoulli")
@@ -71,7 +73,8 @@ class ElectraConfig:
 
     def __post_init__(self):
         self.pos_att_type = tuple(self.pos_att_type)
-        self.disallowed_sample_ids = tuple(int(i) for i in self.disallowed_sample_ids)
+        self.disallowed_sample_ids = tuple(_validate.int_ids("ElectraConfig.disallowed_sample_ids",
+                                                             self.disallowed_sample_ids))
         self.validate()
 
     # ---------------------------------------------------------------- checks
@@ -95,6 +98,9 @@ class ElectraConfig:
         for i in self.disallowed_sample_ids:
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"ElectraConfig.disallowed_sample_ids: id {i} outside [0, {self.vocab_size})")
+        if len(set(self.disallowed_sample_ids)) >= self.vocab_size:
+            raise ValueError(f"ElectraConfig.disallowed_sample_ids: disallows every one of the {self.vocab_size} "
+                             "tokens, so the generator could sample nothing")
         if self.type_vocab_size < 0:
             raise ValueError(f"ElectraConfig.type_vocab_size: expected >= 0, got {self.type_vocab_size}")
         for name, options in (("attention", ATTENTIONS), ("embedding_sharing", SHARINGS),

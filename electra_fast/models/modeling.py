@@ -158,7 +158,7 @@ class ElectraPretrainingModel(nn.Module):
                 d.position_embeddings = GDESEmbedding(g.position_embeddings)
 
     # ------------------------------------------------------------------ checks
-    def _check_inputs(self, input_ids, attention_mask, seed):
+    def _check_inputs(self, input_ids, attention_mask, seed, token_type_ids=None):
         cfg = self.config
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
@@ -166,6 +166,9 @@ class ElectraPretrainingModel(nn.Module):
             raise TypeError(f"input_ids: expected an int32 / int64 tensor, got {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a 2-d tensor [B, T], got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids: expected a non-empty batch [B, T] (B, T >= 1), got shape "
+                             f"{tuple(input_ids.shape)}")
         if input_ids.shape[1] > cfg.max_position_embeddings:
             raise ValueError(f"input_ids: sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
                              f"= {cfg.max_position_embeddings}")
@@ -184,12 +187,33 @@ class ElectraPretrainingModel(nn.Module):
                 raise ValueError(f"attention_mask: expected device {input_ids.device}, got {attention_mask.device}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
             raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
+        if token_type_ids is not None:
+            self._check_token_types(input_ids, token_type_ids)
+
+    def _check_token_types(self, input_ids, token_type_ids):
+        if not isinstance(token_type_ids, torch.Tensor):
+            raise TypeError(f"token_type_ids: expected a torch.Tensor, got {type(token_type_ids).__name__}")
+        if token_type_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"token_type_ids: expected an int32 / int64 tensor, got {token_type_ids.dtype}")
+        if token_type_ids.shape != input_ids.shape:
+            raise ValueError(f"token_type_ids: expected shape {tuple(input_ids.shape)} (that of input_ids), "
+                             f"got {tuple(token_type_ids.shape)}")
+        if token_type_ids.device != input_ids.device:
+            raise ValueError(f"token_type_ids: expected device {input_ids.device}, got {token_type_ids.device}")
+        # ELECTRA's embeddings keep at least one type row; DeBERTa's ignore token types when type_vocab_size is 0
+        if self.config.disentangled and self.config.type_vocab_size == 0:
+            return
+        n_types = max(self.config.type_vocab_size, 1)
+        lo, hi = torch.aminmax(token_type_ids)
+        if lo < 0 or hi >= n_types:
+            raise ValueError(f"token_type_ids: ids must lie in [0, type_vocab_size={n_types}), got values in "
+                             f"[{int(lo)}, {int(hi)}]")
 
     # ------------------------------------------------------------------ step
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 seed: Optional[int] = None, token_type_ids: Optional[torch.Tensor] = None) -> ElectraPretrainingOutput:
         """One pretraining step's forward. input_ids int [B, T]; attention_mask [B, T] (1 = real) or None."""
-        self._check_inputs(input_ids, attention_mask, seed)
+        self._check_inputs(input_ids, attention_mask, seed, token_type_ids)
         if seed is None:
             seed = int(torch.randint(0, SEED_LIMIT - 1, (1,)).item())
         ctx = contextlib.nullcontext() if self.fused else _backend.eager_twin_mode()

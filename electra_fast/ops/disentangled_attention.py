@@ -258,6 +258,9 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 
     Returns:
         [B, H, T, D] in the dtype of query; differentiable w.r.t. query, key, value, pos_key, pos_query.
+        NaN in, NaN out on every backend: a query row with a NaN or infinite score among its real keys outputs
+        NaN; padded query rows stay 0 (electra_fast/reference/disentangled_attention.py). Meta / fake tensors
+        are answered by the op's fake kernel.
     """
     for name, x in (("query", query), ("key", key), ("value", value)):
         _validate.floating(name, x)
@@ -309,7 +312,8 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     # views, e.g. the module's [B, T, H, D] projections, without a permute copy; out takes that layout too).
     # CUDA: contiguous, the Triton kernels' contract.
     qkv = [x if x.device.type == "cpu" and x.stride(-1) == 1 else x.contiguous() for x in (query, key, value)]
-    op = _fwd if torch.compiler.is_compiling() else _Eager.apply
+    # graph capture, meta and fake tensors: the custom op, whose fake kernel describes the outputs
+    op = _Eager.apply if _validate.inspectable(query) else _fwd
     out, _lse = op(*qkv, pos_key, pos_query, mask, rel_slots, float(scale), dropout_p, seed, position_buckets,
                    max_relative_positions)
     return out

@@ -158,7 +158,7 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int,
     mask = _flags("attention_mask", attention_mask, input_ids, "real token")
     starts = _flags("word_starts", word_starts, input_ids, "a word starts")
     ids = input_ids.contiguous()
-    if validate and ids.numel():
+    if validate and ids.numel() and _validate.inspectable(ids, mask, starts):
         lo, hi = torch.aminmax(ids)
         if lo.item() < 0 or hi.item() >= vocab_size:
             raise ValueError(f"input_ids: expected ids in [0, vocab_size={vocab_size}), got values in "

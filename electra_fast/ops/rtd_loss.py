@@ -133,7 +133,8 @@ def rtd_loss(logits: torch.Tensor, corrupted_ids: torch.Tensor, original_ids: to
 
     Returns:
         The loss in fp32 (fp64 for fp64 logits), and the metrics dict when asked. The gradient flows
-        to ``logits`` only, in its dtype.
+        to ``logits`` only, in its dtype. Infinite logits give the limits (token loss 0 or +inf), a NaN logit of
+        a real token NaN, a padded token 0 whatever its logit, on every backend.
     """
     if _usual_call(logits, corrupted_ids, original_ids, attention_mask, reduction):
         corrupted, original = corrupted_ids, original_ids

@@ -97,14 +97,6 @@ torch.library.register_autograd("electra_fast::mlm_loss_sample_fwd", _backward, 
 
 
 # ------------------------------------------------------------------------------------- validation
-def _floating(name: str, x) -> torch.Tensor:
-    _validate.tensor(name, x)
-    if x.dtype not in _validate.FLOAT_DTYPES:
-        raise ValueError(f"{name}: expected a floating tensor (float32 / float64 / float16 / bfloat16), "
-                         f"got {x.dtype}")
-    return x
-
-
 def _inv_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature: expected a float > 0, got {type(temperature).__name__}")
@@ -116,30 +108,33 @@ def _inv_temperature(temperature) -> float:
     return inv
 
 
-def _disallowed_mask(disallowed_ids, vocab: int, device) -> Optional[torch.Tensor]:
-    """uint8 [V] (1 = never drawn) from a sequence / tensor of ids, or None when there are none."""
+def _disallowed_mask(disallowed_ids, vocab: int, device: torch.device) -> Optional[torch.Tensor]:
+    """uint8 [V] on ``device`` (1 = never drawn) from a sequence / tensor of int ids, or None when there are none."""
     if isinstance(disallowed_ids, torch.Tensor):
         if disallowed_ids.dtype not in _validate.INT_DTYPES:
-            raise ValueError(f"disallowed_ids: expected integer ids, got a {disallowed_ids.dtype} tensor")
-        ids = disallowed_ids.reshape(-1).to(device=device, dtype=torch.int64)
+            raise TypeError(f"disallowed_ids: integer dtype required: expected int ids, got a {disallowed_ids.dtype} "
+                            "tensor")
+        if disallowed_ids.device.type == "meta" and device.type != "meta":
+            raise ValueError(f"disallowed_ids: a meta tensor holds no ids; pass them as a list or a tensor on "
+                             f"{device} (that of the logits)")
+        ids = disallowed_ids.reshape(-1).to(device=device, dtype=torch.int64)  # a few ids: moved, not rejected
+        check = _validate.inspectable(disallowed_ids, ids)
     else:
-        try:
-            ids_list = [int(i) for i in disallowed_ids]
-        except (TypeError, ValueError):
-            raise ValueError(f"disallowed_ids: expected a sequence of int ids, got {disallowed_ids!r}") from None
-        if len(ids_list) == 0:
-            return None
+        ids_list = _validate.int_ids("disallowed_ids", disallowed_ids)
         bad = [i for i in ids_list if not 0 <= i < vocab]
         if bad:
             raise ValueError(f"disallowed_ids: ids must lie in [0, {vocab}), got {bad[:5]}")
+        if len(set(ids_list)) >= vocab:
+            raise ValueError(f"disallowed_ids: disallows every one of the {vocab} tokens")
         ids = torch.tensor(ids_list, dtype=torch.int64, device=device)
+        check = False  # checked above, without a device sync
     if ids.numel() == 0:
         return None
-    if not torch.compiler.is_compiling() and bool(((ids < 0) | (ids >= vocab)).any()):
+    if check and bool(((ids < 0) | (ids >= vocab)).any()):
         raise ValueError(f"disallowed_ids: ids must lie in [0, {vocab})")
     mask = torch.zeros(vocab, dtype=torch.uint8, device=device)
     mask[ids] = 1
-    if not torch.compiler.is_compiling() and bool(mask.all()):
+    if check and bool(mask.all()):
         raise ValueError(f"disallowed_ids: disallows every one of the {vocab} tokens")
     return mask
 
@@ -154,12 +149,16 @@ def gumbel_sample(logits: torch.Tensor, *, seed: int, temperature: float = 1.0,
         seed: int in [0, 2**63); the noise of element (n, v) is Philox keyed by ``(seed, n * V + v)``
             (layout: electra_fast/reference/philox.py), identical on every backend and device.
         temperature: > 0; applied as ``logits * fp32(1 / temperature)``.
-        disallowed_ids: ids in [0, V) that are never drawn (not all of them).
+        disallowed_ids: int ids in [0, V) that are never drawn (not all of them): a sequence of ints or an
+            integer tensor (on any device; it is moved to that of ``logits``).
 
     Returns:
-        int64 [N] sampled ids (no gradient). Ties go to the smallest id.
+        int64 [N] sampled ids (no gradient), never a disallowed one. Ties go to the smallest id. Non-finite
+        logits (identical on every backend; electra_fast/reference/sampling.py): a NaN logit at an allowed id
+        draws the smallest such id (the row is invalid), a row whose allowed logits are all -inf draws its
+        smallest allowed id.
     """
-    _floating("logits", logits)
+    _validate.floating("logits", logits)
     _validate.rank("logits", logits, 2, "[N, V]")
     if logits.shape[1] == 0:
         raise ValueError("logits: expected V >= 1 columns, got shape " + str(tuple(logits.shape)))
@@ -191,10 +190,11 @@ def mlm_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
 
     Returns:
         ``(loss, sampled)`` or ``(loss, sampled, metrics)``; loss fp32 (fp64 for fp64 inputs), sampled
-        int64 [N]. Gradients flow to hidden, weight and bias.
+        int64 [N]. Gradients flow to hidden, weight and bias. A non-ignored row whose logits hold a NaN has a
+        NaN loss (so the mean is NaN: the problem shows); its sample follows :func:`gumbel_sample`'s rules.
     """
-    _floating("hidden", hidden)
-    _floating("weight", weight)
+    _validate.floating("hidden", hidden)
+    _validate.floating("weight", weight)
     _validate.rank("hidden", hidden, 2, "[N, E]")
     _validate.rank("weight", weight, 2, "[V, E]")
     _validate.same_device("weight", weight, "hidden", hidden)
@@ -208,7 +208,7 @@ def mlm_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if v == 0:
         raise ValueError("weight: expected V >= 1 rows, got shape " + str(tuple(weight.shape)))
     if bias is not None:
-        _floating("bias", bias)
+        _validate.floating("bias", bias)
         _validate.same_device("bias", bias, "hidden", hidden)
         if bias.shape != (v,):
             raise ValueError(f"bias: expected shape ({v},) (V from weight), got {tuple(bias.shape)}")
@@ -216,14 +216,14 @@ def mlm_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
             raise ValueError(f"bias: expected dtype {hidden.dtype} (that of hidden), got {bias.dtype}")
     _validate.tensor("targets", targets)
     if targets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"targets: expected an int32 / int64 tensor, got {targets.dtype}")
+        raise TypeError(f"targets: expected an int32 / int64 tensor, got {targets.dtype}")
     if targets.shape != (n,):
         raise ValueError(f"targets: expected shape ({n},) (N from hidden), got {tuple(targets.shape)}")
     _validate.same_device("targets", targets, "hidden", hidden)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     _validate.choice("reduction", reduction, REDUCTIONS)
-    if not torch.compiler.is_compiling() and n > 0:
+    if n > 0 and _validate.inspectable(targets):
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
         if bool(bad.any()):
             raise ValueError(f"targets: expected ids in [0, {v}) or ignore_index={ignore_index}, "

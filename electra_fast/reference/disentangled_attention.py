@@ -13,7 +13,14 @@ Backend contract (shared with ``torch.ops.electra_fast_cpp.disentangled_attentio
   rel_slots    int32 [2T - 1]: rel_slots[i - j + T - 1] = s(i, j) = clamp(bucket(i - j) + k, 0, 2k - 1)
   score(i, j) = scale * (q_i.k_j + q_i.pos_key[s(i, j)] + k_j.pos_query[s(i, j)])
   softmax in fp32 (fp64 for fp64 inputs) over valid keys; lse fp32 [B, H, T] (+inf for padded queries
-  and rows without a valid key, whose output is 0); dropout: Philox purpose ATTN_DROPOUT, element
+  and rows without a valid key: dead rows, whose output is exactly 0 and whose probabilities and score
+  gradients are 0, whatever their q holds).
+  NaN in, NaN out, identically on every backend: a live row with a NaN or infinite score among its valid
+  keys (a NaN in q, k or a position tensor, or an overflow) is invalid: lse NaN, output NaN (as the eager
+  softmax gives), and its probabilities NaN except at -inf scores (masked keys), which stay exactly 0; the
+  gradients follow from those probabilities (products: 0 * NaN is NaN, so a NaN in V reaches every live row
+  of its head through P @ V, even at a padded key). Dropout multiplies P (and dP) by keep / (1 - p), so a
+  dropped NaN stays NaN. Dropout: Philox purpose ATTN_DROPOUT, element
   e = ((b * H + h) * T + i) * T + j reads word e % 4 of the call at index e // 4 (one call, four elements),
   keep iff uniform(word) >= dropout_p, kept scaled by 1 / (1 - p).
 """
@@ -105,13 +112,15 @@ def _probs(q, k, pos_key, pos_query, mask, rel_slots, scale, lse=None):
     key_ok, query_ok = _valid(mask, B, T, q.device)
     s = s.masked_fill(~key_ok, float("-inf"))
     if lse is None or acc == torch.float64:  # fp64 (gradcheck) renormalises exactly, not from the fp32 lse
-        row = torch.logsumexp(s, dim=-1, keepdim=True)
+        row = torch.logsumexp(s, dim=-1, keepdim=True)  # non-finite only for NaN / infinite scores (or no key)
         dead = ~query_ok | (~key_ok).all(-1, keepdim=True)
-        row = row.masked_fill(dead, float("inf"))
+        row = row.masked_fill(~torch.isfinite(row), float("nan")).masked_fill(dead, float("inf"))
         lse = row.squeeze(-1).float() if lse is None else lse
     else:
         row = lse.to(acc).unsqueeze(-1)
-    p = torch.exp(s - row)  # -inf - finite and finite - inf both give 0; -inf - inf never occurs
+    # A -inf score (a masked key, or -inf itself) has probability exactly 0, also in an invalid (NaN) row, and a
+    # dead row (row = +inf) is 0 even where its scores are NaN: NaN never reaches padded positions' gradients.
+    p = torch.exp(s - row).masked_fill((s == float("-inf")) | (row == float("inf")), 0.0)
     return p, lse
 
 
@@ -122,7 +131,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_quer
     p, lse = _probs(q, k, pos_key, pos_query, mask, rel_slots, scale)
     if dropout_p > 0:
         p = p * dropout_keep(seed, p.shape, dropout_p, p.device) / (1.0 - dropout_p)
-    out = p @ v.to(p.dtype)
+    out = (p @ v.to(p.dtype)).masked_fill(torch.isposinf(lse)[..., None], 0.0)  # 0 * NaN in V stays out of dead rows
     return out.to(q.dtype), lse
 
 
@@ -142,6 +151,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optiona
         pd = p
     dv = pd.transpose(-1, -2) @ do
     g = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale  # d loss / d (unscaled score)
+    g = g.masked_fill(torch.isposinf(lse)[..., None], 0.0)  # dead rows: none, even where dP holds a NaN
     qa, ka = q.to(acc), k.to(acc)
     dq, dk = g @ ka, g.transpose(-1, -2) @ qa
     slots = _slot_table(rel_slots, T).expand(B, H, T, T)

@@ -6,7 +6,12 @@ Forward, rows r of [N, H] (x and residual contiguous, one dtype; "acc" is fp64 f
         (element e = r * H + c of x is kept iff ``(w >> 8) >= threshold``, w word e % 4 of Philox call e // 4,
         purpose DROPOUT, fourth counter word ``stream``; threshold / scale from reference.dropout)
   h   = dtype(acc(d) + acc(residual))                           the sum, rounded to the dtype as torch's add
-  mean, rstd = acc mean of h's row, 1 / sqrt(biased variance + eps)
+  mean, rstd = acc mean of h's row, 1 / sqrt(biased variance + eps): mean = sum(h) / H, var = sum((h - mean)^2) / H.
+        When var is not finite although every h of the row is (the squares overflow acc: |h| beyond ~1e19 in
+        fp32), they come from the row scaled by an exact power of two s, max |s h| in [2^20, 2^21):
+          mean = mean(s h) / s,  rstd = min(s / sqrt(var(s h) + eps s^2), 1 / sqrt(eps))
+        (the bound stands in for eps s^2 where that underflows), so rows of any finite magnitude normalise
+        (up to |h| < acc max / 2, where h - mean itself would overflow). NaN / inf in a row: NaN out.
   out = dtype((acc(h) - mean) * rstd * acc(weight) + acc(bias))  (bias None: no term)
 Returned: out [N, H], h [N, H] (the dtype; saved for the backward), mean and rstd (acc [N]).
 
@@ -30,6 +35,25 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+SCALED_EXP = 20  # a row rescaled for its moments has max |s h| in [2^20, 2^21): no overflow, no underflow
+
+
+def moments(hf: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) [N] of the rows of hf [N, H] (acc dtype), by the module docstring's rule."""
+    mean = hf.mean(-1)
+    var = (hf - mean[:, None]).pow(2).mean(-1)
+    rstd = torch.rsqrt(var + eps)
+    # Every row's scaled moments (no data-dependent branch), kept where the plain variance overflowed.
+    redo = ~torch.isfinite(var) & torch.isfinite(hf).all(-1)
+    exponent = torch.frexp(hf.abs().amax(-1)).exponent - 1  # max |h| in [2^e, 2^(e + 1))
+    s = torch.ldexp(torch.ones_like(mean), (SCALED_EXP - exponent).clamp(-1000, 1000))
+    hs = hf * s[:, None]
+    mean_s = hs.mean(-1)
+    rstd_s = torch.minimum(s * torch.rsqrt((hs - mean_s[:, None]).pow(2).mean(-1) + eps * s * s),
+                           torch.rsqrt(torch.tensor(eps, dtype=hf.dtype)))
+    return torch.where(redo, mean_s / s, mean), torch.where(redo, rstd_s, rstd)
+
+
 def forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             threshold: int, scale: float, seed: int, stream: int,
             eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -39,8 +63,7 @@ def forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias:
     d = ref_dropout.apply(x, threshold, scale, seed, stream) if threshold > 0 else x
     h = (d.to(acc) + residual.to(acc)).to(x.dtype)
     hf = h.to(acc)
-    mean = hf.mean(-1)
-    rstd = torch.rsqrt((hf - mean[:, None]).pow(2).mean(-1) + eps)
+    mean, rstd = moments(hf, eps)
     y = (hf - mean[:, None]) * rstd[:, None] * weight.to(acc)
     if bias is not None:
         y = y + bias.to(acc)

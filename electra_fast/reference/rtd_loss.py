@@ -13,13 +13,17 @@ forward -> (loss fp32 (fp64 for fp64 logits): [B, T] with 0 at padding for "none
             dlogits [B, T] (dtype of loss) = d loss / d logit = (sigmoid(x) - label) * real, divided by the
             number of real tokens for "mean"; an empty tensor when not need_grad)
 
+Per real token, with label y: loss = softplus(y ? -x : x) = max(y ? -x : x, 0) + log1p(exp(-|x|)) (binary
+cross-entropy with logits), d loss / d x = sigmoid(x) - y; padded tokens contribute exactly 0 to both, whatever
+their logit. An infinite logit gives the limits (loss 0 or +inf, derivative 0 or +-1), a NaN logit of a real token
+NaN; predicted "replaced" means x > 0 (NaN: not).
+
 The per-token derivative is produced by the forward pass (it shares exp(-|x|) with the loss), so
 the backward is one scale by the incoming gradient (/ token count for "mean") - no recomputation.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 NONE, SUM, MEAN = 0, 1, 2
 REDUCTIONS = {"none": NONE, "sum": SUM, "mean": MEAN}
@@ -34,8 +38,9 @@ def forward(logits, corrupted, original, mask, reduction: int, need_grad: bool):
     x = logits.to(acc_dtype(logits.dtype))
     y = corrupted != original
     valid = torch.ones_like(y) if mask is None else mask.bool()
-    per_token = F.binary_cross_entropy_with_logits(x, y.to(x.dtype), reduction="none") * valid
-    dlogits = (torch.sigmoid(x) - y.to(x.dtype)) * valid if need_grad else x.new_empty(0)
+    zero = x.new_zeros(())
+    per_token = torch.where(valid, torch.where(y, -x, x).clamp(min=0) + torch.log1p(torch.exp(-x.abs())), zero)
+    dlogits = torch.where(valid, torch.sigmoid(x) - y.to(x.dtype), zero) if need_grad else x.new_empty(0)
     pred = x > 0
     counts = torch.stack([
         valid.sum(), (valid & y).sum(), (valid & pred).sum(), (valid & y & pred).sum(), (valid & (y == pred)).sum(),

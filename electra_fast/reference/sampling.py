@@ -8,7 +8,13 @@ Noise (every backend): for row n of a [N, V] problem, column v,
   g = -log(-log(u))                                         (fp32)
   score = fp32(logits[n, v]) * inv_temperature + g           (inv_temperature = fp32(1 / temperature);
                                                               one product, one sum, both rounded to fp32)
-  sample = smallest v maximising score over allowed v        (disallowed v score -inf)
+  sample = argmax of score over the allowed v, in torch.argmax's order: NaN above every number, ties to the
+           smallest id. Every backend follows it exactly, including at non-finite logits:
+             - a row never draws a disallowed id;
+             - a NaN score at an allowed id (a NaN logit there) draws the smallest such id: the row is invalid,
+               and its MLM loss is NaN as well (below), so the problem is visible rather than papered over;
+             - a row whose allowed scores are all -inf (e.g. -inf logits) draws its smallest allowed id;
+             - +inf scores tie with each other (the smallest such id).
 
 Shapes and dtypes (every backend takes the same, already validated and contiguous):
   logits      float [N, V]; hidden float [N, E]; weight [V, E] (same dtype); bias [V] (same dtype) or None
@@ -19,6 +25,10 @@ Accumulation dtype ("acc"): fp64 for fp64 inputs, else fp32.
 
 forward -> (loss_rows acc [N] (lse - target logit, 0 at ignored rows), lse acc [N],
             sampled int64 [N], argmax int64 [N] (of the plain logits, for the accuracy metric))
+  lse is torch.logsumexp's over all V columns (disallowed ids included: they only never get drawn): NaN when
+  the row has a NaN logit, +inf when it has a +inf one (and no NaN), -inf when every logit is -inf. So a
+  non-ignored row with a NaN logit has a NaN loss. argmax is torch.argmax's (the first NaN, else the first
+  maximum; a row of -inf gives 0).
 backward(grad_rows fp32/acc [N]) -> (dhidden [N, E] hidden dtype, dweight [V, E] weight dtype,
                                      dbias [V] weight dtype)
 """
@@ -46,11 +56,12 @@ def sample(logits: torch.Tensor, disallowed, seed: int, inv_temperature: float) 
     n, v = logits.shape
     inv_t = torch.tensor(inv_temperature, dtype=torch.float32, device=logits.device)
     scores = logits.float() * inv_t + gumbel_noise(seed, n, v, logits.device)
-    if disallowed is not None:
-        scores = scores.masked_fill(disallowed.bool(), float("-inf"))
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
-    return scores.argmax(1)  # torch.argmax returns the first maximal index: ties -> smallest id
+    if disallowed is None:
+        return scores.argmax(1)  # torch.argmax: the first NaN, else the first maximum (ties -> smallest id)
+    allowed = (disallowed == 0).nonzero()[:, 0]  # increasing ids
+    return allowed[scores.index_select(1, allowed).argmax(1)]
 
 
 def logits_of(hidden, weight, bias):
