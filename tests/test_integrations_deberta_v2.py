@@ -157,6 +157,7 @@ def test_native_module_rejects_bad_arguments():
         (dict(max_relative_positions=0), ValueError, "max_relative_positions"),
         (dict(attention_dropout=1.0), ValueError, "attention_dropout"),
         (dict(pos_dropout=-0.1), ValueError, "pos_dropout"),
+        (dict(attention_dropout="0.1"), TypeError, "attention_dropout"),
     ]:
         with pytest.raises(exc, match=name):
             DisentangledSelfAttention(**{**good, **edit})

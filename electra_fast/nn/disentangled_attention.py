@@ -27,16 +27,22 @@ from .dropout import draw_seed
 POSITION_TERMS = ("c2p", "p2c")
 
 
-def _positive_int(name: str, value) -> int:
+def _int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < 1:
+    return value
+
+
+def _positive_int(name: str, value) -> int:
+    if _int(name, value) < 1:
         raise ValueError(f"{name}: expected >= 1, got {value}")
     return value
 
 
 def _probability(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
     return float(value)
 
@@ -70,7 +76,8 @@ class DisentangledSelfAttention(nn.Module):
         attention_dropout: dropout on the attention probabilities (Philox, regenerated in the backward).
         pos_dropout: dropout on the relative embeddings (transformers' ``hidden_dropout_prob``).
 
-    Parameters and their creation order are transformers' (same names, same initialisation under one seed).
+    Defaults: DeBERTa-v3's (256 buckets, 512 positions, c2p + p2c, shared keys), no dropout. Parameters and their
+    creation order are transformers' (same names, same initialisation under one seed).
     """
 
     def __new__(cls, *args, **kwargs):
@@ -102,11 +109,7 @@ class DisentangledSelfAttention(nn.Module):
         self.pos_att_type = _position_terms(pos_att_type)
         self.relative_attention = bool(relative_attention)
         if self.relative_attention:
-            for name, value in (("position_buckets", position_buckets),
-                                ("max_relative_positions", max_relative_positions)):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-            self.position_buckets = position_buckets
+            self.position_buckets = _int("position_buckets", position_buckets)
             self.max_relative_positions = _positive_int("max_relative_positions", max_relative_positions)
             self.pos_ebd_size = attention_span(position_buckets, max_relative_positions)
             self.pos_dropout = nn.Dropout(_probability("pos_dropout", pos_dropout))
