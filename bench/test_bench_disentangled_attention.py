@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import QUICK, run
-from electra_fast.nn import DisentangledSelfAttention
+from electra_fast.integrations.transformers.deberta_v2 import FusedDisentangledSelfAttention
 
 hf = pytest.importorskip("transformers.models.deberta_v2.modeling_deberta_v2")
 from transformers import DebertaV2Config  # noqa: E402
@@ -29,7 +29,7 @@ def base_config():
 def modules(dtype, device):
     torch.manual_seed(0)
     eager = hf.DisentangledSelfAttention(base_config()).to(device=device, dtype=dtype).train()
-    return {"transformers": eager, "fused": DisentangledSelfAttention.from_transformers(eager)}
+    return {"transformers": eager, "fused": FusedDisentangledSelfAttention.from_transformers(eager)}
 
 
 def inputs(b, t, dtype, device):

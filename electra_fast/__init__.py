@@ -1,7 +1,6 @@
 """electra_fast: fused kernels for ELECTRA / DeBERTa-v3 replaced-token-detection pretraining."""
 from ._backend import available_backends, eager_twin_mode, use_backend
 from ._extension import extension_loaded
-from .nn.disentangled_attention import patch_deberta_v2, unpatch_deberta_v2
 from .nn.masking import TokenMasker
 from .ops import (MaskedTokens, disentangled_attention, dropout, dropout_add_layer_norm, gumbel_sample, mask_tokens,
                   mlm_loss_and_sample, rtd_loss)
@@ -13,6 +12,10 @@ def __getattr__(name):
     if name == "pretrain":
         from .train import pretrain
         return pretrain
+    # So does the transformers adapter (electra_fast.integrations), which nothing below the top level imports.
+    if name in ("patch_deberta_v2", "unpatch_deberta_v2"):
+        from .integrations.transformers import deberta_v2
+        return getattr(deberta_v2, name)
     raise AttributeError(f"module 'electra_fast' has no attribute {name!r}")
 
 __version__ = "0.1.0"

@@ -101,6 +101,8 @@ def main(args) -> int:
         paths.append(json_path)
     bench_report.write_results_md(paths, results_md, {json_path: images})
     print(f"wrote {json_path}, {results_md} and {len(images)} plot(s)")
+    if args.out is None:  # the checkout's results: README.md's performance table follows them
+        print(bench_report.sync_readme(os.path.dirname(bdir)))
     if args.compare:
         problems = bench_report.compare(json_path, args.compare)
         for p in problems:

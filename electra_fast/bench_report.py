@@ -1,4 +1,5 @@
-"""Benchmark reports: pytest-benchmark JSON -> bench/RESULTS.md, PNG plots, and the regression gate.
+"""Benchmark reports: pytest-benchmark JSON -> bench/RESULTS.md, README.md's performance table, PNG plots, and the
+regression gate.
 
 Rows come from ``extra_info`` written by bench/conftest.py::run: op, impl ("fused" | "eager" |
 "transformers" | peers), pass_, shape ("BxT" or "N=..."), dtype, tokens_per_s, peak_mem_bytes.
@@ -7,12 +8,16 @@ measured side by side in one run.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import glob
 import json
+import math
 import os
 import re
-from typing import Dict, List, Tuple
+import sys
+import tempfile
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 Key = Tuple[str, str, str, str]  # op, pass, shape, dtype
 
@@ -217,3 +222,183 @@ def write_results_md(paths: List[str], out_path: str, images: Dict[str, List[str
     text += pretrain_section(os.path.dirname(paths[0]) if paths else os.path.join(base, "results"))
     with open(out_path, "w") as fh:
         fh.write("\n".join(text))
+
+
+# ------------------------------------------------------------------------------ README performance table
+README_START = "<!-- perf-table:start -->"
+README_END = "<!-- perf-table:end -->"
+
+
+class Headline(NamedTuple):
+    """One row of README.md's table: a fused-vs-baseline group of the JSON, and how to name it."""
+    op: str
+    pass_: str
+    shape: str
+    dtype: str
+    baseline: str          # the impl compared with "fused"
+    label: str             # what the row measures
+    baseline_label: str    # what the baseline is
+    shape_label: str = ""  # default: the JSON's shape, "256x512" -> "256 x 512"
+
+
+# Which comparisons the README shows, in order. Only names live here: every number comes from the JSON.
+HEADLINES = (
+    Headline("mask_tokens[count]", "fwd", "256x512", "int64", "eager", "`mask_tokens` count", "eager rand + argsort"),
+    Headline("mask_tokens[bernoulli]", "fwd", "256x512", "int64", "eager", "`mask_tokens` bernoulli",
+             "transformers-collator ops"),
+    *(Headline("mlm_loss_and_sample", "fwd+bwd", f"2458x128x{v}", "float32", "eager", "`mlm_loss_and_sample` fwd+bwd",
+               "F.linear + CE + Gumbel", f"N 2458, E 128, V {v}") for v in (30522, 128100)),
+    *(Headline("disentangled_attention", "fwd+bwd", shape, dtype, "transformers",
+               "`disentangled_attention` module fwd+bwd", "transformers", label)
+      for shape, label in (("8x512", "8 x 512, H 12, D 64"), ("2x2048", "")) for dtype in ("float32", "bfloat16")),
+    Headline("rtd_loss", "fwd+bwd", "256x512", "float32", "eager", "`rtd_loss` fwd+bwd", "eager BCE"),
+    Headline("dropout", "fwd+bwd", "4096x256", "float32", "eager", "`dropout` fwd+bwd", "`F.dropout`"),
+    Headline("dropout_add_layer_norm", "fwd+bwd", "4096x256", "bfloat16", "eager", "`dropout_add_layer_norm` fwd+bwd",
+             "`F.dropout` + add + `F.layer_norm`"),
+    *(Headline(f"pretrain_step[{model}]", "fwd+bwd+adamw", shape, dtype, "transformers", f"{name} pretraining step",
+               "transformers")
+      for model, name, shape in (("electra_small", "ELECTRA-small", "32x128"),
+                                 ("deberta_v3_xsmall", "DeBERTa-v3-xsmall", "8x128"))
+      for dtype in ("fp32", "bf16-autocast")),
+)
+_DTYPE_NOTES = {"bfloat16": ", bf16", "bf16-autocast": ", bf16 autocast", "float16": ", fp16"}  # fp32: unnoted
+
+
+def _sig3(x: float) -> str:
+    """x > 0 to three significant digits, trailing zeros kept: 0.770, 5.00, 25.2, 394."""
+    x = float(f"{x:.3g}")
+    return f"{x:.{max(0, 2 - math.floor(math.log10(x)))}f}"
+
+
+def _fmt_short(s: float) -> str:
+    """A median in seconds to three significant digits: 0.770 ms, 394 ms, 1.46 s."""
+    ms = float(f"{s * 1e3:.3g}")
+    return f"{_sig3(ms)} ms" if ms < 1000 else f"{_sig3(s)} s"
+
+
+def _caption(path: str, base_dir: str) -> str:
+    data = json.load(open(path))
+    m = data.get("machine_info", {})
+    cuda = f", CUDA {m['cuda']}" if m.get("cuda") else ""
+    rel = os.path.relpath(path, base_dir).replace(os.sep, "/")
+    return (f"**{m.get('electra_fast_machine', 'unknown machine')}**, {m.get('cores', '?')} cores, "
+            f"{m.get('torch_threads', '?')} threads, torch {m.get('torch')}{cuda} · [`{os.path.basename(path)}`]({rel}) "
+            f"({data.get('datetime', '')[:10]}, commit {m.get('git_commit')})")
+
+
+def readme_table(paths: List[str], base_dir: str) -> str:
+    """README.md's performance table(s): for each JSON (one per machine), the :data:`HEADLINES` rows it holds.
+    ``base_dir``: the README's folder (links to the JSON are relative to it)."""
+    if not paths:
+        return "No benchmark results recorded yet: run `electra-fast bench`."
+    blocks = []
+    for path in paths:
+        groups = load_groups(path)
+        lines = [_caption(path, base_dir), "",
+                 "| op / step (fp32 unless noted) | shape | fused | baseline | speed-up | peak memory fused / baseline |",
+                 "|---|---|---|---|---|---|"]
+        for h in HEADLINES:
+            impls = groups.get((h.op, h.pass_, h.shape, h.dtype), {})
+            fused, base = impls.get("fused"), impls.get(h.baseline)
+            if fused is None or base is None:
+                continue  # not measured in this run (another device, -k, an older bench)
+            mem = "-"
+            if fused.get("peak_mem_bytes") and base.get("peak_mem_bytes"):
+                mem = f"{fused['peak_mem_bytes'] / base['peak_mem_bytes']:.2f}"
+            lines.append(f"| {h.label}{_DTYPE_NOTES.get(h.dtype, '')} | {h.shape_label or h.shape.replace('x', ' x ')} | "
+                         f"{_fmt_short(fused['median'])} | {h.baseline_label} {_fmt_short(base['median'])} | "
+                         f"{base['median'] / fused['median']:.2f}x | {mem} |")
+        if len(lines) == 4:
+            lines[2:] = ["(none of the headline comparisons is in this run)"]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def readme_results(results_dir: str) -> List[str]:
+    """The JSON the README shows: the newest full run of each machine (quick runs are smoke tests)."""
+    return [p for p in newest_per_machine(results_dir) if not p.endswith("-quick.json")]
+
+
+def _split_readme(text: str, readme: str) -> Tuple[str, str, str]:
+    """(before and including the start marker, the block, the end marker and after)."""
+    starts, ends = text.count(README_START), text.count(README_END)
+    if starts != 1 or ends != 1 or text.index(README_START) > text.index(README_END):
+        raise ValueError(f"{readme}: expected one {README_START} line followed by one {README_END} line, "
+                         f"found {starts} start and {ends} end marker(s)")
+    head, rest = text.split(README_START)
+    block, tail = rest.split(README_END)
+    return head + README_START, block, README_END + tail
+
+
+def readme_with_table(readme: str, results_dir: str) -> Tuple[str, str]:
+    """(current text, text with the table regenerated from ``results_dir``) of the README at ``readme``."""
+    with open(readme, encoding="utf-8") as fh:
+        text = fh.read()
+    head, _, tail = _split_readme(text, readme)
+    table_text = readme_table(readme_results(results_dir), os.path.dirname(os.path.abspath(readme)))
+    note = "<!-- generated from the JSON by `python -m electra_fast.bench_report --readme`: edits here are lost -->"
+    return text, f"{head}\n{note}\n{table_text}\n{tail}"
+
+
+def update_readme(readme: str, results_dir: str) -> bool:
+    """Rewrite the table between the README's markers in place (nothing else changes); False if it was current."""
+    text, new = readme_with_table(readme, results_dir)
+    if new == text:
+        return False
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(readme)), prefix=".README.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(new)
+        os.chmod(tmp, os.stat(readme).st_mode & 0o7777)
+        os.replace(tmp, readme)  # all or nothing: a crash never leaves a half-written README
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return True
+
+
+def sync_readme(root: str) -> str:
+    """After ``electra-fast bench`` wrote into ``<root>/bench/results``: the README's table follows. One line
+    saying what happened (a README without the markers is reported, not an error: the results are written)."""
+    readme = os.path.join(root, "README.md")
+    try:
+        changed = update_readme(readme, os.path.join(root, "bench", "results"))
+    except (OSError, ValueError) as e:
+        return f"README.md performance table not updated: {e}"
+    return f"{'updated' if changed else 'unchanged'}: the performance table of {readme}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m electra_fast.bench_report --readme [--check]``: README.md's table from the committed JSON."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parser = argparse.ArgumentParser(prog="python -m electra_fast.bench_report", description=main.__doc__)
+    parser.add_argument("--readme", nargs="?", const=os.path.join(root, "README.md"), metavar="README.md",
+                        required=True, help="rewrite the table between the perf-table markers (default: the "
+                                            "checkout's README.md)")
+    parser.add_argument("--results", default=os.path.join(root, "bench", "results"), metavar="DIR",
+                        help="benchmark JSON folder (default: the checkout's bench/results)")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if the table is stale")
+    args = parser.parse_args(argv)
+    for what, path, test in (("--readme", args.readme, os.path.isfile), ("--results", args.results, os.path.isdir)):
+        if not test(path):
+            print(f"bench_report: {what}: {path} not found", file=sys.stderr)
+            return 2
+    try:
+        if args.check:
+            text, new = readme_with_table(args.readme, args.results)
+            if new != text:
+                print(f"bench_report: the performance table of {args.readme} is stale: run "
+                      f"`python -m electra_fast.bench_report --readme`", file=sys.stderr)
+                return 1
+            print(f"the performance table of {args.readme} matches {args.results}")
+            return 0
+        changed = update_readme(args.readme, args.results)
+    except ValueError as e:
+        print(f"bench_report: --readme: {e}", file=sys.stderr)
+        return 2
+    print(f"{'updated' if changed else 'unchanged'}: the performance table of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

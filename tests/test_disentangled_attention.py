@@ -1,5 +1,5 @@
 """electra_fast.disentangled_attention: reference vs transformers, every backend vs the reference, gradients,
-dropout, memory, compile, the drop-in module / patch, bad input."""
+dropout, memory, compile, bad input (the transformers drop-in and patch: test_integrations_deberta_v2.py)."""
 import importlib
 import math
 
@@ -8,7 +8,7 @@ import torch
 
 import electra_fast
 from conftest import all_backends, assert_low_precision, backend_dtypes, fast_backends
-from electra_fast.nn import DisentangledSelfAttention
+from electra_fast.integrations.transformers.deberta_v2 import FusedDisentangledSelfAttention
 from electra_fast.ops.disentangled_attention import _fwd
 from electra_fast.profiling import peak_memory
 from electra_fast.reference import disentangled_attention as ref
@@ -96,7 +96,7 @@ REF_TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=
 def test_reference_matches_transformers(pos_att, share, buckets, max_rel, dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     hf_mod = _hf_module(pos_att, share, buckets, max_rel, dtype)
-    fused = DisentangledSelfAttention.from_transformers(hf_mod)
+    fused = FusedDisentangledSelfAttention.from_transformers(hf_mod)
     span = ref.attention_span(buckets, max_rel)
     B = 2
     cases = [(1, "none"), (7, "right"), (64, "left"), (129, "holes")]
@@ -596,105 +596,6 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
-# ------------------------------------------------------------------------------- drop-in for models
-def _tiny_config(**kw):
-    base = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
-                max_position_embeddings=64, relative_attention=True, position_buckets=8,
-                max_relative_positions=64, pos_att_type=["p2c", "c2p"], share_att_key=True,
-                norm_rel_ebd="layer_norm", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                position_biased_input=False, pad_token_id=0, type_vocab_size=0)
-    base.update(kw)
-    return DebertaV2Config(**base)
-
-
-def _batch(T=40, B=3):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, 97, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, 25:] = 0
-    mask[2, :3] = 0
-    return ids * mask, mask
-
-
-@pytest.mark.parametrize("share", [True, False])
-def test_patched_model_matches_transformers(share):
-    from transformers import DebertaV2ForMaskedLM
-
-    torch.manual_seed(0)
-    model = DebertaV2ForMaskedLM(_tiny_config(share_att_key=share)).eval()
-    ids, mask = _batch()
-    valid = mask.bool()
-    labels = torch.where(valid, ids, -100)
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=0.1)
-    want = model(input_ids=ids, attention_mask=mask, labels=labels)
-    want_grads = torch.autograd.grad(want.loss, params, allow_unused=True)
-
-    calls = []
-    build = hf.build_relative_position
-    try:
-        hf.build_relative_position = lambda *a, **k: calls.append(1) or build(*a, **k)
-        assert electra_fast.patch_deberta_v2(model) is model
-        assert all(isinstance(layer.attention.self, DisentangledSelfAttention) for layer in model.deberta.encoder.layer)
-        assert [id(p) for p in model.parameters()] == [id(p) for p in params]  # same Parameter objects
-        got = model(input_ids=ids, attention_mask=mask, labels=labels)
-        assert calls == []  # no [T, T] relative-position table
-    finally:
-        hf.build_relative_position = build
-    torch.testing.assert_close(got.logits[valid], want.logits[valid], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
-    got.loss.backward()
-    for p, g in zip(params, want_grads):
-        if g is None:
-            assert p.grad is None or not p.grad.any()
-        else:
-            torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-5)
-    opt.step()  # the optimizer built before patching updates the patched model
-    after = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    assert after < got.loss
-
-    electra_fast.unpatch_deberta_v2(model)
-    assert all(type(layer.attention.self) is hf.DisentangledSelfAttention for layer in model.deberta.encoder.layer)
-    assert "get_rel_pos" not in vars(model.deberta.encoder)
-    unpatched = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    torch.testing.assert_close(unpatched, after, rtol=1e-5, atol=1e-6)
-
-
-def test_patch_sequence_classification_and_output_attentions():
-    from transformers import DebertaV2ForSequenceClassification
-
-    torch.manual_seed(0)
-    model = DebertaV2ForSequenceClassification(_tiny_config(num_labels=3)).eval()
-    ids, mask = _batch()
-    want = model(input_ids=ids, attention_mask=mask, output_attentions=True)
-    electra_fast.patch_deberta_v2(model)
-    got = model(input_ids=ids, attention_mask=mask)
-    # the pooler reads token 0, which is padding in sequence 2 (left padded): compare the others
-    torch.testing.assert_close(got.logits[:2], want.logits[:2], rtol=1e-4, atol=1e-5)
-    fallback = model(input_ids=ids, attention_mask=mask, output_attentions=True)  # transformers' computation
-    torch.testing.assert_close(fallback.attentions[0], want.attentions[0])
-    with pytest.raises(ValueError, match="model"):
-        electra_fast.patch_deberta_v2(torch.nn.Linear(2, 2))
-
-
-def test_module_query_states_and_4d_mask():
-    hf_mod = _hf_module(("c2p", "p2c"), False, *SMALL, torch.float32)
-    fused = DisentangledSelfAttention.from_transformers(hf_mod)
-    B, T = 2, 20
-    g = torch.Generator().manual_seed(0)
-    x, qs = torch.randn(B, T, 64, generator=g), torch.randn(B, T, 64, generator=g)
-    rel = torch.randn(16, 64, generator=g)
-    m = _pad("right", B, T)
-    ext = m[:, None, None, :].long()
-    mask4 = ext * ext.squeeze(-2).unsqueeze(-1)
-    relpos = hf.build_relative_position(x, x, bucket_size=SMALL[0], max_position=SMALL[1])
-    want = hf_mod(x, mask4, query_states=qs, relative_pos=relpos, rel_embeddings=rel)[0]
-    got = fused(x, mask4, query_states=qs, relative_pos=relpos, rel_embeddings=rel)[0]
-    torch.testing.assert_close(got[m], want[m], rtol=1e-4, atol=1e-5)
-    fresh = DisentangledSelfAttention(_hf_config(("c2p", "p2c"), False, *SMALL))
-    assert sorted(n for n, _ in fresh.named_parameters()) == sorted(n for n, _ in hf_mod.named_parameters())
-
-
 # --------------------------------------------------------------------------------------- bad input
 def _good():
     q, k, v, pk, pq = _inputs(2, 2, 6, 8, 8, torch.float32)
@@ -737,7 +638,3 @@ def test_bad_input(name, edit, exc):
     with pytest.raises(exc, match=name):
         electra_fast.disentangled_attention(**args)
 
-
-def test_module_rejects_bad_config():
-    with pytest.raises(ValueError, match="hidden_size"):
-        DisentangledSelfAttention(_tiny_config(hidden_size=63, num_attention_heads=2))

@@ -11,7 +11,6 @@ Masks: ``key_mask`` is bool [B, T] (True = real token) or None; padded keys get 
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import torch
@@ -71,18 +70,6 @@ class StandardSelfAttention(nn.Module):
             mask = None if key_mask is None else key_mask[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return out.transpose(1, 2).reshape(B, T, H)
-
-
-def disentangled_self_attention(hidden_size: int, num_heads: int, dropout: float, hidden_dropout: float,
-                                pos_att_type: Sequence[str], share_att_key: bool, position_buckets: int,
-                                max_relative_positions: int) -> DisentangledSelfAttention:
-    """``electra_fast.nn.DisentangledSelfAttention`` (the fused drop-in for transformers' module: query_proj,
-    key_proj, value_proj [+ pos_key_proj / pos_query_proj]) built from explicit sizes."""
-    return DisentangledSelfAttention(SimpleNamespace(
-        hidden_size=hidden_size, num_attention_heads=num_heads, share_att_key=share_att_key,
-        pos_att_type=list(pos_att_type), relative_attention=True, position_buckets=position_buckets,
-        max_relative_positions=max_relative_positions, max_position_embeddings=max_relative_positions,
-        hidden_dropout_prob=hidden_dropout, attention_probs_dropout_prob=dropout))
 
 
 class _AddNorm(nn.Module):
@@ -145,8 +132,8 @@ class EncoderLayer(nn.Module):
                 rel_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
         if rel_embeddings is None:
             a = self.attention.self(x, key_mask)
-        else:  # transformers' signature: (hidden, mask, output_attentions, query_states, relative_pos, rel_emb)
-            a = self.attention.self(x, key_mask, rel_embeddings=rel_embeddings)[0]
+        else:
+            a = self.attention.self(x, key_mask, rel_embeddings=rel_embeddings)
         a = self.attention.output(a, x)
         if self.intermediate.act_name == "gelu":  # the GELU's backward fused into the second product's
             d1, d2 = self.intermediate.dense, self.output.dense
@@ -179,8 +166,10 @@ class DisentangledEncoder(nn.Module):
                  norm_rel_ebd: str):
         super().__init__()
         self.layer = nn.ModuleList(
-            EncoderLayer(disentangled_self_attention(hidden_size, num_heads, attention_dropout, dropout, pos_att_type,
-                                                     share_att_key, position_buckets, max_relative_positions),
+            EncoderLayer(DisentangledSelfAttention(hidden_size, num_heads, position_buckets=position_buckets,
+                                                   max_relative_positions=max_relative_positions,
+                                                   pos_att_type=pos_att_type, share_att_key=share_att_key,
+                                                   attention_dropout=attention_dropout, pos_dropout=dropout),
                          hidden_size, intermediate_size, act, eps, dropout) for _ in range(num_layers))
         self.rel_embeddings = nn.Embedding(2 * span, hidden_size)
         norms = [s.strip() for s in norm_rel_ebd.lower().split("|")]

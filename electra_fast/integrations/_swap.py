@@ -1,0 +1,48 @@
+"""Reversible in-place swaps, shared by every adapter's patch / unpatch.
+
+A submodule is replaced by another that remembers the original (in a list, so it is not registered as a
+submodule and adds nothing to ``parameters()`` or ``state_dict()``); an instance's methods are overridden by
+instance attributes, and deleting those brings the class's methods back.
+"""
+from __future__ import annotations
+
+import types
+from typing import Callable
+
+from torch import nn
+
+_ORIGINAL = "_electra_fast_original"
+
+
+def swap_submodule(parent: nn.Module, name: str, replacement: nn.Module) -> None:
+    """``parent.<name> = replacement``; :func:`restore_submodule` puts the current module back."""
+    setattr(replacement, _ORIGINAL, [getattr(parent, name)])
+    setattr(parent, name, replacement)
+
+
+def restore_submodule(parent: nn.Module, name: str) -> None:
+    """Undo :func:`swap_submodule`: the original comes back, in the replacement's train / eval mode."""
+    current = getattr(parent, name)
+    original = getattr(current, _ORIGINAL, None)
+    if original is None:
+        raise ValueError(f"model: the {type(current).__name__} at {type(parent).__name__}.{name} was not "
+                         f"installed by an electra_fast patch")
+    original[0].train(current.training)
+    setattr(parent, name, original[0])
+
+
+def override_methods(module: nn.Module, **functions: Callable) -> None:
+    """Bind each function to ``module`` as the method of that name (this instance only)."""
+    for name, function in functions.items():
+        setattr(module, name, types.MethodType(function, module))
+
+
+def overrides(module: nn.Module, name: str) -> bool:
+    """Whether ``module``'s method ``name`` is overridden on the instance."""
+    return name in vars(module)
+
+
+def restore_methods(module: nn.Module, *names: str) -> None:
+    """Undo :func:`override_methods` for ``names`` (absent names are ignored)."""
+    for name in names:
+        vars(module).pop(name, None)

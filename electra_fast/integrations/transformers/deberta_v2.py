@@ -1,0 +1,223 @@
+"""electra_fast's disentangled attention inside transformers' DeBERTa-v2/v3 models.
+
+``patch_deberta_v2(model)`` swaps :class:`FusedDisentangledSelfAttention` into every layer of a transformers
+DebertaV2 model (any head) in place, sharing the original projections (same Parameter objects), and makes the
+encoder pass the [B, T] padding mask instead of building [B, 1, T, T] and the relative-position table;
+``unpatch_deberta_v2(model)`` restores the original modules.
+
+:class:`FusedDisentangledSelfAttention` is ``electra_fast.nn.DisentangledSelfAttention`` with transformers'
+constructor (a ``DebertaV2Config``) and forward signature. ``output_attentions=True``, a ``query_states`` of
+another shape than ``hidden_states``, a non-standard ``relative_pos`` or a mask that is not a padding mask run
+transformers' own computation on the same parameters.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ...nn.disentangled_attention import POSITION_TERMS, DisentangledSelfAttention
+from ...reference.disentangled_attention import relative_slots
+from .. import _swap
+
+
+def _hf():
+    from transformers.models.deberta_v2 import modeling_deberta_v2  # deferred: transformers is optional
+
+    return modeling_deberta_v2
+
+
+def _dropout_p(module: nn.Module) -> float:
+    return float(getattr(module, "p", getattr(module, "drop_prob", 0.0)))  # nn.Dropout / older StableDropout
+
+
+def config_arguments(config) -> dict:
+    """``DisentangledSelfAttention``'s arguments from a ``DebertaV2Config``, resolved as transformers does."""
+    max_rel = getattr(config, "max_relative_positions", -1)
+    return dict(hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+                head_size=getattr(config, "attention_head_size", None),
+                relative_attention=getattr(config, "relative_attention", False),
+                position_buckets=getattr(config, "position_buckets", -1),
+                max_relative_positions=max_rel if max_rel >= 1 else config.max_position_embeddings,
+                pos_att_type=[t for t in config.pos_att_type or [] if t in POSITION_TERMS],  # others: unused
+                share_att_key=getattr(config, "share_att_key", False),
+                attention_dropout=config.attention_probs_dropout_prob, pos_dropout=config.hidden_dropout_prob)
+
+
+def _module_arguments(module: nn.Module) -> dict:
+    """The same arguments read back from a built transformers ``DisentangledSelfAttention``."""
+    relative = module.relative_attention
+    return dict(hidden_size=module.query_proj.in_features, num_heads=module.num_attention_heads,
+                head_size=module.attention_head_size, relative_attention=relative,
+                position_buckets=module.position_buckets if relative else -1,
+                max_relative_positions=module.max_relative_positions if relative else 1,
+                pos_att_type=[t for t in module.pos_att_type if t in POSITION_TERMS],
+                share_att_key=module.share_att_key, attention_dropout=_dropout_p(module.dropout),
+                pos_dropout=_dropout_p(module.pos_dropout) if relative else 0.0)
+
+
+def _with_parameters(module: nn.Module) -> set:
+    return {name for name, child in module.named_children() if any(True for _ in child.parameters())}
+
+
+class FusedDisentangledSelfAttention(DisentangledSelfAttention):
+    """Drop-in for transformers' DebertaV2 ``DisentangledSelfAttention``: same ``config`` argument, parameter
+    names and forward signature, computed by the fused op.
+
+    forward(hidden_states [B, T, hidden], attention_mask [B, T] (1 = real token) or transformers' [B, 1, T, T]
+    / [B, T, T], output_attentions, query_states, relative_pos, rel_embeddings [2k, hidden]) returns
+    ``(context [B, T, H * D], None)`` (``(context, probabilities)`` with output_attentions).
+    """
+
+    def __init__(self, config):
+        super().__init__(**config_arguments(config))
+
+    @classmethod
+    def from_transformers(cls, module: nn.Module) -> "FusedDisentangledSelfAttention":
+        """The fused module over ``module``'s projections (the same Parameter objects) and settings."""
+        hf = _hf()
+        if not isinstance(module, hf.DisentangledSelfAttention):
+            raise TypeError(f"module: expected transformers' DebertaV2 DisentangledSelfAttention, got "
+                            f"{type(module).__name__}")
+        new = cls.__new__(cls)
+        with torch.device("meta"):  # projections are placeholders until replaced by module's own below
+            DisentangledSelfAttention.__init__(new, **_module_arguments(module))
+        projections = _with_parameters(new)
+        if _with_parameters(module) != projections:
+            raise ValueError(f"module: expected submodules with parameters {sorted(projections)}, got "
+                             f"{sorted(_with_parameters(module))} (an unknown transformers layout)")
+        for name in projections:
+            setattr(new, name, getattr(module, name))
+        return new.train(module.training)
+
+    # transformers' helpers, which its own computation (the fallback path) calls on self
+    def transpose_for_scores(self, x, attention_heads) -> torch.Tensor:
+        return _hf().DisentangledSelfAttention.transpose_for_scores(self, x, attention_heads)
+
+    def disentangled_attention_bias(self, query_layer, key_layer, relative_pos, rel_embeddings, scale_factor):
+        return _hf().DisentangledSelfAttention.disentangled_attention_bias(
+            self, query_layer, key_layer, relative_pos, rel_embeddings, scale_factor)
+
+    def _key_mask(self, attention_mask: Optional[torch.Tensor], B: int, T: int) -> "tuple[bool, object]":
+        """(fusable, [B, T] key mask or None) from a [B, T], [B, T, T] or [B, 1, T, T] mask."""
+        if attention_mask is None:
+            return True, None
+        if attention_mask.dim() <= 2:
+            return True, attention_mask != 0 if attention_mask.is_floating_point() else attention_mask
+        m = attention_mask.bool()
+        m = m.reshape(B, T, T) if m.dim() == 4 and m.shape[1] == 1 else m
+        if m.dim() != 3 or m.shape != (B, T, T):
+            return False, None
+        keys = m.any(dim=-2)  # a padding mask is outer(keys, keys); anything else is not fusable
+        if not torch.equal(m, keys[:, :, None] & keys[:, None, :]):
+            return False, None
+        return True, keys
+
+    def _standard_relative_pos(self, relative_pos: Optional[torch.Tensor], T: int) -> bool:
+        if relative_pos is None or not self.relative_attention:
+            return True
+        rel = relative_pos.reshape(-1, T, T) if relative_pos.numel() % (T * T) == 0 else None
+        if rel is None:
+            return False
+        span = self.pos_ebd_size
+        slots = relative_slots(T, self.position_buckets, self.max_relative_positions, rel.device).long()
+        i = torch.arange(T, device=rel.device)
+        expected = slots[i[:, None] - i[None, :] + T - 1] - span  # bucket(i - j), possibly clamped
+        c2p = torch.clamp(rel.long() + span, 0, 2 * span - 1) - span  # what transformers gathers for c2p
+        p2c = torch.clamp(span - rel.long().transpose(-1, -2), 0, 2 * span - 1) - span  # and for p2c
+        return bool((c2p == expected).all() and (p2c == expected).all())
+
+    def _transformers_forward(self, hidden_states, attention_mask, output_attentions, query_states, relative_pos,
+                              rel_embeddings):
+        if attention_mask is not None and attention_mask.dim() <= 2:  # the patched encoder passes [B, T]
+            ext = attention_mask[:, None, None, :]
+            attention_mask = ext * ext.squeeze(-2).unsqueeze(-1)
+        if attention_mask is None:
+            T = hidden_states.shape[-2]
+            attention_mask = torch.ones(1, 1, T, T, dtype=torch.bool, device=hidden_states.device)
+        return _hf().DisentangledSelfAttention.forward(self, hidden_states, attention_mask, output_attentions,
+                                                       query_states, relative_pos, rel_embeddings)
+
+    def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None, relative_pos=None,
+                rel_embeddings=None):
+        B, T = hidden_states.shape[0], hidden_states.shape[-2]
+        fusable, key_mask = self._key_mask(attention_mask, B, T)
+        if (output_attentions or not fusable or (query_states is not None and query_states.shape != hidden_states.shape)
+                or not self._standard_relative_pos(relative_pos, T)):
+            return self._transformers_forward(hidden_states, attention_mask, output_attentions, query_states,
+                                              relative_pos, rel_embeddings)
+        context = super().forward(hidden_states, key_mask, rel_embeddings=rel_embeddings, query_states=query_states)
+        return (context, None)
+
+
+def _encoder_get_attention_mask(self, attention_mask):
+    """Patched DebertaV2Encoder.get_attention_mask: keep a [B, T] padding mask as it is."""
+    if attention_mask.dim() <= 2:
+        return attention_mask
+    return type(self).get_attention_mask(self, attention_mask)
+
+
+def _encoder_get_rel_pos(self, hidden_states, query_states=None, relative_pos=None):
+    """Patched DebertaV2Encoder.get_rel_pos: the fused attention builds its own slots (no [T, T] table)."""
+    return relative_pos
+
+
+_ENCODER_METHODS = dict(get_attention_mask=_encoder_get_attention_mask, get_rel_pos=_encoder_get_rel_pos)
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+
+
+def patch(model: nn.Module) -> int:
+    """Patch every DeBERTa-v2 attention and encoder of ``model`` in place; returns how many such modules it
+    holds, patched now or before (0: not a DeBERTa-v2 model, nothing changed)."""
+    _check_model(model)
+    hf = _hf()
+    found = 0
+    for module in list(model.modules()):
+        if isinstance(module, hf.DebertaV2Attention) and isinstance(module.self, hf.DisentangledSelfAttention):
+            _swap.swap_submodule(module, "self", FusedDisentangledSelfAttention.from_transformers(module.self))
+        elif isinstance(module, hf.DebertaV2Encoder):
+            if not _swap.overrides(module, "get_rel_pos"):
+                _swap.override_methods(module, **_ENCODER_METHODS)
+        elif not isinstance(module, DisentangledSelfAttention):  # ours (fused already) count as patched
+            continue
+        found += 1
+    return found
+
+
+def unpatch(model: nn.Module) -> int:
+    """Undo :func:`patch` in place; returns how many modules were restored."""
+    _check_model(model)
+    hf = _hf()
+    restored = 0
+    for module in list(model.modules()):
+        if isinstance(module, hf.DebertaV2Attention) and isinstance(module.self, FusedDisentangledSelfAttention):
+            _swap.restore_submodule(module, "self")
+        elif isinstance(module, hf.DebertaV2Encoder) and _swap.overrides(module, "get_rel_pos"):
+            _swap.restore_methods(module, *_ENCODER_METHODS)
+        else:
+            continue
+        restored += 1
+    return restored
+
+
+def patch_deberta_v2(model: nn.Module) -> nn.Module:
+    """Replace the attention of every layer of a transformers DebertaV2 model (any head) in place.
+
+    The new modules share the original projections, so every Parameter object is kept (an optimizer built
+    before patching keeps working). Returns ``model``; :func:`unpatch_deberta_v2` restores it.
+    """
+    if patch(model) == 0:
+        raise ValueError(f"model: expected a transformers DebertaV2 model, found no DebertaV2 attention in "
+                         f"{type(model).__name__}")
+    return model
+
+
+def unpatch_deberta_v2(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_deberta_v2` in place (the original modules come back with the same Parameters)."""
+    unpatch(model)
+    return model
