@@ -46,6 +46,6 @@ def test_gpu_pretrain_step(benchmark, device, preset, impl):
     dtype = "bf16-autocast" if device.type == "cuda" else "fp32"
     torch.manual_seed(0)
     ids, mask = (x.to(device) for x in _batch(cfg, b, t))
-    rounds = dict(rounds=1, warmup=0) if DRY_RUN else (dict(rounds=3, warmup=1) if QUICK else dict(rounds=5, warmup=2))
+    rounds = dict(rounds=1, warmup=0) if DRY_RUN else (dict(rounds=2, warmup=1) if QUICK else dict(rounds=5, warmup=2))
     run(benchmark, _step_fn(cfg, impl, ids, mask, dtype), device=device, op=f"pretrain_step[{preset}]", impl=impl,
         pass_="fwd+bwd+adamw", shape=f"{b}x{t}", dtype=dtype, tokens=b * t, **rounds)
