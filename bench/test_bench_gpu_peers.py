@@ -26,11 +26,8 @@ import torch.nn.functional as F
 
 import electra_fast
 from conftest import QUICK, run
-from electra_fast.nn import DisentangledSelfAttention
+from test_bench_disentangled_attention import base_config, inputs, module_step, modules
 from test_bench_sampling import eager_mlm_loss_and_sample
-
-hf = pytest.importorskip("transformers.models.deberta_v2.modeling_deberta_v2")
-from transformers import DebertaV2Config  # noqa: E402
 
 DRY_RUN = os.environ.get("ELECTRA_FAST_GPU_LANE_DRY_RUN", "0") == "1"
 PEERS = {"disentangled-flash": "disentangled_flash", "flashdeberta": "flashdeberta",
@@ -38,9 +35,8 @@ PEERS = {"disentangled-flash": "disentangled_flash", "flashdeberta": "flashdeber
          "cut-cross-entropy (loss only)": "cut_cross_entropy"}
 
 if DRY_RUN:
-    HIDDEN, HEADS, MODULE_SHAPES, SDPA_SHAPES, MLM_SHAPES = 64, 2, [(1, 16)], [(1, 2, 16, 32)], [(64, 32, 1000)]
+    MODULE_SHAPES, SDPA_SHAPES, MLM_SHAPES = [(1, 16)], [(1, 2, 16, 32)], [(64, 32, 1000)]
 else:
-    HIDDEN, HEADS = 768, 12
     MODULE_SHAPES = [(8, 512)] if QUICK else [(8, 512), (2, 2048), (32, 128)]
     SDPA_SHAPES = [(8, 12, 512, 64)] if QUICK else [(8, 12, 512, 64), (2, 12, 2048, 64)]
     MLM_SHAPES = [(2458, 768, 30522)] if QUICK else [(2458, 768, 30522), (2458, 768, 128100)]
@@ -81,51 +77,26 @@ def probed(impl: str, step):
 
 
 # ---------------------------------------------------------------------------------- attention modules
-def _config():
-    return DebertaV2Config(hidden_size=HIDDEN, num_attention_heads=HEADS, relative_attention=True,
-                           pos_att_type=["p2c", "c2p"], share_att_key=True, position_buckets=256,
-                           max_relative_positions=512, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
-
-
-def _module(impl, eager, device):
-    if impl == "transformers":
-        return eager
-    if impl == "fused":
-        return DisentangledSelfAttention.from_transformers(eager)
+def _peer_module(impl, eager, device):
     lib = peer(impl, device)
     cls = lib.TritonTrainingDisentangledSelfAttention if impl == "disentangled-flash" else \
         lib.FlashDisentangledSelfAttention
-    module = cls(_config())
+    module = cls(base_config())
     module.load_state_dict(eager.state_dict())
     return module.to(device=device, dtype=next(eager.parameters()).dtype).train()
 
 
 @pytest.fixture
 def attention_step(device, dtype, impl, pass_, b, t):
-    torch.manual_seed(0)
-    eager = hf.DisentangledSelfAttention(_config()).to(device=device, dtype=dtype).train()
-    module = _module(impl, eager, device)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, t, HIDDEN, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    rel = torch.randn(512, HIDDEN, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    mask = torch.ones(b, t, dtype=torch.long, device=device)
-    mask[:, int(t * 0.9):] = 0
-    ext = mask[:, None, None, :]
-    arg = ext * ext.squeeze(-2).unsqueeze(-1) if impl == "transformers" else mask  # peers: [B, T] like ours
-
-    def step():
-        out = module(x, arg, rel_embeddings=rel)[0]
-        if pass_ == "fwd+bwd":
-            out.backward(torch.ones_like(out))
-            x.grad = rel.grad = None
-            module.zero_grad(set_to_none=True)
-        return out
-
-    step = probed(impl, step)
+    sides = modules(dtype, device)  # transformers' module and the fused one with its weights
+    module = sides[impl] if impl in sides else _peer_module(impl, sides["transformers"], device)
+    x, rel, mask2, mask4 = inputs(b, t, dtype, device)
+    mask = mask4 if impl == "transformers" else mask2  # the peers take [B, T] like ours
+    step = probed(impl, module_step(module, x, rel, mask, pass_))
     with torch.no_grad():
-        real = mask.bool()
-        want = eager(x, ext * ext.squeeze(-2).unsqueeze(-1), rel_embeddings=rel)[0]
-        diff = (module(x, arg, rel_embeddings=rel)[0][real].float() - want[real].float()).abs().max().item()
+        real = mask2.bool()
+        want = sides["transformers"](x, mask4, rel_embeddings=rel)[0][real].float()
+        diff = (module(x, mask, rel_embeddings=rel)[0][real].float() - want).abs().max().item()
     return step, diff
 
 
