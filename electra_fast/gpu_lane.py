@@ -126,6 +126,18 @@ def duplicate_wheels(names: List[str]) -> Dict[str, List[str]]:
     return {k: sorted(v) for k, v in seen.items() if len(v) > 1}
 
 
+def bench_plan(names: List[str], mode: str):
+    """(the bench files ``mode`` runs, in order; [(file, why it is left out)])."""
+    files, left_out = [], []
+    for name in names:
+        if mode == "dry-run":
+            why = None if name.startswith("test_bench_gpu_") else "dry run: the GPU rows' files only"
+        else:
+            why = CPU_ONLY_BENCH.get(name) or (QUICK_LEFT_OUT.get(name) if mode == "quick" else None)
+        (left_out.append((name, why)) if why else files.append(name))
+    return files, left_out
+
+
 def junit_counts(path: str) -> dict:
     """{"passed", "failed", "errors", "skipped", "failures": [(test, first line of the message)]} of a JUnit XML
     file, or {"unreadable": why} (a run killed before pytest wrote it)."""
@@ -324,10 +336,11 @@ class Lane:
 
     def pytest_stage(self, key: str, paths: List[str], select: Optional[str], extra: List[str]):
         junit = self.path(key)
-        # -v on a GPU: each test's result lands in lane.log as it finishes, so a run cut off still says what passed
+        # -v on a GPU: each test's result lands in lane.log as it finishes, so a run cut off still says what passed.
+        # --continue-on-collection-errors: a test module that cannot import on the GPU image's versions fails alone.
         cmd = [sys.executable, "-m", "pytest", *paths, "-p", "no:cacheprovider", "-q" if self.args.dry_run else "-v",
-               "-rfE", "--durations=10",
-               f"--junitxml={junit}", "-o", "junit_family=xunit1"] + (["-k", select] if select else []) + extra
+               "-rfE", "--durations=10", f"--junitxml={junit}", "-o", "junit_family=xunit1",
+               "--continue-on-collection-errors"] + (["-k", select] if select else []) + extra
         workers = self.args.workers if self.args.workers is not None else (0 if self.args.dry_run else 8)
         if workers and importlib.util.find_spec("xdist") is not None:
             cmd += ["-n", str(workers)]  # parallel Triton compiles; a crashed worker fails its test, not the run
@@ -355,13 +368,7 @@ class Lane:
 
     def bench_stage(self):
         bdir = bench.bench_dir()
-        files, left_out = [], []
-        for name in bench.bench_files(bdir):
-            gpu_file = name.startswith("test_bench_gpu_")
-            why = ("dry run: the GPU rows' files only" if self.args.dry_run and not gpu_file else
-                   CPU_ONLY_BENCH.get(name) if not self.args.dry_run else None) or \
-                (QUICK_LEFT_OUT.get(name) if self.args.quick else None)
-            (left_out.append((name, why)) if why else files.append(name))
+        files, left_out = bench_plan(bench.bench_files(bdir), self.mode)
         env = dict(self.env, ELECTRA_FAST_BENCH_QUICK="1" if self.args.quick or self.args.dry_run else "0")
         merged, failed, stopped = bench.MergedResults(), [], None
         for name, why in left_out:

@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from electra_fast import gpu_lane
+from electra_fast import bench, gpu_lane
 
 ROOT = gpu_lane.ROOT
 DRY_RUN_LIMIT_S = 240  # ~60 s on an idle 2-core machine, ~95 s seen while other jobs shared it
@@ -108,6 +108,17 @@ def test_junit_counts_of_a_cut_off_and_a_finished_run(tmp_path):
     counts = gpu_lane.junit_counts(str(done))
     assert counts == {"passed": 1, "failed": 1, "errors": 1, "skipped": 1,
                       "failures": [("m::b", "assert 2 <= 1"), ("m::d", "boom")]}
+
+
+def test_bench_plan_per_mode():
+    names = bench.bench_files(os.path.join(ROOT, "bench"))
+    full, left = gpu_lane.bench_plan(names, "full")
+    assert left == [("test_bench_pretrain_step.py", gpu_lane.CPU_ONLY_BENCH["test_bench_pretrain_step.py"])]
+    assert full == [n for n in names if n != "test_bench_pretrain_step.py"] and "test_bench_gpu_peers.py" in full
+    quick, left = gpu_lane.bench_plan(names, "quick")
+    assert set(quick) == set(full) - set(gpu_lane.QUICK_LEFT_OUT) and len(left) == 1 + len(gpu_lane.QUICK_LEFT_OUT)
+    dry, left = gpu_lane.bench_plan(names, "dry-run")
+    assert dry == ["test_bench_gpu_peers.py", "test_bench_gpu_pretrain_step.py"] and len(left) == len(names) - 2
 
 
 def test_duplicate_wheels_are_named():
