@@ -119,8 +119,15 @@ class MergedResults:
             self._skipped = []
 
     def write(self, path: str) -> None:
-        with open(path, "w") as fh:
-            json.dump(self.data, fh, indent=2)
+        write_atomic(path, json.dumps(self.data, indent=2))
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a process killed meanwhile (the GPU
+    lane's time limit) leaves the previous complete file, never half of one."""
+    with open(path + ".tmp", "w") as fh:
+        fh.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def _run_files(bdir: str, device: str, select, json_path: str, env) -> int:

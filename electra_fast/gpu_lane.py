@@ -242,7 +242,7 @@ class Lane:
         self.record["stages"].append(entry)
         t0 = time.monotonic()
         self.say(f"\n===== {name} =====")
-        if self.abort or self.deadline - t0 < 5:
+        if self.abort or self.limit(name) < 5:
             entry.update(status="skipped", detail=self.abort or "no time left in --budget")
         else:
             try:
@@ -405,10 +405,8 @@ class Lane:
     # ------------------------------------------------------------------------------------------------ reports
     def flush(self) -> None:
         self.record["elapsed_s"] = round(time.monotonic() - self.start, 1)
-        with open(self.path("lane"), "w") as fh:
-            json.dump(self.record, fh, indent=2, default=str)
-        with open(self.path("summary"), "w") as fh:
-            fh.write(summary(self.record, self.out))
+        bench.write_atomic(self.path("lane"), json.dumps(self.record, indent=2, default=str))
+        bench.write_atomic(self.path("summary"), summary(self.record, self.out))
 
     def main(self) -> int:
         self.say(f"GPU lane ({self.mode}) on {self.device} -> {self.out}; budget {self.record['budget_s']} s, "
