@@ -13,9 +13,13 @@ import torch
 
 from conftest import QUICK, run
 from electra_fast.models import ElectraConfig
-from test_bench_pretrain_step import _batch, _step_fn
 
 DRY_RUN = os.environ.get("ELECTRA_FAST_GPU_LANE_DRY_RUN", "0") == "1"
+if not DRY_RUN and not torch.cuda.is_available():  # before the transformers imports: CPU benches stay cheap
+    pytest.skip("GPU rows: no CUDA device is visible", allow_module_level=True)
+
+from test_bench_pretrain_step import _batch, _step_fn  # noqa: E402
+
 TINY = dict(hidden_size=64, embedding_size=64, generator_hidden_size=64, num_attention_heads=2,
             generator_num_attention_heads=2, intermediate_size=128, generator_intermediate_size=128,
             num_hidden_layers=1, generator_num_hidden_layers=1)
