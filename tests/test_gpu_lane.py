@@ -142,8 +142,9 @@ def test_a_stage_over_its_limit_is_stopped(tmp_path):
     args = gpu_lane.parse_args(["--dry-run", "--budget", "60"])
     lane = gpu_lane.Lane(args, str(tmp_path / "out"), "dry-run")
     t0 = time.monotonic()
-    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-            "print('grandchild', p.pid, flush=True); time.sleep(60)")
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "print('grandchild', p.pid, flush=True)\ntime.sleep(60)")
     rc, timed_out = lane.run([sys.executable, "-c", code], timeout=3)
     assert timed_out and rc != 0 and time.monotonic() - t0 < 30
     lane.log.close()
