@@ -68,6 +68,7 @@ TIMES = {
                 "bench": (35, 240, 60)},
 }
 BUDGET = {"quick": 240, "full": 480, "dry-run": 300}
+BENCH_FILE_CAP_S = 180  # one bench file that hangs must not take the others' time
 
 
 class UsageError(Exception):
@@ -375,7 +376,7 @@ class Lane:
             merged.skip(name, why)
         with tempfile.TemporaryDirectory() as tmp:
             for name in files:
-                limit = self.limit("bench")
+                limit = min(self.limit("bench"), BENCH_FILE_CAP_S)
                 if limit < 10:
                     stopped = name
                     break
@@ -420,7 +421,9 @@ class Lane:
         self.record["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         self.flush()
         bad = [s["name"] for s in self.record["stages"] if s["status"] != "ok"]
-        self.say(f"\nGPU lane done in {self.record['elapsed_s']} s: "
+        self.say("\n" + "\n".join(f"{s['name']:<10} {s['status']:<8} {s['seconds']:>6} s  {s['detail']}"
+                                    for s in self.record["stages"]))
+        self.say(f"GPU lane done in {self.record['elapsed_s']} s: "
                  f"{'every stage passed' if not bad else 'not ok: ' + ', '.join(bad)}; files in {self.out}")
         self.log.close()
         return 1 if bad else 0
