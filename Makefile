@@ -17,7 +17,7 @@ AVX2_TESTS  ?= tests/test_models.py tests/test_nn_linear.py tests/test_disentang
                tests/test_sampling.py tests/test_cpu_paths.py tests/test_train.py::test_mixed_precision_runs
 LATEST_VENV ?= .venv-latest
 
-.PHONY: setup pretrain demo test test-fast test-avx2 test-latest lock aot aot-triton36 bench clean
+.PHONY: setup pretrain demo test test-fast test-avx2 test-latest lock aot aot-triton36 bench clean gpu gpu-wheels
 
 # torch is installed first and the package with --no-build-isolation, so pip never resolves torch
 # itself (an unpinned torch pulls several GB of CUDA packages) and _C compiles against this torch.
@@ -88,3 +88,19 @@ bench: setup
 
 clean:
 	rm -rf build *.egg-info electra_fast/_C*.so electra_fast/_C_isa.json
+
+# The GPU lane (README, "GPU lane"): on a GPU machine with its own python3 / torch / Triton and no network, install
+# the package (--no-deps), run the suite's CUDA cases, the GPU stress tests and the GPU benchmarks, and write
+# everything into bench/results/gpu-<device>-<date>/ as it goes. GPU_ARGS: --quick, --dry-run, --out DIR, --budget S.
+GPU_ARGS    ?=
+# The peers the GPU benchmarks compare with, carried to the GPU machine as wheels in .whl/ (never committed).
+GPU_PEERS   ?= disentangled-flash==1.1.1 flashdeberta==0.0.8 liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+GPU_WHEEL_PLATFORMS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+               --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+               --platform manylinux1_x86_64
+
+gpu:
+	$(PYTHON) -m electra_fast.gpu_lane $(GPU_ARGS)
+
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: $(GPU_WHEEL_PLATFORMS) -d .whl $(GPU_PEERS)

@@ -42,6 +42,18 @@ def inputs(b, t, dtype, device):
     return x, rel, mask, ext * ext.squeeze(-2).unsqueeze(-1)  # transformers gets its [B, 1, T, T] mask
 
 
+def module_step(module, x, rel, mask, pass_):
+    """One call of an attention module (fwd, or fwd+bwd with the gradients dropped), as every side is timed."""
+    def step():
+        out = module(x, mask, rel_embeddings=rel)[0]
+        if pass_ == "fwd+bwd":
+            out.backward(torch.ones_like(out))
+            x.grad = rel.grad = None
+            module.zero_grad(set_to_none=True)
+        return out
+    return step
+
+
 @pytest.mark.parametrize("impl", ["fused", "transformers"])
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("b,t", SHAPES)
@@ -54,16 +66,7 @@ def test_disentangled_attention(benchmark, device, impl, pass_, b, t, dtype_name
     dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
     module = modules(dtype, device)[impl]
     x, rel, mask2, mask4 = inputs(b, t, dtype, device)
-    mask = mask2 if impl == "fused" else mask4
-
-    def step():
-        out = module(x, mask, rel_embeddings=rel)[0]
-        if pass_ == "fwd+bwd":
-            out.backward(torch.ones_like(out))
-            x.grad = rel.grad = None
-            module.zero_grad(set_to_none=True)
-        return out
-
+    step = module_step(module, x, rel, mask2 if impl == "fused" else mask4, pass_)
     rounds = 2 if QUICK else (3 if t >= 2048 or impl == "transformers" else 5)
     run(benchmark, step, device=device, op="disentangled_attention", impl=impl, pass_=pass_, shape=f"{b}x{t}",
         dtype=dtype, tokens=b * t, rounds=rounds, warmup=1)

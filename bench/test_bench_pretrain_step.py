@@ -42,16 +42,17 @@ def _hf_models(cfg: ElectraConfig):
 
 
 def _hf_step_fn(cfg, gen, disc, head, ids, mask):
-    special = torch.tensor(cfg.special_token_ids)
+    special = torch.tensor(cfg.special_token_ids, device=ids.device)
 
     def step():
         # eager "count" masking: rand + topk per row (the formulation the fused op replaces)
         cand = mask.bool() & ~torch.isin(ids, special)
         n = (cfg.mask_prob * mask.sum(1)).round().clamp(min=1).long()
-        keys = torch.rand(ids.shape).masked_fill(~cand, 2.0)
+        keys = torch.rand(ids.shape, device=ids.device).masked_fill(~cand, 2.0)
         rank = keys.argsort(1).argsort(1)
         masked = (rank < n[:, None]) & cand
-        gen_in = torch.where(masked & (torch.rand(ids.shape) < cfg.mask_token_frac), cfg.mask_token_id, ids)
+        replace = masked & (torch.rand(ids.shape, device=ids.device) < cfg.mask_token_frac)
+        gen_in = torch.where(replace, cfg.mask_token_id, ids)
         logits = gen(gen_in, attention_mask=mask).logits                  # [B, T, V]
         mlm_logits = logits[masked].float()
         mlm_loss = F.cross_entropy(mlm_logits, ids[masked])
@@ -84,13 +85,13 @@ def _step_fn(cfg, impl, ids, mask, dtype):
     """One optimizer step of ``impl`` ("fused" | "eager" | "transformers") on a fixed batch."""
     if impl == "transformers":
         gen, disc, head = _hf_models(cfg)
-        modules = [gen, disc] + ([head] if head is not None else [])
+        modules = [m.to(ids.device) for m in [gen, disc] + ([head] if head is not None else [])]
         params = list({id(p): p for m in modules for p in m.parameters()}.values())
         for m in modules:
             m.train()
         forward = _hf_step_fn(cfg, gen, disc, head, ids, mask)
     else:
-        model = ElectraPretrainingModel(cfg, fused=impl == "fused").train()
+        model = ElectraPretrainingModel(cfg, fused=impl == "fused").to(ids.device).train()
         params = list(model.parameters())
 
         def forward():
@@ -101,7 +102,7 @@ def _step_fn(cfg, impl, ids, mask, dtype):
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != "fp32"):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=dtype != "fp32"):
             loss = forward()
         loss.backward()
         opt.step()

@@ -2,6 +2,7 @@
 and optionally gate on a previous result. Runs from a source checkout (bench/ is not installed)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -113,43 +114,83 @@ def main(args) -> int:
     return 0
 
 
+def bench_files(bdir: str) -> list:
+    """The benchmark files, each run in its own process (see :func:`_run_files`)."""
+    return sorted(f for f in os.listdir(bdir) if f.startswith("test_bench_") and f.endswith(".py"))
+
+
+def pytest_command(name: str, device: str, part: str, select=None) -> list:
+    """The pytest-benchmark command line for one bench file, its JSON written to ``part``."""
+    cmd = [sys.executable, "-m", "pytest", name, "-q", "-p", "no:cacheprovider", "--benchmark-enable",
+           f"--device={device}", f"--benchmark-json={part}", "--benchmark-columns=median,iqr,rounds",
+           "-o", "addopts=", "-W", "ignore:Not saving anything"]  # a file -k deselected entirely
+    return cmd + (["-k", select] if select else [])
+
+
+class MergedResults:
+    """Several bench files' pytest-benchmark JSON merged into one (the first file's machine_info, every row)."""
+
+    def __init__(self):
+        self.data = None
+        self._skipped: list = []
+
+    def skip(self, test: str, reason: str) -> None:
+        """Record a row or file left out (in machine_info.skipped, with the rows' own skips)."""
+        self._skipped.append({"test": test, "reason": reason})
+        if self.data is not None:
+            self.data["machine_info"].setdefault("skipped", []).extend(self._skipped)
+            self._skipped = []
+
+    def add(self, name: str, part: str) -> None:
+        # pytest-benchmark writes no JSON when nothing was timed: every row of the file skipped on this device
+        # (the CPU-only pretraining step on CUDA, the GPU rows on CPU). Recorded, not an error.
+        if not os.path.exists(part):
+            self.skip(name, "every row of this file was skipped on this device")
+        else:
+            with open(part) as fh:
+                data = json.load(fh)
+            if self.data is None:
+                self.data = data
+            else:
+                self.data["benchmarks"].extend(data["benchmarks"])
+                self.data["machine_info"].setdefault("skipped", []).extend(data["machine_info"].get("skipped", []))
+            self.data["machine_info"].setdefault("skipped", [])[:0] = self._skipped  # those noted before any data
+            self._skipped = []
+
+    def write(self, path: str) -> None:
+        write_atomic(path, json.dumps(self.data, indent=2))
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a process killed meanwhile (the GPU
+    lane's time limit) leaves the previous complete file, never half of one."""
+    with open(path + ".tmp", "w") as fh:
+        fh.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def _run_files(bdir: str, device: str, select, json_path: str, env) -> int:
     """pytest-benchmark on each bench/test_bench_*.py in its own process, results merged into json_path.
 
     One process per file: the multi-GB model steps of one file leave allocator and thread-pool state behind
     that slowed the sub-millisecond op benchmarks of a later file by 10-25% when they shared a process.
     """
-    import json
     import tempfile
 
-    files = sorted(f for f in os.listdir(bdir) if f.startswith("test_bench_") and f.endswith(".py"))
-    merged, ran = None, False
+    merged = MergedResults()
     with tempfile.TemporaryDirectory() as tmp:
-        for name in files:
+        for name in bench_files(bdir):
             part = os.path.join(tmp, name + ".json")
-            cmd = [sys.executable, "-m", "pytest", name, "-q", "-p", "no:cacheprovider", "--benchmark-enable",
-                   f"--device={device}", f"--benchmark-json={part}", "--benchmark-columns=median,iqr,rounds",
-                   "-o", "addopts=", "-W", "ignore:Not saving anything"]  # a file -k deselected entirely
-            if select:
-                cmd += ["-k", select]
-            rc = subprocess.call(cmd, cwd=bdir, env=env)
-            if rc == 5:  # -k selected nothing in this file
+            rc = subprocess.call(pytest_command(name, device, part, select), cwd=bdir, env=env)
+            if rc == 5:  # -k selected nothing in this file, or a GPU-only file skipped itself on a CPU machine
                 continue
             if rc != 0:
                 return rc
-            ran = True
-            with open(part) as fh:
-                data = json.load(fh)
-            if merged is None:
-                merged = data
-            else:
-                merged["benchmarks"].extend(data["benchmarks"])
-                merged["machine_info"].setdefault("skipped", []).extend(data["machine_info"].get("skipped", []))
-    if not ran:
+            merged.add(name, part)
+    if merged.data is None:
         print("electra-fast bench: no benchmark was selected", file=sys.stderr)
         return 5
-    with open(json_path, "w") as fh:
-        json.dump(merged, fh, indent=2)
+    merged.write(json_path)
     return 0
 
 
