@@ -83,6 +83,10 @@ lock: test-latest
 aot: setup
 	$(PY) -m electra_fast.kernels.check
 
+# The same check under Triton 3.6 (the GPU machines' release) in a side virtualenv, .venv-triton36.
+aot-triton36:
+	PYTHON=$(PYTHON) tools/aot_triton36.sh
+
 bench: setup
 	$(PY) -m electra_fast bench
 
