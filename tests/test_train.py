@@ -442,8 +442,10 @@ def test_precision_auto_is_recorded_and_kept_on_resume(env, tmp_path, monkeypatc
     assert _losses(straight) == _losses(resumed)  # resumed in bf16, as the run was made: bit-identical
 
 
-def test_resolve_precision_of_a_resumed_run():
+def test_resolve_precision_of_a_resumed_run(monkeypatch):
+    from electra_fast import _cpu
     from electra_fast.train.trainer import _resolve_precision
+    monkeypatch.setattr(_cpu, "native_bf16", lambda: (True, "test"))  # no emulated-bf16 warning on any machine
     cpu, said = torch.device("cpu"), []
     assert _resolve_precision("auto", cpu, {"scaler": {}, "precision": "bf16"}, said.append) == "bf16"
     assert _resolve_precision("auto", cpu, {"scaler": {}}, said.append) == "fp32"  # older checkpoints: fp32 default
