@@ -41,7 +41,7 @@ def record_pretrain(out_dir: str, device: "str | None" = None) -> str:
 
 def check_args(args) -> "str | None":
     """What is wrong with the arguments (one line), checked before anything runs; None when nothing is."""
-    if args.pretrain:
+    if getattr(args, "pretrain", False):
         extra = [flag for flag, value in (("--quick", args.quick), ("-k", args.select), ("--compare", args.compare))
                  if value]
         if extra:

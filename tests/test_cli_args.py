@@ -13,7 +13,10 @@ from electra_fast import bench
 from electra_fast.cli import main as cli_main
 from electra_fast.models import ElectraConfig
 from electra_fast.train import PretrainError, pretrain
-from test_train import _corpus, _kw, env  # noqa: F401  (env: the module-scoped fixture: corpus, tokenizer, tiny model)
+import test_train
+from test_train import _kw
+
+env = test_train.env  # the module-scoped fixture: corpus, tokenizer and tiny model of test_train.py
 
 
 def _cli(argv, capsys):
@@ -50,7 +53,7 @@ def _snapshot(root):
 
 
 @pytest.fixture
-def user(env, tmp_path):  # noqa: F811
+def user(env, tmp_path):
     """The user's directory: the corpus, tokenizer and model of ``env`` plus files the cases point at."""
     d = tmp_path / "user"
     d.mkdir()
@@ -120,7 +123,7 @@ def test_pretrain_flag_refused_before_anything_is_written(user, tmp_path, capsys
     assert _snapshot(user) == before
 
 
-def test_api_distinguishes_zero_from_unset(env, tmp_path):  # noqa: F811
+def test_api_distinguishes_zero_from_unset(env, tmp_path):
     for kw, message in ((dict(steps=0), "--steps: expected an int >= 1, got 0"),
                         (dict(vocab_size=0, tokenizer=None), "--vocab-size: expected an int >= 6, got 0"),
                         (dict(warmup=-1), "--warmup"), (dict(precision="fp64"), "--precision: expected auto")):
@@ -234,7 +237,7 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(user, tmp_path, capsys, mo
 
 # ------------------------------------------------------------------------------------------ export
 @pytest.fixture(scope="module")
-def finished_run(env, tmp_path_factory):  # noqa: F811
+def finished_run(env, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "run"
     pretrain(env["data"], **_kw(env, out, steps=1))
     return out

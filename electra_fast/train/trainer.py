@@ -149,11 +149,13 @@ EMULATED_BF16 = ("bf16 matrix products are emulated here, ~20x slower than fp32 
                  "vs 4.5 s on an AVX2-only AMD EPYC); --precision auto picks fp32 on this CPU")
 
 
-def _resolve_precision(precision: str, device: torch.device, recorded: Optional[str], say) -> str:
-    """``auto``: the resumed run's own precision, else bf16 where ``device`` runs it natively, else fp32.
-    Warns (one line) when bf16 is emulated on this CPU, or when a resumed run changes precision."""
-    if precision == "auto":
-        precision = recorded or _cpu.default_precision(device)[0]
+def _resolve_precision(precision: str, device: torch.device, state: Optional[dict], say) -> str:
+    """``auto``: the resumed run's own precision (``state``: its training state), else bf16 where ``device`` runs
+    it natively, else fp32. Warns (one line) when bf16 is emulated on this CPU, or when a resumed run changes it."""
+    recorded = state.get("precision") if state else None
+    if precision == "auto":  # a checkpoint from before "precision" was recorded: fp16 left a scaler state, else fp32
+        legacy = state and ("fp16" if state["scaler"] else "fp32")
+        precision = recorded or legacy or _cpu.default_precision(device)[0]
     elif recorded and precision != recorded:
         say(f"warning: --precision {precision}: resuming a {recorded} run; its losses will differ from an "
             "uninterrupted run's")
@@ -342,7 +344,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     if resume and resume_from is None:
         say(f"--resume: no complete checkpoint in {out}; starting from scratch")
     st = ckpt.load_training_state(os.path.join(resume_from, "training_state.pt")) if resume_from else None
-    precision = _resolve_precision(precision, ctx.device, st and st.get("precision"), say)
+    precision = _resolve_precision(precision, ctx.device, st, say)
     if ctx.is_main:
         os.makedirs(out, exist_ok=True)
         rundir.remove_stale_temporaries(out)
