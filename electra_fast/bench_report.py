@@ -282,8 +282,8 @@ def _caption(path: str, base_dir: str) -> str:
     cuda = f", CUDA {m['cuda']}" if m.get("cuda") else ""
     rel = os.path.relpath(path, base_dir).replace(os.sep, "/")
     return (f"**{m.get('electra_fast_machine', 'unknown machine')}**, {m.get('cores', '?')} cores, "
-            f"{m.get('torch_threads', '?')} threads, torch {m.get('torch')}{cuda} · [`{os.path.basename(path)}`]({rel}) "
-            f"({data.get('datetime', '')[:10]}, commit {m.get('git_commit')})")
+            f"{m.get('torch_threads', '?')} threads, torch {m.get('torch')}{cuda} · "
+            f"[`{os.path.basename(path)}`]({rel}) ({data.get('datetime', '')[:10]}, commit {m.get('git_commit')})")
 
 
 def readme_table(paths: List[str], base_dir: str) -> str:
@@ -295,8 +295,8 @@ def readme_table(paths: List[str], base_dir: str) -> str:
     for path in paths:
         groups = load_groups(path)
         lines = [_caption(path, base_dir), "",
-                 "| op / step (fp32 unless noted) | shape | fused | baseline | speed-up | peak memory fused / baseline |",
-                 "|---|---|---|---|---|---|"]
+                 "| op / step (fp32 unless noted) | shape | fused | baseline | speed-up | "
+                 "peak memory fused / baseline |", "|---|---|---|---|---|---|"]
         for h in HEADLINES:
             impls = groups.get((h.op, h.pass_, h.shape, h.dtype), {})
             fused, base = impls.get("fused"), impls.get(h.baseline)
@@ -305,9 +305,10 @@ def readme_table(paths: List[str], base_dir: str) -> str:
             mem = "-"
             if fused.get("peak_mem_bytes") and base.get("peak_mem_bytes"):
                 mem = f"{fused['peak_mem_bytes'] / base['peak_mem_bytes']:.2f}"
-            lines.append(f"| {h.label}{_DTYPE_NOTES.get(h.dtype, '')} | {h.shape_label or h.shape.replace('x', ' x ')} | "
-                         f"{_fmt_short(fused['median'])} | {h.baseline_label} {_fmt_short(base['median'])} | "
-                         f"{base['median'] / fused['median']:.2f}x | {mem} |")
+            shape = h.shape_label or h.shape.replace("x", " x ")
+            lines.append(f"| {h.label}{_DTYPE_NOTES.get(h.dtype, '')} | {shape} | {_fmt_short(fused['median'])} | "
+                         f"{h.baseline_label} {_fmt_short(base['median'])} | {base['median'] / fused['median']:.2f}x | "
+                         f"{mem} |")
         if len(lines) == 4:
             lines[2:] = ["(none of the headline comparisons is in this run)"]
         blocks.append("\n".join(lines))

@@ -76,8 +76,8 @@ def test_generator_rows_machines_and_quick_runs(tmp_path):
     text = readme.read_text()
     _, block, _ = bench_report._split_readme(text, "README.md")
     assert "| `rtd_loss` fwd+bwd | 256 x 512 | 0.131 ms | eager BCE 0.459 ms | 3.50x | 0.25 |" in block
-    assert ("| `disentangled_attention` module fwd+bwd, bf16 | 8 x 512 | 165 ms | transformers 833 ms | 5.05x | "
-            "1.00 |") in block
+    assert ("| `disentangled_attention` module fwd+bwd, bf16 | 8 x 512, H 12, D 64 | 165 ms | transformers 833 ms | "
+            "5.05x | 1.00 |") in block
     assert "| `mask_tokens` count | 256 x 512 | 0.500 ms | eager rand + argsort 5.00 ms | 10.00x | 1.00 |" in block
     assert "dropout" not in block and "not_a_headline" not in block and "old" not in block
     assert "**test cpu**" in block and "**test gpu**" in block and "commit abc1234" in block
