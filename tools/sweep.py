@@ -2179,7 +2179,10 @@ SLOW_CLI = {
     "export: a file as the checkpoint", "export: a checkpoint folder", "export: into an existing empty folder",
     "export: under a file (file/sub)", "info extra-argument", "unknown sub-command", "--help",
     "pretrain --steps '-1'", "pretrain --grad-accum '0'", "pretrain --save-every '0'", "pretrain --keep '0'",
-    "pretrain --model: binary bytes", "pretrain --data: invalid UTF-8 (latin-1)",
+    "pretrain --model: binary bytes", "pretrain --data: invalid UTF-8 (latin-1)", "pretrain --lr 'nan'",
+    "pretrain --seed '-1'", "pretrain --threads '0'", "pretrain --model: heads do not divide hidden",
+    "pretrain --tokenizer: invalid JSON", "pretrain --data: empty file", "export: missing checkpoint path",
+    "pretrain --device 'meta'",
 }
 
 
@@ -2386,8 +2389,6 @@ def kill_cases() -> List[KillCase]:
         KillCase("during tokenisation (cache temporary present)", cache_tmp, dict(long, save_every=5), data="big.txt"),
         KillCase("during training, before any checkpoint", lines(3), dict(long, save_every=100000)),
         KillCase("inside the first checkpoint write (.tmp-step appears)", has_tmp(), dict(long, save_every=3)),
-        KillCase("inside a checkpoint write, model.safetensors written", has_tmp("model.safetensors", 1),
-                 dict(long, save_every=1)),
         KillCase("inside a checkpoint write, meta.json written (before the rename)", has_tmp("meta.json", 1),
                  dict(long, save_every=1)),
         KillCase("during retention (.del-step present, --keep 1)",
@@ -2597,7 +2598,7 @@ def run_kill_case(case: KillCase, d: str, fx: str) -> dict:
 def sweep_kill(scratch: str, jobs: int) -> List[dict]:
     fx = os.path.join(scratch, "kill-fixture")
     make_fixture(fx)
-    big = "\n\n".join(corpus_docs(60000, seed=5)) + "\n"
+    big = "\n\n".join(corpus_docs(20000, seed=5)) + "\n"
     with open(os.path.join(fx, "big.txt"), "w", encoding="utf-8") as f:
         f.write(big)
     cases = kill_cases()
