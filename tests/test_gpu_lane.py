@@ -14,8 +14,9 @@ from electra_fast import bench, gpu_lane
 
 ROOT = gpu_lane.ROOT
 # The dry run took ~45 s of CPU time (user + sys, all processes); 85-140 s of wall time were seen while other jobs
-# loaded the machine's two cores 5-9 deep. The budget and the limit only keep a hung run from holding CI.
-DRY_RUN_BUDGET_S, DRY_RUN_LIMIT_S = 240, 300
+# loaded the machine's two cores 5-9 deep, 236 s at 13 deep. The budget and the limit only keep a hung run from
+# holding CI; the time itself is not under test.
+DRY_RUN_BUDGET_S, DRY_RUN_LIMIT_S = 400, 450
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,12 @@ def test_junit_counts_of_a_cut_off_and_a_finished_run(tmp_path):
     counts = gpu_lane.junit_counts(str(done))
     assert counts == {"passed": 1, "failed": 1, "errors": 1, "skipped": 1,
                       "failures": [("m::b", "assert 2 <= 1"), ("m::d", "boom")]}
+    record = {"device": "NVIDIA H200", "started": "2026-12-04T00:00:00", "mode": "quick", "budget_s": 240,
+              "estimate_s": 235, "elapsed_s": 12.0, "tests": {"suite": counts},
+              "stages": [{"name": "suite", "status": "failed", "seconds": 9.5, "detail": "1 passed, 1 failed"}]}
+    text = gpu_lane.summary(record, str(tmp_path))  # no bench.json there: no benchmark section
+    assert "| suite | failed | 9.5 | 1 passed, 1 failed |" in text and "## Failed tests (2)" in text
+    assert "- `m::b`: assert 2 <= 1" in text and "## Benchmarks" not in text
 
 
 def test_bench_plan_per_mode():
