@@ -220,3 +220,14 @@ def test_only_temporaries_of_dead_processes_are_removed(tmp_path):
                        ("default-corpus-py3.11.txt.tmp-12", True), ("tokens-mine.bin.tmp-12", False),
                        (f"tokens-{key}.bin", False), (f"tokens-{key}.bin.tmp-12.bak", False)):
         assert bool(CACHE_TEMPORARY.match(name)) == ours, name
+
+
+def test_user_file_named_like_a_temporary_is_never_deleted(env, tmp_path, capsys):
+    """--allow-nonempty-out next to a user's file matching the job's temporary pattern with a dead PID: refused and
+    untouched (the start-up cleaning would otherwise delete it as a killed job's leftover)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "run.json.tmp-999999999").write_text("user data")
+    before = snapshot(tmp_path)
+    _refused(*_pretrain_cli(env, out, capsys, "--allow-nonempty-out"), "run.json.tmp-999999999")
+    assert snapshot(tmp_path) == before

@@ -63,7 +63,8 @@ def prepare(out: str, *, resume: bool, allow_nonempty: bool = False, claim: bool
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             raise PretrainError(f"--out: {out} is not empty ({shown}) and holds no electra-fast run; choose a new or "
                                 "empty directory, or pass --allow-nonempty-out to put the run next to those files")
-        clash = [n for n in OWNED if n in names]
+        # our names, and names our start-up cleaning would delete as a dead job's temporaries: never a user's file
+        clash = [n for n in names if n in OWNED or TEMPORARY.match(n)]
         if clash:
             raise PretrainError(f"--out: {out} already has {', '.join(clash)}, not created by electra-fast; the run "
                                 "would write there: choose another --out")
