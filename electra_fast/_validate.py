@@ -97,7 +97,7 @@ def mask_as_uint8(name: str, mask: Optional[torch.Tensor], ref_name: str, ref: t
         return mask.contiguous().view(torch.uint8)  # free reinterpretation
     if mask.dtype == torch.uint8 or (keep_int and mask.dtype in (torch.int32, torch.int64)):
         return mask.contiguous()
-    return (mask != 0).view(torch.uint8)
+    return (mask != 0).contiguous().view(torch.uint8)  # the comparison keeps a transposed mask's strides
 
 
 def common_ids(*named) -> list:

@@ -638,3 +638,19 @@ def test_bad_input(name, edit, exc):
     with pytest.raises(exc, match=name):
         electra_fast.disentangled_attention(**args)
 
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_non_contiguous_integer_mask_is_legal(backend, device):
+    """A transposed int64 [B, T] mask (non-contiguous) is a legal padding mask on every backend (found by the sweep:
+    the C++ path refused it)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 32, generator=g).to(device) for _ in range(3))  # D = 32: every backend
+    m = torch.ones(8, 2, dtype=torch.int64)
+    m[6:, 1] = 0
+    m = m.t().to(device)
+    assert not m.is_contiguous()
+    with electra_fast.use_backend(backend):
+        got = electra_fast.disentangled_attention(q, k, v, attention_mask=m)
+        want = electra_fast.disentangled_attention(q, k, v, attention_mask=m.contiguous())
+    assert torch.equal(got, want)
