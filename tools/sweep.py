@@ -860,9 +860,31 @@ def daln_spec() -> OpSpec:
     return s
 
 
+def selftest_spec() -> OpSpec:
+    """``--ops _selftest``: checks the sweep's own guard (ok, error, crash by SIGSEGV / abort, hang)."""
+    s = OpSpec("_selftest")
+    for mode, expect in (("ok", "legal"), ("error", "error"), ("segfault", "legal"), ("abort", "legal"),
+                         ("hang", "legal"), ("ok", "legal")):
+        s.add(f"mode: {mode}", expect, "mode", lambda g, mode=mode: {"mode": mode})
+    return s
+
+
+def _selftest_op(mode: str):
+    if mode == "error":
+        raise ValueError("mode: expected anything else")
+    if mode == "segfault":
+        import ctypes
+        ctypes.string_at(0)
+    if mode == "abort":
+        os.abort()
+    if mode == "hang":
+        time.sleep(3600)
+    return mode
+
+
 SPECS = {"mask_tokens": mask_tokens_spec, "gumbel_sample": gumbel_spec, "mlm_loss_and_sample": mlm_spec,
          "rtd_loss": rtd_loss_spec, "disentangled_attention": attention_spec, "dropout": dropout_spec,
-         "dropout_add_layer_norm": daln_spec}
+         "dropout_add_layer_norm": daln_spec, "_selftest": selftest_spec}
 
 
 # ============================================================================================ op contracts
@@ -1245,7 +1267,7 @@ def check_daln(res, kw, case) -> Optional[str]:
     return _close("output", res, want, *_tol(x.dtype, 3))
 
 
-CHECKS = {"rtd_loss": check_rtd, "mask_tokens": check_mask_tokens, "gumbel_sample": check_gumbel,
+CHECKS = {"_selftest": lambda res, kw, case: None, "rtd_loss": check_rtd, "mask_tokens": check_mask_tokens, "gumbel_sample": check_gumbel,
           "mlm_loss_and_sample": check_mlm, "disentangled_attention": check_attention, "dropout": check_dropout,
           "dropout_add_layer_norm": check_daln}
 
@@ -1525,7 +1547,7 @@ def child_ops(op: str, backends: List[str], start: int) -> None:
     import electra_fast
     warnings.simplefilter("ignore")
     cases = SPECS[op]().cases
-    fn, check = getattr(electra_fast, op), CHECKS[op]
+    fn, check = (_selftest_op if op == "_selftest" else getattr(electra_fast, op)), CHECKS[op]
     ref: Dict[int, tuple] = {}
     slots = [(ci, bi) for ci in range(len(cases)) for bi in range(len(backends))]
     for j in range(start, len(slots)):
@@ -1713,7 +1735,7 @@ def _kill_group(proc) -> None:
     proc.wait()
 
 
-def _tail(path: str, n: int = 300) -> str:
+def _tail(path: str, n: int = 600) -> str:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -2107,10 +2129,10 @@ def cli_cases(fx: str) -> List[CliCase]:
     add("--out is a symlink to an empty folder", "legal", lambda d: P(d),
         setup=lambda d: (os.makedirs(os.path.join(d, "real")), os.symlink(os.path.join(d, "real"), os.path.join(d, "out"))),
         protect=(IN,), post=_has_checkpoint(2))
-    add("--out inside the --data folder, then --resume", "either",
+    add("--out inside the --data folder, then --resume", "legal",
         lambda d: P(d, data=[os.path.join(d, IN)], out=os.path.join(d, IN, "run"), steps=3, extra=["--resume"]),
         setup=lambda d: shutil.copytree(os.path.join(fx, "run_done"), os.path.join(d, IN, "run")),
-        protect=("in/corpus.txt",),
+        protect=("in/corpus.txt",), post=_has_checkpoint(3, "in/run"),
         note="the run's own metrics.jsonl lies inside --data: it must not be read as training data")
     # ------------------------------------------------------------------ export
     add("export: missing checkpoint path", "error", lambda d: ["export", os.path.join(d, "nope"), os.path.join(d, "exp")])
@@ -2618,17 +2640,17 @@ def sweep_kill(scratch: str, jobs: int) -> List[dict]:
 def _table(rows: List[dict]) -> Tuple[List[str], Dict[str, Dict[str, int]]]:
     cols = ("cases", "clear", "unclear", "crash", "hang", "silent_wrong", "data_lost", "ok", "sweep_error")
     groups: Dict[str, Dict[str, int]] = {}
-    order = []
+    rank: Dict[str, tuple] = {}
+    cats = ("ops", "model", "cli", "kill")
     for r in rows:
-        for key in (r["group"], f"{r['category']} total" + (f" ({r['backend']})" if r["category"] == "ops" else "")):
+        total = f"{r['category']} total" + (f" ({r['backend']})" if r["category"] == "ops" else "")
+        for key, is_total in ((r["group"], False), (total, True)):
             if key not in groups:
                 groups[key] = {c: 0 for c in cols}
-                order.append(key)
+                rank[key] = (cats.index(r["category"]), is_total, key)
             groups[key]["cases"] += 1
             groups[key][r["cls"]] = groups[key].get(r["cls"], 0) + 1
-    order = sorted(order, key=lambda k: (["ops", "model", "cli", "kill"].index(k.split("/")[0].split(" ")[0])
-                                         if k.split("/")[0].split(" ")[0] in ("ops", "model", "cli", "kill")
-                                         else (0 if "/" in k and k.split("/")[0] in OPS else 1), "total" in k, k))
+    order = sorted(groups, key=rank.get)
     w = max(len(k) for k in order) + 2
     lines = [f"{'':<{w}}" + "".join(f"{c:>13}" for c in cols)]
     for k in order:
@@ -2685,6 +2707,8 @@ def main(argv=None) -> int:
     ap.add_argument("--_start", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
+        import faulthandler
+        faulthandler.enable()  # a crash leaves its Python stack on stderr, which the parent quotes
         kind, target = args._child
         if kind == "ops":
             child_ops(target, args.backends.split(","), args._start)
@@ -2699,7 +2723,7 @@ def main(argv=None) -> int:
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [p for p in parts if p not in ("ops", "model", "cli", "kill")] + [o for o in ops if o not in OPS]
+    unknown = [p for p in parts if p not in ("ops", "model", "cli", "kill")] + [o for o in ops if o not in SPECS]
     if unknown:
         print(f"sweep: unknown part / op: {unknown}", file=sys.stderr)
         return 2
@@ -2711,6 +2735,7 @@ def main(argv=None) -> int:
             print(f"model | {c.id} | expect {c.expect}")
         return 0
     out = os.path.abspath(args.out)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below (scratch, partial report)
     scratch = tempfile.mkdtemp(prefix="ef-sweep-")
     meta = _meta(args)
     rows: List[dict] = []
