@@ -2692,6 +2692,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-tmp", action="store_true", help="keep the scratch directory")
     ap.add_argument("--full", action="store_true", help="also the slow CLI cases (bench --compare: minutes)")
     ap.add_argument("--list", action="store_true", help="list the cases and their expected outcomes, run nothing")
+    ap.add_argument("--merge", nargs="+", metavar="REPORT.json",
+                    help="run nothing: combine reports of separate --only runs into --out and print the tables")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_start", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -2716,6 +2718,15 @@ def main(argv=None) -> int:
     if unknown:
         print(f"sweep: unknown part / op: {unknown}", file=sys.stderr)
         return 2
+    if args.merge:
+        rows, metas = [], []
+        for path in args.merge:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            rows += data["cases"]
+            metas.append(data["meta"])
+        report(rows, {"merged": args.merge, "parts": metas}, os.path.abspath(args.out))
+        return 0
     if args.list:
         for op in ops:
             for c in SPECS[op]().cases:
