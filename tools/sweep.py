@@ -2706,6 +2706,15 @@ def main(argv=None) -> int:
         else:
             child_model(target, args._start)
         return 0
+    if args.merge:
+        rows, metas = [], []
+        for path in args.merge:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            rows += data["cases"]
+            metas.append(data["meta"])
+        report(rows, {"merged": args.merge, "parts": metas}, os.path.abspath(args.out))
+        return 0
     try:
         import electra_fast  # noqa: F401
     except ImportError as e:
@@ -2718,15 +2727,6 @@ def main(argv=None) -> int:
     if unknown:
         print(f"sweep: unknown part / op: {unknown}", file=sys.stderr)
         return 2
-    if args.merge:
-        rows, metas = [], []
-        for path in args.merge:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            rows += data["cases"]
-            metas.append(data["meta"])
-        report(rows, {"merged": args.merge, "parts": metas}, os.path.abspath(args.out))
-        return 0
     if args.list:
         for op in ops:
             for c in SPECS[op]().cases:
