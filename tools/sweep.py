@@ -49,21 +49,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import traceback
 from typing import Callable, Dict, List, Optional, Tuple
 
 SELF = os.path.abspath(__file__)
-CLASSES = ("clear", "unclear", "crash", "hang", "silent_wrong", "data_lost", "ok")
 SEVERITY = ("crash", "hang", "data_lost", "silent_wrong", "unclear", "clear", "ok")  # most severe first
 OPS = ("mask_tokens", "gumbel_sample", "mlm_loss_and_sample", "rtd_loss", "disentangled_attention", "dropout",
        "dropout_add_layer_norm")
 PROTO = "@@SWEEP "  # prefix of the child -> parent protocol lines on stdout
-
-
-def _worst(*classes: str) -> str:
-    return min(classes, key=SEVERITY.index)
 
 
 # =============================================================================================== op cases
@@ -99,6 +93,10 @@ class OpSpec:
 
     def add(self, label: str, expect: str, arg: Optional[str], make, **kw) -> None:
         self.cases.append(Case(label, expect, arg, make, **kw))
+
+    def editor(self, base):
+        """add(label, expect, arg, f, ...): a case whose kwargs are base's, edited in place by f(kw, g)."""
+        return lambda label, expect, arg, f, **kw: self.add(label, expect, arg, _with(base, f), **kw)
 
 
 def _with(base, f):
@@ -268,7 +266,7 @@ def choice_cases(spec: OpSpec, base, arg: str, legal, bad=("MEAN", "", None, 0, 
     spec.add(f"{arg}: dict (unhashable)", "error", arg, _with(base, _set(arg, {})))
 
 
-FLOAT_NAMES = ("float32", "float64", "float16", "bfloat16")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def _floats():
@@ -341,6 +339,17 @@ def dtype_cases(spec: OpSpec, base, float_args: Tuple[str, ...], dtypes=None, ba
             spec.add(f"all floats {_dname(dt)}, backward", "legal", None, _with(base, fb), backward=True)
 
 
+def backward_cases(add, float_args: Tuple[str, ...], variants) -> None:
+    """Legal cases that also differentiate: each variant's edit, then every float argument requires grad."""
+    for label, f in variants:
+        def fb(kw, g, f=f):
+            f(kw, g)
+            for a in float_args:
+                if kw.get(a) is not None:
+                    kw[a] = kw[a].detach().requires_grad_(True)
+        add(f"backward, {label}", "legal", None, fb, backward=True)
+
+
 def all_meta_case(spec: OpSpec, base) -> None:
     torch = _lazy_torch()
 
@@ -376,10 +385,8 @@ def rtd_loss_spec() -> OpSpec:
         s.add(f"return_metrics: {v!r}", e, "return_metrics", _with(base, _set("return_metrics", v)))
     value_cases(s, base, "logits", ("logits",))
     dtype_cases(s, base, ("logits",), backward=True)
-    for red in ("mean", "sum", "none"):
-        s.add(f"backward, reduction={red}", "legal", None,
-              _with(base, lambda kw, g, red=red: kw.update(reduction=red,
-                                                           logits=kw["logits"].requires_grad_(True))), backward=True)
+    backward_cases(s.editor(base), ("logits",),
+                   [(f"reduction={red}", lambda kw, g, red=red: kw.update(reduction=red)) for red in REDUCTIONS])
     # shapes and masks
     for B, T in ((0, 7), (3, 0), (0, 0), (1, 1), (1, 4096), (64, 3), (7, 129)):
         s.add(f"shape [{B}, {T}]", "legal", None, lambda g, B=B, T=T: base(g, B, T))
@@ -441,7 +448,7 @@ def mask_tokens_spec() -> OpSpec:
     for a in ("mask_prob", "mask_token_frac"):
         prob_cases(s, base, a, one_ok=True)
     prob_cases(s, _with(base, lambda kw, g: kw.update(mask_token_frac=0.0)), "random_token_frac", one_ok=True)
-    add = lambda label, expect, arg, f, **kw: s.add(label, expect, arg, _with(base, f), **kw)  # noqa: E731
+    add = s.editor(base)
     add("random_token_frac: 0.1 with mask_token_frac 0.8 (BERT)", "legal", None,
         lambda kw, g: kw.update(mask_token_frac=0.8, random_token_frac=0.1))
     add("random_token_frac: 0.2 with mask_token_frac 0.85 (sum > 1)", "error", "random_token_frac",
@@ -529,7 +536,7 @@ def gumbel_spec() -> OpSpec:
 
     generic_tensor_cases(s, base, "logits", "float", required=True, ok_dtypes=_floats(), size_free=True, single=True)
     seed_cases(s, base, "seed", limit=2 ** 63)
-    add = lambda label, expect, arg, f, **kw: s.add(label, expect, arg, _with(base, f), **kw)  # noqa: E731
+    add = s.editor(base)
     for v, e in ((1.0, "legal"), (2, "legal"), (0.5, "legal"), (1e-30, "legal"), (1e30, "legal"), (0.0, "error"),
                  (-1.0, "error"), (float("nan"), "error"), (float("inf"), "error"), (1e-39, "error"), ("1", "error"),
                  (None, "error"), (True, "error"), (-0.0, "error"), (5e-324, "error")):
@@ -617,7 +624,7 @@ def mlm_spec() -> OpSpec:
     generic_tensor_cases(s, base, "bias", "float", required=False, ok_dtypes=f32)
     seed_cases(s, base, "seed", limit=2 ** 63)
     choice_cases(s, base, "reduction", ("mean", "sum", "none"))
-    add = lambda label, expect, arg, f, **kw: s.add(label, expect, arg, _with(base, f), **kw)  # noqa: E731
+    add = s.editor(base)
     for v, e in ((-100, "legal"), (-1, "legal"), (5, "legal"), (1.0, "error"), (True, "error"), (None, "error"),
                  ("-100", "error")):
         def f(kw, g, v=v):  # the ignored row carries the new ignore_index
@@ -646,12 +653,8 @@ def mlm_spec() -> OpSpec:
     value_cases(s, base, "weight", ("hidden", "weight", "bias"), dtypes=(torch.float32,))
     value_cases(s, base, "bias", ("hidden", "weight", "bias"), dtypes=(torch.float32,))
     dtype_cases(s, base, ("hidden", "weight", "bias"), backward=True)
-    for red in ("mean", "sum", "none"):
-        def fb(kw, g, red=red):
-            kw.update(reduction=red)
-            for a in ("hidden", "weight", "bias"):
-                kw[a] = kw[a].requires_grad_(True)
-        s.add(f"backward, reduction={red}", "legal", None, _with(base, fb), backward=True)
+    backward_cases(add, ("hidden", "weight", "bias"),
+                   [(f"reduction={red}", lambda kw, g, red=red: kw.update(reduction=red)) for red in REDUCTIONS])
     add("bias dtype float64 with float32 hidden", "error", "bias", lambda kw, g: kw.update(bias=kw["bias"].double()))
     for N, E, V in ((0, 8, 40), (6, 0, 40), (6, 8, 0), (1, 1, 1), (2, 4, 20000), (300, 8, 3)):
         expect = "error" if V == 0 else ("either" if E == 0 else "legal")
@@ -687,7 +690,7 @@ def attention_spec() -> OpSpec:
     for a in ("pos_key", "pos_query"):
         generic_tensor_cases(s, base, a, "float", required=False, ok_dtypes=f32, names=("query",))
     generic_tensor_cases(s, base, "attention_mask", "mask", required=False, ok_dtypes=_ints() + (torch.bool,))
-    add = lambda label, expect, arg, f, **kw: s.add(label, expect, arg, _with(base, f), **kw)  # noqa: E731
+    add = s.editor(base)
     floats = ("query", "key", "value", "pos_key", "pos_query")
     value_cases(s, base, "query", floats, huge_overflows=True)
     value_cases(s, base, "pos_key", floats, huge_overflows=True, dtypes=(torch.float32,))
@@ -737,16 +740,10 @@ def attention_spec() -> OpSpec:
     add("q/k/v slices of one fused [B, T, 3, H, D] projection", "legal", None,
         lambda kw, g: kw.update(**dict(zip(qkv, torch.randn(2, 8, 3, 2, 8, generator=g).permute(2, 0, 3, 1, 4).unbind(0)))))
     add("same tensor for q, k, v", "legal", None, lambda kw, g: kw.update(key=kw["query"], value=kw["query"]))
-    for label, f in (("dropout 0.5", lambda kw, g: kw.update(dropout_p=0.5, seed=7)),
-                     ("padding + dropout", lambda kw, g: kw.update(dropout_p=0.2, seed=8)),
-                     ("no pos terms", lambda kw, g: kw.update(pos_key=None, pos_query=None)),
-                     ("all padding", lambda kw, g: kw["attention_mask"].zero_())):
-        def fb(kw, g, f=f):
-            f(kw, g)
-            for a in floats:
-                if kw[a] is not None:
-                    kw[a] = kw[a].requires_grad_(True)
-        add(f"backward, {label}", "legal", None, fb, backward=True)
+    backward_cases(add, floats, (("dropout 0.5", lambda kw, g: kw.update(dropout_p=0.5, seed=7)),
+                                 ("padding + dropout", lambda kw, g: kw.update(dropout_p=0.2, seed=8)),
+                                 ("no pos terms", lambda kw, g: kw.update(pos_key=None, pos_query=None)),
+                                 ("all padding", lambda kw, g: kw["attention_mask"].zero_())))
     all_meta_case(s, base)
     return s
 
@@ -764,7 +761,7 @@ def dropout_spec() -> OpSpec:
     prob_cases(s, base, "p", one_ok=False)
     seed_cases(s, base, "seed", limit=2 ** 64)
     seed_cases(s, base, "stream", limit=2 ** 32, required=True)
-    add = lambda label, expect, arg, f, **kw: s.add(label, expect, arg, _with(base, f), **kw)  # noqa: E731
+    add = s.editor(base)
     value_cases(s, base, "input", ("input",))
     dtype_cases(s, base, ("input",), backward=True)
     for shape in ((0,), (0, 7), (1,), (3, 0, 2), (2, 3, 4, 5, 6), (1 << 20,), (7,), (4097,)):
@@ -797,10 +794,8 @@ def dropout_spec() -> OpSpec:
             lambda kw, g, dt=dt: kw.update(input=kw["input"].to(dt).requires_grad_(True)))
         add(f"stream 2**32 - 1, seed 2**63, {d}", "legal", None,
             lambda kw, g, dt=dt: kw.update(input=kw["input"].to(dt), stream=2 ** 32 - 1, seed=2 ** 63))
-    for label, f in (("p 0.3", lambda kw, g: None), ("p 0.9", lambda kw, g: kw.update(p=0.9)),
-                     ("non-contiguous", lambda kw, g: kw.update(input=noncontig_last(kw["input"])))):
-        add(f"backward, {label}", "legal", None,
-            lambda kw, g, f=f: (f(kw, g), kw.update(input=kw["input"].detach().requires_grad_(True))), backward=True)
+    backward_cases(add, ("input",), (("p 0.3", lambda kw, g: None), ("p 0.9", lambda kw, g: kw.update(p=0.9)),
+                                     ("non-contiguous", lambda kw, g: kw.update(input=noncontig_last(kw["input"])))))
     return s
 
 
@@ -823,7 +818,7 @@ def daln_spec() -> OpSpec:
     prob_cases(s, base, "p", one_ok=False)
     seed_cases(s, base, "seed", limit=2 ** 64)
     seed_cases(s, base, "stream", limit=2 ** 32)
-    add = lambda label, expect, arg, f, **kw: s.add(label, expect, arg, _with(base, f), **kw)  # noqa: E731
+    add = s.editor(base)
     add("seed None with p = 0.1", "error", "seed", lambda kw, g: kw.update(seed=None))
     add("seed None with p = 0", "legal", None, lambda kw, g: kw.update(seed=None, p=0.0))
     for v, e in ((1e-5, "legal"), (1e-30, "legal"), (1.0, "legal"), (1e30, "legal"), (0.0, "error"), (-1e-5, "error"),
@@ -848,21 +843,37 @@ def daln_spec() -> OpSpec:
         lambda kw, g: (kw["input"].fill_(2.0), kw["residual"].fill_(1.0), kw.update(p=0.0)))
     add("p 0, no bias", "legal", None, lambda kw, g: kw.update(p=0.0, bias=None))
     add("input and residual the same tensor", "legal", None, lambda kw, g: kw.update(residual=kw["input"]))
-    for label, f in (("p 0.1", lambda kw, g: None), ("p 0", lambda kw, g: kw.update(p=0.0)),
-                     ("no bias", lambda kw, g: kw.update(bias=None))):
-        def fb(kw, g, f=f):
-            f(kw, g)
-            for a in floats:
-                if kw[a] is not None:
-                    kw[a] = kw[a].requires_grad_(True)
-        add(f"backward, {label}", "legal", None, fb, backward=True)
+    backward_cases(add, floats, (("p 0.1", lambda kw, g: None), ("p 0", lambda kw, g: kw.update(p=0.0)),
+                                 ("no bias", lambda kw, g: kw.update(bias=None))))
     all_meta_case(s, base)
     return s
 
 
+def selftest_spec() -> OpSpec:
+    """``--ops _selftest``: checks the sweep's own guard (ok, error, crash by SIGSEGV / abort, hang)."""
+    s = OpSpec("_selftest")
+    for mode, expect in (("ok", "legal"), ("error", "error"), ("segfault", "legal"), ("abort", "legal"),
+                         ("hang", "legal"), ("ok", "legal")):
+        s.add(f"mode: {mode}", expect, "mode", lambda g, mode=mode: {"mode": mode})
+    return s
+
+
+def _selftest_op(mode: str):
+    if mode == "error":
+        raise ValueError("mode: expected anything else")
+    if mode == "segfault":
+        import ctypes
+        ctypes.string_at(0)
+    if mode == "abort":
+        os.abort()
+    if mode == "hang":
+        time.sleep(3600)
+    return mode
+
+
 SPECS = {"mask_tokens": mask_tokens_spec, "gumbel_sample": gumbel_spec, "mlm_loss_and_sample": mlm_spec,
          "rtd_loss": rtd_loss_spec, "disentangled_attention": attention_spec, "dropout": dropout_spec,
-         "dropout_add_layer_norm": daln_spec}
+         "dropout_add_layer_norm": daln_spec, "_selftest": selftest_spec}
 
 
 # ============================================================================================ op contracts
@@ -1245,7 +1256,7 @@ def check_daln(res, kw, case) -> Optional[str]:
     return _close("output", res, want, *_tol(x.dtype, 3))
 
 
-CHECKS = {"rtd_loss": check_rtd, "mask_tokens": check_mask_tokens, "gumbel_sample": check_gumbel,
+CHECKS = {"_selftest": lambda res, kw, case: None, "rtd_loss": check_rtd, "mask_tokens": check_mask_tokens, "gumbel_sample": check_gumbel,
           "mlm_loss_and_sample": check_mlm, "disentangled_attention": check_attention, "dropout": check_dropout,
           "dropout_add_layer_norm": check_daln}
 
@@ -1525,7 +1536,7 @@ def child_ops(op: str, backends: List[str], start: int) -> None:
     import electra_fast
     warnings.simplefilter("ignore")
     cases = SPECS[op]().cases
-    fn, check = getattr(electra_fast, op), CHECKS[op]
+    fn, check = (_selftest_op if op == "_selftest" else getattr(electra_fast, op)), CHECKS[op]
     ref: Dict[int, tuple] = {}
     slots = [(ci, bi) for ci in range(len(cases)) for bi in range(len(backends))]
     for j in range(start, len(slots)):
@@ -1713,7 +1724,7 @@ def _kill_group(proc) -> None:
     proc.wait()
 
 
-def _tail(path: str, n: int = 300) -> str:
+def _tail(path: str, n: int = 600) -> str:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -2107,10 +2118,10 @@ def cli_cases(fx: str) -> List[CliCase]:
     add("--out is a symlink to an empty folder", "legal", lambda d: P(d),
         setup=lambda d: (os.makedirs(os.path.join(d, "real")), os.symlink(os.path.join(d, "real"), os.path.join(d, "out"))),
         protect=(IN,), post=_has_checkpoint(2))
-    add("--out inside the --data folder, then --resume", "either",
+    add("--out inside the --data folder, then --resume", "legal",
         lambda d: P(d, data=[os.path.join(d, IN)], out=os.path.join(d, IN, "run"), steps=3, extra=["--resume"]),
         setup=lambda d: shutil.copytree(os.path.join(fx, "run_done"), os.path.join(d, IN, "run")),
-        protect=("in/corpus.txt",),
+        protect=("in/corpus.txt",), post=_has_checkpoint(3, "in/run"),
         note="the run's own metrics.jsonl lies inside --data: it must not be read as training data")
     # ------------------------------------------------------------------ export
     add("export: missing checkpoint path", "error", lambda d: ["export", os.path.join(d, "nope"), os.path.join(d, "exp")])
@@ -2618,17 +2629,17 @@ def sweep_kill(scratch: str, jobs: int) -> List[dict]:
 def _table(rows: List[dict]) -> Tuple[List[str], Dict[str, Dict[str, int]]]:
     cols = ("cases", "clear", "unclear", "crash", "hang", "silent_wrong", "data_lost", "ok", "sweep_error")
     groups: Dict[str, Dict[str, int]] = {}
-    order = []
+    rank: Dict[str, tuple] = {}
+    cats = ("ops", "model", "cli", "kill")
     for r in rows:
-        for key in (r["group"], f"{r['category']} total" + (f" ({r['backend']})" if r["category"] == "ops" else "")):
+        total = f"{r['category']} total" + (f" ({r['backend']})" if r["category"] == "ops" else "")
+        for key, is_total in ((r["group"], False), (total, True)):
             if key not in groups:
                 groups[key] = {c: 0 for c in cols}
-                order.append(key)
+                rank[key] = (cats.index(r["category"]), is_total, key)
             groups[key]["cases"] += 1
             groups[key][r["cls"]] = groups[key].get(r["cls"], 0) + 1
-    order = sorted(order, key=lambda k: (["ops", "model", "cli", "kill"].index(k.split("/")[0].split(" ")[0])
-                                         if k.split("/")[0].split(" ")[0] in ("ops", "model", "cli", "kill")
-                                         else (0 if "/" in k and k.split("/")[0] in OPS else 1), "total" in k, k))
+    order = sorted(groups, key=rank.get)
     w = max(len(k) for k in order) + 2
     lines = [f"{'':<{w}}" + "".join(f"{c:>13}" for c in cols)]
     for k in order:
@@ -2681,15 +2692,28 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-tmp", action="store_true", help="keep the scratch directory")
     ap.add_argument("--full", action="store_true", help="also the slow CLI cases (bench --compare: minutes)")
     ap.add_argument("--list", action="store_true", help="list the cases and their expected outcomes, run nothing")
+    ap.add_argument("--merge", nargs="+", metavar="REPORT.json",
+                    help="run nothing: combine reports of separate --only runs into --out and print the tables")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_start", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
+        import faulthandler
+        faulthandler.enable()  # a crash leaves its Python stack on stderr, which the parent quotes
         kind, target = args._child
         if kind == "ops":
             child_ops(target, args.backends.split(","), args._start)
         else:
             child_model(target, args._start)
+        return 0
+    if args.merge:
+        rows, metas = [], []
+        for path in args.merge:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            rows += data["cases"]
+            metas.append(data["meta"])
+        report(rows, {"merged": args.merge, "parts": metas}, os.path.abspath(args.out))
         return 0
     try:
         import electra_fast  # noqa: F401
@@ -2699,7 +2723,7 @@ def main(argv=None) -> int:
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [p for p in parts if p not in ("ops", "model", "cli", "kill")] + [o for o in ops if o not in OPS]
+    unknown = [p for p in parts if p not in ("ops", "model", "cli", "kill")] + [o for o in ops if o not in SPECS]
     if unknown:
         print(f"sweep: unknown part / op: {unknown}", file=sys.stderr)
         return 2
@@ -2711,6 +2735,7 @@ def main(argv=None) -> int:
             print(f"model | {c.id} | expect {c.expect}")
         return 0
     out = os.path.abspath(args.out)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below (scratch, partial report)
     scratch = tempfile.mkdtemp(prefix="ef-sweep-")
     meta = _meta(args)
     rows: List[dict] = []
