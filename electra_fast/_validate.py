@@ -14,6 +14,8 @@ INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 def tensor(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:  # sparse / nested tensors: every kernel reads dense memory
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {x.layout}")
     return x
 
 

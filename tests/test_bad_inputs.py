@@ -457,3 +457,17 @@ def test_model_config_rejects_what_forward_cannot_run():
         model(ids, token_type_ids=torch.full((2, 6), 2))
     with pytest.raises(ValueError, match="^input_ids: expected a non-empty batch"):
         model(ids[:0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_sparse_tensors_are_refused_by_name(backend):
+    """Sparse inputs: a TypeError naming the argument, not an error from inside torch (found by tools/sweep.py)."""
+    ids = torch.randint(5, 50, (2, 8))
+    logits = torch.randn(2, 8)
+    with electra_fast.use_backend(backend):
+        with pytest.raises(TypeError, match="logits: expected a dense"):
+            electra_fast.rtd_loss(logits.to_sparse(), ids, ids)
+        with pytest.raises(TypeError, match="input_ids: expected a dense"):
+            electra_fast.mask_tokens(ids.to_sparse(), mask_token_id=3, vocab_size=60, seed=0)
+        with pytest.raises(TypeError, match="logits: expected a dense"):
+            electra_fast.gumbel_sample(torch.randn(4, 60).to_sparse(), seed=0)

@@ -104,14 +104,15 @@ def _usual_call(logits, corrupted, original, mask, reduction) -> bool:
     validators, which explain what is wrong."""
     try:
         shape, device = logits.shape, logits.device
-        return (logits.dtype in _validate.FLOAT_DTYPES and len(shape) == 2 and reduction in ref.REDUCTIONS
+        return (logits.layout == torch.strided and logits.dtype in _validate.FLOAT_DTYPES and len(shape) == 2
+                and reduction in ref.REDUCTIONS
                 and corrupted.dtype in _IDS and original.dtype == corrupted.dtype
                 and corrupted.shape == shape and original.shape == shape
                 and corrupted.device == device and original.device == device
                 and corrupted.is_contiguous() and original.is_contiguous()
                 and (mask is None or (mask.dtype in _MASKS and mask.shape == shape and mask.device == device
                                       and mask.is_contiguous())))
-    except (AttributeError, TypeError):  # not a tensor, an unhashable reduction: the validators name it
+    except (AttributeError, TypeError, RuntimeError):  # not a tensor, a sparse one...: the validators name it
         return False
 
 
