@@ -471,3 +471,12 @@ def test_sparse_tensors_are_refused_by_name(backend):
             electra_fast.mask_tokens(ids.to_sparse(), mask_token_id=3, vocab_size=60, seed=0)
         with pytest.raises(TypeError, match="logits: expected a dense"):
             electra_fast.gumbel_sample(torch.randn(4, 60).to_sparse(), seed=0)
+
+
+def test_model_refuses_meta_input_ids_by_name():
+    """The model's id checks read the data: meta input_ids get a ValueError naming them (found by tools/sweep.py)."""
+    from electra_fast.models import ElectraPretrainingModel
+    from test_models import tiny
+
+    with pytest.raises(ValueError, match="input_ids: .*meta"):
+        ElectraPretrainingModel(tiny("standard", "gdes"))(torch.zeros(2, 8, dtype=torch.long, device="meta"))

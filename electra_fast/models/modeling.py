@@ -166,6 +166,8 @@ class ElectraPretrainingModel(nn.Module):
             raise TypeError(f"input_ids: expected an int32 / int64 tensor, got {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a 2-d tensor [B, T], got shape {tuple(input_ids.shape)}")
+        if input_ids.device.type == "meta":  # the id-range checks below read the data
+            raise ValueError("input_ids: expected a tensor with data (cpu / cuda), got a meta tensor")
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids: expected a non-empty batch [B, T] (B, T >= 1), got shape "
                              f"{tuple(input_ids.shape)}")
