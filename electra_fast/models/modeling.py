@@ -28,7 +28,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from .. import _backend
+from .. import _backend, _validate
 from ..ops.masking import mask_tokens
 from ..ops.rtd_loss import rtd_loss as rtd_loss_op
 from ..ops.sampling import mlm_loss_and_sample
@@ -180,28 +180,20 @@ class ElectraPretrainingModel(nn.Module):
                 raise ValueError(f"input_ids: ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
                                  f"[{int(lo)}, {int(hi)}]")
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor):
-                raise TypeError(f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}")
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of input_ids), "
-                                 f"got {tuple(attention_mask.shape)}")
-            if attention_mask.device != input_ids.device:
-                raise ValueError(f"attention_mask: expected device {input_ids.device}, got {attention_mask.device}")
+            _validate.tensor("attention_mask", attention_mask)
+            _validate.same_shape("attention_mask", attention_mask, "input_ids", input_ids)
+            _validate.same_device("attention_mask", attention_mask, "input_ids", input_ids)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
             raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
         if token_type_ids is not None:
             self._check_token_types(input_ids, token_type_ids)
 
     def _check_token_types(self, input_ids, token_type_ids):
-        if not isinstance(token_type_ids, torch.Tensor):
-            raise TypeError(f"token_type_ids: expected a torch.Tensor, got {type(token_type_ids).__name__}")
+        _validate.tensor("token_type_ids", token_type_ids)
         if token_type_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"token_type_ids: expected an int32 / int64 tensor, got {token_type_ids.dtype}")
-        if token_type_ids.shape != input_ids.shape:
-            raise ValueError(f"token_type_ids: expected shape {tuple(input_ids.shape)} (that of input_ids), "
-                             f"got {tuple(token_type_ids.shape)}")
-        if token_type_ids.device != input_ids.device:
-            raise ValueError(f"token_type_ids: expected device {input_ids.device}, got {token_type_ids.device}")
+        _validate.same_shape("token_type_ids", token_type_ids, "input_ids", input_ids)
+        _validate.same_device("token_type_ids", token_type_ids, "input_ids", input_ids)
         # ELECTRA's embeddings keep at least one type row; DeBERTa's ignore token types when type_vocab_size is 0
         if self.config.disentangled and self.config.type_vocab_size == 0:
             return
