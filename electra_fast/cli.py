@@ -22,6 +22,11 @@ def main(argv=None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the sub-command, whose --help lists what it takes
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:  # a misspelt ELECTRA_FAST_BACKEND is the user's mistake: one line, before any command starts
+        from ._backend import forced_backend
+        forced_backend()
+    except ValueError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     if args.command in train_cli.COMMANDS:
         return train_cli.run(args)
     if args.command == "info":

@@ -270,6 +270,71 @@ def test_export_bad_arguments(finished_run, tmp_path, capsys):
     assert _snapshot(tmp_path) == before and _snapshot(finished_run) == run_before
 
 
+def _rewrite_checksummed(ckpt_dir, name, data):
+    """Replace one file of a checkpoint and update meta.json to match: contents that pass the checksums but are
+    not what the job wrote (a hand edit, a foreign file)."""
+    (ckpt_dir / name).write_bytes(data)
+    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    meta["sha256"][name] = hashlib.sha256(data).hexdigest()
+    (ckpt_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def test_export_unusable_checkpoint_contents(finished_run, tmp_path, capsys):
+    import shutil
+    runs = {}
+    for name in ("only-corrupt", "garbage-config", "wrong-shape"):
+        shutil.copytree(finished_run, tmp_path / name)
+        runs[name] = tmp_path / name / "checkpoints" / "step-00000001"
+    with open(runs["only-corrupt"] / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    _rewrite_checksummed(runs["garbage-config"], "config.json", b"{not json")
+    cfg = json.loads((runs["wrong-shape"] / "config.json").read_text())
+    _rewrite_checksummed(runs["wrong-shape"], "config.json", json.dumps({**cfg, "hidden_size": 64}).encode())
+    cases = [  # each was a warning line then the error, or a 29-line JSONDecodeError / RuntimeError traceback
+        ("only-corrupt", "no complete checkpoint found in", "(skipped corrupt or partial checkpoint"),
+        ("garbage-config", "config.json is not a valid ElectraConfig: Expecting property name", ""),
+        ("wrong-shape", "model.safetensors does not fit config.json (size mismatch for ", ""),
+    ]
+    before = _snapshot(tmp_path)
+    for name, message, detail in cases:
+        code, err, _ = _cli(["export", str(tmp_path / name), str(tmp_path / f"{name}-export")], capsys)
+        _assert_refused(code, err, "export", message)
+        assert detail in err[0], err
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["info", "pretrain"])
+def test_misspelt_backend_variable_is_one_line(user, tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setenv("ELECTRA_FAST_BACKEND", "bogus")
+    argv = [command] if command == "info" else [
+        "pretrain", "--no-progress", "--data", str(user / "corpus.txt"), "--tokenizer", str(user / "tokenizer.json"),
+        "--model", str(user / "tiny.json"), "--seq-len", "32", "--steps", "1", "--out", str(tmp_path / "out")]
+    code, err, _ = _cli(argv, capsys)
+    assert code == 2 and err == ["electra-fast: error: ELECTRA_FAST_BACKEND: expected one of ('triton', 'cpp', "
+                                 "'reference') or 'auto', got 'bogus'"], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the triton backend can serve a CUDA device")
+def test_forced_backend_that_cannot_serve_the_device_is_one_line(user, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ELECTRA_FAST_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, err, _ = _cli(["pretrain", "--no-progress", "--data", str(user / "corpus.txt"), "--tokenizer",
+                         str(user / "tokenizer.json"), "--model", str(user / "tiny.json"), "--seq-len", "32",
+                         "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "out")], capsys)
+    _assert_refused(code, err, "pretrain", "ELECTRA_FAST_BACKEND=triton: ")  # was a 69-line traceback from step 1
+    assert "unset it or choose another --device" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_corpus_shorter_than_one_sequence_is_one_line(user, tmp_path, capsys):
+    short = _write(user / "short.txt", "a few words\n")
+    code, err, _ = _cli(["pretrain", "--no-progress", "--data", str(short), "--tokenizer", str(user / "tokenizer.json"),
+                         "--model", str(user / "tiny.json"), "--seq-len", "32", "--steps", "1",
+                         "--out", str(tmp_path / "out")], capsys)
+    _assert_refused(code, err, "pretrain", "fewer than one sequence of --seq-len 32")  # was after a progress line
+
+
 # ------------------------------------------------------------------------------------------ bench
 @pytest.fixture
 def no_bench_runs(monkeypatch):

@@ -166,6 +166,48 @@ def test_out_holding_a_run_with_corrupt_checkpoints(env, tmp_path, capsys):
     assert snapshot(out / "checkpoints" / "step-00000004.corrupt") == corrupt  # set aside as it was, not deleted
 
 
+def test_resume_of_a_run_already_past_steps_is_one_line(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _pretrain_cli(env, out, capsys, steps=2)[0] == 0
+    before = snapshot(tmp_path)
+    code, err = _pretrain_cli(env, out, capsys, "--resume", steps=1)
+    assert code == 2 and err == ["electra-fast pretrain: error: --steps: the resumed run is already at step 2 >= "
+                                 "--steps 1"], err  # was after "resuming from ..." and other progress lines
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("name, make", [("metrics.jsonl", "dir"), ("checkpoints", "file")])
+def test_resume_with_a_run_file_of_the_wrong_kind_is_refused_up_front(env, tmp_path, capsys, name, make):
+    out = tmp_path / "run"
+    assert _pretrain_cli(env, out, capsys, steps=2)[0] == 0
+    path = out / name
+    if make == "dir":  # the user's folder where the run keeps its metrics
+        path.unlink()
+        path.mkdir()
+        (path / "mine.txt").write_text("user data\n")
+    else:
+        path.rename(tmp_path / "moved-checkpoints")
+        path.write_text("user data\n")
+    before = snapshot(tmp_path)
+    _refused(*_pretrain_cli(env, out, capsys, "--resume", steps=4), str(path), "move it away")
+    assert snapshot(tmp_path) == before  # was "[Errno 21] Is a directory" after three progress lines
+
+
+def test_out_inside_the_data_folder_is_never_read_as_data(env, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.txt").write_bytes(open(env["data"], "rb").read())
+    out = data / "run"
+    argv = ["pretrain", "--no-progress", "--data", str(data), "--tokenizer", env["tokenizer"], "--model",
+            env["model"], "--seq-len", "32", "--batch-size", "4", "--log-every", "1", "--out", str(out)]
+    assert cli_main(argv + ["--steps", "2"]) == 0
+    first = json.loads((out / "run.json").read_text())["inputs"]
+    code = cli_main(argv + ["--steps", "3", "--resume"])  # metrics.jsonl now lies inside --data
+    assert code == 0, capsys.readouterr().err
+    assert first == [str(data / "corpus.txt")]
+    assert (out / "checkpoints" / "step-00000003").is_dir()
+
+
 # ------------------------------------------------------------------------------------------ stale temporaries
 KILL_DURING_TOKENISATION = textwrap.dedent("""
     import json, os, signal, sys

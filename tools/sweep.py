@@ -2064,14 +2064,15 @@ def cli_cases(fx: str) -> List[CliCase]:
         lambda d: P(d, extra=["--allow-nonempty-out"]),
         setup=seq(put_user("out"), lambda d: _w(os.path.join(d, "out", "cache", "keep.bin"), "x")),
         protect=(IN, "out"))
-    add(f"--out holds a user file named run.json.tmp-{DEAD_PID}, --allow-nonempty-out", "legal",
+    # a user's file named like a dead job's temporary would be cleaned away at start-up: refused (rundir.prepare)
+    add(f"--out holds a user file named run.json.tmp-{DEAD_PID}, --allow-nonempty-out", "error",
         lambda d: P(d, extra=["--allow-nonempty-out"]),
         setup=seq(put_user("out"), lambda d: _w(os.path.join(d, "out", f"run.json.tmp-{DEAD_PID}"), "user bytes")),
-        protect=(IN, "out/notes.txt", f"out/run.json.tmp-{DEAD_PID}"), post=_has_checkpoint(2))
-    add(f"--out holds a user file named metrics.jsonl.tmp-{DEAD_PID}, --allow-nonempty-out", "legal",
+        protect=(IN, "out"))
+    add(f"--out holds a user file named metrics.jsonl.tmp-{DEAD_PID}, --allow-nonempty-out", "error",
         lambda d: P(d, extra=["--allow-nonempty-out"]),
         setup=seq(put_user("out"), lambda d: _w(os.path.join(d, "out", f"metrics.jsonl.tmp-{DEAD_PID}"), "x")),
-        protect=(IN, "out/notes.txt", f"out/metrics.jsonl.tmp-{DEAD_PID}"), post=_has_checkpoint(2), slow=True)
+        protect=(IN, "out"), slow=True)
 
     def copy_run(sub="run"):
         return lambda d: shutil.copytree(os.path.join(fx, "run_done"), os.path.join(d, sub), symlinks=True)

@@ -210,11 +210,26 @@ def resolve(path: str, warn=print) -> str:
         if why:
             raise PretrainError(f"checkpoint {path} is corrupt or partial: {why}")
         return path
+    skipped: list = []  # said only next to a checkpoint that is used; with none, the error names them itself
     for root in (os.path.join(path, "checkpoints"), path):
-        found = newest_complete(root, warn)
+        found = newest_complete(root, skipped.append)
         if found:
+            for line in skipped:
+                warn(line)
             return found
-    raise PretrainError(f"no complete checkpoint found in {path}")
+    why = "; ".join(s.replace("warning: skipping ", "") for s in skipped)
+    raise PretrainError(f"no complete checkpoint found in {path}" + (f" (skipped {why})" if why else ""))
+
+
+def load_config(path: str):
+    """The ``config.json`` of checkpoint ``path`` as an ElectraConfig; unreadable or invalid -> PretrainError."""
+    from ..models import ElectraConfig
+    file = os.path.join(path, "config.json")
+    try:
+        return ElectraConfig.from_json_file(file)
+    except (OSError, ValueError, TypeError) as e:  # a checksum-consistent but hand-edited or foreign file
+        raise PretrainError(f"checkpoint {path}: config.json is not a valid ElectraConfig: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 # ---------------------------------------------------------------------------------------- state I/O
@@ -226,8 +241,16 @@ def save_model(model: torch.nn.Module, path: str) -> None:
 
 
 def load_model_state(model: torch.nn.Module, path: str) -> None:
+    """Load ``model.safetensors`` into ``model``; weights that do not fit its config -> PretrainError."""
     from safetensors.torch import load_file
-    model.load_state_dict(load_file(path, device="cpu"), strict=True)
+    try:
+        model.load_state_dict(load_file(path, device="cpu"), strict=True)
+    except (OSError, RuntimeError, ValueError) as e:  # wrong shapes / names, or not a safetensors file
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+        first = first if len(first) <= 200 else first[:197] + "..."
+        raise PretrainError(f"checkpoint {os.path.dirname(path)}: model.safetensors does not fit config.json "
+                            f"({first})") from None
 
 
 def save_training_state(state: dict, path: str) -> None:

@@ -35,8 +35,12 @@ def _is_saved_dataset(path: str) -> bool:
                                     or os.path.isfile(os.path.join(path, "dataset_dict.json")))
 
 
-def resolve_inputs(paths: Sequence[str]) -> List[str]:
-    """Files (and saved datasets) named by ``paths``, directories expanded; errors for missing / empty."""
+def resolve_inputs(paths: Sequence[str], exclude: Optional[str] = None) -> List[str]:
+    """Files (and saved datasets) named by ``paths``, directories expanded; errors for missing / empty.
+
+    ``exclude``: a directory whose files are never inputs, even inside a ``--data`` folder (the run's own ``--out``:
+    its metrics.jsonl and cache would otherwise be read back as training text on ``--resume``)."""
+    skip = os.path.realpath(exclude) if exclude else None
     if not paths:
         raise PretrainError("--data: no input given")
     out = []
@@ -47,7 +51,11 @@ def resolve_inputs(paths: Sequence[str]) -> List[str]:
         if _is_saved_dataset(p):
             out.append(p)
         elif os.path.isdir(p):
-            found = sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs if f.endswith(TEXT_SUFFIXES))
+            found = []
+            for r, dirs, fs in os.walk(p):
+                dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(r, d)) != skip]
+                found.extend(os.path.join(r, f) for f in fs if f.endswith(TEXT_SUFFIXES))
+            found.sort()
             if not found:
                 raise PretrainError(f"--data: directory {p} holds no .txt or .jsonl files")
             out.extend(found)

@@ -13,7 +13,7 @@ from .tokenizer import load_tokenizer, save_for_transformers
 
 def export(checkpoint: str, out_dir: str, warn=print) -> str:
     """``checkpoint``: a checkpoint directory or a run's ``--out`` (its newest complete checkpoint)."""
-    from ..models import ElectraConfig, ElectraPretrainingModel
+    from ..models import ElectraPretrainingModel
     src = ckpt.resolve(checkpoint, warn)
     out_dir = os.fspath(out_dir)
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
@@ -26,7 +26,7 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
         above = os.path.dirname(above)
     if not os.path.isdir(above):
         raise PretrainError(f"export: cannot create {out_dir}: {above} is a file, not a directory")
-    cfg = ElectraConfig.from_json_file(os.path.join(src, "config.json"))
+    cfg = ckpt.load_config(src)
     model = ElectraPretrainingModel(cfg)
     ckpt.load_model_state(model, os.path.join(src, "model.safetensors"))
     tok = load_tokenizer(os.path.join(src, "tokenizer.json"))

@@ -70,8 +70,26 @@ def prepare(out: str, *, resume: bool, allow_nonempty: bool = False, claim: bool
                                 "would write there: choose another --out")
     if not os.access(out, os.W_OK | os.X_OK):
         raise PretrainError(f"--out: {out} is not writable")
+    if ours:
+        _check_kinds(out, names)
     if claim and not ours:
         _write_marker(out)
+
+
+_FILES, _DIRS = ("run.json", "metrics.jsonl", MARKER), ("checkpoints", "cache", "tensorboard")
+
+
+def _check_kinds(out: str, names) -> None:
+    """Each of our names in a run of ours is what the job writes there (a file or a folder): a user's folder
+    called metrics.jsonl is refused here, not met later by an open() in the middle of the run."""
+    for name in names:
+        path = os.path.join(out, name)
+        if name in _FILES and (os.path.isdir(path) or (os.path.lexists(path) and not os.path.isfile(path))):
+            raise PretrainError(f"--out: {path} should be the run's {name} file but is not a regular file; move it "
+                                "away or choose another --out")
+        if name in _DIRS and not os.path.isdir(path):
+            raise PretrainError(f"--out: {path} should be the run's {name}/ folder but is not a directory; move it "
+                                "away or choose another --out")
 
 
 def _is_our_run_json(path: str) -> bool:

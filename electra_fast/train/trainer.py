@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .. import _cpu
+from .. import _backend, _cpu
 from . import checkpoint as ckpt
 from . import rundir
 from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
@@ -293,6 +293,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     kwargs = dict(locals())
     before = _run_files(out) if ctx.is_main else None
     try:
+        _check_forced_backend(ctx.device)
         return _run(**kwargs)
     except BaseException:
         if before is not None:
@@ -300,6 +301,18 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         raise
     finally:
         ctx.close()
+
+
+def _check_forced_backend(device: torch.device) -> None:
+    """``ELECTRA_FAST_BACKEND`` must name a backend that can run on ``device``: said now, in one line, not by the
+    first op of the first step."""
+    try:
+        forced = _backend.forced_backend()
+    except ValueError as e:
+        raise PretrainError(str(e)) from None
+    reason = forced and _backend.unavailable_reason(forced, device)
+    if reason:
+        raise PretrainError(f"ELECTRA_FAST_BACKEND={forced}: {reason}; unset it or choose another --device")
 
 
 RUN_FILES = ("run.json", "metrics.jsonl", "tensorboard", "checkpoints")
@@ -336,7 +349,7 @@ def _take_back(out: str, before) -> None:
 def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum, steps, lr, warmup, weight_decay,
          precision, compile, seed, out, save_every, keep, resume, log_every, skip_bad_lines, device, threads,
          progress, fused, allow_nonempty_out, _checkpoint_hook, embedded, ctx: Context, say) -> dict:
-    from ..models import ElectraConfig, ElectraPretrainingModel
+    from ..models import ElectraPretrainingModel
 
     rundir.prepare(out, resume=resume, allow_nonempty=allow_nonempty_out, claim=ctx.is_main)
     ckpt_root, cache_dir = os.path.join(out, "checkpoints"), os.path.join(out, "cache")
@@ -344,6 +357,8 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     if resume and resume_from is None:
         say(f"--resume: no complete checkpoint in {out}; starting from scratch")
     st = ckpt.load_training_state(os.path.join(resume_from, "training_state.pt")) if resume_from else None
+    if st is not None and st["step"] >= steps:  # before anything is said or written
+        raise PretrainError(f"--steps: the resumed run is already at step {st['step']} >= --steps {steps}")
     precision = _resolve_precision(precision, ctx.device, st, say)
     if ctx.is_main:
         os.makedirs(out, exist_ok=True)
@@ -358,7 +373,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
         ctx.barrier()
         inputs = [corpus]
     else:
-        inputs = resolve_inputs(data)
+        inputs = resolve_inputs(data, exclude=out)  # the run's own files are never its data
 
     if resume_from is not None:
         tok = load_tokenizer(os.path.join(resume_from, "tokenizer.json"))
@@ -385,7 +400,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
 
     # ---------------------------------------------------------------- model
     if resume_from is not None:
-        cfg = ElectraConfig.from_json_file(os.path.join(resume_from, "config.json"))
+        cfg = ckpt.load_config(resume_from)
         if cfg.vocab_size != tok.get_vocab_size(with_added_tokens=True):
             raise PretrainError(f"checkpoint {resume_from}: config vocab_size {cfg.vocab_size} does not match its "
                                 f"tokenizer ({tok.get_vocab_size()})")
@@ -394,12 +409,15 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     _check_seq_len(seq_len, cfg)
 
     # ---------------------------------------------------------------- data
+    said: list = []  # the cache's report waits until the corpus is known to fill a sequence: no line before an error
     if ctx.is_main:
-        stream = build_token_cache(inputs, tok, cache_dir, skip_bad_lines, log=say)
+        stream = build_token_cache(inputs, tok, cache_dir, skip_bad_lines, log=said.append)
     ctx.barrier()
     if not ctx.is_main:
-        stream = build_token_cache(inputs, tok, cache_dir, skip_bad_lines, log=say)  # a cache hit by now
+        stream = build_token_cache(inputs, tok, cache_dir, skip_bad_lines, log=said.append)  # a cache hit by now
     packed = PackedSequences(stream, seq_len, ids["cls"], ids["sep"])
+    for line in said:
+        say(line)
     sampler = Sampler(len(packed), seed)
 
     torch.manual_seed(seed)
@@ -429,8 +447,6 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
             say(f"warning: resuming a {st.get('world', 1)}-process run on {ctx.world} processes: the data order "
                 "continues but per-step results will differ from an uninterrupted run")
         say(f"resuming from {resume_from} (step {start_step})")
-    if start_step >= steps:
-        raise PretrainError(f"--steps: the resumed run is already at step {start_step} >= --steps {steps}")
 
     ddp = net
     if ctx.distributed:
