@@ -5,6 +5,7 @@ import sys
 
 
 def main(argv=None) -> int:
+    from .finetune import cli as finetune_cli
     from .train import cli as train_cli
     parser = train_cli.Parser(prog="electra-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -19,6 +20,7 @@ def main(argv=None) -> int:
     bench.add_argument("--pretrain", action="store_true",
                        help="instead: run the default `electra-fast pretrain` job and record its summary")
     train_cli.add_parsers(sub)
+    finetune_cli.add_parser(sub)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the sub-command, whose --help lists what it takes
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -27,6 +29,8 @@ def main(argv=None) -> int:
         forced_backend()
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    if args.command == "finetune":
+        return train_cli.guard(args, lambda: finetune_cli.run(args))
     if args.command in train_cli.COMMANDS:
         return train_cli.run(args)
     if args.command == "info":

@@ -165,7 +165,7 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def _checkpoint_files(directory: str, what: str) -> Tuple[dict, str]:
+def checkpoint_files(directory: str, what: str) -> Tuple[dict, str]:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{what}: checkpoint directory {directory!r} does not exist")
     cfg_path = os.path.join(directory, "config.json")
@@ -178,12 +178,12 @@ def _checkpoint_files(directory: str, what: str) -> Tuple[dict, str]:
     raise FileNotFoundError(f"{what}: {directory!r} holds none of {WEIGHT_FILES}")
 
 
-def _load_weights(path: str) -> Dict[str, torch.Tensor]:
+def load_weights(path: str) -> Dict[str, torch.Tensor]:
     if path.endswith(".index.json"):
         shards = sorted(set(_read_json(path)["weight_map"].values()))
         out: Dict[str, torch.Tensor] = {}
         for shard in shards:
-            out.update(_load_weights(os.path.join(os.path.dirname(path), shard)))
+            out.update(load_weights(os.path.join(os.path.dirname(path), shard)))
         return out
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -191,7 +191,7 @@ def _load_weights(path: str) -> Dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _save_weights(state: Dict[str, torch.Tensor], directory: str) -> None:
+def save_weights(state: Dict[str, torch.Tensor], directory: str) -> None:
     from safetensors.torch import save_file
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()},
               os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
@@ -219,7 +219,7 @@ def save_pretrained(model, path) -> None:
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "config.json"), "w", encoding="utf-8") as f:
             json.dump(transformers_config(model.config, role), f, indent=2, sort_keys=True)
-        _save_weights(export_state(model, role), d)
+        save_weights(export_state(model, role), d)
     model.config.to_json_file(os.path.join(path, CONFIG_NAME))
 
 
@@ -270,12 +270,12 @@ def load_part(model, role: str, state: Dict[str, torch.Tensor], directory: str =
 def from_transformers(cls, generator_path, discriminator_path, *, embedding_sharing: Optional[str] = None,
                       fused: bool = True, **overrides):
     gen_dir, disc_dir = os.fspath(generator_path), os.fspath(discriminator_path)
-    gen_hf, gen_file = _checkpoint_files(gen_dir, "generator_path")
-    disc_hf, disc_file = _checkpoint_files(disc_dir, "discriminator_path")
+    gen_hf, gen_file = checkpoint_files(gen_dir, "generator_path")
+    disc_hf, disc_file = checkpoint_files(disc_dir, "discriminator_path")
     if embedding_sharing is not None:
         overrides["embedding_sharing"] = embedding_sharing
     cfg = config_from_transformers(gen_hf, disc_hf, **overrides)
-    gen_state, disc_state = _load_weights(gen_file), _load_weights(disc_file)
+    gen_state, disc_state = load_weights(gen_file), load_weights(disc_file)
     _check_architecture(gen_hf, "generator", gen_state, gen_dir)
     _check_architecture(disc_hf, "discriminator", disc_state, disc_dir)
     model = cls(cfg, fused=fused)
@@ -305,7 +305,7 @@ def from_pretrained(cls, path, fused: bool = True):
     model = cls(ElectraConfig.from_json_file(cfg_path), fused=fused)
     states = []
     for role in ("generator", "discriminator"):
-        hf, f = _checkpoint_files(os.path.join(path, role), role)
-        states.append(_load_weights(f))
+        hf, f = checkpoint_files(os.path.join(path, role), role)
+        states.append(load_weights(f))
     _load_both(model, states[0], states[1], os.path.join(path, "generator"), os.path.join(path, "discriminator"))
     return model

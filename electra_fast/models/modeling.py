@@ -145,7 +145,7 @@ class ElectraPretrainingModel(nn.Module):
         self.fused = fused
         self.generator = ElectraGenerator(config)
         self.discriminator = ElectraDiscriminator(config)
-        self.apply(lambda m: _init_weights(m, config.initializer_range))
+        self.apply(lambda m: init_weights(m, config.initializer_range))
         self._share_embeddings()
 
     def _share_embeddings(self) -> None:
@@ -268,7 +268,7 @@ class ElectraPretrainingModel(nn.Module):
 
 
 @torch.no_grad()
-def _init_weights(module: nn.Module, std: float) -> None:
+def init_weights(module: nn.Module, std: float) -> None:
     """transformers' BERT initialisation: N(0, std) weights, zero biases, zero padding row, unit LayerNorm."""
     if isinstance(module, nn.Linear):
         module.weight.normal_(0.0, std)

@@ -74,23 +74,32 @@ def add_parsers(sub) -> None:
 
 def run(args) -> int:
     """Run a parsed ``pretrain`` / ``export`` command; bad input -> one line on stderr, exit status 2."""
+    return guard(args, lambda: _run(args))
+
+
+def _run(args) -> int:
+    if args.command == "export":
+        from .export import export
+        path = export(args.checkpoint, args.out_dir, warn=lambda m: print(m, file=sys.stderr))
+        print(f"exported {args.checkpoint} -> {path}/generator, {path}/discriminator")
+        return 0
+    from .trainer import pretrain
+    summary = pretrain(args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, model=args.model,
+                       seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                       precision=args.precision, compile=args.compile, seed=args.seed, out=args.out,
+                       save_every=args.save_every, keep=args.keep, resume=args.resume,
+                       log_every=args.log_every, skip_bad_lines=args.skip_bad_lines, device=args.device,
+                       threads=args.threads,
+                       allow_nonempty_out=args.allow_nonempty_out,
+                       progress=not args.no_progress)
+    return 130 if summary.get("interrupted") else 0
+
+
+def guard(args, command) -> int:
+    """Run ``command()`` (a parsed sub-command); bad input -> one line on stderr, exit status 2; Ctrl-C -> 130."""
     try:
-        if args.command == "export":
-            from .export import export
-            path = export(args.checkpoint, args.out_dir, warn=lambda m: print(m, file=sys.stderr))
-            print(f"exported {args.checkpoint} -> {path}/generator, {path}/discriminator")
-            return 0
-        from .trainer import pretrain
-        summary = pretrain(args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, model=args.model,
-                           seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                           steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-                           precision=args.precision, compile=args.compile, seed=args.seed, out=args.out,
-                           save_every=args.save_every, keep=args.keep, resume=args.resume,
-                           log_every=args.log_every, skip_bad_lines=args.skip_bad_lines, device=args.device,
-                           threads=args.threads,
-                           allow_nonempty_out=args.allow_nonempty_out,
-                           progress=not args.no_progress)
-        return 130 if summary.get("interrupted") else 0
+        return command()
     except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop, or a second one inside it
         if args.debug:
             raise

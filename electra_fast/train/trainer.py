@@ -27,6 +27,7 @@ from . import rundir
 from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
 from .distributed import Context, setup
 from .errors import InterruptedAgain, PretrainError
+from .optim import linear_schedule, param_groups
 from .tokenizer import SPECIAL_TOKENS, config_overrides, fingerprint, load_tokenizer, special_ids, train_wordpiece
 
 MASK64 = (1 << 64) - 1
@@ -85,20 +86,6 @@ def _check_seq_len(seq_len: int, cfg) -> None:
                             f"({cfg.max_position_embeddings})")
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
-    """Weight decay on matrices and embeddings; none on LayerNorm parameters and biases (ELECTRA)."""
-    no_decay = set()
-    for m in model.modules():
-        if isinstance(m, torch.nn.LayerNorm):
-            no_decay.update(id(p) for p in m.parameters(recurse=False))
-    decay, rest = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (rest if id(p) in no_decay or name.endswith("bias") or p.dim() < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
 def _keep_freed_memory() -> bool:
     """CPU training: let glibc keep freed memory for reuse (True when applied).
 
@@ -118,14 +105,6 @@ def _keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) & bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
-
-
-def _schedule(warmup: int, steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:  # step = optimizer steps already taken
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (steps - step) / max(1, steps - warmup))
-    return factor
 
 
 def _positive(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> int:
@@ -425,9 +404,9 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     if ctx.device.type == "cpu":
         _keep_freed_memory()
     # fused AdamW: one kernel over all parameters (CPU and CUDA) instead of ~10 ops per parameter tensor
-    optimizer = torch.optim.AdamW(_param_groups(net, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6,
+    optimizer = torch.optim.AdamW(param_groups(net, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6,
                                   fused=ctx.device.type in ("cpu", "cuda"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, steps))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
     if st is not None and st["scaler"]:  # empty when the run was not fp16
         scaler.load_state_dict(st["scaler"])

@@ -1,0 +1,300 @@
+"""Fine-tuning inputs: CSV / TSV (GLUE's files as distributed) / JSONL files and ``datasets.save_to_disk`` folders,
+read into :class:`Example` rows, labelled from the training file and tokenised into :class:`Features`.
+
+Columns (names, or 0-based indices for a file without a header row, e.g. GLUE's CoLA: ``--text-column 3
+--label-column 1``):
+
+* classification / regression: ``text_column`` (default ``sentence``, else ``text``, else ``sentence1``), and for
+  sentence pairs ``pair_column`` (default ``sentence2`` when the file has it);
+* token classification: ``tokens_column`` / ``tags_column`` (defaults ``tokens`` / ``tags``): JSON lists in JSONL,
+  space-separated words and tags in CSV / TSV.
+
+A bad row is a :class:`FinetuneError` naming the file and line, or is skipped and counted with ``skip_bad_lines``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import FinetuneError
+
+TASKS = ("classification", "regression", "token-classification")
+IGNORE = -100  # label of sub-tokens after a word's first and of special tokens (torch's cross_entropy default)
+
+
+@dataclass
+class Columns:
+    text: Optional[str] = None
+    pair: Optional[str] = None
+    label: str = "label"
+    tokens: str = "tokens"
+    tags: str = "tags"
+
+
+@dataclass
+class Example:
+    text: Union[str, List[str]]           # a sentence, or the words of a token-classification row
+    pair: Optional[str] = None
+    label: Any = None                     # str | int | float, a list of tags, or None (an unlabelled test row)
+    where: str = ""                       # "FILE line N" for error messages
+
+
+@dataclass
+class Dataset:
+    examples: List[Example]
+    skipped: int = 0
+    path: str = ""
+
+
+# ---------------------------------------------------------------------------------------- reading
+def _rows(path: str, flag: str) -> Tuple[List[Tuple[int, Any]], bool]:
+    """(line number, row) pairs and whether rows are dicts (header / JSON objects) or lists (no header)."""
+    if os.path.isdir(path):
+        return _saved_dataset(path, flag), True
+    if not os.path.isfile(path):
+        raise FinetuneError(f"{flag}: no such file: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise FinetuneError(f"{flag}: {path} is not UTF-8 (invalid byte at offset {e.start})") from None
+    except OSError as e:
+        raise FinetuneError(f"{flag}: cannot read {path}: {e.strerror}") from None
+    if not text.strip():
+        raise FinetuneError(f"{flag}: {path} is empty")
+    if ext in (".jsonl", ".json"):
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except ValueError:
+                rows.append((n, None))  # reported by the caller as a bad row (or skipped)
+        return rows, True
+    if ext not in (".csv", ".tsv", ".txt"):
+        raise FinetuneError(f"{flag}: {path}: expected a .csv, .tsv, .jsonl file or a datasets save_to_disk folder")
+    delimiter = "," if ext == ".csv" else "\t"
+    quoting = csv.QUOTE_MINIMAL if ext == ".csv" else csv.QUOTE_NONE  # GLUE's TSVs hold bare quote characters
+    lines = text.splitlines()
+    reader = csv.reader(lines, delimiter=delimiter, quoting=quoting)
+    return [(n, row) for n, row in enumerate(reader, 1) if row], False
+
+
+def _saved_dataset(path: str, flag: str) -> List[Tuple[int, dict]]:
+    if not os.path.isfile(os.path.join(path, "dataset_info.json")) and not os.path.isfile(
+            os.path.join(path, "state.json")):
+        raise FinetuneError(f"{flag}: {path} is a directory but not a datasets save_to_disk folder")
+    try:
+        import datasets  # optional: only this input format needs it
+    except ImportError:
+        raise FinetuneError(f"{flag}: {path} is a datasets save_to_disk folder; install the 'datasets' package to "
+                            "read it") from None
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # noqa: BLE001 - the library's own one-line reason
+        raise FinetuneError(f"{flag}: cannot read {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise FinetuneError(f"{flag}: {path} holds several splits ({', '.join(ds)}); pass one split's folder")
+    return [(i + 1, dict(row)) for i, row in enumerate(ds)]
+
+
+def _pick(header: Sequence[str], wanted: Optional[str], fallbacks: Sequence[str], what: str, where: str) -> str:
+    if wanted is not None:
+        if wanted not in header:
+            raise FinetuneError(f"{where}: no column {wanted!r} for the {what} (columns: {', '.join(header)})")
+        return wanted
+    for name in fallbacks:
+        if name in header:
+            return name
+    raise FinetuneError(f"{where}: no {what} column (looked for {', '.join(fallbacks)}; columns: "
+                        f"{', '.join(header)}); name it with --{what.replace(' ', '-')}-column")
+
+
+def read(path: str, task: str, columns: Columns, flag: str, labelled: bool = True,
+         skip_bad_lines: bool = False) -> Dataset:
+    """Rows of ``path`` as Examples; ``labelled=False`` (a test file) accepts rows without a label."""
+    path = os.fspath(path)
+    rows, keyed = _rows(path, flag)
+    indexed = all(c is None or str(c).isdigit() for c in (columns.text, columns.pair, columns.label)) and \
+        columns.text is not None and not keyed
+    if not keyed and not indexed:  # a header row names the columns
+        header_line, header = rows[0]
+        rows = [(n, dict(zip(header, r + [None] * (len(header) - len(r))))) if len(r) <= len(header) else (n, None)
+                for n, r in rows[1:]]
+    else:
+        header = None
+    names = _column_names(rows, header, keyed or not indexed, task, columns, f"{flag}: {path}")
+    out, skipped = [], 0
+    for n, row in rows:
+        where = f"{path} line {n}"
+        try:
+            out.append(_example(row, names, task, labelled, where, indexed))
+        except FinetuneError:
+            if not skip_bad_lines:
+                raise
+            skipped += 1
+    if not out:
+        raise FinetuneError(f"{flag}: {path} has no usable rows" + (f" ({skipped} skipped)" if skipped else ""))
+    return Dataset(out, skipped, path)
+
+
+def _column_names(rows, header, keyed: bool, task: str, columns: Columns, where: str) -> Dict[str, Any]:
+    if not keyed:  # numeric indices, no header
+        return {"text": int(columns.text), "pair": None if columns.pair is None else int(columns.pair),
+                "label": int(columns.label)}
+    if header is None:
+        first = next((r for _, r in rows if isinstance(r, dict)), None)
+        if first is None:
+            raise FinetuneError(f"{where}: no row is a JSON object")
+        header = list(first)
+    if task == "token-classification":
+        return {"tokens": _pick(header, columns.tokens, ["tokens", "words"], "tokens", where),
+                "tags": _pick(header, columns.tags, ["tags", "ner_tags", "labels"], "tags", where)}
+    text = _pick(header, columns.text, ["sentence", "text", "sentence1", "question"], "text", where)
+    pair = columns.pair
+    if pair is None and text == "sentence1" and "sentence2" in header:
+        pair = "sentence2"
+    elif pair is None and text == "question" and "sentence" in header:
+        pair = "sentence"
+    elif pair is not None:
+        pair = _pick(header, pair, [], "pair", where)
+    return {"text": text, "pair": pair, "label": columns.label}
+
+
+def _field(row, key, where: str, what: str):
+    try:
+        value = row[key]
+    except (KeyError, IndexError, TypeError):
+        raise FinetuneError(f"{where}: no {what} (column {key!r})") from None
+    return value
+
+
+def _example(row, names: dict, task: str, labelled: bool, where: str, indexed: bool) -> Example:
+    if row is None or not isinstance(row, (dict, list)):
+        raise FinetuneError(f"{where}: not a row of the expected columns (malformed JSON or too many fields)")
+    if task == "token-classification":
+        tokens, tags = _field(row, names["tokens"], where, "tokens"), row.get(names["tags"]) if isinstance(
+            row, dict) else None
+        tokens = tokens.split() if isinstance(tokens, str) else tokens
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
+            raise FinetuneError(f"{where}: tokens must be a non-empty list of words")
+        if tags is None and not labelled:
+            return Example(tokens, None, None, where)
+        tags = tags.split() if isinstance(tags, str) else tags
+        if not isinstance(tags, list) or not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in tags):
+            raise FinetuneError(f"{where}: tags must be a list of labels")
+        if len(tags) != len(tokens):
+            raise FinetuneError(f"{where}: {len(tags)} tags for {len(tokens)} tokens")
+        return Example(tokens, None, [str(t) for t in tags], where)
+    text = _field(row, names["text"], where, "text")
+    if not isinstance(text, str) or not text.strip():
+        raise FinetuneError(f"{where}: the text is empty or not a string")
+    pair = None
+    if names["pair"] is not None:
+        pair = _field(row, names["pair"], where, "second sentence")
+        if not isinstance(pair, str) or not pair.strip():
+            raise FinetuneError(f"{where}: the second sentence is empty or not a string")
+    label = row.get(names["label"]) if isinstance(row, dict) else (
+        row[names["label"]] if names["label"] < len(row) else None)
+    if label is None or (isinstance(label, str) and not label.strip()):
+        if labelled:
+            raise FinetuneError(f"{where}: no label (column {names['label']!r})")
+        return Example(text, pair, None, where)
+    if task == "regression":
+        try:
+            value = float(label)
+        except (TypeError, ValueError):
+            raise FinetuneError(f"{where}: regression label {label!r} is not a number") from None
+        if not math.isfinite(value) or isinstance(label, bool):
+            raise FinetuneError(f"{where}: regression label {label!r} is not a finite number")
+        return Example(text, pair, value, where)
+    if isinstance(label, (float, bool)) or not isinstance(label, (str, int)):
+        raise FinetuneError(f"{where}: class label {label!r} must be a string or an integer")
+    return Example(text, pair, str(label).strip(), where)
+
+
+# ---------------------------------------------------------------------------------------- labels
+def label_names(train: Dataset, task: str) -> List[str]:
+    """The classes, from the training file: numeric order when every label is an integer, else sorted strings."""
+    if task == "regression":
+        return []
+    values = {t for e in train.examples for t in (e.label if task == "token-classification" else [e.label])}
+    if task == "token-classification" and "O" in values:
+        return ["O"] + sorted(values - {"O"})
+    if all(v.lstrip("-").isdigit() for v in values):
+        return sorted(values, key=int)
+    return sorted(values)
+
+
+def check_labels(ds: Dataset, names: List[str], task: str, flag: str) -> None:
+    known = set(names)
+    for e in ds.examples:
+        if e.label is None or task == "regression":
+            continue
+        for t in (e.label if task == "token-classification" else [e.label]):
+            if t not in known:
+                raise FinetuneError(f"{flag}: {e.where}: label {t!r} is not one of the training file's labels "
+                                    f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
+
+
+# ---------------------------------------------------------------------------------------- features
+@dataclass
+class Features:
+    """Token ids per example (int lists, [CLS] ... [SEP] included), token types, and labels: a class index, a float,
+    or per token a tag index with IGNORE on special tokens and non-first sub-tokens (``word_ids`` maps tokens to
+    words, for turning predictions back into one tag per word)."""
+    ids: List[List[int]]
+    types: List[List[int]]
+    labels: List[Any]
+    word_ids: List[List[Optional[int]]] = field(default_factory=list)
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+
+
+def featurize(ds: Dataset, tok, task: str, names: List[str], max_len: int) -> Features:
+    """Tokenise ``ds`` with the model's tokenizer (``tokenizers.Tokenizer`` with [CLS] x [SEP] / pair templates)."""
+    index = {n: i for i, n in enumerate(names)}
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_len)
+    out = Features([], [], [])
+    if task == "token-classification":
+        encs = tok.encode_batch([e.text for e in ds.examples], is_pretokenized=True)
+    else:
+        batch = [(e.text, e.pair) if e.pair is not None else e.text for e in ds.examples]
+        encs = tok.encode_batch(batch)
+    for e, enc in zip(ds.examples, encs):
+        out.ids.append(list(enc.ids))
+        out.types.append(list(enc.type_ids))
+        if task == "token-classification":
+            words = list(enc.word_ids)
+            out.word_ids.append(words)
+            if max((w for w in words if w is not None), default=-1) + 1 < len(e.text):
+                out.truncated += 1
+            seen, labels = set(), []
+            for w in words:
+                if w is None or w in seen or e.label is None:
+                    labels.append(IGNORE)
+                else:
+                    seen.add(w)
+                    labels.append(index[e.label[w]])
+            out.labels.append(labels)
+        else:
+            if len(enc.overflowing) > 0:
+                out.truncated += 1
+            out.labels.append(None if e.label is None else (e.label if task == "regression" else index[e.label]))
+    tok.no_truncation()
+    return out

@@ -1,0 +1,384 @@
+"""``electra-fast finetune``: fine-tune a pretrained discriminator on a downstream task and evaluate it.
+
+The recipe is ELECTRA's (google-research/electra ``configure_finetuning.py``): AdamW (weight decay 0.01, none on
+biases and LayerNorm), linear warm-up over the first 10 % of the steps then linear decay to 0, layer-wise
+learning-rate decay (0.8 for small / base models, 0.9 for large), gradients clipped to norm 1.0. Batches are
+length-bucketed (no compute spent on more padding than the longest row of a batch needs), the model runs on
+electra_fast's fused modules, under bf16 autocast where the CPU multiplies bf16 natively (``--precision auto``);
+evaluation runs in large no_grad batches after every epoch.
+
+Outputs in ``out`` (which must be new or empty: nothing there is ever overwritten)::
+
+    seed-N/metrics.jsonl        one line per epoch: train loss, validation metrics
+    seed-N/best.safetensors     the weights of the epoch with the best validation score
+    seed-N/predictions-test.tsv the test set's predictions by that model (with --test)
+    summary.json                per seed best scores, their median and spread; which seed was exported
+    curves.png                  validation score and train loss per epoch, every seed
+    export/                     the best seed's model as a transformers *ForSequenceClassification /
+                                *ForTokenClassification directory with its tokenizer and label names
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import _cpu
+from ..train.distributed import check_device
+from ..train.optim import layer_decay, linear_schedule, param_groups
+from ..train.tokenizer import load_tokenizer, special_ids
+from ..train.trainer import _positive, _real
+from . import data as fdata
+from . import metrics as fmetrics
+from . import model as fmodel
+from .errors import FinetuneError
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor       # int64 [B, T]
+    mask: torch.Tensor      # int64 [B, T], 1 = real token
+    types: torch.Tensor     # int64 [B, T]
+    labels: torch.Tensor    # int64 [B] | fp32 [B] | int64 [B, T] (IGNORE on padding / non-first sub-tokens)
+    rows: List[int]         # example indices
+
+
+def _collate(feats: fdata.Features, rows: Sequence[int], pad: int, task: str) -> Batch:
+    width = max(len(feats.ids[i]) for i in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    types = torch.zeros((len(rows), width), dtype=torch.int64)
+    if task == "token-classification":
+        labels = torch.full((len(rows), width), fdata.IGNORE, dtype=torch.int64)
+    for r, i in enumerate(rows):
+        n = len(feats.ids[i])
+        ids[r, :n] = torch.tensor(feats.ids[i])
+        types[r, :n] = torch.tensor(feats.types[i])
+        mask[r, :n] = 1
+        if task == "token-classification" and feats.labels[i] is not None:
+            labels[r, :n] = torch.tensor(feats.labels[i])
+    if task != "token-classification":
+        known = [feats.labels[i] if feats.labels[i] is not None else 0 for i in rows]
+        labels = torch.tensor(known, dtype=torch.float32 if task == "regression" else torch.int64)
+    return Batch(ids, mask, types, labels, list(rows))
+
+
+def train_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> List[np.ndarray]:
+    """Length-bucketed batches: shuffle, sort within pools of 50 batches by length, cut, shuffle the batches
+    (each batch then pads only to its own longest row, and the order stays random)."""
+    order = rng.permutation(len(lengths))
+    pool = batch_size * 50
+    out = []
+    for s in range(0, len(order), pool):
+        chunk = order[s:s + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        out.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    logits = logits.float()
+    if task == "regression":
+        return F.mse_loss(logits, labels)
+    if task == "token-classification":
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=fdata.IGNORE)
+    return F.cross_entropy(logits, labels)
+
+
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@torch.no_grad()
+def predict(model: fmodel.FinetuneModel, feats: fdata.Features, pad: int, batch_size: int, device: torch.device,
+            precision: str) -> List[Any]:
+    """One prediction per example: a class index, a float, or one tag index per word (words cut off by the
+    maximum length get class 0, "O" for BIO tag sets)."""
+    model.eval()
+    order = np.argsort(feats.lengths(), kind="stable")  # similar lengths together: little padding
+    out: List[Any] = [None] * len(feats)
+    for s in range(0, len(order), batch_size):
+        b = _collate(feats, order[s:s + batch_size].tolist(), pad, model.task)
+        with _autocast(device, precision):
+            logits = model(b.ids.to(device), b.mask.to(device), b.types.to(device)).float().cpu()
+        for r, i in enumerate(b.rows):
+            if model.task == "regression":
+                out[i] = float(logits[r])
+            elif model.task == "classification":
+                out[i] = int(logits[r].argmax())
+            else:
+                words = feats.word_ids[i]
+                n_words = max((w for w in words if w is not None), default=-1) + 1
+                tags, seen = [], set()
+                for t, w in enumerate(words):
+                    if w is not None and w not in seen:
+                        seen.add(w)
+                        tags.append(int(logits[r, t].argmax()))
+                out[i] = tags + [0] * max(0, n_words - len(tags))
+    return out
+
+
+def score(task: str, pred: List[Any], examples: List[fdata.Example], names: List[str]) -> Dict[str, float]:
+    if task == "regression":
+        return fmetrics.regression_scores(pred, [e.label for e in examples])
+    if task == "classification":
+        index = {n: i for i, n in enumerate(names)}
+        return fmetrics.classification_scores(pred, [index[e.label] for e in examples], len(names))
+    tags = [[names[t] for t in p] + ["O"] * (len(e.text) - len(p)) for p, e in zip(pred, examples)]
+    return fmetrics.token_scores(tags, [e.label for e in examples])
+
+
+def _write_atomic(path: str, write: Callable[[str], None]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _prepare_out(out: str) -> None:
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise FinetuneError(f"--out: {out} exists and is not a directory")
+    if os.path.isdir(out) and os.listdir(out):
+        raise FinetuneError(f"--out: {out} is not empty; choose a new or empty directory (nothing there is "
+                            "overwritten)")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise FinetuneError(f"--out: cannot create {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise FinetuneError(f"--out: {out} is not writable")
+
+
+def _check_options(o: dict) -> None:
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
+        if o[name] is not None or name != "max_len":
+            _positive(name.replace("_", "-"), o[name], 3 if name == "max_len" else 1)
+    _real("lr", o["lr"], 0.0, inclusive=False)
+    _real("weight-decay", o["weight_decay"], 0.0, inclusive=True)
+    _real("layer-decay", o["layer_decay"], 0.0, inclusive=False)
+    if o["layer_decay"] > 1:
+        raise FinetuneError(f"--layer-decay: expected a number in (0, 1], got {o['layer_decay']!r}")
+    _real("warmup", o["warmup"], 0.0, inclusive=True)
+    if o["warmup"] >= 1:
+        raise FinetuneError(f"--warmup: expected the warm-up fraction of the steps in [0, 1), got {o['warmup']!r}")
+    if o["task"] not in fdata.TASKS:
+        raise FinetuneError(f"--task: expected one of {', '.join(fdata.TASKS)}, got {o['task']!r}")
+    if o["precision"] not in ("auto", "fp32", "bf16"):
+        raise FinetuneError(f"--precision: expected auto, fp32 or bf16, got {o['precision']!r}")
+    seeds = o["seeds"]
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63 for s in seeds):
+        raise FinetuneError(f"--seeds: expected one or more ints in [0, 2**63), got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise FinetuneError(f"--seeds: each seed once, got {seeds!r}")
+
+
+def finetune(model: str, train: str, validation: str, *, out: str, test: Optional[str] = None,
+             task: str = "classification", text_column: Optional[str] = None, pair_column: Optional[str] = None,
+             label_column: str = "label", tokens_column: Optional[str] = None, tags_column: Optional[str] = None,
+             max_len: Optional[int] = None, epochs: int = 3, batch_size: int = 32, eval_batch_size: int = 128,
+             lr: float = 1e-4, layer_decay: float = 0.8, warmup: float = 0.1, weight_decay: float = 0.01,
+             seeds: Sequence[int] = (1,), precision: str = "auto", device: Optional[str] = None,
+             threads: Optional[int] = None, skip_bad_lines: bool = False, from_scratch: bool = False,
+             progress: bool = True, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
+             ) -> dict:
+    """Fine-tune ``model`` (a checkpoint / run / export / transformers directory) on ``train``, pick each seed's
+    best epoch on ``validation``, predict ``test``; returns the summary (also written to ``out/summary.json``).
+    ``from_scratch``: the same architecture and tokenizer, randomly initialised (the no-pretraining baseline).
+    Bad input raises :class:`FinetuneError` with a one-line message before anything is written."""
+    seeds = list(seeds)
+    _check_options(dict(locals()))
+    if threads is not None:
+        torch.set_num_threads(_positive("threads", threads, 1))
+    dev = check_device(device) if device is not None else torch.device("cpu")
+    cfg, state, tok_path = fmodel.load_encoder(model)
+    tok = load_tokenizer(tok_path)
+    pad = special_ids(tok)["pad"]
+    max_len = min(128, cfg.max_position_embeddings) if max_len is None else max_len
+    if max_len > cfg.max_position_embeddings:
+        raise FinetuneError(f"--max-len: {max_len} exceeds the model's max_position_embeddings "
+                            f"({cfg.max_position_embeddings})")
+    columns = fdata.Columns(text_column, pair_column, label_column, tokens_column or "tokens",
+                            tags_column or "tags")
+    tr = fdata.read(train, task, columns, "--train", skip_bad_lines=skip_bad_lines)
+    va = fdata.read(validation, task, columns, "--validation", skip_bad_lines=skip_bad_lines)
+    te = fdata.read(test, task, columns, "--test", labelled=False, skip_bad_lines=skip_bad_lines) if test else None
+    names = fdata.label_names(tr, task)
+    if task != "regression" and len(names) < 2:
+        raise FinetuneError(f"--train: {tr.path} has a single label ({names[0]!r}); a classifier needs two or more")
+    fdata.check_labels(va, names, task, "--validation")
+    if te is not None:
+        fdata.check_labels(te, names, task, "--test")
+    if precision == "auto":
+        precision = _cpu.default_precision(dev)[0]
+    _prepare_out(out)  # every check above ran before anything is written
+
+    feats = {k: fdata.featurize(d, tok, task, names, max_len) for k, d in (("train", tr), ("validation", va),
+                                                                           ("test", te)) if d is not None}
+    for k, d in (("train", tr), ("validation", va), ("test", te)):
+        if d is not None and d.skipped:
+            say(f"warning: --{k}: skipped {d.skipped} bad line(s) (--skip-bad-lines)")
+        if d is not None and feats[k].truncated:
+            say(f"note: --{k}: {feats[k].truncated} example(s) cut to --max-len {max_len}")
+    metric = fmetrics.TASK_METRICS[task][1]
+    say(f"fine-tuning {'a randomly initialised copy of ' if from_scratch else ''}{model} for {task} "
+        f"({len(names) or 'real-valued'} labels) on {len(tr.examples)} examples, {epochs} epoch(s), batch "
+        f"{batch_size}, lr {lr:g} (layer decay {layer_decay:g}), {precision}, seeds {seeds}; best epoch by "
+        f"validation {metric}")
+
+    runs, interrupted = [], False
+    hp = dict(epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr, layer_decay=layer_decay,
+              warmup=warmup, weight_decay=weight_decay)
+    for seed in seeds:
+        try:
+            runs.append(_one_seed(seed, cfg, None if from_scratch else state, task, names, feats, va, te, pad, hp,
+                                  dev, precision, os.path.join(out, f"seed-{seed}"), metric, progress, say, model))
+            interrupted = runs[-1]["interrupted"]
+        except KeyboardInterrupt:
+            interrupted = True
+        if interrupted:
+            say(f"interrupted during seed {seed}: keeping the epochs evaluated so far; no further seed runs")
+            break
+    return _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say)
+
+
+def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precision, out, metric, progress, say,
+              source) -> dict:
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    os.makedirs(out)
+    torch.manual_seed(seed)
+    net = fmodel.build(cfg, state, task, len(names), source).to(dev)
+    groups = param_groups(net, hp["weight_decay"], layer_decay(cfg.num_hidden_layers, hp["layer_decay"]))
+    for g in groups:
+        g["lr"] = hp["lr"] * g["lr_scale"]
+    optimizer = torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.999), eps=1e-6,
+                                  fused=dev.type in ("cpu", "cuda"))
+    rng = np.random.default_rng(seed)
+    lengths = feats["train"].lengths()
+    per_epoch = math.ceil(len(lengths) / hp["batch_size"])
+    total = per_epoch * hp["epochs"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(int(hp["warmup"] * total), total))
+    best, best_epoch, history, interrupted = -math.inf, 0, [], False
+    bar = tqdm(total=total, disable=not progress, unit="step", desc=f"seed {seed}", file=sys.stderr)
+    start = time.perf_counter()
+    try:
+        for epoch in range(1, hp["epochs"] + 1):
+            net.train()
+            losses = []
+            for rows in train_batches(lengths, hp["batch_size"], rng):
+                b = _collate(feats["train"], rows.tolist(), pad, task)
+                with _autocast(dev, precision):
+                    logits = net(b.ids.to(dev), b.mask.to(dev), b.types.to(dev))
+                loss = _loss(logits, b.labels.to(dev), task)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                losses.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            pred = predict(net, feats["validation"], pad, hp["eval_batch_size"], dev, precision)
+            scores = score(task, pred, va.examples, names)
+            row = {"seed": seed, "epoch": epoch, "step": epoch * per_epoch, "train_loss": float(np.mean(losses)),
+                   "validation": scores, "elapsed_s": round(time.perf_counter() - start, 3)}
+            history.append(row)
+            with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            say(f"seed {seed} epoch {epoch}: train loss {row['train_loss']:.4f}  validation {shown}")
+            if scores[metric] > best:
+                best, best_epoch = scores[metric], epoch
+                weights = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+                _write_atomic(os.path.join(out, "best.safetensors"),
+                              lambda p: save_file(weights, p, metadata={"format": "pt"}))
+    except KeyboardInterrupt:  # Ctrl-C: the epochs evaluated so far stand; the caller runs no further seed
+        interrupted = True
+    finally:
+        bar.close()
+    if best_epoch == 0:
+        raise KeyboardInterrupt  # interrupted before the first evaluation: nothing of this seed to keep
+    net.load_state_dict(load_file(os.path.join(out, "best.safetensors")))
+    result = {"seed": seed, "best_epoch": best_epoch, "validation": history[best_epoch - 1]["validation"],
+              "history": history, "dir": out, "interrupted": interrupted}
+    if te is not None:
+        pred = predict(net, feats["test"], pad, hp["eval_batch_size"], dev, precision)
+        path = os.path.join(out, "predictions-test.tsv")
+
+        def write(p):
+            with open(p, "w", encoding="utf-8") as f:
+                f.write("index\tprediction\n")
+                for i, y in enumerate(pred):
+                    shown = (f"{y:.6g}" if task == "regression" else names[y] if task == "classification"
+                             else " ".join(names[t] for t in y))
+                    f.write(f"{i}\t{shown}\n")
+        _write_atomic(path, write)
+        result["predictions"] = path
+    result["model"] = net
+    return result
+
+
+def _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say) -> dict:
+    summary: Dict[str, Any] = {"task": task, "labels": names, "metric": metric, "interrupted": interrupted,
+                               "seeds": [{k: v for k, v in r.items() if k not in ("history", "model")}
+                                         for r in runs]}
+    if runs:
+        keys = list(runs[0]["validation"])
+        summary["median"] = {k: statistics.median(r["validation"][k] for r in runs) for k in keys}
+        summary["spread"] = {k: [min(r["validation"][k] for r in runs), max(r["validation"][k] for r in runs)]
+                             for k in keys}
+        best = max(runs, key=lambda r: r["validation"][metric])
+        fmodel.export(best["model"], names, tok, os.path.join(out, "export"))
+        summary["exported"] = {"seed": best["seed"], "dir": os.path.join(out, "export")}
+        _plot(os.path.join(out, "curves.png"), runs, metric, say)
+        say(_table(runs, keys, summary))
+    _write_atomic(os.path.join(out, "summary.json"),
+                  lambda p: open(p, "w", encoding="utf-8").write(json.dumps(summary, indent=2) + "\n"))
+    summary["models"] = [r["model"] for r in runs]
+    return summary
+
+
+def _table(runs, keys, summary) -> str:
+    head = f"{'seed':>6} {'epoch':>5} " + " ".join(f"{k:>10}" for k in keys)
+    rows = [f"{r['seed']:>6} {r['best_epoch']:>5} " + " ".join(f"{r['validation'][k]:>10.4f}" for k in keys)
+            for r in runs]
+    med = f"{'median':>6} {'':>5} " + " ".join(f"{summary['median'][k]:>10.4f}" for k in keys)
+    spread = f"{'range':>6} {'':>5} " + " ".join(f"{summary['spread'][k][1] - summary['spread'][k][0]:>10.4f}"
+                                                  for k in keys)
+    return "\n".join([head, *rows, med, spread] if len(runs) > 1 else [head, *rows])
+
+
+def _plot(path: str, runs, metric: str, say) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("note: matplotlib is not installed: no curves.png")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in runs:
+        epochs = [h["epoch"] for h in r["history"]]
+        a.plot(epochs, [h["validation"][metric] for h in r["history"]], marker="o", label=f"seed {r['seed']}")
+        b.plot(epochs, [h["train_loss"] for h in r["history"]], marker="o", label=f"seed {r['seed']}")
+    a.set_title(f"validation {metric}")
+    b.set_title("train loss")
+    for ax in (a, b):
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    _write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)

@@ -1,0 +1,304 @@
+"""electra-fast finetune: metrics against formulas written here independently, the layer-wise learning rates, every
+input format, each task end to end from the command line, the transformers export, and bad input (one line,
+nothing overwritten)."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from electra_fast.finetune import data as fdata
+from electra_fast.finetune import metrics as M
+from electra_fast.finetune import model as fmodel
+from electra_fast.finetune.trainer import finetune
+from electra_fast.models import ElectraConfig, ElectraPretrainingModel
+from electra_fast.train import pretrain
+from electra_fast.train.optim import layer_decay, param_groups
+from electra_fast.train.tokenizer import save_for_transformers
+import test_train
+from test_cli_args import _assert_refused, _cli, _snapshot
+from test_train import _kw
+
+env = test_train.env
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_binary_metrics_match_their_definitions():
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 2, 200)
+    pred = np.where(rng.random(200) < 0.7, gold, 1 - gold)
+    tp = int(((pred == 1) & (gold == 1)).sum())
+    tn = int(((pred == 0) & (gold == 0)).sum())
+    fp = int(((pred == 1) & (gold == 0)).sum())
+    fn = int(((pred == 0) & (gold == 1)).sum())
+    assert M.accuracy(pred, gold) == (tp + tn) / 200
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    assert M.f1(pred, gold) == pytest.approx(2 * precision * recall / (precision + recall), abs=1e-12)
+    mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert M.matthews(pred, gold) == pytest.approx(mcc, abs=1e-12)
+    assert M.matthews(np.zeros(5, int), np.array([0, 1, 0, 1, 1])) == 0.0  # constant prediction: GLUE's 0, no NaN
+
+
+def test_correlations_match_their_definitions():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    y = 0.6 * x + y
+    n = len(x)
+    cov = sum((a - x.mean()) * (b - y.mean()) for a, b in zip(x, y))
+    r = cov / math.sqrt(sum((a - x.mean()) ** 2 for a in x) * sum((b - y.mean()) ** 2 for b in y))
+    assert M.pearson(x, y) == pytest.approx(r, abs=1e-12)
+    rank = lambda v: [sorted(v).index(a) + 1 for a in v]  # no ties in continuous draws
+    d2 = sum((a - b) ** 2 for a, b in zip(rank(x), rank(y)))
+    assert M.spearman(x, y) == pytest.approx(1 - 6 * d2 / (n * (n * n - 1)), abs=1e-12)
+    assert list(M.ranks([3.0, 1.0, 3.0, 2.0])) == [3.5, 1.0, 3.5, 2.0]  # ties share their average rank
+    assert M.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0
+
+
+def test_entity_f1_counts_exact_spans():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG", "I-ORG", "I-ORG"]]
+    pred = [["B-PER", "I-PER", "O", "B-ORG"], ["O", "B-ORG", "I-ORG", "O"]]
+    # gold spans: PER(0,2) LOC(3,4) ORG(1,4); predicted: PER(0,2) ORG(3,4) ORG(1,3): one exact match of three
+    assert M.entity_f1(pred, gold) == pytest.approx(2 * 1 / (2 * 1 + 2 + 2))
+    assert M.entity_spans(["I-PER", "I-PER", "I-LOC"]) == {("PER", 0, 2), ("LOC", 2, 3)}  # I- after O / other type
+    assert M.entity_f1(gold, gold) == 1.0
+
+
+# ------------------------------------------------------------------------------------------ recipe
+def test_layer_wise_learning_rates_follow_electra():
+    cfg = ElectraConfig(vocab_size=200, embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=64, generator_hidden_size=16, generator_num_hidden_layers=1,
+                        generator_num_attention_heads=1, generator_intermediate_size=32, max_position_embeddings=32)
+    net = fmodel.FinetuneModel(cfg, "classification", 3)
+    groups = param_groups(net, 0.01, layer_decay(3, 0.8))
+    lr_of = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert set(lr_of) == {n for n, _ in net.named_parameters()}
+    # google-research/electra _get_layer_lrs: lr * decay ** (n_layers + 2 - depth)
+    expect = {"backbone.embeddings.word_embeddings.weight": 0.8 ** 5, "backbone.embeddings_project.weight": 0.8 ** 5,
+              "backbone.encoder.layer.0.attention.self.query.weight": 0.8 ** 4,
+              "backbone.encoder.layer.2.output.dense.bias": 0.8 ** 2, "head.out_proj.weight": 1.0,
+              "head.dense.bias": 1.0}
+    for name, scale in expect.items():
+        assert lr_of[name] == pytest.approx(scale), name
+    decay = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert decay["head.dense.weight"] == 0.01 and decay["head.dense.bias"] == 0.0
+    assert decay["backbone.encoder.layer.0.output.LayerNorm.weight"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def pretrained(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finetune") / "run"
+    pretrain(env["data"], **_kw(env, out, steps=1))
+    return out
+
+
+WORDS = "the cat sat on mat dog ran far away big small red".split()
+
+
+def _sentences(n, seed):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, rng.integers(3, 9))) for _ in range(n)]
+
+
+def _classification_files(d, n=24):
+    d.mkdir(exist_ok=True)
+    for split, seed in (("train", 0), ("dev", 1)):
+        rows = [(s, "yes" if "cat" in s else "no") for s in _sentences(n, seed)]
+        with open(d / f"{split}.tsv", "w") as f:
+            f.write("sentence\tlabel\n" + "".join(f"{s}\t{lab}\n" for s, lab in rows))
+        with open(d / f"{split}.csv", "w") as f:
+            f.write("text,label\n" + "".join(f'"{s}",{lab}\n' for s, lab in rows))
+        with open(d / f"{split}.jsonl", "w") as f:
+            f.write("".join(json.dumps({"sentence1": s, "sentence2": s[::-1], "label": int(lab == "yes")}) + "\n"
+                            for s, lab in rows))
+        with open(d / f"{split}-noheader.tsv", "w") as f:
+            f.write("".join(f"src\t{int(lab == 'yes')}\t*\t{s}\n" for s, lab in rows))  # GLUE's CoLA layout
+        with open(d / f"{split}-reg.jsonl", "w") as f:
+            f.write("".join(json.dumps({"sentence": s, "label": len(s) / 10}) + "\n" for s, _ in rows))
+        with open(d / f"{split}-ner.jsonl", "w") as f:
+            for s in _sentences(n, seed + 7):
+                words = s.split()
+                tags = ["B-ANI" if w in ("cat", "dog") else "O" for w in words]
+                f.write(json.dumps({"tokens": words, "tags": tags}) + "\n")
+    return d
+
+
+def _run(pretrained, d, out, train, dev, **kw):
+    return finetune(str(pretrained), str(d / train), str(d / dev), out=str(out), epochs=1, batch_size=8,
+                    progress=False, say=lambda m: None, **kw)
+
+
+# ------------------------------------------------------------------------------------------ formats and tasks
+@pytest.mark.parametrize("train, dev, kw, metric", [
+    ("train.tsv", "dev.tsv", {}, "accuracy"),
+    ("train.csv", "dev.csv", {}, "accuracy"),
+    ("train.jsonl", "dev.jsonl", {}, "accuracy"),  # sentence1 / sentence2: a pair task
+    ("train-noheader.tsv", "dev-noheader.tsv", dict(text_column="3", label_column="1"), "accuracy"),
+    ("train-reg.jsonl", "dev-reg.jsonl", dict(task="regression"), "pearson"),
+    ("train-ner.jsonl", "dev-ner.jsonl", dict(task="token-classification"), "entity_f1"),
+])
+def test_each_format_and_task_runs_end_to_end(pretrained, tmp_path, train, dev, kw, metric):
+    d = _classification_files(tmp_path / "data")
+    summary = _run(pretrained, d, tmp_path / "out", train, dev, test=str(d / dev), **kw)
+    assert summary["metric"] == metric and metric in summary["seeds"][0]["validation"]
+    seed_dir = tmp_path / "out" / "seed-1"
+    rows = [json.loads(x) for x in open(seed_dir / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1] and math.isfinite(rows[0]["train_loss"])
+    preds = open(seed_dir / "predictions-test.tsv").read().splitlines()
+    assert preds[0] == "index\tprediction" and len(preds) == 1 + 24
+    assert (tmp_path / "out" / "export" / "config.json").is_file() and (tmp_path / "out" / "curves.png").is_file()
+
+
+def test_pair_columns_reach_the_model_as_token_types(pretrained):
+    cfg, state, tok_path = fmodel.load_encoder(str(pretrained))
+    from electra_fast.train.tokenizer import load_tokenizer
+    tok = load_tokenizer(tok_path)
+    ds = fdata.Dataset([fdata.Example("the cat", "sat on", "1")])
+    f = fdata.featurize(ds, tok, "classification", ["0", "1"], 32)
+    assert f.types[0][0] == 0 and f.types[0][-1] == 1 and set(f.types[0]) == {0, 1}
+
+
+def test_token_labels_go_to_first_sub_tokens(pretrained):
+    from electra_fast.train.tokenizer import load_tokenizer
+    tok = load_tokenizer(fmodel.load_encoder(str(pretrained))[2])
+    ds = fdata.Dataset([fdata.Example(["cat", "matdogranfar"], None, ["B-ANI", "O"])])
+    f = fdata.featurize(ds, tok, "token-classification", ["O", "B-ANI"], 32)
+    words, labels = f.word_ids[0], f.labels[0]
+    firsts = [i for i, w in enumerate(words) if w is not None and w not in words[:i]]
+    assert [labels[i] for i in firsts] == [1, 0]
+    assert all(lab == fdata.IGNORE for i, lab in enumerate(labels) if i not in firsts)
+    assert len(words) > 4  # "matdogranfar" is several pieces in the tiny vocabulary: the rule was exercised
+
+
+def test_seeds_report_median_and_export_loads_in_transformers(pretrained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    d = _classification_files(tmp_path / "data")
+    summary = _run(pretrained, d, tmp_path / "out", "train.tsv", "dev.tsv", seeds=[3, 4], precision="fp32")
+    accs = [s["validation"]["accuracy"] for s in summary["seeds"]]
+    assert summary["median"]["accuracy"] == pytest.approx(float(np.median(accs)))
+    assert summary["spread"]["accuracy"] == [min(accs), max(accs)]
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out" / "export")).eval()
+    assert type(hf).__name__ == "ElectraForSequenceClassification" and hf.config.id2label == {0: "no", 1: "yes"}
+    ours = next(m for s, m in zip(summary["seeds"], summary["models"])
+                if s["seed"] == summary["exported"]["seed"]).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 3, 0], [2, 13, 14, 3, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, mask), hf(input_ids=ids, attention_mask=mask).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["classification", "token-classification"])
+def test_deberta_export_loads_in_transformers(env, tmp_path, task):
+    transformers = pytest.importorskip("transformers")
+    from test_models import tiny
+    from electra_fast.train.tokenizer import load_tokenizer
+    tok = load_tokenizer(env["tokenizer"])
+    cfg = tiny("disentangled", vocab_size=tok.get_vocab_size(), pad_token_id=0, cls_token_id=2, sep_token_id=3,
+               mask_token_id=4, unk_token_id=1)
+    src = ElectraPretrainingModel(cfg)
+    src.save_pretrained(str(tmp_path / "pre"))
+    save_for_transformers(tok, str(tmp_path / "pre" / "discriminator"))
+    cfg2, state, _ = fmodel.load_encoder(str(tmp_path / "pre"))
+    net = fmodel.build(cfg2, state, task, 3, "pre").eval()
+    torch.testing.assert_close(net.backbone.state_dict()["encoder.layer.0.attention.self.query_proj.weight"],
+                               src.discriminator.backbone.state_dict()["encoder.layer.0.attention.self.query_proj.weight"])
+    fmodel.export(net, ["O", "B-X", "I-X"], tok, str(tmp_path / "export"))
+    auto = (transformers.AutoModelForTokenClassification if task == "token-classification"
+            else transformers.AutoModelForSequenceClassification)
+    hf = auto.from_pretrained(str(tmp_path / "export")).eval()
+    assert type(hf).__name__.startswith("DebertaV2For")
+    ids = torch.tensor([[2, 10, 11, 12, 3, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        ours, theirs = net(ids, mask), hf(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()  # padded positions: our encoder zeroes them, transformers' does not (both are ignored)
+    if task == "token-classification":
+        ours, theirs = ours[real], theirs[real]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_from_scratch_keeps_architecture_not_weights(pretrained):
+    cfg, state, _ = fmodel.load_encoder(str(pretrained))
+    warm = fmodel.build(cfg, state, "classification", 2)
+    torch.manual_seed(0)
+    cold = fmodel.build(cfg, None, "classification", 2)
+    w = "embeddings.word_embeddings.weight"
+    assert warm.backbone.state_dict()[w].shape == cold.backbone.state_dict()[w].shape
+    assert not torch.equal(warm.backbone.state_dict()[w], cold.backbone.state_dict()[w])
+    assert torch.equal(warm.backbone.state_dict()[w], state["electra." + w])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _bad_cases(d, pretrained, tmp_path):
+    def w(name, text):
+        (d / name).write_text(text)
+        return str(d / name)
+
+    good = ["--train", str(d / "train.tsv"), "--validation", str(d / "dev.tsv")]
+    model = ["--model", str(pretrained)]
+    return [
+        (model + ["--train", w("empty.tsv", ""), "--validation", str(d / "dev.tsv")], "empty.tsv is empty"),
+        (model + ["--train", w("nolabel.tsv", "sentence\tscore\na b\t1\n"), "--validation", str(d / "dev.tsv")],
+         "line 2: no label (column 'label')"),
+        (model + ["--train", w("notext.tsv", "words\tlabel\na b\t1\n"), "--validation", str(d / "dev.tsv")],
+         "no text column"),
+        (model + ["--train", str(d / "train.tsv"), "--validation", w("unknown.tsv", "sentence\tlabel\na b\tmaybe\n")],
+         "label 'maybe' is not one of the training file's labels"),
+        (model + ["--train", w("reg.jsonl", '{"sentence": "a b", "label": "high"}\n'), "--validation",
+                  str(d / "dev-reg.jsonl"), "--task", "regression"], "regression label 'high' is not a number"),
+        (model + ["--train", w("ner.jsonl", '{"tokens": ["a", "b"], "tags": ["O", "O", "O"]}\n'), "--validation",
+                  str(d / "dev-ner.jsonl"), "--task", "token-classification"], "3 tags for 2 tokens"),
+        (model + ["--train", w("bad.jsonl", '{"sentence": "a", "label": 1}\n{not json\n'), "--validation",
+                  str(d / "dev.jsonl")], "bad.jsonl line 2: not a row"),
+        (model + ["--train", w("one.tsv", "sentence\tlabel\na b\tx\nc d\tx\n"), "--validation", str(d / "dev.tsv")],
+         "has a single label"),
+        (model + ["--train", w("header-only.tsv", "sentence\tlabel\n"), "--validation", str(d / "dev.tsv")],
+         "no usable rows"),
+        (model + ["--train", str(d / "missing.tsv"), "--validation", str(d / "dev.tsv")], "no such file"),
+        (model + ["--train", w("x.parquet", "PAR1"), "--validation", str(d / "dev.tsv")], "expected a .csv, .tsv"),
+        (model + ["--train", str(d / "train.tsv"), "--validation", str(d / "dev.tsv"), "--text-column", "body"],
+         "no column 'body' for the text"),
+        (["--model", str(tmp_path / "nowhere")] + good, "--model: no such directory"),
+        (["--model", str(d)] + good, "is not an electra-fast checkpoint"),
+        (model + good + ["--epochs", "0"], "--epochs: expected an int >= 1, got 0"),
+        (model + good + ["--lr", "-1"], "--lr: expected a finite number > 0"),
+        (model + good + ["--layer-decay", "1.5"], "--layer-decay: expected a number in (0, 1]"),
+        (model + good + ["--warmup", "1"], "--warmup: expected the warm-up fraction"),
+        (model + good + ["--seeds", "1", "1"], "--seeds: each seed once"),
+        (model + good + ["--max-len", "1000"], "--max-len: 1000 exceeds the model's max_position_embeddings"),
+        (model + good + ["--device", "tpu"], "--device: expected cpu, cuda or cuda:N"),
+        (model + good + ["--task", "ranking"], "argument --task: invalid choice"),
+        (model + ["--train", w("float.jsonl", '{"sentence": "a", "label": 1.5}\n'), "--validation",
+                  str(d / "dev.jsonl")], "class label 1.5 must be a string or an integer"),
+    ]
+
+
+def test_bad_inputs_are_one_line_and_touch_nothing(pretrained, tmp_path, capsys):
+    d = _classification_files(tmp_path / "data")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine\n")
+    cases = _bad_cases(d, pretrained, tmp_path)
+    cases.append((["--model", str(pretrained), "--train", str(d / "train.tsv"), "--validation", str(d / "dev.tsv"),
+                   "--out", str(tmp_path / "full")], "--out: "))
+    before, run_before = _snapshot(tmp_path), _snapshot(pretrained)
+    for i, (argv, message) in enumerate(cases):
+        if "--out" not in argv:
+            argv = argv + ["--out", str(tmp_path / f"out{i}")]
+        code, err, _ = _cli(["finetune", "--no-progress"] + argv, capsys)
+        _assert_refused(code, err, "finetune", message)
+        assert not (tmp_path / f"out{i}").exists(), argv
+    assert len(cases) >= 20
+    assert _snapshot(tmp_path) == before and _snapshot(pretrained) == run_before
+
+
+def test_skip_bad_lines_counts_them(pretrained, tmp_path):
+    d = _classification_files(tmp_path / "data")
+    good = open(d / "train.jsonl").read()
+    (d / "mixed.jsonl").write_text(good + "{broken\n" + '{"sentence1": "", "sentence2": "x", "label": 1}\n')
+    said = []
+    finetune(str(pretrained), str(d / "mixed.jsonl"), str(d / "dev.jsonl"), out=str(tmp_path / "o"), epochs=1,
+             batch_size=8, progress=False, skip_bad_lines=True, say=said.append)
+    assert any("skipped 2 bad line(s)" in s for s in said), said
