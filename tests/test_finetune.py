@@ -302,3 +302,48 @@ def test_skip_bad_lines_counts_them(pretrained, tmp_path):
     finetune(str(pretrained), str(d / "mixed.jsonl"), str(d / "dev.jsonl"), out=str(tmp_path / "o"), epochs=1,
              batch_size=8, progress=False, skip_bad_lines=True, say=said.append)
     assert any("skipped 2 bad line(s)" in s for s in said), said
+
+
+# ------------------------------------------------------------------------------------------ SiFT
+def test_sift_perturbation_has_the_stated_size_and_direction(pretrained):
+    from electra_fast.finetune.sift import SiFT
+    cfg, state, _ = fmodel.load_encoder(str(pretrained))
+    torch.manual_seed(0)
+    net = fmodel.build(cfg, state, "classification", 3).eval()  # no dropout: the passes differ only by delta
+    with torch.no_grad():
+        net.head.out_proj.weight.mul_(300)  # confident logits: a divergence gradient far above the 1e-6 guard
+    adv = SiFT(net, step=1e-3, init=1e-2)
+    ids = torch.tensor([[2, 10, 11, 12, 3], [2, 13, 14, 15, 3]])
+    clean = net(ids)
+    seen = []
+    net.backbone.embeddings.LayerNorm.register_forward_pre_hook(lambda m, i: seen.append(i[0].detach()))
+    loss = adv.loss(clean, lambda: net(ids), "classification")
+    delta0, g, delta1 = adv.last
+    assert delta0.abs().max() <= 2e-2 and delta0.std() > 2e-3  # N(0, init^2) clipped at 2 init
+    step = delta1 - delta0
+    gmax = g.abs().amax(-1)
+    torch.testing.assert_close(step.abs().amax(-1), 1e-3 * gmax / (1e-6 + gmax), rtol=1e-4, atol=0)
+    strong = gmax > 1e-4  # the [CLS] rows the head reads: there the per-token step is the stated 1e-3
+    assert bool(strong[:, 0].all()) and torch.allclose(step.abs().amax(-1)[strong], torch.tensor(1e-3), rtol=1e-2)
+    assert torch.equal(torch.sign(step), torch.sign(g))  # ascent along the divergence's gradient
+    n = adv.normed  # the LayerNorm without affine parameters: zero mean, unit variance per token
+    torch.testing.assert_close(n.mean(-1), torch.zeros(n.shape[:-1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(n.var(-1, unbiased=False), torch.ones(n.shape[:-1]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(seen[-1], n + delta1)  # the last pass saw the normalised embeddings + delta1
+    assert loss.item() > 0 and loss.requires_grad
+    loss.backward()
+    assert net.head.out_proj.weight.grad is not None and delta1.grad is None  # parameters learn, delta does not
+    # scale invariance: scaling the embeddings leaves what the perturbation is added to unchanged
+    with torch.no_grad():
+        net.backbone.embeddings.word_embeddings.weight.mul_(10)
+        net.backbone.embeddings.position_embeddings.weight.mul_(10)
+        net.backbone.embeddings.token_type_embeddings.weight.mul_(10)
+    net(ids)
+    # equal up to LN0's eps: 1e-7 against the ~4e-4 variance of N(0, 0.02) embeddings shifts the scale by ~1.3e-4
+    torch.testing.assert_close(adv.normed, n, atol=1e-6, rtol=1e-3)
+
+
+def test_sift_runs_in_training(pretrained, tmp_path):
+    d = _classification_files(tmp_path / "data")
+    s = _run(pretrained, d, tmp_path / "o", "train.tsv", "dev.tsv", sift=1.0)
+    assert math.isfinite(s["seeds"][0]["validation"]["accuracy"])

@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
                    "small / base, 0.9 large)")
     p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--sift", type=float, nargs="?", const=1.0, default=0.0, metavar="WEIGHT",
+                   help="DeBERTa's scale-invariant fine-tuning: adversarial loss on the normalised embeddings, with "
+                        "this weight (--sift alone: 1.0; 0: off)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1], help="one run per seed; median and spread reported")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast where the CPU / GPU multiplies bf16 natively, else fp32")
@@ -58,8 +61,8 @@ def run(args) -> int:
                        tokens_column=args.tokens_column, tags_column=args.tags_column, max_len=args.max_len,
                        epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                        lr=args.lr, layer_decay=args.layer_decay, warmup=args.warmup, weight_decay=args.weight_decay,
-                       seeds=args.seeds, precision=args.precision, device=args.device, threads=args.threads,
-                       skip_bad_lines=args.skip_bad_lines, from_scratch=args.from_scratch,
+                       seeds=args.seeds, sift=args.sift, precision=args.precision, device=args.device,
+                       threads=args.threads, skip_bad_lines=args.skip_bad_lines, from_scratch=args.from_scratch,
                        progress=not args.no_progress)
     if "exported" in summary:
         print(f"export: {summary['exported']['dir']} (seed {summary['exported']['seed']})")

@@ -41,6 +41,7 @@ from . import data as fdata
 from . import metrics as fmetrics
 from . import model as fmodel
 from .errors import FinetuneError
+from .sift import SiFT
 
 
 @dataclass
@@ -171,6 +172,7 @@ def _check_options(o: dict) -> None:
     if o["layer_decay"] > 1:
         raise FinetuneError(f"--layer-decay: expected a number in (0, 1], got {o['layer_decay']!r}")
     _real("warmup", o["warmup"], 0.0, inclusive=True)
+    _real("sift", o["sift"], 0.0, inclusive=True)
     if o["warmup"] >= 1:
         raise FinetuneError(f"--warmup: expected the warm-up fraction of the steps in [0, 1), got {o['warmup']!r}")
     if o["task"] not in fdata.TASKS:
@@ -189,13 +191,14 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
              label_column: str = "label", tokens_column: Optional[str] = None, tags_column: Optional[str] = None,
              max_len: Optional[int] = None, epochs: int = 3, batch_size: int = 32, eval_batch_size: int = 128,
              lr: float = 1e-4, layer_decay: float = 0.8, warmup: float = 0.1, weight_decay: float = 0.01,
-             seeds: Sequence[int] = (1,), precision: str = "auto", device: Optional[str] = None,
+             seeds: Sequence[int] = (1,), sift: float = 0.0, precision: str = "auto", device: Optional[str] = None,
              threads: Optional[int] = None, skip_bad_lines: bool = False, from_scratch: bool = False,
              progress: bool = True, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
              ) -> dict:
     """Fine-tune ``model`` (a checkpoint / run / export / transformers directory) on ``train``, pick each seed's
     best epoch on ``validation``, predict ``test``; returns the summary (also written to ``out/summary.json``).
     ``from_scratch``: the same architecture and tokenizer, randomly initialised (the no-pretraining baseline).
+    ``sift``: weight of DeBERTa's SiFT adversarial loss (:mod:`.sift`; 0 = off).
     Bad input raises :class:`FinetuneError` with a one-line message before anything is written."""
     seeds = list(seeds)
     _check_options(dict(locals()))
@@ -239,7 +242,7 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
 
     runs, interrupted = [], False
     hp = dict(epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr, layer_decay=layer_decay,
-              warmup=warmup, weight_decay=weight_decay)
+              warmup=warmup, weight_decay=weight_decay, sift=sift)
     for seed in seeds:
         try:
             runs.append(_one_seed(seed, cfg, None if from_scratch else state, task, names, feats, va, te, pad, hp,
@@ -271,6 +274,7 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
     per_epoch = math.ceil(len(lengths) / hp["batch_size"])
     total = per_epoch * hp["epochs"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(int(hp["warmup"] * total), total))
+    adversary = SiFT(net) if hp["sift"] > 0 else None
     best, best_epoch, history, interrupted = -math.inf, 0, [], False
     bar = tqdm(total=total, disable=not progress, unit="step", desc=f"seed {seed}", file=sys.stderr)
     start = time.perf_counter()
@@ -280,9 +284,13 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
             losses = []
             for rows in train_batches(lengths, hp["batch_size"], rng):
                 b = _collate(feats["train"], rows.tolist(), pad, task)
+                ids, mask, types, labels = b.ids.to(dev), b.mask.to(dev), b.types.to(dev), b.labels.to(dev)
                 with _autocast(dev, precision):
-                    logits = net(b.ids.to(dev), b.mask.to(dev), b.types.to(dev))
-                loss = _loss(logits, b.labels.to(dev), task)
+                    logits = net(ids, mask, types)
+                    loss = _loss(logits, labels, task)
+                    if adversary is not None:
+                        counted = labels != fdata.IGNORE if task == "token-classification" else None
+                        loss = loss + hp["sift"] * adversary.loss(logits, lambda: net(ids, mask, types), task, counted)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
