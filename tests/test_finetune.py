@@ -271,6 +271,8 @@ def _bad_cases(d, pretrained, tmp_path):
         (model + good + ["--max-len", "1000"], "--max-len: 1000 exceeds the model's max_position_embeddings"),
         (model + good + ["--device", "tpu"], "--device: expected cpu, cuda or cuda:N"),
         (model + good + ["--task", "ranking"], "argument --task: invalid choice"),
+        (model + good + ["--resume"], "holds no fine-tuning run"),
+        (model + good + ["--sift", "-1"], "--sift: expected a finite number >= 0"),
         (model + ["--train", w("float.jsonl", '{"sentence": "a", "label": 1.5}\n'), "--validation",
                   str(d / "dev.jsonl")], "class label 1.5 must be a string or an integer"),
     ]
@@ -347,3 +349,36 @@ def test_sift_runs_in_training(pretrained, tmp_path):
     d = _classification_files(tmp_path / "data")
     s = _run(pretrained, d, tmp_path / "o", "train.tsv", "dev.tsv", sift=1.0)
     assert math.isfinite(s["seeds"][0]["validation"]["accuracy"])
+
+
+# ------------------------------------------------------------------------------------------ resume
+def test_interrupted_run_resumes_to_the_uninterrupted_result(pretrained, tmp_path, monkeypatch):
+    from electra_fast.finetune import trainer
+    d = _classification_files(tmp_path / "data")
+    kw = dict(epochs=3, batch_size=8, seeds=[5], precision="fp32", progress=False, say=lambda m: None)
+    args = (str(pretrained), str(d / "train.tsv"), str(d / "dev.tsv"))
+    full = finetune(*args, out=str(tmp_path / "full"), **kw)
+    calls = {"n": 0}
+    real = trainer._loss
+
+    def ctrl_c_in_epoch_3(*a):
+        calls["n"] += 1
+        if calls["n"] == 2 * 3 + 2:  # 3 batches per epoch: the second batch of the third epoch
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(trainer, "_loss", ctrl_c_in_epoch_3)
+    rows = lambda run: [json.loads(x) for x in open(tmp_path / run / "seed-5" / "metrics.jsonl")]
+    cut = finetune(*args, out=str(tmp_path / "cut"), **kw)
+    assert cut["interrupted"] and [r["epoch"] for r in rows("cut")] == [1, 2]
+    monkeypatch.setattr(trainer, "_loss", real)
+    with pytest.raises(fdata.FinetuneError, match="other options .*epochs: 3 -> 4"):
+        finetune(*args, out=str(tmp_path / "cut"), resume=True, **{**kw, "epochs": 4})
+    done = finetune(*args, out=str(tmp_path / "cut"), resume=True, **kw)
+    assert not done["interrupted"]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]
+    assert strip(rows("cut")) == strip(rows("full")) and len(rows("full")) == 3  # bit-identical metrics
+    from safetensors.torch import load_file
+    a, b = (load_file(str(tmp_path / r / "export" / "model.safetensors")) for r in ("full", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert full["seeds"][0]["validation"] == done["seeds"][0]["validation"]

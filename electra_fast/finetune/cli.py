@@ -47,6 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--from-scratch", action="store_true", help="the same architecture and tokenizer, randomly "
                    "initialised: the baseline that shows what pretraining bought")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (same options) from each "
+                   "seed's last evaluated epoch")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip rows that cannot be read (counted) instead "
                                                                  "of stopping at the first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,7 +65,7 @@ def run(args) -> int:
                        lr=args.lr, layer_decay=args.layer_decay, warmup=args.warmup, weight_decay=args.weight_decay,
                        seeds=args.seeds, sift=args.sift, precision=args.precision, device=args.device,
                        threads=args.threads, skip_bad_lines=args.skip_bad_lines, from_scratch=args.from_scratch,
-                       progress=not args.no_progress)
+                       resume=args.resume, progress=not args.no_progress)
     if "exported" in summary:
         print(f"export: {summary['exported']['dir']} (seed {summary['exported']['seed']})")
     print(f"summary: {args.out}/summary.json", file=sys.stdout)

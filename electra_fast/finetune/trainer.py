@@ -138,6 +138,25 @@ def score(task: str, pred: List[Any], examples: List[fdata.Example], names: List
     return fmetrics.token_scores(tags, [e.label for e in examples])
 
 
+def _replace_dir(path: str, write: Callable[[str], None]) -> None:
+    """Write a directory beside ``path``, then swap it in (a resumed run replaces its own earlier export)."""
+    import shutil
+    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
+    try:
+        write(tmp)
+        if os.path.isdir(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        for d in (tmp, old):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def _write_atomic(path: str, write: Callable[[str], None]) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -146,6 +165,27 @@ def _write_atomic(path: str, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+RUN_FILE = "finetune.json"  # the options of the run in --out: what --resume must match
+
+
+def _claim_out(out: str, record: dict, resume: bool) -> None:
+    if not resume:
+        _prepare_out(out)
+        _write_atomic(os.path.join(out, RUN_FILE), lambda p: _write_text(p, json.dumps(record, indent=2) + "\n"))
+        return
+    try:
+        with open(os.path.join(out, RUN_FILE), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        raise FinetuneError(f"--resume: {out} holds no fine-tuning run ({RUN_FILE} missing or unreadable)") from None
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in record.items() if saved.get(k) != v]
+    if changed:
+        raise FinetuneError(f"--resume: the run in {out} was started with other options ({'; '.join(changed)}); "
+                            "resume with the same ones or choose a new --out")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise FinetuneError(f"--out: {out} is not writable")
 
 
 def _prepare_out(out: str) -> None:
@@ -193,13 +233,15 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
              lr: float = 1e-4, layer_decay: float = 0.8, warmup: float = 0.1, weight_decay: float = 0.01,
              seeds: Sequence[int] = (1,), sift: float = 0.0, precision: str = "auto", device: Optional[str] = None,
              threads: Optional[int] = None, skip_bad_lines: bool = False, from_scratch: bool = False,
-             progress: bool = True, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
+             resume: bool = False, progress: bool = True, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
              ) -> dict:
     """Fine-tune ``model`` (a checkpoint / run / export / transformers directory) on ``train``, pick each seed's
     best epoch on ``validation``, predict ``test``; returns the summary (also written to ``out/summary.json``).
     ``from_scratch``: the same architecture and tokenizer, randomly initialised (the no-pretraining baseline).
     ``sift``: weight of DeBERTa's SiFT adversarial loss (:mod:`.sift`; 0 = off).
-    Bad input raises :class:`FinetuneError` with a one-line message before anything is written."""
+    ``resume``: continue the run in ``out`` (same options) from each seed's last evaluated epoch; the result equals
+    an uninterrupted run's. Bad input raises :class:`FinetuneError` with a one-line message before anything is
+    written."""
     seeds = list(seeds)
     _check_options(dict(locals()))
     if threads is not None:
@@ -225,7 +267,13 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
         fdata.check_labels(te, names, task, "--test")
     if precision == "auto":
         precision = _cpu.default_precision(dev)[0]
-    _prepare_out(out)  # every check above ran before anything is written
+    record = {"model": os.path.abspath(model), "train": os.path.abspath(train),
+              "validation": os.path.abspath(validation), "test": test and os.path.abspath(test), "task": task,
+              "columns": vars(columns), "max_len": max_len, "epochs": epochs, "batch_size": batch_size,
+              "eval_batch_size": eval_batch_size, "lr": lr, "layer_decay": layer_decay, "warmup": warmup,
+              "weight_decay": weight_decay, "sift": sift, "seeds": seeds, "precision": precision,
+              "from_scratch": from_scratch, "skip_bad_lines": skip_bad_lines}
+    _claim_out(out, record, resume)  # every check above ran before anything is written
 
     feats = {k: fdata.featurize(d, tok, task, names, max_len) for k, d in (("train", tr), ("validation", va),
                                                                            ("test", te)) if d is not None}
@@ -261,7 +309,7 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
-    os.makedirs(out)
+    os.makedirs(out, exist_ok=True)  # --resume: the seed's directory may hold its last finished epoch
     torch.manual_seed(seed)
     net = fmodel.build(cfg, state, task, len(names), source).to(dev)
     groups = param_groups(net, hp["weight_decay"], layer_decay(cfg.num_hidden_layers, hp["layer_decay"]))
@@ -276,10 +324,15 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(int(hp["warmup"] * total), total))
     adversary = SiFT(net) if hp["sift"] > 0 else None
     best, best_epoch, history, interrupted = -math.inf, 0, [], False
-    bar = tqdm(total=total, disable=not progress, unit="step", desc=f"seed {seed}", file=sys.stderr)
-    start = time.perf_counter()
+    resumed = _load_epoch_state(out, net, optimizer, scheduler, rng)
+    if resumed is not None:
+        best, best_epoch, history = resumed
+        say(f"seed {seed}: resuming after epoch {len(history)}")
+    bar = tqdm(total=total, initial=len(history) * per_epoch, disable=not progress, unit="step",
+               desc=f"seed {seed}", file=sys.stderr)
+    start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
     try:
-        for epoch in range(1, hp["epochs"] + 1):
+        for epoch in range(len(history) + 1, hp["epochs"] + 1):
             net.train()
             losses = []
             for rows in train_batches(lengths, hp["batch_size"], rng):
@@ -313,6 +366,7 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
                 weights = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
                 _write_atomic(os.path.join(out, "best.safetensors"),
                               lambda p: save_file(weights, p, metadata={"format": "pt"}))
+            _save_epoch_state(out, net, optimizer, scheduler, rng, best, best_epoch, history)
     except KeyboardInterrupt:  # Ctrl-C: the epochs evaluated so far stand; the caller runs no further seed
         interrupted = True
     finally:
@@ -339,6 +393,40 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
     return result
 
 
+EPOCH_STATE = "last-epoch.pt"  # what --resume continues from: written after each evaluated epoch
+
+
+def _save_epoch_state(out, net, optimizer, scheduler, rng, best, best_epoch, history) -> None:
+    state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "batch_order": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "best": best,
+             "best_epoch": best_epoch, "history": history}
+    _write_atomic(os.path.join(out, EPOCH_STATE), lambda p: torch.save(state, p))
+
+
+def _load_epoch_state(out, net, optimizer, scheduler, rng):
+    """(best, best_epoch, history) of the last finished epoch in ``out`` (restoring the model, optimizer, schedule
+    and both random streams, so the continued run equals an uninterrupted one), or None for a fresh seed."""
+    path = os.path.join(out, EPOCH_STATE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise FinetuneError(f"--resume: {path} cannot be read ({type(e).__name__}); remove that seed's directory to "
+                            "start it again") from None
+    rng.bit_generator.state = st["batch_order"]
+    torch.set_rng_state(st["torch_rng"])
+    history = st["history"]
+    metrics = os.path.join(out, "metrics.jsonl")  # a kill after the line, before the state: drop the extra lines
+    with open(metrics, encoding="utf-8") as f:
+        lines = f.readlines()[:len(history)]
+    _write_atomic(metrics, lambda p: _write_text(p, "".join(lines)))
+    return st["best"], st["best_epoch"], history
+
+
 def _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say) -> dict:
     summary: Dict[str, Any] = {"task": task, "labels": names, "metric": metric, "interrupted": interrupted,
                                "seeds": [{k: v for k, v in r.items() if k not in ("history", "model")}
@@ -349,12 +437,11 @@ def _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say) -
         summary["spread"] = {k: [min(r["validation"][k] for r in runs), max(r["validation"][k] for r in runs)]
                              for k in keys}
         best = max(runs, key=lambda r: r["validation"][metric])
-        fmodel.export(best["model"], names, tok, os.path.join(out, "export"))
+        _replace_dir(os.path.join(out, "export"), lambda d: fmodel.export(best["model"], names, tok, d))
         summary["exported"] = {"seed": best["seed"], "dir": os.path.join(out, "export")}
         _plot(os.path.join(out, "curves.png"), runs, metric, say)
         say(_table(runs, keys, summary))
-    _write_atomic(os.path.join(out, "summary.json"),
-                  lambda p: open(p, "w", encoding="utf-8").write(json.dumps(summary, indent=2) + "\n"))
+    _write_atomic(os.path.join(out, "summary.json"), lambda p: _write_text(p, json.dumps(summary, indent=2) + "\n"))
     summary["models"] = [r["model"] for r in runs]
     return summary
 
