@@ -141,7 +141,8 @@ def test_save_pretrained_loads_in_transformers(tmp_path, kind):
                                               generator_num_attention_heads=2, intermediate_size=64,
                                               generator_intermediate_size=64, num_hidden_layers=2,
                                               generator_num_hidden_layers=1, position_buckets=8,
-                                              max_position_embeddings=64)
+                                              max_position_embeddings=64,
+                                              enhanced_mask_decoder=False)  # transformers has no EMD
     torch.manual_seed(0)
     model = ElectraPretrainingModel(cfg).eval()
     with torch.no_grad():  # break the zero-init symmetry so the export has something to get wrong
@@ -231,3 +232,63 @@ def test_no_network(tmp_path, monkeypatch):
         ElectraPretrainingModel.from_transformers("google/electra-small-generator",
                                                   "google/electra-small-discriminator")
     logging.getLogger("electra_fast").debug("ok")
+
+
+# ------------------------------------------------------------------------------------------ Enhanced Mask Decoder
+def _emd_model(layers=2):
+    cfg = ElectraConfig.deberta_v3_xsmall(vocab_size=V, mask_token_id=100, hidden_size=32, embedding_size=32,
+                                          generator_hidden_size=32, num_attention_heads=4,
+                                          generator_num_attention_heads=2, intermediate_size=64,
+                                          generator_intermediate_size=64, num_hidden_layers=2,
+                                          generator_num_hidden_layers=layers, position_buckets=8,
+                                          max_position_embeddings=64)
+    assert cfg.enhanced_mask_decoder  # the deberta-v3 presets' default, as in Microsoft's RTD code
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_enhanced_mask_decoder_matches_microsofts_algorithm(tmp_path, layers):
+    """The generator's MLM logits equal Microsoft's EnhancedMaskDecoder computed here from transformers' own
+    DeBERTa layers (which take query_states): h = the last layer's input, q = h + absolute positions, q = last
+    layer(h, query_states=q) twice, then the LM head on q. Without EMD (transformers' DebertaV2ForMaskedLM) the
+    logits differ: transformers cannot represent it, which the export says in its config."""
+    model = _emd_model(layers)
+    model.save_pretrained(tmp_path / "ckpt")
+    gcfg = json.load(open(tmp_path / "ckpt" / "generator" / "config.json"))
+    assert gcfg["electra_fast_enhanced_mask_decoder"] is True
+    g = transformers.DebertaV2ForMaskedLM.from_pretrained(tmp_path / "ckpt" / "generator").eval()
+    ids, mask = _inputs()
+    with torch.no_grad():
+        ours = model.generator.logits(ids, mask)
+        enc = g.deberta.encoder
+        states = g.deberta(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        h = states[-2]  # the input of the last layer (the embeddings' output when there is one layer)
+        z = model.generator.backbone.embeddings.position_embeddings.weight[: ids.shape[1]]
+        att = enc.get_attention_mask(mask)
+        rel = enc.get_rel_embedding()
+        q = h + z
+        for _ in range(2):
+            rel_pos = enc.get_rel_pos(h, q)
+            q = enc.layer[-1](h, att, query_states=q, relative_pos=rel_pos, rel_embeddings=rel)[0]
+        reference = g.lm_predictions.lm_head(q, g.deberta.embeddings.word_embeddings) \
+            if hasattr(g, "lm_predictions") else g.cls(q)
+        _close_valid(ours, reference, mask)
+        plain = g(ids, attention_mask=mask).logits
+        assert (ours - plain)[mask.bool()].abs().max() > 1e-3  # transformers alone does not compute EMD
+    back = ElectraPretrainingModel.from_pretrained(tmp_path / "ckpt").eval()
+    assert back.config.enhanced_mask_decoder
+    with torch.no_grad():
+        torch.testing.assert_close(back.generator.logits(ids, mask), ours, rtol=0, atol=0)
+        assert torch.isfinite(back(ids, mask, seed=0).loss)
+
+
+def test_enhanced_mask_decoder_needs_unbiased_positions():
+    with pytest.raises(ValueError, match="enhanced_mask_decoder: needs"):
+        ElectraConfig(enhanced_mask_decoder=True)  # standard attention
+    with pytest.raises(ValueError, match="enhanced_mask_decoder: needs"):
+        ElectraConfig.deberta_v3_xsmall(position_biased_input=True)

@@ -54,6 +54,9 @@ class ElectraConfig:
     share_att_key: bool = True
     norm_rel_ebd: str = "layer_norm"
     position_biased_input: bool = True        # absolute position embeddings added to the input
+    # DeBERTa's Enhanced Mask Decoder for the generator's MLM head (needs position_biased_input=False): see
+    # ElectraGenerator.encode
+    enhanced_mask_decoder: bool = False
     # generator / discriminator embedding sharing
     embedding_sharing: str = "tied"
     # masking (electra_fast.mask_tokens)
@@ -121,6 +124,13 @@ class ElectraConfig:
                              f"{self.mask_token_frac} + {self.random_token_frac}")
         if not self.temperature > 0:
             raise ValueError(f"ElectraConfig.temperature: expected > 0, got {self.temperature}")
+        if self.enhanced_mask_decoder and not (self.disentangled and not self.position_biased_input
+                                               and self.embedding_size == self.generator_hidden_size):
+            raise ValueError("ElectraConfig.enhanced_mask_decoder: needs attention='disentangled', "
+                             "position_biased_input=False and embedding_size == generator_hidden_size (the absolute "
+                             "positions are added to the generator's hidden states), got "
+                             f"{self.attention!r}, {self.position_biased_input}, {self.embedding_size} vs "
+                             f"{self.generator_hidden_size}")
         if self.disentangled:
             if self.relative_span < 1:
                 raise ValueError("ElectraConfig.position_buckets: the relative span (position_buckets if > 0 else "
@@ -228,7 +238,8 @@ class ElectraConfig:
     def _deberta_v3(cls, hidden, layers, heads, **kw) -> "ElectraConfig":
         # DeBERTa-v3: SentencePiece vocab 128100 ([PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 [MASK]=128000), relative
         # position buckets 256, c2p + p2c with shared keys, LayerNorm on the relative embeddings, no absolute
-        # positions or token types, generator of the same width and half the depth, GDES; BERT-style 80/10/10
+        # positions or token types (they enter only the generator's Enhanced Mask Decoder, as in Microsoft's RTD
+        # code), generator of the same width and half the depth, GDES; BERT-style 80/10/10
         # masking as in DeBERTa's NGramMaskGenerator.
         base = dict(vocab_size=128100, pad_token_id=0, cls_token_id=1, sep_token_id=2, unk_token_id=3,
                     mask_token_id=128000, embedding_size=hidden, hidden_size=hidden, num_hidden_layers=layers,
@@ -237,7 +248,7 @@ class ElectraConfig:
                     generator_intermediate_size=4 * hidden, type_vocab_size=0, attention="disentangled",
                     position_buckets=256, max_relative_positions=-1, pos_att_type=("p2c", "c2p"),
                     share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
-                    embedding_sharing="gdes", mask_token_frac=0.8, random_token_frac=0.1, layer_norm_eps=1e-7)
+                    enhanced_mask_decoder=True, embedding_sharing="gdes", mask_token_frac=0.8, random_token_frac=0.1, layer_norm_eps=1e-7)
         return cls(**{**base, **kw})
 
     @classmethod

@@ -109,6 +109,11 @@ def transformers_config(cfg: ElectraConfig, role: str) -> dict:
                  share_att_key=cfg.share_att_key, norm_rel_ebd=cfg.norm_rel_ebd,
                  position_biased_input=cfg.position_biased_input, legacy=_legacy(cfg),
                  bos_token_id=cfg.cls_token_id, eos_token_id=cfg.sep_token_id)
+        if gen and cfg.enhanced_mask_decoder:
+            # transformers has no Enhanced Mask Decoder: DebertaV2ForMaskedLM loads this generator (ignoring its
+            # deberta.embeddings.position_embeddings) and reads the last layer's output instead, so its MLM logits
+            # differ from electra_fast's; the flag lets electra_fast read the generator back with its EMD
+            d["electra_fast_enhanced_mask_decoder"] = True
     return d
 
 
@@ -153,7 +158,8 @@ def config_from_transformers(gen: dict, disc: dict, **overrides) -> ElectraConfi
         base.update(position_buckets=disc.get("position_buckets", -1),
                     max_relative_positions=disc.get("max_relative_positions", -1), pos_att_type=tuple(pat),
                     share_att_key=disc.get("share_att_key", False), norm_rel_ebd=disc.get("norm_rel_ebd", "none"),
-                    position_biased_input=disc.get("position_biased_input", True))
+                    position_biased_input=disc.get("position_biased_input", True),
+                    enhanced_mask_decoder=bool(gen.get("electra_fast_enhanced_mask_decoder", False)))
     base.update(common)
     base.update(overrides)
     return ElectraConfig.from_dict(base)

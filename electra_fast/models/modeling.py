@@ -57,14 +57,16 @@ class Backbone(nn.Module):
     """transformers' ``ElectraModel`` (standard) or ``DebertaV2Model`` (disentangled) layout:
     ``embeddings`` [+ ``embeddings_project``] + ``encoder``; ids [B, T] -> hidden [B, T, H]."""
 
-    def __init__(self, cfg: ElectraConfig, hidden: int, layers: int, heads: int, ffn: int):
+    def __init__(self, cfg: ElectraConfig, hidden: int, layers: int, heads: int, ffn: int,
+                 position_table: bool = False):
         super().__init__()
         self.disentangled = cfg.disentangled
         p, pa, eps = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob, cfg.layer_norm_eps
         if cfg.disentangled:
             self.embeddings = DebertaV2Embeddings(cfg.vocab_size, cfg.embedding_size, hidden,
                                                   cfg.max_position_embeddings, cfg.type_vocab_size,
-                                                  cfg.position_biased_input, cfg.pad_token_id, eps, p)
+                                                  cfg.position_biased_input, cfg.pad_token_id, eps, p,
+                                                  position_table=position_table)
             self.encoder = DisentangledEncoder(layers, hidden, heads, ffn, cfg.hidden_act, eps, p, pa,
                                                cfg.pos_att_type, cfg.share_att_key, cfg.position_buckets,
                                                cfg.max_relative_distance, cfg.relative_span, cfg.norm_rel_ebd)
@@ -99,8 +101,10 @@ class ElectraGenerator(nn.Module):
 
     def __init__(self, cfg: ElectraConfig):
         super().__init__()
+        self.emd = cfg.enhanced_mask_decoder
         self.backbone = Backbone(cfg, cfg.generator_hidden_size, cfg.generator_num_hidden_layers,
-                                 cfg.generator_num_attention_heads, cfg.generator_intermediate_size)
+                                 cfg.generator_num_attention_heads, cfg.generator_intermediate_size,
+                                 position_table=self.emd)
         # ELECTRA's generator head always uses gelu; DeBERTa's uses hidden_act
         act = cfg.hidden_act if cfg.disentangled else "gelu"
         self.head = GeneratorHead(cfg.generator_hidden_size, cfg.embedding_size, cfg.vocab_size, act,
@@ -110,9 +114,29 @@ class ElectraGenerator(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.backbone.embeddings.word_embeddings
 
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """ids [B, T] -> the hidden states [B, T, H] the MLM head reads.
+
+        With ``enhanced_mask_decoder`` (DeBERTa's EMD, Microsoft's ``EnhancedMaskDecoder.emd_context_layer``): let
+        ``h`` be the input of the last encoder layer and ``z`` the absolute position embeddings (not part of the
+        encoder's input); the last layer runs twice more with keys / values from ``h`` and queries (and the
+        attention residual) from ``q``, starting at ``q = z + h``; the MLM head reads the final ``q``. The last
+        layer's ordinary pass over ``h`` is not needed and not run."""
+        if not self.emd:
+            return self.backbone(input_ids, attention_mask, token_type_ids)
+        bb, key = self.backbone, _key_mask(attention_mask)
+        h = bb.embeddings(input_ids, token_type_ids, attention_mask)
+        rel = bb.encoder.rel_embedding()
+        for layer in bb.encoder.layer[:-1]:
+            h = layer(h, key, rel_embeddings=rel)
+        q = h + bb.embeddings.position_embeddings.weight[: input_ids.shape[1]].to(h.dtype)
+        for _ in range(2):
+            q = bb.encoder.layer[-1](h, key, rel_embeddings=rel, query_states=q)
+        return q
+
     def logits(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         """Full [B, T, V] MLM logits (inspection / interop; training never builds them)."""
-        h = self.backbone(input_ids, attention_mask, token_type_ids)
+        h = self.encode(input_ids, attention_mask, token_type_ids)
         return self.head.logits(h, self.word_embeddings.weight)
 
 
@@ -225,7 +249,7 @@ class ElectraPretrainingModel(nn.Module):
                         attention_mask=attention_mask, strategy=cfg.masking_strategy,
                         validate=False)  # ids were checked above
         masked = m.masked
-        gen_hidden = gen.backbone(m.input_ids, attention_mask, token_type_ids)
+        gen_hidden = gen.encode(m.input_ids, attention_mask, token_type_ids)
         # the generator head runs at the masked positions only
         h = gen.head.transform(gen_hidden[masked])
         targets = input_ids[masked]

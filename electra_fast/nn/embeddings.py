@@ -76,11 +76,15 @@ class DebertaV2Embeddings(nn.Module):
 
     def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, max_position_embeddings: int,
                  type_vocab_size: int, position_biased_input: bool, pad_token_id: int, layer_norm_eps: float,
-                 dropout: float):
+                 dropout: float, position_table: bool = False):
+        """``position_table``: keep absolute position embeddings even when they are not added to the input
+        (``position_biased_input=False``), for DeBERTa's Enhanced Mask Decoder (Microsoft's embeddings always
+        hold them)."""
         super().__init__()
         self.word_embeddings = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_token_id)
+        self.position_biased_input = position_biased_input
         self.position_embeddings = nn.Embedding(max_position_embeddings, embedding_size) \
-            if position_biased_input else None
+            if position_biased_input or position_table else None
         self.token_type_embeddings = nn.Embedding(type_vocab_size, embedding_size) if type_vocab_size > 0 else None
         self.embed_proj = nn.Linear(embedding_size, hidden_size, bias=False) if embedding_size != hidden_size else None
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
@@ -89,7 +93,7 @@ class DebertaV2Embeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.word_embeddings(input_ids)
-        if self.position_embeddings is not None:
+        if self.position_biased_input:
             x = x + self.position_embeddings.weight[: input_ids.shape[1]]
         if self.token_type_embeddings is not None:
             x = x + (self.token_type_embeddings.weight[0] if token_type_ids is None

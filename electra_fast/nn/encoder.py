@@ -129,12 +129,17 @@ class EncoderLayer(nn.Module):
         self.output = _AddNorm(intermediate_size, hidden_size, eps, dropout)
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor],
-                rel_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if rel_embeddings is None:
+                rel_embeddings: Optional[torch.Tensor] = None,
+                query_states: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, T, H] (keys and values; also the queries unless ``query_states`` [B, T, H] is given, which is then
+        the attention's residual too, as in DeBERTa's layer) -> [B, T, H]."""
+        if query_states is not None:
+            a = self.attention.self(x, key_mask, rel_embeddings=rel_embeddings, query_states=query_states)
+        elif rel_embeddings is None:
             a = self.attention.self(x, key_mask)
         else:
             a = self.attention.self(x, key_mask, rel_embeddings=rel_embeddings)
-        a = self.attention.output(a, x)
+        a = self.attention.output(a, x if query_states is None else query_states)
         if self.intermediate.act_name == "gelu":  # the GELU's backward fused into the second product's
             d1, d2 = self.intermediate.dense, self.output.dense
             return self.output.norm(gelu_mlp(a, d1.weight, d1.bias, d2.weight, d2.bias), a)
