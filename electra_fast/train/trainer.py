@@ -25,6 +25,8 @@ import torch
 from .. import _cpu
 from . import checkpoint as ckpt
 from . import rundir
+from .evaluation import HeldOut, SplitSampler, heldout_count, split
+from .metrics import TokenScores, rtd_metrics
 from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
 from .distributed import Context, setup
 from .errors import InterruptedAgain, PretrainError
@@ -250,7 +252,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
              compile: bool = False, seed: int = 0, out: str = "runs/electra-fast", save_every: Optional[int] = None,
              keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
              device: Optional[str] = None, threads: Optional[int] = None, progress: bool = True,
-             fused: bool = True, allow_nonempty_out: bool = False,
+             fused: bool = True, allow_nonempty_out: bool = False, eval_every: Optional[int] = None,
              _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
     """Pretrain an ELECTRA / DeBERTa-v3 RTD model; returns the closing summary (plus ``"model"``, the trained
     ElectraPretrainingModel). Bad input raises :class:`PretrainError` with a one-line message.
@@ -258,6 +260,9 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     ``data``: paths (.txt / .jsonl / directories / saved datasets); None trains on the embedded default corpus
     (Python's standard-library docstrings) with a tiny model, an 8192-token vocabulary, batch 16 and 300 steps
     unless ``model`` / ``vocab_size`` / ``batch_size`` / ``steps`` say otherwise.
+
+    ``eval_every``: every N steps (and at the last), evaluate on a fixed held-out slice of the corpus that training
+    never reads (see :mod:`.evaluation`); the records' ``eval_*`` fields.
     """
     embedded = data is None or (isinstance(data, (list, tuple)) and len(data) == 0)
     if isinstance(data, (str, os.PathLike)):
@@ -267,7 +272,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     if steps is None:  # an explicit 0 is refused below, never read as "unset"
         steps = DEFAULT_EMBEDDED_STEPS if embedded else DEFAULT_STEPS
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    optional = (("save-every", save_every, 1, None), ("warmup", warmup, 0, None),
+    optional = (("save-every", save_every, 1, None), ("warmup", warmup, 0, None), ("eval-every", eval_every, 1, None),
                 ("vocab-size", vocab_size, len(SPECIAL_TOKENS) + 1, None),
                 ("threads", threads, 1, cpus))  # more threads than CPUs only slow down (100000 crashed OpenMP)
     for name, v, lo, hi in (("steps", steps, 1, None), ("seq-len", seq_len, 3, None),
@@ -344,7 +349,7 @@ class _Job:
     def __init__(self, ctx: Context, say, **options):
         self.ctx, self.say = ctx, say
         self.o = SimpleNamespace(**options)
-        self.first_loss = self.last_record = self.checkpoint = self.interrupted = None
+        self.first_loss = self.last_record = self.last_eval = self.checkpoint = self.interrupted = None
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
@@ -357,9 +362,9 @@ class _Job:
         with _Signals(loud=ctx.is_main) as signals, \
                 open(self.metrics_path if ctx.is_main else os.devnull, "a", encoding="utf-8") as self.mf:
             while self.step < o.steps:
-                values, grad_norm, lr_now, dt = self._train_step()
-                if self._is_log_step():
-                    self._log_step(values, grad_norm, lr_now, dt)
+                values, scores, grad_norm, lr_now, dt = self._train_step()
+                if scores is not None:
+                    self._log_step(values, self._step_rtd_metrics(scores), grad_norm, lr_now, dt)
                 if ctx.any(signals.caught is not None):
                     self.interrupted = signals.caught or "signal"
                     break
@@ -445,7 +450,29 @@ class _Job:
             stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, log=self.say)
         ids = special_ids(self.tok)
         self.packed = PackedSequences(stream, o.seq_len, ids["cls"], ids["sep"])
-        self.sampler = Sampler(len(self.packed), o.seed)
+        self._split(ids)
+
+    def _split(self, special: dict) -> None:
+        """The training order, and the held-out slice it leaves out: a new run holds one out with --eval-every;
+        a resumed run keeps its checkpoint's split (the data order depends on it)."""
+        o, n = self.o, len(self.packed)
+        self.heldout_sequences = (self.state.get("heldout_sequences", 0) if self.state is not None
+                                  else heldout_count(n) if o.eval_every else 0)
+        self.heldout = None
+        if o.eval_every and not self.heldout_sequences:
+            why = ("the run being resumed was started without --eval-every, so every sequence may have been "
+                   "trained on; start a new --out to evaluate" if self.state is not None
+                   else f"the corpus has {n} sequence(s) of --seq-len {o.seq_len}; a held-out slice needs >= 2")
+            raise PretrainError(f"--eval-every: {why}")
+        if not self.heldout_sequences:
+            self.sampler = Sampler(n, o.seed)
+            return
+        heldout_ids, train_ids = split(n, self.heldout_sequences)
+        self.sampler = SplitSampler(train_ids, o.seed)
+        if o.eval_every and self.ctx.is_main:  # rank 0 evaluates; the others go on to the next step's collective
+            self.heldout = HeldOut(self.packed, heldout_ids, train_ids, o.batch_size,
+                                   lambda i: derive_seed(0x4556414C, i),  # "EVAL": the same for every run
+                                   tuple(special.values()), self.cfg.vocab_size)
 
     def _model_and_optimizer(self) -> None:
         from ..models import ElectraPretrainingModel
@@ -531,6 +558,7 @@ class _Job:
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.optimizer.zero_grad(set_to_none=True)
         acc = torch.zeros(len(STEP_METRICS), device=ctx.device)
+        scores = TokenScores() if self._is_log_step(self.step + 1) else None
         for m in range(o.grad_accum):
             idx = self.sampler.indices(self.data_pos + (m * ctx.world + ctx.rank) * o.batch_size, o.batch_size)
             batch = self.packed.batch(idx).to(ctx.device, non_blocking=True)
@@ -541,6 +569,8 @@ class _Job:
                 self.scaler.scale(out.loss / o.grad_accum).backward()
             acc += torch.stack([out.loss.detach(), out.mlm_loss.detach(), out.rtd_loss.detach()]
                                + [out.metrics[k].detach().float() for k in STEP_METRICS[3:]]) / o.grad_accum
+            if scores is not None:  # a logging step: the logits and labels in hand, nothing recomputed
+                scores.add(out.discriminator_logits, out.corrupted_ids, batch)
         self.data_pos += o.batch_size * o.grad_accum * ctx.world
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
@@ -555,19 +585,48 @@ class _Job:
         acc = ctx.all_mean(acc)
         dt = time.perf_counter() - ts
         self.bar.update(1)
-        return acc, grad_norm, lr_now, dt
+        return acc, scores, grad_norm, lr_now, dt
 
-    def _is_log_step(self) -> bool:
-        return self.step % self.o.log_every == 0 or self.step == self.o.steps or self.step == self.start_step + 1
+    def _is_log_step(self, step: int) -> bool:
+        o = self.o
+        return (step % o.log_every == 0 or step == o.steps or step == self.start_step + 1
+                or self._is_eval_step(step))
 
-    def _log_step(self, values, grad_norm, lr_now, dt) -> None:
-        """One metrics.jsonl record (and TensorBoard scalars, and the progress bar's numbers)."""
+    def _is_eval_step(self, step: int) -> bool:
+        return bool(self.o.eval_every) and (step % self.o.eval_every == 0 or step == self.o.steps)
+
+    def _step_rtd_metrics(self, scores: TokenScores) -> dict:
+        """The discriminator's metrics over every real token of the step (all micro-batches, all ranks)."""
+        logits, labels = scores.tensors()
+        logits, labels = self.ctx.all_cat(logits), self.ctx.all_cat(labels.to(torch.uint8))
+        return rtd_metrics(logits, labels.bool())
+
+    def _evaluate(self) -> dict:
+        """The held-out record of this step (rank 0; {} elsewhere); the first one also prints the baseline."""
+        if self.heldout is None:
+            return {}
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        rec = self.heldout.evaluate(self.net, self.ctx.device, dict(dtype=amp or torch.bfloat16,
+                                                                    enabled=amp is not None))
+        if self.last_eval is None:
+            token = self.tok.id_to_token(self.heldout.unigram_token)
+            self.say(f"held-out slice: {len(self.heldout.ids)} sequences never trained on; unigram baseline "
+                     f"(always {token!r}) MLM accuracy {rec['eval_unigram_accuracy']:.3f}, generator "
+                     f"{rec['eval_generator_accuracy']:.3f} at step {self.step}")
+        self.last_eval = rec
+        return rec
+
+    def _log_step(self, values, rtd: dict, grad_norm, lr_now, dt) -> None:
+        """One metrics.jsonl record (and TensorBoard scalars, and the progress bar's numbers); ``rtd``: the
+        step's exact discriminator metrics, which replace the micro-batch means of the same names."""
         vals = values.tolist()
         if not all(math.isfinite(v) for v in vals[:3]):
             self.say(f"warning: non-finite loss at step {self.step}")
         tok_s = self._tokens_per_step() / dt
-        rec = {"step": self.step, **dict(zip(STEP_METRICS, vals)), "lr": lr_now, "grad_norm": float(grad_norm),
-               "tokens_per_s": tok_s, "tokens_seen": self.tokens_seen}
+        rec = {"step": self.step, **dict(zip(STEP_METRICS, vals)), **rtd, "lr": lr_now,
+               "grad_norm": float(grad_norm), "tokens_per_s": tok_s, "tokens_seen": self.tokens_seen}
+        if self._is_eval_step(self.step):
+            rec.update(self._evaluate())
         self.last_record = rec
         if self.first_loss is None:
             self.first_loss = rec["loss"]
@@ -577,10 +636,11 @@ class _Job:
         self.mf.flush()
         if self.tb is not None:
             for k, v in rec.items():
-                if k != "step":
+                if k != "step" and v is not None:
                     self.tb.add_scalar(k, v, self.step)
         self.bar.set_postfix(loss=f"{vals[0]:.3f}", mlm=f"{vals[1]:.3f}", rtd=f"{vals[2]:.4f}",
-                             tok_s=f"{tok_s:,.0f}", refresh=False)
+                             prior=f"{rtd['prior_rtd_loss']:.4f}", auc=_fmt(rtd["discriminator_auc"]),
+                             f1=f"{rtd['discriminator_f1']:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
 
     def _maybe_checkpoint(self, signals: _Signals) -> None:
         every = self.o.save_every
@@ -607,7 +667,8 @@ class _Job:
                      "tokens_seen": self.tokens_seen,
                      "elapsed_s": self.elapsed_before + time.perf_counter() - self.t0,
                      "world": ctx.world, "seq_len": o.seq_len, "batch_size": o.batch_size,
-                     "grad_accum": o.grad_accum, "precision": self.precision}
+                     "grad_accum": o.grad_accum, "precision": self.precision,
+                     "heldout_sequences": self.heldout_sequences}
             writers = {"model.safetensors": lambda p: ckpt.save_model(self.net, p),
                        "training_state.pt": lambda p: ckpt.save_training_state(state, p),
                        "config.json": lambda p: self.cfg.to_json_file(p),
@@ -626,7 +687,8 @@ class _Job:
         summary = {"steps": step, "tokens_seen": self.tokens_seen, "wall_time_s": self.wall,
                    "tokens_per_s": (step - self.start_step) * self._tokens_per_step() / max(self.wall, 1e-9),
                    "first_loss": self.first_loss, "final": self.last_record, "checkpoint": self.checkpoint,
-                   "out": o.out, "interrupted": self.interrupted, "precision": self.precision}
+                   "out": o.out, "interrupted": self.interrupted, "precision": self.precision,
+                   "eval": self.last_eval}
         if self.ctx.is_main:
             print("\n".join(self._summary_lines(summary)), flush=True)
         summary["model"] = self.net
@@ -640,8 +702,27 @@ class _Job:
                 f"loss {first:.4f} -> {f.get('loss', float('nan')):.4f} (mlm {f.get('mlm_loss', 0):.4f}, "
                 f"rtd {f.get('rtd_loss', 0):.4f}, discriminator accuracy {f.get('discriminator_accuracy', 0):.3f})"
                 if first is not None else "no step logged",
-                f"checkpoint: {path}", f"metrics: {self.metrics_path}",
+                *_learned(f, self.last_eval), f"checkpoint: {path}", f"metrics: {self.metrics_path}",
                 f"export: electra-fast export {path} {os.path.join(self.o.out, 'export')}"]
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _learned(rec: dict, held: Optional[dict]):
+    """What the discriminator (and, held out, the generator) learned, against chance and the prior."""
+    lines = []
+    if rec:
+        lines.append(f"discriminator AUC {_fmt(rec.get('discriminator_auc'), '.2f')} (chance 0.50), F1 "
+                     f"{rec['discriminator_f1']:.2f}, rtd loss {rec['rtd_loss']:.4f} (prior "
+                     f"{rec['prior_rtd_loss']:.4f}), accuracy {rec['discriminator_accuracy']:.3f} (prior "
+                     f"{rec['prior_accuracy']:.3f}) on the last logged step")
+    if held:
+        lines.append(f"held out: discriminator AUC {_fmt(held['eval_discriminator_auc'], '.2f')} (chance 0.50), "
+                     f"F1 {held['eval_discriminator_f1']:.2f}; generator MLM accuracy "
+                     f"{held['eval_generator_accuracy']:.3f} (unigram baseline {held['eval_unigram_accuracy']:.3f})")
+    return lines
 
 
 STEP_METRICS = ("loss", "mlm_loss", "rtd_loss", "generator_accuracy", "discriminator_accuracy",
