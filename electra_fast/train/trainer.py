@@ -24,7 +24,7 @@ import torch
 
 from .. import _cpu
 from . import checkpoint as ckpt
-from . import rundir
+from . import plot, rundir
 from .evaluation import HeldOut, SplitSampler, heldout_count, split
 from .metrics import TokenScores, rtd_metrics
 from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
@@ -253,6 +253,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
              keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
              device: Optional[str] = None, threads: Optional[int] = None, progress: bool = True,
              fused: bool = True, allow_nonempty_out: bool = False, eval_every: Optional[int] = None,
+             tensorboard: bool = False,
              _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
     """Pretrain an ELECTRA / DeBERTa-v3 RTD model; returns the closing summary (plus ``"model"``, the trained
     ElectraPretrainingModel). Bad input raises :class:`PretrainError` with a one-line message.
@@ -262,7 +263,11 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     unless ``model`` / ``vocab_size`` / ``batch_size`` / ``steps`` say otherwise.
 
     ``eval_every``: every N steps (and at the last), evaluate on a fixed held-out slice of the corpus that training
-    never reads (see :mod:`.evaluation`); the records' ``eval_*`` fields.
+    never reads (see :mod:`.evaluation`); the records' ``eval_*`` fields. ``tensorboard``: also write every
+    record to TensorBoard event files in ``out``/tensorboard (needs the ``tensorboard`` package).
+
+    Every run writes ``out``/curves.png (:mod:`.plot`) from its metrics.jsonl when it ends (a warning, no picture,
+    without matplotlib).
     """
     embedded = data is None or (isinstance(data, (list, tuple)) and len(data) == 0)
     if isinstance(data, (str, os.PathLike)):
@@ -290,6 +295,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     _real("lr", lr, 0.0, inclusive=False)
     _real("weight-decay", weight_decay, 0.0, inclusive=True)
     warmup = min(10_000, steps // 10) if warmup is None else warmup
+    if tensorboard:
+        _summary_writer()  # missing package: refused before anything is written
     if not resume:  # --model and --seq-len now, not after a tokenizer was trained (resume: the checkpoint's model)
         _check_seq_len(seq_len, model_config(model, {}))
 
@@ -308,7 +315,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         ctx.close()
 
 
-RUN_FILES = ("run.json", "metrics.jsonl", "tensorboard", "checkpoints")
+RUN_FILES = ("run.json", "metrics.jsonl", "tensorboard", "checkpoints", "curves.png")
 KEPT_UNLESS_EMPTY = ("cache", "")  # cache/ is content-keyed (a retry reuses it); "": --out itself
 
 
@@ -532,11 +539,9 @@ class _Job:
                 os.unlink(self.metrics_path)
         else:
             _truncate_metrics(self.metrics_path, self.start_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(o.out, "tensorboard"))
-        except Exception:  # tensorboard not installed
-            self.tb = None
+        if o.tensorboard:  # a resumed run drops the events logged after its checkpoint (they are re-logged)
+            self.tb = _summary_writer()(os.path.join(o.out, "tensorboard"),
+                                        purge_step=self.start_step + 1 if self.resume_from else None)
 
     def _announce(self) -> None:
         o = self.o
@@ -684,11 +689,12 @@ class _Job:
         o, step = self.o, self.step
         if self.tb is not None:
             self.tb.close()
+        curves = plot.write_run_curves(o.out, self.say) if self.ctx.is_main and self.last_record else ""
         summary = {"steps": step, "tokens_seen": self.tokens_seen, "wall_time_s": self.wall,
                    "tokens_per_s": (step - self.start_step) * self._tokens_per_step() / max(self.wall, 1e-9),
                    "first_loss": self.first_loss, "final": self.last_record, "checkpoint": self.checkpoint,
                    "out": o.out, "interrupted": self.interrupted, "precision": self.precision,
-                   "eval": self.last_eval}
+                   "eval": self.last_eval, "curves": curves}
         if self.ctx.is_main:
             print("\n".join(self._summary_lines(summary)), flush=True)
         summary["model"] = self.net
@@ -702,8 +708,19 @@ class _Job:
                 f"loss {first:.4f} -> {f.get('loss', float('nan')):.4f} (mlm {f.get('mlm_loss', 0):.4f}, "
                 f"rtd {f.get('rtd_loss', 0):.4f}, discriminator accuracy {f.get('discriminator_accuracy', 0):.3f})"
                 if first is not None else "no step logged",
-                *_learned(f, self.last_eval), f"checkpoint: {path}", f"metrics: {self.metrics_path}",
+                *_learned(f, self.last_eval), f"checkpoint: {path}",
+                f"metrics: {self.metrics_path}" + (f", curves: {summary['curves']}" if summary["curves"] else ""),
                 f"export: electra-fast export {path} {os.path.join(self.o.out, 'export')}"]
+
+
+def _summary_writer():
+    """torch's TensorBoard ``SummaryWriter`` class; PretrainError naming --tensorboard when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise PretrainError("--tensorboard: the tensorboard package is not installed (pip install tensorboard, or "
+                            "pip install 'electra_fast[tensorboard]')") from None
+    return SummaryWriter
 
 
 def _fmt(value, spec: str = ".3f") -> str:
