@@ -72,6 +72,27 @@ def rtd_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, Optiona
             "replaced_fraction": r, **prior(r)}
 
 
+def fmt(value, spec: str = ".3f") -> str:
+    """``value`` formatted, or "-" for an undefined metric (None)."""
+    return "-" if value is None else format(value, spec)
+
+
+def learned(rec: dict, held: Optional[dict]):
+    """The closing summary's lines on what the discriminator (and, held out, the generator) learned, against chance
+    and the prior: ``rec`` a logged step's record ({}: none logged), ``held`` the last held-out record or None."""
+    lines = []
+    if rec:
+        lines.append(f"discriminator AUC {fmt(rec.get('discriminator_auc'), '.2f')} (chance 0.50), F1 "
+                     f"{rec['discriminator_f1']:.2f}, rtd loss {rec['rtd_loss']:.4f} (prior "
+                     f"{rec['prior_rtd_loss']:.4f}), accuracy {rec['discriminator_accuracy']:.3f} (prior "
+                     f"{rec['prior_accuracy']:.3f}) on the last logged step")
+    if held:
+        lines.append(f"held out: discriminator AUC {fmt(held['eval_discriminator_auc'], '.2f')} (chance 0.50), "
+                     f"F1 {held['eval_discriminator_f1']:.2f}; generator MLM accuracy "
+                     f"{held['eval_generator_accuracy']:.3f} (unigram baseline {held['eval_unigram_accuracy']:.3f})")
+    return lines
+
+
 class TokenScores:
     """The discriminator's logits and labels of one step's real tokens, collected micro-batch by micro-batch."""
 

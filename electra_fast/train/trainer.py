@@ -26,7 +26,7 @@ from .. import _cpu
 from . import checkpoint as ckpt
 from . import plot, rundir
 from .evaluation import HeldOut, SplitSampler, heldout_count, split
-from .metrics import TokenScores, rtd_metrics
+from .metrics import TokenScores, fmt, learned, rtd_metrics
 from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
 from .distributed import Context, setup
 from .errors import InterruptedAgain, PretrainError
@@ -644,7 +644,7 @@ class _Job:
                 if k != "step" and v is not None:
                     self.tb.add_scalar(k, v, self.step)
         self.bar.set_postfix(loss=f"{vals[0]:.3f}", mlm=f"{vals[1]:.3f}", rtd=f"{vals[2]:.4f}",
-                             prior=f"{rtd['prior_rtd_loss']:.4f}", auc=_fmt(rtd["discriminator_auc"]),
+                             prior=f"{rtd['prior_rtd_loss']:.4f}", auc=fmt(rtd["discriminator_auc"]),
                              f1=f"{rtd['discriminator_f1']:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
 
     def _maybe_checkpoint(self, signals: _Signals) -> None:
@@ -708,7 +708,7 @@ class _Job:
                 f"loss {first:.4f} -> {f.get('loss', float('nan')):.4f} (mlm {f.get('mlm_loss', 0):.4f}, "
                 f"rtd {f.get('rtd_loss', 0):.4f}, discriminator accuracy {f.get('discriminator_accuracy', 0):.3f})"
                 if first is not None else "no step logged",
-                *_learned(f, self.last_eval), f"checkpoint: {path}",
+                *learned(f, self.last_eval), f"checkpoint: {path}",
                 f"metrics: {self.metrics_path}" + (f", curves: {summary['curves']}" if summary["curves"] else ""),
                 f"export: electra-fast export {path} {os.path.join(self.o.out, 'export')}"]
 
@@ -721,25 +721,6 @@ def _summary_writer():
         raise PretrainError("--tensorboard: the tensorboard package is not installed (pip install tensorboard, or "
                             "pip install 'electra_fast[tensorboard]')") from None
     return SummaryWriter
-
-
-def _fmt(value, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _learned(rec: dict, held: Optional[dict]):
-    """What the discriminator (and, held out, the generator) learned, against chance and the prior."""
-    lines = []
-    if rec:
-        lines.append(f"discriminator AUC {_fmt(rec.get('discriminator_auc'), '.2f')} (chance 0.50), F1 "
-                     f"{rec['discriminator_f1']:.2f}, rtd loss {rec['rtd_loss']:.4f} (prior "
-                     f"{rec['prior_rtd_loss']:.4f}), accuracy {rec['discriminator_accuracy']:.3f} (prior "
-                     f"{rec['prior_accuracy']:.3f}) on the last logged step")
-    if held:
-        lines.append(f"held out: discriminator AUC {_fmt(held['eval_discriminator_auc'], '.2f')} (chance 0.50), "
-                     f"F1 {held['eval_discriminator_f1']:.2f}; generator MLM accuracy "
-                     f"{held['eval_generator_accuracy']:.3f} (unigram baseline {held['eval_unigram_accuracy']:.3f})")
-    return lines
 
 
 STEP_METRICS = ("loss", "mlm_loss", "rtd_loss", "generator_accuracy", "discriminator_accuracy",
