@@ -1,4 +1,4 @@
-"""``electra-fast pretrain`` and ``electra-fast export``: argument parsing and one-line errors.
+"""``electra-fast pretrain``, ``export`` and ``plot``: argument parsing and one-line errors.
 
 Kept apart from the top-level ``electra_fast/cli.py`` (which only registers these sub-commands) and light
 to import: torch and the trainer load only when a command runs.
@@ -9,7 +9,7 @@ import argparse
 import re
 import sys
 
-COMMANDS = ("pretrain", "export")
+COMMANDS = ("pretrain", "export", "plot")
 # argparse's own pattern knows only "-1" and "-.5", so "--lr -1e-3" read as a missing value: every float
 # spelling of a negative number is a value here, and the range checks then say what is wrong with it
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -60,6 +60,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--allow-nonempty-out", action="store_true", help="use an --out holding other files (never touched)")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=None, metavar="N", help="every N steps, evaluate on a fixed "
+                   "held-out slice of the corpus (never trained on): AUC, F1, generator vs unigram-baseline accuracy")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to OUT/tensorboard "
+                   "(needs the tensorboard package)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip lines that are not UTF-8 / not valid JSONL")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's; 1 is "
@@ -70,10 +74,16 @@ def add_parsers(sub) -> None:
     e.add_argument("checkpoint", help="a checkpoint directory, or a run's --out (its newest complete checkpoint)")
     e.add_argument("out_dir")
     e.add_argument("--debug", action="store_true", help="show tracebacks")
+    c = sub.add_parser("plot", help="overlay the training curves of runs (losses, AUC / F1, generator accuracy, "
+                                    "tokens/s) in one picture")
+    c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a pretraining run's --out (its metrics.jsonl)")
+    c.add_argument("--out", default="curves.png", help="the picture to write (.png, .pdf or .svg)")
+    c.add_argument("--force", action="store_true", help="replace --out when it already exists")
+    c.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def run(args) -> int:
-    """Run a parsed ``pretrain`` / ``export`` command; bad input -> one line on stderr, exit status 2."""
+    """Run a parsed ``pretrain`` / ``export`` / ``plot`` command; bad input -> one line on stderr, exit status 2."""
     return guard(args, lambda: _run(args))
 
 
@@ -83,6 +93,10 @@ def _run(args) -> int:
         path = export(args.checkpoint, args.out_dir, warn=lambda m: print(m, file=sys.stderr))
         print(f"exported {args.checkpoint} -> {path}/generator, {path}/discriminator")
         return 0
+    if args.command == "plot":
+        from .plot import plot_runs
+        print(f"wrote {plot_runs(args.run_dirs, args.out, force=args.force)}")
+        return 0
     from .trainer import pretrain
     summary = pretrain(args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, model=args.model,
                        seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
@@ -90,7 +104,7 @@ def _run(args) -> int:
                        precision=args.precision, compile=args.compile, seed=args.seed, out=args.out,
                        save_every=args.save_every, keep=args.keep, resume=args.resume,
                        log_every=args.log_every, skip_bad_lines=args.skip_bad_lines, device=args.device,
-                       threads=args.threads,
+                       threads=args.threads, eval_every=args.eval_every, tensorboard=args.tensorboard,
                        allow_nonempty_out=args.allow_nonempty_out,
                        progress=not args.no_progress)
     return 130 if summary.get("interrupted") else 0

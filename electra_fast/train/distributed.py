@@ -53,6 +53,14 @@ class Context:
             t /= self.world
         return t
 
+    def all_cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` (same shape on each) concatenated along dim 0 in rank order (``t`` when alone)."""
+        if not self.distributed:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (e.g. a signal reached one process)."""
         if not self.distributed:

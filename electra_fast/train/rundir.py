@@ -28,9 +28,9 @@ from .errors import PretrainError
 from .temporaries import remove_dead_temporaries
 
 MARKER = ".electra-fast-run"
-OWNED = (MARKER, "run.json", "metrics.jsonl", "checkpoints", "cache", "tensorboard")
+OWNED = (MARKER, "run.json", "metrics.jsonl", "checkpoints", "cache", "tensorboard", "curves.png")
 _HAS_RUN = ("run.json", "metrics.jsonl")
-TEMPORARY = re.compile(r"^(?:run\.json|metrics\.jsonl)\.tmp-(\d+)$")  # the job's atomic rewrites in --out
+TEMPORARY = re.compile(r"^(?:run\.json|metrics\.jsonl|curves\.png)\.tmp-(\d+)$")  # the job's atomic rewrites in --out
 
 
 def prepare(out: str, *, resume: bool, allow_nonempty: bool = False, claim: bool = True) -> None:

@@ -17,13 +17,16 @@ import signal
 import sys
 import time
 import uuid
+from types import SimpleNamespace
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from .. import _backend, _cpu
 from . import checkpoint as ckpt
-from . import rundir
+from . import plot, rundir
+from .evaluation import HeldOut, SplitSampler, heldout_count, split
+from .metrics import TokenScores, fmt, learned, rtd_metrics
 from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
 from .distributed import Context, setup
 from .errors import InterruptedAgain, PretrainError
@@ -228,7 +231,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
              compile: bool = False, seed: int = 0, out: str = "runs/electra-fast", save_every: Optional[int] = None,
              keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
              device: Optional[str] = None, threads: Optional[int] = None, progress: bool = True,
-             fused: bool = True, allow_nonempty_out: bool = False,
+             fused: bool = True, allow_nonempty_out: bool = False, eval_every: Optional[int] = None,
+             tensorboard: bool = False,
              _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
     """Pretrain an ELECTRA / DeBERTa-v3 RTD model; returns the closing summary (plus ``"model"``, the trained
     ElectraPretrainingModel). Bad input raises :class:`PretrainError` with a one-line message.
@@ -236,6 +240,13 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     ``data``: paths (.txt / .jsonl / directories / saved datasets); None trains on the embedded default corpus
     (Python's standard-library docstrings) with a tiny model, an 8192-token vocabulary, batch 16 and 300 steps
     unless ``model`` / ``vocab_size`` / ``batch_size`` / ``steps`` say otherwise.
+
+    ``eval_every``: every N steps (and at the last), evaluate on a fixed held-out slice of the corpus that training
+    never reads (see :mod:`.evaluation`); the records' ``eval_*`` fields. ``tensorboard``: also write every
+    record to TensorBoard event files in ``out``/tensorboard (needs the ``tensorboard`` package).
+
+    Every run writes ``out``/curves.png (:mod:`.plot`) from its metrics.jsonl when it ends (a warning, no picture,
+    without matplotlib).
     """
     embedded = data is None or (isinstance(data, (list, tuple)) and len(data) == 0)
     if isinstance(data, (str, os.PathLike)):
@@ -245,7 +256,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     if steps is None:  # an explicit 0 is refused below, never read as "unset"
         steps = DEFAULT_EMBEDDED_STEPS if embedded else DEFAULT_STEPS
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    optional = (("save-every", save_every, 1, None), ("warmup", warmup, 0, None),
+    optional = (("save-every", save_every, 1, None), ("warmup", warmup, 0, None), ("eval-every", eval_every, 1, None),
                 ("vocab-size", vocab_size, len(SPECIAL_TOKENS) + 1, None),
                 ("threads", threads, 1, cpus))  # more threads than CPUs only slow down (100000 crashed OpenMP)
     for name, v, lo, hi in (("steps", steps, 1, None), ("seq-len", seq_len, 3, None),
@@ -263,6 +274,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     _real("lr", lr, 0.0, inclusive=False)
     _real("weight-decay", weight_decay, 0.0, inclusive=True)
     warmup = min(10_000, steps // 10) if warmup is None else warmup
+    if tensorboard:
+        _summary_writer()  # missing package: refused before anything is written
     if not resume:  # --model and --seq-len now, not after a tokenizer was trained (resume: the checkpoint's model)
         _check_seq_len(seq_len, model_config(model, {}))
 
@@ -273,7 +286,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     before = _run_files(out) if ctx.is_main else None
     try:
         _check_forced_backend(ctx.device)
-        return _run(**kwargs)
+        return _Job(**kwargs).run()
     except BaseException:
         if before is not None:
             _take_back(out, before)
@@ -294,7 +307,7 @@ def _check_forced_backend(device: torch.device) -> None:
         raise PretrainError(f"ELECTRA_FAST_BACKEND={forced}: {reason}; unset it or choose another --device")
 
 
-RUN_FILES = ("run.json", "metrics.jsonl", "tensorboard", "checkpoints")
+RUN_FILES = ("run.json", "metrics.jsonl", "tensorboard", "checkpoints", "curves.png")
 KEPT_UNLESS_EMPTY = ("cache", "")  # cache/ is content-keyed (a retry reuses it); "": --out itself
 
 
@@ -325,133 +338,317 @@ def _take_back(out: str, before) -> None:
             pass
 
 
-def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum, steps, lr, warmup, weight_decay,
-         precision, compile, seed, out, save_every, keep, resume, log_every, skip_bad_lines, device, threads,
-         progress, fused, allow_nonempty_out, _checkpoint_hook, embedded, ctx: Context, say) -> dict:
-    from ..models import ElectraPretrainingModel
+class _Job:
+    """One pretraining run on this process: :meth:`run` is the loop, each of its steps a method below.
 
-    rundir.prepare(out, resume=resume, allow_nonempty=allow_nonempty_out, claim=ctx.is_main)
-    ckpt_root, cache_dir = os.path.join(out, "checkpoints"), os.path.join(out, "cache")
-    resume_from = ckpt.newest_complete(ckpt_root, say) if resume else None
-    if resume and resume_from is None:
-        say(f"--resume: no complete checkpoint in {out}; starting from scratch")
-    st = ckpt.load_training_state(os.path.join(resume_from, "training_state.pt")) if resume_from else None
-    if st is not None and st["step"] >= steps:  # before anything is said or written
-        raise PretrainError(f"--steps: the resumed run is already at step {st['step']} >= --steps {steps}")
-    precision = _resolve_precision(precision, ctx.device, st, say)
-    if ctx.is_main:
-        os.makedirs(out, exist_ok=True)
-        rundir.remove_stale_temporaries(out)
+    ``o``: the validated options of :func:`pretrain`. The order of everything that draws from torch's generator
+    (model init, then the per-rank dropout seed) is part of exact resume: keep it when changing :meth:`_prepare`.
+    """
 
-    # ---------------------------------------------------------------- inputs and tokenizer
-    if embedded:
+    def __init__(self, ctx: Context, say, **options):
+        self.ctx, self.say = ctx, say
+        self.o = SimpleNamespace(**options)
+        self.first_loss = self.last_record = self.last_eval = self.checkpoint = self.interrupted = None
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        self._prepare()
+        o, ctx = self.o, self.ctx
+        self.bar = _progress_bar(o.progress and ctx.is_main, o.steps, self.start_step)
+        self._announce()
+        self.t0 = time.perf_counter()
+        self.net.train()
+        with _Signals(loud=ctx.is_main) as signals, \
+                open(self.metrics_path if ctx.is_main else os.devnull, "a", encoding="utf-8") as self.mf:
+            while self.step < o.steps:
+                values, scores, grad_norm, lr_now, dt = self._train_step()
+                if scores is not None:
+                    self._log_step(values, self._step_rtd_metrics(scores), grad_norm, lr_now, dt)
+                if ctx.any(signals.caught is not None):
+                    self.interrupted = signals.caught or "signal"
+                    break
+                self._maybe_checkpoint(signals)
+            self.bar.close()
+            self.wall = time.perf_counter() - self.t0
+            self.checkpoint = signals.writing(self._save, self.step)
+        return self._finish()
+
+    # ---------------------------------------------------------------- set-up
+    def _prepare(self) -> None:
+        o, ctx = self.o, self.ctx
+        rundir.prepare(o.out, resume=o.resume, allow_nonempty=o.allow_nonempty_out, claim=ctx.is_main)
+        self.ckpt_root, self.cache_dir = os.path.join(o.out, "checkpoints"), os.path.join(o.out, "cache")
+        self.resume_from = ckpt.newest_complete(self.ckpt_root, self.say) if o.resume else None
+        if o.resume and self.resume_from is None:
+            self.say(f"--resume: no complete checkpoint in {o.out}; starting from scratch")
+        self.state = (ckpt.load_training_state(os.path.join(self.resume_from, "training_state.pt"))
+                      if self.resume_from else None)
+        if self.state is not None and self.state["step"] >= o.steps:  # before anything is said or written
+            raise PretrainError(f"--steps: the resumed run is already at step {self.state['step']} >= --steps "
+                                f"{o.steps}")
+        self.precision = _resolve_precision(o.precision, ctx.device, self.state, self.say)
+        if ctx.is_main:
+            os.makedirs(o.out, exist_ok=True)
+            rundir.remove_stale_temporaries(o.out)
+        self.inputs = self._inputs()
+        self.tok = self._tokenizer()
+        self.cfg = self._config()
+        self._data()
+        self._model_and_optimizer()
+        self._restore()
+        self._open_logs()
+
+    def _inputs(self):
+        o, ctx = self.o, self.ctx
+        if not o.embedded:
+            return resolve_inputs(o.data, exclude=o.out)  # the run's own files are never its data
         from .corpus import write_default_corpus
-        corpus = os.path.join(cache_dir, f"default-corpus-py{sys.version_info[0]}.{sys.version_info[1]}.txt")
+        corpus = os.path.join(self.cache_dir, f"default-corpus-py{sys.version_info[0]}.{sys.version_info[1]}.txt")
         if ctx.is_main:
             write_default_corpus(corpus)
         ctx.barrier()
-        inputs = [corpus]
-    else:
-        inputs = resolve_inputs(data, exclude=out)  # the run's own files are never its data
+        return [corpus]
 
-    if resume_from is not None:
-        tok = load_tokenizer(os.path.join(resume_from, "tokenizer.json"))
-        if tokenizer is not None:
-            user = load_tokenizer(tokenizer)
-            if fingerprint(user) != fingerprint(tok):
-                raise PretrainError(f"--tokenizer: {tokenizer} does not match the vocabulary of the checkpoint "
-                                    f"being resumed ({resume_from}); drop --tokenizer or start a new --out")
-    elif tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    else:
-        vocab = vocab_size or (DEFAULT_EMBEDDED_VOCAB if embedded else 30522)
-        tok_path = os.path.join(cache_dir, "tokenizer.json")
+    def _tokenizer(self):
+        o, ctx, inputs = self.o, self.ctx, self.inputs
+        if self.resume_from is not None:
+            tok = load_tokenizer(os.path.join(self.resume_from, "tokenizer.json"))
+            if o.tokenizer is not None and fingerprint(load_tokenizer(o.tokenizer)) != fingerprint(tok):
+                raise PretrainError(f"--tokenizer: {o.tokenizer} does not match the vocabulary of the checkpoint "
+                                    f"being resumed ({self.resume_from}); drop --tokenizer or start a new --out")
+            return tok
+        if o.tokenizer is not None:
+            return load_tokenizer(o.tokenizer)
+        vocab = o.vocab_size or (DEFAULT_EMBEDDED_VOCAB if o.embedded else 30522)
+        tok_path = os.path.join(self.cache_dir, "tokenizer.json")
         if ctx.is_main:
-            os.makedirs(cache_dir, exist_ok=True)
-            say(f"training a WordPiece tokenizer (vocabulary {vocab}) on {len(inputs)} input(s)")
-            tok = train_wordpiece(lambda: (d for p in inputs for d in read_documents(p, skip_bad_lines)), vocab)
+            os.makedirs(self.cache_dir, exist_ok=True)
+            self.say(f"training a WordPiece tokenizer (vocabulary {vocab}) on {len(inputs)} input(s)")
+            tok = train_wordpiece(lambda: (d for p in inputs for d in read_documents(p, o.skip_bad_lines)), vocab)
             if tok.get_vocab_size() <= 5:
                 raise PretrainError("--data: no text found to train a tokenizer on")
             tok.save(tok_path)
         ctx.barrier()
-        tok = load_tokenizer(tok_path)
-    ids = special_ids(tok)
+        return load_tokenizer(tok_path)
 
-    # ---------------------------------------------------------------- model
-    if resume_from is not None:
-        cfg = ckpt.load_config(resume_from)
-        if cfg.vocab_size != tok.get_vocab_size(with_added_tokens=True):
-            raise PretrainError(f"checkpoint {resume_from}: config vocab_size {cfg.vocab_size} does not match its "
-                                f"tokenizer ({tok.get_vocab_size()})")
-    else:
-        cfg = model_config(model, config_overrides(tok))
-    _check_seq_len(seq_len, cfg)
-
-    # ---------------------------------------------------------------- data
-    said: list = []  # the cache's report waits until the corpus is known to fill a sequence: no line before an error
-    if ctx.is_main:
-        stream = build_token_cache(inputs, tok, cache_dir, skip_bad_lines, log=said.append)
-    ctx.barrier()
-    if not ctx.is_main:
-        stream = build_token_cache(inputs, tok, cache_dir, skip_bad_lines, log=said.append)  # a cache hit by now
-    packed = PackedSequences(stream, seq_len, ids["cls"], ids["sep"])
-    for line in said:
-        say(line)
-    sampler = Sampler(len(packed), seed)
-
-    torch.manual_seed(seed)
-    net = ElectraPretrainingModel(cfg, fused=fused).to(ctx.device)
-    if ctx.device.type == "cpu":
-        _keep_freed_memory()
-    # fused AdamW: one kernel over all parameters (CPU and CUDA) instead of ~10 ops per parameter tensor
-    optimizer = torch.optim.AdamW(param_groups(net, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6,
-                                  fused=ctx.device.type in ("cpu", "cuda"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, steps))
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
-    if st is not None and st["scaler"]:  # empty when the run was not fp16
-        scaler.load_state_dict(st["scaler"])
-    torch.manual_seed(derive_seed(seed, 0x44524F50, ctx.rank))  # per-rank dropout stream ("DROP")
-
-    start_step, data_pos, tokens_seen, run_id, elapsed_before = 0, 0, 0, uuid.uuid4().hex, 0.0
-    if resume_from is not None:
-        ckpt.load_model_state(net, os.path.join(resume_from, "model.safetensors"))
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        start_step, data_pos, tokens_seen = st["step"], st["data_position"], st["tokens_seen"]
-        elapsed_before = st.get("elapsed_s", 0.0)
-        run_id = ckpt.read_meta(resume_from)["run_id"]
-        rng = st["rng"][ctx.rank] if ctx.rank < len(st["rng"]) else st["rng"][0]
-        _set_rng_state(rng, ctx)
-        if st.get("world", 1) != ctx.world:
-            say(f"warning: resuming a {st.get('world', 1)}-process run on {ctx.world} processes: the data order "
-                "continues but per-step results will differ from an uninterrupted run")
-        say(f"resuming from {resume_from} (step {start_step})")
-
-    ddp = net
-    if ctx.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    step_fn = torch.compile(ddp) if compile else ddp
-
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if ctx.is_main:
-        if resume_from is None:
-            _write_json(os.path.join(out, "run.json"), {"run_id": run_id, "created": time.time(),
-                                                        "model": model, "inputs": inputs,
-                                                        "precision": precision})
-            if os.path.exists(metrics_path):  # only reachable with --resume and no checkpoint: our own file
-                os.unlink(metrics_path)
+    def _config(self):
+        if self.resume_from is not None:
+            cfg = ckpt.load_config(self.resume_from)
+            if cfg.vocab_size != self.tok.get_vocab_size(with_added_tokens=True):
+                raise PretrainError(f"checkpoint {self.resume_from}: config vocab_size {cfg.vocab_size} does not "
+                                    f"match its tokenizer ({self.tok.get_vocab_size()})")
         else:
-            _truncate_metrics(metrics_path, start_step)
-    tb = None
-    if ctx.is_main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            tb = SummaryWriter(os.path.join(out, "tensorboard"))
-        except Exception:  # tensorboard not installed
-            tb = None
+            cfg = model_config(self.o.model, config_overrides(self.tok))
+        _check_seq_len(self.o.seq_len, cfg)
+        return cfg
 
-    def gather_rng():
+    def _data(self) -> None:
+        o, ctx = self.o, self.ctx
+        said: list = []  # the cache's report waits until the corpus is known to fill a sequence: no line before an error
+        if ctx.is_main:
+            stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, log=said.append)
+        ctx.barrier()
+        if not ctx.is_main:  # a cache hit by now
+            stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, log=said.append)
+        ids = special_ids(self.tok)
+        self.packed = PackedSequences(stream, o.seq_len, ids["cls"], ids["sep"])
+        for line in said:
+            self.say(line)
+        self._split(ids)
+
+    def _split(self, special: dict) -> None:
+        """The training order, and the held-out slice it leaves out: a new run holds one out with --eval-every;
+        a resumed run keeps its checkpoint's split (the data order depends on it)."""
+        o, n = self.o, len(self.packed)
+        self.heldout_sequences = (self.state.get("heldout_sequences", 0) if self.state is not None
+                                  else heldout_count(n) if o.eval_every else 0)
+        self.heldout = None
+        if o.eval_every and not self.heldout_sequences:
+            why = ("the run being resumed was started without --eval-every, so every sequence may have been "
+                   "trained on; start a new --out to evaluate" if self.state is not None
+                   else f"the corpus has {n} sequence(s) of --seq-len {o.seq_len}; a held-out slice needs >= 2")
+            raise PretrainError(f"--eval-every: {why}")
+        if not self.heldout_sequences:
+            self.sampler = Sampler(n, o.seed)
+            return
+        heldout_ids, train_ids = split(n, self.heldout_sequences)
+        self.sampler = SplitSampler(train_ids, o.seed)
+        if o.eval_every and self.ctx.is_main:  # rank 0 evaluates; the others go on to the next step's collective
+            self.heldout = HeldOut(self.packed, heldout_ids, train_ids, o.batch_size,
+                                   lambda i: derive_seed(0x4556414C, i),  # "EVAL": the same for every run
+                                   tuple(special.values()), self.cfg.vocab_size)
+
+    def _model_and_optimizer(self) -> None:
+        from ..models import ElectraPretrainingModel
+        o, ctx = self.o, self.ctx
+        torch.manual_seed(o.seed)
+        self.net = ElectraPretrainingModel(self.cfg, fused=o.fused).to(ctx.device)
+        if ctx.device.type == "cpu":
+            _keep_freed_memory()
+        # fused AdamW: one kernel over all parameters (CPU and CUDA) instead of ~10 ops per parameter tensor
+        self.optimizer = torch.optim.AdamW(param_groups(self.net, o.weight_decay), lr=o.lr, betas=(0.9, 0.999),
+                                           eps=1e-6, fused=ctx.device.type in ("cpu", "cuda"))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(o.warmup, o.steps))
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
+        if self.state is not None and self.state["scaler"]:  # empty when the run was not fp16
+            self.scaler.load_state_dict(self.state["scaler"])
+        torch.manual_seed(derive_seed(o.seed, 0x44524F50, ctx.rank))  # per-rank dropout stream ("DROP")
+        self.ddp = self.net
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+            self.ddp = DistributedDataParallel(self.net,
+                                               device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        self.step_fn = torch.compile(self.ddp) if o.compile else self.ddp
+
+    def _restore(self) -> None:
+        """The checkpoint's weights, optimizer, schedule, data position and generator state (``--resume``)."""
+        o, ctx, st = self.o, self.ctx, self.state
+        self.start_step, self.data_pos, self.tokens_seen = 0, 0, 0
+        self.run_id, self.elapsed_before = uuid.uuid4().hex, 0.0
+        if self.resume_from is not None:
+            ckpt.load_model_state(self.net, os.path.join(self.resume_from, "model.safetensors"))
+            self.optimizer.load_state_dict(st["optimizer"])
+            self.scheduler.load_state_dict(st["scheduler"])
+            self.start_step, self.data_pos, self.tokens_seen = st["step"], st["data_position"], st["tokens_seen"]
+            self.elapsed_before = st.get("elapsed_s", 0.0)
+            self.run_id = ckpt.read_meta(self.resume_from)["run_id"]
+            _set_rng_state(st["rng"][ctx.rank] if ctx.rank < len(st["rng"]) else st["rng"][0], ctx)
+            if st.get("world", 1) != ctx.world:
+                self.say(f"warning: resuming a {st.get('world', 1)}-process run on {ctx.world} processes: the data "
+                         "order continues but per-step results will differ from an uninterrupted run")
+            self.say(f"resuming from {self.resume_from} (step {self.start_step})")
+        self.step = self.start_step  # < o.steps: checked in _prepare, before anything was said
+
+    def _open_logs(self) -> None:
+        """run.json (a new run), metrics.jsonl (cut back to the checkpoint on resume), the TensorBoard writer."""
+        o = self.o
+        self.metrics_path = os.path.join(o.out, "metrics.jsonl")
+        self.tb = None
+        if not self.ctx.is_main:
+            return
+        if self.resume_from is None:
+            _write_json(os.path.join(o.out, "run.json"), {"run_id": self.run_id, "created": time.time(),
+                                                          "model": o.model, "inputs": self.inputs,
+                                                          "precision": self.precision})
+            if os.path.exists(self.metrics_path):  # only reachable with --resume and no checkpoint: our own file
+                os.unlink(self.metrics_path)
+        else:
+            _truncate_metrics(self.metrics_path, self.start_step)
+        if o.tensorboard:  # a resumed run drops the events logged after its checkpoint (they are re-logged)
+            self.tb = _summary_writer()(os.path.join(o.out, "tensorboard"),
+                                        purge_step=self.start_step + 1 if self.resume_from else None)
+
+    def _announce(self) -> None:
+        o = self.o
+        params = sum(p.numel() for p in self.net.parameters()) / 1e6
+        self.say(f"pretraining {o.model} ({params:.1f} M parameters, vocabulary {self.cfg.vocab_size}) on "
+                 f"{len(self.packed)} sequences of {o.seq_len} tokens, {self._tokens_per_step()} tokens per step, "
+                 f"{o.steps} steps, {self.precision}, {self.ctx.world} process(es) on {self.ctx.device}")
+
+    # ---------------------------------------------------------------- one step
+    def _tokens_per_step(self) -> int:
+        o = self.o
+        return o.batch_size * o.seq_len * o.grad_accum * self.ctx.world
+
+    def _train_step(self):
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's metric values (mean over
+        micro-batches and ranks, order ``STEP_METRICS``), the gradient norm, the learning rate used and the time."""
+        o, ctx = self.o, self.ctx
+        ts = time.perf_counter()
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.optimizer.zero_grad(set_to_none=True)
+        acc = torch.zeros(len(STEP_METRICS), device=ctx.device)
+        scores = TokenScores() if self._is_log_step(self.step + 1) else None
+        for m in range(o.grad_accum):
+            idx = self.sampler.indices(self.data_pos + (m * ctx.world + ctx.rank) * o.batch_size, o.batch_size)
+            batch = self.packed.batch(idx).to(ctx.device, non_blocking=True)
+            sync = ctx.distributed and m < o.grad_accum - 1
+            with (self.ddp.no_sync() if sync else _null()):
+                with torch.autocast(ctx.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                    out = self.step_fn(batch, None, seed=derive_seed(o.seed, self.step, ctx.rank, m))
+                self.scaler.scale(out.loss / o.grad_accum).backward()
+            acc += torch.stack([out.loss.detach(), out.mlm_loss.detach(), out.rtd_loss.detach()]
+                               + [out.metrics[k].detach().float() for k in STEP_METRICS[3:]]) / o.grad_accum
+            if scores is not None:  # a logging step: the logits and labels in hand, nothing recomputed
+                scores.add(out.discriminator_logits, out.corrupted_ids, batch)
+        self.data_pos += o.batch_size * o.grad_accum * ctx.world
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr_now = self.scheduler.get_last_lr()[0]
+        if self.scaler.get_scale() >= scale:  # fp16: a backed-off scale means the optimizer skipped (inf grads)
+            self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += self._tokens_per_step()
+        acc = ctx.all_mean(acc)
+        dt = time.perf_counter() - ts
+        self.bar.update(1)
+        return acc, scores, grad_norm, lr_now, dt
+
+    def _is_log_step(self, step: int) -> bool:
+        o = self.o
+        return (step % o.log_every == 0 or step == o.steps or step == self.start_step + 1
+                or self._is_eval_step(step))
+
+    def _is_eval_step(self, step: int) -> bool:
+        return bool(self.o.eval_every) and (step % self.o.eval_every == 0 or step == self.o.steps)
+
+    def _step_rtd_metrics(self, scores: TokenScores) -> dict:
+        """The discriminator's metrics over every real token of the step (all micro-batches, all ranks)."""
+        logits, labels = scores.tensors()
+        logits, labels = self.ctx.all_cat(logits), self.ctx.all_cat(labels.to(torch.uint8))
+        return rtd_metrics(logits, labels.bool())
+
+    def _evaluate(self) -> dict:
+        """The held-out record of this step (rank 0; {} elsewhere); the first one also prints the baseline."""
+        if self.heldout is None:
+            return {}
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        rec = self.heldout.evaluate(self.net, self.ctx.device, dict(dtype=amp or torch.bfloat16,
+                                                                    enabled=amp is not None))
+        if self.last_eval is None:
+            token = self.tok.id_to_token(self.heldout.unigram_token)
+            self.say(f"held-out slice: {len(self.heldout.ids)} sequences never trained on; unigram baseline "
+                     f"(always {token!r}) MLM accuracy {rec['eval_unigram_accuracy']:.3f}, generator "
+                     f"{rec['eval_generator_accuracy']:.3f} at step {self.step}")
+        self.last_eval = rec
+        return rec
+
+    def _log_step(self, values, rtd: dict, grad_norm, lr_now, dt) -> None:
+        """One metrics.jsonl record (and TensorBoard scalars, and the progress bar's numbers); ``rtd``: the
+        step's exact discriminator metrics, which replace the micro-batch means of the same names."""
+        vals = values.tolist()
+        if not all(math.isfinite(v) for v in vals[:3]):
+            self.say(f"warning: non-finite loss at step {self.step}")
+        tok_s = self._tokens_per_step() / dt
+        rec = {"step": self.step, **dict(zip(STEP_METRICS, vals)), **rtd, "lr": lr_now,
+               "grad_norm": float(grad_norm), "tokens_per_s": tok_s, "tokens_seen": self.tokens_seen}
+        if self._is_eval_step(self.step):
+            rec.update(self._evaluate())
+        self.last_record = rec
+        if self.first_loss is None:
+            self.first_loss = rec["loss"]
+        if not self.ctx.is_main:
+            return
+        self.mf.write(json.dumps(rec) + "\n")
+        self.mf.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and v is not None:
+                    self.tb.add_scalar(k, v, self.step)
+        self.bar.set_postfix(loss=f"{vals[0]:.3f}", mlm=f"{vals[1]:.3f}", rtd=f"{vals[2]:.4f}",
+                             prior=f"{rtd['prior_rtd_loss']:.4f}", auc=fmt(rtd["discriminator_auc"]),
+                             f1=f"{rtd['discriminator_f1']:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+
+    def _maybe_checkpoint(self, signals: _Signals) -> None:
+        every = self.o.save_every
+        if every and self.step % every == 0 and self.step < self.o.steps:
+            self.checkpoint = signals.writing(self._save, self.step)
+
+    def _gather_rng(self):
+        ctx = self.ctx
         if not ctx.distributed:
             return [_rng_state(ctx)]
         import torch.distributed as dist
@@ -459,114 +656,75 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
         dist.all_gather_object(states, {k: v.cpu() for k, v in _rng_state(ctx).items()})
         return states
 
-    def save(step):
-        rngs = gather_rng()  # collective: every rank takes part
+    def _save(self, step: int):
+        """A checkpoint at ``step`` (collective: every rank takes part; rank 0 writes); its path on rank 0."""
+        o, ctx = self.o, self.ctx
+        rngs = self._gather_rng()
         path = None
         if ctx.is_main:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rngs, "step": step, "data_position": data_pos,
-                     "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                     "world": ctx.world, "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
-                     "precision": precision}
-            writers = {"model.safetensors": lambda p: ckpt.save_model(net, p),
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict(), "rng": rngs, "step": step, "data_position": self.data_pos,
+                     "tokens_seen": self.tokens_seen,
+                     "elapsed_s": self.elapsed_before + time.perf_counter() - self.t0,
+                     "world": ctx.world, "seq_len": o.seq_len, "batch_size": o.batch_size,
+                     "grad_accum": o.grad_accum, "precision": self.precision,
+                     "heldout_sequences": self.heldout_sequences}
+            writers = {"model.safetensors": lambda p: ckpt.save_model(self.net, p),
                        "training_state.pt": lambda p: ckpt.save_training_state(state, p),
-                       "config.json": lambda p: cfg.to_json_file(p),
-                       "tokenizer.json": lambda p: tok.save(p)}
-            path = ckpt.save(ckpt_root, step, run_id, writers, keep=keep, hook=_checkpoint_hook, warn=say)
+                       "config.json": lambda p: self.cfg.to_json_file(p),
+                       "tokenizer.json": lambda p: self.tok.save(p)}
+            path = ckpt.save(self.ckpt_root, step, self.run_id, writers, keep=o.keep, hook=o._checkpoint_hook,
+                             warn=self.say)
         ctx.barrier()
         return path
 
-    # ---------------------------------------------------------------- loop
+    # ---------------------------------------------------------------- the end
+    def _finish(self) -> dict:
+        """Close the logs, print the closing summary (rank 0) and return it."""
+        o, step = self.o, self.step
+        if self.tb is not None:
+            self.tb.close()
+        curves = plot.write_run_curves(o.out, self.say) if self.ctx.is_main and self.last_record else ""
+        summary = {"steps": step, "tokens_seen": self.tokens_seen, "wall_time_s": self.wall,
+                   "tokens_per_s": (step - self.start_step) * self._tokens_per_step() / max(self.wall, 1e-9),
+                   "first_loss": self.first_loss, "final": self.last_record, "checkpoint": self.checkpoint,
+                   "out": o.out, "interrupted": self.interrupted, "precision": self.precision,
+                   "eval": self.last_eval, "curves": curves}
+        if self.ctx.is_main:
+            print("\n".join(self._summary_lines(summary)), flush=True)
+        summary["model"] = self.net
+        return summary
+
+    def _summary_lines(self, summary: dict):
+        f, path, first = self.last_record or {}, self.checkpoint, self.first_loss
+        stopped = f"interrupted by {self.interrupted}, " if self.interrupted else ""
+        return [f"{stopped}trained to step {self.step}/{self.o.steps}: {self.tokens_seen:,} tokens seen, "
+                f"{self.wall:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s",
+                f"loss {first:.4f} -> {f.get('loss', float('nan')):.4f} (mlm {f.get('mlm_loss', 0):.4f}, "
+                f"rtd {f.get('rtd_loss', 0):.4f}, discriminator accuracy {f.get('discriminator_accuracy', 0):.3f})"
+                if first is not None else "no step logged",
+                *learned(f, self.last_eval), f"checkpoint: {path}",
+                f"metrics: {self.metrics_path}" + (f", curves: {summary['curves']}" if summary["curves"] else ""),
+                f"export: electra-fast export {path} {os.path.join(self.o.out, 'export')}"]
+
+
+def _summary_writer():
+    """torch's TensorBoard ``SummaryWriter`` class; PretrainError naming --tensorboard when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise PretrainError("--tensorboard: the tensorboard package is not installed (pip install tensorboard, or "
+                            "pip install 'electra_fast[tensorboard]')") from None
+    return SummaryWriter
+
+
+STEP_METRICS = ("loss", "mlm_loss", "rtd_loss", "generator_accuracy", "discriminator_accuracy",
+                "discriminator_precision", "discriminator_recall", "replaced_fraction")
+
+
+def _progress_bar(enabled: bool, steps: int, start: int):
     from tqdm.auto import tqdm
-    dev_type = ctx.device.type
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    per_step_tokens = batch_size * seq_len * grad_accum * ctx.world
-    names = ("loss", "mlm_loss", "rtd_loss", "generator_accuracy", "discriminator_accuracy",
-             "discriminator_precision", "discriminator_recall", "replaced_fraction")
-    bar = tqdm(total=steps, initial=start_step, disable=not (progress and ctx.is_main), unit="step",
-               dynamic_ncols=True, file=sys.stderr)
-    say(f"pretraining {model} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f} M parameters, vocabulary "
-        f"{cfg.vocab_size}) on {len(packed)} sequences of {seq_len} tokens, {per_step_tokens} tokens per step, "
-        f"{steps} steps, {precision}, {ctx.world} process(es) on {ctx.device}")
-    t0 = time.perf_counter()
-    first_loss, last_record, interrupted, path = None, None, None, None
-    net.train()
-    with _Signals(loud=ctx.is_main) as signals, \
-            open(os.devnull if not ctx.is_main else metrics_path, "a", encoding="utf-8") as mf:
-        step = start_step
-        while step < steps:
-            ts = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            acc = torch.zeros(len(names), device=ctx.device)
-            for m in range(grad_accum):
-                idx = sampler.indices(data_pos + (m * ctx.world + ctx.rank) * batch_size, batch_size)
-                batch = packed.batch(idx).to(ctx.device, non_blocking=True)
-                sync = ctx.distributed and m < grad_accum - 1
-                with (ddp.no_sync() if sync else _null()):
-                    with torch.autocast(dev_type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                        o = step_fn(batch, None, seed=derive_seed(seed, step, ctx.rank, m))
-                    scaler.scale(o.loss / grad_accum).backward()
-                acc += torch.stack([o.loss.detach(), o.mlm_loss.detach(), o.rtd_loss.detach()]
-                                   + [o.metrics[k].detach().float() for k in names[3:]]) / grad_accum
-            data_pos += batch_size * grad_accum * ctx.world
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            scale = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            lr_now = scheduler.get_last_lr()[0]
-            if scaler.get_scale() >= scale:  # fp16: a backed-off scale means the optimizer skipped (inf grads)
-                scheduler.step()
-            step += 1
-            tokens_seen += per_step_tokens
-            acc = ctx.all_mean(acc)
-            dt = time.perf_counter() - ts
-            bar.update(1)
-            if step % log_every == 0 or step == steps or step == start_step + 1:
-                vals = acc.tolist()
-                if not all(math.isfinite(v) for v in vals[:3]):
-                    say(f"warning: non-finite loss at step {step}")
-                rec = {"step": step, **{k: v for k, v in zip(names, vals)}, "lr": lr_now,
-                       "grad_norm": float(grad_norm), "tokens_per_s": per_step_tokens / dt,
-                       "tokens_seen": tokens_seen}
-                last_record = rec
-                if first_loss is None:
-                    first_loss = rec["loss"]
-                if ctx.is_main:
-                    mf.write(json.dumps(rec) + "\n")
-                    mf.flush()
-                    if tb is not None:
-                        for k, v in rec.items():
-                            if k != "step":
-                                tb.add_scalar(k, v, step)
-                    bar.set_postfix(loss=f"{vals[0]:.3f}", mlm=f"{vals[1]:.3f}", rtd=f"{vals[2]:.4f}",
-                                    tok_s=f"{per_step_tokens / dt:,.0f}", refresh=False)
-            if ctx.any(signals.caught is not None):
-                interrupted = signals.caught or "signal"
-                break
-            if save_every and step % save_every == 0 and step < steps:
-                path = signals.writing(save, step)
-        bar.close()
-        wall = time.perf_counter() - t0
-        path = signals.writing(save, step)
-    if tb is not None:
-        tb.close()
-    summary = {"steps": step, "tokens_seen": tokens_seen, "wall_time_s": wall,
-               "tokens_per_s": (step - start_step) * per_step_tokens / max(wall, 1e-9),
-               "first_loss": first_loss, "final": last_record, "checkpoint": path, "out": out,
-               "interrupted": interrupted, "precision": precision}
-    if ctx.is_main:
-        f = last_record or {}
-        lines = [f"{'interrupted by ' + interrupted + ', ' if interrupted else ''}trained to step {step}/{steps}: "
-                 f"{tokens_seen:,} tokens seen, {wall:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s",
-                 f"loss {first_loss:.4f} -> {f.get('loss', float('nan')):.4f} (mlm {f.get('mlm_loss', 0):.4f}, "
-                 f"rtd {f.get('rtd_loss', 0):.4f}, discriminator accuracy {f.get('discriminator_accuracy', 0):.3f})"
-                 if first_loss is not None else "no step logged",
-                 f"checkpoint: {path}", f"metrics: {metrics_path}",
-                 f"export: electra-fast export {path} {os.path.join(out, 'export')}"]
-        print("\n".join(lines), flush=True)
-    summary["model"] = net
-    return summary
+    return tqdm(total=steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 class _null:
