@@ -23,11 +23,13 @@ import torch
 
 from .. import _cpu
 from . import checkpoint as ckpt
+from . import recipe as recipes
 from . import rundir
 from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
 from .distributed import Context, setup
 from .errors import InterruptedAgain, PretrainError
-from .tokenizer import SPECIAL_TOKENS, config_overrides, fingerprint, load_tokenizer, special_ids, train_wordpiece
+from .tokenizer import (DEFAULT_VOCAB, config_overrides, fingerprint, load_tokenizer, min_vocab, special_ids,
+                        train_tokenizer)
 
 MASK64 = (1 << 64) - 1
 # small enough that the README's default job (no --data, CPU) runs a few hundred steps in a couple of minutes
@@ -35,7 +37,8 @@ TINY = dict(embedding_size=128, hidden_size=128, num_hidden_layers=2, num_attent
             intermediate_size=512, generator_hidden_size=64, generator_num_hidden_layers=2,
             generator_num_attention_heads=1, generator_intermediate_size=256)
 DEFAULT_STEPS, DEFAULT_EMBEDDED_STEPS = 10_000, 300
-DEFAULT_EMBEDDED_VOCAB = 8192
+DEFAULT_EMBEDDED_VOCAB = 8192  # any family: the embedded corpus gives ~9-10k pieces at most
+TOKENIZER_NAMES = {"wordpiece": "WordPiece", "bpe": "byte-level BPE", "unigram": "Unigram"}
 
 
 def _splitmix64(x: int) -> int:
@@ -249,8 +252,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
              compile: bool = False, seed: int = 0, out: str = "runs/electra-fast", save_every: Optional[int] = None,
              keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
              device: Optional[str] = None, threads: Optional[int] = None, progress: bool = True,
-             fused: bool = True, allow_nonempty_out: bool = False,
-             _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
+             fused: bool = True, allow_nonempty_out: bool = False, recipe: Optional[dict] = None,
+             override: bool = False, _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
     """Pretrain an ELECTRA / DeBERTa-v3 RTD model; returns the closing summary (plus ``"model"``, the trained
     ElectraPretrainingModel). Bad input raises :class:`PretrainError` with a one-line message.
 
@@ -265,9 +268,10 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     batch_size = (16 if embedded else 32) if batch_size is None else batch_size
     if steps is None:  # an explicit 0 is refused below, never read as "unset"
         steps = DEFAULT_EMBEDDED_STEPS if embedded else DEFAULT_STEPS
+    recipe = recipes.check(recipe, override, resume)  # the recipe flags given (README: Recipes)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     optional = (("save-every", save_every, 1, None), ("warmup", warmup, 0, None),
-                ("vocab-size", vocab_size, len(SPECIAL_TOKENS) + 1, None),
+                ("vocab-size", vocab_size, min_vocab(recipe.get("tokenizer_type", "wordpiece")), None),
                 ("threads", threads, 1, cpus))  # more threads than CPUs only slow down (100000 crashed OpenMP)
     for name, v, lo, hi in (("steps", steps, 1, None), ("seq-len", seq_len, 3, None),
                             ("batch-size", batch_size, 1, None), ("grad-accum", grad_accum, 1, None),
@@ -285,7 +289,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     _real("weight-decay", weight_decay, 0.0, inclusive=True)
     warmup = min(10_000, steps // 10) if warmup is None else warmup
     if not resume:  # --model and --seq-len now, not after a tokenizer was trained (resume: the checkpoint's model)
-        _check_seq_len(seq_len, model_config(model, {}))
+        _check_seq_len(seq_len, recipes.apply(model_config(model, {}), recipe))
 
     out = os.fspath(out)
     ctx = setup(device)
@@ -335,7 +339,7 @@ def _take_back(out: str, before) -> None:
 
 def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum, steps, lr, warmup, weight_decay,
          precision, compile, seed, out, save_every, keep, resume, log_every, skip_bad_lines, device, threads,
-         progress, fused, allow_nonempty_out, _checkpoint_hook, embedded, ctx: Context, say) -> dict:
+         progress, fused, allow_nonempty_out, recipe, override, _checkpoint_hook, embedded, ctx: Context, say) -> dict:
     from ..models import ElectraConfig, ElectraPretrainingModel
 
     rundir.prepare(out, resume=resume, allow_nonempty=allow_nonempty_out, claim=ctx.is_main)
@@ -370,12 +374,13 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     elif tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     else:
-        vocab = vocab_size or (DEFAULT_EMBEDDED_VOCAB if embedded else 30522)
+        kind = recipe.get("tokenizer_type", "wordpiece")
+        vocab = vocab_size or (DEFAULT_EMBEDDED_VOCAB if embedded else DEFAULT_VOCAB[kind])
         tok_path = os.path.join(cache_dir, "tokenizer.json")
         if ctx.is_main:
             os.makedirs(cache_dir, exist_ok=True)
-            say(f"training a WordPiece tokenizer (vocabulary {vocab}) on {len(inputs)} input(s)")
-            tok = train_wordpiece(lambda: (d for p in inputs for d in read_documents(p, skip_bad_lines)), vocab)
+            say(f"training a {TOKENIZER_NAMES[kind]} tokenizer (vocabulary {vocab}) on {len(inputs)} input(s)")
+            tok = train_tokenizer(kind, lambda: (d for p in inputs for d in read_documents(p, skip_bad_lines)), vocab)
             if tok.get_vocab_size() <= 5:
                 raise PretrainError("--data: no text found to train a tokenizer on")
             tok.save(tok_path)
@@ -391,6 +396,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
                                 f"tokenizer ({tok.get_vocab_size()})")
     else:
         cfg = model_config(model, config_overrides(tok))
+    cfg, rec = recipes.settle(cfg, recipe, tok, st and st.get("recipe", {}), override, say)
     _check_seq_len(seq_len, cfg)
 
     # ---------------------------------------------------------------- data
@@ -407,7 +413,8 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     if ctx.device.type == "cpu":
         _keep_freed_memory()
     # fused AdamW: one kernel over all parameters (CPU and CUDA) instead of ~10 ops per parameter tensor
-    optimizer = torch.optim.AdamW(_param_groups(net, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-6,
+    optimizer = torch.optim.AdamW(_param_groups(net, weight_decay), lr=lr, betas=(recipes.ADAM_BETA1, rec["adam_beta2"]),
+                                  eps=rec["adam_eps"],
                                   fused=ctx.device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, steps))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
@@ -419,6 +426,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     if resume_from is not None:
         ckpt.load_model_state(net, os.path.join(resume_from, "model.safetensors"))
         optimizer.load_state_dict(st["optimizer"])
+        recipes.set_optimizer(optimizer, rec)
         scheduler.load_state_dict(st["scheduler"])
         start_step, data_pos, tokens_seen = st["step"], st["data_position"], st["tokens_seen"]
         elapsed_before = st.get("elapsed_s", 0.0)
@@ -443,7 +451,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
         if resume_from is None:
             _write_json(os.path.join(out, "run.json"), {"run_id": run_id, "created": time.time(),
                                                         "model": model, "inputs": inputs,
-                                                        "precision": precision})
+                                                        "precision": precision, "recipe": rec})
             if os.path.exists(metrics_path):  # only reachable with --resume and no checkpoint: our own file
                 os.unlink(metrics_path)
         else:
@@ -472,7 +480,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
                      "scaler": scaler.state_dict(), "rng": rngs, "step": step, "data_position": data_pos,
                      "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + time.perf_counter() - t0,
                      "world": ctx.world, "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
-                     "precision": precision}
+                     "precision": precision, "recipe": rec}
             writers = {"model.safetensors": lambda p: ckpt.save_model(net, p),
                        "training_state.pt": lambda p: ckpt.save_training_state(state, p),
                        "config.json": lambda p: cfg.to_json_file(p),
@@ -506,10 +514,11 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
             for m in range(grad_accum):
                 idx = sampler.indices(data_pos + (m * ctx.world + ctx.rank) * batch_size, batch_size)
                 batch = packed.batch(idx).to(ctx.device, non_blocking=True)
+                starts = packed.word_starts(idx).to(ctx.device) if cfg.whole_word_masking else None
                 sync = ctx.distributed and m < grad_accum - 1
                 with (ddp.no_sync() if sync else _null()):
                     with torch.autocast(dev_type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                        o = step_fn(batch, None, seed=derive_seed(seed, step, ctx.rank, m))
+                        o = step_fn(batch, None, seed=derive_seed(seed, step, ctx.rank, m), word_starts=starts)
                     scaler.scale(o.loss / grad_accum).backward()
                 acc += torch.stack([o.loss.detach(), o.mlm_loss.detach(), o.rtd_loss.detach()]
                                    + [o.metrics[k].detach().float() for k in names[3:]]) / grad_accum
