@@ -13,8 +13,8 @@ from . import recipe
 
 COMMANDS = ("pretrain", "export")
 # argparse's own pattern knows only "-1" and "-.5", so "--lr -1e-3" read as a missing value: every float
-# spelling of a negative number is a value here, and the range checks then say what is wrong with it
-_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+# spelling of a negative number (-inf included) is a value here, and the range checks then say what is wrong
+_NEGATIVE_NUMBER = re.compile(r"^-((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
 
 
 class Parser(argparse.ArgumentParser):

@@ -181,8 +181,12 @@ def settle(cfg, recipe: dict, tok, recorded: Optional[dict], override: bool, say
     return cfg, full
 
 
+def adam(recipe: dict) -> dict:
+    """AdamW's ``betas`` and ``eps`` under ``recipe``."""
+    return {"betas": (ADAM_BETA1, recipe["adam_beta2"]), "eps": recipe["adam_eps"]}
+
+
 def set_optimizer(optimizer, recipe: dict) -> None:
     """AdamW's beta2 and eps from the recipe (after ``load_state_dict``, which restores the saved ones)."""
     for group in optimizer.param_groups:
-        group["betas"] = (group["betas"][0], recipe["adam_beta2"])
-        group["eps"] = recipe["adam_eps"]
+        group.update(adam(recipe))

@@ -396,7 +396,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
                                 f"tokenizer ({tok.get_vocab_size()})")
     else:
         cfg = model_config(model, config_overrides(tok))
-    cfg, rec = recipes.settle(cfg, recipe, tok, st and st.get("recipe", {}), override, say)
+    cfg, run_recipe = recipes.settle(cfg, recipe, tok, st and st.get("recipe", {}), override, say)
     _check_seq_len(seq_len, cfg)
 
     # ---------------------------------------------------------------- data
@@ -413,8 +413,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     if ctx.device.type == "cpu":
         _keep_freed_memory()
     # fused AdamW: one kernel over all parameters (CPU and CUDA) instead of ~10 ops per parameter tensor
-    optimizer = torch.optim.AdamW(_param_groups(net, weight_decay), lr=lr, betas=(recipes.ADAM_BETA1, rec["adam_beta2"]),
-                                  eps=rec["adam_eps"],
+    optimizer = torch.optim.AdamW(_param_groups(net, weight_decay), lr=lr, **recipes.adam(run_recipe),
                                   fused=ctx.device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup, steps))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
@@ -426,7 +425,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     if resume_from is not None:
         ckpt.load_model_state(net, os.path.join(resume_from, "model.safetensors"))
         optimizer.load_state_dict(st["optimizer"])
-        recipes.set_optimizer(optimizer, rec)
+        recipes.set_optimizer(optimizer, run_recipe)
         scheduler.load_state_dict(st["scheduler"])
         start_step, data_pos, tokens_seen = st["step"], st["data_position"], st["tokens_seen"]
         elapsed_before = st.get("elapsed_s", 0.0)
@@ -451,7 +450,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
         if resume_from is None:
             _write_json(os.path.join(out, "run.json"), {"run_id": run_id, "created": time.time(),
                                                         "model": model, "inputs": inputs,
-                                                        "precision": precision, "recipe": rec})
+                                                        "precision": precision, "recipe": run_recipe})
             if os.path.exists(metrics_path):  # only reachable with --resume and no checkpoint: our own file
                 os.unlink(metrics_path)
         else:
@@ -480,7 +479,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
                      "scaler": scaler.state_dict(), "rng": rngs, "step": step, "data_position": data_pos,
                      "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + time.perf_counter() - t0,
                      "world": ctx.world, "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
-                     "precision": precision, "recipe": rec}
+                     "precision": precision, "recipe": run_recipe}
             writers = {"model.safetensors": lambda p: ckpt.save_model(net, p),
                        "training_state.pt": lambda p: ckpt.save_training_state(state, p),
                        "config.json": lambda p: cfg.to_json_file(p),
