@@ -99,6 +99,18 @@ def test_recipe_refused_against_the_tokenizer(user, tmp_path, capsys):
     assert _snapshot(user) == before
 
 
+def test_vocab_too_small_for_a_unigram_corpus(user, tmp_path, capsys):
+    """Found by the trainer: the error is the line after the one progress line (as for bad --data)."""
+    before = _snapshot(user)
+    code, err, _ = _cli(["pretrain", "--no-progress", "--data", str(user / "corpus.txt"), "--model",
+                         str(user / "tiny.json"), "--seq-len", "32", "--steps", "1", "--out", str(tmp_path / "out"),
+                         "--tokenizer-type", "unigram", "--vocab-size", "10"], capsys)  # the corpus has ~45 characters
+    assert code == 2 and len(err) == 2 and err[0].startswith("training a Unigram tokenizer (vocabulary 10)"), err
+    assert err[1] == ("electra-fast pretrain: error: --vocab-size: 10 is too small for a unigram vocabulary of this "
+                      "corpus (it holds every character): The vocabulary is not large enough to contain all chars")
+    assert _snapshot(user) == before and not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def finished(env, tmp_path_factory):
     """A 1-step run with a non-default recipe, to resume."""

@@ -39,8 +39,8 @@ def add_parsers(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or a transformers tokenizer directory")
     g.add_argument("--vocab-size", type=int, default=None,
-                   help="train a --tokenizer-type tokenizer of at most this size (default 30522 wordpiece, 50265 "
-                        "bpe, 128000 unigram; 8192 on the embedded corpus)")
+                   help="train a --tokenizer-type tokenizer of this size (default 30522 wordpiece, 50265 bpe, "
+                        "128000 unigram, 8192 on the embedded corpus; a small corpus gives fewer)")
     p.add_argument("--model", default=None, help="electra-tiny | electra-small | electra-base | electra-large | "
                    "deberta-v3-xsmall | -small | -base | -large | CONFIG.json (default: electra-tiny on the embedded "
                    "corpus, else electra-small)")

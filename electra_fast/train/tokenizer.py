@@ -34,8 +34,9 @@ def min_vocab(kind: str) -> int:
 
 
 def train_tokenizer(kind: str, documents, vocab_size: int):
-    """Train a ``kind`` (one of TOKENIZER_TYPES) tokenizer of at most ``vocab_size`` entries (fewer when the
-    corpus has fewer pieces to give); deterministic: the same documents give a byte-identical tokenizer."""
+    """Train a ``kind`` (one of TOKENIZER_TYPES) tokenizer of ``vocab_size`` entries: fewer when the corpus has
+    fewer pieces to give, more (WordPiece) or an error (Unigram) when its characters alone need more.
+    Deterministic: the same documents give a byte-identical tokenizer."""
     if kind not in TOKENIZER_TYPES:
         raise PretrainError(f"--tokenizer-type: expected one of {', '.join(TOKENIZER_TYPES)}, got {kind!r}")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < min_vocab(kind):
@@ -90,7 +91,13 @@ def _train_unigram(documents, vocab_size: int):
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size - 1, special_tokens=list(_UNIGRAM_SPECIALS),
                                       unk_token="[UNK]", show_progress=False)
-    tok.train_from_iterator(_replayable(documents)(), trainer)
+    try:
+        tok.train_from_iterator(_replayable(documents)(), trainer)
+    except PretrainError:  # a bad input line, raised by the document reader through the Rust trainer
+        raise
+    except Exception as e:  # the Rust trainer's refusal ("... not large enough to contain all chars"): one line
+        raise PretrainError(f"--vocab-size: {vocab_size} is too small for a unigram vocabulary of this corpus "
+                            f"(it holds every character): {str(e).splitlines()[0]}") from None
     tok = _canonical_unigram(tok)
     tok.add_special_tokens(["[MASK]"])
     _add_post_processor(tok)
