@@ -342,3 +342,103 @@ def test_whole_word_masking_end_to_end(env, tmp_path):
                                     recipe=dict(tokenizer_type="unigram", whole_word_masking=True)))
     assert s["model"].config.whole_word_masking and np.isfinite(s["final"]["loss"])
     assert json.loads((tmp_path / "run" / "run.json").read_text())["recipe"]["whole_word_masking"] is True
+
+
+# ------------------------------------------------------------------------------------------ --init-from
+def _tiny_source(env, disentangled):
+    tok = load_tokenizer(env["tokenizer"])
+    from electra_fast.train.tokenizer import config_overrides
+    ids = config_overrides(tok)
+    if disentangled:  # DeBERTa-v3's shape at toy size: generator as wide, half as deep, GDES
+        cfg = ElectraConfig.deberta_v3_xsmall(**ids, embedding_size=32, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, intermediate_size=64, generator_hidden_size=32,
+                                              generator_num_hidden_layers=1, generator_num_attention_heads=2,
+                                              generator_intermediate_size=64, position_buckets=16,
+                                              max_position_embeddings=64)
+    else:
+        cfg = ElectraConfig(**{**json.loads(open(env["model"]).read()), **ids})
+    torch.manual_seed(7)
+    return ElectraPretrainingModel(cfg).eval(), tok
+
+
+def _layout(model, tok, root, kind):
+    """``model`` written as an --init-from source of ``kind``; returns its path."""
+    import shutil
+    model.save_pretrained(root / "export")
+    for role in ("generator", "discriminator"):
+        save_for_transformers(tok, str(root / "export" / role))
+    if kind == "export":
+        return root / "export"
+    shutil.copytree(root / "export", root / "pair", ignore=shutil.ignore_patterns("electra_fast.json"))
+    return root / "pair" if kind == "pair" else root / "pair" / "discriminator"
+
+
+def _outputs(model, batch):
+    model.eval()
+    with torch.no_grad():
+        o = model(batch, seed=3)
+        return o.loss, o.discriminator_logits, model.discriminator(batch)
+
+
+@pytest.mark.parametrize("kind, disentangled", [("export", False), ("pair", False), ("pair", True),
+                                                ("deberta", True)])
+def test_init_from_with_zero_steps_reproduces_the_source(kind, disentangled, env, tmp_path, capsys):
+    from electra_fast.train import checkpoint as ckpt
+    src, tok = _tiny_source(env, disentangled)
+    path = _layout(src, tok, tmp_path, kind)
+    out = tmp_path / "run"
+    s = pretrain(env["data"], **_kw(env, out, steps=0, tokenizer=None, model=None, init_from=str(path)))
+    batch = torch.tensor([tok.encode(t).ids + [0] * (16 - len(tok.encode(t).ids)) for t in TEXTS[:2]])
+    got = s["model"]
+    if kind == "deberta":  # the discriminator only; the generator is new (said on one line)
+        assert "the generator starts fresh (1 layers of 32)" in capsys.readouterr().err
+        assert torch.equal(_outputs(got, batch)[2], _outputs(src, batch)[2])
+        return
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(got, batch), _outputs(src, batch)))
+    assert got.config == src.config
+    saved = ElectraPretrainingModel(got.config)  # the step-0 checkpoint holds the same model
+    ckpt.load_model_state(saved, str(out / "checkpoints" / "step-00000000" / "model.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(saved, batch), _outputs(src, batch)))
+
+
+def test_init_from_a_run_then_trains(finished, env, tmp_path):
+    """An electra-fast run as the source: its newest checkpoint's weights, its tokenizer, its config's recipe."""
+    from electra_fast.train import checkpoint as ckpt
+    src = ElectraPretrainingModel(ElectraConfig.from_json_file(finished / "checkpoints" / "step-00000001" /
+                                                               "config.json"))
+    ckpt.load_model_state(src, str(finished / "checkpoints" / "step-00000001" / "model.safetensors"))
+    s = pretrain(env["data"], **_kw(env, tmp_path / "zero", steps=0, tokenizer=None, model=None,
+                                    init_from=str(finished)))
+    assert all(torch.equal(a, b) for a, b in zip(s["model"].state_dict().values(), src.state_dict().values()))
+    assert s["model"].config.mask_prob == 0.2  # the source run's recipe comes with its config
+    s = pretrain(env["data"], **_kw(env, tmp_path / "two", steps=2, tokenizer=None, model=None,
+                                    init_from=str(finished)))
+    assert s["steps"] == 2 and np.isfinite(s["final"]["loss"])
+
+
+def test_init_from_bad_inputs(finished, user, tmp_path, capsys):
+    (user / "empty").mkdir()
+    other = train_tokenizer("wordpiece", _corpus(), 90)
+    other.save(str(user / "other-tokenizer.json"))
+    cases = [
+        (["--init-from", str(user / "missing")], f"--init-from: {user / 'missing'} is not a directory"),
+        (["--init-from", str(user / "corpus.txt")], "is not a directory"),
+        (["--init-from", str(user / "empty")], "is none of: an electra-fast run / checkpoint / export"),
+        (["--init-from", str(finished), "--model", str(user / "tiny.json")], "--init-from: not with --model"),
+        (["--init-from", str(finished), "--vocab-size", "200"], "--init-from: not with --vocab-size"),
+        (["--init-from", str(finished), "--generator-size", "0.25"],
+         f"--generator-size: --init-from {finished / 'checkpoints' / 'step-00000001'} has a generator 16 wide"),
+        (["--init-from", str(finished), "--tokenizer", str(user / "other-tokenizer.json")],
+         "--tokenizer: a vocabulary of 90 does not fit --init-from"),
+    ]
+    before, run_before = _snapshot(user), _snapshot(finished)
+    for i, (extra, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        code, err, _ = _cli(["pretrain", "--no-progress", "--data", str(user / "corpus.txt"), "--seq-len", "32",
+                             "--steps", "1", "--out", str(out)] + extra, capsys)
+        _assert_refused(code, err, "pretrain", message)
+        assert not (out / "run.json").exists()
+    code, err, _ = _cli(["pretrain", "--no-progress", "--data", str(user / "corpus.txt"), "--steps", "0", "--out",
+                         str(tmp_path / "zero")], capsys)  # 0 steps: only with --init-from
+    _assert_refused(code, err, "pretrain", "--steps: expected an int >= 1, got 0")
+    assert _snapshot(user) == before and _snapshot(finished) == run_before

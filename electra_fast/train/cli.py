@@ -93,7 +93,7 @@ def run(args) -> int:
                            log_every=args.log_every, skip_bad_lines=args.skip_bad_lines, device=args.device,
                            threads=args.threads,
                            allow_nonempty_out=args.allow_nonempty_out,
-                           recipe=recipe.from_args(args), override=args.override,
+                           recipe=recipe.from_args(args), override=args.override, init_from=args.init_from,
                            progress=not args.no_progress)
         return 130 if summary.get("interrupted") else 0
     except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop, or a second one inside it

@@ -65,6 +65,10 @@ def add_arguments(parser) -> None:
     g.add_argument("--adam-eps", type=float, default=None, help=f"AdamW epsilon (default {OPTIMIZER['adam_eps']})")
     g.add_argument("--override", action="store_true",
                    help="with --resume: allow recipe flags that differ from the run being resumed")
+    g.add_argument("--init-from", metavar="PATH", default=None,
+                   help="start from this model instead of a fresh one: an electra-fast run, checkpoint or export, a "
+                        "folder with transformers generator/ + discriminator/ (ELECTRA or DeBERTa), or one DeBERTa-v2/v3 "
+                        "checkpoint; its tokenizer unless --tokenizer; --steps 0 writes it as a checkpoint")
 
 
 def from_args(args: argparse.Namespace) -> dict:

@@ -82,6 +82,20 @@ def model_config(model: str, tok_overrides: dict):
         raise PretrainError(f"--model: {e}") from None
 
 
+def _init_source(init_from, tokenizer, model, vocab_size, resume):
+    """``--init-from``: (the loaded source, the tokenizer to use: --tokenizer, else the source's)."""
+    if init_from is None:
+        return None, tokenizer
+    for name, given in (("--resume", resume), ("--model", model is not None), ("--vocab-size", vocab_size is not None)):
+        if given:
+            raise PretrainError(f"--init-from: not with {name} (the model and its vocabulary are --init-from's)")
+    from .init_from import resolve
+    source = resolve(init_from, tokenizer, warn=lambda m: print(m, file=sys.stderr, flush=True))
+    if source.tokenizer is None:
+        raise PretrainError(f"--init-from: {init_from} holds no tokenizer.json or vocab.txt; pass --tokenizer")
+    return source, source.tokenizer
+
+
 def _check_seq_len(seq_len: int, cfg) -> None:
     if seq_len > cfg.max_position_embeddings:
         raise PretrainError(f"--seq-len: {seq_len} exceeds the model's max_position_embeddings "
@@ -253,7 +267,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
              keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
              device: Optional[str] = None, threads: Optional[int] = None, progress: bool = True,
              fused: bool = True, allow_nonempty_out: bool = False, recipe: Optional[dict] = None,
-             override: bool = False, _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
+             override: bool = False, init_from: Optional[str] = None, _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
     """Pretrain an ELECTRA / DeBERTa-v3 RTD model; returns the closing summary (plus ``"model"``, the trained
     ElectraPretrainingModel). Bad input raises :class:`PretrainError` with a one-line message.
 
@@ -262,9 +276,10 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     unless ``model`` / ``vocab_size`` / ``batch_size`` / ``steps`` say otherwise.
     """
     embedded = data is None or (isinstance(data, (list, tuple)) and len(data) == 0)
+    source, tokenizer = _init_source(init_from, tokenizer, model, vocab_size, resume)
     if isinstance(data, (str, os.PathLike)):
         data = [os.fspath(data)]
-    model = model or ("electra-tiny" if embedded else "electra-small")
+    model = model or init_from or ("electra-tiny" if embedded else "electra-small")
     batch_size = (16 if embedded else 32) if batch_size is None else batch_size
     if steps is None:  # an explicit 0 is refused below, never read as "unset"
         steps = DEFAULT_EMBEDDED_STEPS if embedded else DEFAULT_STEPS
@@ -273,7 +288,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     optional = (("save-every", save_every, 1, None), ("warmup", warmup, 0, None),
                 ("vocab-size", vocab_size, min_vocab(recipe.get("tokenizer_type", "wordpiece")), None),
                 ("threads", threads, 1, cpus))  # more threads than CPUs only slow down (100000 crashed OpenMP)
-    for name, v, lo, hi in (("steps", steps, 1, None), ("seq-len", seq_len, 3, None),
+    for name, v, lo, hi in (("steps", steps, 0 if source else 1, None), ("seq-len", seq_len, 3, None),
                             ("batch-size", batch_size, 1, None), ("grad-accum", grad_accum, 1, None),
                             ("keep", keep, 1, None), ("log-every", log_every, 1, None), ("seed", seed, 0, 2**63 - 1),
                             *(o for o in optional if o[1] is not None)):
@@ -289,7 +304,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     _real("weight-decay", weight_decay, 0.0, inclusive=True)
     warmup = min(10_000, steps // 10) if warmup is None else warmup
     if not resume:  # --model and --seq-len now, not after a tokenizer was trained (resume: the checkpoint's model)
-        _check_seq_len(seq_len, recipes.apply(model_config(model, {}), recipe))
+        _check_seq_len(seq_len, recipes.apply(source.config if source else model_config(model, {}), recipe))
 
     out = os.fspath(out)
     ctx = setup(device)
@@ -339,7 +354,7 @@ def _take_back(out: str, before) -> None:
 
 def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum, steps, lr, warmup, weight_decay,
          precision, compile, seed, out, save_every, keep, resume, log_every, skip_bad_lines, device, threads,
-         progress, fused, allow_nonempty_out, recipe, override, _checkpoint_hook, embedded, ctx: Context, say) -> dict:
+         progress, fused, allow_nonempty_out, recipe, override, init_from, source, _checkpoint_hook, embedded, ctx: Context, say) -> dict:
     from ..models import ElectraConfig, ElectraPretrainingModel
 
     rundir.prepare(out, resume=resume, allow_nonempty=allow_nonempty_out, claim=ctx.is_main)
@@ -395,7 +410,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
             raise PretrainError(f"checkpoint {resume_from}: config vocab_size {cfg.vocab_size} does not match its "
                                 f"tokenizer ({tok.get_vocab_size()})")
     else:
-        cfg = model_config(model, config_overrides(tok))
+        cfg = source.config_for(tok, recipe) if source else model_config(model, config_overrides(tok))
     cfg, run_recipe = recipes.settle(cfg, recipe, tok, st and st.get("recipe", {}), override, say)
     _check_seq_len(seq_len, cfg)
 
@@ -409,7 +424,10 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
     sampler = Sampler(len(packed), seed)
 
     torch.manual_seed(seed)
-    net = ElectraPretrainingModel(cfg, fused=fused).to(ctx.device)
+    net = ElectraPretrainingModel(cfg, fused=fused)
+    if source is not None:
+        source.load_into(net)
+    net = net.to(ctx.device)
     if ctx.device.type == "cpu":
         _keep_freed_memory()
     # fused AdamW: one kernel over all parameters (CPU and CUDA) instead of ~10 ops per parameter tensor
@@ -436,7 +454,7 @@ def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum,
             say(f"warning: resuming a {st.get('world', 1)}-process run on {ctx.world} processes: the data order "
                 "continues but per-step results will differ from an uninterrupted run")
         say(f"resuming from {resume_from} (step {start_step})")
-    if start_step >= steps:
+    if start_step >= max(steps, 1):  # --steps 0 (--init-from only): a checkpoint of the model as loaded
         raise PretrainError(f"--steps: the resumed run is already at step {start_step} >= --steps {steps}")
 
     ddp = net
