@@ -6,8 +6,9 @@ those (recursively, sorted), and a ``datasets`` ``save_to_disk`` directory (when
 The corpus is tokenised once into ``<cache>/tokens-<key>.bin``: a flat little-endian uint32 stream, one
 word per token: the id in bits 0-30, bit 31 set where the token starts a word (the tokenizer's word ids, for
 whole-word masking), documents separated by [SEP]; keyed by a hash of the input files (path, size, mtime), the
-tokenizer, the reader options and the format version (an older cache is rebuilt, never misread). It is read back with ``numpy.memmap``, so a corpus larger than RAM works and a second run
-starts at once. Sequence ``i`` is ``[CLS] + stream[i*(T-2) : (i+1)*(T-2)] + [SEP]``; the last partial chunk
+tokenizer, the reader options and the format version (an older cache is rebuilt, never misread). It is read
+back with ``numpy.memmap``, so a corpus larger than RAM works and a second run starts at once. Sequence ``i``
+is ``[CLS] + stream[i*(T-2) : (i+1)*(T-2)] + [SEP]`` (ids; the word starts alongside); the last partial chunk
 is dropped. Order: a seeded permutation per epoch, a pure function of (seed, epoch), so the data position
 is just the number of sequences consumed.
 """

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -45,12 +46,26 @@ class Source:
         if "generator_size" in recipe and recipe["generator_size"] != self.config.generator_hidden_size / \
                 self.config.hidden_size:
             raise PretrainError(f"--generator-size: --init-from {self.path} has a generator "
-                                f"{self.config.generator_hidden_size} wide, which its weights fix; drop --generator-size")
+                                f"{self.config.generator_hidden_size} wide, which its weights fix; drop "
+                                "--generator-size")
         return apply(self.config.replace(**ids), recipe)
 
     def load_into(self, net) -> None:
         """Copy the weights into ``net`` (built from :meth:`config_for`: same shapes)."""
         net.load_state_dict(self.model.state_dict(), strict=True)
+
+
+def init_source(init_from: Optional[str], tokenizer: Optional[str], model, vocab_size, resume: bool):
+    """(the loaded source or None, the tokenizer to use: --tokenizer, else the source's)."""
+    if init_from is None:
+        return None, tokenizer
+    for name, given in (("--resume", resume), ("--model", model is not None), ("--vocab-size", vocab_size is not None)):
+        if given:
+            raise PretrainError(f"--init-from: not with {name} (the model and its vocabulary are --init-from's)")
+    source = resolve(init_from, tokenizer, warn=lambda m: print(m, file=sys.stderr, flush=True))
+    if source.tokenizer is None:
+        raise PretrainError(f"--init-from: {init_from} holds no tokenizer.json or vocab.txt; pass --tokenizer")
+    return source, source.tokenizer
 
 
 def _tokenizer_in(*dirs: str) -> Optional[str]:

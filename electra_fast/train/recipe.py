@@ -19,7 +19,8 @@ from .errors import PretrainError
 # AdamW as ELECTRA's optimization.py sets it (beta1 0.9, beta2 0.999, eps 1e-6); RoBERTa uses beta2 0.98
 ADAM_BETA1 = 0.9
 OPTIMIZER = {"adam_beta2": 0.999, "adam_eps": 1e-6}
-# recipe key -> ElectraConfig field it sets (generator_size sets the generator's width: ElectraConfig.with_generator_size)
+# recipe keys that are ElectraConfig fields (generator_size sets the generator's width through
+# ElectraConfig.with_generator_size)
 CONFIG_FIELDS = ("mask_prob", "mask_token_frac", "random_token_frac", "temperature", "disc_weight",
                  "whole_word_masking")
 # what a resumed run cannot change: the vocabulary and the generator's weights have that shape
@@ -67,8 +68,9 @@ def add_arguments(parser) -> None:
                    help="with --resume: allow recipe flags that differ from the run being resumed")
     g.add_argument("--init-from", metavar="PATH", default=None,
                    help="start from this model instead of a fresh one: an electra-fast run, checkpoint or export, a "
-                        "folder with transformers generator/ + discriminator/ (ELECTRA or DeBERTa), or one DeBERTa-v2/v3 "
-                        "checkpoint; its tokenizer unless --tokenizer; --steps 0 writes it as a checkpoint")
+                        "folder with transformers generator/ + discriminator/ (ELECTRA or DeBERTa), or one "
+                        "DeBERTa-v2/v3 checkpoint; its tokenizer unless --tokenizer; --steps 0 writes it as a "
+                        "checkpoint")
 
 
 def from_args(args: argparse.Namespace) -> dict:

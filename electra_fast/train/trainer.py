@@ -28,6 +28,7 @@ from . import rundir
 from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
 from .distributed import Context, setup
 from .errors import InterruptedAgain, PretrainError
+from .init_from import init_source
 from .tokenizer import (DEFAULT_VOCAB, config_overrides, fingerprint, load_tokenizer, min_vocab, special_ids,
                         train_tokenizer)
 
@@ -80,20 +81,6 @@ def model_config(model: str, tok_overrides: dict):
         if isinstance(e, PretrainError):
             raise
         raise PretrainError(f"--model: {e}") from None
-
-
-def _init_source(init_from, tokenizer, model, vocab_size, resume):
-    """``--init-from``: (the loaded source, the tokenizer to use: --tokenizer, else the source's)."""
-    if init_from is None:
-        return None, tokenizer
-    for name, given in (("--resume", resume), ("--model", model is not None), ("--vocab-size", vocab_size is not None)):
-        if given:
-            raise PretrainError(f"--init-from: not with {name} (the model and its vocabulary are --init-from's)")
-    from .init_from import resolve
-    source = resolve(init_from, tokenizer, warn=lambda m: print(m, file=sys.stderr, flush=True))
-    if source.tokenizer is None:
-        raise PretrainError(f"--init-from: {init_from} holds no tokenizer.json or vocab.txt; pass --tokenizer")
-    return source, source.tokenizer
 
 
 def _check_seq_len(seq_len: int, cfg) -> None:
@@ -267,7 +254,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
              keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
              device: Optional[str] = None, threads: Optional[int] = None, progress: bool = True,
              fused: bool = True, allow_nonempty_out: bool = False, recipe: Optional[dict] = None,
-             override: bool = False, init_from: Optional[str] = None, _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
+             override: bool = False, init_from: Optional[str] = None,
+             _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
     """Pretrain an ELECTRA / DeBERTa-v3 RTD model; returns the closing summary (plus ``"model"``, the trained
     ElectraPretrainingModel). Bad input raises :class:`PretrainError` with a one-line message.
 
@@ -276,14 +264,14 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     unless ``model`` / ``vocab_size`` / ``batch_size`` / ``steps`` say otherwise.
     """
     embedded = data is None or (isinstance(data, (list, tuple)) and len(data) == 0)
-    source, tokenizer = _init_source(init_from, tokenizer, model, vocab_size, resume)
+    recipe = recipes.check(recipe, override, resume)  # the recipe flags given (README: Recipes)
+    source, tokenizer = init_source(init_from, tokenizer, model, vocab_size, resume)
     if isinstance(data, (str, os.PathLike)):
         data = [os.fspath(data)]
     model = model or init_from or ("electra-tiny" if embedded else "electra-small")
     batch_size = (16 if embedded else 32) if batch_size is None else batch_size
     if steps is None:  # an explicit 0 is refused below, never read as "unset"
         steps = DEFAULT_EMBEDDED_STEPS if embedded else DEFAULT_STEPS
-    recipe = recipes.check(recipe, override, resume)  # the recipe flags given (README: Recipes)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     optional = (("save-every", save_every, 1, None), ("warmup", warmup, 0, None),
                 ("vocab-size", vocab_size, min_vocab(recipe.get("tokenizer_type", "wordpiece")), None),
@@ -354,7 +342,8 @@ def _take_back(out: str, before) -> None:
 
 def _run(*, data, tokenizer, vocab_size, model, seq_len, batch_size, grad_accum, steps, lr, warmup, weight_decay,
          precision, compile, seed, out, save_every, keep, resume, log_every, skip_bad_lines, device, threads,
-         progress, fused, allow_nonempty_out, recipe, override, init_from, source, _checkpoint_hook, embedded, ctx: Context, say) -> dict:
+         progress, fused, allow_nonempty_out, recipe, override, init_from, source, _checkpoint_hook, embedded,
+         ctx: Context, say) -> dict:
     from ..models import ElectraConfig, ElectraPretrainingModel
 
     rundir.prepare(out, resume=resume, allow_nonempty=allow_nonempty_out, claim=ctx.is_main)
