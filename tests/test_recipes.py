@@ -19,6 +19,8 @@ from electra_fast.train.data import PackedSequences, build_token_cache, read_doc
 from electra_fast.train.tokenizer import (DEFAULT_VOCAB, TOKENIZER_TYPES, encode_documents, load_tokenizer,
                                           save_for_transformers, special_ids, train_tokenizer, word_starts)
 from test_cli_args import _assert_refused, _cli, _snapshot, env, user  # noqa: F401 (fixtures)
+# its up-front check (one line, exit 2, nothing written), under a name pytest does not collect a second time
+from test_cli_args import test_pretrain_flag_refused_before_anything_is_written as refused_up_front
 from test_train import _corpus, _kw
 
 TEXTS = ["The cat sat on the mat.", "Quickly, the red bird flew over a big house!", "x"]
@@ -70,13 +72,7 @@ UPFRONT = [
 
 @pytest.mark.parametrize("extra, message", UPFRONT, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_recipe_flag_refused_before_anything_is_written(user, tmp_path, capsys, extra, message):
-    out = tmp_path / "out"
-    before = _snapshot(user)
-    argv = ["pretrain", "--no-progress", "--data", str(user / "corpus.txt"), "--model", str(user / "tiny.json"),
-            "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--out", str(out)]
-    code, err, _ = _cli(argv + extra, capsys)
-    _assert_refused(code, err, "pretrain", message)
-    assert not out.exists() and _snapshot(user) == before
+    refused_up_front(user, tmp_path, capsys, extra, message)  # test_cli_args' check, on these flags
 
 
 def test_recipe_refused_against_the_tokenizer(user, tmp_path, capsys):
@@ -337,11 +333,34 @@ def test_whole_word_masking_never_splits_a_word(kind, toks, env, tmp_path):
     assert split, kind
 
 
-def test_whole_word_masking_end_to_end(env, tmp_path):
-    s = pretrain(env["data"], **_kw(env, tmp_path / "run", steps=3, tokenizer=None,
-                                    recipe=dict(tokenizer_type="unigram", whole_word_masking=True)))
-    assert s["model"].config.whole_word_masking and np.isfinite(s["final"]["loss"])
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["recipe"]["whole_word_masking"] is True
+def test_whole_word_masking_end_to_end(env, tmp_path, monkeypatch):
+    """The trainer hands the cache's word starts to the model with --whole-word-masking, and none without."""
+    seen = []
+    forward = ElectraPretrainingModel.forward
+
+    def spy(self, input_ids, *args, word_starts=None, **kwargs):
+        seen.append((input_ids.clone(), None if word_starts is None else word_starts.clone()))
+        return forward(self, input_ids, *args, word_starts=word_starts, **kwargs)
+
+    monkeypatch.setattr(ElectraPretrainingModel, "forward", spy)
+    for wwm in (True, False):
+        seen.clear()
+        out = tmp_path / f"run-{wwm}"
+        s = pretrain(env["data"], **_kw(env, out, steps=3, tokenizer=None,
+                                        recipe=dict(tokenizer_type="unigram", whole_word_masking=wwm)))
+        assert s["model"].config.whole_word_masking is wwm and np.isfinite(s["final"]["loss"])
+        assert json.loads((out / "run.json").read_text())["recipe"]["whole_word_masking"] is wwm
+        assert len(seen) == 3
+        if not wwm:
+            assert all(w is None for _, w in seen)
+            continue
+        tok = load_tokenizer(str(out / "cache" / "tokenizer.json"))
+        for ids, w in seen:  # the starts the tokenizer gives for the very tokens of the batch
+            assert w.shape == ids.shape and w[:, 0].all() and w[:, -1].all()
+            for row, starts in zip(ids.tolist(), w.tolist()):
+                marked = [tok.id_to_token(i).startswith("\u2581") for i in row]
+                assert all(s for m, s in zip(marked, starts) if m)  # every ▁ piece starts a word
+                assert not all(starts)  # and some pieces continue one
 
 
 # ------------------------------------------------------------------------------------------ --init-from
