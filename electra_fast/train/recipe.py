@@ -6,7 +6,7 @@ the ``--model`` preset's), the optimizer's are :data:`OPTIMIZER` here, the token
 (:func:`check`), applied to the model config (:func:`apply`), recorded in ``run.json`` and in every checkpoint
 (:func:`record`), and compared with the recorded recipe on ``--resume`` (:func:`settle`).
 
-Light to import (no torch): the command line's parser uses :func:`add_arguments`.
+The command line's parser takes its flags from :func:`add_arguments`.
 """
 from __future__ import annotations
 
@@ -38,32 +38,34 @@ def flag(key: str) -> str:
 
 
 def add_arguments(parser) -> None:
-    """The recipe flags, as one argument group of ``pretrain``. Each defaults to None: "the owner's value"."""
+    """The recipe flags, as one argument group of ``pretrain``. A flag not given is absent from the parsed
+    arguments (``argparse.SUPPRESS``): "the owner's value", which the help text names."""
+    from ..models.config import MASKING_SCHEMES
     from .tokenizer import TOKENIZER_TYPES
     g = parser.add_argument_group("recipe", "what the papers vary (README: Recipes); a flag left out keeps the "
                                             "--model preset's value, and a resumed run its own")
-    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=argparse.SUPPRESS,
                    help="tokenizer trained on --data: wordpiece (ELECTRA/BERT), bpe (RoBERTa byte-level), unigram "
                         "(DeBERTa-v3); default wordpiece, vocabulary 30522 / 50265 / 128000 unless --vocab-size")
-    g.add_argument("--masking", choices=("electra", "bert"), default=None,
+    g.add_argument("--masking", choices=tuple(MASKING_SCHEMES), default=argparse.SUPPRESS,
                    help="what a masked position becomes: electra = 85%% [MASK], 15%% unchanged; bert = 80%% [MASK], "
                         "10%% random, 10%% unchanged (default: the preset's; DeBERTa-v3 presets use bert)")
-    g.add_argument("--mask-prob", type=float, default=None, help="share of tokens masked, in (0, 1] "
+    g.add_argument("--mask-prob", type=float, default=argparse.SUPPRESS, help="share of tokens masked, in (0, 1] "
                    "(ELECTRA 0.15, 0.25 for large)")
-    g.add_argument("--mask-token-frac", type=float, default=None, help="share of masked positions set to [MASK]")
-    g.add_argument("--random-token-frac", type=float, default=None,
+    g.add_argument("--mask-token-frac", type=float, default=argparse.SUPPRESS, help="share of masked positions set to [MASK]")
+    g.add_argument("--random-token-frac", type=float, default=argparse.SUPPRESS,
                    help="share of masked positions set to a random token")
-    g.add_argument("--whole-word-masking", action="store_const", const=True, default=None,
+    g.add_argument("--whole-word-masking", action="store_const", const=True, default=argparse.SUPPRESS,
                    help="mask whole words (the tokenizer's word boundaries); the count stays in tokens")
-    g.add_argument("--temperature", type=float, default=None, help="generator sampling temperature (> 0)")
-    g.add_argument("--disc-weight", type=float, default=None, help="weight of the discriminator's loss "
+    g.add_argument("--temperature", type=float, default=argparse.SUPPRESS, help="generator sampling temperature (> 0)")
+    g.add_argument("--disc-weight", type=float, default=argparse.SUPPRESS, help="weight of the discriminator's loss "
                    "(ELECTRA 50)")
-    g.add_argument("--generator-size", type=float, default=None,
+    g.add_argument("--generator-size", type=float, default=argparse.SUPPRESS,
                    help="generator width as a fraction of the discriminator's, in (0, 1] (ELECTRA's "
                         "generator_hidden_size: small 0.25, base 1/3)")
-    g.add_argument("--adam-beta2", type=float, default=None, help=f"AdamW beta2 in [0, 1) (default "
+    g.add_argument("--adam-beta2", type=float, default=argparse.SUPPRESS, help=f"AdamW beta2 in [0, 1) (default "
                    f"{OPTIMIZER['adam_beta2']}; RoBERTa 0.98)")
-    g.add_argument("--adam-eps", type=float, default=None, help=f"AdamW epsilon (default {OPTIMIZER['adam_eps']})")
+    g.add_argument("--adam-eps", type=float, default=argparse.SUPPRESS, help=f"AdamW epsilon (default {OPTIMIZER['adam_eps']})")
     g.add_argument("--override", action="store_true",
                    help="with --resume: allow recipe flags that differ from the run being resumed")
     g.add_argument("--init-from", metavar="PATH", default=None,
@@ -91,7 +93,7 @@ def check(recipe: Optional[dict], override: bool = False, resume: bool = False) 
     given = set(recipe)
     masking = recipe.pop("masking", None)
     if masking is not None:
-        from ..models.config import MASKING_SCHEMES  # no torch: config.py imports only _validate
+        from ..models.config import MASKING_SCHEMES
         if masking not in MASKING_SCHEMES:
             raise PretrainError(f"--masking: expected one of {', '.join(MASKING_SCHEMES)}, got {masking!r}")
         recipe = {**MASKING_SCHEMES[masking], **recipe}
