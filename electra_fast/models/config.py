@@ -21,6 +21,10 @@ ATTENTIONS = ("standard", "disentangled")
 SHARINGS = ("none", "tied", "gdes")
 STRATEGIES = ("count", "bernoulli")
 POS_ATT_TYPES = ("c2p", "p2c")
+# what a masked position becomes: ELECTRA's pretrain_helpers.mask() puts [MASK] at 85% and keeps the original
+# token at 15%; BERT's create_pretraining_data.py puts [MASK] at 80%, a random token at 10%, the original at 10%
+MASKING_SCHEMES = {"electra": dict(mask_token_frac=0.85, random_token_frac=0.0),
+                   "bert": dict(mask_token_frac=0.8, random_token_frac=0.1)}
 
 
 @dataclass
@@ -61,9 +65,10 @@ class ElectraConfig:
     embedding_sharing: str = "tied"
     # masking (electra_fast.mask_tokens)
     mask_prob: float = 0.15
-    mask_token_frac: float = 0.85
-    random_token_frac: float = 0.0
+    mask_token_frac: float = MASKING_SCHEMES["electra"]["mask_token_frac"]
+    random_token_frac: float = MASKING_SCHEMES["electra"]["random_token_frac"]
     masking_strategy: str = "count"
+    whole_word_masking: bool = False          # the trainer passes the tokenizer's word starts to mask_tokens
     # sampling and loss
     temperature: float = 1.0
     disallowed_sample_ids: Tuple[int, ...] = ()
@@ -166,6 +171,14 @@ class ElectraConfig:
         """Ids never selected for masking ([PAD], [CLS], [SEP], [MASK]; padding is also excluded by the mask)."""
         return tuple(sorted({self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id}))
 
+    def with_generator_size(self, fraction: float) -> "ElectraConfig":
+        """The generator ``fraction`` of the discriminator's width, as ELECTRA's ``get_generator_config``
+        (google-research/electra run_pretraining.py): hidden = round(hidden_size * fraction), FFN 4 x hidden,
+        max(1, hidden // 64) heads; depth unchanged. DeBERTa-v3's tied LayerNorm needs the full width."""
+        hidden = int(round(self.hidden_size * fraction))
+        return self.replace(generator_hidden_size=hidden, generator_intermediate_size=4 * hidden,
+                            generator_num_attention_heads=max(1, hidden // 64))
+
     def replace(self, **changes) -> "ElectraConfig":
         return dataclasses.replace(self, **changes)
 
@@ -248,7 +261,7 @@ class ElectraConfig:
                     generator_intermediate_size=4 * hidden, type_vocab_size=0, attention="disentangled",
                     position_buckets=256, max_relative_positions=-1, pos_att_type=("p2c", "c2p"),
                     share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
-                    enhanced_mask_decoder=True, embedding_sharing="gdes", mask_token_frac=0.8, random_token_frac=0.1, layer_norm_eps=1e-7)
+                    enhanced_mask_decoder=True, embedding_sharing="gdes", **MASKING_SCHEMES["bert"], layer_norm_eps=1e-7)
         return cls(**{**base, **kw})
 
     @classmethod

@@ -229,16 +229,18 @@ class ElectraPretrainingModel(nn.Module):
 
     # ------------------------------------------------------------------ step
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                seed: Optional[int] = None, token_type_ids: Optional[torch.Tensor] = None) -> ElectraPretrainingOutput:
-        """One pretraining step's forward. input_ids int [B, T]; attention_mask [B, T] (1 = real) or None."""
+                seed: Optional[int] = None, token_type_ids: Optional[torch.Tensor] = None,
+                word_starts: Optional[torch.Tensor] = None) -> ElectraPretrainingOutput:
+        """One pretraining step's forward. input_ids int [B, T]; attention_mask [B, T] (1 = real) or None;
+        word_starts bool / uint8 [B, T] (1 = a word begins: whole-word masking) or None."""
         self._check_inputs(input_ids, attention_mask, seed, token_type_ids)
         if seed is None:
             seed = int(torch.randint(0, SEED_LIMIT - 1, (1,)).item())
         ctx = contextlib.nullcontext() if self.fused else _backend.eager_twin_mode()
         with ctx:
-            return self._step(input_ids, attention_mask, seed, token_type_ids)
+            return self._step(input_ids, attention_mask, seed, token_type_ids, word_starts)
 
-    def _step(self, input_ids, attention_mask, seed, token_type_ids):
+    def _step(self, input_ids, attention_mask, seed, token_type_ids, word_starts=None):
         cfg = self.config
         gen, disc = self.generator, self.discriminator
         if attention_mask is not None and attention_mask.dtype != torch.bool:
@@ -246,8 +248,8 @@ class ElectraPretrainingModel(nn.Module):
         m = mask_tokens(input_ids, mask_token_id=cfg.mask_token_id, vocab_size=cfg.vocab_size, seed=seed,
                         mask_prob=cfg.mask_prob, mask_token_frac=cfg.mask_token_frac,
                         random_token_frac=cfg.random_token_frac, special_token_ids=cfg.special_token_ids,
-                        attention_mask=attention_mask, strategy=cfg.masking_strategy,
-                        validate=False)  # ids were checked above
+                        attention_mask=attention_mask, word_starts=word_starts, strategy=cfg.masking_strategy,
+                        validate=False)  # ids were checked above; word_starts' shape is checked regardless
         masked = m.masked
         gen_hidden = gen.encode(m.input_ids, attention_mask, token_type_ids)
         # the generator head runs at the masked positions only

@@ -9,10 +9,12 @@ import argparse
 import re
 import sys
 
+from . import recipe
+
 COMMANDS = ("pretrain", "export", "plot")
 # argparse's own pattern knows only "-1" and "-.5", so "--lr -1e-3" read as a missing value: every float
-# spelling of a negative number is a value here, and the range checks then say what is wrong with it
-_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+# spelling of a negative number (-inf included) is a value here, and the range checks then say what is wrong
+_NEGATIVE_NUMBER = re.compile(r"^-((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,7 +39,8 @@ def add_parsers(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or a transformers tokenizer directory")
     g.add_argument("--vocab-size", type=int, default=None,
-                   help="train a WordPiece tokenizer of this size (default 30522; 8192 on the embedded corpus)")
+                   help="train a --tokenizer-type tokenizer of this size (default 30522 wordpiece, 50265 bpe, "
+                        "128000 unigram, 8192 on the embedded corpus; a small corpus gives fewer)")
     p.add_argument("--model", default=None, help="electra-tiny | electra-small | electra-base | electra-large | "
                    "deberta-v3-xsmall | -small | -base | -large | CONFIG.json (default: electra-tiny on the embedded "
                    "corpus, else electra-small)")
@@ -70,6 +73,7 @@ def add_parsers(sub) -> None:
                    "fastest for tiny models on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    recipe.add_arguments(p)
     e = sub.add_parser("export", help="write transformers-format generator/ and discriminator/ (with tokenizer)")
     e.add_argument("checkpoint", help="a checkpoint directory, or a run's --out (its newest complete checkpoint)")
     e.add_argument("out_dir")
@@ -106,6 +110,7 @@ def _run(args) -> int:
                        log_every=args.log_every, skip_bad_lines=args.skip_bad_lines, device=args.device,
                        threads=args.threads, eval_every=args.eval_every, tensorboard=args.tensorboard,
                        allow_nonempty_out=args.allow_nonempty_out,
+                       recipe=recipe.from_args(args), override=args.override, init_from=args.init_from,
                        progress=not args.no_progress)
     return 130 if summary.get("interrupted") else 0
 

@@ -3,10 +3,12 @@
 Inputs: ``.txt`` (documents separated by blank lines), ``.jsonl`` (a ``text`` field per line), directories of
 those (recursively, sorted), and a ``datasets`` ``save_to_disk`` directory (when ``datasets`` is installed).
 
-The corpus is tokenised once into ``<cache>/tokens-<key>.bin``: a flat little-endian int32 stream of ids,
-documents separated by [SEP], keyed by a hash of the input files (path, size, mtime), the tokenizer and the
-reader options. It is read back with ``numpy.memmap``, so a corpus larger than RAM works and a second run
-starts at once. Sequence ``i`` is ``[CLS] + stream[i*(T-2) : (i+1)*(T-2)] + [SEP]``; the last partial chunk
+The corpus is tokenised once into ``<cache>/tokens-<key>.bin``: a flat little-endian uint32 stream, one
+word per token: the id in bits 0-30, bit 31 set where the token starts a word (the tokenizer's word ids, for
+whole-word masking), documents separated by [SEP]; keyed by a hash of the input files (path, size, mtime), the
+tokenizer, the reader options and the format version (an older cache is rebuilt, never misread). It is read
+back with ``numpy.memmap``, so a corpus larger than RAM works and a second run starts at once. Sequence ``i``
+is ``[CLS] + stream[i*(T-2) : (i+1)*(T-2)] + [SEP]`` (ids; the word starts alongside); the last partial chunk
 is dropped. Order: a seeded permutation per epoch, a pure function of (seed, epoch), so the data position
 is just the number of sequences consumed.
 """
@@ -25,6 +27,9 @@ from .errors import PretrainError
 from .tokenizer import encode_documents, fingerprint, special_ids
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
+CACHE_FORMAT = 2  # 1: int32 ids; 2: uint32 ids with the word-start bit
+WORD_START = np.uint32(1 << 31)
+ID_BITS = np.uint32((1 << 31) - 1)
 # what the cache folder's writers (this module, corpus.write_default_corpus) name a file until it is complete
 CACHE_TEMPORARY = re.compile(r"^(?:tokens-[0-9a-f]{24}\.bin(?:\.json)?|default-corpus-py\d+\.\d+\.txt)\.tmp-(\d+)$")
 
@@ -136,7 +141,7 @@ def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool) -> str:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     h.update(fingerprint(tok).encode())
-    h.update(f"skip={skip_bad_lines};format=1".encode())
+    h.update(f"skip={skip_bad_lines};format={CACHE_FORMAT}".encode())
     return h.hexdigest()[:24]
 
 
@@ -145,7 +150,7 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
     """Tokenise ``inputs`` into the cache unless already there; returns the ``.bin`` path."""
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"tokens-{cache_key(inputs, tok, skip_bad_lines)}.bin")
-    if os.path.isfile(path) and os.path.isfile(path + ".json"):
+    if os.path.isfile(path) and os.path.isfile(path + ".json") and _cache_format(path) == CACHE_FORMAT:
         return path
     sep = special_ids(tok)["sep"]
     stats, n_docs, n_tokens = {}, 0, 0
@@ -153,10 +158,10 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
     try:
         with open(tmp, "wb") as f:
             for p in inputs:
-                for ids in encode_documents(tok, read_documents(p, skip_bad_lines, stats)):
+                for ids, starts in encode_documents(tok, read_documents(p, skip_bad_lines, stats)):
                     if not ids:
                         continue
-                    arr = np.asarray(ids + [sep], dtype="<i4")
+                    arr = np.asarray(ids + [sep], dtype="<u4") | (np.asarray(starts + [1], dtype="<u4") << 31)
                     f.write(arr.tobytes())
                     n_docs += 1
                     n_tokens += arr.size
@@ -166,7 +171,8 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
             raise PretrainError(f"--data: no text found in {', '.join(inputs)}")
         if stats.get("skipped_lines"):
             log(f"warning: skipped {stats['skipped_lines']} bad line(s) (--skip-bad-lines)")
-        meta = {"documents": n_docs, "tokens": n_tokens, "inputs": list(inputs), "dtype": "<i4"}
+        meta = {"documents": n_docs, "tokens": n_tokens, "inputs": list(inputs), "dtype": "<u4",
+                "format": CACHE_FORMAT, "word_start_bit": 31}
         with open(meta_tmp, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
         os.replace(tmp, path)
@@ -180,14 +186,22 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
     return path
 
 
+def _cache_format(path: str) -> "int | None":
+    try:
+        with open(path + ".json", encoding="utf-8") as f:
+            return json.load(f).get("format", 1)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------- packing
 class PackedSequences:
-    """Fixed-length [CLS] chunk [SEP] sequences over a memory-mapped token stream."""
+    """Fixed-length [CLS] chunk [SEP] sequences over a memory-mapped token stream (ids and word starts)."""
 
     def __init__(self, stream_path: str, seq_len: int, cls_id: int, sep_id: int):
         if seq_len < 3:
             raise PretrainError(f"--seq-len: expected >= 3, got {seq_len}")
-        self.tokens = np.memmap(stream_path, dtype="<i4", mode="r")
+        self.tokens = np.memmap(stream_path, dtype="<u4", mode="r")
         self.seq_len, self.cls_id, self.sep_id = seq_len, cls_id, sep_id
         self.body = seq_len - 2
         self.n = len(self.tokens) // self.body
@@ -198,12 +212,22 @@ class PackedSequences:
     def __len__(self) -> int:
         return self.n
 
+    def _rows(self, indices: Sequence[int]) -> np.ndarray:
+        return np.stack([self.tokens[i * self.body:(i + 1) * self.body] for i in indices]) if len(indices) else \
+            np.empty((0, self.body), dtype=np.uint32)
+
     def batch(self, indices: Sequence[int]) -> torch.Tensor:
-        """int64 [len(indices), seq_len]."""
+        """input ids, int64 [len(indices), seq_len]."""
         out = np.empty((len(indices), self.seq_len), dtype=np.int64)
         out[:, 0], out[:, -1] = self.cls_id, self.sep_id
-        for r, i in enumerate(indices):
-            out[r, 1:-1] = self.tokens[i * self.body:(i + 1) * self.body]
+        out[:, 1:-1] = self._rows(indices) & ID_BITS
+        return torch.from_numpy(out)
+
+    def word_starts(self, indices: Sequence[int]) -> torch.Tensor:
+        """bool [len(indices), seq_len]: True where a word starts ([CLS] and [SEP] each start one). A word cut
+        by the start of a chunk continues [CLS]'s unit there, so its tail is never masked on its own."""
+        out = np.ones((len(indices), self.seq_len), dtype=bool)
+        out[:, 1:-1] = (self._rows(indices) & WORD_START) != 0
         return torch.from_numpy(out)
 
 

@@ -1,4 +1,8 @@
-"""Tokenizers for pretraining: train a BERT-style WordPiece on the corpus, or load an existing one.
+"""Tokenizers for pretraining: train one of three families on the corpus, or load an existing one.
+
+  wordpiece  ELECTRA / BERT: lower-cased WordPiece (``##`` continuations), ``[CLS] x [SEP]``
+  bpe        RoBERTa: byte-level BPE (``Ġ`` marks a preceding space), ``<s> x </s>``
+  unigram    DeBERTa-v3: SentencePiece-style Unigram (``▁`` Metaspace pieces, cased), ``[CLS] x [SEP]``
 
 Everything goes through the ``tokenizers`` library (no transformers needed): ``tokenizer.json`` files,
 transformers tokenizer directories (``tokenizer.json`` inside, or a BERT ``vocab.txt``).
@@ -12,9 +16,116 @@ from typing import Callable, Dict, Iterable, List, Union
 from .errors import PretrainError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TOKENIZER_TYPES = ("wordpiece", "bpe", "unigram")
+# the papers' vocabularies: BERT / ELECTRA uncased WordPiece, RoBERTa's GPT-2 BPE, DeBERTa-v3's SentencePiece
+DEFAULT_VOCAB = {"wordpiece": 30522, "bpe": 50265, "unigram": 128000}
+# RoBERTa's and DeBERTa-v3's special tokens and ids ([MASK] is DeBERTa-v3's last id, added after training)
+_BPE_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+_UNIGRAM_SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+_BYTES = 256  # byte-level BPE keeps the whole byte alphabet
 # token spellings per role, BERT / DeBERTa first, then RoBERTa / SentencePiece
 _ROLES = {"pad": ("[PAD]", "<pad>"), "unk": ("[UNK]", "<unk>"), "cls": ("[CLS]", "<s>"),
           "sep": ("[SEP]", "</s>"), "mask": ("[MASK]", "<mask>")}
+
+
+def min_vocab(kind: str) -> int:
+    """The smallest vocabulary a ``kind`` tokenizer can have: its special tokens (+ the byte alphabet) + 1."""
+    return len(SPECIAL_TOKENS) + 1 + (_BYTES if kind == "bpe" else 0)
+
+
+def train_tokenizer(kind: str, documents, vocab_size: int):
+    """Train a ``kind`` (one of TOKENIZER_TYPES) tokenizer of ``vocab_size`` entries: fewer when the corpus has
+    fewer pieces to give, more (WordPiece) or an error (Unigram) when its characters alone need more.
+    Deterministic: the same documents give a byte-identical tokenizer."""
+    if kind not in TOKENIZER_TYPES:
+        raise PretrainError(f"--tokenizer-type: expected one of {', '.join(TOKENIZER_TYPES)}, got {kind!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < min_vocab(kind):
+        extra = f" ({len(SPECIAL_TOKENS)} special tokens + the 256 bytes + 1)" if kind == "bpe" else ""
+        raise PretrainError(f"--vocab-size: a {kind} tokenizer needs an int >= {min_vocab(kind)}{extra}, "
+                            f"got {vocab_size!r}")
+    return {"wordpiece": train_wordpiece, "bpe": _train_bpe, "unigram": _train_unigram}[kind](documents, vocab_size)
+
+
+def tokenizer_type(tok) -> str:
+    """The family of a loaded tokenizer (from its model): wordpiece, bpe or unigram (else the model's name)."""
+    name = type(tok.model).__name__.lower()
+    return {"wordpiece": "wordpiece", "bpe": "bpe", "unigram": "unigram"}.get(name, name)
+
+
+def _replayable(documents):
+    """A function returning a fresh iterable of ``documents`` (a list, or already such a function)."""
+    if callable(documents):
+        return documents
+    kept = documents if isinstance(documents, (list, tuple)) else list(documents)
+    return lambda: kept
+
+
+def _train_bpe(documents, vocab_size: int):
+    """RoBERTa's byte-level BPE (GPT-2 pre-tokenisation, no prefix space, no lower-casing), specials
+    <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4. Deterministic as trained: the initial alphabet is sorted and merge
+    ties are broken by the pair's ids, which follow it (there is no continuation prefix to number)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(_BPE_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_replayable(documents)(), trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True,
+                                                      add_prefix_space=False)
+    return tok
+
+
+def _train_unigram(documents, vocab_size: int):
+    """DeBERTa-v3's SentencePiece Unigram: NFKC, runs of spaces collapsed, Metaspace ``▁`` word pieces, cased;
+    [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3, the pieces, then [MASK] as the last id.
+
+    The Rust trainer sums its EM statistics in hash-map order (scores differ by ~1e-11 between runs) and gives
+    the required characters it had to add scores ``min + k * 1e-4`` in hash-set order, so its output varies
+    from run to run. :func:`_canonical_unigram` removes both."""
+    from tokenizers import Tokenizer, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC(),
+                                           normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size - 1, special_tokens=list(_UNIGRAM_SPECIALS),
+                                      unk_token="[UNK]", show_progress=False)
+    try:
+        tok.train_from_iterator(_replayable(documents)(), trainer)
+    except PretrainError:  # a bad input line, raised by the document reader through the Rust trainer
+        raise
+    except Exception as e:  # the Rust trainer's refusal ("... not large enough to contain all chars"): one line
+        raise PretrainError(f"--vocab-size: {vocab_size} is too small for a unigram vocabulary of this corpus "
+                            f"(it holds every character): {str(e).splitlines()[0]}") from None
+    tok = _canonical_unigram(tok)
+    tok.add_special_tokens(["[MASK]"])
+    _add_post_processor(tok)
+    return tok
+
+
+def _canonical_unigram(tok, grid: float = 1e-4):
+    """The trained Unigram with run-independent scores and ids: the characters on the trainer's
+    ``min + k * 1e-4`` ladder all get the minimum score; every score is rounded to ``grid`` (far above the
+    EM's ~1e-11 summation noise; pieces closer than that in log-probability were tied for practical
+    purposes); pieces follow the special tokens by descending score, ties by piece."""
+    from tokenizers import Tokenizer
+    state = json.loads(tok.to_str())
+    vocab = state["model"]["vocab"]
+    n_special = len(_UNIGRAM_SPECIALS)
+    pieces = vocab[n_special:]
+    low = min(score for _, score in pieces)
+    step = 1e-4  # the trainer's min_score_penalty_delta
+
+    def on_ladder(piece, score):
+        k = (score - low) / step
+        return len(piece) == 1 and abs(k - round(k)) < 1e-6 and round(k) < len(pieces)
+
+    pieces = [(p, low if on_ladder(p, s) else s) for p, s in pieces]
+    pieces = sorted(((p, round(round(s / grid) * grid, 6)) for p, s in pieces), key=lambda ps: (-ps[1], ps[0]))
+    state["model"]["vocab"] = vocab[:n_special] + [[p, s] for p, s in pieces]
+    state["model"]["unk_id"] = _UNIGRAM_SPECIALS.index("[UNK]")
+    return Tokenizer.from_str(json.dumps(state))
 
 
 def train_wordpiece(documents: Union[Iterable[str], Callable[[], Iterable[str]]], vocab_size: int = 30522,
@@ -32,11 +143,7 @@ def train_wordpiece(documents: Union[Iterable[str], Callable[[], Iterable[str]]]
     from tokenizers import Tokenizer, models, trainers
     if not isinstance(vocab_size, int) or vocab_size < len(SPECIAL_TOKENS) + 1:
         raise PretrainError(f"--vocab-size: expected an int > {len(SPECIAL_TOKENS)}, got {vocab_size!r}")
-    if not callable(documents):
-        kept = documents if isinstance(documents, (list, tuple)) else list(documents)
-
-        def documents():
-            return kept
+    documents = _replayable(documents)
 
     def train(size: int, fixed: List[str]):
         tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)))
@@ -160,13 +267,26 @@ def save_for_transformers(tok, directory: str, model_max_length: int = 512) -> N
                    **names}, f, indent=2)
 
 
+def has_word_boundaries(tok) -> bool:
+    """Whether ``tok`` marks words: its pre-tokeniser splits the text into words (BERT's punctuation and space
+    split, byte-level BPE's GPT-2 split, Metaspace's ``▁`` split), which ``Encoding.word_ids`` then reports.
+    Without one the whole document is one "word"."""
+    return tok.pre_tokenizer is not None
+
+
+def word_starts(word_ids) -> List[int]:
+    """1 where a token starts a word (its word id differs from the previous token's), else 0: a WordPiece
+    ``##`` piece, or a BPE / Unigram piece without the ``Ġ`` / ``▁`` marker, continues the word before it."""
+    return [1 if i == 0 or w is None or w != word_ids[i - 1] else 0 for i, w in enumerate(word_ids)]
+
+
 def encode_documents(tok, docs: Iterable[str], batch: int = 1024):
-    """Yield one id list per document (no special tokens), through the multi-threaded batch API."""
+    """Yield ``(ids, word_starts)`` per document (no special tokens), through the multi-threaded batch API."""
     buf = []
     for d in docs:
         buf.append(d)
         if len(buf) == batch:
-            yield from (e.ids for e in tok.encode_batch(buf, add_special_tokens=False))
+            yield from ((e.ids, word_starts(e.word_ids)) for e in tok.encode_batch(buf, add_special_tokens=False))
             buf = []
     if buf:
-        yield from (e.ids for e in tok.encode_batch(buf, add_special_tokens=False))
+        yield from ((e.ids, word_starts(e.word_ids)) for e in tok.encode_batch(buf, add_special_tokens=False))

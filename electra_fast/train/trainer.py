@@ -25,13 +25,16 @@ import torch
 from .. import _backend, _cpu
 from . import checkpoint as ckpt
 from . import plot, rundir
+from . import recipe as recipes
 from .evaluation import HeldOut, SplitSampler, heldout_count, split
 from .metrics import TokenScores, fmt, learned, rtd_metrics
 from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
 from .distributed import Context, setup
 from .errors import InterruptedAgain, PretrainError
 from .optim import linear_schedule, param_groups
-from .tokenizer import SPECIAL_TOKENS, config_overrides, fingerprint, load_tokenizer, special_ids, train_wordpiece
+from .init_from import init_source
+from .tokenizer import (DEFAULT_VOCAB, config_overrides, fingerprint, load_tokenizer, min_vocab, special_ids,
+                        train_tokenizer)
 
 MASK64 = (1 << 64) - 1
 # small enough that the README's default job (no --data, CPU) runs a few hundred steps in a couple of minutes
@@ -39,7 +42,8 @@ TINY = dict(embedding_size=128, hidden_size=128, num_hidden_layers=2, num_attent
             intermediate_size=512, generator_hidden_size=64, generator_num_hidden_layers=2,
             generator_num_attention_heads=1, generator_intermediate_size=256)
 DEFAULT_STEPS, DEFAULT_EMBEDDED_STEPS = 10_000, 300
-DEFAULT_EMBEDDED_VOCAB = 8192
+DEFAULT_EMBEDDED_VOCAB = 8192  # any family: the embedded corpus gives ~9-10k pieces at most
+TOKENIZER_NAMES = {"wordpiece": "WordPiece", "bpe": "byte-level BPE", "unigram": "Unigram"}
 
 
 def _splitmix64(x: int) -> int:
@@ -232,7 +236,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
              keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
              device: Optional[str] = None, threads: Optional[int] = None, progress: bool = True,
              fused: bool = True, allow_nonempty_out: bool = False, eval_every: Optional[int] = None,
-             tensorboard: bool = False,
+             tensorboard: bool = False, recipe: Optional[dict] = None, override: bool = False,
+             init_from: Optional[str] = None,
              _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
     """Pretrain an ELECTRA / DeBERTa-v3 RTD model; returns the closing summary (plus ``"model"``, the trained
     ElectraPretrainingModel). Bad input raises :class:`PretrainError` with a one-line message.
@@ -247,19 +252,25 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
 
     Every run writes ``out``/curves.png (:mod:`.plot`) from its metrics.jsonl when it ends (a warning, no picture,
     without matplotlib).
+
+    ``recipe``: the recipe flags given (:mod:`.recipe`; README "Recipes"), checked against a resumed run's unless
+    ``override``. ``init_from``: continue pretraining from a run / export / transformers directory
+    (:mod:`.init_from`); ``steps=0`` then writes the loaded model as checkpoint step-0.
     """
     embedded = data is None or (isinstance(data, (list, tuple)) and len(data) == 0)
+    recipe = recipes.check(recipe, override, resume)
+    source, tokenizer = init_source(init_from, tokenizer, model, vocab_size, resume)
     if isinstance(data, (str, os.PathLike)):
         data = [os.fspath(data)]
-    model = model or ("electra-tiny" if embedded else "electra-small")
+    model = model or init_from or ("electra-tiny" if embedded else "electra-small")
     batch_size = (16 if embedded else 32) if batch_size is None else batch_size
     if steps is None:  # an explicit 0 is refused below, never read as "unset"
         steps = DEFAULT_EMBEDDED_STEPS if embedded else DEFAULT_STEPS
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     optional = (("save-every", save_every, 1, None), ("warmup", warmup, 0, None), ("eval-every", eval_every, 1, None),
-                ("vocab-size", vocab_size, len(SPECIAL_TOKENS) + 1, None),
+                ("vocab-size", vocab_size, min_vocab(recipe.get("tokenizer_type", "wordpiece")), None),
                 ("threads", threads, 1, cpus))  # more threads than CPUs only slow down (100000 crashed OpenMP)
-    for name, v, lo, hi in (("steps", steps, 1, None), ("seq-len", seq_len, 3, None),
+    for name, v, lo, hi in (("steps", steps, 0 if source else 1, None), ("seq-len", seq_len, 3, None),
                             ("batch-size", batch_size, 1, None), ("grad-accum", grad_accum, 1, None),
                             ("keep", keep, 1, None), ("log-every", log_every, 1, None), ("seed", seed, 0, 2**63 - 1),
                             *(o for o in optional if o[1] is not None)):
@@ -277,7 +288,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     if tensorboard:
         _summary_writer()  # missing package: refused before anything is written
     if not resume:  # --model and --seq-len now, not after a tokenizer was trained (resume: the checkpoint's model)
-        _check_seq_len(seq_len, model_config(model, {}))
+        _check_seq_len(seq_len, recipes.apply(source.config if source else model_config(model, {}), recipe))
 
     out = os.fspath(out)
     ctx = setup(device)
@@ -383,7 +394,8 @@ class _Job:
             self.say(f"--resume: no complete checkpoint in {o.out}; starting from scratch")
         self.state = (ckpt.load_training_state(os.path.join(self.resume_from, "training_state.pt"))
                       if self.resume_from else None)
-        if self.state is not None and self.state["step"] >= o.steps:  # before anything is said or written
+        # before anything is said or written; --steps 0 (--init-from only): a checkpoint of the model as loaded
+        if self.state is not None and self.state["step"] >= max(o.steps, 1):
             raise PretrainError(f"--steps: the resumed run is already at step {self.state['step']} >= --steps "
                                 f"{o.steps}")
         self.precision = _resolve_precision(o.precision, ctx.device, self.state, self.say)
@@ -419,12 +431,14 @@ class _Job:
             return tok
         if o.tokenizer is not None:
             return load_tokenizer(o.tokenizer)
-        vocab = o.vocab_size or (DEFAULT_EMBEDDED_VOCAB if o.embedded else 30522)
+        kind = o.recipe.get("tokenizer_type", "wordpiece")
+        vocab = o.vocab_size or (DEFAULT_EMBEDDED_VOCAB if o.embedded else DEFAULT_VOCAB[kind])
         tok_path = os.path.join(self.cache_dir, "tokenizer.json")
         if ctx.is_main:
             os.makedirs(self.cache_dir, exist_ok=True)
-            self.say(f"training a WordPiece tokenizer (vocabulary {vocab}) on {len(inputs)} input(s)")
-            tok = train_wordpiece(lambda: (d for p in inputs for d in read_documents(p, o.skip_bad_lines)), vocab)
+            self.say(f"training a {TOKENIZER_NAMES[kind]} tokenizer (vocabulary {vocab}) on {len(inputs)} input(s)")
+            tok = train_tokenizer(kind, lambda: (d for p in inputs for d in read_documents(p, o.skip_bad_lines)),
+                                  vocab)
             if tok.get_vocab_size() <= 5:
                 raise PretrainError("--data: no text found to train a tokenizer on")
             tok.save(tok_path)
@@ -438,7 +452,11 @@ class _Job:
                 raise PretrainError(f"checkpoint {self.resume_from}: config vocab_size {cfg.vocab_size} does not "
                                     f"match its tokenizer ({self.tok.get_vocab_size()})")
         else:
-            cfg = model_config(self.o.model, config_overrides(self.tok))
+            o = self.o
+            cfg = o.source.config_for(self.tok, o.recipe) if o.source else model_config(o.model,
+                                                                                     config_overrides(self.tok))
+        cfg, self.run_recipe = recipes.settle(cfg, self.o.recipe, self.tok, self.state and self.state.get("recipe", {}),
+                                              self.o.override, self.say)
         _check_seq_len(self.o.seq_len, cfg)
         return cfg
 
@@ -482,12 +500,15 @@ class _Job:
         from ..models import ElectraPretrainingModel
         o, ctx = self.o, self.ctx
         torch.manual_seed(o.seed)
-        self.net = ElectraPretrainingModel(self.cfg, fused=o.fused).to(ctx.device)
+        self.net = ElectraPretrainingModel(self.cfg, fused=o.fused)
+        if o.source is not None:
+            o.source.load_into(self.net)
+        self.net = self.net.to(ctx.device)
         if ctx.device.type == "cpu":
             _keep_freed_memory()
         # fused AdamW: one kernel over all parameters (CPU and CUDA) instead of ~10 ops per parameter tensor
-        self.optimizer = torch.optim.AdamW(param_groups(self.net, o.weight_decay), lr=o.lr, betas=(0.9, 0.999),
-                                           eps=1e-6, fused=ctx.device.type in ("cpu", "cuda"))
+        self.optimizer = torch.optim.AdamW(param_groups(self.net, o.weight_decay), lr=o.lr,
+                                           **recipes.adam(self.run_recipe), fused=ctx.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(o.warmup, o.steps))
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
         if self.state is not None and self.state["scaler"]:  # empty when the run was not fp16
@@ -508,6 +529,7 @@ class _Job:
         if self.resume_from is not None:
             ckpt.load_model_state(self.net, os.path.join(self.resume_from, "model.safetensors"))
             self.optimizer.load_state_dict(st["optimizer"])
+            recipes.set_optimizer(self.optimizer, self.run_recipe)
             self.scheduler.load_state_dict(st["scheduler"])
             self.start_step, self.data_pos, self.tokens_seen = st["step"], st["data_position"], st["tokens_seen"]
             self.elapsed_before = st.get("elapsed_s", 0.0)
@@ -529,7 +551,7 @@ class _Job:
         if self.resume_from is None:
             _write_json(os.path.join(o.out, "run.json"), {"run_id": self.run_id, "created": time.time(),
                                                           "model": o.model, "inputs": self.inputs,
-                                                          "precision": self.precision})
+                                                          "precision": self.precision, "recipe": self.run_recipe})
             if os.path.exists(self.metrics_path):  # only reachable with --resume and no checkpoint: our own file
                 os.unlink(self.metrics_path)
         else:
@@ -562,10 +584,12 @@ class _Job:
         for m in range(o.grad_accum):
             idx = self.sampler.indices(self.data_pos + (m * ctx.world + ctx.rank) * o.batch_size, o.batch_size)
             batch = self.packed.batch(idx).to(ctx.device, non_blocking=True)
+            starts = self.packed.word_starts(idx).to(ctx.device) if self.cfg.whole_word_masking else None
             sync = ctx.distributed and m < o.grad_accum - 1
             with (self.ddp.no_sync() if sync else _null()):
                 with torch.autocast(ctx.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                    out = self.step_fn(batch, None, seed=derive_seed(o.seed, self.step, ctx.rank, m))
+                    out = self.step_fn(batch, None, seed=derive_seed(o.seed, self.step, ctx.rank, m),
+                                       word_starts=starts)
                 self.scaler.scale(out.loss / o.grad_accum).backward()
             acc += torch.stack([out.loss.detach(), out.mlm_loss.detach(), out.rtd_loss.detach()]
                                + [out.metrics[k].detach().float() for k in STEP_METRICS[3:]]) / o.grad_accum
@@ -667,7 +691,7 @@ class _Job:
                      "tokens_seen": self.tokens_seen,
                      "elapsed_s": self.elapsed_before + time.perf_counter() - self.t0,
                      "world": ctx.world, "seq_len": o.seq_len, "batch_size": o.batch_size,
-                     "grad_accum": o.grad_accum, "precision": self.precision,
+                     "grad_accum": o.grad_accum, "precision": self.precision, "recipe": self.run_recipe,
                      "heldout_sequences": self.heldout_sequences}
             writers = {"model.safetensors": lambda p: ckpt.save_model(self.net, p),
                        "training_state.pt": lambda p: ckpt.save_training_state(state, p),
