@@ -382,3 +382,29 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(pretrained, tmp_pat
     a, b = (load_file(str(tmp_path / r / "export" / "model.safetensors")) for r in ("full", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert full["seeds"][0]["validation"] == done["seeds"][0]["validation"]
+
+
+# ------------------------------------------------------------------------------------------ demo data
+def test_acceptability_rows_swap_exactly_two_words():
+    from electra_fast.finetune.demo import acceptability_rows
+    docs = ["The first sentence has quite a few words in it. Another sentence follows it here today.",
+            "A third one with enough words to qualify for the task. Short one."]
+    rows = acceptability_rows(docs * 3, seed=1)
+    originals = {"The first sentence has quite a few words in it.", "Another sentence follows it here today.",
+                 "A third one with enough words to qualify for the task."}
+    assert len(rows) == 3  # each sentence once (no duplicates), the short one left out
+    for text, label in rows:
+        match = [o for o in originals if sorted(o.split()) == sorted(text.split())]
+        assert len(match) == 1
+        diff = [i for i, (a, b) in enumerate(zip(match[0].split(), text.split())) if a != b]
+        assert (label == "1" and diff == []) or (label == "0" and len(diff) == 2), (text, label)
+
+
+def test_rotten_tomatoes_rows_keep_reviews_only(tmp_path):
+    import bz2
+    from electra_fast.finetune.demo import rotten_tomatoes_rows
+    path = tmp_path / "rt.csv.bz2"
+    with bz2.open(path, "wt", encoding="utf-8") as f:
+        f.write('category,text,movie_name,has_plot_and_reviews\nplot,"A plot summary.",m,True\n'
+                'fresh,"Great\n fun.",m,True\nrotten,"Dull.",m,True\n')
+    assert rotten_tomatoes_rows(str(path)) == [("Great fun.", "fresh"), ("Dull.", "rotten")]
