@@ -9,7 +9,7 @@ import torch
 import electra_fast
 from conftest import all_backends, assert_low_precision, backend_dtypes, fast_backends
 from electra_fast.integrations.transformers.deberta_v2 import FusedDisentangledSelfAttention
-from electra_fast.ops.disentangled_attention import _fwd
+from electra_fast.ops.disentangled_attention import _OP
 from electra_fast.profiling import peak_memory
 from electra_fast.reference import disentangled_attention as ref
 
@@ -232,7 +232,7 @@ def test_lse_contract(backend, device):
     slots = ref.relative_slots(T, *SMALL)
     args = [a.to(device) for a in (q, k, v, pk, pq, mask, slots)]
     with electra_fast.use_backend(backend):
-        out, lse = _fwd(*args, 0.1, 0.0, 0, *SMALL)
+        out, lse = _OP.op(*args, 0.1, 0.0, 0, *SMALL)
     s = ref._scores(q, k, pk, pq, ref._slot_table(slots, T), 0.1)[..., :7]
     torch.testing.assert_close(lse.cpu()[..., :7], torch.logsumexp(s, -1)[..., :7], rtol=1e-5, atol=1e-5)
     assert torch.isinf(lse.cpu()[..., 7:]).all() and (lse.cpu()[..., 7:] > 0).all()
@@ -379,8 +379,8 @@ def test_opcheck(backend, device):
     slots = ref.relative_slots(9, *SMALL)
     with electra_fast.use_backend(backend):
         for pos in ((pk, pq), (pk, None), (None, None)):
-            torch.library.opcheck(_fwd, (q, k, v, *pos, mask, slots, 0.2, 0.1, 3, *SMALL))
-        torch.library.opcheck(_fwd, (q, k, v, pk, pq, None, slots, 0.2, 0.0, 0, *SMALL))
+            torch.library.opcheck(_OP.op, (q, k, v, *pos, mask, slots, 0.2, 0.1, 3, *SMALL))
+        torch.library.opcheck(_OP.op, (q, k, v, pk, pq, None, slots, 0.2, 0.0, 0, *SMALL))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -451,7 +451,7 @@ def test_opcheck_fused_projection_views(backend, device):
     q, k, v = (a.transpose(1, 2) for a in torch.randn(1, 9, 3, 2, 8).requires_grad_().unbind(2))
     slots = ref.relative_slots(9, *SMALL)
     with electra_fast.use_backend(backend):
-        torch.library.opcheck(_fwd, (q, k, v, None, None, None, slots, 0.2, 0.1, 3, *SMALL))
+        torch.library.opcheck(_OP.op, (q, k, v, None, None, None, slots, 0.2, 0.1, 3, *SMALL))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -488,17 +488,22 @@ def test_triton_refuses_unsupported_slot_tables(monkeypatch):
     bad, good, T = (16, 16), SMALL, 40
     assert kernels.slots_supported(ref.relative_slots(T, *bad)) is not None
     assert kernels.slots_supported(ref.relative_slots(T, *good)) is None
-    assert "monotone" in op._supports(32, torch.float32, (*bad, T))("triton")
-    assert op._supports(32, torch.float32, (*good, T))("triton") is None
-    assert op._supports(32, torch.float32, (*bad, T))("cpp") is None  # only the Triton backend is refused
+    def reasons(backend, slots, head_dim=32, dtype=torch.float32):
+        return op.SPEC.unsupported(backend, head_dim=head_dim, dtype=dtype, rel_slots=ref.relative_slots(T, *slots))
+
+    assert ["monotone" in r for r in reasons("triton", bad)] == [True]
+    assert reasons("triton", good) == []
+    assert reasons("cpp", bad) == []  # only the Triton backend is refused
+    # every reason, not only the first
+    assert len(reasons("triton", bad, head_dim=48, dtype=torch.float64)) == 3
     q, k, v, pk, pq = _inputs(1, 2, T, 32, 16, torch.float32)
     kw = dict(position_buckets=bad[0], max_relative_positions=bad[1])
     with electra_fast.use_backend("triton"), pytest.raises(RuntimeError, match="triton.*monotone"):
         electra_fast.disentangled_attention(q, k, v, pk, pq, **kw)
     # automatic routing whose first choice is triton (as on CUDA; here the interpreter on CPU tensors)
     monkeypatch.setattr(_backend, "default_backend", lambda device: "triton")
-    supports = op._supports(32, torch.float32, (*bad, T))
-    backend, reason = _backend.resolve("disentangled_attention", q.device, cpp="x", triton="y", supports=supports)
+    backend, reason = op.SPEC.route(q.device, "forward", head_dim=32, dtype=torch.float32,
+                                    rel_slots=ref.relative_slots(T, *bad))
     assert backend == "reference" and "monotone" in reason
     x = [a.requires_grad_() for a in (q, k, v, pk, pq)]
     out = electra_fast.disentangled_attention(*x, **kw)

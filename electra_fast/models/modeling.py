@@ -28,7 +28,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from .. import _backend, _validate
+from .. import _backend, _seed, _validate
 from ..ops.masking import mask_tokens
 from ..ops.rtd_loss import rtd_loss as rtd_loss_op
 from ..ops.sampling import mlm_loss_and_sample
@@ -38,7 +38,7 @@ from ..nn.heads import DiscriminatorHead, GeneratorHead
 from ..nn.linear import Linear
 from .config import ElectraConfig
 
-SEED_LIMIT = 2 ** 63
+SEED_LIMIT = _seed.SEED_LIMIT
 
 
 @dataclass
@@ -183,8 +183,8 @@ class ElectraPretrainingModel(nn.Module):
             _validate.tensor("attention_mask", attention_mask)
             _validate.same_shape("attention_mask", attention_mask, "input_ids", input_ids)
             _validate.same_device("attention_mask", attention_mask, "input_ids", input_ids)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
-            raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
+        if seed is not None:
+            _seed.check(seed)
         if token_type_ids is not None:
             self._check_token_types(input_ids, token_type_ids)
 
@@ -209,7 +209,7 @@ class ElectraPretrainingModel(nn.Module):
         """One pretraining step's forward. input_ids int [B, T]; attention_mask [B, T] (1 = real) or None."""
         self._check_inputs(input_ids, attention_mask, seed, token_type_ids)
         if seed is None:
-            seed = int(torch.randint(0, SEED_LIMIT - 1, (1,)).item())
+            seed = _seed.draw()
         ctx = contextlib.nullcontext() if self.fused else _backend.eager_twin_mode()
         with ctx:
             return self._step(input_ids, attention_mask, seed, token_type_ids)
