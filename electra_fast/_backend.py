@@ -173,8 +173,9 @@ class OpSpec:
 
     An op runs in stages (``"forward"``, ``"backward"``, ...); a stage's three implementations are found by name:
       reference  the module of eager kernels (electra_fast/reference/<op>.py): stage ``s`` is ``reference.s``;
-      cpp        stage -> kernel in ``torch.ops.electra_fast_cpp`` (csrc/<op>.cpp); a stage only C++ has (e.g.
-                 rtd_loss's ``train``) routes like the others;
+      cpp        stage -> kernel in ``torch.ops.electra_fast_cpp`` (csrc/<op>.cpp);
+      cpp_only   the stages only C++ implements (rtd_loss's ``train``: a C++ autograd function), asked with
+                 :meth:`route` only;
       triton     the kernel module ``electra_fast.kernels.<triton>`` (kernels/<op>.py), imported on first use
                  (importing electra_fast never imports triton): stage ``s`` is its function ``s``.
     The kernels own their limits: a kernel module's ``unsupported(**call) -> list[str]`` gives every reason its
@@ -184,6 +185,12 @@ class OpSpec:
     reference: ModuleType
     cpp: Mapping[str, str]
     triton: Optional[str] = None
+    cpp_only: Tuple[str, ...] = ()
+
+    @property
+    def stages(self) -> Tuple[str, ...]:
+        """The stages every backend implements."""
+        return tuple(s for s in self.cpp if s not in self.cpp_only)
 
     def kernels(self) -> ModuleType:
         """The Triton kernel module (imports triton)."""

@@ -17,11 +17,13 @@ Bodies (``name`` is the op's schema name in namespace ``electra_fast``):
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
 from .. import _validate
+
+BUILT: Dict[str, "AutogradOp"] = {}  # schema name of the forward op -> its AutogradOp (read by the tests)
 
 
 class AutogradOp:
@@ -36,6 +38,9 @@ class AutogradOp:
                  grads: Optional[Callable] = None, backward: Optional[Callable] = None,
                  backward_fake: Optional[Callable] = None, backward_name: Optional[str] = None,
                  non_differentiable: Sequence[int] = (), eager: bool = True):
+        if name in BUILT:
+            raise ValueError(f"electra_fast::{name} is built twice")
+        BUILT[name] = self
         self.forward, self.backward = forward, backward
         self.op = torch.library.custom_op(f"electra_fast::{name}", forward, mutates_args=())
         self.op.register_fake(fake)

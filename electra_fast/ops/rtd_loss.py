@@ -21,7 +21,8 @@ from ._autograd import AutogradOp
 
 _SCALAR = torch.Size([])
 SPEC = _backend.register(_backend.OpSpec("rtd_loss", reference=ref, triton="rtd_loss",
-                                         cpp={"forward": "rtd_loss_fwd", "train": "rtd_loss_train"}))
+                                         cpp={"forward": "rtd_loss_fwd", "train": "rtd_loss_train"},
+                                         cpp_only=("train",)))
 
 
 def _forward(logits: torch.Tensor, corrupted: torch.Tensor, original: torch.Tensor, mask: Optional[torch.Tensor],
