@@ -133,7 +133,8 @@ def resolve(op: str, device: torch.device, *, cpp: Optional[str] = None, triton:
     """
     forced = forced_backend()
     candidate = forced or default_backend(device)
-    reason = _static_reason(candidate, device.type, cpp, triton, triton_interpret(), _extension.EXTENSION_ERROR)
+    interpret = candidate == "triton" and triton_interpret()  # reading the environment costs ~1.5 us a call
+    reason = _static_reason(candidate, device.type, cpp, triton, interpret, _extension.EXTENSION_ERROR)
     if reason is None and supports is not None and candidate != "reference":
         reason = supports(candidate)
         if isinstance(reason, (list, tuple)):
@@ -206,9 +207,11 @@ class OpSpec:
     def route(self, device: torch.device, stage: Optional[str] = None, **call) -> Tuple[str, Optional[str]]:
         """``(backend, reason)`` for ``stage`` (None: every stage, as ``info`` asks) on ``device``; see
         :func:`resolve`."""
-        supports = (lambda backend: self.unsupported(backend, **call)) if call else None
+        supports = (lambda backend: self.unsupported(backend, **call)) if call and self.triton else None
+        if stage is not None:  # every call of an op: one stage
+            return resolve(self.name, device, cpp=self.cpp.get(stage), triton=self.triton, supports=supports)
         backend, reason = "reference", None
-        for name in (stage,) if stage is not None else (tuple(self.cpp) or (None,)):
+        for name in tuple(self.cpp) or (None,):
             backend, reason = resolve(self.name, device, cpp=self.cpp.get(name), triton=self.triton,
                                       supports=supports)
             if reason is not None:

@@ -31,10 +31,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+_CPU = torch.device("cpu")
+
+
 def _impl(stage: str, q: torch.Tensor, position_buckets: int, max_relative_positions: int):
     # the slot table the kernels' limits read: a cached CPU table (no device sync per call; the limits are
     # computed once per table)
-    cpu_slots = _slots(q.shape[2], position_buckets, max_relative_positions, torch.device("cpu"))
+    cpu_slots = _slots(q.shape[2], position_buckets, max_relative_positions, _CPU)
     return SPEC.implementation(stage, q.device, head_dim=q.shape[-1], dtype=q.dtype, rel_slots=cpu_slots)
 
 
@@ -103,7 +106,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optiona
 
 
 def _fake(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, position_buckets,
-      max_relative_positions):
+          max_relative_positions):
     return [_empty_in_dim_order(q), q.new_empty(q.shape[:-1], dtype=torch.float32)]
 
 
@@ -125,8 +128,8 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     return [g if g is not None else q.new_empty(0) for g in grads]
 
 
-def _backward_fake(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed, position_buckets,
-      max_relative_positions):
+def _backward_fake(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed,
+                   position_buckets, max_relative_positions):
     return [_empty_in_dim_order(q), _empty_in_dim_order(k), _empty_in_dim_order(v),
             q.new_empty(0) if pos_key is None else torch.empty_like(pos_key),
             q.new_empty(0) if pos_query is None else torch.empty_like(pos_query)]

@@ -16,7 +16,8 @@ from ..reference import masking as ref
 from ._autograd import AutogradOp
 
 STRATEGIES = ("count", "bernoulli")
-SPEC = _backend.register(_backend.OpSpec("mask_tokens", reference=ref, cpp={"forward": "mask_tokens"}, triton="masking"))
+SPEC = _backend.register(_backend.OpSpec("mask_tokens", reference=ref, cpp={"forward": "mask_tokens"},
+                                         triton="masking"))
 
 
 class MaskedTokens(NamedTuple):
