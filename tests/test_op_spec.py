@@ -201,3 +201,24 @@ def test_ops_modules_route_through_their_spec():
     for name, spec in _backend.REGISTRY.items():
         module = importlib.import_module(spec.reference.__name__.replace(".reference.", ".ops."))
         assert spec in [v for v in vars(module).values() if isinstance(v, _backend.OpSpec)], name
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_rtd_loss_cpp_training_path_is_the_custom_op(reduction, cpp_extension):
+    """rtd_loss's eager training on the C++ backend runs the spec's C++-only ``train`` stage (a C++ autograd
+    function, outside opcheck's reach): its loss, metrics and gradient equal the checked custom op's, bit for bit."""
+    from electra_fast.ops.rtd_loss import _OP
+
+    logits, corrupted, original, mask, _, _ = _rtd_inputs()
+    assert _backend.REGISTRY["rtd_loss"].route(CPU, "train") == ("cpp", None)
+    weight = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view(logits.shape)
+    a = logits.clone().requires_grad_()
+    loss, metrics = electra_fast.rtd_loss(a, corrupted, original, mask.bool(), reduction=reduction,
+                                          return_metrics=True)
+    (loss * (weight if reduction == "none" else 1.0)).sum().backward()
+    b = logits.clone().requires_grad_()
+    want, counts, _ = _OP.op(b, corrupted, original, mask, rtd_ref.REDUCTIONS[reduction], True)
+    (want * (weight if reduction == "none" else 1.0)).sum().backward()
+    assert torch.equal(loss, want) and torch.equal(a.grad, b.grad)
+    want_metrics = rtd_ref.metrics_from_counts(counts)
+    assert all(torch.equal(metrics[k], want_metrics[k]) for k in want_metrics)

@@ -160,12 +160,8 @@ class ElectraPretrainingModel(nn.Module):
     # ------------------------------------------------------------------ checks
     def _check_inputs(self, input_ids, attention_mask, seed, token_type_ids=None):
         cfg = self.config
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"input_ids: expected an int32 / int64 tensor, got {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected a 2-d tensor [B, T], got shape {tuple(input_ids.shape)}")
+        _validate.ids("input_ids", input_ids)
+        _validate.rank("input_ids", input_ids, 2, "[B, T]")
         if input_ids.device.type == "meta":  # the id-range checks below read the data
             raise ValueError("input_ids: expected a tensor with data (cpu / cuda), got a meta tensor")
         if input_ids.numel() == 0:
@@ -189,9 +185,7 @@ class ElectraPretrainingModel(nn.Module):
             self._check_token_types(input_ids, token_type_ids)
 
     def _check_token_types(self, input_ids, token_type_ids):
-        _validate.tensor("token_type_ids", token_type_ids)
-        if token_type_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"token_type_ids: expected an int32 / int64 tensor, got {token_type_ids.dtype}")
+        _validate.ids("token_type_ids", token_type_ids)
         _validate.same_shape("token_type_ids", token_type_ids, "input_ids", input_ids)
         _validate.same_device("token_type_ids", token_type_ids, "input_ids", input_ids)
         # ELECTRA's embeddings keep at least one type row; DeBERTa's ignore token types when type_vocab_size is 0
