@@ -135,3 +135,17 @@ def test_bad_input(name, edit, exc):
     edit(args)
     with pytest.raises(exc, match=name):
         electra_fast.disentangled_attention(**args)
+
+
+def test_head_dim_limit_is_the_kernels():
+    """The kernels own their limits: routing refuses a head dim outside kernels.HEAD_DIMS with the kernels' reason;
+    the op module's old name still answers, with a DeprecationWarning."""
+    pytest.importorskip("triton")
+    from electra_fast.kernels import disentangled_attention as kernels
+    op = importlib.import_module("electra_fast.ops.disentangled_attention")
+    slots = ref.relative_slots(8, *SMALL)
+    assert op.SPEC.unsupported("triton", head_dim=kernels.HEAD_DIMS[0], dtype=torch.float32, rel_slots=slots) == []
+    reasons = op.SPEC.unsupported("triton", head_dim=kernels.HEAD_DIMS[0] + 1, dtype=torch.float32, rel_slots=slots)
+    assert len(reasons) == 1 and "head dims" in reasons[0]
+    with pytest.warns(DeprecationWarning, match="kernels.disentangled_attention.HEAD_DIMS"):
+        assert op.TRITON_HEAD_DIMS == kernels.HEAD_DIMS

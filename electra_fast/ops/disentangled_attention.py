@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import List, Optional
 
 import torch
@@ -25,7 +26,9 @@ SPEC = _backend.register(_backend.OpSpec(
 
 
 def __getattr__(name: str):
-    if name == "TRITON_HEAD_DIMS":  # moved: the kernels own their limits (kernels/disentangled_attention.py)
+    if name == "TRITON_HEAD_DIMS":  # moved: the kernels own their limits
+        warnings.warn("electra_fast.ops.disentangled_attention.TRITON_HEAD_DIMS moved to "
+                      "electra_fast.kernels.disentangled_attention.HEAD_DIMS", DeprecationWarning, stacklevel=2)
         from ..kernels.disentangled_attention import HEAD_DIMS
         return HEAD_DIMS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,7 @@ nothing stored). Semantics: electra_fast/reference/dropout_add_layer_norm.py.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -25,7 +26,9 @@ SPEC = _backend.register(_backend.OpSpec(
 
 
 def __getattr__(name: str):
-    if name == "TRITON_MAX_H":  # moved: the kernels own their limits (kernels/dropout_add_layer_norm.py: MAX_H)
+    if name == "TRITON_MAX_H":  # moved: the kernels own their limits
+        warnings.warn("electra_fast.ops.dropout_add_layer_norm.TRITON_MAX_H moved to "
+                      "electra_fast.kernels.dropout_add_layer_norm.MAX_H", DeprecationWarning, stacklevel=2)
         from ..kernels.dropout_add_layer_norm import MAX_H
         return MAX_H
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
