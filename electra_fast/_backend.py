@@ -18,6 +18,7 @@ import functools
 import importlib
 import logging
 import os
+import warnings
 from types import ModuleType
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -217,6 +218,17 @@ class OpSpec:
             if reason is not None:
                 break
         return backend, reason
+
+    def moved_to_kernels(self, module: str, **moved: str) -> Callable[[str], object]:
+        """A module ``__getattr__`` for limits that moved from ``module`` to the Triton kernels (old name = new name
+        in ``electra_fast.kernels.<triton>``): the kernels' value, with a DeprecationWarning."""
+        def __getattr__(name: str):
+            if name not in moved:
+                raise AttributeError(f"module {module!r} has no attribute {name!r}")
+            warnings.warn(f"{module}.{name} moved to electra_fast.kernels.{self.triton}.{moved[name]} (the kernels "
+                          "own their limits)", DeprecationWarning, stacklevel=2)
+            return getattr(self.kernels(), moved[name])
+        return __getattr__
 
     def implementation(self, stage: str, device: torch.device, **call) -> Callable:
         """The callable that serves ``stage`` on ``device``. Automatic routing that falls back to the reference

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import List, Optional
 
 import torch
@@ -25,13 +24,7 @@ SPEC = _backend.register(_backend.OpSpec(
     cpp={"forward": "disentangled_attention_fwd", "backward": "disentangled_attention_bwd"}))
 
 
-def __getattr__(name: str):
-    if name == "TRITON_HEAD_DIMS":  # moved: the kernels own their limits
-        warnings.warn("electra_fast.ops.disentangled_attention.TRITON_HEAD_DIMS moved to "
-                      "electra_fast.kernels.disentangled_attention.HEAD_DIMS", DeprecationWarning, stacklevel=2)
-        from ..kernels.disentangled_attention import HEAD_DIMS
-        return HEAD_DIMS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = SPEC.moved_to_kernels(__name__, TRITON_HEAD_DIMS="HEAD_DIMS")  # deprecated names
 
 
 _CPU = torch.device("cpu")

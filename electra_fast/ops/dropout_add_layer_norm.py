@@ -10,7 +10,6 @@ nothing stored). Semantics: electra_fast/reference/dropout_add_layer_norm.py.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -25,13 +24,7 @@ SPEC = _backend.register(_backend.OpSpec(
     cpp={"forward": "dropout_add_layer_norm_fwd", "backward": "dropout_add_layer_norm_bwd"}))
 
 
-def __getattr__(name: str):
-    if name == "TRITON_MAX_H":  # moved: the kernels own their limits
-        warnings.warn("electra_fast.ops.dropout_add_layer_norm.TRITON_MAX_H moved to "
-                      "electra_fast.kernels.dropout_add_layer_norm.MAX_H", DeprecationWarning, stacklevel=2)
-        from ..kernels.dropout_add_layer_norm import MAX_H
-        return MAX_H
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = SPEC.moved_to_kernels(__name__, TRITON_MAX_H="MAX_H")  # deprecated names
 
 
 def _forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
