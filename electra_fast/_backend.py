@@ -5,15 +5,22 @@ Routing, per DESIGN.md:
   * automatic: CUDA -> triton, CPU -> cpp, anything else -> reference; a backend that cannot serve
     the call falls back to the reference and says why once per (op, reason) in the log.
 Triton on CPU tensors is only allowed under ``TRITON_INTERPRET=1`` (the interpreter test lane).
+
+What each op has: its :class:`OpSpec` (registered by ``electra_fast/ops/<op>.py``, read by routing, ``info`` and the
+tests; see docs/architecture.md).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
+import importlib
 import logging
 import os
-from typing import Callable, Iterator, Optional
+import warnings
+from types import ModuleType
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -21,15 +28,6 @@ from . import _extension
 
 BACKENDS = ("triton", "cpp", "reference")
 log = logging.getLogger("electra_fast")
-
-# op name -> (C++ kernel names, Triton kernel module): filled by each ops module at import; read by info.
-DECLARED: dict = {}
-
-
-def declare(op: str, *, cpp=(), triton: Optional[str] = None) -> None:
-    """Record which kernels implement ``op`` (for ``python -m electra_fast.info``)."""
-    DECLARED[op] = (tuple(cpp), triton)
-
 
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("electra_fast_backend", default=None)
 _twin: contextvars.ContextVar[bool] = contextvars.ContextVar("electra_fast_eager_twin", default=False)
@@ -127,17 +125,21 @@ def default_backend(device: torch.device) -> str:
 
 
 def resolve(op: str, device: torch.device, *, cpp: Optional[str] = None, triton: Optional[str] = None,
-            supports: Optional[Callable[[str], Optional[str]]] = None):
+            supports: Optional[Callable[[str], "Optional[str] | List[str]"]] = None):
     """``(backend, reason)``: the backend that serves ``op`` on ``device``, and why the preferred one
     was passed over (None when it was not). A forced backend that cannot serve raises RuntimeError.
 
-    ``supports(backend)`` lets an op refuse a backend for this call (e.g. an unsupported head dim).
+    ``supports(backend)`` lets an op refuse a backend for this call (e.g. an unsupported head dim): a reason, a list
+    of every reason (joined with "; "), or None / an empty list when it serves.
     """
     forced = forced_backend()
     candidate = forced or default_backend(device)
-    reason = _static_reason(candidate, device.type, cpp, triton, triton_interpret(), _extension.EXTENSION_ERROR)
+    interpret = candidate == "triton" and triton_interpret()  # reading the environment costs ~1.5 us a call
+    reason = _static_reason(candidate, device.type, cpp, triton, interpret, _extension.EXTENSION_ERROR)
     if reason is None and supports is not None and candidate != "reference":
         reason = supports(candidate)
+        if isinstance(reason, (list, tuple)):
+            reason = "; ".join(reason) or None
     if reason is None:
         return candidate, None
     if forced is not None:
@@ -163,23 +165,96 @@ def available_backends(device: "torch.device | str" = "cpu") -> list:
     return [b for b in BACKENDS if unavailable_reason(b, device) is None]
 
 
-def implementation(op: str, device: torch.device, *, reference: Callable, cpp: Optional[str] = None,
-                   triton: Optional[str] = None, supports: Optional[Callable[[str], Optional[str]]] = None) -> Callable:
-    """The callable that serves ``op`` on ``device``.
+# ------------------------------------------------------------------------------------------- op specs
+REGISTRY: Dict[str, "OpSpec"] = {}
 
-    ``cpp`` names a kernel in ``torch.ops.electra_fast_cpp``; ``triton`` is ``"module.function"`` inside
-    ``electra_fast.kernels``, imported only when chosen (importing electra_fast never imports triton).
-    Automatic routing that falls back to the reference says why, once per (op, reason), in the log.
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OpSpec:
+    """Everything routing, ``info`` and the tests know about one op's implementations.
+
+    An op runs in stages (``"forward"``, ``"backward"``, ...); a stage's three implementations are found by name:
+      reference  the module of eager kernels (electra_fast/reference/<op>.py): stage ``s`` is ``reference.s``;
+      cpp        stage -> kernel in ``torch.ops.electra_fast_cpp`` (csrc/<op>.cpp);
+      cpp_only   the stages only C++ implements (rtd_loss's ``train``: a C++ autograd function), asked with
+                 :meth:`route` only;
+      triton     the kernel module ``electra_fast.kernels.<triton>`` (kernels/<op>.py), imported on first use
+                 (importing electra_fast never imports triton): stage ``s`` is its function ``s``.
+    The kernels own their limits: a kernel module's ``unsupported(**call) -> list[str]`` gives every reason its
+    kernels cannot serve a call (all of them, not only the first), and the op passes ``call`` when it routes.
     """
-    backend, reason = resolve(op, device, cpp=cpp, triton=triton, supports=supports)
-    if reason is not None and (op, reason) not in _logged:
-        _logged.add((op, reason))
-        log.warning("electra_fast.%s: %s; using the reference", op, reason)
-    if backend == "cpp":
-        return _extension.cpp_op(cpp)
-    if backend == "triton":
-        import importlib
+    name: str
+    reference: ModuleType
+    cpp: Mapping[str, str]
+    triton: Optional[str] = None
+    cpp_only: Tuple[str, ...] = ()
 
-        module, fn = triton.rsplit(".", 1)
-        return getattr(importlib.import_module(f"electra_fast.kernels.{module}"), fn)
-    return reference
+    @property
+    def stages(self) -> Tuple[str, ...]:
+        """The stages every backend implements."""
+        return tuple(s for s in self.cpp if s not in self.cpp_only)
+
+    def kernels(self) -> ModuleType:
+        """The Triton kernel module (imports triton)."""
+        return importlib.import_module(f"electra_fast.kernels.{self.triton}")
+
+    def unsupported(self, backend: str, **call) -> List[str]:
+        """Every reason ``backend`` cannot serve a call described by ``call`` (empty: it can)."""
+        if backend != "triton" or not call:
+            return []
+        limits = getattr(self.kernels(), "unsupported", None)
+        return [] if limits is None else list(_cached_limits(limits, tuple(sorted(call.items()))))
+
+    def route(self, device: torch.device, stage: Optional[str] = None, **call) -> Tuple[str, Optional[str]]:
+        """``(backend, reason)`` for ``stage`` (None: every stage, as ``info`` asks) on ``device``; see
+        :func:`resolve`."""
+        supports = (lambda backend: self.unsupported(backend, **call)) if call and self.triton else None
+        if stage is not None:  # every call of an op: one stage
+            return resolve(self.name, device, cpp=self.cpp.get(stage), triton=self.triton, supports=supports)
+        backend, reason = "reference", None
+        for name in tuple(self.cpp) or (None,):
+            backend, reason = resolve(self.name, device, cpp=self.cpp.get(name), triton=self.triton,
+                                      supports=supports)
+            if reason is not None:
+                break
+        return backend, reason
+
+    def moved_to_kernels(self, module: str, **moved: str) -> Callable[[str], object]:
+        """A module ``__getattr__`` for limits that moved from ``module`` to the Triton kernels (old name = new name
+        in ``electra_fast.kernels.<triton>``): the kernels' value, with a DeprecationWarning."""
+        def __getattr__(name: str):
+            if name not in moved:
+                raise AttributeError(f"module {module!r} has no attribute {name!r}")
+            warnings.warn(f"{module}.{name} moved to electra_fast.kernels.{self.triton}.{moved[name]} (the kernels "
+                          "own their limits)", DeprecationWarning, stacklevel=2)
+            return getattr(self.kernels(), moved[name])
+        return __getattr__
+
+    def implementation(self, stage: str, device: torch.device, **call) -> Callable:
+        """The callable that serves ``stage`` on ``device``. Automatic routing that falls back to the reference
+        says why, once per (op, reason), in the log."""
+        backend, reason = self.route(device, stage, **call)
+        if reason is not None and (self.name, reason) not in _logged:
+            _logged.add((self.name, reason))
+            log.warning("electra_fast.%s: %s; using the reference", self.name, reason)
+        if backend == "cpp":
+            return _extension.cpp_op(self.cpp[stage])
+        if backend == "triton":
+            return getattr(self.kernels(), stage)
+        return getattr(self.reference, stage)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_limits(limits: Callable, call: tuple) -> Tuple[str, ...]:
+    # Asked on every call the Triton backend would serve: the answer depends on the call's shape-level arguments
+    # only, so it is computed once per configuration (a tensor argument is keyed by identity: the ops pass cached
+    # tables).
+    return tuple(limits(**dict(call)))
+
+
+def register(spec: OpSpec) -> OpSpec:
+    """Add ``spec`` to :data:`REGISTRY` (each ops module registers its ops at import)."""
+    if spec.name in REGISTRY:
+        raise ValueError(f"op spec {spec.name!r} is registered twice")
+    REGISTRY[spec.name] = spec
+    return spec

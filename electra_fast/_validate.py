@@ -1,6 +1,8 @@
 """Argument checks shared by the public ops: every message names the argument and what was expected."""
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from typing import List, Optional, Sequence
 
@@ -33,12 +35,67 @@ def integer(name: str, x) -> torch.Tensor:
     return x
 
 
+def same_dtype(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    if x.dtype != ref.dtype:
+        raise ValueError(f"{name}: expected dtype {ref.dtype} (that of {ref_name}), got {x.dtype}")
+    return x
+
+
+def ids(name: str, x) -> torch.Tensor:
+    """An int32 / int64 id tensor (the dtypes the kernels index with)."""
+    tensor(name, x)
+    if x.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected an int32 / int64 tensor, got {x.dtype}")
+    return x
+
+
+# ------------------------------------------------------------------------------------------- scalars
+# The same mistake raises the same exception in every op: a value of the wrong type is a TypeError, a value of
+# the right type outside its range a ValueError.
+def integer_arg(name: str, value, minimum: Optional[int] = None) -> int:
+    """A Python int (not a bool), at least ``minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def real(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
+         hi_open: bool = True) -> float:
+    """A real number (int, float, NumPy scalar; not a bool) in the interval from ``lo`` to ``hi`` (NaN never is)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    v = float(value)
+    above = v > lo if lo_open else v >= lo
+    below = v < hi if hi_open else v <= hi
+    if not (above and below):  # also rejects NaN
+        raise ValueError(f"{name}: expected a real number in {'(' if lo_open else '['}{lo}, {hi}"
+                         f"{')' if hi_open else ']'}, got {v}")
+    return v
+
+
+def probability(name: str, value, *, one: bool = False) -> float:
+    """A probability in [0, 1) (a drop probability), or in [0, 1] with ``one``."""
+    return real(name, value, 0.0, 1.0, hi_open=not one)
+
+
 def inspectable(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether data-dependent checks may read these tensors' values: not while torch.compile traces, and not for
     meta / fake tensors (shapes without data, which the ops' fake kernels serve)."""
     if torch.compiler.is_compiling():
         return False
-    return not any(t is not None and (t.device.type == "meta" or is_fake(t)) for t in tensors)
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+            # a plain tensor (is_fake costs ~2.5 us, paid on every eager call of the ops): fake only as a
+            # functionalization wrapper, which is never inspected
+            if t.is_meta or torch._is_functional_tensor(t):
+                return False
+        elif t.device.type == "meta" or is_fake(t):
+            return False
+    return True
 
 
 def int_ids(name: str, values) -> List[int]:
@@ -84,15 +141,15 @@ def choice(name: str, value, options: Sequence) -> None:
 
 
 def mask_as_uint8(name: str, mask: Optional[torch.Tensor], ref_name: str, ref: torch.Tensor,
-                  keep_int: bool = False) -> Optional[torch.Tensor]:
-    """A [B, T] bool / integer attention mask (nonzero = real token) as a contiguous uint8 tensor (a free view
-    for bool and uint8 masks, one comparison pass otherwise). ``keep_int``: int32 / int64 masks are passed
-    through as they are, for kernels that read them directly."""
+                  keep_int: bool = False, what: str = "1 = real token") -> Optional[torch.Tensor]:
+    """A [B, T] bool / integer mask (nonzero = ``what``, by default a real token) as a contiguous uint8 tensor (a
+    free view for bool and uint8 masks, one comparison pass otherwise). ``keep_int``: int32 / int64 masks are
+    passed through as they are, for kernels that read them directly."""
     if mask is None:
         return None
     tensor(name, mask)
     if mask.dtype != torch.bool and mask.dtype not in INT_DTYPES:
-        raise TypeError(f"{name}: expected a bool or integer tensor (1 = real token), got {mask.dtype}")
+        raise TypeError(f"{name}: expected a bool or integer tensor ({what}), got {mask.dtype}")
     same_shape(name, mask, ref_name, ref)
     same_device(name, mask, ref_name, ref)
     if mask.dtype == torch.bool:

@@ -2,14 +2,13 @@
 each op on each device in this process."""
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import sys
 
 import torch
 
-from . import _backend, _cpu, _extension, ops  # noqa: F401  (importing ops declares them)
+from . import _backend, _cpu, _extension, ops  # noqa: F401  (importing ops registers their specs)
 
 
 def _triton_status() -> str:
@@ -22,16 +21,14 @@ def _triton_status() -> str:
     return f"{triton.__version__}, {mode}"
 
 
-def _serving(op: str, device: torch.device) -> str:
-    cpp_names, triton_mod = _backend.DECLARED[op]
+def serving(op: str, device: torch.device, **call) -> str:
+    """Which backend serves ``op`` on ``device``, by the op spec's own routing (every stage; ``call``: the
+    arguments its kernels' limits read, as the op passes them), and why the preferred one was passed over."""
+    spec = _backend.REGISTRY[op]
     try:
-        backend, reason = "reference", None
-        for name in cpp_names or (None,):  # every C++ kernel of the op must be there
-            backend, reason = _backend.resolve(op, device, cpp=name, triton=triton_mod)
-            if reason:
-                break
+        backend, reason = spec.route(device, **call)
         if backend == "triton":
-            importlib.import_module(f"electra_fast.kernels.{triton_mod}")
+            spec.kernels()  # a kernel module that fails to import cannot serve
     except Exception as exc:  # noqa: BLE001 - a forced backend that cannot serve, a broken kernel module
         return f"ERROR ({exc})"
     return backend if reason is None else f"reference ({reason})"
@@ -75,11 +72,11 @@ def report() -> str:
     forced = _backend.forced_backend()
     lines.append(f"backend      {'forced: ' + forced if forced else 'automatic (CUDA -> triton, CPU -> cpp, else reference)'}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    width = max(len(op) for op in _backend.DECLARED)
+    width = max(len(op) for op in _backend.REGISTRY)
     lines.append("")
     lines.append(f"{'op':<{width}}  " + "  ".join(f"{d.type}" for d in devices))
-    for op in sorted(_backend.DECLARED):
-        lines.append(f"{op:<{width}}  " + "  ".join(_serving(op, d) for d in devices))
+    for op in sorted(_backend.REGISTRY):
+        lines.append(f"{op:<{width}}  " + "  ".join(serving(op, d) for d in devices))
     return "\n".join(lines)
 
 

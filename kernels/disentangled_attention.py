@@ -474,6 +474,20 @@ def slots_supported(rel_slots: torch.Tensor):
     return None
 
 
+def unsupported(head_dim: int, dtype: torch.dtype, rel_slots: torch.Tensor) -> list:
+    """Every reason these kernels cannot serve a call (the op spec asks before routing here); ``rel_slots`` is the
+    call's slot table on the CPU (see slots_supported)."""
+    reasons = []
+    if head_dim not in HEAD_DIMS:
+        reasons.append(f"the Triton kernels support head dims {HEAD_DIMS}, got {head_dim}")
+    if dtype not in DTYPES:
+        reasons.append(f"the Triton kernels support fp32 / fp16 / bf16, got {dtype}")
+    slots = slots_supported(rel_slots)
+    if slots is not None:
+        reasons.append(f"{slots}: this slot table is not supported by the Triton kernels")
+    return reasons
+
+
 def _flags(pos_key, pos_query, mask):
     # runtime flags, not constexprs: one compiled kernel per (dtype, head dim) keeps the AOT lane affordable
     return int(pos_key is not None), int(pos_query is not None), int(mask is not None)

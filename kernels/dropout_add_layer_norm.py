@@ -175,6 +175,11 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def unsupported(hidden: int) -> list:
+    """Every reason these kernels cannot serve rows of ``hidden`` elements (the op spec asks before routing here)."""
+    return [f"the Triton kernels hold a row in registers, up to H = {MAX_H}; got {hidden}"] if hidden > MAX_H else []
+
+
 def config(hidden: int):
     """(BLOCK_H, BLOCK_M, num_warps) serving rows of ``hidden`` elements."""
     for cfg in CONFIGS:

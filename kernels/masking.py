@@ -113,6 +113,11 @@ def mask_tokens_kernel(ids_ptr, attn_ptr, starts_ptr, specials_ptr, table_ptr, o
     tl.store(masked_ptr + row + t, sel.to(tl.uint8), mask=inb)
 
 
+def unsupported(T: int) -> list:
+    """Every reason these kernels cannot serve rows of length ``T`` (the op spec asks before routing here)."""
+    return [f"the Triton kernel holds a row in one program: T <= {MAX_T}, got T = {T}"] if T > MAX_T else []
+
+
 def tile(T: int):
     """(BLOCK_T, num_warps) for rows of length T <= MAX_T."""
     return next(x for x in TILES if x[0] >= T)

@@ -480,3 +480,46 @@ def test_model_refuses_meta_input_ids_by_name():
 
     with pytest.raises(ValueError, match="input_ids: .*meta"):
         ElectraPretrainingModel(tiny("standard", "gdes"))(torch.zeros(2, 8, dtype=torch.long, device="meta"))
+
+
+def _scalar_calls():
+    """(argument, call(value)) for every real-number and int argument of the ops."""
+    x, ids = torch.randn(2, 8), torch.randint(5, 50, (2, 8))
+    q = [torch.randn(1, 1, 4, 8) for _ in range(3)]
+    h, w, t = torch.randn(3, 8), torch.randn(10, 8), torch.tensor([1, 2, 3])
+    reals = [
+        ("p", lambda v: electra_fast.dropout(x, v, 1)),
+        ("p", lambda v: electra_fast.dropout_add_layer_norm(x, x, torch.ones(8), p=v, seed=1)),
+        ("dropout_p", lambda v: electra_fast.disentangled_attention(*q, dropout_p=v, seed=1)),
+        ("mask_prob", lambda v: electra_fast.mask_tokens(ids, mask_token_id=1, vocab_size=50, seed=1, mask_prob=v)),
+        ("temperature", lambda v: electra_fast.gumbel_sample(x, seed=1, temperature=v)),
+        ("scale", lambda v: electra_fast.disentangled_attention(*q, scale=v)),
+        ("eps", lambda v: electra_fast.dropout_add_layer_norm(x, x, torch.ones(8), eps=v)),
+    ]
+    ints = [
+        ("vocab_size", lambda v: electra_fast.mask_tokens(ids, mask_token_id=1, vocab_size=v, seed=1)),
+        ("position_buckets", lambda v: electra_fast.disentangled_attention(*q, position_buckets=v)),
+        ("ignore_index", lambda v: electra_fast.mlm_loss_and_sample(h, w, t, seed=1, ignore_index=v)),
+        ("seed", lambda v: electra_fast.mask_tokens(ids, mask_token_id=1, vocab_size=50, seed=v)),
+        ("stream", lambda v: electra_fast.dropout(x, 0.5, 1, stream=v)),
+    ]
+    return reals, ints
+
+
+def test_the_same_mistake_raises_the_same_exception_in_every_op():
+    """The ops share their scalar checks (_validate, _seed): a value of the wrong type is a TypeError, a value of the
+    right type out of range a ValueError, each naming the argument; NumPy reals are reals."""
+    np = pytest.importorskip("numpy")
+    reals, ints = _scalar_calls()
+    for name, call in reals:
+        for wrong_type in ("0.1", True, [0.1]):  # (None is the default of scale)
+            with pytest.raises(TypeError, match=f"^{name}: expected a real number"):
+                call(wrong_type)
+        for out_of_range in (-1.0, float("nan"), float("inf") if name in ("p", "dropout_p", "mask_prob") else -0.0):
+            with pytest.raises(ValueError, match=f"^{name}: expected a real number in"):
+                call(out_of_range)
+        call(np.float32(0.25))  # a NumPy real in range is served
+    for name, call in ints:
+        for wrong_type in (1.0, "1", True):
+            with pytest.raises(TypeError, match=f"^{name}: expected an int"):
+                call(wrong_type)

@@ -9,7 +9,7 @@ import torch
 
 import electra_fast
 from conftest import all_backends, backend_dtypes, fast_backends
-from electra_fast.ops.dropout import _dropout
+from electra_fast.ops.dropout import _OP
 from electra_fast.reference import dropout as ref
 from electra_fast.reference import philox
 
@@ -175,9 +175,9 @@ def test_portable_cpu_path_matches(backend, device):
 def test_opcheck():
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(3, 17, dtype=dtype, requires_grad=True)
-        torch.library.opcheck(_dropout, (x, 0.3, SEED, STREAM))
-        torch.library.opcheck(_dropout, (x.detach(), 0.3, -5, 2 ** 32 - 1))
-        torch.library.opcheck(_dropout, (x.detach().t(), 0.5, SEED, 0))  # non-contiguous: made contiguous
+        torch.library.opcheck(_OP.op, (x, 0.3, SEED, STREAM))
+        torch.library.opcheck(_OP.op, (x.detach(), 0.3, -5, 2 ** 32 - 1))
+        torch.library.opcheck(_OP.op, (x.detach().t(), 0.5, SEED, 0))  # non-contiguous: made contiguous
 
 
 def test_torch_compile_fullgraph():

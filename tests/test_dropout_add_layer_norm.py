@@ -1,13 +1,15 @@
 """electra_fast.dropout_add_layer_norm: every backend vs the reference (outputs, the pre-norm sum, the mask and
 all gradients), the reference vs the unfused composition (electra_fast.dropout + add + F.layer_norm), gradcheck,
 opcheck, torch.compile, thread-count independence, bad input."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import electra_fast
 from conftest import all_backends, backend_dtypes, fast_backends
-from electra_fast.ops.dropout_add_layer_norm import _fwd
+from electra_fast.ops.dropout_add_layer_norm import _OP
 from electra_fast.reference.dropout import keep_scale, keep_threshold
 
 SEED, STREAM = 0x1234_5678_9ABC, 3
@@ -34,7 +36,7 @@ def run(backend, x, r, w, b, gout, p, eps=1e-12):
     with electra_fast.use_backend(backend):
         out = electra_fast.dropout_add_layer_norm(*leaves, p=p, seed=SEED, stream=STREAM, eps=eps)
         out.backward(gout)
-        h = _fwd(x, r, w, b, keep_threshold(p), keep_scale(p), SEED, STREAM, eps)[1]
+        h = _OP.op(x, r, w, b, keep_threshold(p), keep_scale(p), SEED, STREAM, eps)[1]
     return [out.detach(), h] + [t.grad if t is not None else None for t in leaves]
 
 
@@ -150,8 +152,8 @@ def test_opcheck():
     for dtype in (torch.float32, torch.float64):
         x, r, w, b, _ = make(5, 12, dtype)
         args = [t.requires_grad_() for t in (x, r, w, b)]
-        torch.library.opcheck(_fwd, (*args, keep_threshold(0.3), keep_scale(0.3), SEED, STREAM, 1e-5))
-        torch.library.opcheck(_fwd, (*args[:3], None, 0, 1.0, -5, 0, 1e-12))
+        torch.library.opcheck(_OP.op, (*args, keep_threshold(0.3), keep_scale(0.3), SEED, STREAM, 1e-5))
+        torch.library.opcheck(_OP.op, (*args[:3], None, 0, 1.0, -5, 0, 1e-12))
 
 
 def test_torch_compile_fullgraph():
@@ -203,11 +205,17 @@ def test_bad_input(over, exc, match):
 
 
 def test_triton_row_limit_is_the_kernels():
+    """Routing reads the row limit from the kernels (kernels own their limits): a row one wider than MAX_H is
+    refused by the Triton backend with the kernels' reason, one at MAX_H is served; the old name still answers."""
     pytest.importorskip("triton")
     from electra_fast.kernels import dropout_add_layer_norm as kernels
-    from electra_fast.ops.dropout_add_layer_norm import TRITON_MAX_H
+    op = importlib.import_module("electra_fast.ops.dropout_add_layer_norm")  # the module, not the function
 
-    assert kernels.MAX_H == TRITON_MAX_H
+    assert op.SPEC.unsupported("triton", hidden=kernels.MAX_H) == []
+    assert "H = " in op.SPEC.unsupported("triton", hidden=kernels.MAX_H + 1)[0]
+    assert op.SPEC.unsupported("cpp", hidden=kernels.MAX_H + 1) == []
+    with pytest.warns(DeprecationWarning, match="kernels.dropout_add_layer_norm.MAX_H"):
+        assert op.TRITON_MAX_H == kernels.MAX_H  # the old name still answers
 
 
 @pytest.mark.parametrize("backend,device", fast_backends())

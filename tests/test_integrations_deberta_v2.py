@@ -14,7 +14,7 @@ from electra_fast.integrations import _swap
 from electra_fast.integrations.transformers import deberta_v2
 from electra_fast.integrations.transformers.deberta_v2 import FusedDisentangledSelfAttention
 from electra_fast.nn import DisentangledSelfAttention
-from test_disentangled_attention import SMALL, _hf_config, _hf_module, _pad
+from attention_inputs import SMALL, _hf_config, _hf_module, _pad
 
 hf = pytest.importorskip("transformers.models.deberta_v2.modeling_deberta_v2")
 from transformers import DebertaV2Config  # noqa: E402
@@ -141,7 +141,8 @@ def test_native_module_equals_the_config_built_one(pos_att, share, buckets, max_
     assert torch.equal(got, out)  # the same computation
     ext = m[:, None, None, :].long()
     want = theirs(x, ext * ext.squeeze(-2).unsqueeze(-1), rel_embeddings=rel)[0]
-    torch.testing.assert_close(got[m], want[m], rtol=2e-4, atol=2e-5)  # fp32, as REF_TOL in test_disentangled_attention
+    torch.testing.assert_close(got[m], want[m], rtol=2e-4, atol=2e-5)  # fp32: REF_TOL of
+    # test_disentangled_attention_reference.py
     assert (got[~m] == 0).all()
 
 

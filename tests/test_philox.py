@@ -2,6 +2,9 @@
 import pytest
 import torch
 
+import electra_fast
+from electra_fast import _seed
+from electra_fast.nn.dropout import Dropout
 from electra_fast.reference import philox
 
 
@@ -28,10 +31,34 @@ def test_uniform_conversions_are_exact_and_in_range():
     assert (v > 0).all() and (v < 1).all() and v[0] == 2.0 ** -24 and v[3] == 1 - 2.0 ** -24
 
 
-@pytest.mark.parametrize("seed", [None, "bad", -1, 2**63, 1.5, True])
-def test_bad_seeds(seed):
-    with pytest.raises((TypeError, ValueError), match="seed"):
+@pytest.mark.parametrize("seed,exc", [(None, TypeError), ("bad", TypeError), (1.5, TypeError), (True, TypeError),
+                                      (-1, ValueError), (2**63, ValueError)])
+def test_bad_seeds(seed, exc):
+    """A wrong type is a TypeError, an int out of range a ValueError, in every op (one check: _seed.check)."""
+    with pytest.raises(exc, match="^seed"):
         philox.check_seed(seed)
+    with pytest.raises(exc, match="^seed"):
+        electra_fast.gumbel_sample(torch.zeros(2, 3), seed=seed)
+    if seed is not None:  # None is the attention's "no dropout" seed: with dropout_p > 0 a ValueError, as missing
+        with pytest.raises(exc, match="^seed"):
+            electra_fast.disentangled_attention(*(torch.zeros(1, 1, 2, 4) for _ in range(3)), dropout_p=0.1,
+                                                seed=seed)
+
+
+def test_every_drawn_seed_comes_from_one_place(monkeypatch):
+    """Callers that pass no seed (the dropout and masking modules, the model) draw it with _seed.draw: in
+    [0, 2**63), reproducible under torch.manual_seed."""
+    torch.manual_seed(3)
+    a = [_seed.draw() for _ in range(50)]
+    torch.manual_seed(3)
+    assert a == [_seed.draw() for _ in range(50)] and all(0 <= s < _seed.SEED_LIMIT for s in a) and len(set(a)) == 50
+    monkeypatch.setattr(_seed, "draw", lambda: 12345)
+    x = torch.randn(4, 8)
+    assert torch.equal(Dropout(0.5)(x), electra_fast.dropout(x, 0.5, 12345))
+    ids = torch.randint(5, 50, (2, 16))
+    masker = electra_fast.TokenMasker(mask_token_id=1, vocab_size=50)
+    want = electra_fast.mask_tokens(ids, mask_token_id=1, vocab_size=50, seed=12345)
+    assert torch.equal(masker(ids).input_ids, want.input_ids)
 
 
 try:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import electra_fast
 from conftest import all_backends, backend_dtypes
-from electra_fast.ops.rtd_loss import _rtd_loss_fwd
+from electra_fast.ops.rtd_loss import _OP
 
 # fp32 kernels use their own exp/log (~2 ulp) and sum in another order than torch: a few fp32 ulps of
 # the per-token loss, and sqrt(n) ulps on sums. Half inputs are upcast exactly, so the same bound holds.
@@ -188,7 +188,7 @@ def test_opcheck():
     logits, corrupted, original, mask = make(3, 17)
     for need_grad, reduction in ((True, 2), (False, 0), (True, 0)):
         x = logits.clone().requires_grad_(need_grad)
-        torch.library.opcheck(_rtd_loss_fwd, (x, corrupted, original, mask.view(torch.uint8), reduction, need_grad))
+        torch.library.opcheck(_OP.op, (x, corrupted, original, mask.view(torch.uint8), reduction, need_grad))
 
 
 def test_torch_compile_fullgraph():

@@ -420,10 +420,10 @@ def test_opcheck():
     for b in (bias, None):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         bb = b.clone().requires_grad_() if b is not None else None
-        torch.library.opcheck(sampling_ops._mlm_fwd, (h, w, bb, targets, mask, 3, 0.5, -100, 16))
+        torch.library.opcheck(sampling_ops._MLM_OP.op, (h, w, bb, targets, mask, 3, 0.5, -100, 16))
     lse = torch.logsumexp(hidden @ weight.T + bias, 1)
-    torch.library.opcheck(sampling_ops._mlm_bwd, (torch.rand(6), hidden, weight, bias, targets, lse, -100, 16))
-    torch.library.opcheck(sampling_ops._gumbel_sample, (hidden @ weight.T, mask, 3, 1.0))
+    torch.library.opcheck(sampling_ops._MLM_OP.backward_op, (torch.rand(6), hidden, weight, bias, targets, lse, -100, 16))
+    torch.library.opcheck(sampling_ops._GUMBEL_OP.op, (hidden @ weight.T, mask, 3, 1.0))
 
 
 def test_torch_compile_fullgraph():

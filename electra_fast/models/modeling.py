@@ -28,7 +28,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from .. import _backend, _validate
+from .. import _backend, _seed, _validate
 from ..ops.masking import mask_tokens
 from ..ops.rtd_loss import rtd_loss as rtd_loss_op
 from ..ops.sampling import mlm_loss_and_sample
@@ -38,7 +38,7 @@ from ..nn.heads import DiscriminatorHead, GeneratorHead
 from ..nn.linear import Linear
 from .config import ElectraConfig
 
-SEED_LIMIT = 2 ** 63
+SEED_LIMIT = _seed.SEED_LIMIT
 
 
 @dataclass
@@ -184,12 +184,8 @@ class ElectraPretrainingModel(nn.Module):
     # ------------------------------------------------------------------ checks
     def _check_inputs(self, input_ids, attention_mask, seed, token_type_ids=None):
         cfg = self.config
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"input_ids: expected an int32 / int64 tensor, got {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected a 2-d tensor [B, T], got shape {tuple(input_ids.shape)}")
+        _validate.ids("input_ids", input_ids)
+        _validate.rank("input_ids", input_ids, 2, "[B, T]")
         if input_ids.device.type == "meta":  # the id-range checks below read the data
             raise ValueError("input_ids: expected a tensor with data (cpu / cuda), got a meta tensor")
         if input_ids.numel() == 0:
@@ -207,15 +203,13 @@ class ElectraPretrainingModel(nn.Module):
             _validate.tensor("attention_mask", attention_mask)
             _validate.same_shape("attention_mask", attention_mask, "input_ids", input_ids)
             _validate.same_device("attention_mask", attention_mask, "input_ids", input_ids)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
-            raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
+        if seed is not None:
+            _seed.check(seed)
         if token_type_ids is not None:
             self._check_token_types(input_ids, token_type_ids)
 
     def _check_token_types(self, input_ids, token_type_ids):
-        _validate.tensor("token_type_ids", token_type_ids)
-        if token_type_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"token_type_ids: expected an int32 / int64 tensor, got {token_type_ids.dtype}")
+        _validate.ids("token_type_ids", token_type_ids)
         _validate.same_shape("token_type_ids", token_type_ids, "input_ids", input_ids)
         _validate.same_device("token_type_ids", token_type_ids, "input_ids", input_ids)
         # ELECTRA's embeddings keep at least one type row; DeBERTa's ignore token types when type_vocab_size is 0
@@ -235,7 +229,7 @@ class ElectraPretrainingModel(nn.Module):
         word_starts bool / uint8 [B, T] (1 = a word begins: whole-word masking) or None."""
         self._check_inputs(input_ids, attention_mask, seed, token_type_ids)
         if seed is None:
-            seed = int(torch.randint(0, SEED_LIMIT - 1, (1,)).item())
+            seed = _seed.draw()
         ctx = contextlib.nullcontext() if self.fused else _backend.eager_twin_mode()
         with ctx:
             return self._step(input_ids, attention_mask, seed, token_type_ids, word_starts)

@@ -19,32 +19,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .. import _seed, _validate
 from ..ops.disentangled_attention import disentangled_attention
 from ..reference.disentangled_attention import attention_span
 from ._moved import moved
-from .dropout import draw_seed
 
 POSITION_TERMS = ("c2p", "p2c")
-
-
-def _int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    return value
-
-
-def _positive_int(name: str, value) -> int:
-    if _int(name, value) < 1:
-        raise ValueError(f"{name}: expected >= 1, got {value}")
-    return value
-
-
-def _probability(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
-    return float(value)
 
 
 def _position_terms(pos_att_type: Union[str, Sequence[str], None]) -> list:
@@ -92,15 +72,15 @@ class DisentangledSelfAttention(nn.Module):
                  pos_att_type: Union[str, Sequence[str], None] = POSITION_TERMS, share_att_key: bool = True,
                  attention_dropout: float = 0.0, pos_dropout: float = 0.0):
         super().__init__()
-        hidden_size = _positive_int("hidden_size", hidden_size)
-        self.num_attention_heads = _positive_int("num_heads", num_heads)
+        hidden_size = _validate.integer_arg("hidden_size", hidden_size, 1)
+        self.num_attention_heads = _validate.integer_arg("num_heads", num_heads, 1)
         if head_size is None:
             if hidden_size % num_heads != 0:
                 raise ValueError(f"hidden_size: expected a multiple of num_heads ({num_heads}) when head_size is "
                                  f"not given, got {hidden_size}")
             head_size = hidden_size // num_heads
         # transformers' attribute names: its own forward reads them (integrations/transformers/deberta_v2.py)
-        self.attention_head_size = _positive_int("head_size", head_size)
+        self.attention_head_size = _validate.integer_arg("head_size", head_size, 1)
         self.all_head_size = self.num_attention_heads * self.attention_head_size
         self.query_proj = nn.Linear(hidden_size, self.all_head_size, bias=True)
         self.key_proj = nn.Linear(hidden_size, self.all_head_size, bias=True)
@@ -109,16 +89,16 @@ class DisentangledSelfAttention(nn.Module):
         self.pos_att_type = _position_terms(pos_att_type)
         self.relative_attention = bool(relative_attention)
         if self.relative_attention:
-            self.position_buckets = _int("position_buckets", position_buckets)
-            self.max_relative_positions = _positive_int("max_relative_positions", max_relative_positions)
+            self.position_buckets = _validate.integer_arg("position_buckets", position_buckets)
+            self.max_relative_positions = _validate.integer_arg("max_relative_positions", max_relative_positions, 1)
             self.pos_ebd_size = attention_span(position_buckets, max_relative_positions)
-            self.pos_dropout = nn.Dropout(_probability("pos_dropout", pos_dropout))
+            self.pos_dropout = nn.Dropout(_validate.probability("pos_dropout", pos_dropout))
             if not self.share_att_key:
                 if "c2p" in self.pos_att_type:
                     self.pos_key_proj = nn.Linear(hidden_size, self.all_head_size, bias=True)
                 if "p2c" in self.pos_att_type:
                     self.pos_query_proj = nn.Linear(hidden_size, self.all_head_size)
-        self.dropout = nn.Dropout(_probability("attention_dropout", attention_dropout))
+        self.dropout = nn.Dropout(_validate.probability("attention_dropout", attention_dropout))
 
     @classmethod
     def from_transformers(cls, module: nn.Module) -> "DisentangledSelfAttention":
@@ -168,7 +148,7 @@ class DisentangledSelfAttention(nn.Module):
         factor = 1 + int(c2p) + int(p2c)
         denom = torch.sqrt(torch.tensor(q.shape[-1], dtype=torch.float) * factor).to(q.dtype)
         p = self.dropout.p if self.training else 0.0
-        seed = draw_seed() if p > 0 else None
+        seed = _seed.draw() if p > 0 else None
         out = disentangled_attention(q, k, v, pos_key, pos_query, attention_mask=attention_mask,
                                      position_buckets=buckets, max_relative_positions=max_rel, dropout_p=p,
                                      seed=seed, scale=1.0 / float(denom))

@@ -12,16 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _backend
+from .. import _backend, _seed, _validate
 from ..ops.dropout import dropout
 
-_SEED_LIMIT = 2 ** 62
-
-
-def draw_seed() -> int:
-    """A Philox seed for one dropout call from torch's default generator (reproducible under manual_seed)."""
-    return int(torch.randint(_SEED_LIMIT, (), dtype=torch.int64).item())
-
+draw_seed = _seed.draw  # moved to electra_fast/_seed.py; this name stays for callers
 
 eager_twin = _backend.eager_twin  # modules take torch's eager paths inside electra_fast.eager_twin_mode()
 
@@ -31,16 +25,14 @@ class Dropout(nn.Module):
 
     def __init__(self, p: float = 0.5):
         super().__init__()
-        if not 0.0 <= float(p) < 1.0:
-            raise ValueError(f"p: expected a probability in [0, 1), got {p!r}")
-        self.p = float(p)
+        self.p = _validate.probability("p", p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         if eager_twin():
             return F.dropout(x, self.p, training=True)
-        return dropout(x, self.p, draw_seed())
+        return dropout(x, self.p, _seed.draw())
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

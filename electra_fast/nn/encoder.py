@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _seed
 from ..ops.disentangled_attention import disentangled_attention
 from ..ops.dropout_add_layer_norm import dropout_add_layer_norm
 from .disentangled_attention import DisentangledSelfAttention
-from .dropout import Dropout, draw_seed, eager_twin
+from .dropout import Dropout, eager_twin
 from .linear import Linear, gelu_mlp, linear
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -64,7 +65,7 @@ class StandardSelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         p = self.dropout_p if self.training else 0.0
         if p > 0 and x.device.type == "cpu" and not eager_twin():
-            out = disentangled_attention(q, k, v, attention_mask=key_mask, dropout_p=p, seed=draw_seed(),
+            out = disentangled_attention(q, k, v, attention_mask=key_mask, dropout_p=p, seed=_seed.draw(),
                                          scale=q.shape[-1] ** -0.5)
         else:
             mask = None if key_mask is None else key_mask[:, None, None, :]
@@ -96,7 +97,7 @@ class _AddNorm(nn.Module):
                 and (torch.compiler.is_compiling() or not eager_twin())):  # dynamo cannot read the ContextVar
             p = self.dropout.p if self.training else 0.0
             return dropout_add_layer_norm(y, residual, ln.weight, ln.bias, p=p,
-                                          seed=draw_seed() if p > 0 else None, eps=ln.eps)
+                                          seed=_seed.draw() if p > 0 else None, eps=ln.eps)
         return ln(self.dropout(y) + residual)
 
 

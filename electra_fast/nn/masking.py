@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .. import _seed
 from ..ops.masking import STRATEGIES, MaskedTokens, mask_tokens
-from ..reference.philox import SEED_LIMIT, check_seed
 
 
 class TokenMasker(nn.Module):
@@ -51,10 +51,7 @@ class TokenMasker(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 word_starts: Optional[torch.Tensor] = None, *, seed: Optional[int] = None) -> MaskedTokens:
-        if seed is None:
-            # 63 random bits from the default generator (randint's bounds must fit in int64).
-            seed = int(torch.randint(-SEED_LIMIT, SEED_LIMIT - 1, (), dtype=torch.int64).item()) & (SEED_LIMIT - 1)
-        return mask_tokens(input_ids, seed=check_seed(seed), attention_mask=attention_mask, word_starts=word_starts,
+        return mask_tokens(input_ids, seed=_seed.draw() if seed is None else seed, attention_mask=attention_mask, word_starts=word_starts,
                            **self._kwargs())
 
     def extra_repr(self) -> str:

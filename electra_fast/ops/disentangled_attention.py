@@ -15,44 +15,26 @@ from typing import List, Optional
 
 import torch
 
-from .. import _backend, _validate
+from .. import _backend, _seed, _validate
 from ..reference import disentangled_attention as ref
-from ..reference import philox
+from ._autograd import AutogradOp
 
-TRITON_HEAD_DIMS = (32, 64, 128)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_backend.declare("disentangled_attention", cpp=("disentangled_attention_fwd", "disentangled_attention_bwd"),
-                 triton="disentangled_attention")
-
-
-@functools.lru_cache(maxsize=256)
-def _triton_slot_reason(position_buckets: int, max_relative_positions: int, T: int) -> Optional[str]:
-    """The Triton backward's slot-table rule (``kernels.disentangled_attention.slots_supported``), evaluated once
-    per configuration on a CPU table: no device sync per call, and the kernels module is imported lazily."""
-    from ..kernels import disentangled_attention as kernels
-    return kernels.slots_supported(ref.relative_slots(T, position_buckets, max_relative_positions, "cpu"))
+SPEC = _backend.register(_backend.OpSpec(
+    "disentangled_attention", reference=ref, triton="disentangled_attention",
+    cpp={"forward": "disentangled_attention_fwd", "backward": "disentangled_attention_bwd"}))
 
 
-def _supports(head_dim: int, dtype: torch.dtype, slots_key: Optional[tuple]):
-    def supports(backend: str) -> Optional[str]:
-        if backend == "triton" and head_dim not in TRITON_HEAD_DIMS:
-            return f"the Triton kernels support head dims {TRITON_HEAD_DIMS}, got {head_dim}"
-        if backend == "triton" and dtype not in _TRITON_DTYPES:
-            return f"the Triton kernels support fp32 / fp16 / bf16, got {dtype}"
-        if backend == "triton" and slots_key is not None:
-            reason = _triton_slot_reason(*slots_key)
-            if reason is not None:
-                return (f"{reason}: position_buckets={slots_key[0]}, max_relative_positions={slots_key[1]}, "
-                        f"T={slots_key[2]} is not supported by the Triton kernels")
-        return None
-    return supports
+__getattr__ = SPEC.moved_to_kernels(__name__, TRITON_HEAD_DIMS="HEAD_DIMS")  # deprecated names
 
 
-def _impl(which: str, q: torch.Tensor, slots_key: Optional[tuple]):
-    return _backend.implementation(
-        "disentangled_attention", q.device, reference=getattr(ref, which),
-        cpp=f"disentangled_attention_{'fwd' if which == 'forward' else 'bwd'}",
-        triton=f"disentangled_attention.{which}", supports=_supports(q.shape[-1], q.dtype, slots_key))
+_CPU = torch.device("cpu")
+
+
+def _impl(stage: str, q: torch.Tensor, position_buckets: int, max_relative_positions: int):
+    # the slot table the kernels' limits read: a cached CPU table (no device sync per call; the limits are
+    # computed once per table)
+    cpu_slots = _slots(q.shape[2], position_buckets, max_relative_positions, _CPU)
+    return SPEC.implementation(stage, q.device, head_dim=q.shape[-1], dtype=q.dtype, rel_slots=cpu_slots)
 
 
 def _no_autocast(q: torch.Tensor):
@@ -103,12 +85,14 @@ def _detached(*tensors):
     return [None if t is None else t.detach() for t in tensors]
 
 
-def _forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, position_buckets,
-             max_relative_positions) -> List[torch.Tensor]:
-    """The forward op's body: [out, lse] from the backend that serves the call."""
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optional[torch.Tensor],
+             pos_query: Optional[torch.Tensor], mask: Optional[torch.Tensor], rel_slots: torch.Tensor,
+             scale: float, dropout_p: float, seed: int, position_buckets: int,
+             max_relative_positions: int) -> List[torch.Tensor]:
+    """[out, lse] from the backend that serves the call. position_buckets / max_relative_positions describe
+    rel_slots (for backend routing only)."""
     q, k, v, pos_key, pos_query = _detached(q, k, v, pos_key, pos_query)
-    key = (position_buckets, max_relative_positions, q.shape[2])
-    fn = _impl("forward", q, key)
+    fn = _impl("forward", q, position_buckets, max_relative_positions)
     with _no_autocast(q):
         if _takes_strided(fn):
             return list(fn(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed))
@@ -117,29 +101,19 @@ def _forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, see
     return [_like(out, q), lse]
 
 
-@torch.library.custom_op("electra_fast::disentangled_attention_fwd", mutates_args=())
-def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optional[torch.Tensor],
-         pos_query: Optional[torch.Tensor], mask: Optional[torch.Tensor], rel_slots: torch.Tensor,
-         scale: float, dropout_p: float, seed: int, position_buckets: int,
-         max_relative_positions: int) -> List[torch.Tensor]:
-    """position_buckets / max_relative_positions describe rel_slots (for backend routing only)."""
-    return _forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, position_buckets,
-                    max_relative_positions)
-
-
-@_fwd.register_fake
-def _(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, position_buckets,
-      max_relative_positions):
+def _fake(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, position_buckets,
+          max_relative_positions):
     return [_empty_in_dim_order(q), q.new_empty(q.shape[:-1], dtype=torch.float32)]
 
 
-def _backward_op(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed,
-                 position_buckets, max_relative_positions) -> List[torch.Tensor]:
-    """The backward op's body: [dq, dk, dv, dpos_key, dpos_query]; an absent position gradient is an empty
-    tensor (custom ops cannot return None)."""
+def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              pos_key: Optional[torch.Tensor], pos_query: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+              rel_slots: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float, dropout_p: float,
+              seed: int, position_buckets: int, max_relative_positions: int) -> List[torch.Tensor]:
+    """[dq, dk, dv, dpos_key, dpos_query]; an absent position gradient is an empty tensor (custom ops cannot
+    return None)."""
     grad_out, q, k, v, pos_key, pos_query = _detached(grad_out, q, k, v, pos_key, pos_query)
-    key = (position_buckets, max_relative_positions, q.shape[2])
-    fn = _impl("backward", q, key)
+    fn = _impl("backward", q, position_buckets, max_relative_positions)
     with _no_autocast(q):
         if _takes_strided(fn):
             grads = fn(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed)
@@ -150,67 +124,33 @@ def _backward_op(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, ls
     return [g if g is not None else q.new_empty(0) for g in grads]
 
 
-@torch.library.custom_op("electra_fast::disentangled_attention_bwd", mutates_args=())
-def _bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-         pos_key: Optional[torch.Tensor], pos_query: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-         rel_slots: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float, dropout_p: float,
-         seed: int, position_buckets: int, max_relative_positions: int) -> List[torch.Tensor]:
-    return _backward_op(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed,
-                        position_buckets, max_relative_positions)
-
-
-@_bwd.register_fake
-def _(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed, position_buckets,
-      max_relative_positions):
+def _backward_fake(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed,
+                   position_buckets, max_relative_positions):
     return [_empty_in_dim_order(q), _empty_in_dim_order(k), _empty_in_dim_order(v),
             q.new_empty(0) if pos_key is None else torch.empty_like(pos_key),
             q.new_empty(0) if pos_query is None else torch.empty_like(pos_query)]
 
 
-def _setup_context(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, buckets, max_rel = inputs
     ctx.scale, ctx.dropout_p, ctx.seed, ctx.buckets = scale, dropout_p, seed, (buckets, max_rel)
     ctx.has_pos = (pos_key is not None, pos_query is not None)
     ctx.save_for_backward(q, k, v, pos_key, pos_query, mask, rel_slots, output[0], output[1])
 
 
-def _input_grads(ctx, grad_out, bwd):
+def _grads(ctx, grad_outputs, backward):
     q, k, v, pos_key, pos_query, mask, rel_slots, out, lse = ctx.saved_tensors
+    grad_out = grad_outputs[0]
     g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()  # e.g. expanded: stride 0
-    dq, dk, dv, dpk, dpq = bwd(g, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse,
-                               ctx.scale, ctx.dropout_p, ctx.seed, *ctx.buckets)
+    dq, dk, dv, dpk, dpq = backward(g, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse,
+                                    ctx.scale, ctx.dropout_p, ctx.seed, *ctx.buckets)
     return (dq, dk, dv, dpk if ctx.has_pos[0] else None, dpq if ctx.has_pos[1] else None,
             None, None, None, None, None, None, None)
 
 
-def _backward(ctx, grads):
-    return _input_grads(ctx, grads[0], _bwd)
-
-
-torch.library.register_autograd("electra_fast::disentangled_attention_fwd", _backward, setup_context=_setup_context)
-
-
-class _Eager(torch.autograd.Function):
-    """The op outside graph capture: the same bodies, setup and gradients as the custom ops, without their
-    dispatch (~0.1 ms per forward + backward, a few % of a small model's CPU step). torch.compile traces the
-    custom ops (their fake kernels describe them to the graph)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out, lse = _forward(*inputs)
-        _setup_context(ctx, inputs, (out, lse))
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
-        return _input_grads(ctx, grad_out, _backward_op)
-
-
-def _check_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    return value
+# eager calls skip the custom ops' dispatch (~0.1 ms per forward + backward, a few % of a small model's CPU step)
+_OP = AutogradOp("disentangled_attention_fwd", _forward, _fake, setup=_setup, grads=_grads, backward=_backward,
+                 backward_fake=_backward_fake, backward_name="disentangled_attention_bwd", non_differentiable=(1,))
 
 
 def _check_pos(name: str, pos: Optional[torch.Tensor], q: torch.Tensor, span: int) -> Optional[torch.Tensor]:
@@ -219,8 +159,7 @@ def _check_pos(name: str, pos: Optional[torch.Tensor], q: torch.Tensor, span: in
     _validate.floating(name, pos)
     _validate.rank(name, pos, 3, "[H, 2k, D]")
     H, D = q.shape[1], q.shape[3]
-    if pos.dtype != q.dtype:
-        raise ValueError(f"{name}: expected dtype {q.dtype} (that of query), got {pos.dtype}")
+    _validate.same_dtype(name, pos, "query", q)
     _validate.same_device(name, pos, "query", q)
     if pos.shape[0] != H or pos.shape[2] != D:
         raise ValueError(f"{name}: expected shape [H={H}, 2k, D={D}] (heads and head dim of query), "
@@ -268,12 +207,11 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     for name, x in (("key", key), ("value", value)):
         _validate.same_shape(name, x, "query", query)
         _validate.same_device(name, x, "query", query)
-        if x.dtype != query.dtype:
-            raise ValueError(f"{name}: expected dtype {query.dtype} (that of query), got {x.dtype}")
+        _validate.same_dtype(name, x, "query", query)
     if 0 in query.shape:
         raise ValueError(f"query: expected B, H, T, D >= 1, got shape {tuple(query.shape)}")
-    position_buckets = _check_int("position_buckets", position_buckets)
-    max_relative_positions = _check_int("max_relative_positions", max_relative_positions)
+    position_buckets = _validate.integer_arg("position_buckets", position_buckets)
+    max_relative_positions = _validate.integer_arg("max_relative_positions", max_relative_positions)
     if pos_key is not None or pos_query is not None:
         if max_relative_positions < 1:
             raise ValueError(f"max_relative_positions: expected >= 1, got {max_relative_positions}")
@@ -287,33 +225,23 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     B, H, T, D = query.shape
     mask = _validate.mask_as_uint8("attention_mask", attention_mask, "[B, T] (batch and length of query)",
                                    query[:, 0, :, 0])
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
-    dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
-    if dropout_p > 0.0:
-        if seed is None:
-            raise ValueError("seed: dropout_p > 0 needs a seed (an int in [0, 2**63)); pass dropout_p=0.0 for "
-                             "evaluation")
-        seed = philox.check_seed(seed, "seed")
-    else:
-        if seed is not None:
-            philox.check_seed(seed, "seed")
+    dropout_p = _validate.probability("dropout_p", dropout_p)
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("seed: dropout_p > 0 needs a seed (an int in [0, 2**63)); pass dropout_p=0.0 for evaluation")
+    seed = 0 if seed is None else _seed.check(seed)
+    if dropout_p == 0.0:
         seed = 0  # the contract: seed is 0 without dropout (nothing is drawn)
     n_terms = (pos_key is not None) + (pos_query is not None)
     if scale is None:
         scale = 1.0 / math.sqrt(D * (1 + n_terms))
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < math.inf):
-        raise ValueError(f"scale: expected a positive finite float or None, got {scale!r}")
+    else:
+        scale = _validate.real("scale", scale, 0.0, math.inf, lo_open=True)
     rel_slots = (ref.relative_slots(T, position_buckets, max_relative_positions, query.device)
                  if torch.compiler.is_compiling() else _slots(T, position_buckets, max_relative_positions, query.device))
     # CPU: q / k / v go in as given when their last dim is dense (the C++ kernels read strided [B, H, T, D]
     # views, e.g. the module's [B, T, H, D] projections, without a permute copy; out takes that layout too).
     # CUDA: contiguous, the Triton kernels' contract.
     qkv = [x if x.device.type == "cpu" and x.stride(-1) == 1 else x.contiguous() for x in (query, key, value)]
-    # graph capture, meta and fake tensors: the custom op, whose fake kernel describes the outputs
-    op = _Eager.apply if _validate.inspectable(query) else _fwd
-    out, _lse = op(*qkv, pos_key, pos_query, mask, rel_slots, float(scale), dropout_p, seed, position_buckets,
+    out, _lse = _OP(*qkv, pos_key, pos_query, mask, rel_slots, float(scale), dropout_p, seed, position_buckets,
                    max_relative_positions)
     return out

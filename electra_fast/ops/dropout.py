@@ -7,45 +7,36 @@ the op is its own derivative (its backward is the op applied to the incoming gra
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from .. import _backend, _validate
+from .. import _backend, _seed, _validate
 from ..reference import dropout as ref
-from ..reference.philox import check_seed
+from ._autograd import AutogradOp
 
-_backend.declare("dropout", cpp=("dropout_apply",), triton="dropout")
-SEED_LIMIT = 2 ** 64
-STREAM_LIMIT = 2 ** 32
-
-
-def _as_int64(seed: int) -> int:
-    """The 64-bit key as the int64 the op schema carries (two's complement; kernels read the bits)."""
-    return seed - SEED_LIMIT if seed >= 2 ** 63 else seed
+SPEC = _backend.register(_backend.OpSpec("dropout", reference=ref, cpp={"apply": "dropout_apply"}, triton="dropout"))
+SEED_LIMIT = _seed.KEY_LIMIT  # moved to electra_fast/_seed.py; these names stay for callers
+STREAM_LIMIT = _seed.STREAM_LIMIT
 
 
-@torch.library.custom_op("electra_fast::dropout", mutates_args=())
-def _dropout(x: torch.Tensor, p: float, seed: int, stream: int) -> torch.Tensor:
-    impl = _backend.implementation("dropout", x.device, reference=ref.apply, cpp="dropout_apply",
-                                   triton="dropout.apply")
+def _apply(x: torch.Tensor, p: float, seed: int, stream: int) -> torch.Tensor:
+    impl = SPEC.implementation("apply", x.device)
     return impl(x.contiguous(), ref.keep_threshold(p), ref.keep_scale(p), seed, stream)
 
 
-@_dropout.register_fake
-def _(x, p, seed, stream):
+def _fake(x, p, seed, stream):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     _, ctx.p, ctx.seed, ctx.stream = inputs  # no tensors: the backward regenerates the mask
 
 
-def _backward(ctx, grad):
-    return _dropout(grad, ctx.p, ctx.seed, ctx.stream), None, None, None
+def _grads(ctx, grad_outputs, op):
+    return op(grad_outputs[0], ctx.p, ctx.seed, ctx.stream), None, None, None
 
 
-torch.library.register_autograd("electra_fast::dropout", _backward, setup_context=_setup_context)
+# eager=False: the backward is the op itself, so the custom op also has a double backward
+_OP = AutogradOp("dropout", _apply, _fake, setup=_setup, grads=_grads, eager=False)
 
 
 def dropout(input: torch.Tensor, p: float, seed: int, stream: int = 0) -> torch.Tensor:
@@ -68,13 +59,9 @@ def dropout(input: torch.Tensor, p: float, seed: int, stream: int = 0) -> torch.
         the same mask and scale applied to the incoming gradient.
     """
     _validate.floating("input", input)
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"p: expected a real number in [0, 1), got {type(p).__name__}")
-    p = float(p)
-    if not 0.0 <= p < 1.0:  # also rejects NaN
-        raise ValueError(f"p: expected a real number in [0, 1), got {p}")
-    seed = check_seed(seed, "seed", SEED_LIMIT)
-    stream = check_seed(stream, "stream", STREAM_LIMIT)  # the same rule: an int in [0, limit)
+    p = _validate.probability("p", p)
+    seed = _seed.check(seed, "seed", _seed.KEY_LIMIT)
+    stream = _seed.check(stream, "stream", _seed.STREAM_LIMIT)  # the same rule: an int in [0, limit)
     if p == 0.0:
         return input
-    return _dropout(input, p, _as_int64(seed), stream)
+    return _OP(input, p, _seed.as_int64(seed), stream)

@@ -11,12 +11,13 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _backend, _validate
+from .. import _backend, _seed, _validate
 from ..reference import masking as ref
-from ..reference.philox import check_seed
+from ._autograd import AutogradOp
 
 STRATEGIES = ("count", "bernoulli")
-_backend.declare("mask_tokens", cpp=("mask_tokens",), triton="masking")
+SPEC = _backend.register(_backend.OpSpec("mask_tokens", reference=ref, cpp={"forward": "mask_tokens"},
+                                         triton="masking"))
 
 
 class MaskedTokens(NamedTuple):
@@ -35,19 +36,7 @@ def _specials(specials: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(specials, dtype=torch.int64).to(device)
 
 
-def _supports(T: int):
-    def supports(backend: str) -> Optional[str]:
-        if backend == "triton":
-            from ..kernels.masking import MAX_T  # only reached when triton is importable
-
-            if T > MAX_T:
-                return f"the Triton kernel holds a row in one program: T <= {MAX_T}, got T = {T}"
-        return None
-    return supports
-
-
-@torch.library.custom_op("electra_fast::mask_tokens", mutates_args=())
-def _mask_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], word_starts: Optional[torch.Tensor],
+def _forward(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], word_starts: Optional[torch.Tensor],
                  specials: List[int], seed: int, mask_token_id: int, n_random: int, mask_prob: float,
                  sel_thr: int, mask_thr: int, rand_thr: int, count: bool
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,44 +45,19 @@ def _mask_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
         return (input_ids.clone(), torch.full_like(input_ids, ref.IGNORE_INDEX, dtype=torch.int64),
                 torch.zeros_like(input_ids, dtype=torch.bool))
     dev = input_ids.device
-    impl = _backend.implementation("mask_tokens", dev, reference=ref.forward, cpp="mask_tokens",
-                                   triton="masking.forward", supports=_supports(T))
+    impl = SPEC.implementation("forward", dev, T=T)
     table = _count_table(mask_prob, T, dev) if count else _count_table(0.0, 0, dev)
     return impl(input_ids, attention_mask, word_starts, _specials(tuple(specials), dev), table, seed, mask_token_id,
                 n_random, sel_thr, mask_thr, rand_thr, count)
 
 
-@_mask_tokens.register_fake
-def _(input_ids, attention_mask, word_starts, specials, seed, mask_token_id, n_random, mask_prob, sel_thr, mask_thr,
+def _fake(input_ids, attention_mask, word_starts, specials, seed, mask_token_id, n_random, mask_prob, sel_thr, mask_thr,
       rand_thr, count):
     return (torch.empty_like(input_ids), torch.empty_like(input_ids, dtype=torch.int64),
             torch.empty_like(input_ids, dtype=torch.bool))
 
 
-def _int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    return value
-
-
-def _prob(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float in [0, 1], got {type(value).__name__}")
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name}: expected a probability in [0, 1], got {value}")
-    return float(value)
-
-
-def _flags(name: str, x, input_ids: torch.Tensor, what: str) -> Optional[torch.Tensor]:
-    """A [B, T] bool / integer tensor (nonzero = ``what``) as contiguous uint8."""
-    if x is None:
-        return None
-    _validate.tensor(name, x)
-    if x.dtype != torch.bool and x.dtype not in _validate.INT_DTYPES:
-        raise TypeError(f"{name}: expected a bool or integer tensor (True = {what}), got {x.dtype}")
-    _validate.same_shape(name, x, "input_ids", input_ids)
-    _validate.same_device(name, x, "input_ids", input_ids)
-    return x.contiguous().view(torch.uint8) if x.dtype in (torch.bool, torch.uint8) else (x != 0).view(torch.uint8)
+_OP = AutogradOp("mask_tokens", _forward, _fake)  # no gradient: the custom op on every call
 
 
 def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, seed: int,
@@ -124,27 +88,25 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int,
     Returns:
         MaskedTokens(input_ids [B, T] dtype of input, labels int64 [B, T] (-100 = not selected), masked bool [B, T]).
     """
-    _validate.tensor("input_ids", input_ids)
-    if input_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"input_ids: expected an int32 / int64 tensor, got {input_ids.dtype}")
+    _validate.ids("input_ids", input_ids)
     _validate.rank("input_ids", input_ids, 2, "[B, T]")
-    vocab_size = _int("vocab_size", vocab_size)
+    vocab_size = _validate.integer_arg("vocab_size", vocab_size)
     if not 1 <= vocab_size < 2 ** 31:
         raise ValueError(f"vocab_size: expected an int in [1, 2**31), got {vocab_size}")
-    mask_token_id = _int("mask_token_id", mask_token_id)
+    mask_token_id = _validate.integer_arg("mask_token_id", mask_token_id)
     if not 0 <= mask_token_id < vocab_size:
         raise ValueError(f"mask_token_id: expected an id in [0, vocab_size={vocab_size}), got {mask_token_id}")
-    seed = check_seed(seed)
-    mask_prob = _prob("mask_prob", mask_prob)
-    mask_token_frac = _prob("mask_token_frac", mask_token_frac)
-    random_token_frac = _prob("random_token_frac", random_token_frac)
+    seed = _seed.check(seed)
+    mask_prob = _validate.probability("mask_prob", mask_prob, one=True)
+    mask_token_frac = _validate.probability("mask_token_frac", mask_token_frac, one=True)
+    random_token_frac = _validate.probability("random_token_frac", random_token_frac, one=True)
     if mask_token_frac + random_token_frac > 1.0 + 1e-12:
         raise ValueError(f"random_token_frac: mask_token_frac + random_token_frac must be <= 1, got "
                          f"{mask_token_frac} + {random_token_frac}")
     if isinstance(special_token_ids, torch.Tensor):
         special_token_ids = special_token_ids.flatten().tolist()
     try:
-        specials = sorted({_int("special_token_ids", s) for s in special_token_ids})
+        specials = sorted({_validate.integer_arg("special_token_ids", s) for s in special_token_ids})
     except TypeError as exc:
         raise TypeError(f"special_token_ids: expected a sequence of ints ({exc})") from None
     bad = [s for s in specials if not 0 <= s < vocab_size]
@@ -155,8 +117,8 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int,
         raise ValueError("special_token_ids: cover the whole vocabulary, so no random token can be drawn "
                          "(random_token_frac > 0)")
     _validate.choice("strategy", strategy, STRATEGIES)
-    mask = _flags("attention_mask", attention_mask, input_ids, "real token")
-    starts = _flags("word_starts", word_starts, input_ids, "a word starts")
+    mask = _validate.mask_as_uint8("attention_mask", attention_mask, "input_ids", input_ids)
+    starts = _validate.mask_as_uint8("word_starts", word_starts, "input_ids", input_ids, what="True = a word starts")
     ids = input_ids.contiguous()
     if validate and ids.numel() and _validate.inspectable(ids, mask, starts):
         lo, hi = torch.aminmax(ids)
@@ -171,6 +133,6 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int,
                 raise ValueError(f"word_starts: the first real token of each row must start a word; rows "
                                  f"{bad_rows[:8].tolist()} do not")
     thr = ref.prob_threshold
-    out = _mask_tokens(ids, mask, starts, specials, seed, mask_token_id, n_random, mask_prob, thr(mask_prob),
+    out = _OP(ids, mask, starts, specials, seed, mask_token_id, n_random, mask_prob, thr(mask_prob),
                        thr(mask_token_frac), thr(mask_token_frac + random_token_frac), strategy == "count")
     return MaskedTokens(*out)

@@ -6,7 +6,8 @@ torch.compile), routed to triton / cpp / reference. The forward also emits d los
 
 Eager training calls skip the custom-op layer, whose Python dispatch costs about as much as the C++ kernel
 at 256 x 512 tokens: the C++ backend through its own C++ autograd function (``rtd_loss_train`` in
-csrc/rtd_loss.cpp, the same formula), the others through ``_EagerRTDLoss``. torch.compile traces the op.
+csrc/rtd_loss.cpp, the same formula, the op spec's ``train`` stage), the others through the eager twin of the
+custom op that ``AutogradOp`` builds from the same bodies. torch.compile traces the op.
 """
 from __future__ import annotations
 
@@ -16,81 +17,43 @@ import torch
 
 from .. import _backend, _validate
 from ..reference import rtd_loss as ref
+from ._autograd import AutogradOp
 
 _SCALAR = torch.Size([])
-_backend.declare("rtd_loss", cpp=("rtd_loss_fwd", "rtd_loss_train"), triton="rtd_loss")
+SPEC = _backend.register(_backend.OpSpec("rtd_loss", reference=ref, triton="rtd_loss",
+                                         cpp={"forward": "rtd_loss_fwd", "train": "rtd_loss_train"},
+                                         cpp_only=("train",)))
 
 
-def _forward_impl(logits, corrupted, original, mask, reduction, need_grad):
-    impl = _backend.implementation("rtd_loss", logits.device, reference=ref.forward,
-                                   cpp="rtd_loss_fwd", triton="rtd_loss.forward")
+def _forward(logits: torch.Tensor, corrupted: torch.Tensor, original: torch.Tensor, mask: Optional[torch.Tensor],
+             reduction: int, need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, counts int64 [5], dlogits: d loss / d logit, empty unless need_grad)."""
+    impl = SPEC.implementation("forward", logits.device)
     return impl(logits, corrupted, original, mask, reduction, need_grad)
 
 
-@torch.library.custom_op("electra_fast::rtd_loss_fwd", mutates_args=())
-def _rtd_loss_fwd(logits: torch.Tensor, corrupted: torch.Tensor, original: torch.Tensor,
-                  mask: Optional[torch.Tensor], reduction: int,
-                  need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_impl(logits, corrupted, original, mask, reduction, need_grad)
-
-
-@_rtd_loss_fwd.register_fake
-def _(logits, corrupted, original, mask, reduction, need_grad):
+def _fake(logits, corrupted, original, mask, reduction, need_grad):
     shape = logits.shape if reduction == ref.NONE else _SCALAR
     acc = ref.acc_dtype(logits.dtype)
     return (logits.new_empty(shape, dtype=acc), logits.new_empty((5,), dtype=torch.int64),
             logits.new_empty(logits.shape if need_grad else (0,), dtype=acc))
 
 
-def _grad_logits(dlogits, grad_loss, dtype):
-    # dlogits already is d loss / d logit (1 / n folded in for "mean"): one scale by the incoming gradient.
-    grad = dlogits * grad_loss
-    return grad if grad.dtype == dtype else grad.to(dtype)
-
-
-def _setup_context(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     logits, _, _, _, _, need_grad = inputs
     ctx.dtype, ctx.need_grad = logits.dtype, need_grad
     ctx.save_for_backward(output[2])
 
 
-def _backward(ctx, grad_loss, _grad_counts, _grad_dlogits):
+def _grads(ctx, grad_outputs, _backward):
     if not ctx.need_grad:
         raise RuntimeError("electra_fast::rtd_loss_fwd was called with need_grad=False; cannot differentiate it")
-    return _grad_logits(ctx.saved_tensors[0], grad_loss, ctx.dtype), None, None, None, None, None
+    # dlogits already is d loss / d logit (1 / n folded in for "mean"): one scale by the incoming gradient.
+    grad = ctx.saved_tensors[0] * grad_outputs[0]
+    return (grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype)), None, None, None, None, None
 
 
-torch.library.register_autograd("electra_fast::rtd_loss_fwd", _backward, setup_context=_setup_context)
-
-
-class _EagerRTDLoss(torch.autograd.Function):
-    """The same kernels and backward without the custom-op layer (eager training on Triton / reference)."""
-
-    @staticmethod
-    def forward(ctx, logits, corrupted, original, mask, reduction):
-        loss, counts, dlogits = _forward_impl(logits, corrupted, original, mask, reduction, True)
-        ctx.dtype = logits.dtype
-        ctx.save_for_backward(dlogits)
-        ctx.mark_non_differentiable(counts)
-        return loss, counts
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_counts):
-        dlogits, = ctx.saved_tensors
-        # A CPU 1.0 (the usual loss.backward()) is checked on the host (on CUDA that would sync): the saved
-        # derivative is the gradient; autograd copies it where it must, it never writes into it.
-        if (grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and dlogits.dtype == ctx.dtype
-                and grad_loss.item() == 1.0):
-            return dlogits, None, None, None, None
-        return _grad_logits(dlogits, grad_loss, ctx.dtype), None, None, None, None
-
-
-def _train_eager(logits, corrupted, original, mask, reduction, need_metrics):
-    backend, _ = _backend.resolve("rtd_loss", logits.device, cpp="rtd_loss_train", triton="rtd_loss")
-    if backend == "cpp":  # counts[1:] are only filled when need_metrics
-        return torch.ops.electra_fast_cpp.rtd_loss_train.default(logits, corrupted, original, mask, reduction,
-                                                                 need_metrics)
-    return _EagerRTDLoss.apply(logits, corrupted, original, mask, reduction)
+_OP = AutogradOp("rtd_loss_fwd", _forward, _fake, setup=_setup, grads=_grads, non_differentiable=(1, 2))
 
 
 _IDS = (torch.int64, torch.int32)
@@ -154,12 +117,12 @@ def rtd_loss(logits: torch.Tensor, corrupted_ids: torch.Tensor, original_ids: to
         mask = _validate.mask_as_uint8("attention_mask", attention_mask, "logits", logits, keep_int=True)
         corrupted, original = _validate.common_ids(("corrupted_ids", corrupted_ids), ("original_ids", original_ids))
     need_grad = logits.requires_grad and torch.is_grad_enabled()
-    if need_grad and not torch.compiler.is_compiling():
-        loss, counts = _train_eager(logits.contiguous(), corrupted, original, mask, ref.REDUCTIONS[reduction],
-                                    return_metrics)
+    if need_grad and not torch.compiler.is_compiling() and SPEC.route(logits.device, "train")[0] == "cpp":
+        # counts[1:] are only filled when return_metrics
+        loss, counts = torch.ops.electra_fast_cpp.rtd_loss_train.default(
+            logits.contiguous(), corrupted, original, mask, ref.REDUCTIONS[reduction], return_metrics)
     else:
-        loss, counts, _ = _rtd_loss_fwd(logits.contiguous(), corrupted, original, mask, ref.REDUCTIONS[reduction],
-                                        need_grad)
+        loss, counts, _ = _OP(logits.contiguous(), corrupted, original, mask, ref.REDUCTIONS[reduction], need_grad)
     if return_metrics:
         return loss, ref.metrics_from_counts(counts)
     return loss

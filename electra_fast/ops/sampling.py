@@ -14,12 +14,15 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import _backend, _validate
-from ..reference import philox
+from .. import _backend, _seed, _validate
 from ..reference import sampling as ref
+from ._autograd import AutogradOp
 
-_backend.declare("gumbel_sample", cpp=("gumbel_sample",), triton="sampling")
-_backend.declare("mlm_loss_and_sample", cpp=("mlm_loss_sample_fwd", "mlm_loss_sample_bwd"), triton="sampling")
+GUMBEL_SPEC = _backend.register(_backend.OpSpec("gumbel_sample", reference=ref, cpp={"sample": "gumbel_sample"},
+                                                triton="sampling"))
+MLM_SPEC = _backend.register(_backend.OpSpec(
+    "mlm_loss_and_sample", reference=ref, triton="sampling",
+    cpp={"forward": "mlm_loss_sample_fwd", "backward": "mlm_loss_sample_bwd"}))
 
 REDUCTIONS = ("none", "sum", "mean")
 CHUNK_MIN, CHUNK_MAX = 2048, 8192
@@ -35,74 +38,68 @@ def vocab_chunk(n_rows: int, embed: int, vocab: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------- ops
-@torch.library.custom_op("electra_fast::gumbel_sample", mutates_args=())
-def _gumbel_sample(logits: torch.Tensor, disallowed: Optional[torch.Tensor], seed: int,
-                   inv_temperature: float) -> torch.Tensor:
-    impl = _backend.implementation("gumbel_sample", logits.device, reference=ref.sample, cpp="gumbel_sample",
-                                   triton="sampling.sample")
+def _sample(logits: torch.Tensor, disallowed: Optional[torch.Tensor], seed: int,
+            inv_temperature: float) -> torch.Tensor:
+    impl = GUMBEL_SPEC.implementation("sample", logits.device)
     return impl(logits, disallowed, seed, inv_temperature)
 
 
-@_gumbel_sample.register_fake
-def _(logits, disallowed, seed, inv_temperature):
+def _sample_fake(logits, disallowed, seed, inv_temperature):
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
 
 
-@torch.library.custom_op("electra_fast::mlm_loss_sample_fwd", mutates_args=())
-def _mlm_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-             disallowed: Optional[torch.Tensor], seed: int, inv_temperature: float, ignore_index: int,
-             chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _backend.implementation("mlm_loss_and_sample", hidden.device, reference=ref.forward,
-                                   cpp="mlm_loss_sample_fwd", triton="sampling.forward")
+_GUMBEL_OP = AutogradOp("gumbel_sample", _sample, _sample_fake)
+
+
+def _mlm_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                 disallowed: Optional[torch.Tensor], seed: int, inv_temperature: float, ignore_index: int,
+                 chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = MLM_SPEC.implementation("forward", hidden.device)
     return impl(hidden, weight, bias, targets, disallowed, seed, inv_temperature, ignore_index, chunk)
 
 
-@_mlm_fwd.register_fake
-def _(hidden, weight, bias, targets, disallowed, seed, inv_temperature, ignore_index, chunk):
+def _mlm_forward_fake(hidden, weight, bias, targets, disallowed, seed, inv_temperature, ignore_index, chunk):
     n, acc = hidden.shape[0], ref.acc_dtype(hidden.dtype)
     return (hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc),
             hidden.new_empty((n,), dtype=torch.int64), hidden.new_empty((n,), dtype=torch.int64))
 
 
-@torch.library.custom_op("electra_fast::mlm_loss_sample_bwd", mutates_args=())
-def _mlm_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-             targets: torch.Tensor, lse: torch.Tensor, ignore_index: int,
-             chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _backend.implementation("mlm_loss_and_sample", hidden.device, reference=ref.backward,
-                                   cpp="mlm_loss_sample_bwd", triton="sampling.backward")
+def _mlm_backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  targets: torch.Tensor, lse: torch.Tensor, ignore_index: int,
+                  chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = MLM_SPEC.implementation("backward", hidden.device)
     return impl(grad_rows, hidden, weight, bias, targets, lse, ignore_index, chunk)
 
 
-@_mlm_bwd.register_fake
-def _(grad_rows, hidden, weight, bias, targets, lse, ignore_index, chunk):
+def _mlm_backward_fake(grad_rows, hidden, weight, bias, targets, lse, ignore_index, chunk):
     return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty((weight.shape[0],))
 
 
-def _setup_context(ctx, inputs, output):
+def _mlm_setup(ctx, inputs, output):
     hidden, weight, bias, targets, _disallowed, _seed, _inv_t, ignore_index, chunk = inputs
     ctx.ignore_index, ctx.chunk, ctx.has_bias = ignore_index, chunk, bias is not None
     ctx.save_for_backward(hidden, weight, bias, targets, output[1])
 
 
-def _backward(ctx, grad_rows, _grad_lse, _grad_sampled, _grad_argmax):
+def _mlm_grads(ctx, grad_outputs, backward):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
+    grad_rows = grad_outputs[0]
     if grad_rows is None:
         grad_rows = torch.zeros_like(lse)
-    dh, dw, db = _mlm_bwd(grad_rows.to(lse.dtype).contiguous(), hidden, weight, bias, targets, lse,
+    dh, dw, db = backward(grad_rows.to(lse.dtype).contiguous(), hidden, weight, bias, targets, lse,
                           ctx.ignore_index, ctx.chunk)
     return dh, dw, (db.to(bias.dtype) if ctx.has_bias else None), None, None, None, None, None, None
 
 
-torch.library.register_autograd("electra_fast::mlm_loss_sample_fwd", _backward, setup_context=_setup_context)
+# eager=False: the custom ops on every call, as before the builder (this op has no eager twin yet)
+_MLM_OP = AutogradOp("mlm_loss_sample_fwd", _mlm_forward, _mlm_forward_fake, setup=_mlm_setup, grads=_mlm_grads,
+                     backward=_mlm_backward, backward_fake=_mlm_backward_fake, backward_name="mlm_loss_sample_bwd",
+                     eager=False)
 
 
 # ------------------------------------------------------------------------------------- validation
 def _inv_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature: expected a float > 0, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a finite float > 0, got {temperature}")
-    inv = 1.0 / float(temperature)
+    inv = 1.0 / _validate.real("temperature", temperature, 0.0, math.inf, lo_open=True)
     if inv > _FP32_MAX:
         raise ValueError(f"temperature: {temperature} is too small (1 / temperature overflows fp32)")
     return inv
@@ -162,10 +159,10 @@ def gumbel_sample(logits: torch.Tensor, *, seed: int, temperature: float = 1.0,
     _validate.rank("logits", logits, 2, "[N, V]")
     if logits.shape[1] == 0:
         raise ValueError("logits: expected V >= 1 columns, got shape " + str(tuple(logits.shape)))
-    seed = philox.check_seed(seed)
+    seed = _seed.check(seed)
     inv_t = _inv_temperature(temperature)
     mask = _disallowed_mask(disallowed_ids, logits.shape[1], logits.device)
-    return _gumbel_sample(logits.contiguous(), mask, seed, inv_t)
+    return _GUMBEL_OP(logits.contiguous(), mask, seed, inv_t)
 
 
 def mlm_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -198,8 +195,7 @@ def mlm_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     _validate.rank("hidden", hidden, 2, "[N, E]")
     _validate.rank("weight", weight, 2, "[V, E]")
     _validate.same_device("weight", weight, "hidden", hidden)
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight: expected dtype {hidden.dtype} (that of hidden), got {weight.dtype}")
+    _validate.same_dtype("weight", weight, "hidden", hidden)
     n, e = hidden.shape
     v = weight.shape[0]
     if weight.shape[1] != e:
@@ -212,26 +208,22 @@ def mlm_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         _validate.same_device("bias", bias, "hidden", hidden)
         if bias.shape != (v,):
             raise ValueError(f"bias: expected shape ({v},) (V from weight), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise ValueError(f"bias: expected dtype {hidden.dtype} (that of hidden), got {bias.dtype}")
-    _validate.tensor("targets", targets)
-    if targets.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"targets: expected an int32 / int64 tensor, got {targets.dtype}")
+        _validate.same_dtype("bias", bias, "hidden", hidden)
+    _validate.ids("targets", targets)
     if targets.shape != (n,):
         raise ValueError(f"targets: expected shape ({n},) (N from hidden), got {tuple(targets.shape)}")
     _validate.same_device("targets", targets, "hidden", hidden)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    _validate.integer_arg("ignore_index", ignore_index)
     _validate.choice("reduction", reduction, REDUCTIONS)
     if n > 0 and _validate.inspectable(targets):
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
         if bool(bad.any()):
             raise ValueError(f"targets: expected ids in [0, {v}) or ignore_index={ignore_index}, "
                              f"got {targets[bad][:5].tolist()}")
-    seed = philox.check_seed(seed)
+    seed = _seed.check(seed)
     inv_t = _inv_temperature(temperature)
     mask = _disallowed_mask(disallowed_ids, v, hidden.device)
-    loss_rows, _lse, sampled, argmax = _mlm_fwd(
+    loss_rows, _lse, sampled, argmax = _MLM_OP(
         hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), targets.contiguous(),
         mask, seed, inv_t, ignore_index, vocab_chunk(n, e, v))
     valid = targets != ignore_index

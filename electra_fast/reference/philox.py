@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _seed
+
 MASKING = 1
 GUMBEL = 2
 ATTN_DROPOUT = 3
@@ -38,19 +40,8 @@ _ROUND_A = 0xD2511F53
 _ROUND_B = 0xCD9E8D57
 _KEY_A = 0x9E3779B9
 _KEY_B = 0xBB67AE85
-SEED_LIMIT = 2 ** 63
-
-
-def check_seed(seed, name: str = "seed", limit: int = SEED_LIMIT) -> int:
-    """Seeds are Python ints in [0, limit) (default 2**63; bool and floats are rejected)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        if isinstance(seed, torch.Tensor) and seed.numel() == 1 and not seed.is_floating_point():
-            seed = int(seed.item())
-        else:
-            raise TypeError(f"{name}: expected an int, got {type(seed).__name__}")
-    if not 0 <= seed < limit:
-        raise ValueError(f"{name}: expected an int in [0, 2**{limit.bit_length() - 1}), got {seed}")
-    return seed
+SEED_LIMIT = _seed.SEED_LIMIT
+check_seed = _seed.check  # the seeds' one check lives in electra_fast/_seed.py; this name stays for callers
 
 
 def _mulhilo(a: int, b: torch.Tensor):
@@ -67,7 +58,7 @@ def philox(seed: int, index: torch.Tensor, purpose: int, stream: int = 0):
     ``index``: int64 tensor of non-negative element indices (< 2**63). ``seed``: the full 64-bit key
     (ops validate their own, narrower ranges). ``stream``: the counter's fourth word (0 but for DROPOUT).
     """
-    seed = check_seed(seed, limit=2 ** 64)
+    seed = _seed.check(seed, limit=_seed.KEY_LIMIT)
     index = index.to(torch.int64)
     c0 = index & _M32
     c1 = (index >> 32) & _M32

@@ -39,7 +39,7 @@ import test_rtd_loss as rtd_tests  # noqa: E402
 import test_sampling as sampling_tests  # noqa: E402
 from electra_fast.reference import disentangled_attention as ref_attention  # noqa: E402
 from electra_fast.reference import sampling as ref_sampling  # noqa: E402
-from test_disentangled_attention import _inputs, _pad  # noqa: E402
+from attention_inputs import _inputs, _pad  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])

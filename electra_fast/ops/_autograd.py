@@ -1,0 +1,88 @@
+"""One way to build an op's autograd: the torch.library custom op(s) and the eager autograd.Function, both from one
+set of bodies (forward, fake, setup, gradients, and an optional backward op).
+
+Why two paths: torch.compile traces the custom ops (their fake kernels describe the outputs to the graph) and
+``torch.library.opcheck`` checks them, but their Python dispatch costs about 0.1 ms per forward + backward, as much
+as a small op's kernel. Eager calls take the autograd.Function instead, which runs the *same* bodies: what opcheck
+checks is what eager training runs, minus the dispatch.
+
+Bodies (``name`` is the op's schema name in namespace ``electra_fast``):
+  forward(*inputs)                        annotated like a custom op (the schema is read from the annotations)
+  fake(*inputs)                           the forward's outputs, shapes and dtypes only
+  setup(ctx, inputs, output)              saves what the gradients need (ctx.save_for_backward, attributes)
+  grads(ctx, grad_outputs, backward)      a tuple with one gradient (or None) per input; ``backward`` is the
+                                          backward op on the custom-op path and its body on the eager path
+  backward(*saved), backward_fake(...)    the backward op's body and fake kernel, when the gradient has its own
+                                          kernel (registered as ``backward_name``)
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+from .. import _validate
+
+BUILT: Dict[str, "AutogradOp"] = {}  # schema name of the forward op -> its AutogradOp (read by the tests)
+
+
+class AutogradOp:
+    """A callable op: the eager autograd.Function for real tensors outside graph capture, else the custom op.
+
+    ``non_differentiable``: indices of forward outputs that never carry a gradient (statistics, counts).
+    ``eager=False``: every call takes the custom op (ops without a gradient, or whose backward is the op itself,
+    whose double backward the custom op keeps).
+    """
+
+    def __init__(self, name: str, forward: Callable, fake: Callable, *, setup: Optional[Callable] = None,
+                 grads: Optional[Callable] = None, backward: Optional[Callable] = None,
+                 backward_fake: Optional[Callable] = None, backward_name: Optional[str] = None,
+                 non_differentiable: Sequence[int] = (), eager: bool = True):
+        if name in BUILT:
+            raise ValueError(f"electra_fast::{name} is built twice")
+        BUILT[name] = self
+        self.forward, self.backward = forward, backward
+        self.op = torch.library.custom_op(f"electra_fast::{name}", forward, mutates_args=())
+        self.op.register_fake(fake)
+        self.backward_op = None
+        if backward is not None:
+            self.backward_op = torch.library.custom_op(f"electra_fast::{backward_name}", backward, mutates_args=())
+            self.backward_op.register_fake(backward_fake)
+        self.eager = None
+        if grads is None:
+            return
+        # the backward callable of each path: the backward op / body, else the forward op / body (an op that is
+        # its own derivative, e.g. dropout)
+        op_backward = self.backward_op or self.op
+        body_backward = backward or forward
+
+        def custom_op_backward(ctx, *grad_outputs):
+            if len(grad_outputs) == 1 and isinstance(grad_outputs[0], (list, tuple)):  # a List[Tensor] output
+                grad_outputs = tuple(grad_outputs[0])
+            return grads(ctx, grad_outputs, op_backward)
+
+        torch.library.register_autograd(f"electra_fast::{name}", custom_op_backward, setup_context=setup)
+        if eager:
+            self.eager = _eager_function(name, forward, setup, grads, body_backward, tuple(non_differentiable))
+
+    def __call__(self, *inputs):
+        # graph capture, meta and fake tensors: the custom op, whose fake kernel describes the outputs
+        if self.eager is not None and _validate.inspectable(inputs[0]):
+            return self.eager.apply(*inputs)
+        return self.op(*inputs)
+
+
+def _eager_function(name: str, forward: Callable, setup: Callable, grads: Callable, backward: Callable,
+                    non_differentiable: tuple) -> type:
+    def fwd(ctx, *inputs):
+        output = forward(*inputs)
+        setup(ctx, inputs, output)
+        if non_differentiable:
+            ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
+        return tuple(output) if isinstance(output, list) else output
+
+    def bwd(ctx, *grad_outputs):
+        return grads(ctx, grad_outputs, backward)
+
+    return type(f"Eager_{name}", (torch.autograd.Function,), {"forward": staticmethod(fwd),
+                                                              "backward": staticmethod(bwd)})
