@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # then looks like an AVX2-only CPU (e.g. AMD EPYC Zen 3) whatever it really is.
 AVX2_VENV   ?= .venv-avx2
 AVX2_ENV    := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 ELECTRA_FAST_NO_AMX=1 ELECTRA_FAST_NO_AVX512=1
-AVX2_TESTS  ?= tests/test_models.py tests/test_nn_linear.py $(wildcard tests/test_disentangled_attention_*.py) \
+AVX2_TESTS  ?= tests/test_models.py tests/test_linear.py $(wildcard tests/test_disentangled_attention_*.py) \
                tests/test_sampling.py tests/test_cpu_paths.py tests/test_train.py::test_mixed_precision_runs
 LATEST_VENV ?= .venv-latest
 

@@ -2,8 +2,8 @@
 from ._backend import available_backends, eager_twin_mode, use_backend
 from ._extension import extension_loaded
 from .nn.masking import TokenMasker
-from .ops import (MaskedTokens, disentangled_attention, dropout, dropout_add_layer_norm, gumbel_sample, mask_tokens,
-                  mlm_loss_and_sample, rtd_loss)
+from .ops import (MaskedTokens, disentangled_attention, dropout, dropout_add_layer_norm, gelu_mlp, gumbel_sample,
+                  linear, mask_tokens, mlm_loss_and_sample, rtd_loss)
 from .models import ElectraConfig, ElectraPretrainingModel
 
 
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ElectraConfig", "ElectraPretrainingModel", "MaskedTokens", "TokenMasker", "available_backends",
-    "disentangled_attention", "dropout", "dropout_add_layer_norm", "extension_loaded", "gumbel_sample", "mask_tokens",
-    "mlm_loss_and_sample",
+    "disentangled_attention", "dropout", "dropout_add_layer_norm", "extension_loaded", "gelu_mlp", "gumbel_sample",
+    "linear", "mask_tokens", "mlm_loss_and_sample",
     "patch_deberta_v2", "pretrain", "rtd_loss", "unpatch_deberta_v2", "use_backend", "eager_twin_mode", "__version__",
 ]

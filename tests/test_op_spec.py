@@ -28,8 +28,21 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def _bf16_autocast(fn):
+    # the linear ops serve CPU bf16 autocast (elsewhere they are F.linear, not routed)
+    def call():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn()
+    return call
+
+
 # one small call of each public op (no gradient: the call routes through its spec's stages)
 CALLS = {
+    "linear": _bf16_autocast(lambda: electra_fast.linear(torch.randn(4, 8, generator=_gen()),
+                                                         torch.randn(16, 8, generator=_gen(1)))),
+    "gelu_mlp": _bf16_autocast(lambda: electra_fast.gelu_mlp(  # with a gradient to keep (else: two linears)
+        torch.randn(4, 8, generator=_gen(), requires_grad=True), torch.randn(32, 8, generator=_gen(1)), None,
+        torch.randn(16, 32, generator=_gen(2)), torch.randn(16, generator=_gen(3)))),
     "rtd_loss": lambda: electra_fast.rtd_loss(torch.randn(2, 5, generator=_gen()), torch.zeros(2, 5, dtype=torch.long),
                                               torch.ones(2, 5, dtype=torch.long)),
     "dropout": lambda: electra_fast.dropout(torch.randn(4, 8, generator=_gen()), 0.5, 1),
@@ -67,7 +80,7 @@ def test_spec_entries_resolve(name):
     if REQUIRE_EXT or _extension.extension_loaded():
         for stage, kernel in spec.cpp.items():
             assert _extension.cpp_op(kernel) is not None, f"{name}: the C++ extension has no {kernel}"
-    if _triton_importable():
+    if spec.triton is not None and _triton_importable():
         kernels = spec.kernels()
         assert callable(kernels.compile_specs)
         for stage in spec.stages:
@@ -163,8 +176,19 @@ def _attention_inputs():
     return [q, k, v, pk, pq, mask, attention_ref.relative_slots(6, 4, 8, "cpu"), 0.1, 0.2, 7, 4, 8]
 
 
-EAGER_INPUTS = {"rtd_loss_fwd": _rtd_inputs, "dropout_add_layer_norm_fwd": _daln_inputs,
-                "disentangled_attention_fwd": _attention_inputs}
+def _linear_inputs():
+    x, w = torch.randn(5, 16, generator=_gen(), dtype=torch.float64), torch.randn(24, 16, generator=_gen(1),
+                                                                                 dtype=torch.float64)
+    return [x, w, torch.randn(24, generator=_gen(2), dtype=torch.float64), False]
+
+
+def _mlp_inputs():
+    x, w1, b1 = _linear_inputs()[:3]
+    return [x, w1, b1, torch.randn(8, 24, generator=_gen(3), dtype=torch.float64), None, False]
+
+
+EAGER_INPUTS = {"linear": _linear_inputs, "gelu_mlp_fwd": _mlp_inputs, "rtd_loss_fwd": _rtd_inputs,
+                "dropout_add_layer_norm_fwd": _daln_inputs, "disentangled_attention_fwd": _attention_inputs}
 
 
 def test_every_eager_path_is_covered():

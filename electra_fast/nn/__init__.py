@@ -7,11 +7,12 @@ from .dropout import Dropout
 from .embeddings import DebertaV2Embeddings, ElectraEmbeddings, GDESEmbedding
 from .encoder import DisentangledEncoder, Encoder, EncoderLayer, StandardSelfAttention
 from .heads import DiscriminatorHead, GeneratorHead
+from .linear import Linear
 from .masking import TokenMasker
 
 __all__ = ["DebertaV2Embeddings", "DisentangledEncoder", "DisentangledSelfAttention", "DiscriminatorHead",
            "Dropout", "ElectraEmbeddings", "Encoder", "EncoderLayer", "GDESEmbedding", "GeneratorHead",
-           "StandardSelfAttention", "TokenMasker"]
+           "Linear", "StandardSelfAttention", "TokenMasker"]
 
 
 def __getattr__(name):

@@ -79,6 +79,9 @@ def _eager_function(name: str, forward: Callable, setup: Callable, grads: Callab
         setup(ctx, inputs, output)
         if non_differentiable:
             ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
+            # their gradients stay None instead of zero tensors the size of each (gelu_mlp's two [N, hidden]
+            # outputs cost a memset of 16 MB per ELECTRA-small layer); every grads body reads output 0's only
+            ctx.set_materialize_grads(False)
         return tuple(output) if isinstance(output, list) else output
 
     def bwd(ctx, *grad_outputs):
