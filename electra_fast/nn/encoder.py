@@ -59,9 +59,10 @@ class StandardSelfAttention(nn.Module):
 
 
 def standard_attention(x: torch.Tensor, query: nn.Linear, key: nn.Linear, value: nn.Linear, num_heads: int,
-                       key_mask: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+                       key_mask: Optional[torch.Tensor], dropout_p: float, fused_dropout: bool = True) -> torch.Tensor:
     """x [B, T, H] -> [B, T, H]: :class:`StandardSelfAttention`'s computation on any three projections (also
-    those of a transformers model, ``electra_fast.integrations``); ``dropout_p`` already 0 outside training."""
+    those of a transformers model, ``electra_fast.integrations``); ``dropout_p`` already 0 outside training.
+    ``fused_dropout=False`` keeps SDPA (and its padded query rows) with dropout too."""
     B, T, H = x.shape
     # one [H, 3H] projection instead of three: a single larger GEMM is faster on CPU. q / k / v stay views
     # of it (unbind, then transpose): the fused op returns token-major outputs and gradients for such views,
@@ -70,7 +71,7 @@ def standard_attention(x: torch.Tensor, query: nn.Linear, key: nn.Linear, value:
     b = torch.cat([query.bias, key.bias, value.bias])
     qkv = linear(x, w, b).view(B, T, 3, num_heads, H // num_heads)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-    if dropout_p > 0 and x.device.type == "cpu" and not eager_twin():
+    if fused_dropout and dropout_p > 0 and x.device.type == "cpu" and not eager_twin():
         out = disentangled_attention(q, k, v, attention_mask=key_mask, dropout_p=dropout_p, seed=draw_seed(),
                                      scale=q.shape[-1] ** -0.5)
     else:

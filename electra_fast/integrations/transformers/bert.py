@@ -5,9 +5,11 @@ the fused attention op with Philox dropout when training on CPU); ``attention.ou
 fused dropout + add + LayerNorm; the layer's ``feed_forward_chunk`` runs ``gelu_mlp`` + that add-norm;
 ``*ForMaskedLM`` with labels computes the loss at the labelled rows only (``layers.mlm_forward_for``).
 
-Differences from transformers, only where its output is not meaningful: with a padding mask, the rows of padded
-queries hold the fused op's 0 instead of SDPA's mean of V (the fused op serves training with dropout), and attention
-dropout draws from the Philox stream instead of torch's generator directly (seeded from it, so reproducible).
+Training with attention dropout on CPU uses the fused attention op (its Philox dropout regenerates the mask in the
+backward instead of storing [B, heads, T, T] probabilities) for batches without padding; a padded batch keeps SDPA
+(the op leaves padded query rows 0, transformers attends from them). The fused dropout masks are drawn from the
+Philox stream, seeded from torch's generator: reproducible under ``torch.manual_seed``, not the same masks as
+transformers' (equal in distribution).
 """
 from __future__ import annotations
 
@@ -62,8 +64,11 @@ def attention_forward(self, hidden_states, attention_mask=None, cache=None, **kw
         fallback(self, reason)
         return type(self).forward(self, hidden_states, attention_mask, cache, **kwargs)
     p = self.dropout.p if self.training else 0.0
+    padded = key_mask is not None and not bool(key_mask.all())
+    # the fused dropout op leaves padded query rows 0 where transformers attends from them as from any row (a
+    # question-answering loss reads them): padded batches keep SDPA, unpadded ones (pretraining) get the op
     context = standard_attention(hidden_states, self.query, self.key, self.value, self.num_attention_heads,
-                                 key_mask, p)
+                                 key_mask if padded else None, p, fused_dropout=not padded)
     return context, None
 
 

@@ -156,6 +156,11 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
             return self._transformers_forward(hidden_states, attention_mask, output_attentions, query_states,
                                               relative_pos, rel_embeddings)
         context = super().forward(hidden_states, key_mask, rel_embeddings=rel_embeddings, query_states=query_states)
+        if key_mask is not None and not bool(key_mask.bool().all()):
+            # transformers' padded query rows attend uniformly to every key: the mean of V, i.e. value_proj of the
+            # mean input (heads that read padded positions, such as question answering's softmax, see them)
+            mean_value = self.value_proj(hidden_states.mean(dim=-2, keepdim=True)).to(context.dtype)
+            context = torch.where(key_mask.bool()[..., None], context, mean_value)
         return (context, None)
 
 

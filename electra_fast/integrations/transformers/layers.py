@@ -129,13 +129,13 @@ def _mlm_loss_only(model, original, head_parts: HeadParts, args, kwargs):
 
     arguments = dict(_signature(original).bind(model, *args, **kwargs).arguments)
     arguments.pop("self", None)
-    labels = arguments.pop("labels")
-    return_dict = arguments.pop("return_dict", None)
-    base = getattr(model, model.base_model_prefix)
     extra = {}
     for name, parameter in _signature(original).parameters.items():
         if parameter.kind is parameter.VAR_KEYWORD:
-            extra = arguments.pop(name, {})
+            extra = dict(arguments.pop(name, {}))
+    labels = arguments.pop("labels")
+    return_dict = arguments.pop("return_dict", extra.pop("return_dict", None))
+    base = getattr(model, model.base_model_prefix)
     passed = {k: v for k, v in arguments.items() if v is not None}
     if _accepts_var_keywords(type(base).forward):  # as the original passes **kwargs on (or drops them)
         passed.update(extra)
