@@ -108,7 +108,7 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
             instead of running transformers' code for it.
 
     The model keeps its modules, Parameter objects and ``state_dict``; :func:`unpatch` restores transformers'
-    computation exactly. Patching twice changes nothing (the first options stay: unpatch to change them).
+    computation exactly. Patching again installs what is not installed yet (unpatch first to turn an option off).
     """
     _check_model(model)
     options = dict(attention=attention, layer_norm=layer_norm, mlp=mlp, mlm_head=mlm_head)
