@@ -247,7 +247,8 @@ def _attention_unsupported(module: nn.Module) -> Optional[str]:
 
 def _encoder_unsupported(encoder: nn.Module) -> Optional[str]:
     """The encoder passes [B, T] masks only when every attention it drives is (or can be) the fused one."""
-    unfused = [layer.attention for layer in encoder.layer if not isinstance(layer.attention.self, DisentangledSelfAttention)]
+    unfused = [layer.attention for layer in encoder.layer
+               if not isinstance(layer.attention.self, DisentangledSelfAttention)]
     return next((r for r in map(_attention_unsupported, unfused) if r is not None), None)
 
 
