@@ -153,6 +153,23 @@ def test_apply_to_transformers_patches_models_built_later():
     assert not electra_fast.is_patched(BertForMaskedLM(plain.config))
 
 
+def test_apply_to_transformers_under_from_pretrained(tmp_path):
+    """Models loaded by from_pretrained are patched at construction (meta / empty weights), then loaded: the
+    patched modules read the loaded Parameters."""
+    plain = build("deberta_v2", "DebertaV2ForMaskedLM")
+    plain.save_pretrained(tmp_path)
+    inputs, labels = batch()
+    want = _loss(plain, inputs, labels)
+    electra_fast.apply_to_transformers()
+    try:
+        loaded = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    finally:
+        electra_fast.remove_from_transformers()
+    assert electra_fast.is_patched(loaded) and "forward" in vars(loaded)
+    torch.testing.assert_close(_loss(loaded, inputs, labels), want, rtol=1e-5, atol=0)
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+
+
 def test_top_level_names_load_lazily():
     from electra_fast.integrations.transformers import patching
 
