@@ -7,6 +7,9 @@ from .ops import (MaskedTokens, disentangled_attention, dropout, dropout_add_lay
 from .models import ElectraConfig, ElectraPretrainingModel
 
 
+_PATCHING = ("patch", "unpatch", "is_patched", "from_pretrained", "apply_to_transformers", "remove_from_transformers")
+
+
 def __getattr__(name):
     # The training job (tokenizers, tqdm, data loading) loads on first use, not with every `import electra_fast`.
     if name == "pretrain":
@@ -16,6 +19,9 @@ def __getattr__(name):
     if name in ("patch_deberta_v2", "unpatch_deberta_v2"):
         from .integrations.transformers import deberta_v2
         return getattr(deberta_v2, name)
+    if name in _PATCHING:
+        from .integrations.transformers import patching
+        return getattr(patching, name)
     raise AttributeError(f"module 'electra_fast' has no attribute {name!r}")
 
 __version__ = "0.1.0"
@@ -23,6 +29,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ElectraConfig", "ElectraPretrainingModel", "MaskedTokens", "TokenMasker", "available_backends",
     "disentangled_attention", "dropout", "dropout_add_layer_norm", "extension_loaded", "gelu_mlp", "gumbel_sample",
-    "linear", "mask_tokens", "mlm_loss_and_sample",
+    "linear", "mask_tokens", "mlm_loss_and_sample", *_PATCHING,
     "patch_deberta_v2", "pretrain", "rtd_loss", "unpatch_deberta_v2", "use_backend", "eager_twin_mode", "__version__",
 ]

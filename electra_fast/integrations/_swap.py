@@ -46,3 +46,8 @@ def restore_methods(module: nn.Module, *names: str) -> None:
     """Undo :func:`override_methods` for ``names`` (absent names are ignored)."""
     for name in names:
         vars(module).pop(name, None)
+
+
+def swapped(parent: nn.Module, name: str) -> bool:
+    """Whether ``parent.<name>`` was installed by :func:`swap_submodule`."""
+    return hasattr(getattr(parent, name), _ORIGINAL)

@@ -55,22 +55,30 @@ class StandardSelfAttention(nn.Module):
         self.dropout_p = dropout
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        B, T, H = x.shape
-        # one [H, 3H] projection instead of three: a single larger GEMM is faster on CPU. q / k / v stay views
-        # of it (unbind, then transpose): the fused op returns token-major outputs and gradients for such views,
-        # so the output's transpose back is free and the gradients stack into the projection's layout in one copy.
-        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = linear(x, w, b).view(B, T, 3, self.num_heads, H // self.num_heads)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         p = self.dropout_p if self.training else 0.0
-        if p > 0 and x.device.type == "cpu" and not eager_twin():
-            out = disentangled_attention(q, k, v, attention_mask=key_mask, dropout_p=p, seed=_seed.draw(),
-                                         scale=q.shape[-1] ** -0.5)
-        else:
-            mask = None if key_mask is None else key_mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return out.transpose(1, 2).reshape(B, T, H)
+        return standard_attention(x, self.query, self.key, self.value, self.num_heads, key_mask, p)
+
+
+def standard_attention(x: torch.Tensor, query: nn.Linear, key: nn.Linear, value: nn.Linear, num_heads: int,
+                       key_mask: Optional[torch.Tensor], dropout_p: float, fused_dropout: bool = True) -> torch.Tensor:
+    """x [B, T, H] -> [B, T, H]: :class:`StandardSelfAttention`'s computation on any three projections (also
+    those of a transformers model, ``electra_fast.integrations``); ``dropout_p`` already 0 outside training.
+    ``fused_dropout=False`` keeps SDPA (and its padded query rows) with dropout too."""
+    B, T, H = x.shape
+    # one [H, 3H] projection instead of three: a single larger GEMM is faster on CPU. q / k / v stay views
+    # of it (unbind, then transpose): the fused op returns token-major outputs and gradients for such views,
+    # so the output's transpose back is free and the gradients stack into the projection's layout in one copy.
+    w = torch.cat([query.weight, key.weight, value.weight])
+    b = torch.cat([query.bias, key.bias, value.bias])
+    qkv = linear(x, w, b).view(B, T, 3, num_heads, H // num_heads)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    if fused_dropout and dropout_p > 0 and x.device.type == "cpu" and not eager_twin():
+        out = disentangled_attention(q, k, v, attention_mask=key_mask, dropout_p=dropout_p, seed=_seed.draw(),
+                                     scale=q.shape[-1] ** -0.5)
+    else:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return out.transpose(1, 2).reshape(B, T, H)
 
 
 class _AddNorm(nn.Module):
@@ -91,14 +99,21 @@ class _AddNorm(nn.Module):
 
     def norm(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """LayerNorm(dropout(y) + residual): the sublayer after its dense layer."""
-        ln = self.LayerNorm
-        if (y.dtype == residual.dtype and y.shape == residual.shape and ln.weight is not None
-                and ln.weight.dtype in (torch.float32, y.dtype)
-                and (torch.compiler.is_compiling() or not eager_twin())):  # dynamo cannot read the ContextVar
-            p = self.dropout.p if self.training else 0.0
-            return dropout_add_layer_norm(y, residual, ln.weight, ln.bias, p=p,
-                                          seed=_seed.draw() if p > 0 else None, eps=ln.eps)
-        return ln(self.dropout(y) + residual)
+        return add_norm(y, residual, self.LayerNorm, self.dropout, self.training)
+
+
+def add_norm(y: torch.Tensor, residual: torch.Tensor, ln: nn.LayerNorm, dropout: nn.Module,
+             training: bool) -> torch.Tensor:
+    """LayerNorm(dropout(y) + residual): one fused op (``dropout.p``, Philox) when y and the residual share a dtype
+    and shape, else torch's three ops with the ``dropout`` module; used by :class:`_AddNorm` and the transformers
+    adapters (``electra_fast.integrations``)."""
+    if (y.dtype == residual.dtype and y.shape == residual.shape and ln.weight is not None
+            and ln.weight.dtype in (torch.float32, y.dtype)
+            and (torch.compiler.is_compiling() or not eager_twin())):  # dynamo cannot read the ContextVar
+        p = dropout.p if training else 0.0
+        return dropout_add_layer_norm(y, residual, ln.weight, ln.bias, p=p, seed=_seed.draw() if p > 0 else None,
+                                      eps=ln.eps)
+    return ln(dropout(y) + residual)
 
 
 class _Attention(nn.Module):

@@ -12,6 +12,7 @@ transformers' own computation on the same parameters.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -143,11 +144,23 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
                 rel_embeddings=None):
         B, T = hidden_states.shape[0], hidden_states.shape[-2]
         fusable, key_mask = self._key_mask(attention_mask, B, T)
-        if (output_attentions or not fusable or (query_states is not None and query_states.shape != hidden_states.shape)
-                or not self._standard_relative_pos(relative_pos, T)):
+        reason = ("output_attentions=True (the fused attention builds no probabilities)" if output_attentions
+                  else "an attention mask that is not a padding mask" if not fusable
+                  else "query_states of another shape than hidden_states"
+                  if query_states is not None and query_states.shape != hidden_states.shape
+                  else "a non-standard relative_pos" if not self._standard_relative_pos(relative_pos, T) else None)
+        if reason is not None:
+            from .patching import fallback
+
+            fallback(self, reason)  # raises when patched with strict=True
             return self._transformers_forward(hidden_states, attention_mask, output_attentions, query_states,
                                               relative_pos, rel_embeddings)
         context = super().forward(hidden_states, key_mask, rel_embeddings=rel_embeddings, query_states=query_states)
+        if key_mask is not None and not bool(key_mask.bool().all()):
+            # transformers' padded query rows attend uniformly to every key: the mean of V, i.e. value_proj of the
+            # mean input (heads that read padded positions, such as question answering's softmax, see them)
+            mean_value = self.value_proj(hidden_states.mean(dim=-2, keepdim=True)).to(context.dtype)
+            context = torch.where(key_mask.bool()[..., None], context, mean_value)
         return (context, None)
 
 
@@ -221,3 +234,74 @@ def unpatch_deberta_v2(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_deberta_v2` in place (the original modules come back with the same Parameters)."""
     unpatch(model)
     return model
+
+
+# ------------------------------------------------------------------ electra_fast.patch (all four options)
+def _attention_unsupported(module: nn.Module) -> Optional[str]:
+    try:
+        FusedDisentangledSelfAttention.from_transformers(module.self)
+    except (TypeError, ValueError) as error:
+        return f"attention: {error}"
+    return None
+
+
+def _encoder_unsupported(encoder: nn.Module) -> Optional[str]:
+    """The encoder passes [B, T] masks only when every attention it drives is (or can be) the fused one."""
+    unfused = [layer.attention for layer in encoder.layer
+               if not isinstance(layer.attention.self, DisentangledSelfAttention)]
+    return next((r for r in map(_attention_unsupported, unfused) if r is not None), None)
+
+
+def _layer_forward(self, hidden_states, attention_mask, query_states=None, relative_pos=None, rel_embeddings=None,
+                   output_attentions: bool = False):
+    """DebertaV2Layer.forward with the feed-forward block as ``layers.feed_forward``."""
+    from . import layers
+
+    attention_output, att_matrix = self.attention(hidden_states, attention_mask, output_attentions=output_attentions,
+                                                  query_states=query_states, relative_pos=relative_pos,
+                                                  rel_embeddings=rel_embeddings)
+    return layers.feed_forward(self, attention_output), (att_matrix if output_attentions else None)
+
+
+def _head(model):
+    if model.legacy:
+        p = model.cls.predictions
+        return p.transform, p.decoder.weight, p.decoder.bias
+    h = model.lm_predictions.lm_head
+    return (lambda x: h.LayerNorm(h.transform_act_fn(h.dense(x)))), model.deberta.embeddings.word_embeddings.weight, \
+        h.bias
+
+
+def _mlm_unsupported(model) -> Optional[str]:
+    if type(model).forward is not _hf().DebertaV2ForMaskedLM.forward:
+        return f"mlm_head: {type(model).__name__} overrides DebertaV2ForMaskedLM.forward"
+    return None
+
+
+def rules() -> list:
+    """This family's rules for ``electra_fast.patch`` (``patching.Rule``)."""
+    from . import layers
+    from .patching import Rule
+
+    hf = _hf
+    return [
+        Rule("attention", lambda: (hf().DebertaV2Attention,),
+             swap=("self", lambda m: FusedDisentangledSelfAttention.from_transformers(m.self)),
+             unsupported=_attention_unsupported),
+        Rule("attention", lambda: (hf().DebertaV2Encoder,), methods=lambda m: _ENCODER_METHODS,
+             unsupported=_encoder_unsupported),
+        Rule("layer_norm", lambda: (hf().DebertaV2SelfOutput, hf().DebertaV2Output),
+             methods=lambda m: dict(forward=layers.add_norm_forward),
+             unsupported=lambda m: None if layers.is_layer_norm(m.LayerNorm) else "layer_norm: not torch's LayerNorm"),
+        Rule("mlp", lambda: (hf().DebertaV2Layer,), methods=lambda m: dict(forward=_layer_forward),
+             unsupported=lambda m: layers.feed_forward_unsupported(m)),
+        Rule("mlm_head", lambda: (hf().DebertaV2ForMaskedLM,),
+             methods=lambda m: _mlm_methods(), unsupported=_mlm_unsupported),
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def _mlm_methods() -> dict:
+    from . import layers
+
+    return dict(forward=layers.mlm_forward_for(_hf().DebertaV2ForMaskedLM, _head))

@@ -1,0 +1,156 @@
+"""The pieces every transformers family shares, as method overrides of transformers' own module instances.
+
+Each ``*_forward`` here is bound to one transformers module (``_swap.override_methods``): it reads that module's own
+submodules and Parameters (nothing is copied or re-registered), computes with electra_fast's modules and ops, and
+calls transformers' class method for a call it cannot serve (the fallback), so the answer is always transformers'.
+
+- :func:`add_norm_forward`: ``*SelfOutput`` / ``*Output`` (dense, dropout, LayerNorm(x + residual)) with the dropout,
+  add and norm as one ``dropout_add_layer_norm`` op each way (``electra_fast.nn.encoder.add_norm``).
+- :func:`feed_forward`: a layer's feed-forward block (``intermediate`` + ``output``) as ``electra_fast.nn.linear.
+  gelu_mlp`` (erf GELU only) followed by the output's add-norm.
+- :func:`mlm_forward_for`: ``*ForMaskedLM.forward`` with ``labels``: the head's transform at the labelled rows only,
+  then the vocabulary projection + cross-entropy streamed by ``electra_fast.mlm_loss_and_sample`` (the ``[B, T, V]``
+  logits are never built; the output's ``logits`` is None).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...nn.encoder import add_norm
+from ...ops.linear import gelu_mlp
+from ...ops.sampling import mlm_loss_and_sample
+from .. import _swap
+
+IGNORE_INDEX = -100  # torch's CrossEntropyLoss default, which every transformers MLM head uses
+
+
+def erf_gelu(act) -> bool:
+    """Whether a transformers activation module / function is the erf GELU (``ACT2FN["gelu"]``)."""
+    return act is F.gelu or (type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu)
+
+
+def is_layer_norm(module) -> bool:
+    return type(module) is nn.LayerNorm and module.elementwise_affine
+
+
+# ------------------------------------------------------------------------------------------ add + norm
+def norm(output: nn.Module, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """LayerNorm(dropout(y) + residual) with ``output``'s LayerNorm and dropout: fused when ``output``'s forward is
+    patched, else transformers' three ops. Mixed dtypes (a bf16 dense output, an fp32 residual under autocast) are
+    promoted first, as transformers' add does."""
+    if not _swap.overrides(output, "forward"):
+        return output.LayerNorm(output.dropout(y) + residual)
+    dtype = torch.promote_types(y.dtype, residual.dtype)
+    return add_norm(y.to(dtype), residual.to(dtype), output.LayerNorm, output.dropout, output.training)
+
+
+def add_norm_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+    """``*SelfOutput`` / ``*Output``.forward: hidden_states [B, T, in], input_tensor [B, T, H] -> [B, T, H]."""
+    return norm(self, self.dense(hidden_states), input_tensor)
+
+
+# ------------------------------------------------------------------------------------------ feed-forward
+def feed_forward(layer: nn.Module, attention_output: torch.Tensor) -> torch.Tensor:
+    """``layer.output(layer.intermediate(a), a)`` for an erf-GELU intermediate: a [B, T, H] -> [B, T, H]."""
+    d1, out = layer.intermediate.dense, layer.output
+    y = gelu_mlp(attention_output, d1.weight, d1.bias, out.dense.weight, out.dense.bias)
+    return norm(out, y, attention_output)
+
+
+def feed_forward_unsupported(layer: nn.Module) -> Optional[str]:
+    act = layer.intermediate.intermediate_act_fn
+    if not erf_gelu(act):
+        return f"mlp: the feed-forward activation {type(act).__name__} is not the erf GELU ('gelu')"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- masks
+def padding_key_mask(mask: Optional[torch.Tensor], B: int, T: int) -> "tuple[bool, Optional[torch.Tensor]]":
+    """(servable, bool [B, T] key mask or None) from what transformers' ``create_bidirectional_mask`` passes to
+    an attention layer: None, a bool [B|1, 1, T|1, T] mask (True = attend; sdpa) or an additive float one (0 /
+    dtype min; eager). Anything else (another shape, other values, rows that differ: not a padding mask) is not
+    servable."""
+    if mask is None:
+        return True, None
+    if mask.dim() != 4 or mask.shape[0] not in (1, B) or mask.shape[1] != 1 or mask.shape[2] not in (1, T) \
+            or mask.shape[3] != T:
+        return False, None
+    if mask.dtype == torch.bool:
+        allowed = mask
+    elif mask.is_floating_point():
+        allowed = mask == 0
+        if not bool((allowed | (mask == torch.finfo(mask.dtype).min)).all()):
+            return False, None  # an additive bias, not a padding mask
+    else:
+        return False, None
+    keys = allowed[:, 0, 0, :]
+    if not bool((allowed == keys[:, None, None, :]).all()):
+        return False, None
+    return True, keys.expand(B, T)
+
+
+# ------------------------------------------------------------------------------------------ MLM head
+HeadParts = Callable[[nn.Module], "tuple[Callable, torch.Tensor, Optional[torch.Tensor]]"]
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(function) -> inspect.Signature:
+    return inspect.signature(function)
+
+
+def _accepts_var_keywords(function) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in _signature(function).parameters.values())
+
+
+def mlm_forward_for(cls: type, head_parts: HeadParts) -> Callable:
+    """The loss-only forward of one transformers ``*ForMaskedLM`` class (same signature, for the Trainer's
+    column filtering); ``head_parts(model) -> (transform, weight [V, E], bias [V] or None)``, the head's layers
+    before its vocabulary projection and that projection's parameters."""
+    original = cls.forward
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        labels = _signature(original).bind(self, *args, **kwargs).arguments.get("labels")
+        if not isinstance(labels, torch.Tensor):
+            return original(self, *args, **kwargs)
+        return _mlm_loss_only(self, original, head_parts, args, kwargs)
+
+    return forward
+
+
+def _mlm_loss_only(model, original, head_parts: HeadParts, args, kwargs):
+    from transformers.modeling_outputs import MaskedLMOutput
+
+    arguments = dict(_signature(original).bind(model, *args, **kwargs).arguments)
+    arguments.pop("self", None)
+    extra = {}
+    for name, parameter in _signature(original).parameters.items():
+        if parameter.kind is parameter.VAR_KEYWORD:
+            extra = dict(arguments.pop(name, {}))
+    labels = arguments.pop("labels")
+    return_dict = arguments.pop("return_dict", extra.pop("return_dict", None))
+    base = getattr(model, model.base_model_prefix)
+    passed = {k: v for k, v in arguments.items() if v is not None}
+    if _accepts_var_keywords(type(base).forward):  # as the original passes **kwargs on (or drops them)
+        passed.update(extra)
+    outputs = base(**passed, return_dict=True)
+    hidden = outputs[0]
+    labels = labels.to(hidden.device)
+    rows = labels.reshape(-1) != IGNORE_INDEX
+    transform, weight, bias = head_parts(model)
+    h = transform(hidden.reshape(-1, hidden.shape[-1])[rows])
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    loss, _ = mlm_loss_and_sample(h.to(dtype), weight.to(dtype), labels.reshape(-1)[rows],
+                                  bias=None if bias is None else bias.to(dtype), seed=0,
+                                  ignore_index=IGNORE_INDEX)
+    out = MaskedLMOutput(loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
