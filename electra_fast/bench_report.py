@@ -260,6 +260,12 @@ HEADLINES = (
       for model, name, shape in (("electra_small", "ELECTRA-small", "32x128"),
                                  ("deberta_v3_xsmall", "DeBERTa-v3-xsmall", "8x128"))
       for dtype in ("fp32", "bf16-autocast")),
+    *(Headline(f"patch_train_step[{model}]", "fwd+bwd+adamw", "32x128", dtype, "transformers",
+               f"`electra_fast.patch` {name} train step", "transformers")
+      for model, name in (("bert_mlm", "BertForMaskedLM"), ("roberta_mlm", "RobertaForMaskedLM"),
+                          ("electra_small_rtd", "ElectraForPreTraining"),
+                          ("deberta_v3_xsmall_mlm", "DebertaV2ForMaskedLM"))
+      for dtype in ("fp32", "bf16-autocast")),
 )
 _DTYPE_NOTES = {"bfloat16": ", bf16", "bf16-autocast": ", bf16 autocast", "float16": ", fp16"}  # fp32: unnoted
 
