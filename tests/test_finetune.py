@@ -408,3 +408,41 @@ def test_rotten_tomatoes_rows_keep_reviews_only(tmp_path):
         f.write('category,text,movie_name,has_plot_and_reviews\nplot,"A plot summary.",m,True\n'
                 'fresh,"Great\n fun.",m,True\nrotten,"Dull.",m,True\n')
     assert rotten_tomatoes_rows(str(path)) == [("Great fun.", "fresh"), ("Dull.", "rotten")]
+
+
+# ------------------------------------------------------------------------------------------ BERT-family sources
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_bert_family_directory_is_the_same_encoder(family, tmp_path):
+    """A local BERT / RoBERTa directory fine-tunes as the ELECTRA encoder it is (interop.electra_view): the loaded
+    backbone gives transformers' hidden states at every real position of a right-padded batch (fp32, eval)."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    if family == "bert":
+        theirs = transformers.BertForMaskedLM(transformers.BertConfig(**common, type_vocab_size=2)).eval()
+        encoder, pad = theirs.bert, 0
+    else:
+        theirs = transformers.RobertaModel(transformers.RobertaConfig(
+            **{**common, "max_position_embeddings": 42}, type_vocab_size=1, pad_token_id=1)).eval()
+        encoder, pad = theirs, 1
+    theirs.save_pretrained(tmp_path / family)
+    cfg, state, _ = fmodel.load_encoder(str(tmp_path / family))
+    ours = fmodel.build(cfg, state, "classification", 3).eval()
+    ids = torch.randint(5, 120, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:], mask[2, 3:] = 0, 0
+    ids = ids.masked_fill(mask == 0, pad)
+    with torch.no_grad():
+        want = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours.backbone(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)  # fp32: summation order only
+    assert cfg.max_position_embeddings == 40  # RoBERTa's 42 rows less the pad + 1 = 2 it never uses
+
+
+def test_bert_family_view_rejects_other_models():
+    from electra_fast.models import interop
+
+    with pytest.raises(interop.CheckpointError, match="BERT-family"):
+        interop.electra_view({"model_type": "gpt2"}, {})

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-METRICS = ("eval_auc", "eval_f1", "eval_generator_accuracy")
+METRICS = ("eval_discriminator_auc", "eval_discriminator_f1", "eval_generator_accuracy")
 
 
 # ------------------------------------------------------------------------------------ the independent side
@@ -135,7 +135,8 @@ def _evaluate(model: Independent, batches, seed: int) -> dict:
     precision = tp / max(1.0, float(pred.sum()))
     recall = tp / max(1.0, float(lab.sum()))
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"eval_auc": _auc(s, lab), "eval_f1": f1, "eval_generator_accuracy": correct / max(1, total)}
+    return {"eval_discriminator_auc": _auc(s, lab), "eval_discriminator_f1": f1,
+            "eval_generator_accuracy": correct / max(1, total)}
 
 
 def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batch: int) -> list:
@@ -188,11 +189,12 @@ def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batc
 def train_fused(out: str, seed: int, steps: int, eval_every: int, precision: str) -> list:
     import electra_fast
 
-    electra_fast.pretrain(out=out, seed=seed, steps=steps, eval_every=eval_every, precision=precision,
-                          progress=False)
+    if not os.path.exists(os.path.join(out, "checkpoints", f"step-{steps:08d}")):  # else: read the finished run
+        electra_fast.pretrain(out=out, seed=seed, steps=steps, eval_every=eval_every, precision=precision,
+                              progress=False)
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return [{"step": r["step"], "loss": r.get("loss"), **{k: r[k] for k in METRICS}} for r in recs
-            if "eval_auc" in r]
+            if METRICS[0] in r]
 
 
 # ------------------------------------------------------------------------------------------------ verdict
@@ -260,7 +262,7 @@ def main() -> None:
     for side in args.sides.split(","):
         for seed in seeds:
             runs = result["runs"].setdefault(side, {})
-            if str(seed) in runs:
+            if runs.get(str(seed)):
                 continue
             t0 = time.perf_counter()
             if side.startswith("fused"):

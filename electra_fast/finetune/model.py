@@ -9,9 +9,10 @@ Heads (transformers' parameter names, so the export loads as ``ElectraFor*`` / `
 * token classification: dropout -> ``classifier`` (H -> labels) per token == ``*ForTokenClassification``.
 
 Sources (:func:`load_encoder`): an electra-fast checkpoint or run directory (its newest complete checkpoint), an
-``electra-fast export`` / ``save_pretrained`` directory, or a local transformers ELECTRA / DeBERTa-v2/v3 directory
-(``ElectraForPreTraining``, ``ElectraModel``, ``DebertaV2Model``, or any ``*For...`` class of those families: only
-the encoder is taken).
+``electra-fast export`` / ``save_pretrained`` directory, or a local transformers ELECTRA / DeBERTa-v2/v3 / BERT /
+RoBERTa directory (``ElectraForPreTraining``, ``ElectraModel``, ``DebertaV2Model``, ``BertModel``, or any
+``*For...`` class of those families: only the encoder is taken; a BERT-family encoder runs as the ELECTRA encoder it
+is, ``interop.electra_view``, and its export is an ``ElectraFor*`` model).
 """
 from __future__ import annotations
 
@@ -88,14 +89,17 @@ def _from_pretraining(model: ElectraPretrainingModel) -> Tuple[ElectraConfig, Di
 def _transformers_dir(path: str) -> Tuple[ElectraConfig, Dict[str, torch.Tensor]]:
     hf, weights = interop.checkpoint_files(path, "--model")
     kind = hf.get("model_type")
-    if kind not in ("electra", "deberta-v2"):
-        raise FinetuneError(f"--model: {path} holds a {kind!r} model; fine-tuning reads ELECTRA and DeBERTa-v2/v3 "
-                            "(electra, deberta-v2) encoders")
+    if kind not in ("electra", "deberta-v2") + interop.BERT_FAMILY:
+        raise FinetuneError(f"--model: {path} holds a {kind!r} model; fine-tuning reads ELECTRA, DeBERTa-v2/v3 and "
+                            f"BERT-family ({', '.join(('electra', 'deberta-v2') + interop.BERT_FAMILY)}) encoders")
+    state = interop.load_weights(weights)
     try:
+        if kind in interop.BERT_FAMILY:  # the same encoder as ELECTRA's discriminator
+            hf, state = interop.electra_view(hf, state)
         cfg = interop.config_from_transformers(hf, hf)  # the generator's sizes are not used
     except (ValueError, TypeError, KeyError) as e:
         raise FinetuneError(f"--model: {path}/config.json: {e}") from None
-    return cfg, interop.load_weights(weights)
+    return cfg, state
 
 
 def load_encoder(path: str) -> Tuple[ElectraConfig, Dict[str, torch.Tensor], str]:

@@ -165,6 +165,36 @@ def config_from_transformers(gen: dict, disc: dict, **overrides) -> ElectraConfi
     return ElectraConfig.from_dict(base)
 
 
+BERT_FAMILY = ("bert", "roberta")
+
+
+def electra_view(hf: dict, state: Dict[str, torch.Tensor]) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """A BERT / RoBERTa encoder as the ELECTRA discriminator that computes the same hidden states: ``(config.json
+    dict, transformers-named weights)`` -> the same for ``model_type="electra"``.
+
+    ELECTRA's encoder is BERT's (embedding_size == hidden_size: no projection; the same parameter names below the
+    model prefix). RoBERTa numbers positions from ``pad_token_id + 1`` (a right-padded row's real tokens take
+    positions pad + 1, pad + 2, ...), so its position table is sliced to start there. The pooler and task heads are
+    dropped (fine-tuning adds its own head). Raises CheckpointError for any other model type.
+    """
+    kind = hf.get("model_type")
+    if kind not in BERT_FAMILY:
+        raise CheckpointError(f"expected a BERT-family model ({', '.join(BERT_FAMILY)}), got model_type {kind!r}")
+    out = {}
+    for key, value in state.items():
+        bare = key[len(kind) + 1:] if key.startswith(kind + ".") else key
+        if bare.startswith(("embeddings.", "encoder.")):
+            out["electra." + bare] = value
+    cfg = dict(hf, model_type="electra", embedding_size=hf["hidden_size"])
+    if kind == "roberta":
+        first = int(hf.get("pad_token_id", 1)) + 1
+        name = "electra.embeddings.position_embeddings.weight"
+        if name in out:
+            out[name] = out[name][first:]
+        cfg["max_position_embeddings"] = int(hf.get("max_position_embeddings", 514)) - first
+    return cfg, out
+
+
 # ---------------------------------------------------------------------------------------- files
 def _read_json(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
