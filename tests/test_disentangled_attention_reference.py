@@ -71,7 +71,8 @@ def test_reference_matches_transformers(pos_att, share, buckets, max_rel, dtype)
         with electra_fast.use_backend("reference"):
             got, got_g = _module_grads(fused, x, rel, m.long(), weight, m)
         torch.testing.assert_close(got[m], want[m], **REF_TOL[dtype])
-        assert (got[~m] == 0).all()  # padded query rows are 0 (transformers: mean of V)
+        # the adapter fills padded query rows as transformers does (the mean of V; the op itself leaves them 0)
+        torch.testing.assert_close(got[~m], want[~m], **REF_TOL[dtype])
         for a, b in zip(got_g, want_g):
             if b is None:
                 assert a is None or not a.any()

@@ -220,3 +220,22 @@ def test_gelu_mlp_without_a_gradient_keeps_only_the_linear_epilogues():
         y = electra_fast.gelu_mlp(x, w1, b1, w2, b2)
         want = electra_fast.linear(F.gelu(electra_fast.linear(x, w1, b1)), w2, b2)
     assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_gradcheck_fp64(backend):
+    """The ops' gradients (the eager Function's bodies, with the undefined-gradient check) against finite
+    differences in fp64, on each backend; the same for the custom ops' registered autograd."""
+    from electra_fast.ops import linear as ops_linear
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b1 = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    b2 = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    with electra_fast.use_backend(backend):
+        for lin_op, mlp_op in ((ops_linear._LINEAR_OP, ops_linear._MLP_OP),
+                               (ops_linear._LINEAR_OP.op, ops_linear._MLP_OP.op)):
+            assert torch.autograd.gradcheck(lambda *a: lin_op(*a, False), (x, w1, b1))
+            assert torch.autograd.gradcheck(lambda *a: mlp_op(*a, False)[0], (x, w1, b1, w2, b2))

@@ -75,6 +75,7 @@ class AutogradOp:
 def _eager_function(name: str, forward: Callable, setup: Callable, grads: Callable, backward: Callable,
                     non_differentiable: tuple) -> type:
     def fwd(ctx, *inputs):
+        ctx.n_inputs = len(inputs)
         output = forward(*inputs)
         setup(ctx, inputs, output)
         if non_differentiable:
@@ -85,6 +86,8 @@ def _eager_function(name: str, forward: Callable, setup: Callable, grads: Callab
         return tuple(output) if isinstance(output, list) else output
 
     def bwd(ctx, *grad_outputs):
+        if all(g is None for g in grad_outputs):  # not materialised (above) and none reached out: no gradients
+            return (None,) * ctx.n_inputs
         return grads(ctx, grad_outputs, backward)
 
     return type(f"Eager_{name}", (torch.autograd.Function,), {"forward": staticmethod(fwd),
