@@ -474,10 +474,12 @@ def slots_supported(rel_slots: torch.Tensor):
     return None
 
 
-def unsupported(head_dim: int, dtype: torch.dtype, rel_slots: torch.Tensor) -> list:
+def unsupported(head_dim: int, dtype: torch.dtype, rel_slots: torch.Tensor, varlen: bool = False) -> list:
     """Every reason these kernels cannot serve a call (the op spec asks before routing here); ``rel_slots`` is the
-    call's slot table on the CPU (see slots_supported)."""
+    call's slot table on the CPU (see slots_supported); ``varlen``: a packed call (cu_seqlens)."""
     reasons = []
+    if varlen:
+        reasons.append("the Triton kernels do not implement the packed variable-length layout (cu_seqlens) yet")
     if head_dim not in HEAD_DIMS:
         reasons.append(f"the Triton kernels support head dims {HEAD_DIMS}, got {head_dim}")
     if dtype not in DTYPES:
