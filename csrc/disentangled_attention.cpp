@@ -94,8 +94,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return p;
 }
 
-// keep[j] = 1 iff element e = base + j (e = ((b * H + h) * T + i) * T + j, T = drop_T) survives dropout: word e % 4 of the
-// ATTN_DROPOUT call at index e // 4, the draw every backend makes; the bytes come from the dropout op's
+// keep[j] = 1 iff element e = base + j (e = ((b * H + h) * T + i) * T + j, T = drop_T) survives dropout: word e % 4
+// of the ATTN_DROPOUT call at index e // 4, the draw every backend makes; the bytes come from the dropout op's
 // generator (csrc/keep_bytes.h: 16 calls per AVX-512 vector), 1024 elements at a time.
 void keep_span(uint64_t seed, uint64_t base, int64_t n, float p, uint8_t* __restrict keep) {
   // uniform(w) >= p  <=>  (w >> 8) >= ceil(p * 2^24), exactly (uniform is a multiple of 2^-24)

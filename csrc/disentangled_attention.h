@@ -289,8 +289,9 @@ inline acc_t softmax_row(int64_t T, acc_t* __restrict s, acc_t mx, const acc_t* 
 }
 
 // Forward rows of one block: s ([bm, T], row stride ld) holds S (+ the p2c term) and becomes the probabilities
-// with dropout applied; lse[i] (the (b, h) rows, lse_offset) is written (+inf for a padded query or a row with no valid key, whose
-// probabilities are 0; NaN for a row with a NaN or infinite score, whose probabilities are NaN: NaN in, NaN out).
+// with dropout applied; lse[i] (the (b, h) rows, lse_offset) is written (+inf for a padded query or a row with no
+// valid key, whose probabilities are 0; NaN for a row with a NaN or infinite score, whose probabilities are NaN:
+// NaN in, NaN out).
 // c: the block's c2p products ([bm, c_ld], column 0 = slot clo) or nullptr. keep: scratch of bm * T bytes.
 template <typename acc_t>
 void forward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t bm, acc_t* s, int64_t ld,

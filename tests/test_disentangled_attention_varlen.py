@@ -70,6 +70,21 @@ def test_every_sequence_equals_its_own_run(backend, dtype, pos):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_fp64(backend, dropout_p):
+    """Gradients of the packed path (q, k, v, both position tensors), with log buckets from |r| = 2 and a sequence
+    longer than 2k = 8 (fast_mode: a random projection of the Jacobian per input, as the padded gradcheck)."""
+    args, _, cu = _packed([3, 1, 11], 2, 4, 4, torch.float64)
+
+    def f(*tensors):
+        return electra_fast.disentangled_attention(*tensors, cu_seqlens=cu, max_seqlen=12, position_buckets=4,
+                                                   max_relative_positions=8, dropout_p=dropout_p, seed=5)
+    with electra_fast.use_backend(backend):
+        assert torch.autograd.gradcheck(f, [a.requires_grad_() for a in args], eps=1e-6, atol=1e-6, rtol=1e-5,
+                                        fast_mode=True)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_cpp_equals_the_padded_call_bitwise(cpp_extension, dropout_p):
     """Equal lengths L = max_seqlen: the packed call is the padded [n, H, L, D] call (same tasks, slot tables and
     dropout elements), bit for bit, position gradients included."""

@@ -160,6 +160,8 @@ def _setup(ctx, inputs, output):
 def _grads(ctx, grad_outputs, backward):
     q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, cu_seqlens = ctx.saved_tensors
     grad_out = grad_outputs[0]
+    if grad_out is None:  # the eager path does not materialise zero gradients (AutogradOp): none reached out
+        return (None,) * 13
     g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()  # e.g. expanded: stride 0
     dq, dk, dv, dpk, dpq = backward(g, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse,
                                     ctx.scale, ctx.dropout_p, ctx.seed, *ctx.buckets, cu_seqlens)
@@ -226,7 +228,8 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         scale: defaults to 1 / sqrt(D * (1 + number of position terms)).
 
     Returns:
-        [B, H, T, D] ([N, H, D] packed) in the dtype of query; differentiable w.r.t. query, key, value, pos_key, pos_query.
+        [B, H, T, D] ([N, H, D] packed) in the dtype of query; differentiable w.r.t. query, key, value, pos_key,
+        pos_query.
         NaN in, NaN out on every backend: a query row with a NaN or infinite score among its real keys outputs
         NaN; padded query rows stay 0 (electra_fast/reference/disentangled_attention.py). Meta / fake tensors
         are answered by the op's fake kernel.
