@@ -100,6 +100,17 @@ def test_cpp_equals_the_padded_call_bitwise(cpp_extension, dropout_p):
     _assert_same(got, [w.transpose(1, 2).reshape(n * L, H, D) for w in want[:4]] + want[4:])
 
 
+def test_cpp_reads_fused_projection_views(cpp_extension):
+    """q / k / v sliced from one packed [N, 3, H, D] projection are read through their strides (no copy): the same
+    results as contiguous inputs; outputs and gradients come back contiguous [N, H, D]."""
+    args, grad_out, cu = _packed(LENGTHS, 2, 16, 8, torch.float32)
+    fused = torch.stack(args[:3], dim=1)  # [N, 3, H, D]
+    kw = dict(cu_seqlens=cu, max_seqlen=30, position_buckets=SMALL[0], max_relative_positions=SMALL[1])
+    got = _run("cpp", "cpu", list(fused.unbind(1)) + list(args[3:]), grad_out, **kw)
+    _assert_same(got, _run("cpp", "cpu", args, grad_out, **kw))
+    assert all(g.is_contiguous() for g in got[:4])
+
+
 def test_one_long_and_many_short_beyond_512(cpp_extension):
     """max_seqlen > 512 with DeBERTa's log buckets (|i - j| = 511 rounds on an integer): a 600-token sequence
     (64-row blocks) next to short ones; C++ vs the reference and vs each sequence alone."""
