@@ -254,3 +254,19 @@ BAD = [  # (change, exception, message)
 def test_bad_input(change, exc, match):
     with pytest.raises(exc, match=match):
         electra_fast.disentangled_attention(**_bad(**change))
+
+
+def test_cpp_is_thread_count_independent(cpp_extension):
+    """Packed calls keep the padded kernels' determinism: outputs and every gradient bitwise the same on 1 and 3
+    threads (9 sequences > the 8 fixed position-gradient partitions, one over two query blocks, dropout)."""
+    args, grad_out, cu = _packed([70, 1, 9, 33, 2, 600, 5, 17, 3], 2, 16, 8, torch.float32, seed=8)
+    kw = dict(cu_seqlens=cu, max_seqlen=600, position_buckets=SMALL[0], max_relative_positions=SMALL[1],
+              dropout_p=0.1, seed=1)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(_run("cpp", "cpu", args, grad_out, **kw))
+    finally:
+        torch.set_num_threads(threads)
+    _assert_same(*results)
