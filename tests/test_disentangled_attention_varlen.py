@@ -6,14 +6,13 @@ import torch
 
 import electra_fast
 from attention_inputs import SMALL, _run
-from conftest import assert_low_precision
+from conftest import assert_low_precision, fast_backends
 from electra_fast import _backend
 from electra_fast.ops.disentangled_attention import _OP
 from electra_fast.reference import disentangled_attention as ref
 from test_disentangled_attention_reference import REF_TOL
 
-CPP = pytest.param("cpp", marks=pytest.mark.skipif(not electra_fast.extension_loaded(), reason="no C++ extension"))
-BACKENDS = ["reference", CPP]
+BACKENDS = ["reference", "cpp"]  # "cpp" needs _C: conftest's _need_backend skips, or fails under REQUIRE_EXT
 DEBERTA = (256, 512)  # DeBERTa-v3's position_buckets, max_relative_positions: k = 256
 
 
@@ -85,18 +84,19 @@ def test_gradcheck_fp64(backend, dropout_p):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_cpp_equals_the_padded_call_bitwise(cpp_extension, dropout_p):
-    """Equal lengths L = max_seqlen: the packed call is the padded [n, H, L, D] call (same tasks, slot tables and
-    dropout elements), bit for bit, position gradients included."""
-    n, H, L, D = 3, 2, 20, 16
+@pytest.mark.parametrize("backend,device", [p for p in fast_backends()])
+def test_packed_equals_the_padded_call_bitwise(backend, device, dropout_p):
+    """Equal lengths L = max_seqlen: the packed call is the padded [n, H, L, D] call (same tasks / programs, slot
+    tables and dropout elements), bit for bit, position gradients included."""
+    n, H, L, D = 2, 1, 40, 32  # D = 32: every backend; L over a 32-row backward block
     args, grad_out, cu = _packed([L] * n, H, D, 8, torch.float32)
     kw = dict(position_buckets=SMALL[0], max_relative_positions=SMALL[1], dropout_p=dropout_p, seed=11)
-    got = _run("cpp", "cpu", args, grad_out, cu_seqlens=cu, max_seqlen=L, **kw)
+    got = _run(backend, device, args, grad_out, cu_seqlens=cu.to(device), max_seqlen=L, **kw)
 
     def padded(x):  # the packed memory seen as [n, H, L, D] (the C++ kernels read it through its strides)
         return x.view(n, L, H, D).transpose(1, 2)
 
-    want = _run("cpp", "cpu", [padded(x) for x in args[:3]] + list(args[3:]), padded(grad_out), **kw)
+    want = _run(backend, device, [padded(x) for x in args[:3]] + list(args[3:]), padded(grad_out), **kw)
     _assert_same(got, [w.transpose(1, 2).reshape(n * L, H, D) for w in want[:4]] + want[4:])
 
 
@@ -199,22 +199,32 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
-def test_triton_does_not_serve_packed_calls(monkeypatch):
-    """The Triton kernels say why they cannot serve a packed call: forced triton raises naming it, automatic
-    routing takes the reference."""
+TRITON = [p for p in fast_backends() if p.values[0] == "triton"]
+
+
+@pytest.mark.parametrize("pos", [("c2p", "p2c"), ()], ids=lambda p: "+".join(p) or "c2c")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_matches_reference(backend, device, dtype, pos):
+    """Packed calls on the Triton kernels (interpreted without a GPU): a sequence of length 1, sequences over two
+    64-row forward / 32-row backward blocks and ending mid-block, programs past a sequence's end, dropout. fp32 within
+    the parity file's bound for blocked fp32 accumulation, fp16 within DESIGN.md's low-precision criterion."""
+    args, grad_out, cu = _packed([1, 70, 5, 33], 1, 32, 8, dtype, pos, seed=2)
+    kw = dict(max_seqlen=80, position_buckets=SMALL[0], max_relative_positions=SMALL[1], dropout_p=0.2, seed=3)
+    got = _run(backend, device, args, grad_out, cu_seqlens=cu.to(device), **kw)
+    up = [None if a is None else a.float() for a in args]
+    exact = _run("reference", "cpu", up, grad_out.float(), cu_seqlens=cu, **kw)
+    if dtype == torch.float32:
+        _assert_same(got, exact, dict(rtol=1e-4, atol=2e-5))
+    else:
+        assert_low_precision(got, _run("reference", "cpu", args, grad_out, cu_seqlens=cu, **kw), exact)
+
+
+def test_triton_limits_do_not_refuse_packed_calls():
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     spec = _backend.REGISTRY["disentangled_attention"]
-    call = dict(head_dim=32, dtype=torch.float32, rel_slots=ref.relative_slots(16, *SMALL), varlen=True)
-    reasons = spec.unsupported("triton", **call)
-    assert len(reasons) == 1 and "cu_seqlens" in reasons[0]
-    assert spec.unsupported("triton", **{**call, "varlen": False}) == []
-    args, grad_out, cu = _packed([3, 5], 2, 32, 8, torch.float32)
-    kw = dict(cu_seqlens=cu, max_seqlen=5, position_buckets=SMALL[0], max_relative_positions=SMALL[1])
-    with pytest.raises(RuntimeError, match="cu_seqlens"):
-        _run("triton", "cpu", args, grad_out, **kw)
-    monkeypatch.setattr(_backend, "default_backend", lambda device: "triton")
-    _assert_same(_run(None, "cpu", args, grad_out, **kw), _run("reference", "cpu", args, grad_out, **kw))
+    call = dict(head_dim=32, dtype=torch.float32, rel_slots=ref.relative_slots(16, *SMALL))
+    assert spec.unsupported("triton", **call, varlen=True) == spec.unsupported("triton", **call) == []
 
 
 def _bad(**change):

@@ -8,8 +8,8 @@ Memory: the fused backends hold O(B*H*T*D + H*k*D) beyond inputs and outputs (ls
 plus per-thread block scratch; no [T, T] tensor exists (the reference materialises [B, H, T, T]).
 
 Packed variable-length calls (``cu_seqlens``) go through the same ops with a [N, H, D] layout: the C++ kernels
-walk (sequence, head) tasks of each sequence's own length (cost sum of L_i^2); the Triton kernels do not serve
-them yet (their ``unsupported`` says so and automatic routing takes the reference).
+walk (sequence, head) tasks of each sequence's own length, the Triton programs stop at their sequence's end (cost
+sum of L_i^2 on both; Triton's grid is still sized by max_seqlen).
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def _impl(stage: str, q: torch.Tensor, rel_slots: torch.Tensor, position_buckets
 
 
 def _packed(cu_seqlens: Optional[torch.Tensor]) -> tuple:
-    # the backends' trailing cu_seqlens argument, passed only to packed calls (the Triton launchers, which never
-    # get one, keep the padded contract's signature)
+    # the backends' trailing cu_seqlens argument, passed only to packed calls: padded calls keep the contract's
+    # original signature
     return () if cu_seqlens is None else (cu_seqlens,)
 
 
