@@ -7,7 +7,7 @@ CPU has AMX / AVX512-BF16). Both sides run the whole attention module (q / k / v
 model would. Targets on the 2-core CPU (issue 5): fused fwd+bwd >= 3x faster and peak memory <= 1/3 of
 transformers at B x T = 8 x 512.
 
-Packed variable-length rows (test_varlen_*, #17): the attention core on [N, H, D] with cu_seqlens, C++ only.
+Packed variable-length rows (test_varlen_*, #17): the attention core on [N, H, D] with cu_seqlens.
 """
 import math
 
@@ -100,10 +100,9 @@ def test_projection_floor(benchmark, device, dtype_name):
 
 
 # Packed variable-length sequences (#17): the attention core alone (electra_fast.disentangled_attention on [N, H, D]
-# with cu_seqlens, deberta-v3-base heads: H = 12, D = 64, k = 256, c2p + p2c), fwd+bwd, fp32, on the C++ kernels.
-# Scaling: 2048 tokens in 1 .. 32 sequences of equal length; the cost should follow sum L_i^2 (halving per doubling
-# of the count, down to the linear terms), not (sum L_i)^2. The GPU has no Triton varlen kernel (the reference
-# would be timed): CPU only.
+# with cu_seqlens, deberta-v3-base heads: H = 12, D = 64, k = 256, c2p + p2c), fwd+bwd: fp32 on the C++ kernels,
+# bf16 on the GPU (Triton). Scaling: 2048 tokens in 1 .. 32 sequences of equal length; the cost should follow
+# sum L_i^2 (halving per doubling of the count, down to the linear terms), not (sum L_i)^2.
 VARLEN_TOKENS = 2048
 VARLEN_H, VARLEN_D = 12, 64
 
@@ -131,19 +130,18 @@ def attention_step(tensors, **kw):
     return step
 
 
-def _cpu_only(device):
-    if device.type != "cpu":
-        pytest.skip("packed calls have no Triton kernel (the GPU would time the reference)")
+def _varlen_dtype(device):
+    return torch.float32 if device.type == "cpu" else torch.bfloat16  # GPU rows are bf16, as above
 
 
 @pytest.mark.parametrize("n_seqs", [1, 2, 4, 8, 16, 32])
 def test_varlen_packed_scaling(benchmark, device, n_seqs):
-    _cpu_only(device)
+    dtype = _varlen_dtype(device)
     length = VARLEN_TOKENS // n_seqs
-    tensors, cu = varlen_inputs([length] * n_seqs, device)
+    tensors, cu = varlen_inputs([length] * n_seqs, device, dtype)
     step = attention_step(tensors, cu_seqlens=cu, max_seqlen=length)
     run(benchmark, step, device=device, op="disentangled_attention core, packed", impl="fused", pass_="fwd+bwd",
-        shape=f"{n_seqs}x{length}", dtype=torch.float32, tokens=VARLEN_TOKENS, rounds=2 if QUICK else 5, warmup=1)
+        shape=f"{n_seqs}x{length}", dtype=dtype, tokens=VARLEN_TOKENS, rounds=2 if QUICK else 5, warmup=1)
 
 
 def glue_like_lengths(n=32, median=30, sigma=0.7, lo=4, hi=128):
@@ -157,9 +155,9 @@ def glue_like_lengths(n=32, median=30, sigma=0.7, lo=4, hi=128):
 def test_varlen_vs_padded(benchmark, device, impl):
     """32 GLUE-like sequences (log-normal lengths, median 30, log-sd 0.7, clipped to [4, 128]): packed ("fused") vs
     the same sequences padded to 128 with an attention mask ("padded"); tokens/s counts real tokens."""
-    _cpu_only(device)
+    dtype = _varlen_dtype(device)
     lengths = glue_like_lengths()
-    tensors, cu = varlen_inputs(lengths, device)
+    tensors, cu = varlen_inputs(lengths, device, dtype)
     if impl == "fused":
         step = attention_step(tensors, cu_seqlens=cu, max_seqlen=max(lengths))
     else:
@@ -172,5 +170,5 @@ def test_varlen_vs_padded(benchmark, device, impl):
             padded.append(x.transpose(1, 2).requires_grad_())
         step = attention_step(padded + tensors[3:], attention_mask=mask)
     run(benchmark, step, device=device, op="disentangled_attention core, GLUE-like lengths", impl=impl,
-        pass_="fwd+bwd", shape=f"32 seqs, {sum(lengths)} tokens, max {max(lengths)}", dtype=torch.float32,
+        pass_="fwd+bwd", shape=f"32 seqs, {sum(lengths)} tokens, max {max(lengths)}", dtype=dtype,
         tokens=sum(lengths), rounds=2 if QUICK else 10, warmup=1)
