@@ -18,6 +18,10 @@
 // over partitions in order: results never depend on the thread count.
 //
 // Scratch per task: O(BM * T + T * 2k + T * D) in the accumulation dtype (fp32; fp64 for fp64 inputs).
+//
+// Packed variable-length calls ([N, H, D] with cu_seqlens): a task is one (sequence, head) run as a problem of the
+// sequence's own length (sequence() in the header), so cost is sum over sequences of L^2 and a sequence's results
+// are those of a padded call holding it alone; the dropout element index keeps the padded row length T = max_seqlen.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -36,13 +40,29 @@ namespace da {
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const c10::optional<at::Tensor>& pos_key, const c10::optional<at::Tensor>& pos_query,
                      const c10::optional<at::Tensor>& mask, const at::Tensor& rel_slots, double scale,
-                     double dropout_p, int64_t seed) {
+                     double dropout_p, int64_t seed, const c10::optional<at::Tensor>& cu_seqlens) {
   // q, k, v may be strided views (e.g. [B, T, H, D] memory seen as [B, H, T, D]): every per-(b, h) slice is
   // a [T, D] matrix that at::mm reads through its row stride, so the caller's permute copies are not needed.
-  TORCH_CHECK(q.dim() == 4, "disentangled_attention: q, k, v must be [B, H, T, D]");
+  const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
+  TORCH_CHECK(q.dim() == (packed ? 3 : 4),
+              packed ? "disentangled_attention: packed q, k, v must be [N, H, D]"
+                     : "disentangled_attention: q, k, v must be [B, H, T, D]");
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "disentangled_attention: q, k, v shapes differ");
   Problem p;
-  p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.D = q.size(3);
+  if (packed) {
+    const at::Tensor& cu = *cu_seqlens;
+    TORCH_CHECK(cu.scalar_type() == at::kInt && cu.is_contiguous() && cu.dim() == 1 && cu.numel() >= 2 &&
+                    cu.device().is_cpu(),
+                "disentangled_attention: cu_seqlens must be a contiguous CPU int32 [n + 1], n >= 1");
+    p.cu = cu.data_ptr<int32_t>();
+    p.B = cu.numel() - 1, p.H = q.size(1), p.T = (rel_slots.numel() + 1) / 2, p.D = q.size(2);
+    bool ok = p.cu[0] == 0 && p.cu[p.B] == q.size(0);
+    for (int64_t b = 0; b < p.B && ok; ++b) ok = p.cu[b + 1] > p.cu[b] && p.cu[b + 1] - p.cu[b] <= p.T;
+    TORCH_CHECK(ok, "disentangled_attention: cu_seqlens must rise from 0 to N in steps of 1 .. T (rel_slots [2T - 1])");
+  } else {
+    p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.D = q.size(3);
+  }
+  p.drop_T = p.T;
   p.has_pk = pos_key.has_value() && pos_key->defined();
   p.has_pq = pos_query.has_value() && pos_query->defined();
   p.has_mask = mask.has_value() && mask->defined();
@@ -56,6 +76,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   }
   TORCH_CHECK(rel_slots.scalar_type() == at::kInt && rel_slots.is_contiguous() && rel_slots.numel() == 2 * p.T - 1,
               "disentangled_attention: rel_slots must be contiguous int32 [2T - 1]");
+  TORCH_CHECK(!(packed && p.has_mask), "disentangled_attention: a packed call (cu_seqlens) takes no mask");
   if (p.has_mask) {
     TORCH_CHECK(mask->scalar_type() == at::kByte && mask->is_contiguous() && mask->numel() == p.B * p.T,
                 "disentangled_attention: mask must be contiguous uint8 [B, T]");
@@ -73,8 +94,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return p;
 }
 
-// keep[j] = 1 iff element e = base + j (e = ((b * H + h) * T + i) * T + j) survives dropout: word e % 4 of the
-// ATTN_DROPOUT call at index e // 4, the draw every backend makes; the bytes come from the dropout op's
+// keep[j] = 1 iff element e = base + j (e = ((b * H + h) * T + i) * T + j, T = drop_T) survives dropout: word e % 4
+// of the ATTN_DROPOUT call at index e // 4, the draw every backend makes; the bytes come from the dropout op's
 // generator (csrc/keep_bytes.h: 16 calls per AVX-512 vector), 1024 elements at a time.
 void keep_span(uint64_t seed, uint64_t base, int64_t n, float p, uint8_t* __restrict keep) {
   // uniform(w) >= p  <=>  (w >> 8) >= ceil(p * 2^24), exactly (uniform is a multiple of 2^-24)
@@ -94,7 +115,10 @@ template <typename acc_t>
 void forward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& q, const at::Tensor& k,
                   const at::Tensor& v, const at::Tensor& pk, const at::Tensor& pq, at::Tensor& out, float* lse) {
   const int64_t T = p.T, bh = b * p.H + h;
-  const at::Tensor qf = q[b][h].to(p.acc), kf = k[b][h].to(p.acc), vf = v[b][h].to(p.acc);
+  const at::Tensor qf = head_rows(p, q, b, h).to(p.acc), kf = head_rows(p, k, b, h).to(p.acc);
+  const at::Tensor vf = head_rows(p, v, b, h).to(p.acc);
+  const at::Tensor out_h = head_rows(p, out, b, h);
+  lse += lse_offset(p, b, h);
   const int64_t ns = p.s1 - p.s0 + 1;
   at::Tensor kp;  // [T, ns]: k_j . pos_query[s0 + c]
   if (p.has_pq) kp = at::mm(kf, pq[h].narrow(0, p.s0, ns).t()).contiguous();
@@ -118,8 +142,8 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& q, c
     if (p.has_pq) add_p2c_block<acc_t>(p, i0, bm, sp, ld, kp.data_ptr<acc_t>(), ns);
     forward_rows<acc_t>(p, b, bh, i0, bm, sp, ld, p.has_pk ? c.data_ptr<acc_t>() : nullptr,
                         p.has_pk ? c.size(1) : 0, clo, lse, keep.data());
-    at::Tensor dst = out[b][h].narrow(0, i0, bm);
-    const float* block_lse = lse + bh * T + i0;
+    at::Tensor dst = out_h.narrow(0, i0, bm);
+    const float* block_lse = lse + i0;
     if (dst.scalar_type() == p.acc) {
       at::mm_out(dst, s, vf);  // straight into the (row-strided) output: no temporary, no copy
       zero_dead_rows<acc_t>(dst.data_ptr<acc_t>(), dst.stride(0), bm, p.D, block_lse);
@@ -134,24 +158,25 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& q, c
 std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& pos_key,
     const c10::optional<at::Tensor>& pos_query, const c10::optional<at::Tensor>& mask, const at::Tensor& rel_slots,
-    double scale, double dropout_p, int64_t seed) {
+    double scale, double dropout_p, int64_t seed, const c10::optional<at::Tensor>& cu_seqlens) {
   // The internal at::mm calls work on acc-dtype (fp32) copies: under autocast they would be recast to
   // bf16 / fp16 and break the typed scratch. The kernel has its own precision policy, so skip autocast.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Problem p = make_problem(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed);
+  const Problem p = make_problem(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, cu_seqlens);
   if (amx_usable(q, p)) {
     return forward_amx(p, q, k, v, p.has_pk ? *pos_key : at::Tensor(), p.has_pq ? *pos_query : at::Tensor());
   }
   at::Tensor out = empty_in_dim_order(q);
-  at::Tensor lse = at::empty({p.B, p.H, p.T}, q.options().dtype(at::kFloat));
+  at::Tensor lse = empty_lse(p, q);
   const at::Tensor pk = p.has_pk ? pos_key->to(p.acc) : at::Tensor();
   const at::Tensor pq = p.has_pq ? pos_query->to(p.acc) : at::Tensor();
   float* lp = lse.data_ptr<float>();
   parallel_tasks(p.B * p.H, [&](int64_t bh, int64_t) {
+    const int64_t b = bh / p.H, h = bh % p.H;
     if (p.acc == at::kDouble) {
-      forward_head<double>(p, bh / p.H, bh % p.H, q, k, v, pk, pq, out, lp);
+      forward_head<double>(sequence(p, b), b, h, q, k, v, pk, pq, out, lp);
     } else {
-      forward_head<float>(p, bh / p.H, bh % p.H, q, k, v, pk, pq, out, lp);
+      forward_head<float>(sequence(p, b), b, h, q, k, v, pk, pq, out, lp);
     }
   });
   return {out, lse};
@@ -164,13 +189,15 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& dou
                    const float* lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dpk_part,
                    at::Tensor& dpq_part) {
   const int64_t T = p.T, bh = b * p.H + h;
-  const at::Tensor qf = q[b][h].to(p.acc), kf = k[b][h].to(p.acc), vf = v[b][h].to(p.acc);
-  const at::Tensor dof = dout[b][h].to(p.acc);
+  const at::Tensor qf = head_rows(p, q, b, h).to(p.acc), kf = head_rows(p, k, b, h).to(p.acc);
+  const at::Tensor vf = head_rows(p, v, b, h).to(p.acc), dof = head_rows(p, dout, b, h).to(p.acc);
+  at::Tensor dq_h = head_rows(p, dq, b, h), dk_h = head_rows(p, dk, b, h), dv_h = head_rows(p, dv, b, h);
+  lse += lse_offset(p, b, h);
   const auto opts = qf.options();
   // dK / dV accumulate over query blocks: straight in the outputs when they have the accumulation dtype
   const bool direct = dq.scalar_type() == p.acc;
-  at::Tensor dkf = direct ? dk[b][h].zero_() : at::zeros({T, p.D}, opts);
-  at::Tensor dvf = direct ? dv[b][h].zero_() : at::zeros({T, p.D}, opts);
+  at::Tensor dkf = direct ? dk_h.zero_() : at::zeros({T, p.D}, opts);
+  at::Tensor dvf = direct ? dv_h.zero_() : at::zeros({T, p.D}, opts);
   const int64_t ns = p.s1 - p.s0 + 1;
   at::Tensor kp, dkp;  // [T, ns]
   if (p.has_pq) {
@@ -205,7 +232,7 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& dou
     if (p.has_pq) scatter_p2c_block<acc_t>(p, i0, bm, gp, ld, dkp.data_ptr<acc_t>(), ns);
     dvf.addmm_(s.t(), dob);
     dkf.addmm_(g.t(), qb);
-    at::Tensor dq_dst = dq[b][h].narrow(0, i0, bm);
+    at::Tensor dq_dst = dq_h.narrow(0, i0, bm);
     at::Tensor dqb = direct ? at::mm_out(dq_dst, g, kf) : at::mm(g, kf);
     if (p.has_pk) {
       const at::Tensor pk_blk = pk[h].narrow(0, clo, c.size(1));
@@ -220,8 +247,8 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const at::Tensor& dou
     dpq_part.narrow(0, p.s0, ns).addmm_(dkp.t(), kf);
   }
   if (!direct) {
-    dk[b][h].copy_(dkf);
-    dv[b][h].copy_(dvf);
+    dk_h.copy_(dkf);
+    dv_h.copy_(dvf);
   }
 }
 
@@ -229,13 +256,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& pos_key, const c10::optional<at::Tensor>& pos_query,
     const c10::optional<at::Tensor>& mask, const at::Tensor& rel_slots, const at::Tensor& out, const at::Tensor& lse,
-    double scale, double dropout_p, int64_t seed) {
+    double scale, double dropout_p, int64_t seed, const c10::optional<at::Tensor>& cu_seqlens) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as in the forward
-  const Problem p = make_problem(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed);
+  const Problem p = make_problem(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, cu_seqlens);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
               "disentangled_attention_bwd: grad_out must match q");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == p.B * p.H * p.T,
-              "disentangled_attention_bwd: lse must be fp32 [B, H, T]");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == p.H * (p.cu ? p.cu[p.B] : p.B * p.T),
+              "disentangled_attention_bwd: lse must be fp32 [B, H, T] (packed: [H, N])");
   (void)out;  // delta is recomputed exactly from the block's probabilities instead of rowsum(dO * O)
   const at::Tensor& dout = grad_out;  // strided like q is fine (read per (b, h) through at::mm / to)
   const at::Tensor lse_c = lse.contiguous();
@@ -258,9 +285,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
     at::Tensor dpq_part = p.has_pq ? dpq_parts[c][h] : at::Tensor();
     for (int64_t b = c * p.B / n_part; b < (c + 1) * p.B / n_part; ++b) {
       if (p.acc == at::kDouble) {
-        backward_head<double>(p, b, h, dout, q, k, v, pk, pq, lp, dq, dk, dv, dpk_part, dpq_part);
+        backward_head<double>(sequence(p, b), b, h, dout, q, k, v, pk, pq, lp, dq, dk, dv, dpk_part, dpq_part);
       } else {
-        backward_head<float>(p, b, h, dout, q, k, v, pk, pq, lp, dq, dk, dv, dpk_part, dpq_part);
+        backward_head<float>(sequence(p, b), b, h, dout, q, k, v, pk, pq, lp, dq, dk, dv, dpk_part, dpq_part);
       }
     }
   });
@@ -284,10 +311,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
 
 TORCH_LIBRARY_FRAGMENT(electra_fast_cpp, m) {
   m.def("disentangled_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? pos_key, Tensor? pos_query, Tensor? mask, "
-        "Tensor rel_slots, float scale, float dropout_p, int seed) -> (Tensor, Tensor)");
+        "Tensor rel_slots, float scale, float dropout_p, int seed, Tensor? cu_seqlens=None) -> (Tensor, Tensor)");
   m.def("disentangled_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? pos_key, "
         "Tensor? pos_query, Tensor? mask, Tensor rel_slots, Tensor out, Tensor lse, float scale, float dropout_p, "
-        "int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int seed, Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(electra_fast_cpp, CPU, m) {

@@ -40,6 +40,8 @@ inline acc_t exp_shifted(acc_t x) {  // exp(x) for x <= 0 (vectorisable for fp32
   }
 }
 
+// A call: padded [B, H, T, D], or packed [N, H, D] with cu (B = number of sequences, T = max_seqlen). The kernels
+// work on one sequence at a time through sequence(p, b): in the packed layout a problem of that sequence's length.
 struct Problem {
   int64_t B, H, T, D, two_k;
   bool has_pk, has_pq, has_mask;
@@ -49,12 +51,45 @@ struct Problem {
   const int32_t* slots;  // rel_slots
   int32_t s0, s1;        // slot range over all (i, j)
   at::ScalarType acc;
+  const int32_t* cu = nullptr;  // packed: cu_seqlens [B + 1]; nullptr for the padded layout
+  int64_t drop_T = 0;           // row length of the dropout element index: T of the call (a sequence's padded row)
 };
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const c10::optional<at::Tensor>& pos_key, const c10::optional<at::Tensor>& pos_query,
                      const c10::optional<at::Tensor>& mask, const at::Tensor& rel_slots, double scale,
-                     double dropout_p, int64_t seed);
+                     double dropout_p, int64_t seed, const c10::optional<at::Tensor>& cu_seqlens);
+
+// Sequence b of a packed call as a problem of its own length L: rel_slots depends on i - j only, so its table is
+// the middle 2L - 1 entries of the call's. With own_slot_range, [s0, s1] is that table's range (the p2c products of
+// a short sequence cover its own slots, and equal those of a call holding it alone); without, the call's (the bf16
+// path's position packs start at the call's s0). The padded layout: p itself.
+inline Problem sequence(const Problem& p, int64_t b, bool own_slot_range = true) {
+  if (p.cu == nullptr) return p;
+  Problem s = p;
+  s.T = p.cu[b + 1] - p.cu[b];
+  s.slots = p.slots + (p.T - s.T);
+  if (own_slot_range) {
+    const auto [lo, hi] = std::minmax_element(s.slots, s.slots + 2 * s.T - 1);
+    s.s0 = *lo, s.s1 = *hi;
+  }
+  return s;
+}
+
+// The [T, D] rows of (b, h) (strided views: at::mm reads them through their row stride).
+inline at::Tensor head_rows(const Problem& p, const at::Tensor& t, int64_t b, int64_t h) {
+  if (p.cu == nullptr) return t[b][h];
+  return t.narrow(0, p.cu[b], p.cu[b + 1] - p.cu[b]).select(1, h);
+}
+
+// lse: [B, H, T], packed [H, N]; the offset of (b, h)'s first row.
+inline int64_t lse_offset(const Problem& p, int64_t b, int64_t h) {
+  return p.cu == nullptr ? (b * p.H + h) * p.T : h * p.cu[p.B] + p.cu[b];
+}
+inline at::Tensor empty_lse(const Problem& p, const at::Tensor& q) {
+  const auto opts = q.options().dtype(at::kFloat);
+  return p.cu == nullptr ? at::empty({p.B, p.H, p.T}, opts) : at::empty({p.H, int64_t{p.cu[p.B]}}, opts);
+}
 
 // Slot range [lo, hi] touched by query rows [i0, i0 + bm) against all keys.
 inline std::pair<int32_t, int32_t> block_slot_range(const Problem& p, int64_t i0, int64_t bm) {
@@ -105,7 +140,18 @@ inline void apply_keep(acc_t* __restrict row, const uint8_t* __restrict keep, in
 }
 
 inline uint64_t dropout_base(const Problem& p, int64_t bh, int64_t i) {
-  return static_cast<uint64_t>((bh * p.T + i) * p.T);
+  return static_cast<uint64_t>((bh * p.drop_T + i) * p.drop_T);
+}
+
+// keep bytes of a block's rows i0 .. i0 + bm - 1 (row r at keep + r * T)
+inline void block_keep(const Problem& p, int64_t bh, int64_t i0, int64_t bm, uint8_t* keep) {
+  const float p32 = static_cast<float>(p.dropout_p);
+  if (p.drop_T == p.T) {  // the block's rows are consecutive elements of the stream: one call for all of them
+    keep_span(p.seed, dropout_base(p, bh, i0), bm * p.T, p32, keep);
+    return;
+  }
+  // a packed sequence shorter than its padded row: each row is a span of its own
+  for (int64_t r = 0; r < bm; ++r) keep_span(p.seed, dropout_base(p, bh, i0 + r), p.T, p32, keep + r * p.T);
 }
 
 // p2c term of a block: s[r, j] += KP[j, s(i0 + r, j) - s0] (KP row stride ns). A key's values over the block's
@@ -243,18 +289,17 @@ inline acc_t softmax_row(int64_t T, acc_t* __restrict s, acc_t mx, const acc_t* 
 }
 
 // Forward rows of one block: s ([bm, T], row stride ld) holds S (+ the p2c term) and becomes the probabilities
-// with dropout applied; lse[bh * T + i] is written (+inf for a padded query or a row with no valid key, whose
-// probabilities are 0; NaN for a row with a NaN or infinite score, whose probabilities are NaN: NaN in, NaN out).
+// with dropout applied; lse[i] (the (b, h) rows, lse_offset) is written (+inf for a padded query or a row with no
+// valid key, whose probabilities are 0; NaN for a row with a NaN or infinite score, whose probabilities are NaN:
+// NaN in, NaN out).
 // c: the block's c2p products ([bm, c_ld], column 0 = slot clo) or nullptr. keep: scratch of bm * T bytes.
 template <typename acc_t>
 void forward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t bm, acc_t* s, int64_t ld,
                   const acc_t* c, int64_t c_ld, int32_t clo, float* lse, uint8_t* keep) {
   const int64_t T = p.T;
-  const float p32 = static_cast<float>(p.dropout_p);
   const acc_t inv_keep = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  // the block's rows are consecutive elements of the dropout stream: one call for all of them
-  if (p.dropout_p > 0) keep_span(p.seed, dropout_base(p, bh, i0), bm * T, p32, keep);
+  if (p.dropout_p > 0) block_keep(p, bh, i0, bm, keep);
   for (int64_t r = 0; r < bm; ++r) {
     const int64_t i = i0 + r;
     acc_t* row = s + r * ld;
@@ -267,10 +312,10 @@ void forward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t b
       const bool dead = !live || !any_key(p, b);
       for (int64_t j = 0; j < T; ++j)  // an invalid row: NaN except at -inf scores (masked keys), exactly 0
         row[j] = dead || row[j] == ninf ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
-      lse[bh * T + i] = dead ? std::numeric_limits<float>::infinity() : std::numeric_limits<float>::quiet_NaN();
+      lse[i] = dead ? std::numeric_limits<float>::infinity() : std::numeric_limits<float>::quiet_NaN();
       continue;  // (dropout would keep NaN NaN and 0 zero)
     }
-    lse[bh * T + i] = static_cast<float>(softmax_row<acc_t>(T, row, mx, nullptr));
+    lse[i] = static_cast<float>(softmax_row<acc_t>(T, row, mx, nullptr));
     if (p.dropout_p > 0) apply_keep<acc_t>(row, keep + r * T, T, inv_keep);
   }
 }
@@ -285,22 +330,22 @@ inline void zero_dead_rows(T* out, int64_t ld, int64_t bm, int64_t D, const floa
 }
 
 // Backward rows of one block. In: s = S (+ p2c), g = dP (dO V^T). Out: s = the probabilities that hit V
-// (dropout applied), g = d score (scale included); dc[r, s(i, j) - clo] += g[r, j] when dc is given.
+// (dropout applied), g = d score (scale included); dc[r, s(i, j) - clo] += g[r, j] when dc is given. lse: the
+// (b, h) rows (lse_offset).
 template <typename acc_t>
 void backward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t bm, acc_t* s, acc_t* g,
                    int64_t ld, const acc_t* c, acc_t* dc, int64_t c_ld, int32_t clo, const float* lse,
                    uint8_t* keep) {
   const int64_t T = p.T;
-  const float p32 = static_cast<float>(p.dropout_p);
   const acc_t inv_keep = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
   const acc_t scale = static_cast<acc_t>(p.scale);
-  if (p.dropout_p > 0) keep_span(p.seed, dropout_base(p, bh, i0), bm * T, p32, keep);  // as in forward_rows
+  if (p.dropout_p > 0) block_keep(p, bh, i0, bm, keep);  // as in forward_rows
   for (int64_t r = 0; r < bm; ++r) {
     const int64_t i = i0 + r;
     acc_t* row = s + r * ld;
     acc_t* grow = g + r * ld;
     const uint8_t* krow = keep + r * T;
-    const float l = lse[bh * T + i];
+    const float l = lse[i];
     if (!query_valid(p, b, i) || std::isinf(l)) {
       std::fill(row, row + T, acc_t(0));
       std::fill(grow, grow + T, acc_t(0));
@@ -346,9 +391,9 @@ void sum_partitions(const acc_t* __restrict src, acc_t* __restrict dst, int64_t 
 // ops/disentangled_attention.py): token-major ([B, T, H, D] memory) when t is a token-major view (H, T > 1 and
 // stride(1) < stride(2): heads of a projection, or q / k / v sliced from one fused [B, T, 3, H, D] projection),
 // so that the caller's transpose back to tokens is free and gradients stack into the projection in one copy;
-// contiguous otherwise.
+// contiguous otherwise (and for packed [N, H, D] tensors).
 inline at::Tensor empty_in_dim_order(const at::Tensor& t) {
-  if (t.size(1) > 1 && t.size(2) > 1 && t.stride(1) < t.stride(2))
+  if (t.dim() == 4 && t.size(1) > 1 && t.size(2) > 1 && t.stride(1) < t.stride(2))
     return at::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options()).transpose(1, 2);
   return at::empty(t.sizes(), t.options());
 }

@@ -21,16 +21,19 @@ namespace {
 
 using namespace brg;
 
-// [B, H, T, D] tensor with unit last stride: base pointer of (b, h) and the row stride
+// [B, H, T, D] (packed: [N, H, D] with p.cu) bf16 tensor: base pointer of (b, h), the row stride ld and the stride
+// of D (unit for the inputs; the outputs may be strided)
 struct Rows {
-  const bf16* base;
-  int64_t s0, s1, ld;
-  explicit Rows(const at::Tensor& t)
-      : base(t.data_ptr<bf16>()), s0(t.stride(0)), s1(t.stride(1)), ld(t.stride(2)) {}
-  const bf16* at(int64_t b, int64_t h) const { return base + b * s0 + h * s1; }
+  bf16* base;
+  int64_t sb, sh, ld, sd;
+  const int32_t* cu;
+  Rows(const at::Tensor& t, const Problem& p)
+      : base(t.data_ptr<bf16>()), sb(t.stride(0)), sh(t.stride(1)), ld(t.stride(p.cu ? 0 : 2)),
+        sd(t.stride(t.dim() - 1)), cu(p.cu) {}
+  bf16* at(int64_t b, int64_t h) const { return base + (cu ? cu[b] : b) * sb + h * sh; }
 };
 
-inline at::Tensor unit_last(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+inline at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // Per-head B operands of the position products, packed once per call (shared by every batch).
 struct PosPack {
@@ -108,7 +111,7 @@ void zero_col(uint16_t* m, int64_t rows, int64_t ld, int64_t col) {
 }
 
 void forward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const Rows& k, const Rows& v,
-                  const PosPack& pos, at::Tensor& out, float* lse, Scratch& ws) {
+                  const PosPack& pos, const Rows& out, float* lse, Scratch& ws) {
   const int64_t T = p.T, D = p.D, Te = even(T), bh = b * p.H + h, nsp = pos.nsp;
   const bf16 *qp = q.at(b, h), *kp = k.at(b, h), *vp = v.at(b, h);
   const int64_t ld = block_ld(T), rows = block_rows(T);
@@ -120,7 +123,8 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const R
   pack_cols(kp, k.ld, T, D, kt, T);
   pack_rows(vp, v.ld, T, D, vv, D);
   if (p.has_pq) gemm(T, nsp, D, kp, k.ld, as_bf16(pos.ptr(pos.query_t, h)), nsp, kpf, nsp, false);
-  bf16* op = out.data_ptr<bf16>() + b * out.stride(0) + h * out.stride(1);
+  bf16* op = out.at(b, h);
+  lse += lse_offset(p, b, h);
   for (int64_t i0 = 0; i0 < T; i0 += rows) {
     const int64_t bm = std::min(rows, T - i0);
     const bf16* qb = qp + i0 * q.ld;
@@ -137,15 +141,15 @@ void forward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const R
     forward_rows<float>(p, b, bh, i0, bm, s, ld, p.has_pk ? c : nullptr, nc, lo, lse, keep);
     to_rows(s, ld, bm, T, pb, Te);
     gemm(bm, D, Te, pb, Te, vv, D, of, D, false);
-    zero_dead_rows<float>(of, D, bm, D, lse + bh * T + i0);
-    store_rows(of, D, bm, D, op + i0 * out.stride(2), out.stride(2), out.stride(3));
+    zero_dead_rows<float>(of, D, bm, D, lse + i0);
+    store_rows(of, D, bm, D, op + i0 * out.ld, out.ld, out.sd);
   }
 }
 
 // Backward of one (b, h). dpk_t / dpq_t: this task's [D, ldp] fp32 position-gradient partials (transposed).
 void backward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const Rows& k, const Rows& v,
-                   const Rows& dout, const PosPack& pos, const float* lse, at::Tensor& dq, at::Tensor& dk,
-                   at::Tensor& dv, float* dpk_t, float* dpq_t, int64_t ldp, Scratch& ws) {
+                   const Rows& dout, const PosPack& pos, const float* lse, const Rows& dq, const Rows& dk,
+                   const Rows& dv, float* dpk_t, float* dpq_t, int64_t ldp, Scratch& ws) {
   const int64_t T = p.T, D = p.D, Te = even(T), bh = b * p.H + h, nsp = pos.nsp;
   const bf16 *qp = q.at(b, h), *kp = k.at(b, h), *vp = v.at(b, h), *dop = dout.at(b, h);
   const int64_t ld = block_ld(T), rows = block_rows(T), rows_e = even(rows);
@@ -174,7 +178,8 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const 
     std::fill(dkp, dkp + T * nsp, 0.f);
     gemm(T, nsp, D, kp, k.ld, as_bf16(pos.ptr(pos.query_t, h)), nsp, kpf, nsp, false);
   }
-  bf16* dqp = dq.data_ptr<bf16>() + b * dq.stride(0) + h * dq.stride(1);
+  bf16* dqp = dq.at(b, h);
+  lse += lse_offset(p, b, h);
   for (int64_t i0 = 0; i0 < T; i0 += rows) {
     const int64_t bm = std::min(rows, T - i0), bme = even(bm);
     const bf16 *qb = qp + i0 * q.ld, *dob = dop + i0 * dout.ld;
@@ -205,7 +210,7 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const 
       gemm(bm, D, nc, dcr, nc, pos.ptr(pos.key_rows, h) + (lo - p.s0) * D, D, dqf, D, true);  // dQ += dC pos_key
       gemm(D, nc, bme, qt + i0, Te, dcv, nc, dpk_t + lo, ldp, true);  // dpos_key^T += Q^T dC
     }
-    store_rows(dqf, D, bm, D, dqp + i0 * dq.stride(2), dq.stride(2), dq.stride(3));
+    store_rows(dqf, D, bm, D, dqp + i0 * dq.ld, dq.ld, dq.sd);
   }
   float* dkf = nullptr;
   if (p.has_pq) {  // dK += dKP pos_query, dpos_query^T += K^T dKP (the scores' slot range: columns from s0)
@@ -218,10 +223,8 @@ void backward_head(const Problem& p, int64_t b, int64_t h, const Rows& q, const 
     gemm(T, D, nsp, dkpr, nsp, pos.ptr(pos.query_rows, h), D, dkf, D, false);
     gemm(D, nsp, Te, ktr, Te, dkpv, nsp, dpq_t + p.s0, ldp, true);
   }
-  store_transposed(dkt, dkf, T, D, dk.data_ptr<bf16>() + b * dk.stride(0) + h * dk.stride(1), dk.stride(2),
-                   dk.stride(3));
-  store_transposed(dvt, nullptr, T, D, dv.data_ptr<bf16>() + b * dv.stride(0) + h * dv.stride(1), dv.stride(2),
-                   dv.stride(3));
+  store_transposed(dkt, dkf, T, D, dk.at(b, h), dk.ld, dk.sd);
+  store_transposed(dvt, nullptr, T, D, dv.at(b, h), dv.ld, dv.sd);
 }
 
 }  // namespace
@@ -235,13 +238,14 @@ std::tuple<at::Tensor, at::Tensor> forward_amx(const Problem& p, const at::Tenso
                                                const at::Tensor& pos_query) {
   const at::Tensor qc = unit_last(q), kc = unit_last(k), vc = unit_last(v);
   at::Tensor out = empty_in_dim_order(q);
-  at::Tensor lse = at::empty({p.B, p.H, p.T}, q.options().dtype(at::kFloat));
+  at::Tensor lse = empty_lse(p, q);
   const PosPack pos = pack_positions(p, pos_key, pos_query, false);
-  const Rows qr(qc), kr(kc), vr(vc);
+  const Rows qr(qc, p), kr(kc, p), vr(vc, p), outr(out, p);
   float* lp = lse.data_ptr<float>();
   std::vector<Scratch> ws(task_workers(p.B * p.H));  // per worker: allocated once, reused by its tasks
   parallel_tasks(p.B * p.H, [&](int64_t bh, int64_t w) {
-    forward_head(p, bh / p.H, bh % p.H, qr, kr, vr, pos, out, lp, ws[w]);
+    const int64_t b = bh / p.H;
+    forward_head(sequence(p, b, false), b, bh % p.H, qr, kr, vr, pos, outr, lp, ws[w]);
     release();
   });
   return {out, lse};
@@ -258,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dpk_parts = p.has_pk ? at::zeros({n_part, p.H, p.D, ldp}, f32) : at::Tensor();
   at::Tensor dpq_parts = p.has_pq ? at::zeros({n_part, p.H, p.D, ldp}, f32) : at::Tensor();
-  const Rows qr(qc), kr(kc), vr(vc), dr(dc);
+  const Rows qr(qc, p), kr(kc, p), vr(vc, p), dr(dc, p), dqr(dq, p), dkr(dk, p), dvr(dv, p);
   // Task (partition c, head h) owns batches [c * B / n_part, (c + 1) * B / n_part) and its own partials.
   std::vector<Scratch> ws(task_workers(n_part * p.H));
   parallel_tasks(n_part * p.H, [&](int64_t t, int64_t w) {
@@ -266,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     float* dpk_t = p.has_pk ? dpk_parts[c][h].data_ptr<float>() : nullptr;
     float* dpq_t = p.has_pq ? dpq_parts[c][h].data_ptr<float>() : nullptr;
     for (int64_t b = c * p.B / n_part; b < (c + 1) * p.B / n_part; ++b) {
-      backward_head(p, b, h, qr, kr, vr, dr, pos, lse, dq, dk, dv, dpk_t, dpq_t, ldp, ws[w]);
+      backward_head(sequence(p, b, false), b, h, qr, kr, vr, dr, pos, lse, dqr, dkr, dvr, dpk_t, dpq_t, ldp, ws[w]);
     }
     release();
   });

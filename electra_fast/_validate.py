@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -157,6 +157,38 @@ def mask_as_uint8(name: str, mask: Optional[torch.Tensor], ref_name: str, ref: t
     if mask.dtype == torch.uint8 or (keep_int and mask.dtype in (torch.int32, torch.int64)):
         return mask.contiguous()
     return (mask != 0).contiguous().view(torch.uint8)  # the comparison keeps a transposed mask's strides
+
+
+def cu_seqlens(name: str, cu: torch.Tensor, total: int, ref_name: str, ref: torch.Tensor, max_name: str,
+               max_seqlen) -> Tuple[torch.Tensor, int]:
+    """flash-attention's packed-sequence offsets: ``cu`` int32 [n + 1] on ref's device with
+    0 = cu[0] < cu[1] < ... < cu[n] = total (every length >= 1), and ``max_seqlen`` an int >= every length.
+    Returns (cu contiguous, max_seqlen). The values are checked only where they can be read (not while compiling;
+    one host sync for a CUDA tensor)."""
+    tensor(name, cu)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name}: expected an int32 tensor (flash-attention's convention), got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name}: expected a 1-d tensor [n_seqs + 1] with n_seqs >= 1, got shape {tuple(cu.shape)}")
+    same_device(name, cu, ref_name, ref)
+    max_seqlen = integer_arg(max_name, max_seqlen, 1)
+    if inspectable(cu):
+        bounds = cu.tolist()
+        if bounds[0] != 0:
+            raise ValueError(f"{name}: expected {name}[0] == 0, got {bounds[0]}")
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        short = next((i for i, n in enumerate(lengths) if n < 1), None)
+        if short is not None:
+            raise ValueError(f"{name}: expected strictly increasing offsets (every sequence length >= 1), got length "
+                             f"{lengths[short]} for sequence {short} ({name}[{short}:{short + 2}] = "
+                             f"{bounds[short:short + 2]})")
+        if bounds[-1] != total:
+            raise ValueError(f"{name}: expected the last offset to be the number of tokens {total} (rows of "
+                             f"{ref_name}), got {bounds[-1]}")
+        if max(lengths) > max_seqlen:
+            raise ValueError(f"{max_name}: expected >= every sequence length, got {max_seqlen} < {max(lengths)} "
+                             f"(the longest sequence in {name})")
+    return cu.contiguous(), max_seqlen
 
 
 def common_ids(*named) -> list:

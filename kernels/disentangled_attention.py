@@ -6,6 +6,10 @@ Contract (shapes, masking, dropout, lse): electra_fast/reference/disentangled_at
         -> (dq, dk, dv, dpos_key, dpos_query)
 q, k, v [B, H, T, D] (D in 32 / 64 / 128; fp32 / fp16 / bf16), pos_* [H, 2k, D] or None, mask uint8 [B, T] or
 None, rel_slots int32 [2T - 1] with rel_slots[i - j + T - 1] = s(i, j).
+Packed (a trailing cu_seqlens, int32 [B + 1]): q, k, v [N, H, D], no mask, T = max_seqlen (the slot table's and the
+dropout index's length), lse [H, N]. The grid stays (blocks of T) x (B * H); a program reads its sequence's offset
+and length L from cu_seqlens (_rows), addresses rows with stride H * D and stops at L, so blocks past a sequence's
+end cost a launch only, and every (b, h) is the padded computation of a row of length L without a mask.
 
 Design (for H100; performance is unmeasured so far - no GPU was available while writing this):
 
@@ -151,6 +155,30 @@ def _pos_scores(q, kT, posk_ptr, posq_ptr, sl, smin, smax, offs_d, NS, has_c2p, 
 
 
 @triton.jit
+def _rows(cu_ptr, b, h, T, H, N, varlen, D: tl.constexpr):
+    """(L, base, ld, lse_off, delta_off, delta_step) of (b, h): its length, the offset of its first row and the row
+    stride in q / k / v / out / grads, and where its lse and delta rows are. Padded: [B, H, T, D], lse and delta
+    [B, H, T]. Packed (varlen): sequence b of [N, H, D] (tokens cu[b] .. cu[b + 1] - 1), lse [H, N], delta [N, H]
+    (out's rows in memory order)."""
+    if varlen != 0:
+        start = tl.load(cu_ptr + b)
+        L = tl.load(cu_ptr + b + 1) - start
+        base = (start.to(tl.int64) * H + h) * D
+        ld = H * D
+        lse_off = h.to(tl.int64) * N + start
+        delta_off = start.to(tl.int64) * H + h
+        delta_step = H
+    else:
+        L = T + 0 * H
+        base = (b * H + h).to(tl.int64) * T * D
+        ld = 0 * H + D
+        lse_off = (b * H + h).to(tl.int64) * T
+        delta_off = lse_off
+        delta_step = 0 * H + 1
+    return L, base, ld, lse_off, delta_off, delta_step
+
+
+@triton.jit
 def _keep(seed, bh, offs_m, offs_n, T):
     """Dropout keep-uniforms [BM, BN] of Philox purpose ATTN_DROPOUT: element e = ((b * H + h) * T + i) * T + j
     reads word e % 4 of the call at index e // 4 (a tile computes each call once per element it serves)."""
@@ -204,8 +232,8 @@ def _window_emit(win, ws_ptr, lo, lo_next, offs_d, W0, NW, BR: tl.constexpr, D: 
 
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
-def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, out_ptr, lse_ptr,
-                  T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p, has_p2c, has_mask,
+def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, cu_ptr, out_ptr, lse_ptr,
+                  T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p, has_p2c, has_mask, N, varlen,
                   D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -214,9 +242,9 @@ def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, 
     i0 = pid_m * BM
     offs_m = i0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < T
-    base = bh.to(tl.int64) * T * D
-    q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    L, base, ld, lse_off, _, _ = _rows(cu_ptr, b, h, T, H, N, varlen, D)
+    row_ok = offs_m < L
+    q = tl.load(q_ptr + base + offs_m[:, None] * ld + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     posk_ptr += h.to(tl.int64) * NS * D
     posq_ptr += h.to(tl.int64) * NS * D
     qk_scale = scale * 1.4426950408889634
@@ -224,11 +252,11 @@ def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, 
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, D], dtype=tl.float32)
     any_key = tl.zeros([BM], dtype=tl.int32)  # 1 once a valid key was seen (the same for every row)
-    for j0 in range(0, T, BN):
+    for j0 in range(0, L, BN):
         offs_n = j0 + tl.arange(0, BN)
-        col_ok = offs_n < T
-        kT = tl.load(k_ptr + base + offs_n[None, :] * D + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        col_ok = offs_n < L
+        kT = tl.load(k_ptr + base + offs_n[None, :] * ld + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        v = tl.load(v_ptr + base + offs_n[:, None] * ld + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, kT, input_precision=PREC)
         if (has_c2p != 0) | (has_p2c != 0):
             sl, smin, smax = _band(slots_ptr, i0 - j0, T, BN, BM + BN)
@@ -247,7 +275,7 @@ def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, 
             p = tl.where(_keep(seed, bh, offs_m, offs_n, T) >= dropout_p, p * inv_keep, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    dead = (any_key == 0) | (offs_m >= T)
+    dead = (any_key == 0) | (offs_m >= L)
     if has_mask != 0:
         dead = dead | (tl.load(mask_ptr + b * T + offs_m, mask=row_ok, other=0) == 0)
     # A live row with a NaN or infinite score (l_i NaN, or 0 when every score is -inf) is invalid: NaN out, lse NaN.
@@ -255,9 +283,9 @@ def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, 
     out = tl.where(dead[:, None], 0.0, acc / l_safe[:, None])
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
     lse = tl.where(dead, float("inf"), tl.where(tl.abs(lse) < float("inf"), lse, float("nan")))
-    tl.store(out_ptr + base + offs_m[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + base + offs_m[:, None] * ld + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
-    tl.store(lse_ptr + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
+    tl.store(lse_ptr + lse_off + offs_m, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------- backward
@@ -274,16 +302,17 @@ def da_bwd_delta_kernel(out_ptr, dout_ptr, delta_ptr, n_rows, D: tl.constexpr, R
 
 @triton.jit
 def _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr, seed, bh, b, offs_m, offs_n,
-             offs_d, d, T, NS, qk_scale, dropout_p, inv_keep, has_c2p, has_p2c, has_mask, D: tl.constexpr,
+             offs_d, d, T, L, NS, qk_scale, dropout_p, inv_keep, has_c2p, has_p2c, has_mask, D: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Recompute one tile: (dropped probabilities [BM, BN], dS [BM, BN] w.r.t. the unscaled score, band slots,
-    smin, smax). lse2 = lse * log2(e) (+inf for dead rows -> P = 0)."""
+    smin, smax). lse2 = lse * log2(e) (+inf for dead rows -> P = 0). T: the slot table's and the dropout index's
+    length, L: the (b, h) keys' (T but for packed sequences)."""
     s = tl.dot(q, kT, input_precision=PREC)
     sl, smin, smax = _band(slots_ptr, d, T, BN, BM + BN)
     if (has_c2p != 0) | (has_p2c != 0):
         s += _pos_scores(q, kT, posk_ptr, posq_ptr, sl, smin, smax, offs_d, NS, has_c2p, has_p2c, BM, BN, D,
                          PREC)
-    col_ok = offs_n < T
+    col_ok = offs_n < L
     if has_mask != 0:
         col_ok = col_ok & (tl.load(mask_ptr + b * T + offs_n, mask=col_ok, other=0) != 0)
     s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
@@ -302,9 +331,9 @@ def _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr,
 
 
 @triton.jit
-def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, dout_ptr, lse_ptr, delta_ptr,
-                       dk_ptr, dv_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p, has_p2c,
-                       has_mask, G, W0, NW, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, cu_ptr, dout_ptr, lse_ptr,
+                       delta_ptr, dk_ptr, dv_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p,
+                       has_p2c, has_mask, N, varlen, G, W0, NW, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        PREC: tl.constexpr):
     """Program per (group of G consecutive key blocks, b * H + h): dK, dV of each block and (p2c) the group's
     dpos_query rows in ws [NW, D] (slots W0 .. W0 + NW - 1), accumulated over its blocks in order."""
@@ -314,7 +343,7 @@ def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, D)
-    base = bh.to(tl.int64) * T * D
+    L, base, ld, lse_off, delta_off, delta_step = _rows(cu_ptr, b, h, T, H, N, varlen, D)
     posk_ptr += h.to(tl.int64) * NS * D
     posq_ptr += h.to(tl.int64) * NS * D
     ws_ptr += (bh.to(tl.int64) * tl.num_programs(0) + pid) * NW * D
@@ -324,31 +353,30 @@ def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_
     h_idx = e[:, None] + tl.arange(0, BN)[None, :] - (BN - 1)
     h_ok = (h_idx >= 0) & (h_idx < BM)
     h_idx = tl.minimum(tl.maximum(h_idx, 0), BM - 1)
-    n_blocks = tl.cdiv(T, BN)
+    n_blocks = tl.cdiv(L, BN)
     for g in range(0, G):
         pid_n = pid * G + g
         if pid_n < n_blocks:
             j0 = pid_n * BN
             offs_n = j0 + tl.arange(0, BN)
-            col_ok = offs_n < T
-            k = tl.load(k_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            col_ok = offs_n < L
+            k = tl.load(k_ptr + base + offs_n[:, None] * ld + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptr + base + offs_n[:, None] * ld + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             kT = tl.trans(k)
             dk = tl.zeros([BN, D], dtype=tl.float32)
             dv = tl.zeros([BN, D], dtype=tl.float32)
             win = tl.zeros([BR, D], dtype=tl.float32)  # a fresh slot window per block
             lo = _slots_at(slots_ptr, -j0 - (BN - 1), T)
-            for i0 in range(0, T, BM):
+            for i0 in range(0, L, BM):
                 offs_m = i0 + tl.arange(0, BM)
-                row_ok = offs_m < T
-                q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-                do = tl.load(dout_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
+                row_ok = offs_m < L
+                q = tl.load(q_ptr + base + offs_m[:, None] * ld + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+                do = tl.load(dout_ptr + base + offs_m[:, None] * ld + offs_d[None, :], mask=row_ok[:, None],
                              other=0.0)
-                lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok,
-                               other=float("inf")) * 1.4426950408889634
-                delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+                lse2 = tl.load(lse_ptr + lse_off + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+                delta = tl.load(delta_ptr + delta_off + offs_m * delta_step, mask=row_ok, other=0.0)
                 pd, ds, sl, smin, smax = _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr,
-                                                  mask_ptr, seed, bh, b, offs_m, offs_n, offs_d, i0 - j0, T, NS,
+                                                  mask_ptr, seed, bh, b, offs_m, offs_n, offs_d, i0 - j0, T, L, NS,
                                                   qk_scale, dropout_p, inv_keep, has_c2p, has_p2c, has_mask, D,
                                                   BM, BN, PREC)
                 dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PREC)
@@ -370,16 +398,16 @@ def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_
                 _window_emit(win, ws_ptr, lo, lo + BR, offs_d, W0, NW, BR, D)
             tl.debug_barrier()  # the next block's workspace loads see this block's stores, whichever thread did them
             dk = dk * scale
-            tl.store(dk_ptr + base + offs_n[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
+            tl.store(dk_ptr + base + offs_n[:, None] * ld + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
                      mask=col_ok[:, None])
-            tl.store(dv_ptr + base + offs_n[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
+            tl.store(dv_ptr + base + offs_n[:, None] * ld + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
                      mask=col_ok[:, None])
 
 
 @triton.jit
-def da_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, dout_ptr, lse_ptr, delta_ptr,
-                     dq_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p, has_p2c, has_mask,
-                     G, W0, NW, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+def da_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, cu_ptr, dout_ptr, lse_ptr,
+                     delta_ptr, dq_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p, has_p2c,
+                     has_mask, N, varlen, G, W0, NW, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Program per (group of G consecutive query blocks, b * H + h): dQ of each block and (c2p) the group's
     dpos_key rows in ws [NW, D] (slots W0 .. W0 + NW - 1), accumulated over its blocks in order.
     Key blocks are visited last to first so that the distance i0 - j0 (and the slot window) only grows."""
@@ -389,7 +417,7 @@ def da_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_pt
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, D)
-    base = bh.to(tl.int64) * T * D
+    L, base, ld, lse_off, delta_off, delta_step = _rows(cu_ptr, b, h, T, H, N, varlen, D)
     posk_ptr += h.to(tl.int64) * NS * D
     posq_ptr += h.to(tl.int64) * NS * D
     ws_ptr += (bh.to(tl.int64) * tl.num_programs(0) + pid) * NW * D
@@ -399,30 +427,29 @@ def da_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_pt
     g_idx = tl.arange(0, BM)[:, None] - e[None, :] + (BN - 1)
     g_ok = (g_idx >= 0) & (g_idx < BN)
     g_idx = tl.minimum(tl.maximum(g_idx, 0), BN - 1)
-    n_blocks = tl.cdiv(T, BN)
-    n_qblocks = tl.cdiv(T, BM)
+    n_blocks = tl.cdiv(L, BN)
+    n_qblocks = tl.cdiv(L, BM)
     for g in range(0, G):
         pid_m = pid * G + g
         if pid_m < n_qblocks:
             i0 = pid_m * BM
             offs_m = i0 + tl.arange(0, BM)
-            row_ok = offs_m < T
-            q = tl.load(q_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(dout_ptr + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok,
-                           other=float("inf")) * 1.4426950408889634
-            delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+            row_ok = offs_m < L
+            q = tl.load(q_ptr + base + offs_m[:, None] * ld + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(dout_ptr + base + offs_m[:, None] * ld + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(lse_ptr + lse_off + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(delta_ptr + delta_off + offs_m * delta_step, mask=row_ok, other=0.0)
             dq = tl.zeros([BM, D], dtype=tl.float32)
             win = tl.zeros([BR, D], dtype=tl.float32)  # a fresh slot window per block
             lo = _slots_at(slots_ptr, i0 - (n_blocks - 1) * BN - (BN - 1), T)
             for jb in range(0, n_blocks):
                 j0 = (n_blocks - 1 - jb) * BN
                 offs_n = j0 + tl.arange(0, BN)
-                col_ok = offs_n < T
-                kT = tl.load(k_ptr + base + offs_n[None, :] * D + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-                v = tl.load(v_ptr + base + offs_n[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+                col_ok = offs_n < L
+                kT = tl.load(k_ptr + base + offs_n[None, :] * ld + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+                v = tl.load(v_ptr + base + offs_n[:, None] * ld + offs_d[None, :], mask=col_ok[:, None], other=0.0)
                 pd, ds, sl, smin, smax = _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr,
-                                                  mask_ptr, seed, bh, b, offs_m, offs_n, offs_d, i0 - j0, T, NS,
+                                                  mask_ptr, seed, bh, b, offs_m, offs_n, offs_d, i0 - j0, T, L, NS,
                                                   qk_scale, dropout_p, inv_keep, has_c2p, has_p2c, has_mask, D,
                                                   BM, BN, PREC)
                 dq += tl.dot(ds.to(q.dtype), tl.trans(kT), input_precision=PREC)
@@ -443,7 +470,7 @@ def da_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_pt
                 _window_emit(win, ws_ptr, lo, lo + BR, offs_d, W0, NW, BR, D)
             tl.debug_barrier()  # the next block's workspace loads see this block's stores, whichever thread did them
             dq = dq * scale
-            tl.store(dq_ptr + base + offs_m[:, None] * D + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
+            tl.store(dq_ptr + base + offs_m[:, None] * ld + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty),
                      mask=row_ok[:, None])
 
 
@@ -474,9 +501,9 @@ def slots_supported(rel_slots: torch.Tensor):
     return None
 
 
-def unsupported(head_dim: int, dtype: torch.dtype, rel_slots: torch.Tensor) -> list:
+def unsupported(head_dim: int, dtype: torch.dtype, rel_slots: torch.Tensor, varlen: bool = False) -> list:
     """Every reason these kernels cannot serve a call (the op spec asks before routing here); ``rel_slots`` is the
-    call's slot table on the CPU (see slots_supported)."""
+    call's slot table on the CPU (see slots_supported); ``varlen``: a packed call (cu_seqlens), which they serve."""
     reasons = []
     if head_dim not in HEAD_DIMS:
         reasons.append(f"the Triton kernels support head dims {HEAD_DIMS}, got {head_dim}")
@@ -493,16 +520,33 @@ def _flags(pos_key, pos_query, mask):
     return int(pos_key is not None), int(pos_query is not None), int(mask is not None)
 
 
-def forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale: float, dropout_p: float, seed: int):
-    """(out [B, H, T, D] in q's dtype, lse fp32 [B, H, T])."""
-    B, H, T, D = q.shape
+def _geometry(q, rel_slots, cu_seqlens):
+    """(B, H, T, D, N, lse shape): padded [B, H, T, D]; packed [N, H, D] with B sequences and T = max_seqlen
+    (the slot table's length), lse [H, N]. N is 0 for padded calls (never read)."""
+    if cu_seqlens is None:
+        B, H, T, D = q.shape
+        return B, H, T, D, 0, (B, H, T)
+    N, H, D = q.shape
+    return cu_seqlens.numel() - 1, H, (rel_slots.numel() + 1) // 2, D, N, (H, N)
+
+
+def _packed_args(cu_seqlens, rel_slots, N):
+    # (cu_ptr, ..., N, varlen): a padded call passes the slot table as a never-read cu_ptr
+    return (rel_slots if cu_seqlens is None else cu_seqlens), (N, int(cu_seqlens is not None))
+
+
+def forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale: float, dropout_p: float, seed: int,
+            cu_seqlens=None):
+    """(out [B, H, T, D] in q's dtype, lse fp32 [B, H, T]); packed (cu_seqlens): out [N, H, D], lse [H, N]."""
+    B, H, T, D, N, lse_shape = _geometry(q, rel_slots, cu_seqlens)
+    cu, packed = _packed_args(cu_seqlens, rel_slots, N)
     bm, bn, warps, stages = config(D, q.dtype, "fwd")
     c = _common(q, pos_key, pos_query, mask, rel_slots, dropout_p)
     out = torch.empty_like(q)
-    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
     da_fwd_kernel[(triton.cdiv(T, bm), B * H)](
-        q, k, v, c["posk"], c["posq"], c["mask"], rel_slots, out, lse, T, H, c["NS"], float(scale),
-        float(dropout_p), c["inv_keep"], int(seed), *_flags(pos_key, pos_query, mask), D=D, BM=bm, BN=bn,
+        q, k, v, c["posk"], c["posq"], c["mask"], rel_slots, cu, out, lse, T, H, c["NS"], float(scale),
+        float(dropout_p), c["inv_keep"], int(seed), *_flags(pos_key, pos_query, mask), *packed, D=D, BM=bm, BN=bn,
         PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
     return out, lse
 
@@ -558,19 +602,22 @@ def workspace_bytes(B: int, H: int, T: int, D: int, span2: int, c2p: bool, p2c: 
 
 
 def backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale: float, dropout_p: float,
-             seed: int):
+             seed: int, cu_seqlens=None):
     """(dq, dk, dv, dpos_key or None, dpos_query or None), each in the dtype of its input."""
-    B, H, T, D = q.shape
+    B, H, T, D, N, _ = _geometry(q, rel_slots, cu_seqlens)
+    cu, packed = _packed_args(cu_seqlens, rel_slots, N)
     c = _common(q, pos_key, pos_query, mask, rel_slots, dropout_p)
     ns = c["NS"]
     grad_out = grad_out.contiguous()
-    delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    da_bwd_delta_kernel[(triton.cdiv(B * H * T, DELTA_ROWS),)](out, grad_out, delta, B * H * T, D=D,
-                                                              ROWS=DELTA_ROWS, num_warps=4)
+    rows = out.numel() // D  # delta per row of out in memory order: [B, H, T], packed [N, H]
+    delta = torch.empty(rows, device=q.device, dtype=torch.float32)
+    da_bwd_delta_kernel[(triton.cdiv(rows, DELTA_ROWS),)](out, grad_out, delta, rows, D=D, ROWS=DELTA_ROWS,
+                                                         num_warps=4)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     flags = dict(D=D, PREC=_prec(q.dtype))
-    args = (c["posk"], c["posq"], c["mask"], rel_slots, grad_out, lse, delta)
-    scalars = (T, H, ns, float(scale), float(dropout_p), c["inv_keep"], int(seed), *_flags(pos_key, pos_query, mask))
+    args = (c["posk"], c["posq"], c["mask"], rel_slots, cu, grad_out, lse, delta)
+    scalars = (T, H, ns, float(scale), float(dropout_p), c["inv_keep"], int(seed), *_flags(pos_key, pos_query, mask),
+               *packed)
     shapes = workspace_shapes(B, H, T, D, ns, pos_key is not None, pos_query is not None, q.dtype)
     ws = {pas: torch.zeros(shape or (1,), device=q.device, dtype=torch.float32) for pas, shape in shapes.items()}
 
@@ -599,7 +646,7 @@ def backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, s
 def compile_specs():
     i32, f32, i64 = "i32", "fp32", "i64"
     scalars = {"T": i32, "H": i32, "NS": i32, "scale": f32, "dropout_p": f32, "inv_keep": f32, "seed": i64,
-               "has_c2p": i32, "has_p2c": i32, "has_mask": i32}
+               "has_c2p": i32, "has_p2c": i32, "has_mask": i32, "N": i32, "varlen": i32}
     groups = {"G": i32, "W0": i32, "NW": i32}  # backward passes: blocks per program, workspace slot range
     specs = []
     for dt, D in itertools.product(DTYPES, HEAD_DIMS):
@@ -607,7 +654,7 @@ def compile_specs():
                                                 "delta_ptr": ptr(torch.float32), "n_rows": i32},
                           {"D": D, "ROWS": DELTA_ROWS}, num_warps=4))
         common = {"q_ptr": ptr(dt), "k_ptr": ptr(dt), "v_ptr": ptr(dt), "posk_ptr": ptr(dt), "posq_ptr": ptr(dt),
-                  "mask_ptr": ptr(torch.uint8), "slots_ptr": ptr(torch.int32)}
+                  "mask_ptr": ptr(torch.uint8), "slots_ptr": ptr(torch.int32), "cu_ptr": ptr(torch.int32)}
         bwd = {**common, "dout_ptr": ptr(dt), "lse_ptr": ptr(torch.float32), "delta_ptr": ptr(torch.float32)}
         for kernel, pas, sig in (
                 (da_fwd_kernel, "fwd", {**common, "out_ptr": ptr(dt), "lse_ptr": ptr(torch.float32), **scalars}),

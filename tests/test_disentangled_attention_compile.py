@@ -16,8 +16,8 @@ def test_opcheck(backend, device):
     slots = ref.relative_slots(9, *SMALL)
     with electra_fast.use_backend(backend):
         for pos in ((pk, pq), (pk, None), (None, None)):
-            torch.library.opcheck(_OP.op, (q, k, v, *pos, mask, slots, 0.2, 0.1, 3, *SMALL))
-        torch.library.opcheck(_OP.op, (q, k, v, pk, pq, None, slots, 0.2, 0.0, 0, *SMALL))
+            torch.library.opcheck(_OP.op, (q, k, v, *pos, mask, slots, 0.2, 0.1, 3, *SMALL, None))
+        torch.library.opcheck(_OP.op, (q, k, v, pk, pq, None, slots, 0.2, 0.0, 0, *SMALL, None))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in all_backends() if p.values[0] != "triton"])
@@ -26,7 +26,7 @@ def test_opcheck_fused_projection_views(backend, device):
     q, k, v = (a.transpose(1, 2) for a in torch.randn(1, 9, 3, 2, 8).requires_grad_().unbind(2))
     slots = ref.relative_slots(9, *SMALL)
     with electra_fast.use_backend(backend):
-        torch.library.opcheck(_OP.op, (q, k, v, None, None, None, slots, 0.2, 0.1, 3, *SMALL))
+        torch.library.opcheck(_OP.op, (q, k, v, None, None, None, slots, 0.2, 0.1, 3, *SMALL, None))
 
 
 def test_torch_compile_fullgraph():

@@ -115,7 +115,7 @@ def test_lse_contract(backend, device):
     slots = ref.relative_slots(T, *SMALL)
     args = [a.to(device) for a in (q, k, v, pk, pq, mask, slots)]
     with electra_fast.use_backend(backend):
-        out, lse = _OP.op(*args, 0.1, 0.0, 0, *SMALL)
+        out, lse = _OP.op(*args, 0.1, 0.0, 0, *SMALL, None)
     s = ref._scores(q, k, pk, pq, ref._slot_table(slots, T), 0.1)[..., :7]
     torch.testing.assert_close(lse.cpu()[..., :7], torch.logsumexp(s, -1)[..., :7], rtol=1e-5, atol=1e-5)
     assert torch.isinf(lse.cpu()[..., 7:]).all() and (lse.cpu()[..., 7:] > 0).all()

@@ -173,7 +173,7 @@ def _attention_inputs():
     pk, pq = (torch.randn(2, 8, 32, generator=_gen(3 + i), dtype=torch.float64) for i in range(2))
     mask = torch.ones(1, 6, dtype=torch.uint8)
     mask[0, 4:] = 0
-    return [q, k, v, pk, pq, mask, attention_ref.relative_slots(6, 4, 8, "cpu"), 0.1, 0.2, 7, 4, 8]
+    return [q, k, v, pk, pq, mask, attention_ref.relative_slots(6, 4, 8, "cpu"), 0.1, 0.2, 7, 4, 8, None]
 
 
 def _linear_inputs():

@@ -6,6 +6,10 @@ the reference. The backend contract is in ``electra_fast/reference/disentangled_
 
 Memory: the fused backends hold O(B*H*T*D + H*k*D) beyond inputs and outputs (lse is [B, H, T] fp32)
 plus per-thread block scratch; no [T, T] tensor exists (the reference materialises [B, H, T, T]).
+
+Packed variable-length calls (``cu_seqlens``) go through the same ops with a [N, H, D] layout: the C++ kernels
+walk (sequence, head) tasks of each sequence's own length, the Triton programs stop at their sequence's end (cost
+sum of L_i^2 on both; Triton's grid is still sized by max_seqlen).
 """
 from __future__ import annotations
 
@@ -30,11 +34,19 @@ __getattr__ = SPEC.moved_to_kernels(__name__, TRITON_HEAD_DIMS="HEAD_DIMS")  # d
 _CPU = torch.device("cpu")
 
 
-def _impl(stage: str, q: torch.Tensor, position_buckets: int, max_relative_positions: int):
+def _impl(stage: str, q: torch.Tensor, rel_slots: torch.Tensor, position_buckets: int, max_relative_positions: int,
+          cu_seqlens: Optional[torch.Tensor]):
     # the slot table the kernels' limits read: a cached CPU table (no device sync per call; the limits are
     # computed once per table)
-    cpu_slots = _slots(q.shape[2], position_buckets, max_relative_positions, _CPU)
-    return SPEC.implementation(stage, q.device, head_dim=q.shape[-1], dtype=q.dtype, rel_slots=cpu_slots)
+    cpu_slots = _slots((rel_slots.shape[0] + 1) // 2, position_buckets, max_relative_positions, _CPU)
+    return SPEC.implementation(stage, q.device, head_dim=q.shape[-1], dtype=q.dtype, rel_slots=cpu_slots,
+                               varlen=cu_seqlens is not None)
+
+
+def _packed(cu_seqlens: Optional[torch.Tensor]) -> tuple:
+    # the backends' trailing cu_seqlens argument, passed only to packed calls: padded calls keep the contract's
+    # original signature
+    return () if cu_seqlens is None else (cu_seqlens,)
 
 
 def _no_autocast(q: torch.Tensor):
@@ -50,16 +62,16 @@ def _takes_strided(fn) -> bool:
 
 
 def _token_major(t: torch.Tensor) -> bool:
-    return t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2)
+    return t.dim() == 4 and t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2)
 
 
 def _empty_in_dim_order(t: torch.Tensor) -> torch.Tensor:
     """An empty [B, H, T, D] tensor in t's dim order (csrc/disentangled_attention.h's empty_in_dim_order):
     token-major memory when t is a token-major view (H, T > 1 and stride(1) < stride(2): heads of a projection,
     or q / k / v sliced from one fused [B, T, 3, H, D] projection), so the transpose back to tokens is free and
-    gradients stack into the projection in one copy; contiguous otherwise."""
-    b, h, n, d = t.shape
+    gradients stack into the projection in one copy; contiguous otherwise (and for packed [N, H, D] tensors)."""
     if _token_major(t):
+        b, h, n, d = t.shape
         return t.new_empty((b, n, h, d)).transpose(1, 2)
     return t.new_empty(t.shape)
 
@@ -88,64 +100,73 @@ def _detached(*tensors):
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optional[torch.Tensor],
              pos_query: Optional[torch.Tensor], mask: Optional[torch.Tensor], rel_slots: torch.Tensor,
              scale: float, dropout_p: float, seed: int, position_buckets: int,
-             max_relative_positions: int) -> List[torch.Tensor]:
+             max_relative_positions: int, cu_seqlens: Optional[torch.Tensor]) -> List[torch.Tensor]:
     """[out, lse] from the backend that serves the call. position_buckets / max_relative_positions describe
-    rel_slots (for backend routing only)."""
+    rel_slots (for backend routing only). Packed (cu_seqlens): q / k / v / out [N, H, D], lse [H, N]."""
     q, k, v, pos_key, pos_query = _detached(q, k, v, pos_key, pos_query)
-    fn = _impl("forward", q, position_buckets, max_relative_positions)
+    fn = _impl("forward", q, rel_slots, position_buckets, max_relative_positions, cu_seqlens)
     with _no_autocast(q):
         if _takes_strided(fn):
-            return list(fn(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed))
+            return list(fn(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed,
+                           *_packed(cu_seqlens)))
         out, lse = fn(q.contiguous(), k.contiguous(), v.contiguous(), pos_key, pos_query, mask, rel_slots, scale,
-                      dropout_p, seed)
+                      dropout_p, seed, *_packed(cu_seqlens))
     return [_like(out, q), lse]
 
 
+def _lse_shape(q: torch.Tensor) -> tuple:
+    return tuple(q.shape[:-1]) if q.dim() == 4 else (q.shape[1], q.shape[0])  # [B, H, T] / packed [H, N]
+
+
 def _fake(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, position_buckets,
-          max_relative_positions):
-    return [_empty_in_dim_order(q), q.new_empty(q.shape[:-1], dtype=torch.float32)]
+          max_relative_positions, cu_seqlens):
+    return [_empty_in_dim_order(q), q.new_empty(_lse_shape(q), dtype=torch.float32)]
 
 
 def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               pos_key: Optional[torch.Tensor], pos_query: Optional[torch.Tensor], mask: Optional[torch.Tensor],
               rel_slots: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float, dropout_p: float,
-              seed: int, position_buckets: int, max_relative_positions: int) -> List[torch.Tensor]:
+              seed: int, position_buckets: int, max_relative_positions: int,
+              cu_seqlens: Optional[torch.Tensor]) -> List[torch.Tensor]:
     """[dq, dk, dv, dpos_key, dpos_query]; an absent position gradient is an empty tensor (custom ops cannot
     return None)."""
     grad_out, q, k, v, pos_key, pos_query = _detached(grad_out, q, k, v, pos_key, pos_query)
-    fn = _impl("backward", q, position_buckets, max_relative_positions)
+    fn = _impl("backward", q, rel_slots, position_buckets, max_relative_positions, cu_seqlens)
     with _no_autocast(q):
         if _takes_strided(fn):
-            grads = fn(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed)
+            grads = fn(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed,
+                       *_packed(cu_seqlens))
         else:
             grads = fn(*(t.contiguous() for t in (grad_out, q, k, v)), pos_key, pos_query, mask, rel_slots,
-                       out.contiguous(), lse, scale, dropout_p, seed)
+                       out.contiguous(), lse, scale, dropout_p, seed, *_packed(cu_seqlens))
             grads = [_like(g, x) for g, x in zip(grads[:3], (q, k, v))] + list(grads[3:])
     return [g if g is not None else q.new_empty(0) for g in grads]
 
 
 def _backward_fake(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed,
-                   position_buckets, max_relative_positions):
+                   position_buckets, max_relative_positions, cu_seqlens):
     return [_empty_in_dim_order(q), _empty_in_dim_order(k), _empty_in_dim_order(v),
             q.new_empty(0) if pos_key is None else torch.empty_like(pos_key),
             q.new_empty(0) if pos_query is None else torch.empty_like(pos_query)]
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, buckets, max_rel = inputs
+    q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, buckets, max_rel, cu_seqlens = inputs
     ctx.scale, ctx.dropout_p, ctx.seed, ctx.buckets = scale, dropout_p, seed, (buckets, max_rel)
     ctx.has_pos = (pos_key is not None, pos_query is not None)
-    ctx.save_for_backward(q, k, v, pos_key, pos_query, mask, rel_slots, output[0], output[1])
+    ctx.save_for_backward(q, k, v, pos_key, pos_query, mask, rel_slots, output[0], output[1], cu_seqlens)
 
 
 def _grads(ctx, grad_outputs, backward):
-    q, k, v, pos_key, pos_query, mask, rel_slots, out, lse = ctx.saved_tensors
+    q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, cu_seqlens = ctx.saved_tensors
     grad_out = grad_outputs[0]
+    if grad_out is None:  # the eager path does not materialise zero gradients (AutogradOp): none reached out
+        return (None,) * 13
     g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()  # e.g. expanded: stride 0
     dq, dk, dv, dpk, dpq = backward(g, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse,
-                                    ctx.scale, ctx.dropout_p, ctx.seed, *ctx.buckets)
+                                    ctx.scale, ctx.dropout_p, ctx.seed, *ctx.buckets, cu_seqlens)
     return (dq, dk, dv, dpk if ctx.has_pos[0] else None, dpq if ctx.has_pos[1] else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 # eager calls skip the custom ops' dispatch (~0.1 ms per forward + backward, a few % of a small model's CPU step)
@@ -158,7 +179,7 @@ def _check_pos(name: str, pos: Optional[torch.Tensor], q: torch.Tensor, span: in
         return None
     _validate.floating(name, pos)
     _validate.rank(name, pos, 3, "[H, 2k, D]")
-    H, D = q.shape[1], q.shape[3]
+    H, D = q.shape[1], q.shape[-1]  # [B, H, T, D] or packed [N, H, D]
     _validate.same_dtype(name, pos, "query", q)
     _validate.same_device(name, pos, "query", q)
     if pos.shape[0] != H or pos.shape[2] != D:
@@ -173,7 +194,8 @@ def _check_pos(name: str, pos: Optional[torch.Tensor], q: torch.Tensor, span: in
 
 def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            pos_key: Optional[torch.Tensor] = None, pos_query: Optional[torch.Tensor] = None, *,
-                           attention_mask: Optional[torch.Tensor] = None, position_buckets: int = 256,
+                           attention_mask: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                           max_seqlen: Optional[int] = None, position_buckets: int = 256,
                            max_relative_positions: int = 512, dropout_p: float = 0.0, seed: Optional[int] = None,
                            scale: Optional[float] = None) -> torch.Tensor:
     """DeBERTa-v2/v3 disentangled self-attention, flash-style (no [T, T] tensor on the fused backends).
@@ -188,28 +210,50 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         pos_query: [H, 2k, D] Q_r (the p2c term iff given).
         attention_mask: [B, T] bool / int, 1 = real token. Padded keys get no weight; padded query rows
             output zeros (transformers returns the mean of V there; only real positions are comparable).
+        cu_seqlens: the packed (unpadded) layout instead: query, key, value are [N, H, D] (N tokens of n
+            sequences back to back) and cu_seqlens is int32 [n + 1] on their device, flash-attention's
+            convention: sequence b is tokens cu_seqlens[b] .. cu_seqlens[b + 1] - 1, 0 = cu_seqlens[0] <
+            cu_seqlens[1] < ... < cu_seqlens[n] = N. Each sequence is attended exactly as if it ran alone
+            (relative positions count from its first token; nothing attends across a boundary);
+            attention_mask must be None.
+        max_seqlen: with cu_seqlens, an int >= every sequence length (the slot table's length; part of the
+            dropout element index below).
         position_buckets, max_relative_positions: as in ``DebertaV2Config``; k = position_buckets if > 0
             else max_relative_positions.
         dropout_p: attention-probability dropout in [0, 1); needs ``seed`` (Philox keyed by (seed, b, h, i, j),
-            bit-identical on every backend; the backward regenerates the mask).
+            bit-identical on every backend; the backward regenerates the mask). Packed: sequence b is batch row b
+            of the padded [n, H, max_seqlen, D] problem, so a token's mask is the one it gets in that padded
+            layout (electra_fast/reference/disentangled_attention.py).
         seed: int in [0, 2**63) or None (only when dropout_p == 0).
         scale: defaults to 1 / sqrt(D * (1 + number of position terms)).
 
     Returns:
-        [B, H, T, D] in the dtype of query; differentiable w.r.t. query, key, value, pos_key, pos_query.
+        [B, H, T, D] ([N, H, D] packed) in the dtype of query; differentiable w.r.t. query, key, value, pos_key,
+        pos_query.
         NaN in, NaN out on every backend: a query row with a NaN or infinite score among its real keys outputs
         NaN; padded query rows stay 0 (electra_fast/reference/disentangled_attention.py). Meta / fake tensors
         are answered by the op's fake kernel.
     """
+    packed = cu_seqlens is not None
     for name, x in (("query", query), ("key", key), ("value", value)):
         _validate.floating(name, x)
-        _validate.rank(name, x, 4, "[B, H, T, D]")
+        _validate.rank(name, x, *((3, "[N, H, D] (packed: cu_seqlens given)") if packed else (4, "[B, H, T, D]")))
     for name, x in (("key", key), ("value", value)):
         _validate.same_shape(name, x, "query", query)
         _validate.same_device(name, x, "query", query)
         _validate.same_dtype(name, x, "query", query)
     if 0 in query.shape:
-        raise ValueError(f"query: expected B, H, T, D >= 1, got shape {tuple(query.shape)}")
+        raise ValueError(f"query: expected {'N, H, D' if packed else 'B, H, T, D'} >= 1, got shape "
+                         f"{tuple(query.shape)}")
+    if packed:
+        if attention_mask is not None:
+            raise ValueError("attention_mask: expected None with cu_seqlens (the packed sequences are the mask)")
+        cu_seqlens, T = _validate.cu_seqlens("cu_seqlens", cu_seqlens, query.shape[0], "query", query, "max_seqlen",
+                                             max_seqlen)
+    elif max_seqlen is not None:
+        raise ValueError("max_seqlen: only with cu_seqlens (the packed layout); a padded call's length is T")
+    else:
+        T = query.shape[2]
     position_buckets = _validate.integer_arg("position_buckets", position_buckets)
     max_relative_positions = _validate.integer_arg("max_relative_positions", max_relative_positions)
     if pos_key is not None or pos_query is not None:
@@ -222,9 +266,9 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     span = ref.attention_span(position_buckets, max_relative_positions)
     pos_key = _check_pos("pos_key", pos_key, query, span)
     pos_query = _check_pos("pos_query", pos_query, query, span)
-    B, H, T, D = query.shape
-    mask = _validate.mask_as_uint8("attention_mask", attention_mask, "[B, T] (batch and length of query)",
-                                   query[:, 0, :, 0])
+    D = query.shape[-1]
+    mask = None if packed else _validate.mask_as_uint8("attention_mask", attention_mask,
+                                                       "[B, T] (batch and length of query)", query[:, 0, :, 0])
     dropout_p = _validate.probability("dropout_p", dropout_p)
     if dropout_p > 0.0 and seed is None:
         raise ValueError("seed: dropout_p > 0 needs a seed (an int in [0, 2**63)); pass dropout_p=0.0 for evaluation")
@@ -243,5 +287,5 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     # CUDA: contiguous, the Triton kernels' contract.
     qkv = [x if x.device.type == "cpu" and x.stride(-1) == 1 else x.contiguous() for x in (query, key, value)]
     out, _lse = _OP(*qkv, pos_key, pos_query, mask, rel_slots, float(scale), dropout_p, seed, position_buckets,
-                   max_relative_positions)
+                   max_relative_positions, cu_seqlens)
     return out

@@ -3,8 +3,8 @@
 Backend contract (shared with ``torch.ops.electra_fast_cpp.disentangled_attention_*`` and
 ``electra_fast.kernels.disentangled_attention``):
 
-  forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed) -> (out, lse)
-  backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed)
+  forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, cu_seqlens) -> (out, lse)
+  backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed, cu_seqlens)
       -> (dq, dk, dv, dpos_key, dpos_query)
 
   q, k, v      [B, H, T, D] contiguous, one dtype (fp32 / fp16 / bf16 / fp64)
@@ -23,6 +23,18 @@ Backend contract (shared with ``torch.ops.electra_fast_cpp.disentangled_attentio
   dropped NaN stays NaN. Dropout: Philox purpose ATTN_DROPOUT, element
   e = ((b * H + h) * T + i) * T + j reads word e % 4 of the call at index e // 4 (one call, four elements),
   keep iff uniform(word) >= dropout_p, kept scaled by 1 / (1 - p).
+
+Variable-length (packed) layout, when cu_seqlens is given (mask is then None; the Triton kernels do not serve it):
+  q, k, v      [N, H, D], N = total tokens: sequence b holds tokens cu_seqlens[b] .. cu_seqlens[b + 1] - 1
+  cu_seqlens   int32 [n + 1], 0 = cu_seqlens[0] < cu_seqlens[1] < ... < cu_seqlens[n] = N (lengths >= 1)
+  rel_slots    int32 [2T - 1] with T = max_seqlen >= every length (the slots depend on i - j only, so a sequence
+               of length L reads the middle 2L - 1 entries)
+  lse          fp32 [H, N]
+  Each sequence is computed exactly as if it ran alone as a [1, H, L, D] call without a mask (positions i, j
+  count from its first token; nothing attends across a boundary). Position gradients are summed over sequences.
+  Dropout: sequence b is batch row b of the padded problem [n, H, T = max_seqlen, D], so the element of
+  (b, h, i, j) is e = ((b * H + h) * T + i) * T + j with i, j < L_b: a packed token's mask is the one it gets in
+  the padded layout whose rows are the sequences (right-padded to max_seqlen), whatever the other lengths are.
 """
 from __future__ import annotations
 
@@ -95,9 +107,17 @@ def _valid(mask: Optional[Tensor], B: int, T: int, device) -> Tuple[Tensor, Tens
     return m[:, None, None, :], m[:, None, :, None]
 
 
-def dropout_keep(seed: int, shape, dropout_p: float, device) -> Tensor:
-    """bool [B, H, T, T]: the kept attention probabilities (same Philox draws on every backend)."""
-    element = torch.arange(int(torch.tensor(shape).prod()), dtype=torch.int64, device=device).view(shape)
+def dropout_keep(seed: int, shape, dropout_p: float, device, row: int = 0, row_len: Optional[int] = None) -> Tensor:
+    """bool [B, H, L, L]: the kept attention probabilities (same Philox draws on every backend), element
+    ((b + row) * H + h) * T + i) * T + j with T = row_len (default L): ``row`` / ``row_len`` place a packed
+    sequence in its padded row (module docstring)."""
+    B, H, L, _ = shape
+    T = L if row_len is None else row_len
+
+    def index(n, dim):
+        return torch.arange(n, dtype=torch.int64, device=device).view([n if d == dim else 1 for d in range(4)])
+
+    element = (((index(B, 0) + row) * H + index(H, 1)) * T + index(L, 2)) * T + index(L, 3)
     return philox.uniform(philox.element_words(seed, element, philox.ATTN_DROPOUT)) >= dropout_p
 
 
@@ -125,27 +145,79 @@ def _probs(q, k, pos_key, pos_query, mask, rel_slots, scale, lse=None):
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
-            mask: Optional[Tensor], rel_slots: Tensor, scale: float, dropout_p: float,
-            seed: int) -> Tuple[Tensor, Tensor]:
-    """(out [B, H, T, D] in q's dtype, lse fp32 [B, H, T])."""
+            mask: Optional[Tensor], rel_slots: Tensor, scale: float, dropout_p: float, seed: int,
+            cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(out [B, H, T, D] in q's dtype, lse fp32 [B, H, T]); packed: (out [N, H, D], lse fp32 [H, N])."""
+    if cu_seqlens is None:
+        return _forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed)
+    outs, lses = [], []
+    for b, rows, slots, T in _sequences(cu_seqlens, rel_slots):
+        out, lse = _forward(*(_alone(x, rows) for x in (q, k, v)), pos_key, pos_query, None, slots, scale,
+                            dropout_p, seed, row=b, row_len=T)
+        outs.append(_packed(out))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def _sequences(cu_seqlens: Tensor, rel_slots: Tensor):
+    """(b, token slice, the slot table of its length, T = max_seqlen) per packed sequence."""
+    T = (rel_slots.numel() + 1) // 2
+    bounds = cu_seqlens.tolist()
+    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        n = end - start
+        yield b, slice(start, end), rel_slots[T - n: T + n - 1], T
+
+
+def _alone(x: Tensor, rows: slice) -> Tensor:
+    """[1, H, L, D]: one packed sequence of x [N, H, D] as a batch of its own."""
+    return x[rows].transpose(0, 1).unsqueeze(0)
+
+
+def _packed(x: Tensor) -> Tensor:
+    """[L, H, D] from [1, H, L, D] (the inverse of _alone)."""
+    return x[0].transpose(0, 1)
+
+
+def _forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed, row=0, row_len=None):
     p, lse = _probs(q, k, pos_key, pos_query, mask, rel_slots, scale)
     if dropout_p > 0:
-        p = p * dropout_keep(seed, p.shape, dropout_p, p.device) / (1.0 - dropout_p)
+        p = p * dropout_keep(seed, p.shape, dropout_p, p.device, row, row_len) / (1.0 - dropout_p)
     out = (p @ v.to(p.dtype)).masked_fill(torch.isposinf(lse)[..., None], 0.0)  # 0 * NaN in V stays out of dead rows
     return out.to(q.dtype), lse
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor],
              pos_query: Optional[Tensor], mask: Optional[Tensor], rel_slots: Tensor, out: Tensor, lse: Tensor,
-             scale: float, dropout_p: float, seed: int):
+             scale: float, dropout_p: float, seed: int, cu_seqlens: Optional[Tensor] = None):
     """(dq, dk, dv, dpos_key or None, dpos_query or None), each in the dtype of its input."""
+    if cu_seqlens is None:
+        return _backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, lse, scale, dropout_p, seed)
+    acc = _acc_dtype(q)
+    # position gradients summed over sequences in the accumulation dtype (the products are the same with the
+    # position tensors upcast first), rounded once
+    pk = None if pos_key is None else pos_key.to(acc)
+    pq = None if pos_query is None else pos_query.to(acc)
+    dqkv, dpk, dpq = [], None, None
+    for b, rows, slots, T in _sequences(cu_seqlens, rel_slots):
+        dq, dk, dv, dpk_b, dpq_b = _backward(*(_alone(x, rows) for x in (grad_out, q, k, v)), pk, pq, None, slots,
+                                             lse[None, :, rows], scale, dropout_p, seed, row=b, row_len=T)
+        dqkv.append([_packed(dq), _packed(dk), _packed(dv)])
+        dpk = dpk_b if dpk is None else dpk + dpk_b
+        dpq = dpq_b if dpq is None else dpq + dpq_b
+    dq, dk, dv = (torch.cat(g) for g in zip(*dqkv))
+    return (dq, dk, dv, None if dpk is None else dpk.to(pos_key.dtype),
+            None if dpq is None else dpq.to(pos_query.dtype))
+
+
+def _backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, lse, scale, dropout_p, seed, row=0,
+              row_len=None):
     B, H, T, _ = q.shape
     acc = _acc_dtype(q)
     p, _ = _probs(q, k, pos_key, pos_query, mask, rel_slots, scale, lse=lse)
     do = grad_out.to(acc)
     dp = do @ v.to(acc).transpose(-1, -2)
     if dropout_p > 0:
-        keep = dropout_keep(seed, p.shape, dropout_p, p.device).to(acc) / (1.0 - dropout_p)
+        keep = dropout_keep(seed, p.shape, dropout_p, p.device, row, row_len).to(acc) / (1.0 - dropout_p)
         pd, dp = p * keep, dp * keep
     else:
         pd = p

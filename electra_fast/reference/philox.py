@@ -18,7 +18,8 @@ Purposes and what each op reads (one Philox call per element):
   MASKING = 1       index = b * T + t:   x0 selection key, x1 replacement draw, x2 random-token draw
   GUMBEL = 2        element e = n * V + v: index = e // 4, word x[e % 4] -> uniform_open (:func:`element_words`)
   ATTN_DROPOUT = 3  element e = ((b * H + h) * T + i) * T + j: index = e // 4, word x[e % 4] -> uniform,
-                    kept iff u >= p (one Philox call serves four elements: :func:`element_words`)
+                    kept iff u >= p (one Philox call serves four elements: :func:`element_words`); packed
+                    variable-length calls (cu_seqlens): b = the sequence, T = max_seqlen, i, j < its length
   DROPOUT = 4       element e of the contiguous tensor: index = e // 4, c3 = stream (int in [0, 2**32), one
                     per dropout site; seed in [0, 2**64)): word x[e % 4] -> uniform, kept iff u >= p
 

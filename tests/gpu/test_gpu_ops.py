@@ -151,6 +151,40 @@ def test_attention_dropout_mask_is_the_cpu_backends(T, D):
         assert torch.equal(got != 0, want != 0), backend
 
 
+# packed variable-length calls (cu_seqlens): (lengths, H, D, (position_buckets, max_relative_positions), dropout)
+PACKED = _gpu([
+    pytest.param(([600, 1, 37, 128, 3, 64, 512], 4, 64, DEBERTA, 0.1), id="600+short-d64-beyond-512-p0.1"),
+    pytest.param(([1, 2, 333, 1000], 2, 128, SMALL, 0.0), id="d128-small-span"),
+    pytest.param(([17] * 24, 3, 32, DEBERTA, 0.1), id="24x17-d32-p0.1"),
+], [
+    pytest.param(([1, 19, 5], 1, 32, SMALL, 0.25), id="1+19+5-p0.25"),
+])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("case", PACKED)
+def test_disentangled_attention_packed(case, dtype):
+    """Packed sequences ([N, H, D] + cu_seqlens) through the Triton kernels vs the reference's per-sequence loop:
+    outputs and all gradients (the CPU lanes check the reference against separate per-sequence runs)."""
+    lengths, H, D, (buckets, max_rel), p = case
+    span = ref_attention.attention_span(buckets, max_rel)
+    n = sum(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    q, k, v, grad_out = (_randn(n, H, D, seed=i) for i in range(4))
+    pk, pq = (_randn(H, 2 * span, D, seed=4 + i) for i in range(2))
+
+    def run(backend, xs):
+        leaves = [x.detach().requires_grad_() for x in xs[:5]]
+        with electra_fast.use_backend(backend):
+            out = electra_fast.disentangled_attention(*leaves, cu_seqlens=cu, max_seqlen=max(lengths),
+                                                      position_buckets=buckets, max_relative_positions=max_rel,
+                                                      dropout_p=p, seed=1234 if p else None)
+            grads = torch.autograd.grad(out, leaves, xs[5])
+        return [out.detach(), *grads]
+
+    check_against_reference(run, [q, k, v, pk, pq, grad_out], dtype, fp32_floor=TF32X3_FLOOR)
+
+
 # ----------------------------------------------------------------------------------------------- RTD loss
 RTD = _gpu([pytest.param((32, 512, 4.0), id="32x512"), pytest.param((256, 512, 4.0), id="256x512"),
             pytest.param((7, 4097, 30.0), id="7x4097-large-logits")],
