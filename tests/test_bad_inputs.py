@@ -348,6 +348,32 @@ def test_disentangled_attention(data):
 
 @BOUNDED
 @given(st.data())
+def test_linear_and_gelu_mlp(data):
+    """Under CPU bf16 autocast (where the ops route to a backend): a clear error naming the argument, or the same
+    result on every backend (oneDNN's epilogue GEMM may sum in another order: bf16 tolerance)."""
+    draw = data.draw
+    dtype = draw(st.sampled_from(FLOATS))
+    x = draw(placed(draw(values(shape_near(draw, (6, 8)), dtype_near(draw, dtype)))))
+    w1 = draw(values(shape_near(draw, (16, 8)), dtype_near(draw, dtype)))
+    b1 = None if draw(st.booleans()) else draw(values(shape_near(draw, (16,)), dtype_near(draw, dtype)))
+    w2 = draw(values(shape_near(draw, (24, 16)), dtype_near(draw, dtype)))
+    b2 = draw(values(shape_near(draw, (24,)), dtype_near(draw, dtype)))
+    mlp = draw(st.booleans())
+
+    def call():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return electra_fast.gelu_mlp(x, w1, b1, w2, b2) if mlp else electra_fast.linear(x, w1, b1)
+
+    def same(a, b):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if a.device.type != "meta":
+            torch.testing.assert_close(a.float(), b.float(), equal_nan=True, **TOL[torch.bfloat16])
+
+    settle(outcomes(call, x), ("x", "weight", "bias", "w1", "b1", "w2", "b2"), same)
+
+
+@BOUNDED
+@given(st.data())
 def test_dropout(data):
     draw = data.draw
     x = draw(placed(draw(values(shape_near(draw, (3, 5)), dtype_near(draw, draw(st.sampled_from(FLOATS)))))))

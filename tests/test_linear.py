@@ -74,6 +74,10 @@ def test_fp32_and_eager_twin_are_plain_linear():
     with electra_fast.eager_twin_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         y = lin.linear(x, w, b)
     assert not _took_op(y.grad_fn, "linear")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp64 is not autocast's: F.linear in fp64
+        x64, w64, b64 = (t.double() for t in (x, w, b))
+        y = lin.linear(x64, w64, b64)
+        assert y.dtype == torch.float64 and torch.equal(y, F.linear(x64, w64, b64))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a [N, 1] prediction layer keeps F.linear
         assert not _took_op(lin.linear(x, w[:1], b[:1]).grad_fn, "linear")
         assert _took_op(lin.linear(x, w, b).grad_fn, "linear")
@@ -226,7 +230,9 @@ def test_gelu_mlp_without_a_gradient_keeps_only_the_linear_epilogues():
 def test_gradcheck_fp64(backend):
     """The ops' gradients (the eager Function's bodies, with the undefined-gradient check) against finite
     differences in fp64, on each backend; the same for the custom ops' registered autograd."""
-    from electra_fast.ops import linear as ops_linear
+    import importlib
+
+    ops_linear = importlib.import_module("electra_fast.ops.linear")  # the attribute `linear` is the function
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
