@@ -23,6 +23,7 @@ from .. import _seed, _validate
 from ..ops.disentangled_attention import disentangled_attention
 from ..reference.disentangled_attention import attention_span
 from ._moved import moved
+from .packing import Packed
 
 POSITION_TERMS = ("c2p", "p2c")
 
@@ -118,17 +119,23 @@ class DisentangledSelfAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 rel_embeddings: Optional[torch.Tensor] = None,
                 query_states: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """hidden_states [B, T, hidden] float; attention_mask [B, T] bool / int (1 = real token) or None;
+        """hidden_states [B, T, hidden] float; attention_mask [B, T] bool / int (1 = real token) or None, or a
+        :class:`~electra_fast.nn.packing.Packed` layout with hidden_states [N, hidden] (an unpadded batch: returns
+        [N, num_heads * head_size]);
         rel_embeddings [>= 2k, hidden] (needed with relative attention and position terms); query_states
         [B, T, hidden] or None (queries from hidden_states). Returns [B, T, num_heads * head_size]."""
+        packed = attention_mask if isinstance(attention_mask, Packed) else None  # [N, hidden] real tokens
+        if packed is not None:
+            attention_mask = None
         B, T = hidden_states.shape[0], hidden_states.shape[-2]
         if query_states is not None and query_states.shape != hidden_states.shape:
             raise ValueError(f"query_states: expected shape {tuple(hidden_states.shape)} (that of hidden_states), "
                              f"got {tuple(query_states.shape)}")
         q_in = hidden_states if query_states is None else query_states
-        q = self._heads(self.query_proj(q_in))
-        k = self._heads(self.key_proj(hidden_states))
-        v = self._heads(self.value_proj(hidden_states))
+        heads = self._heads if packed is None else (lambda t: t.view(t.shape[0], self.num_attention_heads, -1))
+        q = heads(self.query_proj(q_in))
+        k = heads(self.key_proj(hidden_states))
+        v = heads(self.value_proj(hidden_states))
         c2p = "c2p" in self.pos_att_type
         p2c = "p2c" in self.pos_att_type
         pos_key = pos_query = None
@@ -149,7 +156,10 @@ class DisentangledSelfAttention(nn.Module):
         denom = torch.sqrt(torch.tensor(q.shape[-1], dtype=torch.float) * factor).to(q.dtype)
         p = self.dropout.p if self.training else 0.0
         seed = _seed.draw() if p > 0 else None
+        packed_args = {} if packed is None else dict(cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen)
         out = disentangled_attention(q, k, v, pos_key, pos_query, attention_mask=attention_mask,
                                      position_buckets=buckets, max_relative_positions=max_rel, dropout_p=p,
-                                     seed=seed, scale=1.0 / float(denom))
+                                     seed=seed, scale=1.0 / float(denom), **packed_args)
+        if packed is not None:
+            return out.reshape(out.shape[0], self.all_head_size)
         return out.transpose(1, 2).reshape(B, T, self.all_head_size)

@@ -23,6 +23,7 @@ from ..ops.dropout_add_layer_norm import dropout_add_layer_norm
 from .disentangled_attention import DisentangledSelfAttention
 from .dropout import Dropout, eager_twin
 from .linear import Linear, gelu_mlp, linear
+from .packing import Packed, packing
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "swish": F.silu,
@@ -63,13 +64,21 @@ def standard_attention(x: torch.Tensor, query: nn.Linear, key: nn.Linear, value:
                        key_mask: Optional[torch.Tensor], dropout_p: float, fused_dropout: bool = True) -> torch.Tensor:
     """x [B, T, H] -> [B, T, H]: :class:`StandardSelfAttention`'s computation on any three projections (also
     those of a transformers model, ``electra_fast.integrations``); ``dropout_p`` already 0 outside training.
-    ``fused_dropout=False`` keeps SDPA (and its padded query rows) with dropout too."""
-    B, T, H = x.shape
+    ``fused_dropout=False`` keeps SDPA (and its padded query rows) with dropout too. With a ``Packed`` key_mask
+    (electra_fast.nn.packing), x [N, H] holds an unpadded batch's real tokens and the result is [N, H]."""
     # one [H, 3H] projection instead of three: a single larger GEMM is faster on CPU. q / k / v stay views
     # of it (unbind, then transpose): the fused op returns token-major outputs and gradients for such views,
     # so the output's transpose back is free and the gradients stack into the projection's layout in one copy.
     w = torch.cat([query.weight, key.weight, value.weight])
     b = torch.cat([query.bias, key.bias, value.bias])
+    if isinstance(key_mask, Packed):  # x [N, H]: the real tokens of an unpadded batch (electra_fast.nn.packing)
+        N, H = x.shape
+        q, k, v = linear(x, w, b).view(N, 3, num_heads, H // num_heads).unbind(1)
+        out = disentangled_attention(q, k, v, cu_seqlens=key_mask.cu_seqlens, max_seqlen=key_mask.max_seqlen,
+                                     dropout_p=dropout_p, seed=_seed.draw() if dropout_p > 0 else None,
+                                     scale=q.shape[-1] ** -0.5)
+        return out.reshape(N, H)
+    B, T, H = x.shape
     qkv = linear(x, w, b).view(B, T, 3, num_heads, H // num_heads)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
     if fused_dropout and dropout_p > 0 and x.device.type == "cpu" and not eager_twin():
@@ -172,10 +181,14 @@ class Encoder(nn.Module):
             EncoderLayer(StandardSelfAttention(hidden_size, num_heads, attention_dropout), hidden_size,
                          intermediate_size, act, eps, dropout) for _ in range(num_layers))
 
-    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], unpad: bool = True) -> torch.Tensor:
+        """x [B, T, H], key_mask bool [B, T] or None -> [B, T, H]. A right-padded batch runs unpadded (``unpad``;
+        electra_fast.nn.packing): its padded positions come back as zeros."""
+        packed = packing(key_mask) if unpad else None
+        h = x if packed is None else packed.unpad(x)
         for layer in self.layer:
-            x = layer(x, key_mask)
-        return x
+            h = layer(h, key_mask if packed is None else packed)
+        return h if packed is None else packed.pad(h)
 
 
 class DisentangledEncoder(nn.Module):
@@ -200,8 +213,11 @@ class DisentangledEncoder(nn.Module):
         rel = self.rel_embeddings.weight
         return rel if self.LayerNorm is None else self.LayerNorm(rel)
 
-    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], unpad: bool = True) -> torch.Tensor:
+        """As :meth:`Encoder.forward`; relative positions are counted within each row either way."""
         rel = self.rel_embedding()
+        packed = packing(key_mask) if unpad else None
+        h = x if packed is None else packed.unpad(x)
         for layer in self.layer:
-            x = layer(x, key_mask, rel_embeddings=rel)
-        return x
+            h = layer(h, key_mask if packed is None else packed, rel_embeddings=rel)
+        return h if packed is None else packed.pad(h)
