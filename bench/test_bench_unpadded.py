@@ -8,12 +8,12 @@ per-token logits at the real tokens:
   transformers   ElectraForPreTraining on the padded batch
 tokens/s counts real tokens.
 """
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import QUICK, run
+from test_bench_finetune import glue_like_lengths  # the same length distribution as the fine-tuning rows
 from electra_fast.models import ElectraConfig
 from electra_fast.models.interop import transformers_config
 from electra_fast.models.modeling import ElectraDiscriminator
@@ -21,11 +21,6 @@ from electra_fast.models.modeling import ElectraDiscriminator
 transformers = pytest.importorskip("transformers")
 
 BATCH, T = (8, 128) if QUICK else (32, 128)
-
-
-def glue_like_lengths(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.clip(np.round(np.exp(rng.normal(np.log(30), 0.6, n))), 4, T).astype(np.int64)
 
 
 @pytest.mark.parametrize("impl", ["fused", "fused-padded", "transformers"])
