@@ -38,6 +38,7 @@ def toks():
 UPFRONT = [
     (["--tokenizer-type", "sentencepiece"], "argument --tokenizer-type: invalid choice: 'sentencepiece'"),
     (["--masking", "roberta"], "argument --masking: invalid choice: 'roberta'"),
+    (["--packing", "doc"], "argument --packing: invalid choice: 'doc'"),
     (["--mask-prob", "0"], "--mask-prob: expected a number in (0, 1], got 0.0"),
     (["--mask-prob", "1.5"], "--mask-prob: expected a number in (0, 1], got 1.5"),
     (["--mask-prob", "-0.1"], "--mask-prob: expected a number in (0, 1], got -0.1"),
@@ -125,6 +126,8 @@ RESUME_REFUSED = [
     (["--generator-size", "0.25", "--override"], "--generator-size: the run being resumed has 0.5, which a resumed "
                                                  "run cannot change; start a new --out"),
     (["--tokenizer-type", "unigram", "--override"], "--tokenizer-type: the run being resumed has 'wordpiece'"),
+    (["--packing", "doc-sentences", "--override"], "--packing: the run being resumed has 'full-sentences', which a "
+                                                   "resumed run cannot change; start a new --out"),
 ]
 
 
@@ -142,8 +145,8 @@ def test_recipe_is_recorded_and_override_changes_it(finished, env, tmp_path, cap
     from electra_fast.train import checkpoint as ckpt
     run = json.loads((finished / "run.json").read_text())["recipe"]
     assert run == dict(mask_prob=0.2, mask_token_frac=0.85, random_token_frac=0.0, temperature=1.0, disc_weight=50.0,
-                       whole_word_masking=False, generator_size=0.5, tokenizer_type="wordpiece", adam_beta2=0.98,
-                       adam_eps=1e-6)
+                       whole_word_masking=False, generator_size=0.5, tokenizer_type="wordpiece",
+                       packing="full-sentences", adam_beta2=0.98, adam_eps=1e-6)
     step1 = finished / "checkpoints" / "step-00000001"
     assert ckpt.load_training_state(str(step1 / "training_state.pt"))["recipe"] == run
     assert ElectraConfig.from_json_file(step1 / "config.json").mask_prob == 0.2

@@ -32,8 +32,9 @@ from .. import _backend, _seed, _validate
 from ..ops.masking import mask_tokens
 from ..ops.rtd_loss import rtd_loss as rtd_loss_op
 from ..ops.sampling import mlm_loss_and_sample
-from ..nn.embeddings import DebertaV2Embeddings, ElectraEmbeddings, GDESEmbedding
+from ..nn.embeddings import DebertaV2Embeddings, ElectraEmbeddings, GDESEmbedding, positions
 from ..nn.encoder import DisentangledEncoder, Encoder
+from ..nn.packing import document_positions, packing
 from ..nn.heads import DiscriminatorHead, GeneratorHead
 from ..nn.linear import Linear
 from .config import ElectraConfig
@@ -78,11 +79,15 @@ class Backbone(nn.Module):
             self.encoder = Encoder(layers, hidden, heads, ffn, cfg.hidden_act, eps, p, pa)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.embeddings(input_ids, token_type_ids, attention_mask)
+                token_type_ids: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``document_ids`` int [B, T] or None: rows holding several documents (each run of equal ids); attention
+        stays inside each and absolute positions restart at each (electra_fast.nn.packing)."""
+        pos = None if document_ids is None else document_positions(document_ids)
+        x = self.embeddings(input_ids, token_type_ids, attention_mask, position_ids=pos)
         if hasattr(self, "embeddings_project"):
             x = self.embeddings_project(x)
-        return self.encoder(x, _key_mask(attention_mask))
+        return self.encoder(x, _key_mask(attention_mask), document_ids=document_ids)
 
 
 def _key_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -114,25 +119,31 @@ class ElectraGenerator(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.backbone.embeddings.word_embeddings
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, document_ids=None) -> torch.Tensor:
         """ids [B, T] -> the hidden states [B, T, H] the MLM head reads.
 
         With ``enhanced_mask_decoder`` (DeBERTa's EMD, Microsoft's ``EnhancedMaskDecoder.emd_context_layer``): let
         ``h`` be the input of the last encoder layer and ``z`` the absolute position embeddings (not part of the
         encoder's input); the last layer runs twice more with keys / values from ``h`` and queries (and the
         attention residual) from ``q``, starting at ``q = z + h``; the MLM head reads the final ``q``. The last
-        layer's ordinary pass over ``h`` is not needed and not run."""
+        layer's ordinary pass over ``h`` is not needed and not run. Unpadded / document-masked batches run packed,
+        as in the encoder (electra_fast.nn.packing)."""
         if not self.emd:
-            return self.backbone(input_ids, attention_mask, token_type_ids)
+            return self.backbone(input_ids, attention_mask, token_type_ids, document_ids)
         bb, key = self.backbone, _key_mask(attention_mask)
-        h = bb.embeddings(input_ids, token_type_ids, attention_mask)
+        pos = None if document_ids is None else document_positions(document_ids)
+        h = bb.embeddings(input_ids, token_type_ids, attention_mask, position_ids=pos)
+        z = positions(bb.embeddings.position_embeddings, input_ids.shape[1], pos).to(h.dtype).expand_as(h)
+        packed = packing(key, document_ids)
+        if packed is not None:
+            h, z, key = packed.unpad(h), packed.unpad(z), packed
         rel = bb.encoder.rel_embedding()
         for layer in bb.encoder.layer[:-1]:
             h = layer(h, key, rel_embeddings=rel)
-        q = h + bb.embeddings.position_embeddings.weight[: input_ids.shape[1]].to(h.dtype)
+        q = h + z
         for _ in range(2):
             q = bb.encoder.layer[-1](h, key, rel_embeddings=rel, query_states=q)
-        return q
+        return q if packed is None else packed.pad(q)
 
     def logits(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         """Full [B, T, V] MLM logits (inspection / interop; training never builds them)."""
@@ -149,9 +160,9 @@ class ElectraDiscriminator(nn.Module):
                                  cfg.intermediate_size)
         self.head = DiscriminatorHead(cfg.hidden_size, cfg.hidden_act)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        """ids [B, T] -> logits [B, T]."""
-        return self.head(self.backbone(input_ids, attention_mask, token_type_ids))
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, document_ids=None) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T]; ``document_ids`` as in :meth:`Backbone.forward`."""
+        return self.head(self.backbone(input_ids, attention_mask, token_type_ids, document_ids))
 
 
 class ElectraPretrainingModel(nn.Module):
@@ -182,7 +193,7 @@ class ElectraPretrainingModel(nn.Module):
                 d.position_embeddings = GDESEmbedding(g.position_embeddings)
 
     # ------------------------------------------------------------------ checks
-    def _check_inputs(self, input_ids, attention_mask, seed, token_type_ids=None):
+    def _check_inputs(self, input_ids, attention_mask, seed, token_type_ids=None, document_ids=None):
         cfg = self.config
         _validate.ids("input_ids", input_ids)
         _validate.rank("input_ids", input_ids, 2, "[B, T]")
@@ -207,6 +218,10 @@ class ElectraPretrainingModel(nn.Module):
             _seed.check(seed)
         if token_type_ids is not None:
             self._check_token_types(input_ids, token_type_ids)
+        if document_ids is not None:
+            _validate.ids("document_ids", document_ids)
+            _validate.same_shape("document_ids", document_ids, "input_ids", input_ids)
+            _validate.same_device("document_ids", document_ids, "input_ids", input_ids)
 
     def _check_token_types(self, input_ids, token_type_ids):
         _validate.ids("token_type_ids", token_type_ids)
@@ -224,17 +239,20 @@ class ElectraPretrainingModel(nn.Module):
     # ------------------------------------------------------------------ step
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 seed: Optional[int] = None, token_type_ids: Optional[torch.Tensor] = None,
-                word_starts: Optional[torch.Tensor] = None) -> ElectraPretrainingOutput:
-        """One pretraining step's forward. input_ids int [B, T]; attention_mask [B, T] (1 = real) or None;
-        word_starts bool / uint8 [B, T] (1 = a word begins: whole-word masking) or None."""
-        self._check_inputs(input_ids, attention_mask, seed, token_type_ids)
+                word_starts: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> ElectraPretrainingOutput:
+        """One pretraining step's forward. input_ids int [B, T]; attention_mask [B, T] (1 = real, right padding
+        with ``document_ids``) or None; word_starts bool / uint8 [B, T] (1 = a word begins: whole-word masking) or
+        None; document_ids int [B, T] or None: rows packed from several documents, each maximal run of equal ids
+        one document (DOC-SENTENCES packing: attention stays inside a document, positions restart at each)."""
+        self._check_inputs(input_ids, attention_mask, seed, token_type_ids, document_ids)
         if seed is None:
             seed = _seed.draw()
         ctx = contextlib.nullcontext() if self.fused else _backend.eager_twin_mode()
         with ctx:
-            return self._step(input_ids, attention_mask, seed, token_type_ids, word_starts)
+            return self._step(input_ids, attention_mask, seed, token_type_ids, word_starts, document_ids)
 
-    def _step(self, input_ids, attention_mask, seed, token_type_ids, word_starts=None):
+    def _step(self, input_ids, attention_mask, seed, token_type_ids, word_starts=None, document_ids=None):
         cfg = self.config
         gen, disc = self.generator, self.discriminator
         if attention_mask is not None and attention_mask.dtype != torch.bool:
@@ -245,7 +263,7 @@ class ElectraPretrainingModel(nn.Module):
                         attention_mask=attention_mask, word_starts=word_starts, strategy=cfg.masking_strategy,
                         validate=False)  # ids were checked above; word_starts' shape is checked regardless
         masked = m.masked
-        gen_hidden = gen.encode(m.input_ids, attention_mask, token_type_ids)
+        gen_hidden = gen.encode(m.input_ids, attention_mask, token_type_ids, document_ids)
         # the generator head runs at the masked positions only
         h = gen.head.transform(gen_hidden[masked])
         targets = input_ids[masked]
@@ -256,7 +274,7 @@ class ElectraPretrainingModel(nn.Module):
             h, weight, targets, bias=bias, seed=(seed + 1) % SEED_LIMIT,
             temperature=cfg.temperature, disallowed_ids=cfg.disallowed_sample_ids, return_metrics=True)
         corrupted = input_ids.masked_scatter(masked, sampled.to(input_ids.dtype))
-        logits = disc(corrupted, attention_mask, token_type_ids)
+        logits = disc(corrupted, attention_mask, token_type_ids, document_ids)
         rtd_loss, disc_metrics = rtd_loss_op(logits, corrupted, input_ids, attention_mask, return_metrics=True)
         loss = mlm_loss.float() + cfg.disc_weight * rtd_loss
         metrics = {"generator_accuracy": gen_metrics["accuracy"].float(),

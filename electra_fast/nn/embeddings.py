@@ -47,6 +47,12 @@ class GDESEmbedding(nn.Module):
                 + F.embedding(ids, self.delta, self.padding_idx))
 
 
+def positions(table: nn.Module, length: int, position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """The absolute position embeddings to add: rows 0 .. length-1 of ``table`` (an nn.Embedding or
+    :class:`GDESEmbedding`) broadcast over the batch [length, E], or ``table(position_ids)`` [B, T, E]."""
+    return table.weight[:length] if position_ids is None else table(position_ids)
+
+
 class ElectraEmbeddings(nn.Module):
     """ids int [B, T] -> float [B, T, E] (transformers ElectraEmbeddings)."""
 
@@ -60,14 +66,15 @@ class ElectraEmbeddings(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        T = input_ids.shape[1]
+                attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``position_ids`` int [B, T] (document-masked rows restart them) or None (0 .. T-1 in every row)."""
         x = self.word_embeddings(input_ids)
         if token_type_ids is None:  # type 0 everywhere: add one broadcast row instead of a [B, T] gather
             x = x + self.token_type_embeddings.weight[0]
         else:
             x = x + self.token_type_embeddings(token_type_ids)
-        x = x + self.position_embeddings.weight[:T]
+        x = x + positions(self.position_embeddings, input_ids.shape[1], position_ids)
         return self.dropout(self.LayerNorm(x))
 
 
@@ -91,10 +98,12 @@ class DebertaV2Embeddings(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``position_ids`` as in :class:`ElectraEmbeddings` (used where positions are added to the input)."""
         x = self.word_embeddings(input_ids)
         if self.position_biased_input:
-            x = x + self.position_embeddings.weight[: input_ids.shape[1]]
+            x = x + positions(self.position_embeddings, input_ids.shape[1], position_ids)
         if self.token_type_embeddings is not None:
             x = x + (self.token_type_embeddings.weight[0] if token_type_ids is None
                      else self.token_type_embeddings(token_type_ids))

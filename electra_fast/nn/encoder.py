@@ -181,10 +181,12 @@ class Encoder(nn.Module):
             EncoderLayer(StandardSelfAttention(hidden_size, num_heads, attention_dropout), hidden_size,
                          intermediate_size, act, eps, dropout) for _ in range(num_layers))
 
-    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], unpad: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], unpad: bool = True,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, T, H], key_mask bool [B, T] or None -> [B, T, H]. A right-padded batch runs unpadded (``unpad``;
-        electra_fast.nn.packing): its padded positions come back as zeros."""
-        packed = packing(key_mask) if unpad else None
+        electra_fast.nn.packing): its padded positions come back as zeros. ``document_ids`` int [B, T]: rows of
+        several documents (each run of equal ids), attended each on its own (always packed)."""
+        packed = packing(key_mask, document_ids) if unpad or document_ids is not None else None
         h = x if packed is None else packed.unpad(x)
         for layer in self.layer:
             h = layer(h, key_mask if packed is None else packed)
@@ -213,10 +215,11 @@ class DisentangledEncoder(nn.Module):
         rel = self.rel_embeddings.weight
         return rel if self.LayerNorm is None else self.LayerNorm(rel)
 
-    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], unpad: bool = True) -> torch.Tensor:
-        """As :meth:`Encoder.forward`; relative positions are counted within each row either way."""
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], unpad: bool = True,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As :meth:`Encoder.forward`; relative positions are counted within each row (each document) either way."""
         rel = self.rel_embedding()
-        packed = packing(key_mask) if unpad else None
+        packed = packing(key_mask, document_ids) if unpad or document_ids is not None else None
         h = x if packed is None else packed.unpad(x)
         for layer in self.layer:
             h = layer(h, key_mask if packed is None else packed, rel_embeddings=rel)

@@ -1,4 +1,5 @@
-"""Text -> token stream cache -> packed [CLS] ... [SEP] sequences (RoBERTa's FULL-SENTENCES).
+"""Text -> token stream cache -> packed [CLS] ... [SEP] sequences (RoBERTa's FULL-SENTENCES; DOC-SENTENCES rows
+are :mod:`.doc_sentences`).
 
 Inputs: ``.txt`` (documents separated by blank lines), ``.jsonl`` (a ``text`` field per line), directories of
 those (recursively, sorted), and a ``datasets`` ``save_to_disk`` directory (when ``datasets`` is installed).
@@ -195,6 +196,11 @@ def _cache_format(path: str) -> "int | None":
 
 
 # ---------------------------------------------------------------------------------------- packing
+# how documents become rows: "full-sentences" (PackedSequences: the stream cut every T-2 tokens, across documents)
+# or "doc-sentences" (.doc_sentences.DocumentRows: whole documents, attention masked at their boundaries)
+PACKINGS = ("full-sentences", "doc-sentences")
+
+
 class PackedSequences:
     """Fixed-length [CLS] chunk [SEP] sequences over a memory-mapped token stream (ids and word starts)."""
 
@@ -229,6 +235,10 @@ class PackedSequences:
         out = np.ones((len(indices), self.seq_len), dtype=bool)
         out[:, 1:-1] = (self._rows(indices) & WORD_START) != 0
         return torch.from_numpy(out)
+
+    def layout(self, indices: Sequence[int]) -> dict:
+        """The model's keyword arguments for these rows beyond the ids: none (one sequence per row, no padding)."""
+        return {}
 
 
 class Sampler:

@@ -65,7 +65,8 @@ class HeldOut:
                  special_ids: Sequence[int], vocab_size: int):
         """``seed_of(i)``: the corruption seed of held-out batch ``i`` (fixed: the numbers must compare)."""
         self.ids = heldout_ids
-        self.batches = [packed.batch(heldout_ids[i:i + batch_size]) for i in range(0, len(heldout_ids), batch_size)]
+        chunks = [heldout_ids[i:i + batch_size] for i in range(0, len(heldout_ids), batch_size)]
+        self.batches = [(packed.batch(c), packed.layout(c)) for c in chunks]  # ids, the rows' layout (doc-sentences)
         self.seeds = [seed_of(i) for i in range(len(self.batches))]
         counts = unigram_counts(packed, train_ids, vocab_size)
         counts[[i for i in special_ids if 0 <= i < vocab_size]] = -1
@@ -84,17 +85,20 @@ class HeldOut:
         try:
             net.eval()
             with torch.random.fork_rng(devices=devices), torch.autocast(device.type, **autocast):
-                for batch, seed in zip(self.batches, self.seeds):
+                for (batch, layout), seed in zip(self.batches, self.seeds):
                     ids = batch.to(device)
-                    out = net(ids, None, seed=seed)
+                    layout = {k: v.to(device) for k, v in layout.items()}
+                    mask = layout.pop("attention_mask", None)
+                    out = net(ids, mask, seed=seed, **layout)
                     n_masked = int(out.masked.sum())
                     masked += n_masked
                     gen_correct += round(float(out.metrics["generator_accuracy"]) * n_masked)
                     unigram_correct += int((ids[out.masked] == self.unigram_token).sum())
                     mlm_sum += float(out.mlm_loss) * n_masked
-                    rtd_sum += float(out.rtd_loss) * ids.numel()
-                    tokens += ids.numel()
-                    scores.add(out.discriminator_logits, out.corrupted_ids, ids)
+                    real = ids.numel() if mask is None else int(mask.sum())
+                    rtd_sum += float(out.rtd_loss) * real
+                    tokens += real
+                    scores.add(out.discriminator_logits, out.corrupted_ids, ids, mask)
         finally:
             net.train(was_training)
         rec = {f"eval_{k}": v for k, v in rtd_metrics(*scores.tensors()).items()}

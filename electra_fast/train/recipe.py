@@ -23,9 +23,10 @@ OPTIMIZER = {"adam_beta2": 0.999, "adam_eps": 1e-6}
 # ElectraConfig.with_generator_size)
 CONFIG_FIELDS = ("mask_prob", "mask_token_frac", "random_token_frac", "temperature", "disc_weight",
                  "whole_word_masking")
-# what a resumed run cannot change: the vocabulary and the generator's weights have that shape
-FIXED_ON_RESUME = ("tokenizer_type", "generator_size")
-KEYS = CONFIG_FIELDS + ("generator_size", "tokenizer_type") + tuple(OPTIMIZER)
+# what a resumed run cannot change: the vocabulary and the generator's weights have that shape, and the data
+# position counts rows of the packing
+FIXED_ON_RESUME = ("tokenizer_type", "generator_size", "packing")
+KEYS = CONFIG_FIELDS + ("generator_size", "tokenizer_type", "packing") + tuple(OPTIMIZER)
 # (lower bound, lower bound allowed, upper bound, upper bound allowed) of each number
 RANGES = {"mask_prob": (0.0, False, 1.0, True), "mask_token_frac": (0.0, True, 1.0, True),
           "random_token_frac": (0.0, True, 1.0, True), "temperature": (0.0, False, math.inf, False),
@@ -41,6 +42,7 @@ def add_arguments(parser) -> None:
     """The recipe flags, as one argument group of ``pretrain``. A flag not given is absent from the parsed
     arguments (``argparse.SUPPRESS``): "the owner's value", which the help text names."""
     from ..models.config import MASKING_SCHEMES
+    from .data import PACKINGS
     from .tokenizer import TOKENIZER_TYPES
     g = parser.add_argument_group("recipe", "what the papers vary (README: Recipes); a flag left out keeps the "
                                             "--model preset's value, and a resumed run its own")
@@ -57,6 +59,11 @@ def add_arguments(parser) -> None:
                    help="share of masked positions set to a random token")
     g.add_argument("--whole-word-masking", action="store_const", const=True, default=argparse.SUPPRESS,
                    help="mask whole words (the tokenizer's word boundaries); the count stays in tokens")
+    g.add_argument("--packing", choices=PACKINGS, default=argparse.SUPPRESS,
+                   help="how documents fill the --seq-len rows: full-sentences (default; BERT / ELECTRA / RoBERTa's "
+                        "FULL-SENTENCES: the token stream cut into rows across documents) or doc-sentences (whole "
+                        "documents packed back to back, attention masked at each boundary, positions restarting: "
+                        "RoBERTa's DOC-SENTENCES without padding)")
     g.add_argument("--temperature", type=float, default=argparse.SUPPRESS, help="generator sampling temperature (> 0)")
     g.add_argument("--disc-weight", type=float, default=argparse.SUPPRESS, help="weight of the discriminator's loss "
                    "(ELECTRA 50)")
@@ -83,6 +90,7 @@ def from_args(args: argparse.Namespace) -> dict:
 def check(recipe: Optional[dict], override: bool = False, resume: bool = False) -> dict:
     """Validated recipe (only the keys given; ``masking`` expanded into the two fractions it names unless
     they are given too). Bad values raise PretrainError naming the flag."""
+    from .data import PACKINGS
     from .tokenizer import TOKENIZER_TYPES
     if override and not resume:
         raise PretrainError("--override: only means something with --resume (a new run takes any recipe)")
@@ -103,6 +111,8 @@ def check(recipe: Optional[dict], override: bool = False, resume: bool = False) 
     if "tokenizer_type" in recipe and recipe["tokenizer_type"] not in TOKENIZER_TYPES:
         raise PretrainError(f"--tokenizer-type: expected one of {', '.join(TOKENIZER_TYPES)}, "
                             f"got {recipe['tokenizer_type']!r}")
+    if "packing" in recipe and recipe["packing"] not in PACKINGS:
+        raise PretrainError(f"--packing: expected one of {', '.join(PACKINGS)}, got {recipe['packing']!r}")
     if not isinstance(recipe.get("whole_word_masking", False), bool):
         raise PretrainError(f"--whole-word-masking: expected True or False, got {recipe['whole_word_masking']!r}")
     if recipe.get("mask_token_frac", 0.0) + recipe.get("random_token_frac", 0.0) > 1.0:
@@ -141,9 +151,11 @@ def apply(cfg, recipe: dict):
 
 def record(cfg, recipe: dict, tokenizer_type: str) -> dict:
     """The full recipe a run uses (every key of :data:`KEYS`): what run.json and checkpoints hold."""
+    from .data import PACKINGS
     out = {k: getattr(cfg, k) for k in CONFIG_FIELDS}
     out["generator_size"] = cfg.generator_hidden_size / cfg.hidden_size
     out["tokenizer_type"] = tokenizer_type
+    out["packing"] = recipe.get("packing", PACKINGS[0])
     out.update({k: recipe.get(k, v) for k, v in OPTIMIZER.items()})
     return out
 

@@ -29,6 +29,7 @@ from . import recipe as recipes
 from .evaluation import HeldOut, SplitSampler, heldout_count, split
 from .metrics import TokenScores, fmt, learned, rtd_metrics
 from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
+from .doc_sentences import DocumentRows
 from .distributed import Context, setup
 from .errors import InterruptedAgain, PretrainError
 from .optim import linear_schedule, param_groups
@@ -475,7 +476,9 @@ class _Job:
         if not ctx.is_main:  # a cache hit by now
             stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, log=said.append)
         ids = special_ids(self.tok)
-        self.packed = PackedSequences(stream, o.seq_len, ids["cls"], ids["sep"])
+        self.packed = (DocumentRows(stream, o.seq_len, ids["cls"], ids["sep"], ids["pad"])
+                       if self.run_recipe["packing"] == "doc-sentences"
+                       else PackedSequences(stream, o.seq_len, ids["cls"], ids["sep"]))
         for line in said:
             self.say(line)
         self._split(ids)
@@ -591,16 +594,18 @@ class _Job:
             idx = self.sampler.indices(self.data_pos + (m * ctx.world + ctx.rank) * o.batch_size, o.batch_size)
             batch = self.packed.batch(idx).to(ctx.device, non_blocking=True)
             starts = self.packed.word_starts(idx).to(ctx.device) if self.cfg.whole_word_masking else None
+            layout = {k: v.to(ctx.device) for k, v in self.packed.layout(idx).items()}  # doc-sentences rows
+            mask = layout.pop("attention_mask", None)
             sync = ctx.distributed and m < o.grad_accum - 1
             with (self.ddp.no_sync() if sync else _null()):
                 with torch.autocast(ctx.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                    out = self.step_fn(batch, None, seed=derive_seed(o.seed, self.step, ctx.rank, m),
-                                       word_starts=starts)
+                    out = self.step_fn(batch, mask, seed=derive_seed(o.seed, self.step, ctx.rank, m),
+                                       word_starts=starts, **layout)
                 self.scaler.scale(out.loss / o.grad_accum).backward()
             acc += torch.stack([out.loss.detach(), out.mlm_loss.detach(), out.rtd_loss.detach()]
                                + [out.metrics[k].detach().float() for k in STEP_METRICS[3:]]) / o.grad_accum
             if scores is not None:  # a logging step: the logits and labels in hand, nothing recomputed
-                scores.add(out.discriminator_logits, out.corrupted_ids, batch)
+                scores.add(out.discriminator_logits, out.corrupted_ids, batch, mask)
         self.data_pos += o.batch_size * o.grad_accum * ctx.world
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
