@@ -36,7 +36,7 @@ def stream(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("impl", ["fused", "full-sentences"])
+@pytest.mark.parametrize("impl", ["full-sentences", "fused"])
 @pytest.mark.parametrize("dtype", ["fp32"] if QUICK else ["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("t", [128] if QUICK else [128, 512])
 def test_doc_sentences_step(benchmark, device, stream, t, dtype, impl):
@@ -62,4 +62,4 @@ def test_doc_sentences_step(benchmark, device, stream, t, dtype, impl):
 
     run(benchmark, step, device=device, op="pretrain_step[electra_small, documents median 200]",
         impl=impl, pass_="fwd+bwd+adamw", shape=f"{b}x{t}", dtype=dtype, tokens=real, rounds=2 if QUICK else 8,
-        warmup=1)
+        warmup=1 if QUICK else 2)  # the first two steps allocate (a third of a step more)
