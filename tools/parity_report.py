@@ -300,7 +300,7 @@ def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batc
         opt.step()
         sched.step()
         if step % eval_every == 0 or step == steps:
-            rec = {"step": step, "loss": float(loss), **_evaluate(model, held, 0x4556414C)}
+            rec = {"step": step, "loss": float(loss.detach()), **_evaluate(model, held, 0x4556414C)}
             curve.append(rec)
             print(f"independent seed {seed} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in rec.items()
                                                                      if k != "step")
