@@ -1,53 +1,50 @@
-"""Reduced parity (#19): electra_fast's fused ElectraPretrainingModel against ELECTRA written here from its definition
-on transformers' ElectraForMaskedLM (generator) + ElectraForPreTraining (discriminator), from the same initial
-weights, on the same padded batches, for a few dozen AdamW steps.
+"""Reduced parity (#19): electra_fast's fused ElectraPretrainingModel against ELECTRA written from its definition on
+transformers (tools/parity_report.py's ``TransformersPair``, which imports nothing from electra_fast but the weight
+export), from the same initial weights, on the same padded batches, for a few dozen AdamW steps, for both layouts:
+ELECTRA (ElectraForMaskedLM + ElectraForPreTraining, embedding layer shared) and DeBERTa-v3 (DebertaV2ForMaskedLM +
+DebertaV2Model + RTD head, GDES: the discriminator reads stop_grad(E_G) + E_delta).
 
-The random draws (which positions are selected, [MASK] or kept, the generator's samples) are the fused model's,
-captured as it runs; the reference checks them against ELECTRA's definition (15% of the real tokens, never special
-or padding; of those 85% [MASK], 15% kept; only selected positions replaced) and recomputes everything else itself:
-the MLM cross-entropy at the selected positions, labels = corrupted != original, the RTD binary cross-entropy averaged
-over the real tokens only, loss = MLM + 50 RTD, the gradients and the optimizer step. The test must be able to fail:
-``test_parity_catches_*`` inject two plausible bugs into the fused model and require the comparison to reject them.
+The random draws (which positions are selected, [MASK] / random / kept, the generator's samples) are the fused
+model's, captured as it runs; the reference checks them against the definition (15% of the real tokens, never
+special or padding; ELECTRA 85% [MASK] / 15% kept, DeBERTa 80% [MASK] / 10% random / 10% kept; only selected
+positions replaced) and recomputes everything else itself: the MLM cross-entropy at the selected positions, labels
+= corrupted != original, the RTD binary cross-entropy averaged over the real tokens only, loss = MLM + 50 RTD, the
+gradients and the optimizer step. The test must be able to fail: ``test_parity_catches_*`` inject plausible bugs into
+the fused model and require the comparison to reject them.
 """
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from electra_fast.models import ElectraConfig, ElectraPretrainingModel
 from electra_fast.models import modeling
-from electra_fast.models.interop import export_state, transformers_config
+from electra_fast.models.interop import export_state
+from electra_fast.nn import embeddings as ef_embeddings
 from test_train import _one_thread  # noqa: F401  (fixture: one torch thread; tiny shapes)
 
 transformers = pytest.importorskip("transformers")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import parity_report  # noqa: E402  (the independent side: tools/parity_report.py)
 
 V, B, T, STEPS = 64, 4, 24, 30
-MASK_PROB, MASK_TOKEN_FRAC, DISC_WEIGHT = 0.15, 0.85, 50.0  # ELECTRA's definition (not read from the model)
+MASK_PROB, DISC_WEIGHT = 0.15, 50.0  # ELECTRA's definition (not read from the model)
+# [MASK] / random shares of the selected positions, by definition (not read from the model)
+SHARES = {"electra": (0.85, 0.0), "deberta": (0.8, 0.1)}
+IDS = dict(vocab_size=V, pad_token_id=0, unk_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4,
+           max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-def _config():
-    return ElectraConfig(vocab_size=V, pad_token_id=0, unk_token_id=1, cls_token_id=2, sep_token_id=3,
-                         mask_token_id=4, embedding_size=16, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, intermediate_size=64, generator_hidden_size=16,
-                         generator_num_hidden_layers=2, generator_num_attention_heads=1,
-                         generator_intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)
-
-
-def _reference(net):
-    """transformers' generator and discriminator holding ``net``'s weights, embeddings shared as in ELECTRA."""
-    parts = []
-    for role, cls in (("generator", transformers.ElectraForMaskedLM),
-                      ("discriminator", transformers.ElectraForPreTraining)):
-        hf = dict(transformers_config(net.config, role))
-        hf.pop("architectures", None)
-        model = cls(transformers.ElectraConfig(**hf))
-        missing, unexpected = model.load_state_dict(export_state(net, role), strict=False)
-        assert not unexpected and all("lm_head.weight" in k or "position_ids" in k for k in missing), missing
-        parts.append(model.train())
-    gen, disc = parts
-    disc.electra.embeddings = gen.electra.embeddings  # ELECTRA ties the whole embedding layer
-    assert gen.generator_lm_head.weight is gen.electra.embeddings.word_embeddings.weight  # and the MLM output
-    return gen, disc
+def _config(layout):
+    if layout == "electra":
+        return ElectraConfig(**IDS, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, generator_hidden_size=16, generator_num_hidden_layers=2,
+                             generator_num_attention_heads=1, generator_intermediate_size=32)
+    # the DeBERTa-v3 preset's layout, small; transformers has no Enhanced Mask Decoder
+    return ElectraConfig._deberta_v3(32, 2, 2, **IDS, generator_num_hidden_layers=1, enhanced_mask_decoder=False,
+                                     position_buckets=8)
 
 
 def _batch(g):
@@ -60,79 +57,112 @@ def _batch(g):
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def _params(*models):
-    seen = {}
-    for m in models:
-        for p in m.parameters():
-            seen.setdefault(id(p), p)
-    return list(seen.values())
+@pytest.mark.parametrize("layout", ("electra", "deberta"))
+def test_the_report_masks_as_the_definition_says(layout):
+    """tools/parity_report.py's own masking (its long runs draw their own): n = min(N, round(0.15 T)) per packed
+    row, never [CLS] / [SEP] / [MASK] (the first report made them candidates), the layout's [MASK] / random shares."""
+    cfg = _config(layout)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, V, (400, T), generator=g)
+    ids[:, 0], ids[:, -1], ids[:, T // 2] = 2, 3, 3  # [CLS] ... [SEP] (a document boundary) ... [SEP]
+    out, sel = parity_report._mask(ids, parity_report.not_candidates(cfg), 4, *SHARES[layout], V, g)
+    assert not (sel & (ids <= 4)).any(), "a special token was selected"
+    assert (sel.sum(1) == min(int((MASK_PROB + 0.005) * T), round(T * MASK_PROB))).all()  # ELECTRA caps at N
+    assert torch.equal(out[~sel], ids[~sel])
+    n = int(sel.sum())
+    is_mask = out[sel] == 4
+    is_random = ~is_mask & (out[sel] != ids[sel])
+    assert not (is_random & (out[sel] <= 4) & (out[sel] != 1)).any(), "a special random token"
+    for count, p in ((int(is_mask.sum()), SHARES[layout][0]), (int(is_random.sum()), SHARES[layout][1])):
+        assert abs(count / n - p) <= 3 * (p * (1 - p) / n) ** 0.5 + 1 / 60 * SHARES[layout][1]  # random == original
 
 
-def _run_parity():
+def _run_parity(layout="electra"):
     """Train both for STEPS steps; AssertionError at the first departure from the reference."""
     torch.manual_seed(0)
-    net = ElectraPretrainingModel(_config()).train()
-    gen, disc = _reference(net)
+    net = ElectraPretrainingModel(_config(layout)).train()
+    ref = parity_report.TransformersPair(net)
+    assert ref.layout == layout
     opt_kw = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, foreach=False)
-    opt_net, opt_ref = torch.optim.AdamW(net.parameters(), **opt_kw), torch.optim.AdamW(_params(gen, disc), **opt_kw)
+    opt_net, opt_ref = torch.optim.AdamW(net.parameters(), **opt_kw), torch.optim.AdamW(ref.parameters(), **opt_kw)
     captured = []
     net.generator.backbone.register_forward_hook(lambda mod, args, out: captured.append(args[0].clone()))
     g = torch.Generator().manual_seed(1)
-    selected = real_candidates = masked_with_mask = 0
+    selected = real_candidates = masked_with_mask = masked_with_random = 0
     for step in range(STEPS):
         ids, mask = _batch(g)
         out = net(ids, mask, seed=1000 + step)
         gen_input, sel = captured.pop(), out.masked
-        # the draws, against ELECTRA's definition
+        # the draws, against the definition
         special = (ids <= 4) | (mask == 0)
         assert not (sel & special).any(), "a special or padding position was selected"
         assert torch.equal(gen_input[~sel], ids[~sel]), "an unselected position was changed"
         is_mask = gen_input[sel] == 4
-        assert torch.equal(gen_input[sel][~is_mask], ids[sel][~is_mask]), "a selected position got a random token"
+        is_random = ~is_mask & (gen_input[sel] != ids[sel])
+        assert not (is_random & (gen_input[sel] <= 4) & (gen_input[sel] != 1)).any(), "a special random token"
         assert torch.equal(out.corrupted_ids[~sel], ids[~sel]), "the discriminator saw a changed unselected position"
         selected, masked_with_mask = selected + int(sel.sum()), masked_with_mask + int(is_mask.sum())
+        masked_with_random += int(is_random.sum())
         real_candidates += int((~special).sum())
         # the losses, recomputed
-        mlm = F.cross_entropy(gen(input_ids=gen_input, attention_mask=mask).logits[sel], ids[sel])
+        mlm = F.cross_entropy(ref.generate(gen_input, mask)[sel], ids[sel])
         real = mask.bool()
         labels = (out.corrupted_ids != ids).float()
-        d_logits = disc(input_ids=out.corrupted_ids, attention_mask=mask).logits
+        d_logits = ref.discriminate(out.corrupted_ids, mask)
         rtd = F.binary_cross_entropy_with_logits(d_logits[real], labels[real])
         loss = mlm + DISC_WEIGHT * rtd
-        for name, ours, ref in (("mlm", out.mlm_loss, mlm), ("rtd", out.rtd_loss, rtd), ("loss", out.loss, loss)):
+        for name, ours, theirs in (("mlm", out.mlm_loss, mlm), ("rtd", out.rtd_loss, rtd), ("loss", out.loss, loss)):
             # fp32 throughout, sums in other orders: seen <= 4e-7 relative, 1e-5 leaves 25x room
-            torch.testing.assert_close(ours, ref.detach(), rtol=1e-5, atol=1e-6,
+            torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6,
                                        msg=lambda m, name=name: f"step {step + 1} {name}: {m}")
         for opt, total in ((opt_net, out.loss), (opt_ref, loss)):
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
-    # over ~290 selections 85% [MASK] has a standard deviation of ~2%: 6% is three of them
-    assert abs(masked_with_mask / selected - MASK_TOKEN_FRAC) < 0.06, f"[MASK] share {masked_with_mask / selected:.3f}"
+    # a share p of n selections has a standard deviation sqrt(p (1 - p) / n) (~290 selections: 2.1% at 0.85, 2.3% at
+    # 0.8, 1.8% at 0.1); the bound is three of them (and 0 where the definition says 0: ELECTRA draws no random token)
+    for what, count, p in (("[MASK]", masked_with_mask, SHARES[layout][0]), ("random", masked_with_random,
+                                                                           SHARES[layout][1])):
+        assert abs(count / selected - p) <= 3 * (p * (1 - p) / selected) ** 0.5, f"{what} share {count / selected:.3f}"
     assert abs(selected / real_candidates - MASK_PROB) < 0.03, f"selected share {selected / real_candidates:.3f}"
-    ref = {**{f"generator.{k}": v for k, v in gen.state_dict().items()},
-           **{f"discriminator.{k}": v for k, v in disc.state_dict().items()}}
+    theirs = ref.export()
     ours = {**{f"generator.{k}": v for k, v in export_state(net, "generator").items()},
             **{f"discriminator.{k}": v for k, v in export_state(net, "discriminator").items()}}
     for k, v in ours.items():
         # 30 Adam steps of fp32 rounding differences: seen <= 1.2e-7 absolute
-        torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"after training, {k}: {m}")
+        torch.testing.assert_close(v, theirs[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"after training, {k}: {m}")
     return selected
 
 
-def test_fused_pretraining_matches_electra_written_on_transformers():
-    assert _run_parity() > 250  # enough selections for the share checks to mean something
+LAYOUTS = ("electra", "deberta")
 
 
-def test_parity_catches_masking_that_always_writes_mask(monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_pretraining_matches_the_definition_on_transformers(layout):
+    assert _run_parity(layout) > 250  # enough selections for the share checks to mean something
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parity_catches_masking_that_always_writes_mask(monkeypatch, layout):
     real = modeling.mask_tokens
-    monkeypatch.setattr(modeling, "mask_tokens", lambda *a, **kw: real(*a, **{**kw, "mask_token_frac": 1.0}))
+    monkeypatch.setattr(modeling, "mask_tokens", lambda *a, **kw: real(*a, **{**kw, "mask_token_frac": 1.0,
+                                                                            "random_token_frac": 0.0}))
     with pytest.raises(AssertionError, match=r"\[MASK\] share 1\.000"):
-        _run_parity()
+        _run_parity(layout)
 
 
-def test_parity_catches_an_rtd_loss_averaged_over_padding(monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parity_catches_an_rtd_loss_averaged_over_padding(monkeypatch, layout):
     real = modeling.rtd_loss_op
     monkeypatch.setattr(modeling, "rtd_loss_op", lambda logits, c, o, mask, **kw: real(logits, c, o, None, **kw))
     with pytest.raises(AssertionError, match="step 1 rtd: "):
-        _run_parity()
+        _run_parity(layout)
+
+
+def test_parity_catches_gdes_that_lets_the_rtd_loss_reach_the_generator(monkeypatch):
+    """GDES without the stop-gradient (the discriminator's loss trains E_G): step 1 agrees, the generator's next MLM
+    loss does not."""
+    monkeypatch.setattr(ef_embeddings.GDESEmbedding, "forward", lambda self, ids: (
+        F.embedding(ids, self._base.weight, self.padding_idx) + F.embedding(ids, self.delta, self.padding_idx)))
+    with pytest.raises(AssertionError, match="step 2 "):
+        _run_parity("deberta")

@@ -1,25 +1,30 @@
-"""Parity report (#19): the default pretraining job, electra_fast's fused model vs ELECTRA written here on transformers.
+"""Parity report (#19): electra_fast's fused pretraining job vs ELECTRA / DeBERTa-v3 written here on transformers.
 
-Both sides train the default job's configuration (electra-tiny, temperature 3, the embedded corpus, batch 16 x 128,
-lr 1e-3 with 10 % warm-up then linear decay, AdamW(0.9, 0.999, 1e-6), weight decay 0.01 off LayerNorm / biases, clip
-1.0, loss = MLM + 50 RTD) from the same initial weights, on the same packed sequences in the same order (the run's
-own token cache, held-out split and sampler: the data is the only thing taken from electra_fast), with their own
-randomness:
-  fused        ``electra-fast pretrain --seed S --precision fp32 --eval-every E`` (and ``--precision bf16``)
-  independent  transformers' ElectraForMaskedLM (generator) + ElectraForPreTraining (discriminator), embeddings
-               shared; ELECTRA's masking written here from google-research/electra pretrain_helpers.py (n =
-               max(1, min(N, round(0.15 n_real))) of the non-special real tokens, 85 % [MASK], 15 % kept), Gumbel
-               samples from the full generator logits / temperature (special ids excluded, as the fused job's
-               config says), binary cross-entropy over every real token, torch's RNG seeded with S.
+Both sides train the same configuration (batch 16 x 128 of the embedded corpus, temperature 3, lr 1e-3 with 10 %
+warm-up then linear decay, AdamW(0.9, 0.999, 1e-6), weight decay 0.01 off LayerNorm / biases, clip 1.0, loss = MLM +
+50 RTD) from the same initial weights, on the same packed sequences in the same order (the run's own token cache,
+held-out split and sampler: the data is the only thing taken from electra_fast), with their own randomness:
+  fused        ``electra_fast.pretrain(seed=S, precision=fp32, eval_every=E)`` (and bf16 / fp16 autocast)
+  independent  ``--layout electra`` (the default job, electra-tiny): transformers' ElectraForMaskedLM (generator) +
+               ElectraForPreTraining (discriminator), the embedding layer shared;
+               ``--layout deberta`` (:func:`deberta_tiny_config`): DebertaV2ForMaskedLM + DebertaV2Model with an RTD
+               head, GDES written here (:class:`GDES`);
+               masking written from google-research/electra pretrain_helpers.py: n = max(1, min(N, round(0.15
+               n_real))) of the candidates (real tokens except [CLS] / [SEP] / [MASK]), ELECTRA 85 % [MASK] / 15 %
+               kept, DeBERTa (BERT's rule) 80 % [MASK] / 10 % random / 10 % kept; Gumbel-max samples from the full
+               generator logits / temperature (nothing excluded, as ELECTRA and the fused config say); a sampled
+               original is labelled real; binary cross-entropy over every real token; torch's RNG seeded with S.
 Held-out metrics every E steps on the same held-out sequences, each side with its own fixed masking seed.
 
 Criterion: at every evaluation step after warm-up, each fused run's held-out AUC, F1 and generator accuracy lie inside
 the band the independent seeds span, widened by that band's width (max - min) on each side (the run-to-run spread
-measured across the independent seeds); bf16 vs fp32 the same with the fp32 fused seeds' band.
+measured across the independent seeds); bf16 / fp16 vs fp32 the same with the fp32 fused seeds' band.
 
-Usage (from any directory but the repository root; several minutes per run on 2 cores):
-    python tools/parity_report.py --out bench/results/parity --seeds 0,1,2 [--steps 600 --eval-every 100]
-writes parity.json (every curve, the bands and the verdict) and parity.png into --out.
+Usage (from any directory but the repository root; minutes per run on 2 cores):
+    python tools/parity_report.py --out OUT --seeds 0,1,2 [--layout deberta] [--steps 600 --eval-every 100]
+        [--sides fused_fp32,independent,fused_bf16,fused_fp16]
+writes OUT/parity.json (every curve, the bands, the verdict and its point counts) and OUT/parity.png; a rerun reuses
+the finished runs in OUT. bench/results/parity/ holds copies named CPU-DATE-MODEL.{json,png}.
 """
 from __future__ import annotations
 
@@ -38,6 +43,16 @@ METRICS = ("eval_discriminator_auc", "eval_discriminator_f1", "eval_generator_ac
 
 
 # ------------------------------------------------------------------------------------ the independent side
+# What each layout's definition says, written here (not read from electra_fast): the share of selected positions
+# set to [MASK] and to a random token (google-research/electra pretrain_helpers.mask(): 85 % / 0 %; BERT's
+# create_pretraining_data.py and DeBERTa's NGramMaskGenerator: 80 % / 10 %), and how the discriminator reads
+# the generator's embeddings (ELECTRA: the embedding layer shared; DeBERTa-v3: GDES). The fused job's config must
+# say the same (checked in ``Independent``), else the comparison would be of two recipes.
+DEFINITIONS = {"electra": dict(mask_token_frac=0.85, random_token_frac=0.0, embedding_sharing="tied"),
+               "deberta": dict(mask_token_frac=0.8, random_token_frac=0.1, embedding_sharing="gdes")}
+MASK_PROB = 0.15
+
+
 def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Exact ROC AUC with ties counted half (Mann-Whitney U from average ranks)."""
     order = torch.argsort(scores.double())
@@ -58,69 +73,181 @@ def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _mask(ids: torch.Tensor, special: torch.Tensor, mask_id: int, g: torch.Generator):
-    """google-research/electra's mask(): per row, n positions among the non-special tokens; 85 % [MASK], 15 % kept."""
+def _mask(ids: torch.Tensor, not_candidates: torch.Tensor, mask_id: int, mask_frac: float, random_frac: float,
+          vocab_size: int, g: torch.Generator):
+    """google-research/electra's mask(): per row n = max(1, min(N, round(0.15 n_real))) positions drawn among the
+    candidates (every real token but [CLS] / [SEP] / [MASK] / padding: ``not_candidates``); of those ``mask_frac``
+    become [MASK], ``random_frac`` a random non-special token, the rest stay. Every token of a packed row is real."""
     B, T = ids.shape
-    cand = ~torch.isin(ids, special)
-    n_max = int((0.15 + 0.005) * T)
+    cand = ~torch.isin(ids, not_candidates)
+    n_max = int((MASK_PROB + 0.005) * T)
     selected = torch.zeros_like(cand)
     for b in range(B):
         idx = cand[b].nonzero().flatten()
-        n = min(len(idx), max(1, min(n_max, int(round(T * 0.15)))))  # every token of a packed row is real
+        n = min(len(idx), max(1, min(n_max, int(round(T * MASK_PROB)))))
         pick = idx[torch.randperm(len(idx), generator=g)[:n]]
         selected[b, pick] = True
-    to_mask = selected & (torch.rand(B, T, generator=g) < 0.85)
-    return torch.where(to_mask, torch.full_like(ids, mask_id), ids), selected
+    u = torch.rand(B, T, generator=g)
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[not_candidates] = False
+    pool = allowed.nonzero().flatten()
+    randoms = pool[torch.randint(len(pool), (B, T), generator=g)]
+    out = torch.where(selected & (u < mask_frac), torch.full_like(ids, mask_id), ids)
+    out = torch.where(selected & (u >= mask_frac) & (u < mask_frac + random_frac), randoms, out)
+    return out, selected
+
+
+def not_candidates(cfg) -> torch.Tensor:
+    """Ids never selected for masking, as ELECTRA's ``_get_candidates_mask``: [CLS], [SEP], [MASK] (and padding).
+    Not the config's ``disallowed_sample_ids``: those are the ids the generator may not *sample* (none by default;
+    reading them here made every [CLS] / [SEP] a candidate, the cause of the first report's gap)."""
+    return torch.tensor(sorted({cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id, cfg.pad_token_id}))
+
+
+class GDES(torch.nn.Module):
+    """DeBERTa-v3's gradient-disentangled embedding sharing, from its definition: the discriminator looks up
+    ``stop_gradient(E_G) + E_delta`` (the sum materialised), E_delta its own parameter."""
+
+    def __init__(self, generator_embedding: torch.nn.Embedding, delta: torch.Tensor):
+        super().__init__()
+        self._generator = [generator_embedding]  # a reference, not a submodule: E_G belongs to the generator
+        self.padding_idx = generator_embedding.padding_idx
+        self.delta = torch.nn.Parameter(delta.detach().clone())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self._generator[0].weight.detach() + self.delta, self.padding_idx)
+
+
+class TransformersPair:
+    """transformers' generator and discriminator holding an electra_fast model's initial weights: ELECTRA as
+    ElectraForMaskedLM + ElectraForPreTraining with the whole embedding layer shared (and the MLM output tied);
+    DeBERTa-v3 as DebertaV2ForMaskedLM + DebertaV2Model with an RTD head (dense, activation, dense to one logit)
+    and GDES. ``generate(ids, mask)`` -> MLM logits [B, T, V], ``discriminate(ids, mask)`` -> logits [B, T]."""
+
+    # the DeBERTa RTD head (nn.Sequential here) <- the keys electra_fast's export writes next to DebertaV2Model's
+    HEAD_KEYS = {"0.weight": "discriminator_predictions.dense.weight",
+                 "0.bias": "discriminator_predictions.dense.bias",
+                 "2.weight": "discriminator_predictions.dense_prediction.weight",
+                 "2.bias": "discriminator_predictions.dense_prediction.bias"}
+
+    def __init__(self, init):
+        import transformers
+        from electra_fast.models.interop import export_state, transformers_config
+
+        cfg = init.config
+        self.layout = "deberta" if cfg.disentangled else "electra"
+        if self.layout == "deberta" and cfg.enhanced_mask_decoder:
+            raise ValueError("transformers' DebertaV2ForMaskedLM has no Enhanced Mask Decoder: compare a config "
+                             "with enhanced_mask_decoder=False")
+        if cfg.embedding_sharing != DEFINITIONS[self.layout]["embedding_sharing"]:
+            raise ValueError(f"{self.layout}: the fused config shares embeddings by {cfg.embedding_sharing!r}, the "
+                             f"definition by {DEFINITIONS[self.layout]['embedding_sharing']!r}")
+        classes = {"electra": (transformers.ElectraConfig, transformers.ElectraForMaskedLM,
+                               transformers.ElectraForPreTraining),
+                   "deberta": (transformers.DebertaV2Config, transformers.DebertaV2ForMaskedLM,
+                               transformers.DebertaV2Model)}[self.layout]
+        parts = []
+        for role, cls in (("generator", classes[1]), ("discriminator", classes[2])):
+            hf = dict(transformers_config(cfg, role))
+            hf.pop("architectures", None)
+            hf.pop("electra_fast_enhanced_mask_decoder", None)
+            model = cls(classes[0](**hf))
+            state = dict(export_state(init, role))
+            head = {k: state.pop(k) for k in list(state) if k.startswith("discriminator_predictions.")
+                    and self.layout == "deberta"}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected or any("lm_head.weight" not in k and "position_ids" not in k for k in missing):
+                raise ValueError(f"{role}: weights do not map onto {cls.__name__}: missing {missing}, "
+                                 f"unexpected {unexpected}")
+            parts.append(model.train())
+        self.gen, self.disc = parts
+        if self.layout == "electra":
+            self.disc.electra.embeddings = self.gen.electra.embeddings  # ELECTRA ties the embedding layer
+            if self.gen.generator_lm_head.weight is not self.gen.electra.embeddings.word_embeddings.weight:
+                raise ValueError("ElectraForMaskedLM's output projection is not tied to its word embeddings")
+            self.head = None
+        else:
+            from transformers.activations import ACT2FN
+            H = cfg.hidden_size
+            self.head = torch.nn.Sequential(torch.nn.Linear(H, H), ACT2FN[cfg.hidden_act], torch.nn.Linear(H, 1))
+            self.head.load_state_dict({ours: head[theirs] for ours, theirs in self.HEAD_KEYS.items()})
+            g_emb = self.gen.deberta.embeddings.word_embeddings
+            d_emb = self.disc.embeddings
+            d_emb.word_embeddings = GDES(g_emb, d_emb.word_embeddings.weight - g_emb.weight)  # E_delta = E_D - E_G
+        self.modules = [m for m in (self.gen, self.disc, self.head) if m is not None]
+
+    def export(self) -> dict:
+        """``role.key`` -> tensor, named as electra_fast's ``export_state`` names them (GDES materialised)."""
+        gen, disc = self.gen.state_dict(), dict(self.disc.state_dict())
+        if self.head is not None:
+            disc["embeddings.word_embeddings.weight"] = (gen["deberta.embeddings.word_embeddings.weight"]
+                                                         + disc.pop("embeddings.word_embeddings.delta"))
+            disc.update({theirs: self.head.state_dict()[ours] for ours, theirs in self.HEAD_KEYS.items()})
+        return {**{f"generator.{k}": v for k, v in gen.items()}, **{f"discriminator.{k}": v for k, v in disc.items()}}
+
+    def generate(self, ids, mask=None):
+        return self.gen(input_ids=ids, attention_mask=mask).logits
+
+    def discriminate(self, ids, mask=None):
+        if self.head is None:
+            return self.disc(input_ids=ids, attention_mask=mask).logits
+        return self.head(self.disc(input_ids=ids, attention_mask=mask).last_hidden_state).squeeze(-1)
+
+    def parameters(self):
+        """Every parameter once (the shared embeddings are reachable from both models)."""
+        return list({id(p): p for m in self.modules for p in m.parameters()}.values())
+
+    def train(self, mode: bool = True):
+        for m in self.modules:
+            m.train(mode)
 
 
 class Independent:
+    """One training side: a :class:`TransformersPair` from the fused job's initial weights for ``seed`` and the
+    ELECTRA step written from the definition (:meth:`losses`)."""
+
     def __init__(self, run_dir: str, seed: int):
-        import transformers
-
         from electra_fast.models import ElectraPretrainingModel
-        from electra_fast.models.interop import export_state, transformers_config
-
         from electra_fast.train import checkpoint
+
         ckpts = os.path.join(run_dir, "checkpoints")
         cfg = checkpoint.load_config(os.path.join(ckpts, sorted(os.listdir(ckpts))[-1]))
         torch.manual_seed(seed)  # the fused job's initial weights for this seed (the job seeds the same way)
-        init = ElectraPretrainingModel(cfg)
-        parts = []
-        for role, cls in (("generator", transformers.ElectraForMaskedLM),
-                          ("discriminator", transformers.ElectraForPreTraining)):
-            hf = dict(transformers_config(cfg, role))
-            hf.pop("architectures", None)
-            model = cls(transformers.ElectraConfig(**hf))
-            model.load_state_dict(export_state(init, role), strict=False)
-            parts.append(model.train())
-        self.gen, self.disc = parts
-        self.disc.electra.embeddings = self.gen.electra.embeddings  # ELECTRA ties the embedding layer
-        self.cfg = cfg
-        self.special = torch.tensor(sorted(cfg.disallowed_sample_ids), dtype=torch.long)
-        self.params = list({id(p): p for m in (self.gen, self.disc) for p in m.parameters()}.values())
+        self.pair = TransformersPair(ElectraPretrainingModel(cfg))
+        definition = DEFINITIONS[self.pair.layout]
+        for k in ("mask_token_frac", "random_token_frac"):
+            if abs(getattr(cfg, k) - definition[k]) > 1e-9 or abs(cfg.mask_prob - MASK_PROB) > 1e-9:
+                raise ValueError(f"the fused job's {k} {getattr(cfg, k)} / mask_prob {cfg.mask_prob} is not "
+                                 f"{self.pair.layout}'s definition ({definition[k]} / {MASK_PROB})")
+        self.cfg, self.definition = cfg, definition
+        self.not_candidates = not_candidates(cfg)
+        # ELECTRA samples from the full softmax (disallow_correct False); a job may exclude ids (its config says)
+        self.not_sampled = torch.tensor(sorted(cfg.disallowed_sample_ids), dtype=torch.long)
+        self.params = self.pair.parameters()
 
     def losses(self, ids: torch.Tensor, g: torch.Generator):
-        cfg = self.cfg
-        masked, selected = _mask(ids, self.special, cfg.mask_token_id, g)
-        logits = self.gen(input_ids=masked).logits[selected]  # [n_sel, V]
+        cfg, d = self.cfg, self.definition
+        masked, selected = _mask(ids, self.not_candidates, cfg.mask_token_id, d["mask_token_frac"],
+                                 d["random_token_frac"], cfg.vocab_size, g)
+        logits = self.pair.generate(masked)[selected]  # [n_sel, V]
         mlm = F.cross_entropy(logits, ids[selected])
         with torch.no_grad():
             z = logits.float() / cfg.temperature
-            z[:, self.special] = -math.inf
+            z[:, self.not_sampled] = -math.inf
             u = torch.rand(z.shape, generator=g).clamp_min(1e-20)
             sample = torch.argmax(z - torch.log(-torch.log(u)), dim=-1)
         corrupted = ids.clone()
         corrupted[selected] = sample
-        labels = (corrupted != ids).float()
-        d = self.disc(input_ids=corrupted).logits
-        rtd = F.binary_cross_entropy_with_logits(d, labels)
+        labels = (corrupted != ids).float()  # a sampled original is "real"
+        dl = self.pair.discriminate(corrupted)
+        rtd = F.binary_cross_entropy_with_logits(dl, labels)  # packed rows: every token is real
         gen_acc = (logits.argmax(-1) == ids[selected]).float().mean()
-        return mlm + cfg.disc_weight * rtd, d.detach(), labels, gen_acc.detach(), selected.sum()
+        return mlm + cfg.disc_weight * rtd, dl.detach(), labels, gen_acc.detach(), selected.sum()
 
 
 def _evaluate(model: Independent, batches, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    model.gen.eval(), model.disc.eval()
+    model.pair.train(False)
     scores, labels, correct, total = [], [], 0.0, 0
     with torch.no_grad():
         for ids in batches:
@@ -128,7 +255,7 @@ def _evaluate(model: Independent, batches, seed: int) -> dict:
             scores.append(d.flatten()), labels.append(lab.flatten())
             correct += float(acc) * int(n)
             total += int(n)
-    model.gen.train(), model.disc.train()
+    model.pair.train(True)
     s, lab = torch.cat(scores), torch.cat(labels)
     pred = s > 0
     tp = float((pred & lab.bool()).sum())
@@ -139,7 +266,7 @@ def _evaluate(model: Independent, batches, seed: int) -> dict:
             "eval_generator_accuracy": correct / max(1, total)}
 
 
-def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batch: int) -> list:
+def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batch: int, lr: float) -> list:
     from electra_fast.train import data as data_mod
     from electra_fast.train.evaluation import SplitSampler, heldout_count, split
     from electra_fast.train.optim import linear_schedule, param_groups
@@ -153,17 +280,13 @@ def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batc
     held_ids, train_ids = split(len(packed), heldout_count(len(packed)))
     sampler = SplitSampler(train_ids, seed)  # the fused job's order for this seed
     held = [packed.batch(list(held_ids[i:i + batch])) for i in range(0, len(held_ids), batch)]
-    groups = []
-    for m in (model.gen, model.disc):
-        for grp in param_groups(m, 0.01):
-            groups.append(grp)
     seen, dedup = set(), []
-    for grp in groups:  # the shared embeddings belong to one group only
-        ps = [p for p in grp["params"] if id(p) not in seen]
+    for grp in (grp for m in model.pair.modules for grp in param_groups(m, 0.01)):
+        ps = [p for p in grp["params"] if id(p) not in seen]  # the shared embeddings belong to one group only
         seen.update(id(p) for p in ps)
         if ps:
             dedup.append({"params": ps, "weight_decay": grp["weight_decay"]})
-    opt = torch.optim.AdamW(dedup, lr=1e-3, betas=(0.9, 0.999), eps=1e-6)
+    opt = torch.optim.AdamW(dedup, lr=lr, betas=(0.9, 0.999), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(min(10_000, steps // 10), steps))
     torch.manual_seed(seed)  # dropout
     g = torch.Generator().manual_seed(seed)
@@ -177,7 +300,7 @@ def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batc
         opt.step()
         sched.step()
         if step % eval_every == 0 or step == steps:
-            rec = {"step": step, "loss": float(loss), **_evaluate(model, held, 0x4556414C)}
+            rec = {"step": step, "loss": float(loss.detach()), **_evaluate(model, held, 0x4556414C)}
             curve.append(rec)
             print(f"independent seed {seed} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in rec.items()
                                                                      if k != "step")
@@ -186,12 +309,36 @@ def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batc
 
 
 # ------------------------------------------------------------------------------------------ the fused side
-def train_fused(out: str, seed: int, steps: int, eval_every: int, precision: str) -> list:
+# The job each layout trains. electra: the default job (electra-tiny, embedded corpus, lr 1e-3). deberta: the
+# DeBERTa-v3 preset's layout (disentangled attention with c2p + p2c, shared keys, LayerNorm'd relative embeddings,
+# no absolute positions, generator of the same width and half the depth, GDES, 80/10/10 masking) at the tiny job's
+# size and settings (H 128, 2 layers x 2 heads, temperature 3, lr 1e-3), with two changes transformers needs:
+# no Enhanced Mask Decoder (DebertaV2ForMaskedLM has none) and 64 position buckets over 128 positions.
+def deberta_tiny_config():
+    from electra_fast.models import ElectraConfig
+    return ElectraConfig._deberta_v3(128, 2, 2, generator_num_hidden_layers=1, enhanced_mask_decoder=False,
+                                     position_buckets=64, max_position_embeddings=128, temperature=3.0)
+
+
+LR = 1e-3
+
+
+def job_kwargs(layout: str, out: str) -> dict:
+    """The ``electra_fast.pretrain`` arguments of ``layout``'s job (its config file written under ``out``)."""
+    if layout == "electra":
+        return {"lr": LR}
+    path = os.path.join(out, "deberta-tiny.json")
+    if not os.path.exists(path):
+        deberta_tiny_config().to_json_file(path)
+    return {"lr": LR, "model": path}
+
+
+def train_fused(out: str, seed: int, steps: int, eval_every: int, precision: str, job: dict) -> list:
     import electra_fast
 
     if not os.path.exists(os.path.join(out, "checkpoints", f"step-{steps:08d}")):  # else: read the finished run
         electra_fast.pretrain(out=out, seed=seed, steps=steps, eval_every=eval_every, precision=precision,
-                              progress=False)
+                              progress=False, **job)
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return [{"step": r["step"], "loss": r.get("loss"), **{k: r[k] for k in METRICS}} for r in recs
             if METRICS[0] in r]
@@ -230,13 +377,13 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
-    colors = {"independent": "tab:gray", "fused_fp32": "tab:blue", "fused_bf16": "tab:orange"}
+    colors = {"independent": "tab:gray", "fused_fp32": "tab:blue", "fused_bf16": "tab:orange", "fused_fp16": "tab:green"}
     for ax, k in zip(axes, METRICS):
         for side, runs in result["runs"].items():
             for seed, curve in runs.items():
                 ax.plot([r["step"] for r in curve], [r[k] for r in curve], color=colors[side], alpha=0.8,
                         label=f"{side} seed {seed}")
-        ax.set_title(k.replace("eval_", "held-out "))
+        ax.set_title(f"{result.get('layout', 'electra')}: " + k.replace("eval_", "held-out "))
         ax.set_xlabel("step")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -250,15 +397,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--sides", default="fused_fp32,independent,fused_bf16")
+    p.add_argument("--sides", default="fused_fp32,independent,fused_bf16",
+                   help="any of fused_fp32, independent, fused_bf16, fused_fp16 (independent needs fused_fp32's run)")
+    p.add_argument("--layout", choices=tuple(DEFINITIONS), default="electra",
+                   help="electra: the default job; deberta: the DeBERTa-v3 layout (deberta_tiny_config)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     path = os.path.join(args.out, "parity.json")
     result = json.load(open(path)) if os.path.exists(path) else {"runs": {}}
-    result.update(steps=args.steps, eval_every=args.eval_every, batch=args.batch,
+    if result.get("layout", args.layout) != args.layout:
+        raise SystemExit(f"{path} holds a {result['layout']} report; use another --out")
+    job = job_kwargs(args.layout, args.out)
+    result.update(layout=args.layout, steps=args.steps, eval_every=args.eval_every, batch=args.batch, lr=job["lr"],
                   cpu=open("/proc/cpuinfo").read().split("model name")[1].split(":")[1].split("\n")[0].strip(),
                   torch=torch.__version__, threads=torch.get_num_threads())
+    if args.layout == "deberta":
+        result["config"] = deberta_tiny_config().to_dict()
     for side in args.sides.split(","):
         for seed in seeds:
             runs = result["runs"].setdefault(side, {})
@@ -267,10 +422,10 @@ def main() -> None:
             t0 = time.perf_counter()
             if side.startswith("fused"):
                 curve = train_fused(os.path.join(args.out, f"run-{side}-{seed}"), seed, args.steps, args.eval_every,
-                                    side.split("_")[1])
+                                    side.split("_")[1], job)
             else:
                 curve = train_independent(os.path.join(args.out, f"run-fused_fp32-{seed}"), seed, args.steps,
-                                          args.eval_every, args.batch)
+                                          args.eval_every, args.batch, job["lr"])
             runs[str(seed)] = curve
             result.setdefault("seconds", {})[f"{side}-{seed}"] = round(time.perf_counter() - t0, 1)
             json.dump(result, open(path, "w"), indent=1)
@@ -282,14 +437,19 @@ def main() -> None:
                                                 for s, c in result["runs"].get("fused_fp32", {}).items()}
     if "fused_fp32" in result["runs"]:
         band = bands(list(result["runs"]["fused_fp32"].values()))
-        verdict["fused_bf16 vs fused_fp32"] = {s: inside(c, band, warm)
-                                               for s, c in result["runs"].get("fused_bf16", {}).items()}
+        for low in ("fused_bf16", "fused_fp16"):
+            if result["runs"].get(low):
+                verdict[f"{low} vs fused_fp32"] = {s: inside(c, band, warm) for s, c in result["runs"][low].items()}
     result["verdict"] = verdict
+    result["points"] = {name: {"outside": sum(len(v) for v in per_seed.values()),
+                               "checked": sum(len([r for r in result["runs"][name.split()[0]][s] if r["step"] > warm])
+                                              * len(METRICS) for s in per_seed)}
+                        for name, per_seed in verdict.items()}
     json.dump(result, open(path, "w"), indent=1)
     plot(result, os.path.join(args.out, "parity.png"))
     for name, per_seed in verdict.items():
-        n = sum(len(v) for v in per_seed.values())
-        print(f"{name}: {'within the spread' if n == 0 else f'{n} point(s) outside'} {per_seed if n else ''}")
+        n, checked = result["points"][name]["outside"], result["points"][name]["checked"]
+        print(f"{name}: {n}/{checked} points outside the band" + (f" {per_seed}" if n else " (within the spread)"))
 
 
 if __name__ == "__main__":
