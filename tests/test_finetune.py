@@ -410,6 +410,54 @@ def test_rotten_tomatoes_rows_keep_reviews_only(tmp_path):
     assert rotten_tomatoes_rows(str(path)) == [("Great fun.", "fresh"), ("Dull.", "rotten")]
 
 
+def test_demo_end_to_end_pretrains_on_the_training_reviews_only(tmp_path, monkeypatch, capsys):
+    """The demo on small stand-in data: pretraining reads the corpus and the rotten-tomatoes *training* reviews (no dev
+    or test text), both initialisations get the same fine-tuning options, and the reported test accuracies are those
+    of each seed's predictions."""
+    from electra_fast.finetune import demo
+    from electra_fast.train import corpus
+    rng = np.random.default_rng(0)
+    words = "the a cat dog sat ran on under mat rug red blue big small quickly slowly".split()
+    docs = [" ".join(rng.choice(words, 9)).capitalize() + f" n{i}." for i in range(60)]
+
+    def write_corpus(path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n\n".join(docs) + "\n")
+        return str(path)
+    monkeypatch.setattr(corpus, "documents", lambda: docs)
+    monkeypatch.setattr(corpus, "write_default_corpus", write_corpus)
+    reviews = [(f"review r{i} was {'great fun' if i % 2 else 'dull and slow'}", "fresh" if i % 2 else "rotten")
+               for i in range(50)]
+    monkeypatch.setattr(demo, "rotten_tomatoes_rows", lambda path=None: reviews)
+    out = tmp_path / "demo"
+    assert demo.main(["--out", str(out), "--pretrain-steps", "2",
+                      "--pretrain-batch-size", "2", "--vocab-size", "120", "--epochs", "1", "--seeds", "1", "2",
+                      "--threads", "1"]) == 0
+    split = demo.split_rows(reviews, 0)
+    with open(out / "data" / "pretrain" / "rotten-tomatoes-train.txt", encoding="utf-8") as f:
+        text = f.read()
+    assert text == "\n\n".join(t for t, _ in split["train"]) + "\n"
+    assert not any(t in text.split("\n") for t, _ in split["dev"] + split["test"])
+    record = json.loads((out / "demo.json").read_text())
+    assert record["pretraining"]["inputs"] == ["corpus.txt", "rotten-tomatoes-train.txt"]
+    assert record["pretraining"]["steps"] == 2 and record["pretraining"]["model"] == "demo"
+    run = json.loads((out / "pretrain" / "run.json").read_text())
+    assert json.loads((out / "data" / "demo-model.json").read_text()) == demo.DEMO_MODEL
+    assert run["inputs"] == [str(out / "data" / "pretrain" / f) for f in record["pretraining"]["inputs"]]
+    assert [(r["task"], r["init"]) for r in record["results"]] == [
+        (t, i) for t in ("acceptability", "rotten-tomatoes") for i in ("pretrained", "random init")]
+    for r in record["results"]:
+        opts = [json.loads((out / r["task"] / i / "finetune.json").read_text()) for i in ("pretrained", "random init")]
+        assert [o.pop("from_scratch") for o in opts] == [False, True] and opts[0] == opts[1]
+        gold = [label for _, label in demo.read_split(str(out / "data" / r["task"] / "test.tsv"))]
+        for seed, acc in zip((1, 2), r["test"]):
+            with open(out / r["task"] / r["init"] / f"seed-{seed}" / "predictions-test.tsv") as f:
+                pred = [line.rstrip("\n").split("\t")[1] for line in list(f)[1:]]
+            assert acc == sum(p == g for p, g in zip(pred, gold)) / len(gold)
+        assert r["dev_median"] == float(np.median(r["dev"])) and r["test_median"] == float(np.median(r["test"]))
+    assert "test median" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------ BERT-family sources
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_bert_family_directory_is_the_same_encoder(family, tmp_path):
