@@ -494,3 +494,35 @@ def test_bert_family_view_rejects_other_models():
 
     with pytest.raises(interop.CheckpointError, match="BERT-family"):
         interop.electra_view({"model_type": "gpt2"}, {})
+
+
+# ------------------------------------------------------------------------------------------ probes (tools/)
+def _probes():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "finetune_probes.py")
+    spec = importlib.util.spec_from_file_location("finetune_probes", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_probe_auc_counts_pairs_and_ties():
+    auc = _probes().auc
+    s, y = torch.tensor([0.1, 0.4, 0.4, 0.8, 0.2]), torch.tensor([0, 1, 0, 1, 0])
+    pairs = [(a, b) for a, la in zip(s, y) for b, lb in zip(s, y) if la == 1 and lb == 0]
+    expected = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+    assert auc(s, y) == pytest.approx(expected) and expected == pytest.approx(5.5 / 6)
+    assert auc(-s, y) == pytest.approx(1 - expected)
+
+
+def test_probes_run_on_a_pretrained_run(pretrained, tmp_path):
+    probes = _probes()
+    d = _classification_files(tmp_path / "cls", n=300)
+    for split in ("train", "dev"):  # the probes read label 1 / fresh as positive
+        text = (d / f"{split}.tsv").read_text().replace("\tyes\n", "\t1\n").replace("\tno\n", "\t0\n")
+        (d / f"{split}.tsv").write_text(text)
+    assert 0.0 <= probes.swap_probe(str(pretrained), str(d / "dev.tsv")) <= 1.0
+    acc = probes.linear_probe(str(pretrained), str(d))
+    assert set(acc) == {"pretrained", "random init"}
+    # "cat" in the sentence decides the label: mean-pooled token features of either encoder separate it on dev
+    assert min(a["mean-pooled"] for a in acc.values()) >= 0.75
