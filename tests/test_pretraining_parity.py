@@ -12,6 +12,7 @@ positions replaced) and recomputes everything else itself: the MLM cross-entropy
 gradients and the optimizer step. The test must be able to fail: ``test_parity_catches_*`` inject plausible bugs into
 the fused model and require the comparison to reject them.
 """
+import dataclasses
 import os
 import sys
 
@@ -166,3 +167,39 @@ def test_parity_catches_gdes_that_lets_the_rtd_loss_reach_the_generator(monkeypa
         F.embedding(ids, self._base.weight, self.padding_idx) + F.embedding(ids, self.delta, self.padding_idx)))
     with pytest.raises(AssertionError, match="step 2 "):
         _run_parity("deberta")
+
+
+@pytest.mark.parametrize("layout", ("electra", "deberta"))
+def test_report_evaluates_fused_checkpoints_with_its_own_code(layout, tmp_path):
+    """The report's fused curve: a checkpoint at every evaluation step, each evaluated by the independent side's
+    held-out code (``eval_*``, one draw for both sides) next to the job's own numbers (``own_eval_*``); the
+    transformers pair it evaluates holds that checkpoint's weights, not the initial ones."""
+    from electra_fast.train import checkpoint as ckpt
+    data = tmp_path / "corpus.txt"
+    words = "the cat sat on a mat while dogs ran far away from big red houses".split()
+    g = torch.Generator().manual_seed(0)
+    data.write_text("\n\n".join(" ".join(words[int(i)] for i in torch.randint(len(words), (200,), generator=g))
+                                for _ in range(60)) + "\n")
+    model = tmp_path / "model.json"
+    # the report's sequence length (128: the independent side packs the run's token cache at the job's default)
+    dataclasses.replace(_config(layout), hidden_dropout_prob=0.1, max_position_embeddings=128).to_json_file(str(model))
+    job = dict(data=[str(data)], model=str(model), vocab_size=V, batch_size=B, lr=3e-3, warmup=1)
+    out = str(tmp_path / "run")
+    curve = parity_report.train_fused(out, 0, 4, 2, "fp32", job, B)
+    assert [r["step"] for r in curve] == [2, 4]
+    for r in curve:
+        for k in parity_report.METRICS:
+            assert 0.0 <= r[k] <= 1.0 and 0.0 <= r["own_" + k] <= 1.0
+    last = os.path.join(out, "checkpoints", "step-00000004")
+    fused = ElectraPretrainingModel(ckpt.load_config(last))
+    ckpt.load_model_state(fused, os.path.join(last, "model.safetensors"))
+    fused.eval()
+    ids = torch.randint(5, fused.config.vocab_size, (2, 128), generator=g)
+    held = parity_report.Independent(out, 0, weights=last)
+    init = parity_report.Independent(out, 0)
+    for m in (held, init):
+        m.pair.train(False)
+    with torch.no_grad():
+        want = fused.discriminator(ids)
+        torch.testing.assert_close(held.pair.discriminate(ids), want, rtol=1e-4, atol=1e-5)  # fp32 reassociation
+        assert not torch.allclose(init.pair.discriminate(ids), want, rtol=1e-4, atol=1e-5)

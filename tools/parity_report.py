@@ -14,7 +14,11 @@ held-out split and sampler: the data is the only thing taken from electra_fast),
                kept, DeBERTa (BERT's rule) 80 % [MASK] / 10 % random / 10 % kept; Gumbel-max samples from the full
                generator logits / temperature (nothing excluded, as ELECTRA and the fused config say); a sampled
                original is labelled real; binary cross-entropy over every real token; torch's RNG seeded with S.
-Held-out metrics every E steps on the same held-out sequences, each side with its own fixed masking seed.
+Held-out metrics every E steps on the same held-out sequences, computed for both sides by this file's evaluation with
+one fixed corruption draw (``EVAL_SEED``): the fused run saves a checkpoint at each evaluation step and each is
+evaluated here (its job's own held-out numbers, from another fixed draw, are kept as ``own_eval_*``). With a draw of
+its own per side, the draw alone shifts every run of a side alike (AUC by up to ~0.006 on this slice), which reads as
+a gap between the implementations that is none.
 
 Criterion: at every evaluation step after warm-up, each fused run's held-out AUC, F1 and generator accuracy lie inside
 the band the independent seeds span, widened by that band's width (max - min) on each side (the run-to-run spread
@@ -206,14 +210,19 @@ class Independent:
     """One training side: a :class:`TransformersPair` from the fused job's initial weights for ``seed`` and the
     ELECTRA step written from the definition (:meth:`losses`)."""
 
-    def __init__(self, run_dir: str, seed: int):
+    def __init__(self, run_dir: str, seed: int, weights: str = ""):
+        """``weights``: a checkpoint directory of the fused run whose weights to hold instead of its initial ones
+        (to evaluate the fused side with this side's held-out procedure)."""
         from electra_fast.models import ElectraPretrainingModel
         from electra_fast.train import checkpoint
 
         ckpts = os.path.join(run_dir, "checkpoints")
         cfg = checkpoint.load_config(os.path.join(ckpts, sorted(os.listdir(ckpts))[-1]))
         torch.manual_seed(seed)  # the fused job's initial weights for this seed (the job seeds the same way)
-        self.pair = TransformersPair(ElectraPretrainingModel(cfg))
+        init = ElectraPretrainingModel(cfg)
+        if weights:
+            checkpoint.load_model_state(init, os.path.join(weights, "model.safetensors"))
+        self.pair = TransformersPair(init)
         definition = DEFINITIONS[self.pair.layout]
         for k in ("mask_token_frac", "random_token_frac"):
             if abs(getattr(cfg, k) - definition[k]) > 1e-9 or abs(cfg.mask_prob - MASK_PROB) > 1e-9:
@@ -266,20 +275,37 @@ def _evaluate(model: Independent, batches, seed: int) -> dict:
             "eval_generator_accuracy": correct / max(1, total)}
 
 
-def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batch: int, lr: float) -> list:
+EVAL_SEED = 0x4556414C  # one fixed draw of held-out corruption, the same for every run of either side
+
+
+def _data(run_dir: str, cfg, batch: int):
+    """(packed sequences of the fused run's token cache, its held-out batches, its training ids)."""
     from electra_fast.train import data as data_mod
-    from electra_fast.train.evaluation import SplitSampler, heldout_count, split
-    from electra_fast.train.optim import linear_schedule, param_groups
+    from electra_fast.train.evaluation import heldout_count, split
 
     run = json.load(open(os.path.join(run_dir, "run.json")))
     stream = [os.path.join(run_dir, "cache", f) for f in os.listdir(os.path.join(run_dir, "cache"))
               if f.startswith("tokens-") and f.endswith(".bin")][0]
-    model = Independent(run_dir, seed)
-    cfg = model.cfg
     packed = data_mod.PackedSequences(stream, run.get("seq_len", 128), cfg.cls_token_id, cfg.sep_token_id)
     held_ids, train_ids = split(len(packed), heldout_count(len(packed)))
-    sampler = SplitSampler(train_ids, seed)  # the fused job's order for this seed
     held = [packed.batch(list(held_ids[i:i + batch])) for i in range(0, len(held_ids), batch)]
+    return packed, held, train_ids
+
+
+def evaluate_checkpoint(run_dir: str, checkpoint: str, seed: int, batch: int) -> dict:
+    """A fused run's checkpoint through this side's held-out evaluation (same code, same draws as the
+    independent runs): the two sides' curves then differ by their training only, not by the evaluation."""
+    model = Independent(run_dir, seed, weights=checkpoint)
+    return _evaluate(model, _data(run_dir, model.cfg, batch)[1], EVAL_SEED)
+
+
+def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batch: int, lr: float) -> list:
+    from electra_fast.train.evaluation import SplitSampler
+    from electra_fast.train.optim import linear_schedule, param_groups
+
+    model = Independent(run_dir, seed)
+    packed, held, train_ids = _data(run_dir, model.cfg, batch)
+    sampler = SplitSampler(train_ids, seed)  # the fused job's order for this seed
     seen, dedup = set(), []
     for grp in (grp for m in model.pair.modules for grp in param_groups(m, 0.01)):
         ps = [p for p in grp["params"] if id(p) not in seen]  # the shared embeddings belong to one group only
@@ -300,7 +326,7 @@ def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batc
         opt.step()
         sched.step()
         if step % eval_every == 0 or step == steps:
-            rec = {"step": step, "loss": float(loss.detach()), **_evaluate(model, held, 0x4556414C)}
+            rec = {"step": step, "loss": float(loss.detach()), **_evaluate(model, held, EVAL_SEED)}
             curve.append(rec)
             print(f"independent seed {seed} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in rec.items()
                                                                      if k != "step")
@@ -333,15 +359,22 @@ def job_kwargs(layout: str, out: str) -> dict:
     return {"lr": LR, "model": path}
 
 
-def train_fused(out: str, seed: int, steps: int, eval_every: int, precision: str, job: dict) -> list:
+def train_fused(out: str, seed: int, steps: int, eval_every: int, precision: str, job: dict, batch: int) -> list:
+    """The fused run's curve: at every evaluation step, its checkpoint evaluated by :func:`evaluate_checkpoint`
+    (``eval_*``), next to the job's own held-out numbers (``own_eval_*``: its own fixed corruption draw)."""
     import electra_fast
 
-    if not os.path.exists(os.path.join(out, "checkpoints", f"step-{steps:08d}")):  # else: read the finished run
-        electra_fast.pretrain(out=out, seed=seed, steps=steps, eval_every=eval_every, precision=precision,
-                              progress=False, **job)
+    ckpts = os.path.join(out, "checkpoints")
+    if not os.path.exists(os.path.join(ckpts, f"step-{steps:08d}")):  # else: read the finished run
+        electra_fast.pretrain(out=out, seed=seed, steps=steps, eval_every=eval_every, save_every=eval_every,
+                              keep=steps // eval_every + 1, precision=precision, progress=False, **job)
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return [{"step": r["step"], "loss": r.get("loss"), **{k: r[k] for k in METRICS}} for r in recs
-            if METRICS[0] in r]
+    curve = []
+    for r in (r for r in recs if METRICS[0] in r):
+        same = evaluate_checkpoint(out, os.path.join(ckpts, f"step-{r['step']:08d}"), seed, batch)
+        curve.append({"step": r["step"], "loss": r.get("loss"), **same,
+                      **{"own_" + k: r[k] for k in METRICS}})
+    return curve
 
 
 # ------------------------------------------------------------------------------------------------ verdict
@@ -422,7 +455,7 @@ def main() -> None:
             t0 = time.perf_counter()
             if side.startswith("fused"):
                 curve = train_fused(os.path.join(args.out, f"run-{side}-{seed}"), seed, args.steps, args.eval_every,
-                                    side.split("_")[1], job)
+                                    side.split("_")[1], job, args.batch)
             else:
                 curve = train_independent(os.path.join(args.out, f"run-fused_fp32-{seed}"), seed, args.steps,
                                           args.eval_every, args.batch, job["lr"])
