@@ -642,3 +642,17 @@ def test_second_ctrl_c_while_the_checkpoint_is_written_waits_for_it(env, tmp_pat
     assert "interrupted by SIGINT" in stdout
     steps = ckpt.checkpoint_dirs(out / "checkpoints")
     assert len(steps) == 1 and ckpt.verify(steps[0][1]) is None and steps[0][0] == max(_losses(out))
+
+
+def test_default_corpus_ignores_what_other_libraries_add_to_the_standard_library(monkeypatch):
+    """transformers sets documented methods on logging.Logger at import: the embedded corpus (and so every default
+    run's tokens and results) must not depend on whether the process imported it first."""
+    import logging
+    from electra_fast.train.corpus import documents
+    before = documents()
+
+    def warning_once(self, *args):
+        """This method is identical to logger.warning(), but will emit the warning with the same message only once."""
+    warning_once.__module__ = "somelib.utils.logging"
+    monkeypatch.setattr(logging.Logger, "warning_once", warning_once, raising=False)
+    assert documents() == before

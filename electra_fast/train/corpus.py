@@ -1,13 +1,15 @@
 """The embedded default corpus: English text gathered at run time from the docstrings of Python's own
 standard library (already installed on every machine that runs this package), so the repository ships no
-third-party text and the job needs no network. Deterministic for one Python version: a fixed module list,
-sorted member names, one document per docstring paragraph group.
+third-party text and the job needs no network. Deterministic for one Python version, whatever else the process has
+imported: a fixed module list, sorted member names, only members the standard library itself defines, one document
+per docstring paragraph group.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import os
+import sys
 import warnings
 from typing import Iterator, List
 
@@ -28,6 +30,11 @@ MODULES = (
 )
 
 
+def _standard(module_name) -> bool:
+    """Whether a member defined in ``module_name`` is the standard library's own (None: a C-level method)."""
+    return module_name is None or module_name.split(".")[0] in sys.stdlib_module_names
+
+
 def _docstrings(module) -> Iterator[str]:
     doc = inspect.getdoc(module)
     if doc:
@@ -45,7 +52,10 @@ def _docstrings(module) -> Iterator[str]:
             for meth in sorted(vars(obj)):
                 if meth.startswith("_"):
                     continue
-                d = inspect.getdoc(getattr(obj, meth, None)) if inspect.isroutine(getattr(obj, meth, None)) else None
+                routine = getattr(obj, meth, None)
+                if not _standard(getattr(routine, "__module__", None)):
+                    continue  # set on a standard class by a library imported earlier (transformers: Logger methods)
+                d = inspect.getdoc(routine) if inspect.isroutine(routine) else None
                 if d and d != doc:
                     yield d
 
