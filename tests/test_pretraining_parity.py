@@ -203,3 +203,22 @@ def test_report_evaluates_fused_checkpoints_with_its_own_code(layout, tmp_path):
         want = fused.discriminator(ids)
         torch.testing.assert_close(held.pair.discriminate(ids), want, rtol=1e-4, atol=1e-5)  # fp32 reassociation
         assert not torch.allclose(init.pair.discriminate(ids), want, rtol=1e-4, atol=1e-5)
+
+
+def test_report_verdict_tells_noise_from_a_shift():
+    """judge(): runs of one distribution agree (misses within what a 3-seed band lets identical implementations
+    have); the same runs shifted by a few run-to-run standard deviations differ."""
+    g = torch.Generator().manual_seed(0)
+    steps = list(range(100, 1300, 100))
+
+    def runs(shift=0.0):
+        return {str(s): [{"step": t, **{k: 0.5 + 0.01 * float(torch.randn((), generator=g)) + shift
+                                          for k in parity_report.METRICS}} for t in steps] for s in range(3)}
+    assert 0.12 < parity_report.chance_outside(3, draws=200_000) < 0.145  # normal noise, band of 3, widened
+    independent = runs()
+    _, same = parity_report.judge({"independent": independent, "fused_fp32": runs()}, warm=0)
+    _, shifted = parity_report.judge({"independent": independent, "fused_fp32": runs(0.05)}, warm=0)
+    assert same["fused_fp32 vs independent"]["agree"]
+    assert not shifted["fused_fp32 vs independent"]["agree"]
+    assert shifted["fused_fp32 vs independent"]["above"] == shifted["fused_fp32 vs independent"]["outside"]
+    assert parity_report.allowed_outside(54, 0.133) == 11  # Binomial(54, 0.133): P(<= 11) >= 0.95 > P(<= 10)
