@@ -25,18 +25,11 @@ POSITIVE = ("1", "fresh")
 
 
 def read_tsv(path: str) -> Tuple[List[str], torch.Tensor]:
-    with open(path, encoding="utf-8") as f:
-        rows = [line.rstrip("\n").split("\t") for line in f][1:]
+    """(sentences, labels int [N]: 1 for label 1 / fresh) of a TSV the demo wrote."""
+    from electra_fast.finetune.demo import read_split
+
+    rows = read_split(path)
     return [t for t, _ in rows], torch.tensor([1 if y in POSITIVE else 0 for _, y in rows])
-
-
-def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Exact ROC AUC (Mann-Whitney U), ties counted half."""
-    s = scores.double()
-    pos, neg = s[labels == 1], s[labels == 0]
-    greater = (pos[:, None] > neg[None, :]).double().sum()
-    ties = (pos[:, None] == neg[None, :]).double().sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
 def swap_probe(run: str, dev: str) -> float:
@@ -57,17 +50,18 @@ def swap_probe(run: str, dev: str) -> float:
         for text in texts:
             logits = model.discriminator(torch.tensor([tok.encode(text).ids]))[0]
             scores.append(float(logits[1:-1].max()))  # [CLS] and [SEP] are never replaced
-    return auc(torch.tensor(scores), 1 - labels)  # swapped (label 0) is the "replaced" class
+    from electra_fast.train.metrics import roc_auc
+    return roc_auc(torch.tensor(scores), labels == 0)  # swapped (label 0) is the "replaced" class
 
 
-def _features(backbone, tok, texts: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _features(backbone, tok, texts: List[str], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(first token, mean over real tokens) of the last hidden state, each [N, H] fp32."""
     first, mean = [], []
     with torch.no_grad():
         for i in range(0, len(texts), 64):
             encs = tok.encode_batch(texts[i:i + 64])
             T = max(len(e.ids) for e in encs)
-            ids = torch.zeros(len(encs), T, dtype=torch.long)
+            ids = torch.full((len(encs), T), pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for j, e in enumerate(encs):
                 ids[j, :len(e.ids)] = torch.tensor(e.ids)
@@ -114,7 +108,7 @@ def linear_probe(run: str, task_dir: str) -> dict:
     for init, weights in (("pretrained", state), ("random init", None)):
         torch.manual_seed(1)
         net = fmodel.build(cfg, weights, "classification", 2, run).eval()
-        (f_train, m_train), (f_dev, m_dev) = _features(net.backbone, tok, train), _features(net.backbone, tok, dev)
+        (f_train, m_train), (f_dev, m_dev) = (_features(net.backbone, tok, x, cfg.pad_token_id) for x in (train, dev))
         out[init] = {"first token": _logistic(f_train, y_train, f_dev, y_dev),
                      "mean-pooled": _logistic(m_train, y_train, m_dev, y_dev)}
     return out

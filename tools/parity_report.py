@@ -298,11 +298,11 @@ def _data(run_dir: str, cfg, batch: int):
     return packed, held, train_ids
 
 
-def evaluate_checkpoint(run_dir: str, checkpoint: str, seed: int, batch: int) -> dict:
+def evaluate_checkpoint(run_dir: str, checkpoint: str, seed: int, held: list) -> dict:
     """A fused run's checkpoint through this side's held-out evaluation (same code, same draws as the
-    independent runs): the two sides' curves then differ by their training only, not by the evaluation."""
-    model = Independent(run_dir, seed, weights=checkpoint)
-    return _evaluate(model, _data(run_dir, model.cfg, batch)[1], EVAL_SEED)
+    independent runs; ``held``: :func:`_data`'s held-out batches): the two sides' curves then differ by their
+    training only, not by the evaluation."""
+    return _evaluate(Independent(run_dir, seed, weights=checkpoint), held, EVAL_SEED)
 
 
 def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batch: int, lr: float) -> list:
@@ -374,10 +374,13 @@ def train_fused(out: str, seed: int, steps: int, eval_every: int, precision: str
     if not os.path.exists(os.path.join(ckpts, f"step-{steps:08d}")):  # else: read the finished run
         electra_fast.pretrain(out=out, seed=seed, steps=steps, eval_every=eval_every, save_every=eval_every,
                               keep=steps // eval_every + 1, precision=precision, progress=False, **job)
+    from electra_fast.train import checkpoint
+
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    held = _data(out, checkpoint.load_config(os.path.join(ckpts, f"step-{steps:08d}")), batch)[1]
     curve = []
     for r in (r for r in recs if METRICS[0] in r):
-        same = evaluate_checkpoint(out, os.path.join(ckpts, f"step-{r['step']:08d}"), seed, batch)
+        same = evaluate_checkpoint(out, os.path.join(ckpts, f"step-{r['step']:08d}"), seed, held)
         curve.append({"step": r["step"], "loss": r.get("loss"), **same,
                       **{"own_" + k: r[k] for k in METRICS}})
     return curve
@@ -515,8 +518,9 @@ def judge(runs: dict, warm: int):
     for name, side, ref in comparisons:
         if not runs.get(side) or not runs.get(ref):
             continue
-        verdict[name] = {s: inside(c, bands(list(runs[ref].values())), warm) for s, c in runs[side].items()}
-        reverse = {s: inside(c, bands(list(runs[side].values())), warm) for s, c in runs[ref].items()}
+        band, reverse_band = bands(list(runs[ref].values())), bands(list(runs[side].values()))
+        verdict[name] = {s: inside(c, band, warm) for s, c in runs[side].items()}
+        reverse = {s: inside(c, reverse_band, warm) for s, c in runs[ref].items()}
         p = chance_outside(len(runs[ref]))
         points[name] = {**count(verdict[name], runs[side], warm), "reverse": count(reverse, runs[ref], warm),
                         "chance_outside_per_point": round(p, 4)}
