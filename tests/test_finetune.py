@@ -517,3 +517,32 @@ def test_probes_run_on_a_pretrained_run(pretrained, tmp_path):
     assert set(acc) == {"pretrained", "random init"}
     # "cat" in the sentence decides the label: mean-pooled token features of either encoder separate it on dev
     assert min(a["mean-pooled"] for a in acc.values()) >= 0.75
+
+
+def test_probe_shuffle_keeps_masks_and_permutes_each_rows_context():
+    probes = _probes()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.arange(2 * 40).view(2, 40) + 10
+    ids[:, 0], ids[:, -1] = 1, 2  # [CLS], [SEP]
+    masked = torch.rand(ids.shape, generator=gen) < 0.3
+    masked[:, 0] = masked[:, -1] = False
+    inp = ids.masked_fill(masked, 4)
+    out = probes.shuffle_context(inp, masked, gen)
+    assert torch.equal(out[masked], inp[masked]) and torch.equal(out[:, [0, -1]], inp[:, [0, -1]])
+    for r in range(2):  # a permutation within the row, and not the identity
+        assert sorted(out[r].tolist()) == sorted(inp[r].tolist())
+        assert not torch.equal(out[r], inp[r])
+
+
+def test_mlm_probe_reads_the_generator_and_the_runs_unigram(pretrained, tmp_path, env):
+    probes = _probes()
+    r = probes.mlm_probe(str(pretrained), env["data"], seq_len=32, rows=8)
+    assert r["masked"] > 0 and math.isfinite(r["unigram logp"])  # the run's cache was found
+    for kind in ("original", "shuffled"):
+        assert 0.0 <= r[kind]["accuracy"] <= 1.0 and r[kind]["logp"] < 0.0
+    # the unigram baseline: counts of the cache's ids (bit 31 = word start, not part of the id), add-1/2 smoothing
+    run = tmp_path / "run"
+    (run / "cache").mkdir(parents=True)
+    np.array([3, 3, 3 | (1 << 31), 1 | (1 << 31)], dtype="<u4").tofile(run / "cache" / "tokens-x.bin")
+    got = probes._unigram_logp(str(run / "checkpoints" / "step-1"), torch.tensor([3, 1, 0]), vocab=4)
+    assert got == pytest.approx((math.log(3.5 / 6) + math.log(1.5 / 6) + math.log(0.5 / 6)) / 3)

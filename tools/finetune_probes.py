@@ -5,10 +5,16 @@
   linear  frozen encoder, logistic regression (L-BFGS, L2 chosen on dev from 1e-4 / 1e-3 / 1e-2) on the first
           token's and on the mean-pooled last hidden state, pretrained weights vs the same architecture randomly
           initialised (torch seed 1). Pretrained features no better than random ones = nothing to fine-tune from.
+  mlm     the generator on held-out text: 15 % of the tokens (seeded) become [MASK]; accuracy and mean log-probability
+          of the original token at those positions, with the context as written and with the unmasked tokens of each
+          row shuffled (the masks stay in place), next to the unigram log-probability of the run's own training
+          tokens. A generator that reads word order loses accuracy when its context is shuffled; one that matches the
+          unigram baseline has not learned to use its context at all, so its samples carry no signal about order.
 
 Usage (from any directory but the repository root):
     python tools/finetune_probes.py swap RUN DEV.tsv
     python tools/finetune_probes.py linear RUN TASK_DIR      (TASK_DIR holds the demo's train.tsv and dev.tsv)
+    python tools/finetune_probes.py mlm RUN TEXT [--seq-len T]  (TEXT: one document per line, not trained on)
 RUN: a pretraining run or checkpoint directory. The TSVs are the demo's (``sentence<TAB>label``; label 1 / fresh is
 the positive class). Prints one line per probe.
 """
@@ -114,16 +120,87 @@ def linear_probe(run: str, task_dir: str) -> dict:
     return out
 
 
+def shuffle_context(ids: torch.Tensor, masked: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """ids int [B, T] with [CLS] first and [SEP] last; masked bool [B, T]. Each row's unmasked tokens between [CLS]
+    and [SEP] permuted among their own positions; masked positions, [CLS] and [SEP] stay where they are."""
+    out = ids.clone()
+    for r in range(len(ids)):
+        keep = (~masked[r]).nonzero().flatten()
+        keep = keep[(keep > 0) & (keep < ids.shape[1] - 1)]
+        out[r, keep] = ids[r, keep[torch.randperm(len(keep), generator=gen)]]
+    return out
+
+
+def _unigram_logp(src: str, targets: torch.Tensor, vocab: int) -> float:
+    """Mean log-probability of ``targets`` under the unigram distribution of the run's token cache (add-1/2
+    smoothing), or nan when the cache is not beside the checkpoint."""
+    import glob
+
+    import numpy as np
+
+    for root in (src, os.path.dirname(os.path.dirname(src))):  # a run directory, or RUN/checkpoints/step-N
+        found = sorted(glob.glob(os.path.join(root, "cache", "tokens-*.bin")))
+        if found:
+            ids = np.fromfile(found[0], dtype="<u4") & 0x7FFFFFFF  # bit 31 marks word starts
+            counts = torch.from_numpy(np.bincount(ids, minlength=vocab)[:vocab].astype(np.float64)) + 0.5
+            return float((counts / counts.sum()).log()[targets].mean())
+    return float("nan")
+
+
+def mlm_probe(run: str, text: str, seq_len: int = 128, rows: int = 64) -> dict:
+    """{"original" | "shuffled": {"accuracy", "logp"}, "unigram logp", "masked"} of the generator on ``text``."""
+    from tokenizers import Tokenizer
+
+    from electra_fast.models import ElectraPretrainingModel
+    from electra_fast.train import checkpoint as ckpt
+
+    src = ckpt.resolve(run, warn=lambda m: None)
+    cfg = ckpt.load_config(src)
+    model = ElectraPretrainingModel(cfg)
+    ckpt.load_model_state(model, os.path.join(src, "model.safetensors"))
+    model.eval()
+    tok = Tokenizer.from_file(os.path.join(src, "tokenizer.json"))
+    stream: List[int] = []
+    with open(text, encoding="utf-8") as f:
+        for line in f:
+            if line.strip() and len(stream) < rows * seq_len:
+                stream += tok.encode(line.strip(), add_special_tokens=False).ids
+    body = seq_len - 2
+    n = min(rows, len(stream) // body)
+    if n == 0:
+        raise ValueError(f"{text}: expected at least {body} tokens of text, got {len(stream)}")
+    x = torch.tensor(stream[:n * body]).view(n, body)
+    x = torch.cat([torch.full((n, 1), cfg.cls_token_id), x, torch.full((n, 1), cfg.sep_token_id)], 1)
+    gen = torch.Generator().manual_seed(0)
+    masked = torch.rand(x.shape, generator=gen) < 0.15
+    masked[:, 0] = masked[:, -1] = False
+    inp = x.masked_fill(masked, cfg.mask_token_id)
+    targets = x[masked]
+    out = {"masked": int(masked.sum()), "unigram logp": _unigram_logp(src, targets, cfg.vocab_size)}
+    for kind, ids in (("original", inp), ("shuffled", shuffle_context(inp, masked, gen))):
+        with torch.no_grad():
+            logp = model.generator.logits(ids).float().log_softmax(-1)[masked]
+        out[kind] = {"accuracy": float((logp.argmax(-1) == targets).float().mean()),
+                     "logp": float(logp.gather(1, targets[:, None]).mean())}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("probe", choices=("swap", "linear"))
+    p.add_argument("probe", choices=("swap", "linear", "mlm"))
     p.add_argument("run")
-    p.add_argument("data", help="swap: a dev TSV; linear: a directory with train.tsv and dev.tsv")
+    p.add_argument("data", help="swap: a dev TSV; linear: a directory with train.tsv and dev.tsv; mlm: a text file")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=128, help="mlm: tokens per row, [CLS] and [SEP] included")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.probe == "swap":
         print(f"{args.run}: swap AUC (largest replaced-logit) {swap_probe(args.run, args.data):.3f}")
+    elif args.probe == "mlm":
+        r = mlm_probe(args.run, args.data, args.seq_len)
+        print(f"{args.run}: generator at {r['masked']} [MASK] positions: accuracy {r['original']['accuracy']:.3f}, "
+              f"logp {r['original']['logp']:.3f}; context shuffled: {r['shuffled']['accuracy']:.3f}, "
+              f"{r['shuffled']['logp']:.3f}; unigram logp {r['unigram logp']:.3f}")
     else:
         for init, acc in linear_probe(args.run, args.data).items():
             print(f"{args.run}: {init}: dev accuracy of a linear probe on the first token {acc['first token']:.3f}, "
