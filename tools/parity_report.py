@@ -348,7 +348,7 @@ def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batc
 # no Enhanced Mask Decoder (DebertaV2ForMaskedLM has none) and 64 position buckets over 128 positions.
 def deberta_tiny_config():
     from electra_fast.models import ElectraConfig
-    return ElectraConfig._deberta_v3(128, 2, 2, generator_num_hidden_layers=1, enhanced_mask_decoder=False,
+    return ElectraConfig.deberta_v3_layout(128, 2, 2, generator_num_hidden_layers=1, enhanced_mask_decoder=False,
                                      position_buckets=64, max_position_embeddings=128, temperature=3.0)
 
 

@@ -248,7 +248,8 @@ class ElectraConfig:
                              generator_num_attention_heads=4, generator_intermediate_size=1024, mask_prob=0.25), **kw})
 
     @classmethod
-    def _deberta_v3(cls, hidden, layers, heads, **kw) -> "ElectraConfig":
+    def deberta_v3_layout(cls, hidden, layers, heads, **kw) -> "ElectraConfig":
+        """DeBERTa-v3's layout at any size (the presets below are its published sizes); ``kw`` overrides fields."""
         # DeBERTa-v3: SentencePiece vocab 128100 ([PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 [MASK]=128000), relative
         # position buckets 256, c2p + p2c with shared keys, LayerNorm on the relative embeddings, no absolute
         # positions or token types (they enter only the generator's Enhanced Mask Decoder, as in Microsoft's RTD
@@ -266,19 +267,19 @@ class ElectraConfig:
 
     @classmethod
     def deberta_v3_xsmall(cls, **kw) -> "ElectraConfig":
-        return cls._deberta_v3(384, 12, 6, **kw)
+        return cls.deberta_v3_layout(384, 12, 6, **kw)
 
     @classmethod
     def deberta_v3_small(cls, **kw) -> "ElectraConfig":
-        return cls._deberta_v3(768, 6, 12, **kw)
+        return cls.deberta_v3_layout(768, 6, 12, **kw)
 
     @classmethod
     def deberta_v3_base(cls, **kw) -> "ElectraConfig":
-        return cls._deberta_v3(768, 12, 12, **kw)
+        return cls.deberta_v3_layout(768, 12, 12, **kw)
 
     @classmethod
     def deberta_v3_large(cls, **kw) -> "ElectraConfig":
-        return cls._deberta_v3(1024, 24, 16, **kw)
+        return cls.deberta_v3_layout(1024, 24, 16, **kw)
 
 
 def _json_type(value) -> str:
