@@ -14,11 +14,11 @@ Splits are seeded (80 / 10 / 10 %). Each seed's model is the epoch with the best
 median and range over ``--seeds`` of its dev accuracy (what chose the epoch) and of its test accuracy (never looked at
 while choosing anything).
 
-Pretraining (unless ``--model``): ELECTRA's recipe on the embedded corpus plus, when the rotten-tomatoes task runs, the
-review texts of that task's *training* split, unlabelled (domain-adaptive pretraining; dev and test text is never
-read). The default model (``--pretrain-model demo``) is :data:`DEMO_MODEL`, DeBERTa-v3's layout with a 4-layer,
-128-wide discriminator, pretrained on 64-token sequences; ``--pretrain-model electra-tiny`` / any preset / a
-CONFIG.json picks another.
+Pretraining (unless ``--model``): replaced-token detection (ELECTRA's objective) on the embedded corpus plus, when the
+rotten-tomatoes task runs, the review texts of that task's *training* split, unlabelled (domain-adaptive pretraining;
+dev and test text is never read). The default model (``--pretrain-model demo``) is :data:`DEMO_MODEL`, DeBERTa-v3's
+layout with a 4-layer, 128-wide discriminator, pretrained on 64-token sequences; ``--pretrain-model electra-tiny`` /
+any preset / a CONFIG.json picks another.
 The fine-tuning hyperparameters are the same for both initialisations.
 """
 from __future__ import annotations
@@ -44,12 +44,12 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 # The demo's pretraining model: DeBERTa-v3's layout (disentangled attention over relative positions, GDES, generator of
 # the same width and half the depth, EMD) with electra-tiny's width (128, 2 heads, FFN 512) and 4 layers. The layout is
-# what makes pretraining pay at this budget: ELECTRA's absolute-position generator (the same size, any lr 1e-3..3e-3,
-# sequence length 32..128, batch 8..32, up to 3600 steps) never left the unigram plateau on this corpus (probe:
+# what makes pretraining pay at this budget: ELECTRA's absolute-position generator (the same width; lr 1e-3 or 3e-3,
+# 32- to 128-token rows, up to 3600 steps) never left the unigram plateau on this corpus (tools/finetune_probes.py mlm:
 # [MASK] accuracy 0.045 = the unigram's, unchanged with the context shuffled), so its samples held no word-order signal;
 # with relative positions the generator reads word order within 500 steps (README "Fine-tuning"). Sampling temperature
-# 3, as electra-tiny's (train/trainer.py TINY): at 1.0 this discriminator stays near AUC 0.6 and its features were
-# not fine-tunable (one class on Rotten Tomatoes).
+# 3, as electra-tiny's (train/trainer.py TINY): at 1.0 this discriminator stayed at AUC 0.57-0.64 for 4000 steps and
+# could not be fine-tuned (one class on Rotten Tomatoes).
 def _demo_model() -> dict:
     from ..models import ElectraConfig
     cfg = ElectraConfig.deberta_v3_layout(128, 4, 2, temperature=3.0).to_dict()
@@ -59,7 +59,7 @@ def _demo_model() -> dict:
 
 
 DEMO_MODEL = _demo_model()
-PRETRAIN_STEPS = 6000  # x 32 x 64 tokens: 12.3 M tokens, ~13 min on 2 idle AMD EPYC cores (the issue's budget: 30)
+PRETRAIN_STEPS = 6000  # x 32 x 64 tokens: 12.3 M tokens, 14.1 min measured on 2 AMD EPYC cores (the issue's budget: 30)
 
 
 def split_rows(rows: List[Tuple[str, str]], seed: int) -> Dict[str, List[Tuple[str, str]]]:
@@ -221,8 +221,8 @@ def main(argv=None) -> int:
                             batch_size=args.pretrain_batch_size, seq_len=args.pretrain_seq_len, lr=args.pretrain_lr,
                             vocab_size=args.vocab_size, threads=args.threads, progress=False)
             record["pretraining"] = {"inputs": [os.path.basename(f) for f in files], "model": args.pretrain_model,
-                                     "seq_len": args.pretrain_seq_len, "lr": args.pretrain_lr, "steps": done["steps"], "tokens_seen": done["tokens_seen"],
-                                     "wall_time_s": done["wall_time_s"]}
+                                     "seq_len": args.pretrain_seq_len, "lr": args.pretrain_lr, "steps": done["steps"],
+                                     "tokens_seen": done["tokens_seen"], "wall_time_s": done["wall_time_s"]}
         rows = []
         for task, files in data.items():
             for init in ("pretrained", "random init"):
