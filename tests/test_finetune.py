@@ -546,3 +546,30 @@ def test_mlm_probe_reads_the_generator_and_the_runs_unigram(pretrained, tmp_path
     np.array([3, 3, 3 | (1 << 31), 1 | (1 << 31)], dtype="<u4").tofile(run / "cache" / "tokens-x.bin")
     got = probes._unigram_logp(str(run / "checkpoints" / "step-1"), torch.tensor([3, 1, 0]), vocab=4)
     assert got == pytest.approx((math.log(3.5 / 6) + math.log(1.5 / 6) + math.log(0.5 / 6)) / 3)
+
+
+def test_mlm_probe_scores_the_masked_positions_and_shuffles_only_context(pretrained, tmp_path, monkeypatch):
+    """A stand-in generator that predicts the token left of each position: on text where every word is written
+    twice, it is right at masks whose left neighbour is the unmasked first copy, and that vanishes when the context
+    is shuffled. A probe that read other positions, scored the wrong targets or shuffled the masks would not show it."""
+    probes = _probes()
+    src, cfg, _, tok = probes._load_run(str(pretrained))
+    words = [w for w, i in tok.get_vocab().items() if w.isalpha() and i > 10][:12]
+    assert len(words) >= 8
+
+    class Left:
+        @staticmethod
+        def logits(ids):
+            prev = torch.cat([ids[:, :1], ids[:, :-1]], 1)
+            return torch.nn.functional.one_hot(prev, cfg.vocab_size).float() * 20.0
+
+    stand_in = type("Model", (), {"generator": Left()})()
+    monkeypatch.setattr(probes, "_load_run", lambda run: (src, cfg, stand_in, tok))
+    rng = np.random.default_rng(0)
+    text = tmp_path / "pairs.txt"
+    text.write_text("\n".join(" ".join(w + " " + w for w in rng.choice(words, 15)) for _ in range(60)) + "\n")
+    r = probes.mlm_probe("unused", str(text), seq_len=32, rows=16)
+    # about half the masks are second copies, ~85 % of those have an unmasked left neighbour
+    assert 0.3 < r["original"]["accuracy"] < 0.6
+    assert r["shuffled"]["accuracy"] < 0.25
+    assert r["original"]["logp"] > r["shuffled"]["logp"] + 3.0

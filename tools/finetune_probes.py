@@ -38,17 +38,22 @@ def read_tsv(path: str) -> Tuple[List[str], torch.Tensor]:
     return [t for t, _ in rows], torch.tensor([1 if y in POSITIVE else 0 for _, y in rows])
 
 
-def swap_probe(run: str, dev: str) -> float:
+def _load_run(run: str):
+    """(checkpoint directory, config, ElectraPretrainingModel in eval mode, tokenizer) of a run or checkpoint."""
     from tokenizers import Tokenizer
 
     from electra_fast.models import ElectraPretrainingModel
     from electra_fast.train import checkpoint as ckpt
 
     src = ckpt.resolve(run, warn=lambda m: None)
-    model = ElectraPretrainingModel(ckpt.load_config(src))
+    cfg = ckpt.load_config(src)
+    model = ElectraPretrainingModel(cfg)
     ckpt.load_model_state(model, os.path.join(src, "model.safetensors"))
-    model.eval()
-    tok = Tokenizer.from_file(os.path.join(src, "tokenizer.json"))
+    return src, cfg, model.eval(), Tokenizer.from_file(os.path.join(src, "tokenizer.json"))
+
+
+def swap_probe(run: str, dev: str) -> float:
+    _, _, model, tok = _load_run(run)
     tok.enable_truncation(128)
     texts, labels = read_tsv(dev)
     scores = []
@@ -138,10 +143,12 @@ def _unigram_logp(src: str, targets: torch.Tensor, vocab: int) -> float:
 
     import numpy as np
 
+    from electra_fast.train.data import ID_BITS
+
     for root in (src, os.path.dirname(os.path.dirname(src))):  # a run directory, or RUN/checkpoints/step-N
         found = sorted(glob.glob(os.path.join(root, "cache", "tokens-*.bin")))
         if found:
-            ids = np.fromfile(found[0], dtype="<u4") & 0x7FFFFFFF  # bit 31 marks word starts
+            ids = np.fromfile(found[0], dtype="<u4") & ID_BITS  # the high bit marks word starts
             counts = torch.from_numpy(np.bincount(ids, minlength=vocab)[:vocab].astype(np.float64)) + 0.5
             return float((counts / counts.sum()).log()[targets].mean())
     return float("nan")
@@ -149,17 +156,7 @@ def _unigram_logp(src: str, targets: torch.Tensor, vocab: int) -> float:
 
 def mlm_probe(run: str, text: str, seq_len: int = 128, rows: int = 64) -> dict:
     """{"original" | "shuffled": {"accuracy", "logp"}, "unigram logp", "masked"} of the generator on ``text``."""
-    from tokenizers import Tokenizer
-
-    from electra_fast.models import ElectraPretrainingModel
-    from electra_fast.train import checkpoint as ckpt
-
-    src = ckpt.resolve(run, warn=lambda m: None)
-    cfg = ckpt.load_config(src)
-    model = ElectraPretrainingModel(cfg)
-    ckpt.load_model_state(model, os.path.join(src, "model.safetensors"))
-    model.eval()
-    tok = Tokenizer.from_file(os.path.join(src, "tokenizer.json"))
+    src, cfg, model, tok = _load_run(run)
     stream: List[int] = []
     with open(text, encoding="utf-8") as f:
         for line in f:
