@@ -594,7 +594,15 @@ def test_mlm_probe_reads_the_generator_and_the_runs_unigram(pretrained, tmp_path
     (run / "cache").mkdir(parents=True)
     np.array([3, 3, 3 | (1 << 31), 1 | (1 << 31)], dtype="<u4").tofile(run / "cache" / "tokens-x.bin")
     got = probes._unigram_logp(str(run / "checkpoints" / "step-1"), torch.tensor([3, 1, 0]), vocab=4)
-    assert got == pytest.approx((math.log(3.5 / 6) + math.log(1.5 / 6) + math.log(0.5 / 6)) / 3)
+    want = (math.log(3.5 / 6) + math.log(1.5 / 6) + math.log(0.5 / 6)) / 3
+    assert got == pytest.approx(want)
+    # a second tokenisation in the same cache (sorted first): the run's is the one whose inputs run.json names
+    np.array([0, 0, 0, 0, 0, 0], dtype="<u4").tofile(run / "cache" / "tokens-a.bin")
+    (run / "cache" / "tokens-a.bin.json").write_text(json.dumps({"inputs": ["old.txt"]}))
+    (run / "cache" / "tokens-x.bin.json").write_text(json.dumps({"inputs": ["new.txt"]}))
+    assert math.isnan(probes._unigram_logp(str(run), torch.tensor([3, 1, 0]), vocab=4))  # no run.json: no guess
+    (run / "run.json").write_text(json.dumps({"inputs": ["new.txt"]}))
+    assert probes._unigram_logp(str(run), torch.tensor([3, 1, 0]), vocab=4) == pytest.approx(want)
 
 
 def test_mlm_probe_scores_the_masked_positions_and_shuffles_only_context(pretrained, tmp_path, monkeypatch):

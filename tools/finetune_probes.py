@@ -138,16 +138,28 @@ def shuffle_context(ids: torch.Tensor, masked: torch.Tensor, gen: torch.Generato
 
 def _unigram_logp(src: str, targets: torch.Tensor, vocab: int) -> float:
     """Mean log-probability of ``targets`` under the unigram distribution of the run's token cache (add-1/2
-    smoothing), or nan when the cache is not beside the checkpoint."""
+    smoothing), or nan when the cache is not beside the checkpoint. A cache holding several tokenisations (the
+    inputs changed between runs in one directory) is read through the one whose inputs run.json names."""
     import glob
+    import json
 
     import numpy as np
 
     from electra_fast.train.data import ID_BITS
 
+    def inputs(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f).get("inputs")
+        except (OSError, ValueError):
+            return None
+
     for root in (src, os.path.dirname(os.path.dirname(src))):  # a run directory, or RUN/checkpoints/step-N
         found = sorted(glob.glob(os.path.join(root, "cache", "tokens-*.bin")))
-        if found:
+        if len(found) > 1:
+            run_inputs = inputs(os.path.join(root, "run.json"))
+            found = [f for f in found if run_inputs is not None and inputs(f + ".json") == run_inputs]
+        if len(found) == 1:
             ids = np.fromfile(found[0], dtype="<u4") & ID_BITS  # the high bit marks word starts
             counts = torch.from_numpy(np.bincount(ids, minlength=vocab)[:vocab].astype(np.float64)) + 0.5
             return float((counts / counts.sum()).log()[targets].mean())
