@@ -21,6 +21,8 @@ from typing import FrozenSet, Iterable, Optional, Tuple
 
 import torch
 
+from ._validate import reason
+
 Answer = Tuple[bool, str]
 
 # oneDNN ISA names (ONEDNN_MAX_CPU_ISA) under which oneDNN still runs bf16 matrix products natively.
@@ -97,7 +99,7 @@ def _probe_onednn_linear() -> Optional[str]:
         z = torch.ops.mkldnn._linear_pointwise.binary(x[:, :16], torch.ones(2, 32, dtype=torch.bfloat16),
                                                       w.t().contiguous(), None, "mul")
     except Exception as exc:  # noqa: BLE001 - any failure of a private op means "do not use it"
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return f"{type(exc).__name__}: {reason(exc)}"
     if not (torch.equal(y, torch.full((2, 16), 32.0, dtype=torch.bfloat16))
             and torch.equal(z, torch.full((2, 32), 16.0, dtype=torch.bfloat16))):
         return "the probe's products came out wrong"

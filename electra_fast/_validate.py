@@ -197,3 +197,9 @@ def common_ids(*named) -> list:
     # Untouched tensors are returned as they are: each no-op .to() is a dispatcher round trip, which shows
     # at the per-call scale of the small ops.
     return [x if x.dtype == dtype and x.is_contiguous() else x.to(dtype).contiguous() for _, x in named]
+
+
+def reason(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (the type's name when it has none), for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,6 +1,7 @@
 """electra-fast finetune: metrics against formulas written here independently, the layer-wise learning rates, every
 input format, each task end to end from the command line, the transformers export, and bad input (one line,
 nothing overwritten)."""
+import csv
 import json
 import math
 import os
@@ -239,6 +240,11 @@ def _bad_cases(d, pretrained, tmp_path):
 
     good = ["--train", str(d / "train.tsv"), "--validation", str(d / "dev.tsv")]
     model = ["--model", str(pretrained)]
+    hf = tmp_path / "hf"  # a transformers folder whose weights file was cut short
+    hf.mkdir(exist_ok=True)
+    (hf / "config.json").write_text(json.dumps({"model_type": "electra"}))
+    (hf / "model.safetensors").write_bytes(b"")
+    hf_dir = str(hf)
     return [
         (model + ["--train", w("empty.tsv", ""), "--validation", str(d / "dev.tsv")], "empty.tsv is empty"),
         (model + ["--train", w("nolabel.tsv", "sentence\tscore\na b\t1\n"), "--validation", str(d / "dev.tsv")],
@@ -263,6 +269,7 @@ def _bad_cases(d, pretrained, tmp_path):
          "no column 'body' for the text"),
         (["--model", str(tmp_path / "nowhere")] + good, "--model: no such directory"),
         (["--model", str(d)] + good, "is not an electra-fast checkpoint"),
+        (["--model", hf_dir] + good, "model.safetensors is not a readable weights file (SafetensorError"),
         (model + good + ["--epochs", "0"], "--epochs: expected an int >= 1, got 0"),
         (model + good + ["--lr", "-1"], "--lr: expected a finite number > 0"),
         (model + good + ["--layer-decay", "1.5"], "--layer-decay: expected a number in (0, 1]"),
@@ -294,6 +301,30 @@ def test_bad_inputs_are_one_line_and_touch_nothing(pretrained, tmp_path, capsys)
         assert not (tmp_path / f"out{i}").exists(), argv
     assert len(cases) >= 20
     assert _snapshot(tmp_path) == before and _snapshot(pretrained) == run_before
+
+
+@pytest.mark.parametrize("ext", [".tsv", ".csv", ".jsonl"])
+def test_reader_keeps_rows_whole(tmp_path, ext):
+    """Legal rows the readers once broke: text holding U+2028 / NEL / a form feed (str.splitlines() split the row
+    there), CRLF line ends, a 200 k-character document (over the csv module's 128 KiB field limit), and in CSV a
+    quoted field spanning lines (its row's error must name the line the row starts on)."""
+    texts = ["one\u2028two", "three\x85four\x0cfive", "word " * 40000]
+    if ext == ".jsonl":
+        body = "".join(json.dumps({"sentence": t, "label": i % 2}, ensure_ascii=False) + "\r\n"
+                       for i, t in enumerate(texts))
+    else:
+        sep = "," if ext == ".csv" else "\t"
+        body = f"sentence{sep}label\r\n" + "".join(f"{t}{sep}{i % 2}\r\n" for i, t in enumerate(texts))
+    path = tmp_path / f"rows{ext}"
+    path.write_bytes(body.encode("utf-8"))
+    limit = csv.field_size_limit()
+    ds = fdata.read(str(path), "classification", fdata.Columns(), "--train")
+    assert [e.text for e in ds.examples] == texts and [e.label for e in ds.examples] == ["0", "1", "0"]
+    assert csv.field_size_limit() == limit  # the reader's raised limit does not outlive the call
+    if ext == ".csv":
+        path.write_text('sentence,label\n"a review\nin two lines",1\n"no label"\n')
+        with pytest.raises(fdata.FinetuneError, match=r"rows.csv line 4: no label"):
+            fdata.read(str(path), "classification", fdata.Columns(), "--train")
 
 
 def test_skip_bad_lines_counts_them(pretrained, tmp_path):

@@ -188,6 +188,20 @@ def test_missing_directory_and_files(tmp_path):
         ElectraPretrainingModel.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("name, data", [("model.safetensors", b""), ("model.safetensors", b"\x10" + b"\x00" * 7 + b"{"),
+                                        ("pytorch_model.bin", b"not a pickle" * 8), ("pytorch_model.bin", b"PK\x03\x04")])
+def test_unreadable_weights_are_a_checkpoint_error(tmp_path, name, data):
+    """A truncated or foreign weights file is a CheckpointError (a ValueError) naming it: every command that reads
+    transformers folders (--init-from, finetune --model) turns that into one line; safetensors' own error and
+    torch.load's KeyError / UnpicklingError escaped them as tracebacks (found by tools/sweep.py)."""
+    g, d = _electra_pair()
+    gp, dp = _save(tmp_path, g, d)
+    os.remove(dp / "model.safetensors")
+    (dp / name).write_bytes(data)
+    with pytest.raises(CheckpointError, match=f"{name} is not a readable weights file"):
+        ElectraPretrainingModel.from_transformers(gp, dp, **IDS)
+
+
 def test_wrong_architecture(tmp_path):
     g, d = _electra_pair()
     gp, dp = _save(tmp_path, g, d)

@@ -2175,11 +2175,193 @@ def cli_cases(fx: str) -> List[CliCase]:
     add("bench --compare a missing file", "error",
         lambda d: ["bench", "--out", os.path.join(d, "res"), "--compare", os.path.join(d, "missing.json"), "-k", "zzz_none"],
         timeout=300, note="should be refused before any benchmark runs", slow=True)
+    # ------------------------------------------------------------------ pretrain --init-from
+    def hf_dir(config, weights=b""):
+        """a transformers-style folder: config.json, the fixture's tokenizer and a model.safetensors of these bytes
+        (b"": truncated)."""
+        def setup(d):
+            _w(os.path.join(d, "hf", "config.json"), config)
+            shutil.copy(os.path.join(d, IN, "tokenizer.json"), os.path.join(d, "hf", "tokenizer.json"))
+            _w(os.path.join(d, "hf", "model.safetensors"), weights, "wb")
+        return setup
+    deberta = json.dumps({"model_type": "deberta-v2", "hidden_size": 32, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 120,
+                          "relative_attention": True, "position_buckets": 16, "pos_att_type": ["p2c", "c2p"],
+                          "position_biased_input": False, "max_position_embeddings": 64})
+    for label, setup, target in (
+            ("missing path", None, "nowhere"), ("a file", None, os.path.join(IN, "corpus.txt")),
+            ("an empty folder", lambda d: os.makedirs(os.path.join(d, "empty")), "empty"),
+            ("a run whose only checkpoint is corrupt", corrupt_run, "run"),
+            ("a DeBERTa folder with a truncated model.safetensors", hf_dir(deberta), "hf"),
+            ("a DeBERTa folder with a garbage config.json", hf_dir("{garbage"), "hf")):
+        add(f"pretrain --init-from: {label}", "error",
+            lambda d, t=target: P(d, init_from=os.path.join(d, t), model=None, tokenizer=None),
+            setup=setup, protect=(IN, "run", "hf"))
+    _finetune_cases(add, copy_run, put_user, seq, corrupt_run)
     for c in C:  # the same mechanism as a default case, or an expensive one: with --full only
         if c.id in SLOW_CLI:
             c.slow = True
     return C
 
+
+
+def _ft_rows(n: int = 16, seed: int = 5) -> List[Tuple[str, str]]:
+    """(sentence, label) rows of the corpus' words; 'pos' when the sentence holds 'cat'."""
+    r = random.Random(seed)
+    rows = [" ".join(r.choice(WORDS) for _ in range(r.randint(3, 8))) for _ in range(n)]
+    return [(t, "pos" if "cat" in t.split() else "neg") for t in rows[:-2]] + [("a cat sat", "pos"), ("a dog", "neg")]
+
+
+def _ft_tsv(rows, header=("sentence", "label"), end="\n", sep="\t", bom=False) -> str:
+    body = end.join(sep.join(r) for r in [header] + list(rows)) + end
+    return ("\ufeff" if bom else "") + body
+
+
+def _ft_has_summary(out="ft", test=False):
+    def post(d):
+        p = os.path.join(d, out, "summary.json")
+        if not os.path.isfile(p):
+            return f"{out}/summary.json missing after exit 0"
+        if test and not os.path.isfile(os.path.join(d, out, "seed-1", "predictions-test.tsv")):
+            return f"{out}/seed-1/predictions-test.tsv missing after exit 0 with --test"
+        return None
+    return post
+
+
+def _finetune_cases(add, copy_run, put_user, seq, corrupt_run) -> None:
+    """electra-fast finetune: bad and odd input files, --out situations, --model paths, option values."""
+    def F(d, extra=(), **over):
+        """finetune arguments: the fixture run, in/train.tsv, in/dev.tsv, one short epoch (value None drops a flag)."""
+        opts = {"--model": [os.path.join(d, "run")], "--train": [os.path.join(d, "in", "train.tsv")],
+                "--validation": [os.path.join(d, "in", "dev.tsv")], "--epochs": ["1"], "--batch-size": ["4"],
+                "--threads": ["1"], "--out": [os.path.join(d, "ft")]}
+        for k, v in over.items():
+            opts["--" + k.replace("_", "-")] = None if v is None else (v if isinstance(v, list) else [str(v)])
+        return ["finetune", "--no-progress"] + [x for k, v in opts.items() if v is not None for x in (k, *v)] + \
+            list(extra)
+
+    def files(train=None, dev=None, **more):
+        """the run, a good train.tsv / dev.tsv pair, and any file given (str -> text, bytes -> bytes, 'DIR')."""
+        def setup(d):
+            copy_run()(d)
+            named = {"train.tsv": _ft_tsv(_ft_rows(16, 5)), "dev.tsv": _ft_tsv(_ft_rows(8, 6)), **more}
+            if train is not None:
+                named["train.tsv"] = train
+            if dev is not None:
+                named["dev.tsv"] = dev
+            for name, content in named.items():
+                p = os.path.join(d, "in", name)
+                if content == "DIR":
+                    os.makedirs(p)
+                else:
+                    _w(p, content, "wb" if isinstance(content, bytes) else "w")
+        return setup
+
+    def case(id_, expect, argv, setup=None, **kw):
+        kw.setdefault("protect", ("in", "run"))
+        if expect == "legal":
+            kw.setdefault("post", _ft_has_summary())
+        add("finetune " + id_, expect, argv, setup=setup or files(), timeout=kw.pop("timeout", 120), **kw)
+
+    J = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)  # noqa: E731
+    good = _ft_rows(16, 5)
+    # ---- legal files the readers must keep whole
+    case("a plain TSV", "legal", F)
+    case("CRLF line ends and a UTF-8 BOM", "legal", F, files(train=_ft_tsv(good, end="\r\n", bom=True)))
+    case("text holding U+2028, NEL and a form feed", "legal", F,
+         files(train=_ft_tsv([(t.replace(" ", c, 1), lab) for (t, lab), c in zip(good, "\u2028\x85\x0c" * 8)])),
+         note="str.splitlines() breaks a row at these; csv and JSONL rows end at \\n / \\r only")
+    case("a 300 k-character review", "legal", F, files(train=_ft_tsv(good + [("cat " * 75000, "pos")])),
+         note="over the csv module's default 128 KiB field limit; truncated to --max-len like any row")
+    case("CSV with a quoted field spanning two lines", "legal",
+         lambda d: F(d, train=os.path.join(d, "in", "train.csv")),
+         files(**{"train.csv": "sentence,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in good[:-1])
+                  + f'"{good[-1][0]},\nsecond line",{good[-1][1]}\n'}))
+    case("JSONL with a raw U+2028 inside a string", "legal",
+         lambda d: F(d, train=os.path.join(d, "in", "train.jsonl")),
+         files(**{"train.jsonl": J({"sentence": t + "\u2028end", "label": lab} for t, lab in good)}))
+    case("--validation is the training file", "legal", lambda d: F(d, validation=os.path.join(d, "in", "train.tsv")))
+    case("--test without labels", "legal", lambda d: F(d, test=os.path.join(d, "in", "test.tsv")),
+         files(**{"test.tsv": _ft_tsv([(t,) for t, _ in good[:5]], header=("sentence",))}),
+         post=_ft_has_summary(test=True))
+    case("integer labels -1 / 1", "legal", F,
+         files(train=_ft_tsv([(t, "1" if lab == "pos" else "-1") for t, lab in good]),
+               dev=_ft_tsv([(t, "1" if lab == "pos" else "-1") for t, lab in _ft_rows(8, 6)])))
+    # ---- bad files
+    for label, content in (("NUL and invalid UTF-8 bytes", b"\x00\xff\xfe\x80" * 64),
+                           ("UTF-16 with BOM", _ft_tsv(good).encode("utf-16")),
+                           ("empty", ""), ("header only", "sentence\tlabel\n"), ("a directory", "DIR"),
+                           ("a row with too many fields", _ft_tsv(good) + "a cat\tpos\textra\n"),
+                           ("an empty text field", _ft_tsv(good) + "\tpos\n"),
+                           ("no label column", _ft_tsv(good, header=("sentence", "score"))),
+                           ("a single label", _ft_tsv([(t, "pos") for t, _ in good]))):
+        case(f"--train: {label}", "error", F, files(train=content))
+    case("--train: /dev/null", "error", lambda d: F(d, train="/dev/null"))
+    case("--train: missing file", "error", lambda d: F(d, train=os.path.join(d, "in", "missing.tsv")))
+    case("--train: a .parquet file", "error", lambda d: F(d, train=os.path.join(d, "in", "t.parquet")),
+         files(**{"t.parquet": b"PAR1\x00\x00PAR1"}))
+    case("--train: a symlink loop", "error", F,
+         seq(files(), lambda d: (os.unlink(os.path.join(d, "in", "train.tsv")),
+                                 os.symlink("train.tsv", os.path.join(d, "in", "train.tsv")))))
+    case("--validation: a label training never saw", "error", F, files(dev=_ft_tsv(good) + "a dog\tmaybe\n"))
+    case("--test: a label training never saw", "error", lambda d: F(d, test=os.path.join(d, "in", "test.tsv")),
+         files(**{"test.tsv": _ft_tsv(good[:3] + [("a dog", "maybe")])}))
+    for label, rows in (("a row that is a list", [["a cat", "pos"]]), ("label null", [{"sentence": "a", "label": None}]),
+                        ("label 1.5", [{"sentence": "a", "label": 1.5}]), ("label true", [{"sentence": "a", "label": True}]),
+                        ("text a number", [{"sentence": 7, "label": "pos"}])):
+        case(f"--train JSONL: {label}", "error", lambda d: F(d, train=os.path.join(d, "in", "train.jsonl")),
+             files(**{"train.jsonl": J([{"sentence": t, "label": lab} for t, lab in good] + rows)}))
+    for label, value in (("nan", "nan"), ("inf", "inf"), ("a word", "high")):
+        rows = [{"sentence": t, "label": i / 4} for i, (t, _) in enumerate(good)]
+        case(f"--task regression: label {label}", "error",
+             lambda d: F(d, task="regression", train=os.path.join(d, "in", "r.jsonl"),
+                         validation=os.path.join(d, "in", "r.jsonl")),
+             files(**{"r.jsonl": J(rows + [{"sentence": "a cat", "label": value}])}))
+    ner = [{"tokens": t.split(), "tags": ["B-ANI" if w == "cat" else "O" for w in t.split()]} for t, _ in good]
+    for label, row in (("more tags than tokens", {"tokens": ["a", "cat"], "tags": ["O", "B-ANI", "O"]}),
+                       ("no tokens", {"tokens": [], "tags": []}), ("tags not a list", {"tokens": ["a"], "tags": 3})):
+        case(f"--task token-classification: {label}", "error",
+             lambda d: F(d, task="token-classification", train=os.path.join(d, "in", "n.jsonl"),
+                         validation=os.path.join(d, "in", "n.jsonl")),
+             files(**{"n.jsonl": J(ner + [row])}))
+    case("--skip-bad-lines: every row bad", "error", lambda d: F(d, extra=["--skip-bad-lines"]),
+         files(train="sentence\tlabel\n\tpos\n\tneg\n"))
+    case("--skip-bad-lines: two bad rows", "legal", lambda d: F(d, extra=["--skip-bad-lines"]),
+         files(train=_ft_tsv(good) + "\tpos\na\tb\tc\n"))
+    # ---- --out
+    case("--out is a file", "error", lambda d: F(d, out=os.path.join(d, "outfile")),
+         seq(files(), lambda d: _w(os.path.join(d, "outfile"), "user data\n")), protect=("in", "run", "outfile"))
+    case("--out under a file", "error", lambda d: F(d, out=os.path.join(d, "outfile", "sub")),
+         seq(files(), lambda d: _w(os.path.join(d, "outfile"), "user data\n")), protect=("in", "run", "outfile"))
+    case("--out holds user files", "error", F, seq(files(), put_user("ft")), protect=("in", "run", "ft"))
+    case("--out is the --model run", "error", lambda d: F(d, out=os.path.join(d, "run")))
+    case("--out holds user files, --resume", "error", lambda d: F(d, extra=["--resume"]),
+         seq(files(), put_user("ft")), protect=("in", "run", "ft"))
+    # ---- --model
+    case("--model: missing", "error", lambda d: F(d, model=os.path.join(d, "nowhere")))
+    case("--model: a file", "error", lambda d: F(d, model=os.path.join(d, "in", "train.tsv")))
+    case("--model: an empty folder", "error", lambda d: F(d, model=os.path.join(d, "empty")),
+         seq(files(), lambda d: os.makedirs(os.path.join(d, "empty"))))
+    case("--model: a run whose only checkpoint is corrupt", "error", F, seq(files(), lambda d: shutil.rmtree(
+        os.path.join(d, "run")), corrupt_run))
+    for label, config, weights in (("a garbage config.json", "{garbage", b"x"),
+                                   ("another model type", json.dumps({"model_type": "gpt2"}), b"x"),
+                                   ("a truncated model.safetensors", json.dumps({"model_type": "electra"}), b""),
+                                   ("a pytorch_model.bin of other bytes", json.dumps({"model_type": "electra"}),
+                                    None)):
+        def hf(d, config=config, weights=weights):
+            _w(os.path.join(d, "hf", "config.json"), config)
+            name = "model.safetensors" if weights is not None else "pytorch_model.bin"
+            _w(os.path.join(d, "hf", name), weights if weights is not None else b"not a pickle" * 8, "wb")
+        case(f"--model: a transformers folder with {label}", "error", lambda d: F(d, model=os.path.join(d, "hf")),
+             seq(files(), hf), protect=("in", "run", "hf"))
+    # ---- option values
+    for flag, v in (("epochs", "0"), ("batch-size", "0"), ("eval-batch-size", "-1"), ("max-len", "2"),
+                    ("max-len", "100000"), ("lr", "nan"), ("lr", "0"), ("weight-decay", "inf"),
+                    ("layer-decay", "0"), ("warmup", "1"), ("sift", "nan"), ("seeds", "-1"), ("threads", "0"),
+                    ("precision", "fp16"), ("device", "cuda:9"), ("task", "ranking"),
+                    ("text-column", "body"), ("pair-column", "sentence2")):
+        case(f"--{flag} {v!r}", "error", lambda d, flag=flag, v=v: F(d, **{flag.replace("-", "_"): v}))
 
 SLOW_CLI = {
     "pretrain --seq-len '3'", "pretrain --log-every '0'", "pretrain --model: JSON list",

@@ -14,6 +14,7 @@ A bad row is a :class:`FinetuneError` naming the file and line, or is skipped an
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .._validate import reason
 from .errors import FinetuneError
 
 TASKS = ("classification", "regression", "token-classification")
@@ -72,7 +74,8 @@ def _rows(path: str, flag: str) -> Tuple[List[Tuple[int, Any]], bool]:
         raise FinetuneError(f"{flag}: {path} is empty")
     if ext in (".jsonl", ".json"):
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # "\n" only: str.splitlines() also breaks at U+2028, U+0085, form feeds..., which JSON strings may hold raw
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -84,9 +87,22 @@ def _rows(path: str, flag: str) -> Tuple[List[Tuple[int, Any]], bool]:
         raise FinetuneError(f"{flag}: {path}: expected a .csv, .tsv, .jsonl file or a datasets save_to_disk folder")
     delimiter = "," if ext == ".csv" else "\t"
     quoting = csv.QUOTE_MINIMAL if ext == ".csv" else csv.QUOTE_NONE  # GLUE's TSVs hold bare quote characters
-    lines = text.splitlines()
-    reader = csv.reader(lines, delimiter=delimiter, quoting=quoting)
-    return [(n, row) for n, row in enumerate(reader, 1) if row], False
+    # newline="": rows end at \n, \r\n or \r only (a review may hold U+2028 or a form feed), a quoted CSV field may
+    # span lines, and line_num counts the file's lines
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # the default 128 KiB per field would refuse a long document
+    try:
+        rows, start = [], 1
+        for row in reader:
+            if row:
+                rows.append((start, row))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise FinetuneError(f"{flag}: {path} line {reader.line_num}: {e}") from None
+    finally:
+        csv.field_size_limit(limit)
+    return rows, False
 
 
 def _saved_dataset(path: str, flag: str) -> List[Tuple[int, dict]]:
@@ -101,7 +117,7 @@ def _saved_dataset(path: str, flag: str) -> List[Tuple[int, dict]]:
     try:
         ds = datasets.load_from_disk(path)
     except Exception as e:  # noqa: BLE001 - the library's own one-line reason
-        raise FinetuneError(f"{flag}: cannot read {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        raise FinetuneError(f"{flag}: cannot read {path}: {reason(e)}") from None
     if isinstance(ds, datasets.DatasetDict):
         raise FinetuneError(f"{flag}: {path} holds several splits ({', '.join(ds)}); pass one split's folder")
     return [(i + 1, dict(row)) for i, row in enumerate(ds)]

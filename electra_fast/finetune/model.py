@@ -32,6 +32,7 @@ from ..models import interop
 from ..models.modeling import Backbone, init_weights
 from ..nn.dropout import Dropout
 from ..nn.linear import Linear
+from .._validate import reason
 from .errors import FinetuneError
 
 
@@ -129,7 +130,7 @@ def load_encoder(path: str) -> Tuple[ElectraConfig, Dict[str, torch.Tensor], str
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # CheckpointError, JSON, safetensors errors
             if isinstance(e, FinetuneError):
                 raise
-            raise FinetuneError(f"--model: cannot read {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+            raise FinetuneError(f"--model: cannot read {path}: {reason(e)}") from None
     raise FinetuneError(f"--model: {path} is not an electra-fast checkpoint, run or export, nor a transformers model "
                         "directory (no meta.json, checkpoints/, electra_fast.json or config.json)")
 

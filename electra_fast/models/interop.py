@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .._validate import reason
 from .config import ElectraConfig
 
 CONFIG_NAME = "electra_fast.json"
@@ -221,10 +223,15 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
         for shard in shards:
             out.update(load_weights(os.path.join(os.path.dirname(path), shard)))
         return out
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors import SafetensorError
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as e:
+        # truncated or foreign bytes (torch.load's legacy reader raises KeyError on a wrong magic number)
+        raise CheckpointError(f"{path} is not a readable weights file ({type(e).__name__}: {reason(e)})") from None
 
 
 def save_weights(state: Dict[str, torch.Tensor], directory: str) -> None:

@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .._validate import reason
 from .errors import PretrainError
 from .temporaries import remove_dead_temporaries
 
@@ -229,7 +230,7 @@ def load_config(path: str):
         return ElectraConfig.from_json_file(file)
     except (OSError, ValueError, TypeError) as e:  # a checksum-consistent but hand-edited or foreign file
         raise PretrainError(f"checkpoint {path}: config.json is not a valid ElectraConfig: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                            f"{reason(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------- state I/O

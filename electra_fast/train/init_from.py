@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import checkpoint as ckpt
+from .._validate import reason
 from .errors import PretrainError
 
 
@@ -121,7 +122,7 @@ def resolve(path: str, tokenizer: Optional[str], warn) -> Source:
     except PretrainError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:  # the interop's CheckpointError is a ValueError
-        raise PretrainError(f"--init-from: cannot load {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        raise PretrainError(f"--init-from: cannot load {path}: {reason(e)}") from None
     for w in caught:  # e.g. a head missing from the checkpoint: one line each, not a Python warning block
         warn(f"--init-from: {w.message}")
     return source

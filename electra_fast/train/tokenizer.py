@@ -13,6 +13,7 @@ import json
 import os
 from typing import Callable, Dict, Iterable, List, Union
 
+from .._validate import reason
 from .errors import PretrainError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -198,7 +199,7 @@ def load_tokenizer(path: str):
     try:
         tok = Tokenizer.from_file(file)
     except Exception as e:  # the Rust error is one line already
-        raise PretrainError(f"--tokenizer: cannot read {file}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        raise PretrainError(f"--tokenizer: cannot read {file}: {reason(e)}") from None
     special_ids(tok, where=file)  # fail now, not after tokenising the corpus
     return tok
 
