@@ -41,7 +41,8 @@ def test_each_run_writes_curves_png_with_the_four_panels(run):
     assert _labels(losses) == ["MLM", "RTD", "RTD prior", "MLM held out", "RTD held out"]
     assert losses.get_yscale() == "log"
     assert _labels(disc) == ["AUC", "F1", "AUC held out", "F1 held out"]
-    assert _labels(gen) == ["MLM accuracy", "held out", "unigram baseline"]
+    assert _labels(gen) == ["MLM accuracy", "held out", "unigram baseline", "held out, [MASK] only",
+                            "unigram, [MASK] only"]
     assert _labels(speed) == ["tokens/s"]
     records = plot.read_metrics(str(run))
     auc = disc.lines[0]

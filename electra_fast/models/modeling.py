@@ -52,6 +52,8 @@ class ElectraPretrainingOutput:
     discriminator_logits: Optional[torch.Tensor] = None   # [B, T]
     corrupted_ids: Optional[torch.Tensor] = None          # [B, T] the discriminator's input
     masked: Optional[torch.Tensor] = None                 # bool [B, T] selected positions
+    generator_input_ids: Optional[torch.Tensor] = None    # [B, T] the generator's input ([MASK] / kept / random)
+    generator_correct: Optional[torch.Tensor] = None      # bool [N] per selected position (row-major): argmax right
 
 
 class Backbone(nn.Module):
@@ -283,7 +285,8 @@ class ElectraPretrainingModel(nn.Module):
                    "discriminator_recall": disc_metrics["recall"],
                    "replaced_fraction": disc_metrics["replaced_fraction"]}
         return ElectraPretrainingOutput(loss=loss, mlm_loss=mlm_loss.float(), rtd_loss=rtd_loss, metrics=metrics,
-                                        discriminator_logits=logits, corrupted_ids=corrupted, masked=masked)
+                                        discriminator_logits=logits, corrupted_ids=corrupted, masked=masked,
+                                        generator_input_ids=m.input_ids, generator_correct=gen_metrics["correct"])
 
     # ------------------------------------------------------------------ interop
     def save_pretrained(self, path) -> None:

@@ -183,7 +183,7 @@ def mlm_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
             equals ``gumbel_sample(hidden @ weight.T + bias, ...)`` up to float rounding at near-ties.
         reduction: "mean" (over non-ignored rows; none -> 0), "sum" or "none" ([N], 0 at ignored rows).
         return_metrics: also return ``{"accuracy": fp32 fraction of non-ignored rows whose argmax is the
-            target}``.
+            target, "correct": bool [N], that per row (False at ignored rows)}``.
 
     Returns:
         ``(loss, sampled)`` or ``(loss, sampled, metrics)``; loss fp32 (fp64 for fp64 inputs), sampled
@@ -235,5 +235,5 @@ def mlm_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
             loss = loss / valid.sum().clamp(min=1).to(loss.dtype)
     if not return_metrics:
         return loss, sampled
-    correct = ((argmax == targets) & valid).sum().float()
-    return loss, sampled, {"accuracy": correct / valid.sum().clamp(min=1).float()}
+    correct = (argmax == targets) & valid
+    return loss, sampled, {"accuracy": correct.sum().float() / valid.sum().clamp(min=1).float(), "correct": correct}

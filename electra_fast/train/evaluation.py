@@ -8,7 +8,10 @@ step depends on, so exact resume holds with it on.
 
 Besides the discriminator's metrics (:mod:`.metrics`) it reports the generator's MLM accuracy (argmax at the
 masked positions) next to the unigram baseline: always guessing the training sequences' most frequent
-non-special token.
+non-special token; and both again at the ``[MASK]`` positions alone (``*_mask_accuracy``). The first counts the
+selected positions left unmasked (ELECTRA's masking keeps 15 % of them), where the answer is in the input and only
+the generator can copy it, so a generator that ignores its context still beats the unigram there; at ``[MASK]`` it
+cannot (README, "The default job").
 """
 from __future__ import annotations
 
@@ -79,6 +82,7 @@ class HeldOut:
         was_training = net.training
         scores = TokenScores()
         masked = gen_correct = unigram_correct = 0
+        at_mask = gen_mask_correct = unigram_mask_correct = 0
         mlm_sum = rtd_sum = 0.0
         tokens = 0
         devices = [device] if device.type == "cuda" else []
@@ -93,7 +97,12 @@ class HeldOut:
                     n_masked = int(out.masked.sum())
                     masked += n_masked
                     gen_correct += round(float(out.metrics["generator_accuracy"]) * n_masked)
-                    unigram_correct += int((ids[out.masked] == self.unigram_token).sum())
+                    originals = ids[out.masked]
+                    unigram_correct += int((originals == self.unigram_token).sum())
+                    shown = out.generator_input_ids[out.masked] == net.config.mask_token_id
+                    at_mask += int(shown.sum())
+                    gen_mask_correct += int((out.generator_correct & shown).sum())
+                    unigram_mask_correct += int(((originals == self.unigram_token) & shown).sum())
                     mlm_sum += float(out.mlm_loss) * n_masked
                     real = ids.numel() if mask is None else int(mask.sum())
                     rtd_sum += float(out.rtd_loss) * real
@@ -104,6 +113,8 @@ class HeldOut:
         rec = {f"eval_{k}": v for k, v in rtd_metrics(*scores.tensors()).items()}
         rec.update(eval_mlm_loss=mlm_sum / max(masked, 1), eval_rtd_loss=rtd_sum / max(tokens, 1),
                    eval_generator_accuracy=gen_correct / max(masked, 1),
-                   eval_unigram_accuracy=unigram_correct / max(masked, 1))
+                   eval_unigram_accuracy=unigram_correct / max(masked, 1),
+                   eval_generator_mask_accuracy=gen_mask_correct / max(at_mask, 1),
+                   eval_unigram_mask_accuracy=unigram_mask_correct / max(at_mask, 1))
         return rec
 

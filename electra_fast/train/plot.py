@@ -24,7 +24,9 @@ PANELS = (
                                 ("eval_discriminator_f1", "F1 held out", "--")]),
     ("generator accuracy", [("generator_accuracy", "MLM accuracy", "-"),
                             ("eval_generator_accuracy", "held out", "--"),
-                            ("eval_unigram_accuracy", "unigram baseline", ":")]),
+                            ("eval_unigram_accuracy", "unigram baseline", ":"),
+                            ("eval_generator_mask_accuracy", "held out, [MASK] only", "-."),
+                            ("eval_unigram_mask_accuracy", "unigram, [MASK] only", ":")]),
     ("tokens/s", [("tokens_per_s", "tokens/s", "-")]),
 )
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
