@@ -1,4 +1,5 @@
-"""Argument checks shared by the public ops: every message names the argument and what was expected."""
+"""Argument checks shared by the public ops (every message names the argument and what was expected), and
+:func:`reason`, the one-line text of a caught exception that a command reports."""
 from __future__ import annotations
 
 import math
