@@ -1,4 +1,5 @@
-"""Seeds: the one owner of their ranges, their check and how a seed is drawn when the caller gives none.
+"""Seeds: the one owner of their ranges, their check, how a seed is drawn when the caller gives none, and how a
+training job derives one per step, rank and micro-batch (:func:`derive_seed`).
 
 Every op's ``seed`` is an int in [0, SEED_LIMIT). Dropout's Philox key may use all 64 bits ([0, KEY_LIMIT)) and its
 ``stream`` (the counter's fourth word) is an int in [0, STREAM_LIMIT). The randomness contract: DESIGN.md and
@@ -11,6 +12,7 @@ import torch
 SEED_LIMIT = 2 ** 63
 KEY_LIMIT = 2 ** 64
 STREAM_LIMIT = 2 ** 32
+MASK64 = KEY_LIMIT - 1
 
 
 def check(seed, name: str = "seed", limit: int = SEED_LIMIT) -> int:
@@ -34,3 +36,18 @@ def draw() -> int:
 def as_int64(seed: int) -> int:
     """A 64-bit key as the int64 an op schema carries (two's complement; the kernels read the bits)."""
     return seed - KEY_LIMIT if seed >= 2 ** 63 else seed
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A seed in [0, 2**63) mixing ``seed`` with ``parts`` (step, rank, micro-batch) through SplitMix64."""
+    x = _splitmix64(seed & MASK64)
+    for p in parts:
+        x = _splitmix64(x ^ (p & MASK64))
+    return x >> 1

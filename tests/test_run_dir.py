@@ -273,3 +273,23 @@ def test_user_file_named_like_a_temporary_is_never_deleted(env, tmp_path, capsys
     before = snapshot(tmp_path)
     _refused(*_pretrain_cli(env, out, capsys, "--allow-nonempty-out"), "run.json.tmp-999999999")
     assert snapshot(tmp_path) == before
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
+    """Every rewrite in a run folder (run.json, metrics, curves, finetune.json, summary) goes through write_atomic:
+    a writer that fails halfway leaves the old bytes and no temporary; one that succeeds replaces them whole."""
+    from electra_fast._files import temporary, write_atomic, write_json
+    path = tmp_path / "run.json"
+    path.write_text('{"mine": 1}\n')
+
+    def half_then_fail(tmp):
+        with open(tmp, "w") as f:
+            f.write('{"half')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(str(path), half_then_fail)
+    assert path.read_text() == '{"mine": 1}\n' and os.listdir(tmp_path) == ["run.json"]
+    write_json(str(path), {"new": [1, 2]})
+    assert json.loads(path.read_text()) == {"new": [1, 2]} and os.listdir(tmp_path) == ["run.json"]
+    assert re.fullmatch(r".*run\.json\.tmp-\d+", temporary(str(path)))  # the pattern rundir cleans after a kill

@@ -546,14 +546,14 @@ def test_precision_auto_is_recorded_and_kept_on_resume(env, tmp_path, monkeypatc
 
 def test_resolve_precision_of_a_resumed_run(monkeypatch):
     from electra_fast import _cpu
-    from electra_fast.train.trainer import _resolve_precision
+    from electra_fast.train.options import resolve_precision
     monkeypatch.setattr(_cpu, "native_bf16", lambda: (True, "test"))  # no emulated-bf16 warning on any machine
     cpu, said = torch.device("cpu"), []
-    assert _resolve_precision("auto", cpu, {"scaler": {}, "precision": "bf16"}, said.append) == "bf16"
-    assert _resolve_precision("auto", cpu, {"scaler": {}}, said.append) == "fp32"  # older checkpoints: fp32 default
-    assert _resolve_precision("auto", cpu, {"scaler": {"scale": 2.0}}, said.append) == "fp16"  # ... or fp16
+    assert resolve_precision("auto", cpu, {"scaler": {}, "precision": "bf16"}, said.append) == "bf16"
+    assert resolve_precision("auto", cpu, {"scaler": {}}, said.append) == "fp32"  # older checkpoints: fp32 default
+    assert resolve_precision("auto", cpu, {"scaler": {"scale": 2.0}}, said.append) == "fp16"  # ... or fp16
     assert said == []
-    assert _resolve_precision("fp32", cpu, {"scaler": {}, "precision": "bf16"}, said.append) == "fp32"  # explicit
+    assert resolve_precision("fp32", cpu, {"scaler": {}, "precision": "bf16"}, said.append) == "fp32"  # explicit
     assert len(said) == 1 and "resuming a bf16 run" in said[0]
 
 

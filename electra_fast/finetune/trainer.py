@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import _cpu
+from .._files import write_atomic, write_json, write_text
 from ..train.distributed import check_device
 from ..train.optim import layer_decay, linear_schedule, param_groups
 from ..train.tokenizer import load_tokenizer, special_ids
-from ..train.trainer import _positive, _real
+from ..train.options import positive, real
 from . import data as fdata
 from . import metrics as fmetrics
 from . import model as fmodel
@@ -152,28 +153,13 @@ def _replace_dir(path: str, write: Callable[[str], None]) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def _write_atomic(path: str, write: Callable[[str], None]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 RUN_FILE = "finetune.json"  # the options of the run in --out: what --resume must match
 
 
 def _claim_out(out: str, record: dict, resume: bool) -> None:
     if not resume:
         _prepare_out(out)
-        _write_atomic(os.path.join(out, RUN_FILE), lambda p: _write_text(p, json.dumps(record, indent=2) + "\n"))
+        write_json(os.path.join(out, RUN_FILE), record)
         return
     try:
         with open(os.path.join(out, RUN_FILE), encoding="utf-8") as f:
@@ -205,14 +191,14 @@ def _prepare_out(out: str) -> None:
 def _check_options(o: dict) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
         if o[name] is not None or name != "max_len":
-            _positive(name.replace("_", "-"), o[name], 3 if name == "max_len" else 1)
-    _real("lr", o["lr"], 0.0, inclusive=False)
-    _real("weight-decay", o["weight_decay"], 0.0, inclusive=True)
-    _real("layer-decay", o["layer_decay"], 0.0, inclusive=False)
+            positive(name.replace("_", "-"), o[name], 3 if name == "max_len" else 1)
+    real("lr", o["lr"], 0.0, inclusive=False)
+    real("weight-decay", o["weight_decay"], 0.0, inclusive=True)
+    real("layer-decay", o["layer_decay"], 0.0, inclusive=False)
     if o["layer_decay"] > 1:
         raise FinetuneError(f"--layer-decay: expected a number in (0, 1], got {o['layer_decay']!r}")
-    _real("warmup", o["warmup"], 0.0, inclusive=True)
-    _real("sift", o["sift"], 0.0, inclusive=True)
+    real("warmup", o["warmup"], 0.0, inclusive=True)
+    real("sift", o["sift"], 0.0, inclusive=True)
     if o["warmup"] >= 1:
         raise FinetuneError(f"--warmup: expected the warm-up fraction of the steps in [0, 1), got {o['warmup']!r}")
     if o["task"] not in fdata.TASKS:
@@ -245,7 +231,7 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
     seeds = list(seeds)
     _check_options(dict(locals()))
     if threads is not None:
-        torch.set_num_threads(_positive("threads", threads, 1))
+        torch.set_num_threads(positive("threads", threads, 1))
     dev = check_device(device) if device is not None else torch.device("cpu")
     cfg, state, tok_path = fmodel.load_encoder(model)
     tok = load_tokenizer(tok_path)
@@ -364,7 +350,7 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
             if scores[metric] > best:
                 best, best_epoch = scores[metric], epoch
                 weights = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-                _write_atomic(os.path.join(out, "best.safetensors"),
+                write_atomic(os.path.join(out, "best.safetensors"),
                               lambda p: save_file(weights, p, metadata={"format": "pt"}))
             _save_epoch_state(out, net, optimizer, scheduler, rng, best, best_epoch, history)
     except KeyboardInterrupt:  # Ctrl-C: the epochs evaluated so far stand; the caller runs no further seed
@@ -387,7 +373,7 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
                     shown = (f"{y:.6g}" if task == "regression" else names[y] if task == "classification"
                              else " ".join(names[t] for t in y))
                     f.write(f"{i}\t{shown}\n")
-        _write_atomic(path, write)
+        write_atomic(path, write)
         result["predictions"] = path
     result["model"] = net
     return result
@@ -400,7 +386,7 @@ def _save_epoch_state(out, net, optimizer, scheduler, rng, best, best_epoch, his
     state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "batch_order": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "best": best,
              "best_epoch": best_epoch, "history": history}
-    _write_atomic(os.path.join(out, EPOCH_STATE), lambda p: torch.save(state, p))
+    write_atomic(os.path.join(out, EPOCH_STATE), lambda p: torch.save(state, p))
 
 
 def _load_epoch_state(out, net, optimizer, scheduler, rng):
@@ -423,7 +409,7 @@ def _load_epoch_state(out, net, optimizer, scheduler, rng):
     metrics = os.path.join(out, "metrics.jsonl")  # a kill after the line, before the state: drop the extra lines
     with open(metrics, encoding="utf-8") as f:
         lines = f.readlines()[:len(history)]
-    _write_atomic(metrics, lambda p: _write_text(p, "".join(lines)))
+    write_text(metrics, "".join(lines))
     return st["best"], st["best_epoch"], history
 
 
@@ -441,7 +427,7 @@ def _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say) -
         summary["exported"] = {"seed": best["seed"], "dir": os.path.join(out, "export")}
         _plot(os.path.join(out, "curves.png"), runs, metric, say)
         say(_table(runs, keys, summary))
-    _write_atomic(os.path.join(out, "summary.json"), lambda p: _write_text(p, json.dumps(summary, indent=2) + "\n"))
+    write_json(os.path.join(out, "summary.json"), summary)
     summary["models"] = [r["model"] for r in runs]
     return summary
 
@@ -475,5 +461,5 @@ def _plot(path: str, runs, metric: str, say) -> None:
         ax.set_xlabel("epoch")
         ax.legend()
     fig.tight_layout()
-    _write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)

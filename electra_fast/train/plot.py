@@ -13,6 +13,7 @@ import json
 import os
 from typing import Dict, List, Sequence
 
+from .._files import write_atomic
 from .errors import PretrainError
 
 # (title, [(record key, legend label, line style)])
@@ -94,14 +95,8 @@ def save(fig, path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    root, ext = os.path.splitext(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        fig.savefig(tmp, format=ext[1:] or "png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    ext = os.path.splitext(path)[1]
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=ext[1:] or "png", dpi=100))
 
 
 def write_run_curves(run_dir: str, warn) -> str:

@@ -14,14 +14,20 @@ Every refusal is a :class:`PretrainError` naming ``--out`` and raised before any
 
 A kill -9 can leave temporaries (``NAME.tmp-PID``) in ``--out``, ``cache/`` and ``checkpoints/``; the next start
 removes those of dead processes (:func:`remove_stale_temporaries`), and only names matching their writer's pattern.
+
+A job that fails before its first checkpoint takes back what it created (:func:`run_files` before, :func:`take_back`
+after), so a rerun needs no ``--resume``; a resumed job drops the metrics logged after its checkpoint
+(:func:`truncate_metrics`).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import time
 
+from .._files import write_text
 from . import checkpoint as ckpt
 from .data import CACHE_TEMPORARY
 from .errors import PretrainError
@@ -117,3 +123,49 @@ def remove_stale_temporaries(out: str) -> None:
     remove_dead_temporaries(out, TEMPORARY)
     remove_dead_temporaries(os.path.join(out, "cache"), CACHE_TEMPORARY)
     ckpt.remove_stale_temporaries(os.path.join(out, "checkpoints"))
+
+
+RUN_FILES = ("run.json", "metrics.jsonl", "tensorboard", "checkpoints", "curves.png")
+KEPT_UNLESS_EMPTY = ("cache", "")  # cache/ is content-keyed (a retry reuses it); "": --out itself
+
+
+def run_files(out: str):
+    """The run's names not yet in ``out``, and its checkpoints: what :func:`take_back` compares against."""
+    return ([n for n in RUN_FILES + KEPT_UNLESS_EMPTY if not os.path.lexists(os.path.join(out, n))],
+            ckpt.checkpoint_dirs(os.path.join(out, "checkpoints")))
+
+
+def take_back(out: str, before) -> None:
+    """A job that failed before writing a checkpoint leaves nothing a rerun would have to ``--resume``: it removes
+    the run files it created (and the directories it created, if empty), never anything that was there before."""
+    absent, checkpoints = before
+    if ckpt.checkpoint_dirs(os.path.join(out, "checkpoints")) != checkpoints:
+        return  # this job wrote a checkpoint: the run is resumable as it stands
+    for name in absent:
+        path = os.path.join(out, name)
+        try:
+            if name == "" and os.listdir(path) == [MARKER]:
+                os.unlink(os.path.join(path, MARKER))  # this job made --out: its claim goes with it
+            if name in KEPT_UNLESS_EMPTY:
+                os.rmdir(path)  # only when empty
+            elif os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+        except OSError:  # not there, not empty: keep it, and never hide the failure being reported
+            pass
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Keep only the records up to ``step`` (a resumed run re-logs what came after its checkpoint)."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    write_text(path, "".join(keep))

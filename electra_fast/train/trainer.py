@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import signal
 import sys
 import time
 import uuid
@@ -22,7 +20,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .. import _backend, _cpu
+from .. import _backend
+from .._files import write_json
+from .._seed import derive_seed
 from . import checkpoint as ckpt
 from . import plot, rundir
 from . import recipe as recipes
@@ -31,74 +31,14 @@ from .metrics import TokenScores, fmt, learned, rtd_metrics
 from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
 from .doc_sentences import DocumentRows
 from .distributed import Context, setup
-from .errors import InterruptedAgain, PretrainError
+from .errors import PretrainError
 from .optim import linear_schedule, param_groups
 from .init_from import init_source
+from .options import (DEFAULT_EMBEDDED_STEPS, DEFAULT_EMBEDDED_VOCAB, DEFAULT_STEPS, TOKENIZER_NAMES, check_seq_len,
+                      model_config, positive, real, resolve_precision, summary_writer)
+from .signals import Signals
 from .tokenizer import (DEFAULT_VOCAB, config_overrides, fingerprint, load_tokenizer, min_vocab, special_ids,
                         train_tokenizer)
-
-MASK64 = (1 << 64) - 1
-# small enough that the README's default job (no --data, CPU) runs its 600 steps in a couple of minutes. Its
-# generator samples at temperature 3 (ELECTRA's sampling temperature, 1.0 in the paper's million-step runs): at 1.0
-# this generator learns the unigram distribution within ~50 steps, its samples become frequent tokens that only a
-# trained language model can tell from the originals, and the discriminator sits at held-out AUC ~0.55 for
-# thousands of steps; at 3 the samples stay diverse enough that it learns within the first 100 steps (held-out AUC
-# ~0.87, F1 ~0.4 at step 600; README "What the run learned"). Still ELECTRA: a generator trained jointly by MLM,
-# Gumbel samples, the RTD loss over all real tokens.
-TINY = dict(embedding_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=512, generator_hidden_size=64, generator_num_hidden_layers=2,
-            generator_num_attention_heads=1, generator_intermediate_size=256, temperature=3.0)
-DEFAULT_STEPS, DEFAULT_EMBEDDED_STEPS = 10_000, 600
-DEFAULT_EMBEDDED_VOCAB = 8192  # any family: the embedded corpus gives ~9-10k pieces at most
-TOKENIZER_NAMES = {"wordpiece": "WordPiece", "bpe": "byte-level BPE", "unigram": "Unigram"}
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
-
-
-def derive_seed(seed: int, *parts: int) -> int:
-    """A seed in [0, 2**63) mixing ``seed`` with ``parts`` (step, rank, micro-batch) through SplitMix64."""
-    x = _splitmix64(seed & MASK64)
-    for p in parts:
-        x = _splitmix64(x ^ (p & MASK64))
-    return x >> 1
-
-
-def model_config(model: str, tok_overrides: dict):
-    """``--model``: a preset name (``electra-small``, ``deberta-v3-base``, ..., ``electra-tiny``) or a
-    CONFIG.json; vocabulary and special ids come from the tokenizer."""
-    from ..models import PRESETS, ElectraConfig
-    try:
-        if model.endswith(".json"):
-            if not os.path.isfile(model):
-                raise PretrainError(f"--model: no such file: {model}")
-            try:
-                cfg = ElectraConfig.from_json_file(model)
-            except (OSError, json.JSONDecodeError) as e:
-                raise PretrainError(f"--model: cannot read {model}: {e}") from None
-            return cfg.replace(**tok_overrides)
-        name = model.replace("-", "_")
-        if name == "electra_tiny":
-            return ElectraConfig(**{**TINY, **tok_overrides})
-        if name not in PRESETS:
-            names = ", ".join(["electra-tiny"] + [p.replace("_", "-") for p in PRESETS])
-            raise PretrainError(f"--model: unknown preset {model!r} (expected one of {names}, or a CONFIG.json)")
-        return getattr(ElectraConfig, name)(**tok_overrides)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, PretrainError):
-            raise
-        raise PretrainError(f"--model: {e}") from None
-
-
-def _check_seq_len(seq_len: int, cfg) -> None:
-    if seq_len > cfg.max_position_embeddings:
-        raise PretrainError(f"--seq-len: {seq_len} exceeds the model's max_position_embeddings "
-                            f"({cfg.max_position_embeddings})")
-
 
 def _keep_freed_memory() -> bool:
     """CPU training: let glibc keep freed memory for reuse (True when applied).
@@ -121,44 +61,6 @@ def _keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) & bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
-def _positive(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> int:
-    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
-            or (maximum is not None and value > maximum)):
-        expected = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
-        raise PretrainError(f"--{name}: expected {expected}, got {value!r}")
-    return value
-
-
-def _real(name: str, value, minimum: float, inclusive: bool) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or value < minimum or (value == minimum and not inclusive)):
-        raise PretrainError(f"--{name}: expected a finite number {'>=' if inclusive else '>'} {minimum:g}, "
-                            f"got {value!r}")
-    return value
-
-
-# "an ELECTRA-small 32 x 128 step took 91 s in bf16 vs 4.5 s in fp32" (AVX2-only AMD EPYC, no native bf16)
-EMULATED_BF16 = ("bf16 matrix products are emulated here, ~20x slower than fp32 (an ELECTRA-small 32x128 step: 91 s "
-                 "vs 4.5 s on an AVX2-only AMD EPYC); --precision auto picks fp32 on this CPU")
-
-
-def _resolve_precision(precision: str, device: torch.device, state: Optional[dict], say) -> str:
-    """``auto``: the resumed run's own precision (``state``: its training state), else bf16 where ``device`` runs
-    it natively, else fp32. Warns (one line) when bf16 is emulated on this CPU, or when a resumed run changes it."""
-    recorded = state.get("precision") if state else None
-    if precision == "auto":  # a checkpoint from before "precision" was recorded: fp16 left a scaler state, else fp32
-        legacy = state and ("fp16" if state["scaler"] else "fp32")
-        precision = recorded or legacy or _cpu.default_precision(device)[0]
-    elif recorded and precision != recorded:
-        say(f"warning: --precision {precision}: resuming a {recorded} run; its losses will differ from an "
-            "uninterrupted run's")
-    if precision == "bf16" and device.type == "cpu":
-        native, why = _cpu.native_bf16()
-        if not native:
-            say(f"warning: --precision bf16: {why}: {EMULATED_BF16}")
-    return precision
-
-
 def _rng_state(ctx: Context) -> dict:
     state = {"torch": torch.get_rng_state()}
     if ctx.device.type == "cuda":
@@ -170,69 +72,6 @@ def _set_rng_state(state: dict, ctx: Context) -> None:
     torch.set_rng_state(state["torch"])
     if ctx.device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], ctx.device)
-
-
-class _Signals:
-    """SIGINT / SIGTERM set a flag: the loop finishes its step, checkpoints and stops. A second SIGINT before that
-    checkpoint raises InterruptedAgain (no checkpoint); while one is being written (``saving``) it is ignored."""
-
-    def __init__(self, loud: bool = True):
-        self.caught, self.saving, self.loud, self._old = None, False, loud, {}
-
-    def __enter__(self):
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.caught is None:
-            self.caught = signal.Signals(signum).name
-            if self.loud:  # os.write: safe whatever the interrupted code was printing
-                os.write(2, f"\n{self.caught}: finishing this step, then saving a checkpoint "
-                            "(Ctrl-C again stops without one)\n".encode())
-        elif signum == signal.SIGINT and not self.saving:
-            raise InterruptedAgain("interrupted again: stopping without a checkpoint")
-
-    def writing(self, save: Callable[[int], str], step: int) -> str:
-        """``save(step)`` with a second Ctrl-C ignored until the checkpoint is complete."""
-        self.saving = True
-        try:
-            return save(step)
-        finally:
-            self.saving = False
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Keep only the records up to ``step`` (a resumed run re-logs what came after its checkpoint)."""
-    if not os.path.isfile(path):
-        return
-    keep = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
 
 
 def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] = None,
@@ -281,7 +120,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
                             ("batch-size", batch_size, 1, None), ("grad-accum", grad_accum, 1, None),
                             ("keep", keep, 1, None), ("log-every", log_every, 1, None), ("seed", seed, 0, 2**63 - 1),
                             *(o for o in optional if o[1] is not None)):
-        _positive(name, v, lo, hi)
+        positive(name, v, lo, hi)
     del name, v, lo, hi, optional, cpus
     if threads is not None:  # CPU intra-op threads; 1 is fastest for tiny models on a busy machine
         torch.set_num_threads(threads)
@@ -289,25 +128,25 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         raise PretrainError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
     if lr is None:
         lr = 1e-3 if model == "electra-tiny" else (5e-4 if "small" in model else 2e-4)
-    _real("lr", lr, 0.0, inclusive=False)
-    _real("weight-decay", weight_decay, 0.0, inclusive=True)
+    real("lr", lr, 0.0, inclusive=False)
+    real("weight-decay", weight_decay, 0.0, inclusive=True)
     warmup = min(10_000, steps // 10) if warmup is None else warmup
     if tensorboard:
-        _summary_writer()  # missing package: refused before anything is written
+        summary_writer()  # missing package: refused before anything is written
     if not resume:  # --model and --seq-len now, not after a tokenizer was trained (resume: the checkpoint's model)
-        _check_seq_len(seq_len, recipes.apply(source.config if source else model_config(model, {}), recipe))
+        check_seq_len(seq_len, recipes.apply(source.config if source else model_config(model, {}), recipe))
 
     out = os.fspath(out)
     ctx = setup(device)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx.is_main else (lambda msg: None)
     kwargs = dict(locals())
-    before = _run_files(out) if ctx.is_main else None
+    before = rundir.run_files(out) if ctx.is_main else None
     try:
         _check_forced_backend(ctx.device)
         return _Job(**kwargs).run()
     except BaseException:
         if before is not None:
-            _take_back(out, before)
+            rundir.take_back(out, before)
         raise
     finally:
         ctx.close()
@@ -323,37 +162,6 @@ def _check_forced_backend(device: torch.device) -> None:
     reason = forced and _backend.unavailable_reason(forced, device)
     if reason:
         raise PretrainError(f"ELECTRA_FAST_BACKEND={forced}: {reason}; unset it or choose another --device")
-
-
-RUN_FILES = ("run.json", "metrics.jsonl", "tensorboard", "checkpoints", "curves.png")
-KEPT_UNLESS_EMPTY = ("cache", "")  # cache/ is content-keyed (a retry reuses it); "": --out itself
-
-
-def _run_files(out: str):
-    """The run's names not yet in ``out``, and its checkpoints: what :func:`_take_back` compares against."""
-    return ([n for n in RUN_FILES + KEPT_UNLESS_EMPTY if not os.path.lexists(os.path.join(out, n))],
-            ckpt.checkpoint_dirs(os.path.join(out, "checkpoints")))
-
-
-def _take_back(out: str, before) -> None:
-    """A job that failed before writing a checkpoint leaves nothing a rerun would have to ``--resume``: it removes
-    the run files it created (and the directories it created, if empty), never anything that was there before."""
-    absent, checkpoints = before
-    if ckpt.checkpoint_dirs(os.path.join(out, "checkpoints")) != checkpoints:
-        return  # this job wrote a checkpoint: the run is resumable as it stands
-    for name in absent:
-        path = os.path.join(out, name)
-        try:
-            if name == "" and os.listdir(path) == [rundir.MARKER]:
-                os.unlink(os.path.join(path, rundir.MARKER))  # this job made --out: its claim goes with it
-            if name in KEPT_UNLESS_EMPTY:
-                os.rmdir(path)  # only when empty
-            elif os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            elif os.path.lexists(path):
-                os.unlink(path)
-        except OSError:  # not there, not empty: keep it, and never hide the failure being reported
-            pass
 
 
 class _Job:
@@ -376,7 +184,7 @@ class _Job:
         self._announce()
         self.t0 = time.perf_counter()
         self.net.train()
-        with _Signals(loud=ctx.is_main) as signals, \
+        with Signals(loud=ctx.is_main) as signals, \
                 open(self.metrics_path if ctx.is_main else os.devnull, "a", encoding="utf-8") as self.mf:
             while self.step < o.steps:
                 values, scores, grad_norm, lr_now, dt = self._train_step()
@@ -405,7 +213,7 @@ class _Job:
         if self.state is not None and self.state["step"] >= max(o.steps, 1):
             raise PretrainError(f"--steps: the resumed run is already at step {self.state['step']} >= --steps "
                                 f"{o.steps}")
-        self.precision = _resolve_precision(o.precision, ctx.device, self.state, self.say)
+        self.precision = resolve_precision(o.precision, ctx.device, self.state, self.say)
         if ctx.is_main:
             os.makedirs(o.out, exist_ok=True)
             rundir.remove_stale_temporaries(o.out)
@@ -464,7 +272,7 @@ class _Job:
                                                                                      config_overrides(self.tok))
         cfg, self.run_recipe = recipes.settle(cfg, self.o.recipe, self.tok, self.state and self.state.get("recipe", {}),
                                               self.o.override, self.say)
-        _check_seq_len(self.o.seq_len, cfg)
+        check_seq_len(self.o.seq_len, cfg)
         return cfg
 
     def _data(self) -> None:
@@ -558,15 +366,15 @@ class _Job:
         if not self.ctx.is_main:
             return
         if self.resume_from is None:
-            _write_json(os.path.join(o.out, "run.json"), {"run_id": self.run_id, "created": time.time(),
+            write_json(os.path.join(o.out, "run.json"), {"run_id": self.run_id, "created": time.time(),
                                                           "model": o.model, "inputs": self.inputs,
                                                           "precision": self.precision, "recipe": self.run_recipe})
             if os.path.exists(self.metrics_path):  # only reachable with --resume and no checkpoint: our own file
                 os.unlink(self.metrics_path)
         else:
-            _truncate_metrics(self.metrics_path, self.start_step)
+            rundir.truncate_metrics(self.metrics_path, self.start_step)
         if o.tensorboard:  # a resumed run drops the events logged after its checkpoint (they are re-logged)
-            self.tb = _summary_writer()(os.path.join(o.out, "tensorboard"),
+            self.tb = summary_writer()(os.path.join(o.out, "tensorboard"),
                                         purge_step=self.start_step + 1 if self.resume_from else None)
 
     def _announce(self) -> None:
@@ -677,7 +485,7 @@ class _Job:
                              prior=f"{rtd['prior_rtd_loss']:.4f}", auc=fmt(rtd["discriminator_auc"]),
                              f1=f"{rtd['discriminator_f1']:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
 
-    def _maybe_checkpoint(self, signals: _Signals) -> None:
+    def _maybe_checkpoint(self, signals: Signals) -> None:
         every = self.o.save_every
         if every and self.step % every == 0 and self.step < self.o.steps:
             self.checkpoint = signals.writing(self._save, self.step)
@@ -741,16 +549,6 @@ class _Job:
                 *learned(f, self.last_eval), f"checkpoint: {path}",
                 f"metrics: {self.metrics_path}" + (f", curves: {summary['curves']}" if summary["curves"] else ""),
                 f"export: electra-fast export {path} {os.path.join(self.o.out, 'export')}"]
-
-
-def _summary_writer():
-    """torch's TensorBoard ``SummaryWriter`` class; PretrainError naming --tensorboard when the package is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise PretrainError("--tensorboard: the tensorboard package is not installed (pip install tensorboard, or "
-                            "pip install 'electra_fast[tensorboard]')") from None
-    return SummaryWriter
 
 
 STEP_METRICS = ("loss", "mlm_loss", "rtd_loss", "generator_accuracy", "discriminator_accuracy",

@@ -1,0 +1,46 @@
+"""Atomic file writes, for every command that rewrites a file in a user's run folder: a reader, or the next start
+after a kill, sees the old file or the new one, never half of one.
+
+The temporary is ``PATH.tmp-PID`` beside ``PATH`` (the rename stays on one filesystem, and the next start can tell
+a dead process's leftovers by that pattern: :mod:`electra_fast.train.rundir`, :mod:`electra_fast.train.temporaries`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+
+def temporary(path: str) -> str:
+    """This process's temporary name for ``path``."""
+    return f"{path}.tmp-{os.getpid()}"
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)``, flush ``tmp`` to disk, then rename it over ``path``; the temporary is gone afterwards whatever
+    ``write`` raised. The fsync comes before the rename so a power cut cannot leave ``path`` empty."""
+    tmp = temporary(path)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    """``text`` (UTF-8) as the whole of ``path``, atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomic(path, write)
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as indented JSON (one trailing newline) as the whole of ``path``, atomically."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")

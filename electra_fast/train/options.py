@@ -1,0 +1,109 @@
+"""``pretrain``'s options: the presets behind ``--model``, the checks every numeric flag goes through (also used by
+``finetune``), ``--precision auto``, and ``--tensorboard``'s dependency. Every refusal is a :class:`PretrainError`
+whose message names the flag and what was expected.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional
+
+import torch
+
+from .. import _cpu
+from .errors import PretrainError
+
+# small enough that the README's default job (no --data, CPU) runs its 600 steps in a couple of minutes. Its
+# generator samples at temperature 3 (ELECTRA's sampling temperature, 1.0 in the paper's million-step runs): at 1.0
+# this generator learns the unigram distribution within ~50 steps, its samples become frequent tokens that only a
+# trained language model can tell from the originals, and the discriminator sits at held-out AUC ~0.55 for
+# thousands of steps; at 3 the samples stay diverse enough that it learns within the first 100 steps (held-out AUC
+# ~0.87, F1 ~0.4 at step 600; README "What the run learned"). Still ELECTRA: a generator trained jointly by MLM,
+# Gumbel samples, the RTD loss over all real tokens.
+TINY = dict(embedding_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=512, generator_hidden_size=64, generator_num_hidden_layers=2,
+            generator_num_attention_heads=1, generator_intermediate_size=256, temperature=3.0)
+DEFAULT_STEPS, DEFAULT_EMBEDDED_STEPS = 10_000, 600
+DEFAULT_EMBEDDED_VOCAB = 8192  # any family: the embedded corpus gives ~9-10k pieces at most
+TOKENIZER_NAMES = {"wordpiece": "WordPiece", "bpe": "byte-level BPE", "unigram": "Unigram"}
+
+
+def model_config(model: str, tok_overrides: dict):
+    """``--model``: a preset name (``electra-small``, ``deberta-v3-base``, ..., ``electra-tiny``) or a
+    CONFIG.json; vocabulary and special ids come from the tokenizer."""
+    from ..models import PRESETS, ElectraConfig
+    try:
+        if model.endswith(".json"):
+            if not os.path.isfile(model):
+                raise PretrainError(f"--model: no such file: {model}")
+            try:
+                cfg = ElectraConfig.from_json_file(model)
+            except (OSError, json.JSONDecodeError) as e:
+                raise PretrainError(f"--model: cannot read {model}: {e}") from None
+            return cfg.replace(**tok_overrides)
+        name = model.replace("-", "_")
+        if name == "electra_tiny":
+            return ElectraConfig(**{**TINY, **tok_overrides})
+        if name not in PRESETS:
+            names = ", ".join(["electra-tiny"] + [p.replace("_", "-") for p in PRESETS])
+            raise PretrainError(f"--model: unknown preset {model!r} (expected one of {names}, or a CONFIG.json)")
+        return getattr(ElectraConfig, name)(**tok_overrides)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, PretrainError):
+            raise
+        raise PretrainError(f"--model: {e}") from None
+
+
+def check_seq_len(seq_len: int, cfg) -> None:
+    if seq_len > cfg.max_position_embeddings:
+        raise PretrainError(f"--seq-len: {seq_len} exceeds the model's max_position_embeddings "
+                            f"({cfg.max_position_embeddings})")
+
+
+def positive(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> int:
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            or (maximum is not None and value > maximum)):
+        expected = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+        raise PretrainError(f"--{name}: expected {expected}, got {value!r}")
+    return value
+
+
+def real(name: str, value, minimum: float, inclusive: bool) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value < minimum or (value == minimum and not inclusive)):
+        raise PretrainError(f"--{name}: expected a finite number {'>=' if inclusive else '>'} {minimum:g}, "
+                            f"got {value!r}")
+    return value
+
+
+# "an ELECTRA-small 32 x 128 step took 91 s in bf16 vs 4.5 s in fp32" (AVX2-only AMD EPYC, no native bf16)
+EMULATED_BF16 = ("bf16 matrix products are emulated here, ~20x slower than fp32 (an ELECTRA-small 32x128 step: 91 s "
+                 "vs 4.5 s on an AVX2-only AMD EPYC); --precision auto picks fp32 on this CPU")
+
+
+def resolve_precision(precision: str, device: torch.device, state: Optional[dict], say) -> str:
+    """``auto``: the resumed run's own precision (``state``: its training state), else bf16 where ``device`` runs
+    it natively, else fp32. Warns (one line) when bf16 is emulated on this CPU, or when a resumed run changes it."""
+    recorded = state.get("precision") if state else None
+    if precision == "auto":  # a checkpoint from before "precision" was recorded: fp16 left a scaler state, else fp32
+        legacy = state and ("fp16" if state["scaler"] else "fp32")
+        precision = recorded or legacy or _cpu.default_precision(device)[0]
+    elif recorded and precision != recorded:
+        say(f"warning: --precision {precision}: resuming a {recorded} run; its losses will differ from an "
+            "uninterrupted run's")
+    if precision == "bf16" and device.type == "cpu":
+        native, why = _cpu.native_bf16()
+        if not native:
+            say(f"warning: --precision bf16: {why}: {EMULATED_BF16}")
+    return precision
+
+
+def summary_writer():
+    """torch's TensorBoard ``SummaryWriter`` class; PretrainError naming --tensorboard when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise PretrainError("--tensorboard: the tensorboard package is not installed (pip install tensorboard, or "
+                            "pip install 'electra_fast[tensorboard]')") from None
+    return SummaryWriter

@@ -1,0 +1,44 @@
+"""Ctrl-C / SIGTERM during pretraining: finish the step, write a checkpoint, stop (see :class:`Signals`)."""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Callable
+
+from .errors import InterruptedAgain
+
+
+class Signals:
+    """SIGINT / SIGTERM set a flag: the loop finishes its step, checkpoints and stops. A second SIGINT before that
+    checkpoint raises InterruptedAgain (no checkpoint); while one is being written (``saving``) it is ignored."""
+
+    def __init__(self, loud: bool = True):
+        self.caught, self.saving, self.loud, self._old = None, False, loud, {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.caught is None:
+            self.caught = signal.Signals(signum).name
+            if self.loud:  # os.write: safe whatever the interrupted code was printing
+                os.write(2, f"\n{self.caught}: finishing this step, then saving a checkpoint "
+                            "(Ctrl-C again stops without one)\n".encode())
+        elif signum == signal.SIGINT and not self.saving:
+            raise InterruptedAgain("interrupted again: stopping without a checkpoint")
+
+    def writing(self, save: Callable[[int], str], step: int) -> str:
+        """``save(step)`` with a second Ctrl-C ignored until the checkpoint is complete."""
+        self.saving = True
+        try:
+            return save(step)
+        finally:
+            self.saving = False
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
