@@ -149,7 +149,26 @@ def test_each_format_and_task_runs_end_to_end(pretrained, tmp_path, train, dev, 
     assert [r["epoch"] for r in rows] == [1] and math.isfinite(rows[0]["train_loss"])
     preds = open(seed_dir / "predictions-test.tsv").read().splitlines()
     assert preds[0] == "index\tprediction" and len(preds) == 1 + 24
+    # the labelled --test file is the validation file: the best epoch's model scores it exactly as validation did
+    assert summary["seeds"][0]["test"] == summary["seeds"][0]["validation"]
+    assert summary["test_median"] == summary["median"]
     assert (tmp_path / "out" / "export" / "config.json").is_file() and (tmp_path / "out" / "curves.png").is_file()
+
+
+def test_a_test_file_is_scored_only_when_every_row_is_labelled(pretrained, tmp_path):
+    d = _classification_files(tmp_path / "data")
+    dev = (d / "dev.tsv").read_text().splitlines()
+    (d / "unlabelled.tsv").write_text("sentence\n" + "".join(r.split("\t")[0] + "\n" for r in dev[1:]))
+    (d / "partly.tsv").write_text("\n".join(dev[:-1] + [dev[-1].split("\t")[0] + "\t"]) + "\n")
+    for name in ("unlabelled.tsv", "partly.tsv"):
+        summary = _run(pretrained, d, tmp_path / name, "train.tsv", "dev.tsv", test=str(d / name))
+        assert "test" not in summary["seeds"][0] and "test_median" not in summary
+        assert len((tmp_path / name / "seed-1" / "predictions-test.tsv").read_text().splitlines()) == 1 + 24
+    # a labelled test file whose labels disagree with the model: scored against them, not against the dev file
+    flipped = [dev[0]] + [f"{r.split(chr(9))[0]}\t{'no' if r.endswith('yes') else 'yes'}" for r in dev[1:]]
+    (d / "flipped.tsv").write_text("\n".join(flipped) + "\n")
+    summary = _run(pretrained, d, tmp_path / "flipped", "train.tsv", "dev.tsv", test=str(d / "flipped.tsv"))
+    assert summary["seeds"][0]["test"]["accuracy"] == pytest.approx(1 - summary["seeds"][0]["validation"]["accuracy"])
 
 
 def test_pair_columns_reach_the_model_as_token_types(pretrained):

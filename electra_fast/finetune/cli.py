@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("--train", required=True, metavar="FILE", help=".csv / .tsv (header row) / .jsonl, or a datasets "
                    "save_to_disk folder")
     p.add_argument("--validation", required=True, metavar="FILE", help="same format; picks each seed's best epoch")
-    p.add_argument("--test", metavar="FILE", help="same format, labels optional: predictions-test.tsv")
+    p.add_argument("--test", metavar="FILE", help="same format, labels optional: predictions-test.tsv (and scores "
+                   "when every row has a label)")
     p.add_argument("--out", required=True, help="a new or empty directory")
     p.add_argument("--task", choices=TASKS, default="classification")
     g = p.add_argument_group("columns", "names, or 0-based indices (all of them) for a file without a header")

@@ -193,20 +193,6 @@ def pretraining_data(out: str, data: Dict[str, Dict[str, str]], domain: bool,
     return files
 
 
-def test_accuracy(summary: dict, test: str) -> List[float]:
-    """Per seed, the accuracy on ``test`` of that seed's best-on-dev model (its predictions-test.tsv)."""
-    gold = [label for _, label in read_split(test)]
-    out = []
-    for run in summary["seeds"]:
-        with open(run["predictions"], encoding="utf-8") as f:
-            next(f)
-            pred = [line.rstrip("\n").split("\t")[1] for line in f]
-        if len(pred) != len(gold):
-            raise FinetuneError(f"{run['predictions']}: {len(pred)} predictions for {len(gold)} test rows")
-        out.append(sum(p == g for p, g in zip(pred, gold)) / len(gold))
-    return out
-
-
 def _span(values: List[float]) -> str:
     return f"{min(values):.4f}..{max(values):.4f}"
 
@@ -279,7 +265,7 @@ def main(argv=None) -> int:
                              warmup=args.warmup, threads=args.threads, from_scratch=init != "pretrained",
                              progress=False)
                 dev = [r["validation"]["accuracy"] for r in s["seeds"]]
-                test = test_accuracy(s, files["test"])
+                test = [r["test"]["accuracy"] for r in s["seeds"]]
                 rows.append({"task": task, "init": init, "dev": dev, "test": test,
                              "dev_median": float(np.median(dev)), "test_median": float(np.median(test))})
     except (FinetuneError, PretrainError) as e:

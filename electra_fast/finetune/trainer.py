@@ -12,7 +12,9 @@ Outputs in ``out`` (which must be new or empty: nothing there is ever overwritte
     seed-N/metrics.jsonl        one line per epoch: train loss, validation metrics
     seed-N/best.safetensors     the weights of the epoch with the best validation score
     seed-N/predictions-test.tsv the test set's predictions by that model (with --test)
-    summary.json                per seed best scores, their median and spread; which seed was exported
+    summary.json                per seed best scores, their median and spread (with a labelled --test file, the
+                                same for each seed's best model on it: test_median / test_spread); which seed
+                                was exported
     curves.png                  validation score and train loss per epoch, every seed
     export/                     the best seed's model as a transformers *ForSequenceClassification /
                                 *ForTokenClassification directory with its tokenizer and label names
@@ -375,6 +377,8 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
                     f.write(f"{i}\t{shown}\n")
         write_atomic(path, write)
         result["predictions"] = path
+        if all(e.label is not None for e in te.examples):  # a labelled test file is scored too; it chooses nothing
+            result["test"] = score(task, pred, te.examples, names)
     result["model"] = net
     return result
 
@@ -422,6 +426,11 @@ def _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say) -
         summary["median"] = {k: statistics.median(r["validation"][k] for r in runs) for k in keys}
         summary["spread"] = {k: [min(r["validation"][k] for r in runs), max(r["validation"][k] for r in runs)]
                              for k in keys}
+        if all("test" in r for r in runs):
+            tkeys = list(runs[0]["test"])
+            summary["test_median"] = {k: statistics.median(r["test"][k] for r in runs) for k in tkeys}
+            summary["test_spread"] = {k: [min(r["test"][k] for r in runs), max(r["test"][k] for r in runs)]
+                                      for k in tkeys}
         best = max(runs, key=lambda r: r["validation"][metric])
         _replace_dir(os.path.join(out, "export"), lambda d: fmodel.export(best["model"], names, tok, d))
         summary["exported"] = {"seed": best["seed"], "dir": os.path.join(out, "export")}
@@ -439,7 +448,10 @@ def _table(runs, keys, summary) -> str:
     med = f"{'median':>6} {'':>5} " + " ".join(f"{summary['median'][k]:>10.4f}" for k in keys)
     spread = f"{'range':>6} {'':>5} " + " ".join(f"{summary['spread'][k][1] - summary['spread'][k][0]:>10.4f}"
                                                   for k in keys)
-    return "\n".join([head, *rows, med, spread] if len(runs) > 1 else [head, *rows])
+    lines = [head, *rows, med, spread] if len(runs) > 1 else [head, *rows]
+    if "test_median" in summary:  # each seed's best-on-validation model on the labelled --test file
+        lines.append(f"{'test':>6} {'':>5} " + " ".join(f"{summary['test_median'][k]:>10.4f}" for k in keys))
+    return "\n".join(lines)
 
 
 def _plot(path: str, runs, metric: str, say) -> None:
