@@ -176,14 +176,18 @@ def plots(path: str, out_dir: str) -> List[str]:
     return written
 
 
+RUN_NAME = re.compile(r"^(.+)-\d{4}-\d{2}-\d{2}(?:-quick)?\.json$")
+
+
 def newest_per_machine(results_dir: str) -> List[str]:
     """The newest full benchmark JSON of each machine (quick runs only where a machine has nothing else)."""
     latest: Dict[str, str] = {}
-    files = [f for f in glob.glob(os.path.join(results_dir, "*.json")) if not f.endswith("-pretrain-default.json")]
-    # names are <machine>-<YYYY-MM-DD>[-quick].json: full runs sort after quick ones, newer dates after older
+    # only <machine>-<YYYY-MM-DD>[-quick].json: other JSON beside them (a demo's record, a model config, the default
+    # job's -pretrain-default.json) is not a benchmark run and, dated later, must not stand in for one
+    files = [f for f in glob.glob(os.path.join(results_dir, "*.json")) if RUN_NAME.match(os.path.basename(f))]
+    # full runs sort after quick ones, newer dates after older
     for f in sorted(files, key=lambda f: (not f.endswith("-quick.json"), f)):
-        machine = re.sub(r"-\d{4}-\d{2}-\d{2}.*$", "", os.path.basename(f))
-        latest[machine] = f
+        latest[RUN_NAME.match(os.path.basename(f)).group(1)] = f
     return sorted(latest.values())
 
 

@@ -76,6 +76,10 @@ def test_pretrain_record_and_newest_selection(tmp_path):
         "final": {"loss": 26.1, "mlm_loss": 5.7, "rtd_loss": 0.41, "discriminator_accuracy": 0.86},
         "machine": "test cpu", "threads": 2}))
     assert bench_report.newest_per_machine(str(results)) == [full]  # a full run beats a newer quick one
+    # other records dated later (a demo's record, a model config) are not benchmark runs: they never stand in
+    (results / "cpu-x-2026-11-22-finetune-demo.json").write_text(json.dumps({"results": []}))
+    (results / "cpu-x-2026-11-23-model.json").write_text("{}")
+    assert bench_report.newest_per_machine(str(results)) == [full]
     md = tmp_path / "RESULTS.md"
     bench_report.write_results_md([full], str(md), {})
     text = md.read_text()
