@@ -423,14 +423,9 @@ def _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say) -
                                          for r in runs]}
     if runs:
         keys = list(runs[0]["validation"])
-        summary["median"] = {k: statistics.median(r["validation"][k] for r in runs) for k in keys}
-        summary["spread"] = {k: [min(r["validation"][k] for r in runs), max(r["validation"][k] for r in runs)]
-                             for k in keys}
+        summary["median"], summary["spread"] = _median_spread(runs, "validation")
         if all("test" in r for r in runs):
-            tkeys = list(runs[0]["test"])
-            summary["test_median"] = {k: statistics.median(r["test"][k] for r in runs) for k in tkeys}
-            summary["test_spread"] = {k: [min(r["test"][k] for r in runs), max(r["test"][k] for r in runs)]
-                                      for k in tkeys}
+            summary["test_median"], summary["test_spread"] = _median_spread(runs, "test")
         best = max(runs, key=lambda r: r["validation"][metric])
         _replace_dir(os.path.join(out, "export"), lambda d: fmodel.export(best["model"], names, tok, d))
         summary["exported"] = {"seed": best["seed"], "dir": os.path.join(out, "export")}
@@ -439,6 +434,13 @@ def _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say) -
     write_json(os.path.join(out, "summary.json"), summary)
     summary["models"] = [r["model"] for r in runs]
     return summary
+
+
+def _median_spread(runs, part: str):
+    """({metric: median over seeds}, {metric: [min, max]}) of each run's ``part`` scores ("validation" / "test")."""
+    keys = list(runs[0][part])
+    return ({k: statistics.median(r[part][k] for r in runs) for k in keys},
+            {k: [min(r[part][k] for r in runs), max(r[part][k] for r in runs)] for k in keys})
 
 
 def _table(runs, keys, summary) -> str:

@@ -96,7 +96,7 @@ class HeldOut:
                     out = net(ids, mask, seed=seed, **layout)
                     n_masked = int(out.masked.sum())
                     masked += n_masked
-                    gen_correct += round(float(out.metrics["generator_accuracy"]) * n_masked)
+                    gen_correct += int(out.generator_correct.sum())
                     originals = ids[out.masked]
                     unigram_correct += int((originals == self.unigram_token).sum())
                     shown = out.generator_input_ids[out.masked] == net.config.mask_token_id
