@@ -12,6 +12,7 @@ import torch
 import electra_fast
 from electra_fast.models import ElectraConfig, ElectraPretrainingModel
 from electra_fast.models.modeling import ElectraGenerator
+from electra_fast.nn import packing
 from electra_fast.nn.packing import document_positions, documents
 from electra_fast.train import pretrain
 from electra_fast.train.data import WORD_START
@@ -97,12 +98,15 @@ def test_enhanced_mask_decoder_rows_of_documents():
     assert (gen.encode(ids, mask)[0, :18] - alone).abs().max() > 1e-3
 
 
+def _small_config(**kw) -> ElectraConfig:
+    return ElectraConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, generator_hidden_size=16, generator_num_hidden_layers=1,
+                         generator_num_attention_heads=1, generator_intermediate_size=32, max_position_embeddings=64,
+                         pad_token_id=0, unk_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4, **kw)
+
+
 def test_pretraining_step_takes_document_ids():
-    cfg = ElectraConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, generator_hidden_size=16, generator_num_hidden_layers=1,
-                        generator_num_attention_heads=1, generator_intermediate_size=32, max_position_embeddings=64,
-                        pad_token_id=0, unk_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4)
-    net = ElectraPretrainingModel(cfg)
+    net = ElectraPretrainingModel(_small_config())
     ids, dids, mask, _ = _row([20, 11, 30], pad=2)
     out = net(ids, mask, seed=5, document_ids=dids)
     assert torch.isfinite(out.loss) and not out.masked[0, -2:].any()
@@ -112,6 +116,24 @@ def test_pretraining_step_takes_document_ids():
         net(ids, mask, seed=5, document_ids=dids[:, :-1])
     with pytest.raises(ValueError, match="attention_mask: with document_ids, the real tokens must come first"):
         net(ids, mask.flip(1), seed=5, document_ids=dids)
+
+
+@pytest.mark.parametrize("disentangled", [False, True])
+def test_pretraining_step_lays_documents_out_once(monkeypatch, disentangled):
+    """The generator and the discriminator read one layout per step (its host syncs once), and the discriminator's
+    logits are what it gives laying the documents out itself."""
+    kw = (dict(attention="disentangled", position_biased_input=False, enhanced_mask_decoder=True,
+               embedding_sharing="gdes", position_buckets=16) if disentangled else {})
+    net = ElectraPretrainingModel(_small_config(**kw)).eval()  # no dropout: the two runs must agree exactly
+    ids, dids, mask, _ = _row([20, 11, 30], pad=2)
+    real, calls = packing.documents, []
+    monkeypatch.setattr(packing, "documents", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = net(ids, mask, seed=5, document_ids=dids)
+    assert len(calls) == 1
+    monkeypatch.undo()
+    with torch.no_grad():
+        alone = net.discriminator(out.corrupted_ids, mask, None, dids)
+    torch.testing.assert_close(out.discriminator_logits, alone, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------ data

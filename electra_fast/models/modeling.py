@@ -34,7 +34,7 @@ from ..ops.rtd_loss import rtd_loss as rtd_loss_op
 from ..ops.sampling import mlm_loss_and_sample
 from ..nn.embeddings import DebertaV2Embeddings, ElectraEmbeddings, GDESEmbedding, positions
 from ..nn.encoder import DisentangledEncoder, Encoder
-from ..nn.packing import document_positions, packing
+from ..nn.packing import document_layout, packing
 from ..nn.heads import DiscriminatorHead, GeneratorHead
 from ..nn.linear import Linear
 from .config import ElectraConfig
@@ -84,12 +84,15 @@ class Backbone(nn.Module):
                 token_type_ids: Optional[torch.Tensor] = None,
                 document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``document_ids`` int [B, T] or None: rows holding several documents (each run of equal ids); attention
-        stays inside each and absolute positions restart at each (electra_fast.nn.packing)."""
-        pos = None if document_ids is None else document_positions(document_ids)
-        x = self.embeddings(input_ids, token_type_ids, attention_mask, position_ids=pos)
+        stays inside each and absolute positions restart at each (electra_fast.nn.packing; also the
+        ``packing.Documents`` a pretraining step builds once for both of its models)."""
+        key = _key_mask(attention_mask)
+        docs = document_layout(document_ids, key)
+        x = self.embeddings(input_ids, token_type_ids, attention_mask,
+                            position_ids=None if docs is None else docs.positions)
         if hasattr(self, "embeddings_project"):
             x = self.embeddings_project(x)
-        return self.encoder(x, _key_mask(attention_mask), document_ids=document_ids)
+        return self.encoder(x, key, document_ids=docs)
 
 
 def _key_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -133,10 +136,11 @@ class ElectraGenerator(nn.Module):
         if not self.emd:
             return self.backbone(input_ids, attention_mask, token_type_ids, document_ids)
         bb, key = self.backbone, _key_mask(attention_mask)
-        pos = None if document_ids is None else document_positions(document_ids)
+        docs = document_layout(document_ids, key)
+        pos = None if docs is None else docs.positions
         h = bb.embeddings(input_ids, token_type_ids, attention_mask, position_ids=pos)
         z = positions(bb.embeddings.position_embeddings, input_ids.shape[1], pos).to(h.dtype).expand_as(h)
-        packed = packing(key, document_ids)
+        packed = packing(key, docs)
         if packed is not None:
             h, z, key = packed.unpad(h), packed.unpad(z), packed
         rel = bb.encoder.rel_embedding()
@@ -265,6 +269,8 @@ class ElectraPretrainingModel(nn.Module):
                         attention_mask=attention_mask, word_starts=word_starts, strategy=cfg.masking_strategy,
                         validate=False)  # ids were checked above; word_starts' shape is checked regardless
         masked = m.masked
+        # one layout for both models (its host syncs once per step)
+        document_ids = document_layout(document_ids, _key_mask(attention_mask))
         gen_hidden = gen.encode(m.input_ids, attention_mask, token_type_ids, document_ids)
         # the generator head runs at the masked positions only
         h = gen.head.transform(gen_hidden[masked])

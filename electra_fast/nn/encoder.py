@@ -182,10 +182,11 @@ class Encoder(nn.Module):
                          intermediate_size, act, eps, dropout) for _ in range(num_layers))
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], unpad: bool = True,
-                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                document_ids=None) -> torch.Tensor:
         """x [B, T, H], key_mask bool [B, T] or None -> [B, T, H]. A right-padded batch runs unpadded (``unpad``;
-        electra_fast.nn.packing): its padded positions come back as zeros. ``document_ids`` int [B, T]: rows of
-        several documents (each run of equal ids), attended each on its own (always packed)."""
+        electra_fast.nn.packing): its padded positions come back as zeros. ``document_ids`` int [B, T] (or its
+        ``packing.Documents``): rows of several documents (each run of equal ids), attended each on its own (always
+        packed)."""
         packed = packing(key_mask, document_ids) if unpad or document_ids is not None else None
         h = x if packed is None else packed.unpad(x)
         for layer in self.layer:
@@ -216,7 +217,7 @@ class DisentangledEncoder(nn.Module):
         return rel if self.LayerNorm is None else self.LayerNorm(rel)
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], unpad: bool = True,
-                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                document_ids=None) -> torch.Tensor:
         """As :meth:`Encoder.forward`; relative positions are counted within each row (each document) either way."""
         rel = self.rel_embedding()
         packed = packing(key_mask, document_ids) if unpad or document_ids is not None else None

@@ -59,13 +59,34 @@ class Packed:
         return out.index_copy(0, self.index, x).view(self.batch, self.length, *x.shape[1:])
 
 
-def packing(key_mask: Optional[torch.Tensor], document_ids: Optional[torch.Tensor] = None) -> Optional[Packed]:
+@dataclasses.dataclass(frozen=True)
+class Documents:
+    """Document-masked rows, laid out once per batch (:func:`document_layout`) for every encoder that reads them
+    (a pretraining step's generator and discriminator: one set of host syncs, not two).
+
+    positions  int64 [B, T]: :func:`document_positions`
+    packed     the :class:`Packed` layout of :func:`documents`
+    """
+    positions: torch.Tensor
+    packed: Packed
+
+
+def document_layout(document_ids, key_mask: Optional[torch.Tensor] = None) -> Optional[Documents]:
+    """``document_ids`` int [B, T] (or an already built :class:`Documents`, returned as is; or None -> None) and
+    the bool key mask [B, T] or None -> :class:`Documents`."""
+    if document_ids is None or isinstance(document_ids, Documents):
+        return document_ids
+    return Documents(positions=document_positions(document_ids), packed=documents(document_ids, key_mask))
+
+
+def packing(key_mask: Optional[torch.Tensor], document_ids=None) -> Optional[Packed]:
     """The :class:`Packed` layout of a bool key mask [B, T] (True = real token), or None where the padded path
     serves: no mask or no padding, a mask that is not a prefix of every row, a row without tokens, CUDA / meta
     tensors, graph capture, the eager twin, a forced Triton backend (the interpreter lane on CPU tensors), and
-    ``ELECTRA_FAST_NO_UNPAD=1``. With ``document_ids`` always the layout (see :func:`documents`)."""
+    ``ELECTRA_FAST_NO_UNPAD=1``. With ``document_ids`` (int [B, T] or :class:`Documents`) always the layout (see
+    :func:`documents`)."""
     if document_ids is not None:
-        return documents(document_ids, key_mask)
+        return document_layout(document_ids, key_mask).packed
     if (key_mask is None or key_mask.device.type != "cpu" or torch.compiler.is_compiling() or _backend.eager_twin()
             or _backend.forced_backend() == "triton" or _cpu.switch("ELECTRA_FAST_NO_UNPAD")):
         return None
