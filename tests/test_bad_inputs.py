@@ -477,6 +477,14 @@ def test_model_config_rejects_what_forward_cannot_run():
     with pytest.raises(TypeError, match="disallowed_sample_ids: integer dtype required"):
         electra_fast.ElectraConfig(vocab_size=5, disallowed_sample_ids=[1.7], pad_token_id=0, unk_token_id=1,
                                    cls_token_id=2, sep_token_id=3, mask_token_id=4)
+    # DeBERTa's default 256 log buckets with 64 positions: once accepted here and refused at every forward
+    with pytest.raises(ValueError, match="^ElectraConfig.position_buckets: log buckets need .* got "
+                                         "position_buckets=256, max_relative_positions resolving to 64"):
+        electra_fast.ElectraConfig(attention="disentangled", embedding_sharing="gdes", max_position_embeddings=64,
+                                   pad_token_id=0, unk_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4)
+    electra_fast.ElectraConfig(attention="disentangled", embedding_sharing="gdes", max_position_embeddings=64,
+                               position_buckets=0, pad_token_id=0, unk_token_id=1, cls_token_id=2, sep_token_id=3,
+                               mask_token_id=4)
     model = _model("disentangled")
     ids = torch.randint(5, 24, (2, 6))
     with pytest.raises(ValueError, match="^token_type_ids: ids must lie in"):

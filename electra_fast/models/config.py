@@ -140,6 +140,13 @@ class ElectraConfig:
             if self.relative_span < 1:
                 raise ValueError("ElectraConfig.position_buckets: the relative span (position_buckets if > 0 else "
                                  "max_relative_positions) must be >= 1")
+            if self.position_buckets > 0 and (self.position_buckets < 2
+                                              or self.max_relative_distance <= self.position_buckets // 2 + 1):
+                # the op checks this too, but only at the first forward: say it where the config is made
+                raise ValueError("ElectraConfig.position_buckets: log buckets need position_buckets >= 2 and "
+                                 "max_relative_positions (< 1: max_position_embeddings) > position_buckets // 2 + 1, "
+                                 f"got position_buckets={self.position_buckets}, max_relative_positions resolving "
+                                 f"to {self.max_relative_distance}")
             if (self.embedding_sharing == "tied" and self.generator_hidden_size != self.hidden_size):
                 raise ValueError("ElectraConfig.embedding_sharing: 'tied' with disentangled attention shares the "
                                  "embedding LayerNorm over the hidden size, so generator_hidden_size "
