@@ -62,6 +62,12 @@ def integer_arg(name: str, value, minimum: Optional[int] = None) -> int:
     return value
 
 
+def log_buckets_fit(position_buckets: int, max_relative_positions: int) -> bool:
+    """Whether DeBERTa's log position buckets can be built: off (``position_buckets`` <= 0), or at least 2 buckets
+    whose linear half (``position_buckets // 2 + 1``) stays below ``max_relative_positions``."""
+    return position_buckets <= 0 or (position_buckets >= 2 and max_relative_positions > position_buckets // 2 + 1)
+
+
 def real(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
          hi_open: bool = True) -> float:
     """A real number (int, float, NumPy scalar; not a bool) in the interval from ``lo`` to ``hi`` (NaN never is)."""

@@ -11,6 +11,7 @@ import torch
 
 import electra_fast
 from electra_fast.models import ElectraConfig, ElectraPretrainingModel
+from electra_fast.models import modeling
 from electra_fast.models.modeling import ElectraGenerator
 from electra_fast.nn import packing
 from electra_fast.nn.packing import document_positions, documents
@@ -134,6 +135,11 @@ def test_pretraining_step_lays_documents_out_once(monkeypatch, disentangled):
     with torch.no_grad():
         alone = net.discriminator(out.corrupted_ids, mask, None, dids)
     torch.testing.assert_close(out.discriminator_logits, alone, rtol=0, atol=0)
+    # a batch without documents pays nothing for it: one key mask per model (each a host sync), none for a layout
+    real_key, keys = modeling._key_mask, []
+    monkeypatch.setattr(modeling, "_key_mask", lambda m: keys.append(1) or real_key(m))
+    net(ids, mask, seed=5)
+    assert len(keys) == 2
 
 
 # ------------------------------------------------------------------------------------------ data

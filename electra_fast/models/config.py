@@ -140,9 +140,8 @@ class ElectraConfig:
             if self.relative_span < 1:
                 raise ValueError("ElectraConfig.position_buckets: the relative span (position_buckets if > 0 else "
                                  "max_relative_positions) must be >= 1")
-            if self.position_buckets > 0 and (self.position_buckets < 2
-                                              or self.max_relative_distance <= self.position_buckets // 2 + 1):
-                # the op checks this too, but only at the first forward: say it where the config is made
+            if not _validate.log_buckets_fit(self.position_buckets, self.max_relative_distance):
+                # the op refuses these too, but only at the first forward: say it where the config is made
                 raise ValueError("ElectraConfig.position_buckets: log buckets need position_buckets >= 2 and "
                                  "max_relative_positions (< 1: max_position_embeddings) > position_buckets // 2 + 1, "
                                  f"got position_buckets={self.position_buckets}, max_relative_positions resolving "

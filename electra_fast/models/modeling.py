@@ -269,8 +269,8 @@ class ElectraPretrainingModel(nn.Module):
                         attention_mask=attention_mask, word_starts=word_starts, strategy=cfg.masking_strategy,
                         validate=False)  # ids were checked above; word_starts' shape is checked regardless
         masked = m.masked
-        # one layout for both models (its host syncs once per step)
-        document_ids = document_layout(document_ids, _key_mask(attention_mask))
+        if document_ids is not None:  # one layout for both models (its host syncs once per step)
+            document_ids = document_layout(document_ids, _key_mask(attention_mask))
         gen_hidden = gen.encode(m.input_ids, attention_mask, token_type_ids, document_ids)
         # the generator head runs at the masked positions only
         h = gen.head.transform(gen_hidden[masked])

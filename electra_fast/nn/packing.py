@@ -85,8 +85,10 @@ def packing(key_mask: Optional[torch.Tensor], document_ids=None) -> Optional[Pac
     tensors, graph capture, the eager twin, a forced Triton backend (the interpreter lane on CPU tensors), and
     ``ELECTRA_FAST_NO_UNPAD=1``. With ``document_ids`` (int [B, T] or :class:`Documents`) always the layout (see
     :func:`documents`)."""
+    if isinstance(document_ids, Documents):
+        return document_ids.packed
     if document_ids is not None:
-        return document_layout(document_ids, key_mask).packed
+        return documents(document_ids, key_mask)
     if (key_mask is None or key_mask.device.type != "cpu" or torch.compiler.is_compiling() or _backend.eager_twin()
             or _backend.forced_backend() == "triton" or _cpu.switch("ELECTRA_FAST_NO_UNPAD")):
         return None
