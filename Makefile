@@ -73,12 +73,17 @@ test-avx2: $(AVX2_VENV)/.installed
 	    -m "not interpreter" $(AVX2_TESTS) $(PYTEST_ARGS)
 	$(AVX2_ENV) PYTHONSAFEPATH=1 $(AVX2_VENV)/bin/python -m electra_fast info
 
-# The canary: the newest releases pyproject.toml allows (no constraints), then the whole suite.
+# The canary: the newest releases pyproject.toml allows (no constraints), then the whole suite. torch stays the one
+# TORCH_SPEC installs (pinned for the upgrade): an eager upgrade would replace it with the newest torch on PyPI, a
+# CUDA build of several GB, after _C had been compiled against the first one. To try a newer torch, name it in
+# TORCH_SPEC.
 test-latest:
 	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
 	$(LATEST_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e ".[test]"
+	$(LATEST_VENV)/bin/python -c 'import torch; print("torch==" + torch.__version__)' > $(LATEST_VENV)/torch-pin.txt
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation \
+	    -c $(LATEST_VENV)/torch-pin.txt -e ".[test]"
 	ELECTRA_FAST_REQUIRE_EXT=1 $(LATEST_VENV)/bin/python -m pytest tests -q $(PYTEST_ARGS)
 
 # Refresh the pins from what test-latest resolved (review the diff, then commit it).

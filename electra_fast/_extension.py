@@ -1,8 +1,10 @@
 """Loads the compiled C++ extension ``electra_fast._C`` without ever breaking ``import electra_fast``.
 
 The extension registers its kernels as ops in the ``electra_fast_cpp`` torch.library namespace
-(``torch.ops.electra_fast_cpp.<name>``). A missing build, or one compiled against another torch
-(undefined symbols), leaves ``EXTENSION_ERROR`` set and CPU calls fall back to the reference.
+(``torch.ops.electra_fast_cpp.<name>``). A missing build, one compiled for instruction sets this CPU lacks, or one
+compiled against another torch release leaves ``EXTENSION_ERROR`` set (saying how to rebuild) and CPU calls fall
+back to the reference. The last two are refused before ``_C`` is loaded, from what setup.py recorded next to it:
+loading them could die of SIGILL, or of a C++ ABI that changed between torch releases.
 """
 from __future__ import annotations
 
@@ -18,8 +20,14 @@ EXTENSION_PATH: str | None = None
 SIDECAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_isa.json")
 
 
+# How to rebuild _C against the torch and CPU at hand (a wheel's copy is replaced only by a build from source).
+REBUILD = ("rebuild it here: pip install --no-build-isolation -e . in a checkout, or pip install --no-build-isolation "
+           "--no-deps --force-reinstall --no-binary electra_fast electra_fast")
+
+
 def read_build_isa(sidecar: str) -> dict:
-    """What setup.py recorded about a build: {"march": "native" | "x86-64-v3" | None, "cpu_flags": [...]}."""
+    """What setup.py recorded about a build: {"march": "native" | "x86-64-v3" | None, "cpu_flags": [...],
+    "torch": "2.13.0+cpu"} (older builds recorded fewer keys, or nothing)."""
     try:
         with open(sidecar) as fh:
             return json.load(fh)
@@ -36,12 +44,30 @@ def isa_error(sidecar: str) -> str | None:
     if not missing:
         return None
     return (f"electra_fast._C was compiled with -march={build.get('march')} for a CPU with "
-            f"{', '.join(missing)}, which this CPU lacks; rebuild here (pip install --no-build-isolation -e .) or "
-            "build a portable one with ELECTRA_FAST_CPU_ARCH=x86-64-v2")
+            f"{', '.join(missing)}, which this CPU lacks; {REBUILD}; or build a portable one with "
+            "ELECTRA_FAST_CPU_ARCH=x86-64-v2")
+
+
+def _release(version: str) -> tuple:
+    """"2.13.1+cpu" -> (2, 13): torch keeps its C++ ABI within a minor release, not across them."""
+    parts = version.split("+")[0].split(".")
+    return tuple(int(p) if p.isdigit() else p for p in parts[:2])
+
+
+def torch_error(sidecar: str, running: str | None = None) -> str | None:
+    """Why the _C described by ``sidecar`` cannot load into the running torch (``running``, default
+    ``torch.__version__``): it was compiled against another minor release (e.g. torch was upgraded after
+    electra_fast was built). None when the releases match, or when the build recorded no torch version."""
+    built = read_build_isa(sidecar).get("torch")
+    running = running or torch.__version__
+    if not built or _release(built) == _release(running):
+        return None
+    return (f"electra_fast._C was compiled against torch {built}, but torch {running} is running (a C++ extension "
+            f"loads only into the torch release it was built with); {REBUILD}")
 
 
 BUILD_ISA = read_build_isa(SIDECAR)
-EXTENSION_ERROR = isa_error(SIDECAR)
+EXTENSION_ERROR = isa_error(SIDECAR) or torch_error(SIDECAR)
 if EXTENSION_ERROR is None:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.electra_fast_cpp.*)
@@ -49,6 +75,8 @@ if EXTENSION_ERROR is None:
         EXTENSION_PATH = getattr(_C, "__file__", None)
     except Exception as exc:  # noqa: BLE001 - ImportError, OSError (bad symbols), anything
         EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+        if "undefined symbol" in str(exc):  # a build that recorded no torch version, made for another torch
+            EXTENSION_ERROR += f" (compiled against another torch release? {REBUILD})"
 
 if EXTENSION_ERROR is None and os.environ.get("ELECTRA_FAST_DISABLE_EXT", "0") == "1":
     EXTENSION_ERROR = "disabled by ELECTRA_FAST_DISABLE_EXT=1"

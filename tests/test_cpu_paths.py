@@ -110,10 +110,28 @@ def test_extension_built_for_another_cpu_is_refused(tmp_path, monkeypatch):
     assert _extension.isa_error(str(tmp_path / "absent.json")) is None  # older builds recorded nothing
 
 
+def test_extension_built_against_another_torch_is_refused(tmp_path):
+    """torch upgraded after electra_fast was built: _C is refused before it loads (a changed C++ ABI could fail
+    anywhere), with the versions and the rebuild command; a patch release or another build of the same release
+    (+cpu / +cu130) keeps it."""
+    sidecar = tmp_path / "_C_isa.json"
+    sidecar.write_text(json.dumps({"march": "native", "cpu_flags": [], "torch": "2.13.0+cpu"}))
+    err = _extension.torch_error(str(sidecar), running="2.14.1+cu130")
+    assert err is not None and "2.13.0+cpu" in err and "2.14.1+cu130" in err and "--no-build-isolation" in err
+    assert _extension.torch_error(str(sidecar), running="3.13.0") is not None
+    assert _extension.torch_error(str(sidecar), running="2.13.1+cu130") is None
+    assert _extension.torch_error(str(sidecar), running="2.13.0") is None
+    sidecar.write_text(json.dumps({"march": "native", "cpu_flags": []}))
+    assert _extension.torch_error(str(sidecar), running="2.14.1") is None  # older builds recorded no torch
+    assert _extension.torch_error(str(tmp_path / "absent.json"), running="2.14.1") is None
+
+
 def test_this_build_runs_here(cpp_extension):
-    """The build CI made records the flags its -march needs, and this CPU has them all."""
+    """The build CI made records the flags its -march needs, and this CPU has them all, and the torch it was
+    compiled against, which is the one running."""
     assert _extension.BUILD_ISA.get("cpu_flags"), "setup.py recorded no instruction sets for _C"
     assert _cpu.missing_flags(_extension.BUILD_ISA["cpu_flags"]) == []
+    assert _extension.BUILD_ISA.get("torch") == torch.__version__
 
 
 def test_info_reports_the_paths():
