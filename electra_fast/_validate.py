@@ -68,6 +68,14 @@ def log_buckets_fit(position_buckets: int, max_relative_positions: int) -> bool:
     return position_buckets <= 0 or (position_buckets >= 2 and max_relative_positions > position_buckets // 2 + 1)
 
 
+def log_buckets(position_buckets: int, max_relative_positions: int) -> None:
+    """Raise a ValueError naming ``position_buckets`` unless :func:`log_buckets_fit`."""
+    if not log_buckets_fit(position_buckets, max_relative_positions):
+        raise ValueError(f"position_buckets: expected >= 2 and max_relative_positions > position_buckets // 2 + 1 "
+                         f"(log buckets), got position_buckets={position_buckets}, "
+                         f"max_relative_positions={max_relative_positions}")
+
+
 def real(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
          hi_open: bool = True) -> float:
     """A real number (int, float, NumPy scalar; not a bool) in the interval from ``lo`` to ``hi`` (NaN never is)."""

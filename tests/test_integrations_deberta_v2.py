@@ -175,9 +175,10 @@ def test_native_module_rejects_bad_arguments():
         mod(x, None, rel_embeddings=torch.randn(8, 32), query_states=x[:, :4])
     with pytest.raises(TypeError, match="attention_mask"):
         mod(x, torch.ones(2, 5), rel_embeddings=torch.randn(8, 32))  # a float mask is the adapter's business
-    bad_buckets = DisentangledSelfAttention(**{**good, "position_buckets": 1})
-    with pytest.raises(ValueError, match="position_buckets"):  # the log-bucket rule is the op's
-        bad_buckets(x, None, rel_embeddings=torch.randn(2, 32))
+    for buckets, max_rel in ((1, 16), (256, 128), (8, 5)):  # log buckets the op would refuse at every forward
+        with pytest.raises(ValueError, match="position_buckets"):
+            DisentangledSelfAttention(**{**good, "position_buckets": buckets, "max_relative_positions": max_rel})
+    assert DisentangledSelfAttention(**{**good, "position_buckets": 1, "pos_att_type": ()}).pos_att_type == []
 
 
 # --------------------------------------------------------------------------------------- the adapter

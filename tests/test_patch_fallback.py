@@ -177,3 +177,195 @@ def test_top_level_names_load_lazily():
                  "remove_from_transformers"):
         assert getattr(electra_fast, name) is getattr(patching, name) and name in electra_fast.__all__
     assert V == 101  # the shared tiny vocabulary of test_patch_parity
+
+
+class _ScaledLinear(torch.nn.Module):
+    """A wrapper in the manner of PEFT's LoRA layers: exposes the wrapped layer's weight, computes more."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base_layer, self.scale = base, torch.nn.Parameter(torch.tensor(1.5))
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    @property
+    def in_features(self):
+        return self.base_layer.in_features
+
+    def forward(self, x):
+        return self.base_layer(x) * self.scale
+
+
+def _wrap_linears(model, names):
+    for module in list(model.modules()):
+        for name in names:
+            child = getattr(module, name, None)
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, _ScaledLinear(child))
+
+
+@pytest.mark.parametrize("order", ["wrapped-then-patched", "patched-then-wrapped"])
+@pytest.mark.parametrize("family,cls_name,names", [
+    ("bert", "BertForMaskedLM", ("query", "value", "decoder")),
+    ("bert", "BertForSequenceClassification", ("dense",)),
+    ("deberta_v2", "DebertaV2ForMaskedLM", ("dense",)),
+])
+def test_wrapped_or_hooked_linears_are_not_bypassed(family, cls_name, names, order):
+    """A layer the fused code would read Parameters from instead of calling (a LoRA-style wrapper, a forward hook)
+    keeps its computation: before or after patch, the answer and the wrapper's gradient are transformers'."""
+    model = build(family, cls_name)
+    inputs, labels = batch()
+    if cls_name.endswith("SequenceClassification"):
+        labels = torch.arange(inputs["input_ids"].shape[0]) % 3
+    if order == "wrapped-then-patched":
+        _wrap_linears(model, names)
+    want_model = build(family, cls_name)
+    _wrap_linears(want_model, names)
+    want = _loss(want_model, inputs, labels)
+    want.backward()
+    electra_fast.patch(model)
+    if order == "patched-then-wrapped":
+        _wrap_linears(model, names)
+    got = _loss(model, inputs, labels)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    scales = [(n, p.grad) for n, p in model.named_parameters() if n.endswith("scale")]
+    want_scales = dict((n, p.grad) for n, p in want_model.named_parameters() if n.endswith("scale"))
+    assert scales and all(g is not None for _, g in scales)
+    for n, g in scales:
+        torch.testing.assert_close(g, want_scales[n], rtol=1e-4, atol=1e-6)
+    if order == "wrapped-then-patched":
+        wrapped = build(family, cls_name)
+        _wrap_linears(wrapped, names)
+        with pytest.raises(ValueError, match="not torch's Linear"):
+            electra_fast.patch(wrapped, strict=True)
+        assert not electra_fast.is_patched(wrapped)
+
+
+def test_forward_hooks_keep_firing():
+    model = build("bert", "BertForSequenceClassification")
+    inputs, _ = batch()
+    seen = []
+    model.bert.encoder.layer[0].attention.self.query.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model.bert.encoder.layer[1].output.dense.register_forward_hook(lambda m, i, o: o * 2)
+    want = model(**inputs).logits
+    electra_fast.patch(model)
+    seen.clear()
+    torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-5, atol=1e-6)
+    assert len(seen) == 1  # the hooked query was called, not read
+    hooked = build("bert", "BertModel")
+    hooked.encoder.layer[0].intermediate.dense.register_forward_pre_hook(lambda m, i: None)
+    with pytest.raises(ValueError, match="forward hooks"):
+        electra_fast.patch(hooked, strict=True)
+
+
+def test_subclasses_that_override_a_replaced_method_are_left_alone():
+    from transformers.models.bert import modeling_bert as mb
+    from transformers.models.deberta_v2 import modeling_deberta_v2 as md
+
+    class ScaledSelfOutput(mb.BertSelfOutput):
+        def forward(self, h, x):
+            return self.LayerNorm(self.dropout(self.dense(h)) + 0.5 * x)
+
+    class NoFeedForward(md.DebertaV2Layer):
+        def forward(self, hidden_states, attention_mask, query_states=None, relative_pos=None, rel_embeddings=None,
+                    output_attentions=False):
+            out, att = self.attention(hidden_states, attention_mask, output_attentions=output_attentions,
+                                      query_states=query_states, relative_pos=relative_pos,
+                                      rel_embeddings=rel_embeddings)
+            return out, att
+
+    class Attention(md.DisentangledSelfAttention):
+        pass
+
+    bert = build("bert", "BertModel")
+    for layer in bert.encoder.layer:
+        new = ScaledSelfOutput(bert.config)
+        new.load_state_dict(layer.attention.output.state_dict())
+        layer.attention.output = new
+    deberta = build("deberta_v2", "DebertaV2Model")
+    for i, layer in enumerate(deberta.encoder.layer):
+        new = NoFeedForward(deberta.config)
+        new.load_state_dict(layer.state_dict())
+        new.attention.self.__class__ = Attention
+        deberta.encoder.layer[i] = new
+    inputs, _ = batch()
+    for model, match in ((bert, "ScaledSelfOutput overrides BertSelfOutput.forward"),
+                         (deberta, "NoFeedForward overrides DebertaV2Layer.forward")):
+        model.eval()
+        want = model(**inputs).last_hidden_state
+        with pytest.raises(ValueError, match=match):
+            electra_fast.patch(model, strict=True)
+        electra_fast.patch(model)
+        torch.testing.assert_close(model(**inputs).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(layer.attention.self, md.DisentangledSelfAttention) and
+                   type(layer.attention.self) is not Attention for layer in deberta.encoder.layer)
+
+
+def test_eager_rows_with_no_key_attend_uniformly_as_transformers_does():
+    """A row whose mask has no key: eager attends uniformly (its dtype-min mask absorbs the scores), sdpa does what
+    the fused path does. Outputs and the gradients of the layers after the scores are transformers'; query / key /
+    embedding gradients are not compared: transformers' eager back-propagates into the scores its mask absorbed
+    (the true derivative there is 0, which the fused path gives)."""
+    for family, impl in (("bert", "eager"), ("bert", "sdpa"), ("roberta", "eager")):
+        model = build(family, "BertForSequenceClassification".replace("Bert", family.capitalize()),
+                      attn_implementation=impl)
+        inputs, _ = batch()
+        inputs["attention_mask"][1] = 0
+        labels = torch.tensor([0, 1, 1, 0][:inputs["input_ids"].shape[0]])
+        want = model(**inputs, labels=labels)
+        want.loss.backward()
+        patched = build(family, "BertForSequenceClassification".replace("Bert", family.capitalize()),
+                        attn_implementation=impl)
+        electra_fast.patch(patched)
+        got = patched(**inputs, labels=labels)
+        got.loss.backward()
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+        compared = 0
+        for (n, p), (_, q) in zip(model.named_parameters(), patched.named_parameters()):
+            if p.grad is not None and any(k in n for k in ("value", "output", "intermediate", "pooler", "classifier")):
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+                compared += 1
+        assert compared >= 20
+
+
+def test_deberta_log_buckets_the_op_refuses_are_left_to_transformers():
+    model = build("deberta_v2", "DebertaV2Model", position_buckets=256, max_position_embeddings=128,
+                  max_relative_positions=-1)
+    inputs, _ = batch()
+    want = model(**inputs).last_hidden_state
+    with pytest.raises(ValueError, match="position_buckets"):
+        electra_fast.patch(model, strict=True)
+    electra_fast.patch(model)
+    torch.testing.assert_close(model(**inputs).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+
+
+def test_patched_models_pickle_and_keep_their_patch(tmp_path):
+    import pickle
+
+    for family, cls_name in (("bert", "BertForMaskedLM"), ("deberta_v2", "DebertaV2ForMaskedLM")):
+        model = electra_fast.patch(build(family, cls_name))
+        inputs, labels = batch()
+        want = _loss(model, inputs, labels)
+        for clone in (pickle.loads(pickle.dumps(model)),):
+            assert electra_fast.is_patched(clone)
+            torch.testing.assert_close(_loss(clone, inputs, labels), want, rtol=0, atol=0)
+            electra_fast.unpatch(clone)
+            assert not electra_fast.is_patched(clone)
+
+
+def test_tuple_output_keeps_the_place_of_logits():
+    model = build("bert", "BertForMaskedLM")
+    inputs, labels = batch()
+    want = model(**inputs, labels=labels, return_dict=False, output_hidden_states=True)
+    electra_fast.patch(model)
+    got = model(**inputs, labels=labels, return_dict=False, output_hidden_states=True)
+    assert len(got) == len(want) == 3 and got[1] is None
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert len(got[2]) == len(want[2])

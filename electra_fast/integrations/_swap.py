@@ -3,10 +3,15 @@
 A submodule is replaced by another that remembers the original (in a list, so it is not registered as a
 submodule and adds nothing to ``parameters()`` or ``state_dict()``); an instance's methods are overridden by
 instance attributes, and deleting those brings the class's methods back.
+
+An override is ``functools.partial(function, module)``, not a bound method: a bound method pickles as
+``getattr(module, name)``, which the half-built module cannot answer when it is unpickled, while a partial pickles
+its function and module (``torch.save(model)`` / ``pickle`` of a patched model round-trips); ``inspect.signature``
+reads both the same way (transformers' Trainer filters dataset columns by it).
 """
 from __future__ import annotations
 
-import types
+import functools
 from typing import Callable
 
 from torch import nn
@@ -34,7 +39,7 @@ def restore_submodule(parent: nn.Module, name: str) -> None:
 def override_methods(module: nn.Module, **functions: Callable) -> None:
     """Bind each function to ``module`` as the method of that name (this instance only)."""
     for name, function in functions.items():
-        setattr(module, name, types.MethodType(function, module))
+        setattr(module, name, functools.partial(function, module))
 
 
 def overrides(module: nn.Module, name: str) -> bool:

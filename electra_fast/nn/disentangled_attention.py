@@ -92,6 +92,8 @@ class DisentangledSelfAttention(nn.Module):
         if self.relative_attention:
             self.position_buckets = _validate.integer_arg("position_buckets", position_buckets)
             self.max_relative_positions = _validate.integer_arg("max_relative_positions", max_relative_positions, 1)
+            if self.pos_att_type:  # the op refuses these at every forward: say it where the module is built
+                _validate.log_buckets(self.position_buckets, self.max_relative_positions)
             self.pos_ebd_size = attention_span(position_buckets, max_relative_positions)
             self.pos_dropout = nn.Dropout(_validate.probability("pos_dropout", pos_dropout))
             if not self.share_att_key:

@@ -259,10 +259,7 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     if pos_key is not None or pos_query is not None:
         if max_relative_positions < 1:
             raise ValueError(f"max_relative_positions: expected >= 1, got {max_relative_positions}")
-        if not _validate.log_buckets_fit(position_buckets, max_relative_positions):
-            raise ValueError(f"position_buckets: expected >= 2 and max_relative_positions > position_buckets // 2 + 1"
-                             f" (log buckets), got position_buckets={position_buckets}, "
-                             f"max_relative_positions={max_relative_positions}")
+        _validate.log_buckets(position_buckets, max_relative_positions)
     span = ref.attention_span(position_buckets, max_relative_positions)
     pos_key = _check_pos("pos_key", pos_key, query, span)
     pos_query = _check_pos("pos_query", pos_query, query, span)

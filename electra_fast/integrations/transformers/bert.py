@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import torch.nn.functional as F
 
 from ...nn.encoder import standard_attention
@@ -51,6 +52,9 @@ def _call_unsupported(self, hidden_states, attention_mask, cache, kwargs) -> "tu
     impl = getattr(self.config, "_attn_implementation", None)
     if impl not in SERVED_ATTENTION:
         return f"the attention implementation {impl!r} (served: 'eager', 'sdpa')", None
+    reason = layers.not_plain(query=self.query, key=self.key, value=self.value)
+    if reason is not None:
+        return reason, None
     servable, key_mask = layers.padding_key_mask(attention_mask, *hidden_states.shape[:2])
     if not servable:
         return "an attention mask that is not a padding mask", None
@@ -69,6 +73,13 @@ def attention_forward(self, hidden_states, attention_mask=None, cache=None, **kw
     # question-answering loss reads them): padded batches keep SDPA, unpadded ones (pretraining) get the op
     context = standard_attention(hidden_states, self.query, self.key, self.value, self.num_attention_heads,
                                  key_mask if padded else None, p, fused_dropout=not padded)
+    if padded and getattr(self.config, "_attn_implementation", None) != "sdpa":
+        # eager's additive mask (dtype min on every key of a row with none) leaves uniform weights there: the mean
+        # of V, i.e. value of the mean input (sdpa's bool mask gives what standard_attention gives)
+        keyless = ~key_mask.any(dim=-1)
+        if bool(keyless.any()):
+            mean_value = self.value(hidden_states.mean(dim=-2, keepdim=True)).to(context.dtype)
+            context = torch.where(keyless[:, None, None], mean_value, context)
     return context, None
 
 
@@ -77,6 +88,9 @@ def _attention_unsupported(module) -> "str | None":
         return "attention: a decoder (causal) self-attention"
     if module.all_head_size != module.query.in_features:
         return "attention: num_attention_heads * head size != hidden_size"
+    reason = layers.not_plain(query=module.query, key=module.key, value=module.value)
+    if reason is not None:
+        return f"attention: {reason}"
     impl = getattr(module.config, "_attn_implementation", None)
     if impl not in SERVED_ATTENTION:
         return f"attention: the attention implementation {impl!r} (served: 'eager', 'sdpa')"
@@ -86,16 +100,17 @@ def _attention_unsupported(module) -> "str | None":
 # ----------------------------------------------------------------------------------------------- heads
 def _bert_head(model):
     p = model.cls.predictions
-    return p.transform, p.decoder.weight, p.decoder.bias
+    return p.transform, p.decoder, p.decoder.weight, p.decoder.bias
 
 
 def _roberta_head(model):
     h = model.lm_head
-    return (lambda x: h.layer_norm(F.gelu(h.dense(x)))), h.decoder.weight, h.decoder.bias
+    return (lambda x: h.layer_norm(F.gelu(h.dense(x)))), h.decoder, h.decoder.weight, h.decoder.bias
 
 
 def _electra_head(model):
-    return model.generator_predictions, model.generator_lm_head.weight, model.generator_lm_head.bias
+    g = model.generator_lm_head
+    return model.generator_predictions, g, g.weight, g.bias
 
 
 HEADS = {"bert": ("BertForMaskedLM", _bert_head), "roberta": ("RobertaForMaskedLM", _roberta_head),
@@ -110,15 +125,6 @@ def _mlm_methods(cls: type) -> dict:
 
 def _mlm_classes() -> tuple:
     return tuple(getattr(_modeling(f), name) for f, (name, _) in HEADS.items())
-
-
-def _mlm_unsupported(model) -> "str | None":
-    for cls in type(model).__mro__:  # a subclass of a supported head: its own forward may differ
-        if cls in _mlm_classes():
-            if type(model).forward is not cls.forward:
-                return f"mlm_head: {type(model).__name__} overrides {cls.__name__}.forward"
-            return None
-    return None
 
 
 def _head_methods(model) -> dict:
@@ -136,10 +142,11 @@ def rules() -> list:
              unsupported=_attention_unsupported),
         Rule("layer_norm", lambda: _classes("SelfOutput") + _classes("Output"),
              methods=lambda m: dict(forward=layers.add_norm_forward),
-             unsupported=lambda m: None if layers.is_layer_norm(m.LayerNorm) else "layer_norm: not torch's LayerNorm"),
+             unsupported=layers.layer_norm_unsupported),
         Rule("mlp", lambda: _classes("Layer"), methods=lambda m: dict(feed_forward_chunk=_feed_forward_chunk),
              unsupported=layers.feed_forward_unsupported),
-        Rule("mlm_head", _mlm_classes, methods=_head_methods, unsupported=_mlm_unsupported),
+        Rule("mlm_head", _mlm_classes, methods=_head_methods,
+             unsupported=lambda m: _head_methods(m)["forward"].unsupported(m)),
     ]
 
 

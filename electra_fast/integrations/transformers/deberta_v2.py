@@ -78,9 +78,9 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
     def from_transformers(cls, module: nn.Module) -> "FusedDisentangledSelfAttention":
         """The fused module over ``module``'s projections (the same Parameter objects) and settings."""
         hf = _hf()
-        if not isinstance(module, hf.DisentangledSelfAttention):
-            raise TypeError(f"module: expected transformers' DebertaV2 DisentangledSelfAttention, got "
-                            f"{type(module).__name__}")
+        if type(module) is not hf.DisentangledSelfAttention:  # a subclass's own code would be bypassed
+            raise TypeError(f"module: expected transformers' DebertaV2 DisentangledSelfAttention (not a subclass), "
+                            f"got {type(module).__name__}")
         new = cls.__new__(cls)
         with torch.device("meta"):  # projections are placeholders until replaced by module's own below
             DisentangledSelfAttention.__init__(new, **_module_arguments(module))
@@ -191,7 +191,7 @@ def patch(model: nn.Module) -> int:
     hf = _hf()
     found = 0
     for module in list(model.modules()):
-        if isinstance(module, hf.DebertaV2Attention) and isinstance(module.self, hf.DisentangledSelfAttention):
+        if isinstance(module, hf.DebertaV2Attention) and type(module.self) is hf.DisentangledSelfAttention:
             _swap.swap_submodule(module, "self", FusedDisentangledSelfAttention.from_transformers(module.self))
         elif isinstance(module, hf.DebertaV2Encoder):
             if not _swap.overrides(module, "get_rel_pos"):
@@ -266,16 +266,10 @@ def _layer_forward(self, hidden_states, attention_mask, query_states=None, relat
 def _head(model):
     if model.legacy:
         p = model.cls.predictions
-        return p.transform, p.decoder.weight, p.decoder.bias
-    h = model.lm_predictions.lm_head
-    return (lambda x: h.LayerNorm(h.transform_act_fn(h.dense(x)))), model.deberta.embeddings.word_embeddings.weight, \
-        h.bias
-
-
-def _mlm_unsupported(model) -> Optional[str]:
-    if type(model).forward is not _hf().DebertaV2ForMaskedLM.forward:
-        return f"mlm_head: {type(model).__name__} overrides DebertaV2ForMaskedLM.forward"
-    return None
+        return p.transform, p.decoder, p.decoder.weight, p.decoder.bias
+    h = model.lm_predictions.lm_head  # transformers reads the tied embedding matrix itself: no module to call
+    return (lambda x: h.LayerNorm(h.transform_act_fn(h.dense(x)))), None, \
+        model.deberta.embeddings.word_embeddings.weight, h.bias
 
 
 def rules() -> list:
@@ -292,11 +286,11 @@ def rules() -> list:
              unsupported=_encoder_unsupported),
         Rule("layer_norm", lambda: (hf().DebertaV2SelfOutput, hf().DebertaV2Output),
              methods=lambda m: dict(forward=layers.add_norm_forward),
-             unsupported=lambda m: None if layers.is_layer_norm(m.LayerNorm) else "layer_norm: not torch's LayerNorm"),
+             unsupported=layers.layer_norm_unsupported),
         Rule("mlp", lambda: (hf().DebertaV2Layer,), methods=lambda m: dict(forward=_layer_forward),
-             unsupported=lambda m: layers.feed_forward_unsupported(m)),
+             unsupported=layers.feed_forward_unsupported),
         Rule("mlm_head", lambda: (hf().DebertaV2ForMaskedLM,),
-             methods=lambda m: _mlm_methods(), unsupported=_mlm_unsupported),
+             methods=lambda m: _mlm_methods(), unsupported=lambda m: _mlm_methods()["forward"].unsupported(m)),
     ]
 
 

@@ -26,6 +26,7 @@ from ...nn.encoder import add_norm
 from ...ops.linear import gelu_mlp
 from ...ops.sampling import mlm_loss_and_sample
 from .. import _swap
+from .patching import fallback
 
 IGNORE_INDEX = -100  # torch's CrossEntropyLoss default, which every transformers MLM head uses
 
@@ -39,12 +40,34 @@ def is_layer_norm(module) -> bool:
     return type(module) is nn.LayerNorm and module.elementwise_affine
 
 
+def not_plain(**modules: Optional[nn.Module]) -> Optional[str]:
+    """Why the fused code, which reads these modules' Parameters instead of calling them, would skip part of their
+    computation (None: it would not): a module that is not exactly torch's Linear / LayerNorm (a PEFT LoRA wrapper,
+    a quantised or parametrized layer, a subclass) or one with forward hooks (pruning, weight norm, a user's hook),
+    or forward hooks on every module. None entries are skipped. Checked when patching and again at each call
+    (a wrapper installed after ``patch`` is seen)."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return "forward hooks registered for every module (the fused code does not call the layers it reads)"
+    for name, module in modules.items():
+        if module is None:
+            continue
+        if type(module) not in (nn.Linear, nn.LayerNorm):
+            return f"{name} is a {type(module).__name__}, not torch's Linear / LayerNorm (its own forward would be skipped)"
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"{name} has forward hooks (the fused code does not call it)"
+    return None
+
+
 # ------------------------------------------------------------------------------------------ add + norm
 def norm(output: nn.Module, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """LayerNorm(dropout(y) + residual) with ``output``'s LayerNorm and dropout: fused when ``output``'s forward is
     patched, else transformers' three ops. Mixed dtypes (a bf16 dense output, an fp32 residual under autocast) are
     promoted first, as transformers' add does."""
     if not _swap.overrides(output, "forward"):
+        return output.LayerNorm(output.dropout(y) + residual)
+    reason = not_plain(LayerNorm=output.LayerNorm)
+    if reason is not None:
+        fallback(output, f"layer_norm: {reason}")
         return output.LayerNorm(output.dropout(y) + residual)
     dtype = torch.promote_types(y.dtype, residual.dtype)
     return add_norm(y.to(dtype), residual.to(dtype), output.LayerNorm, output.dropout, output.training)
@@ -59,6 +82,10 @@ def add_norm_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tens
 def feed_forward(layer: nn.Module, attention_output: torch.Tensor) -> torch.Tensor:
     """``layer.output(layer.intermediate(a), a)`` for an erf-GELU intermediate: a [B, T, H] -> [B, T, H]."""
     d1, out = layer.intermediate.dense, layer.output
+    reason = not_plain(**{"intermediate.dense": d1, "output.dense": out.dense})
+    if reason is not None:
+        fallback(layer, f"mlp: {reason}")
+        return out(layer.intermediate(attention_output), attention_output)
     y = gelu_mlp(attention_output, d1.weight, d1.bias, out.dense.weight, out.dense.bias)
     return norm(out, y, attention_output)
 
@@ -67,7 +94,16 @@ def feed_forward_unsupported(layer: nn.Module) -> Optional[str]:
     act = layer.intermediate.intermediate_act_fn
     if not erf_gelu(act):
         return f"mlp: the feed-forward activation {type(act).__name__} is not the erf GELU ('gelu')"
-    return None
+    reason = not_plain(**{"intermediate.dense": layer.intermediate.dense, "output.dense": layer.output.dense})
+    return None if reason is None else f"mlp: {reason}"
+
+
+def layer_norm_unsupported(output: nn.Module) -> Optional[str]:
+    """Why the add-norm of a ``*SelfOutput`` / ``*Output`` cannot be fused (None: it can)."""
+    if not is_layer_norm(output.LayerNorm):
+        return "layer_norm: not torch's LayerNorm"
+    reason = not_plain(LayerNorm=output.LayerNorm)
+    return None if reason is None else f"layer_norm: {reason}"
 
 
 # --------------------------------------------------------------------------------------------- masks
@@ -108,20 +144,36 @@ def _accepts_var_keywords(function) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in _signature(function).parameters.values())
 
 
-def mlm_forward_for(cls: type, head_parts: HeadParts) -> Callable:
-    """The loss-only forward of one transformers ``*ForMaskedLM`` class (same signature, for the Trainer's
-    column filtering); ``head_parts(model) -> (transform, weight [V, E], bias [V] or None)``, the head's layers
-    before its vocabulary projection and that projection's parameters."""
-    original = cls.forward
+class mlm_forward_for:
+    """The loss-only forward of one transformers ``*ForMaskedLM`` class ``cls``, called as ``forward(model, *args,
+    **kwargs)``; ``head_parts(model) -> (transform, projection, weight [V, E], bias [V] or None)``: the head's layers
+    before its vocabulary projection, the projection module transformers calls (None when it reads the weight
+    itself, e.g. tied embeddings) and the projection's parameters. ``head_parts`` must be a module-level function:
+    a patched model pickles this object. ``__wrapped__`` gives it the original's signature (the Trainer's column
+    filtering reads it)."""
 
-    @functools.wraps(original)
-    def forward(self, *args, **kwargs):
-        labels = _signature(original).bind(self, *args, **kwargs).arguments.get("labels")
+    def __init__(self, cls: type, head_parts: HeadParts):
+        self.cls, self.head_parts = cls, head_parts
+        functools.update_wrapper(self, cls.forward)
+
+    def __call__(self, model, *args, **kwargs):
+        original = self.cls.forward
+        labels = _signature(original).bind(model, *args, **kwargs).arguments.get("labels")
         if not isinstance(labels, torch.Tensor):
-            return original(self, *args, **kwargs)
-        return _mlm_loss_only(self, original, head_parts, args, kwargs)
+            return original(model, *args, **kwargs)
+        reason = self.unsupported(model)
+        if reason is not None:
+            fallback(model, reason)
+            return original(model, *args, **kwargs)
+        return _mlm_loss_only(model, original, self.head_parts, args, kwargs)
 
-    return forward
+    def unsupported(self, model) -> Optional[str]:
+        """Why ``model``'s head cannot be served (None: it can)."""
+        reason = not_plain(projection=self.head_parts(model)[1])
+        return None if reason is None else f"mlm_head: {reason}"
+
+    def __reduce__(self):  # update_wrapper's __dict__ copy holds nothing picklable by reference
+        return (mlm_forward_for, (self.cls, self.head_parts))
 
 
 def _mlm_loss_only(model, original, head_parts: HeadParts, args, kwargs):
@@ -143,7 +195,7 @@ def _mlm_loss_only(model, original, head_parts: HeadParts, args, kwargs):
     hidden = outputs[0]
     labels = labels.to(hidden.device)
     rows = labels.reshape(-1) != IGNORE_INDEX
-    transform, weight, bias = head_parts(model)
+    transform, _, weight, bias = head_parts(model)
     h = transform(hidden.reshape(-1, hidden.shape[-1])[rows])
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
@@ -153,4 +205,8 @@ def _mlm_loss_only(model, original, head_parts: HeadParts, args, kwargs):
     out = MaskedLMOutput(loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
+    if return_dict:
+        return out
+    # transformers' tuple is (loss, logits, *the base model's other outputs): keep logits' place (None), so that
+    # out[1] is not silently the hidden states (ModelOutput.to_tuple drops None entries)
+    return (loss, None) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)

@@ -44,6 +44,16 @@ class Rule:
     def applies(self, module: nn.Module) -> bool:
         return isinstance(module, self.classes())
 
+    def why_not(self, module: nn.Module) -> Optional[str]:
+        """Why this instance cannot be served (None: it can): a subclass that overrides a method this rule
+        replaces (its own code would be lost), or the family's reason."""
+        if self.methods is not None:
+            base = next(c for c in type(module).__mro__ if c in self.classes())
+            for name in self.methods(module):
+                if getattr(type(module), name) is not getattr(base, name, None):
+                    return f"{self.option}: {type(module).__name__} overrides {base.__name__}.{name}"
+        return self.unsupported(module)
+
     def installed(self, module: nn.Module) -> bool:
         if self.swap is not None:
             return _swap.swapped(module, self.swap[0])
@@ -120,7 +130,7 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
         found = True
         if not options[rule.option] or rule.installed(module):
             continue
-        reason = rule.unsupported(module)
+        reason = rule.why_not(module)
         if reason is None:
             plan.append((rule, module))
         elif reason not in reasons:
