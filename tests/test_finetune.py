@@ -208,6 +208,13 @@ def test_seeds_report_median_and_export_loads_in_transformers(pretrained, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, mask), hf(input_ids=ids, attention_mask=mask).logits,
                                    rtol=1e-5, atol=1e-5)
+    # the exported tokenizer gives a sentence pair's second sentence its token type, as ours does
+    import tokenizers
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out" / "export"))
+    ours_tok = tokenizers.Tokenizer.from_file(str(tmp_path / "out" / "export" / "tokenizer.json"))
+    enc = hf_tok("the first one", "and the second")
+    assert enc["token_type_ids"] == ours_tok.encode("the first one", "and the second").type_ids
+    assert 1 in enc["token_type_ids"]
 
 
 @pytest.mark.parametrize("task", ["classification", "token-classification"])
@@ -701,3 +708,86 @@ def test_mlm_probe_scores_the_masked_positions_and_shuffles_only_context(pretrai
     assert 0.3 < r["original"]["accuracy"] < 0.6
     assert r["shuffled"]["accuracy"] < 0.25
     assert r["original"]["logp"] > r["shuffled"]["logp"] + 3.0
+
+
+# ------------------------------------------------------------------------------------------ columns and rows
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_glue_pair_columns_and_every_file_reads_the_training_files_columns(tmp_path):
+    qnli = _write(tmp_path / "qnli.tsv", "index\tquestion\tsentence\tlabel\n0\tWhat sat?\tThe cat sat.\tentailment\n")
+    ds = fdata.read(qnli, "classification", fdata.Columns(), "--train")
+    assert (ds.examples[0].text, ds.examples[0].pair) == ("What sat?", "The cat sat.")  # QNLI: the question too
+    qqp = _write(tmp_path / "qqp.tsv", "id\tquestion1\tquestion2\tis_duplicate\n0\ta?\tb?\t1\n")
+    ds = fdata.read(qqp, "classification", fdata.Columns(label="is_duplicate"), "--train")
+    assert (ds.examples[0].text, ds.examples[0].pair, ds.examples[0].label) == ("a?", "b?", "1")
+    train = fdata.read(_write(tmp_path / "train.tsv", "sentence1\tsentence2\tlabel\na\tb\t0\nc\td\t1\n"),
+                       "classification", fdata.Columns(), "--train")
+    single = _write(tmp_path / "single.tsv", "sentence1\tlabel\na\t0\n")
+    with pytest.raises(fdata.FinetuneError, match="--test: .*no column 'sentence2', which the training file uses"):
+        fdata.read(single, "classification", fdata.Columns(), "--test", labelled=False, names=train.names)
+    first_row_single = _write(tmp_path / "t.jsonl", '{"sentence1": "a", "label": "0"}\n'
+                              '{"sentence1": "c", "sentence2": "d", "label": "1"}\n')
+    with pytest.raises(fdata.FinetuneError, match="t.jsonl line 1: no second sentence"):
+        fdata.read(first_row_single, "classification", fdata.Columns(), "--validation", names=train.names)
+    unlabelled = _write(tmp_path / "u.tsv", "sentence1\tsentence2\na\tb\n")
+    ds = fdata.read(unlabelled, "classification", fdata.Columns(), "--test", labelled=False, names=train.names)
+    assert (ds.examples[0].pair, ds.examples[0].label) == ("b", None)
+
+
+def test_token_files_columns_fallbacks_indices_and_unlabelled_tests(tmp_path):
+    ner = _write(tmp_path / "ner.jsonl", '{"tokens": ["the", "cat"], "ner_tags": [0, 1]}\n')
+    ds = fdata.read(ner, "token-classification", fdata.Columns(), "--train")
+    assert ds.examples[0].label == ["0", "1"] and ds.names == {"tokens": "tokens", "tags": "ner_tags"}
+    words_only = _write(tmp_path / "test.jsonl", '{"tokens": ["a", "cat"]}\n')
+    ds = fdata.read(words_only, "token-classification", fdata.Columns(), "--test", labelled=False)
+    assert ds.examples[0].label is None
+    headerless = _write(tmp_path / "h.tsv", "the cat sat\tO B-ANI O\n")
+    ds = fdata.read(headerless, "token-classification", fdata.Columns(tokens="0", tags="1"), "--train")
+    assert (ds.examples[0].text, ds.examples[0].label) == (["the", "cat", "sat"], ["O", "B-ANI", "O"])
+    with pytest.raises(fdata.FinetuneError, match="no tokens column"):  # indices given for the wrong task: one line
+        fdata.read(headerless, "token-classification", fdata.Columns(text="0", label="1"), "--train")
+
+
+def test_rows_keep_their_place_when_bad_lines_are_skipped(tmp_path):
+    path = _write(tmp_path / "t.tsv", "sentence\tlabel\na\t\nb\t\n\t\nc\t\n")
+    ds = fdata.read(path, "classification", fdata.Columns(), "--test", labelled=False, skip_bad_lines=True)
+    assert [(e.text, e.row) for e in ds.examples] == [("a", 0), ("b", 1), ("c", 3)] and ds.skipped == 1
+
+
+def test_label_order_is_fixed_and_tag_sets_pick_their_metric():
+    ds = fdata.Dataset([fdata.Example("x", label=v) for v in ("2", "01", "1", "0")])
+    assert fdata.label_names(ds, "classification") == ["0", "01", "1", "2"]  # whatever the set's hash order
+    ds = fdata.Dataset([fdata.Example("x", label=v) for v in ("\u2461", "\u2460")])  # "②".isdigit() is True
+    assert fdata.label_names(ds, "classification") == ["\u2460", "\u2461"]
+    assert M.selection_metric("token-classification", ["O", "B-PER", "I-PER"]) == "entity_f1"
+    assert M.selection_metric("token-classification", ["0", "1", "2"]) == "accuracy"
+    assert M.selection_metric("token-classification", ["NOUN", "VERB"]) == "accuracy"
+    assert M.selection_metric("classification", ["a", "b"]) == "accuracy"
+
+
+def test_word_predictions_stay_at_their_words():
+    """A word with no token (a zero-width space) and words cut by the maximum length get class 0 at their own
+    places; every other word its first token's prediction."""
+    from electra_fast.finetune.trainer import predict
+
+    class Ones(torch.nn.Module):
+        task = "token-classification"
+
+        def forward(self, ids, mask, types):
+            return torch.tensor([0.0, 1.0]).expand(*ids.shape, 2)
+
+    # [CLS] the dog (ZWSP: no token) cat [SEP], 6 words of which the last one was cut
+    feats = fdata.Features(ids=[[2, 5, 6, 7, 8, 3]], types=[[0] * 6], labels=[[-100] * 6],
+                           word_ids=[[None, 0, 1, 3, 4, None]], n_words=[6])
+    assert predict(Ones(), feats, 0, 4, torch.device("cpu"), "fp32") == [[1, 1, 0, 1, 1, 0]]
+
+
+def test_resume_before_the_first_epoch_state_drops_its_metric_lines(tmp_path):
+    from electra_fast.finetune.trainer import _load_epoch_state
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n', encoding="utf-8")  # killed while saving epoch 1
+    assert _load_epoch_state(str(tmp_path), None, None, None, None) is None
+    assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8") == ""

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -35,8 +36,8 @@ class Columns:
     text: Optional[str] = None
     pair: Optional[str] = None
     label: str = "label"
-    tokens: str = "tokens"
-    tags: str = "tags"
+    tokens: Optional[str] = None  # None: tokens, else words
+    tags: Optional[str] = None    # None: tags, else ner_tags, else labels
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Example:
     pair: Optional[str] = None
     label: Any = None                     # str | int | float, a list of tags, or None (an unlabelled test row)
     where: str = ""                       # "FILE line N" for error messages
+    row: int = 0                          # 0-based place among the file's data rows (skipped rows counted)
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Dataset:
     examples: List[Example]
     skipped: int = 0
     path: str = ""
+    names: Dict[str, Any] = field(default_factory=dict)  # the columns read: {"text", "pair", "label"} or
+    #                                                       {"tokens", "tags"}, names or 0-based indices
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -136,35 +140,54 @@ def _pick(header: Sequence[str], wanted: Optional[str], fallbacks: Sequence[str]
 
 
 def read(path: str, task: str, columns: Columns, flag: str, labelled: bool = True,
-         skip_bad_lines: bool = False) -> Dataset:
-    """Rows of ``path`` as Examples; ``labelled=False`` (a test file) accepts rows without a label."""
+         skip_bad_lines: bool = False, names: Optional[Dict[str, Any]] = None) -> Dataset:
+    """Rows of ``path`` as Examples; ``labelled=False`` (a test file) accepts rows without a label. ``names``: the
+    training file's columns (its ``Dataset.names``), which a validation / test file must have too (a pair column
+    cannot go missing from one file and turn its rows into single sentences)."""
     path = os.fspath(path)
     rows, keyed = _rows(path, flag)
-    indexed = all(c is None or str(c).isdigit() for c in (columns.text, columns.pair, columns.label)) and \
-        columns.text is not None and not keyed
+    used = (columns.tokens, columns.tags) if task == "token-classification" else (columns.text, columns.pair,
+                                                                                  columns.label)
+    indexed = all(c is None or str(c).isdigit() for c in used) and used[0] is not None and not keyed
     if not keyed and not indexed:  # a header row names the columns
         header_line, header = rows[0]
         rows = [(n, dict(zip(header, r + [None] * (len(header) - len(r))))) if len(r) <= len(header) else (n, None)
                 for n, r in rows[1:]]
     else:
         header = None
-    names = _column_names(rows, header, keyed or not indexed, task, columns, f"{flag}: {path}")
+    where = f"{flag}: {path}"
+    if names is None:
+        names = _column_names(rows, header, keyed or not indexed, task, columns, labelled, where)
+    elif header is not None:  # a header row: the training file's columns must all be there
+        needed = [v for k, v in names.items() if v is not None and (labelled or k not in ("label", "tags"))]
+        missing = [str(v) for v in needed if v not in header]
+        if missing:
+            raise FinetuneError(f"{where}: no column {', '.join(map(repr, missing))}, which the training file "
+                                f"uses (columns: {', '.join(header)})")
     out, skipped = [], 0
-    for n, row in rows:
+    for i, (n, row) in enumerate(rows):
         where = f"{path} line {n}"
         try:
             out.append(_example(row, names, task, labelled, where, indexed))
+            out[-1].row = i
         except FinetuneError:
             if not skip_bad_lines:
                 raise
             skipped += 1
     if not out:
         raise FinetuneError(f"{flag}: {path} has no usable rows" + (f" ({skipped} skipped)" if skipped else ""))
-    return Dataset(out, skipped, path)
+    return Dataset(out, skipped, path, names)
 
 
-def _column_names(rows, header, keyed: bool, task: str, columns: Columns, where: str) -> Dict[str, Any]:
+# GLUE's sentence-pair columns (MNLI / RTE / ..., QNLI, QQP), tried in this order when no text column is named
+PAIRS = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"))
+
+
+def _column_names(rows, header, keyed: bool, task: str, columns: Columns, labelled: bool,
+                  where: str) -> Dict[str, Any]:
     if not keyed:  # numeric indices, no header
+        if task == "token-classification":
+            return {"tokens": int(columns.tokens), "tags": None if columns.tags is None else int(columns.tags)}
         return {"text": int(columns.text), "pair": None if columns.pair is None else int(columns.pair),
                 "label": int(columns.label)}
     if header is None:
@@ -173,16 +196,20 @@ def _column_names(rows, header, keyed: bool, task: str, columns: Columns, where:
             raise FinetuneError(f"{where}: no row is a JSON object")
         header = list(first)
     if task == "token-classification":
-        return {"tokens": _pick(header, columns.tokens, ["tokens", "words"], "tokens", where),
-                "tags": _pick(header, columns.tags, ["tags", "ner_tags", "labels"], "tags", where)}
+        tokens = _pick(header, columns.tokens, ["tokens", "words"], "tokens", where)
+        try:
+            tags = _pick(header, columns.tags, ["tags", "ner_tags", "labels"], "tags", where)
+        except FinetuneError:
+            if labelled:
+                raise
+            tags = None  # an unlabelled test file: words only
+        return {"tokens": tokens, "tags": tags}
+    if columns.text is None and columns.pair is None:
+        for text, pair in PAIRS:
+            if text in header and pair in header:
+                return {"text": text, "pair": pair, "label": columns.label}
     text = _pick(header, columns.text, ["sentence", "text", "sentence1", "question"], "text", where)
-    pair = columns.pair
-    if pair is None and text == "sentence1" and "sentence2" in header:
-        pair = "sentence2"
-    elif pair is None and text == "question" and "sentence" in header:
-        pair = "sentence"
-    elif pair is not None:
-        pair = _pick(header, pair, [], "pair", where)
+    pair = None if columns.pair is None else _pick(header, columns.pair, [], "pair", where)
     return {"text": text, "pair": pair, "label": columns.label}
 
 
@@ -198,8 +225,9 @@ def _example(row, names: dict, task: str, labelled: bool, where: str, indexed: b
     if row is None or not isinstance(row, (dict, list)):
         raise FinetuneError(f"{where}: not a row of the expected columns (malformed JSON or too many fields)")
     if task == "token-classification":
-        tokens, tags = _field(row, names["tokens"], where, "tokens"), row.get(names["tags"]) if isinstance(
-            row, dict) else None
+        tokens, key = _field(row, names["tokens"], where, "tokens"), names["tags"]
+        tags = None if key is None else row.get(key) if isinstance(row, dict) else (
+            row[key] if key < len(row) else None)
         tokens = tokens.split() if isinstance(tokens, str) else tokens
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
             raise FinetuneError(f"{where}: tokens must be a non-empty list of words")
@@ -246,8 +274,8 @@ def label_names(train: Dataset, task: str) -> List[str]:
     values = {t for e in train.examples for t in (e.label if task == "token-classification" else [e.label])}
     if task == "token-classification" and "O" in values:
         return ["O"] + sorted(values - {"O"})
-    if all(v.lstrip("-").isdigit() for v in values):
-        return sorted(values, key=int)
+    if all(re.fullmatch(r"-?[0-9]+", v) for v in values):  # ASCII digits only: int() refuses "①"
+        return sorted(values, key=lambda v: (int(v), v))  # "1" and "01" tie on int: a fixed order all the same
     return sorted(values)
 
 
@@ -272,6 +300,7 @@ class Features:
     types: List[List[int]]
     labels: List[Any]
     word_ids: List[List[Optional[int]]] = field(default_factory=list)
+    n_words: List[int] = field(default_factory=list)  # words per example (token classification)
     truncated: int = 0
 
     def __len__(self) -> int:
@@ -298,7 +327,8 @@ def featurize(ds: Dataset, tok, task: str, names: List[str], max_len: int) -> Fe
         if task == "token-classification":
             words = list(enc.word_ids)
             out.word_ids.append(words)
-            if max((w for w in words if w is not None), default=-1) + 1 < len(e.text):
+            out.n_words.append(len(e.text))
+            if len(enc.overflowing) > 0:  # not "a word has no token": a zero-width word has none, uncut
                 out.truncated += 1
             seen, labels = set(), []
             for w in words:

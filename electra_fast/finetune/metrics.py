@@ -114,6 +114,19 @@ TASK_METRICS: Dict[str, Tuple[List[str], str]] = {
 }
 
 
+def is_bio(tags: Sequence[str]) -> bool:
+    """Whether a tag set is BIO (``O``, ``B-X``, ``I-X``): only then do entity spans, and entity F1, mean anything."""
+    return all(t == "O" or (t[:2] in ("B-", "I-") and len(t) > 2) for t in tags)
+
+
+def selection_metric(task: str, labels: Sequence[str]) -> str:
+    """The validation metric that picks the best epoch: the task's (``TASK_METRICS``), but token accuracy for a tag
+    set that is not BIO (integer ``ner_tags``, POS tags: entity F1 would be 0 at every epoch)."""
+    if task == "token-classification" and not is_bio(labels):
+        return "accuracy"
+    return TASK_METRICS[task][1]
+
+
 def classification_scores(pred: Sequence[int], gold: Sequence[int], num_labels: int) -> Dict[str, float]:
     """accuracy, F1 (of class 1 for two classes, macro otherwise) and Matthews correlation."""
     return {"accuracy": accuracy(pred, gold),

@@ -105,8 +105,9 @@ def _autocast(device: torch.device, precision: str):
 @torch.no_grad()
 def predict(model: fmodel.FinetuneModel, feats: fdata.Features, pad: int, batch_size: int, device: torch.device,
             precision: str) -> List[Any]:
-    """One prediction per example: a class index, a float, or one tag index per word (words cut off by the
-    maximum length get class 0, "O" for BIO tag sets)."""
+    """One prediction per example: a class index, a float, or one tag index per word, at the word's place (words
+    cut off by the maximum length, and words with no token such as a zero-width space, get class 0, "O" for BIO
+    tag sets)."""
     model.eval()
     order = np.argsort(feats.lengths(), kind="stable")  # similar lengths together: little padding
     out: List[Any] = [None] * len(feats)
@@ -120,14 +121,12 @@ def predict(model: fmodel.FinetuneModel, feats: fdata.Features, pad: int, batch_
             elif model.task == "classification":
                 out[i] = int(logits[r].argmax())
             else:
-                words = feats.word_ids[i]
-                n_words = max((w for w in words if w is not None), default=-1) + 1
-                tags, seen = [], set()
-                for t, w in enumerate(words):
-                    if w is not None and w not in seen:
+                tags, seen = [0] * feats.n_words[i], set()
+                for t, w in enumerate(feats.word_ids[i]):
+                    if w is not None and w not in seen:  # a word's first token speaks for it
                         seen.add(w)
-                        tags.append(int(logits[r, t].argmax()))
-                out[i] = tags + [0] * max(0, n_words - len(tags))
+                        tags[w] = int(logits[r, t].argmax())
+                out[i] = tags
     return out
 
 
@@ -137,7 +136,7 @@ def score(task: str, pred: List[Any], examples: List[fdata.Example], names: List
     if task == "classification":
         index = {n: i for i, n in enumerate(names)}
         return fmetrics.classification_scores(pred, [index[e.label] for e in examples], len(names))
-    tags = [[names[t] for t in p] + ["O"] * (len(e.text) - len(p)) for p, e in zip(pred, examples)]
+    tags = [[names[t] for t in p] for p in pred]
     return fmetrics.token_scores(tags, [e.label for e in examples])
 
 
@@ -242,11 +241,11 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
     if max_len > cfg.max_position_embeddings:
         raise FinetuneError(f"--max-len: {max_len} exceeds the model's max_position_embeddings "
                             f"({cfg.max_position_embeddings})")
-    columns = fdata.Columns(text_column, pair_column, label_column, tokens_column or "tokens",
-                            tags_column or "tags")
+    columns = fdata.Columns(text_column, pair_column, label_column, tokens_column, tags_column)
     tr = fdata.read(train, task, columns, "--train", skip_bad_lines=skip_bad_lines)
-    va = fdata.read(validation, task, columns, "--validation", skip_bad_lines=skip_bad_lines)
-    te = fdata.read(test, task, columns, "--test", labelled=False, skip_bad_lines=skip_bad_lines) if test else None
+    va = fdata.read(validation, task, columns, "--validation", skip_bad_lines=skip_bad_lines, names=tr.names)
+    te = fdata.read(test, task, columns, "--test", labelled=False, skip_bad_lines=skip_bad_lines,
+                    names=tr.names) if test else None
     names = fdata.label_names(tr, task)
     if task != "regression" and len(names) < 2:
         raise FinetuneError(f"--train: {tr.path} has a single label ({names[0]!r}); a classifier needs two or more")
@@ -270,7 +269,7 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
             say(f"warning: --{k}: skipped {d.skipped} bad line(s) (--skip-bad-lines)")
         if d is not None and feats[k].truncated:
             say(f"note: --{k}: {feats[k].truncated} example(s) cut to --max-len {max_len}")
-    metric = fmetrics.TASK_METRICS[task][1]
+    metric = fmetrics.selection_metric(task, names)
     say(f"fine-tuning {'a randomly initialised copy of ' if from_scratch else ''}{model} for {task} "
         f"({len(names) or 'real-valued'} labels) on {len(tr.examples)} examples, {epochs} epoch(s), batch "
         f"{batch_size}, lr {lr:g} (layer decay {layer_decay:g}), {precision}, seeds {seeds}; best epoch by "
@@ -371,10 +370,10 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
         def write(p):
             with open(p, "w", encoding="utf-8") as f:
                 f.write("index\tprediction\n")
-                for i, y in enumerate(pred):
+                for e, y in zip(te.examples, pred):  # index: the row's place among the file's data rows
                     shown = (f"{y:.6g}" if task == "regression" else names[y] if task == "classification"
                              else " ".join(names[t] for t in y))
-                    f.write(f"{i}\t{shown}\n")
+                    f.write(f"{e.row}\t{shown}\n")
         write_atomic(path, write)
         result["predictions"] = path
         if all(e.label is not None for e in te.examples):  # a labelled test file is scored too; it chooses nothing
@@ -397,7 +396,10 @@ def _load_epoch_state(out, net, optimizer, scheduler, rng):
     """(best, best_epoch, history) of the last finished epoch in ``out`` (restoring the model, optimizer, schedule
     and both random streams, so the continued run equals an uninterrupted one), or None for a fresh seed."""
     path = os.path.join(out, EPOCH_STATE)
+    metrics = os.path.join(out, "metrics.jsonl")  # a kill after a line, before the state: drop the extra lines
     if not os.path.isfile(path):
+        if os.path.isfile(metrics):  # killed before the first epoch's state: that seed starts again
+            write_text(metrics, "")
         return None
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
@@ -410,7 +412,6 @@ def _load_epoch_state(out, net, optimizer, scheduler, rng):
     rng.bit_generator.state = st["batch_order"]
     torch.set_rng_state(st["torch_rng"])
     history = st["history"]
-    metrics = os.path.join(out, "metrics.jsonl")  # a kill after the line, before the state: drop the extra lines
     with open(metrics, encoding="utf-8") as f:
         lines = f.readlines()[:len(history)]
     write_text(metrics, "".join(lines))

@@ -264,8 +264,10 @@ def save_for_transformers(tok, directory: str, model_max_length: int = 512) -> N
     with open(os.path.join(directory, "special_tokens_map.json"), "w", encoding="utf-8") as f:
         json.dump(names, f, indent=2)
     with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        # model_input_names: PreTrainedTokenizerFast returns no token_type_ids by default, so a sentence pair's
+        # second sentence would run as type 0 in the exported model (BERT-family and DeBERTa read the types)
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
-                   **names}, f, indent=2)
+                   "model_input_names": ["input_ids", "token_type_ids", "attention_mask"], **names}, f, indent=2)
 
 
 def has_word_boundaries(tok) -> bool:
