@@ -215,6 +215,9 @@ def test_seeds_report_median_and_export_loads_in_transformers(pretrained, tmp_pa
     enc = hf_tok("the first one", "and the second")
     assert enc["token_type_ids"] == ours_tok.encode("the first one", "and the second").type_ids
     assert 1 in enc["token_type_ids"]
+    # the export (a small vocabulary) fine-tunes again: special ids come from its tokenizer, not BERT's defaults
+    cfg, _, _ = fmodel.load_encoder(str(tmp_path / "out" / "export"))
+    assert cfg.unk_token_id == ours_tok.token_to_id("[UNK]") < cfg.vocab_size
 
 
 @pytest.mark.parametrize("task", ["classification", "token-classification"])

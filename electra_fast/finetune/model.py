@@ -97,10 +97,25 @@ def _transformers_dir(path: str) -> Tuple[ElectraConfig, Dict[str, torch.Tensor]
     try:
         if kind in interop.BERT_FAMILY:  # the same encoder as ELECTRA's discriminator
             hf, state = interop.electra_view(hf, state)
-        cfg = interop.config_from_transformers(hf, hf)  # the generator's sizes are not used
+        cfg = interop.config_from_transformers(hf, hf, **_special_ids(path))  # the generator's sizes are unused
     except (ValueError, TypeError, KeyError) as e:
         raise FinetuneError(f"--model: {path}/config.json: {e}") from None
     return cfg, state
+
+
+def _special_ids(path: str) -> Dict[str, int]:
+    """The special-token ids of the tokenizer in a transformers directory (config.json holds only the pad id; BERT's
+    defaults, e.g. unk 100, do not fit a small vocabulary), or none when it has no tokenizer we can read (the
+    fine-tuning run then reports that)."""
+    from ..train.errors import PretrainError
+    from ..train.tokenizer import config_overrides, load_tokenizer
+
+    try:
+        ids = config_overrides(load_tokenizer(path))
+    except PretrainError:
+        return {}
+    ids.pop("vocab_size")  # the model's embedding matrix decides it
+    return ids
 
 
 def load_encoder(path: str) -> Tuple[ElectraConfig, Dict[str, torch.Tensor], str]:
