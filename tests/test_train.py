@@ -189,6 +189,27 @@ def test_resume_reproduces_uninterrupted_run(env, tmp_path):
     assert [a[i] for i in range(1, 9)] == [b[i] for i in range(1, 9)]  # bit-identical on CPU
 
 
+def test_resume_keeps_the_runs_options(env, tmp_path):
+    """Options not given to --resume are the run's (README's `pretrain --out DIR --resume` continued on the embedded
+    corpus at its defaults); a given one that differs is refused before anything is written."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain(env["data"], **_kw(env, straight, steps=8, save_every=4, keep=5, seed=3))
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000008")
+    for changed in (dict(seq_len=16), dict(seed=4), dict(lr=1e-3), dict(batch_size=2, grad_accum=2)):
+        before = sorted(p.name for p in resumed.rglob("*"))
+        with pytest.raises(PretrainError, match="--resume: .*" + "--" + next(iter(changed)).replace("_", "-")):
+            pretrain(env["data"], **_kw(env, resumed, **{"steps": 8, "resume": True, "seed": 3, **changed}))
+        assert sorted(p.name for p in resumed.rglob("*")) == before
+    with pytest.raises(PretrainError, match=r"--resume: --data .*corpus.txt .*corpus.txt \(the run.s: "):
+        pretrain([env["data"], env["data"]], **_kw(env, resumed, steps=8, resume=True, seed=3))
+    # nothing but --out and --resume (and what no run records): the same continuation as the uninterrupted run
+    pretrain(None, out=str(resumed), resume=True, tokenizer=env["tokenizer"], steps=8, log_every=1, progress=False,
+             save_every=4, keep=5)
+    a, b = _losses(straight), _losses(resumed)
+    assert [a[i] for i in range(1, 9)] == [b[i] for i in range(1, 9)]
+
+
 # ------------------------------------------------------------------------------------------ crash safety
 CHILD = textwrap.dedent("""
     import os, sys, torch

@@ -44,19 +44,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", default=None, help="electra-tiny | electra-small | electra-base | electra-large | "
                    "deberta-v3-xsmall | -small | -base | -large | CONFIG.json (default: electra-tiny on the embedded "
                    "corpus, else electra-small)")
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per process per micro-batch "
                    "(default 32; 16 on the embedded corpus)")
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 10000; 600 on the embedded corpus)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 tiny, 5e-4 small, 2e-4)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default steps / 10, at most 10000)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 where the device multiplies it natively (GPUs, CPUs with AVX512-BF16 / AMX), "
                         "else fp32; a resumed run keeps its precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--out", default="runs/electra-fast", help="output directory (checkpoints, metrics, cache)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (always at the end)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")

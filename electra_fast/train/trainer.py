@@ -75,10 +75,11 @@ def _set_rng_state(state: dict, ctx: Context) -> None:
 
 
 def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] = None,
-             vocab_size: Optional[int] = None, model: Optional[str] = None, seq_len: int = 128,
-             batch_size: Optional[int] = None, grad_accum: int = 1, steps: Optional[int] = None, lr: Optional[float] = None,
-             warmup: Optional[int] = None, weight_decay: float = 0.01, precision: str = "auto",
-             compile: bool = False, seed: int = 0, out: str = "runs/electra-fast", save_every: Optional[int] = None,
+             vocab_size: Optional[int] = None, model: Optional[str] = None, seq_len: Optional[int] = None,
+             batch_size: Optional[int] = None, grad_accum: Optional[int] = None, steps: Optional[int] = None,
+             lr: Optional[float] = None, warmup: Optional[int] = None, weight_decay: Optional[float] = None,
+             precision: str = "auto", compile: bool = False, seed: Optional[int] = None,
+             out: str = "runs/electra-fast", save_every: Optional[int] = None,
              keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
              device: Optional[str] = None, threads: Optional[int] = None, progress: bool = True,
              fused: bool = True, allow_nonempty_out: bool = False, eval_every: Optional[int] = None,
@@ -100,14 +101,24 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     without matplotlib).
 
     ``recipe``: the recipe flags given (:mod:`.recipe`; README "Recipes"), checked against a resumed run's unless
-    ``override``. ``init_from``: continue pretraining from a run / export / transformers directory
+    ``override``. ``resume``: the options of :data:`RUN_OPTIONS` not given (None) are the run's (run.json), and one
+    given that differs from the run's is refused (it would change or be ignored by the continued run); ``steps``
+    may grow. ``init_from``: continue pretraining from a run / export / transformers directory
     (:mod:`.init_from`); ``steps=0`` then writes the loaded model as checkpoint step-0.
     """
+    if isinstance(data, (str, os.PathLike)):
+        data = [os.fspath(data)]
+    if resume:
+        data, seq_len, batch_size, grad_accum, lr, warmup, weight_decay, seed, model = _run_options(
+            out, data=data, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
+            weight_decay=weight_decay, seed=seed, model=model).values()
+    seq_len = 128 if seq_len is None else seq_len
+    grad_accum = 1 if grad_accum is None else grad_accum
+    weight_decay = 0.01 if weight_decay is None else weight_decay
+    seed = 0 if seed is None else seed
     embedded = data is None or (isinstance(data, (list, tuple)) and len(data) == 0)
     recipe = recipes.check(recipe, override, resume)
     source, tokenizer = init_source(init_from, tokenizer, model, vocab_size, resume)
-    if isinstance(data, (str, os.PathLike)):
-        data = [os.fspath(data)]
     model = model or init_from or ("electra-tiny" if embedded else "electra-small")
     batch_size = (16 if embedded else 32) if batch_size is None else batch_size
     if steps is None:  # an explicit 0 is refused below, never read as "unset"
@@ -137,6 +148,9 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         check_seq_len(seq_len, recipes.apply(source.config if source else model_config(model, {}), recipe))
 
     out = os.fspath(out)
+    options = dict(data=None if embedded else [os.path.abspath(d) for d in data], seq_len=seq_len,
+                   batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                   seed=seed, model=model)  # run.json's record: what a --resume inherits and checks
     ctx = setup(device)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx.is_main else (lambda msg: None)
     kwargs = dict(locals())
@@ -150,6 +164,43 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         raise
     finally:
         ctx.close()
+
+
+# What a resumed run keeps (run.json "options"): the data, the step's shape, the optimizer and the seed
+RUN_OPTIONS = ("data", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "seed", "model")
+
+
+def _run_options(out, **given) -> dict:
+    """``given`` (RUN_OPTIONS, None: not given) with the values of the run in ``out`` where not given; a given value
+    that differs from the run's is refused, all of them in one line. Runs without the record: ``given`` as is."""
+    try:
+        with open(os.path.join(os.fspath(out), "run.json"), encoding="utf-8") as f:
+            run = json.load(f).get("options")
+    except (OSError, ValueError, AttributeError):
+        run = None
+    if not isinstance(run, dict):
+        return given
+    if given["data"] is not None:
+        given["data"] = [os.path.abspath(d) for d in given["data"]] or None  # [] is the embedded corpus, as None
+    differ = []
+    for name in RUN_OPTIONS:
+        if name not in run:
+            continue
+        if given[name] is None:
+            given[name] = run[name]
+        elif given[name] != run[name] and not (name == "data" and run[name] is None and given[name] is None):
+            flag = "--" + name.replace("_", "-")
+            differ.append(f"{flag} {_shown(given[name])} (the run's: {_shown(run[name])})")
+    if differ:
+        raise PretrainError(f"--resume: {'; '.join(differ)}: a resumed run keeps its options (omit them, or start a "
+                            "new --out)")
+    return given
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "the embedded corpus"
+    return " ".join(value) if isinstance(value, list) else str(value)
 
 
 def _check_forced_backend(device: torch.device) -> None:
@@ -368,7 +419,8 @@ class _Job:
         if self.resume_from is None:
             write_json(os.path.join(o.out, "run.json"), {"run_id": self.run_id, "created": time.time(),
                                                           "model": o.model, "inputs": self.inputs,
-                                                          "precision": self.precision, "recipe": self.run_recipe})
+                                                          "precision": self.precision, "recipe": self.run_recipe,
+                                                          "options": o.options})
             if os.path.exists(self.metrics_path):  # only reachable with --resume and no checkpoint: our own file
                 os.unlink(self.metrics_path)
         else:
