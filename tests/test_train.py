@@ -210,6 +210,48 @@ def test_resume_keeps_the_runs_options(env, tmp_path):
     assert [a[i] for i in range(1, 9)] == [b[i] for i in range(1, 9)]
 
 
+def test_documents_split_on_any_blank_line_and_a_bom_is_not_text(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_bytes(b"\xef\xbb\xbfone\nstill one\n \t\ntwo\r\rthree\r\n\r\nfour\n")
+    assert list(read_documents(str(txt))) == ["one\nstill one", "two", "three", "four"]
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    assert list(read_documents(str(jsonl))) == ["first", "second"]
+
+
+def test_a_loaded_tokenizer_neither_truncates_nor_pads(env, tmp_path):
+    from tokenizers import Tokenizer
+    from electra_fast.train.tokenizer import load_tokenizer
+
+    tok = Tokenizer.from_file(env["tokenizer"])
+    tok.enable_truncation(4)
+    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=64)
+    tok.save(str(tmp_path / "t.json"))
+    text = " ".join(_corpus()[:3])
+    assert load_tokenizer(str(tmp_path / "t.json")).encode(text).ids == Tokenizer.from_file(env["tokenizer"]).encode(
+        text).ids
+
+
+def test_diverging_runs_and_unrepresentable_recipes_stop_in_one_line(env, tmp_path):
+    for recipe, match in ((dict(temperature=1e-45), "--temperature"), (dict(adam_eps=1e-46), "--adam-eps"),
+                          (dict(disc_weight=1e39), "--disc-weight")):
+        with pytest.raises(PretrainError, match=match):
+            pretrain(env["data"], **_kw(env, tmp_path / "r", recipe=recipe))
+        assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+    with pytest.raises(PretrainError, match="the loss became non-finite at step"):
+        pretrain(env["data"], **_kw(env, tmp_path / "nan", lr=1e30, precision="fp32", steps=20))
+
+
+def test_data_folder_that_is_the_out_folder_resumes(env, tmp_path):
+    d = tmp_path / "both"
+    d.mkdir()
+    shutil.copy(env["data"], d / "corpus.txt")
+    pretrain(str(d), **_kw(env, d, steps=4, save_every=2, allow_nonempty_out=True))
+    shutil.rmtree(d / "checkpoints" / "step-00000004")
+    pretrain(str(d), **_kw(env, d, steps=4, resume=True))  # metrics.jsonl / cache are not read as text
+    assert sorted(_losses(d)) == [1, 2, 3, 4]
+
+
 # ------------------------------------------------------------------------------------------ crash safety
 CHILD = textwrap.dedent("""
     import os, sys, torch

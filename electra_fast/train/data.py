@@ -41,11 +41,12 @@ def _is_saved_dataset(path: str) -> bool:
                                     or os.path.isfile(os.path.join(path, "dataset_dict.json")))
 
 
-def resolve_inputs(paths: Sequence[str], exclude: Optional[str] = None) -> List[str]:
+def resolve_inputs(paths: Sequence[str], exclude: Optional[str] = None, owned: Sequence[str] = ()) -> List[str]:
     """Files (and saved datasets) named by ``paths``, directories expanded; errors for missing / empty.
 
     ``exclude``: a directory whose files are never inputs, even inside a ``--data`` folder (the run's own ``--out``:
-    its metrics.jsonl and cache would otherwise be read back as training text on ``--resume``)."""
+    its metrics.jsonl and cache would otherwise be read back as training text on ``--resume``); when a ``--data``
+    folder is ``exclude`` itself, only the ``owned`` names in it are left out (the run's files next to the text)."""
     skip = os.path.realpath(exclude) if exclude else None
     if not paths:
         raise PretrainError("--data: no input given")
@@ -60,6 +61,8 @@ def resolve_inputs(paths: Sequence[str], exclude: Optional[str] = None) -> List[
             found = []
             for r, dirs, fs in os.walk(p):
                 dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(r, d)) != skip]
+                if os.path.realpath(r) == skip:  # --data is --out itself: the run's own files are not text
+                    dirs[:], fs = [d for d in dirs if d not in owned], [f for f in fs if f not in owned]
                 found.extend(os.path.join(r, f) for f in fs if f.endswith(TEXT_SUFFIXES))
             found.sort()
             if not found:
@@ -74,13 +77,18 @@ def resolve_inputs(paths: Sequence[str], exclude: Optional[str] = None) -> List[
     return out
 
 
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
 def _decode(path: str, data: bytes, skip_bad_lines: bool, stats: dict) -> str:
+    bom = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark is not text (nor JSON)
+    skipped, data = (len(bom), data[len(bom):]) if data.startswith(bom) else (0, data)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         if not skip_bad_lines:
-            raise PretrainError(f"--data: {path} is not UTF-8 (invalid byte at offset {e.start}); fix the file or "
-                                "pass --skip-bad-lines") from None
+            raise PretrainError(f"--data: {path} is not UTF-8 (invalid byte at offset {e.start + skipped}); fix the "
+                                "file or pass --skip-bad-lines") from None
     lines = []
     for line in data.split(b"\n"):
         try:
@@ -130,7 +138,8 @@ def read_documents(path: str, skip_bad_lines: bool = False, stats: Optional[dict
             if doc.strip():
                 yield doc
     else:
-        for doc in text.replace("\r\n", "\n").split("\n\n"):
+        # a blank line ends a document, also one holding spaces / tabs, and in CRLF or old-Mac (bare CR) files
+        for doc in _BLANK_LINE.split(text.replace("\r\n", "\n").replace("\r", "\n")):
             if doc.strip():
                 yield doc.strip()
 

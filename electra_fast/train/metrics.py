@@ -56,7 +56,7 @@ def rtd_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, Optiona
     """``RTD_METRICS`` over the real tokens given: logits float [N] (> 0 predicts "replaced"), labels bool [N].
 
     Precision / recall / F1 are those of the "replaced" class, 0 when undefined (as the op's metrics);
-    ``discriminator_auc`` is None when the tokens hold only one class.
+    ``discriminator_auc`` is None when the tokens hold only one class, or when a logit is NaN.
     """
     y = labels.bool()
     pred = logits > 0
@@ -67,7 +67,8 @@ def rtd_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, Optiona
     recall = tp / n_pos if n_pos else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     r = n_pos / n if n else 0.0
-    return {"discriminator_auc": roc_auc(logits, y), "discriminator_accuracy": correct / n if n else 0.0,
+    auc = None if bool(torch.isnan(logits).any()) else roc_auc(logits, y)  # a diverged step: no ranking to score
+    return {"discriminator_auc": auc, "discriminator_accuracy": correct / n if n else 0.0,
             "discriminator_precision": precision, "discriminator_recall": recall, "discriminator_f1": f1,
             "replaced_fraction": r, **prior(r)}
 

@@ -201,6 +201,10 @@ def load_tokenizer(path: str):
     except Exception as e:  # the Rust error is one line already
         raise PretrainError(f"--tokenizer: cannot read {file}: {reason(e)}") from None
     special_ids(tok, where=file)  # fail now, not after tokenising the corpus
+    # a saved truncation would cut every document, a saved padding fill the token stream with [PAD] (hub files often
+    # carry them); callers that want either set it themselves (fine-tuning does)
+    tok.no_truncation()
+    tok.no_padding()
     return tok
 
 

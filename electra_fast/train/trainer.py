@@ -279,7 +279,7 @@ class _Job:
     def _inputs(self):
         o, ctx = self.o, self.ctx
         if not o.embedded:
-            return resolve_inputs(o.data, exclude=o.out)  # the run's own files are never its data
+            return resolve_inputs(o.data, exclude=o.out, owned=rundir.OWNED)  # the run's own files are never data
         from .corpus import write_default_corpus
         corpus = os.path.join(self.cache_dir, f"default-corpus-py{sys.version_info[0]}.{sys.version_info[1]}.txt")
         if ctx.is_main:
@@ -516,6 +516,9 @@ class _Job:
         step's exact discriminator metrics, which replace the micro-batch means of the same names."""
         vals = values.tolist()
         if not all(math.isfinite(v) for v in vals[:3]):
+            if self.precision != "fp16":  # fp16: the grad scaler skips overflowing steps and the run recovers
+                raise PretrainError(f"the loss became non-finite at step {self.step}: the run diverged (lower --lr, "
+                                    "or check --adam-eps / --disc-weight); the checkpoints written so far are kept")
             self.say(f"warning: non-finite loss at step {self.step}")
         tok_s = self._tokens_per_step() / dt
         rec = {"step": self.step, **dict(zip(STEP_METRICS, vals)), **rtd, "lr": lr_now,
