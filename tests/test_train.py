@@ -252,6 +252,22 @@ def test_data_folder_that_is_the_out_folder_resumes(env, tmp_path):
     assert sorted(_losses(d)) == [1, 2, 3, 4]
 
 
+def test_a_second_job_on_the_same_out_is_refused_and_takes_nothing(env, tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, out, steps=2, save_every=1))
+    shutil.rmtree(out / "checkpoints" / "step-00000002")
+    with open(out / ".electra-fast-run", "rb") as held:  # another job holds the run
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = sorted(str(p) for p in out.rglob("*"))
+        with pytest.raises(PretrainError, match="--out: .* is in use by another electra-fast pretrain job"):
+            pretrain(env["data"], **_kw(env, out, steps=2, resume=True))
+        assert sorted(str(p) for p in out.rglob("*")) == before
+    pretrain(env["data"], **_kw(env, out, steps=2, resume=True))  # released: the run continues
+    assert sorted(_losses(out)) == [1, 2]
+
+
 # ------------------------------------------------------------------------------------------ crash safety
 CHILD = textwrap.dedent("""
     import os, sys, torch

@@ -39,6 +39,25 @@ _HAS_RUN = ("run.json", "metrics.jsonl")
 TEMPORARY = re.compile(r"^(?:run\.json|metrics\.jsonl|curves\.png)\.tmp-(\d+)$")  # the job's atomic rewrites in --out
 
 
+def claim_lock(out: str):
+    """An exclusive lock on ``out``'s marker for this job (the open file; closing it releases the lock), or None
+    where the platform has no ``flock``. A second job on the same ``--out`` is refused: two writers would mix their
+    records and checkpoints."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    _write_marker(out)  # runs from before the marker get one
+    f = open(os.path.join(out, MARKER), "rb")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise PretrainError(f"--out: {out} is in use by another electra-fast pretrain job; wait for it to end or "
+                            "choose another --out") from None
+    return f
+
+
 def prepare(out: str, *, resume: bool, allow_nonempty: bool = False, claim: bool = True) -> None:
     """Check that ``out`` may hold this job's run (see the module docstring) and, with ``claim`` (the writing
     process), create it if missing and write the marker."""

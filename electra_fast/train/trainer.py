@@ -155,14 +155,18 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx.is_main else (lambda msg: None)
     kwargs = dict(locals())
     before = rundir.run_files(out) if ctx.is_main else None
+    job = None
     try:
         _check_forced_backend(ctx.device)
-        return _Job(**kwargs).run()
+        job = _Job(**kwargs)
+        return job.run()
     except BaseException:
-        if before is not None:
+        if before is not None and job is not None and job.owns_out:  # never another job's files (no lock: no take)
             rundir.take_back(out, before)
         raise
     finally:
+        if job is not None and job.lock is not None:
+            job.lock.close()
         ctx.close()
 
 
@@ -226,6 +230,8 @@ class _Job:
         self.ctx, self.say = ctx, say
         self.o = SimpleNamespace(**options)
         self.first_loss = self.last_record = self.last_eval = self.checkpoint = self.interrupted = None
+        self.lock = None  # rundir.claim_lock's file: released by pretrain() when the job ends
+        self.owns_out = False
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
@@ -254,6 +260,8 @@ class _Job:
     def _prepare(self) -> None:
         o, ctx = self.o, self.ctx
         rundir.prepare(o.out, resume=o.resume, allow_nonempty=o.allow_nonempty_out, claim=ctx.is_main)
+        self.lock = rundir.claim_lock(o.out) if ctx.is_main else None
+        self.owns_out = ctx.is_main  # from here on, the files this job creates in --out are its own
         self.ckpt_root, self.cache_dir = os.path.join(o.out, "checkpoints"), os.path.join(o.out, "cache")
         self.resume_from = ckpt.newest_complete(self.ckpt_root, self.say) if o.resume else None
         if o.resume and self.resume_from is None:
