@@ -101,17 +101,17 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     without matplotlib).
 
     ``recipe``: the recipe flags given (:mod:`.recipe`; README "Recipes"), checked against a resumed run's unless
-    ``override``. ``resume``: the options of :data:`RUN_OPTIONS` not given (None) are the run's (run.json), and one
-    given that differs from the run's is refused (it would change or be ignored by the continued run); ``steps``
-    may grow. ``init_from``: continue pretraining from a run / export / transformers directory
+    ``override``. ``resume``: the options of :data:`RUN_OPTIONS` and ``steps`` not given (None) are the run's
+    (run.json); one of :data:`RUN_OPTIONS` given that differs from the run's is refused (it would change or be
+    ignored by the continued run); a given ``steps`` may differ (train longer). ``init_from``: continue pretraining from a run / export / transformers directory
     (:mod:`.init_from`); ``steps=0`` then writes the loaded model as checkpoint step-0.
     """
     if isinstance(data, (str, os.PathLike)):
         data = [os.fspath(data)]
     if resume:
-        data, seq_len, batch_size, grad_accum, lr, warmup, weight_decay, seed, model = _run_options(
+        data, seq_len, batch_size, grad_accum, lr, warmup, weight_decay, seed, model, steps = _run_options(
             out, data=data, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
-            weight_decay=weight_decay, seed=seed, model=model).values()
+            weight_decay=weight_decay, seed=seed, model=model, steps=steps).values()
     seq_len = 128 if seq_len is None else seq_len
     grad_accum = 1 if grad_accum is None else grad_accum
     weight_decay = 0.01 if weight_decay is None else weight_decay
@@ -150,7 +150,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     out = os.fspath(out)
     options = dict(data=None if embedded else [os.path.abspath(d) for d in data], seq_len=seq_len,
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                   seed=seed, model=model)  # run.json's record: what a --resume inherits and checks
+                   seed=seed, model=model, steps=steps)  # run.json's record: what a --resume inherits and checks
     ctx = setup(device)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx.is_main else (lambda msg: None)
     kwargs = dict(locals())
@@ -170,7 +170,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         ctx.close()
 
 
-# What a resumed run keeps (run.json "options"): the data, the step's shape, the optimizer and the seed
+# What a resumed run keeps (run.json "options"): the data, the step's shape, the optimizer and the seed; and its
+# --steps unless given (a resumed run may train longer)
 RUN_OPTIONS = ("data", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "seed", "model")
 
 
@@ -187,12 +188,12 @@ def _run_options(out, **given) -> dict:
     if given["data"] is not None:
         given["data"] = [os.path.abspath(d) for d in given["data"]] or None  # [] is the embedded corpus, as None
     differ = []
-    for name in RUN_OPTIONS:
+    for name in given:
         if name not in run:
             continue
         if given[name] is None:
             given[name] = run[name]
-        elif given[name] != run[name] and not (name == "data" and run[name] is None and given[name] is None):
+        elif name in RUN_OPTIONS and given[name] != run[name] and not (name == "data" and run[name] is None and given[name] is None):
             flag = "--" + name.replace("_", "-")
             differ.append(f"{flag} {_shown(given[name])} (the run's: {_shown(run[name])})")
     if differ:
