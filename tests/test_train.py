@@ -203,6 +203,13 @@ def test_resume_keeps_the_runs_options(env, tmp_path):
         assert sorted(p.name for p in resumed.rglob("*")) == before
     with pytest.raises(PretrainError, match=r"--resume: --data .*corpus.txt .*corpus.txt \(the run.s: "):
         pretrain([env["data"], env["data"]], **_kw(env, resumed, steps=8, resume=True, seed=3))
+    # the run and its corpus moved elsewhere, the corpus given as its folder: the same files by name, so it resumes
+    moved, folder = tmp_path / "moved", tmp_path / "elsewhere"
+    shutil.copytree(resumed, moved)
+    folder.mkdir()
+    shutil.copy(env["data"], folder / os.path.basename(env["data"]))
+    pretrain(str(folder), **_kw(env, moved, steps=8, resume=True))
+    assert [_losses(straight)[i] for i in range(1, 9)] == [_losses(moved)[i] for i in range(1, 9)]
     # nothing but --out and --resume (and what no run records): the same continuation as the uninterrupted run
     pretrain(None, out=str(resumed), resume=True, tokenizer=env["tokenizer"], log_every=1, progress=False,
              save_every=4, keep=5)  # --steps too: the run's 8

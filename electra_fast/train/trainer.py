@@ -180,7 +180,8 @@ def _run_options(out, **given) -> dict:
     that differs from the run's is refused, all of them in one line. Runs without the record: ``given`` as is."""
     try:
         with open(os.path.join(os.fspath(out), "run.json"), encoding="utf-8") as f:
-            run = json.load(f).get("options")
+            record = json.load(f)
+        run = record.get("options")
     except (OSError, ValueError, AttributeError):
         run = None
     if not isinstance(run, dict):
@@ -193,13 +194,25 @@ def _run_options(out, **given) -> dict:
             continue
         if given[name] is None:
             given[name] = run[name]
-        elif name in RUN_OPTIONS and given[name] != run[name] and not (name == "data" and run[name] is None and given[name] is None):
+        elif name in RUN_OPTIONS and not _same(name, given[name], run[name], out, record.get("inputs")):
             flag = "--" + name.replace("_", "-")
             differ.append(f"{flag} {_shown(given[name])} (the run's: {_shown(run[name])})")
     if differ:
         raise PretrainError(f"--resume: {'; '.join(differ)}: a resumed run keeps its options (omit them, or start a "
                             "new --out)")
     return given
+
+
+def _same(name: str, given, run, out, run_inputs) -> bool:
+    """Whether a given option is the run's. Paths compare by file names: ``model``'s, and the files ``data`` resolves
+    to against the run's (run.json "inputs"), so a run and its corpus moved or copied elsewhere, or a folder given
+    for the file it holds, resume (the token cache is rebuilt for new paths); another or a repeated file is refused."""
+    names = lambda v: [os.path.basename(os.path.normpath(p)) for p in (v if isinstance(v, list) else [v])]
+    if name == "data" and given is not None and run is not None and isinstance(run_inputs, list):
+        return names(resolve_inputs(given, exclude=out, owned=rundir.OWNED)) == names(run_inputs)
+    if name == "model" and given is not None and run is not None:
+        return names(given) == names(run)
+    return given == run
 
 
 def _shown(value) -> str:
