@@ -723,6 +723,8 @@ def test_glue_pair_columns_and_every_file_reads_the_training_files_columns(tmp_p
     qnli = _write(tmp_path / "qnli.tsv", "index\tquestion\tsentence\tlabel\n0\tWhat sat?\tThe cat sat.\tentailment\n")
     ds = fdata.read(qnli, "classification", fdata.Columns(), "--train")
     assert (ds.examples[0].text, ds.examples[0].pair) == ("What sat?", "The cat sat.")  # QNLI: the question too
+    ds = fdata.read(qnli, "classification", fdata.Columns(text="question"), "--train")
+    assert ds.examples[0].pair == "The cat sat."  # a text column named alone keeps its GLUE partner
     qqp = _write(tmp_path / "qqp.tsv", "id\tquestion1\tquestion2\tis_duplicate\n0\ta?\tb?\t1\n")
     ds = fdata.read(qqp, "classification", fdata.Columns(label="is_duplicate"), "--train")
     assert (ds.examples[0].text, ds.examples[0].pair, ds.examples[0].label) == ("a?", "b?", "1")

@@ -209,7 +209,11 @@ def _column_names(rows, header, keyed: bool, task: str, columns: Columns, labell
             if text in header and pair in header:
                 return {"text": text, "pair": pair, "label": columns.label}
     text = _pick(header, columns.text, ["sentence", "text", "sentence1", "question"], "text", where)
-    pair = None if columns.pair is None else _pick(header, columns.pair, [], "pair", where)
+    if columns.pair is not None:
+        pair = _pick(header, columns.pair, [], "pair", where)
+    else:  # a text column named alone still takes its GLUE partner (sentence1 -> sentence2, ...)
+        pair = dict(PAIRS).get(text)
+        pair = pair if pair in header else None
     return {"text": text, "pair": pair, "label": columns.label}
 
 
