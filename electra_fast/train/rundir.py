@@ -48,7 +48,10 @@ def claim_lock(out: str):
     except ImportError:  # not POSIX
         return None
     _write_marker(out)  # runs from before the marker get one
-    f = open(os.path.join(out, MARKER), "rb")
+    try:
+        f = open(os.path.join(out, MARKER), "rb")
+    except OSError as e:
+        raise PretrainError(f"--out: cannot open {os.path.join(out, MARKER)}: {e.strerror}") from None
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
