@@ -5,7 +5,7 @@ import torch
 
 import electra_fast
 from electra_fast.integrations.transformers import layers
-from test_patch_parity import V, batch, build
+from test_patch_parity import V, _close, batch, build
 
 transformers = pytest.importorskip("transformers")
 
@@ -216,7 +216,7 @@ def _wrap_linears(model, names):
     ("bert", "BertForSequenceClassification", ("dense",)),
     ("deberta_v2", "DebertaV2ForMaskedLM", ("dense",)),
 ])
-def test_wrapped_or_hooked_linears_are_not_bypassed(family, cls_name, names, order):
+def test_wrapped_linears_are_not_bypassed(family, cls_name, names, order):
     """A layer the fused code would read Parameters from instead of calling (a LoRA-style wrapper, a forward hook)
     keeps its computation: before or after patch, the answer and the wrapper's gradient are transformers'."""
     model = build(family, cls_name)
@@ -239,7 +239,7 @@ def test_wrapped_or_hooked_linears_are_not_bypassed(family, cls_name, names, ord
     want_scales = dict((n, p.grad) for n, p in want_model.named_parameters() if n.endswith("scale"))
     assert scales and all(g is not None for _, g in scales)
     for n, g in scales:
-        torch.testing.assert_close(g, want_scales[n], rtol=1e-4, atol=1e-6)
+        _close([g], [want_scales[n]])
     if order == "wrapped-then-patched":
         wrapped = build(family, cls_name)
         _wrap_linears(wrapped, names)
@@ -304,35 +304,32 @@ def test_subclasses_that_override_a_replaced_method_are_left_alone():
             electra_fast.patch(model, strict=True)
         electra_fast.patch(model)
         torch.testing.assert_close(model(**inputs).last_hidden_state, want, rtol=1e-5, atol=1e-5)
-    assert not any(isinstance(layer.attention.self, md.DisentangledSelfAttention) and
-                   type(layer.attention.self) is not Attention for layer in deberta.encoder.layer)
+    assert all(type(layer.attention.self) is Attention for layer in deberta.encoder.layer)  # not swapped
 
 
 def test_eager_rows_with_no_key_attend_uniformly_as_transformers_does():
     """A row whose mask has no key: eager attends uniformly (its dtype-min mask absorbs the scores), sdpa does what
-    the fused path does. Outputs and the gradients of the layers after the scores are transformers'; query / key /
-    embedding gradients are not compared: transformers' eager back-propagates into the scores its mask absorbed
-    (the true derivative there is 0, which the fused path gives)."""
+    the fused path does. One layer, so that every gradient after the scores (value, output, feed-forward, pooler,
+    classifier) is compared at the parity tests' fp32 criterion; query / key / embedding gradients are not:
+    transformers' eager back-propagates into the scores its mask absorbed (the true derivative there is 0, which the
+    fused path gives), and with more layers that reaches every earlier layer."""
     for family, impl in (("bert", "eager"), ("bert", "sdpa"), ("roberta", "eager")):
-        model = build(family, "BertForSequenceClassification".replace("Bert", family.capitalize()),
-                      attn_implementation=impl)
+        name = "BertForSequenceClassification".replace("Bert", family.capitalize())
+        model = build(family, name, attn_implementation=impl, num_hidden_layers=1)
+        patched = electra_fast.patch(build(family, name, attn_implementation=impl, num_hidden_layers=1))
         inputs, _ = batch()
         inputs["attention_mask"][1] = 0
-        labels = torch.tensor([0, 1, 1, 0][:inputs["input_ids"].shape[0]])
-        want = model(**inputs, labels=labels)
+        labels = torch.arange(inputs["input_ids"].shape[0]) % 3
+        want, got = model(**inputs, labels=labels), patched(**inputs, labels=labels)
         want.loss.backward()
-        patched = build(family, "BertForSequenceClassification".replace("Bert", family.capitalize()),
-                        attn_implementation=impl)
-        electra_fast.patch(patched)
-        got = patched(**inputs, labels=labels)
         got.loss.backward()
-        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+        _close([got.logits], [want.logits])
         compared = 0
         for (n, p), (_, q) in zip(model.named_parameters(), patched.named_parameters()):
-            if p.grad is not None and any(k in n for k in ("value", "output", "intermediate", "pooler", "classifier")):
-                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+            if any(k in n for k in ("value", "output", "intermediate", "pooler", "classifier")):
+                _close([q.grad], [p.grad])
                 compared += 1
-        assert compared >= 20
+        assert compared >= 10
 
 
 def test_deberta_log_buckets_the_op_refuses_are_left_to_transformers():
@@ -353,11 +350,11 @@ def test_patched_models_pickle_and_keep_their_patch(tmp_path):
         model = electra_fast.patch(build(family, cls_name))
         inputs, labels = batch()
         want = _loss(model, inputs, labels)
-        for clone in (pickle.loads(pickle.dumps(model)),):
-            assert electra_fast.is_patched(clone)
-            torch.testing.assert_close(_loss(clone, inputs, labels), want, rtol=0, atol=0)
-            electra_fast.unpatch(clone)
-            assert not electra_fast.is_patched(clone)
+        clone = pickle.loads(pickle.dumps(model))
+        assert electra_fast.is_patched(clone)
+        torch.testing.assert_close(_loss(clone, inputs, labels), want, rtol=0, atol=0)
+        electra_fast.unpatch(clone)
+        assert not electra_fast.is_patched(clone)
 
 
 def test_tuple_output_keeps_the_place_of_logits():

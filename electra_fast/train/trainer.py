@@ -103,8 +103,9 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     ``recipe``: the recipe flags given (:mod:`.recipe`; README "Recipes"), checked against a resumed run's unless
     ``override``. ``resume``: the options of :data:`RUN_OPTIONS` and ``steps`` not given (None) are the run's
     (run.json); one of :data:`RUN_OPTIONS` given that differs from the run's is refused (it would change or be
-    ignored by the continued run); a given ``steps`` may differ (train longer). ``init_from``: continue pretraining from a run / export / transformers directory
-    (:mod:`.init_from`); ``steps=0`` then writes the loaded model as checkpoint step-0.
+    ignored by the continued run); a given ``steps`` may differ (train longer). ``init_from``: continue pretraining
+    from a run / export / transformers directory (:mod:`.init_from`); ``steps=0`` then writes the loaded model as
+    checkpoint step-0.
     """
     if isinstance(data, (str, os.PathLike)):
         data = [os.fspath(data)]

@@ -52,7 +52,8 @@ def not_plain(**modules: Optional[nn.Module]) -> Optional[str]:
         if module is None:
             continue
         if type(module) not in (nn.Linear, nn.LayerNorm):
-            return f"{name} is a {type(module).__name__}, not torch's Linear / LayerNorm (its own forward would be skipped)"
+            return (f"{name} is a {type(module).__name__}, not torch's Linear / LayerNorm (its own forward would be "
+                    "skipped)")
         if module._forward_hooks or module._forward_pre_hooks:
             return f"{name} has forward hooks (the fused code does not call it)"
     return None
