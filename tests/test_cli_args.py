@@ -382,3 +382,21 @@ def test_bench_bad_arguments_checked_before_running(tmp_path, capsys, no_bench_r
         code, err, _ = _cli(["bench", *extra], capsys)
         _assert_refused(code, err, "bench", message)
     assert _snapshot(tmp_path) == before and sorted(os.listdir(results)) == results_before
+
+
+def test_default_lr_by_preset_whatever_its_spelling_and_by_size_not_path(env, tmp_path):
+    """--lr's default: electra_tiny and electra-tiny are one preset (the rule compared the dashed spelling only and
+    gave electra_tiny 2e-4), and a CONFIG.json's default follows its hidden size, not "small" in its path."""
+    from electra_fast.train.options import default_lr
+    assert default_lr("electra_tiny", None) == default_lr("electra-tiny", None) == 1e-3
+    assert default_lr("electra_small", None) == default_lr("electra-small", None) == 5e-4
+    assert default_lr("deberta-v3-base", None) == default_lr("deberta_v3_base", None) == 2e-4
+    small_dir = tmp_path / "small-models"
+    small_dir.mkdir()
+    for hidden, lr in ((32, 1e-3), (768, 2e-4)):
+        cfg = ElectraConfig.from_json_file(env["model"]).replace(hidden_size=hidden, intermediate_size=2 * hidden)
+        cfg.to_json_file(str(small_dir / f"h{hidden}.json"))
+        pretrain(env["data"], **_kw(env, tmp_path / f"run{hidden}", model=str(small_dir / f"h{hidden}.json"),
+                                    lr=None, steps=1, warmup=0))
+        with open(tmp_path / f"run{hidden}" / "run.json", encoding="utf-8") as f:
+            assert json.load(f)["options"]["lr"] == lr

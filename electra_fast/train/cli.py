@@ -49,7 +49,10 @@ def add_parsers(sub) -> None:
                    "(default 32; 16 on the embedded corpus)")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 10000; 600 on the embedded corpus)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 tiny, 5e-4 small, 2e-4)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: electra-tiny 1e-3; electra-small, deberta-v3-xsmall / small "
+                   "5e-4; other presets 2e-4; a CONFIG.json or --init-from model by its hidden size: <= 128 1e-3, "
+                   "<= 256 5e-4, else 2e-4)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default steps / 10, at most 10000)")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",

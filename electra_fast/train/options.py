@@ -27,6 +27,9 @@ TINY = dict(embedding_size=128, hidden_size=128, num_hidden_layers=2, num_attent
 DEFAULT_STEPS, DEFAULT_EMBEDDED_STEPS = 10_000, 600
 DEFAULT_EMBEDDED_VOCAB = 8192  # any family: the embedded corpus gives ~9-10k pieces at most
 TOKENIZER_NAMES = {"wordpiece": "WordPiece", "bpe": "byte-level BPE", "unigram": "Unigram"}
+# --lr's default per preset (ELECTRA: small 5e-4, base / large 2e-4); a CONFIG.json or --init-from model gets the
+# rate of the ELECTRA preset of its hidden size (tiny 128, small 256, larger 2e-4), never a guess from its path
+PRESET_LR = {"electra_tiny": 1e-3, "electra_small": 5e-4, "deberta_v3_xsmall": 5e-4, "deberta_v3_small": 5e-4}
 
 
 def model_config(model: str, tok_overrides: dict):
@@ -53,6 +56,17 @@ def model_config(model: str, tok_overrides: dict):
         if isinstance(e, PretrainError):
             raise
         raise PretrainError(f"--model: {e}") from None
+
+
+def default_lr(model: str, cfg) -> float:
+    """``--lr`` when not given: by preset name however spelt (``electra-tiny`` or ``electra_tiny``), else by
+    ``cfg.hidden_size`` (``cfg``: the model's resolved :class:`~electra_fast.models.ElectraConfig`; None on a
+    resume, whose optimizer and schedule come from the checkpoint, rate included)."""
+    from ..models import PRESETS
+    name = model.replace("-", "_")
+    if name in PRESETS or name == "electra_tiny" or cfg is None:
+        return PRESET_LR.get(name, 2e-4)
+    return 1e-3 if cfg.hidden_size <= 128 else (5e-4 if cfg.hidden_size <= 256 else 2e-4)
 
 
 def check_seq_len(seq_len: int, cfg) -> None:

@@ -35,7 +35,7 @@ from .errors import PretrainError
 from .optim import linear_schedule, param_groups
 from .init_from import init_source
 from .options import (DEFAULT_EMBEDDED_STEPS, DEFAULT_EMBEDDED_VOCAB, DEFAULT_STEPS, TOKENIZER_NAMES, check_seq_len,
-                      model_config, positive, real, resolve_precision, summary_writer)
+                      default_lr, model_config, positive, real, resolve_precision, summary_writer)
 from .signals import Signals
 from .tokenizer import (DEFAULT_VOCAB, config_overrides, fingerprint, load_tokenizer, min_vocab, special_ids,
                         train_tokenizer)
@@ -138,15 +138,17 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         torch.set_num_threads(threads)
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise PretrainError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
+    # --model now, not after a tokenizer was trained (resume: the checkpoint's model, optimizer and schedule)
+    cfg = None if resume else recipes.apply(source.config if source else model_config(model, {}), recipe)
     if lr is None:
-        lr = 1e-3 if model == "electra-tiny" else (5e-4 if "small" in model else 2e-4)
+        lr = default_lr(model, cfg)
     real("lr", lr, 0.0, inclusive=False)
     real("weight-decay", weight_decay, 0.0, inclusive=True)
     warmup = min(10_000, steps // 10) if warmup is None else warmup
     if tensorboard:
         summary_writer()  # missing package: refused before anything is written
-    if not resume:  # --model and --seq-len now, not after a tokenizer was trained (resume: the checkpoint's model)
-        check_seq_len(seq_len, recipes.apply(source.config if source else model_config(model, {}), recipe))
+    if cfg is not None:
+        check_seq_len(seq_len, cfg)
 
     out = os.fspath(out)
     options = dict(data=None if embedded else [os.path.abspath(d) for d in data], seq_len=seq_len,
