@@ -62,6 +62,12 @@ def integer_arg(name: str, value, minimum: Optional[int] = None) -> int:
     return value
 
 
+def seq_len_fits(length: int, max_position_embeddings: int) -> None:
+    if length > max_position_embeddings:
+        raise ValueError(f"input_ids: sequence length {length} exceeds max_position_embeddings "
+                         f"= {max_position_embeddings}")
+
+
 def log_buckets_fit(position_buckets: int, max_relative_positions: int) -> bool:
     """Whether DeBERTa's log position buckets can be built: off (``position_buckets`` <= 0), or at least 2 buckets
     whose linear half (``position_buckets // 2 + 1``) stays below ``max_relative_positions``."""

@@ -118,6 +118,23 @@ def test_bad_inputs_name_the_argument(call):
     assert any(name in str(exc.value) for name in ("x:", "weight:", "bias:", "w2:", "b2:")), str(exc.value)
 
 
+@pytest.mark.parametrize("call,name", [
+    (lambda x, w, b: electra_fast.linear(x, w.double(), b), "weight"),
+    (lambda x, w, b: electra_fast.linear(x, w, b.half()), "bias"),
+    (lambda x, w, b: electra_fast.gelu_mlp(x, w, b, w.t().double(), None), "w2"),
+], ids=["weight-fp64", "bias-fp16", "w2-fp64"])
+def test_mixed_dtypes_without_autocast_name_the_argument(call, name):
+    """Outside autocast, operands of another dtype than x are refused by name (ATen's error named none); under
+    autocast they are legal (it casts them) and give autocast's answer."""
+    x, w, b = (t.detach() for t in _case((3, 48), out=40))
+    with pytest.raises(ValueError, match=f"^{name}: expected dtype torch.float32 \\(that of x\\)"):
+        call(x, w, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = electra_fast.linear(x, w.bfloat16(), b.half())
+        want = F.linear(x, w.bfloat16(), b.half())
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 * BF16_ULP, atol=1e-2)
+
+
 # ------------------------------------------------------------------------------- the C++ kernels vs the reference
 def _stage_inputs(dtype, bias=True, seed=5):
     g = torch.Generator().manual_seed(seed)

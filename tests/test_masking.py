@@ -472,6 +472,25 @@ def test_bad_input_list_is_complete():
     assert len(_bad_cases()[0]) == 25
 
 
+def test_special_ids_are_checked_not_truncated():
+    """TokenMasker kept int(101.7) = 101 and int(True) = 1 as special ids; mask_tokens refused NumPy ints, which
+    gumbel_sample's disallowed_ids accept: one rule (_validate.int_ids) for both."""
+    import numpy as np
+    for bad in ([101.7, 3], [True, 3]):
+        with pytest.raises(TypeError, match="^special_token_ids: integer dtype required"):
+            electra_fast.TokenMasker.electra(mask_token_id=MASK_ID, vocab_size=VOCAB, special_token_ids=bad)
+        with pytest.raises(TypeError, match="^special_token_ids: integer dtype required"):
+            electra_fast.mask_tokens(torch.randint(4, VOCAB, (2, 6)), mask_token_id=MASK_ID, vocab_size=VOCAB, seed=0,
+                                     special_token_ids=bad)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(3))
+    want = electra_fast.mask_tokens(ids, mask_token_id=MASK_ID, vocab_size=VOCAB, seed=5, special_token_ids=SPECIALS)
+    got = electra_fast.mask_tokens(ids, mask_token_id=MASK_ID, vocab_size=VOCAB, seed=5,
+                                   special_token_ids=np.array(SPECIALS))
+    assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels)
+    m = electra_fast.TokenMasker.electra(mask_token_id=MASK_ID, vocab_size=VOCAB, special_token_ids=np.array(SPECIALS))
+    assert m.special_token_ids == tuple(SPECIALS) and all(type(s) is int for s in m.special_token_ids)
+
+
 def test_word_starts_checked_after_left_padding():
     ids = torch.tensor([[0, 0, 5, 6]])
     mask = torch.tensor([[0, 0, 1, 1]])

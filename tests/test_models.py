@@ -297,6 +297,18 @@ def test_bad_inputs():
         ElectraPretrainingModel({"vocab_size": 3})
 
 
+def test_embedding_modules_name_a_sequence_too_long():
+    """The nn embedding modules alone (outside a model) sliced the position table short and failed to broadcast
+    (a RuntimeError naming no argument)."""
+    from electra_fast.nn.embeddings import DebertaV2Embeddings, ElectraEmbeddings
+    ids = torch.randint(0, 50, (2, 20))
+    for emb in (ElectraEmbeddings(50, 8, 16, 2, 0, 1e-12, 0.0),
+                DebertaV2Embeddings(50, 8, 8, 16, 0, True, 0, 1e-12, 0.0)):
+        with pytest.raises(ValueError, match="^input_ids: sequence length 20 exceeds max_position_embeddings = 16$"):
+            emb(ids)
+        assert emb(ids[:, :16]).shape == (2, 16, 8)
+
+
 def test_warnings_free_default_step():
     model = ElectraPretrainingModel(tiny())
     ids, mask = batch()

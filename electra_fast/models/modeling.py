@@ -208,9 +208,7 @@ class ElectraPretrainingModel(nn.Module):
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids: expected a non-empty batch [B, T] (B, T >= 1), got shape "
                              f"{tuple(input_ids.shape)}")
-        if input_ids.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(f"input_ids: sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
-                             f"= {cfg.max_position_embeddings}")
+        _validate.seq_len_fits(input_ids.shape[1], cfg.max_position_embeddings)
         if input_ids.numel():
             lo, hi = torch.aminmax(input_ids)
             if lo < 0 or hi >= cfg.vocab_size:

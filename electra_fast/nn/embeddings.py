@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _validate
 from .dropout import Dropout
 
 
@@ -50,7 +51,10 @@ class GDESEmbedding(nn.Module):
 def positions(table: nn.Module, length: int, position_ids: Optional[torch.Tensor]) -> torch.Tensor:
     """The absolute position embeddings to add: rows 0 .. length-1 of ``table`` (an nn.Embedding or
     :class:`GDESEmbedding`) broadcast over the batch [length, E], or ``table(position_ids)`` [B, T, E]."""
-    return table.weight[:length] if position_ids is None else table(position_ids)
+    if position_ids is not None:
+        return table(position_ids)
+    _validate.seq_len_fits(length, table.weight.shape[0])  # a slice would be short, then fail to broadcast
+    return table.weight[:length]
 
 
 class ElectraEmbeddings(nn.Module):

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .. import _seed
+from .. import _seed, _validate
 from ..ops.masking import STRATEGIES, MaskedTokens, mask_tokens
 
 
@@ -29,7 +29,8 @@ class TokenMasker(nn.Module):
         self.mask_prob = mask_prob
         self.mask_token_frac = mask_token_frac
         self.random_token_frac = random_token_frac
-        self.special_token_ids = tuple(int(s) for s in special_token_ids)
+        # int() would read 101.7 as 101 and True as 1: the ids are checked before they are kept
+        self.special_token_ids = tuple(_validate.int_ids("special_token_ids", special_token_ids))
         self.strategy = strategy
         self.validate = validate
         # Check the configuration now (a 1x1 batch of the mask token) rather than at the first step.
@@ -51,8 +52,8 @@ class TokenMasker(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 word_starts: Optional[torch.Tensor] = None, *, seed: Optional[int] = None) -> MaskedTokens:
-        return mask_tokens(input_ids, seed=_seed.draw() if seed is None else seed, attention_mask=attention_mask, word_starts=word_starts,
-                           **self._kwargs())
+        return mask_tokens(input_ids, seed=_seed.draw() if seed is None else seed, attention_mask=attention_mask,
+                           word_starts=word_starts, **self._kwargs())
 
     def extra_repr(self) -> str:
         return (f"mask_token_id={self.mask_token_id}, vocab_size={self.vocab_size}, mask_prob={self.mask_prob}, "

@@ -107,12 +107,24 @@ def _check_weight(w_name: str, w, b_name: str, b, in_features: int, in_what: str
     if w.shape[1] != in_features:
         raise ValueError(f"{w_name}: expected in_features {in_features} ({in_what}), got shape {tuple(w.shape)}")
     _validate.same_device(w_name, w, "x", x)
+    mixed = _autocast(x)  # autocast casts each operand itself; otherwise ATen would refuse naming none of them
+    if not mixed:
+        _validate.same_dtype(w_name, w, "x", x)
     if b is not None:
         _validate.floating(b_name, b)
         if tuple(b.shape) != (w.shape[0],):
             raise ValueError(f"{b_name}: expected shape ({w.shape[0]},) (out_features of {w_name}), got "
                              f"{tuple(b.shape)}")
         _validate.same_device(b_name, b, "x", x)
+        if not mixed:
+            _validate.same_dtype(b_name, b, "x", x)
+
+
+def _autocast(x: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return False
 
 
 def _check_x(x) -> torch.Tensor:

@@ -105,10 +105,7 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int,
                          f"{mask_token_frac} + {random_token_frac}")
     if isinstance(special_token_ids, torch.Tensor):
         special_token_ids = special_token_ids.flatten().tolist()
-    try:
-        specials = sorted({_validate.integer_arg("special_token_ids", s) for s in special_token_ids})
-    except TypeError as exc:
-        raise TypeError(f"special_token_ids: expected a sequence of ints ({exc})") from None
+    specials = sorted(set(_validate.int_ids("special_token_ids", special_token_ids)))  # NumPy ints too, as elsewhere
     bad = [s for s in specials if not 0 <= s < vocab_size]
     if bad:
         raise ValueError(f"special_token_ids: expected ids in [0, vocab_size={vocab_size}), got {bad}")
