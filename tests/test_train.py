@@ -217,6 +217,21 @@ def test_resume_keeps_the_runs_options(env, tmp_path):
     assert sorted(b) == list(range(1, 9)) and [a[i] for i in range(1, 9)] == [b[i] for i in range(1, 9)]
 
 
+def test_resume_keeps_the_runs_bookkeeping_unless_changed(env, tmp_path):
+    """A bare --resume of a --keep 10 --save-every 1 run pruned it to the default 3 checkpoints (deleting the user's)
+    and saved only at its end; it now takes the run's --keep / --save-every / --log-every, which it may change."""
+    run = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, run, steps=4, save_every=1, keep=10, log_every=2))
+    ckpts = lambda: sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts() == [f"step-{i:08d}" for i in range(1, 5)]
+    bare = dict(tokenizer=env["tokenizer"], out=str(run), resume=True, progress=False)
+    pretrain(None, steps=6, **bare)
+    assert ckpts() == [f"step-{i:08d}" for i in range(1, 7)]
+    assert sorted(_losses(run)) == [1, 2, 4, 5, 6]  # every 2nd step, the first after a resume and the last
+    pretrain(None, steps=7, keep=2, **bare)
+    assert ckpts() == ["step-00000006", "step-00000007"]
+
+
 def test_documents_split_on_any_blank_line_and_a_bom_is_not_text(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_bytes(b"\xef\xbb\xbfone\nstill one\n \t\ntwo\r\rthree\r\n\r\nfour\n")

@@ -1,16 +1,16 @@
 """``electra-fast finetune``: argument parsing (the shared one-line error handling is ``train.cli.guard``)."""
 from __future__ import annotations
 
-import argparse
 import sys
 
+from ..train.cli import Defaults
 from .data import TASKS
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a pretrained discriminator on a classification, regression or "
                                         "token-classification task and evaluate it",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=Defaults)
     p.add_argument("--model", required=True, metavar="PATH", help="an electra-fast checkpoint, run directory or "
                    "export, or a local transformers ELECTRA / DeBERTa-v2/v3 directory")
     p.add_argument("--train", required=True, metavar="FILE", help=".csv / .tsv (header row) / .jsonl, or a datasets "

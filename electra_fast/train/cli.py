@@ -29,10 +29,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, but not an unset one ("(default: None)" / "(default: False)"): its help says what
+    unset means (a preset's value, a resumed run's own, off)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain an ELECTRA / DeBERTa-v3 RTD model (default: a tiny model on an "
                                         "embedded corpus, a few minutes on CPU)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=Defaults)
     p.add_argument("--data", nargs="+", metavar="PATH", default=None,
                    help=".txt (documents separated by blank lines), .jsonl ('text' field), directories of those, or "
                         "a datasets save_to_disk directory; default: the embedded corpus (Python's stdlib docstrings)")
@@ -61,15 +71,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--out", default="runs/electra-fast", help="output directory (checkpoints, metrics, cache)")
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (always at the end)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (always at the end; a "
+                   "resumed run's own unless given)")
+    p.add_argument("--keep", type=int, default=None, help="checkpoints kept (default 3; a resumed run's own)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--allow-nonempty-out", action="store_true", help="use an --out holding other files (never touched)")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=None, help="log every N steps (default 10; a resumed run's own)")
     p.add_argument("--eval-every", type=int, default=None, metavar="N", help="every N steps, evaluate on a fixed "
                    "held-out slice of the corpus (never trained on): AUC, F1, generator vs unigram-baseline accuracy")
-    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to OUT/tensorboard "
-                   "(needs the tensorboard package)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write TensorBoard event files to OUT/tensorboard (needs the tensorboard package; a "
+                   "resumed run's own unless given)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip lines that are not UTF-8 / not valid JSONL")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's; 1 is "

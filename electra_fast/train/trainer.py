@@ -80,10 +80,11 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
              lr: Optional[float] = None, warmup: Optional[int] = None, weight_decay: Optional[float] = None,
              precision: str = "auto", compile: bool = False, seed: Optional[int] = None,
              out: str = "runs/electra-fast", save_every: Optional[int] = None,
-             keep: int = 3, resume: bool = False, log_every: int = 10, skip_bad_lines: bool = False,
+             keep: Optional[int] = None, resume: bool = False, log_every: Optional[int] = None,
+             skip_bad_lines: bool = False,
              device: Optional[str] = None, threads: Optional[int] = None, progress: bool = True,
              fused: bool = True, allow_nonempty_out: bool = False, eval_every: Optional[int] = None,
-             tensorboard: bool = False, recipe: Optional[dict] = None, override: bool = False,
+             tensorboard: Optional[bool] = None, recipe: Optional[dict] = None, override: bool = False,
              init_from: Optional[str] = None,
              _checkpoint_hook: Optional[Callable[[str], None]] = None) -> dict:
     """Pretrain an ELECTRA / DeBERTa-v3 RTD model; returns the closing summary (plus ``"model"``, the trained
@@ -103,16 +104,22 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     ``recipe``: the recipe flags given (:mod:`.recipe`; README "Recipes"), checked against a resumed run's unless
     ``override``. ``resume``: the options of :data:`RUN_OPTIONS` and ``steps`` not given (None) are the run's
     (run.json); one of :data:`RUN_OPTIONS` given that differs from the run's is refused (it would change or be
-    ignored by the continued run); a given ``steps`` may differ (train longer). ``init_from``: continue pretraining
+    ignored by the continued run); a given ``steps`` may differ (train longer), as may the bookkeeping of
+    :data:`RUN_SETTINGS` (checkpoints kept and their period, logging, evaluation). ``init_from``: continue pretraining
     from a run / export / transformers directory (:mod:`.init_from`); ``steps=0`` then writes the loaded model as
     checkpoint step-0.
     """
     if isinstance(data, (str, os.PathLike)):
         data = [os.fspath(data)]
     if resume:
-        data, seq_len, batch_size, grad_accum, lr, warmup, weight_decay, seed, model, steps = _run_options(
+        (data, seq_len, batch_size, grad_accum, lr, warmup, weight_decay, seed, model, steps, save_every, keep,
+         log_every, eval_every, tensorboard) = _run_options(
             out, data=data, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
-            weight_decay=weight_decay, seed=seed, model=model, steps=steps).values()
+            weight_decay=weight_decay, seed=seed, model=model, steps=steps, save_every=save_every, keep=keep,
+            log_every=log_every, eval_every=eval_every, tensorboard=tensorboard).values()
+    keep = 3 if keep is None else keep
+    log_every = 10 if log_every is None else log_every
+    tensorboard = bool(tensorboard)
     seq_len = 128 if seq_len is None else seq_len
     grad_accum = 1 if grad_accum is None else grad_accum
     weight_decay = 0.01 if weight_decay is None else weight_decay
@@ -153,7 +160,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     out = os.fspath(out)
     options = dict(data=None if embedded else [os.path.abspath(d) for d in data], seq_len=seq_len,
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                   seed=seed, model=model, steps=steps)  # run.json's record: what a --resume inherits and checks
+                   seed=seed, model=model, steps=steps, save_every=save_every, keep=keep, log_every=log_every,
+                   eval_every=eval_every, tensorboard=tensorboard)  # run.json's record: what a --resume inherits
     ctx = setup(device)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx.is_main else (lambda msg: None)
     kwargs = dict(locals())
@@ -173,9 +181,11 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         ctx.close()
 
 
-# What a resumed run keeps (run.json "options"): the data, the step's shape, the optimizer and the seed; and its
-# --steps unless given (a resumed run may train longer)
+# What a resumed run keeps (run.json "options"): the data, the step's shape, the optimizer and the seed...
 RUN_OPTIONS = ("data", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "seed", "model")
+# ...and its bookkeeping, inherited where not given but free to change: a bare --resume of a --keep 10 run pruned
+# to the default 3 checkpoints (deleting the user's), and dropped its --save-every / --eval-every periods
+RUN_SETTINGS = ("steps", "save_every", "keep", "log_every", "eval_every", "tensorboard")
 
 
 def _run_options(out, **given) -> dict:
