@@ -3,6 +3,7 @@ invalid value, and every pathology of a ``--data`` input, ends in exit status 2 
 traceback), and leaves the user's files as they were. Everything runs in-process (argument errors take
 milliseconds); the signal and CPU-cap cases that need a fresh process live in test_train.py."""
 import hashlib
+import io
 import json
 import os
 
@@ -300,6 +301,44 @@ def test_export_unusable_checkpoint_contents(finished_run, tmp_path, capsys):
         code, err, _ = _cli(["export", str(tmp_path / name), str(tmp_path / f"{name}-export")], capsys)
         _assert_refused(code, err, "export", message)
         assert detail in err[0], err
+    assert _snapshot(tmp_path) == before
+
+
+def test_checksummed_but_unreadable_checkpoint_files_are_one_line(finished_run, env, tmp_path, capsys):
+    """Files whose meta.json checksums match (rewritten with them) but which hold foreign bytes: export, --resume and
+    --init-from ended in a ~30-line SafetensorError / UnpicklingError traceback, a state without its step in
+    KeyError: 'step', a meta.json whose sha256 is no object in AttributeError."""
+    import shutil
+    runs = {}
+    for name in ("garbage-model", "garbage-state", "no-step", "sha256-null"):
+        shutil.copytree(finished_run, tmp_path / name)
+        runs[name] = tmp_path / name / "checkpoints" / "step-00000001"
+    _rewrite_checksummed(runs["garbage-model"], "model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    _rewrite_checksummed(runs["garbage-state"], "training_state.pt", b"not a pickle at all")
+    buf = io.BytesIO()
+    torch.save({"optimizer": {}}, buf)
+    _rewrite_checksummed(runs["no-step"], "training_state.pt", buf.getvalue())
+    meta = json.loads((runs["sha256-null"] / "meta.json").read_text())
+    (runs["sha256-null"] / "meta.json").write_text(json.dumps({**meta, "sha256": None}))
+    before = _snapshot(tmp_path)
+    base = ["--no-progress", "--data", env["data"], "--steps", "2"]
+    cases = [
+        (["export", str(tmp_path / "garbage-model"), str(tmp_path / "x1")], "export",
+         "model.safetensors is not a readable checkpoint file (SafetensorError"),
+        (["pretrain", "--out", str(tmp_path / "garbage-model"), "--resume", *base], "pretrain",
+         "model.safetensors is not a readable checkpoint file (SafetensorError"),
+        (["pretrain", "--out", str(tmp_path / "x2"), "--init-from", str(tmp_path / "garbage-model"), *base],
+         "pretrain", "model.safetensors is not a readable checkpoint file (SafetensorError"),
+        (["pretrain", "--out", str(tmp_path / "garbage-state"), "--resume", *base], "pretrain",
+         "training_state.pt is not a readable checkpoint file (UnpicklingError"),
+        (["pretrain", "--out", str(tmp_path / "no-step"), "--resume", *base], "pretrain",
+         "training_state.pt is not an electra-fast training state (no step, data_position, tokens_seen, scheduler"),
+        (["export", str(tmp_path / "sha256-null"), str(tmp_path / "x3")], "export",
+         "meta.json missing or unreadable"),
+    ]
+    for argv, command, message in cases:
+        code, err, _ = _cli(argv, capsys)
+        _assert_refused(code, err, command, message)
     assert _snapshot(tmp_path) == before
 
 

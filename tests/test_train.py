@@ -232,6 +232,25 @@ def test_resume_keeps_the_runs_bookkeeping_unless_changed(env, tmp_path):
     assert ckpts() == ["step-00000006", "step-00000007"]
 
 
+def test_resume_without_a_complete_checkpoint_restarts_as_the_run_was_made(env, tmp_path, capsys):
+    """The run's only checkpoint gone: --resume started again with a new tokenizer trained on the data (another
+    vocabulary, another model); it now takes the run's --tokenizer / --vocab-size, and refuses in one line for an
+    --init-from run (only a checkpoint held its model)."""
+    from electra_fast.train.tokenizer import fingerprint, load_tokenizer
+    run = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, run, steps=2))
+    shutil.rmtree(run / "checkpoints" / "step-00000002")
+    s = pretrain(None, out=str(run), resume=True, progress=False)
+    assert "starting from scratch with the run's options" in capsys.readouterr().err
+    got = load_tokenizer(os.path.join(s["checkpoint"], "tokenizer.json"))
+    assert fingerprint(got) == fingerprint(load_tokenizer(env["tokenizer"]))
+    follow = tmp_path / "follow"
+    pretrain(env["data"], **_kw(env, follow, steps=1, model=None, tokenizer=None, init_from=str(run)))
+    shutil.rmtree(follow / "checkpoints" / "step-00000001")
+    with pytest.raises(PretrainError, match=r"^--resume: no complete checkpoint .* --init-from .*run: start it again"):
+        pretrain(None, out=str(follow), resume=True, progress=False)
+
+
 def test_documents_split_on_any_blank_line_and_a_bom_is_not_text(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_bytes(b"\xef\xbb\xbfone\nstill one\n \t\ntwo\r\rthree\r\n\r\nfour\n")
@@ -302,7 +321,8 @@ CHILD = textwrap.dedent("""
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(float(step))
-        state = {"step": step, "blob": torch.full((20000,), float(step))}
+        state = {"step": step, "data_position": 0, "tokens_seen": 0, "optimizer": {}, "scheduler": {}, "scaler": {},
+                 "rng": [], "blob": torch.full((20000,), float(step))}
         ckpt.save(root, step, "run", {
             "model.safetensors": lambda p: ckpt.save_model(model, p),
             "training_state.pt": lambda p: ckpt.save_training_state(state, p),

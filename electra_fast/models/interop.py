@@ -216,7 +216,8 @@ def checkpoint_files(directory: str, what: str) -> Tuple[dict, str]:
     raise FileNotFoundError(f"{what}: {directory!r} holds none of {WEIGHT_FILES}")
 
 
-def load_weights(path: str) -> Dict[str, torch.Tensor]:
+def load_weights(path: str, what: str = "weights file") -> Dict[str, torch.Tensor]:
+    """A safetensors / torch file's contents (``what`` names it in the CheckpointError of unreadable bytes)."""
     if path.endswith(".index.json"):
         shards = sorted(set(_read_json(path)["weight_map"].values()))
         out: Dict[str, torch.Tensor] = {}
@@ -231,7 +232,7 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as e:
         # truncated or foreign bytes (torch.load's legacy reader raises KeyError on a wrong magic number)
-        raise CheckpointError(f"{path} is not a readable weights file ({type(e).__name__}: {reason(e)})") from None
+        raise CheckpointError(f"{path} is not a readable {what} ({type(e).__name__}: {reason(e)})") from None
 
 
 def save_weights(state: Dict[str, torch.Tensor], directory: str) -> None:

@@ -169,6 +169,8 @@ def verify(path: str) -> Optional[str]:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
         sums = meta["sha256"]
+        if not isinstance(sums, dict):
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         return "meta.json missing or unreadable"
     for name in FILES:
@@ -242,11 +244,12 @@ def save_model(model: torch.nn.Module, path: str) -> None:
 
 
 def load_model_state(model: torch.nn.Module, path: str) -> None:
-    """Load ``model.safetensors`` into ``model``; weights that do not fit its config -> PretrainError."""
-    from safetensors.torch import load_file
+    """Load ``model.safetensors`` into ``model``; bytes that are no safetensors file (its checksum can match: a
+    foreign file with its meta.json rewritten), or weights that do not fit its config -> PretrainError."""
+    state = _read(path)
     try:
-        model.load_state_dict(load_file(path, device="cpu"), strict=True)
-    except (OSError, RuntimeError, ValueError) as e:  # wrong shapes / names, or not a safetensors file
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as e:  # wrong shapes / names
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
         first = first if len(first) <= 200 else first[:197] + "..."
@@ -258,5 +261,22 @@ def save_training_state(state: dict, path: str) -> None:
     torch.save(state, path)
 
 
+# what resuming reads from training_state.pt
+STATE_KEYS = ("step", "data_position", "tokens_seen", "optimizer", "scheduler", "scaler", "rng")
+
+
 def load_training_state(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = _read(path)
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing or not all(isinstance(state[k], int) and state[k] >= 0 for k in STATE_KEYS[:3]):
+        raise PretrainError(f"checkpoint {os.path.dirname(path)}: training_state.pt is not an electra-fast training "
+                            f"state ({'no ' + ', '.join(missing) if missing else 'a step / position not a count'})")
+    return state
+
+
+def _read(path: str):
+    from ..models.interop import CheckpointError, load_weights
+    try:
+        return load_weights(path, "checkpoint file")
+    except (CheckpointError, OSError) as e:
+        raise PretrainError(f"checkpoint {os.path.dirname(path)}: {reason(e)}") from None

@@ -111,12 +111,14 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     """
     if isinstance(data, (str, os.PathLike)):
         data = [os.fspath(data)]
+    run_tokenizer = run_init_from = None  # a resumed run's own, for a restart when it has no complete checkpoint
     if resume:
         (data, seq_len, batch_size, grad_accum, lr, warmup, weight_decay, seed, model, steps, save_every, keep,
-         log_every, eval_every, tensorboard) = _run_options(
+         log_every, eval_every, tensorboard, vocab_size, run_tokenizer, run_init_from) = _run_options(
             out, data=data, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
             weight_decay=weight_decay, seed=seed, model=model, steps=steps, save_every=save_every, keep=keep,
-            log_every=log_every, eval_every=eval_every, tensorboard=tensorboard).values()
+            log_every=log_every, eval_every=eval_every, tensorboard=tensorboard, vocab_size=vocab_size,
+            tokenizer=None, init_from=None).values()
     keep = 3 if keep is None else keep
     log_every = 10 if log_every is None else log_every
     tensorboard = bool(tensorboard)
@@ -161,7 +163,10 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     options = dict(data=None if embedded else [os.path.abspath(d) for d in data], seq_len=seq_len,
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay,
                    seed=seed, model=model, steps=steps, save_every=save_every, keep=keep, log_every=log_every,
-                   eval_every=eval_every, tensorboard=tensorboard)  # run.json's record: what a --resume inherits
+                   eval_every=eval_every, tensorboard=tensorboard, vocab_size=vocab_size,
+                   tokenizer=None if tokenizer is None else os.path.abspath(tokenizer),
+                   init_from=None if init_from is None else os.path.abspath(init_from),
+                   )  # run.json's record: what a --resume inherits
     ctx = setup(device)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx.is_main else (lambda msg: None)
     kwargs = dict(locals())
@@ -186,6 +191,8 @@ RUN_OPTIONS = ("data", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "w
 # ...and its bookkeeping, inherited where not given but free to change: a bare --resume of a --keep 10 run pruned
 # to the default 3 checkpoints (deleting the user's), and dropped its --save-every / --eval-every periods
 RUN_SETTINGS = ("steps", "save_every", "keep", "log_every", "eval_every", "tensorboard")
+# A resumed run's vocabulary is its checkpoint's; one without a complete checkpoint starts again from the run's
+# record: its --vocab-size, --tokenizer and --init-from (a new tokenizer trained instead was another model)
 
 
 def _run_options(out, **given) -> dict:
@@ -292,7 +299,11 @@ class _Job:
         self.ckpt_root, self.cache_dir = os.path.join(o.out, "checkpoints"), os.path.join(o.out, "cache")
         self.resume_from = ckpt.newest_complete(self.ckpt_root, self.say) if o.resume else None
         if o.resume and self.resume_from is None:
-            self.say(f"--resume: no complete checkpoint in {o.out}; starting from scratch")
+            if o.run_init_from is not None:  # its model came from there, and only a checkpoint holds it now
+                raise PretrainError(f"--resume: no complete checkpoint in {o.out} to continue, and this run started "
+                                    f"from --init-from {o.run_init_from}: start it again with that --init-from in "
+                                    "a new --out")
+            self.say(f"--resume: no complete checkpoint in {o.out}; starting from scratch with the run's options")
         self.state = (ckpt.load_training_state(os.path.join(self.resume_from, "training_state.pt"))
                       if self.resume_from else None)
         # before anything is said or written; --steps 0 (--init-from only): a checkpoint of the model as loaded
@@ -332,6 +343,11 @@ class _Job:
             return tok
         if o.tokenizer is not None:
             return load_tokenizer(o.tokenizer)
+        if o.run_tokenizer is not None:  # a restarted run's own --tokenizer, not a new one trained on the data
+            if not os.path.exists(o.run_tokenizer):
+                raise PretrainError(f"--resume: the run's tokenizer {o.run_tokenizer} is gone and no checkpoint "
+                                    "holds a copy; pass --tokenizer")
+            return load_tokenizer(o.run_tokenizer)
         kind = o.recipe.get("tokenizer_type", "wordpiece")
         vocab = o.vocab_size or (DEFAULT_EMBEDDED_VOCAB if o.embedded else DEFAULT_VOCAB[kind])
         tok_path = os.path.join(self.cache_dir, "tokenizer.json")
