@@ -128,13 +128,14 @@ def test_deberta_from_transformers(tmp_path, legacy, share_att_key, pos_att_type
         assert torch.isfinite(model(ids, mask, seed=0).loss)
 
 
-@pytest.mark.parametrize("kind", ["electra", "deberta"])
+@pytest.mark.parametrize("kind", ["electra", "electra-no-token-types", "deberta"])
 def test_save_pretrained_loads_in_transformers(tmp_path, kind):
-    if kind == "electra":
+    if kind.startswith("electra"):  # type_vocab_size 0: our embeddings keep one row, so the export says 1
         cfg = ElectraConfig(vocab_size=V, embedding_size=16, hidden_size=32, num_hidden_layers=2,
                             num_attention_heads=4, intermediate_size=64, generator_hidden_size=16,
                             generator_num_hidden_layers=2, generator_num_attention_heads=2,
-                            generator_intermediate_size=32, max_position_embeddings=64, **IDS)
+                            generator_intermediate_size=32, max_position_embeddings=64,
+                            type_vocab_size=0 if kind == "electra-no-token-types" else 2, **IDS)
     else:
         cfg = ElectraConfig.deberta_v3_xsmall(vocab_size=V, mask_token_id=100, hidden_size=32, embedding_size=32,
                                               generator_hidden_size=32, num_attention_heads=4,
@@ -151,7 +152,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path, kind):
     model.save_pretrained(tmp_path / "ckpt")
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["discriminator", "electra_fast.json", "generator"]
     ids, mask = _inputs()
-    if kind == "electra":
+    if kind.startswith("electra"):
         g = transformers.ElectraForMaskedLM.from_pretrained(tmp_path / "ckpt" / "generator").eval()
         d = transformers.ElectraForPreTraining.from_pretrained(tmp_path / "ckpt" / "discriminator").eval()
     else:

@@ -96,6 +96,15 @@ def test_preset_sizes():
     (dict(masking_strategy="topk"), "masking_strategy"),
     (dict(pos_att_type=("c2c",)), "pos_att_type"),
     (dict(num_hidden_layers=0), "num_hidden_layers"),
+    # were tracebacks at model construction (activation, init, LayerNorm) or trained silently (a negative weight)
+    (dict(hidden_act="foo"), "^ElectraConfig.hidden_act: expected one of"),
+    (dict(initializer_range=-1.0), "^ElectraConfig.initializer_range"),
+    (dict(layer_norm_eps=-1.0), "^ElectraConfig.layer_norm_eps"),
+    (dict(layer_norm_eps=0.0), "^ElectraConfig.layer_norm_eps"),
+    (dict(temperature=float("inf")), "^ElectraConfig.temperature"),
+    (dict(temperature=1e-45), "^ElectraConfig.temperature"),
+    (dict(disc_weight=-5.0), "^ElectraConfig.disc_weight"),
+    (dict(disc_weight=1e39), "^ElectraConfig.disc_weight"),
 ])
 def test_bad_config(change, match):
     with pytest.raises(ValueError, match=match):

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
 from typing import Tuple
 
 from .. import _validate
+from ..nn.encoder import ACTIVATIONS
 
 ATTENTIONS = ("standard", "disentangled")
 SHARINGS = ("none", "tied", "gdes")
 STRATEGIES = ("count", "bernoulli")
 POS_ATT_TYPES = ("c2p", "p2c")
+F32_MAX = 3.4028234663852886e38  # the training step's numbers are fp32
 # what a masked position becomes: ELECTRA's pretrain_helpers.mask() puts [MASK] at 85% and keeps the original
 # token at 15%; BERT's create_pretraining_data.py puts [MASK] at 80%, a random token at 10%, the original at 10%
 MASKING_SCHEMES = {"electra": dict(mask_token_frac=0.85, random_token_frac=0.0),
@@ -127,8 +130,13 @@ class ElectraConfig:
         if self.mask_token_frac + self.random_token_frac > 1.0 + 1e-9:
             raise ValueError("ElectraConfig.random_token_frac: mask_token_frac + random_token_frac must be <= 1, got "
                              f"{self.mask_token_frac} + {self.random_token_frac}")
-        if not self.temperature > 0:
-            raise ValueError(f"ElectraConfig.temperature: expected > 0, got {self.temperature}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"ElectraConfig.hidden_act: expected one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        # the step holds these in fp32: 1 / temperature and disc_weight must stay finite there
+        _validate.real("ElectraConfig.temperature", self.temperature, 1 / F32_MAX, math.inf, lo_open=True)
+        _validate.real("ElectraConfig.disc_weight", self.disc_weight, 0.0, F32_MAX, lo_open=True, hi_open=False)
+        _validate.real("ElectraConfig.layer_norm_eps", self.layer_norm_eps, 0.0, math.inf, lo_open=True)
+        _validate.real("ElectraConfig.initializer_range", self.initializer_range, 0.0, math.inf)
         if self.enhanced_mask_decoder and not (self.disentangled and not self.position_biased_input
                                                and self.embedding_size == self.generator_hidden_size):
             raise ValueError("ElectraConfig.enhanced_mask_decoder: needs attention='disentangled', "

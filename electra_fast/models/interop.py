@@ -102,8 +102,9 @@ def transformers_config(cfg: ElectraConfig, role: str) -> dict:
              max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
              initializer_range=cfg.initializer_range, layer_norm_eps=cfg.layer_norm_eps,
              pad_token_id=cfg.pad_token_id, tie_word_embeddings=True)
-    if not cfg.disentangled:
-        d.update(model_type="electra", architectures=["ElectraForMaskedLM" if gen else "ElectraForPreTraining"])
+    if not cfg.disentangled:  # ELECTRA's embeddings keep one token-type row at type_vocab_size 0 (ElectraEmbeddings)
+        d.update(model_type="electra", architectures=["ElectraForMaskedLM" if gen else "ElectraForPreTraining"],
+                 type_vocab_size=max(cfg.type_vocab_size, 1))
     else:
         d.update(model_type="deberta-v2", architectures=["DebertaV2ForMaskedLM" if gen else "DebertaV2Model"],
                  relative_attention=True, position_buckets=cfg.position_buckets,

@@ -28,11 +28,12 @@ from .packing import Packed, packing
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "swish": F.silu,
          "tanh": torch.tanh}
+ACTIVATIONS = tuple(_ACTS)
 
 
 def activation(name: str):
     if name not in _ACTS:
-        raise ValueError(f"hidden_act: expected one of {tuple(_ACTS)}, got {name!r}")
+        raise ValueError(f"hidden_act: expected one of {ACTIVATIONS}, got {name!r}")
     return _ACTS[name]
 
 

@@ -14,6 +14,7 @@ import argparse
 import math
 from typing import Dict, Optional, Tuple
 
+from ..models.config import F32_MAX
 from .errors import PretrainError
 
 # AdamW as ELECTRA's optimization.py sets it (beta1 0.9, beta2 0.999, eps 1e-6); RoBERTa uses beta2 0.98
@@ -30,10 +31,10 @@ KEYS = CONFIG_FIELDS + ("generator_size", "tokenizer_type", "packing") + tuple(O
 # (lower bound, lower bound allowed, upper bound, upper bound allowed) of each number. The training step holds them in
 # fp32: adam_eps below its smallest normal number rounds towards 0 (then 0 / 0), a disc_weight above its largest is
 # inf, and 1 / temperature must stay finite.
-_F32_MAX, _F32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38
+_F32_TINY = 1.1754943508222875e-38
 RANGES = {"mask_prob": (0.0, False, 1.0, True), "mask_token_frac": (0.0, True, 1.0, True),
-          "random_token_frac": (0.0, True, 1.0, True), "temperature": (1 / _F32_MAX, False, math.inf, False),
-          "disc_weight": (0.0, False, _F32_MAX, True), "generator_size": (0.0, False, 1.0, True),
+          "random_token_frac": (0.0, True, 1.0, True), "temperature": (1 / F32_MAX, False, math.inf, False),
+          "disc_weight": (0.0, False, F32_MAX, True), "generator_size": (0.0, False, 1.0, True),
           "adam_beta2": (0.0, True, 1.0, False), "adam_eps": (_F32_TINY, True, math.inf, False)}
 
 
