@@ -200,16 +200,23 @@ void update_row(acc_t* __restrict x, const acc_t* __restrict bias, int64_t n, in
                        &st.best_id[row]);
 }
 
-// softmax row minus nothing yet, times scale: x <- exp(x - lse) * scale (the caller subtracts the one-hot).
+// One row's dlogits over columns v0..v0+n: (exp(x - lse) - onehot(t)) * g, in place; exactly 0 when the row is
+// ignored (t == ignore_index), whatever its logits: 0 * a NaN or inf logit would be NaN.
 template <typename acc_t>
-void dlogits_row(acc_t* __restrict x, const acc_t* __restrict bias, int64_t n, acc_t lse, acc_t scale) {
+void dlogits_row(acc_t* __restrict x, const acc_t* __restrict bias, int64_t n, int64_t v0, int64_t t,
+                 int64_t ignore_index, acc_t lse, acc_t g) {
+  if (t == ignore_index) {
+    std::fill(x, x + n, acc_t(0));
+    return;
+  }
   if (bias != nullptr) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) x[i] = exp_le0<acc_t>(std::min(x[i] + bias[i] - lse, acc_t(0))) * scale;
+    for (int64_t i = 0; i < n; ++i) x[i] = exp_le0<acc_t>(std::min(x[i] + bias[i] - lse, acc_t(0))) * g;
   } else {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) x[i] = exp_le0<acc_t>(std::min(x[i] - lse, acc_t(0))) * scale;
+    for (int64_t i = 0; i < n; ++i) x[i] = exp_le0<acc_t>(std::min(x[i] - lse, acc_t(0))) * g;
   }
+  if (t >= v0 && t < v0 + n) x[t - v0] -= g;
 }
 
 // out[c] = sum over rows r (in order) of x[r * stride + c], c < width.
@@ -351,10 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_brgemm(const at::Tensor& grad
         float* xb = x + r0 * vc;
         brg::gemm(rows, vc, e, h + r0 * e, e, brg::as_bf16(wtp) + 2 * v0, vocab, xb, vc, false);
         for (int64_t r = r0; r < r0 + rows; ++r) {
-          const int64_t t = static_cast<int64_t>(tg[r]);
-          const float scale = t == ignore_index ? 0.f : gr[r];
-          dlogits_row<float>(x + r * vc, bp, vc, ls[r], scale);
-          if (t >= v0 && t < v0 + vc) x[r * vc + t - v0] -= scale;
+          dlogits_row<float>(x + r * vc, bp, vc, v0, static_cast<int64_t>(tg[r]), ignore_index, ls[r], gr[r]);
         }
         brg::to_rows(xb, vc, rows, vc, a, vce);
         if (vce != vc) {
@@ -483,13 +487,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_bwd(
         const at::Tensor bc = chunk_logits(lc, h, weight, bias, v0, vc);
         acc_t* x = lc.data_ptr<acc_t>();
         const acc_t* bp = bc.defined() ? bc.data_ptr<acc_t>() : nullptr;
-        // dlogits = (softmax - onehot(target)) * grad_rows, zero at ignored rows.
         at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r) {
-            const int64_t t = static_cast<int64_t>(tg[r]);
-            const acc_t scale = t == ignore_index ? acc_t(0) : gr[r];
-            dlogits_row<acc_t>(x + r * vc, bp, vc, ls[r], scale);
-            if (t >= v0 && t < v0 + vc) x[r * vc + t - v0] -= scale;
+            dlogits_row<acc_t>(x + r * vc, bp, vc, v0, static_cast<int64_t>(tg[r]), ignore_index, ls[r], gr[r]);
           }
         });
         const at::Tensor wc = weight.narrow(0, v0, vc).to(acc);

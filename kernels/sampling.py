@@ -162,9 +162,12 @@ def mlm_dlogits_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dl_ptr, N, V,
     x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rmask, cmask, E, ACC64, IEEE, BLOCK_N, BLOCK_V, BLOCK_E)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     t = tl.load(t_ptr + rows, mask=rmask, other=-1)
-    scale = tl.where(t == ignore_index, 0.0, tl.load(g_ptr + rows, mask=rmask, other=0.0))
-    p = tl.exp(tl.minimum(x - lse[:, None], 0.0))
-    dl = (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)) * scale[:, None]
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+    # where, not tl.minimum (which drops a NaN operand): a NaN logit gives NaN here as in the reference
+    d = x - lse[:, None]
+    p = tl.exp(tl.where(d > 0.0, 0.0, d))
+    dl = (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)) * g[:, None]
+    dl = tl.where((t == ignore_index)[:, None], 0.0, dl)  # an ignored row: exactly 0, even at a NaN / inf logit
     tl.store(dl_ptr + rows.to(tl.int64)[:, None] * vc + local[None, :], dl.to(dl_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 

@@ -372,6 +372,33 @@ def test_non_finite_mlm_rows(backend, device, dtype, monkeypatch):
             assert (sampled == 39).all() and (loss[1:] == INF).all()
 
 
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_non_finite_logits_gradients(backend, device, monkeypatch):
+    """Gradients at NaN / inf logits, over several vocabulary chunks: an ignored row adds exactly 0 (it adds no
+    loss; the reference and C++ gave 0 * NaN = NaN for it, poisoning dhidden's other rows and dweight); a valid
+    row with a NaN logit gives NaN gradients on every backend (Triton's tl.minimum dropped the NaN: finite)."""
+    small_chunks(monkeypatch)
+    hidden, weight, bias, targets = make(n=6, e=16, v=300, ignore=3, device=device)
+    b = bias.clone()
+    b[[39, 261]] = INF  # every row's lse is inf: inf - inf = NaN in every row's softmax
+    _, _, _, (dh, dw, db) = run(backend, hidden, weight, b, targets, reduction="sum")
+    assert (dh[:3] == 0).all() and dh[3:].isnan().all()  # rows 0-2 ignored
+    b = bias.clone()
+    b[7] = NAN
+    targets[3:] = -100
+    targets[:3] = torch.tensor([50, 60, 70])
+    h = hidden.clone()
+    h[3:] = INF  # ignored rows with infinite hidden states: +-inf logits, NaN softmax
+    _, _, _, (dh, dw, db) = run(backend, h, weight, b, targets, reduction="sum")
+    assert dh[:3].isnan().all() and (dh[3:] == 0).all()
+    assert db.isnan().all() and dw.isnan().all()  # every column sums the valid rows' NaN
+    hidden, weight, bias, targets = make(n=6, e=16, v=300, ignore=6, device=device)
+    b = bias.clone()
+    b[[39, 261]] = INF
+    _, _, _, grads = run(backend, hidden, weight, b, targets, reduction="sum")
+    assert all((g == 0).all() for g in grads)  # all ignored: loss 0, every gradient 0
+
+
 def test_disallowed_ids_devices_and_meta():
     """Ids on another device are moved (a few ids); a meta tensor of ids holds none (clear error instead of torch's
     meta-tensor message); meta inputs run through the fake kernels."""

@@ -92,7 +92,8 @@ def backward(grad_rows, hidden, weight, bias, targets, lse, ignore_index: int, c
     valid, tgt = _valid_targets(targets, ignore_index)
     dlogits = torch.exp(logits - lse.to(acc)[:, None])
     dlogits.scatter_add_(1, tgt[:, None], -torch.ones_like(dlogits[:, :1]))
-    dlogits *= (grad_rows.to(acc) * valid)[:, None]
+    # an ignored row contributes exactly 0, even at a NaN / inf logit (0 * NaN would be NaN)
+    dlogits = torch.where(valid[:, None], dlogits * grad_rows.to(acc)[:, None], 0.0)
     dhidden = dlogits @ weight.to(acc)
     dweight = dlogits.T @ hidden.to(acc)
     dbias = dlogits.sum(0)
