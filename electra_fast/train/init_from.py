@@ -8,7 +8,8 @@ PATH may be
   * one DeBERTa-v2/v3 checkpoint directory (``model_type`` deberta-v2): the discriminator; the generator, which
     such releases do not ship, starts fresh at DeBERTa-v3's shape (the same width, half the depth).
 The tokenizer is PATH's (its tokenizer.json or vocab.txt, in PATH or its discriminator/ / generator/) unless
-``--tokenizer`` is given; its vocabulary must be the model's size, and its special ids become the model's.
+``--tokenizer`` is given; its vocabulary must be the model's size (PATH's own may be smaller: DeBERTa-v3's releases
+hold 128100 rows for 128001 tokens; the unused ids are never sampled), and its special ids become the model's.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class Source:
     kind: str              # "checkpoint", "export", "pair" or "deberta"
     model: object          # ElectraPretrainingModel holding the weights, on the CPU
     tokenizer: Optional[str]  # where PATH's tokenizer is, or None
+    own_tokenizer: bool = True  # PATH's own, not --tokenizer
 
     @property
     def config(self):
@@ -41,9 +43,15 @@ class Source:
         from .recipe import apply
         from .tokenizer import config_overrides
         ids = config_overrides(tok)
-        if ids["vocab_size"] != self.config.vocab_size:
+        rows = self.config.vocab_size
+        # fewer tokens than rows: only PATH's own tokenizer (its ids are the rows'), not another one given
+        if ids["vocab_size"] > rows or (ids["vocab_size"] < rows and not self.own_tokenizer):
             raise PretrainError(f"--tokenizer: a vocabulary of {ids['vocab_size']} does not fit --init-from "
-                                f"{self.path} (its embeddings hold {self.config.vocab_size} tokens)")
+                                f"{self.path} (its embeddings hold {rows} tokens)")
+        if ids["vocab_size"] < rows:  # DeBERTa-v3's release: 128100 rows, 128001 tokens; the rest no text yields
+            unused = set(range(ids["vocab_size"], rows))
+            ids = {**ids, "vocab_size": rows,
+                   "disallowed_sample_ids": tuple(sorted(set(self.config.disallowed_sample_ids) | unused))}
         if "generator_size" in recipe and recipe["generator_size"] != self.config.generator_hidden_size / \
                 self.config.hidden_size:
             raise PretrainError(f"--generator-size: --init-from {self.path} has a generator "
@@ -123,6 +131,7 @@ def resolve(path: str, tokenizer: Optional[str], warn) -> Source:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:  # the interop's CheckpointError is a ValueError
         raise PretrainError(f"--init-from: cannot load {path}: {reason(e)}") from None
+    source.own_tokenizer = tokenizer is None
     for w in caught:  # e.g. a head missing from the checkpoint: one line each, not a Python warning block
         warn(f"--init-from: {w.message}")
     return source
