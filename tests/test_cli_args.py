@@ -263,12 +263,31 @@ def test_export_bad_arguments(finished_run, tmp_path, capsys):
         ([str(finished_run), str(tmp_path / "a-file" / "sub")], f"{tmp_path / 'a-file'} is a file, not a directory"),
         ([str(finished_run)], "the following arguments are required: out_dir"),
         ([str(finished_run), str(tmp_path / "e4"), "--bogus"], "unrecognized arguments: --bogus"),
+        # retention deletes a checkpoint with everything in it: an export there was lost at the next --resume
+        ([str(finished_run), str(finished_run / "checkpoints" / "step-00000001" / "hf")],
+         f"is inside checkpoint {finished_run / 'checkpoints' / 'step-00000001'}, which the run's --keep may delete"),
     ]
     before, run_before = _snapshot(tmp_path), _snapshot(finished_run)
     for extra, message in cases:
         code, err, _ = _cli(["export", *extra], capsys)
         _assert_refused(code, err, "export", message)
     assert _snapshot(tmp_path) == before and _snapshot(finished_run) == run_before
+
+
+def test_export_into_an_empty_directory_that_is_a_link_or_the_working_directory(finished_run, tmp_path, capsys,
+                                                                              monkeypatch):
+    """An empty OUT_DIR given as a symbolic link, or as '.', ended in '[Errno 20] Not a directory' / '[Errno 22]
+    Invalid argument' after the export was written and thrown away; both now receive it (the link stays a link)."""
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for out in (str(tmp_path / "link"), "."):
+        code, err, _ = _cli(["export", str(finished_run), out], capsys)
+        assert code == 0, err
+    assert (tmp_path / "link").is_symlink()
+    for d in (tmp_path / "target", tmp_path / "here"):
+        assert sorted(os.listdir(d)) == ["discriminator", "electra_fast.json", "generator"]
 
 
 def _rewrite_checksummed(ckpt_dir, name, data):

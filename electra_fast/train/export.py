@@ -26,20 +26,42 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
         above = os.path.dirname(above)
     if not os.path.isdir(above):
         raise PretrainError(f"export: cannot create {out_dir}: {above} is a file, not a directory")
+    inside = _checkpoint_above(out_dir)
+    if inside is not None:
+        raise PretrainError(f"export: {out_dir} is inside checkpoint {inside}, which the run's --keep may delete "
+                            "with everything in it; choose a directory outside checkpoints/")
     cfg = ckpt.load_config(src)
     model = ElectraPretrainingModel(cfg)
     ckpt.load_model_state(model, os.path.join(src, "model.safetensors"))
     tok = load_tokenizer(os.path.join(src, "tokenizer.json"))
+    # an empty OUT_DIR stays (it may be a link, or the working directory): written inside it, then moved up
+    empty = os.path.isdir(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
+    tmp = (os.path.join(out_dir, f".export.tmp-{os.getpid()}") if empty
+           else os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}"))
     try:
         model.save_pretrained(tmp)
         for role in ("generator", "discriminator"):
             save_for_transformers(tok, os.path.join(tmp, role), cfg.max_position_embeddings)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked above)
-        os.replace(tmp, out_dir)
+        if empty:
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+            os.rmdir(tmp)
+        else:
+            os.replace(tmp, out_dir)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _checkpoint_above(path: str):
+    """The checkpoint directory (``checkpoints/step-N``) that ``path`` is in, or None."""
+    path = os.path.realpath(path)
+    while True:
+        up = os.path.dirname(path)
+        if ckpt.STEP_DIR.fullmatch(os.path.basename(path)) and os.path.basename(up) == "checkpoints":
+            return path
+        if up == path:
+            return None
+        path = up
