@@ -251,6 +251,27 @@ def test_resume_without_a_complete_checkpoint_restarts_as_the_run_was_made(env, 
         pretrain(None, out=str(follow), resume=True, progress=False)
 
 
+def test_a_long_run_without_spaces_trains_every_tokenizer_kind():
+    """tokenizers' Unigram trainer segfaulted on two documents, one a 200 k-character run without whitespace (and
+    every trainer takes time quadratic in such runs): the trainers now see it cut into TRAIN_RUN pieces. In a
+    child process, so a crash fails this test instead of ending the session."""
+    code = textwrap.dedent("""
+        import random
+        from electra_fast.train.tokenizer import TRAIN_RUN, _bounded_runs, train_tokenizer
+        random.seed(0)
+        run = "".join(random.choice("abcdefghij") for _ in range(200_000))
+        docs = [run, "some ordinary words here and there"]
+        cut = list(_bounded_runs(docs)())
+        assert cut[1] == docs[1] and cut[0].replace(" ", "") == run
+        assert max(map(len, cut[0].split())) == TRAIN_RUN
+        for kind in ("unigram", "wordpiece", "bpe"):
+            assert train_tokenizer(kind, docs, 300).get_vocab_size() > 100
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
 def test_documents_split_on_any_blank_line_and_a_bom_is_not_text(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_bytes(b"\xef\xbb\xbfone\nstill one\n \t\ntwo\r\rthree\r\n\r\nfour\n")
