@@ -81,10 +81,15 @@ def test_recipe_refused_against_the_tokenizer(user, tmp_path, capsys):
     state = json.loads((user / "tokenizer.json").read_text())
     state["pre_tokenizer"] = None  # a tokenizer that splits no words
     (user / "no-words.json").write_text(json.dumps(state))
+    # one that never splits (transformers' Llama-style converters write it): whole-word masking trained on
+    # documents that were one "word" each, masking almost nothing (mlm 0.0000), without a word
+    state["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": False}
+    (user / "no-split.json").write_text(json.dumps(state))
+    no_words = "--whole-word-masking: the wordpiece tokenizer has no pre-tokenizer that splits words, so it marks no"
     cases = [(["--tokenizer", str(user / "tokenizer.json"), "--tokenizer-type", "bpe"],
               "--tokenizer-type: bpe, but --tokenizer is a wordpiece tokenizer"),
-             (["--tokenizer", str(user / "no-words.json"), "--whole-word-masking"],
-              "--whole-word-masking: the wordpiece tokenizer has no pre-tokenizer, so it marks no word boundaries")]
+             (["--tokenizer", str(user / "no-words.json"), "--whole-word-masking"], no_words),
+             (["--tokenizer", str(user / "no-split.json"), "--whole-word-masking"], no_words)]
     before = _snapshot(user)
     for i, (extra, message) in enumerate(cases):
         out = tmp_path / f"out{i}"
@@ -337,7 +342,8 @@ def test_whole_word_masking_never_splits_a_word(kind, toks, env, tmp_path):
 
 
 def test_whole_word_masking_end_to_end(env, tmp_path, monkeypatch):
-    """The trainer hands the cache's word starts to the model with --whole-word-masking, and none without."""
+    """The trainer hands the cache's word starts to the model with --whole-word-masking, and none without; the
+    held-out evaluation too (it masked single tokens under --whole-word-masking: other numbers than training's)."""
     seen = []
     forward = ElectraPretrainingModel.forward
 
@@ -349,11 +355,11 @@ def test_whole_word_masking_end_to_end(env, tmp_path, monkeypatch):
     for wwm in (True, False):
         seen.clear()
         out = tmp_path / f"run-{wwm}"
-        s = pretrain(env["data"], **_kw(env, out, steps=3, tokenizer=None,
+        s = pretrain(env["data"], **_kw(env, out, steps=3, tokenizer=None, eval_every=3,
                                         recipe=dict(tokenizer_type="unigram", whole_word_masking=wwm)))
         assert s["model"].config.whole_word_masking is wwm and np.isfinite(s["final"]["loss"])
         assert json.loads((out / "run.json").read_text())["recipe"]["whole_word_masking"] is wwm
-        assert len(seen) == 3
+        assert len(seen) > 3  # 3 training steps, then the held-out batches
         if not wwm:
             assert all(w is None for _, w in seen)
             continue

@@ -250,6 +250,16 @@ class PackedSequences:
         return {}
 
 
+def model_inputs(packed, indices: Sequence[int], whole_words: bool):
+    """(input ids int64 [len(indices), T], the model's other keyword arguments: the rows' layout and, with
+    ``whole_words``, their word starts) of ``packed`` rows (PackedSequences or DocumentRows): what a training step
+    and the held-out evaluation both feed the model."""
+    layout = packed.layout(indices)
+    if whole_words:
+        layout["word_starts"] = packed.word_starts(indices)
+    return packed.batch(indices), layout
+
+
 class Sampler:
     """Global sequence order: epoch ``e`` is ``randperm(n)`` under seed ``seed * 1_000_003 + e``.
     ``indices(pos, count)`` returns sequences ``pos .. pos+count-1`` of that endless stream."""

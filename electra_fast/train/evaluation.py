@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from .data import Sampler
+from .data import Sampler, model_inputs
 from .metrics import TokenScores, rtd_metrics
 
 HELDOUT_SEED = 0x48454C44  # "HELD"
@@ -65,11 +65,12 @@ class HeldOut:
     """The held-out batches (int64 [<= batch_size, T] each, built once) and their evaluation."""
 
     def __init__(self, packed, heldout_ids: np.ndarray, train_ids: np.ndarray, batch_size: int, seed_of,
-                 special_ids: Sequence[int], vocab_size: int):
-        """``seed_of(i)``: the corruption seed of held-out batch ``i`` (fixed: the numbers must compare)."""
+                 special_ids: Sequence[int], vocab_size: int, whole_words: bool = False):
+        """``seed_of(i)``: the corruption seed of held-out batch ``i`` (fixed: the numbers must compare);
+        ``whole_words``: masked as the training steps are (whole-word masking)."""
         self.ids = heldout_ids
         chunks = [heldout_ids[i:i + batch_size] for i in range(0, len(heldout_ids), batch_size)]
-        self.batches = [(packed.batch(c), packed.layout(c)) for c in chunks]  # ids, the rows' layout (doc-sentences)
+        self.batches = [model_inputs(packed, c, whole_words) for c in chunks]  # ids, layout (doc-sentences, words)
         self.seeds = [seed_of(i) for i in range(len(self.batches))]
         counts = unigram_counts(packed, train_ids, vocab_size)
         counts[[i for i in special_ids if 0 <= i < vocab_size]] = -1

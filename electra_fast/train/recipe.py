@@ -200,8 +200,9 @@ def settle(cfg, recipe: dict, tok, recorded: Optional[dict], override: bool, say
         cfg = apply(cfg, changes)
         full = {**recorded, **changes}
     if cfg.whole_word_masking and not has_word_boundaries(tok):
-        raise PretrainError(f"--whole-word-masking: the {kind} tokenizer has no pre-tokenizer, so it marks no word "
-                            "boundaries; use a tokenizer that splits words, or drop --whole-word-masking")
+        raise PretrainError(f"--whole-word-masking: the {kind} tokenizer has no pre-tokenizer that splits words, so "
+                            "it marks no word boundaries; use a tokenizer that splits words, or drop "
+                            "--whole-word-masking")
     return cfg, full
 
 

@@ -295,8 +295,12 @@ def save_for_transformers(tok, directory: str, model_max_length: int = 512) -> N
 def has_word_boundaries(tok) -> bool:
     """Whether ``tok`` marks words: its pre-tokeniser splits the text into words (BERT's punctuation and space
     split, byte-level BPE's GPT-2 split, Metaspace's ``▁`` split), which ``Encoding.word_ids`` then reports.
-    Without one the whole document is one "word"."""
-    return tok.pre_tokenizer is not None
+    Without one the whole document is one "word"; so with one that never splits (``Metaspace(split=False)``, as
+    transformers' Llama-style converters write, or ``ByteLevel(use_regex=False)``): asked of the text itself."""
+    if tok.pre_tokenizer is None:
+        return False
+    words = tok.pre_tokenizer.pre_tokenize_str("two words")
+    return len(words) >= 2
 
 
 def word_starts(word_ids) -> List[int]:

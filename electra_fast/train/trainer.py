@@ -28,7 +28,7 @@ from . import plot, rundir
 from . import recipe as recipes
 from .evaluation import HeldOut, SplitSampler, heldout_count, split
 from .metrics import TokenScores, fmt, learned, rtd_metrics
-from .data import PackedSequences, Sampler, build_token_cache, read_documents, resolve_inputs
+from .data import PackedSequences, Sampler, build_token_cache, model_inputs, read_documents, resolve_inputs
 from .doc_sentences import DocumentRows
 from .distributed import Context, setup
 from .errors import PretrainError
@@ -413,7 +413,7 @@ class _Job:
         if o.eval_every and self.ctx.is_main:  # rank 0 evaluates; the others go on to the next step's collective
             self.heldout = HeldOut(self.packed, heldout_ids, train_ids, o.batch_size,
                                    lambda i: derive_seed(0x4556414C, i),  # "EVAL": the same for every run
-                                   tuple(special.values()), self.cfg.vocab_size)
+                                   tuple(special.values()), self.cfg.vocab_size, self.cfg.whole_word_masking)
 
     def _model_and_optimizer(self) -> None:
         from ..models import ElectraPretrainingModel
@@ -503,15 +503,14 @@ class _Job:
         scores = TokenScores() if self._is_log_step(self.step + 1) else None
         for m in range(o.grad_accum):
             idx = self.sampler.indices(self.data_pos + (m * ctx.world + ctx.rank) * o.batch_size, o.batch_size)
-            batch = self.packed.batch(idx).to(ctx.device, non_blocking=True)
-            starts = self.packed.word_starts(idx).to(ctx.device) if self.cfg.whole_word_masking else None
-            layout = {k: v.to(ctx.device) for k, v in self.packed.layout(idx).items()}  # doc-sentences rows
+            batch, layout = model_inputs(self.packed, idx, self.cfg.whole_word_masking)
+            batch = batch.to(ctx.device, non_blocking=True)
+            layout = {k: v.to(ctx.device) for k, v in layout.items()}  # doc-sentences rows, word starts
             mask = layout.pop("attention_mask", None)
             sync = ctx.distributed and m < o.grad_accum - 1
             with (self.ddp.no_sync() if sync else _null()):
                 with torch.autocast(ctx.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                    out = self.step_fn(batch, mask, seed=derive_seed(o.seed, self.step, ctx.rank, m),
-                                       word_starts=starts, **layout)
+                    out = self.step_fn(batch, mask, seed=derive_seed(o.seed, self.step, ctx.rank, m), **layout)
                 self.scaler.scale(out.loss / o.grad_accum).backward()
             acc += torch.stack([out.loss.detach(), out.mlm_loss.detach(), out.rtd_loss.detach()]
                                + [out.metrics[k].detach().float() for k in STEP_METRICS[3:]]) / o.grad_accum
