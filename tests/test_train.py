@@ -201,8 +201,10 @@ def test_resume_keeps_the_runs_options(env, tmp_path):
         with pytest.raises(PretrainError, match="--resume: .*" + "--" + next(iter(changed)).replace("_", "-")):
             pretrain(env["data"], **_kw(env, resumed, **{"steps": 8, "resume": True, "seed": 3, **changed}))
         assert sorted(p.name for p in resumed.rglob("*")) == before
-    with pytest.raises(PretrainError, match=r"--resume: --data .*corpus.txt .*corpus.txt \(the run.s: "):
-        pretrain([env["data"], env["data"]], **_kw(env, resumed, steps=8, resume=True, seed=3))
+    other = tmp_path / "other.txt"
+    shutil.copy(env["data"], other)
+    with pytest.raises(PretrainError, match=r"--resume: --data .*corpus.txt .*other.txt \(the run.s: "):
+        pretrain([env["data"], str(other)], **_kw(env, resumed, steps=8, resume=True, seed=3))
     # the run and its corpus moved elsewhere, the corpus given as its folder: the same files by name, so it resumes
     moved, folder = tmp_path / "moved", tmp_path / "elsewhere"
     shutil.copytree(resumed, moved)
@@ -279,6 +281,32 @@ def test_documents_split_on_any_blank_line_and_a_bom_is_not_text(tmp_path):
     jsonl = tmp_path / "b.jsonl"
     jsonl.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
     assert list(read_documents(str(jsonl))) == ["first", "second"]
+
+
+def test_inputs_by_any_name_once_each_through_linked_folders(tmp_path):
+    """Review findings: a JSON Lines file named train.json (datasets' to_json) or TRAIN.JSONL was read as one text
+    document; a linked sub-folder of a --data folder was skipped; a file named twice (a folder and a file in it)
+    was read twice (held-out text then trained on); --skip-bad-lines dropped a whole bare-CR file."""
+    from electra_fast.train.data import resolve_inputs
+    lines = b'{"text": "first"}\n{"text": "second"}\n'
+    for name in ("train.json", "TRAIN.JSONL"):
+        (tmp_path / name).write_bytes(lines)
+        assert list(read_documents(str(tmp_path / name))) == ["first", "second"], name
+    top, shard = tmp_path / "top", tmp_path / "shard"
+    top.mkdir()
+    shard.mkdir()
+    (top / "a.txt").write_text("a\n")
+    (top / "B.TXT").write_text("b\n")
+    (shard / "c.txt").write_text("c\n")
+    (top / "more").symlink_to(shard)
+    (shard / "loop").symlink_to(top)  # a link cycle: walked once
+    got = resolve_inputs([str(top), str(top / "a.txt")])
+    assert [os.path.relpath(p, top) for p in got] == ["B.TXT", "a.txt", os.path.join("more", "c.txt")]
+    old_mac = tmp_path / "mac.txt"
+    old_mac.write_bytes(b"one\rstill one\r\rtwo \xff bad\r\rthree\r")
+    stats = {}
+    assert list(read_documents(str(old_mac), skip_bad_lines=True, stats=stats)) == ["one\nstill one", "three"]
+    assert stats["skipped_lines"] == 1
 
 
 def test_a_loaded_tokenizer_neither_truncates_nor_pads(env, tmp_path):

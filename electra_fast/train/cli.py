@@ -44,8 +44,9 @@ def add_parsers(sub) -> None:
                                         "embedded corpus, a few minutes on CPU)",
                        formatter_class=Defaults)
     p.add_argument("--data", nargs="+", metavar="PATH", default=None,
-                   help=".txt (documents separated by blank lines), .jsonl ('text' field), directories of those, or "
-                        "a datasets save_to_disk directory; default: the embedded corpus (Python's stdlib docstrings)")
+                   help=".txt (documents separated by blank lines), .jsonl / .json ('text' field), directories of "
+                        "those, or a datasets save_to_disk directory; default: the embedded corpus (Python's stdlib "
+                        "docstrings)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or a transformers tokenizer directory")
     g.add_argument("--vocab-size", type=int, default=None,

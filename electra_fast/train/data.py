@@ -27,7 +27,8 @@ import torch
 from .errors import PretrainError
 from .tokenizer import encode_documents, fingerprint, special_ids
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
+TEXT_SUFFIXES = (".txt", ".jsonl")  # what a --data folder contributes (any case: .TXT too)
+JSONL_SUFFIXES = (".jsonl", ".json")  # a file named so is JSON Lines (datasets' to_json writes .json)
 CACHE_FORMAT = 2  # 1: int32 ids; 2: uint32 ids with the word-start bit
 WORD_START = np.uint32(1 << 31)
 ID_BITS = np.uint32((1 << 31) - 1)
@@ -58,18 +59,24 @@ def resolve_inputs(paths: Sequence[str], exclude: Optional[str] = None, owned: S
         if _is_saved_dataset(p):
             out.append(p)
         elif os.path.isdir(p):
-            found = []
-            for r, dirs, fs in os.walk(p):
-                dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(r, d)) != skip]
+            found, seen = [], {os.path.realpath(p)}
+            for r, dirs, fs in os.walk(p, followlinks=True):  # a linked sub-folder is the user's text too
+                real = {d: os.path.realpath(os.path.join(r, d)) for d in dirs}
+                dirs[:] = [d for d in dirs if real[d] != skip and real[d] not in seen]  # no link cycle, no twice
+                seen.update(real[d] for d in dirs)
                 if os.path.realpath(r) == skip:  # --data is --out itself: the run's own files are not text
                     dirs[:], fs = [d for d in dirs if d not in owned], [f for f in fs if f not in owned]
-                found.extend(os.path.join(r, f) for f in fs if f.endswith(TEXT_SUFFIXES))
+                found.extend(os.path.join(r, f) for f in fs if f.lower().endswith(TEXT_SUFFIXES))
             found.sort()
             if not found:
                 raise PretrainError(f"--data: directory {p} holds no .txt or .jsonl files")
             out.extend(found)
         else:
             out.append(p)
+    firsts: dict = {}  # one file named twice (a folder and a file in it) would put its text in twice
+    for p in out:
+        firsts.setdefault(os.path.realpath(p), p)
+    out = list(firsts.values())
     for p in out:  # a broken link in a folder, a pipe, a device: refused here, not by a later os.stat / read
         if not (_is_saved_dataset(p) or os.path.isfile(p)):
             why = "a broken symbolic link" if os.path.islink(p) and not os.path.exists(p) else "not a regular file"
@@ -90,7 +97,7 @@ def _decode(path: str, data: bytes, skip_bad_lines: bool, stats: dict) -> str:
             raise PretrainError(f"--data: {path} is not UTF-8 (invalid byte at offset {e.start + skipped}); fix the "
                                 "file or pass --skip-bad-lines") from None
     lines = []
-    for line in data.split(b"\n"):
+    for line in re.split(b"\r\n|\r|\n", data):  # an old-Mac (bare CR) file's lines too, not one bad "line"
         try:
             lines.append(line.decode("utf-8"))
         except UnicodeDecodeError:
@@ -121,7 +128,7 @@ def read_documents(path: str, skip_bad_lines: bool = False, stats: Optional[dict
     except OSError as e:
         raise PretrainError(f"--data: cannot read {path}: {e.strerror}") from None
     text = _decode(path, data, skip_bad_lines, stats)
-    if path.endswith(".jsonl"):
+    if path.lower().endswith(JSONL_SUFFIXES):
         for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
