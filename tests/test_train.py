@@ -90,6 +90,22 @@ def test_tokenizer_train_save_load(env, tmp_path):
     assert load_tokenizer(str(v)).encode("the cat").ids == tok.encode("the cat").ids
 
 
+@pytest.mark.parametrize("settings", [dict(do_lower_case=True, strip_accents=False),
+                                      dict(do_lower_case=True), dict(do_lower_case=False, strip_accents=True),
+                                      dict(do_lower_case=False), dict(tokenize_chinese_chars=False)])
+def test_vocab_txt_folder_tokenizes_as_transformers(tmp_path, settings):
+    """A vocab.txt folder's tokenizer_config.json: strip_accents and tokenize_chinese_chars were ignored (accents
+    stripped whenever lower-cased: other ids than the model's own tokenizer gave)."""
+    transformers = pytest.importorskip("transformers")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "café", "cafe", "naïve", "naive", "şeker", "seker", ".",
+             "Café", "Şeker", "中", "文", "中文", "##文"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "BertTokenizer"}))
+    text = "Café naïve Şeker. 中文"
+    want = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))(text)["input_ids"]
+    assert load_tokenizer(str(tmp_path)).encode(text).ids == want
+
+
 def test_data_cache_packing_and_order(env, tmp_path):
     tok = load_tokenizer(env["tokenizer"])
     logs = []

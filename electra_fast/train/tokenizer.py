@@ -228,19 +228,25 @@ def load_tokenizer(path: str):
 
 def _from_vocab_txt(vocab: str, directory: str):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    lower = True
+    settings = {}  # transformers' BertTokenizerFast reads these three (strip_accents None: as lowercase)
     cfg = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(cfg):
         try:
             with open(cfg, encoding="utf-8") as f:
-                lower = bool(json.load(f).get("do_lower_case", True))
+                settings = json.load(f)
+            if not isinstance(settings, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
             raise PretrainError(f"--tokenizer: cannot read {cfg}: {e}") from None
+    lower = bool(settings.get("do_lower_case", True))
+    strip = settings.get("strip_accents")
+    chinese = bool(settings.get("tokenize_chinese_chars", True))
     try:
         tok = Tokenizer(models.WordPiece.from_file(vocab, unk_token="[UNK]"))
     except Exception as e:
         raise PretrainError(f"--tokenizer: cannot read {vocab}: {e}") from None
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lower, strip_accents=lower)
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=chinese,
+                                                strip_accents=None if strip is None else bool(strip), lowercase=lower)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     special_ids(tok, where=vocab)
