@@ -290,6 +290,22 @@ def test_a_long_run_without_spaces_trains_every_tokenizer_kind():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
 
 
+def test_resume_on_a_changed_corpus_is_refused(env, tmp_path):
+    """Text appended to the run's --data: the resume went on silently over another number of sequences, with a new
+    held-out slice that held sequences already trained on."""
+    data = tmp_path / "corpus.txt"
+    shutil.copy(env["data"], data)
+    run = tmp_path / "run"
+    pretrain(str(data), **_kw(env, run, steps=2, eval_every=2))
+    with open(data, "a", encoding="utf-8") as f:
+        f.write("\n\n" + open(env["data"], encoding="utf-8").read())
+    before = sorted(p.name for p in run.rglob("*") if "cache" not in p.parts)
+    with pytest.raises(PretrainError, match=r"^--resume: the data now packs into \d+ sequences of --seq-len 32, the "
+                                            r"checkpoint's into \d+: it changed since"):
+        pretrain(str(data), **_kw(env, run, steps=4, resume=True, eval_every=2))
+    assert sorted(p.name for p in run.rglob("*") if "cache" not in p.parts) == before
+
+
 def test_documents_split_on_any_blank_line_and_a_bom_is_not_text(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_bytes(b"\xef\xbb\xbfone\nstill one\n \t\ntwo\r\rthree\r\n\r\nfour\n")

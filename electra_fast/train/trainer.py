@@ -398,6 +398,11 @@ class _Job:
         """The training order, and the held-out slice it leaves out: a new run holds one out with --eval-every;
         a resumed run keeps its checkpoint's split (the data order depends on it)."""
         o, n = self.o, len(self.packed)
+        was = self.state.get("sequences", n) if self.state is not None else n  # older checkpoints: not recorded
+        if was != n:
+            raise PretrainError(f"--resume: the data now packs into {n} sequences of --seq-len {o.seq_len}, the "
+                                f"checkpoint's into {was}: it changed since (the data order and the held-out slice "
+                                "depend on it); resume on the run's text, or start a new --out")
         self.heldout_sequences = (self.state.get("heldout_sequences", 0) if self.state is not None
                                   else heldout_count(n) if o.eval_every else 0)
         self.heldout = None
@@ -617,7 +622,7 @@ class _Job:
                      "elapsed_s": self.elapsed_before + time.perf_counter() - self.t0,
                      "world": ctx.world, "seq_len": o.seq_len, "batch_size": o.batch_size,
                      "grad_accum": o.grad_accum, "precision": self.precision, "recipe": self.run_recipe,
-                     "heldout_sequences": self.heldout_sequences}
+                     "heldout_sequences": self.heldout_sequences, "sequences": len(self.packed)}
             writers = {"model.safetensors": lambda p: ckpt.save_model(self.net, p),
                        "training_state.pt": lambda p: ckpt.save_training_state(state, p),
                        "config.json": lambda p: self.cfg.to_json_file(p),
