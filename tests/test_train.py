@@ -106,6 +106,24 @@ def test_vocab_txt_folder_tokenizes_as_transformers(tmp_path, settings):
     assert load_tokenizer(str(tmp_path)).encode(text).ids == want
 
 
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_special_token_spellings_in_the_text_are_text(tmp_path, kind):
+    """'<s>struck</s>' in HTML became [CLS] / [SEP] ids (splitting the document under doc-sentences packing), a
+    literal [PAD] a padding id attended mid-row, [MASK] an unlabelled mask token. (A Unigram vocabulary holds its
+    special tokens as pieces, as SentencePiece conversions do: there the spellings still are those pieces.)"""
+    from electra_fast.train.tokenizer import train_tokenizer
+    text = "an <s>old</s> page with [PAD] [MASK] [CLS] [SEP] <pad> <mask> </s> <unk> [UNK] in its text"
+    (tmp_path / "c.txt").write_text("\n\n".join([text] * 20) + "\n", encoding="utf-8")
+    tok = train_tokenizer(kind, [text] * 20, 300)
+    path = build_token_cache([str(tmp_path / "c.txt")], tok, str(tmp_path / "cache"))
+    stream = np.fromfile(path, dtype="<u4") & 0x7FFFFFFF
+    ids = special_ids(tok)
+    assert not np.isin(stream, [ids[r] for r in ("pad", "cls", "mask", "unk")]).any(), kind
+    assert (stream == ids["sep"]).sum() == 20  # one per document: the packing's own
+    spelt = tok.id_to_token(ids["mask"])
+    assert tok.encode(f"a {spelt} b").ids.count(ids["mask"]) == 1  # the tokenizer itself still reads them
+
+
 def test_data_cache_packing_and_order(env, tmp_path):
     tok = load_tokenizer(env["tokenizer"])
     logs = []

@@ -158,7 +158,7 @@ def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool) -> str:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     h.update(fingerprint(tok).encode())
-    h.update(f"skip={skip_bad_lines};format={CACHE_FORMAT}".encode())
+    h.update(f"skip={skip_bad_lines};format={CACHE_FORMAT};special-spellings=text".encode())
     return h.hexdigest()[:24]
 
 

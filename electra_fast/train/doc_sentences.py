@@ -30,7 +30,7 @@ def document_bodies(tokens: np.ndarray, sep_id: int):
     ends = np.concatenate(ends) if ends else np.empty(0, dtype=np.int64)
     starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
     lengths = ends.astype(np.int64) - starts
-    keep = lengths > 0  # "[SEP]" written in a document's text splits it; two in a row leave nothing between
+    keep = lengths > 0  # a Unigram vocabulary's "[SEP]" piece written in a text splits it; two in a row leave nothing
     return starts[keep], lengths[keep]
 
 

@@ -316,12 +316,21 @@ def word_starts(word_ids) -> List[int]:
 
 
 def encode_documents(tok, docs: Iterable[str], batch: int = 1024):
-    """Yield ``(ids, word_starts)`` per document (no special tokens), through the multi-threaded batch API."""
-    buf = []
-    for d in docs:
-        buf.append(d)
-        if len(buf) == batch:
+    """Yield ``(ids, word_starts)`` per document (no special tokens), through the multi-threaded batch API.
+
+    A special token's spelling in the text ("<s>struck</s>" in HTML, a literal "[MASK]") is text: tokenizers would
+    otherwise give it the special id (a [SEP] that splits the document, a [PAD] attended mid-row, an unlabelled
+    [MASK])."""
+    was = tok.encode_special_tokens
+    tok.encode_special_tokens = True
+    try:
+        buf = []
+        for d in docs:
+            buf.append(d)
+            if len(buf) == batch:
+                yield from ((e.ids, word_starts(e.word_ids)) for e in tok.encode_batch(buf, add_special_tokens=False))
+                buf = []
+        if buf:
             yield from ((e.ids, word_starts(e.word_ids)) for e in tok.encode_batch(buf, add_special_tokens=False))
-            buf = []
-    if buf:
-        yield from ((e.ids, word_starts(e.word_ids)) for e in tok.encode_batch(buf, add_special_tokens=False))
+    finally:
+        tok.encode_special_tokens = was
