@@ -306,7 +306,11 @@ class ElectraPretrainingModel(nn.Module):
     @classmethod
     def from_transformers(cls, generator_path, discriminator_path, *, embedding_sharing: Optional[str] = None,
                           fused: bool = True, **config_overrides) -> "ElectraPretrainingModel":
-        """Load directories written by transformers' ``save_pretrained`` (ELECTRA or DeBERTa-v2)."""
+        """Load directories written by transformers' ``save_pretrained`` (ELECTRA or DeBERTa-v2).
+
+        transformers' configs record no [CLS] / [SEP] / [MASK] / [UNK] ids: pass the tokenizer's as
+        ``cls_token_id=``, ``sep_token_id=``, ``mask_token_id=``, ``unk_token_id=`` (else ElectraConfig's defaults,
+        BERT's 101 / 102 / 103 / 100). ``electra-fast pretrain --init-from`` reads them from the tokenizer."""
         from . import interop
         return interop.from_transformers(cls, generator_path, discriminator_path, embedding_sharing=embedding_sharing,
                                          fused=fused, **config_overrides)
