@@ -175,6 +175,10 @@ def test_native_module_rejects_bad_arguments():
         mod(x, None, rel_embeddings=torch.randn(8, 32), query_states=x[:, :4])
     with pytest.raises(TypeError, match="attention_mask"):
         mod(x, torch.ones(2, 5), rel_embeddings=torch.randn(8, 32))  # a float mask is the adapter's business
+    with pytest.raises(ValueError, match=r"^hidden_states: expected \[B, T, hidden\]"):  # was: query: ... 4-d
+        mod(x[0], None, rel_embeddings=torch.randn(8, 32))
+    with pytest.raises(ValueError, match="^hidden_states: expected at least one token"):  # was: cannot reshape
+        mod(x[:, :0], None, rel_embeddings=torch.randn(8, 32))
     for buckets, max_rel in ((1, 16), (256, 128), (8, 5)):  # log buckets the op would refuse at every forward
         with pytest.raises(ValueError, match="position_buckets"):
             DisentangledSelfAttention(**{**good, "position_buckets": buckets, "max_relative_positions": max_rel})
@@ -294,6 +298,68 @@ def test_patch_sequence_classification_and_output_attentions():
     torch.testing.assert_close(got.logits[:2], want.logits[:2], rtol=1e-4, atol=1e-5)
     fallback = model(input_ids=ids, attention_mask=mask, output_attentions=True)  # transformers' computation
     torch.testing.assert_close(fallback.attentions[0], want.attentions[0])
+
+
+def test_hooks_and_wrappers_survive_patch_and_unpatch():
+    """Review findings: a forward hook on a layer's attention.self was dropped by patch (strict too), one
+    registered on the fused module while patched was lost by unpatch, a wrapper put on a projection while patched
+    (PEFT's LoRA) was thrown away by unpatch (with its trained parameters), and a value_proj hook saw a second
+    [B, 1, H] call on padded batches (the mean row of keyless queries)."""
+    from transformers import DebertaV2Model
+
+    class Wrapped(torch.nn.Module):  # a LoRA-like wrapper: the base layer plus a trainable delta
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.delta = base, torch.nn.Parameter(torch.full((base.out_features,), 0.1))
+
+        def forward(self, x):
+            return self.base(x) + self.delta
+
+    torch.manual_seed(0)
+    model = DebertaV2Model(_tiny_config()).eval()
+    ids, mask = _batch()
+    halve = lambda module, args, out: (out[0] * 0.5,) + tuple(out[1:])
+    attn0 = model.encoder.layer[0].attention
+    attn0.self.register_forward_hook(halve)
+    seen = []
+    attn0.self.value_proj.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    want = model(ids, attention_mask=mask).last_hidden_state
+    assert seen == [(3, 40, 64)]
+    electra_fast.patch(model, strict=True)
+    assert type(attn0.self) is FusedDisentangledSelfAttention
+    got = model(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)  # the hook ran
+    assert seen == [(3, 40, 64)] * 2  # one call, as transformers'
+    handle = attn0.self.register_forward_hook(lambda m, a, out: seen.append("patched"))
+    attn0.self.value_proj = Wrapped(attn0.self.value_proj)
+    electra_fast.unpatch(model)
+    assert type(attn0.self) is hf.DisentangledSelfAttention and type(attn0.self.value_proj) is Wrapped
+    assert any(n.endswith("value_proj.delta") for n, _ in model.named_parameters())
+    seen.clear()
+    model(ids, attention_mask=mask)
+    assert seen == [(3, 40, 64), "patched"]  # both hooks came back with the original
+    handle.remove()
+    seen.clear()
+    model(ids, attention_mask=mask)
+    assert seen == [(3, 40, 64)]
+
+
+def test_one_mask_for_the_batch_is_fused():
+    """A [1, T, T] (or [1, 1, T, T]) padding mask broadcast over the batch: transformers accepts it; the patched
+    encoder raised 'shape [3, 6, 6] is invalid for input of size 36'."""
+    from transformers import DebertaV2Model
+
+    torch.manual_seed(0)
+    model = DebertaV2Model(_tiny_config()).eval()
+    h = torch.randn(3, 6, 64)
+    keys = torch.ones(6, dtype=torch.long)
+    keys[4:] = 0
+    for mask in (keys[None, :, None] * keys[None, None, :], keys[None, None, :, None] * keys[None, None, None, :]):
+        want = model.encoder(h, mask).last_hidden_state
+        electra_fast.patch(model, strict=True)  # strict: served by the fused op, no fallback
+        got = model.encoder(h, mask).last_hidden_state
+        electra_fast.unpatch(model)
+        torch.testing.assert_close(got[:, :4], want[:, :4], rtol=1e-4, atol=1e-5)
 
 
 def test_patch_rejects_what_is_not_a_deberta_v2_model():

@@ -489,6 +489,8 @@ def test_special_ids_are_checked_not_truncated():
     assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels)
     m = electra_fast.TokenMasker.electra(mask_token_id=MASK_ID, vocab_size=VOCAB, special_token_ids=np.array(SPECIALS))
     assert m.special_token_ids == tuple(SPECIALS) and all(type(s) is int for s in m.special_token_ids)
+    with pytest.raises(TypeError, match="^mask_token_id: expected an int, got bool"):  # was: input_ids: ... bool
+        electra_fast.TokenMasker.electra(mask_token_id=True, vocab_size=VOCAB)
 
 
 def test_word_starts_checked_after_left_padding():

@@ -389,6 +389,26 @@ def test_dropout_module_is_the_philox_op_seeded_from_torch():
         Dropout(1.0)
 
 
+def test_dropout_module_is_an_nn_dropout():
+    """A drop-in: isinstance nn.Dropout (code that finds dropout modules by type, to change p or switch them off,
+    missed it: train outputs stayed random), nn.Dropout's inplace argument and repr."""
+    from electra_fast.nn import Dropout
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), Dropout(0.5)).train()
+    assert isinstance(model[1], torch.nn.Dropout) and repr(model[1]) == repr(torch.nn.Dropout(0.5))
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), model(x))
+    x = torch.randn(4, 33)
+    y = x.clone()
+    torch.manual_seed(1)
+    out = Dropout(0.25, inplace=True)(y)
+    torch.manual_seed(1)
+    assert out is y and torch.equal(y, Dropout(0.25)(x))
+
+
 def test_dropout_module_in_the_eager_twin_is_torch_dropout():
     from electra_fast.nn import Dropout
 

@@ -17,23 +17,39 @@ from typing import Callable
 from torch import nn
 
 _ORIGINAL = "_electra_fast_original"
+# A replacement holds the original's hook registries themselves (the same dict objects): a hook registered on either
+# module, before or after the swap, runs on the one in place, stays when the original comes back, and its handle
+# removes it (a user's hook on the swapped module was dropped, silently)
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
 def swap_submodule(parent: nn.Module, name: str, replacement: nn.Module) -> None:
     """``parent.<name> = replacement``; :func:`restore_submodule` puts the current module back."""
-    setattr(replacement, _ORIGINAL, [getattr(parent, name)])
+    original = getattr(parent, name)
+    for attr in _HOOK_DICTS:
+        if hasattr(original, attr):
+            object.__setattr__(replacement, attr, getattr(original, attr))
+    replacement._is_full_backward_hook = original._is_full_backward_hook
+    setattr(replacement, _ORIGINAL, [original])
     setattr(parent, name, replacement)
 
 
 def restore_submodule(parent: nn.Module, name: str) -> None:
-    """Undo :func:`swap_submodule`: the original comes back, in the replacement's train / eval mode."""
+    """Undo :func:`swap_submodule`: the original comes back, in the replacement's train / eval mode, with the
+    children they share by name as they are now (a projection wrapped after the swap, PEFT's LoRA, stays so)."""
     current = getattr(parent, name)
     original = getattr(current, _ORIGINAL, None)
     if original is None:
         raise ValueError(f"model: the {type(current).__name__} at {type(parent).__name__}.{name} was not "
                          f"installed by an electra_fast patch")
-    original[0].train(current.training)
-    setattr(parent, name, original[0])
+    original = original[0]
+    for child, module in current.named_children():
+        if child in original._modules and original._modules[child] is not module:
+            setattr(original, child, module)
+    original._is_full_backward_hook = current._is_full_backward_hook
+    original.train(current.training)
+    setattr(parent, name, original)
 
 
 def override_methods(module: nn.Module, **functions: Callable) -> None:

@@ -129,7 +129,12 @@ class DisentangledSelfAttention(nn.Module):
         packed = attention_mask if isinstance(attention_mask, Packed) else None  # [N, hidden] real tokens
         if packed is not None:
             attention_mask = None
+        if hidden_states.dim() != (2 if packed is not None else 3):
+            raise ValueError("hidden_states: expected [B, T, hidden] (or [N, hidden] with a Packed layout as "
+                             f"attention_mask), got shape {tuple(hidden_states.shape)}")
         B, T = hidden_states.shape[0], hidden_states.shape[-2]
+        if T == 0:
+            raise ValueError(f"hidden_states: expected at least one token, got shape {tuple(hidden_states.shape)}")
         if query_states is not None and query_states.shape != hidden_states.shape:
             raise ValueError(f"query_states: expected shape {tuple(hidden_states.shape)} (that of hidden_states), "
                              f"got {tuple(query_states.shape)}")

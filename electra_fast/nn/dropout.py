@@ -20,19 +20,17 @@ draw_seed = _seed.draw  # moved to electra_fast/_seed.py; this name stays for ca
 eager_twin = _backend.eager_twin  # modules take torch's eager paths inside electra_fast.eager_twin_mode()
 
 
-class Dropout(nn.Module):
-    """x (any shape, float) -> same shape and dtype; identity in eval mode or with p == 0."""
+class Dropout(nn.Dropout):
+    """x (any shape, float) -> same shape and dtype; identity in eval mode or with p == 0.
 
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        self.p = _validate.probability("p", p)
+    A subclass of ``nn.Dropout`` (same arguments, ``isinstance`` and repr), so code that finds dropout modules by
+    type (to change ``p``, or to switch them off) finds these too."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False):
+        super().__init__(_validate.probability("p", p), inplace)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if eager_twin():
-            return F.dropout(x, self.p, training=True)
-        return dropout(x, self.p, _seed.draw())
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
+        y = F.dropout(x, self.p, training=True) if eager_twin() else dropout(x, self.p, _seed.draw())
+        return x.copy_(y) if self.inplace else y

@@ -24,7 +24,7 @@ class TokenMasker(nn.Module):
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
-        self.mask_token_id = mask_token_id
+        self.mask_token_id = _validate.integer_arg("mask_token_id", mask_token_id)  # True is no id
         self.vocab_size = vocab_size
         self.mask_prob = mask_prob
         self.mask_token_frac = mask_token_frac
@@ -34,8 +34,7 @@ class TokenMasker(nn.Module):
         self.strategy = strategy
         self.validate = validate
         # Check the configuration now (a 1x1 batch of the mask token) rather than at the first step.
-        mask_tokens(torch.full((1, 1), mask_token_id if isinstance(mask_token_id, int) else 0), seed=0,
-                    **self._kwargs())
+        mask_tokens(torch.full((1, 1), mask_token_id), seed=0, **self._kwargs())
 
     @classmethod
     def electra(cls, **kwargs) -> "TokenMasker":

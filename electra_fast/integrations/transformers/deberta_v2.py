@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from ...nn.disentangled_attention import POSITION_TERMS, DisentangledSelfAttention
 from ...reference.disentangled_attention import relative_slots
@@ -107,9 +108,10 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
         if attention_mask.dim() <= 2:
             return True, attention_mask != 0 if attention_mask.is_floating_point() else attention_mask
         m = attention_mask.bool()
-        m = m.reshape(B, T, T) if m.dim() == 4 and m.shape[1] == 1 else m
-        if m.dim() != 3 or m.shape != (B, T, T):
+        m = m[:, 0] if m.dim() == 4 and m.shape[1] == 1 else m
+        if m.dim() != 3 or m.shape[1:] != (T, T) or m.shape[0] not in (1, B):
             return False, None
+        m = m.expand(B, T, T)  # one mask for the batch, as transformers broadcasts it
         keys = m.any(dim=-2)  # a padding mask is outer(keys, keys); anything else is not fusable
         if not torch.equal(m, keys[:, :, None] & keys[:, None, :]):
             return False, None
@@ -159,7 +161,10 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
         if key_mask is not None and not bool(key_mask.bool().all()):
             # transformers' padded query rows attend uniformly to every key: the mean of V, i.e. value_proj of the
             # mean input (heads that read padded positions, such as question answering's softmax, see them)
-            mean_value = self.value_proj(hidden_states.mean(dim=-2, keepdim=True)).to(context.dtype)
+            mean = hidden_states.mean(dim=-2, keepdim=True)
+            proj = self.value_proj  # torch's Linear: its weights, so its hooks see one call (V's), as transformers'
+            mean_value = (F.linear(mean, proj.weight, proj.bias) if type(proj) is nn.Linear else proj(mean))
+            mean_value = mean_value.to(context.dtype)
             context = torch.where(key_mask.bool()[..., None], context, mean_value)
         return (context, None)
 
