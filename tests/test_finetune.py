@@ -444,6 +444,40 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(pretrained, tmp_pat
     assert full["seeds"][0]["validation"] == done["seeds"][0]["validation"]
 
 
+@pytest.mark.parametrize("at", [1, 2])
+def test_ctrl_c_while_a_new_best_is_written_reports_the_model_it_keeps(pretrained, tmp_path, monkeypatch, at):
+    """Ctrl-C while best.safetensors was being written for a new best epoch: the summary reported that epoch while
+    the file, and so the test predictions and the export, held the one before (or, on the first best, the run
+    ended in 'No such file or directory: best.safetensors'). Regression, so every epoch predicts other numbers;
+    the validation score is made to improve every epoch, so every epoch is a new best."""
+    from electra_fast.finetune import trainer
+    d = _classification_files(tmp_path / "data")
+    real_write, real_predict, real_score = trainer.write_atomic, trainer.predict, trainer.score
+    writes, predictions = [], []
+
+    def write_then_ctrl_c(path, writer):
+        if path.endswith("best.safetensors"):
+            writes.append(path)
+            if len(writes) == at:  # the new file is written, not yet renamed into place
+                writer(path + ".partial")
+                raise KeyboardInterrupt
+        return real_write(path, writer)
+
+    monkeypatch.setattr(trainer, "write_atomic", write_then_ctrl_c)
+    monkeypatch.setattr(trainer, "predict", lambda *a: predictions.append(real_predict(*a)) or predictions[-1])
+    monkeypatch.setattr(trainer, "score", lambda *a: {**real_score(*a), "pearson": float(len(predictions))})
+    s = finetune(str(pretrained), str(d / "train-reg.jsonl"), str(d / "dev-reg.jsonl"), out=str(tmp_path / "out"),
+                 test=str(d / "dev-reg.jsonl"), task="regression", epochs=3, batch_size=8, seeds=[2],
+                 precision="fp32", progress=False, say=lambda m: None)
+    assert len(writes) == at and s["interrupted"]
+    if at == 1:
+        assert s["seeds"] == []
+        return
+    (run,) = s["seeds"]
+    assert run["best_epoch"] == 1 and len(predictions) == 3  # validation after epochs 1, 2; then the test file
+    assert predictions[2] == predictions[0] != predictions[1]  # the test file is scored by the epoch reported
+
+
 # ------------------------------------------------------------------------------------------ demo data
 def test_acceptability_rows_swap_exactly_two_words():
     from electra_fast.finetune.demo import acceptability_rows
@@ -796,3 +830,4 @@ def test_resume_before_the_first_epoch_state_drops_its_metric_lines(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n', encoding="utf-8")  # killed while saving epoch 1
     assert _load_epoch_state(str(tmp_path), None, None, None, None) is None
     assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8") == ""
+

@@ -554,10 +554,34 @@ def _ddp_worker(rank, world, port, kw, result_dir):
     torch.save(flat, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-def test_two_process_gloo(env, tmp_path):
+def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def _all_cat_worker(rank, world, port, result_dir):
+    import torch.distributed as dist
+    from electra_fast.train.distributed import Context
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        t = torch.arange(3 + 2 * rank, dtype=torch.float32)[:, None].repeat(1, 2) + 100 * rank
+        torch.save(Context(rank=rank, world=world).all_cat(t), os.path.join(result_dir, f"cat{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_cat_takes_parts_of_different_lengths(tmp_path):
+    """A step's real tokens differ between ranks under doc-sentences packing: all_cat assumed one shape, and gloo
+    aborted the run at its first logged step ('Received data size doesn't match expected size')."""
+    torch.multiprocessing.spawn(_all_cat_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    want = torch.cat([torch.arange(3.0)[:, None].repeat(1, 2), torch.arange(5.0)[:, None].repeat(1, 2) + 100])
+    for rank in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"cat{rank}.pt"), want)
+
+
+def test_two_process_gloo(env, tmp_path):
+    port = _free_port()
     out = tmp_path / "ddp"
     kw = dict(data=[env["data"]], **_kw(env, out, steps=3, batch_size=2))
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, kw, str(tmp_path)), nprocs=2, join=True)
@@ -569,6 +593,18 @@ def test_two_process_gloo(env, tmp_path):
     assert st["world"] == 2 and st["data_position"] == 3 * 2 * 2 and len(st["rng"]) == 2
     net = torch.load(tmp_path / "rank0.pt")
     assert not torch.equal(net, torch.zeros_like(net))
+
+
+def test_a_run_resumed_on_more_processes_gives_each_rank_its_own_dropout_stream(env, tmp_path):
+    """A one-process run resumed on two: every rank past the saved ones loaded rank 0's generator state, so all
+    ranks drew the same dropout seeds at every step (and their checkpoints kept it so)."""
+    out = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, out, steps=2, save_every=1, keep=5))
+    kw = dict(data=[env["data"]], **_kw(env, out, steps=3, save_every=1, keep=5, resume=True))
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), kw, str(tmp_path)), nprocs=2, join=True)
+    st = ckpt.load_training_state(str(out / "checkpoints" / "step-00000003" / "training_state.pt"))
+    assert st["world"] == 2 and len(st["rng"]) == 2
+    assert not torch.equal(st["rng"][0]["torch"], st["rng"][1]["torch"])
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -311,9 +311,12 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(int(hp["warmup"] * total), total))
     adversary = SiFT(net) if hp["sift"] > 0 else None
     best, best_epoch, history, interrupted = -math.inf, 0, [], False
+    best_state = None  # (score, epoch, weights) of the best epoch so far, once its weights are on disk
     resumed = _load_epoch_state(out, net, optimizer, scheduler, rng)
     if resumed is not None:
         best, best_epoch, history = resumed
+        if best_epoch > 0:
+            best_state = (best, best_epoch, load_file(os.path.join(out, "best.safetensors")))
         say(f"seed {seed}: resuming after epoch {len(history)}")
     bar = tqdm(total=total, initial=len(history) * per_epoch, disable=not progress, unit="step",
                desc=f"seed {seed}", file=sys.stderr)
@@ -349,18 +352,22 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
             shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
             say(f"seed {seed} epoch {epoch}: train loss {row['train_loss']:.4f}  validation {shown}")
             if scores[metric] > best:
-                best, best_epoch = scores[metric], epoch
                 weights = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
                 write_atomic(os.path.join(out, "best.safetensors"),
                               lambda p: save_file(weights, p, metadata={"format": "pt"}))
+                # one assignment after the write: a Ctrl-C during the write kept the new score with the old
+                # file (the summary reported epoch N, the predictions and export came from N - 1)
+                best_state = (scores[metric], epoch, weights)
+                best, best_epoch = best_state[:2]
             _save_epoch_state(out, net, optimizer, scheduler, rng, best, best_epoch, history)
     except KeyboardInterrupt:  # Ctrl-C: the epochs evaluated so far stand; the caller runs no further seed
         interrupted = True
     finally:
         bar.close()
-    if best_epoch == 0:
+    if best_state is None:
         raise KeyboardInterrupt  # interrupted before the first evaluation: nothing of this seed to keep
-    net.load_state_dict(load_file(os.path.join(out, "best.safetensors")))
+    _, best_epoch, weights = best_state
+    net.load_state_dict(weights)
     result = {"seed": seed, "best_epoch": best_epoch, "validation": history[best_epoch - 1]["validation"],
               "history": history, "dir": out, "interrupted": interrupted}
     if te is not None:

@@ -54,12 +54,19 @@ class Context:
         return t
 
     def all_cat(self, t: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``t`` (same shape on each) concatenated along dim 0 in rank order (``t`` when alone)."""
+        """Every rank's ``t`` concatenated along dim 0 in rank order (``t`` when alone). Its length may differ
+        between ranks (a step's real tokens do under doc-sentences packing): sizes first, then padded parts."""
         if not self.distributed:
             return t
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
+        n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+        sizes = [torch.empty_like(n) for _ in range(self.world)]
+        dist.all_gather(sizes, n)
+        sizes = [int(s) for s in sizes]
+        padded = t.new_zeros((max(sizes), *t.shape[1:]))
+        padded[:t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (e.g. a signal reached one process)."""

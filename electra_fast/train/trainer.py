@@ -61,6 +61,9 @@ def _keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) & bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
+DROP_STREAM = 0x44524F50  # "DROP": derive_seed's purpose for a rank's dropout stream
+
+
 def _rng_state(ctx: Context) -> dict:
     state = {"torch": torch.get_rng_state()}
     if ctx.device.type == "cuda":
@@ -438,7 +441,7 @@ class _Job:
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
         if self.state is not None and self.state["scaler"]:  # empty when the run was not fp16
             self.scaler.load_state_dict(self.state["scaler"])
-        torch.manual_seed(derive_seed(o.seed, 0x44524F50, ctx.rank))  # per-rank dropout stream ("DROP")
+        torch.manual_seed(derive_seed(o.seed, DROP_STREAM, ctx.rank))  # per-rank dropout stream
         self.ddp = self.net
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -459,7 +462,10 @@ class _Job:
             self.start_step, self.data_pos, self.tokens_seen = st["step"], st["data_position"], st["tokens_seen"]
             self.elapsed_before = st.get("elapsed_s", 0.0)
             self.run_id = ckpt.read_meta(self.resume_from)["run_id"]
-            _set_rng_state(st["rng"][ctx.rank] if ctx.rank < len(st["rng"]) else st["rng"][0], ctx)
+            if ctx.rank < len(st["rng"]):
+                _set_rng_state(st["rng"][ctx.rank], ctx)
+            else:  # a rank the run did not have: its own dropout stream (rank 0's would repeat it on every rank)
+                torch.manual_seed(derive_seed(o.seed, DROP_STREAM, ctx.rank, self.start_step))
             if st.get("world", 1) != ctx.world:
                 self.say(f"warning: resuming a {st.get('world', 1)}-process run on {ctx.world} processes: the data "
                          "order continues but per-step results will differ from an uninterrupted run")
