@@ -290,6 +290,34 @@ def test_export_into_an_empty_directory_that_is_a_link_or_the_working_directory(
         assert sorted(os.listdir(d)) == ["discriminator", "electra_fast.json", "generator"]
 
 
+def test_guard_under_torchrun_names_the_rank_and_keeps_to_one_line(monkeypatch, capsys):
+    """Under torchrun, a rank left at a collective when rank 0 stopped on bad input printed a gloo traceback
+    ('Connection closed by peer'): another rank than 0 now says in one line what stopped it; rank 0 still shows a
+    bug's traceback."""
+    import argparse
+    from electra_fast.train.cli import guard
+    from electra_fast.train.errors import PretrainError
+
+    args = argparse.Namespace(command="pretrain", debug=False)
+
+    def peer_gone():
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer\nmore")
+
+    def bad_input():
+        raise PretrainError("--data: bad.txt is not UTF-8")
+
+    monkeypatch.setenv("RANK", "1")
+    assert guard(args, peer_gone) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "electra-fast pretrain: rank 1: stopped by RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed "
+        "by peer (rank 0's message says why)"]
+    assert guard(args, bad_input) == 2
+    assert capsys.readouterr().err == "electra-fast pretrain: rank 1: error: --data: bad.txt is not UTF-8\n"
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        guard(args, peer_gone)
+
+
 def _rewrite_checksummed(ckpt_dir, name, data):
     """Replace one file of a checkpoint and update meta.json to match: contents that pass the checksums but are
     not what the job wrote (a hand edit, a foreign file)."""

@@ -6,9 +6,11 @@ to import: torch and the trainer load only when a command runs.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
+from .._validate import reason
 from . import recipe
 
 COMMANDS = ("pretrain", "export", "plot")
@@ -132,17 +134,29 @@ def _run(args) -> int:
 
 
 def guard(args, command) -> int:
-    """Run ``command()`` (a parsed sub-command); bad input -> one line on stderr, exit status 2; Ctrl-C -> 130."""
+    """Run ``command()`` (a parsed sub-command); bad input -> one line on stderr, exit status 2; Ctrl-C -> 130.
+
+    Under torchrun every process runs the command: another rank than 0 names itself, and says in one line what
+    stopped it (a rank left at a collective when rank 0 stopped on bad input got the peer's closed connection, as
+    a traceback; --debug shows it)."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    who = "" if rank == 0 else f"rank {rank}: "
     try:
         return command()
     except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop, or a second one inside it
         if args.debug:
             raise
-        print(f"electra-fast {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        print(f"electra-fast {args.command}: {who}{str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as exc:
         from .errors import PretrainError
-        if args.debug or not isinstance(exc, (PretrainError, OSError)):
+        if args.debug:
             raise
-        print(f"electra-fast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        if isinstance(exc, (PretrainError, OSError)):
+            print(f"electra-fast {args.command}: {who}error: {exc}", file=sys.stderr)
+            return 2
+        if rank == 0:
+            raise
+        print(f"electra-fast {args.command}: {who}stopped by {type(exc).__name__}: {reason(exc)} (rank 0's "
+              "message says why)", file=sys.stderr)
+        return 1
