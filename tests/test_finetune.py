@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -274,7 +275,18 @@ def _bad_cases(d, pretrained, tmp_path):
     (hf / "config.json").write_text(json.dumps({"model_type": "electra"}))
     (hf / "model.safetensors").write_bytes(b"")
     hf_dir = str(hf)
+    bert = {}  # transformers BERT folders whose tables the run's tokenizer overruns (IndexError at the first step)
+    transformers = pytest.importorskip("transformers")
+    for name, vocab, types in (("bert-small-vocab", 100, 2), ("bert-one-type", 120, 1)):
+        cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64, type_vocab_size=types)
+        transformers.BertModel(cfg).save_pretrained(tmp_path / name)
+        shutil.copy(next(pretrained.glob("checkpoints/step-*/tokenizer.json")), tmp_path / name / "tokenizer.json")
+        bert[name] = ["--model", str(tmp_path / name)]
+    pairs = ["--train", str(d / "train.jsonl"), "--validation", str(d / "dev.jsonl")]
     return [
+        (bert["bert-small-vocab"] + good, "tokenizer has 120 tokens, more than its embeddings hold (100)"),
+        (bert["bert-one-type"] + pairs, "has 1 token type(s), but its tokenizer gives a pair's second sentence type 1"),
         (model + ["--train", w("empty.tsv", ""), "--validation", str(d / "dev.tsv")], "empty.tsv is empty"),
         (model + ["--train", w("nolabel.tsv", "sentence\tscore\na b\t1\n"), "--validation", str(d / "dev.tsv")],
          "line 2: no label (column 'label')"),
@@ -319,6 +331,7 @@ def test_bad_inputs_are_one_line_and_touch_nothing(pretrained, tmp_path, capsys)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine\n")
     cases = _bad_cases(d, pretrained, tmp_path)
+    capsys.readouterr()  # save_pretrained's progress bars
     cases.append((["--model", str(pretrained), "--train", str(d / "train.tsv"), "--validation", str(d / "dev.tsv"),
                    "--out", str(tmp_path / "full")], "--out: "))
     before, run_before = _snapshot(tmp_path), _snapshot(pretrained)
@@ -330,6 +343,23 @@ def test_bad_inputs_are_one_line_and_touch_nothing(pretrained, tmp_path, capsys)
         assert not (tmp_path / f"out{i}").exists(), argv
     assert len(cases) >= 20
     assert _snapshot(tmp_path) == before and _snapshot(pretrained) == run_before
+
+
+def test_tsv_quoted_by_python_or_pandas_and_glues_bare_quotes(tmp_path):
+    """A TSV written by csv.writer(delimiter='\\t') / DataFrame.to_csv(sep='\\t') quotes a field holding a line
+    break or a quote: it was read as text with its quotes and split at the line break (4 predictions for 3 rows,
+    every later one a row off). GLUE's bare quotes stay text."""
+    rows = [("a fine film.\nreally, a good one", "1"), ('he said "awful"', "0"), ("the cat sat", "1")]
+    with open(tmp_path / "written.tsv", "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["sentence", "label"])
+        w.writerows(rows)
+    ds = fdata.read(str(tmp_path / "written.tsv"), "classification", fdata.Columns(), "--test")
+    assert [(e.text, e.label) for e in ds.examples] == rows
+    glue = 'sentence\tlabel\n"good" movie , but the "plot" \t1\nsays ""no"" twice\t0\n"quoted whole"\tx\n'
+    (tmp_path / "glue.tsv").write_text(glue)
+    ds = fdata.read(str(tmp_path / "glue.tsv"), "classification", fdata.Columns(), "--train")
+    assert [e.text for e in ds.examples] == ['"good" movie , but the "plot" ', 'says ""no"" twice', '"quoted whole"']
 
 
 @pytest.mark.parametrize("ext", [".tsv", ".csv", ".jsonl"])
@@ -434,6 +464,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(pretrained, tmp_pat
     monkeypatch.setattr(trainer, "_loss", real)
     with pytest.raises(fdata.FinetuneError, match="other options .*epochs: 3 -> 4"):
         finetune(*args, out=str(tmp_path / "cut"), resume=True, **{**kw, "epochs": 4})
+    original = (d / "train.tsv").read_text()
+    (d / "train.tsv").write_text(original + "the cat ran\tyes\n")  # an edited file: another schedule, other data
+    with pytest.raises(fdata.FinetuneError, match="other options .*--train: its examples differ"):
+        finetune(*args, out=str(tmp_path / "cut"), resume=True, **kw)
+    (d / "train.tsv").write_text(original)
     done = finetune(*args, out=str(tmp_path / "cut"), resume=True, **kw)
     assert not done["interrupted"]
     strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]

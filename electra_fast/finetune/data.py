@@ -90,7 +90,7 @@ def _rows(path: str, flag: str) -> Tuple[List[Tuple[int, Any]], bool]:
     if ext not in (".csv", ".tsv", ".txt"):
         raise FinetuneError(f"{flag}: {path}: expected a .csv, .tsv, .jsonl file or a datasets save_to_disk folder")
     delimiter = "," if ext == ".csv" else "\t"
-    quoting = csv.QUOTE_MINIMAL if ext == ".csv" else csv.QUOTE_NONE  # GLUE's TSVs hold bare quote characters
+    quoting = csv.QUOTE_MINIMAL if ext == ".csv" else _tsv_quoting(text)
     # newline="": rows end at \n, \r\n or \r only (a review may hold U+2028 or a form feed), a quoted CSV field may
     # span lines, and line_num counts the file's lines
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
@@ -107,6 +107,21 @@ def _rows(path: str, flag: str) -> Tuple[List[Tuple[int, Any]], bool]:
     finally:
         csv.field_size_limit(limit)
     return rows, False
+
+
+# a TSV field that starts with a quote, and one wholly quoted the csv module's way (inner quotes doubled; a tab or
+# a line break may be inside)
+_QUOTE_STARTS = re.compile(r'(?:^|\t)"', re.M)
+_CSV_QUOTED = re.compile(r'(?:^|\t)"(?:[^"]|"")*"(?=\t|\r|\n|$)', re.M)
+
+
+def _tsv_quoting(text: str) -> int:
+    """GLUE's TSVs hold bare quote characters (read as text: QUOTE_NONE); Python's csv module and pandas' to_csv
+    quote a field holding a tab, a line break or a quote (its quotes doubled), which QUOTE_NONE read as text with
+    its quotes, and split at its line break (every later prediction a row off). A file whose every field that
+    starts with a quote is quoted that way is read as csv quoting."""
+    starts = len(_QUOTE_STARTS.findall(text))
+    return csv.QUOTE_MINIMAL if starts and len(_CSV_QUOTED.findall(text)) == starts else csv.QUOTE_NONE
 
 
 def _saved_dataset(path: str, flag: str) -> List[Tuple[int, dict]]:

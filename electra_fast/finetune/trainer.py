@@ -21,6 +21,7 @@ Outputs in ``out`` (which must be new or empty: nothing there is ever overwritte
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -157,6 +158,28 @@ def _replace_dir(path: str, write: Callable[[str], None]) -> None:
 RUN_FILE = "finetune.json"  # the options of the run in --out: what --resume must match
 
 
+def _check_tables(tok, cfg, model: str, pairs: bool) -> None:
+    """The tokenizer's ids must index the model's tables (an IndexError at the first step, after --out was
+    written, otherwise): its vocabulary, and with ``pairs`` the token type of a pair's second sentence (1 for
+    BERT-style tokenizers; DeBERTa without token types ignores them)."""
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise FinetuneError(f"--model: {model}'s tokenizer has {tok.get_vocab_size()} tokens, more than its "
+                            f"embeddings hold ({cfg.vocab_size})")
+    if not pairs or (cfg.disentangled and cfg.type_vocab_size == 0):
+        return
+    types = max(tok.encode("a", "b").type_ids, default=0)
+    rows = max(cfg.type_vocab_size, 1)  # ELECTRA's embeddings keep one row at 0
+    if types >= rows:
+        raise FinetuneError(f"--model: {model} has {rows} token type(s), but its tokenizer gives a pair's second "
+                            f"sentence type {types}; fine-tune single sentences, or a model with token types")
+
+
+def _contents(ds: fdata.Dataset) -> str:
+    """A fingerprint of the examples read (texts, pairs, labels, in order)."""
+    rows = [[e.text, e.pair, e.label] for e in ds.examples]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
 def _claim_out(out: str, record: dict, resume: bool) -> None:
     if not resume:
         _prepare_out(out)
@@ -167,7 +190,9 @@ def _claim_out(out: str, record: dict, resume: bool) -> None:
             saved = json.load(f)
     except (OSError, ValueError):
         raise FinetuneError(f"--resume: {out} holds no fine-tuning run ({RUN_FILE} missing or unreadable)") from None
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in record.items() if saved.get(k) != v]
+    # a key the saved record lacks came with a later version: nothing to compare it with
+    changed = [f"--{k[:-len(' contents')]}: its examples differ" if k.endswith(" contents")
+               else f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in record.items() if k in saved and saved[k] != v]
     if changed:
         raise FinetuneError(f"--resume: the run in {out} was started with other options ({'; '.join(changed)}); "
                             "resume with the same ones or choose a new --out")
@@ -243,6 +268,7 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
                             f"({cfg.max_position_embeddings})")
     columns = fdata.Columns(text_column, pair_column, label_column, tokens_column, tags_column)
     tr = fdata.read(train, task, columns, "--train", skip_bad_lines=skip_bad_lines)
+    _check_tables(tok, cfg, model, pairs=any(e.pair is not None for e in tr.examples))
     va = fdata.read(validation, task, columns, "--validation", skip_bad_lines=skip_bad_lines, names=tr.names)
     te = fdata.read(test, task, columns, "--test", labelled=False, skip_bad_lines=skip_bad_lines,
                     names=tr.names) if test else None
@@ -259,7 +285,10 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
               "columns": vars(columns), "max_len": max_len, "epochs": epochs, "batch_size": batch_size,
               "eval_batch_size": eval_batch_size, "lr": lr, "layer_decay": layer_decay, "warmup": warmup,
               "weight_decay": weight_decay, "sift": sift, "seeds": seeds, "precision": precision,
-              "from_scratch": from_scratch, "skip_bad_lines": skip_bad_lines}
+              "from_scratch": from_scratch, "skip_bad_lines": skip_bad_lines,
+              # what the files held: a resume over an edited file went on with another schedule and data
+              **{f"{k} contents": _contents(d) for k, d in (("train", tr), ("validation", va), ("test", te))
+                 if d is not None}}
     _claim_out(out, record, resume)  # every check above ran before anything is written
 
     feats = {k: fdata.featurize(d, tok, task, names, max_len) for k, d in (("train", tr), ("validation", va),
