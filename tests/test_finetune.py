@@ -284,7 +284,11 @@ def _bad_cases(d, pretrained, tmp_path):
         shutil.copy(next(pretrained.glob("checkpoints/step-*/tokenizer.json")), tmp_path / name / "tokenizer.json")
         bert[name] = ["--model", str(tmp_path / name)]
     pairs = ["--train", str(d / "train.jsonl"), "--validation", str(d / "dev.jsonl")]
+    shutil.copytree(tmp_path / "bert-one-type", tmp_path / "bert-no-tokenizer")
+    os.remove(tmp_path / "bert-no-tokenizer" / "tokenizer.json")
     return [
+        (["--model", str(tmp_path / "bert-no-tokenizer")] + good,
+         "error: --model: " + str(tmp_path / "bert-no-tokenizer") + " holds neither tokenizer.json nor vocab.txt"),
         (bert["bert-small-vocab"] + good, "tokenizer has 120 tokens, more than its embeddings hold (100)"),
         (bert["bert-one-type"] + pairs, "has 1 token type(s), but its tokenizer gives a pair's second sentence type 1"),
         (model + ["--train", w("empty.tsv", ""), "--validation", str(d / "dev.tsv")], "empty.tsv is empty"),
@@ -401,7 +405,10 @@ def test_sift_perturbation_has_the_stated_size_and_direction(pretrained):
     from electra_fast.finetune.sift import SiFT
     cfg, state, _ = fmodel.load_encoder(str(pretrained))
     torch.manual_seed(0)
-    net = fmodel.build(cfg, state, "classification", 3).eval()  # no dropout: the passes differ only by delta
+    net = fmodel.build(cfg, state, "classification", 3).train()  # SiFT acts in training mode only
+    for m in net.modules():  # no dropout: the passes differ only by delta
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
     with torch.no_grad():
         net.head.out_proj.weight.mul_(300)  # confident logits: a divergence gradient far above the 1e-6 guard
     adv = SiFT(net, step=1e-3, init=1e-2)
@@ -433,6 +440,26 @@ def test_sift_perturbation_has_the_stated_size_and_direction(pretrained):
     net(ids)
     # equal up to LN0's eps: 1e-7 against the ~4e-4 variance of N(0, 0.02) embeddings shifts the scale by ~1.3e-4
     torch.testing.assert_close(adv.normed, n, atol=1e-6, rtol=1e-3)
+    # evaluation (validation, test predictions) sees the model as exported: the hook normalised there too
+    net.eval()
+    with torch.no_grad():
+        hooked = net(ids)
+        adv.remove()
+        assert torch.equal(hooked, net(ids))
+
+
+def test_a_batch_without_a_labelled_word_has_loss_zero():
+    """A token-classification batch whose only word has no token (a zero-width space): cross-entropy's mean over
+    no labelled position was 0 / 0 (the epoch's logged train loss NaN)."""
+    from electra_fast.finetune.trainer import _loss
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    labels = torch.full((2, 3), fdata.IGNORE)
+    loss = _loss(logits, labels, "token-classification")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    labels[0, 1], labels[1, 2] = 2, 0
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 4), labels.reshape(-1), ignore_index=fdata.IGNORE)
+    torch.testing.assert_close(_loss(logits, labels, "token-classification"), want, rtol=1e-6, atol=0)
 
 
 def test_sift_runs_in_training(pretrained, tmp_path):
@@ -585,6 +612,36 @@ def test_demo_hands_the_movie_reviews_to_pretraining(tmp_path, monkeypatch):
     assert [os.path.basename(f) for f in seen["files"]] == ["corpus.txt", "rotten-tomatoes-train.txt",
                                                             "movie-reviews.txt"]
     assert open(seen["files"][2], encoding="utf-8").read() == "a film .\n"
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--epochs", "0"], "--epochs: expected an int >= 1, got 0"),  # was: after the whole pretraining
+    (["--seeds", "1", "1"], "--seeds: each seed once"), (["--layer-decay", "2"], "--layer-decay: expected"),
+    ("file", "exists and is not a directory")])  # was: a NotADirectoryError traceback
+def test_demo_options_are_checked_before_anything_runs(tmp_path, capsys, monkeypatch, extra, expect):
+    from electra_fast import train
+    from electra_fast.finetune import demo
+    monkeypatch.setattr(train, "pretrain", lambda *a, **k: pytest.fail("pretraining started"))
+    out = tmp_path / "demo"
+    if extra == "file":
+        out.write_text("mine\n")
+        extra = []
+    assert demo.main(["--out", str(out), "--tasks", "acceptability"] + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and expect in err, err
+    assert not out.is_dir()
+
+
+def test_demo_stops_at_ctrl_c(tmp_path, capsys, monkeypatch, pretrained):
+    """Ctrl-C in a fine-tuning run: the demo went on to the next run and crashed in min() of an empty list."""
+    from electra_fast.finetune import demo, trainer
+    monkeypatch.setattr(trainer, "_loss", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(demo, "build_tasks", lambda out, tasks: {"acceptability": {
+        k: str(_classification_files(tmp_path / "data") / "train.tsv") for k in ("train", "dev", "test")}})
+    assert demo.main(["--out", str(tmp_path / "demo"), "--model", str(pretrained), "--epochs", "1"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the runs so far are in" in err and "Traceback" not in err
+    assert not (tmp_path / "demo" / "acceptability" / "random init").exists()  # no further run
 
 
 @pytest.mark.parametrize("case, expect", [

@@ -29,6 +29,7 @@ import bz2
 import csv
 import importlib.util
 import io
+import inspect
 import json
 import os
 import re
@@ -230,12 +231,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from ..train import pretrain
     from ..train.errors import PretrainError
-    from .trainer import finetune
+    from .trainer import _check_options, finetune
 
     record: dict = {"argv": sys.argv[1:] if argv is None else list(argv)}
+    tuning = dict(seeds=args.seeds, epochs=args.epochs, lr=args.lr, layer_decay=args.layer_decay,
+                  batch_size=args.batch_size, warmup=args.warmup)
     try:
+        if os.path.lexists(args.out) and not os.path.isdir(args.out):
+            raise FinetuneError(f"--out: {args.out} exists and is not a directory")
         if os.path.isdir(args.out) and os.listdir(args.out):
             raise FinetuneError(f"--out: {args.out} is not empty")
+        # the fine-tuning flags now, not after a pretraining of many minutes
+        defaults = {k: v.default for k, v in inspect.signature(finetune).parameters.items()}
+        _check_options({**defaults, **tuning})
         if args.movie_reviews and args.model is not None:
             raise FinetuneError("--movie-reviews: a pretraining input; --model skips pretraining")
         reviews = movie_review_texts(args.movie_reviews) if args.movie_reviews else None
@@ -253,6 +261,8 @@ def main(argv=None) -> int:
             done = pretrain(files, out=model, model=arch, steps=args.pretrain_steps,
                             batch_size=args.pretrain_batch_size, seq_len=args.pretrain_seq_len, lr=args.pretrain_lr,
                             vocab_size=args.vocab_size, threads=args.threads, progress=False)
+            if done.get("interrupted"):
+                raise KeyboardInterrupt
             record["pretraining"] = {"inputs": [os.path.basename(f) for f in files], "model": args.pretrain_model,
                                      "seq_len": args.pretrain_seq_len, "lr": args.pretrain_lr, "steps": done["steps"],
                                      "tokens_seen": done["tokens_seen"], "wall_time_s": done["wall_time_s"]}
@@ -260,10 +270,10 @@ def main(argv=None) -> int:
         for task, files in data.items():
             for init in ("pretrained", "random init"):
                 s = finetune(model, files["train"], files["dev"], test=files["test"],
-                             out=os.path.join(args.out, task, init), seeds=args.seeds, epochs=args.epochs,
-                             lr=args.lr, layer_decay=args.layer_decay, batch_size=args.batch_size,
-                             warmup=args.warmup, threads=args.threads, from_scratch=init != "pretrained",
-                             progress=False)
+                             out=os.path.join(args.out, task, init), threads=args.threads,
+                             from_scratch=init != "pretrained", progress=False, **tuning)
+                if s["interrupted"]:  # Ctrl-C: the comparison is incomplete; no further run, no table
+                    raise KeyboardInterrupt
                 dev = [r["validation"]["accuracy"] for r in s["seeds"]]
                 test = [r["test"]["accuracy"] for r in s["seeds"]]
                 rows.append({"task": task, "init": init, "dev": dev, "test": test,
@@ -271,6 +281,9 @@ def main(argv=None) -> int:
     except (FinetuneError, PretrainError) as e:
         print(f"electra_fast.finetune.demo: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"electra_fast.finetune.demo: interrupted; the runs so far are in {args.out}", file=sys.stderr)
+        return 130
     if "pretraining" in record:
         pt = record["pretraining"]
         print(f"\npretraining: {pt['steps']} steps, {pt['tokens_seen'] / 1e6:.1f} M tokens, "

@@ -51,6 +51,8 @@ class SiFT:
         self._handle.remove()
 
     def _hook(self, module, inputs):
+        if not module.training:  # evaluation: the model as exported (no extra normalisation)
+            return None
         x = inputs[0]
         if self.delta is None:  # a clean pass: remember n for the perturbed passes of this batch
             self.normed = F.layer_norm(x.float(), x.shape[-1:], eps=1e-7).to(x.dtype)
@@ -75,6 +77,7 @@ class SiFT:
                 delta1 = delta0.detach() + self.step * g / (1e-6 + g.abs().amax(-1, keepdim=True))
             self.delta = delta1
             self.last = (delta0.detach(), g, delta1)
-            return divergence(pick(logits_fn()), pick(clean), task).mean()
+            final = divergence(pick(logits_fn()), pick(clean), task)
+            return final.sum() / max(final.numel(), 1)  # no counted row (no labelled word): 0, not 0 / 0
         finally:
             self.delta = None

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .. import _cpu
 from .._files import write_atomic, write_json, write_text
+from ..train.errors import PretrainError
 from ..train.distributed import check_device
 from ..train.optim import layer_decay, linear_schedule, param_groups
 from ..train.tokenizer import load_tokenizer, special_ids
@@ -94,8 +95,11 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor
     logits = logits.float()
     if task == "regression":
         return F.mse_loss(logits, labels)
-    if task == "token-classification":
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=fdata.IGNORE)
+    if task == "token-classification":  # the mean over labelled words; 0 for a batch without one (not 0 / 0)
+        flat = labels.reshape(-1)
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat, ignore_index=fdata.IGNORE,
+                                reduction="sum")
+        return total / (flat != fdata.IGNORE).sum().clamp(min=1)
     return F.cross_entropy(logits, labels)
 
 
@@ -260,7 +264,10 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
         torch.set_num_threads(positive("threads", threads, 1))
     dev = check_device(device) if device is not None else torch.device("cpu")
     cfg, state, tok_path = fmodel.load_encoder(model)
-    tok = load_tokenizer(tok_path)
+    try:
+        tok = load_tokenizer(tok_path)
+    except PretrainError as e:  # the model's own tokenizer: finetune has no --tokenizer to name
+        raise FinetuneError(f"--model: {str(e).removeprefix('--tokenizer: ')}") from None
     pad = special_ids(tok)["pad"]
     max_len = min(128, cfg.max_position_embeddings) if max_len is None else max_len
     if max_len > cfg.max_position_embeddings:
