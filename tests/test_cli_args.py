@@ -307,6 +307,7 @@ def test_guard_under_torchrun_names_the_rank_and_keeps_to_one_line(monkeypatch, 
         raise PretrainError("--data: bad.txt is not UTF-8")
 
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert guard(args, peer_gone) == 1
     assert capsys.readouterr().err.splitlines() == [
         "electra-fast pretrain: rank 1: stopped by RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed "
@@ -316,6 +317,16 @@ def test_guard_under_torchrun_names_the_rank_and_keeps_to_one_line(monkeypatch, 
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(RuntimeError, match="Connection closed"):
         guard(args, peer_gone)
+    # outside torchrun a RANK left in the shell means nothing: a bug keeps its traceback, a bad RANK is no error
+    for rank, world in (("1", "1"), ("abc", "2")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(RuntimeError, match="Connection closed"):
+            guard(args, peer_gone)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("RANK", "1")
+    assert guard(args, bad_input) == 2
+    assert capsys.readouterr().err == "electra-fast pretrain: error: --data: bad.txt is not UTF-8\n"
 
 
 def _rewrite_checksummed(ckpt_dir, name, data):

@@ -407,6 +407,9 @@ def test_dropout_module_is_an_nn_dropout():
     out = Dropout(0.25, inplace=True)(y)
     torch.manual_seed(1)
     assert out is y and torch.equal(y, Dropout(0.25)(x))
+    old = Dropout(0.25)  # as one pickled before it subclassed nn.Dropout comes back: no inplace attribute
+    del old.__dict__["inplace"]
+    assert old(x).shape == x.shape and repr(old) == "Dropout(p=0.25, inplace=False)"
 
 
 def test_dropout_module_in_the_eager_twin_is_torch_dropout():

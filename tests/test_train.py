@@ -272,14 +272,26 @@ def test_resume_without_a_complete_checkpoint_restarts_as_the_run_was_made(env, 
     """The run's only checkpoint gone: --resume started again with a new tokenizer trained on the data (another
     vocabulary, another model); it now takes the run's --tokenizer / --vocab-size, and refuses in one line for an
     --init-from run (only a checkpoint held its model)."""
-    from electra_fast.train.tokenizer import fingerprint, load_tokenizer
+    from electra_fast.train.tokenizer import fingerprint, load_tokenizer, tokenizer_type
     run = tmp_path / "run"
     pretrain(env["data"], **_kw(env, run, steps=2))
     shutil.rmtree(run / "checkpoints" / "step-00000002")
-    s = pretrain(None, out=str(run), resume=True, progress=False)
-    assert "starting from scratch with the run's options" in capsys.readouterr().err
-    got = load_tokenizer(os.path.join(s["checkpoint"], "tokenizer.json"))
-    assert fingerprint(got) == fingerprint(load_tokenizer(env["tokenizer"]))
+    for restart in (1, 2):  # the second restart too: the first rewrote run.json, and lost the tokenizer there
+        s = pretrain(None, out=str(run), resume=True, progress=False)
+        assert "starting from scratch with the run's options" in capsys.readouterr().err
+        got = load_tokenizer(os.path.join(s["checkpoint"], "tokenizer.json"))
+        assert fingerprint(got) == fingerprint(load_tokenizer(env["tokenizer"])), restart
+        if restart == 1:
+            shutil.rmtree(run / "checkpoints" / "step-00000002")
+    # the run's recipe too: its tokenizer family and packing (a WordPiece tokenizer and full sentences before)
+    bpe = tmp_path / "bpe"
+    pretrain(env["data"], **_kw(env, bpe, steps=2, tokenizer=None, vocab_size=300,
+                                recipe=dict(tokenizer_type="bpe", packing="doc-sentences")))
+    shutil.rmtree(bpe / "checkpoints" / "step-00000002")
+    s = pretrain(None, out=str(bpe), resume=True, progress=False)
+    recipe = json.loads((bpe / "run.json").read_text())["recipe"]
+    assert (recipe["tokenizer_type"], recipe["packing"]) == ("bpe", "doc-sentences")
+    assert tokenizer_type(load_tokenizer(os.path.join(s["checkpoint"], "tokenizer.json"))) == "bpe"
     follow = tmp_path / "follow"
     pretrain(env["data"], **_kw(env, follow, steps=1, model=None, tokenizer=None, init_from=str(run)))
     shutil.rmtree(follow / "checkpoints" / "step-00000001")

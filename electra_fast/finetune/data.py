@@ -109,10 +109,10 @@ def _rows(path: str, flag: str) -> Tuple[List[Tuple[int, Any]], bool]:
     return rows, False
 
 
-# a TSV field that starts with a quote, and one wholly quoted the csv module's way (inner quotes doubled; a tab or
-# a line break may be inside)
+# a TSV field that starts with a quote, and one wholly quoted the csv module's way (inner quotes doubled; tabs or
+# line breaks may be inside, not both: a bare quote closed on a later row would span a field and a row end)
 _QUOTE_STARTS = re.compile(r'(?:^|\t)"', re.M)
-_CSV_QUOTED = re.compile(r'(?:^|\t)"(?:[^"]|"")*"(?=\t|\r|\n|$)', re.M)
+_CSV_QUOTED = re.compile(r'(?:^|\t)(?:"(?:[^"\t]|"")*"|"(?:[^"\r\n]|"")*")(?=\t|\r|\n|$)', re.M)
 
 
 def _tsv_quoting(text: str) -> int:

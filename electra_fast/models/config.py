@@ -185,12 +185,6 @@ class ElectraConfig:
         """Ids never selected for masking ([PAD], [CLS], [SEP], [MASK]; padding is also excluded by the mask)."""
         return tuple(sorted({self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id}))
 
-    @property
-    def never_drawn_ids(self) -> Tuple[int, ...]:
-        """The special ids and ``disallowed_sample_ids``: what masking neither selects nor draws as a random token
-        (the generator never samples the latter either)."""
-        return tuple(sorted(set(self.special_token_ids) | set(self.disallowed_sample_ids)))
-
     def with_generator_size(self, fraction: float) -> "ElectraConfig":
         """The generator ``fraction`` of the discriminator's width, as ELECTRA's ``get_generator_config``
         (google-research/electra run_pretraining.py): hidden = round(hidden_size * fraction), FFN 4 x hidden,

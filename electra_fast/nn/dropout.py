@@ -26,6 +26,8 @@ class Dropout(nn.Dropout):
     A subclass of ``nn.Dropout`` (same arguments, ``isinstance`` and repr), so code that finds dropout modules by
     type (to change ``p``, or to switch them off) finds these too."""
 
+    inplace = False  # what a Dropout pickled before this was an nn.Dropout lacks
+
     def __init__(self, p: float = 0.5, inplace: bool = False):
         super().__init__(_validate.probability("p", p), inplace)
 

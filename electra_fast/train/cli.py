@@ -133,13 +133,21 @@ def _run(args) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+def _torchrun_rank() -> int:
+    """This process's rank under torchrun (WORLD_SIZE > 1), else 0 (a RANK left in a plain shell means nothing)."""
+    try:
+        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except (KeyError, ValueError):
+        return 0
+
+
 def guard(args, command) -> int:
     """Run ``command()`` (a parsed sub-command); bad input -> one line on stderr, exit status 2; Ctrl-C -> 130.
 
     Under torchrun every process runs the command: another rank than 0 names itself, and says in one line what
     stopped it (a rank left at a collective when rank 0 stopped on bad input got the peer's closed connection, as
     a traceback; --debug shows it)."""
-    rank = int(os.environ.get("RANK", "0") or 0)
+    rank = _torchrun_rank()
     who = "" if rank == 0 else f"rank {rank}: "
     try:
         return command()

@@ -34,11 +34,12 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
     model = ElectraPretrainingModel(cfg)
     ckpt.load_model_state(model, os.path.join(src, "model.safetensors"))
     tok = load_tokenizer(os.path.join(src, "tokenizer.json"))
-    # an empty OUT_DIR stays (it may be a link, or the working directory): written inside it, then moved up
+    # an empty OUT_DIR stays (it may be a link, or the working directory): written beside the directory it is (the
+    # same file system; a temporary inside it would outlive a kill there and make it "not empty"), then moved in
     empty = os.path.isdir(out_dir)
+    target = os.path.realpath(out_dir) if empty else os.path.abspath(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = (os.path.join(out_dir, f".export.tmp-{os.getpid()}") if empty
-           else os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}"))
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{os.getpid()}")
     try:
         model.save_pretrained(tmp)
         for role in ("generator", "discriminator"):

@@ -9,7 +9,8 @@ PATH may be
     such releases do not ship, starts fresh at DeBERTa-v3's shape (the same width, half the depth).
 The tokenizer is PATH's (its tokenizer.json or vocab.txt, in PATH or its discriminator/ / generator/) unless
 ``--tokenizer`` is given; its vocabulary must be the model's size (PATH's own may be smaller: DeBERTa-v3's releases
-hold 128100 rows for 128001 tokens; the unused ids are never sampled), and its special ids become the model's.
+hold 128100 rows for 128001 tokens; the generator never samples the unused ids), and its special ids become the
+model's.
 """
 from __future__ import annotations
 

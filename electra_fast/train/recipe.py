@@ -164,9 +164,14 @@ def record(cfg, recipe: dict, tokenizer_type: str) -> dict:
     return out
 
 
+def changes_width(cfg, generator_size: float) -> bool:
+    """Whether ``--generator-size`` (a fraction of the hidden size) gives another generator width than ``cfg``'s."""
+    return int(round(cfg.hidden_size * generator_size)) != cfg.generator_hidden_size
+
+
 def _differs(key: str, old, new, cfg) -> bool:
     if key == "generator_size":  # a fraction: compare the width it gives
-        return int(round(cfg.hidden_size * new)) != cfg.generator_hidden_size
+        return changes_width(cfg, new)
     return old != new
 
 
@@ -204,6 +209,22 @@ def settle(cfg, recipe: dict, tok, recorded: Optional[dict], override: bool, say
                             "it marks no word boundaries; use a tokenizer that splits words, or drop "
                             "--whole-word-masking")
     return cfg, full
+
+
+def restart(recorded: dict, recipe: dict, override: bool, say) -> dict:
+    """The recipe flags of a run started again from scratch on ``--resume`` (no complete checkpoint): the run's
+    ``recorded`` recipe (run.json) with the flags given, which may differ only with ``override``, as on a resume.
+    The generator's width is left to the caller, which knows the model (the record holds it as a fraction, which
+    would rebuild even an unchanged generator as ELECTRA's get_generator_config does)."""
+    recorded = {k: v for k, v in recorded.items() if k in KEYS and k != "generator_size"}
+    changes = {k: v for k, v in recipe.items() if k in recorded and recorded[k] != v}
+    if changes:
+        what = ", ".join(f"{flag(k)} {recorded[k]!r} -> {v!r}" for k, v in changes.items())
+        if not override:
+            raise PretrainError(f"{flag(next(iter(changes)))}: differs from the run being resumed ({what}); "
+                                "pass --override to change it, or start a new --out")
+        say(f"--override: starting again with {what}")
+    return {**recorded, **recipe}
 
 
 def adam(recipe: dict) -> dict:

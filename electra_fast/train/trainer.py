@@ -114,8 +114,10 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     """
     if isinstance(data, (str, os.PathLike)):
         data = [os.fspath(data)]
-    run_tokenizer = run_init_from = None  # a resumed run's own, for a restart when it has no complete checkpoint
+    # a resumed run's own, for a restart when it has no complete checkpoint
+    run_tokenizer = run_init_from = recorded_recipe = None
     if resume:
+        recorded_recipe = _run_record(out).get("recipe")
         (data, seq_len, batch_size, grad_accum, lr, warmup, weight_decay, seed, model, steps, save_every, keep,
          log_every, eval_every, tensorboard, vocab_size, run_tokenizer, run_init_from) = _run_options(
             out, data=data, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
@@ -167,8 +169,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay,
                    seed=seed, model=model, steps=steps, save_every=save_every, keep=keep, log_every=log_every,
                    eval_every=eval_every, tensorboard=tensorboard, vocab_size=vocab_size,
-                   tokenizer=None if tokenizer is None else os.path.abspath(tokenizer),
-                   init_from=None if init_from is None else os.path.abspath(init_from),
+                   tokenizer=run_tokenizer if tokenizer is None else os.path.abspath(tokenizer),
+                   init_from=run_init_from if init_from is None else os.path.abspath(init_from),
                    )  # run.json's record: what a --resume inherits
     ctx = setup(device)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx.is_main else (lambda msg: None)
@@ -198,15 +200,21 @@ RUN_SETTINGS = ("steps", "save_every", "keep", "log_every", "eval_every", "tenso
 # record: its --vocab-size, --tokenizer and --init-from (a new tokenizer trained instead was another model)
 
 
-def _run_options(out, **given) -> dict:
-    """``given`` (RUN_OPTIONS, None: not given) with the values of the run in ``out`` where not given; a given value
-    that differs from the run's is refused, all of them in one line. Runs without the record: ``given`` as is."""
+def _run_record(out) -> dict:
+    """The run.json of the run in ``out`` ({} when there is none, or it is unreadable)."""
     try:
         with open(os.path.join(os.fspath(out), "run.json"), encoding="utf-8") as f:
             record = json.load(f)
-        run = record.get("options")
-    except (OSError, ValueError, AttributeError):
-        run = None
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _run_options(out, **given) -> dict:
+    """``given`` (RUN_OPTIONS, None: not given) with the values of the run in ``out`` where not given; a given value
+    that differs from the run's is refused, all of them in one line. Runs without the record: ``given`` as is."""
+    record = _run_record(out)
+    run = record.get("options")
     if not isinstance(run, dict):
         return given
     if given["data"] is not None:
@@ -307,6 +315,8 @@ class _Job:
                 raise PretrainError(f"--resume: no complete checkpoint in {o.out} to continue, and this run started "
                                     f"from --init-from {o.run_init_from}: start it again with that --init-from in "
                                     "a new --out")
+            if isinstance(o.recorded_recipe, dict):  # the run's recipe, as a resumed run keeps its checkpoint's
+                o.recipe = recipes.restart(o.recorded_recipe, o.recipe, o.override, self.say)
             self.say(f"--resume: no complete checkpoint in {o.out}; starting from scratch with the run's options")
         self.state = (ckpt.load_training_state(os.path.join(self.resume_from, "training_state.pt"))
                       if self.resume_from else None)
@@ -376,6 +386,9 @@ class _Job:
             o = self.o
             cfg = o.source.config_for(self.tok, o.recipe) if o.source else model_config(o.model,
                                                                                      config_overrides(self.tok))
+            width = (o.recorded_recipe or {}).get("generator_size") if o.resume else None
+            if width is not None and "generator_size" not in o.recipe and recipes.changes_width(cfg, width):
+                o.recipe = {**o.recipe, "generator_size": width}  # a restart: the run's generator, as it was
         cfg, self.run_recipe = recipes.settle(cfg, self.o.recipe, self.tok, self.state and self.state.get("recipe", {}),
                                               self.o.override, self.say)
         check_seq_len(self.o.seq_len, cfg)
