@@ -27,7 +27,9 @@ def _native_bf16_only(request, device):
     """CPU bf16 rows run only where the CPU multiplies bf16 natively: elsewhere a bf16 matmul is emulated ~50x
     slower than fp32 (minutes per model step), which measures the emulation, not the code."""
     callspec = getattr(request.node, "callspec", None)
-    if device.type != "cpu" or callspec is None or not any(_is_bf16(v) for v in callspec.params.values()):
+    bf16 = getattr(request.module, "CPU_BF16", False) or (  # a file whose rows all run under bf16 autocast
+        callspec is not None and any(_is_bf16(v) for v in callspec.params.values()))
+    if device.type != "cpu" or not bf16:
         return
     native, why = _cpu.native_bf16()
     if not native:
@@ -98,4 +100,5 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         torch_threads=torch.get_num_threads(), electra_fast=electra_fast.__version__, git_commit=commit,
         cuda=torch.version.cuda, extension=electra_fast.extension_loaded(), cpu_bf16_native=_cpu.native_bf16()[0],
         cpu_bf16=_cpu.native_bf16()[1], skipped=list(_SKIPPED),
+        forced_backend=os.environ.get("ELECTRA_FAST_BACKEND") or None, select=config.getoption("keyword") or None,
     )

@@ -140,8 +140,9 @@ def report() -> list:
     """Lines for ``python -m electra_fast.info``."""
     flags = cpu_flags()
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16", "sve") if f in flags]
-    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "ELECTRA_FAST_NO_ONEDNN",
-                                              "ELECTRA_FAST_NO_AMX", "ELECTRA_FAST_NO_AVX512") if os.environ.get(k)]
+    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k)]
+    caps += [f"{k}={os.environ[k]}" for k in ("ELECTRA_FAST_NO_ONEDNN", "ELECTRA_FAST_NO_AMX", "ELECTRA_FAST_NO_AVX512")
+             if switch(k)]  # "0" is off
     bf16, why = native_bf16()
     lin, lin_why = onednn_bf16_linear()
     return [

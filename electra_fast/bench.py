@@ -32,8 +32,8 @@ def record_pretrain(out_dir: str, device: "str | None" = None) -> str:
         summary = pretrain(None, out=os.path.join(tmp, "run"), progress=False, device=device)
     keep = {k: summary[k] for k in ("steps", "tokens_seen", "wall_time_s", "tokens_per_s", "first_loss", "final",
                                     "precision")}
-    keep.update(machine=bench_report.machine_name(), threads=torch.get_num_threads())
-    path = os.path.join(out_dir, bench_report.result_name() + "-pretrain-default.json")
+    keep.update(machine=bench_report.machine_name(device), threads=torch.get_num_threads())
+    path = unused_path(os.path.join(out_dir, bench_report.result_name(device) + "-pretrain-default.json"))
     with open(path, "w") as fh:
         json.dump(keep, fh, indent=2)
     return path
@@ -83,17 +83,23 @@ def main(args) -> int:
         print(f"recorded {record_pretrain(out_dir, args.device)}")
         paths = bench_report.newest_per_machine(out_dir)
         bench_report.write_results_md(paths, os.path.join(os.path.dirname(out_dir) if args.out is None else out_dir,
-                                                          "RESULTS.md"), {})
+                                                          "RESULTS.md"), {}, results_dir=out_dir)
         return 0
     device = args.device or ("cuda" if _cuda() else "cpu")
     out_dir = os.path.abspath(args.out or os.path.join(bdir, "results"))
     os.makedirs(out_dir, exist_ok=True)
-    stem = bench_report.result_name() + ("-quick" if args.quick else "")
-    json_path = os.path.join(out_dir, stem + ".json")
+    # a -k run is a selection, never the machine's full run (README's table follows those): its own name
+    stem = bench_report.result_name(device) + ("-quick" if args.quick else "") + ("-select" if args.select else "")
+    json_path = unused_path(os.path.join(out_dir, stem + ".json"))  # an earlier run of the day stays
     env = dict(os.environ, ELECTRA_FAST_BENCH_QUICK="1" if args.quick else "0")
+    if os.environ.get("ELECTRA_FAST_BACKEND"):
+        forced = os.environ["ELECTRA_FAST_BACKEND"]
+        print(f"electra-fast bench: warning: ELECTRA_FAST_BACKEND={forced}: the fused rows run on that backend "
+              "(recorded in the results)", file=sys.stderr)
     rc = _run_files(bdir, device, args.select, json_path, env)
     if rc != 0:
-        print(f"electra-fast bench: pytest failed (exit {rc})", file=sys.stderr)
+        if rc != 5:  # 5: nothing selected, said by _run_files
+            print(f"electra-fast bench: pytest failed (exit {rc})", file=sys.stderr)
         return rc
     images = bench_report.plots(json_path, out_dir)
     results_md = os.path.join(os.path.dirname(out_dir) if args.out is None else out_dir, "RESULTS.md")
@@ -105,13 +111,30 @@ def main(args) -> int:
     if args.out is None:  # the checkout's results: README.md's performance table follows them
         print(bench_report.sync_readme(os.path.dirname(bdir)))
     if args.compare:
+        shared = bench_report.shared_rows(json_path, args.compare)
+        for note in bench_report.mismatch(json_path, args.compare):
+            print(f"electra-fast bench: warning: {note}", file=sys.stderr)
+        if not shared:  # a gate that compared nothing would pass anything
+            print(f"electra-fast bench: error: --compare: no fused-vs-baseline row of this run is in {args.compare}; "
+                  "nothing was compared", file=sys.stderr)
+            return 1
         problems = bench_report.compare(json_path, args.compare)
         for p in problems:
             print("REGRESSION " + p, file=sys.stderr)
         if problems:
             return 1
-        print(f"no fused speed-up fell by more than 15% since {args.compare}")
+        print(f"no fused speed-up fell by more than 15% since {args.compare} ({shared} row(s) compared)")
     return 0
+
+
+def unused_path(path: str) -> str:
+    """``path``, or with -2, -3, ... before its suffix while that name is taken: no run overwrites another."""
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}{ext}"
+    return path
 
 
 def bench_files(bdir: str) -> list:
@@ -185,6 +208,10 @@ def _run_files(bdir: str, device: str, select, json_path: str, env) -> int:
             if rc == 5:  # -k selected nothing in this file, or a GPU-only file skipped itself on a CPU machine
                 continue
             if rc != 0:
+                if merged.data is not None:  # the files that finished keep their rows
+                    merged.write(json_path)
+                    print(f"electra-fast bench: {name} failed; the rows of the files before it are in {json_path}",
+                          file=sys.stderr)
                 return rc
             merged.add(name, part)
     if merged.data is None:

@@ -22,12 +22,13 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 Key = Tuple[str, str, str, str]  # op, pass, shape, dtype
 
 
-def machine_name() -> str:
+def machine_name(device: "str | None" = None) -> str:
+    """The GPU's name for a CUDA run (``device`` None: CUDA when visible), else the CPU model."""
     import platform
 
     import torch
 
-    if torch.cuda.is_available():
+    if (device is None or str(device).startswith("cuda")) and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     try:
         for line in open("/proc/cpuinfo"):
@@ -38,9 +39,9 @@ def machine_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def result_name() -> str:
-    """``<machine>-<date>`` (machine: the GPU name when CUDA is visible, else the CPU model)."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", machine_name()).strip("-").lower()
+def result_name(device: "str | None" = None) -> str:
+    """``<machine>-<date>`` (machine: :func:`machine_name` of the run's device)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", machine_name(device)).strip("-").lower()
     return f"{slug}-{datetime.date.today().isoformat()}"
 
 
@@ -76,9 +77,26 @@ def compare(current: str, previous: str, tolerance: float = 0.15) -> List[str]:
     for k in sorted(set(now) & set(before)):
         if now[k] < (1 - tolerance) * before[k]:
             (op, pass_, shape, dtype), impl = k
+            fell = (1 - now[k] / before[k]) * 100
             problems.append(f"{op} {pass_} {shape} {dtype}: fused vs {impl} {before[k]:.2f}x -> {now[k]:.2f}x "
-                            f"(-{(1 - now[k] / before[k]) * 100:.0f}%, limit {tolerance * 100:.0f}%)")
+                            f"(-{math.floor(fell * 10) / 10:g}%, limit {tolerance * 100:.0f}%)")  # never shown at it
     return problems
+
+
+def shared_rows(current: str, previous: str) -> int:
+    """How many fused-vs-baseline rows the two runs have in common (what :func:`compare` can judge)."""
+    return len(set(speedups(load_groups(current))) & set(speedups(load_groups(previous))))
+
+
+def mismatch(current: str, previous: str) -> List[str]:
+    """Why the two runs' ratios may not be comparable: another machine, thread count or backend."""
+    a, b = (json.load(open(p)).get("machine_info", {}) for p in (current, previous))
+    notes = []
+    for key, what in (("electra_fast_machine", "machine"), ("torch_threads", "thread count"),
+                      ("forced_backend", "forced backend")):
+        if a.get(key) != b.get(key):
+            notes.append(f"--compare: another {what} ({b.get(key)!r} there, {a.get(key)!r} here)")
+    return notes
 
 
 def _fmt_time(s: float) -> str:
@@ -99,7 +117,9 @@ def table(path: str) -> str:
         "",
         f"{data.get('datetime', '')[:19]} · torch {m.get('torch')} · triton {m.get('triton')} · "
         f"electra_fast {m.get('electra_fast')} (commit {m.get('git_commit')}) · {m.get('torch_threads')} threads · "
-        f"C++ extension {'built' if m.get('extension') else 'NOT built'}",
+        f"C++ extension {'built' if m.get('extension') else 'NOT built'}"
+        + (f" · **fused rows on the forced {m['forced_backend']!r} backend**" if m.get("forced_backend") else "")
+        + (f" · a selection (`-k {m['select']}`)" if m.get("select") else ""),
         "",
         "| op | pass | shape | dtype | impl | median | tokens/s | peak mem | fused speed-up | fused / other peak mem |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -169,14 +189,25 @@ def plots(path: str, out_dir: str) -> List[str]:
             a.legend()
         fig.suptitle(f"{op} {pass_} {dtype} — {stem}")
         fig.tight_layout()
-        safe = re.sub(r"[^A-Za-z0-9]+", "-", f"{op}-{pass_}-{dtype}").strip("-")
-        written.append(os.path.join(out_dir, f"{stem}-{safe}-scaling.png"))
+        written.append(os.path.join(out_dir, _scaling_name(stem, op, pass_, dtype)))
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     return written
 
 
-RUN_NAME = re.compile(r"^(.+)-\d{4}-\d{2}-\d{2}(?:-quick)?\.json$")
+def _scaling_name(stem: str, op: str, pass_: str, dtype: str) -> str:
+    return f"{stem}-{re.sub(r'[^A-Za-z0-9]+', '-', f'{op}-{pass_}-{dtype}').strip('-')}-scaling.png"
+
+
+def plot_names(path: str) -> set:
+    """The file names :func:`plots` may give the plots of the JSON at ``path``."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    groups = load_groups(path)
+    return {f"{stem}-speedups.png"} | {_scaling_name(stem, op, pass_, dtype) for op, pass_, _, dtype in groups}
+
+
+# <machine>-<date>[-N][-quick].json: a run of the whole suite (-N: the day's N-th); a -k selection is -select
+RUN_NAME = re.compile(r"^(.+)-(\d{4}-\d{2}-\d{2})(?:-(\d+))?(-quick)?\.json$")
 
 
 def newest_per_machine(results_dir: str) -> List[str]:
@@ -185,8 +216,11 @@ def newest_per_machine(results_dir: str) -> List[str]:
     # only <machine>-<YYYY-MM-DD>[-quick].json: other JSON beside them (a demo's record, a model config, the default
     # job's -pretrain-default.json) is not a benchmark run and, dated later, must not stand in for one
     files = [f for f in glob.glob(os.path.join(results_dir, "*.json")) if RUN_NAME.match(os.path.basename(f))]
-    # full runs sort after quick ones, newer dates after older
-    for f in sorted(files, key=lambda f: (not f.endswith("-quick.json"), f)):
+    def order(f):  # full runs after quick ones, newer dates after older, a day's later runs after its first
+        machine, date, n, quick = RUN_NAME.match(os.path.basename(f)).groups()
+        return (quick is None, date, int(n or 1))
+
+    for f in sorted(files, key=order):
         latest[RUN_NAME.match(os.path.basename(f)).group(1)] = f
     return sorted(latest.values())
 
@@ -209,7 +243,10 @@ def pretrain_section(results_dir: str) -> List[str]:
     return lines + [""]
 
 
-def write_results_md(paths: List[str], out_path: str, images: Dict[str, List[str]]) -> None:
+def write_results_md(paths: List[str], out_path: str, images: Dict[str, List[str]],
+                     results_dir: Optional[str] = None) -> None:
+    """RESULTS.md at ``out_path``: a table (and plots) per JSON in ``paths``, then the default pretraining job's
+    records found in ``results_dir`` (default: where ``paths`` are, else ``<out_path's dir>/results``)."""
     text = ["# Benchmark results", "",
             "Medians over several rounds; every side of a comparison ran in the same process with the same shapes, "
             "dtype, thread count, warm-up and rounds. *fused speed-up* = other median / fused median (> 1: fused is "
@@ -219,11 +256,12 @@ def write_results_md(paths: List[str], out_path: str, images: Dict[str, List[str
     base = os.path.dirname(out_path)
     for p in paths:
         text += [table(p), ""]
-        found = sorted(glob.glob(os.path.splitext(p)[0] + "-*.png"))  # plots written by an earlier run
+        # plots an earlier run wrote for this file (not another file's of the same machine and day)
+        found = sorted(f for f in glob.glob(os.path.splitext(p)[0] + "-*.png") if os.path.basename(f) in plot_names(p))
         for img in images.get(p) or found:
             text.append(f"![{os.path.basename(img)}]({os.path.relpath(img, base)})")
         text.append("")
-    text += pretrain_section(os.path.dirname(paths[0]) if paths else os.path.join(base, "results"))
+    text += pretrain_section(results_dir or (os.path.dirname(paths[0]) if paths else os.path.join(base, "results")))
     with open(out_path, "w") as fh:
         fh.write("\n".join(text))
 

@@ -519,10 +519,21 @@ def parse_args(argv=None):
     return args
 
 
+def _gpu_visible() -> bool:
+    try:
+        import torch
+    except ImportError:  # the env stage says what is missing
+        return True
+    return torch.cuda.is_available()
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         device = gpu_name(args.dry_run)
+        if device == "unknown-gpu" and not _gpu_visible():  # before a results folder is made in the checkout
+            raise UsageError("no GPU is visible (neither nvidia-smi nor torch finds one); --dry-run runs the lane's "
+                             "plumbing on CPU")
         out = resolve_out(args.out, device)
     except UsageError as exc:
         print(f"python -m electra_fast.gpu_lane: {exc}", file=sys.stderr)

@@ -81,6 +81,11 @@ def report() -> str:
 
 
 def main() -> int:
+    try:  # python -m electra_fast.info: a misspelt ELECTRA_FAST_BACKEND is one line, as under electra-fast info
+        _backend.forced_backend()
+    except ValueError as e:
+        print(f"electra_fast.info: error: {e}", file=sys.stderr)
+        return 2
     print(report())
     return 0
 

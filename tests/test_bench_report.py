@@ -1,5 +1,6 @@
 """The benchmark report and the regression gate (synthetic pytest-benchmark JSON)."""
 import json
+import os
 
 from electra_fast import bench_report
 
@@ -84,3 +85,56 @@ def test_pretrain_record_and_newest_selection(tmp_path):
     bench_report.write_results_md([full], str(md), {})
     text = md.read_text()
     assert "The default pretraining job" in text and "43.600 -> 26.100" in text and "4,096" in text
+
+
+def test_runs_never_overwrite_and_compare_needs_rows_in_common(tmp_path, monkeypatch, capsys):
+    """Review findings: a second run of the day overwrote the first (its JSON, the --compare baseline: the run then
+    compared itself with itself and passed); a -k run stood in for the machine's full run (README's table); a
+    --compare with no row in common passed; the day's numbered runs order by number."""
+    from electra_fast import bench as bench_cli
+
+    speed = {"v": 2.0}
+
+    def fake_call(cmd, cwd, env):
+        out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--benchmark-json="))
+        _write(__import__("pathlib").Path(out), [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", speed["v"])])
+        return 0
+
+    monkeypatch.setattr(bench_cli.subprocess, "call", fake_call)
+    monkeypatch.setattr(bench_cli, "bench_files", lambda bdir: ["test_bench_rtd_loss.py"])
+    monkeypatch.setattr(bench_report, "result_name", lambda device=None: "cpu-x-2026-12-06")
+    out = tmp_path / "out"
+    args = type("A", (), dict(quick=False, device="cpu", out=str(out), compare=None, select=None))
+    assert bench_cli.main(args) == 0
+    first = out / "cpu-x-2026-12-06.json"
+    before = first.read_text()
+    speed["v"] = 0.5  # a 4x slower fused path, compared with the day's first run
+    args.compare = str(first)
+    assert bench_cli.main(args) == 1 and "REGRESSION rtd" in capsys.readouterr().err
+    assert first.read_text() == before and (out / "cpu-x-2026-12-06-2.json").exists()
+    args.compare, args.select = None, "rtd"
+    assert bench_cli.main(args) == 0 and (out / "cpu-x-2026-12-06-select.json").exists()
+    assert bench_report.newest_per_machine(str(out)) == [str(out / "cpu-x-2026-12-06-2.json")]
+    other = _write(tmp_path / "other.json", [_bench("attn", "fused", 1.0), _bench("attn", "eager", 2.0)])
+    args.compare, args.select = other, None
+    assert bench_cli.main(args) == 1 and "nothing was compared" in capsys.readouterr().err
+    for n in range(3, 11):  # the day's 10th run is newer than its 2nd (by number, not by name)
+        _write(out / f"cpu-x-2026-12-06-{n}.json", [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", 2.0)])
+    assert bench_report.newest_per_machine(str(out)) == [str(out / "cpu-x-2026-12-06-10.json")]
+
+
+def test_a_cpu_run_is_named_after_the_cpu_and_plots_belong_to_their_json(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    assert bench_report.machine_name("cuda") == bench_report.machine_name() == "NVIDIA H200"
+    assert bench_report.machine_name("cpu") != "NVIDIA H200"  # --device cpu on a GPU machine: the CPU's name
+    rows = [_bench("attn", impl, m * t / 128, shape=f"2x{t}") for t in (128, 256, 512)
+            for impl, m in (("fused", 1.0), ("transformers", 3.0))]
+    p = _write(tmp_path / "cpu-2026-12-05.json", rows)
+    images = bench_report.plots(p, str(tmp_path))
+    (tmp_path / "cpu-2026-12-05-varlen-scaling.png").write_bytes(b"another file's plot")
+    md = tmp_path / "RESULTS.md"
+    bench_report.write_results_md([p], str(md), {})
+    text = md.read_text()
+    assert all(os.path.basename(i) in text for i in images) and "varlen-scaling" not in text

@@ -410,6 +410,10 @@ def test_misspelt_backend_variable_is_one_line(user, tmp_path, capsys, monkeypat
     assert code == 2 and err == ["electra-fast: error: ELECTRA_FAST_BACKEND: expected one of ('triton', 'cpp', "
                                  "'reference') or 'auto', got 'bogus'"], err
     assert not (tmp_path / "out").exists()
+    if command == "info":  # python -m electra_fast.info too (it was a traceback)
+        from electra_fast import info
+        assert info.main() == 2
+        assert capsys.readouterr().err.startswith("electra_fast.info: error: ELECTRA_FAST_BACKEND: expected one")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the triton backend can serve a CUDA device")

@@ -90,6 +90,16 @@ def test_default_out_takes_a_fresh_name(tmp_path, monkeypatch):
     assert gpu_lane.resolve_out(None, "NVIDIA H200") == first + "-2"
 
 
+def test_no_gpu_is_one_line_before_any_folder(tmp_path, monkeypatch, capsys):
+    """Without a GPU the lane made bench/results/gpu-unknown-gpu-<date>[-N]/ in the checkout on every try."""
+    monkeypatch.setattr(gpu_lane, "ROOT", str(tmp_path))
+    monkeypatch.setattr(gpu_lane, "gpu_name", lambda dry_run: "dry-run" if dry_run else "unknown-gpu")
+    monkeypatch.setattr(gpu_lane, "_gpu_visible", lambda: False)
+    assert gpu_lane.main(["--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no GPU is visible" in err and len(err.splitlines()) == 1 and os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("argv,match", [(["--quick", "--dry-run"], "pick one"), (["--budget", "5"], "--budget"),
                                         (["--workers", "-1"], "--workers")])
 def test_bad_arguments_exit_2_with_one_line(argv, match, capsys):
