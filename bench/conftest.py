@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from electra_fast import _cpu
+from electra_fast._backend import forced_backend
 from electra_fast.bench_report import machine_name
 from electra_fast.profiling import peak_memory
 
@@ -96,9 +97,10 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     except OSError:
         commit = None
     machine_info.update(
-        electra_fast_machine=machine_name(), cores=os.cpu_count(), torch=torch.__version__, triton=triton_version,
+        electra_fast_machine=machine_name(config.getoption("--device")), cores=os.cpu_count(), torch=torch.__version__,
+        triton=triton_version,
         torch_threads=torch.get_num_threads(), electra_fast=electra_fast.__version__, git_commit=commit,
         cuda=torch.version.cuda, extension=electra_fast.extension_loaded(), cpu_bf16_native=_cpu.native_bf16()[0],
         cpu_bf16=_cpu.native_bf16()[1], skipped=list(_SKIPPED),
-        forced_backend=os.environ.get("ELECTRA_FAST_BACKEND") or None, select=config.getoption("keyword") or None,
+        forced_backend=forced_backend(), select=config.getoption("keyword") or None,
     )

@@ -33,7 +33,7 @@ def record_pretrain(out_dir: str, device: "str | None" = None) -> str:
     keep = {k: summary[k] for k in ("steps", "tokens_seen", "wall_time_s", "tokens_per_s", "first_loss", "final",
                                     "precision")}
     keep.update(machine=bench_report.machine_name(device), threads=torch.get_num_threads())
-    path = unused_path(os.path.join(out_dir, bench_report.result_name(device) + "-pretrain-default.json"))
+    path = unused_name(out_dir, bench_report.result_name(device), "-pretrain-default.json")
     with open(path, "w") as fh:
         json.dump(keep, fh, indent=2)
     return path
@@ -88,12 +88,14 @@ def main(args) -> int:
     device = args.device or ("cuda" if _cuda() else "cpu")
     out_dir = os.path.abspath(args.out or os.path.join(bdir, "results"))
     os.makedirs(out_dir, exist_ok=True)
-    # a -k run is a selection, never the machine's full run (README's table follows those): its own name
-    stem = bench_report.result_name(device) + ("-quick" if args.quick else "") + ("-select" if args.select else "")
-    json_path = unused_path(os.path.join(out_dir, stem + ".json"))  # an earlier run of the day stays
+    # an earlier run of the day stays (<machine>-<date>-2...); a -k run is a selection, never the machine's full run
+    # (README's table follows those): its own name
+    json_path = unused_name(out_dir, bench_report.result_name(device),
+                            ("-quick" if args.quick else "") + ("-select" if args.select else "") + ".json")
     env = dict(os.environ, ELECTRA_FAST_BENCH_QUICK="1" if args.quick else "0")
-    if os.environ.get("ELECTRA_FAST_BACKEND"):
-        forced = os.environ["ELECTRA_FAST_BACKEND"]
+    from ._backend import forced_backend
+    forced = forced_backend()  # checked by the CLI; None for auto
+    if forced:
         print(f"electra-fast bench: warning: ELECTRA_FAST_BACKEND={forced}: the fused rows run on that backend "
               "(recorded in the results)", file=sys.stderr)
     rc = _run_files(bdir, device, args.select, json_path, env)
@@ -127,13 +129,13 @@ def main(args) -> int:
     return 0
 
 
-def unused_path(path: str) -> str:
-    """``path``, or with -2, -3, ... before its suffix while that name is taken: no run overwrites another."""
-    stem, ext = os.path.splitext(path)
-    n = 1
+def unused_name(directory: str, base: str, suffix: str) -> str:
+    """``directory/<base><suffix>``, or ``<base>-2<suffix>``, ``-3``... while that name is taken: no run overwrites
+    another (the number right after the date, where bench_report.RUN_NAME reads it)."""
+    path, n = os.path.join(directory, base + suffix), 1
     while os.path.exists(path):
         n += 1
-        path = f"{stem}-{n}{ext}"
+        path = os.path.join(directory, f"{base}-{n}{suffix}")
     return path
 
 
@@ -208,9 +210,10 @@ def _run_files(bdir: str, device: str, select, json_path: str, env) -> int:
             if rc == 5:  # -k selected nothing in this file, or a GPU-only file skipped itself on a CPU machine
                 continue
             if rc != 0:
-                if merged.data is not None:  # the files that finished keep their rows
-                    merged.write(json_path)
-                    print(f"electra-fast bench: {name} failed; the rows of the files before it are in {json_path}",
+                if merged.data is not None:  # the files that finished keep their rows, never as a full run
+                    partial = os.path.splitext(json_path)[0] + "-partial.json"
+                    merged.write(partial)
+                    print(f"electra-fast bench: {name} failed; the rows of the files before it are in {partial}",
                           file=sys.stderr)
                 return rc
             merged.add(name, part)

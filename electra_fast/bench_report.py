@@ -79,7 +79,7 @@ def compare(current: str, previous: str, tolerance: float = 0.15) -> List[str]:
             (op, pass_, shape, dtype), impl = k
             fell = (1 - now[k] / before[k]) * 100
             problems.append(f"{op} {pass_} {shape} {dtype}: fused vs {impl} {before[k]:.2f}x -> {now[k]:.2f}x "
-                            f"(-{math.floor(fell * 10) / 10:g}%, limit {tolerance * 100:.0f}%)")  # never shown at it
+                            f"(-{math.ceil(fell * 10) / 10:g}%, limit {tolerance * 100:.0f}%)")  # never shown at it
     return problems
 
 
@@ -90,7 +90,8 @@ def shared_rows(current: str, previous: str) -> int:
 
 def mismatch(current: str, previous: str) -> List[str]:
     """Why the two runs' ratios may not be comparable: another machine, thread count or backend."""
-    a, b = (json.load(open(p)).get("machine_info", {}) for p in (current, previous))
+    a, b = ((json.load(open(p)).get("machine_info") or {}) for p in (current, previous))
+    a, b = (m if isinstance(m, dict) else {} for m in (a, b))
     notes = []
     for key, what in (("electra_fast_machine", "machine"), ("torch_threads", "thread count"),
                       ("forced_backend", "forced backend")):
@@ -365,7 +366,7 @@ def readme_table(paths: List[str], base_dir: str) -> str:
 
 def readme_results(results_dir: str) -> List[str]:
     """The JSON the README shows: the newest full run of each machine (quick runs are smoke tests)."""
-    return [p for p in newest_per_machine(results_dir) if not p.endswith("-quick.json")]
+    return [p for p in newest_per_machine(results_dir) if RUN_NAME.match(os.path.basename(p)).group(4) is None]
 
 
 def _split_readme(text: str, readme: str) -> Tuple[str, str, str]:

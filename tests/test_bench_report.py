@@ -121,6 +121,26 @@ def test_runs_never_overwrite_and_compare_needs_rows_in_common(tmp_path, monkeyp
     for n in range(3, 11):  # the day's 10th run is newer than its 2nd (by number, not by name)
         _write(out / f"cpu-x-2026-12-06-{n}.json", [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", 2.0)])
     assert bench_report.newest_per_machine(str(out)) == [str(out / "cpu-x-2026-12-06-10.json")]
+    quick = tmp_path / "quick"  # quick runs number the same way (the 2nd was -quick-2.json, which nothing read)
+    args = type("A", (), dict(quick=True, device="cpu", out=str(quick), compare=None, select=None))
+    assert bench_cli.main(args) == 0 and bench_cli.main(args) == 0
+    assert bench_report.newest_per_machine(str(quick)) == [str(quick / "cpu-x-2026-12-06-2-quick.json")]
+    assert bench_report.readme_results(str(quick)) == []  # quick runs are smoke tests
+    # a bench file that fails: the finished files' rows stay, never under a full run's name
+    monkeypatch.setattr(bench_cli, "bench_files", lambda bdir: ["test_bench_a.py", "test_bench_b.py"])
+    real_call = fake_call
+    monkeypatch.setattr(bench_cli.subprocess, "call",
+                        lambda cmd, cwd, env: 1 if cmd[3] == "test_bench_b.py" else real_call(cmd, cwd, env))
+    failed = tmp_path / "failed"
+    args = type("A", (), dict(quick=False, device="cpu", out=str(failed), compare=None, select=None))
+    assert bench_cli.main(args) == 1
+    assert os.listdir(failed) == ["cpu-x-2026-12-06-partial.json"]
+    assert bench_report.newest_per_machine(str(failed)) == []
+    # a baseline whose machine_info is null is compared, not a crash after the run
+    nulls = tmp_path / "null.json"
+    nulls.write_text(json.dumps({"machine_info": None, "benchmarks": [_bench("rtd", "fused", 1.0),
+                                                                      _bench("rtd", "eager", 2.0)]}))
+    assert bench_report.mismatch(str(out / "cpu-x-2026-12-06-10.json"), str(nulls))
 
 
 def test_a_cpu_run_is_named_after_the_cpu_and_plots_belong_to_their_json(tmp_path, monkeypatch):

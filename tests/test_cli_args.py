@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -288,6 +290,14 @@ def test_export_into_an_empty_directory_that_is_a_link_or_the_working_directory(
     assert (tmp_path / "link").is_symlink()
     for d in (tmp_path / "target", tmp_path / "here"):
         assert sorted(os.listdir(d)) == ["discriminator", "electra_fast.json", "generator"]
+    # an export killed there left its temporary inside (written there: a mount point's parent is another file
+    # system): the next export removes it instead of calling the directory "not empty"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / f".export.tmp-{dead.pid}").mkdir()
+    code, err, _ = _cli(["export", str(finished_run), str(tmp_path / "again")], capsys)
+    assert code == 0 and sorted(os.listdir(tmp_path / "again")) == ["discriminator", "electra_fast.json", "generator"]
 
 
 def test_guard_under_torchrun_names_the_rank_and_keeps_to_one_line(monkeypatch, capsys):

@@ -364,11 +364,13 @@ def test_tsv_quoted_by_python_or_pandas_and_glues_bare_quotes(tmp_path):
     (tmp_path / "glue.tsv").write_text(glue)
     ds = fdata.read(str(tmp_path / "glue.tsv"), "classification", fdata.Columns(), "--train")
     assert [e.text for e in ds.examples] == ['"good" movie , but the "plot" ', 'says ""no"" twice', '"quoted whole"']
-    # a bare quote opening one row's text and another closing a later row's: no csv quoting (it merged the rows)
-    (tmp_path / "glue2.tsv").write_text('sentence\tlabel\n"it was late .\t1\nwe went home . "\t0\nfine .\t1\n')
-    ds = fdata.read(str(tmp_path / "glue2.tsv"), "classification", fdata.Columns(), "--train")
-    assert [(e.text, e.label) for e in ds.examples] == [('"it was late .', "1"), ('we went home . "', "0"),
-                                                         ("fine .", "1")]
+    # a quoted span holding a tab and a line break: a bare quote closed on a later row, or csv's quoting of such a
+    # field: either reading can be wrong (rows merged, or a row split with a made-up label): refused
+    for name, text in (("glue2.tsv", 'sentence\tlabel\n"it was late .\t1\nwe went home . "\t0\nfine .\t1\n'),
+                       ("both.tsv", 'sentence\tlabel\n"good\tfilm\nreally"\t1\nfine .\t0\n')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(fdata.FinetuneError, match=f"^--train: .*{name}: a quoted field holds both a tab and"):
+            fdata.read(str(tmp_path / name), "classification", fdata.Columns(), "--train")
 
 
 @pytest.mark.parametrize("ext", [".tsv", ".csv", ".jsonl"])

@@ -288,6 +288,10 @@ def test_resume_without_a_complete_checkpoint_restarts_as_the_run_was_made(env, 
     pretrain(env["data"], **_kw(env, bpe, steps=2, tokenizer=None, vocab_size=300,
                                 recipe=dict(tokenizer_type="bpe", packing="doc-sentences")))
     shutil.rmtree(bpe / "checkpoints" / "step-00000002")
+    for given, flag in ((dict(tokenizer_type="wordpiece"), "--tokenizer-type"), (dict(generator_size=0.25),
+                                                                                  "--generator-size")):
+        with pytest.raises(PretrainError, match=f"^{flag}: differs from the run being resumed"):
+            pretrain(None, out=str(bpe), resume=True, progress=False, recipe=given)
     s = pretrain(None, out=str(bpe), resume=True, progress=False)
     recipe = json.loads((bpe / "run.json").read_text())["recipe"]
     assert (recipe["tokenizer_type"], recipe["packing"]) == ("bpe", "doc-sentences")

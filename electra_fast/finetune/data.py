@@ -90,7 +90,7 @@ def _rows(path: str, flag: str) -> Tuple[List[Tuple[int, Any]], bool]:
     if ext not in (".csv", ".tsv", ".txt"):
         raise FinetuneError(f"{flag}: {path}: expected a .csv, .tsv, .jsonl file or a datasets save_to_disk folder")
     delimiter = "," if ext == ".csv" else "\t"
-    quoting = csv.QUOTE_MINIMAL if ext == ".csv" else _tsv_quoting(text)
+    quoting = csv.QUOTE_MINIMAL if ext == ".csv" else _tsv_quoting(text, f"{flag}: {path}")
     # newline="": rows end at \n, \r\n or \r only (a review may hold U+2028 or a form feed), a quoted CSV field may
     # span lines, and line_num counts the file's lines
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
@@ -113,15 +113,23 @@ def _rows(path: str, flag: str) -> Tuple[List[Tuple[int, Any]], bool]:
 # line breaks may be inside, not both: a bare quote closed on a later row would span a field and a row end)
 _QUOTE_STARTS = re.compile(r'(?:^|\t)"', re.M)
 _CSV_QUOTED = re.compile(r'(?:^|\t)(?:"(?:[^"\t]|"")*"|"(?:[^"\r\n]|"")*")(?=\t|\r|\n|$)', re.M)
+_CSV_QUOTED_ANY = re.compile(r'(?:^|\t)"(?:[^"]|"")*"(?=\t|\r|\n|$)', re.M)  # tabs and line breaks inside
 
 
-def _tsv_quoting(text: str) -> int:
+def _tsv_quoting(text: str, where: str) -> int:
     """GLUE's TSVs hold bare quote characters (read as text: QUOTE_NONE); Python's csv module and pandas' to_csv
     quote a field holding a tab, a line break or a quote (its quotes doubled), which QUOTE_NONE read as text with
     its quotes, and split at its line break (every later prediction a row off). A file whose every field that
-    starts with a quote is quoted that way is read as csv quoting."""
+    starts with a quote is quoted that way is read as csv quoting. A quoted field holding both a tab and a line
+    break could be either (csv's, or a bare quote closed on a later row): refused, never guessed."""
     starts = len(_QUOTE_STARTS.findall(text))
-    return csv.QUOTE_MINIMAL if starts and len(_CSV_QUOTED.findall(text)) == starts else csv.QUOTE_NONE
+    quoted = len(_CSV_QUOTED.findall(text))
+    if starts and quoted == starts:
+        return csv.QUOTE_MINIMAL
+    if len(_CSV_QUOTED_ANY.findall(text)) > quoted:
+        raise FinetuneError(f"{where}: a quoted field holds both a tab and a line break: csv quoting or bare quotes "
+                            "(as in GLUE's files) cannot be told apart; save the file as .csv or without such quotes")
+    return csv.QUOTE_NONE
 
 
 def _saved_dataset(path: str, flag: str) -> List[Tuple[int, dict]]:

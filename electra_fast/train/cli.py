@@ -6,7 +6,6 @@ to import: torch and the trainer load only when a command runs.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 
@@ -133,21 +132,18 @@ def _run(args) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
-def _torchrun_rank() -> int:
-    """This process's rank under torchrun (WORLD_SIZE > 1), else 0 (a RANK left in a plain shell means nothing)."""
-    try:
-        return int(os.environ["RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-    except (KeyError, ValueError):
-        return 0
-
-
 def guard(args, command) -> int:
     """Run ``command()`` (a parsed sub-command); bad input -> one line on stderr, exit status 2; Ctrl-C -> 130.
 
     Under torchrun every process runs the command: another rank than 0 names itself, and says in one line what
     stopped it (a rank left at a collective when rank 0 stopped on bad input got the peer's closed connection, as
     a traceback; --debug shows it)."""
-    rank = _torchrun_rank()
+    from .distributed import torchrun_ranks
+    from .errors import PretrainError
+    try:
+        rank = torchrun_ranks()[0]
+    except PretrainError:  # said by the command itself, as rank 0 would
+        rank = 0
     who = "" if rank == 0 else f"rank {rank}: "
     try:
         return command()
@@ -157,7 +153,6 @@ def guard(args, command) -> int:
         print(f"electra-fast {args.command}: {who}{str(exc) or 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as exc:
-        from .errors import PretrainError
         if args.debug:
             raise
         if isinstance(exc, (PretrainError, OSError)):

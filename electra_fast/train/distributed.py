@@ -95,10 +95,23 @@ def check_device(device: "str | torch.device") -> torch.device:
     return torch.device(str(device))
 
 
+def torchrun_ranks() -> "tuple[int, int, int]":
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without a world of several processes
+    (a RANK left in a shell means nothing)."""
+    env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    try:
+        world = int(env["WORLD_SIZE"] or 1)
+        if world <= 1:
+            return 0, 1, 0
+        rank = int(env["RANK"])
+        return rank, world, int(env["LOCAL_RANK"] or rank)
+    except (TypeError, ValueError):
+        shown = ", ".join(f"{k}={v!r}" for k, v in env.items())
+        raise PretrainError(f"torchrun's environment: expected integers, got {shown}") from None
+
+
 def setup(device: "str | None" = None) -> Context:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    rank, world, local_rank = torchrun_ranks()
     if device is None:
         dev = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:

@@ -4,11 +4,16 @@ directories (weights, config, tokenizer) that ``AutoModelForMaskedLM`` / ``AutoM
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 from . import checkpoint as ckpt
 from .errors import PretrainError
+from .temporaries import remove_dead_temporaries
 from .tokenizer import load_tokenizer, save_for_transformers
+
+
+EXPORT_TEMPORARY = re.compile(r"^\.export\.tmp-(\d+)$")  # what an export writes inside an empty OUT_DIR
 
 
 def export(checkpoint: str, out_dir: str, warn=print) -> str:
@@ -19,6 +24,7 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         what = "is a file" if os.path.isfile(out_dir) else "exists and is not a directory"
         raise PretrainError(f"export: {out_dir} {what}; choose a new directory")
+    remove_dead_temporaries(out_dir, EXPORT_TEMPORARY)  # a killed export's, inside an empty OUT_DIR
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise PretrainError(f"export: {out_dir} already exists and is not empty; choose another directory")
     parent = above = os.path.dirname(os.path.abspath(out_dir))
@@ -34,12 +40,12 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
     model = ElectraPretrainingModel(cfg)
     ckpt.load_model_state(model, os.path.join(src, "model.safetensors"))
     tok = load_tokenizer(os.path.join(src, "tokenizer.json"))
-    # an empty OUT_DIR stays (it may be a link, or the working directory): written beside the directory it is (the
-    # same file system; a temporary inside it would outlive a kill there and make it "not empty"), then moved in
+    # an empty OUT_DIR stays (it may be a link, a mount point, the working directory): written inside it (the same
+    # file system), then moved up; a kill leaves the temporary, which the next export removes
     empty = os.path.isdir(out_dir)
-    target = os.path.realpath(out_dir) if empty else os.path.abspath(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{os.getpid()}")
+    tmp = (os.path.join(out_dir, f".export.tmp-{os.getpid()}") if empty
+           else os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}"))
     try:
         model.save_pretrained(tmp)
         for role in ("generator", "discriminator"):

@@ -387,8 +387,14 @@ class _Job:
             cfg = o.source.config_for(self.tok, o.recipe) if o.source else model_config(o.model,
                                                                                      config_overrides(self.tok))
             width = (o.recorded_recipe or {}).get("generator_size") if o.resume else None
-            if width is not None and "generator_size" not in o.recipe and recipes.changes_width(cfg, width):
-                o.recipe = {**o.recipe, "generator_size": width}  # a restart: the run's generator, as it was
+            if width is not None:  # a restart: the run's generator, as it was, unless changed with --override
+                given = o.recipe.get("generator_size")
+                if given is None and recipes.changes_width(cfg, width):
+                    o.recipe = {**o.recipe, "generator_size": width}
+                elif given is not None and round(cfg.hidden_size * given) != round(cfg.hidden_size * width) \
+                        and not o.override:
+                    raise PretrainError(f"--generator-size: differs from the run being resumed ({width!r} -> "
+                                        f"{given!r}); pass --override to change it, or start a new --out")
         cfg, self.run_recipe = recipes.settle(cfg, self.o.recipe, self.tok, self.state and self.state.get("recipe", {}),
                                               self.o.override, self.say)
         check_seq_len(self.o.seq_len, cfg)
