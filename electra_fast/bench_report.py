@@ -216,13 +216,11 @@ def newest_per_machine(results_dir: str) -> List[str]:
     latest: Dict[str, str] = {}
     # only <machine>-<YYYY-MM-DD>[-quick].json: other JSON beside them (a demo's record, a model config, the default
     # job's -pretrain-default.json) is not a benchmark run and, dated later, must not stand in for one
-    files = [f for f in glob.glob(os.path.join(results_dir, "*.json")) if RUN_NAME.match(os.path.basename(f))]
-    def order(f):  # full runs after quick ones, newer dates after older, a day's later runs after its first
-        machine, date, n, quick = RUN_NAME.match(os.path.basename(f)).groups()
-        return (quick is None, date, int(n or 1))
-
-    for f in sorted(files, key=order):
-        latest[RUN_NAME.match(os.path.basename(f)).group(1)] = f
+    runs = [(f, m.groups()) for f in glob.glob(os.path.join(results_dir, "*.json"))
+            for m in [RUN_NAME.match(os.path.basename(f))] if m]
+    # full runs after quick ones, newer dates after older, a day's later runs after its first
+    for f, (machine, _, _, _) in sorted(runs, key=lambda r: (r[1][3] is None, r[1][1], int(r[1][2] or 1))):
+        latest[machine] = f
     return sorted(latest.values())
 
 
@@ -258,7 +256,8 @@ def write_results_md(paths: List[str], out_path: str, images: Dict[str, List[str
     for p in paths:
         text += [table(p), ""]
         # plots an earlier run wrote for this file (not another file's of the same machine and day)
-        found = sorted(f for f in glob.glob(os.path.splitext(p)[0] + "-*.png") if os.path.basename(f) in plot_names(p))
+        own = plot_names(p)
+        found = sorted(f for f in glob.glob(os.path.splitext(p)[0] + "-*.png") if os.path.basename(f) in own)
         for img in images.get(p) or found:
             text.append(f"![{os.path.basename(img)}]({os.path.relpath(img, base)})")
         text.append("")

@@ -140,7 +140,8 @@ def test_runs_never_overwrite_and_compare_needs_rows_in_common(tmp_path, monkeyp
     nulls = tmp_path / "null.json"
     nulls.write_text(json.dumps({"machine_info": None, "benchmarks": [_bench("rtd", "fused", 1.0),
                                                                       _bench("rtd", "eager", 2.0)]}))
-    assert bench_report.mismatch(str(out / "cpu-x-2026-12-06-10.json"), str(nulls))
+    assert bench_report.mismatch(str(out / "cpu-x-2026-12-06-10.json"), str(nulls)) == [
+        "--compare: another machine (None there, 'test cpu' here)"]
 
 
 def test_a_cpu_run_is_named_after_the_cpu_and_plots_belong_to_their_json(tmp_path, monkeypatch):

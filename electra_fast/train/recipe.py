@@ -164,15 +164,26 @@ def record(cfg, recipe: dict, tokenizer_type: str) -> dict:
     return out
 
 
-def changes_width(cfg, generator_size: float) -> bool:
-    """Whether ``--generator-size`` (a fraction of the hidden size) gives another generator width than ``cfg``'s."""
-    return int(round(cfg.hidden_size * generator_size)) != cfg.generator_hidden_size
+def _width(cfg, generator_size: float) -> int:
+    """The generator width ``--generator-size`` (a fraction of the hidden size) gives."""
+    return int(round(cfg.hidden_size * generator_size))
 
 
 def _differs(key: str, old, new, cfg) -> bool:
     if key == "generator_size":  # a fraction: compare the width it gives
-        return changes_width(cfg, new)
+        return _width(cfg, new) != cfg.generator_hidden_size
     return old != new
+
+
+def _accept(changes: dict, recorded: dict, override: bool, say, doing: str) -> None:
+    """Flags that differ from the run being resumed: refused, or with ``override`` said on one line."""
+    if not changes:
+        return
+    what = ", ".join(f"{flag(k)} {recorded[k]!r} -> {v!r}" for k, v in changes.items())
+    if not override:
+        raise PretrainError(f"{flag(next(iter(changes)))}: differs from the run being resumed ({what}); "
+                            "pass --override to change it, or start a new --out")
+    say(f"--override: {doing} with {what}")
 
 
 def settle(cfg, recipe: dict, tok, recorded: Optional[dict], override: bool, say) -> Tuple[object, Dict]:
@@ -192,16 +203,11 @@ def settle(cfg, recipe: dict, tok, recorded: Optional[dict], override: bool, say
     else:
         recorded = {**record(cfg, {}, kind), **recorded}
         changes = {k: v for k, v in recipe.items() if _differs(k, recorded[k], v, cfg)}
-        if changes:
-            what = ", ".join(f"{flag(k)} {recorded[k]!r} -> {v!r}" for k, v in changes.items())
-            fixed = [k for k in changes if k in FIXED_ON_RESUME]
-            if fixed:
-                raise PretrainError(f"{flag(fixed[0])}: the run being resumed has {recorded[fixed[0]]!r}, which "
-                                    "a resumed run cannot change; start a new --out")
-            if not override:
-                raise PretrainError(f"{flag(next(iter(changes)))}: differs from the run being resumed ({what}); "
-                                    "pass --override to change it, or start a new --out")
-            say(f"--override: resuming with {what}")
+        fixed = [k for k in changes if k in FIXED_ON_RESUME]
+        if fixed:
+            raise PretrainError(f"{flag(fixed[0])}: the run being resumed has {recorded[fixed[0]]!r}, which "
+                                "a resumed run cannot change; start a new --out")
+        _accept(changes, recorded, override, say, "resuming")
         cfg = apply(cfg, changes)
         full = {**recorded, **changes}
     if cfg.whole_word_masking and not has_word_boundaries(tok):
@@ -214,17 +220,26 @@ def settle(cfg, recipe: dict, tok, recorded: Optional[dict], override: bool, say
 def restart(recorded: dict, recipe: dict, override: bool, say) -> dict:
     """The recipe flags of a run started again from scratch on ``--resume`` (no complete checkpoint): the run's
     ``recorded`` recipe (run.json) with the flags given, which may differ only with ``override``, as on a resume.
-    The generator's width is left to the caller, which knows the model (the record holds it as a fraction, which
-    would rebuild even an unchanged generator as ELECTRA's get_generator_config does)."""
+    The generator's width waits for the model: :func:`restart_generator`."""
     recorded = {k: v for k, v in recorded.items() if k in KEYS and k != "generator_size"}
-    changes = {k: v for k, v in recipe.items() if k in recorded and recorded[k] != v}
-    if changes:
-        what = ", ".join(f"{flag(k)} {recorded[k]!r} -> {v!r}" for k, v in changes.items())
-        if not override:
-            raise PretrainError(f"{flag(next(iter(changes)))}: differs from the run being resumed ({what}); "
-                                "pass --override to change it, or start a new --out")
-        say(f"--override: starting again with {what}")
+    _accept({k: v for k, v in recipe.items() if k in recorded and recorded[k] != v}, recorded, override, say,
+            "starting again")
     return {**recorded, **recipe}
+
+
+def restart_generator(cfg, recorded: dict, recipe: dict, override: bool, say) -> dict:
+    """:func:`restart`'s recipe with the run's generator width for model ``cfg``: its recorded fraction only where
+    it gives another width than the model's own (applying it would rebuild even an unchanged generator, as
+    ELECTRA's get_generator_config does); a given one that differs needs ``override``."""
+    width = recorded.get("generator_size")
+    if width is None:
+        return recipe
+    if "generator_size" in recipe:
+        if _width(cfg, recipe["generator_size"]) != _width(cfg, width):
+            _accept({"generator_size": recipe["generator_size"]}, {"generator_size": width}, override, say,
+                    "starting again")
+        return recipe
+    return {**recipe, "generator_size": width} if _width(cfg, width) != cfg.generator_hidden_size else recipe
 
 
 def adam(recipe: dict) -> dict:

@@ -117,12 +117,13 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     # a resumed run's own, for a restart when it has no complete checkpoint
     run_tokenizer = run_init_from = recorded_recipe = None
     if resume:
-        recorded_recipe = _run_record(out).get("recipe")
+        run_json = _run_record(out)
+        recorded_recipe = run_json.get("recipe")
         (data, seq_len, batch_size, grad_accum, lr, warmup, weight_decay, seed, model, steps, save_every, keep,
          log_every, eval_every, tensorboard, vocab_size, run_tokenizer, run_init_from) = _run_options(
-            out, data=data, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
-            weight_decay=weight_decay, seed=seed, model=model, steps=steps, save_every=save_every, keep=keep,
-            log_every=log_every, eval_every=eval_every, tensorboard=tensorboard, vocab_size=vocab_size,
+            run_json, out, data=data, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+            warmup=warmup, weight_decay=weight_decay, seed=seed, model=model, steps=steps, save_every=save_every,
+            keep=keep, log_every=log_every, eval_every=eval_every, tensorboard=tensorboard, vocab_size=vocab_size,
             tokenizer=None, init_from=None).values()
     keep = 3 if keep is None else keep
     log_every = 10 if log_every is None else log_every
@@ -210,10 +211,10 @@ def _run_record(out) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _run_options(out, **given) -> dict:
-    """``given`` (RUN_OPTIONS, None: not given) with the values of the run in ``out`` where not given; a given value
-    that differs from the run's is refused, all of them in one line. Runs without the record: ``given`` as is."""
-    record = _run_record(out)
+def _run_options(record: dict, out, **given) -> dict:
+    """``given`` (RUN_OPTIONS, None: not given) with the values of the run in ``out`` (its run.json ``record``)
+    where not given; a given value that differs from the run's is refused, all of them in one line. Runs without
+    the record: ``given`` as is."""
     run = record.get("options")
     if not isinstance(run, dict):
         return given
@@ -386,15 +387,8 @@ class _Job:
             o = self.o
             cfg = o.source.config_for(self.tok, o.recipe) if o.source else model_config(o.model,
                                                                                      config_overrides(self.tok))
-            width = (o.recorded_recipe or {}).get("generator_size") if o.resume else None
-            if width is not None:  # a restart: the run's generator, as it was, unless changed with --override
-                given = o.recipe.get("generator_size")
-                if given is None and recipes.changes_width(cfg, width):
-                    o.recipe = {**o.recipe, "generator_size": width}
-                elif given is not None and round(cfg.hidden_size * given) != round(cfg.hidden_size * width) \
-                        and not o.override:
-                    raise PretrainError(f"--generator-size: differs from the run being resumed ({width!r} -> "
-                                        f"{given!r}); pass --override to change it, or start a new --out")
+            if o.resume and isinstance(o.recorded_recipe, dict):  # a restart: the run's generator, as it was
+                o.recipe = recipes.restart_generator(cfg, o.recorded_recipe, o.recipe, o.override, self.say)
         cfg, self.run_recipe = recipes.settle(cfg, self.o.recipe, self.tok, self.state and self.state.get("recipe", {}),
                                               self.o.override, self.say)
         check_seq_len(self.o.seq_len, cfg)
