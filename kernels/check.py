@@ -39,6 +39,8 @@ def _compile(spec, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from .spec import COMPILE_OPTIONS
+
     signature = dict(spec.signature)
     for name in spec.constexprs:
         signature[name] = "constexpr"
@@ -49,7 +51,7 @@ def _compile(spec, arch: int):
         raise ValueError(f"spec for {spec.kernel.__name__} lacks arguments {missing}")
     signature = {a: signature[a] for a in order}
     src = ASTSource(fn=spec.kernel, signature=signature, constexprs=dict(spec.constexprs))
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **COMPILE_OPTIONS}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 

@@ -75,7 +75,7 @@ import triton
 import triton.language as tl
 
 from .philox import element_word, uniform
-from .spec import Spec, ptr
+from .spec import COMPILE_OPTIONS, Spec, ptr
 
 ATTN_DROPOUT = 3  # Philox purpose (electra_fast/reference/philox.py); literal in _keep (jit code)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -547,7 +547,7 @@ def forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale: float, dropout_
     da_fwd_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, c["posk"], c["posq"], c["mask"], rel_slots, cu, out, lse, T, H, c["NS"], float(scale),
         float(dropout_p), c["inv_keep"], int(seed), *_flags(pos_key, pos_query, mask), *packed, D=D, BM=bm, BN=bn,
-        PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
+        PREC=_prec(q.dtype), **COMPILE_OPTIONS, num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -612,7 +612,7 @@ def backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, s
     rows = out.numel() // D  # delta per row of out in memory order: [B, H, T], packed [N, H]
     delta = torch.empty(rows, device=q.device, dtype=torch.float32)
     da_bwd_delta_kernel[(triton.cdiv(rows, DELTA_ROWS),)](out, grad_out, delta, rows, D=D, ROWS=DELTA_ROWS,
-                                                         num_warps=4)
+                                                         **COMPILE_OPTIONS, num_warps=4)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     flags = dict(D=D, PREC=_prec(q.dtype))
     args = (c["posk"], c["posq"], c["mask"], rel_slots, cu, grad_out, lse, delta)
@@ -624,11 +624,11 @@ def backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, s
     bm, bn, warps, stages = config(D, q.dtype, "dkdv")
     g, programs, w0, nw = workspace_layout(T, D, ns, "dkdv", q.dtype)
     da_bwd_dkdv_kernel[(programs, B * H)](q, k, v, *args, dk, dv, ws["dkdv"], *scalars, g, w0, nw, BM=bm, BN=bn,
-                                          **flags, num_warps=warps, num_stages=stages)
+                                          **flags, **COMPILE_OPTIONS, num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = config(D, q.dtype, "dq")
     g, programs, w0, nw = workspace_layout(T, D, ns, "dq", q.dtype)
     da_bwd_dq_kernel[(programs, B * H)](q, k, v, *args, dq, ws["dq"], *scalars, g, w0, nw, BM=bm, BN=bn, **flags,
-                                        num_warps=warps, num_stages=stages)
+                                        **COMPILE_OPTIONS, num_warps=warps, num_stages=stages)
     # fixed-order reductions over (batch, program): deterministic; slots outside W0 .. W0 + NW - 1 get nothing
     dpos = []
     for pos, pas in ((pos_key, "dq"), (pos_query, "dkdv")):

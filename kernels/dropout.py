@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .philox import philox4_stream
-from .spec import Spec, ptr
+from .spec import COMPILE_OPTIONS, Spec, ptr
 
 DROPOUT = tl.constexpr(4)  # electra_fast.reference.philox.DROPOUT (kernels import nothing from electra_fast)
 BLOCK = 1024
@@ -47,7 +47,8 @@ def apply(x, threshold: int, scale: float, seed: int, stream: int):
     if n == 0:
         return y
     dropout_kernel[(triton.cdiv(n, BLOCK),)](x, y, n, seed, stream, threshold, scale,
-                                             ACC64=x.dtype == torch.float64, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                             ACC64=x.dtype == torch.float64, BLOCK=BLOCK, **COMPILE_OPTIONS,
+                                             num_warps=NUM_WARPS)
     return y
 
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .philox import element_word, philox4_stream
-from .spec import Spec, ptr
+from .spec import COMPILE_OPTIONS, Spec, ptr
 
 DROPOUT = tl.constexpr(4)  # electra_fast.reference.philox.DROPOUT (kernels import nothing from electra_fast)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -203,7 +203,8 @@ def forward(x, residual, weight, bias, threshold: int, scale: float, seed: int, 
     block_h, block_m, warps = config(hidden)
     dropout_add_layer_norm_fwd_kernel[(triton.cdiv(n, block_m),)](
         x, residual, weight, bias_arg, out, h, mean, rstd, n, hidden, seed, stream, threshold, scale, eps,
-        int(bias is not None), ACC64=x.dtype == torch.float64, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps)
+        int(bias is not None), ACC64=x.dtype == torch.float64, BLOCK_M=block_m, BLOCK_H=block_h, **COMPILE_OPTIONS,
+        num_warps=warps)
     return out, h, mean, rstd
 
 
@@ -225,7 +226,7 @@ def backward(grad_out, h, weight, mean, rstd, threshold: int, scale: float, seed
     dropout_add_layer_norm_bwd_kernel[(programs,)](
         grad_out, h, weight.to(acc), mean, rstd, dx, dres, dw, db, n, hidden,
         rows_per_program, seed, stream, threshold, scale, int(has_bias), ACC64=h.dtype == torch.float64,
-        BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps)
+        BLOCK_M=block_m, BLOCK_H=block_h, **COMPILE_OPTIONS, num_warps=warps)
     dweight = dw.sum(0).to(weight.dtype)
     return dx, dres, dweight, db.sum(0).to(weight.dtype) if has_bias else None
 

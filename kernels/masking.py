@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .philox import philox4
-from .spec import Spec, ptr
+from .spec import COMPILE_OPTIONS, Spec, ptr
 
 PURPOSE_MASKING = tl.constexpr(1)  # reference/philox.py: MASKING
 TILES = ((512, 4), (2048, 8), (8192, 16))  # (BLOCK_T, num_warps): the smallest BLOCK_T >= T
@@ -138,7 +138,7 @@ def forward(input_ids, attention_mask, word_starts, specials, count_table, seed:
         word_starts if word_starts is not None else masked, specials, count_table, out, labels, masked,
         T, n_specials, (seed & 0xFFFFFFFF) | _SEED_TAG, (seed >> 32) | _SEED_TAG, mask_token_id, n_random, sel_thr,
         mask_thr, rand_thr, int(attention_mask is not None), int(count), WORDS=word_starts is not None,
-        BLOCK_T=block, num_warps=warps)
+        BLOCK_T=block, **COMPILE_OPTIONS, num_warps=warps)
     return out, labels, masked.view(torch.bool)
 
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .spec import Spec, ptr
+from .spec import COMPILE_OPTIONS, Spec, ptr
 
 BLOCK = 2048
 NUM_WARPS = 8
@@ -79,7 +79,7 @@ def forward(logits, corrupted, original, mask, reduction: int, need_grad: bool):
         logits, corrupted, original, mask if mask is not None else logits,
         per_token if per_token is not None else partial_loss, dlogits if need_grad else partial_loss,
         partial_loss, partial_counts, n, HAS_MASK=mask is not None, WRITE_LOSS=reduction == 0,
-        NEED_GRAD=need_grad, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        NEED_GRAD=need_grad, BLOCK=BLOCK, **COMPILE_OPTIONS, num_warps=NUM_WARPS)
     counts = partial_counts.sum(0, dtype=torch.int64)
     if reduction == 0:
         return per_token, counts, dlogits

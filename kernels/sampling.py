@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .philox import element_word, uniform_open
-from .spec import Spec, ptr
+from .spec import COMPILE_OPTIONS, Spec, ptr
 
 GUMBEL = tl.constexpr(2)  # electra_fast.reference.philox.GUMBEL (kernels import nothing from electra_fast)
 BLOCK_N, BLOCK_V, BLOCK_E = 64, 64, 32
@@ -275,7 +275,7 @@ def sample(logits, disallowed, seed: int, inv_temperature: float):
     if n:
         gumbel_sample_kernel[(rb, splits)](logits, _mask_or_zeros(disallowed, vocab, logits.device), best, best_id, n,
                                            vocab, span, seed, inv_temperature, BLOCK_N=SAMPLE_BLOCK_N,
-                                           BLOCK_V=SAMPLE_BLOCK_V, num_warps=NUM_WARPS)
+                                           BLOCK_V=SAMPLE_BLOCK_V, **COMPILE_OPTIONS, num_warps=NUM_WARPS)
     return _first_max(best, best_id)
 
 
@@ -298,7 +298,7 @@ def forward(hidden, weight, bias, targets, disallowed, seed: int, inv_temperatur
             hidden, weight, _bias_or_zeros(bias, weight), targets.to(torch.int64),
             _mask_or_zeros(disallowed, vocab, hidden.device), m, s, tgt, amax, amax_id, best, best_id, n, vocab, e,
             span, seed, inv_temperature, **_flags(hidden.dtype), BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_E=BLOCK_E,
-            num_warps=FWD_NUM_WARPS)
+            **COMPILE_OPTIONS, num_warps=FWD_NUM_WARPS)
     big = m.max(0).values  # NaN when a split saw a NaN, +inf when one saw +inf: the lse as it is
     safe = torch.where(torch.isfinite(big), big, torch.zeros_like(big))
     lse = torch.where(torch.isfinite(big), big + torch.log((s * torch.exp(m - safe)).sum(0)), big)
@@ -326,13 +326,13 @@ def backward(grad_rows, hidden, weight, bias, targets, lse, ignore_index: int, c
         if n:
             mlm_dlogits_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(vc, BLOCK_V))](
                 hidden, weight, b, t, lse, grad_rows, dl, n, vocab, e, v0, vc, ignore_index, **flags,
-                BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_E=BLOCK_E, num_warps=NUM_WARPS)
+                BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_E=BLOCK_E, **COMPILE_OPTIONS, num_warps=NUM_WARPS)
             mlm_dhidden_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(e, BW_BLOCK_E))](
                 dl, weight, dh, n, e, v0, vc, IEEE=ieee, BLOCK_N=BLOCK_N, BLOCK_E=BW_BLOCK_E, BLOCK_K=BW_BLOCK_K,
-                num_warps=NUM_WARPS)
+                **COMPILE_OPTIONS, num_warps=NUM_WARPS)
         mlm_dweight_kernel[(triton.cdiv(vc, BLOCK_V), triton.cdiv(e, BW_BLOCK_E))](
             dl, hidden, dw, db, n, e, v0, vc, IEEE=ieee, ACC64=flags["ACC64"], BLOCK_V=BLOCK_V, BLOCK_E=BW_BLOCK_E,
-            BLOCK_K=BW_BLOCK_K, num_warps=NUM_WARPS)
+            BLOCK_K=BW_BLOCK_K, **COMPILE_OPTIONS, num_warps=NUM_WARPS)
     return dh.to(hidden.dtype), dw, db
 
 

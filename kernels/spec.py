@@ -18,6 +18,11 @@ TRITON_TYPE = {
     torch.int16: "i16",
 }
 
+# Options every launch and the AOT check pass to Triton's compiler. FMA fusion is pinned on: the kernels' numerics and
+# the GPU lane's tolerances were measured with it (Triton <= 3.9's default), and Triton 3.10 turns the default off
+# (3.9 warns when TRITON_DEFAULT_FP_FUSION is unset). TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off.
+COMPILE_OPTIONS: Dict[str, Any] = {"enable_fp_fusion": True}
+
 
 def ptr(dtype: torch.dtype) -> str:
     return "*" + TRITON_TYPE[dtype]

@@ -10,7 +10,6 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import electra_fast  # noqa: E402  (after TRITON_INTERPRET is decided)
 from electra_fast import _backend, _extension  # noqa: E402

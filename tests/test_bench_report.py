@@ -102,6 +102,7 @@ def test_runs_never_overwrite_and_compare_needs_rows_in_common(tmp_path, monkeyp
 
     monkeypatch.setattr(bench_cli.subprocess, "call", fake_call)
     monkeypatch.setattr(bench_cli, "bench_files", lambda bdir: ["test_bench_rtd_loss.py"])
+    monkeypatch.setattr(bench_cli, "selected_files", lambda bdir, device, select, env: bench_cli.bench_files(bdir))
     monkeypatch.setattr(bench_report, "result_name", lambda device=None: "cpu-x-2026-12-06")
     out = tmp_path / "out"
     args = type("A", (), dict(quick=False, device="cpu", out=str(out), compare=None, select=None))
@@ -159,3 +160,13 @@ def test_a_cpu_run_is_named_after_the_cpu_and_plots_belong_to_their_json(tmp_pat
     bench_report.write_results_md([p], str(md), {})
     text = md.read_text()
     assert all(os.path.basename(i) in text for i in images) and "varlen-scaling" not in text
+
+
+def test_a_selection_runs_only_the_files_it_picks():
+    """`bench -k` collects once: a file without a picked row is not run (a no-match started every file, ~53 s)."""
+    from electra_fast import bench as bench_cli
+    bdir, env = bench_cli.bench_dir(), dict(os.environ, ELECTRA_FAST_BENCH_QUICK="1")
+    assert bench_cli.selected_files(bdir, "cpu", "rtd_loss", env) == ["test_bench_rtd_loss.py"]
+    assert bench_cli.selected_files(bdir, "cpu", "no_row_is_named_so", env) == []
+    picked = bench_cli.selected_files(bdir, "cpu", "dropout", env)
+    assert "test_bench_dropout.py" in picked and "test_bench_masking.py" not in picked

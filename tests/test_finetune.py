@@ -930,3 +930,30 @@ def test_resume_before_the_first_epoch_state_drops_its_metric_lines(tmp_path):
     assert _load_epoch_state(str(tmp_path), None, None, None, None) is None
     assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8") == ""
 
+
+
+@pytest.mark.parametrize("task, columns, text", [
+    ("classification", dict(text="0", label="1"), "sentence\tlabel\ngood film\t1\nbad film\t0\n"),  # SST-2
+    ("classification", dict(text="0", label="1"), "text\tsentiment\ngood film\tpos\nbad film\tneg\n"),
+    ("regression", dict(text="0", pair="1", label="2"), "s1,s2,similarity\na b,c d,1.5\ne f,g h,4\n"),
+    ("token-classification", dict(tokens="0", tags="1"), "words\tner\nAda Lovelace\tB-PER I-PER\n"),
+])
+def test_a_header_read_with_column_indices_is_refused(tmp_path, task, columns, text):
+    """With 0-based indices every line is a row: a header became a training example (SST-2's 'sentence' with a
+    class 'label' of its own; a CoNLL header a one-word sentence tagged 'ner'), silently."""
+    path = _write(tmp_path / ("d.csv" if "," in text.split("\n")[0] else "d.tsv"), text)
+    with pytest.raises(fdata.FinetuneError, match=r"d\.[ct]sv line 1 looks like a header row \(.*\): with 0-based "
+                                                  r"column indices every line is a row; name the columns"):
+        fdata.read(path, task, fdata.Columns(**columns), "--train")
+    ds = fdata.read(path, task, fdata.Columns(**columns), "--train", skip_bad_lines=True)
+    assert ds.skipped == 1 and len(ds.examples) == len(text.strip().split("\n")) - 1
+
+
+@pytest.mark.parametrize("text", ["a fine film\tpositive\nbad\tnegative\n",  # string classes: no column name
+                                  "gj04\t1\t\tOur friends won't buy this analysis.\ngj04\t0\t*\tThey drank the pub.\n",
+                                  "text of a film\t1\nsentence\t0\n"])  # column names as data, but not on line 1
+def test_a_first_row_of_data_read_with_indices_is_kept(tmp_path, text):
+    path = _write(tmp_path / "d.tsv", text)
+    cols = fdata.Columns(text="3", label="1") if text.startswith("gj04") else fdata.Columns(text="0", label="1")
+    ds = fdata.read(path, "classification", cols, "--train")
+    assert len(ds.examples) == 2 and ds.skipped == 0

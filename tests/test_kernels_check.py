@@ -13,7 +13,6 @@ pytest.importorskip("triton")
 # interpreter objects there, and compiling for a GPU in that process fails on them (Triton 3.9), whatever the kernel.
 # So every compile runs in a fresh process without the interpreter, as `python -m electra_fast.kernels.check` does.
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-ENV.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90():
@@ -116,3 +115,51 @@ def test_cli_rejects_bad_arguments(argv, expected, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and expected in capsys.readouterr().err
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="spies on the interpreter's launches")
+def test_every_launch_pins_the_compile_options(monkeypatch):
+    """Every kernel, launched by its op's forward and backward, gets spec.COMPILE_OPTIONS (FMA fusion on: Triton 3.10
+    turns its default off), and the check compiles with the same options."""
+    import importlib
+
+    import torch
+    from triton.runtime import interpreter
+
+    import electra_fast
+    from electra_fast.kernels import check
+    from electra_fast.kernels.spec import COMPILE_OPTIONS
+
+    assert COMPILE_OPTIONS == {"enable_fp_fusion": True}
+    launched = {}
+    run = interpreter.InterpretedFunction.run
+
+    def spy(self, *args, **kwargs):
+        launched.setdefault(self.fn.__name__, []).append({k: kwargs.get(k) for k in COMPILE_OPTIONS})
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", spy)
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    with electra_fast.use_backend("triton"):
+        x = leaf(4, 8)
+        electra_fast.dropout(x, 0.5, 1).sum().backward()
+        x, r, w, b = leaf(4, 8), leaf(4, 8), leaf(8), leaf(8)
+        electra_fast.dropout_add_layer_norm(x, r, w, b, p=0.1, seed=1).sum().backward()
+        electra_fast.mask_tokens(torch.randint(5, 100, (2, 16), generator=g), mask_token_id=1, vocab_size=100, seed=3)
+        logits = leaf(2, 5)
+        electra_fast.rtd_loss(logits, torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)).backward()
+        electra_fast.gumbel_sample(torch.randn(3, 10, generator=g), seed=1)
+        h, w, b = leaf(3, 8), leaf(10, 8), leaf(10)
+        electra_fast.mlm_loss_and_sample(h, w, torch.tensor([1, 4, -100]), bias=b, seed=1)[0].backward()
+        q, k, v, pk, pq = leaf(1, 2, 6, 32), leaf(1, 2, 6, 32), leaf(1, 2, 6, 32), leaf(2, 8, 32), leaf(2, 8, 32)
+        electra_fast.disentangled_attention(q, k, v, pk, pq, position_buckets=4,
+                                            max_relative_positions=8).sum().backward()
+    kernels = {n for m in check.kernel_modules() for n in vars(importlib.import_module(f"electra_fast.kernels.{m}"))
+               if n.endswith("_kernel")}
+    assert set(launched) == kernels
+    assert all(o == COMPILE_OPTIONS for calls in launched.values() for o in calls), launched

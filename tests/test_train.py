@@ -1,5 +1,6 @@
 """The pretraining job: tokenizer, data cache and packing, training, exact resume, crash-safe checkpoints,
 two-process DDP, export to transformers, and every bad-input case (one-line errors, non-zero exit)."""
+import hashlib
 import json
 import os
 import random
@@ -339,6 +340,35 @@ def test_resume_on_a_changed_corpus_is_refused(env, tmp_path):
         pretrain(str(data), **_kw(env, run, steps=4, resume=True, eval_every=2))
     assert sorted(p.name for p in run.rglob("*") if "cache" not in p.parts) == before
 
+
+
+def test_resume_on_other_text_of_the_same_size_is_refused(env, tmp_path):
+    """The corpus's documents reordered: as many sequences as before, so only the tokens' digest tells (the
+    resume went on silently, its held-out slice now text it had trained on)."""
+    data = tmp_path / "corpus.txt"
+    docs = open(env["data"], encoding="utf-8").read().split("\n\n")
+    data.write_text("\n\n".join(docs), encoding="utf-8")
+    run = tmp_path / "run"
+    pretrain(str(data), **_kw(env, run, steps=2, eval_every=2))
+    data.write_text("\n\n".join(docs[::-1]), encoding="utf-8")
+    before = sorted(p.name for p in run.rglob("*") if "cache" not in p.parts)
+    with pytest.raises(PretrainError, match=r"^--resume: the data tokens differ from the checkpoint's \(the same "
+                                            r"number of sequences, other text\): it changed since"):
+        pretrain(str(data), **_kw(env, run, steps=4, resume=True, eval_every=2))
+    assert sorted(p.name for p in run.rglob("*") if "cache" not in p.parts) == before
+    data.write_text("\n\n".join(docs), encoding="utf-8")  # the run's text again: it resumes
+    assert pretrain(str(data), **_kw(env, run, steps=4, resume=True, eval_every=2))["steps"] == 4
+
+
+def test_stream_digest_of_a_cache_without_one_recorded(env, tmp_path):
+    """Caches written before the digest was recorded are read, not rebuilt: their digest is the stream's."""
+    from electra_fast.train.data import stream_digest
+    path = build_token_cache([env["data"]], load_tokenizer(env["tokenizer"]), str(tmp_path))
+    meta = json.load(open(path + ".json"))
+    assert meta["sha256"] == stream_digest(path) == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    del meta["sha256"]
+    json.dump(meta, open(path + ".json", "w"))
+    assert stream_digest(path) == hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 def test_documents_split_on_any_blank_line_and_a_bom_is_not_text(tmp_path):
     txt = tmp_path / "a.txt"

@@ -188,6 +188,14 @@ def read(path: str, task: str, columns: Columns, flag: str, labelled: bool = Tru
             raise FinetuneError(f"{where}: no column {', '.join(map(repr, missing))}, which the training file "
                                 f"uses (columns: {', '.join(header)})")
     out, skipped = [], 0
+    if indexed and rows and _header_like(rows, names):
+        n, first = rows[0]
+        if not skip_bad_lines:
+            raise FinetuneError(f"{path} line {n} looks like a header row ({', '.join(map(repr, first))}): with "
+                                "0-based column indices every line is a row; name the columns instead (e.g. "
+                                "--text-column sentence --label-column label), remove that line, or pass "
+                                "--skip-bad-lines")
+        rows, skipped = rows[1:], 1
     for i, (n, row) in enumerate(rows):
         where = f"{path} line {n}"
         try:
@@ -200,6 +208,36 @@ def read(path: str, task: str, columns: Columns, flag: str, labelled: bool = Tru
     if not out:
         raise FinetuneError(f"{flag}: {path} has no usable rows" + (f" ({skipped} skipped)" if skipped else ""))
     return Dataset(out, skipped, path, names)
+
+
+# What a header names its columns (GLUE's, datasets', CoNLL's): a first row holding one of these in a label / tags
+# column, or as a one-word text, is a header when the columns are given by index
+COLUMN_NAMES = frozenset({"sentence", "sentence1", "sentence2", "text", "question", "question1", "question2", "label",
+                          "labels", "tokens", "words", "tags", "ner_tags", "score", "class", "category", "target"})
+
+
+def _header_like(rows, names: Dict[str, Any]) -> bool:
+    """Whether the first of ``rows`` (lists of cells; ``names``: the used columns' indices) is a header: a label or
+    tags cell that is a column name, or that is the only non-number among the labels, or a one-word text cell
+    that is a column name."""
+    first = rows[0][1]
+
+    def cell(row, key):
+        return row[key].strip() if key is not None and key < len(row) else None
+
+    def number(v):
+        return v is not None and re.fullmatch(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?", v) is not None
+
+    label_key = names.get("label", names.get("tags"))
+    label = cell(first, label_key)
+    if label is not None and label.lower() in COLUMN_NAMES:
+        return True
+    if label is not None and label and not number(label):
+        later = [cell(r, label_key) for _, r in rows[1:101]]
+        if later and all(number(v) for v in later if v):
+            return True
+    texts = [cell(first, names.get(k)) for k in ("text", "pair", "tokens")]
+    return any(t is not None and t.lower() in COLUMN_NAMES for t in texts)
 
 
 # GLUE's sentence-pair columns (MNLI / RTE / ..., QNLI, QQP), tried in this order when no text column is named

@@ -170,7 +170,7 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
     if os.path.isfile(path) and os.path.isfile(path + ".json") and _cache_format(path) == CACHE_FORMAT:
         return path
     sep = special_ids(tok)["sep"]
-    stats, n_docs, n_tokens = {}, 0, 0
+    stats, n_docs, n_tokens, digest = {}, 0, 0, hashlib.sha256()
     tmp, meta_tmp = f"{path}.tmp-{os.getpid()}", f"{path}.json.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -180,6 +180,7 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
                         continue
                     arr = np.asarray(ids + [sep], dtype="<u4") | (np.asarray(starts + [1], dtype="<u4") << 31)
                     f.write(arr.tobytes())
+                    digest.update(arr.tobytes())
                     n_docs += 1
                     n_tokens += arr.size
             f.flush()
@@ -189,7 +190,7 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
         if stats.get("skipped_lines"):
             log(f"warning: skipped {stats['skipped_lines']} bad line(s) (--skip-bad-lines)")
         meta = {"documents": n_docs, "tokens": n_tokens, "inputs": list(inputs), "dtype": "<u4",
-                "format": CACHE_FORMAT, "word_start_bit": 31}
+                "format": CACHE_FORMAT, "word_start_bit": 31, "sha256": digest.hexdigest()}
         with open(meta_tmp, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
         os.replace(tmp, path)
@@ -201,6 +202,23 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
         raise
     log(f"tokenised {n_docs} documents into {n_tokens} tokens -> {path}")
     return path
+
+
+def stream_digest(path: str) -> str:
+    """SHA-256 of a token cache's stream (what a resumed run checks its data against): from the cache's metadata,
+    or, for a cache written before it was recorded there, read from the stream."""
+    try:
+        with open(path + ".json", encoding="utf-8") as f:
+            recorded = json.load(f).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str):
+        return recorded
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _cache_format(path: str) -> "int | None":

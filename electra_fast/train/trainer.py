@@ -28,7 +28,8 @@ from . import plot, rundir
 from . import recipe as recipes
 from .evaluation import HeldOut, SplitSampler, heldout_count, split
 from .metrics import TokenScores, fmt, learned, rtd_metrics
-from .data import PackedSequences, Sampler, build_token_cache, model_inputs, read_documents, resolve_inputs
+from .data import (PackedSequences, Sampler, build_token_cache, model_inputs, read_documents, resolve_inputs,
+                   stream_digest)
 from .doc_sentences import DocumentRows
 from .distributed import Context, setup
 from .errors import PretrainError
@@ -403,6 +404,7 @@ class _Job:
         if not ctx.is_main:  # a cache hit by now
             stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, log=said.append)
         ids = special_ids(self.tok)
+        self.data_digest = stream_digest(stream)
         self.packed = (DocumentRows(stream, o.seq_len, ids["cls"], ids["sep"], ids["pad"])
                        if self.run_recipe["packing"] == "doc-sentences"
                        else PackedSequences(stream, o.seq_len, ids["cls"], ids["sep"]))
@@ -414,10 +416,12 @@ class _Job:
         """The training order, and the held-out slice it leaves out: a new run holds one out with --eval-every;
         a resumed run keeps its checkpoint's split (the data order depends on it)."""
         o, n = self.o, len(self.packed)
-        was = self.state.get("sequences", n) if self.state is not None else n  # older checkpoints: not recorded
-        if was != n:
-            raise PretrainError(f"--resume: the data now packs into {n} sequences of --seq-len {o.seq_len}, the "
-                                f"checkpoint's into {was}: it changed since (the data order and the held-out slice "
+        state = self.state if self.state is not None else {}  # older checkpoints record neither
+        was, digest = state.get("sequences", n), state.get("data_sha256", self.data_digest)
+        if was != n or digest != self.data_digest:
+            now = (f"now packs into {n} sequences of --seq-len {o.seq_len}, the checkpoint's into {was}" if was != n
+                   else "tokens differ from the checkpoint's (the same number of sequences, other text)")
+            raise PretrainError(f"--resume: the data {now}: it changed since (the data order and the held-out slice "
                                 "depend on it); resume on the run's text, or start a new --out")
         self.heldout_sequences = (self.state.get("heldout_sequences", 0) if self.state is not None
                                   else heldout_count(n) if o.eval_every else 0)
@@ -641,7 +645,8 @@ class _Job:
                      "elapsed_s": self.elapsed_before + time.perf_counter() - self.t0,
                      "world": ctx.world, "seq_len": o.seq_len, "batch_size": o.batch_size,
                      "grad_accum": o.grad_accum, "precision": self.precision, "recipe": self.run_recipe,
-                     "heldout_sequences": self.heldout_sequences, "sequences": len(self.packed)}
+                     "heldout_sequences": self.heldout_sequences, "sequences": len(self.packed),
+                     "data_sha256": self.data_digest}
             writers = {"model.safetensors": lambda p: ckpt.save_model(self.net, p),
                        "training_state.pt": lambda p: ckpt.save_training_state(state, p),
                        "config.json": lambda p: self.cfg.to_json_file(p),
