@@ -113,14 +113,13 @@ def main(args) -> int:
     if args.out is None:  # the checkout's results: README.md's performance table follows them
         print(bench_report.sync_readme(os.path.dirname(bdir)))
     if args.compare:
-        shared = bench_report.shared_rows(json_path, args.compare)
+        problems, shared = bench_report.compare_rows(json_path, args.compare)
         for note in bench_report.mismatch(json_path, args.compare):
             print(f"electra-fast bench: warning: {note}", file=sys.stderr)
         if not shared:  # a gate that compared nothing would pass anything
             print(f"electra-fast bench: error: --compare: no fused-vs-baseline row of this run is in {args.compare}; "
                   "nothing was compared", file=sys.stderr)
             return 1
-        problems = bench_report.compare(json_path, args.compare)
         for p in problems:
             print("REGRESSION " + p, file=sys.stderr)
         if problems:

@@ -72,20 +72,21 @@ def speedups(groups) -> Dict[Tuple[Key, str], float]:
 
 def compare(current: str, previous: str, tolerance: float = 0.15) -> List[str]:
     """Regressions: fused speed-ups that fell by more than ``tolerance`` (relative) since ``previous``."""
+    return compare_rows(current, previous, tolerance)[0]
+
+
+def compare_rows(current: str, previous: str, tolerance: float = 0.15) -> Tuple[List[str], int]:
+    """(:func:`compare`'s regressions, how many fused-vs-baseline rows the two runs have in common: what it judged)."""
     now, before = speedups(load_groups(current)), speedups(load_groups(previous))
+    shared = sorted(set(now) & set(before))
     problems = []
-    for k in sorted(set(now) & set(before)):
+    for k in shared:
         if now[k] < (1 - tolerance) * before[k]:
             (op, pass_, shape, dtype), impl = k
             fell = (1 - now[k] / before[k]) * 100
             problems.append(f"{op} {pass_} {shape} {dtype}: fused vs {impl} {before[k]:.2f}x -> {now[k]:.2f}x "
                             f"(-{math.ceil(fell * 10) / 10:g}%, limit {tolerance * 100:.0f}%)")  # never shown at it
-    return problems
-
-
-def shared_rows(current: str, previous: str) -> int:
-    """How many fused-vs-baseline rows the two runs have in common (what :func:`compare` can judge)."""
-    return len(set(speedups(load_groups(current))) & set(speedups(load_groups(previous))))
+    return problems, len(shared)
 
 
 def mismatch(current: str, previous: str) -> List[str]:
