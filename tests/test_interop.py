@@ -240,6 +240,79 @@ def test_missing_key(tmp_path):
         ElectraPretrainingModel.from_transformers(gp, dp, embedding_sharing="none", **IDS)
 
 
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_weights_the_model_would_drop_are_refused(tmp_path):
+    """Loading dropped, without a word, encoder weights with no place in the model (a config.json with fewer layers
+    than its weights; a relative-position table) and an untied generator projection: logits off by ~1."""
+    from safetensors.torch import load_file, save_file
+    g, d = _electra_pair()
+    gp, dp = _save(tmp_path, g, d)
+    ElectraPretrainingModel.from_transformers(gp, dp, **IDS)  # as saved: loads
+    _edit_config(dp, num_hidden_layers=1)
+    with pytest.raises(CheckpointError, match=r"discriminator: .* holds 16 encoder weight\(s\) the model has no "
+                                              r"place for \('electra\.encoder\.layer\.1\."):
+        ElectraPretrainingModel.from_transformers(gp, dp, **IDS)
+    _edit_config(dp, num_hidden_layers=2)
+    state = load_file(dp / "model.safetensors")
+    save_file({**state, "electra.encoder.layer.0.attention.self.distance_embedding.weight": torch.zeros(127, 8)},
+              dp / "model.safetensors")
+    with pytest.raises(CheckpointError, match="distance_embedding"):
+        ElectraPretrainingModel.from_transformers(gp, dp, **IDS)
+    save_file(state, dp / "model.safetensors")
+    torch.manual_seed(1)
+    untied = transformers.ElectraForMaskedLM(transformers.ElectraConfig(**{**g.config.to_dict(),
+                                                                           "tie_word_embeddings": False}))
+    untied.save_pretrained(tmp_path / "untied")
+    with pytest.raises(CheckpointError, match="'generator_lm_head.weight' that differs from its word embeddings"):
+        ElectraPretrainingModel.from_transformers(tmp_path / "untied", dp, **IDS)
+
+
+@pytest.mark.parametrize("kind, field, value", [("electra", "layer_norm_eps", 1e-2), ("electra", "hidden_act", "relu"),
+                                                ("deberta", "max_relative_positions", 16),
+                                                ("deberta", "pos_att_type", ["c2p"])])
+def test_generator_settings_the_pair_shares_must_agree(tmp_path, kind, field, value):
+    """One ElectraConfig field holds these for both models: the generator's own value was ignored (its logits off
+    by up to 0.29), and the export then wrote the discriminator's into the generator's config.json."""
+    g, d = _electra_pair() if kind == "electra" else _deberta_pair()
+    gp, dp = _save(tmp_path, g, d)
+    _edit_config(gp, **{field: value})
+    with pytest.raises(CheckpointError, match=f"the generator's config.json has {field}=.*, the discriminator's"):
+        ElectraPretrainingModel.from_transformers(gp, dp, **IDS)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda dp: (dp / "config.json").write_text("{nope"), r"config\.json is not JSON"),
+    (lambda dp: (dp / "config.json").write_text("[1]"), r"config\.json: expected a JSON object, got a JSON list"),
+    (lambda dp: _edit_config(dp, hidden_size="32"), "discriminator: config.json has no integer hidden_size"),
+    (lambda dp: _edit_config(dp, position_embedding_type="relative_key"),
+     "position_embedding_type 'relative_key' is not supported"),
+    (lambda dp: (os.remove(dp / "model.safetensors"), torch.save([torch.zeros(1)], dp / "pytorch_model.bin")),
+     r"pytorch_model\.bin is not a readable weights file \(expected a dict of named tensors, got a list\)"),
+    (lambda dp: (os.remove(dp / "model.safetensors"), (dp / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001.safetensors"}}))), "names shard file.* not there"),
+])
+def test_unreadable_transformers_folders_are_a_checkpoint_error(tmp_path, damage, expected):
+    """KeyError / JSONDecodeError / AttributeError tracebacks before, naming no file."""
+    g, d = _electra_pair()
+    gp, dp = _save(tmp_path, g, d)
+    damage(dp)
+    with pytest.raises(CheckpointError, match=expected):
+        ElectraPretrainingModel.from_transformers(gp, dp, **IDS)
+
+
+def test_from_pretrained_with_a_broken_config_is_a_checkpoint_error(tmp_path):
+    g, d = _electra_pair()
+    ElectraPretrainingModel.from_transformers(*_save(tmp_path, g, d), **IDS).save_pretrained(tmp_path / "ours")
+    (tmp_path / "ours" / "electra_fast.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"electra_fast\.json is not JSON"):
+        ElectraPretrainingModel.from_pretrained(tmp_path / "ours")
+
 def test_no_network(tmp_path, monkeypatch):
     """Interop reads local files only: a hub-style name is a missing directory, not a download."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

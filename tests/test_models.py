@@ -2,6 +2,7 @@
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -435,3 +436,31 @@ def test_standard_attention_dropout_is_reproducible_and_masks_probabilities():
     c = layer(x, key_mask)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.allclose(a, layer.eval()(x, key_mask))  # dropout did act in training
+
+
+@pytest.mark.parametrize("field, value, error, expected", [
+    ("pad_token_id", 1.5, TypeError, "pad_token_id: expected an integer, got 1.5"),  # an IndexError when built
+    ("pad_token_id", True, TypeError, "pad_token_id: expected an integer, got True"),
+    ("type_vocab_size", None, TypeError, "type_vocab_size: expected an integer, got None"),
+    ("mask_prob", "0.15", TypeError, "mask_prob: expected a number or an integer, got '0.15'"),
+    ("position_biased_input", "False", TypeError, "position_biased_input: expected a boolean, got 'False'"),  # was kept: truthy
+    ("whole_word_masking", "yes", TypeError, "whole_word_masking: expected a boolean, got 'yes'"),
+    ("pos_att_type", "p2c|c2p", TypeError, "pos_att_type: expected an array, got 'p2c|c2p'"),  # was its characters
+    ("norm_rel_ebd", "bogus", ValueError, "norm_rel_ebd: expected 'layer_norm' or 'none'"),  # no LayerNorm, silently
+    ("hidden_dropout_prob", 1.0, ValueError, r"hidden_dropout_prob: expected a probability in \[0, 1\), got 1.0"),
+    ("initializer_range", 1e30, ValueError, r"initializer_range: expected a real number in \[0.0, 1.0\]"),  # NaN loss
+])
+def test_config_fields_are_typed_and_ranged_from_python_too(field, value, error, expected):
+    """JSON configs were type-checked, ElectraConfig(**kwargs) was not: a step's IndexError / TypeError naming no
+    field, or a string flag taken as True."""
+    with pytest.raises(error, match=f"^ElectraConfig.{expected}"):
+        ElectraConfig(**{field: value})
+
+
+def test_config_takes_numpy_scalars_and_transformers_spellings():
+    cfg = ElectraConfig(vocab_size=np.int64(100), pad_token_id=np.int32(0), unk_token_id=1, cls_token_id=2,
+                        sep_token_id=3, mask_token_id=4, mask_prob=np.float32(0.25), attention="disentangled",
+                        norm_rel_ebd="layer_norm|none", position_buckets=8, max_position_embeddings=64,
+                        embedding_sharing="none")
+    assert json.loads(cfg.to_json_string())["vocab_size"] == 100  # written as JSON (np.int64 is not)
+    assert cfg.vocab_size == 100 and cfg.mask_prob == pytest.approx(0.25)

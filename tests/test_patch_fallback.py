@@ -261,8 +261,106 @@ def test_forward_hooks_keep_firing():
     assert len(seen) == 1  # the hooked query was called, not read
     hooked = build("bert", "BertModel")
     hooked.encoder.layer[0].intermediate.dense.register_forward_pre_hook(lambda m, i: None)
-    with pytest.raises(ValueError, match="forward hooks"):
+    with pytest.raises(ValueError, match="intermediate.dense has hooks"):
         electra_fast.patch(hooked, strict=True)
+
+
+@pytest.mark.parametrize("where", ["output", "intermediate", "intermediate.intermediate_act_fn", "output.dropout",
+                                   "attention.output.dropout"])
+def test_hooks_on_modules_the_fused_code_does_not_call_keep_firing(where):
+    """The fused feed-forward computes layer.intermediate and layer.output itself (and reads the dropouts' p): a
+    hook there never fired and a hook that changed the output was lost (max |diff| 1.6), even under strict."""
+    model = build("bert", "BertModel")
+    inputs, _ = batch()
+    fired = []
+
+    def halve(module, args, out):
+        fired.append(1)
+        return out * 0.5
+
+    model.encoder.layer[-1].get_submodule(where).register_forward_hook(halve)
+    want = model(**inputs).last_hidden_state
+    named = "layer_norm: dropout" if where.startswith("attention") else where
+    with pytest.raises(ValueError, match=f"{named} has hooks"):
+        electra_fast.patch(model, strict=True)
+    electra_fast.patch(model)
+    fired.clear()
+    torch.testing.assert_close(model(**inputs).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+    assert len(fired) == 1
+
+
+def test_backward_hooks_on_read_projections_keep_firing():
+    """A full backward hook on a projection the fused code reads (query, intermediate.dense) never fired."""
+    model = build("bert", "BertModel")
+    inputs, _ = batch()
+    fired = []
+
+    def zero(module, grad_input, grad_output):
+        fired.append(1)
+        return tuple(None if g is None else torch.zeros_like(g) for g in grad_input)
+
+    for layer in model.encoder.layer:
+        layer.attention.self.query.register_full_backward_hook(zero)
+        layer.intermediate.dense.register_full_backward_hook(zero)
+    embeddings = model.embeddings.word_embeddings.weight
+    weights = torch.randn(*inputs["input_ids"].shape, model.config.hidden_size,
+                          generator=torch.Generator().manual_seed(1))
+
+    def grad():
+        model.zero_grad()
+        (model(**inputs).last_hidden_state * weights).sum().backward()  # (a sum of squares after LayerNorm: ~0)
+        return embeddings.grad.clone()
+
+    want, n = grad(), len(fired)
+    electra_fast.patch(model)
+    fired.clear()
+    _close([grad()], [want])  # the parity tests' criterion: 1e-5 of the gradient's scale
+    assert len(fired) == n == 2 * len(model.encoder.layer)
+
+
+def test_adapters_subclassing_intermediate_or_output_are_not_bypassed():
+    """An adapter replacing layer.output / layer.intermediate with a subclass that overrides forward (installed
+    before or after patch) was skipped by the fused feed-forward: 0.04 off, its code never run."""
+    from transformers.models.bert import modeling_bert as mb
+
+    class AdapterOutput(mb.BertOutput):
+        def forward(self, h, x):
+            return self.LayerNorm(self.dropout(self.dense(h)) + 0.5 * x)
+
+    inputs, _ = batch()
+    for before in (True, False):
+        model = build("bert", "BertModel")
+
+        def adapt():
+            for layer in model.encoder.layer:
+                new = AdapterOutput(model.config)
+                new.load_state_dict(layer.output.state_dict())
+                layer.output = new
+
+        if before:
+            adapt()
+            with pytest.raises(ValueError, match="output is a AdapterOutput with its own forward"):
+                electra_fast.patch(model, strict=True)
+        electra_fast.patch(model)
+        if not before:
+            adapt()
+        got = model(**inputs).last_hidden_state
+        electra_fast.unpatch(model)
+        torch.testing.assert_close(got, model(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_patching_again_applies_its_strict():
+    """patch(m); patch(m, strict=True) kept falling back silently (and the reverse kept raising)."""
+    model = build("bert", "BertModel")
+    inputs, _ = batch()
+    electra_fast.patch(model)
+    model(**inputs, output_attentions=True)  # served by transformers
+    electra_fast.patch(model, strict=True)
+    with pytest.raises(ValueError, match="strict: electra_fast cannot serve this call of BertSelfAttention: "
+                                         "output_attentions=True"):
+        model(**inputs, output_attentions=True)
+    electra_fast.patch(model, strict=False)
+    model(**inputs, output_attentions=True)
 
 
 def test_subclasses_that_override_a_replaced_method_are_left_alone():

@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
 from typing import Tuple
+
+import numpy as np
 
 from .. import _validate
 from ..nn.encoder import ACTIVATIONS
@@ -83,6 +86,14 @@ class ElectraConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # the JSON reader's types too: ElectraConfig(**json.load(...))
+            value, kinds = getattr(self, f.name), _accepted(f.default)
+            kind = _json_type(value)
+            if kind not in kinds:
+                raise TypeError(f"ElectraConfig.{f.name}: expected {' or '.join(map(_article, kinds))}, got "
+                                f"{_clip(repr(value))}")
+            if isinstance(value, (np.generic, numbers.Number)) and kind in _PYTHON:  # NumPy scalars: JSON-writable
+                setattr(self, f.name, _PYTHON[kind](value))
         self.pos_att_type = tuple(self.pos_att_type)
         self.disallowed_sample_ids = tuple(_validate.int_ids("ElectraConfig.disallowed_sample_ids",
                                                              self.disallowed_sample_ids))
@@ -121,12 +132,16 @@ class ElectraConfig:
         bad = [p for p in self.pos_att_type if p not in POS_ATT_TYPES]
         if bad:
             raise ValueError(f"ElectraConfig.pos_att_type: expected a subset of {POS_ATT_TYPES}, got {self.pos_att_type}")
-        for name in ("mask_prob", "mask_token_frac", "random_token_frac", "hidden_dropout_prob"):
+        for name in ("mask_prob", "mask_token_frac", "random_token_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"ElectraConfig.{name}: expected a probability in [0, 1], got {getattr(self, name)}")
-        if not 0.0 <= self.attention_probs_dropout_prob < 1.0:
-            raise ValueError("ElectraConfig.attention_probs_dropout_prob: expected a probability in [0, 1), "
-                             f"got {self.attention_probs_dropout_prob}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):  # 1.0 would drop everything
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ElectraConfig.{name}: expected a probability in [0, 1), got {getattr(self, name)}")
+        norms = [n.strip() for n in self.norm_rel_ebd.lower().split("|")]  # transformers' spelling: "layer_norm|..."
+        if not set(norms) <= {"layer_norm", "none"}:
+            raise ValueError("ElectraConfig.norm_rel_ebd: expected 'layer_norm' or 'none' (transformers' "
+                             f"'|'-separated list of them), got {self.norm_rel_ebd!r}")
         if self.mask_token_frac + self.random_token_frac > 1.0 + 1e-9:
             raise ValueError("ElectraConfig.random_token_frac: mask_token_frac + random_token_frac must be <= 1, got "
                              f"{self.mask_token_frac} + {self.random_token_frac}")
@@ -136,7 +151,8 @@ class ElectraConfig:
         _validate.real("ElectraConfig.temperature", self.temperature, 1 / F32_MAX, math.inf, lo_open=True)
         _validate.real("ElectraConfig.disc_weight", self.disc_weight, 0.0, F32_MAX, lo_open=True, hi_open=False)
         _validate.real("ElectraConfig.layer_norm_eps", self.layer_norm_eps, 0.0, math.inf, lo_open=True)
-        _validate.real("ElectraConfig.initializer_range", self.initializer_range, 0.0, math.inf)
+        # a standard deviation of weights: far above 1 the first forward overflows fp32 (NaN losses)
+        _validate.real("ElectraConfig.initializer_range", self.initializer_range, 0.0, 1.0, hi_open=False)
         if self.enhanced_mask_decoder and not (self.disentangled and not self.position_biased_input
                                                and self.embedding_size == self.generator_hidden_size):
             raise ValueError("ElectraConfig.enhanced_mask_decoder: needs attention='disentangled', "
@@ -223,12 +239,7 @@ class ElectraConfig:
         if not isinstance(d, dict):
             raise TypeError(f"ElectraConfig: a config must be a JSON object of fields, got a JSON {_json_type(d)}: "
                             f"{_clip(s)}")
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        for name, value in d.items():
-            if name in defaults and _json_type(value) not in _accepted(defaults[name]):
-                raise TypeError(f"ElectraConfig.{name}: expected a JSON {' or '.join(_accepted(defaults[name]))}, "
-                                f"got {_clip(json.dumps(value))}")
-        return cls.from_dict(d)
+        return cls.from_dict(d)  # each field's type is checked where every config is made (__post_init__)
 
     def to_json_file(self, path: "str | os.PathLike") -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -297,8 +308,9 @@ class ElectraConfig:
 
 
 def _json_type(value) -> str:
-    for kind, types in (("boolean", bool), ("integer", int), ("number", float), ("string", str), ("array", list),
-                        ("object", dict)):
+    """The JSON type a value reads as (NumPy's integers and floats as JSON's; a tuple as an array)."""
+    for kind, types in (("boolean", (bool, np.bool_)), ("integer", (numbers.Integral,)), ("number", (numbers.Real,)),
+                        ("string", (str,)), ("array", (list, tuple)), ("object", (dict,))):
         if isinstance(value, types):
             return kind
     return "null"
@@ -307,6 +319,13 @@ def _json_type(value) -> str:
 def _accepted(default) -> tuple:
     kind = "array" if isinstance(default, tuple) else _json_type(default)
     return ("number", "integer") if kind == "number" else (kind,)
+
+
+_PYTHON = {"boolean": bool, "integer": int, "number": float}
+
+
+def _article(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
 def _clip(text: str, limit: int = 60) -> str:

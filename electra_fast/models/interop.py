@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -133,6 +134,16 @@ def config_from_transformers(gen: dict, disc: dict, **overrides) -> ElectraConfi
         raise CheckpointError(f"expected two 'electra' or two 'deberta-v2' checkpoints, got model types "
                               f"generator={gen.get('model_type')!r}, discriminator={disc.get('model_type')!r}")
     kind = kinds.pop()
+    for name, hf in (("generator", gen), ("discriminator", disc)):
+        lacking = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size") if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool)]
+        if lacking:
+            raise CheckpointError(f"{name}: config.json has no integer {', '.join(lacking)}")
+    for key, default in _shared_settings(kind).items():  # one field of ElectraConfig serves both
+        a, b = _setting(gen, key, default), _setting(disc, key, default)
+        if a != b:
+            raise CheckpointError(f"the generator's config.json has {key}={a!r}, the discriminator's {b!r}: "
+                                  "electra_fast's pair shares that setting")
     e_gen = gen.get("embedding_size") or gen["hidden_size"]
     e_disc = disc.get("embedding_size") or disc["hidden_size"]
     if e_gen != e_disc or gen["vocab_size"] != disc["vocab_size"]:
@@ -147,6 +158,10 @@ def config_from_transformers(gen: dict, disc: dict, **overrides) -> ElectraConfi
                   initializer_range=disc.get("initializer_range", 0.02), pad_token_id=disc.get("pad_token_id") or 0,
                   **_sizes(disc, ""), **_sizes(gen, "generator_"))
     if kind == "electra":
+        for name, hf in (("generator", gen), ("discriminator", disc)):
+            if (hf.get("position_embedding_type") or "absolute") != "absolute":
+                raise CheckpointError(f"{name}: position_embedding_type {hf['position_embedding_type']!r} is not "
+                                      "supported (electra_fast's ELECTRA layout has absolute position embeddings)")
         base = dict(attention="standard", embedding_sharing="tied")
     else:
         for name, hf in (("generator", gen), ("discriminator", disc)):
@@ -154,18 +169,38 @@ def config_from_transformers(gen: dict, disc: dict, **overrides) -> ElectraConfi
                 raise CheckpointError(f"{name}: DeBERTa checkpoints without relative_attention are not supported")
             if hf.get("conv_kernel_size", 0) > 0 or "attention_head_size" in hf:
                 raise CheckpointError(f"{name}: DeBERTa-v2 conv layers / custom attention_head_size are not supported")
-        pat = disc.get("pos_att_type") or []
-        if isinstance(pat, str):
-            pat = [p.strip() for p in pat.lower().split("|") if p.strip()]
+        pat = _setting(disc, "pos_att_type", None)
         base = ElectraConfig.deberta_v3_xsmall().to_dict()
         base.update(position_buckets=disc.get("position_buckets", -1),
-                    max_relative_positions=disc.get("max_relative_positions", -1), pos_att_type=tuple(pat),
+                    max_relative_positions=disc.get("max_relative_positions", -1), pos_att_type=pat,
                     share_att_key=disc.get("share_att_key", False), norm_rel_ebd=disc.get("norm_rel_ebd", "none"),
                     position_biased_input=disc.get("position_biased_input", True),
                     enhanced_mask_decoder=bool(gen.get("electra_fast_enhanced_mask_decoder", False)))
     base.update(common)
     base.update(overrides)
     return ElectraConfig.from_dict(base)
+
+
+def _shared_settings(kind: str) -> dict:
+    """The transformers config fields (-> their defaults there) that one ElectraConfig field holds for both models."""
+    common = {"hidden_act": "gelu", "max_position_embeddings": 512, "pad_token_id": 0,
+              "type_vocab_size": 2 if kind == "electra" else 0,
+              "layer_norm_eps": 1e-12 if kind == "electra" else 1e-7}
+    if kind == "deberta-v2":
+        common.update(position_buckets=-1, max_relative_positions=-1, pos_att_type=None, share_att_key=False,
+                      norm_rel_ebd="none", position_biased_input=True)
+    return common
+
+
+def _setting(hf: dict, key: str, default):
+    value = hf.get(key, default)
+    if key == "pad_token_id":
+        return value or 0
+    if key == "pos_att_type":  # a list, or transformers' "p2c|c2p" spelling
+        value = value or []
+        parts = value.lower().split("|") if isinstance(value, str) else value
+        return tuple(p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip())
+    return value
 
 
 BERT_FAMILY = ("bert", "roberta")
@@ -200,8 +235,15 @@ def electra_view(hf: dict, state: Dict[str, torch.Tensor]) -> Tuple[dict, Dict[s
 
 # ---------------------------------------------------------------------------------------- files
 def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON object from ``path``, or a CheckpointError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not JSON ({reason(e)})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got a JSON {type(d).__name__}")
+    return d
 
 
 def checkpoint_files(directory: str, what: str) -> Tuple[dict, str]:
@@ -220,7 +262,13 @@ def checkpoint_files(directory: str, what: str) -> Tuple[dict, str]:
 def load_weights(path: str, what: str = "weights file") -> Dict[str, torch.Tensor]:
     """A safetensors / torch file's contents (``what`` names it in the CheckpointError of unreadable bytes)."""
     if path.endswith(".index.json"):
-        shards = sorted(set(_read_json(path)["weight_map"].values()))
+        shards = _read_json(path).get("weight_map")
+        if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
+            raise CheckpointError(f"{path}: no 'weight_map' of tensor names to shard files")
+        shards = sorted(set(shards.values()))
+        lost = [name for name in shards if not os.path.isfile(os.path.join(os.path.dirname(path), name))]
+        if lost:
+            raise CheckpointError(f"{path} names shard file(s) that are not there: {', '.join(lost[:3])}")
         out: Dict[str, torch.Tensor] = {}
         for shard in shards:
             out.update(load_weights(os.path.join(os.path.dirname(path), shard)))
@@ -230,10 +278,15 @@ def load_weights(path: str, what: str = "weights file") -> Dict[str, torch.Tenso
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as e:
         # truncated or foreign bytes (torch.load's legacy reader raises KeyError on a wrong magic number)
         raise CheckpointError(f"{path} is not a readable {what} ({type(e).__name__}: {reason(e)})") from None
+    if what == "weights file" and not (isinstance(state, dict) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise CheckpointError(f"{path} is not a readable {what} (expected a dict of named tensors, got a "
+                              f"{type(state).__name__})")
+    return state
 
 
 def save_weights(state: Dict[str, torch.Tensor], directory: str) -> None:
@@ -307,9 +360,37 @@ def load_part(model, role: str, state: Dict[str, torch.Tensor], directory: str =
                 value = value.to(param.dtype) - modules[key[: -len(".delta")]].base.weight
             param.copy_(value)
             used.add(src)
+    _check_unused(state, used, role, directory)
     if missing_head:
         warnings.warn(f"{role}: {directory!r} has no {missing_head}; that head keeps its fresh initialisation",
                       stacklevel=3)
+
+
+# tensors transformers itself skips on load: buffers older releases saved, DeBERTa's absolute positions when the model
+# has none and its RTD head (DebertaV2's _keys_to_ignore_on_load_unexpected)
+_SKIPPED = re.compile(r"(?:^|\.)(?:position_ids|token_type_ids)$|(?:^|\.)position_embeddings\.weight$"
+                      r"|^mask_predictions\.")
+# output projections transformers ties to the word embeddings (and electra_fast always does)
+_DECODERS = {"generator_lm_head.weight": "electra.embeddings.word_embeddings.weight",
+             "cls.predictions.decoder.weight": "deberta.embeddings.word_embeddings.weight"}
+
+
+def _check_unused(state: Dict[str, torch.Tensor], used: set, role: str, directory: str) -> None:
+    """Refuse what loading would drop silently: encoder weights with no place in the model (a config.json with
+    fewer layers than the weights, another architecture) and a generator projection not tied to its embeddings."""
+    for decoder, embeddings in _DECODERS.items():
+        if (role == "generator" and decoder in state and embeddings in state
+                and not torch.equal(state[decoder], state[embeddings])):
+            raise CheckpointError(f"generator: {directory!r} holds an output projection {decoder!r} that differs "
+                                  "from its word embeddings (saved with tie_word_embeddings=False?); electra_fast's "
+                                  "generator ties them, so its logits would not be the checkpoint's")
+    stray = sorted(k for k in state if k not in used and not _SKIPPED.search(k)
+                   and k.split(".", 1)[-1 if k.startswith(("electra.", "deberta.")) else 0].startswith(
+                       ("embeddings.", "encoder.")))
+    if stray:
+        raise CheckpointError(f"{role}: {directory!r} holds {len(stray)} encoder weight(s) the model has no place "
+                              f"for ({', '.join(map(repr, stray[:3]))}{', ...' if len(stray) > 3 else ''}): more "
+                              "layers or another architecture than its config.json says?")
 
 
 def from_transformers(cls, generator_path, discriminator_path, *, embedding_sharing: Optional[str] = None,
@@ -347,7 +428,11 @@ def from_pretrained(cls, path, fused: bool = True):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"path: {path!r} has no {CONFIG_NAME} (written by ElectraPretrainingModel."
                                 f"save_pretrained); use from_transformers for plain transformers checkpoints")
-    model = cls(ElectraConfig.from_json_file(cfg_path), fused=fused)
+    try:
+        cfg = ElectraConfig.from_json_file(cfg_path)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not JSON ({e})") from None
+    model = cls(cfg, fused=fused)
     states = []
     for role in ("generator", "discriminator"):
         hf, f = checkpoint_files(os.path.join(path, role), role)

@@ -21,6 +21,8 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
     from ..models import ElectraPretrainingModel
     src = ckpt.resolve(checkpoint, warn)
     out_dir = os.fspath(out_dir)
+    if not out_dir.strip():
+        raise PretrainError("export: OUT_DIR is empty; name a new or empty directory")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         what = "is a file" if os.path.isfile(out_dir) else "exists and is not a directory"
         raise PretrainError(f"export: {out_dir} {what}; choose a new directory")

@@ -52,7 +52,8 @@ def _call_unsupported(self, hidden_states, attention_mask, cache, kwargs) -> "tu
     impl = getattr(self.config, "_attn_implementation", None)
     if impl not in SERVED_ATTENTION:
         return f"the attention implementation {impl!r} (served: 'eager', 'sdpa')", None
-    reason = layers.not_plain(query=self.query, key=self.key, value=self.value)
+    reason = (layers.not_plain(query=self.query, key=self.key, value=self.value)
+              or layers.not_called(dropout=self.dropout))
     if reason is not None:
         return reason, None
     servable, key_mask = layers.padding_key_mask(attention_mask, *hidden_states.shape[:2])
@@ -88,7 +89,8 @@ def _attention_unsupported(module) -> "str | None":
         return "attention: a decoder (causal) self-attention"
     if module.all_head_size != module.query.in_features:
         return "attention: num_attention_heads * head size != hidden_size"
-    reason = layers.not_plain(query=module.query, key=module.key, value=module.value)
+    reason = (layers.not_plain(query=module.query, key=module.key, value=module.value)
+              or layers.not_called(dropout=module.dropout))
     if reason is not None:
         return f"attention: {reason}"
     impl = getattr(module.config, "_attn_implementation", None)

@@ -40,22 +40,53 @@ def is_layer_norm(module) -> bool:
     return type(module) is nn.LayerNorm and module.elementwise_affine
 
 
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> Optional[str]:
+    m = nn.modules.module
+    if (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+            or m._global_backward_pre_hooks):
+        return "hooks registered for every module (the fused code does not call the layers it reads)"
+    return None
+
+
 def not_plain(**modules: Optional[nn.Module]) -> Optional[str]:
     """Why the fused code, which reads these modules' Parameters instead of calling them, would skip part of their
     computation (None: it would not): a module that is not exactly torch's Linear / LayerNorm (a PEFT LoRA wrapper,
-    a quantised or parametrized layer, a subclass) or one with forward hooks (pruning, weight norm, a user's hook),
-    or forward hooks on every module. None entries are skipped. Checked when patching and again at each call
+    a quantised or parametrized layer, a subclass) or one with forward or backward hooks (pruning, weight norm, a
+    user's hook), or hooks on every module. None entries are skipped. Checked when patching and again at each call
     (a wrapper installed after ``patch`` is seen)."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return "forward hooks registered for every module (the fused code does not call the layers it reads)"
+    why = _global_hooks()
+    if why is not None:
+        return why
     for name, module in modules.items():
         if module is None:
             continue
         if type(module) not in (nn.Linear, nn.LayerNorm):
             return (f"{name} is a {type(module).__name__}, not torch's Linear / LayerNorm (its own forward would be "
                     "skipped)")
-        if module._forward_hooks or module._forward_pre_hooks:
-            return f"{name} has forward hooks (the fused code does not call it)"
+        if _hooked(module):
+            return f"{name} has hooks (the fused code does not call it)"
+    return None
+
+
+def not_called(**modules: Optional[nn.Module]) -> Optional[str]:
+    """Why the fused code may not skip calling these modules (None: it may): a container of transformers' (an
+    ``*Intermediate`` / ``*Output``, its activation) or torch's dropout, which the fused code computes itself, with
+    hooks, or whose forward is not transformers' / torch's own (a subclass overriding it: an adapter)."""
+    why = _global_hooks()
+    if why is not None:
+        return why
+    for name, module in modules.items():
+        if not isinstance(module, nn.Module):  # an activation function, not a module: nothing to skip
+            continue
+        if _hooked(module):
+            return f"{name} has hooks (the fused code does not call it)"
+        if not getattr(type(module).forward, "__module__", "").startswith(("transformers.", "torch.")):
+            return f"{name} is a {type(module).__name__} with its own forward (the fused code would skip it)"
     return None
 
 
@@ -66,7 +97,7 @@ def norm(output: nn.Module, y: torch.Tensor, residual: torch.Tensor) -> torch.Te
     promoted first, as transformers' add does."""
     if not _swap.overrides(output, "forward"):
         return output.LayerNorm(output.dropout(y) + residual)
-    reason = not_plain(LayerNorm=output.LayerNorm)
+    reason = not_plain(LayerNorm=output.LayerNorm) or not_called(dropout=output.dropout)
     if reason is not None:
         fallback(output, f"layer_norm: {reason}")
         return output.LayerNorm(output.dropout(y) + residual)
@@ -83,7 +114,7 @@ def add_norm_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tens
 def feed_forward(layer: nn.Module, attention_output: torch.Tensor) -> torch.Tensor:
     """``layer.output(layer.intermediate(a), a)`` for an erf-GELU intermediate: a [B, T, H] -> [B, T, H]."""
     d1, out = layer.intermediate.dense, layer.output
-    reason = not_plain(**{"intermediate.dense": d1, "output.dense": out.dense})
+    reason = _mlp_parts(layer)
     if reason is not None:
         fallback(layer, f"mlp: {reason}")
         return out(layer.intermediate(attention_output), attention_output)
@@ -95,15 +126,23 @@ def feed_forward_unsupported(layer: nn.Module) -> Optional[str]:
     act = layer.intermediate.intermediate_act_fn
     if not erf_gelu(act):
         return f"mlp: the feed-forward activation {type(act).__name__} is not the erf GELU ('gelu')"
-    reason = not_plain(**{"intermediate.dense": layer.intermediate.dense, "output.dense": layer.output.dense})
+    reason = _mlp_parts(layer)
     return None if reason is None else f"mlp: {reason}"
+
+
+def _mlp_parts(layer: nn.Module) -> Optional[str]:
+    """Why the fused feed-forward may not stand in for ``layer.intermediate`` and ``layer.output`` (None: it may)."""
+    inter, out = layer.intermediate, layer.output
+    return (not_plain(**{"intermediate.dense": inter.dense, "output.dense": out.dense})
+            or not_called(**{"intermediate": inter, "output": out, "intermediate.intermediate_act_fn":
+                             inter.intermediate_act_fn, "output.dropout": out.dropout}))
 
 
 def layer_norm_unsupported(output: nn.Module) -> Optional[str]:
     """Why the add-norm of a ``*SelfOutput`` / ``*Output`` cannot be fused (None: it can)."""
     if not is_layer_norm(output.LayerNorm):
         return "layer_norm: not torch's LayerNorm"
-    reason = not_plain(LayerNorm=output.LayerNorm)
+    reason = not_plain(LayerNorm=output.LayerNorm) or not_called(dropout=output.dropout)
     return None if reason is None else f"layer_norm: {reason}"
 
 
@@ -170,11 +209,25 @@ class mlm_forward_for:
 
     def unsupported(self, model) -> Optional[str]:
         """Why ``model``'s head cannot be served (None: it can)."""
-        reason = not_plain(projection=self.head_parts(model)[1])
+        projection = self.head_parts(model)[1]
+        reason = not_plain(projection=projection) or not_called(**_head_path(model, projection))
         return None if reason is None else f"mlm_head: {reason}"
 
     def __reduce__(self):  # update_wrapper's __dict__ copy holds nothing picklable by reference
         return (mlm_forward_for, (self.cls, self.head_parts))
+
+
+def _head_path(model: nn.Module, projection: nn.Module) -> dict:
+    """{name: module} of the head's modules above ``projection`` (``cls``, ``cls.predictions``; ``lm_head``), whose
+    forwards the loss-only path does not call; none inside the base model (which it calls)."""
+    for name, child in model.named_children():
+        if name == model.base_model_prefix:
+            continue
+        for sub_name, sub in child.named_modules(prefix=name):
+            if sub is projection:
+                parts = sub_name.split(".")
+                return {n: model.get_submodule(n) for n in (".".join(parts[:i]) for i in range(1, len(parts)))}
+    return {}
 
 
 def _mlm_loss_only(model, original, head_parts: HeadParts, args, kwargs):

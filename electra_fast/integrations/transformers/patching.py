@@ -63,10 +63,13 @@ class Rule:
         if self.swap is not None:
             name, factory = self.swap
             _swap.swap_submodule(module, name, factory(module))
-            setattr(getattr(module, name), _STRICT, strict)
         else:
             _swap.override_methods(module, **self.methods(module))
-            setattr(module, _STRICT, strict)
+        self.set_strict(module, strict)
+
+    def set_strict(self, module: nn.Module, strict: bool) -> None:
+        """Whether a call this installed rule cannot serve raises (see :func:`fallback`)."""
+        setattr(getattr(module, self.swap[0]) if self.swap is not None else module, _STRICT, strict)
 
     def remove(self, module: nn.Module) -> None:
         if self.swap is not None:
@@ -118,17 +121,21 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
             instead of running transformers' code for it.
 
     The model keeps its modules, Parameter objects and ``state_dict``; :func:`unpatch` restores transformers'
-    computation exactly. Patching again installs what is not installed yet (unpatch first to turn an option off).
+    computation exactly. Patching again installs what is not installed yet and applies its ``strict`` to everything
+    patched (unpatch first to turn an option off).
     """
     _check_model(model)
     options = dict(attention=attention, layer_norm=layer_norm, mlp=mlp, mlm_head=mlm_head)
     for name, value in {**options, "strict": strict}.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-    plan, reasons, found = [], [], False
+    plan, reasons, found, installed = [], [], False, []
     for rule, module in _matches(model):
         found = True
-        if not options[rule.option] or rule.installed(module):
+        if rule.installed(module):
+            installed.append((rule, module))
+            continue
+        if not options[rule.option]:
             continue
         reason = rule.why_not(module)
         if reason is None:
@@ -140,6 +147,8 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
                          f"their layers in {type(model).__name__}")
     if strict and reasons:
         raise ValueError("strict: electra_fast cannot serve " + "; ".join(reasons))
+    for rule, module in installed:  # patched before: this call's strict holds for it too
+        rule.set_strict(module, strict)
     for rule, module in plan:
         rule.install(module, strict)
     return model
