@@ -96,7 +96,10 @@ PRETRAIN_UPFRONT = [
     (["--log-every", "0"], "--log-every: expected an int >= 1, got 0"),
     (["--seed", "-1"], "--seed: expected an int in [0, 9223372036854775807], got -1"),
     (["--seed", str(2 ** 64)], f"--seed: expected an int in [0, 9223372036854775807], got {2 ** 64}"),
-    (["--vocab-size", "0"], "--vocab-size: expected an int >= 6, got 0"),  # 0 was read as "unset": 30522
+    (["--vocab-size", "0"], "--vocab-size: expected an int in [6, 16777216], got 0"),  # 0 was read as "unset": 30522
+    # a Rust abort asking for 283 GB (rc 134), an OverflowError traceback
+    (["--vocab-size", "5000000000"], "--vocab-size: expected an int in [6, 16777216], got 5000000000"),
+    (["--vocab-size", "99999999999999999999999"], "--vocab-size: expected an int in [6, 16777216]"),
     (["--threads", "0"], "--threads: expected an int in [1, "),
     (["--threads", "100000"], "--threads: expected an int in [1, "),  # set as is, it crashed OpenMP
     (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
@@ -128,7 +131,7 @@ def test_pretrain_flag_refused_before_anything_is_written(user, tmp_path, capsys
 
 def test_api_distinguishes_zero_from_unset(env, tmp_path):
     for kw, message in ((dict(steps=0), "--steps: expected an int >= 1, got 0"),
-                        (dict(vocab_size=0, tokenizer=None), "--vocab-size: expected an int >= 6, got 0"),
+                        (dict(vocab_size=0, tokenizer=None), "--vocab-size: expected an int in [6, 16777216], got 0"),
                         (dict(warmup=-1), "--warmup"), (dict(precision="fp64"), "--precision: expected auto")):
         with pytest.raises(PretrainError, match=message.replace("[", r"\[")):
             pretrain(env["data"], **_kw(env, tmp_path / "out", **kw))
@@ -301,6 +304,23 @@ def test_export_into_an_empty_directory_that_is_a_link_or_the_working_directory(
     code, err, _ = _cli(["export", str(finished_run), str(tmp_path / "again")], capsys)
     assert code == 0 and sorted(os.listdir(tmp_path / "again")) == ["discriminator", "electra_fast.json", "generator"]
 
+
+
+@pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                "80000000000 bytes. Error code 12 (Cannot allocate memory)"),
+                                   MemoryError(), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")])
+def test_out_of_memory_is_one_line_naming_what_to_lower(error, capsys):
+    """--batch-size 200000 ended in an allocator traceback."""
+    import argparse
+    from electra_fast.train.cli import guard
+
+    def command():
+        raise error
+
+    assert guard(argparse.Namespace(command="pretrain", debug=False), command) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("electra-fast pretrain: error: out of memory (") and \
+        err[0].endswith("lower --batch-size or --seq-len (--grad-accum keeps the batch), or use a smaller --model")
 
 def test_guard_under_torchrun_names_the_rank_and_keeps_to_one_line(monkeypatch, capsys):
     """Under torchrun, a rank left at a collective when rank 0 stopped on bad input printed a gloo traceback

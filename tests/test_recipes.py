@@ -429,6 +429,19 @@ def test_init_from_with_zero_steps_reproduces_the_source(kind, disentangled, env
     assert all(torch.equal(a, b) for a, b in zip(_outputs(saved, batch), _outputs(src, batch)))
 
 
+
+def test_init_from_with_the_sources_own_generator_size_keeps_its_generator(env, tmp_path):
+    """--generator-size equal to the source's own width rebuilt its generator as ELECTRA's get_generator_config
+    does (heads = width // 64, FFN 4 x width): a size-mismatch traceback here (2 heads, FFN 64), or a silently
+    changed generator where the shapes happened to fit."""
+    src, tok = _tiny_source(env, True)
+    path = _layout(src, tok, tmp_path, "export")
+    s = pretrain(env["data"], **_kw(env, tmp_path / "run", steps=0, tokenizer=None, model=None, init_from=str(path),
+                                    recipe=dict(generator_size=1.0)))
+    assert s["model"].config == src.config
+    batch = torch.tensor([tok.encode(t).ids + [0] * (16 - len(tok.encode(t).ids)) for t in TEXTS[:2]])
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(s["model"], batch), _outputs(src, batch)))
+
 def test_init_from_embeddings_larger_than_the_tokenizer(env, tmp_path):
     """DeBERTa-v3's released checkpoints hold 128100 embedding rows for 128001 tokens: --init-from refused them
     ("a vocabulary of 128001 does not fit"). The rows stay; the generator never samples the unused ids."""

@@ -267,6 +267,34 @@ def test_resume_keeps_the_runs_bookkeeping_unless_changed(env, tmp_path):
     assert sorted(_losses(run)) == [1, 2, 4, 5, 6]  # every 2nd step, the first after a resume and the last
     pretrain(None, steps=7, keep=2, **bare)
     assert ckpts() == ["step-00000006", "step-00000007"]
+    # the next --resume inherits the last one's settings (run.json was written by the first run only: --keep 10)
+    pretrain(None, steps=9, **bare)
+    assert ckpts() == ["step-00000008", "step-00000009"]
+    with pytest.raises(PretrainError, match=r"^--steps: the resumed run is already at step 9 >= --steps 9$"):
+        pretrain(None, **bare)
+
+
+def test_resume_refuses_another_vocabulary_and_a_restart_keeps_the_precision(env, tmp_path):
+    """--resume --vocab-size 300 / --tokenizer OTHER ran on silently with the run's vocabulary (or, on a restart,
+    trained another one); a restart of an fp32 run went on in bf16 (the CPU's default)."""
+    run = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, run, steps=2, tokenizer=None, vocab_size=150, precision="fp32"))
+    other = tmp_path / "other.json"
+    shutil.copy(env["tokenizer"], other)
+    for given, message in ((dict(vocab_size=300), r"--vocab-size 300 \(the run's: 150\)"),
+                           (dict(tokenizer=str(other)), r"--tokenizer .*other\.json \(the run's: one trained on its "
+                                                        r"data\): a resumed run keeps its tokenizer")):
+        for restart in (False, True):
+            if restart:
+                shutil.rmtree(run / "checkpoints" / "step-00000002", ignore_errors=True)
+            with pytest.raises(PretrainError, match=f"^--resume: {message}"):
+                pretrain(None, out=str(run), resume=True, steps=3, progress=False, **given)
+    s = pretrain(None, out=str(run), resume=True, steps=2, progress=False)  # a restart
+    assert json.loads((run / "run.json").read_text())["precision"] == "fp32"
+    assert ckpt.load_training_state(os.path.join(s["checkpoint"], "training_state.pt"))["precision"] == "fp32"
+    # the run's vocabulary of 150 is below BPE's minimum: said as "--vocab-size: expected an int >= 262" before
+    with pytest.raises(PretrainError, match="^--tokenizer-type: the run being resumed has 'wordpiece'"):
+        pretrain(None, out=str(run), resume=True, steps=3, progress=False, recipe=dict(tokenizer_type="bpe"))
 
 
 def test_resume_without_a_complete_checkpoint_restarts_as_the_run_was_made(env, tmp_path, capsys):
@@ -369,6 +397,21 @@ def test_stream_digest_of_a_cache_without_one_recorded(env, tmp_path):
     del meta["sha256"]
     json.dump(meta, open(path + ".json", "w"))
     assert stream_digest(path) == hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_a_diverged_run_writes_no_checkpoint_and_keeps_the_good_ones(env, tmp_path):
+    """With saves between log steps, a diverging run checkpointed NaN weights, and --keep 1 then deleted the last
+    finite checkpoint (a --resume went on from the NaN one)."""
+    from safetensors.torch import load_file
+    run = tmp_path / "run"
+    with pytest.raises(PretrainError, match=r"^the (loss|weights) became non-finite .*: the run diverged .*no "
+                                            r"checkpoint is written for step \d+, the checkpoints written so far are "
+                                            r"kept"):
+        pretrain(env["data"], **_kw(env, run, steps=6, lr=1e30, warmup=0, log_every=100, save_every=1, keep=1))
+    kept = sorted((run / "checkpoints").glob("step-*"))
+    assert [p.name for p in kept] == ["step-00000001"]
+    weights = load_file(kept[0] / "model.safetensors")
+    assert all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point())
 
 def test_documents_split_on_any_blank_line_and_a_bom_is_not_text(tmp_path):
     txt = tmp_path / "a.txt"

@@ -132,6 +132,13 @@ def _run(args) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's allocation failures: MemoryError, "DefaultCPUAllocator: can't allocate memory", CUDA's OOM."""
+    import torch
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 def guard(args, command) -> int:
     """Run ``command()`` (a parsed sub-command); bad input -> one line on stderr, exit status 2; Ctrl-C -> 130.
 
@@ -157,6 +164,10 @@ def guard(args, command) -> int:
             raise
         if isinstance(exc, (PretrainError, OSError)):
             print(f"electra-fast {args.command}: {who}error: {exc}", file=sys.stderr)
+            return 2
+        if _out_of_memory(exc):  # sizes the machine cannot hold: the user's to lower, not a bug's traceback
+            print(f"electra-fast {args.command}: {who}error: out of memory ({reason(exc)}): lower --batch-size or "
+                  "--seq-len (--grad-accum keeps the batch), or use a smaller --model", file=sys.stderr)
             return 2
         if rank == 0:
             raise

@@ -41,7 +41,7 @@ class Source:
     def config_for(self, tok, recipe: dict):
         """The run's config: PATH's, with the tokenizer's special ids and the recipe's settings (which may not
         change the generator's shape)."""
-        from .recipe import apply
+        from .recipe import _differs, apply
         from .tokenizer import config_overrides
         ids = config_overrides(tok)
         rows = self.config.vocab_size
@@ -53,8 +53,7 @@ class Source:
             unused = set(range(ids["vocab_size"], rows))
             ids = {**ids, "vocab_size": rows,
                    "disallowed_sample_ids": tuple(sorted(set(self.config.disallowed_sample_ids) | unused))}
-        if "generator_size" in recipe and recipe["generator_size"] != self.config.generator_hidden_size / \
-                self.config.hidden_size:
+        if "generator_size" in recipe and _differs("generator_size", None, recipe["generator_size"], self.config):
             raise PretrainError(f"--generator-size: --init-from {self.path} has a generator "
                                 f"{self.config.generator_hidden_size} wide, which its weights fix; drop "
                                 "--generator-size")

@@ -97,11 +97,12 @@ EMULATED_BF16 = ("bf16 matrix products are emulated here, ~20x slower than fp32 
 
 
 def resolve_precision(precision: str, device: torch.device, state: Optional[dict], say) -> str:
-    """``auto``: the resumed run's own precision (``state``: its training state), else bf16 where ``device`` runs
+    """``auto``: the resumed run's own precision (``state``: its training state, or a restart's {"precision": the
+    run.json's}), else bf16 where ``device`` runs
     it natively, else fp32. Warns (one line) when bf16 is emulated on this CPU, or when a resumed run changes it."""
     recorded = state.get("precision") if state else None
     if precision == "auto":  # a checkpoint from before "precision" was recorded: fp16 left a scaler state, else fp32
-        legacy = state and ("fp16" if state["scaler"] else "fp32")
+        legacy = state and ("fp16" if state.get("scaler") else "fp32")
         precision = recorded or legacy or _cpu.default_precision(device)[0]
     elif recorded and precision != recorded:
         say(f"warning: --precision {precision}: resuming a {recorded} run; its losses will differ from an "

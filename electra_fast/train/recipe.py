@@ -139,7 +139,9 @@ def apply(cfg, recipe: dict):
     """``cfg`` (an ElectraConfig) with the recipe's config settings; a combination the model refuses (a
     fraction sum over 1 with the preset's other fraction, a generator width the preset cannot take) raises
     PretrainError naming the flag."""
-    if "generator_size" in recipe:
+    # a width the generator already has leaves it as it is (rebuilding would re-derive its heads and FFN, as
+    # ELECTRA's get_generator_config does: --init-from's generator lost a head, or its weights no longer fitted)
+    if "generator_size" in recipe and _differs("generator_size", None, recipe["generator_size"], cfg):
         try:
             cfg = cfg.with_generator_size(recipe["generator_size"])
         except ValueError as e:

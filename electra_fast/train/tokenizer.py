@@ -21,6 +21,9 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TOKENIZER_TYPES = ("wordpiece", "bpe", "unigram")
 # the papers' vocabularies: BERT / ELECTRA uncased WordPiece, RoBERTa's GPT-2 BPE, DeBERTa-v3's SentencePiece
 DEFAULT_VOCAB = {"wordpiece": 30522, "bpe": 50265, "unigram": 128000}
+# the largest --vocab-size: the trainers allocate per entry up front (5e9 aborted in Rust asking for 283 GB), and
+# 2**24 is 64x the largest vocabularies in use (Gemma's 256 k)
+MAX_VOCAB = 2 ** 24
 # RoBERTa's and DeBERTa-v3's special tokens and ids ([MASK] is DeBERTa-v3's last id, added after training)
 _BPE_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 _UNIGRAM_SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]

@@ -38,8 +38,8 @@ from .init_from import init_source
 from .options import (DEFAULT_EMBEDDED_STEPS, DEFAULT_EMBEDDED_VOCAB, DEFAULT_STEPS, TOKENIZER_NAMES, check_seq_len,
                       default_lr, model_config, positive, real, resolve_precision, summary_writer)
 from .signals import Signals
-from .tokenizer import (DEFAULT_VOCAB, config_overrides, fingerprint, load_tokenizer, min_vocab, special_ids,
-                        train_tokenizer)
+from .tokenizer import (DEFAULT_VOCAB, MAX_VOCAB, config_overrides, fingerprint, load_tokenizer, min_vocab,
+                        special_ids, train_tokenizer)
 
 def _keep_freed_memory() -> bool:
     """CPU training: let glibc keep freed memory for reuse (True when applied).
@@ -116,7 +116,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     if isinstance(data, (str, os.PathLike)):
         data = [os.fspath(data)]
     # a resumed run's own, for a restart when it has no complete checkpoint
-    run_tokenizer = run_init_from = recorded_recipe = None
+    run_tokenizer = run_init_from = recorded_recipe = run_precision = None
     if resume:
         run_json = _run_record(out)
         recorded_recipe = run_json.get("recipe")
@@ -126,6 +126,12 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
             warmup=warmup, weight_decay=weight_decay, seed=seed, model=model, steps=steps, save_every=save_every,
             keep=keep, log_every=log_every, eval_every=eval_every, tensorboard=tensorboard, vocab_size=vocab_size,
             tokenizer=None, init_from=None).values()
+        if tokenizer is not None and isinstance(run_json.get("options"), dict) and (
+                run_tokenizer is None or not _same("model", tokenizer, run_tokenizer, out, None)):
+            raise PretrainError(f"--resume: --tokenizer {tokenizer} (the run's: "
+                                f"{run_tokenizer or 'one trained on its data'}): a resumed run keeps its tokenizer "
+                                "(omit it, or start a new --out)")
+        run_precision = run_json.get("precision")
     keep = 3 if keep is None else keep
     log_every = 10 if log_every is None else log_every
     tensorboard = bool(tensorboard)
@@ -135,6 +141,10 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     seed = 0 if seed is None else seed
     embedded = data is None or (isinstance(data, (list, tuple)) and len(data) == 0)
     recipe = recipes.check(recipe, override, resume)
+    # a resumed run's vocabulary was made by its own tokenizer type (a changed --tokenizer-type is refused by name
+    # later, not as "--vocab-size: expected ..." here)
+    tokenizer_type = ((recorded_recipe or {}).get("tokenizer_type") if resume else None) or recipe.get(
+        "tokenizer_type", "wordpiece")
     source, tokenizer = init_source(init_from, tokenizer, model, vocab_size, resume)
     model = model or init_from or ("electra-tiny" if embedded else "electra-small")
     batch_size = (16 if embedded else 32) if batch_size is None else batch_size
@@ -142,17 +152,17 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         steps = DEFAULT_EMBEDDED_STEPS if embedded else DEFAULT_STEPS
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     optional = (("save-every", save_every, 1, None), ("warmup", warmup, 0, None), ("eval-every", eval_every, 1, None),
-                ("vocab-size", vocab_size, min_vocab(recipe.get("tokenizer_type", "wordpiece")), None),
+                ("vocab-size", vocab_size, min_vocab(tokenizer_type), MAX_VOCAB),
                 ("threads", threads, 1, cpus))  # more threads than CPUs only slow down (100000 crashed OpenMP)
     for name, v, lo, hi in (("steps", steps, 0 if source else 1, None), ("seq-len", seq_len, 3, None),
                             ("batch-size", batch_size, 1, None), ("grad-accum", grad_accum, 1, None),
                             ("keep", keep, 1, None), ("log-every", log_every, 1, None), ("seed", seed, 0, 2**63 - 1),
                             *(o for o in optional if o[1] is not None)):
         positive(name, v, lo, hi)
-    del name, v, lo, hi, optional, cpus
+    del name, v, lo, hi, optional, cpus, tokenizer_type
     if threads is not None:  # CPU intra-op threads; 1 is fastest for tiny models on a busy machine
         torch.set_num_threads(threads)
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
+    if precision not in ("auto",) + PRECISIONS:
         raise PretrainError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
     # --model now, not after a tokenizer was trained (resume: the checkpoint's model, optimizer and schedule)
     cfg = None if resume else recipes.apply(source.config if source else model_config(model, {}), recipe)
@@ -194,7 +204,9 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
 
 
 # What a resumed run keeps (run.json "options"): the data, the step's shape, the optimizer and the seed...
-RUN_OPTIONS = ("data", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "seed", "model")
+PRECISIONS = ("fp32", "bf16", "fp16")
+RUN_OPTIONS = ("data", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "seed", "model",
+               "vocab_size")
 # ...and its bookkeeping, inherited where not given but free to change: a bare --resume of a --keep 10 run pruned
 # to the default 3 checkpoints (deleting the user's), and dropped its --save-every / --eval-every periods
 RUN_SETTINGS = ("steps", "save_every", "keep", "log_every", "eval_every", "tensorboard")
@@ -229,7 +241,7 @@ def _run_options(record: dict, out, **given) -> dict:
             given[name] = run[name]
         elif name in RUN_OPTIONS and not _same(name, given[name], run[name], out, record.get("inputs")):
             flag = "--" + name.replace("_", "-")
-            differ.append(f"{flag} {_shown(given[name])} (the run's: {_shown(run[name])})")
+            differ.append(f"{flag} {_shown(name, given[name])} (the run's: {_shown(name, run[name])})")
     if differ:
         raise PretrainError(f"--resume: {'; '.join(differ)}: a resumed run keeps its options (omit them, or start a "
                             "new --out)")
@@ -249,9 +261,9 @@ def _same(name: str, given, run, out, run_inputs) -> bool:
     return given == run
 
 
-def _shown(value) -> str:
+def _shown(name: str, value) -> str:
     if value is None:
-        return "the embedded corpus"
+        return "the embedded corpus" if name == "data" else "the default"
     return " ".join(value) if isinstance(value, list) else str(value)
 
 
@@ -278,6 +290,7 @@ class _Job:
         self.ctx, self.say = ctx, say
         self.o = SimpleNamespace(**options)
         self.first_loss = self.last_record = self.last_eval = self.checkpoint = self.interrupted = None
+        self.first_nonfinite = None  # device scalar: the first step whose loss was not finite (-1: none yet)
         self.lock = None  # rundir.claim_lock's file: released by pretrain() when the job ends
         self.owns_out = False
 
@@ -326,7 +339,9 @@ class _Job:
         if self.state is not None and self.state["step"] >= max(o.steps, 1):
             raise PretrainError(f"--steps: the resumed run is already at step {self.state['step']} >= --steps "
                                 f"{o.steps}")
-        self.precision = resolve_precision(o.precision, ctx.device, self.state, self.say)
+        # a restart (no checkpoint) keeps the run's precision as a resume does
+        recorded = self.state or ({"precision": o.run_precision} if o.run_precision in PRECISIONS else None)
+        self.precision = resolve_precision(o.precision, ctx.device, recorded, self.say)
         if ctx.is_main:
             os.makedirs(o.out, exist_ok=True)
             rundir.remove_stale_temporaries(o.out)
@@ -503,7 +518,12 @@ class _Job:
                                                           "options": o.options})
             if os.path.exists(self.metrics_path):  # only reachable with --resume and no checkpoint: our own file
                 os.unlink(self.metrics_path)
-        else:
+        else:  # what a later --resume inherits: this one's settings (--keep, --steps...) and recipe
+            record = _run_record(o.out)
+            if record:
+                write_json(os.path.join(o.out, "run.json"), {**record, "recipe": self.run_recipe,
+                                                              "options": o.options, "inputs": self.inputs,
+                                                              "precision": self.precision})
             rundir.truncate_metrics(self.metrics_path, self.start_step)
         if o.tensorboard:  # a resumed run drops the events logged after its checkpoint (they are re-logged)
             self.tb = summary_writer()(os.path.join(o.out, "tensorboard"),
@@ -557,6 +577,12 @@ class _Job:
         self.step += 1
         self.tokens_seen += self._tokens_per_step()
         acc = ctx.all_mean(acc)
+        # noted on the device (no sync per step), read before a checkpoint is written: a diverged run saved NaN
+        # weights between log steps and --keep then deleted its good checkpoints
+        if self.first_nonfinite is None:
+            self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=ctx.device)
+        bad = ~torch.isfinite(acc[:3]).all() & (self.first_nonfinite < 0)
+        self.first_nonfinite = torch.where(bad, self.step, self.first_nonfinite)
         dt = time.perf_counter() - ts
         self.bar.update(1)
         return acc, scores, grad_norm, lr_now, dt
@@ -633,8 +659,22 @@ class _Job:
         dist.all_gather_object(states, {k: v.cpu() for k, v in _rng_state(ctx).items()})
         return states
 
+    def _check_finite(self, step: int) -> None:
+        """Refuse to checkpoint a diverged run: a non-finite loss since the start (but under fp16, whose grad
+        scaler skips those steps) or non-finite weights. Every rank holds the same values: all raise together."""
+        first = -1 if self.first_nonfinite is None else int(self.first_nonfinite)
+        if first >= 0 and self.precision == "fp16":
+            first = -1
+        weights = all(bool(torch.isfinite(p).all()) for p in self.net.parameters())
+        if first >= 0 or not weights:
+            when = f"the loss became non-finite at step {first}" if first >= 0 else \
+                f"the weights became non-finite by step {step}"
+            raise PretrainError(f"{when}: the run diverged (lower --lr, or check --adam-eps / --disc-weight); no "
+                                f"checkpoint is written for step {step}, the checkpoints written so far are kept")
+
     def _save(self, step: int):
         """A checkpoint at ``step`` (collective: every rank takes part; rank 0 writes); its path on rank 0."""
+        self._check_finite(step)
         o, ctx = self.o, self.ctx
         rngs = self._gather_rng()
         path = None
