@@ -317,10 +317,13 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(error, capsys):
     def command():
         raise error
 
-    assert guard(argparse.Namespace(command="pretrain", debug=False), command) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("electra-fast pretrain: error: out of memory (") and \
-        err[0].endswith("lower --batch-size or --seq-len (--grad-accum keeps the batch), or use a smaller --model")
+    for command_name, advice in (("pretrain", "lower --batch-size or --seq-len (--grad-accum keeps the batch), or "
+                                              "use a smaller --model"),
+                                 ("finetune", "lower --batch-size / --eval-batch-size or --max-len")):
+        assert guard(argparse.Namespace(command=command_name, debug=False), command) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"electra-fast {command_name}: error: out of memory (") and \
+            err[0].endswith(advice)
 
 def test_guard_under_torchrun_names_the_rank_and_keeps_to_one_line(monkeypatch, capsys):
     """Under torchrun, a rank left at a collective when rank 0 stopped on bad input printed a gloo traceback

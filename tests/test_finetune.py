@@ -951,9 +951,11 @@ def test_a_header_read_with_column_indices_is_refused(tmp_path, task, columns, t
 
 @pytest.mark.parametrize("text", ["a fine film\tpositive\nbad\tnegative\n",  # string classes: no column name
                                   "gj04\t1\t\tOur friends won't buy this analysis.\ngj04\t0\t*\tThey drank the pub.\n",
-                                  "text of a film\t1\nsentence\t0\n"])  # column names as data, but not on line 1
+                                  "text of a film\t1\nsentence\t0\n",  # column names as data, not on line 1
+                                  "what time is it\tquestion\nshut the door\tcommand\nis it late\tquestion\n",
+                                  "Score\tpositive\nbad\tnegative\nfine\tpositive\n"])  # labels that recur: data
 def test_a_first_row_of_data_read_with_indices_is_kept(tmp_path, text):
     path = _write(tmp_path / "d.tsv", text)
     cols = fdata.Columns(text="3", label="1") if text.startswith("gj04") else fdata.Columns(text="0", label="1")
     ds = fdata.read(path, "classification", cols, "--train")
-    assert len(ds.examples) == 2 and ds.skipped == 0
+    assert len(ds.examples) == len(text.strip().split("\n")) and ds.skipped == 0

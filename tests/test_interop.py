@@ -284,6 +284,10 @@ def test_generator_settings_the_pair_shares_must_agree(tmp_path, kind, field, va
     _edit_config(gp, **{field: value})
     with pytest.raises(CheckpointError, match=f"the generator's config.json has {field}=.*, the discriminator's"):
         ElectraPretrainingModel.from_transformers(gp, dp, **IDS)
+    if kind == "deberta":  # the same relative-attention kinds in another order or spelling: the same setting
+        _edit_config(gp, max_relative_positions=json.loads((dp / "config.json").read_text())["max_relative_positions"],
+                     pos_att_type="c2p|p2c")
+        ElectraPretrainingModel.from_transformers(gp, dp, **IDS)
 
 
 @pytest.mark.parametrize("damage, expected", [

@@ -463,4 +463,6 @@ def test_config_takes_numpy_scalars_and_transformers_spellings():
                         norm_rel_ebd="layer_norm|none", position_buckets=8, max_position_embeddings=64,
                         embedding_sharing="none")
     assert json.loads(cfg.to_json_string())["vocab_size"] == 100  # written as JSON (np.int64 is not)
+    for ids in (np.array([0, 5]), range(2), {0, 5}):  # any collection of ids, as before the type checks
+        assert set(ElectraConfig(disallowed_sample_ids=ids).disallowed_sample_ids) == set(ids)
     assert cfg.vocab_size == 100 and cfg.mask_prob == pytest.approx(0.25)

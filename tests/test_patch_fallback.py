@@ -349,6 +349,36 @@ def test_adapters_subclassing_intermediate_or_output_are_not_bypassed():
         torch.testing.assert_close(got, model(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
+def test_a_forward_set_on_the_instance_is_not_bypassed_nor_removed():
+    """An adapter assigned as `layer.intermediate.forward = ...` was skipped by the fused feed-forward (0.017 off,
+    even under strict); unpatch must leave it in place (it is the user's, not patch's)."""
+    model = build("bert", "BertModel")
+    inputs, _ = batch()
+    inter = model.encoder.layer[0].intermediate
+    original = inter.forward
+    inter.forward = lambda h: original(h) * 0.5
+    want = model(**inputs).last_hidden_state
+    with pytest.raises(ValueError, match="intermediate is a BertIntermediate with its own forward"):
+        electra_fast.patch(model, strict=True)
+    electra_fast.patch(model)
+    torch.testing.assert_close(model(**inputs).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+    electra_fast.unpatch(model)
+    assert "forward" in vars(inter) and not electra_fast.is_patched(model)
+    torch.testing.assert_close(model(**inputs).last_hidden_state, want, rtol=0, atol=0)
+
+
+def test_hooks_on_debertas_newer_mlm_head_are_not_bypassed():
+    """With legacy=False the head has no projection module; its lm_predictions were never checked for hooks."""
+    model = build("deberta_v2", "DebertaV2ForMaskedLM", legacy=False)
+    inputs, labels = batch()
+    model.lm_predictions.lm_head.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    want = _loss(model, inputs, labels)
+    with pytest.raises(ValueError, match="mlm_head: lm_predictions.lm_head has hooks"):
+        electra_fast.patch(model, strict=True)
+    electra_fast.patch(model)
+    torch.testing.assert_close(_loss(model, inputs, labels), want, rtol=1e-5, atol=1e-6)
+
+
 def test_patching_again_applies_its_strict():
     """patch(m); patch(m, strict=True) kept falling back silently (and the reverse kept raising)."""
     model = build("bert", "BertModel")

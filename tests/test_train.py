@@ -297,6 +297,19 @@ def test_resume_refuses_another_vocabulary_and_a_restart_keeps_the_precision(env
         pretrain(None, out=str(run), resume=True, steps=3, progress=False, recipe=dict(tokenizer_type="bpe"))
 
 
+
+def test_a_run_json_from_before_the_options_record_resumes_with_its_tokenizer(env, tmp_path):
+    """A resume rewrote such a run.json with options it invented from its own omitted flags (tokenizer None): the
+    next --resume --tokenizer T (the run's own) was refused as 'the run's: one trained on its data'."""
+    run = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, run, steps=2))
+    record = json.loads((run / "run.json").read_text())
+    del record["options"]
+    (run / "run.json").write_text(json.dumps(record))
+    pretrain(env["data"], **_kw(env, run, steps=3, resume=True, tokenizer=None))  # the checkpoint's tokenizer
+    assert pretrain(env["data"], **_kw(env, run, steps=4, resume=True))["steps"] == 4  # --tokenizer: the run's
+    assert "options" not in json.loads((run / "run.json").read_text())
+
 def test_resume_without_a_complete_checkpoint_restarts_as_the_run_was_made(env, tmp_path, capsys):
     """The run's only checkpoint gone: --resume started again with a new tokenizer trained on the data (another
     vocabulary, another model); it now takes the run's --tokenizer / --vocab-size, and refuses in one line for an

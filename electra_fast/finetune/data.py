@@ -217,9 +217,9 @@ COLUMN_NAMES = frozenset({"sentence", "sentence1", "sentence2", "text", "questio
 
 
 def _header_like(rows, names: Dict[str, Any]) -> bool:
-    """Whether the first of ``rows`` (lists of cells; ``names``: the used columns' indices) is a header: a label or
-    tags cell that is a column name, or that is the only non-number among the labels, or a one-word text cell
-    that is a column name."""
+    """Whether the first of ``rows`` (lists of cells; ``names``: the used columns' indices) is a header: its label
+    (or tags) cell occurs in no later row and is a column name, or is the only non-number among numeric labels; or
+    a one-word text cell is a column name (and the label cell, if any, occurs in no later row)."""
     first = rows[0][1]
 
     def cell(row, key):
@@ -230,14 +230,14 @@ def _header_like(rows, names: Dict[str, Any]) -> bool:
 
     label_key = names.get("label", names.get("tags"))
     label = cell(first, label_key)
-    if label is not None and label.lower() in COLUMN_NAMES:
+    later = [cell(r, label_key) for _, r in rows[1:101]]
+    if label and label in later:  # a real class / tag sequence: data
+        return False
+    if label and (label.lower() in COLUMN_NAMES or (not number(label) and any(later)
+                                                     and all(number(v) for v in later if v))):
         return True
-    if label is not None and label and not number(label):
-        later = [cell(r, label_key) for _, r in rows[1:101]]
-        if later and all(number(v) for v in later if v):
-            return True
-    texts = [cell(first, names.get(k)) for k in ("text", "pair", "tokens")]
-    return any(t is not None and t.lower() in COLUMN_NAMES for t in texts)
+    return any(t is not None and t.lower() in COLUMN_NAMES for t in (cell(first, names.get(k))
+                                                                     for k in ("text", "pair", "tokens")))
 
 
 # GLUE's sentence-pair columns (MNLI / RTE / ..., QNLI, QQP), tried in this order when no text column is named

@@ -52,21 +52,27 @@ def restore_submodule(parent: nn.Module, name: str) -> None:
     setattr(parent, name, original)
 
 
+_MARK = "_electra_fast_override"  # on each override: a method a user set on the instance is not one of ours
+
+
 def override_methods(module: nn.Module, **functions: Callable) -> None:
     """Bind each function to ``module`` as the method of that name (this instance only)."""
     for name, function in functions.items():
-        setattr(module, name, functools.partial(function, module))
+        bound = functools.partial(function, module)
+        setattr(bound, _MARK, True)
+        setattr(module, name, bound)
 
 
 def overrides(module: nn.Module, name: str) -> bool:
-    """Whether ``module``'s method ``name`` is overridden on the instance."""
-    return name in vars(module)
+    """Whether ``module``'s method ``name`` is overridden on the instance by :func:`override_methods`."""
+    return getattr(vars(module).get(name), _MARK, False)
 
 
 def restore_methods(module: nn.Module, *names: str) -> None:
-    """Undo :func:`override_methods` for ``names`` (absent names are ignored)."""
+    """Undo :func:`override_methods` for ``names`` (absent names, and a user's own instance methods, are left)."""
     for name in names:
-        vars(module).pop(name, None)
+        if overrides(module, name):
+            del vars(module)[name]
 
 
 def swapped(parent: nn.Module, name: str) -> bool:

@@ -308,9 +308,11 @@ class ElectraConfig:
 
 
 def _json_type(value) -> str:
-    """The JSON type a value reads as (NumPy's integers and floats as JSON's; a tuple as an array)."""
+    """The JSON type a value reads as (NumPy's integers and floats as JSON's; a tuple, set, range or NumPy array
+    as an array)."""
     for kind, types in (("boolean", (bool, np.bool_)), ("integer", (numbers.Integral,)), ("number", (numbers.Real,)),
-                        ("string", (str,)), ("array", (list, tuple)), ("object", (dict,))):
+                        ("string", (str,)), ("array", (list, tuple, range, set, frozenset, np.ndarray)),
+                        ("object", (dict,))):
         if isinstance(value, types):
             return kind
     return "null"

@@ -132,6 +132,10 @@ def _run(args) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+OOM_ADVICE = {"pretrain": "lower --batch-size or --seq-len (--grad-accum keeps the batch), or use a smaller --model",
+              "finetune": "lower --batch-size / --eval-batch-size or --max-len"}
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     """torch's allocation failures: MemoryError, "DefaultCPUAllocator: can't allocate memory", CUDA's OOM."""
     import torch
@@ -166,8 +170,8 @@ def guard(args, command) -> int:
             print(f"electra-fast {args.command}: {who}error: {exc}", file=sys.stderr)
             return 2
         if _out_of_memory(exc):  # sizes the machine cannot hold: the user's to lower, not a bug's traceback
-            print(f"electra-fast {args.command}: {who}error: out of memory ({reason(exc)}): lower --batch-size or "
-                  "--seq-len (--grad-accum keeps the batch), or use a smaller --model", file=sys.stderr)
+            lower = OOM_ADVICE.get(args.command, "use smaller inputs")
+            print(f"electra-fast {args.command}: {who}error: out of memory ({reason(exc)}): {lower}", file=sys.stderr)
             return 2
         if rank == 0:
             raise

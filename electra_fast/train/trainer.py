@@ -520,7 +520,7 @@ class _Job:
                 os.unlink(self.metrics_path)
         else:  # what a later --resume inherits: this one's settings (--keep, --steps...) and recipe
             record = _run_record(o.out)
-            if record:
+            if isinstance(record.get("options"), dict):  # a run.json from before the record: its options unknown
                 write_json(os.path.join(o.out, "run.json"), {**record, "recipe": self.run_recipe,
                                                               "options": o.options, "inputs": self.inputs,
                                                               "precision": self.precision})

@@ -85,7 +85,9 @@ def not_called(**modules: Optional[nn.Module]) -> Optional[str]:
             continue
         if _hooked(module):
             return f"{name} has hooks (the fused code does not call it)"
-        if not getattr(type(module).forward, "__module__", "").startswith(("transformers.", "torch.")):
+        own = vars(module).get("forward")  # a forward set on the instance (not patch's own override)
+        if (not getattr(type(module).forward, "__module__", "").startswith(("transformers.", "torch."))
+                or (own is not None and not _swap.overrides(module, "forward"))):
             return f"{name} is a {type(module).__name__} with its own forward (the fused code would skip it)"
     return None
 
@@ -209,25 +211,18 @@ class mlm_forward_for:
 
     def unsupported(self, model) -> Optional[str]:
         """Why ``model``'s head cannot be served (None: it can)."""
-        projection = self.head_parts(model)[1]
-        reason = not_plain(projection=projection) or not_called(**_head_path(model, projection))
+        reason = not_plain(projection=self.head_parts(model)[1]) or not_called(**_head_modules(model))
         return None if reason is None else f"mlm_head: {reason}"
 
     def __reduce__(self):  # update_wrapper's __dict__ copy holds nothing picklable by reference
         return (mlm_forward_for, (self.cls, self.head_parts))
 
 
-def _head_path(model: nn.Module, projection: nn.Module) -> dict:
-    """{name: module} of the head's modules above ``projection`` (``cls``, ``cls.predictions``; ``lm_head``), whose
-    forwards the loss-only path does not call; none inside the base model (which it calls)."""
-    for name, child in model.named_children():
-        if name == model.base_model_prefix:
-            continue
-        for sub_name, sub in child.named_modules(prefix=name):
-            if sub is projection:
-                parts = sub_name.split(".")
-                return {n: model.get_submodule(n) for n in (".".join(parts[:i]) for i in range(1, len(parts)))}
-    return {}
+def _head_modules(model: nn.Module) -> dict:
+    """{name: module} of the masked-LM head (every module outside the base model: ``cls``, ``lm_head``,
+    ``lm_predictions``, ...), whose forwards the loss-only path calls in part or not at all."""
+    return {name: module for name, module in model.named_modules()
+            if name and name.split(".", 1)[0] != model.base_model_prefix}
 
 
 def _mlm_loss_only(model, original, head_parts: HeadParts, args, kwargs):
