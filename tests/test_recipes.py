@@ -66,7 +66,7 @@ UPFRONT = [
     (["--adam-eps", "-inf"], "--adam-eps: expected a finite number >= 1.17549e-38, got -inf"),
     (["--adam-eps", "tiny"], "argument --adam-eps: invalid float value: 'tiny'"),
     (["--override"], "--override: only means something with --resume"),
-    (["--tokenizer-type", "bpe", "--vocab-size", "100"], "--vocab-size: expected an int >= 262, got 100"),
+    (["--tokenizer-type", "bpe", "--vocab-size", "100"], "--vocab-size: expected an int in [262, 16777216], got 100"),
     (["--whole-word-masking=yes"], "argument --whole-word-masking: ignored explicit argument 'yes'"),
 ]
 
