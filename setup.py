@@ -10,6 +10,7 @@ Environment:
 import glob
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -36,11 +37,13 @@ def _required_cpu_flags(cxx_flags):
     """The CPU flags code compiled with ``cxx_flags`` may execute (from the compiler's predefined macros), or None
     when the compiler cannot be asked. Recorded next to _C so that a build copied to an older CPU is refused at
     import (electra_fast/_extension.py) instead of dying of SIGILL."""
-    compiler = os.environ.get("CXX", "c++")
+    compiler = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]  # "ccache g++", "g++ -pipe": a command line
     try:
-        out = subprocess.run([compiler, *[f for f in cxx_flags if f.startswith("-m")], "-dM", "-E", "-x", "c++",
+        out = subprocess.run([*compiler, *[f for f in cxx_flags if f.startswith("-m")], "-dM", "-E", "-x", "c++",
                               os.devnull], capture_output=True, text=True, timeout=60, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"electra_fast setup: warning: could not ask {' '.join(compiler)} for its CPU flags ({e}); the "
+              "extension will not be checked against the CPU it is imported on", file=sys.stderr)
         return None
     macros = {line.split()[1] for line in out.splitlines() if line.startswith("#define ")}
     return sorted(flag for macro, flag in _ISA_MACROS.items() if macro in macros)

@@ -35,9 +35,9 @@ _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
 def switch(name: str) -> bool:
-    """An ``ELECTRA_FAST_NO_*``-style switch: set to anything but "" or "0"."""
-    value = os.environ.get(name, "").strip()
-    return value not in ("", "0")
+    """An ``ELECTRA_FAST_NO_*``-style switch: set to anything but "" or "0", read exactly as csrc/env_switch.h reads
+    it (no stripping: "0 " is on there, so it is on here, and info reports the path the C++ runs)."""
+    return os.environ.get(name, "") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,9 +30,10 @@ def read_build_isa(sidecar: str) -> dict:
     "torch": "2.13.0+cpu"} (older builds recorded fewer keys, or nothing)."""
     try:
         with open(sidecar) as fh:
-            return json.load(fh)
+            record = json.load(fh)
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 def isa_error(sidecar: str) -> str | None:
@@ -67,7 +68,9 @@ def torch_error(sidecar: str, running: str | None = None) -> str | None:
 
 
 BUILD_ISA = read_build_isa(SIDECAR)
-EXTENSION_ERROR = isa_error(SIDECAR) or torch_error(SIDECAR)
+# checked before the import: the switch is the way out when loading _C itself crashes (a SIGILL, an ABI abort)
+EXTENSION_ERROR = ("disabled by ELECTRA_FAST_DISABLE_EXT" if _cpu.switch("ELECTRA_FAST_DISABLE_EXT")
+                   else isa_error(SIDECAR) or torch_error(SIDECAR))
 if EXTENSION_ERROR is None:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.electra_fast_cpp.*)
@@ -77,9 +80,6 @@ if EXTENSION_ERROR is None:
         EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
         if "undefined symbol" in str(exc):  # a build that recorded no torch version, made for another torch
             EXTENSION_ERROR += f" (compiled against another torch release? {REBUILD})"
-
-if EXTENSION_ERROR is None and os.environ.get("ELECTRA_FAST_DISABLE_EXT", "0") == "1":
-    EXTENSION_ERROR = "disabled by ELECTRA_FAST_DISABLE_EXT=1"
 
 
 def extension_loaded() -> bool:

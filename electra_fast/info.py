@@ -43,7 +43,7 @@ def _cpp_paths() -> list:
     off = _cpu.switch("ELECTRA_FAST_NO_AMX")
     brgemm = ("brgemm (AMX / AVX512-BF16)" if native and not off else
               f"fp32 products ({'ELECTRA_FAST_NO_AMX' if native else 'no native bf16 brgemm on this CPU'})")
-    avx512 = "avx512f" in _extension.BUILD_ISA.get("cpu_flags", ()) and not _cpu.switch("ELECTRA_FAST_NO_AVX512")
+    avx512 = "avx512f" in (_extension.BUILD_ISA.get("cpu_flags") or ()) and not _cpu.switch("ELECTRA_FAST_NO_AVX512")
     philox = ("16-lane AVX-512" if avx512 else
               f"portable ({'ELECTRA_FAST_NO_AVX512' if _cpu.switch('ELECTRA_FAST_NO_AVX512') else 'build without AVX-512'})")
     return [f"C++ bf16     attention and MLM products: {brgemm}",

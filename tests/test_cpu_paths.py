@@ -140,3 +140,34 @@ def test_info_reports_the_paths():
     out = proc.stdout
     assert "cpu bf16     NOT native (ONEDNN_MAX_CPU_ISA=AVX2" in out and "--precision auto -> fp32" in out
     assert "Linear / MLP torch F.linear" in out
+
+
+def test_switches_read_as_the_cpp_reads_them(monkeypatch):
+    """csrc/env_switch.h takes "0 " as on; Python stripped it to "0" (off): info reported the AVX-512 path while the
+    C++ ran the portable one."""
+    for value, on in (("", False), ("0", False), ("1", True), ("0 ", True), ("yes", True)):
+        monkeypatch.setenv("ELECTRA_FAST_NO_AVX512", value)
+        assert _cpu.switch("ELECTRA_FAST_NO_AVX512") is on, value
+
+
+def test_odd_build_records_are_no_crash(tmp_path, monkeypatch):
+    """A record that is JSON but no object broke `import electra_fast`; one whose cpu_flags is null (setup.py could
+    not ask the compiler) broke `python -m electra_fast.info`."""
+    from electra_fast import info
+    for text in ("[]", "null", "3"):
+        (tmp_path / "isa.json").write_text(text)
+        assert _extension.read_build_isa(str(tmp_path / "isa.json")) == {}
+    monkeypatch.setattr(_extension, "BUILD_ISA", {"cpu_flags": None})
+    assert all(isinstance(line, str) for line in info._cpp_paths())
+
+
+def test_disabling_the_extension_does_not_load_it():
+    """ELECTRA_FAST_DISABLE_EXT was read after `from . import _C`: an extension that crashes while loading (a
+    SIGILL, an ABI abort) took `import electra_fast` down with it, switch or not."""
+    code = "import sys, electra_fast; from electra_fast import _extension; " \
+           "print('electra_fast._C' in sys.modules, _extension.extension_loaded(), _extension.EXTENSION_ERROR)"
+    env = {**os.environ, "ELECTRA_FAST_DISABLE_EXT": "yes"}
+    env.pop("ELECTRA_FAST_REQUIRE_EXT", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ELSEWHERE,
+                         timeout=120)
+    assert out.stdout.split(None, 2) == ["False", "False", "disabled by ELECTRA_FAST_DISABLE_EXT\n"], out.stderr

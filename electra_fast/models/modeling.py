@@ -34,7 +34,7 @@ from ..ops.rtd_loss import rtd_loss as rtd_loss_op
 from ..ops.sampling import mlm_loss_and_sample
 from ..nn.embeddings import DebertaV2Embeddings, ElectraEmbeddings, GDESEmbedding, positions
 from ..nn.encoder import DisentangledEncoder, Encoder
-from ..nn.packing import document_layout, packing
+from ..nn.packing import Documents, document_layout, packing
 from ..nn.heads import DiscriminatorHead, GeneratorHead
 from ..nn.linear import Linear
 from .config import ElectraConfig
@@ -87,12 +87,23 @@ class Backbone(nn.Module):
         stays inside each and absolute positions restart at each (electra_fast.nn.packing; also the
         ``packing.Documents`` a pretraining step builds once for both of its models)."""
         key = _key_mask(attention_mask)
+        _check_document_ids(document_ids, input_ids)
         docs = document_layout(document_ids, key)
         x = self.embeddings(input_ids, token_type_ids, attention_mask,
                             position_ids=None if docs is None else docs.positions)
         if hasattr(self, "embeddings_project"):
             x = self.embeddings_project(x)
         return self.encoder(x, key, document_ids=docs)
+
+
+def _check_document_ids(document_ids, input_ids: torch.Tensor) -> None:
+    """``document_ids``: None, a built ``packing.Documents``, or integer ids of ``input_ids``' shape and device (a
+    [1, 2T] tensor for a [2, T] batch merged its rows silently)."""
+    if document_ids is None or isinstance(document_ids, Documents):
+        return
+    _validate.ids("document_ids", document_ids)
+    _validate.same_shape("document_ids", document_ids, "input_ids", input_ids)
+    _validate.same_device("document_ids", document_ids, "input_ids", input_ids)
 
 
 def _key_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -136,6 +147,7 @@ class ElectraGenerator(nn.Module):
         if not self.emd:
             return self.backbone(input_ids, attention_mask, token_type_ids, document_ids)
         bb, key = self.backbone, _key_mask(attention_mask)
+        _check_document_ids(document_ids, input_ids)
         docs = document_layout(document_ids, key)
         pos = None if docs is None else docs.positions
         h = bb.embeddings(input_ids, token_type_ids, attention_mask, position_ids=pos)
@@ -222,10 +234,7 @@ class ElectraPretrainingModel(nn.Module):
             _seed.check(seed)
         if token_type_ids is not None:
             self._check_token_types(input_ids, token_type_ids)
-        if document_ids is not None:
-            _validate.ids("document_ids", document_ids)
-            _validate.same_shape("document_ids", document_ids, "input_ids", input_ids)
-            _validate.same_device("document_ids", document_ids, "input_ids", input_ids)
+        _check_document_ids(document_ids, input_ids)
 
     def _check_token_types(self, input_ids, token_type_ids):
         _validate.ids("token_type_ids", token_type_ids)

@@ -133,8 +133,9 @@ class DisentangledSelfAttention(nn.Module):
             raise ValueError("hidden_states: expected [B, T, hidden] (or [N, hidden] with a Packed layout as "
                              f"attention_mask), got shape {tuple(hidden_states.shape)}")
         B, T = hidden_states.shape[0], hidden_states.shape[-2]
-        if T == 0:
-            raise ValueError(f"hidden_states: expected at least one token, got shape {tuple(hidden_states.shape)}")
+        if T == 0 or B == 0:
+            raise ValueError("hidden_states: expected at least one row and one token, got shape "
+                             f"{tuple(hidden_states.shape)}")
         if query_states is not None and query_states.shape != hidden_states.shape:
             raise ValueError(f"query_states: expected shape {tuple(hidden_states.shape)} (that of hidden_states), "
                              f"got {tuple(query_states.shape)}")

@@ -17,13 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import _seed
+from .. import _seed, _validate
 from ..ops.disentangled_attention import disentangled_attention
 from ..ops.dropout_add_layer_norm import dropout_add_layer_norm
 from .disentangled_attention import DisentangledSelfAttention
 from .dropout import Dropout, eager_twin
 from .linear import Linear, gelu_mlp, linear
-from .packing import Packed, packing
+from .packing import Documents, Packed, packing
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "swish": F.silu,
@@ -50,6 +50,11 @@ class StandardSelfAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float):
         super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads)):
+            _validate.integer_arg(name, value, 1)
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size: {hidden_size} is not divisible by num_heads={num_heads}")
+        _validate.probability("dropout", dropout)
         self.num_heads = num_heads
         self.query = Linear(hidden_size, hidden_size)
         self.key = Linear(hidden_size, hidden_size)
@@ -172,12 +177,34 @@ class EncoderLayer(nn.Module):
         return self.output(self.intermediate(a), a)
 
 
+def encoder_inputs(x: torch.Tensor, key_mask: Optional[torch.Tensor], document_ids) -> Optional[torch.Tensor]:
+    """The encoders' inputs checked (one behaviour on the unpadded and the padded path: a float 0/1 mask was an
+    additive bias on SDPA's path, ``document_ids`` of another shape merged rows); ``key_mask`` as bool [B, T]."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError("hidden_states: expected a non-empty float tensor [B, T, hidden], got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    B, T = x.shape[:2]
+    for name, t in (("key_mask", key_mask), ("document_ids", document_ids)):
+        if t is None or isinstance(t, Documents):
+            continue
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex():
+            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name}: expected a bool or integer tensor [B, T], got {what}")
+        if tuple(t.shape) != (B, T):
+            raise ValueError(f"{name}: expected shape {(B, T)} (the batch's [B, T]), got {tuple(t.shape)}")
+    if isinstance(document_ids, Documents) and (document_ids.packed.batch, document_ids.packed.length) != (B, T):
+        raise ValueError(f"document_ids: a layout of {(document_ids.packed.batch, document_ids.packed.length)} rows "
+                         f"for a batch of {(B, T)}")
+    return key_mask if key_mask is None or key_mask.dtype == torch.bool else key_mask != 0
+
+
 class Encoder(nn.Module):
     """``layer`` ModuleList of standard-attention layers (transformers ElectraEncoder)."""
 
     def __init__(self, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int, act: str,
                  eps: float, dropout: float, attention_dropout: float):
         super().__init__()
+        _validate.probability("attention_dropout", attention_dropout)
         self.layer = nn.ModuleList(
             EncoderLayer(StandardSelfAttention(hidden_size, num_heads, attention_dropout), hidden_size,
                          intermediate_size, act, eps, dropout) for _ in range(num_layers))
@@ -188,6 +215,7 @@ class Encoder(nn.Module):
         electra_fast.nn.packing): its padded positions come back as zeros. ``document_ids`` int [B, T] (or its
         ``packing.Documents``): rows of several documents (each run of equal ids), attended each on its own (always
         packed)."""
+        key_mask = encoder_inputs(x, key_mask, document_ids)
         packed = packing(key_mask, document_ids) if unpad or document_ids is not None else None
         h = x if packed is None else packed.unpad(x)
         for layer in self.layer:
@@ -220,6 +248,7 @@ class DisentangledEncoder(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], unpad: bool = True,
                 document_ids=None) -> torch.Tensor:
         """As :meth:`Encoder.forward`; relative positions are counted within each row (each document) either way."""
+        key_mask = encoder_inputs(x, key_mask, document_ids)
         rel = self.rel_embedding()
         packed = packing(key_mask, document_ids) if unpad or document_ids is not None else None
         h = x if packed is None else packed.unpad(x)

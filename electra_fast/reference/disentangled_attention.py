@@ -151,7 +151,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_quer
     if cu_seqlens is None:
         return _forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed)
     outs, lses = [], []
-    for b, rows, slots, T in _sequences(cu_seqlens, rel_slots):
+    for b, rows, slots, T in _sequences(cu_seqlens, rel_slots, q.shape[0]):
         out, lse = _forward(*(_alone(x, rows) for x in (q, k, v)), pos_key, pos_query, None, slots, scale,
                             dropout_p, seed, row=b, row_len=T)
         outs.append(_packed(out))
@@ -159,10 +159,15 @@ def forward(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_quer
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
-def _sequences(cu_seqlens: Tensor, rel_slots: Tensor):
-    """(b, token slice, the slot table of its length, T = max_seqlen) per packed sequence."""
+def _sequences(cu_seqlens: Tensor, rel_slots: Tensor, n: int):
+    """(b, token slice, the slot table of its length, T = max_seqlen) per packed sequence of ``n`` tokens. The
+    offsets are checked here too, as the C++ kernel checks them: under torch.compile the op's own checks cannot read
+    values, and bad offsets gave a silently short output."""
     T = (rel_slots.numel() + 1) // 2
     bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != n or any(not 0 < b - a <= T for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens: expected offsets rising from 0 to N={n} in steps of 1 .. max_seqlen={T}, "
+                         f"got {bounds[:8]}{' ...' if len(bounds) > 8 else ''}")
     for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         n = end - start
         yield b, slice(start, end), rel_slots[T - n: T + n - 1], T
@@ -198,7 +203,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optiona
     pk = None if pos_key is None else pos_key.to(acc)
     pq = None if pos_query is None else pos_query.to(acc)
     dqkv, dpk, dpq = [], None, None
-    for b, rows, slots, T in _sequences(cu_seqlens, rel_slots):
+    for b, rows, slots, T in _sequences(cu_seqlens, rel_slots, q.shape[0]):
         dq, dk, dv, dpk_b, dpq_b = _backward(*(_alone(x, rows) for x in (grad_out, q, k, v)), pk, pq, None, slots,
                                              lse[None, :, rows], scale, dropout_p, seed, row=b, row_len=T)
         dqkv.append([_packed(dq), _packed(dk), _packed(dv)])
