@@ -134,7 +134,7 @@ class DisentangledSelfAttention(nn.Module):
                              f"attention_mask), got shape {tuple(hidden_states.shape)}")
         B, T = hidden_states.shape[0], hidden_states.shape[-2]
         if T == 0 or B == 0:
-            raise ValueError("hidden_states: expected at least one row and one token, got shape "
+            raise ValueError("hidden_states: expected at least one token and one row, got shape "
                              f"{tuple(hidden_states.shape)}")
         if query_states is not None and query_states.shape != hidden_states.shape:
             raise ValueError(f"query_states: expected shape {tuple(hidden_states.shape)} (that of hidden_states), "
