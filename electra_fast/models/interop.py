@@ -384,9 +384,11 @@ def _check_unused(state: Dict[str, torch.Tensor], used: set, role: str, director
             raise CheckpointError(f"generator: {directory!r} holds an output projection {decoder!r} that differs "
                                   "from its word embeddings (saved with tie_word_embeddings=False?); electra_fast's "
                                   "generator ties them, so its logits would not be the checkpoint's")
-    stray = sorted(k for k in state if k not in used and not _SKIPPED.search(k)
-                   and k.split(".", 1)[-1 if k.startswith(("electra.", "deberta.")) else 0].startswith(
-                       ("embeddings.", "encoder.")))
+    def encoder_key(k: str) -> bool:  # under the model prefix, or a bare ElectraModel / DebertaV2Model key
+        bare = k.split(".", 1)[1] if k.startswith(("electra.", "deberta.")) else k
+        return bare.startswith(("embeddings.", "encoder."))
+
+    stray = sorted(k for k in state if k not in used and not _SKIPPED.search(k) and encoder_key(k))
     if stray:
         raise CheckpointError(f"{role}: {directory!r} holds {len(stray)} encoder weight(s) the model has no place "
                               f"for ({', '.join(map(repr, stray[:3]))}{', ...' if len(stray) > 3 else ''}): more "

@@ -127,7 +127,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
             keep=keep, log_every=log_every, eval_every=eval_every, tensorboard=tensorboard, vocab_size=vocab_size,
             tokenizer=None, init_from=None).values()
         if tokenizer is not None and isinstance(run_json.get("options"), dict) and (
-                run_tokenizer is None or not _same("model", tokenizer, run_tokenizer, out, None)):
+                run_tokenizer is None or not _same("tokenizer", tokenizer, run_tokenizer, out, None)):
             raise PretrainError(f"--resume: --tokenizer {tokenizer} (the run's: "
                                 f"{run_tokenizer or 'one trained on its data'}): a resumed run keeps its tokenizer "
                                 "(omit it, or start a new --out)")
@@ -256,7 +256,7 @@ def _same(name: str, given, run, out, run_inputs) -> bool:
     names = lambda v: [os.path.basename(os.path.normpath(p)) for p in (v if isinstance(v, list) else [v])]
     if name == "data" and given is not None and run is not None and isinstance(run_inputs, list):
         return names(resolve_inputs(given, exclude=out, owned=rundir.OWNED)) == names(run_inputs)
-    if name == "model" and given is not None and run is not None:
+    if name in ("model", "tokenizer") and given is not None and run is not None:
         return names(given) == names(run)
     return given == run
 
@@ -579,10 +579,11 @@ class _Job:
         acc = ctx.all_mean(acc)
         # noted on the device (no sync per step), read before a checkpoint is written: a diverged run saved NaN
         # weights between log steps and --keep then deleted its good checkpoints
-        if self.first_nonfinite is None:
-            self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=ctx.device)
-        bad = ~torch.isfinite(acc[:3]).all() & (self.first_nonfinite < 0)
-        self.first_nonfinite = torch.where(bad, self.step, self.first_nonfinite)
+        if self.precision != "fp16":  # fp16: the grad scaler skips overflowing steps and the run recovers
+            if self.first_nonfinite is None:
+                self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=ctx.device)
+            bad = ~torch.isfinite(acc[:3]).all() & (self.first_nonfinite < 0)
+            self.first_nonfinite = torch.where(bad, self.step, self.first_nonfinite)
         dt = time.perf_counter() - ts
         self.bar.update(1)
         return acc, scores, grad_norm, lr_now, dt
@@ -660,11 +661,9 @@ class _Job:
         return states
 
     def _check_finite(self, step: int) -> None:
-        """Refuse to checkpoint a diverged run: a non-finite loss since the start (but under fp16, whose grad
-        scaler skips those steps) or non-finite weights. Every rank holds the same values: all raise together."""
+        """Refuse to checkpoint a diverged run: a non-finite loss since the start (not tracked under fp16) or
+        non-finite weights. Every rank holds the same values: all raise together."""
         first = -1 if self.first_nonfinite is None else int(self.first_nonfinite)
-        if first >= 0 and self.precision == "fp16":
-            first = -1
         weights = all(bool(torch.isfinite(p).all()) for p in self.net.parameters())
         if first >= 0 or not weights:
             when = f"the loss became non-finite at step {first}" if first >= 0 else \
