@@ -30,6 +30,8 @@ _ONEDNN_BF16_ISAS = {
     "AVX2_VNNI_2", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
     "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL", "DEFAULT",
 }
+# Every name oneDNN takes there; it ignores any other value, so such a value caps nothing.
+_ONEDNN_ISAS = _ONEDNN_BF16_ISAS | {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
 # CPU flags (Linux names) that give bf16 dot products in hardware: x86 AVX512-BF16 / AMX-BF16, Arm BF16.
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
@@ -60,10 +62,33 @@ def missing_flags(required: Iterable[str]) -> list:
     return sorted(f for f in required if flags and f not in flags)
 
 
+def onednn_isa_setting() -> Optional[Tuple[str, str]]:
+    """(variable, value) of oneDNN's dispatch cap as set in the environment (``ONEDNN_MAX_CPU_ISA``, else the older
+    ``DNNL_MAX_CPU_ISA``), or None."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if os.environ.get(name, "").strip():
+            return name, os.environ[name]
+    return None
+
+
 def onednn_isa_cap() -> Optional[str]:
-    """oneDNN's dispatch cap from the environment (``ONEDNN_MAX_CPU_ISA``), upper case, or None."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    return cap.strip().upper() if cap and cap.strip() else None
+    """oneDNN's dispatch cap from the environment, upper case, or None (unset, or a name oneDNN does not know and
+    ignores)."""
+    setting = onednn_isa_setting()
+    cap = setting[1].strip().upper() if setting else None
+    return cap if cap in _ONEDNN_ISAS else None
+
+
+_ATEN_NAMES = {"default", "avx2", "avx512", "zvector", "vsx", "sve256"}
+
+
+def aten_cap() -> Optional[str]:
+    """ATen's kernel level when ``ATEN_CPU_CAPABILITY`` holds it below AVX-512 (torch's own reading: it ignores a
+    value it does not know, e.g. "AVX2" - its names are lower case), else None."""
+    if not os.environ.get("ATEN_CPU_CAPABILITY"):
+        return None
+    level = torch.backends.cpu.get_cpu_capability()
+    return level if level in ("DEFAULT", "NO AVX", "AVX2", "ZVECTOR") else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,10 +97,10 @@ def native_bf16() -> Answer:
     may use it. Without it a bf16 matmul is emulated element by element: ~50x slower than fp32 here."""
     cap = onednn_isa_cap()
     if cap is not None and cap not in _ONEDNN_BF16_ISAS:
-        return False, f"ONEDNN_MAX_CPU_ISA={cap} caps oneDNN below its bf16 instructions"
-    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
-    if aten in ("default", "avx2", "zvector"):
-        return False, f"ATEN_CPU_CAPABILITY={aten} caps ATen below AVX-512"
+        return False, f"{onednn_isa_setting()[0]}={cap} caps oneDNN below its bf16 instructions"
+    aten = aten_cap()
+    if aten is not None:
+        return False, f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} caps ATen at {aten}, below AVX-512"
     flags = cpu_flags()
     have = [f for f in _BF16_FLAGS if f in flags]
     if flags and not have:
@@ -136,11 +161,24 @@ def default_precision(device: "torch.device | str") -> Answer:
     return "fp32", f"no bf16 policy for {device.type}"
 
 
+def _isa_caps() -> list:
+    """The oneDNN / ATen caps set in the environment, each marked where its library ignores the value."""
+    caps = []
+    setting = onednn_isa_setting()
+    if setting:
+        caps.append(f"{setting[0]}={setting[1]}" + ("" if onednn_isa_cap() else " (ignored: not a oneDNN ISA name)"))
+    aten = os.environ.get("ATEN_CPU_CAPABILITY")
+    if aten:  # torch compares the exact string
+        caps.append(f"ATEN_CPU_CAPABILITY={aten}" + ("" if aten in _ATEN_NAMES else " (ignored by torch: its names "
+                                                     f"are {', '.join(sorted(_ATEN_NAMES))})"))
+    return caps
+
+
 def report() -> list:
     """Lines for ``python -m electra_fast.info``."""
     flags = cpu_flags()
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16", "sve") if f in flags]
-    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k)]
+    caps = _isa_caps()
     caps += [f"{k}={os.environ[k]}" for k in ("ELECTRA_FAST_NO_ONEDNN", "ELECTRA_FAST_NO_AMX", "ELECTRA_FAST_NO_AVX512")
              if switch(k)]  # "0" is off
     bf16, why = native_bf16()

@@ -53,8 +53,15 @@ def check_args(args) -> "str | None":
             check_device(args.device)
         except PretrainError as e:
             return str(e)
-    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
-        return f"--out: {args.out} exists and is not a directory"
+    if args.out is not None:
+        existing = os.path.abspath(args.out)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            return f"--out: {existing} exists and is not a directory"
+    results_md = _results_md(args)
+    if os.path.exists(results_md) and not _ours(results_md):
+        return f"--out: {results_md} exists and was not written by electra-fast bench (it would be replaced)"
     if args.select is not None:
         why = _bad_expression(args.select)
         if why:
@@ -64,11 +71,25 @@ def check_args(args) -> "str | None":
             rows = bench_report.speedups(bench_report.load_groups(args.compare))
         except OSError as e:
             return f"--compare: cannot read {args.compare}: {e.strerror}"
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError) as e:
             return f"--compare: {args.compare} is not a pytest-benchmark JSON written by electra-fast bench ({e})"
         if not rows:
             return f"--compare: {args.compare} holds no fused-vs-baseline rows to compare against"
     return None
+
+
+def _results_md(args) -> str:
+    """Where RESULTS.md goes: bench/RESULTS.md for the checkout's results, else inside --out."""
+    return os.path.join(os.path.abspath(args.out) if args.out is not None else bench_dir(), "RESULTS.md")
+
+
+def _ours(path: str) -> bool:
+    """Whether ``path`` is a RESULTS.md this command wrote (so it may be rewritten)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.readline().rstrip("\n") == bench_report.RESULTS_TITLE
+    except OSError:
+        return False
 
 
 def main(args) -> int:
@@ -82,8 +103,7 @@ def main(args) -> int:
         os.makedirs(out_dir, exist_ok=True)
         print(f"recorded {record_pretrain(out_dir, args.device)}")
         paths = bench_report.newest_per_machine(out_dir)
-        bench_report.write_results_md(paths, os.path.join(os.path.dirname(out_dir) if args.out is None else out_dir,
-                                                          "RESULTS.md"), {}, results_dir=out_dir)
+        bench_report.write_results_md(paths, _results_md(args), {}, results_dir=out_dir)
         return 0
     device = args.device or ("cuda" if _cuda() else "cpu")
     out_dir = os.path.abspath(args.out or os.path.join(bdir, "results"))
@@ -104,8 +124,8 @@ def main(args) -> int:
             print(f"electra-fast bench: pytest failed (exit {rc})", file=sys.stderr)
         return rc
     images = bench_report.plots(json_path, out_dir)
-    results_md = os.path.join(os.path.dirname(out_dir) if args.out is None else out_dir, "RESULTS.md")
-    paths = bench_report.newest_per_machine(out_dir) if args.out is None else [json_path]
+    results_md = _results_md(args)
+    paths = bench_report.newest_per_machine(out_dir)  # with --out too: a second run there keeps the first's table
     if json_path not in paths:
         paths.append(json_path)
     bench_report.write_results_md(paths, results_md, {json_path: images})
@@ -148,7 +168,7 @@ def pytest_command(name: str, device: str, part: str, select=None) -> list:
     cmd = [sys.executable, "-m", "pytest", name, "-q", "-p", "no:cacheprovider", "--benchmark-enable",
            f"--device={device}", f"--benchmark-json={part}", "--benchmark-columns=median,iqr,rounds",
            "-o", "addopts=", "-W", "ignore:Not saving anything"]  # a file -k deselected entirely
-    return cmd + (["-k", select] if select else [])
+    return cmd + ([f"-k{select}"] if select else [])  # one argument: an expression may start with "-"
 
 
 class MergedResults:
@@ -210,7 +230,8 @@ def _run_files(bdir: str, device: str, select, json_path: str, env) -> int:
                 continue
             if rc != 0:
                 if merged.data is not None:  # the files that finished keep their rows, never as a full run
-                    partial = os.path.splitext(json_path)[0] + "-partial.json"
+                    partial = unused_name(os.path.dirname(json_path),
+                                          os.path.splitext(os.path.basename(json_path))[0], "-partial.json")
                     merged.write(partial)
                     print(f"electra-fast bench: {name} failed; the rows of the files before it are in {partial}",
                           file=sys.stderr)
@@ -228,7 +249,7 @@ def selected_files(bdir: str, device: str, select: str, env) -> list:
     started a process per file only to select nothing); every file if the collection fails (each run says why)."""
     files = bench_files(bdir)
     cmd = [sys.executable, "-m", "pytest", *files, "--collect-only", "-q", "-p", "no:cacheprovider", f"--device={device}",
-           "-o", "addopts=", "-k", select]
+           "-o", "addopts=", f"-k{select}"]
     proc = subprocess.run(cmd, cwd=bdir, env=env, capture_output=True, text=True)
     if proc.returncode not in (0, 5):
         return files

@@ -109,6 +109,11 @@ def _fmt_mem(b) -> str:
     return "-" if not b else f"{b / 2**20:.1f} MiB"
 
 
+def _forced_note(m: dict) -> str:
+    """What a run's fused rows did not run on: a forced backend (ELECTRA_FAST_BACKEND)."""
+    return f" · **fused rows on the forced {m['forced_backend']!r} backend**" if m.get("forced_backend") else ""
+
+
 def table(path: str) -> str:
     data = json.load(open(path))
     m = data.get("machine_info", {})
@@ -119,8 +124,7 @@ def table(path: str) -> str:
         "",
         f"{data.get('datetime', '')[:19]} · torch {m.get('torch')} · triton {m.get('triton')} · "
         f"electra_fast {m.get('electra_fast')} (commit {m.get('git_commit')}) · {m.get('torch_threads')} threads · "
-        f"C++ extension {'built' if m.get('extension') else 'NOT built'}"
-        + (f" · **fused rows on the forced {m['forced_backend']!r} backend**" if m.get("forced_backend") else "")
+        f"C++ extension {'built' if m.get('extension') else 'NOT built'}" + _forced_note(m)
         + (f" · a selection (`-k {m['select']}`)" if m.get("select") else ""),
         "",
         "| op | pass | shape | dtype | impl | median | tokens/s | peak mem | fused speed-up | fused / other peak mem |",
@@ -212,13 +216,25 @@ def plot_names(path: str) -> set:
 RUN_NAME = re.compile(r"^(.+)-(\d{4}-\d{2}-\d{2})(?:-(\d+))?(-quick)?\.json$")
 
 
+def _is_run(path: str) -> bool:
+    """Whether ``path`` reads as a pytest-benchmark JSON (an object with a list of benchmarks); a file that only
+    has a run's name (hand-made, truncated) is passed over, not a traceback after the benchmarks ran."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("benchmarks"), list) \
+        and isinstance(data.get("machine_info", {}), dict)
+
+
 def newest_per_machine(results_dir: str) -> List[str]:
     """The newest full benchmark JSON of each machine (quick runs only where a machine has nothing else)."""
     latest: Dict[str, str] = {}
     # only <machine>-<YYYY-MM-DD>[-quick].json: other JSON beside them (a demo's record, a model config, the default
     # job's -pretrain-default.json) is not a benchmark run and, dated later, must not stand in for one
     runs = [(f, m.groups()) for f in glob.glob(os.path.join(results_dir, "*.json"))
-            for m in [RUN_NAME.match(os.path.basename(f))] if m]
+            for m in [RUN_NAME.match(os.path.basename(f))] if m and _is_run(f)]
     # full runs after quick ones, newer dates after older, a day's later runs after its first
     for f, (machine, _, _, _) in sorted(runs, key=lambda r: (r[1][3] is None, r[1][1], int(r[1][2] or 1))):
         latest[machine] = f
@@ -243,11 +259,14 @@ def pretrain_section(results_dir: str) -> List[str]:
     return lines + [""]
 
 
+RESULTS_TITLE = "# Benchmark results"  # RESULTS.md's first line: how electra-fast bench knows the file is its own
+
+
 def write_results_md(paths: List[str], out_path: str, images: Dict[str, List[str]],
                      results_dir: Optional[str] = None) -> None:
     """RESULTS.md at ``out_path``: a table (and plots) per JSON in ``paths``, then the default pretraining job's
     records found in ``results_dir`` (default: where ``paths`` are, else ``<out_path's dir>/results``)."""
-    text = ["# Benchmark results", "",
+    text = [RESULTS_TITLE, "",
             "Medians over several rounds; every side of a comparison ran in the same process with the same shapes, "
             "dtype, thread count, warm-up and rounds. *fused speed-up* = other median / fused median (> 1: fused is "
             "faster). *fused / other peak mem* < 1: fused uses less. Peak memory: CUDA `max_memory_allocated`; CPU: "
@@ -331,7 +350,8 @@ def _caption(path: str, base_dir: str) -> str:
     cuda = f", CUDA {m['cuda']}" if m.get("cuda") else ""
     rel = os.path.relpath(path, base_dir).replace(os.sep, "/")
     return (f"**{m.get('electra_fast_machine', 'unknown machine')}**, {m.get('cores', '?')} cores, "
-            f"{m.get('torch_threads', '?')} threads, torch {m.get('torch')}{cuda} · "
+            f"{m.get('torch_threads', '?')} threads, torch {m.get('torch')}{cuda}"
+            + ("" if m.get("extension", True) else " · **C++ extension NOT built**") + _forced_note(m) + " · "
             f"[`{os.path.basename(path)}`]({rel}) ({data.get('datetime', '')[:10]}, commit {m.get('git_commit')})")
 
 

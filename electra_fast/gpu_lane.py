@@ -68,6 +68,18 @@ TIMES = {
                 "bench": (35, 240, 60)},
 }
 BUDGET = {"quick": 240, "full": 480, "dry-run": 300}
+
+
+def mode_of(args) -> str:
+    return "dry-run" if args.dry_run else ("quick" if args.quick else "full")
+
+
+def min_budget(mode: str) -> int:
+    """The smallest --budget that starts every stage: what each keeps back for itself (at least the 5 s a stage
+    needs to start)."""
+    return sum(max(reserve, 5) for _, _, reserve in TIMES[mode].values())
+
+
 BENCH_FILE_CAP_S = 180  # one bench file that hangs must not take the others' time
 
 
@@ -180,7 +192,7 @@ def _kill(proc: subprocess.Popen) -> None:
 class Lane:
     def __init__(self, args, out: str, device: str):
         self.args, self.out, self.device = args, out, device
-        self.mode = "dry-run" if args.dry_run else ("quick" if args.quick else "full")
+        self.mode = mode_of(args)
         self.times = TIMES[self.mode]
         self.abort: Optional[str] = None  # why the remaining stages cannot run
         self.scratch: List[str] = []  # folders this lane made outside the output directory, removed at the end
@@ -243,8 +255,9 @@ class Lane:
         self.record["stages"].append(entry)
         t0 = time.monotonic()
         self.say(f"\n===== {name} =====")
-        if self.abort or self.limit(name) < 5:
-            entry.update(status="skipped", detail=self.abort or "no time left in --budget")
+        blocked = self.abort if name != "env" else None  # the versions and the GPU still say why an install failed
+        if blocked or self.limit(name) < 5:
+            entry.update(status="skipped", detail=blocked or "no time left in --budget")
         else:
             try:
                 status, detail = fn()
@@ -267,9 +280,15 @@ class Lane:
                         would_run=f"{'ELECTRA_FAST_SKIP_EXT=1 ' if ext == 'skip' else ''}{shlex.join(INSTALL)}",
                         peers=f"not installed (dry run; {len(wheels)} wheel(s) in {WHEELS}/)")
             return "ok", f"dry run: would run `{info['would_run']}`; peers: {len(wheels)} wheel(s) found"
-        status, installed = "ok", self.installed_here(ext)
-        if self.args.no_install or installed:
-            info["package"] = installed or "not installed (--no-install)"
+        words = self.installed_package()
+        status, installed = "ok", self.installed_here(words, ext)
+        if self.args.no_install and not installed:
+            info["package"] = f"installed at {os.path.dirname(words[0])} (--no-install)" if words else \
+                "not installed (--no-install)"
+            if not words:  # the kernels/ room only exists as electra_fast.kernels once installed
+                status, self.abort = "failed", "electra_fast is not installed (--no-install; see the install stage)"
+        elif installed:
+            info["package"] = installed
         else:
             env = dict(self.env, MAX_JOBS=str(os.cpu_count() or 4))
             rc = 1
@@ -281,19 +300,26 @@ class Lane:
                 rc, _ = self.run(INSTALL, self.limit("install"), env=dict(env, ELECTRA_FAST_SKIP_EXT="1"))
                 skipped = "--quick / --ext skip" if ext == "skip" else "its build failed"
                 info["package"] = (f"editable, ELECTRA_FAST_SKIP_EXT=1 ({skipped}): CPU ops on the reference"
-                                   if rc == 0 else f"pip install failed (exit {rc}): the checkout's sources run "
-                                   "without an install")
-                status = "ok" if rc == 0 else "failed"
+                                   if rc == 0 else f"pip install failed (exit {rc}, see lane.log)")
+                if rc != 0:  # the checkout's sources do not run uninstalled: kernels/ is electra_fast.kernels
+                    status, self.abort = "failed", "the install failed (see the install stage)"
         info["peers"] = self.install_peers(wheels)
         return status, f"package: {info['package']}; peers: {info['peers']}"
 
-    def installed_here(self, ext: str) -> Optional[str]:
-        """A note when this checkout is already installed (editable) with what ``ext`` asks for, else None."""
+    def installed_package(self) -> List[str]:
+        """[package file, extension loaded] of the electra_fast this environment imports outside the checkout, or
+        [] when it has none."""
         code = "import electra_fast as e, electra_fast.kernels; print(e.__file__, e.extension_loaded())"
         with tempfile.TemporaryDirectory() as tmp:  # not the checkout: its own directory would import from source
             rc, text = _output([sys.executable, "-c", code], 120, self.env, cwd=tmp)
         words = text.split() if rc == 0 else []
-        if len(words) < 2 or not words[-2].startswith(os.path.join(ROOT, "electra_fast")):
+        return words[-2:] if len(words) >= 2 else []
+
+    @staticmethod
+    def installed_here(words: List[str], ext: str) -> Optional[str]:
+        """A note when ``words`` (:meth:`installed_package`) are this checkout's install (editable) with what
+        ``ext`` asks for, else None."""
+        if not words or not words[0].startswith(os.path.join(ROOT, "electra_fast")):
             return None
         if ext == "build" and words[-1] != "True":
             return None
@@ -385,7 +411,11 @@ class Lane:
                 rc, timed_out = self.run(cmd, limit, cwd=bdir, env=env)
                 if rc not in (0, 5):
                     failed.append(f"{name} (exit {rc}{', timed out' if timed_out else ''})")
-                merged.add(name, part)
+                if rc in (0, 5) or os.path.exists(part):  # no JSON after 0 / 5: every row skipped on this device
+                    merged.add(name, part)
+                else:  # cut off or crashed before pytest-benchmark wrote anything: not a skip
+                    merged.skip(name, f"no rows: the file {'timed out' if timed_out else f'failed (exit {rc})'} "
+                                "before writing them (see lane.log)")
                 if merged.data is not None:
                     merged.data["machine_info"]["gpu_lane"] = {"mode": self.mode, "env": self.record["env"]}
                     merged.write(self.path("bench"))
@@ -512,8 +542,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick and args.dry_run:
         raise UsageError("--quick and --dry-run: pick one (the dry run is already the smallest)")
-    if args.budget is not None and args.budget < 30:
-        raise UsageError(f"--budget: expected at least 30 seconds, got {args.budget}")
+    mode = mode_of(args)
+    if args.budget is not None and args.budget < min_budget(mode):
+        raise UsageError(f"--budget: expected at least {min_budget(mode)} seconds for the {mode} lane (the time every "
+                         f"stage keeps back, so that none is skipped), got {args.budget}")
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers: expected 0 or more, got {args.workers}")
     return args

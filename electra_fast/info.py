@@ -43,11 +43,18 @@ def _cpp_paths() -> list:
     off = _cpu.switch("ELECTRA_FAST_NO_AMX")
     brgemm = ("brgemm (AMX / AVX512-BF16)" if native and not off else
               f"fp32 products ({'ELECTRA_FAST_NO_AMX' if native else 'no native bf16 brgemm on this CPU'})")
-    avx512 = "avx512f" in (_extension.BUILD_ISA.get("cpu_flags") or ()) and not _cpu.switch("ELECTRA_FAST_NO_AVX512")
-    philox = ("16-lane AVX-512" if avx512 else
-              f"portable ({'ELECTRA_FAST_NO_AVX512' if _cpu.switch('ELECTRA_FAST_NO_AVX512') else 'build without AVX-512'})")
+    off = _cpu.switch("ELECTRA_FAST_NO_AVX512")
+    # dropout's keep bytes ask the CPU at run time (csrc/keep_bytes.cpp have_avx512); the Gumbel noise's 16-lane
+    # path exists only in a build compiled for AVX-512 (csrc/sampling.cpp)
+    cpu = _cpu.cpu_flags()
+    cpu_avx512 = {"avx512f", "avx512bw", "bmi2"} <= cpu
+    dropout = ("16-lane AVX-512" if cpu_avx512 and not off else "portable (" + (
+        "ELECTRA_FAST_NO_AVX512" if off else "CPU flags unknown" if not cpu else "no AVX-512 on this CPU") + ")")
+    built = "avx512f" in (_extension.BUILD_ISA.get("cpu_flags") or ())
+    gumbel = ("16-lane AVX-512" if built and not off else
+              f"portable ({'ELECTRA_FAST_NO_AVX512' if off else 'build without AVX-512'})")
     return [f"C++ bf16     attention and MLM products: {brgemm}",
-            f"C++ Philox   dropout / Gumbel noise: {philox}"]
+            f"C++ Philox   dropout: {dropout}; Gumbel noise: {gumbel}"]
 
 
 def report() -> str:
@@ -80,7 +87,14 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv=()) -> int:
+    if list(argv) in (["-h"], ["--help"]):
+        print("usage: python -m electra_fast.info (or electra-fast info): what this install runs on, and why")
+        return 0
+    if argv:  # as `electra-fast info` does: it takes no arguments
+        print(f"python -m electra_fast.info: error: unrecognized arguments: {' '.join(argv)} (it takes none)",
+              file=sys.stderr)
+        return 2
     try:  # python -m electra_fast.info: a misspelt ELECTRA_FAST_BACKEND is one line, as under electra-fast info
         _backend.forced_backend()
     except ValueError as e:
@@ -91,4 +105,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

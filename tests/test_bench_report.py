@@ -170,3 +170,73 @@ def test_a_selection_runs_only_the_files_it_picks():
     assert bench_cli.selected_files(bdir, "cpu", "no_row_is_named_so", env) == []
     picked = bench_cli.selected_files(bdir, "cpu", "dropout", env)
     assert "test_bench_dropout.py" in picked and "test_bench_masking.py" not in picked
+
+
+def test_bench_keeps_what_was_on_disk_and_refuses_bad_out_or_compare(tmp_path, monkeypatch, capsys):
+    """Review findings: a second failed run replaced the first's -partial.json; --out's RESULTS.md (a user's own
+    notes, or the first run's table) was overwritten with only the newest run; --out under a file and a --compare
+    JSON whose fused median is 0 were tracebacks; a results JSON that is no run crashed the report after the
+    benchmarks ran; a -k expression starting with "-" reached pytest as an option."""
+    from electra_fast import bench as bench_cli
+
+    calls = []
+
+    def fake_call(cmd, cwd, env):
+        calls.append(cmd)
+        if cmd[3] == "test_bench_b.py":
+            return 1
+        out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--benchmark-json="))
+        _write(__import__("pathlib").Path(out), [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", 2.0)])
+        return 0
+
+    monkeypatch.setattr(bench_cli.subprocess, "call", fake_call)
+    monkeypatch.setattr(bench_cli, "bench_files", lambda bdir: ["test_bench_a.py", "test_bench_b.py"])
+    monkeypatch.setattr(bench_report, "result_name", lambda device=None: "cpu-x-2026-12-06")
+    failed = tmp_path / "failed"
+    args = type("A", (), dict(quick=False, device="cpu", out=str(failed), compare=None, select=None))
+    assert bench_cli.main(args) == 1 and bench_cli.main(args) == 1
+    assert sorted(os.listdir(failed)) == ["cpu-x-2026-12-06-2-partial.json", "cpu-x-2026-12-06-partial.json"]
+
+    monkeypatch.setattr(bench_cli, "bench_files", lambda bdir: ["test_bench_a.py"])
+    out = tmp_path / "out"
+    args = type("A", (), dict(quick=False, device="cpu", out=str(out), compare=None, select=None))
+    assert bench_cli.main(args) == 0 and bench_cli.main(args) == 0
+    text = (out / "RESULTS.md").read_text()
+    assert "cpu-x-2026-12-06-2.json" in text  # the newest run of the machine; the file is the command's own
+    (out / "cpu-x-2026-12-07.json").write_text("[1]")  # a run's name, not a run: passed over
+    assert bench_report.newest_per_machine(str(out)) == [str(out / "cpu-x-2026-12-06-2.json")]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "RESULTS.md").write_text("my own notes\n")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rows = [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", 2.0)]
+    rows[0]["stats"]["median"] = 0.0  # a hand-edited or broken baseline
+    zero = _write(tmp_path / "zero.json", rows)
+    capsys.readouterr()
+    for bad, match in ((dict(out=str(notes)), "was not written by electra-fast bench"),
+                       (dict(out=str(afile / "sub")), "is not a directory"),
+                       (dict(out=str(out), compare=zero), "--compare:")):
+        calls.clear()
+        args = type("A", (), dict(dict(quick=False, device="cpu", out=None, compare=None, select=None), **bad))
+        assert bench_cli.main(args) == 2 and not calls
+        err = capsys.readouterr().err.strip()
+        assert match in err and len(err.splitlines()) == 1, err
+    assert (notes / "RESULTS.md").read_text() == "my own notes\n"
+    assert bench_cli.pytest_command("test_bench_a.py", "cpu", "p.json", "-rtd")[-1] == "-k-rtd"
+
+
+def test_readme_caption_names_a_forced_backend_and_a_missing_extension(tmp_path):
+    """A run on ELECTRA_FAST_BACKEND=reference, or without the C++ extension, became README's table unlabelled."""
+    path = tmp_path / "cpu-x-2026-12-06.json"
+    path.write_text(json.dumps({"machine_info": {"electra_fast_machine": "test cpu", "extension": False,
+                                                 "forced_backend": "reference"},
+                                "datetime": "2026-12-06T00:00:00",
+                                "benchmarks": [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", 2.0)]}))
+    caption = bench_report.readme_table([str(path)], str(tmp_path)).splitlines()[0]
+    assert "**C++ extension NOT built**" in caption and "forced 'reference' backend" in caption
+    data = json.loads(path.read_text())
+    data["machine_info"].update(extension=True, forced_backend=None)
+    path.write_text(json.dumps(data))
+    caption = bench_report.readme_table([str(path)], str(tmp_path)).splitlines()[0]
+    assert "NOT built" not in caption and "forced" not in caption

@@ -449,6 +449,8 @@ def test_misspelt_backend_variable_is_one_line(user, tmp_path, capsys, monkeypat
         from electra_fast import info
         assert info.main() == 2
         assert capsys.readouterr().err.startswith("electra_fast.info: error: ELECTRA_FAST_BACKEND: expected one")
+        assert info.main(["--bogus"]) == 2  # it takes no arguments (they were ignored)
+        assert capsys.readouterr().err.strip().endswith("unrecognized arguments: --bogus (it takes none)")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the triton backend can serve a CUDA device")

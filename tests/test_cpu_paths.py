@@ -59,6 +59,28 @@ def test_capped_isa_means_no_native_bf16_and_no_onednn_linear():
     assert "ONEDNN_MAX_CPU_ISA=AVX2" in proc.stdout
 
 
+@pytest.mark.parametrize("env,capped,note", [
+    ({"ATEN_CPU_CAPABILITY": "AVX2"}, False, "ATEN_CPU_CAPABILITY=AVX2 (ignored by torch"),  # torch's names: lower case
+    ({"ONEDNN_MAX_CPU_ISA": "bogus"}, False, "ONEDNN_MAX_CPU_ISA=bogus (ignored: not a oneDNN ISA name)"),
+    ({"DNNL_MAX_CPU_ISA": "AVX2"}, True, "DNNL_MAX_CPU_ISA=AVX2"),  # oneDNN's older name, reported as itself
+])
+def test_caps_are_read_as_their_libraries_read_them(env, capped, note):
+    """A cap the library ignores caps nothing (info said "NOT native" and the benchmarks dropped their bf16 rows);
+    one it honours is named as set."""
+    proc = _python("""
+        from electra_fast import _cpu
+        print(_cpu.native_bf16()[1])
+        print(_cpu.report()[0])
+    """, extra_env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    why, cpu_line = proc.stdout.splitlines()[-2:]
+    assert note in cpu_line
+    if capped:
+        assert why.startswith(note.split(" ")[0]), why
+    else:
+        assert "caps" not in why, why
+
+
 def test_switch_turns_the_onednn_path_off():
     proc = _python("from electra_fast import _cpu; print(_cpu.onednn_bf16_linear())",
                    extra_env={"ELECTRA_FAST_NO_ONEDNN": "1"})
@@ -171,3 +193,17 @@ def test_disabling_the_extension_does_not_load_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ELSEWHERE,
                          timeout=120)
     assert out.stdout.split(None, 2) == ["False", "False", "disabled by ELECTRA_FAST_DISABLE_EXT\n"], out.stderr
+
+
+@pytest.mark.skipif(not _extension.extension_loaded(), reason="info reports the C++ paths only with the extension")
+def test_info_reports_dropout_from_the_cpu_and_gumbel_from_the_build(monkeypatch):
+    """Dropout's 16-lane Philox asks the CPU at run time (csrc/keep_bytes.cpp); only the Gumbel noise needs an
+    AVX-512 build. info judged both by the build (an x86-64-v3 build on an AVX-512 CPU was "portable")."""
+    from electra_fast import info
+    monkeypatch.delenv("ELECTRA_FAST_NO_AVX512", raising=False)
+    monkeypatch.setattr(_cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw", "bmi2"}))
+    monkeypatch.setattr(_extension, "BUILD_ISA", {"cpu_flags": ["avx2"]})
+    assert info._cpp_paths()[1].endswith("dropout: 16-lane AVX-512; Gumbel noise: portable (build without AVX-512)")
+    monkeypatch.setattr(_cpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(_extension, "BUILD_ISA", {"cpu_flags": ["avx2", "avx512f"]})
+    assert info._cpp_paths()[1].endswith("dropout: portable (no AVX-512 on this CPU); Gumbel noise: 16-lane AVX-512")
