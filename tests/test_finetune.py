@@ -284,12 +284,16 @@ def _bad_cases(d, pretrained, tmp_path):
         shutil.copy(next(pretrained.glob("checkpoints/step-*/tokenizer.json")), tmp_path / name / "tokenizer.json")
         bert[name] = ["--model", str(tmp_path / name)]
     pairs = ["--train", str(d / "train.jsonl"), "--validation", str(d / "dev.jsonl")]
+    shutil.copytree(tmp_path / "bert-one-type", tmp_path / "bert-short")  # its config says 2 layers, its weights 1
+    config = json.loads((tmp_path / "bert-short" / "config.json").read_text())
+    (tmp_path / "bert-short" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
     shutil.copytree(tmp_path / "bert-one-type", tmp_path / "bert-no-tokenizer")
     os.remove(tmp_path / "bert-no-tokenizer" / "tokenizer.json")
     return [
         (["--model", str(tmp_path / "bert-no-tokenizer")] + good,
          "error: --model: " + str(tmp_path / "bert-no-tokenizer") + " holds neither tokenizer.json nor vocab.txt"),
         (bert["bert-small-vocab"] + good, "tokenizer has 120 tokens, more than its embeddings hold (100)"),
+        (["--model", str(tmp_path / "bert-short")] + good, "lacks 'electra.encoder.layer.1."),  # --out was written
         (bert["bert-one-type"] + pairs, "has 1 token type(s), but its tokenizer gives a pair's second sentence type 1"),
         (model + ["--train", w("empty.tsv", ""), "--validation", str(d / "dev.tsv")], "empty.tsv is empty"),
         (model + ["--train", w("nolabel.tsv", "sentence\tscore\na b\t1\n"), "--validation", str(d / "dev.tsv")],
@@ -503,6 +507,17 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(pretrained, tmp_pat
     with pytest.raises(fdata.FinetuneError, match="other options .*--train: its examples differ"):
         finetune(*args, out=str(tmp_path / "cut"), resume=True, **kw)
     (d / "train.tsv").write_text(original)
+    real_load = fmodel.load_encoder
+
+    def newer_checkpoint(path):  # a run directory whose pretraining went on: its newest checkpoint changed
+        cfg, state, tok = real_load(path)
+        first = sorted(state)[0]
+        return cfg, {**state, first: state[first] + 1e-3}, tok
+
+    monkeypatch.setattr(fmodel, "load_encoder", newer_checkpoint)
+    with pytest.raises(fdata.FinetuneError, match="other options .*--model: its weights differ"):
+        finetune(*args, out=str(tmp_path / "cut"), resume=True, **kw)
+    monkeypatch.setattr(fmodel, "load_encoder", real_load)
     done = finetune(*args, out=str(tmp_path / "cut"), resume=True, **kw)
     assert not done["interrupted"]
     strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]
@@ -887,6 +902,27 @@ def test_token_files_columns_fallbacks_indices_and_unlabelled_tests(tmp_path):
     assert (ds.examples[0].text, ds.examples[0].label) == (["the", "cat", "sat"], ["O", "B-ANI", "O"])
     with pytest.raises(fdata.FinetuneError, match="no tokens column"):  # indices given for the wrong task: one line
         fdata.read(headerless, "token-classification", fdata.Columns(text="0", label="1"), "--train")
+
+
+def test_token_cells_written_as_list_literals_are_lists(tmp_path):
+    """pandas' to_csv of list columns writes "['the', 'cat']": it was split at spaces into made-up labels
+    ("['O',", "'B-ANI']"), exported as label names."""
+    path = _write(tmp_path / "ner.csv", 'tokens,tags\n"[\'the\', \'cat\']","[\'O\', \'B-ANI\']"\n'
+                  '"[""a"", ""dog""]","[0, 1]"\n"[ see ] it","O O O O"\n')
+    ds = fdata.read(path, "token-classification", fdata.Columns(), "--train")
+    assert [(e.text, e.label) for e in ds.examples] == [(["the", "cat"], ["O", "B-ANI"]), (["a", "dog"], ["0", "1"]),
+                                                        (["[", "see", "]", "it"], ["O", "O", "O", "O"])]
+
+
+def test_a_one_column_tsv_with_a_quoted_span_over_lines_is_refused(tmp_path):
+    """Without a tab, a bare quote closed on a later line and csv's quoting of a line break look alike: two rows
+    were read as one (one prediction missing, every later one a row off)."""
+    path = _write(tmp_path / "test.tsv", 'sentence\n"a masterpiece\nsays nobody ."\nok\n')
+    with pytest.raises(fdata.FinetuneError, match="^--test: .*test.tsv: a quoted field spans lines in a file of one"):
+        fdata.read(path, "classification", fdata.Columns(), "--test", labelled=False)
+    path = _write(tmp_path / "quoted.tsv", 'sentence\n"a ""quoted"" line"\nok\n')  # within one line: csv's
+    ds = fdata.read(path, "classification", fdata.Columns(), "--test", labelled=False)
+    assert [e.text for e in ds.examples] == ['a "quoted" line', "ok"]
 
 
 def test_rows_keep_their_place_when_bad_lines_are_skipped(tmp_path):

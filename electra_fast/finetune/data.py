@@ -13,6 +13,7 @@ A bad row is a :class:`FinetuneError` naming the file and line, or is skipped an
 """
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
@@ -123,8 +124,13 @@ def _tsv_quoting(text: str, where: str) -> int:
     starts with a quote is quoted that way is read as csv quoting. A quoted field holding both a tab and a line
     break could be either (csv's, or a bare quote closed on a later row): refused, never guessed."""
     starts = len(_QUOTE_STARTS.findall(text))
-    quoted = len(_CSV_QUOTED.findall(text))
+    fields = _CSV_QUOTED.findall(text)
+    quoted = len(fields)
     if starts and quoted == starts:
+        if "\t" not in text and any("\n" in f or "\r" in f for f in fields):  # one column: no tab tells them apart
+            raise FinetuneError(f"{where}: a quoted field spans lines in a file of one column: csv quoting or bare "
+                                "quotes (as in GLUE's files) cannot be told apart; save the file as .csv or without "
+                                "such quotes")
         return csv.QUOTE_MINIMAL
     if len(_CSV_QUOTED_ANY.findall(text)) > quoted:
         raise FinetuneError(f"{where}: a quoted field holds both a tab and a line break: csv quoting or bare quotes "
@@ -286,6 +292,23 @@ def _field(row, key, where: str, what: str):
     return value
 
 
+def _words(cell):
+    """A token-classification cell as a list: a list as it is; a string that is a list literal of words or integer
+    tags (pandas' to_csv of a list column writes "['EU', 'rejects']", JSON '["EU", "rejects"]') as that list; else
+    split at white space."""
+    if not isinstance(cell, str):
+        return cell
+    text = cell.strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            value = None
+        if isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+            return value
+    return cell.split()
+
+
 def _example(row, names: dict, task: str, labelled: bool, where: str, indexed: bool) -> Example:
     if row is None or not isinstance(row, (dict, list)):
         raise FinetuneError(f"{where}: not a row of the expected columns (malformed JSON or too many fields)")
@@ -293,12 +316,12 @@ def _example(row, names: dict, task: str, labelled: bool, where: str, indexed: b
         tokens, key = _field(row, names["tokens"], where, "tokens"), names["tags"]
         tags = None if key is None else row.get(key) if isinstance(row, dict) else (
             row[key] if key < len(row) else None)
-        tokens = tokens.split() if isinstance(tokens, str) else tokens
+        tokens = _words(tokens)
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
             raise FinetuneError(f"{where}: tokens must be a non-empty list of words")
         if tags is None and not labelled:
             return Example(tokens, None, None, where)
-        tags = tags.split() if isinstance(tags, str) else tags
+        tags = _words(tags)
         if not isinstance(tags, list) or not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in tags):
             raise FinetuneError(f"{where}: tags must be a list of labels")
         if len(tags) != len(tokens):

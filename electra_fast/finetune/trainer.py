@@ -184,6 +184,17 @@ def _contents(ds: fdata.Dataset) -> str:
     return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
+def _weights(state: Dict[str, torch.Tensor]) -> str:
+    """A fingerprint of the encoder's weights (names, dtypes, shapes, bytes): a run directory's newest checkpoint
+    changes while its pretraining goes on, and a resume must not fine-tune the later seeds from other weights."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def _claim_out(out: str, record: dict, resume: bool) -> None:
     if not resume:
         _prepare_out(out)
@@ -196,6 +207,7 @@ def _claim_out(out: str, record: dict, resume: bool) -> None:
         raise FinetuneError(f"--resume: {out} holds no fine-tuning run ({RUN_FILE} missing or unreadable)") from None
     # a key the saved record lacks came with a later version: nothing to compare it with
     changed = [f"--{k[:-len(' contents')]}: its examples differ" if k.endswith(" contents")
+               else "--model: its weights differ (a newer checkpoint of the run?)" if k == "model weights"
                else f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in record.items() if k in saved and saved[k] != v]
     if changed:
         raise FinetuneError(f"--resume: the run in {out} was started with other options ({'; '.join(changed)}); "
@@ -287,7 +299,9 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
         fdata.check_labels(te, names, task, "--test")
     if precision == "auto":
         precision = _cpu.default_precision(dev)[0]
-    record = {"model": os.path.abspath(model), "train": os.path.abspath(train),
+    with torch.random.fork_rng(devices=[]):  # the weights fit the architecture: checked before --out is written
+        fmodel.build(cfg, None if from_scratch else state, task, len(names), model)
+    record = {"model": os.path.abspath(model), "model weights": _weights(state), "train": os.path.abspath(train),
               "validation": os.path.abspath(validation), "test": test and os.path.abspath(test), "task": task,
               "columns": vars(columns), "max_len": max_len, "epochs": epochs, "batch_size": batch_size,
               "eval_batch_size": eval_batch_size, "lr": lr, "layer_decay": layer_decay, "warmup": warmup,
@@ -429,9 +443,12 @@ EPOCH_STATE = "last-epoch.pt"  # what --resume continues from: written after eac
 
 
 def _save_epoch_state(out, net, optimizer, scheduler, rng, best, best_epoch, history) -> None:
+    dev = next(net.parameters()).device
     state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "batch_order": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "best": best,
-             "best_epoch": best_epoch, "history": history}
+             "best_epoch": best_epoch, "history": history,
+             # SiFT draws its noise on the model's device: a GPU's generator is part of the run too
+             "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
     write_atomic(os.path.join(out, EPOCH_STATE), lambda p: torch.save(state, p))
 
 
@@ -454,6 +471,9 @@ def _load_epoch_state(out, net, optimizer, scheduler, rng):
                             "start it again") from None
     rng.bit_generator.state = st["batch_order"]
     torch.set_rng_state(st["torch_rng"])
+    dev = next(net.parameters()).device
+    if st.get("cuda_rng") is not None and dev.type == "cuda":
+        torch.cuda.set_rng_state(st["cuda_rng"], dev)
     history = st["history"]
     with open(metrics, encoding="utf-8") as f:
         lines = f.readlines()[:len(history)]
