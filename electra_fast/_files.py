@@ -1,5 +1,5 @@
 """Atomic file writes, for every command that rewrites a file in a user's run folder: a reader, or the next start
-after a kill, sees the old file or the new one, never half of one.
+after a kill, sees the old file or the new one, never half of one. And names for files set aside (:func:`unused`).
 
 The temporary is ``PATH.tmp-PID`` beside ``PATH`` (the rename stays on one filesystem, and the next start can tell
 a dead process's leftovers by that pattern: :mod:`electra_fast.train.rundir`, :mod:`electra_fast.train.temporaries`).
@@ -44,3 +44,12 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, obj) -> None:
     """``obj`` as indented JSON (one trailing newline) as the whole of ``path``, atomically."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def unused(path: str) -> str:
+    """``path``, or ``path-2``, ``path-3``... while that name is taken: a file set aside never replaces another."""
+    name, n = path, 1
+    while os.path.lexists(name):
+        n += 1
+        name = f"{path}-{n}"
+    return name

@@ -319,8 +319,12 @@ def test_resume_without_a_complete_checkpoint_restarts_as_the_run_was_made(env, 
     pretrain(env["data"], **_kw(env, run, steps=2))
     shutil.rmtree(run / "checkpoints" / "step-00000002")
     for restart in (1, 2):  # the second restart too: the first rewrote run.json, and lost the tokenizer there
+        history = (run / "metrics.jsonl").read_text()
         s = pretrain(None, out=str(run), resume=True, progress=False)
         assert "starting from scratch with the run's options" in capsys.readouterr().err
+        # the run's history is kept aside, never deleted (a restart of a long run lost its curves)
+        kept = run / ("metrics.jsonl.before-restart" + ("" if restart == 1 else "-2"))
+        assert kept.read_text() == history
         got = load_tokenizer(os.path.join(s["checkpoint"], "tokenizer.json"))
         assert fingerprint(got) == fingerprint(load_tokenizer(env["tokenizer"])), restart
         if restart == 1:
@@ -482,6 +486,46 @@ def test_diverging_runs_and_unrepresentable_recipes_stop_in_one_line(env, tmp_pa
         assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
     with pytest.raises(PretrainError, match="the loss became non-finite at step"):
         pretrain(env["data"], **_kw(env, tmp_path / "nan", lr=1e30, precision="fp32", steps=20))
+
+
+def test_resume_of_a_folder_without_a_run_is_refused(env, tmp_path):
+    """A mistyped --out, or a run a failed start took back: --resume started the built-in default job there (exit
+    0, its run.json then the run's record)."""
+    kw = _kw(env, tmp_path / "typo", steps=2, resume=True)
+    with pytest.raises(PretrainError, match=r"^--resume: .*typo holds no run to continue \(no run.json\)"):
+        pretrain(env["data"], **kw)
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PretrainError, match="holds no run to continue"):
+        pretrain(None, out=str(tmp_path / "empty"), resume=True, progress=False)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_a_corpus_without_text_is_one_line_for_every_tokenizer(tmp_path):
+    """The Unigram trainer's empty vocabulary was a traceback (min() of nothing); WordPiece / BPE said it."""
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n   \n\n")
+    for kind in ("unigram", "wordpiece", "bpe"):
+        with pytest.raises(PretrainError, match="^--data: no text found"):
+            pretrain(str(blank), out=str(tmp_path / kind), steps=1, progress=False, vocab_size=300,
+                     recipe=dict(tokenizer_type=kind), model="electra-tiny")
+
+
+def test_a_folder_inputs_cache_key_follows_its_files(tmp_path):
+    """A datasets save_to_disk folder whose shard was rewritten in place kept its cache key (the folder's own
+    stat): a resume read the stale tokens."""
+    from electra_fast.train.data import cache_key
+    from electra_fast.train.tokenizer import train_tokenizer
+    tok = train_tokenizer("wordpiece", ["a b c d e"] * 5, 40)
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"one")
+    before = cache_key([str(folder)], tok, False)
+    os.utime(folder / "data-00000-of-00001.arrow", ns=(1, 1))
+    stat = os.stat(folder)
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"two")
+    os.utime(folder, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the folder itself looks untouched
+    assert cache_key([str(folder)], tok, False) != before
 
 
 def test_data_folder_that_is_the_out_folder_resumes(env, tmp_path):

@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .._files import unused
 from .._validate import reason
 from .errors import PretrainError
 from .temporaries import remove_dead_temporaries
@@ -136,10 +137,7 @@ def prune(root: str, keep: int, protect: Optional[str] = None, hook: Optional[Ca
 
 def _set_aside(path: str, why: str, warn) -> None:
     """Rename a corrupt or partial checkpoint to ``<path>.corrupt[-N]``: out of resume's and retention's way, kept."""
-    aside, n = path + ".corrupt", 1
-    while os.path.lexists(aside):
-        n += 1
-        aside = f"{path}.corrupt-{n}"
+    aside = unused(path + ".corrupt")
     os.replace(path, aside)
     _fsync_dir(os.path.dirname(path))
     warn(f"warning: checkpoint {path} is corrupt or partial ({why}): moved to {aside} (not counted against "

@@ -1,7 +1,6 @@
 """``electra-fast pretrain``, ``export`` and ``plot``: argument parsing and one-line errors.
 
-Kept apart from the top-level ``electra_fast/cli.py`` (which only registers these sub-commands) and light
-to import: torch and the trainer load only when a command runs.
+Kept apart from the top-level ``electra_fast/cli.py``, which only registers these sub-commands.
 """
 from __future__ import annotations
 
@@ -73,8 +72,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--out", default="runs/electra-fast", help="output directory (checkpoints, metrics, cache)")
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (always at the end; a "
-                   "resumed run's own unless given)")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default 1000; always at "
+                   "the end; a resumed run's own unless given)")
     p.add_argument("--keep", type=int, default=None, help="checkpoints kept (default 3; a resumed run's own)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--allow-nonempty-out", action="store_true", help="use an --out holding other files (never touched)")

@@ -155,8 +155,12 @@ def read_documents(path: str, skip_bad_lines: bool = False, stats: Optional[dict
 def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool) -> str:
     h = hashlib.sha256()
     for p in inputs:
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        # a datasets save_to_disk folder: its files (a shard rewritten in place leaves the folder's own stat as is)
+        files = [p] if not os.path.isdir(p) else sorted(
+            os.path.join(d, f) for d, _, names in os.walk(p) for f in names)
+        for f in files:
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     h.update(fingerprint(tok).encode())
     h.update(f"skip={skip_bad_lines};format={CACHE_FORMAT};special-spellings=text".encode())
     return h.hexdigest()[:24]

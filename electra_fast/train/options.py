@@ -25,6 +25,7 @@ TINY = dict(embedding_size=128, hidden_size=128, num_hidden_layers=2, num_attent
             intermediate_size=512, generator_hidden_size=64, generator_num_hidden_layers=2,
             generator_num_attention_heads=1, generator_intermediate_size=256, temperature=3.0)
 DEFAULT_STEPS, DEFAULT_EMBEDDED_STEPS = 10_000, 600
+DEFAULT_SAVE_EVERY = 1000  # steps between checkpoints when --save-every is not given
 DEFAULT_EMBEDDED_VOCAB = 8192  # any family: the embedded corpus gives ~9-10k pieces at most
 TOKENIZER_NAMES = {"wordpiece": "WordPiece", "bpe": "byte-level BPE", "unigram": "Unigram"}
 # --lr's default per preset (ELECTRA: small 5e-4, base / large 2e-4); a CONFIG.json or --init-from model gets the

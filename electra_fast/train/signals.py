@@ -42,3 +42,19 @@ class Signals:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+class Uninterrupted:
+    """Ctrl-C ignored inside (main thread only): a clean-up that stops half-way leaves a state no command expects
+    (a run record without the files beside it)."""
+
+    def __enter__(self):
+        import threading
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)

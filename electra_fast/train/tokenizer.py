@@ -120,6 +120,8 @@ def _train_unigram(documents, vocab_size: int):
     except Exception as e:  # the Rust trainer's refusal ("... not large enough to contain all chars"): one line
         raise PretrainError(f"--vocab-size: {vocab_size} is too small for a unigram vocabulary of this corpus "
                             f"(it holds every character): {str(e).splitlines()[0]}") from None
+    if tok.get_vocab_size() <= len(_UNIGRAM_SPECIALS):  # nothing but the special tokens: no text was read
+        raise PretrainError("--data: no text found to train a tokenizer on")
     tok = _canonical_unigram(tok)
     tok.add_special_tokens(["[MASK]"])
     _add_post_processor(tok)

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import _backend
-from .._files import write_json
+from .._files import unused, write_json
 from .._seed import derive_seed
 from . import checkpoint as ckpt
 from . import plot, rundir
@@ -35,9 +35,10 @@ from .distributed import Context, setup
 from .errors import PretrainError
 from .optim import linear_schedule, param_groups
 from .init_from import init_source
-from .options import (DEFAULT_EMBEDDED_STEPS, DEFAULT_EMBEDDED_VOCAB, DEFAULT_STEPS, TOKENIZER_NAMES, check_seq_len,
-                      default_lr, model_config, positive, real, resolve_precision, summary_writer)
-from .signals import Signals
+from .options import (DEFAULT_EMBEDDED_STEPS, DEFAULT_EMBEDDED_VOCAB, DEFAULT_SAVE_EVERY, DEFAULT_STEPS,
+                      TOKENIZER_NAMES, check_seq_len, default_lr, model_config, positive, real, resolve_precision,
+                      summary_writer)
+from .signals import Signals, Uninterrupted
 from .tokenizer import (DEFAULT_VOCAB, MAX_VOCAB, config_overrides, fingerprint, load_tokenizer, min_vocab,
                         special_ids, train_tokenizer)
 
@@ -118,6 +119,9 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     # a resumed run's own, for a restart when it has no complete checkpoint
     run_tokenizer = run_init_from = recorded_recipe = run_precision = None
     if resume:
+        if not os.path.isfile(os.path.join(os.fspath(out), "run.json")):  # a mistyped --out, a run taken back
+            raise PretrainError(f"--resume: {out} holds no run to continue (no run.json); check --out, or start the "
+                                "run without --resume")
         run_json = _run_record(out)
         recorded_recipe = run_json.get("recipe")
         (data, seq_len, batch_size, grad_accum, lr, warmup, weight_decay, seed, model, steps, save_every, keep,
@@ -133,6 +137,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
                                 "(omit it, or start a new --out)")
         run_precision = run_json.get("precision")
     keep = 3 if keep is None else keep
+    # a kill -9 or an out-of-memory kill late in a long run lost all of it when only the end was saved
+    save_every = DEFAULT_SAVE_EVERY if save_every is None else save_every
     log_every = 10 if log_every is None else log_every
     tensorboard = bool(tensorboard)
     seq_len = 128 if seq_len is None else seq_len
@@ -195,7 +201,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         return job.run()
     except BaseException:
         if before is not None and job is not None and job.owns_out:  # never another job's files (no lock: no take)
-            rundir.take_back(out, before)
+            with Uninterrupted():
+                rundir.take_back(out, before)
         raise
     finally:
         if job is not None and job.lock is not None:
@@ -516,8 +523,10 @@ class _Job:
                                                           "model": o.model, "inputs": self.inputs,
                                                           "precision": self.precision, "recipe": self.run_recipe,
                                                           "options": o.options})
-            if os.path.exists(self.metrics_path):  # only reachable with --resume and no checkpoint: our own file
-                os.unlink(self.metrics_path)
+            if os.path.exists(self.metrics_path):  # --resume without a usable checkpoint: the history is kept aside
+                kept = unused(self.metrics_path + ".before-restart")
+                os.replace(self.metrics_path, kept)
+                self.say(f"--resume: the run's earlier metrics are kept in {kept}")
         else:  # what a later --resume inherits: this one's settings (--keep, --steps...) and recipe
             record = _run_record(o.out)
             if isinstance(record.get("options"), dict):  # a run.json from before the record: its options unknown
