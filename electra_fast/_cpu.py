@@ -83,12 +83,11 @@ _ATEN_NAMES = {"default", "avx2", "avx512", "zvector", "vsx", "sve256"}
 
 
 def aten_cap() -> Optional[str]:
-    """ATen's kernel level when ``ATEN_CPU_CAPABILITY`` holds it below AVX-512 (torch's own reading: it ignores a
-    value it does not know, e.g. "AVX2" - its names are lower case), else None."""
-    if not os.environ.get("ATEN_CPU_CAPABILITY"):
-        return None
-    level = torch.backends.cpu.get_cpu_capability()
-    return level if level in ("DEFAULT", "NO AVX", "AVX2", "ZVECTOR") else None
+    """``ATEN_CPU_CAPABILITY`` when it holds ATen below AVX-512 ("default" or "avx2", spelt as torch compares them:
+    it ignores a value it does not know, e.g. "AVX2"), else None. The variable, not torch's level: on a CPU without
+    AVX-512 that level is low whatever the variable says."""
+    value = os.environ.get("ATEN_CPU_CAPABILITY")
+    return value if value in ("default", "avx2") else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,7 +99,7 @@ def native_bf16() -> Answer:
         return False, f"{onednn_isa_setting()[0]}={cap} caps oneDNN below its bf16 instructions"
     aten = aten_cap()
     if aten is not None:
-        return False, f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']} caps ATen at {aten}, below AVX-512"
+        return False, f"ATEN_CPU_CAPABILITY={aten} caps ATen below AVX-512"
     flags = cpu_flags()
     have = [f for f in _BF16_FLAGS if f in flags]
     if flags and not have:

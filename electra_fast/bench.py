@@ -125,7 +125,7 @@ def main(args) -> int:
         return rc
     images = bench_report.plots(json_path, out_dir)
     results_md = _results_md(args)
-    paths = bench_report.newest_per_machine(out_dir)  # with --out too: a second run there keeps the first's table
+    paths = bench_report.newest_per_machine(out_dir)  # with --out too: each machine's newest run there, not only this
     if json_path not in paths:
         paths.append(json_path)
     bench_report.write_results_md(paths, results_md, {json_path: images})

@@ -908,10 +908,11 @@ def test_token_cells_written_as_list_literals_are_lists(tmp_path):
     """pandas' to_csv of list columns writes "['the', 'cat']": it was split at spaces into made-up labels
     ("['O',", "'B-ANI']"), exported as label names."""
     path = _write(tmp_path / "ner.csv", 'tokens,tags\n"[\'the\', \'cat\']","[\'O\', \'B-ANI\']"\n'
-                  '"[""a"", ""dog""]","[0, 1]"\n"[ see ] it","O O O O"\n')
+                  '"[""a"", ""dog""]","[0, 1]"\n"[ see ] it","O O O O"\n"[ 1 ]","O O O"\n')
     ds = fdata.read(path, "token-classification", fdata.Columns(), "--train")
     assert [(e.text, e.label) for e in ds.examples] == [(["the", "cat"], ["O", "B-ANI"]), (["a", "dog"], ["0", "1"]),
-                                                        (["[", "see", "]", "it"], ["O", "O", "O", "O"])]
+                                                        (["[", "see", "]", "it"], ["O", "O", "O", "O"]),
+                                                        (["[", "1", "]"], ["O", "O", "O"])]  # words are strings
 
 
 def test_a_one_column_tsv_with_a_quoted_span_over_lines_is_refused(tmp_path):

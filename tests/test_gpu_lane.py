@@ -101,8 +101,8 @@ def test_no_gpu_is_one_line_before_any_folder(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv,match", [(["--quick", "--dry-run"], "pick one"), (["--budget", "5"], "--budget"),
-                                        (["--dry-run", "--budget", "124"],
-                                         "--budget: expected at least 125 seconds for the dry-run lane"),
+                                        (["--dry-run", "--budget", "129"],
+                                         "--budget: expected at least 130 seconds for the dry-run lane"),
                                         (["--quick", "--budget", "100"], "--budget"),
                                         (["--workers", "-1"], "--workers")])
 def test_bad_arguments_exit_2_with_one_line(argv, match, capsys):

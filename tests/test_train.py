@@ -492,13 +492,19 @@ def test_resume_of_a_folder_without_a_run_is_refused(env, tmp_path):
     """A mistyped --out, or a run a failed start took back: --resume started the built-in default job there (exit
     0, its run.json then the run's record)."""
     kw = _kw(env, tmp_path / "typo", steps=2, resume=True)
-    with pytest.raises(PretrainError, match=r"^--resume: .*typo holds no run to continue \(no run.json\)"):
+    with pytest.raises(PretrainError, match=r"^--resume: .*typo holds no run to continue \(no run.json, no electra-fast marker\)"):
         pretrain(env["data"], **kw)
     assert not (tmp_path / "typo").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(PretrainError, match="holds no run to continue"):
         pretrain(None, out=str(tmp_path / "empty"), resume=True, progress=False)
     assert list((tmp_path / "empty").iterdir()) == []
+    # a folder a first start claimed and was killed in (before run.json): a requeued --resume with the run's options
+    # starts it; without them (the built-in default job) it is refused
+    (tmp_path / "empty" / ".electra-fast-run").write_text("")
+    with pytest.raises(PretrainError, match="holds no run to continue"):
+        pretrain(None, out=str(tmp_path / "empty"), resume=True, progress=False)
+    assert pretrain(env["data"], **_kw(env, tmp_path / "empty", steps=2, resume=True))["steps"] == 2
 
 
 def test_a_corpus_without_text_is_one_line_for_every_tokenizer(tmp_path):

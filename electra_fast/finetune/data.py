@@ -292,10 +292,10 @@ def _field(row, key, where: str, what: str):
     return value
 
 
-def _words(cell):
-    """A token-classification cell as a list: a list as it is; a string that is a list literal of words or integer
-    tags (pandas' to_csv of a list column writes "['EU', 'rejects']", JSON '["EU", "rejects"]') as that list; else
-    split at white space."""
+def _words(cell, kinds):
+    """A token-classification cell as a list: a list as it is; a string that is a non-empty list literal of
+    ``kinds`` (words: str; tags: str or int) as that list (pandas' to_csv of a list column writes "['EU',
+    'rejects']", JSON '["EU", "rejects"]'); else split at white space ("[ 1 ]" is three words)."""
     if not isinstance(cell, str):
         return cell
     text = cell.strip()
@@ -304,7 +304,7 @@ def _words(cell):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             value = None
-        if isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        if isinstance(value, list) and value and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value):
             return value
     return cell.split()
 
@@ -316,12 +316,12 @@ def _example(row, names: dict, task: str, labelled: bool, where: str, indexed: b
         tokens, key = _field(row, names["tokens"], where, "tokens"), names["tags"]
         tags = None if key is None else row.get(key) if isinstance(row, dict) else (
             row[key] if key < len(row) else None)
-        tokens = _words(tokens)
+        tokens = _words(tokens, str)
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
             raise FinetuneError(f"{where}: tokens must be a non-empty list of words")
         if tags is None and not labelled:
             return Example(tokens, None, None, where)
-        tags = _words(tags)
+        tags = _words(tags, (str, int))
         if not isinstance(tags, list) or not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in tags):
             raise FinetuneError(f"{where}: tags must be a list of labels")
         if len(tags) != len(tokens):

@@ -130,6 +130,11 @@ def _is_our_run_json(path: str) -> bool:
     return isinstance(run, dict) and isinstance(run.get("run_id"), str) and "inputs" in run
 
 
+def is_claimed(out) -> bool:
+    """Whether a job of ours claimed ``out`` (its marker is there)."""
+    return os.path.isfile(os.path.join(os.fspath(out), MARKER))
+
+
 def _write_marker(out: str) -> None:
     try:
         with open(os.path.join(out, MARKER), "x", encoding="utf-8") as f:  # "x": never over a file

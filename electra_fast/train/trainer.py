@@ -119,9 +119,13 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     # a resumed run's own, for a restart when it has no complete checkpoint
     run_tokenizer = run_init_from = recorded_recipe = run_precision = None
     if resume:
-        if not os.path.isfile(os.path.join(os.fspath(out), "run.json")):  # a mistyped --out, a run taken back
-            raise PretrainError(f"--resume: {out} holds no run to continue (no run.json); check --out, or start the "
-                                "run without --resume")
+        claimed = rundir.is_claimed(out)
+        if not os.path.isfile(os.path.join(os.fspath(out), "run.json")) and (data is None or not claimed):
+            # a mistyped --out, or a run taken back: it would have started the built-in default job. A folder a
+            # killed first start claimed (a requeued --resume) starts with the options given.
+            raise PretrainError(f"--resume: {out} holds no run to continue (no run.json"
+                                f"{'' if claimed else ', no electra-fast marker'}); check --out, or start the run "
+                                "without --resume")
         run_json = _run_record(out)
         recorded_recipe = run_json.get("recipe")
         (data, seq_len, batch_size, grad_accum, lr, warmup, weight_decay, seed, model, steps, save_every, keep,
