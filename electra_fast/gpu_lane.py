@@ -9,7 +9,7 @@ keeps what finished (the lane also stops itself inside ``--budget``, cutting the
              (``make gpu-wheels``) with ``pip install --no-index --no-deps --target`` into a scratch folder
   env        ``python -m electra_fast.info``, the GPU, its clocks (``nvidia-smi -q -d CLOCK``), versions
   suite      the existing suite's CUDA cases: ``pytest tests -k triton-cuda``                  -> junit-suite.xml
-  gpu-tests  tests/gpu/: stress shapes, fp32 / fp16 / bf16 against the reference with DESIGN.md's criterion, every
+  gpu-tests  tests/gpu/: stress shapes, fp32 / fp16 / bf16 against the reference with the low-precision criterion, every
              gradient, random decisions bit-identical to the CPU backends                       -> junit-gpu.xml
   bench      bench/test_bench_*.py on ``--device cuda``, one process per file, merged as each file ends -> bench.json
 

@@ -128,6 +128,16 @@ def test_deberta_from_transformers(tmp_path, legacy, share_att_key, pos_att_type
         assert torch.isfinite(model(ids, mask, seed=0).loss)
 
 
+def test_deberta_default_special_ids_outside_the_vocabulary_are_one_line(tmp_path):
+    """DeBERTa-v3's [MASK] id 128000 over a smaller vocabulary: the message named only the id's range, not that the
+    default came from the layout and the tokenizer's ids are to be passed."""
+    from electra_fast.models.interop import CheckpointError
+    gp, dp = _save(tmp_path, *_deberta_pair())
+    with pytest.raises(CheckpointError, match=r"^mask_token_id: the layout's default 128000 is outside this model's "
+                                              r"vocabulary \(\d+ tokens\).*pass the tokenizer's ids"):
+        ElectraPretrainingModel.from_transformers(gp, dp)
+
+
 @pytest.mark.parametrize("kind", ["electra", "electra-no-token-types", "deberta"])
 def test_save_pretrained_loads_in_transformers(tmp_path, kind):
     if kind.startswith("electra"):  # type_vocab_size 0: our embeddings keep one row, so the export says 1

@@ -178,6 +178,11 @@ def config_from_transformers(gen: dict, disc: dict, **overrides) -> ElectraConfi
                     enhanced_mask_decoder=bool(gen.get("electra_fast_enhanced_mask_decoder", False)))
     base.update(common)
     base.update(overrides)
+    for key in ("cls_token_id", "sep_token_id", "mask_token_id", "unk_token_id"):
+        if key not in overrides and not 0 <= base.get(key, 0) < base["vocab_size"]:
+            raise CheckpointError(f"{key}: the layout's default {base[key]} is outside this model's vocabulary "
+                                  f"({base['vocab_size']} tokens), and transformers' config records no such id: pass "
+                                  f"the tokenizer's ids ({key}=..., and the other special ids)")
     return ElectraConfig.from_dict(base)
 
 
