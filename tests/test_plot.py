@@ -144,3 +144,14 @@ def test_plot_errors_are_one_line_naming_what_is_wrong(run, tmp_path, capsys):
         cli_main(["plot", "--out", out])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "RUN_DIR" in err
+
+
+def test_a_torn_last_record_is_dropped_as_a_resume_drops_it(tmp_path):
+    """A run killed mid-write (or on a full disk) leaves half a line at the end: plot refused the whole run; a
+    complete bad line still is an error (test above)."""
+    from electra_fast.train.plot import read_metrics
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    rows = [json.dumps({"step": s, "loss": 2.0 / s}) for s in (1, 2)]
+    (torn / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(str(torn))] == [1, 2]

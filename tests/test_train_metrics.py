@@ -66,6 +66,8 @@ def test_rtd_metrics_counts_and_the_prior():
         assert prior(r)["prior_rtd_loss"] == pytest.approx(best, rel=1e-6)
         assert all(bce(c) >= best - 1e-7 for c in np.linspace(-4, 4, 41))
     assert prior(0.0) == {"prior_rtd_loss": 0.0, "prior_accuracy": 1.0}
+    # more than half replaced (--mask-prob > 0.5): the constant predictor says "replaced" and is right r of the time
+    assert prior(0.7)["prior_accuracy"] == pytest.approx(0.7) and prior(0.2)["prior_accuracy"] == pytest.approx(0.8)
     # no positive prediction / no positive label: 0, never NaN
     none = rtd_metrics(torch.tensor([-1.0, -2.0]), torch.tensor([False, False]))
     assert none["discriminator_f1"] == 0.0 and none["discriminator_auc"] is None
@@ -116,7 +118,7 @@ def test_eval_every_holds_out_sequences_training_never_reads(env, tmp_path, monk
     assert [r["step"] for r in recs] == [1, 4, 5, 8, 10, 12]
     assert [r["step"] for r in recs if "eval_discriminator_auc" in r] == [4, 8, 12]
     for r in recs:
-        assert r["prior_accuracy"] == pytest.approx(1 - r["replaced_fraction"])
+        assert r["prior_accuracy"] == pytest.approx(max(r["replaced_fraction"], 1 - r["replaced_fraction"]))
         p, q = r["discriminator_precision"], r["discriminator_recall"]
         assert r["discriminator_f1"] == pytest.approx(2 * p * q / (p + q) if p + q else 0.0)
         assert 0.0 <= r["discriminator_auc"] <= 1.0
@@ -137,7 +139,11 @@ def test_heldout_evaluation_is_repeatable_and_changes_no_state(env, tmp_path):
     stream = next((tmp_path / "run" / "cache").glob("tokens-*.bin")).as_posix()
     packed = PackedSequences(stream, 32, ids["cls"], ids["sep"])
     held, train = evaluation.split(len(packed), evaluation.heldout_count(len(packed)))
-    h = evaluation.HeldOut(packed, held, train, 4, lambda i: 1000 + i, tuple(ids.values()), net.config.vocab_size)
+    h = evaluation.HeldOut(packed, held, train, lambda i: 1000 + i, tuple(ids.values()), net.config.vocab_size)
+    # batches of a fixed size, not --batch-size's: each batch's draw is keyed by its index (runs differing only in
+    # --batch-size evaluated on other draws)
+    sizes = [len(rows) for rows, _ in h.batches]
+    assert sum(sizes) == len(held) and all(n == evaluation.EVAL_ROWS for n in sizes[:-1]) and sizes[-1] <= 16
     rng = torch.get_rng_state()
     weights = {k: v.clone() for k, v in net.state_dict().items()}
     a = h.evaluate(net, torch.device("cpu"), dict(enabled=False))

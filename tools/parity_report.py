@@ -292,7 +292,8 @@ def _data(run_dir: str, cfg, batch: int):
     run = json.load(open(os.path.join(run_dir, "run.json")))
     stream = [os.path.join(run_dir, "cache", f) for f in os.listdir(os.path.join(run_dir, "cache"))
               if f.startswith("tokens-") and f.endswith(".bin")][0]
-    packed = data_mod.PackedSequences(stream, run.get("seq_len", 128), cfg.cls_token_id, cfg.sep_token_id)
+    seq_len = (run.get("options") or {}).get("seq_len") or 128  # run.json keeps the options under "options"
+    packed = data_mod.PackedSequences(stream, seq_len, cfg.cls_token_id, cfg.sep_token_id)
     held_ids, train_ids = split(len(packed), heldout_count(len(packed)))
     held = [packed.batch(list(held_ids[i:i + batch])) for i in range(0, len(held_ids), batch)]
     return packed, held, train_ids
@@ -477,6 +478,11 @@ def main() -> None:
     result = json.load(open(path)) if os.path.exists(path) else {"runs": {}}
     if result.get("layout", args.layout) != args.layout:
         raise SystemExit(f"{path} holds a {result['layout']} report; use another --out")
+    # its curves are reused: they must be of the same job (they were relabelled with the new settings)
+    for key, value in (("steps", args.steps), ("eval_every", args.eval_every), ("batch", args.batch)):
+        if result.get(key, value) != value:
+            raise SystemExit(f"{path} holds runs of --{key.replace('_', '-')} {result[key]} (not {value}); use "
+                             "another --out")
     job = job_kwargs(args.layout, args.out)
     result.update(layout=args.layout, steps=args.steps, eval_every=args.eval_every, batch=args.batch, lr=job["lr"],
                   cpu=open("/proc/cpuinfo").read().split("model name")[1].split(":")[1].split("\n")[0].strip(),

@@ -25,6 +25,11 @@ from .metrics import TokenScores, rtd_metrics
 
 HELDOUT_SEED = 0x48454C44  # "HELD"
 HELDOUT_MAX = 128          # sequences: enough for stable AUC / accuracy, cheap next to a training step
+# Held-out rows per evaluation batch, whatever --batch-size or the process count: each batch's corruption draw is keyed
+# by its index, so with batches of --batch-size rows two runs differing only in it drew differently (AUC 0.536 / 0.523
+# / 0.495 at 4 / 8 / 16 on one model): numbers that did not compare. No gradients are kept, so 16 rows fit where a
+# training step of fewer did.
+EVAL_ROWS = 16
 UNIGRAM_MAX_TOKENS = 1 << 24  # training tokens counted for the unigram baseline (a bounded read on huge corpora)
 
 
@@ -62,14 +67,14 @@ def unigram_counts(packed, train_ids: np.ndarray, vocab_size: int) -> np.ndarray
 
 
 class HeldOut:
-    """The held-out batches (int64 [<= batch_size, T] each, built once) and their evaluation."""
+    """The held-out batches (int64 [<= EVAL_ROWS, T] each, built once) and their evaluation."""
 
-    def __init__(self, packed, heldout_ids: np.ndarray, train_ids: np.ndarray, batch_size: int, seed_of,
+    def __init__(self, packed, heldout_ids: np.ndarray, train_ids: np.ndarray, seed_of,
                  special_ids: Sequence[int], vocab_size: int, whole_words: bool = False):
         """``seed_of(i)``: the corruption seed of held-out batch ``i`` (fixed: the numbers must compare);
         ``whole_words``: masked as the training steps are (whole-word masking)."""
         self.ids = heldout_ids
-        chunks = [heldout_ids[i:i + batch_size] for i in range(0, len(heldout_ids), batch_size)]
+        chunks = [heldout_ids[i:i + EVAL_ROWS] for i in range(0, len(heldout_ids), EVAL_ROWS)]
         self.batches = [model_inputs(packed, c, whole_words) for c in chunks]  # ids, layout (doc-sentences, words)
         self.seeds = [seed_of(i) for i in range(len(self.batches))]
         counts = unigram_counts(packed, train_ids, vocab_size)

@@ -5,8 +5,8 @@ Everything here works on what a training step already has (the discriminator's l
 ``corrupted != original``), so the trainer computes it on logging steps only, with no extra forward.
 
 The prior: a model that knows only the fraction ``r`` of replaced tokens predicts P(replaced) = r everywhere. Its
-loss is the binary entropy H(r) (nats, the best any constant prediction achieves) and, predicting "original" for
-every token, its accuracy is 1 - r. A discriminator that learned nothing sits at the prior; the margin below it
+loss is the binary entropy H(r) (nats, the best any constant prediction achieves) and, predicting the majority class
+for every token ("original" unless r > 0.5), its accuracy is max(r, 1 - r). A discriminator that learned nothing sits at the prior; the margin below it
 (loss) or above it (accuracy) is what was learned. AUC 0.5 is chance whatever ``r`` is.
 """
 from __future__ import annotations
@@ -46,10 +46,11 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
 
 
 def prior(replaced_fraction: float) -> Dict[str, float]:
-    """The constant predictor P(replaced) = r: loss H(r) in nats (0 when r is 0 or 1), accuracy 1 - r."""
+    """The constant predictor P(replaced) = r: loss H(r) in nats (0 when r is 0 or 1), accuracy max(r, 1 - r) (it
+    says the majority class everywhere: "original" unless more than half the tokens were replaced)."""
     r = replaced_fraction
     loss = 0.0 if r <= 0 or r >= 1 else -(r * math.log(r) + (1 - r) * math.log(1 - r))
-    return {"prior_rtd_loss": loss, "prior_accuracy": 1.0 - r}
+    return {"prior_rtd_loss": loss, "prior_accuracy": max(r, 1.0 - r)}
 
 
 def rtd_metrics(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, Optional[float]]:

@@ -44,16 +44,20 @@ def read_metrics(run_dir: str) -> List[dict]:
         raise PretrainError(f"RUN_DIR {run_dir}: no metrics.jsonl (not a pretraining run, or no step logged yet)")
     records = []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+        lines = f.read().split("\n")
+    torn = len(lines) > 1 and lines[-1].strip() != ""  # no newline after it: a write cut off by a kill or a full disk
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or isinstance(rec.get("step"), bool) or not isinstance(rec["step"], int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            if torn and n == len(lines):  # as a resume does (rundir.truncate_metrics): the torn record is dropped
                 continue
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or isinstance(rec.get("step"), bool) or not isinstance(rec["step"], int):
-                    raise TypeError
-            except (ValueError, KeyError, TypeError):
-                raise PretrainError(f"{path} line {n}: not a JSON object with an integer 'step'") from None
-            records.append(rec)
+            raise PretrainError(f"{path} line {n}: not a JSON object with an integer 'step'") from None
+        records.append(rec)
     if not records:
         raise PretrainError(f"{path}: no records")
     return records

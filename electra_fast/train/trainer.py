@@ -463,7 +463,7 @@ class _Job:
         heldout_ids, train_ids = split(n, self.heldout_sequences)
         self.sampler = SplitSampler(train_ids, o.seed)
         if o.eval_every and self.ctx.is_main:  # rank 0 evaluates; the others go on to the next step's collective
-            self.heldout = HeldOut(self.packed, heldout_ids, train_ids, o.batch_size,
+            self.heldout = HeldOut(self.packed, heldout_ids, train_ids,
                                    lambda i: derive_seed(0x4556414C, i),  # "EVAL": the same for every run
                                    tuple(special.values()), self.cfg.vocab_size, self.cfg.whole_word_masking)
 
