@@ -492,7 +492,8 @@ def test_resume_of_a_folder_without_a_run_is_refused(env, tmp_path):
     """A mistyped --out, or a run a failed start took back: --resume started the built-in default job there (exit
     0, its run.json then the run's record)."""
     kw = _kw(env, tmp_path / "typo", steps=2, resume=True)
-    with pytest.raises(PretrainError, match=r"^--resume: .*typo holds no run to continue \(no run.json, no electra-fast marker\)"):
+    with pytest.raises(PretrainError, match=r"^--resume: .*typo holds no run to continue "
+                                            r"\(no run.json, no electra-fast marker\)"):
         pretrain(env["data"], **kw)
     assert not (tmp_path / "typo").exists()
     (tmp_path / "empty").mkdir()

@@ -6,8 +6,9 @@ Everything here works on what a training step already has (the discriminator's l
 
 The prior: a model that knows only the fraction ``r`` of replaced tokens predicts P(replaced) = r everywhere. Its
 loss is the binary entropy H(r) (nats, the best any constant prediction achieves) and, predicting the majority class
-for every token ("original" unless r > 0.5), its accuracy is max(r, 1 - r). A discriminator that learned nothing sits at the prior; the margin below it
-(loss) or above it (accuracy) is what was learned. AUC 0.5 is chance whatever ``r`` is.
+for every token ("original" unless r > 0.5), its accuracy is max(r, 1 - r). A discriminator that learned nothing sits
+at the prior; the margin below it (loss) or above it (accuracy) is what was learned. AUC 0.5 is chance whatever ``r``
+is.
 """
 from __future__ import annotations
 
