@@ -35,7 +35,8 @@ def serving(op: str, device: torch.device, **call) -> str:
 
 
 def _cpp_paths() -> list:
-    """The C++ kernels' own instruction-set choices (each asks the CPU at run time; the switches turn them off)."""
+    """The C++ kernels' own instruction-set choices (brgemm and dropout ask the CPU at run time, the Gumbel noise's
+    path is fixed by the build; the switches turn them off)."""
     if not _extension.extension_loaded():
         return []
     probe = getattr(torch.ops.electra_fast_cpp, "bf16_brgemm_available", None)
@@ -43,16 +44,16 @@ def _cpp_paths() -> list:
     off = _cpu.switch("ELECTRA_FAST_NO_AMX")
     brgemm = ("brgemm (AMX / AVX512-BF16)" if native and not off else
               f"fp32 products ({'ELECTRA_FAST_NO_AMX' if native else 'no native bf16 brgemm on this CPU'})")
-    off = _cpu.switch("ELECTRA_FAST_NO_AVX512")
+    no_avx512 = _cpu.switch("ELECTRA_FAST_NO_AVX512")
     # dropout's keep bytes ask the CPU at run time (csrc/keep_bytes.cpp have_avx512); the Gumbel noise's 16-lane
     # path exists only in a build compiled for AVX-512 (csrc/sampling.cpp)
     cpu = _cpu.cpu_flags()
     cpu_avx512 = {"avx512f", "avx512bw", "bmi2"} <= cpu
-    dropout = ("16-lane AVX-512" if cpu_avx512 and not off else "portable (" + (
-        "ELECTRA_FAST_NO_AVX512" if off else "CPU flags unknown" if not cpu else "no AVX-512 on this CPU") + ")")
+    dropout = ("16-lane AVX-512" if cpu_avx512 and not no_avx512 else "portable (" + (
+        "ELECTRA_FAST_NO_AVX512" if no_avx512 else "CPU flags unknown" if not cpu else "no AVX-512 on this CPU") + ")")
     built = "avx512f" in (_extension.BUILD_ISA.get("cpu_flags") or ())
-    gumbel = ("16-lane AVX-512" if built and not off else
-              f"portable ({'ELECTRA_FAST_NO_AVX512' if off else 'build without AVX-512'})")
+    gumbel = ("16-lane AVX-512" if built and not no_avx512 else
+              f"portable ({'ELECTRA_FAST_NO_AVX512' if no_avx512 else 'build without AVX-512'})")
     return [f"C++ bf16     attention and MLM products: {brgemm}",
             f"C++ Philox   dropout: {dropout}; Gumbel noise: {gumbel}"]
 

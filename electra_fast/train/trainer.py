@@ -262,8 +262,8 @@ def _run_options(record: dict, out, **given) -> dict:
 def _same(name: str, given, run, out, run_inputs) -> bool:
     """Whether a given option is the run's. Paths compare by file names: ``model``'s and ``tokenizer``'s, and the
     files ``data`` resolves to against the run's (run.json "inputs"), so a run and its corpus moved or copied
-    elsewhere, or a folder given for the file it holds, resume (the token cache is rebuilt for new paths); another file is refused (one named
-    twice is read once)."""
+    elsewhere, or a folder given for the file it holds, resume (the token cache is rebuilt for new paths); another
+    file is refused (one named twice is read once)."""
     names = lambda v: [os.path.basename(os.path.normpath(p)) for p in (v if isinstance(v, list) else [v])]
     if name == "data" and given is not None and run is not None and isinstance(run_inputs, list):
         return names(resolve_inputs(given, exclude=out, owned=rundir.OWNED)) == names(run_inputs)
