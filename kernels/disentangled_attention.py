@@ -178,6 +178,23 @@ def _rows(cu_ptr, b, h, T, H, N, varlen, D: tl.constexpr):
     return L, base, ld, lse_off, delta_off, delta_step
 
 
+# CUDA caps grid axes y and z at 65535 blocks (x at 2^31 - 1): the (b, h) index spans y and z, so B * H up to
+# 65535^2 launches (many short packed sequences pass 65535 at H = 12 from 5462 of them); the block index stays on x.
+GRID_YZ = 65535
+
+
+def _heads_grid(blocks: int, bh: int) -> tuple:
+    """Launch grid (blocks, y, z) covering bh = B * H (b, h) pairs, y * z >= bh with y, z <= GRID_YZ."""
+    z = triton.cdiv(bh, GRID_YZ)
+    return blocks, triton.cdiv(bh, z), z
+
+
+@triton.jit
+def _head():
+    """This program's b * H + h from grid axes y and z (see _heads_grid); >= BH for the last z slice's spare ones."""
+    return tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+
+
 @triton.jit
 def _keep(seed, bh, offs_m, offs_n, T):
     """Dropout keep-uniforms [BM, BN] of Philox purpose ATTN_DROPOUT: element e = ((b * H + h) * T + i) * T + j
@@ -233,10 +250,12 @@ def _window_emit(win, ws_ptr, lo, lo_next, offs_d, W0, NW, BR: tl.constexpr, D: 
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def da_fwd_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, cu_ptr, out_ptr, lse_ptr,
-                  T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p, has_p2c, has_mask, N, varlen,
+                  T, H, BH, NS, scale, dropout_p, inv_keep, seed, has_c2p, has_p2c, has_mask, N, varlen,
                   D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _head()
+    if bh >= BH:
+        return
     b = bh // H
     h = bh % H
     i0 = pid_m * BM
@@ -332,14 +351,16 @@ def _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr,
 
 @triton.jit
 def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, cu_ptr, dout_ptr, lse_ptr,
-                       delta_ptr, dk_ptr, dv_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p,
+                       delta_ptr, dk_ptr, dv_ptr, ws_ptr, T, H, BH, NS, scale, dropout_p, inv_keep, seed, has_c2p,
                        has_p2c, has_mask, N, varlen, G, W0, NW, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        PREC: tl.constexpr):
     """Program per (group of G consecutive key blocks, b * H + h): dK, dV of each block and (p2c) the group's
     dpos_query rows in ws [NW, D] (slots W0 .. W0 + NW - 1), accumulated over its blocks in order."""
     BR: tl.constexpr = BM + BN
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _head()
+    if bh >= BH:
+        return
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, D)
@@ -406,14 +427,17 @@ def da_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_
 
 @triton.jit
 def da_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, posk_ptr, posq_ptr, mask_ptr, slots_ptr, cu_ptr, dout_ptr, lse_ptr,
-                     delta_ptr, dq_ptr, ws_ptr, T, H, NS, scale, dropout_p, inv_keep, seed, has_c2p, has_p2c,
-                     has_mask, N, varlen, G, W0, NW, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                     delta_ptr, dq_ptr, ws_ptr, T, H, BH, NS, scale, dropout_p, inv_keep, seed, has_c2p,
+                     has_p2c, has_mask, N, varlen, G, W0, NW, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     PREC: tl.constexpr):
     """Program per (group of G consecutive query blocks, b * H + h): dQ of each block and (c2p) the group's
     dpos_key rows in ws [NW, D] (slots W0 .. W0 + NW - 1), accumulated over its blocks in order.
     Key blocks are visited last to first so that the distance i0 - j0 (and the slot window) only grows."""
     BR: tl.constexpr = BM + BN
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _head()
+    if bh >= BH:
+        return
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, D)
@@ -544,8 +568,8 @@ def forward(q, k, v, pos_key, pos_query, mask, rel_slots, scale: float, dropout_
     c = _common(q, pos_key, pos_query, mask, rel_slots, dropout_p)
     out = torch.empty_like(q)
     lse = torch.empty(lse_shape, device=q.device, dtype=torch.float32)
-    da_fwd_kernel[(triton.cdiv(T, bm), B * H)](
-        q, k, v, c["posk"], c["posq"], c["mask"], rel_slots, cu, out, lse, T, H, c["NS"], float(scale),
+    da_fwd_kernel[_heads_grid(triton.cdiv(T, bm), B * H)](
+        q, k, v, c["posk"], c["posq"], c["mask"], rel_slots, cu, out, lse, T, H, B * H, c["NS"], float(scale),
         float(dropout_p), c["inv_keep"], int(seed), *_flags(pos_key, pos_query, mask), *packed, D=D, BM=bm, BN=bn,
         PREC=_prec(q.dtype), **COMPILE_OPTIONS, num_warps=warps, num_stages=stages)
     return out, lse
@@ -616,19 +640,20 @@ def backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, s
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     flags = dict(D=D, PREC=_prec(q.dtype))
     args = (c["posk"], c["posq"], c["mask"], rel_slots, cu, grad_out, lse, delta)
-    scalars = (T, H, ns, float(scale), float(dropout_p), c["inv_keep"], int(seed), *_flags(pos_key, pos_query, mask),
-               *packed)
+    scalars = (T, H, B * H, ns, float(scale), float(dropout_p), c["inv_keep"], int(seed),
+               *_flags(pos_key, pos_query, mask), *packed)
     shapes = workspace_shapes(B, H, T, D, ns, pos_key is not None, pos_query is not None, q.dtype)
     ws = {pas: torch.zeros(shape or (1,), device=q.device, dtype=torch.float32) for pas, shape in shapes.items()}
 
     bm, bn, warps, stages = config(D, q.dtype, "dkdv")
     g, programs, w0, nw = workspace_layout(T, D, ns, "dkdv", q.dtype)
-    da_bwd_dkdv_kernel[(programs, B * H)](q, k, v, *args, dk, dv, ws["dkdv"], *scalars, g, w0, nw, BM=bm, BN=bn,
-                                          **flags, **COMPILE_OPTIONS, num_warps=warps, num_stages=stages)
+    da_bwd_dkdv_kernel[_heads_grid(programs, B * H)](q, k, v, *args, dk, dv, ws["dkdv"], *scalars, g, w0, nw, BM=bm,
+                                                     BN=bn, **flags, **COMPILE_OPTIONS, num_warps=warps,
+                                                     num_stages=stages)
     bm, bn, warps, stages = config(D, q.dtype, "dq")
     g, programs, w0, nw = workspace_layout(T, D, ns, "dq", q.dtype)
-    da_bwd_dq_kernel[(programs, B * H)](q, k, v, *args, dq, ws["dq"], *scalars, g, w0, nw, BM=bm, BN=bn, **flags,
-                                        **COMPILE_OPTIONS, num_warps=warps, num_stages=stages)
+    da_bwd_dq_kernel[_heads_grid(programs, B * H)](q, k, v, *args, dq, ws["dq"], *scalars, g, w0, nw, BM=bm, BN=bn,
+                                                   **flags, **COMPILE_OPTIONS, num_warps=warps, num_stages=stages)
     # fixed-order reductions over (batch, program): deterministic; slots outside W0 .. W0 + NW - 1 get nothing
     dpos = []
     for pos, pas in ((pos_key, "dq"), (pos_query, "dkdv")):
@@ -645,7 +670,7 @@ def backward(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, s
 # ---------------------------------------------------------------------------------------------- AOT specs
 def compile_specs():
     i32, f32, i64 = "i32", "fp32", "i64"
-    scalars = {"T": i32, "H": i32, "NS": i32, "scale": f32, "dropout_p": f32, "inv_keep": f32, "seed": i64,
+    scalars = {"T": i32, "H": i32, "BH": i32, "NS": i32, "scale": f32, "dropout_p": f32, "inv_keep": f32, "seed": i64,
                "has_c2p": i32, "has_p2c": i32, "has_mask": i32, "N": i32, "varlen": i32}
     groups = {"G": i32, "W0": i32, "NW": i32}  # backward passes: blocks per program, workspace slot range
     specs = []

@@ -264,6 +264,8 @@ def test_export_bad_arguments(finished_run, tmp_path, capsys):
         ([str(tmp_path / "no-checkpoints"), str(tmp_path / "e2")], "no complete checkpoint found in"),
         ([str(corrupt), str(tmp_path / "e3")], "is corrupt or partial: model.safetensors does not match"),
         ([str(finished_run), str(tmp_path / "a-file")], f"export: {tmp_path / 'a-file'} is a file; choose a new"),
+        # with a trailing slash the check missed the file: the whole export was built, then '[Errno 20]' on a temporary
+        ([str(finished_run), str(tmp_path / "a-file") + os.sep], f"export: {tmp_path / 'a-file'} is a file; choose"),
         ([str(finished_run), str(tmp_path / "full")], "already exists and is not empty"),
         ([str(finished_run), str(tmp_path / "a-file" / "sub")], f"{tmp_path / 'a-file'} is a file, not a directory"),
         ([str(finished_run)], "the following arguments are required: out_dir"),

@@ -220,6 +220,39 @@ def test_triton_matches_reference(backend, device, dtype, pos):
         assert_low_precision(got, _run("reference", "cpu", args, grad_out, cu_seqlens=cu, **kw), exact)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_spreads_heads_past_the_grid_axis_limit(backend, device, packed, monkeypatch):
+    """CUDA caps grid axes y and z at 65535 blocks, which B * H passes (5462 packed sequences at H = 12): the (b, h)
+    index spans y and z. With the cap lowered to 2, B * H = 5 needs a 2 x 3 spread with one spare program, and
+    every output and gradient still matches the reference (the interpreter itself has no cap)."""
+    from electra_fast.kernels import disentangled_attention as kernels
+    monkeypatch.setattr(kernels, "GRID_YZ", 2)
+    grids = []
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+
+    for name in ("da_fwd_kernel", "da_bwd_dkdv_kernel", "da_bwd_dq_kernel"):
+        monkeypatch.setattr(kernels, name, Recorded(getattr(kernels, name)))
+    kw = dict(position_buckets=SMALL[0], max_relative_positions=SMALL[1], dropout_p=0.2, seed=3)
+    args, grad_out, cu = _packed([3, 9, 1, 6, 4], 1, 32, 8, torch.float32, seed=4)
+    if packed:
+        kw.update(cu_seqlens=cu, max_seqlen=9)
+    else:
+        args = [x.view(5, 1, 6, 32) if x.shape[0] == 30 else x for x in _packed([6] * 5, 1, 32, 8, torch.float32)[0]]
+        grad_out = torch.randn(5, 1, 6, 32, generator=torch.Generator().manual_seed(5))
+    got = _run(backend, device, args, grad_out, **{k: v.to(device) if torch.is_tensor(v) else v
+                                                   for k, v in kw.items()})
+    _assert_same(got, _run("reference", "cpu", args, grad_out, **kw), dict(rtol=1e-4, atol=2e-5))
+    assert len(grids) == 3 and all(g[1:] == (2, 3) for g in grids), grids
+
+
 def test_triton_limits_do_not_refuse_packed_calls():
     pytest.importorskip("triton")
     spec = _backend.REGISTRY["disentangled_attention"]

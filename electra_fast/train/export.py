@@ -23,6 +23,8 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
     out_dir = os.fspath(out_dir)
     if not out_dir.strip():
         raise PretrainError("export: OUT_DIR is empty; name a new or empty directory")
+    # "a/" names a as a directory: lexists("file/") is False, and basename("a/") is "" (the temporary's name)
+    out_dir = out_dir.rstrip(os.sep + (os.altsep or "")) or out_dir
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         what = "is a file" if os.path.isfile(out_dir) else "exists and is not a directory"
         raise PretrainError(f"export: {out_dir} {what}; choose a new directory")
