@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "parallel.h"
 #include "philox.h"
 #include "vec_math.h"
 
@@ -115,7 +116,7 @@ inline int64_t task_workers(int64_t n) { return std::max<int64_t>(1, std::min<in
 template <typename F>
 void parallel_tasks(int64_t n, const F& task) {
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, task_workers(n), 1, [&](int64_t begin, int64_t end) {
+  electra_fast::parallel_for(0, task_workers(n), 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t, w);
     }
@@ -377,7 +378,7 @@ void backward_rows(const Problem& p, int64_t b, int64_t bh, int64_t i0, int64_t 
 // dst[e] = sum over c of src[c * n + e], c in increasing order (fixed chunks: thread-count independent).
 template <typename acc_t>
 void sum_partitions(const acc_t* __restrict src, acc_t* __restrict dst, int64_t n_part, int64_t n) {
-  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+  electra_fast::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
     std::copy(src + begin, src + end, dst + begin);
     for (int64_t c = 1; c < n_part; ++c) {
       const acc_t* part = src + c * n;

@@ -19,6 +19,7 @@
 #include "dispatch.h"
 #include "float_bits.h"
 #include "keep_bytes.h"
+#include "parallel.h"
 #include "philox.h"
 
 namespace electra_fast {
@@ -103,7 +104,7 @@ at::Tensor dropout_apply(const at::Tensor& x_in, int64_t threshold, double scale
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t n_chunks = (n + kChunk - 1) / kChunk;
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    electra_fast::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       // The whole chunk's keep bytes first, then its products: reading bytes right after the wide stores that
       // wrote them stalls on store forwarding (2-4x slower for fp64 at 1 Ki-element blocks).
       alignas(64) uint8_t keep[kChunk];

@@ -17,6 +17,7 @@
 #include "dispatch.h"
 #include "float_bits.h"
 #include "keep_bytes.h"
+#include "parallel.h"
 #include "philox.h"
 
 namespace electra_fast {
@@ -221,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
     const W* bp = bias.has_value() ? bias->data_ptr<W>() : nullptr;
     T *op = out.data_ptr<T>(), *hp = h.data_ptr<T>();
     acc *mp = mean.data_ptr<acc>(), *sp = rstd.data_ptr<acc>();
-    at::parallel_for(0, (n + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
+    electra_fast::parallel_for(0, (n + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
       std::vector<uint8_t> keep(mk.on() ? keep_room(H) : 0);
       std::vector<acc> buf(H);
       for (int64_t blk = b0; blk < b1; ++blk) {
@@ -260,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
     T *dxp = dx.data_ptr<T>(), *drp = dres.data_ptr<T>();
     acc* pp = parts.data_ptr<acc>();
     const int64_t pstride = std::max<int64_t>(nblk, 1) * H;
-    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    electra_fast::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
       std::vector<uint8_t> keep(mk.on() ? keep_room(H) : 0);
       std::vector<acc> xh(H), g(H);
       for (int64_t blk = b0; blk < b1; ++blk) {
@@ -277,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dropout_add_layer_nor
     const scalar_t* pp = parts.data_ptr<scalar_t>();
     scalar_t* sp = sums.data_ptr<scalar_t>();
     const int64_t nb = std::max<int64_t>(nblk, 1);
-    at::parallel_for(0, (2 * H + kColBlock - 1) / kColBlock, 1, [&](int64_t c0, int64_t c1) {
+    electra_fast::parallel_for(0, (2 * H + kColBlock - 1) / kColBlock, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t cb = c0; cb < c1; ++cb) {
         const int64_t lo = cb * kColBlock, hi = std::min(2 * H, lo + kColBlock);
         for (int64_t j = lo; j < hi; ++j) {

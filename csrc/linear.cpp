@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "float_bits.h"
+#include "parallel.h"
 #include "vec_math.h"
 
 namespace electra_fast {
@@ -88,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> gelu_and_grad(const at::Tensor& z_in) {
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "gelu_and_grad", [&] {
     const scalar_t* zp = z.data_ptr<scalar_t>();
     scalar_t *yp = y.data_ptr<scalar_t>(), *sp = s.data_ptr<scalar_t>();
-    at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1) {
+    electra_fast::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t b = c * kChunk;
         gelu_and_grad_chunk<scalar_t>(zp + b, yp + b, sp + b, std::min(kChunk, n - b));

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "parallel.h"
 #include "philox.h"
 
 namespace electra_fast {
@@ -224,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_tokens(
     // Grain: enough rows per task to amortise the scratch, few enough to balance two or more threads.
     const int64_t grain = std::max<int64_t>(1, 4096 / T);
     const int bits = bucket_bits(T);
-    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    electra_fast::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       Scratch s;
       s.resize(T, bits);
       for (int64_t b = begin; b < end; ++b) {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "parallel.h"
 #include "vec_math.h"
 
 namespace electra_fast {
@@ -139,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rtd_loss_impl(const at::Tensor& l
             acc_t* out = kWrite ? loss.data_ptr<acc_t>() : nullptr;
             acc_t* g = kGrad ? grad.data_ptr<acc_t>() : nullptr;
             const mask_t* m = has_mask ? static_cast<const mask_t*>(mask->data_ptr()) : nullptr;
-            at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+            electra_fast::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
               for (int64_t k = begin; k < end; ++k) {
                 const int64_t s = k * kChunk, len = std::min(kChunk, n - s);
                 forward_chunk<scalar_t, id_t, mask_t, kWrite, kGrad, kMetrics>(
@@ -174,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rtd_loss_impl(const at::Tensor& l
       // pass above (static schedule): each thread rescales what it just wrote, still in its cache.
       acc_t* g = grad.data_ptr<acc_t>();
       const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n_real);
-      at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+      electra_fast::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
         const int64_t lo = begin * kChunk, hi = std::min(end * kChunk, n);
         for (int64_t i = lo; i < hi; ++i) g[i] *= inv_n;
       });

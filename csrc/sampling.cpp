@@ -25,6 +25,7 @@
 #include "dispatch.h"
 #include "env_switch.h"
 #include "float_bits.h"
+#include "parallel.h"
 #include "philox.h"
 #include "vec_math.h"
 
@@ -266,7 +267,7 @@ at::Tensor pack_weight_cols(const at::Tensor& weight) {
   at::Tensor out = at::empty({e * vocab}, weight.options().dtype(at::kShort));
   const brg::bf16* w = bf16_ptr(weight);
   uint16_t* dst = u16_ptr(out);
-  at::parallel_for(0, vocab, 1024, [&](int64_t begin, int64_t end) {
+  electra_fast::parallel_for(0, vocab, 1024, [&](int64_t begin, int64_t end) {
     brg::pack_cols(w + begin * e, e, end - begin, e, dst + 2 * begin, vocab);
   });
   return out;
@@ -278,7 +279,7 @@ at::Tensor pack_weight_rows(const at::Tensor& weight) {
   at::Tensor out = at::empty({brg::even(vocab) * e}, weight.options().dtype(at::kShort));
   const brg::bf16* w = bf16_ptr(weight);
   uint16_t* dst = u16_ptr(out);
-  at::parallel_for(0, (vocab + 1) / 2, 512, [&](int64_t begin, int64_t end) {
+  electra_fast::parallel_for(0, (vocab + 1) / 2, 512, [&](int64_t begin, int64_t end) {
     const int64_t r0 = 2 * begin, r1 = std::min(vocab, 2 * end);
     brg::pack_rows(w + r0 * e, e, r1 - r0, e, dst + r0 * e, e);
   });
@@ -303,7 +304,7 @@ void fwd_brgemm(const at::Tensor& hidden, const at::Tensor& weight, const c10::o
     const int64_t vc = std::min(chunk, vocab - v0);
     float* x = buf.data_ptr<float>();
     const float* bp = bf.defined() ? bf.data_ptr<float>() + v0 : nullptr;
-    at::parallel_for(0, (n + kBrRows - 1) / kBrRows, 1, [&](int64_t begin, int64_t end) {
+    electra_fast::parallel_for(0, (n + kBrRows - 1) / kBrRows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t r0 = blk * kBrRows, rows = std::min(kBrRows, n - r0);
         brg::gemm(rows, vc, e, h + r0 * e, e, brg::as_bf16(wp) + 2 * v0, vocab, x + r0 * vc, vc, false);
@@ -350,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_brgemm(const at::Tensor& grad
     float* x = buf.data_ptr<float>();
     uint16_t* dl = u16_ptr(dlp);
     const float* bp = bf.defined() ? bf.data_ptr<float>() + v0 : nullptr;
-    at::parallel_for(0, (n + kBrRows - 1) / kBrRows, 1, [&](int64_t begin, int64_t end) {
+    electra_fast::parallel_for(0, (n + kBrRows - 1) / kBrRows, 1, [&](int64_t begin, int64_t end) {
       brg::Scratch ws;
       uint16_t* a = ws.get<uint16_t>(0, kBrRows * vce);  // this block's dlogits in bf16, zero column vc if odd
       for (int64_t blk = begin; blk < end; ++blk) {
@@ -370,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_brgemm(const at::Tensor& grad
       brg::release();
     });
     float* dbc = dbc_buf.data_ptr<float>();
-    at::parallel_for(0, (vc + kColBlock - 1) / kColBlock, 1, [&](int64_t begin, int64_t end) {
+    electra_fast::parallel_for(0, (vc + kColBlock - 1) / kColBlock, 1, [&](int64_t begin, int64_t end) {
       brg::Scratch ws;
       float* tile = ws.get<float>(0, e * kColBlock);
       for (int64_t cb = begin; cb < end; ++cb) {
@@ -430,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_fwd(
         const at::Tensor bc = chunk_logits(lc, h, weight, bias, v0, vc);
         acc_t* x = lc.data_ptr<acc_t>();
         const acc_t* bp = bc.defined() ? bc.data_ptr<acc_t>() : nullptr;
-        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        electra_fast::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r)
             update_row<acc_t, id_t>(x + r * vc, bp, vc, v0, r, vocab, tg, dis, static_cast<uint64_t>(seed), inv_t,
                                     st);
@@ -487,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_bwd(
         const at::Tensor bc = chunk_logits(lc, h, weight, bias, v0, vc);
         acc_t* x = lc.data_ptr<acc_t>();
         const acc_t* bp = bc.defined() ? bc.data_ptr<acc_t>() : nullptr;
-        at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+        electra_fast::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r) {
             dlogits_row<acc_t>(x + r * vc, bp, vc, v0, static_cast<int64_t>(tg[r]), ignore_index, ls[r], gr[r]);
           }
@@ -504,7 +505,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlm_loss_sample_bwd(
         }
         // dbias chunk: column sums, each column block summed over rows in order by one task.
         acc_t* dbc = dbc_buf.data_ptr<acc_t>();
-        at::parallel_for(0, (vc + kColBlock - 1) / kColBlock, 1, [&](int64_t begin, int64_t end) {
+        electra_fast::parallel_for(0, (vc + kColBlock - 1) / kColBlock, 1, [&](int64_t begin, int64_t end) {
           for (int64_t cb = begin; cb < end; ++cb) {
             const int64_t c0 = cb * kColBlock, c1 = std::min(vc, c0 + kColBlock);
             column_sums<acc_t>(x + c0, n, vc, c1 - c0, dbc + c0);
@@ -527,7 +528,7 @@ at::Tensor gumbel_sample(const at::Tensor& logits, const c10::optional<at::Tenso
   int64_t* o = out.data_ptr<int64_t>();
   EF_DISPATCH_FLOATS(logits.scalar_type(), "gumbel_sample", [&] {
     const scalar_t* x = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    electra_fast::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         float best = -std::numeric_limits<float>::infinity();
         int64_t best_id = -1;

@@ -66,3 +66,22 @@ def test_triton_grouped_backward_matches_reference(backend, device, monkeypatch,
     exact = _run("reference", "cpu", args, grad_out, **kw)
     for a, b in zip(got, exact):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in all_backends() if p.values[0] != "triton"])
+def test_training_after_an_inference_mode_call(backend, device):
+    """The op caches its slot table per (T, buckets, device): a first call under torch.inference_mode() (an
+    evaluation) cached an inference tensor, and every later training call at that length failed to save it for
+    backward ("Inference tensors cannot be saved for backward"), in every model of the process."""
+    import importlib
+    importlib.import_module("electra_fast.ops.disentangled_attention")._slots.cache_clear()
+    q, k, v, pk, pq = _inputs(1, 2, 9, 4, 4, torch.float32)
+    kw = dict(position_buckets=4, max_relative_positions=8)
+    with electra_fast.use_backend(backend):
+        with torch.inference_mode():
+            evaluated = electra_fast.disentangled_attention(q, k, v, pk, pq, **kw)
+        args = [a.clone().requires_grad_() for a in (q, k, v, pk, pq)]
+        out = electra_fast.disentangled_attention(*args, **kw)
+        out.sum().backward()
+    torch.testing.assert_close(out.detach(), evaluated, rtol=0, atol=0)
+    assert all(a.grad is not None and torch.isfinite(a.grad).all() for a in args)

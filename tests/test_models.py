@@ -155,6 +155,31 @@ def test_step_semantics(attention, sharing):
 
 
 @pytest.mark.parametrize("attention", ATTN)
+def test_inference_mode_on_several_threads(attention, cpp_extension):
+    """An evaluation under torch.inference_mode() on the C++ kernels: their worker threads ran outside inference
+    mode and refused to write the caller's inference-tensor outputs ("Inplace update to inference tensor outside
+    InferenceMode") once a second thread took a chunk; and a first such call at a sequence length cached an
+    inference-tensor slot table that every later training step then failed to save for backward."""
+    model = ElectraPretrainingModel(tiny(attention, "gdes", dropout=0.1))
+    ids, mask = batch(b=16, t=61)  # a length no other test uses: the slot table is built under inference mode
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the module runs on one thread, where the workers' state never mattered
+    try:
+        with electra_fast.use_backend("cpp"):
+            torch.manual_seed(0)  # dropout draws from it
+            with torch.no_grad():
+                want = model(ids, mask, seed=4)
+            torch.manual_seed(0)
+            with torch.inference_mode():
+                got = model(ids, mask, seed=4)
+            model(ids, mask, seed=5).loss.backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got.corrupted_ids, want.corrupted_ids) and torch.equal(got.loss, want.loss)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("attention", ATTN)
 def test_determinism_and_seed(attention):
     model = ElectraPretrainingModel(tiny(attention, "gdes", dropout=0.1))
     ids, mask = batch()

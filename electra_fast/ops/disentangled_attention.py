@@ -13,7 +13,6 @@ sum of L_i^2 on both; Triton's grid is still sized by max_seqlen).
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import List, Optional
 
@@ -22,6 +21,7 @@ import torch
 from .. import _backend, _seed, _validate
 from ..reference import disentangled_attention as ref
 from ._autograd import AutogradOp
+from ._cached import constant_tensors
 
 SPEC = _backend.register(_backend.OpSpec(
     "disentangled_attention", reference=ref, triton="disentangled_attention",
@@ -84,7 +84,7 @@ def _like(t: torch.Tensor, layout_of: torch.Tensor) -> torch.Tensor:
     return _empty_in_dim_order(layout_of).copy_(t)
 
 
-@functools.lru_cache(maxsize=64)
+@constant_tensors
 def _slots(T: int, position_buckets: int, max_relative_positions: int, device: torch.device) -> torch.Tensor:
     """ref.relative_slots, built once per (T, buckets, device) in eager mode (a dozen small torch ops per call
     otherwise); nothing writes to it."""

@@ -6,7 +6,6 @@ every rounding rule: electra_fast/reference/masking.py. Outputs are bit-identica
 """
 from __future__ import annotations
 
-import functools
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -14,6 +13,7 @@ import torch
 from .. import _backend, _seed, _validate
 from ..reference import masking as ref
 from ._autograd import AutogradOp
+from ._cached import constant_tensors
 
 STRATEGIES = ("count", "bernoulli")
 SPEC = _backend.register(_backend.OpSpec("mask_tokens", reference=ref, cpp={"forward": "mask_tokens"},
@@ -26,12 +26,12 @@ class MaskedTokens(NamedTuple):
     masked: torch.Tensor     # bool [B, T]: the selected positions
 
 
-@functools.lru_cache(maxsize=64)
+@constant_tensors
 def _count_table(mask_prob: float, T: int, device: torch.device) -> torch.Tensor:
     return ref.count_table(mask_prob, T).to(device)
 
 
-@functools.lru_cache(maxsize=64)
+@constant_tensors
 def _specials(specials: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(specials, dtype=torch.int64).to(device)
 
