@@ -351,19 +351,27 @@ def test_resume_without_a_complete_checkpoint_restarts_as_the_run_was_made(env, 
 
 def test_a_long_run_without_spaces_trains_every_tokenizer_kind():
     """tokenizers' Unigram trainer segfaulted on two documents, one a 200 k-character run without whitespace (and
-    every trainer takes time quadratic in such runs): the trainers now see it cut into TRAIN_RUN pieces. In a
-    child process, so a crash fails this test instead of ending the session."""
+    every trainer takes time quadratic in such runs): the trainers now see it cut into TRAIN_RUN pieces. So does
+    300 k characters of Chinese with its lines joined by vertical tabs (or NEL): Python's \\s split there, the Unigram
+    normaliser deletes them, and the trainer segfaulted on the whole run. In a child process, so a crash fails this
+    test instead of ending the session."""
     code = textwrap.dedent("""
         import random
         from electra_fast.train.tokenizer import TRAIN_RUN, _bounded_runs, train_tokenizer
         random.seed(0)
         run = "".join(random.choice("abcdefghij") for _ in range(200_000))
-        docs = [run, "some ordinary words here and there"]
+        lines = ["".join(chr(random.randint(0x4E00, 0x4EFF)) for _ in range(50)) for _ in range(6000)]
+        docs = [run, "some ordinary words here and there", "\\v".join(lines), "\\x85".join(lines[:3000])]
         cut = list(_bounded_runs(docs)())
         assert cut[1] == docs[1] and cut[0].replace(" ", "") == run
         assert max(map(len, cut[0].split())) == TRAIN_RUN
+        assert train_tokenizer("unigram", docs[2:3], 400).get_vocab_size() == 400  # 256 characters
         for kind in ("unigram", "wordpiece", "bpe"):
-            assert train_tokenizer(kind, docs, 300).get_vocab_size() > 100
+            tok = train_tokenizer(kind, docs[:2], 300)
+            assert tok.get_vocab_size() > 100
+            for doc in cut[2:]:  # what the trainer sees: no word longer than a piece (+ a "\u2581" / "Ġ" marker)
+                words = tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(doc) if tok.normalizer else doc)
+                assert max(len(w) for w, _ in words) <= TRAIN_RUN + 1, (kind, max(len(w) for w, _ in words))
         print("ok")
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")

@@ -30,9 +30,11 @@ _UNIGRAM_SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
 _BYTES = 256  # byte-level BPE keeps the whole byte alphabet
 # tokenizers' trainers take time quadratic in a run of characters without whitespace (WordPiece 2 s at 100 k, no end
 # in 300 s at 1 M) and the Unigram trainer segfaults on one of ~150 k: the trainers see such runs cut into pieces of
-# this many characters (text without spaces, as Chinese, keeps its statistics; encoding reads the text as it is)
+# this many characters (text without spaces, as Chinese, keeps its statistics; encoding reads the text as it is).
+# A run ends only at what every kind's normaliser and pre-tokeniser splits on: Python's \s also counts \v, \x1c-\x1f
+# and \x85, which the Unigram normaliser deletes or keeps inside a word (300 k CJK characters joined by \v: segfault)
 TRAIN_RUN = 1000
-_LONG_RUN = re.compile(r"\S{%d,}" % (TRAIN_RUN + 1))
+_LONG_RUN = re.compile(r"[^ \t\n\r]{%d,}" % (TRAIN_RUN + 1))
 # token spellings per role, BERT / DeBERTa first, then RoBERTa / SentencePiece
 _ROLES = {"pad": ("[PAD]", "<pad>"), "unk": ("[UNK]", "<unk>"), "cls": ("[CLS]", "<s>"),
           "sep": ("[SEP]", "</s>"), "mask": ("[MASK]", "<mask>")}
@@ -58,7 +60,8 @@ def train_tokenizer(kind: str, documents, vocab_size: int):
 
 
 def _bounded_runs(documents) -> Callable[[], Iterable[str]]:
-    """``documents`` (replayable) with every run of more than TRAIN_RUN non-space characters cut into pieces."""
+    """``documents`` (replayable) with every run of more than TRAIN_RUN characters other than space, tab and line
+    breaks cut into pieces."""
     docs = _replayable(documents)
 
     def cut(m) -> str:
