@@ -303,6 +303,22 @@ def test_an_old_format_cache_is_rebuilt_not_misread(toks, env, tmp_path, monkeyp
     assert build_token_cache([env["data"]], tok, str(tmp_path), log=logs.append) == new and len(logs) == 3
 
 
+def test_byte_level_bpe_words_are_the_text_between_whitespace(toks):
+    """BPE word starts came from the GPT-2 pre-tokens, which split a word at an apostrophe (didn / 't), between
+    letters and digits (item / 42), at a symbol (20 / €) and at a combining mark (NFD text): whole-word masking
+    masked such words in part. A word is now what lies between whitespace, as fairseq's RoBERTa reads it."""
+    import unicodedata
+    tok = toks["bpe"]
+    text = unicodedata.normalize("NFD", "the café served crème brûlée; didn't pay 20€ for item42\nthen  left")
+    (ids, starts), = encode_documents(tok, [text])
+    words = []
+    for i, start in zip(ids, starts):
+        if start or not words:
+            words.append([])
+        words[-1].append(i)
+    assert [w for w in (tok.decode(w).strip() for w in words) if w] == text.split()
+
+
 def _units(starts_row):
     """Word id per position (a word = a start plus the following non-starts)."""
     return np.cumsum(starts_row.astype(np.int64)) - 1
@@ -370,6 +386,27 @@ def test_whole_word_masking_end_to_end(env, tmp_path, monkeypatch):
                 marked = [tok.id_to_token(i).startswith("\u2581") for i in row]
                 assert all(s for m, s in zip(marked, starts) if m)  # every ▁ piece starts a word
                 assert not all(starts)  # and some pieces continue one
+
+
+def test_whole_word_masking_that_masks_almost_nothing_is_said(env, tmp_path, capsys):
+    """Chinese text (no spaces) with a Unigram tokenizer: each sentence is one "word", longer than a row's count,
+    so rows masked almost nothing (0.5 % of tokens for --mask-prob 0.15) and nothing said so. English text under the
+    same options masks near the asked share and is not warned about."""
+    import random
+    rng = random.Random(0)
+    chinese = tmp_path / "zh.txt"
+    chinese.write_text("\n\n".join("".join(chr(rng.randint(0x4E00, 0x4E3F)) for _ in range(rng.randint(20, 60)))
+                                     + "。" for _ in range(300)) + "\n", encoding="utf-8")
+    said = {}
+    for name, data in (("zh", str(chinese)), ("en", env["data"])):
+        pretrain(data, **_kw(env, tmp_path / name, steps=1, tokenizer=None, vocab_size=200,
+                             recipe=dict(tokenizer_type="unigram", whole_word_masking=True)))
+        said[name] = capsys.readouterr().err
+    warning = [line for line in said["zh"].splitlines() if line.startswith("warning: --whole-word-masking")]
+    assert len(warning) == 1 and "of the tokens, not the 15% --mask-prob asks" in warning[0], said["zh"]
+    share = float(warning[0].split("selects ")[1].split("%")[0])
+    assert share < 7.5
+    assert "warning: --whole-word-masking" not in said["en"]
 
 
 # ------------------------------------------------------------------------------------------ --init-from

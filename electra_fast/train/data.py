@@ -289,6 +289,29 @@ def model_inputs(packed, indices: Sequence[int], whole_words: bool):
     return packed.batch(indices), layout
 
 
+def whole_word_shortfall(packed, cfg, rows: int = 256) -> Optional[str]:
+    """What to tell the user when whole-word masking selects far fewer tokens than ``cfg.mask_prob`` asks (under
+    half, measured on up to ``rows`` rows with the run's masking): a word longer than a row's count is never
+    masked, and to a Unigram or byte-level BPE tokenizer a text without spaces (Chinese, Japanese, Thai) is one
+    word per sentence. None when the share is near the asked one."""
+    from ..ops import mask_tokens
+    n = min(len(packed), rows)
+    if n == 0:
+        return None
+    ids, layout = model_inputs(packed, range(n), True)
+    real = layout.get("attention_mask", torch.ones_like(ids)).bool()
+    m = mask_tokens(ids, mask_token_id=cfg.mask_token_id, vocab_size=cfg.vocab_size, seed=0,
+                    mask_prob=cfg.mask_prob, special_token_ids=cfg.special_token_ids, attention_mask=real,
+                    word_starts=layout["word_starts"], strategy=cfg.masking_strategy)
+    share = float(m.masked.sum()) / max(int(real.sum()), 1)
+    if share >= cfg.mask_prob / 2:
+        return None
+    return (f"--whole-word-masking: the run's masking selects {share:.1%} of the tokens, not the {cfg.mask_prob:.0%} "
+            "--mask-prob asks: most words are longer than a row's count and are never masked (text without "
+            "spaces, as Chinese, is one word per sentence to a Unigram or BPE tokenizer; WordPiece splits CJK "
+            "characters apart); use --tokenizer-type wordpiece, a longer --seq-len, or no --whole-word-masking")
+
+
 class Sampler:
     """Global sequence order: epoch ``e`` is ``randperm(n)`` under seed ``seed * 1_000_003 + e``.
     ``indices(pos, count)`` returns sequences ``pos .. pos+count-1`` of that endless stream."""

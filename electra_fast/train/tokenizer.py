@@ -319,8 +319,27 @@ def has_word_boundaries(tok) -> bool:
 
 def word_starts(word_ids) -> List[int]:
     """1 where a token starts a word (its word id differs from the previous token's), else 0: a WordPiece
-    ``##`` piece, or a BPE / Unigram piece without the ``Ġ`` / ``▁`` marker, continues the word before it."""
+    ``##`` piece, or a Unigram piece without the ``▁`` marker, continues the word before it."""
     return [1 if i == 0 or w is None or w != word_ids[i - 1] else 0 for i, w in enumerate(word_ids)]
+
+
+# byte-level BPE's spellings of the ASCII whitespace bytes \t \n \v \f \r and space (byte b -> chr(256 + b))
+_BYTE_LEVEL_SPACE = frozenset(chr(256 + b) for b in (9, 10, 11, 12, 13, 32))
+
+
+def byte_level(tok) -> bool:
+    """Whether ``tok`` is byte-level (GPT-2 / RoBERTa BPE): its pre-tokeniser spells a space as ``Ġ``."""
+    return tok.pre_tokenizer is not None and any(
+        w.startswith("\u0120") for w, _ in tok.pre_tokenizer.pre_tokenize_str("a b"))
+
+
+def space_word_starts(tokens) -> List[int]:
+    """Word starts of byte-level BPE pieces: a word is a run of text between whitespace, as fairseq's RoBERTa
+    whole-word masking reads it (a ``Ġ`` piece starts one); a line break or tab starts one as well. The GPT-2
+    pre-tokens (``word_ids``) split more finely: at an apostrophe (didn / 't), between letters and digits (item / 42)
+    and at combining marks, so a word would have been masked in part."""
+    return [1 if i == 0 or t[:1] in _BYTE_LEVEL_SPACE or tokens[i - 1][-1:] in _BYTE_LEVEL_SPACE else 0
+            for i, t in enumerate(tokens)]
 
 
 def encode_documents(tok, docs: Iterable[str], batch: int = 1024):
@@ -329,6 +348,7 @@ def encode_documents(tok, docs: Iterable[str], batch: int = 1024):
     A special token's spelling in the text ("<s>struck</s>" in HTML, a literal "[MASK]") is text: tokenizers would
     otherwise give it the special id (a [SEP] that splits the document, a [PAD] attended mid-row, an unlabelled
     [MASK])."""
+    starts = (lambda e: space_word_starts(e.tokens)) if byte_level(tok) else (lambda e: word_starts(e.word_ids))
     was = tok.encode_special_tokens
     tok.encode_special_tokens = True
     try:
@@ -336,9 +356,9 @@ def encode_documents(tok, docs: Iterable[str], batch: int = 1024):
         for d in docs:
             buf.append(d)
             if len(buf) == batch:
-                yield from ((e.ids, word_starts(e.word_ids)) for e in tok.encode_batch(buf, add_special_tokens=False))
+                yield from ((e.ids, starts(e)) for e in tok.encode_batch(buf, add_special_tokens=False))
                 buf = []
         if buf:
-            yield from ((e.ids, word_starts(e.word_ids)) for e in tok.encode_batch(buf, add_special_tokens=False))
+            yield from ((e.ids, starts(e)) for e in tok.encode_batch(buf, add_special_tokens=False))
     finally:
         tok.encode_special_tokens = was

@@ -29,7 +29,7 @@ from . import recipe as recipes
 from .evaluation import HeldOut, SplitSampler, heldout_count, split
 from .metrics import TokenScores, fmt, learned, rtd_metrics
 from .data import (PackedSequences, Sampler, build_token_cache, model_inputs, read_documents, resolve_inputs,
-                   stream_digest)
+                   stream_digest, whole_word_shortfall)
 from .doc_sentences import DocumentRows
 from .distributed import Context, setup
 from .errors import PretrainError
@@ -436,6 +436,9 @@ class _Job:
                        else PackedSequences(stream, o.seq_len, ids["cls"], ids["sep"]))
         for line in said:
             self.say(line)
+        shortfall = whole_word_shortfall(self.packed, self.cfg) if self.cfg.whole_word_masking else None
+        if shortfall:
+            self.say(f"warning: {shortfall}")
         self._split(ids)
 
     def _split(self, special: dict) -> None:
