@@ -543,6 +543,40 @@ def test_a_folder_inputs_cache_key_follows_its_files(tmp_path):
     assert cache_key([str(folder)], tok, False) != before
 
 
+def test_a_saved_dataset_with_bad_text_or_no_train_split(tmp_path, monkeypatch):
+    """A datasets save_to_disk folder (the `datasets` package stands in here: it is no test dependency): a 'text'
+    column of ints or lists ended in "AttributeError: 'int' object has no attribute 'strip'"; a DatasetDict without
+    a 'train' split trained on its first split by name (a test set). Both are one line now; --skip-bad-lines skips
+    such rows, as it does JSON Lines."""
+    import types
+    from electra_fast.train.data import read_documents
+
+    class Dataset(list):
+        column_names = ["text"]
+
+    class DatasetDict(dict):
+        pass
+
+    saved = {}
+    fake = types.SimpleNamespace(Dataset=Dataset, DatasetDict=DatasetDict, load_from_disk=lambda p: saved[p])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    for name, ds in (("ints", Dataset([{"text": "a good row"}, {"text": 7}, {"text": ["x"]}])),
+                     ("splits", DatasetDict(test=Dataset([{"text": "held out"}]), validation=Dataset()))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "dataset_info.json").write_text("{}")
+        saved[str(tmp_path / name)] = ds
+    ints, splits = str(tmp_path / "ints"), str(tmp_path / "splits")
+    with pytest.raises(PretrainError, match=r"^--data: dataset .*ints row 1: 'text' is int, not a string; fix it "):
+        list(read_documents(ints))
+    stats = {}
+    assert list(read_documents(ints, skip_bad_lines=True, stats=stats)) == ["a good row"]
+    assert stats == {"skipped_lines": 2}
+    with pytest.raises(PretrainError, match=r"has splits \['test', 'validation'\] and no 'train'; pass the folder"):
+        list(read_documents(splits))
+    saved[splits] = DatasetDict(test=Dataset([{"text": "the only split"}]))
+    assert list(read_documents(splits)) == ["the only split"]
+
+
 def test_data_folder_that_is_the_out_folder_resumes(env, tmp_path):
     d = tmp_path / "both"
     d.mkdir()
@@ -773,6 +807,14 @@ def _cli(args, capsys):
     code = cli_main(["pretrain", "--no-progress", *args])
     err = capsys.readouterr().err.strip().splitlines()
     return code, (err[-1] if err else "")
+
+
+def test_the_api_refuses_vocab_size_with_a_tokenizer(env, tmp_path):
+    """The command line makes --tokenizer and --vocab-size exclusive; the Python API ran, silently at the given
+    tokenizer's 120 tokens for vocab_size=5000."""
+    with pytest.raises(PretrainError, match=r"^--vocab-size: not with --tokenizer \(its vocabulary, "):
+        pretrain(env["data"], **_kw(env, tmp_path / "run", vocab_size=5000))
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_input_one_line_errors(env, tmp_path, capsys):

@@ -115,12 +115,22 @@ def read_documents(path: str, skip_bad_lines: bool = False, stats: Optional[dict
             raise PretrainError(f"--data: {path} is a saved dataset; install `datasets` to read it") from None
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else ds[sorted(ds)[0]]
+            if "train" not in ds and len(ds) != 1:  # another split (a test set) is no default to train on
+                raise PretrainError(f"--data: dataset {path} has splits {sorted(ds)} and no 'train'; pass the folder "
+                                    f"of the split to read ({os.path.join(path, sorted(ds)[0])})")
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
         if "text" not in ds.column_names:
             raise PretrainError(f"--data: dataset {path} has no 'text' column (columns: {ds.column_names})")
-        for row in ds:
-            if row["text"] and row["text"].strip():
-                yield row["text"]
+        for n, row in enumerate(ds):
+            doc = row["text"]
+            if doc is not None and not isinstance(doc, str):
+                if skip_bad_lines:
+                    stats["skipped_lines"] = stats.get("skipped_lines", 0) + 1
+                    continue
+                raise PretrainError(f"--data: dataset {path} row {n}: 'text' is {type(doc).__name__}, not a string; "
+                                    "fix it or pass --skip-bad-lines")
+            if doc and doc.strip():
+                yield doc
         return
     try:
         with open(path, "rb") as f:

@@ -116,6 +116,9 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     """
     if isinstance(data, (str, os.PathLike)):
         data = [os.fspath(data)]
+    if tokenizer is not None and vocab_size is not None:  # as the command line's mutually exclusive pair
+        raise PretrainError(f"--vocab-size: not with --tokenizer (its vocabulary, {tokenizer}'s, is the model's; "
+                            "--vocab-size sizes a tokenizer trained on the data)")
     # a resumed run's own, for a restart when it has no complete checkpoint
     run_tokenizer = run_init_from = recorded_recipe = run_precision = None
     if resume:
