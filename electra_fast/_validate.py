@@ -54,11 +54,14 @@ def ids(name: str, x) -> torch.Tensor:
 # The same mistake raises the same exception in every op: a value of the wrong type is a TypeError, a value of
 # the right type outside its range a ValueError.
 def integer_arg(name: str, value, minimum: Optional[int] = None) -> int:
-    """A Python int (not a bool), at least ``minimum`` when given."""
+    """A Python int (not a bool) that fits int64 (what the kernels take: a larger one ended in "OverflowError: int
+    too big to convert"), at least ``minimum`` when given."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    if not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError(f"{name}: expected an int64, got {value}")
     return value
 
 
