@@ -218,17 +218,27 @@ struct RTDLossFunction : public torch::autograd::Function<RTDLossFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    // the engine runs a backward in grad mode only for create_graph=True: dlogits is a constant to autograd, so
+    // a second derivative through it would be silently wrong
+    TORCH_CHECK(!torch::autograd::GradMode::is_enabled(),
+                "electra_fast::rtd_loss: backward with create_graph=True is not supported: its gradient is not "
+                "differentiable, so a second derivative would be wrong; use torch's own operations where "
+                "higher-order derivatives are needed");
     auto it = ctx->saved_data.find("dlogits");
     TORCH_CHECK(it != ctx->saved_data.end(),
                 "rtd_loss: trying to backward through the graph a second time; pass retain_graph=True the first time");
     at::Tensor dlogits = it->second.toTensor();
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    if (!torch::autograd::get_current_graph_task_keep_graph()) ctx->saved_data.erase("dlogits");
+    // a kept graph keeps the buffer: handing it over as well would let the next backward's accumulation (or a
+    // zero_grad(set_to_none=False)) write into what the graph saved
+    const bool kept = torch::autograd::get_current_graph_task_keep_graph();
+    if (!kept) ctx->saved_data.erase("dlogits");
     const at::Tensor& g = grads[0];
     at::Tensor out;
     if (!g.defined()) {
       // the loss did not reach the graph's root: no gradient
-    } else if (g.device().is_cpu() && g.numel() == 1 && dlogits.scalar_type() == dtype && g.item<double>() == 1.0) {
+    } else if (!kept && g.device().is_cpu() && g.numel() == 1 && dlogits.scalar_type() == dtype &&
+               g.item<double>() == 1.0) {
       out = std::move(dlogits);
     } else {
       out = (dlogits * g).to(dtype);

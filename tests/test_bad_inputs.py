@@ -560,3 +560,38 @@ def test_the_same_mistake_raises_the_same_exception_in_every_op():
         for too_big in (2 ** 64, -2 ** 64):  # ignore_index=2**64 ended in "OverflowError: int too big to convert"
             with pytest.raises(ValueError, match=f"^{name}: expected"):
                 call(too_big)
+
+
+def test_second_derivatives_are_refused_not_wrong():
+    """f(x) = op(x)^2 + sum(x^3), then the gradient of |df/dx|^2: the ops' gradients are constants to autograd, so
+    the second derivative lacked the op's part (disentangled attention 182 off for 461) without a word; torch's
+    once_differentiable would not have caught it (autograd.grad(..., x) never runs its error node). A backward
+    with create_graph=True is now an error naming the op, on every backend; the linear op, whose gradient is made
+    of differentiable torch ops, gives the true second derivative."""
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 5, 4, dtype=torch.float64)
+    w, ids = torch.randn(4, dtype=torch.float64), torch.arange(40).reshape(1, 40) % 3
+    ops = {"disentangled_attention": lambda x: electra_fast.disentangled_attention(*[x[None]] * 3, None, None),
+           "dropout_add_layer_norm": lambda x: electra_fast.dropout_add_layer_norm(x, 0.5 * x, w, None, p=0.0),
+           "rtd_loss": lambda x: electra_fast.rtd_loss(x.reshape(1, -1), ids, torch.zeros_like(ids))}
+
+    def second(f, x):
+        x = x.clone().requires_grad_()
+        y = f(x)
+        gx, = torch.autograd.grad((y * y).sum() + (x ** 3).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), x)[0]
+
+    for backend in ("reference", "cpp") if electra_fast.extension_loaded() else ("reference",):
+        with electra_fast.use_backend(backend):
+            for name, f in ops.items():
+                with pytest.raises(RuntimeError, match=f"^electra_fast::{name}.*: backward with create_graph=True "
+                                                       "is not supported"):
+                    second(f, x0)
+    # the CPU bf16-autocast products (the only calls the linear / MLP ops serve), fp32 parameters
+    a, w1, w2 = torch.randn(8, 32), torch.randn(16, 32) / 4, torch.randn(16, 16) / 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="^electra_fast::gelu_mlp_fwd: backward with create_graph=True"):
+            second(lambda x: electra_fast.gelu_mlp(x, w1, None, w2, None).float(), a)
+        got = second(lambda x: electra_fast.linear(x, w1).float(), a)
+        want = second(lambda x: torch.nn.functional.linear(x, w1).float(), a)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same bf16 casts and products

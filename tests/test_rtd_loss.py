@@ -257,6 +257,25 @@ def test_backward_twice_accumulates_without_aliasing(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", all_backends())
+def test_a_kept_graph_keeps_its_buffer_to_itself(backend, device):
+    """Logits a view of a leaf, the graph kept: the C++ backward handed its saved derivative over as the first
+    gradient, AccumulateGrad kept it as the leaf's .grad, and later backwards (and zero_grad(set_to_none=False))
+    wrote into what the graph saved: 4x the gradient after three backwards, then 0 after zero_() and one more."""
+    logits, corrupted, original, mask = make(2, 50, device=device)
+    p = logits.detach().flatten().clone().requires_grad_()
+    with electra_fast.use_backend(backend):
+        loss = electra_fast.rtd_loss(p.view(2, 50), corrupted, original, mask)
+        loss.backward(retain_graph=True)
+        once = p.grad.clone()
+        loss.backward(retain_graph=True)
+        loss.backward(retain_graph=True)
+        torch.testing.assert_close(p.grad, 3 * once, rtol=1e-6, atol=0)
+        p.grad.zero_()
+        loss.backward()
+        torch.testing.assert_close(p.grad, once, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_training_without_metrics_is_identical(backend, device, reduction):
     """Training calls without return_metrics skip the metric counters in the C++ loop: same loss, same gradient."""

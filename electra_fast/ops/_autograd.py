@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence
 
+import functools
+
 import torch
 
 from .. import _validate
@@ -31,13 +33,16 @@ class AutogradOp:
 
     ``non_differentiable``: indices of forward outputs that never carry a gradient (statistics, counts).
     ``eager=False``: every call takes the custom op (ops without a gradient, or whose backward is the op itself,
-    whose double backward the custom op keeps).
+    whose double backward the custom op keeps). ``twice``: the gradients (``grads`` on the saved inputs) are
+    themselves differentiable torch ops; otherwise a backward that builds a graph (``create_graph=True``) is an
+    error: the kernels' gradients are constants to autograd, and second derivatives through them came out silently
+    wrong (torch's once_differentiable does not help: ``autograd.grad(..., x)`` never runs its error node).
     """
 
     def __init__(self, name: str, forward: Callable, fake: Callable, *, setup: Optional[Callable] = None,
                  grads: Optional[Callable] = None, backward: Optional[Callable] = None,
                  backward_fake: Optional[Callable] = None, backward_name: Optional[str] = None,
-                 non_differentiable: Sequence[int] = (), eager: bool = True):
+                 non_differentiable: Sequence[int] = (), eager: bool = True, twice: bool = False):
         if name in BUILT:
             raise ValueError(f"electra_fast::{name} is built twice")
         BUILT[name] = self
@@ -63,7 +68,8 @@ class AutogradOp:
 
         torch.library.register_autograd(f"electra_fast::{name}", custom_op_backward, setup_context=setup)
         if eager:
-            self.eager = _eager_function(name, forward, setup, grads, body_backward, tuple(non_differentiable))
+            self.eager = _eager_function(name, forward, setup, grads, body_backward, tuple(non_differentiable),
+                                         twice)
 
     def __call__(self, *inputs):
         # graph capture, meta and fake tensors: the custom op, whose fake kernel describes the outputs
@@ -73,7 +79,7 @@ class AutogradOp:
 
 
 def _eager_function(name: str, forward: Callable, setup: Callable, grads: Callable, backward: Callable,
-                    non_differentiable: tuple) -> type:
+                    non_differentiable: tuple, twice: bool) -> type:
     def fwd(ctx, *inputs):
         ctx.n_inputs = len(inputs)
         output = forward(*inputs)
@@ -90,5 +96,18 @@ def _eager_function(name: str, forward: Callable, setup: Callable, grads: Callab
             return (None,) * ctx.n_inputs
         return grads(ctx, grad_outputs, backward)
 
+    if not twice:
+        bwd = _first_order_only(name, bwd)
     return type(f"Eager_{name}", (torch.autograd.Function,), {"forward": staticmethod(fwd),
                                                               "backward": staticmethod(bwd)})
+
+
+def _first_order_only(name: str, bwd: Callable) -> Callable:
+    @functools.wraps(bwd)
+    def first_order(ctx, *grad_outputs):
+        if torch.is_grad_enabled():  # the engine runs a backward in grad mode only for create_graph=True
+            raise RuntimeError(f"electra_fast::{name}: backward with create_graph=True is not supported: its "
+                               "gradient is not differentiable, so a second derivative would be wrong; use torch's "
+                               "own operations where higher-order derivatives are needed")
+        return bwd(ctx, *grad_outputs)
+    return first_order

@@ -59,7 +59,7 @@ def _linear_grads(ctx, grad_outputs, backward):
             grad.sum(0) if ctx.has_bias and need[2] else None, None)
 
 
-_LINEAR_OP = AutogradOp("linear", _linear, _linear_fake, setup=_linear_setup, grads=_linear_grads)
+_LINEAR_OP = AutogradOp("linear", _linear, _linear_fake, setup=_linear_setup, grads=_linear_grads, twice=True)
 
 
 def _mlp_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
