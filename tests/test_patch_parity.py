@@ -149,6 +149,21 @@ def test_mlm_head_option_keeps_full_logits():
     _close([no_labels.logits[real]], [want.logits[real]])
 
 
+@pytest.mark.parametrize("family,cls_name", [("bert", "BertForMaskedLM"), ("deberta_v2", "DebertaV2ForMaskedLM")])
+def test_mlm_labels_of_another_shape_are_named(family, cls_name):
+    """Labels [B, T - 1]: transformers says the batch sizes differ; the patched loss-only head indexed the hidden
+    states with them and raised torch's IndexError on a mask shape."""
+    model = build(family, cls_name)
+    inputs, labels = batch()
+    labels = labels[:, 1:].contiguous()
+    with pytest.raises(ValueError):
+        model(**inputs, labels=labels)
+    electra_fast.patch(model)
+    with pytest.raises(ValueError, match=rf"^labels: expected one per token of input_ids \({B}, {T}\), got shape "
+                                         rf"\({B}, {T - 1}\)$"):
+        model(**inputs, labels=labels)
+
+
 def test_optimizer_built_before_patching_trains_the_patched_model():
     inputs, labels = batch()
     losses = []

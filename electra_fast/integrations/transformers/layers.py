@@ -242,6 +242,9 @@ def _mlm_loss_only(model, original, head_parts: HeadParts, args, kwargs):
         passed.update(extra)
     outputs = base(**passed, return_dict=True)
     hidden = outputs[0]
+    if labels.numel() != hidden.shape[0] * hidden.shape[1]:  # transformers' own check, in its words' place
+        raise ValueError(f"labels: expected one per token of input_ids {tuple(hidden.shape[:2])}, got shape "
+                         f"{tuple(labels.shape)}")
     labels = labels.to(hidden.device)
     rows = labels.reshape(-1) != IGNORE_INDEX
     transform, _, weight, bias = head_parts(model)
