@@ -319,6 +319,32 @@ def test_byte_level_bpe_words_are_the_text_between_whitespace(toks):
     assert [w for w in (tok.decode(w).strip() for w in words) if w] == text.split()
 
 
+def test_a_bpe_run_tokenised_with_the_pre_token_rule_resumes_with_it(env, tmp_path, monkeypatch):
+    """The byte-level BPE word-start rule changed (GPT-2 pre-tokens -> whitespace) and the resume check's digest
+    covers the start bits: a run checkpointed under the old rule whose cache was tokenised again (the corpus copied
+    or touched: the key holds its mtime) was refused as "the data tokens differ", without --whole-word-masking too.
+    Such a run (no rule recorded) resumes with the pre-token rule; a new run records its rule."""
+    import shutil
+    from electra_fast.train import checkpoint as ckpt
+    from electra_fast.train import tokenizer as tok_mod
+    from electra_fast.train import trainer as trainer_mod
+    data = tmp_path / "corpus.txt"
+    shutil.copy(env["data"], data)
+    kw = dict(tokenizer=None, save_every=2, recipe=dict(tokenizer_type="bpe"))
+    with monkeypatch.context() as m:  # the code before the change: pre-token starts, no rule recorded
+        for module in (tok_mod, data_mod, trainer_mod):
+            m.setattr(module, "byte_level", lambda tok: False)
+        pretrain(str(data), **_kw(env, tmp_path / "old", steps=2, **kw))
+    state = tmp_path / "old" / "checkpoints" / "step-00000002" / "training_state.pt"
+    assert "bpe_words" not in ckpt.load_training_state(str(state))
+    os.utime(data, ns=(1, 1))
+    s = pretrain(str(data), **_kw(env, tmp_path / "old", steps=4, resume=True, **kw))
+    assert s["steps"] == 4
+    pretrain(str(data), **_kw(env, tmp_path / "new", steps=2, **kw))
+    state = tmp_path / "new" / "checkpoints" / "step-00000002" / "training_state.pt"
+    assert ckpt.load_training_state(str(state))["bpe_words"] == "whitespace"
+
+
 def _units(starts_row):
     """Word id per position (a word = a start plus the following non-starts)."""
     return np.cumsum(starts_row.astype(np.int64)) - 1

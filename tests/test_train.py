@@ -378,6 +378,17 @@ def test_a_long_run_without_spaces_trains_every_tokenizer_kind():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
 
 
+def test_the_training_cut_ends_runs_at_every_space_the_tokenizers_split_on():
+    """Text whose words are separated by a no-break, an ideographic or another Unicode space (every tokenizer kind
+    splits there) is no long run: the trainers see it as written, as before the cut moved off Python's \\s."""
+    from electra_fast.train.tokenizer import _bounded_runs
+    for space in ("\xa0", "\u3000", "\u2009", "\u202f"):
+        doc = space.join("abcdefghij" * 5 for _ in range(100))
+        assert list(_bounded_runs([doc])()) == [doc], hex(ord(space))
+    vt = "\v".join("abcdefghij" * 5 for _ in range(100))  # a character the Unigram normaliser deletes: cut
+    assert list(_bounded_runs([vt])())[0].count(" ") == 5
+
+
 def test_resume_on_a_changed_corpus_is_refused(env, tmp_path):
     """Text appended to the run's --data: the resume went on silently over another number of sequences, with a new
     held-out slice that held sequences already trained on."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import PretrainError
-from .tokenizer import encode_documents, fingerprint, special_ids
+from .tokenizer import byte_level, encode_documents, fingerprint, special_ids
 
 TEXT_SUFFIXES = (".txt", ".jsonl")  # what a --data folder contributes (any case: .TXT too)
 JSONL_SUFFIXES = (".jsonl", ".json")  # a file named so is JSON Lines (datasets' to_json writes .json)
@@ -162,7 +162,7 @@ def read_documents(path: str, skip_bad_lines: bool = False, stats: Optional[dict
 
 
 # ---------------------------------------------------------------------------------------- cache
-def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool) -> str:
+def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool, bpe_words: str = "whitespace") -> str:
     h = hashlib.sha256()
     for p in inputs:
         # a datasets save_to_disk folder: its files (a shard rewritten in place leaves the folder's own stat as is)
@@ -173,14 +173,17 @@ def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool) -> str:
             h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     h.update(fingerprint(tok).encode())
     h.update(f"skip={skip_bad_lines};format={CACHE_FORMAT};special-spellings=text".encode())
+    if bpe_words != "pre-tokens" and byte_level(tok):  # a pre-tokens cache keeps the key it was written under
+        h.update(f";bpe-words={bpe_words}".encode())
     return h.hexdigest()[:24]
 
 
 def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines: bool = False,
-                      log=print) -> str:
-    """Tokenise ``inputs`` into the cache unless already there; returns the ``.bin`` path."""
+                      log=print, bpe_words: str = "whitespace") -> str:
+    """Tokenise ``inputs`` into the cache unless already there; returns the ``.bin`` path. ``bpe_words``: see
+    :func:`.tokenizer.encode_documents` (a resumed run keeps its checkpoint's rule: the digest covers the bits)."""
     os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, f"tokens-{cache_key(inputs, tok, skip_bad_lines)}.bin")
+    path = os.path.join(cache_dir, f"tokens-{cache_key(inputs, tok, skip_bad_lines, bpe_words)}.bin")
     if os.path.isfile(path) and os.path.isfile(path + ".json") and _cache_format(path) == CACHE_FORMAT:
         return path
     sep = special_ids(tok)["sep"]
@@ -189,7 +192,7 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
     try:
         with open(tmp, "wb") as f:
             for p in inputs:
-                for ids, starts in encode_documents(tok, read_documents(p, skip_bad_lines, stats)):
+                for ids, starts in encode_documents(tok, read_documents(p, skip_bad_lines, stats), bpe_words=bpe_words):
                     if not ids:
                         continue
                     arr = np.asarray(ids + [sep], dtype="<u4") | (np.asarray(starts + [1], dtype="<u4") << 31)

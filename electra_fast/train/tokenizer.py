@@ -31,10 +31,12 @@ _BYTES = 256  # byte-level BPE keeps the whole byte alphabet
 # tokenizers' trainers take time quadratic in a run of characters without whitespace (WordPiece 2 s at 100 k, no end
 # in 300 s at 1 M) and the Unigram trainer segfaults on one of ~150 k: the trainers see such runs cut into pieces of
 # this many characters (text without spaces, as Chinese, keeps its statistics; encoding reads the text as it is).
-# A run ends only at what every kind's normaliser and pre-tokeniser splits on: Python's \s also counts \v, \x1c-\x1f
-# and \x85, which the Unigram normaliser deletes or keeps inside a word (300 k CJK characters joined by \v: segfault)
+# A run ends only at what every kind's normaliser and pre-tokeniser splits on (ASCII space, tab, line breaks and the
+# Unicode spaces NFKC makes a space: no-break, en / em / thin..., ideographic): Python's \s also counts \v,
+# \x1c-\x1f and \x85, which the Unigram normaliser deletes or keeps inside a word (300 k CJK characters joined by
+# \v: segfault)
 TRAIN_RUN = 1000
-_LONG_RUN = re.compile(r"[^ \t\n\r]{%d,}" % (TRAIN_RUN + 1))
+_LONG_RUN = re.compile(r"[^ \t\n\r\xa0\u2000-\u200a\u202f\u205f\u3000]{%d,}" % (TRAIN_RUN + 1))
 # token spellings per role, BERT / DeBERTa first, then RoBERTa / SentencePiece
 _ROLES = {"pad": ("[PAD]", "<pad>"), "unk": ("[UNK]", "<unk>"), "cls": ("[CLS]", "<s>"),
           "sep": ("[SEP]", "</s>"), "mask": ("[MASK]", "<mask>")}
@@ -60,8 +62,8 @@ def train_tokenizer(kind: str, documents, vocab_size: int):
 
 
 def _bounded_runs(documents) -> Callable[[], Iterable[str]]:
-    """``documents`` (replayable) with every run of more than TRAIN_RUN characters other than space, tab and line
-    breaks cut into pieces."""
+    """``documents`` (replayable) with every run of more than TRAIN_RUN characters between spaces (see _LONG_RUN)
+    cut into pieces."""
     docs = _replayable(documents)
 
     def cut(m) -> str:
@@ -334,7 +336,7 @@ def byte_level(tok) -> bool:
 
 
 def space_word_starts(tokens) -> List[int]:
-    """Word starts of byte-level BPE pieces: a word is a run of text between whitespace, as fairseq's RoBERTa
+    """Word starts of byte-level BPE pieces: a word is a run of text between ASCII whitespace, as fairseq's RoBERTa
     whole-word masking reads it (a ``Ġ`` piece starts one); a line break or tab starts one as well. The GPT-2
     pre-tokens (``word_ids``) split more finely: at an apostrophe (didn / 't), between letters and digits (item / 42)
     and at combining marks, so a word would have been masked in part."""
@@ -342,13 +344,22 @@ def space_word_starts(tokens) -> List[int]:
             for i, t in enumerate(tokens)]
 
 
-def encode_documents(tok, docs: Iterable[str], batch: int = 1024):
-    """Yield ``(ids, word_starts)`` per document (no special tokens), through the multi-threaded batch API.
+# Byte-level BPE word starts: "whitespace" (space_word_starts), or "pre-tokens" (the GPT-2 pre-tokens' word_ids),
+# what runs tokenised before 2026-12-06 recorded in their caches' digests and resume with
+BPE_WORD_RULES = ("whitespace", "pre-tokens")
+
+
+def encode_documents(tok, docs: Iterable[str], batch: int = 1024, bpe_words: str = "whitespace"):
+    """Yield ``(ids, word_starts)`` per document (no special tokens), through the multi-threaded batch API;
+    ``bpe_words``: the word-start rule of a byte-level BPE tokenizer (BPE_WORD_RULES; other kinds have one).
 
     A special token's spelling in the text ("<s>struck</s>" in HTML, a literal "[MASK]") is text: tokenizers would
     otherwise give it the special id (a [SEP] that splits the document, a [PAD] attended mid-row, an unlabelled
     [MASK])."""
-    starts = (lambda e: space_word_starts(e.tokens)) if byte_level(tok) else (lambda e: word_starts(e.word_ids))
+    if bpe_words not in BPE_WORD_RULES:
+        raise ValueError(f"bpe_words: expected one of {BPE_WORD_RULES}, got {bpe_words!r}")
+    by_space = bpe_words == "whitespace" and byte_level(tok)
+    starts = (lambda e: space_word_starts(e.tokens)) if by_space else (lambda e: word_starts(e.word_ids))
     was = tok.encode_special_tokens
     tok.encode_special_tokens = True
     try:

@@ -39,8 +39,8 @@ from .options import (DEFAULT_EMBEDDED_STEPS, DEFAULT_EMBEDDED_VOCAB, DEFAULT_SA
                       TOKENIZER_NAMES, check_seq_len, default_lr, model_config, positive, real, resolve_precision,
                       summary_writer)
 from .signals import Signals, Uninterrupted
-from .tokenizer import (DEFAULT_VOCAB, MAX_VOCAB, config_overrides, fingerprint, load_tokenizer, min_vocab,
-                        special_ids, train_tokenizer)
+from .tokenizer import (DEFAULT_VOCAB, MAX_VOCAB, byte_level, config_overrides, fingerprint, load_tokenizer,
+                        min_vocab, special_ids, train_tokenizer)
 
 def _keep_freed_memory() -> bool:
     """CPU training: let glibc keep freed memory for reuse (True when applied).
@@ -427,11 +427,15 @@ class _Job:
     def _data(self) -> None:
         o, ctx = self.o, self.ctx
         said: list = []  # the cache's report waits until the corpus is known to fill a sequence: no line before an error
+        # a run resumes with the byte-level BPE word starts it was tokenised with (its digest covers them); one
+        # checkpointed before the rule was recorded had the GPT-2 pre-tokens'
+        self.bpe_words = "whitespace" if self.state is None else self.state.get("bpe_words", "pre-tokens")
+        cache = dict(log=said.append, bpe_words=self.bpe_words)
         if ctx.is_main:
-            stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, log=said.append)
+            stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, **cache)
         ctx.barrier()
         if not ctx.is_main:  # a cache hit by now
-            stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, log=said.append)
+            stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, **cache)
         ids = special_ids(self.tok)
         self.data_digest = stream_digest(stream)
         self.packed = (DocumentRows(stream, o.seq_len, ids["cls"], ids["sep"], ids["pad"])
@@ -705,6 +709,8 @@ class _Job:
                      "grad_accum": o.grad_accum, "precision": self.precision, "recipe": self.run_recipe,
                      "heldout_sequences": self.heldout_sequences, "sequences": len(self.packed),
                      "data_sha256": self.data_digest}
+            if byte_level(self.tok):
+                state["bpe_words"] = self.bpe_words
             writers = {"model.safetensors": lambda p: ckpt.save_model(self.net, p),
                        "training_state.pt": lambda p: ckpt.save_training_state(state, p),
                        "config.json": lambda p: self.cfg.to_json_file(p),
