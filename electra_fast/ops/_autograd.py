@@ -17,9 +17,8 @@ Bodies (``name`` is the op's schema name in namespace ``electra_fast``):
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
-
 import functools
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
