@@ -213,8 +213,8 @@ KILL_DURING_TOKENISATION = textwrap.dedent("""
     import json, os, signal, sys
     from electra_fast.train import data, pretrain
     real = data.encode_documents
-    def encode_then_die(tok, docs, batch=1024):
-        for n, ids in enumerate(real(tok, docs, batch=8)):
+    def encode_then_die(tok, docs, batch=1024, **kw):
+        for n, ids in enumerate(real(tok, docs, batch=8, **kw)):
             if n == 20:
                 os.kill(os.getpid(), signal.SIGKILL)  # a kill -9 in the middle of writing the token cache
             yield ids

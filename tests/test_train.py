@@ -321,7 +321,7 @@ def test_resume_without_a_complete_checkpoint_restarts_as_the_run_was_made(env, 
     for restart in (1, 2):  # the second restart too: the first rewrote run.json, and lost the tokenizer there
         history = (run / "metrics.jsonl").read_text()
         s = pretrain(None, out=str(run), resume=True, progress=False)
-        assert "starting from scratch with the run's options" in capsys.readouterr().err
+        assert "starting from scratch with the run's options (where it recorded them)" in capsys.readouterr().err
         # the run's history is kept aside, never deleted (a restart of a long run lost its curves)
         kept = run / ("metrics.jsonl.before-restart" + ("" if restart == 1 else "-2"))
         assert kept.read_text() == history
@@ -509,12 +509,19 @@ def test_diverging_runs_and_unrepresentable_recipes_stop_in_one_line(env, tmp_pa
 
 def test_resume_of_a_folder_without_a_run_is_refused(env, tmp_path):
     """A mistyped --out, or a run a failed start took back: --resume started the built-in default job there (exit
-    0, its run.json then the run's record)."""
-    kw = _kw(env, tmp_path / "typo", steps=2, resume=True)
+    0, its run.json then the run's record). With --data, a missing or empty --out starts the run: a first start
+    killed before it claimed the folder, requeued with --resume (the bad-input sweep's kill 0.3 s after exec was
+    refused); a folder holding other files is still refused."""
     with pytest.raises(PretrainError, match=r"^--resume: .*typo holds no run to continue "
                                             r"\(no run.json, no electra-fast marker\)"):
-        pretrain(env["data"], **kw)
+        pretrain(None, out=str(tmp_path / "typo"), resume=True, progress=False)
     assert not (tmp_path / "typo").exists()
+    assert pretrain(env["data"], **_kw(env, tmp_path / "requeued", steps=2, resume=True))["steps"] == 2
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    with pytest.raises(PretrainError, match="theirs holds no run to continue"):
+        pretrain(env["data"], **_kw(env, tmp_path / "theirs", steps=2, resume=True))
+    assert [p.name for p in (tmp_path / "theirs").iterdir()] == ["notes.txt"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(PretrainError, match="holds no run to continue"):
         pretrain(None, out=str(tmp_path / "empty"), resume=True, progress=False)

@@ -123,9 +123,11 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     run_tokenizer = run_init_from = recorded_recipe = run_precision = None
     if resume:
         claimed = rundir.is_claimed(out)
-        if not os.path.isfile(os.path.join(os.fspath(out), "run.json")) and (data is None or not claimed):
-            # a mistyped --out, or a run taken back: it would have started the built-in default job. A folder a
-            # killed first start claimed (a requeued --resume) starts with the options given.
+        unused = not os.path.lexists(out) or (os.path.isdir(out) and not os.listdir(out))
+        if not os.path.isfile(os.path.join(os.fspath(out), "run.json")) and (data is None or not (claimed or unused)):
+            # without --data it would have started the built-in default job (a mistyped --out, a run taken back);
+            # with it, a folder a first start claimed, or never reached (killed before it did: missing or empty),
+            # starts with the options given (a scheduler's requeue passes --resume every time); another's is refused
             raise PretrainError(f"--resume: {out} holds no run to continue (no run.json"
                                 f"{'' if claimed else ', no electra-fast marker'}); check --out, or start the run "
                                 "without --resume")
@@ -346,7 +348,8 @@ class _Job:
                                     "a new --out")
             if isinstance(o.recorded_recipe, dict):  # the run's recipe, as a resumed run keeps its checkpoint's
                 o.recipe = recipes.restart(o.recorded_recipe, o.recipe, o.override, self.say)
-            self.say(f"--resume: no complete checkpoint in {o.out}; starting from scratch with the run's options")
+            self.say(f"--resume: no complete checkpoint in {o.out}; starting from scratch with the run's options "
+                     "(where it recorded them) and those given")
         self.state = (ckpt.load_training_state(os.path.join(self.resume_from, "training_state.pt"))
                       if self.resume_from else None)
         # before anything is said or written; --steps 0 (--init-from only): a checkpoint of the model as loaded
