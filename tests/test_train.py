@@ -1,5 +1,6 @@
 """The pretraining job: tokenizer, data cache and packing, training, exact resume, crash-safe checkpoints,
 two-process DDP, export to transformers, and every bad-input case (one-line errors, non-zero exit)."""
+import gc
 import hashlib
 import json
 import os
@@ -765,6 +766,10 @@ def _ddp_worker(rank, world, port, kw, result_dir):
     s = pretrain(**kw)
     flat = torch.cat([p.detach().flatten() for p in s["model"].parameters()])
     torch.save(flat, os.path.join(result_dir, f"rank{rank}.pt"))
+    # nothing left holding the destroyed process group (DDP's reducer), collected or not: such a group's threads
+    # ended at interpreter exit, where a rank aborted now and then after a finished run
+    from torch.nn.parallel import DistributedDataParallel
+    assert not any(isinstance(o, DistributedDataParallel) for o in gc.get_objects()), rank
 
 
 def _free_port() -> int:

@@ -9,6 +9,7 @@ the uninterrupted run's losses exactly.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -216,6 +217,12 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     finally:
         if job is not None and job.lock is not None:
             job.lock.close()
+        if job is not None and ctx.distributed:
+            # DDP's reducer holds the process group: dropped (and any cycle through the job collected) before the
+            # group is destroyed, so gloo's threads end here and not at interpreter exit, where a rank aborted now and
+            # then ("terminate called without an active exception") after a finished run
+            job.ddp = job.step_fn = None
+            gc.collect()
         ctx.close()
 
 
