@@ -130,6 +130,14 @@ def _is_our_run_json(path: str) -> bool:
     return isinstance(run, dict) and isinstance(run.get("run_id"), str) and "inputs" in run
 
 
+def is_vacant(out) -> bool:
+    """Whether ``out`` is missing or an empty directory (one that cannot be listed is not)."""
+    try:
+        return not os.path.lexists(out) or (os.path.isdir(out) and not os.listdir(out))
+    except OSError:
+        return False
+
+
 def is_claimed(out) -> bool:
     """Whether a job of ours claimed ``out`` (its marker is there)."""
     return os.path.isfile(os.path.join(os.fspath(out), MARKER))

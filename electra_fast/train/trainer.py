@@ -124,8 +124,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     run_tokenizer = run_init_from = recorded_recipe = run_precision = None
     if resume:
         claimed = rundir.is_claimed(out)
-        unused = not os.path.lexists(out) or (os.path.isdir(out) and not os.listdir(out))
-        if not os.path.isfile(os.path.join(os.fspath(out), "run.json")) and (data is None or not (claimed or unused)):
+        vacant = rundir.is_vacant(out)
+        if not os.path.isfile(os.path.join(os.fspath(out), "run.json")) and (data is None or not (claimed or vacant)):
             # without --data it would have started the built-in default job (a mistyped --out, a run taken back);
             # with it, a folder a first start claimed, or never reached (killed before it did: missing or empty),
             # starts with the options given (a scheduler's requeue passes --resume every time); another's is refused
