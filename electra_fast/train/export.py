@@ -8,6 +8,7 @@ import re
 import shutil
 
 from . import checkpoint as ckpt
+from . import rundir
 from .errors import PretrainError
 from .temporaries import remove_dead_temporaries
 from .tokenizer import load_tokenizer, save_for_transformers
@@ -29,7 +30,7 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
         what = "is a file" if os.path.isfile(out_dir) else "exists and is not a directory"
         raise PretrainError(f"export: {out_dir} {what}; choose a new directory")
     remove_dead_temporaries(out_dir, EXPORT_TEMPORARY)  # a killed export's, inside an empty OUT_DIR
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
+    if os.path.isdir(out_dir) and not rundir.is_vacant(out_dir):
         raise PretrainError(f"export: {out_dir} already exists and is not empty; choose another directory")
     parent = above = os.path.dirname(os.path.abspath(out_dir))
     while not os.path.lexists(above):

@@ -453,7 +453,9 @@ class _Job:
                        else PackedSequences(stream, o.seq_len, ids["cls"], ids["sep"]))
         for line in said:
             self.say(line)
-        shortfall = whole_word_shortfall(self.packed, self.cfg) if self.cfg.whole_word_masking else None
+        # said once, at a run's start (a resume reads the same rows with the same recipe)
+        new_run = self.state is None
+        shortfall = whole_word_shortfall(self.packed, self.cfg) if self.cfg.whole_word_masking and new_run else None
         if shortfall:
             self.say(f"warning: {shortfall}")
         self._split(ids)
