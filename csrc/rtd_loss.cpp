@@ -211,7 +211,6 @@ struct RTDLossFunction : public torch::autograd::Function<RTDLossFunction> {
     auto [loss, counts, grad] = rtd_loss_impl(logits, corrupted, original, mask, reduction, true, need_metrics);
     ctx->saved_data["dlogits"] = grad;
     ctx->saved_data["dtype"] = static_cast<int64_t>(logits.scalar_type());
-    ctx->mark_non_differentiable({counts});
     ctx->set_materialize_grads(false);  // no zeros for the counts' (absent) gradient
     return {loss, counts};
   }

@@ -332,6 +332,27 @@ def test_bad_inputs():
         ElectraPretrainingModel({"vocab_size": 3})
 
 
+@pytest.mark.parametrize("attention", ATTN)
+def test_float_masks_are_refused_not_read_inverted(attention):
+    """transformers' additive mask (0 = real, -1e4 = padding) was read as nonzero = real by every model entry: real
+    tokens attended only to the padding, with no error. A float mask is refused by name; an integer one is read."""
+    from electra_fast.finetune.model import FinetuneModel
+
+    cfg = tiny(attention)
+    model, tuned = ElectraPretrainingModel(cfg).eval(), FinetuneModel(cfg, "classification", 2).eval()
+    ids, mask = batch()
+    calls = (lambda m: model(ids, m, seed=0), lambda m: model.discriminator(ids, m),
+             lambda m: model.generator.logits(ids, m), lambda m: tuned(ids, m))
+    with torch.no_grad():
+        for call in calls:
+            for bad in (mask.float(), (1.0 - mask.float()) * -1e4, mask.to(torch.bfloat16)):
+                with pytest.raises(TypeError, match="attention_mask: expected a bool or integer"):
+                    call(bad)
+        torch.testing.assert_close(tuned(ids, mask), tuned(ids, mask.bool()), rtol=0, atol=0)
+        torch.testing.assert_close(model.generator(ids, mask), model.generator.logits(ids, mask.bool()), rtol=0, atol=0)
+        torch.testing.assert_close(tuned(ids, mask.to(torch.uint8)), tuned(ids, mask.bool()), rtol=0, atol=0)
+
+
 def test_embedding_modules_name_a_sequence_too_long():
     """The nn embedding modules alone (outside a model) sliced the position table short and failed to broadcast
     (a RuntimeError naming no argument)."""
@@ -436,6 +457,30 @@ def test_dropout_module_is_an_nn_dropout():
     old = Dropout(0.25)  # as one pickled before it subclassed nn.Dropout comes back: no inplace attribute
     del old.__dict__["inplace"]
     assert old(x).shape == x.shape and repr(old) == "Dropout(p=0.25, inplace=False)"
+
+
+def test_standard_attention_dropout_is_a_module():
+    """ELECTRA's attention dropout was a float attribute: setting p = 0 on every nn.Dropout left training calls
+    random (transformers holds it as attention.self.dropout). A module pickled with the float comes back with it."""
+    import pickle
+
+    model = ElectraPretrainingModel(tiny("standard", dropout=0.3)).train()
+    layer = model.discriminator.backbone.encoder.layer[0].attention.self
+    assert isinstance(layer.dropout, torch.nn.Dropout) and layer.dropout.p == 0.3
+    x, key_mask = torch.randn(2, 9, layer.query.in_features), torch.ones(2, 9, dtype=torch.bool)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    assert torch.equal(layer(x, key_mask), layer(x, key_mask))
+    assert torch.equal(layer(x, key_mask), layer.eval()(x, key_mask))
+    old = pickle.loads(pickle.dumps(layer))
+    del old._modules["dropout"]
+    old.__dict__["dropout_p"] = 0.5  # the old layout
+    back = pickle.loads(pickle.dumps(old)).train()
+    assert isinstance(back.dropout, torch.nn.Dropout) and back.dropout.p == 0.5 and "dropout_p" not in vars(back)
+    torch.manual_seed(0)
+    a = back(x, key_mask)
+    assert not torch.equal(a, back.eval()(x, key_mask))
 
 
 def test_dropout_module_in_the_eager_twin_is_torch_dropout():

@@ -210,6 +210,30 @@ def test_torch_compile_fullgraph():
     assert acc.item() == wm["accuracy"].item()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_autograd(reduction):
+    """torch's compiled autograd traces the C++ training path's backward: it refused the whole backward with an
+    internal assert ("ctx_.non_differentiable_.empty()") while the forward marked its integer counts
+    non-differentiable, which integer outputs are anyway."""
+    logits, corrupted, original, mask = make(3, 21)
+    weight = torch.rand(3, 21)
+
+    def total(x):
+        loss = electra_fast.rtd_loss(x, corrupted, original, mask, reduction=reduction)
+        return loss if reduction == "mean" else (loss * weight).sum()
+
+    @torch.compile(backend="aot_eager")
+    def backward(loss):
+        loss.backward()
+
+    x = logits.clone().requires_grad_()
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        backward(total(x))
+    y = logits.clone().requires_grad_()
+    total(y).backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=0, atol=0)
+
+
 def test_forced_backend_unavailable_raises(monkeypatch):
     logits, corrupted, original, mask = make(2, 3)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -59,10 +59,17 @@ class StandardSelfAttention(nn.Module):
         self.query = Linear(hidden_size, hidden_size)
         self.key = Linear(hidden_size, hidden_size)
         self.value = Linear(hidden_size, hidden_size)
-        self.dropout_p = dropout
+        # a module, as transformers' attention.self.dropout: code that finds dropout modules by type sets its p
+        self.dropout = Dropout(dropout)
+
+    def __setstate__(self, state):
+        p = state.pop("dropout_p", None)  # pickled before the dropout was a module: its probability
+        super().__setstate__(state)
+        if p is not None:
+            self.dropout = Dropout(p)
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        p = self.dropout_p if self.training else 0.0
+        p = self.dropout.p if self.training else 0.0
         return standard_attention(x, self.query, self.key, self.value, self.num_heads, key_mask, p)
 
 
