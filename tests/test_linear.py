@@ -67,6 +67,17 @@ def test_matches_autocast_linear(shape, bias, backend):
             torch.testing.assert_close(g, g_ref, rtol=2 * BF16_ULP, atol=1e-2)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_empty_in_features_under_autocast(backend):
+    """in_features 0: F.linear's bias-only answer; the ops crashed in a reshape (-1 over 0 elements) and oneDNN."""
+    x, w1, b1, w2 = torch.randn(3, 0), torch.randn(16, 0), torch.randn(16), torch.randn(16, 16)
+    with electra_fast.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(electra_fast.linear(x, w1, b1), F.linear(x, w1, b1), rtol=0, atol=0)
+        got = electra_fast.gelu_mlp(x.requires_grad_(), w1, b1, w2, None)
+        want = F.linear(F.gelu(F.linear(x, w1, b1)), w2)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_fp32_and_eager_twin_are_plain_linear():
     x, w, b = _case()
     y = lin.linear(x, w, b)

@@ -353,6 +353,101 @@ def test_float_masks_are_refused_not_read_inverted(attention):
         torch.testing.assert_close(tuned(ids, mask.to(torch.uint8)), tuned(ids, mask.bool()), rtol=0, atol=0)
 
 
+class _LoRA(torch.nn.Module):
+    """PEFT's LoRA layer in miniature: the base layer's weight and bias exposed, a low-rank update added."""
+
+    def __init__(self, base, r=2):
+        super().__init__()
+        self.base_layer = base
+        self.A = torch.nn.Parameter(torch.randn(r, base.in_features) / 4)
+        self.B = torch.nn.Parameter(torch.randn(base.out_features, r) / 4)
+
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    def forward(self, x):
+        return self.base_layer(x) + x @ self.A.t() @ self.B.t()
+
+
+@pytest.mark.parametrize("attention", ATTN)
+def test_wrapped_pruned_and_hooked_layers_are_called(attention):
+    """The fused encoder read query / key / value, the MLP's dense layers and the LayerNorms' Parameters instead of
+    calling the modules: a LoRA wrapper changed nothing and its parameters got no gradient, a hook on intermediate
+    never fired, a pruned layer's second step failed. Such layers are called now; plain ones stay fused."""
+    import copy
+
+    import torch.nn.utils.prune as prune
+    from electra_fast.finetune.model import FinetuneModel
+
+    torch.manual_seed(0)
+    base = FinetuneModel(tiny(attention), "classification", 3).eval()
+    ids, mask = batch()
+    layer = base.backbone.encoder.layer[0]
+    names = ["attention", "intermediate", "intermediate.dense", "output.dense", "attention.output.LayerNorm",
+             "output.LayerNorm"] + (["attention.self.query"] if attention == "standard" else [])
+    fired = set()
+    handles = [layer.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: fired.add(n)) for n in names]
+    with torch.no_grad():
+        plain = base.backbone(ids, mask)  # hidden states: LayerNorm scale, not the head's ~1e-2
+    for h in handles:
+        h.remove()
+    assert fired == set(names)
+
+    lora = copy.deepcopy(base)
+    merged = copy.deepcopy(base)  # the same model with each update folded into its weight
+    targets = ["intermediate.dense"] + (["attention.self.query"] if attention == "standard" else [])
+    for name in targets:
+        parent, child = name.rsplit(".", 1)
+        wrapper = _LoRA(lora.backbone.encoder.layer[0].get_submodule(name))
+        setattr(lora.backbone.encoder.layer[0].get_submodule(parent), child, wrapper)
+        with torch.no_grad():
+            merged.backbone.encoder.layer[0].get_submodule(name).weight += wrapper.B @ wrapper.A
+    out = lora.backbone(ids, mask)
+    torch.testing.assert_close(out, merged.backbone(ids, mask), rtol=1e-5, atol=1e-5)
+    assert (out - plain).abs().max() > 0.1
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.named_parameters() if n[-2:] in (".A", ".B"))
+
+    hooked = copy.deepcopy(base)
+    hooked.backbone.encoder.layer[0].intermediate.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    zeroed = copy.deepcopy(base)
+    with torch.no_grad():
+        for d in (zeroed.backbone.encoder.layer[0].intermediate.dense,):
+            d.weight.zero_(), d.bias.fill_(-1e4)  # GELU(-1e4) = 0: the hook's zeros
+        got = hooked.backbone(ids, mask)
+        torch.testing.assert_close(got, zeroed.backbone(ids, mask), rtol=1e-5, atol=1e-5)
+        assert (got - plain).abs().max() > 0.01
+
+    pruned = copy.deepcopy(base).train()
+    prune.l1_unstructured(pruned.backbone.encoder.layer[0].intermediate.dense, "weight", amount=0.5)
+    opt = torch.optim.SGD(pruned.parameters(), lr=0.1)
+    for _ in range(2):
+        pruned(ids, mask).logsumexp(-1).sum().backward()
+        opt.step(), opt.zero_grad()
+    dense = pruned.backbone.encoder.layer[0].intermediate.dense
+    assert (dense.weight == 0).float().mean() >= 0.5  # the mask still applies after the steps
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda nn: nn.Encoder(1, 16, 2, 0, "gelu", 1e-12, 0.0, 0.0), "intermediate_size: expected an int >= 1"),
+    (lambda nn: nn.Encoder(1, 16, 2, 32, "gelu", -1.0, 0.0, 0.0), "layer_norm_eps"),
+    (lambda nn: nn.DisentangledEncoder(1, 16, 2, 32, "gelu", 1e-7, 0.0, 0.0, ("c2p", "p2c"), True, 4, 8, 4,
+                                       "layernorm"), "norm_rel_ebd: expected 'layer_norm' or 'none'"),
+    (lambda nn: nn.DisentangledEncoder(1, 16, 2, 32, "gelu", 1e-7, 0.0, 0.0, ("c2p", "p2c"), True, 4, 8, 2,
+                                       "layer_norm"), "span: expected >= 4"),
+    (lambda nn: nn.GeneratorHead(16, 16, 0, "gelu", 1e-12), "vocab_size: expected an int >= 1"),
+    (lambda nn: nn.ElectraEmbeddings(10, 8, 16, 2, 50, 1e-12, 0.0), r"pad_token_id: expected an id in \[0, vocab"),
+    (lambda nn: nn.DebertaV2Embeddings(-1, 8, 8, 16, 0, False, 0, 1e-7, 0.0), "vocab_size: expected an int >= 1"),
+])
+def test_module_constructors_name_bad_arguments(build, match):
+    """A typo in norm_rel_ebd silently built no LayerNorm, a short span failed only at the first forward, and
+    torch's own errors (an AssertionError on the padding id, a negative dimension) named no argument."""
+    import electra_fast.nn as nn
+
+    with pytest.raises(ValueError, match=match):
+        build(nn)
+
+
 def test_embedding_modules_name_a_sequence_too_long():
     """The nn embedding modules alone (outside a model) sliced the position table short and failed to broadcast
     (a RuntimeError naming no argument)."""

@@ -20,7 +20,7 @@ from typing import Tuple
 import numpy as np
 
 from .. import _validate
-from ..nn.encoder import ACTIVATIONS
+from ..nn.encoder import ACTIVATIONS, rel_embedding_norms
 
 ATTENTIONS = ("standard", "disentangled")
 SHARINGS = ("none", "tied", "gdes")
@@ -138,10 +138,7 @@ class ElectraConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):  # 1.0 would drop everything
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ElectraConfig.{name}: expected a probability in [0, 1), got {getattr(self, name)}")
-        norms = [n.strip() for n in self.norm_rel_ebd.lower().split("|")]  # transformers' spelling: "layer_norm|..."
-        if not set(norms) <= {"layer_norm", "none"}:
-            raise ValueError("ElectraConfig.norm_rel_ebd: expected 'layer_norm' or 'none' (transformers' "
-                             f"'|'-separated list of them), got {self.norm_rel_ebd!r}")
+        rel_embedding_norms(self.norm_rel_ebd, "ElectraConfig.norm_rel_ebd")  # transformers' "layer_norm|..."
         if self.mask_token_frac + self.random_token_frac > 1.0 + 1e-9:
             raise ValueError("ElectraConfig.random_token_frac: mask_token_frac + random_token_frac must be <= 1, got "
                              f"{self.mask_token_frac} + {self.random_token_frac}")

@@ -57,13 +57,23 @@ def positions(table: nn.Module, length: int, position_ids: Optional[torch.Tensor
     return table.weight[:length]
 
 
+def word_table(vocab_size: int, embedding_size: int, pad_token_id: Optional[int]) -> nn.Embedding:
+    """The word embeddings [vocab_size, embedding_size] with sizes and the padding id checked by name (torch's
+    own errors named neither)."""
+    _validate.integer_arg("vocab_size", vocab_size, 1)
+    _validate.integer_arg("embedding_size", embedding_size, 1)
+    if pad_token_id is not None and not 0 <= _validate.integer_arg("pad_token_id", pad_token_id) < vocab_size:
+        raise ValueError(f"pad_token_id: expected an id in [0, vocab_size={vocab_size}), got {pad_token_id}")
+    return nn.Embedding(vocab_size, embedding_size, padding_idx=pad_token_id)
+
+
 class ElectraEmbeddings(nn.Module):
     """ids int [B, T] -> float [B, T, E] (transformers ElectraEmbeddings)."""
 
     def __init__(self, vocab_size: int, embedding_size: int, max_position_embeddings: int, type_vocab_size: int,
                  pad_token_id: int, layer_norm_eps: float, dropout: float):
         super().__init__()
-        self.word_embeddings = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_token_id)
+        self.word_embeddings = word_table(vocab_size, embedding_size, pad_token_id)
         self.position_embeddings = nn.Embedding(max_position_embeddings, embedding_size)
         self.token_type_embeddings = nn.Embedding(max(type_vocab_size, 1), embedding_size)
         self.LayerNorm = nn.LayerNorm(embedding_size, eps=layer_norm_eps)
@@ -92,7 +102,7 @@ class DebertaV2Embeddings(nn.Module):
         (``position_biased_input=False``), for DeBERTa's Enhanced Mask Decoder (Microsoft's embeddings always
         hold them)."""
         super().__init__()
-        self.word_embeddings = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_token_id)
+        self.word_embeddings = word_table(vocab_size, embedding_size, pad_token_id)
         self.position_biased_input = position_biased_input
         self.position_embeddings = nn.Embedding(max_position_embeddings, embedding_size) \
             if position_biased_input or position_table else None

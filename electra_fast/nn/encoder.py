@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from .. import _seed, _validate
 from ..ops.disentangled_attention import disentangled_attention
 from ..ops.dropout_add_layer_norm import dropout_add_layer_norm
+from ..reference.disentangled_attention import attention_span
 from .disentangled_attention import DisentangledSelfAttention
 from .dropout import Dropout, eager_twin
+from ._plain import hooked, not_plain
 from .linear import Linear, gelu_mlp, linear
 from .packing import Documents, Packed, packing
 
@@ -29,6 +31,15 @@ _ACTS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approxi
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "swish": F.silu,
          "tanh": torch.tanh}
 ACTIVATIONS = tuple(_ACTS)
+
+
+def rel_embedding_norms(norm_rel_ebd: str, name: str = "norm_rel_ebd") -> set:
+    """transformers' ``norm_rel_ebd`` ('|'-separated 'layer_norm' / 'none') as a set; a typo was a silent no-norm."""
+    norms = {n.strip() for n in str(norm_rel_ebd).lower().split("|")}
+    if not isinstance(norm_rel_ebd, str) or not norms <= {"layer_norm", "none"}:
+        raise ValueError(f"{name}: expected 'layer_norm' or 'none' (transformers' '|'-separated list of them), got "
+                         f"{norm_rel_ebd!r}")
+    return norms
 
 
 def activation(name: str):
@@ -82,17 +93,20 @@ def standard_attention(x: torch.Tensor, query: nn.Linear, key: nn.Linear, value:
     # one [H, 3H] projection instead of three: a single larger GEMM is faster on CPU. q / k / v stay views
     # of it (unbind, then transpose): the fused op returns token-major outputs and gradients for such views,
     # so the output's transpose back is free and the gradients stack into the projection's layout in one copy.
-    w = torch.cat([query.weight, key.weight, value.weight])
-    b = torch.cat([query.bias, key.bias, value.bias])
+    if not_plain(query=query, key=key, value=value) is None:
+        qkv = linear(x, torch.cat([query.weight, key.weight, value.weight]),
+                     torch.cat([query.bias, key.bias, value.bias]))
+    else:  # a wrapped (LoRA), pruned or hooked projection: called, so its own computation counts
+        qkv = torch.cat([query(x), key(x), value(x)], -1)
     if isinstance(key_mask, Packed):  # x [N, H]: the real tokens of an unpadded batch (electra_fast.nn.packing)
         N, H = x.shape
-        q, k, v = linear(x, w, b).view(N, 3, num_heads, H // num_heads).unbind(1)
+        q, k, v = qkv.view(N, 3, num_heads, H // num_heads).unbind(1)
         out = disentangled_attention(q, k, v, cu_seqlens=key_mask.cu_seqlens, max_seqlen=key_mask.max_seqlen,
                                      dropout_p=dropout_p, seed=_seed.draw() if dropout_p > 0 else None,
                                      scale=q.shape[-1] ** -0.5)
         return out.reshape(N, H)
     B, T, H = x.shape
-    qkv = linear(x, w, b).view(B, T, 3, num_heads, H // num_heads)
+    qkv = qkv.view(B, T, 3, num_heads, H // num_heads)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
     if fused_dropout and dropout_p > 0 and x.device.type == "cpu" and not eager_twin():
         out = disentangled_attention(q, k, v, attention_mask=key_mask, dropout_p=dropout_p, seed=_seed.draw(),
@@ -127,9 +141,11 @@ class _AddNorm(nn.Module):
 def add_norm(y: torch.Tensor, residual: torch.Tensor, ln: nn.LayerNorm, dropout: nn.Module,
              training: bool) -> torch.Tensor:
     """LayerNorm(dropout(y) + residual): one fused op (``dropout.p``, Philox) when y and the residual share a dtype
-    and shape, else torch's three ops with the ``dropout`` module; used by :class:`_AddNorm` and the transformers
-    adapters (``electra_fast.integrations``)."""
+    and shape, else torch's three ops with the ``dropout`` module (also when the LayerNorm or the dropout is wrapped
+    or hooked: the fused op would skip them); used by :class:`_AddNorm` and the transformers adapters
+    (``electra_fast.integrations``)."""
     if (y.dtype == residual.dtype and y.shape == residual.shape and ln.weight is not None
+            and not_plain(LayerNorm=ln) is None and type(dropout) in (Dropout, nn.Dropout) and not hooked(dropout)
             and ln.weight.dtype in (torch.float32, y.dtype)
             and (torch.compiler.is_compiling() or not eager_twin())):  # dynamo cannot read the ContextVar
         p = dropout.p if training else 0.0
@@ -143,6 +159,17 @@ class _Attention(nn.Module):
         super().__init__()
         self.self = self_attention
         self.output = _AddNorm(hidden_size, hidden_size, eps, dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], rel_embeddings: Optional[torch.Tensor] = None,
+                query_states: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, T, H] -> attention output after its add-norm [B, T, H] (``query_states``: see EncoderLayer)."""
+        if query_states is not None:
+            a = self.self(x, key_mask, rel_embeddings=rel_embeddings, query_states=query_states)
+        elif rel_embeddings is None:
+            a = self.self(x, key_mask)
+        else:
+            a = self.self(x, key_mask, rel_embeddings=rel_embeddings)
+        return self.output(a, x if query_states is None else query_states)
 
 
 class _Intermediate(nn.Module):
@@ -162,6 +189,8 @@ class EncoderLayer(nn.Module):
     def __init__(self, self_attention: nn.Module, hidden_size: int, intermediate_size: int, act: str,
                  eps: float, dropout: float):
         super().__init__()
+        _validate.integer_arg("intermediate_size", intermediate_size, 1)
+        _validate.real("layer_norm_eps", eps, 0.0, lo_open=True)
         self.attention = _Attention(self_attention, hidden_size, eps, dropout)
         self.intermediate = _Intermediate(hidden_size, intermediate_size, act)
         self.output = _AddNorm(intermediate_size, hidden_size, eps, dropout)
@@ -171,17 +200,19 @@ class EncoderLayer(nn.Module):
                 query_states: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, T, H] (keys and values; also the queries unless ``query_states`` [B, T, H] is given, which is then
         the attention's residual too, as in DeBERTa's layer) -> [B, T, H]."""
-        if query_states is not None:
-            a = self.attention.self(x, key_mask, rel_embeddings=rel_embeddings, query_states=query_states)
-        elif rel_embeddings is None:
-            a = self.attention.self(x, key_mask)
-        else:
-            a = self.attention.self(x, key_mask, rel_embeddings=rel_embeddings)
-        a = self.attention.output(a, x if query_states is None else query_states)
-        if self.intermediate.act_name == "gelu":  # the GELU's backward fused into the second product's
+        a = self.attention(x, key_mask, rel_embeddings, query_states)
+        if self._fused_mlp():  # the GELU's backward fused into the second product's
             d1, d2 = self.intermediate.dense, self.output.dense
             return self.output.norm(gelu_mlp(a, d1.weight, d1.bias, d2.weight, d2.bias), a)
         return self.output(self.intermediate(a), a)
+
+    def _fused_mlp(self) -> bool:
+        """Whether the fused GELU MLP computes what calling ``intermediate`` and ``output`` would: erf GELU, the
+        layer's own containers unhooked, their dense layers plain (not wrapped, pruned or hooked)."""
+        inter, out = self.intermediate, self.output
+        return (type(inter) is _Intermediate and inter.act_name == "gelu" and type(out) is _AddNorm
+                and not hooked(inter) and not hooked(out)
+                and not_plain(**{"intermediate.dense": inter.dense, "output.dense": out.dense}) is None)
 
 
 def encoder_inputs(x: torch.Tensor, key_mask: Optional[torch.Tensor], document_ids) -> Optional[torch.Tensor]:
@@ -244,8 +275,12 @@ class DisentangledEncoder(nn.Module):
                                                    pos_att_type=pos_att_type, share_att_key=share_att_key,
                                                    attention_dropout=attention_dropout, pos_dropout=dropout),
                          hidden_size, intermediate_size, act, eps, dropout) for _ in range(num_layers))
+        need = attention_span(position_buckets, max_relative_positions)
+        if _validate.integer_arg("span", span, 1) < need:  # the attention reads 2 * need rows
+            raise ValueError(f"span: expected >= {need} (position_buckets if > 0 else max_relative_positions), "
+                             f"got {span}")
         self.rel_embeddings = nn.Embedding(2 * span, hidden_size)
-        norms = [s.strip() for s in norm_rel_ebd.lower().split("|")]
+        norms = rel_embedding_norms(norm_rel_ebd)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps) if "layer_norm" in norms else None
 
     def rel_embedding(self) -> torch.Tensor:

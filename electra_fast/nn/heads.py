@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _validate
 from .encoder import activation
 from .linear import Linear
 
@@ -22,7 +23,7 @@ class GeneratorHead(nn.Module):
         self.dense = Linear(hidden_size, embedding_size)
         self.act = activation(act)
         self.LayerNorm = nn.LayerNorm(embedding_size, eps=eps)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.bias = nn.Parameter(torch.zeros(_validate.integer_arg("vocab_size", vocab_size, 1)))
 
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., E]: the input of the vocabulary projection."""

@@ -65,6 +65,8 @@ class AutogradOp:
                 grad_outputs = tuple(grad_outputs[0])
             return grads(ctx, grad_outputs, op_backward)
 
+        if backward is not None and not twice:  # a backward op has no autograd of its own: refuse at the first pass
+            custom_op_backward = _first_order_only(name, custom_op_backward)
         torch.library.register_autograd(f"electra_fast::{name}", custom_op_backward, setup_context=setup)
         if eager:
             self.eager = _eager_function(name, forward, setup, grads, body_backward, tuple(non_differentiable),
@@ -99,6 +101,12 @@ def _eager_function(name: str, forward: Callable, setup: Callable, grads: Callab
         bwd = _first_order_only(name, bwd)
     return type(f"Eager_{name}", (torch.autograd.Function,), {"forward": staticmethod(fwd),
                                                               "backward": staticmethod(bwd)})
+
+
+def no_autocast(t: torch.Tensor):
+    """A region where an enclosing autocast does not recast the matmuls of an op's body: every backend has its own
+    precision policy (fp32 accumulation; the C++ kernels exclude autocast themselves)."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def _first_order_only(name: str, bwd: Callable) -> Callable:

@@ -20,7 +20,7 @@ import torch
 
 from .. import _backend, _seed, _validate
 from ..reference import disentangled_attention as ref
-from ._autograd import AutogradOp
+from ._autograd import AutogradOp, no_autocast
 from ._cached import constant_tensors
 
 SPEC = _backend.register(_backend.OpSpec(
@@ -47,12 +47,6 @@ def _packed(cu_seqlens: Optional[torch.Tensor]) -> tuple:
     # the backends' trailing cu_seqlens argument, passed only to packed calls: padded calls keep the contract's
     # original signature
     return () if cu_seqlens is None else (cu_seqlens,)
-
-
-def _no_autocast(q: torch.Tensor):
-    # Every backend has its own precision policy (fp32 accumulation, outputs in q's dtype); an enclosing
-    # autocast region must not recast the matmuls inside the op body (the C++ kernels also exclude it).
-    return torch.autocast(q.device.type, enabled=False)
 
 
 def _takes_strided(fn) -> bool:
@@ -105,7 +99,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optiona
     rel_slots (for backend routing only). Packed (cu_seqlens): q / k / v / out [N, H, D], lse [H, N]."""
     q, k, v, pos_key, pos_query = _detached(q, k, v, pos_key, pos_query)
     fn = _impl("forward", q, rel_slots, position_buckets, max_relative_positions, cu_seqlens)
-    with _no_autocast(q):
+    with no_autocast(q):
         if _takes_strided(fn):
             return list(fn(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed,
                            *_packed(cu_seqlens)))
@@ -132,7 +126,7 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     return None)."""
     grad_out, q, k, v, pos_key, pos_query = _detached(grad_out, q, k, v, pos_key, pos_query)
     fn = _impl("backward", q, rel_slots, position_buckets, max_relative_positions, cu_seqlens)
-    with _no_autocast(q):
+    with no_autocast(q):
         if _takes_strided(fn):
             grads = fn(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed,
                        *_packed(cu_seqlens))

@@ -137,7 +137,9 @@ def _check_x(x) -> torch.Tensor:
 def _epilogue_path(x: torch.Tensor, out_features: int) -> bool:
     """Whether a call takes the ops (CPU bf16 autocast, eager, an output worth an epilogue)."""
     # autocast casts fp32 / fp16 / bf16 operands to bf16 and leaves fp64 alone: fp64 calls stay F.linear's
+    # in_features 0: F.linear's zeros (oneDNN has no inner product over an empty dimension)
     return (x.device.type == "cpu" and x.dim() >= 2 and out_features >= MIN_OUT and x.dtype != torch.float64
+            and x.shape[-1] > 0
             and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
             and not torch.compiler.is_compiling() and not _backend.eager_twin())
 

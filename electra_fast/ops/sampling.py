@@ -16,7 +16,7 @@ import torch
 
 from .. import _backend, _seed, _validate
 from ..reference import sampling as ref
-from ._autograd import AutogradOp
+from ._autograd import AutogradOp, no_autocast
 
 GUMBEL_SPEC = _backend.register(_backend.OpSpec("gumbel_sample", reference=ref, cpp={"sample": "gumbel_sample"},
                                                 triton="sampling"))
@@ -55,7 +55,8 @@ def _mlm_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                  disallowed: Optional[torch.Tensor], seed: int, inv_temperature: float, ignore_index: int,
                  chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = MLM_SPEC.implementation("forward", hidden.device)
-    return impl(hidden, weight, bias, targets, disallowed, seed, inv_temperature, ignore_index, chunk)
+    with no_autocast(hidden):  # fp32 accumulation on every backend (autocast made the reference's logits bf16)
+        return impl(hidden, weight, bias, targets, disallowed, seed, inv_temperature, ignore_index, chunk)
 
 
 def _mlm_forward_fake(hidden, weight, bias, targets, disallowed, seed, inv_temperature, ignore_index, chunk):
@@ -68,7 +69,8 @@ def _mlm_backward(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.T
                   targets: torch.Tensor, lse: torch.Tensor, ignore_index: int,
                   chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = MLM_SPEC.implementation("backward", hidden.device)
-    return impl(grad_rows, hidden, weight, bias, targets, lse, ignore_index, chunk)
+    with no_autocast(hidden):
+        return impl(grad_rows, hidden, weight, bias, targets, lse, ignore_index, chunk)
 
 
 def _mlm_backward_fake(grad_rows, hidden, weight, bias, targets, lse, ignore_index, chunk):
@@ -214,6 +216,9 @@ def mlm_loss_and_sample(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         raise ValueError(f"targets: expected shape ({n},) (N from hidden), got {tuple(targets.shape)}")
     _validate.same_device("targets", targets, "hidden", hidden)
     _validate.integer_arg("ignore_index", ignore_index)
+    if targets.dtype == torch.int32 and not -2 ** 31 <= ignore_index < 2 ** 31:
+        # torch compares an int32 tensor with a wrapped scalar (2**32 + 3 would ignore target 3), the kernels don't
+        raise ValueError(f"ignore_index: {ignore_index} is outside int32 targets' range [-2**31, 2**31)")
     _validate.choice("reduction", reduction, REDUCTIONS)
     if n > 0 and _validate.inspectable(targets):
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))

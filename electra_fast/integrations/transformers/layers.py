@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...nn._plain import global_hooks, hooked, not_plain
 from ...nn.encoder import add_norm
 from ...ops.linear import gelu_mlp
 from ...ops.sampling import mlm_loss_and_sample
@@ -40,50 +41,17 @@ def is_layer_norm(module) -> bool:
     return type(module) is nn.LayerNorm and module.elementwise_affine
 
 
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
-def _global_hooks() -> Optional[str]:
-    m = nn.modules.module
-    if (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
-            or m._global_backward_pre_hooks):
-        return "hooks registered for every module (the fused code does not call the layers it reads)"
-    return None
-
-
-def not_plain(**modules: Optional[nn.Module]) -> Optional[str]:
-    """Why the fused code, which reads these modules' Parameters instead of calling them, would skip part of their
-    computation (None: it would not): a module that is not exactly torch's Linear / LayerNorm (a PEFT LoRA wrapper,
-    a quantised or parametrized layer, a subclass) or one with forward or backward hooks (pruning, weight norm, a
-    user's hook), or hooks on every module. None entries are skipped. Checked when patching and again at each call
-    (a wrapper installed after ``patch`` is seen)."""
-    why = _global_hooks()
-    if why is not None:
-        return why
-    for name, module in modules.items():
-        if module is None:
-            continue
-        if type(module) not in (nn.Linear, nn.LayerNorm):
-            return (f"{name} is a {type(module).__name__}, not torch's Linear / LayerNorm (its own forward would be "
-                    "skipped)")
-        if _hooked(module):
-            return f"{name} has hooks (the fused code does not call it)"
-    return None
-
-
 def not_called(**modules: Optional[nn.Module]) -> Optional[str]:
     """Why the fused code may not skip calling these modules (None: it may): a container of transformers' (an
     ``*Intermediate`` / ``*Output``, its activation) or torch's dropout, which the fused code computes itself, with
     hooks, or whose forward is not transformers' / torch's own (a subclass overriding it: an adapter)."""
-    why = _global_hooks()
+    why = global_hooks()
     if why is not None:
         return why
     for name, module in modules.items():
         if not isinstance(module, nn.Module):  # an activation function, not a module: nothing to skip
             continue
-        if _hooked(module):
+        if hooked(module):
             return f"{name} has hooks (the fused code does not call it)"
         own = vars(module).get("forward")  # a forward set on the instance (not patch's own override)
         if (not getattr(type(module).forward, "__module__", "").startswith(("transformers.", "torch."))

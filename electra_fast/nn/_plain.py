@@ -1,0 +1,52 @@
+"""Whether fused code may read a module's Parameters instead of calling it.
+
+The fused layers (the encoder's one-GEMM q / k / v projection, its GELU MLP, its dropout + add + LayerNorm, and the
+transformers adapters built on them) read ``weight`` / ``bias`` directly. That is only the module's computation when
+the module is exactly torch's ``Linear`` / ``LayerNorm`` (or electra_fast's ``Linear``) and nothing is hooked on
+it: a PEFT LoRA wrapper exposing its base layer's ``weight``, a parametrized or pruned layer, a subclass or a user's
+hook would be skipped silently. Callers fall back to calling the modules when :func:`not_plain` names a reason.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from .linear import Linear
+
+_PLAIN = (nn.Linear, Linear, nn.LayerNorm)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks of its own (pruning and weight norm are forward pre-hooks)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def global_hooks() -> Optional[str]:
+    """A reason when hooks are registered for every module (``nn.modules.module.register_module_forward_hook``)."""
+    m = nn.modules.module
+    if (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+            or m._global_backward_pre_hooks):
+        return "hooks registered for every module (the fused code does not call the layers it reads)"
+    return None
+
+
+def not_plain(**modules: Optional[nn.Module]) -> Optional[str]:
+    """Why the fused code, which reads these modules' Parameters instead of calling them, would skip part of their
+    computation (None: it would not): a module that is not exactly torch's Linear / LayerNorm (a PEFT LoRA wrapper,
+    a quantised or parametrized layer, a subclass) or one with forward or backward hooks (pruning, weight norm, a
+    user's hook), or hooks on every module. None entries are skipped. Checked at each call, so a wrapper installed
+    after the model was built (or patched) is seen."""
+    why = global_hooks()
+    if why is not None:
+        return why
+    for name, module in modules.items():
+        if module is None:
+            continue
+        if type(module) not in _PLAIN:
+            return (f"{name} is a {type(module).__name__}, not torch's Linear / LayerNorm (its own forward would be "
+                    "skipped)")
+        if hooked(module):
+            return f"{name} has hooks (the fused code does not call it)"
+    return None
