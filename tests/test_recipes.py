@@ -345,6 +345,34 @@ def test_a_bpe_run_tokenised_with_the_pre_token_rule_resumes_with_it(env, tmp_pa
     assert ckpt.load_training_state(str(state))["bpe_words"] == "whitespace"
 
 
+def test_a_unigram_run_tokenised_with_special_pieces_resumes_with_them(env, tmp_path, monkeypatch):
+    """A Unigram model's special pieces now never come from text; the resume check's digest covers the ids, so a run
+    checkpointed before (its corpus spelling [SEP] in the text) whose cache was tokenised again was refused as "the
+    data tokens differ". Such a run (no rule recorded) resumes reading them as pieces; a new run records its rule."""
+    from electra_fast.train import checkpoint as ckpt
+    from electra_fast.train import tokenizer as tok_mod
+    from electra_fast.train import trainer as trainer_mod
+    data = tmp_path / "corpus.txt"
+    text = open(env["data"], encoding="utf-8").read()
+    data.write_text(text.replace(". ", ". [SEP] [CLS] ", 40), encoding="utf-8")
+    kw = dict(tokenizer=None, save_every=2, recipe=dict(tokenizer_type="unigram"))
+    with monkeypatch.context() as m:  # the code before the change: pieces matched, no rule recorded
+        for module in (tok_mod, data_mod, trainer_mod):
+            m.setattr(module, "special_pieces", lambda tok: set())
+        pretrain(str(data), **_kw(env, tmp_path / "old", steps=2, **kw))
+    state = tmp_path / "old" / "checkpoints" / "step-00000002" / "training_state.pt"
+    assert "unigram_specials" not in ckpt.load_training_state(str(state))
+    os.utime(data, ns=(1, 1))
+    s = pretrain(str(data), **_kw(env, tmp_path / "old", steps=4, resume=True, **kw))
+    assert s["steps"] == 4
+    pretrain(str(data), **_kw(env, tmp_path / "new", steps=2, **kw))
+    state = tmp_path / "new" / "checkpoints" / "step-00000002" / "training_state.pt"
+    assert ckpt.load_training_state(str(state))["unigram_specials"] == "text"
+    old, new = (np.fromfile(p, dtype="<u4") & 0x7FFFFFFF for p in
+                (sorted((tmp_path / run / "cache").glob("tokens-*.bin"))[0] for run in ("old", "new")))
+    assert (old == 2).sum() > (new == 2).sum() and (new == 1).sum() == 0  # [SEP] = 2, [CLS] = 1 in the text
+
+
 def _units(starts_row):
     """Word id per position (a word = a start plus the following non-starts)."""
     return np.cumsum(starts_row.astype(np.int64)) - 1

@@ -425,8 +425,9 @@ def _load_both(model, gen_state, disc_state, gen_dir, disc_dir) -> None:
         after = model.generator.backbone.embeddings.state_dict()
         if any(not torch.equal(before[k], after[k]) for k in before):
             warnings.warn("embedding_sharing='tied': the generator and discriminator checkpoints hold different "
-                          "embeddings; the shared embeddings take the discriminator's (pass "
-                          "embedding_sharing='none' to keep both)", stacklevel=3)
+                          "embeddings; the shared embeddings take the discriminator's (the Python API's "
+                          "ElectraPretrainingModel.from_transformers(..., embedding_sharing='none') keeps both)",
+                          stacklevel=3)
 
 
 def from_pretrained(cls, path, fused: bool = True):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import PretrainError
-from .tokenizer import byte_level, encode_documents, fingerprint, special_ids
+from .tokenizer import byte_level, encode_documents, fingerprint, special_ids, special_pieces
 
 TEXT_SUFFIXES = (".txt", ".jsonl")  # what a --data folder contributes (any case: .TXT too)
 JSONL_SUFFIXES = (".jsonl", ".json")  # a file named so is JSON Lines (datasets' to_json writes .json)
@@ -162,7 +162,8 @@ def read_documents(path: str, skip_bad_lines: bool = False, stats: Optional[dict
 
 
 # ---------------------------------------------------------------------------------------- cache
-def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool, bpe_words: str = "whitespace") -> str:
+def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool, bpe_words: str = "whitespace",
+              unigram_specials: str = "text") -> str:
     h = hashlib.sha256()
     for p in inputs:
         # a datasets save_to_disk folder: its files (a shard rewritten in place leaves the folder's own stat as is)
@@ -175,15 +176,19 @@ def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool, bpe_words: str =
     h.update(f"skip={skip_bad_lines};format={CACHE_FORMAT};special-spellings=text".encode())
     if bpe_words != "pre-tokens" and byte_level(tok):  # a pre-tokens cache keeps the key it was written under
         h.update(f";bpe-words={bpe_words}".encode())
+    if unigram_specials != "pieces" and special_pieces(tok):  # as above, for a Unigram with special pieces
+        h.update(f";unigram-specials={unigram_specials}".encode())
     return h.hexdigest()[:24]
 
 
 def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines: bool = False,
-                      log=print, bpe_words: str = "whitespace") -> str:
-    """Tokenise ``inputs`` into the cache unless already there; returns the ``.bin`` path. ``bpe_words``: see
-    :func:`.tokenizer.encode_documents` (a resumed run keeps its checkpoint's rule: the digest covers the bits)."""
+                      log=print, bpe_words: str = "whitespace", unigram_specials: str = "text") -> str:
+    """Tokenise ``inputs`` into the cache unless already there; returns the ``.bin`` path. ``bpe_words``,
+    ``unigram_specials``: see :func:`.tokenizer.encode_documents` (a resumed run keeps its checkpoint's rules: the
+    digest covers the ids and bits they give)."""
     os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, f"tokens-{cache_key(inputs, tok, skip_bad_lines, bpe_words)}.bin")
+    key = cache_key(inputs, tok, skip_bad_lines, bpe_words, unigram_specials)
+    path = os.path.join(cache_dir, f"tokens-{key}.bin")
     if os.path.isfile(path) and os.path.isfile(path + ".json") and _cache_format(path) == CACHE_FORMAT:
         return path
     sep = special_ids(tok)["sep"]
@@ -192,7 +197,8 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
     try:
         with open(tmp, "wb") as f:
             for p in inputs:
-                for ids, starts in encode_documents(tok, read_documents(p, skip_bad_lines, stats), bpe_words=bpe_words):
+                for ids, starts in encode_documents(tok, read_documents(p, skip_bad_lines, stats), bpe_words=bpe_words,
+                                                    unigram_specials=unigram_specials):
                     if not ids:
                         continue
                     arr = np.asarray(ids + [sep], dtype="<u4") | (np.asarray(starts + [1], dtype="<u4") << 31)

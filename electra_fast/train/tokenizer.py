@@ -349,15 +349,49 @@ def space_word_starts(tokens) -> List[int]:
 BPE_WORD_RULES = ("whitespace", "pre-tokens")
 
 
-def encode_documents(tok, docs: Iterable[str], batch: int = 1024, bpe_words: str = "whitespace"):
-    """Yield ``(ids, word_starts)`` per document (no special tokens), through the multi-threaded batch API;
-    ``bpe_words``: the word-start rule of a byte-level BPE tokenizer (BPE_WORD_RULES; other kinds have one).
+# A Unigram model that holds special tokens as pieces ([PAD] [CLS] [SEP] [UNK], as DeBERTa-v3's and the run's own
+# Unigram do) segmented their spellings in the text into the special ids: "text" reads them as text, "pieces" is what
+# runs tokenised before 2026-12-06 recorded in their caches' digests and resume with
+UNIGRAM_SPECIAL_RULES = ("text", "pieces")
 
-    A special token's spelling in the text ("<s>struck</s>" in HTML, a literal "[MASK]") is text: tokenizers would
-    otherwise give it the special id (a [SEP] that splits the document, a [PAD] attended mid-row, an unlabelled
-    [MASK])."""
+
+def special_pieces(tok) -> set:
+    """The special tokens' spellings that ``tok``'s Unigram model also holds as pieces (empty for other models)."""
+    if type(tok.model).__name__ != "Unigram":
+        return set()
+    specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    return {s for s in specials if tok.model.token_to_id(s) is not None}
+
+
+def _text_only(tok):
+    """``tok``, or a copy whose Unigram model cannot segment text into its special pieces: they are renamed to
+    spellings no text holds (U+FFFF around them); ids, scores and every other piece are unchanged."""
+    pieces = special_pieces(tok)
+    if not pieces:
+        return tok
+    from tokenizers import Tokenizer
+    data = json.loads(tok.to_str())
+    for entry in data["model"]["vocab"]:
+        if entry[0] in pieces:
+            entry[0] = f"\uffff{entry[0]}\uffff"
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def encode_documents(tok, docs: Iterable[str], batch: int = 1024, bpe_words: str = "whitespace",
+                     unigram_specials: str = "text"):
+    """Yield ``(ids, word_starts)`` per document (no special tokens), through the multi-threaded batch API;
+    ``bpe_words``: the word-start rule of a byte-level BPE tokenizer (BPE_WORD_RULES; other kinds have one);
+    ``unigram_specials``: UNIGRAM_SPECIAL_RULES.
+
+    A special token's spelling in the text ("<s>struck</s>" in HTML, a literal "[MASK]" or "[SEP]") is text:
+    tokenizers would otherwise give it the special id (a [SEP] that splits the document, a [PAD] attended mid-row,
+    an unlabelled [MASK])."""
     if bpe_words not in BPE_WORD_RULES:
         raise ValueError(f"bpe_words: expected one of {BPE_WORD_RULES}, got {bpe_words!r}")
+    if unigram_specials not in UNIGRAM_SPECIAL_RULES:
+        raise ValueError(f"unigram_specials: expected one of {UNIGRAM_SPECIAL_RULES}, got {unigram_specials!r}")
+    if unigram_specials == "text":
+        tok = _text_only(tok)
     by_space = bpe_words == "whitespace" and byte_level(tok)
     starts = (lambda e: space_word_starts(e.tokens)) if by_space else (lambda e: word_starts(e.word_ids))
     was = tok.encode_special_tokens
