@@ -319,57 +319,54 @@ def test_byte_level_bpe_words_are_the_text_between_whitespace(toks):
     assert [w for w in (tok.decode(w).strip() for w in words) if w] == text.split()
 
 
+def _resumes_under_its_old_rule(env, tmp_path, monkeypatch, data, kind, switch, old_code, field, value):
+    """A run of tokenizer ``kind`` started by the code before a tokenisation rule changed (``switch`` in the
+    tokenizer, data and trainer modules patched to ``old_code``: no rule recorded), its corpus then touched (the
+    cache key holds its mtime: tokenised again), resumes; a new run records ``field`` = ``value``. Returns the
+    (old, new) runs' token streams."""
+    from electra_fast.train import checkpoint as ckpt
+    from electra_fast.train import tokenizer as tok_mod
+    from electra_fast.train import trainer as trainer_mod
+    kw = dict(tokenizer=None, save_every=2, recipe=dict(tokenizer_type=kind))
+    with monkeypatch.context() as m:
+        for module in (tok_mod, data_mod, trainer_mod):
+            m.setattr(module, switch, old_code)
+        pretrain(str(data), **_kw(env, tmp_path / "old", steps=2, **kw))
+    state = tmp_path / "old" / "checkpoints" / "step-00000002" / "training_state.pt"
+    assert field not in ckpt.load_training_state(str(state))
+    os.utime(data, ns=(1, 1))
+    s = pretrain(str(data), **_kw(env, tmp_path / "old", steps=4, resume=True, **kw))
+    assert s["steps"] == 4
+    pretrain(str(data), **_kw(env, tmp_path / "new", steps=2, **kw))
+    state = tmp_path / "new" / "checkpoints" / "step-00000002" / "training_state.pt"
+    assert ckpt.load_training_state(str(state))[field] == value
+    return tuple(np.fromfile(sorted((tmp_path / run / "cache").glob("tokens-*.bin"))[0], dtype="<u4")
+                 for run in ("old", "new"))
+
+
 def test_a_bpe_run_tokenised_with_the_pre_token_rule_resumes_with_it(env, tmp_path, monkeypatch):
     """The byte-level BPE word-start rule changed (GPT-2 pre-tokens -> whitespace) and the resume check's digest
     covers the start bits: a run checkpointed under the old rule whose cache was tokenised again (the corpus copied
     or touched: the key holds its mtime) was refused as "the data tokens differ", without --whole-word-masking too.
     Such a run (no rule recorded) resumes with the pre-token rule; a new run records its rule."""
     import shutil
-    from electra_fast.train import checkpoint as ckpt
-    from electra_fast.train import tokenizer as tok_mod
-    from electra_fast.train import trainer as trainer_mod
     data = tmp_path / "corpus.txt"
     shutil.copy(env["data"], data)
-    kw = dict(tokenizer=None, save_every=2, recipe=dict(tokenizer_type="bpe"))
-    with monkeypatch.context() as m:  # the code before the change: pre-token starts, no rule recorded
-        for module in (tok_mod, data_mod, trainer_mod):
-            m.setattr(module, "byte_level", lambda tok: False)
-        pretrain(str(data), **_kw(env, tmp_path / "old", steps=2, **kw))
-    state = tmp_path / "old" / "checkpoints" / "step-00000002" / "training_state.pt"
-    assert "bpe_words" not in ckpt.load_training_state(str(state))
-    os.utime(data, ns=(1, 1))
-    s = pretrain(str(data), **_kw(env, tmp_path / "old", steps=4, resume=True, **kw))
-    assert s["steps"] == 4
-    pretrain(str(data), **_kw(env, tmp_path / "new", steps=2, **kw))
-    state = tmp_path / "new" / "checkpoints" / "step-00000002" / "training_state.pt"
-    assert ckpt.load_training_state(str(state))["bpe_words"] == "whitespace"
+    old, new = _resumes_under_its_old_rule(env, tmp_path, monkeypatch, data, "bpe", "byte_level", lambda tok: False,
+                                           "bpe_words", "whitespace")
+    assert not np.array_equal(old >> 31, new >> 31)  # the rules differ on this corpus
 
 
 def test_a_unigram_run_tokenised_with_special_pieces_resumes_with_them(env, tmp_path, monkeypatch):
     """A Unigram model's special pieces now never come from text; the resume check's digest covers the ids, so a run
     checkpointed before (its corpus spelling [SEP] in the text) whose cache was tokenised again was refused as "the
     data tokens differ". Such a run (no rule recorded) resumes reading them as pieces; a new run records its rule."""
-    from electra_fast.train import checkpoint as ckpt
-    from electra_fast.train import tokenizer as tok_mod
-    from electra_fast.train import trainer as trainer_mod
     data = tmp_path / "corpus.txt"
     text = open(env["data"], encoding="utf-8").read()
     data.write_text(text.replace(". ", ". [SEP] [CLS] ", 40), encoding="utf-8")
-    kw = dict(tokenizer=None, save_every=2, recipe=dict(tokenizer_type="unigram"))
-    with monkeypatch.context() as m:  # the code before the change: pieces matched, no rule recorded
-        for module in (tok_mod, data_mod, trainer_mod):
-            m.setattr(module, "special_pieces", lambda tok: set())
-        pretrain(str(data), **_kw(env, tmp_path / "old", steps=2, **kw))
-    state = tmp_path / "old" / "checkpoints" / "step-00000002" / "training_state.pt"
-    assert "unigram_specials" not in ckpt.load_training_state(str(state))
-    os.utime(data, ns=(1, 1))
-    s = pretrain(str(data), **_kw(env, tmp_path / "old", steps=4, resume=True, **kw))
-    assert s["steps"] == 4
-    pretrain(str(data), **_kw(env, tmp_path / "new", steps=2, **kw))
-    state = tmp_path / "new" / "checkpoints" / "step-00000002" / "training_state.pt"
-    assert ckpt.load_training_state(str(state))["unigram_specials"] == "text"
-    old, new = (np.fromfile(p, dtype="<u4") & 0x7FFFFFFF for p in
-                (sorted((tmp_path / run / "cache").glob("tokens-*.bin"))[0] for run in ("old", "new")))
+    old, new = _resumes_under_its_old_rule(env, tmp_path, monkeypatch, data, "unigram", "special_pieces",
+                                           lambda tok: set(), "unigram_specials", "text")
+    old, new = old & 0x7FFFFFFF, new & 0x7FFFFFFF
     assert (old == 2).sum() > (new == 2).sum() and (new == 1).sum() == 0  # [SEP] = 2, [CLS] = 1 in the text
 
 
