@@ -291,10 +291,13 @@ def _bad_cases(d, pretrained, tmp_path):
     os.remove(tmp_path / "bert-no-tokenizer" / "tokenizer.json")
     return [
         (["--model", str(tmp_path / "bert-no-tokenizer")] + good,
-         "error: --model: " + str(tmp_path / "bert-no-tokenizer") + " holds neither tokenizer.json nor vocab.txt"),
+         "error: --model: " + str(tmp_path / "bert-no-tokenizer") + " holds neither tokenizer.json, vocab.txt nor vocab.json + merges.txt"),
         (bert["bert-small-vocab"] + good, "tokenizer has 120 tokens, more than its embeddings hold (100)"),
         (["--model", str(tmp_path / "bert-short")] + good, "lacks 'electra.encoder.layer.1."),  # --out was written
         (bert["bert-one-type"] + pairs, "has 1 token type(s), but its tokenizer gives a pair's second sentence type 1"),
+        # [CLS] a [SEP] b [SEP] needs 3: tokenizers then leaves a row uncut (a traceback past the model's positions)
+        (model + pairs + ["--max-len", "3"], "--max-len: 3 leaves no room for text: the model's tokenizer adds 3 "
+                                             "special tokens to a sentence pair; expected >= 4"),
         (model + ["--train", w("empty.tsv", ""), "--validation", str(d / "dev.tsv")], "empty.tsv is empty"),
         (model + ["--train", w("nolabel.tsv", "sentence\tscore\na b\t1\n"), "--validation", str(d / "dev.tsv")],
          "line 2: no label (column 'label')"),
@@ -765,6 +768,29 @@ def test_bert_family_directory_is_the_same_encoder(family, tmp_path):
     real = mask.bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)  # fp32: summation order only
     assert cfg.max_position_embeddings == 40  # RoBERTa's 42 rows less the pad + 1 = 2 it never uses
+
+
+def test_special_spellings_in_the_text_read_as_transformers_reads_them(tmp_path, monkeypatch):
+    """A vocab.txt folder registers no special tokens: fine-tuning split "[SEP]" in a review into "[", "sep", "]"
+    while transformers' tokenizer of the same folder, and the export's, give the [SEP] id: the exported classifier
+    met other ids than it was trained on."""
+    transformers = pytest.importorskip("transformers")
+    words = sorted({w for s in _sentences(40, 0) + _sentences(40, 1) for w in s.lower().split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[", "]", "sep", "mask", "##sep", "##mask"] + words
+    folder = tmp_path / "bert"
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64)).save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    seen = {}
+    featurize = fdata.featurize
+    monkeypatch.setattr(fdata, "featurize", lambda ds, tok, *a: seen.setdefault("tok", tok) and featurize(ds, tok, *a))
+    d = _classification_files(tmp_path / "cls", n=40)
+    finetune(str(folder), str(d / "train.tsv"), str(d / "dev.tsv"), out=str(tmp_path / "out"), epochs=1,
+             progress=False, say=lambda m: None)
+    text = "the cat [SEP] sat [MASK] on the mat"
+    want = transformers.BertTokenizerFast.from_pretrained(str(folder))(text)["input_ids"]
+    assert seen["tok"].encode(text).ids == want and want.count(3) == 2  # [SEP] = 3: the pair's end and the text's
 
 
 def test_bert_family_view_rejects_other_models():

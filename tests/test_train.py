@@ -108,6 +108,61 @@ def test_vocab_txt_folder_tokenizes_as_transformers(tmp_path, settings):
     assert load_tokenizer(str(tmp_path)).encode(text).ids == want
 
 
+@pytest.mark.parametrize("kind, settings, text", [
+    ("bert", dict(do_lower_case=True), "Café NAÏVE Şeker"), ("bert", {}, "Café NAÏVE Şeker"),
+    ("bert", dict(do_lower_case=False, strip_accents=True), "Café NAÏVE"), ("bert", dict(do_lower_case=False), "Café"),
+    ("roberta", dict(add_prefix_space=True), "hello world"), ("roberta", dict(add_prefix_space=False), "hello")])
+def test_tokenizer_json_folder_follows_its_tokenizer_config_as_transformers(tmp_path, kind, settings, text):
+    """A tokenizer.json folder whose tokenizer_config.json names a BERT / RoBERTa class: transformers builds the
+    normalizer (lower-casing, accents, Chinese characters; the class's defaults for absent keys) or the byte-level
+    prefix space from the config, whatever tokenizer.json says; we read tokenizer.json alone (other ids)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    if kind == "bert":
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "café", "cafe", "Café", "naïve", "naive", "NAÏVE",
+                 "şeker", "seker", "Şeker"]
+        tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=False)  # cased in the file
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        cls = "BertTokenizer"
+    else:
+        vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", "h", "e", "l", "o", "w", "r",
+                                              "d", "\u0120", "\u0120h", "\u0120w", "he", "hel", "hell", "hello"])}
+        merges = [("\u0120", "h"), ("\u0120", "w"), ("h", "e"), ("he", "l"), ("hel", "l"), ("hell", "o")]
+        tok = Tokenizer(models.BPE(vocab, merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+        cls = "RobertaTokenizer"
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": cls, **settings}))
+    want = transformers.AutoTokenizer.from_pretrained(str(tmp_path))(text)["input_ids"]
+    assert load_tokenizer(str(tmp_path)).encode(text).ids == want
+
+
+def test_vocab_json_and_merges_folder_reads_as_transformers(tmp_path):
+    """A RoBERTa-style folder (vocab.json + merges.txt, what a byte-level BPE's save_model writes) was refused
+    ("holds neither tokenizer.json nor vocab.txt") though the README promises transformers tokenizer folders."""
+    transformers = pytest.importorskip("transformers")
+    from electra_fast.train.tokenizer import train_tokenizer
+    trained = train_tokenizer("bpe", _corpus()[:200], 300)
+    trained.model.save(str(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "RobertaTokenizer"}))
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(str(tmp_path)), load_tokenizer(str(tmp_path))
+    for args in (("the cat sat on the mat.",), (" two  spaces", "and a pair")):
+        assert ours.encode(*args).ids == theirs(*args)["input_ids"]
+    assert special_ids(ours) == {"pad": 1, "unk": 3, "cls": 0, "sep": 2, "mask": special_ids(trained)["mask"]}
+
+
+def test_a_vocab_txt_with_a_repeated_line_is_refused(tmp_path):
+    """An id is a line number: a repeated token left the vocabulary one short of its largest id (a traceback at the
+    first step, "ids must lie in [0, vocab_size=304)", after tokenising the corpus)."""
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\ncat\nthe\n", encoding="utf-8")
+    with pytest.raises(PretrainError, match=r"vocab.txt line 8 repeats line 6 \('the'\); each token once"):
+        load_tokenizer(str(tmp_path))
+
+
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram", "unigram-brought"])
 def test_special_token_spellings_in_the_text_are_text(tmp_path, kind):
     """'<s>struck</s>' in HTML became [CLS] / [SEP] ids (splitting the document under doc-sentences packing), a

@@ -40,7 +40,7 @@ from .._files import write_atomic, write_json, write_text
 from ..train.errors import PretrainError
 from ..train.distributed import check_device
 from ..train.optim import layer_decay, linear_schedule, param_groups
-from ..train.tokenizer import load_tokenizer, special_ids
+from ..train.tokenizer import load_tokenizer, special_ids, with_special_tokens
 from ..train.options import positive, real
 from . import data as fdata
 from . import metrics as fmetrics
@@ -277,7 +277,7 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
     dev = check_device(device) if device is not None else torch.device("cpu")
     cfg, state, tok_path = fmodel.load_encoder(model)
     try:
-        tok = load_tokenizer(tok_path)
+        tok = with_special_tokens(load_tokenizer(tok_path))
     except PretrainError as e:  # the model's own tokenizer: finetune has no --tokenizer to name
         raise FinetuneError(f"--model: {str(e).removeprefix('--tokenizer: ')}") from None
     pad = special_ids(tok)["pad"]
@@ -287,7 +287,13 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
                             f"({cfg.max_position_embeddings})")
     columns = fdata.Columns(text_column, pair_column, label_column, tokens_column, tags_column)
     tr = fdata.read(train, task, columns, "--train", skip_bad_lines=skip_bad_lines)
-    _check_tables(tok, cfg, model, pairs=any(e.pair is not None for e in tr.examples))
+    pairs = any(e.pair is not None for e in tr.examples)
+    _check_tables(tok, cfg, model, pairs=pairs)
+    specials = tok.post_processor.num_special_tokens_to_add(pairs) if tok.post_processor is not None else 0
+    if max_len <= specials:  # the tokenizer then leaves rows uncut, longer than the model's positions
+        raise FinetuneError(f"--max-len: {max_len} leaves no room for text: the model's tokenizer adds {specials} "
+                            f"special tokens to {'a sentence pair' if pairs else 'a sentence'}; expected >= "
+                            f"{specials + 1}")
     va = fdata.read(validation, task, columns, "--validation", skip_bad_lines=skip_bad_lines, names=tr.names)
     te = fdata.read(test, task, columns, "--test", labelled=False, skip_bad_lines=skip_bad_lines,
                     names=tr.names) if test else None

@@ -221,11 +221,20 @@ def load_tokenizer(path: str):
             vocab = os.path.join(path, "vocab.txt")
             if os.path.isfile(vocab):
                 return _from_vocab_txt(vocab, path)
-            raise PretrainError(f"--tokenizer: {path} holds neither tokenizer.json nor vocab.txt")
+            if all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
+                return _from_bpe_files(path)
+            raise PretrainError(f"--tokenizer: {path} holds neither tokenizer.json, vocab.txt nor vocab.json + "
+                                "merges.txt")
     if not os.path.isfile(file):
         raise PretrainError(f"--tokenizer: no such file or directory: {path}")
     try:
-        tok = Tokenizer.from_file(file)
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+        if os.path.isdir(path):
+            text = _as_configured(text, _tokenizer_config(path))
+        tok = Tokenizer.from_str(text)
+    except PretrainError:
+        raise
     except Exception as e:  # the Rust error is one line already
         raise PretrainError(f"--tokenizer: cannot read {file}: {reason(e)}") from None
     special_ids(tok, where=file)  # fail now, not after tokenising the corpus
@@ -236,31 +245,111 @@ def load_tokenizer(path: str):
     return tok
 
 
+def _tokenizer_config(directory: str) -> dict:
+    """A tokenizer folder's ``tokenizer_config.json`` ({} without one)."""
+    cfg = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(cfg):
+        return {}
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            settings = json.load(f)
+        if not isinstance(settings, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise PretrainError(f"--tokenizer: cannot read {cfg}: {e}") from None
+    return settings
+
+
+def _bert_normalizer(settings: dict) -> dict:
+    """The BertNormalizer transformers' BERT-family tokenizers build from their config (its defaults when a key is
+    absent; strip_accents None: as lowercase), as tokenizers' JSON."""
+    strip = settings.get("strip_accents")
+    return {"type": "BertNormalizer", "clean_text": True,
+            "handle_chinese_chars": bool(settings.get("tokenize_chinese_chars", True)),
+            "strip_accents": None if strip is None else bool(strip), "lowercase": bool(settings.get("do_lower_case", True))}
+
+
+# tokenizer_class values (without "Fast") whose transformers class builds its normalizer / byte-level prefix space
+# from tokenizer_config.json over what tokenizer.json holds
+_BERT_CLASSES = {"BertTokenizer", "ElectraTokenizer", "DistilBertTokenizer", "MobileBertTokenizer",
+                 "SqueezeBertTokenizer", "LayoutLMTokenizer", "FunnelTokenizer", "LxmertTokenizer", "ConvBertTokenizer",
+                 "RetriBertTokenizer"}
+_ROBERTA_CLASSES = {"RobertaTokenizer", "LongformerTokenizer", "BartTokenizer", "LEDTokenizer", "BlenderbotTokenizer"}
+
+
+def _as_configured(text: str, settings: dict) -> str:
+    """tokenizer.json's text with what transformers' tokenizer class (``tokenizer_class`` in tokenizer_config.json)
+    sets from the config over it: a BERT-family class's lower-casing, accent stripping and Chinese characters, a
+    RoBERTa-family class's ``add_prefix_space`` / ``trim_offsets``. AutoTokenizer follows the config, so reading
+    tokenizer.json alone gave other ids ("The Quick" cased against an uncased config). Unchanged when they agree."""
+    kind = str(settings.get("tokenizer_class") or "").removesuffix("Fast")
+    if kind not in _BERT_CLASSES | _ROBERTA_CLASSES:
+        return text
+    data = json.loads(text)
+    changed = False
+
+    def put(part: str, key: str, value) -> None:
+        nonlocal changed
+        if isinstance(data.get(part), dict) and data[part].get(key) != value:
+            data[part][key], changed = value, True
+
+    if kind in _BERT_CLASSES and data.get("model", {}).get("type") == "WordPiece":
+        want = _bert_normalizer(settings)
+        if data.get("normalizer") != want:
+            data["normalizer"], changed = want, True
+    elif kind in _ROBERTA_CLASSES and data.get("model", {}).get("type") == "BPE":
+        prefix = bool(settings.get("add_prefix_space", False))
+        if (data.get("pre_tokenizer") or {}).get("type") == "ByteLevel":
+            put("pre_tokenizer", "add_prefix_space", prefix)
+        if (data.get("post_processor") or {}).get("type") in ("RobertaProcessing", "ByteLevel"):
+            put("post_processor", "add_prefix_space", prefix)
+            if data["post_processor"]["type"] == "RobertaProcessing":
+                put("post_processor", "trim_offsets", bool(settings.get("trim_offsets", True)))
+    return json.dumps(data, ensure_ascii=False) if changed else text
+
+
 def _from_vocab_txt(vocab: str, directory: str):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    settings = {}  # transformers' BertTokenizerFast reads these three (strip_accents None: as lowercase)
-    cfg = os.path.join(directory, "tokenizer_config.json")
-    if os.path.isfile(cfg):
-        try:
-            with open(cfg, encoding="utf-8") as f:
-                settings = json.load(f)
-            if not isinstance(settings, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            raise PretrainError(f"--tokenizer: cannot read {cfg}: {e}") from None
-    lower = bool(settings.get("do_lower_case", True))
-    strip = settings.get("strip_accents")
-    chinese = bool(settings.get("tokenize_chinese_chars", True))
     try:
         tok = Tokenizer(models.WordPiece.from_file(vocab, unk_token="[UNK]"))
+        with open(vocab, encoding="utf-8") as f:
+            first: Dict[str, int] = {}
+            for line, token in enumerate(f, 1):
+                token = token.rstrip("\n")
+                if first.setdefault(token, line) != line:  # an id is a line number: a repeat leaves a hole
+                    raise PretrainError(f"--tokenizer: {vocab} line {line} repeats line {first[token]} ({token!r}); "
+                                        "each token once (its line number is its id)")
+    except PretrainError:
+        raise
     except Exception as e:
         raise PretrainError(f"--tokenizer: cannot read {vocab}: {e}") from None
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=chinese,
-                                                strip_accents=None if strip is None else bool(strip), lowercase=lower)
+    bert = _bert_normalizer(_tokenizer_config(directory))  # transformers' BertTokenizer(Fast) reads the config
+    tok.normalizer = normalizers.BertNormalizer(**{k: v for k, v in bert.items() if k != "type"})
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     special_ids(tok, where=vocab)
     _add_post_processor(tok)
+    return tok
+
+
+def _from_bpe_files(directory: str):
+    """A RoBERTa-style folder (``vocab.json`` + ``merges.txt``, what ``save_model`` of a byte-level BPE writes): the
+    pipeline transformers' RobertaTokenizer builds (byte-level, ``add_prefix_space`` / ``trim_offsets`` from the
+    config, ``<s> A </s></s> B </s>``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    settings = _tokenizer_config(directory)
+    vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    try:
+        tok = Tokenizer(models.BPE.from_file(vocab, merges))
+    except Exception as e:
+        raise PretrainError(f"--tokenizer: cannot read {vocab} + {merges}: {reason(e)}") from None
+    prefix = bool(settings.get("add_prefix_space", False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+    tok.decoder = decoders.ByteLevel()
+    ids = special_ids(tok, where=vocab)
+    tok.post_processor = processors.RobertaProcessing(
+        (tok.id_to_token(ids["sep"]), ids["sep"]), (tok.id_to_token(ids["cls"]), ids["cls"]),
+        trim_offsets=bool(settings.get("trim_offsets", True)), add_prefix_space=prefix)
     return tok
 
 
@@ -276,6 +365,16 @@ def special_ids(tok, where: str = "tokenizer") -> Dict[str, int]:
         else:
             raise PretrainError(f"--tokenizer: {where} has no {role} token (looked for {' / '.join(spellings)})")
     return out
+
+
+def with_special_tokens(tok):
+    """``tok`` with its five special tokens registered as special added tokens (in place; ids unchanged): text that
+    spells one then encodes to its id, as transformers' tokenizers and the exports read it. A ``vocab.txt``
+    WordPiece registers none, so fine-tuning split "[SEP]" in a review into "[", "sep", "]" where the export gave
+    the [SEP] id. (Pretraining text reads such spellings as text: :func:`encode_documents`.)"""
+    ids = special_ids(tok)
+    tok.add_special_tokens([tok.id_to_token(i) for i in ids.values()])
+    return tok
 
 
 def config_overrides(tok) -> Dict[str, int]:
