@@ -5,14 +5,13 @@ same shapes, dtype, thread count, warm-up and rounds; peak memory is measured th
 side (electra_fast.profiling.peak_memory) in a separate call, never inside the timed rounds.
 """
 import os
-import subprocess
 
 import pytest
 import torch
 
 from electra_fast import _cpu
 from electra_fast._backend import forced_backend
-from electra_fast.bench_report import machine_name
+from electra_fast.bench_report import commit_label, machine_name
 from electra_fast.profiling import peak_memory
 
 QUICK = os.environ.get("ELECTRA_FAST_BENCH_QUICK", "0") == "1"
@@ -91,15 +90,11 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001
         triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or None
-    except OSError:
-        commit = None
     machine_info.update(
         electra_fast_machine=machine_name(config.getoption("--device")), cores=os.cpu_count(), torch=torch.__version__,
         triton=triton_version,
-        torch_threads=torch.get_num_threads(), electra_fast=electra_fast.__version__, git_commit=commit,
+        torch_threads=torch.get_num_threads(), electra_fast=electra_fast.__version__,
+        git_commit=commit_label(os.path.dirname(os.path.abspath(__file__))),
         cuda=torch.version.cuda, extension=electra_fast.extension_loaded(), cpu_bf16_native=_cpu.native_bf16()[0],
         cpu_bf16=_cpu.native_bf16()[1], skipped=list(_SKIPPED),
         forced_backend=forced_backend(), select=config.getoption("keyword") or None,

@@ -34,8 +34,7 @@ def record_pretrain(out_dir: str, device: "str | None" = None) -> str:
                                     "precision")}
     keep.update(machine=bench_report.machine_name(device), threads=torch.get_num_threads())
     path = unused_name(out_dir, bench_report.result_name(device), "-pretrain-default.json")
-    with open(path, "w") as fh:
-        json.dump(keep, fh, indent=2)
+    write_atomic(path, json.dumps(keep, indent=2))  # a run stopped meanwhile leaves no empty record behind
     return path
 
 
@@ -68,7 +67,11 @@ def check_args(args) -> "str | None":
             return f"-k: {args.select!r} is not a pytest -k expression ({why})"
     if args.compare is not None:
         try:
-            rows = bench_report.speedups(bench_report.load_groups(args.compare))
+            groups = bench_report.load_groups(args.compare)
+            bad = bench_report.bad_median(groups)
+            if bad:
+                return f"--compare: {args.compare}: {bad}"
+            rows = bench_report.speedups(groups)
         except OSError as e:
             return f"--compare: cannot read {args.compare}: {e.strerror}"
         except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError) as e:

@@ -39,6 +39,30 @@ def machine_name(device: "str | None" = None) -> str:
     return platform.processor() or platform.machine()
 
 
+def git_state(path: str, short: bool = True) -> Tuple[Optional[str], Optional[bool]]:
+    """(the commit checked out where ``path`` lies, whether tracked files differ from it), each None where git cannot
+    tell (no git, not a checkout). Untracked files do not count, as for gpu_lane's record."""
+    import subprocess
+
+    def git(*args) -> Optional[str]:
+        try:
+            proc = subprocess.run(["git", "-C", path, *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit = git("rev-parse", *(["--short"] if short else []), "HEAD") or None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return commit, None if status is None else bool(status)
+
+
+def commit_label(path: str) -> Optional[str]:
+    """The short commit at ``path``, "-dirty" appended when there are uncommitted changes: results measured on
+    changed code must not read as the commit's own."""
+    commit, dirty = git_state(path)
+    return commit and commit + ("-dirty" if dirty else "")
+
+
 def result_name(device: "str | None" = None) -> str:
     """``<machine>-<date>`` (machine: :func:`machine_name` of the run's device)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", machine_name(device)).strip("-").lower()
@@ -56,6 +80,17 @@ def load_groups(path: str) -> Dict[Key, Dict[str, dict]]:
         key = (info["op"], info["pass_"], info["shape"], info["dtype"])
         groups.setdefault(key, {})[info["impl"]] = {"median": bm["stats"]["median"], **info}
     return groups
+
+
+def bad_median(groups) -> Optional[str]:
+    """Why a row's median is no time (NaN, infinite, zero, negative, not a number), or None: a ratio from such a
+    median compares False with any limit, so a gate against it would pass every regression."""
+    for key, impls in sorted(groups.items()):
+        for impl, row in sorted(impls.items()):
+            m = row["median"]
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0:
+                return f"the {impl} median of {' '.join(key)} is {m!r}, not a positive number of seconds"
+    return None
 
 
 def speedups(groups) -> Dict[Tuple[Key, str], float]:
@@ -250,13 +285,21 @@ def pretrain_section(results_dir: str) -> List[str]:
              "| file | machine | steps | tokens | wall time | tokens/s | loss first -> last | mlm | rtd | "
              "disc. accuracy |", "|---|---|---|---|---|---|---|---|---|---|"]
     for f in files:
-        r = json.load(open(f))
-        fin = r.get("final") or {}
-        lines.append(f"| `{os.path.basename(f)}` | {r.get('machine')} ({r.get('threads')} threads) | {r['steps']} | "
-                     f"{r['tokens_seen']:,} | {r['wall_time_s']:.1f} s | {r['tokens_per_s']:,.0f} | "
-                     f"{r['first_loss']:.3f} -> {fin.get('loss', float('nan')):.3f} | {fin.get('mlm_loss', 0):.3f} | "
-                     f"{fin.get('rtd_loss', 0):.4f} | {fin.get('discriminator_accuracy', 0):.3f} |")
-    return lines + [""]
+        # a record cut short, emptied or hand-edited is passed over (as _is_run does), not a traceback after the
+        # benchmarks ran, in every later run reading the folder
+        try:
+            with open(f) as fh:
+                r = json.load(fh)
+            fin = r.get("final") or {}
+            lines.append(f"| `{os.path.basename(f)}` | {r.get('machine')} ({r.get('threads')} threads) | "
+                         f"{r['steps']} | {r['tokens_seen']:,} | {r['wall_time_s']:.1f} s | {r['tokens_per_s']:,.0f} | "
+                         f"{r['first_loss']:.3f} -> {fin.get('loss', float('nan')):.3f} | "
+                         f"{fin.get('mlm_loss', 0):.3f} | {fin.get('rtd_loss', 0):.4f} | "
+                         f"{fin.get('discriminator_accuracy', 0):.3f} |")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            print(f"electra-fast bench: warning: skipping {f}: not a pretrain record ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+    return lines + [""] if len(lines) > 4 else []
 
 
 RESULTS_TITLE = "# Benchmark results"  # RESULTS.md's first line: how electra-fast bench knows the file is its own

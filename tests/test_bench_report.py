@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from electra_fast import bench_report
 
 
@@ -240,3 +242,90 @@ def test_readme_caption_names_a_forced_backend_and_a_missing_extension(tmp_path)
     path.write_text(json.dumps(data))
     caption = bench_report.readme_table([str(path)], str(tmp_path)).splitlines()[0]
     assert "NOT built" not in caption and "forced" not in caption
+
+
+def test_compare_refuses_a_baseline_median_that_is_no_time(tmp_path, monkeypatch, capsys):
+    """A --compare JSON whose fused median is NaN gave a NaN ratio, which compares False with the limit: the gate
+    passed any regression. Such a median (NaN, inf, negative, null) is refused in one line before anything runs."""
+    from electra_fast import bench as bench_cli
+
+    calls = []
+    monkeypatch.setattr(bench_cli.subprocess, "call", lambda cmd, cwd, env: calls.append(cmd) or 1)
+    for impl, median in (("fused", float("nan")), ("fused", float("inf")), ("eager", -1.0), ("fused", None)):
+        rows = [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", 2.0)]
+        rows[impl == "eager"]["stats"]["median"] = median
+        prev = _write(tmp_path / "prev.json", rows)
+        args = type("A", (), dict(quick=False, device="cpu", out=str(tmp_path / "out"), compare=prev, select=None))
+        assert bench_cli.main(args) == 2 and not calls, median
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--compare:" in err and f"{impl} median of rtd" in err, err
+
+
+def test_unreadable_pretrain_records_are_skipped_and_records_are_written_whole(tmp_path, monkeypatch, capsys):
+    """An empty *-pretrain-default.json (a record_pretrain cut short) or one with tokens_per_s null was a traceback
+    in every later bench, after the benchmarks ran; record_pretrain wrote in place, so a stopped run left one."""
+    from electra_fast import bench as bench_cli
+    from electra_fast import train
+
+    results = tmp_path / "results"
+    results.mkdir()
+    good = {"steps": 300, "tokens_seen": 614400, "wall_time_s": 150.0, "tokens_per_s": 4096.0, "first_loss": 43.6,
+            "final": {"loss": 26.1}, "machine": "test cpu", "threads": 2}
+    (results / "a-pretrain-default.json").write_text("")
+    (results / "b-pretrain-default.json").write_text(json.dumps(dict(good, tokens_per_s=None)))
+    (results / "c-pretrain-default.json").write_text(json.dumps(good))
+    full = _write(results / "cpu-x-2026-11-20.json", [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", 2.0)])
+    bench_report.write_results_md([full], str(tmp_path / "RESULTS.md"), {})
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "`c-pretrain-default.json`" in text and "a-pretrain" not in text and "b-pretrain" not in text
+    err = capsys.readouterr().err
+    assert "a-pretrain-default.json" in err and "b-pretrain-default.json" in err
+
+    # a summary json cannot write (a run stopped while writing, in effect): no record at all, not an empty one
+    summary = dict(good, precision="fp32", final={"loss": object()})
+    monkeypatch.setattr(train, "pretrain", lambda *a, **k: summary)
+    monkeypatch.setattr(bench_report, "result_name", lambda device=None: "cpu-y-2026-12-06")
+    out = tmp_path / "rec"
+    out.mkdir()
+    with pytest.raises(TypeError):
+        bench_cli.record_pretrain(str(out), "cpu")
+    assert os.listdir(out) == []
+    summary["final"] = {"loss": 26.1}
+    path = bench_cli.record_pretrain(str(out), "cpu")
+    assert os.listdir(out) == [os.path.basename(path)] and json.loads(open(path).read())["tokens_per_s"] == 4096.0
+
+
+def test_results_of_a_changed_checkout_are_labelled_dirty(tmp_path):
+    """bench/conftest.py recorded the clean commit for results measured with uncommitted changes."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "conftest.py"),
+                repo / "conftest.py")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "conftest.py")
+    git("commit", "-q", "-m", "x")
+    spec = importlib.util.spec_from_file_location("bench_conftest_copy", repo / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    config = type("C", (), {"getoption": staticmethod(lambda name: None)})
+
+    def commit():
+        info = {}
+        conftest.pytest_benchmark_update_machine_info(config, info)
+        return info["git_commit"]
+
+    head = git("rev-parse", "--short", "HEAD")
+    (repo / "untracked.txt").write_text("not part of the code")
+    assert commit() == head
+    with open(repo / "conftest.py", "a") as fh:
+        fh.write("# changed\n")
+    assert commit() == head + "-dirty"

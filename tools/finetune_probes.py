@@ -22,19 +22,30 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 
 POSITIVE = ("1", "fresh")
+DATA = {"swap": "a dev TSV", "linear": "a directory with train.tsv and dev.tsv", "mlm": "a text file"}
 
 
 def read_tsv(path: str) -> Tuple[List[str], torch.Tensor]:
     """(sentences, labels int [N]: 1 for label 1 / fresh) of a TSV the demo wrote."""
     from electra_fast.finetune.demo import read_split
+    from electra_fast.train import PretrainError
 
-    rows = read_split(path)
+    try:
+        rows = read_split(path)
+    except StopIteration:  # not even the header line
+        raise PretrainError(f"{path}: empty; expected the demo's sentence<TAB>label TSV") from None
+    bad = next((i for i, row in enumerate(rows, 2) if len(row) != 2), None)
+    if bad is not None:
+        raise PretrainError(f"{path}: line {bad} is not sentence<TAB>label")
+    if not rows:
+        raise PretrainError(f"{path}: no rows below the header")
     return [t for t, _ in rows], torch.tensor([1 if y in POSITIVE else 0 for _, y in rows])
 
 
@@ -168,7 +179,12 @@ def _unigram_logp(src: str, targets: torch.Tensor, vocab: int) -> float:
 
 def mlm_probe(run: str, text: str, seq_len: int = 128, rows: int = 64) -> dict:
     """{"original" | "shuffled": {"accuracy", "logp"}, "unigram logp", "masked"} of the generator on ``text``."""
+    from electra_fast.train import PretrainError
+    from electra_fast.train.options import check_seq_len, positive
+
+    positive("seq-len", seq_len, 3)  # [CLS], [SEP] and a token to mask
     src, cfg, model, tok = _load_run(run)
+    check_seq_len(seq_len, cfg)
     stream: List[int] = []
     with open(text, encoding="utf-8") as f:
         for line in f:
@@ -177,7 +193,8 @@ def mlm_probe(run: str, text: str, seq_len: int = 128, rows: int = 64) -> dict:
     body = seq_len - 2
     n = min(rows, len(stream) // body)
     if n == 0:
-        raise ValueError(f"{text}: expected at least {body} tokens of text, got {len(stream)}")
+        raise PretrainError(f"{text}: expected at least {body} tokens of text (--seq-len {seq_len}), got "
+                            f"{len(stream)}")
     x = torch.tensor(stream[:n * body]).view(n, body)
     x = torch.cat([torch.full((n, 1), cfg.cls_token_id), x, torch.full((n, 1), cfg.sep_token_id)], 1)
     gen = torch.Generator().manual_seed(0)
@@ -198,11 +215,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("probe", choices=("swap", "linear", "mlm"))
     p.add_argument("run")
-    p.add_argument("data", help="swap: a dev TSV; linear: a directory with train.tsv and dev.tsv; mlm: a text file")
+    p.add_argument("data", help="; ".join(f"{k}: {v}" for k, v in DATA.items()))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=128, help="mlm: tokens per row, [CLS] and [SEP] included")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    from electra_fast.train import PretrainError
+    from electra_fast.train.options import positive
+
+    try:
+        positive("threads", args.threads)
+        # the data before the model: a wrong path is said at once, not after loading a checkpoint
+        files = [os.path.join(args.data, f) for f in ("train.tsv", "dev.tsv")] if args.probe == "linear" else [args.data]
+        for f in files:
+            if not os.path.isfile(f):
+                raise PretrainError(f"data: no such file: {f} ({args.probe} reads {DATA[args.probe]})")
+        torch.set_num_threads(args.threads)
+        run(args)
+    except (PretrainError, OSError, UnicodeError) as e:  # bad input (FinetuneError is one): one line, no traceback
+        print(f"finetune_probes: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args) -> None:
     if args.probe == "swap":
         print(f"{args.run}: swap AUC (largest replaced-logit) {swap_probe(args.run, args.data):.3f}")
     elif args.probe == "mlm":

@@ -28,13 +28,15 @@ with probability ``chance_outside(3)`` = 0.13 (normal run-to-run noise; Monte Ca
 outside" (two identical implementations would fail it almost surely over 54 points) but: the points outside are no
 more than the 95th percentile of Binomial(points checked, 0.13) (points treated as independent, which the correlation
 along a curve makes approximate), in both directions of the comparison (fused runs against the independent band, and
-independent runs against the fused band), and each count says how many misses lie above and below.
+independent runs against the fused band, each direction with its own band's size and point count), and each count says
+how many misses lie above and below. A side with one run spans no band: that comparison gets no verdict.
 
 Usage (from any directory but the repository root; minutes per run on 2 cores):
     python tools/parity_report.py --out OUT --seeds 0,1,2 [--layout deberta] [--steps 600 --eval-every 100]
         [--sides fused_fp32,independent,fused_bf16,fused_fp16]
-writes OUT/parity.json (every curve, the bands, the verdict and its point counts) and OUT/parity.png; a rerun reuses
-the finished runs in OUT. bench/results/parity/ holds copies named CPU-DATE-MODEL.{json,png}.
+writes OUT/parity.json (every curve, the bands, the verdict and its point counts, each run's seconds and machine)
+and OUT/parity.png; a rerun reuses the finished runs in OUT. bench/results/parity/ holds copies named
+CPU-DATE-MODEL.{json,png}.
 """
 from __future__ import annotations
 
@@ -414,6 +416,9 @@ def inside(curve: list, band: dict, after: int) -> list:
     return misses
 
 
+MIN_BAND = 2  # runs a side needs for a band: one run spans none
+
+
 def chance_outside(n_band: int, draws: int = 1_000_000) -> float:
     """P(a further run of the same implementation lies outside the widened band of ``n_band`` runs) at one point,
     for normal run-to-run noise (Monte Carlo, fixed seed)."""
@@ -460,6 +465,34 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+SIDES = ("fused_fp32", "independent", "fused_bf16", "fused_fp16")  # trained in this order: independent reads fp32's
+
+
+def _refuse(line: str) -> None:
+    print(f"parity_report: error: {line}", file=sys.stderr)
+    sys.exit(2)
+
+
+def this_machine() -> dict:
+    """What a run's timing depends on: recorded per run, since a folder's runs may come from several machines."""
+    from electra_fast.bench_report import machine_name
+    return {"cpu": machine_name("cpu"), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def record_machine(result: dict, key: str, machine: dict) -> None:
+    """Note ``machine`` for the run ``key`` (``side-seed``, as ``seconds``); the top-level cpu / torch / threads stay
+    only while every run has the same (a report written before per-run records: its top level was every run's)."""
+    machines = result.setdefault("machines", {})
+    if not machines and "cpu" in result:
+        legacy = {k: result.get(k) for k in ("cpu", "torch", "threads")}
+        machines.update({f"{side}-{seed}": legacy for side, runs in result["runs"].items() for seed in runs})
+    machines[key] = machine
+    for k in ("cpu", "torch", "threads"):
+        result.pop(k, None)
+    if len({json.dumps(m, sort_keys=True) for m in machines.values()}) == 1:
+        result.update(machine)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -468,28 +501,46 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--sides", default="fused_fp32,independent,fused_bf16",
-                   help="any of fused_fp32, independent, fused_bf16, fused_fp16 (independent needs fused_fp32's run)")
+                   help=f"any of {', '.join(SIDES)} (independent needs fused_fp32's run)")
     p.add_argument("--layout", choices=tuple(DEFINITIONS), default="electra",
                    help="electra: the default job; deberta: the DeBERTa-v3 layout (deberta_tiny_config)")
     args = p.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    sides = [s.strip() for s in args.sides.split(",")]
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown:  # a misspelt side would train, be saved under its name and break every later run of --out
+        _refuse(f"--sides: unknown side(s) {', '.join(map(repr, unknown))}; expected any of {', '.join(SIDES)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        _refuse(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     path = os.path.join(args.out, "parity.json")
-    result = json.load(open(path)) if os.path.exists(path) else {"runs": {}}
+    result = {"runs": {}}
+    if os.path.exists(path):
+        try:
+            with open(path) as fh:
+                result = json.load(fh)
+        except (OSError, ValueError) as e:
+            _refuse(f"--out: cannot read {path}: {e}")
+        if not isinstance(result, dict) or not isinstance(result.get("runs"), dict):
+            _refuse(f"--out: {path} is not a parity report (no runs); use another --out")
+        stray = [s for s in result["runs"] if s not in SIDES]
+        if stray:
+            _refuse(f"--out: {path} holds runs of unknown side(s) {', '.join(map(repr, stray))}; remove them from "
+                    "its runs or use another --out")
     if result.get("layout", args.layout) != args.layout:
-        raise SystemExit(f"{path} holds a {result['layout']} report; use another --out")
+        _refuse(f"--layout: {path} holds a {result['layout']} report; use another --out")
     # its curves are reused: they must be of the same job (they were relabelled with the new settings)
     for key, value in (("steps", args.steps), ("eval_every", args.eval_every), ("batch", args.batch)):
         if result.get(key, value) != value:
-            raise SystemExit(f"{path} holds runs of --{key.replace('_', '-')} {result[key]} (not {value}); use "
-                             "another --out")
+            _refuse(f"--{key.replace('_', '-')}: {path} holds runs of --{key.replace('_', '-')} {result[key]} (not "
+                    f"{value}); use another --out")
+    os.makedirs(args.out, exist_ok=True)
     job = job_kwargs(args.layout, args.out)
-    result.update(layout=args.layout, steps=args.steps, eval_every=args.eval_every, batch=args.batch, lr=job["lr"],
-                  cpu=open("/proc/cpuinfo").read().split("model name")[1].split(":")[1].split("\n")[0].strip(),
-                  torch=torch.__version__, threads=torch.get_num_threads())
+    result.update(layout=args.layout, steps=args.steps, eval_every=args.eval_every, batch=args.batch, lr=job["lr"])
+    machine = this_machine()
     if args.layout == "deberta":
         result["config"] = deberta_tiny_config().to_dict()
-    for side in args.sides.split(","):
+    for side in sorted(set(sides), key=SIDES.index):
         for seed in seeds:
             runs = result["runs"].setdefault(side, {})
             if runs.get(str(seed)):
@@ -503,36 +554,51 @@ def main() -> None:
                                           args.eval_every, args.batch, job["lr"])
             runs[str(seed)] = curve
             result.setdefault("seconds", {})[f"{side}-{seed}"] = round(time.perf_counter() - t0, 1)
+            record_machine(result, f"{side}-{seed}", machine)
             json.dump(result, open(path, "w"), indent=1)
     warm = min(10_000, args.steps // 10)
     result["verdict"], result["points"] = judge(result["runs"], warm)
     json.dump(result, open(path, "w"), indent=1)
     plot(result, os.path.join(args.out, "parity.png"))
     for name, pt in result["points"].items():
+        if pt["agree"] is None:
+            print(f"{name}: no verdict: {pt['no_verdict']}")
+            continue
+        rev = pt["reverse"]
         print(f"{name}: {pt['outside']}/{pt['checked']} points outside the band ({pt['above']} above, "
-              f"{pt['below']} below), reverse {pt['reverse']['outside']}/{pt['reverse']['checked']}; identical "
-              f"implementations: <= {pt['allowed']} in 95 % of reports (p = {pt['chance_outside_per_point']:.3f} per "
-              f"point) -> {'agree' if pt['agree'] else 'DIFFER'}")
+              f"{pt['below']} below; identical implementations: <= {pt['allowed']} in 95 % of reports, p = "
+              f"{pt['chance_outside_per_point']:.3f} per point), reverse {rev['outside']}/{rev['checked']} (<= "
+              f"{rev['allowed']}, p = {rev['chance_outside_per_point']:.3f}) -> {'agree' if pt['agree'] else 'DIFFER'}")
 
 
 def judge(runs: dict, warm: int):
     """(verdict: comparison -> seed -> the points outside, points: comparison -> counts and ``agree``), the
-    module docstring's criterion, for every comparison whose two sides have runs."""
+    module docstring's criterion, for every comparison whose two sides have runs. Each direction is judged with its
+    own band's size (its chance per point and its point count); a side with fewer than :data:`MIN_BAND` runs spans
+    no band (width 0: ``chance_outside(1)`` is 1, any gap would pass), so that comparison gets ``agree`` None and
+    ``no_verdict`` saying why."""
     verdict, points = {}, {}
     comparisons = [("fused_fp32 vs independent", "fused_fp32", "independent")]
     comparisons += [(f"{low} vs fused_fp32", low, "fused_fp32") for low in ("fused_bf16", "fused_fp16")]
     for name, side, ref in comparisons:
         if not runs.get(side) or not runs.get(ref):
             continue
+        few = [f"{s} has {len(runs[s])} run" + ("s" if len(runs[s]) != 1 else "") for s in (side, ref)
+               if len(runs[s]) < MIN_BAND]
+        if few:
+            points[name] = {"agree": None, "no_verdict": f"{', '.join(few)}: a band needs at least {MIN_BAND} seeds "
+                                                         "per side (--seeds)"}
+            continue
         band, reverse_band = bands(list(runs[ref].values())), bands(list(runs[side].values()))
         verdict[name] = {s: inside(c, band, warm) for s, c in runs[side].items()}
         reverse = {s: inside(c, reverse_band, warm) for s, c in runs[ref].items()}
-        p = chance_outside(len(runs[ref]))
-        points[name] = {**count(verdict[name], runs[side], warm), "reverse": count(reverse, runs[ref], warm),
-                        "chance_outside_per_point": round(p, 4)}
-        points[name]["allowed"] = allowed_outside(points[name]["checked"], p)
-        points[name]["agree"] = bool(points[name]["outside"] <= points[name]["allowed"]
-                                     and points[name]["reverse"]["outside"] <= points[name]["allowed"])
+        forward, backward = count(verdict[name], runs[side], warm), count(reverse, runs[ref], warm)
+        for counts, n_band in ((forward, len(runs[ref])), (backward, len(runs[side]))):
+            p = chance_outside(n_band)
+            counts.update(chance_outside_per_point=round(p, 4), allowed=allowed_outside(counts["checked"], p))
+        points[name] = {**forward, "reverse": backward,
+                        "agree": bool(forward["outside"] <= forward["allowed"]
+                                      and backward["outside"] <= backward["allowed"])}
     return verdict, points
 
 

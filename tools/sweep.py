@@ -2848,16 +2848,44 @@ def report(rows: List[dict], meta: dict, out: str) -> None:
     print(f"\nwrote {out}")
 
 
+def merge_reports(paths: List[str]) -> Tuple[List[dict], List[dict], List[str]]:
+    """(cases, metas, paths read) of several reports, each case once: a report given twice (or a merged report with
+    one of its parts) would count its cases twice. The same case with another result in two reports (a part run
+    twice) is refused, as is a file that is no report: ValueError, one line."""
+    rows: List[dict] = []
+    metas: List[dict] = []
+    read: List[str] = []
+    where: Dict[tuple, Tuple[str, dict]] = {}  # (group, id) -> (first report holding it, its row)
+    for path in dict.fromkeys(os.path.realpath(p) for p in paths):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e.strerror}") from None
+        except ValueError as e:
+            raise ValueError(f"{path} is not a sweep report (not JSON: {e})") from None
+        cases = data.get("cases") if isinstance(data, dict) else None
+        if not isinstance(cases, list) or not all(isinstance(r, dict) and "group" in r and "id" in r for r in cases):
+            raise ValueError(f"{path} is not a sweep report (no list of cases with a group and an id)")
+        for r in cases:
+            key = (r["group"], r["id"])
+            first = where.setdefault(key, (path, r))
+            if first[0] != path:  # a case of one report may repeat within it; across reports it is a repeat
+                if first[1] != r:
+                    raise ValueError(f"case {key[0]} | {key[1]} has other results in {first[0]} and {path}: merge "
+                                     "reports of separate --only runs")
+                continue
+            rows.append(r)
+        metas.append(data.get("meta"))
+        read.append(path)
+    return rows, metas, read
+
+
 def _meta(args) -> dict:
     import electra_fast
     import torch
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(electra_fast.__file__)))
-    try:
-        commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True).stdout.strip())
-    except OSError:
-        commit, dirty = "", None
+    from electra_fast.bench_report import git_state
+    commit, dirty = git_state(os.path.dirname(os.path.dirname(os.path.abspath(electra_fast.__file__))), short=False)
     return {"electra_fast": electra_fast.__file__, "commit": commit, "dirty": dirty, "torch": torch.__version__,
             "extension_loaded": electra_fast.extension_loaded(), "python": sys.version.split()[0],
             "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -2890,13 +2918,12 @@ def main(argv=None) -> int:
             child_model(target, args._start)
         return 0
     if args.merge:
-        rows, metas = [], []
-        for path in args.merge:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            rows += data["cases"]
-            metas.append(data["meta"])
-        report(rows, {"merged": args.merge, "parts": metas}, os.path.abspath(args.out))
+        try:
+            rows, metas, paths = merge_reports(args.merge)
+        except ValueError as e:
+            print(f"sweep: --merge: {e}", file=sys.stderr)
+            return 2
+        report(rows, {"merged": paths, "parts": metas}, os.path.abspath(args.out))
         return 0
     try:
         import electra_fast  # noqa: F401
