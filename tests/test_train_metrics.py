@@ -208,3 +208,17 @@ def test_eval_every_bad_values_and_a_resumed_run_without_a_split(env, tmp_path, 
     pretrain(env["data"], **_kw(env, out, steps=2, save_every=1))
     with pytest.raises(PretrainError, match="--eval-every: the run being resumed was started without"):
         pretrain(env["data"], **_kw(env, out, steps=4, resume=True, eval_every=2))
+
+
+def test_a_logged_step_on_a_gpu_waits_for_its_work(monkeypatch):
+    """A logged step's tokens/s is its tokens over its time; on CUDA the step returns with its backward and update
+    still queued, so the time missed its own work and held the previous steps'. Logged steps wait at both ends
+    (synchronize; no GPU here: the call is recorded), other steps and CPU devices never do."""
+    from electra_fast.train import trainer as trainer_mod
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    cuda = torch.device("cuda", 1)
+    trainer_mod._finish_queued(cuda, True)
+    trainer_mod._finish_queued(cuda, False)
+    trainer_mod._finish_queued(torch.device("cpu"), True)
+    assert calls == [cuda]

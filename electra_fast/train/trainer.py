@@ -582,11 +582,15 @@ class _Job:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's metric values (mean over
         micro-batches and ranks, order ``STEP_METRICS``), the gradient norm, the learning rate used and the time."""
         o, ctx = self.o, self.ctx
+        logged = self._is_log_step(self.step + 1)
+        # a logged step's time is its tokens/s: on a GPU, the work queued before it and its own must be finished at
+        # either end (only logged steps wait: the others stay asynchronous)
+        _finish_queued(ctx.device, logged)
         ts = time.perf_counter()
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.optimizer.zero_grad(set_to_none=True)
         acc = torch.zeros(len(STEP_METRICS), device=ctx.device)
-        scores = TokenScores() if self._is_log_step(self.step + 1) else None
+        scores = TokenScores() if logged else None
         for m in range(o.grad_accum):
             idx = self.sampler.indices(self.data_pos + (m * ctx.world + ctx.rank) * o.batch_size, o.batch_size)
             batch, layout = model_inputs(self.packed, idx, self.cfg.whole_word_masking)
@@ -621,6 +625,7 @@ class _Job:
                 self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=ctx.device)
             bad = ~torch.isfinite(acc[:3]).all() & (self.first_nonfinite < 0)
             self.first_nonfinite = torch.where(bad, self.step, self.first_nonfinite)
+        _finish_queued(ctx.device, logged)
         dt = time.perf_counter() - ts
         self.bar.update(1)
         return acc, scores, grad_norm, lr_now, dt
@@ -768,6 +773,12 @@ class _Job:
 
 STEP_METRICS = ("loss", "mlm_loss", "rtd_loss", "generator_accuracy", "discriminator_accuracy",
                 "discriminator_precision", "discriminator_recall", "replaced_fraction")
+
+
+def _finish_queued(device: torch.device, wanted: bool) -> None:
+    """Wait for the work queued on a CUDA ``device`` when ``wanted`` (CPU work is done when its call returns)."""
+    if wanted and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _progress_bar(enabled: bool, steps: int, start: int):
