@@ -1,4 +1,5 @@
 """ElectraPretrainingModel: config, step semantics, gradient routing, fused vs eager twin, training, bad input."""
+import copy
 import json
 import warnings
 
@@ -428,6 +429,29 @@ def test_wrapped_pruned_and_hooked_layers_are_called(attention):
     assert (dense.weight == 0).float().mean() >= 0.5  # the mask still applies after the steps
 
 
+def test_hooked_position_and_type_tables_are_called():
+    """The embeddings sliced the position and token-type tables' weights: hooks on them never fired and a wrapper
+    (LoRA on the positions) changed nothing. A plain table is still sliced (no gather); a hooked one is called."""
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(tiny("standard")).eval()
+    emb = model.discriminator.backbone.embeddings
+    ids, mask = batch()
+    with torch.no_grad():
+        plain = model.discriminator(ids, mask)
+        fired = []
+        for name in ("position_embeddings", "token_type_embeddings"):
+            getattr(emb, name).register_forward_hook(lambda m, i, o, name=name: fired.append(name) or o * 3.0)
+        hooked = model.discriminator(ids, mask)
+        shifted = copy.deepcopy(model)
+        for name in ("position_embeddings", "token_type_embeddings"):
+            table = getattr(shifted.discriminator.backbone.embeddings, name)
+            table._forward_hooks.clear()
+            table.weight *= 3.0
+        torch.testing.assert_close(hooked, shifted.discriminator(ids, mask), rtol=1e-5, atol=1e-5)
+    assert sorted(set(fired)) == ["position_embeddings", "token_type_embeddings"]
+    assert (hooked - plain).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("build, match", [
     (lambda nn: nn.Encoder(1, 16, 2, 0, "gelu", 1e-12, 0.0, 0.0), "intermediate_size: expected an int >= 1"),
     (lambda nn: nn.Encoder(1, 16, 2, 32, "gelu", -1.0, 0.0, 0.0), "layer_norm_eps"),
@@ -552,6 +576,24 @@ def test_dropout_module_is_an_nn_dropout():
     old = Dropout(0.25)  # as one pickled before it subclassed nn.Dropout comes back: no inplace attribute
     del old.__dict__["inplace"]
     assert old(x).shape == x.shape and repr(old) == "Dropout(p=0.25, inplace=False)"
+
+
+def test_attention_layers_read_integer_masks_and_refuse_float_ones():
+    """The public layers: StandardSelfAttention (and an EncoderLayer over it) added a float 0/1 mask as SDPA's bias
+    (real tokens 0.36 off) and raised torch's unnamed error for an int64 one; DisentangledSelfAttention already
+    read both as the model does."""
+    from electra_fast import nn as enn
+
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 6, 16), torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    layers = (enn.StandardSelfAttention(16, 2, 0.0), enn.EncoderLayer(enn.StandardSelfAttention(16, 2, 0.0), 16, 32,
+              "gelu", 1e-12, 0.0), enn.DisentangledSelfAttention(16, 2, relative_attention=False))
+    with torch.no_grad():
+        for layer in (m.eval() for m in layers):
+            torch.testing.assert_close(layer(x, mask), layer(x, mask.bool()), rtol=0, atol=0)
+            for bad in (mask.float(), (1 - mask.float()) * -1e4):
+                with pytest.raises(TypeError, match="mask: expected a bool or integer tensor"):
+                    layer(x, bad)
 
 
 def test_standard_attention_dropout_is_a_module():

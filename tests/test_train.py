@@ -108,14 +108,16 @@ def test_vocab_txt_folder_tokenizes_as_transformers(tmp_path, settings):
     assert load_tokenizer(str(tmp_path)).encode(text).ids == want
 
 
+@pytest.mark.parametrize("named_by", ["tokenizer_class", "model_type"])
 @pytest.mark.parametrize("kind, settings, text", [
     ("bert", dict(do_lower_case=True), "Café NAÏVE Şeker"), ("bert", {}, "Café NAÏVE Şeker"),
     ("bert", dict(do_lower_case=False, strip_accents=True), "Café NAÏVE"), ("bert", dict(do_lower_case=False), "Café"),
     ("roberta", dict(add_prefix_space=True), "hello world"), ("roberta", dict(add_prefix_space=False), "hello")])
-def test_tokenizer_json_folder_follows_its_tokenizer_config_as_transformers(tmp_path, kind, settings, text):
-    """A tokenizer.json folder whose tokenizer_config.json names a BERT / RoBERTa class: transformers builds the
-    normalizer (lower-casing, accents, Chinese characters; the class's defaults for absent keys) or the byte-level
-    prefix space from the config, whatever tokenizer.json says; we read tokenizer.json alone (other ids)."""
+def test_tokenizer_json_folder_follows_its_tokenizer_config_as_transformers(tmp_path, kind, settings, text, named_by):
+    """A tokenizer.json folder of a BERT / RoBERTa class (named by tokenizer_config.json, or by config.json's
+    model_type as on the hub's ELECTRA folders): transformers builds the class's pipeline around the vocabulary
+    (normalizer with the config's lower-casing, accents and Chinese characters, the class defaults for absent keys;
+    the byte-level prefix space; the template), whatever tokenizer.json says; we read tokenizer.json alone."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     if kind == "bert":
@@ -123,20 +125,22 @@ def test_tokenizer_json_folder_follows_its_tokenizer_config_as_transformers(tmp_
                  "şeker", "seker", "Şeker"]
         tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=False)  # cased in the file
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-        cls = "BertTokenizer"
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()  # not BERT's: the class builds its own
+        cls = "BertTokenizer"  # and no template: the class adds [CLS] ... [SEP]
     else:
         vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", "h", "e", "l", "o", "w", "r",
                                               "d", "\u0120", "\u0120h", "\u0120w", "he", "hel", "hell", "hello"])}
         merges = [("\u0120", "h"), ("\u0120", "w"), ("h", "e"), ("he", "l"), ("hel", "l"), ("hell", "o")]
         tok = Tokenizer(models.BPE(vocab, merges))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+        tok.post_processor = processors.ByteLevel()  # no <s> ... </s>: the class adds them
         cls = "RobertaTokenizer"
     tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": cls, **settings}))
+    if named_by == "tokenizer_class":
+        settings = {"tokenizer_class": cls, **settings}
+    else:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": kind}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
     want = transformers.AutoTokenizer.from_pretrained(str(tmp_path))(text)["input_ids"]
     assert load_tokenizer(str(tmp_path)).encode(text).ids == want
 
@@ -153,6 +157,26 @@ def test_vocab_json_and_merges_folder_reads_as_transformers(tmp_path):
     for args in (("the cat sat on the mat.",), (" two  spaces", "and a pair")):
         assert ours.encode(*args).ids == theirs(*args)["input_ids"]
     assert special_ids(ours) == {"pad": 1, "unk": 3, "cls": 0, "sep": 2, "mask": special_ids(trained)["mask"]}
+
+
+def test_a_run_started_on_a_folder_read_without_its_config_resumes_with_it(env, tmp_path, monkeypatch):
+    """A tokenizer folder is now read as transformers reads it (its tokenizer_config.json over tokenizer.json); a
+    run started before with `--tokenizer DIR` whose config disagrees with the file was refused on `--resume
+    --tokenizer DIR` ("does not match the vocabulary of the checkpoint"): the vocabulary is the same."""
+    from electra_fast.train import tokenizer as tok_mod
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(env["tokenizer"], folder / "tokenizer.json")  # an uncased WordPiece; the config says cased
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
+                                                              "do_lower_case": False}))
+    assert load_tokenizer(str(folder)).encode("The Cat").ids != load_tokenizer(env["tokenizer"]).encode("The Cat").ids
+    with monkeypatch.context() as m:  # the code before: the file's own reading
+        m.setattr(tok_mod, "_as_configured", lambda tok, directory: None)
+        pretrain(env["data"], **_kw(env, tmp_path / "run", steps=2, save_every=2, tokenizer=str(folder)))
+    assert pretrain(env["data"], **_kw(env, tmp_path / "run", steps=4, resume=True, tokenizer=str(folder)))["steps"] == 4
+    tok_mod.train_tokenizer("wordpiece", _corpus()[:100], 150).save(str(tmp_path / "other.json"))
+    with pytest.raises(PretrainError, match="a resumed run keeps its tokenizer"):  # another one still is refused
+        pretrain(env["data"], **_kw(env, tmp_path / "run", steps=6, resume=True, tokenizer=str(tmp_path / "other.json")))
 
 
 def test_a_vocab_txt_with_a_repeated_line_is_refused(tmp_path):

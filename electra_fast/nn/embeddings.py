@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _validate
+from ._plain import global_hooks, hooked
 from .dropout import Dropout
 
 
@@ -54,7 +55,15 @@ def positions(table: nn.Module, length: int, position_ids: Optional[torch.Tensor
     if position_ids is not None:
         return table(position_ids)
     _validate.seq_len_fits(length, table.weight.shape[0])  # a slice would be short, then fail to broadcast
-    return table.weight[:length]
+    return first_rows(table, length)
+
+
+def first_rows(table: nn.Module, n: int) -> torch.Tensor:
+    """Rows 0 .. n-1 of an embedding ``table`` [n, E]: a slice of its weight (no gather) when the table is plain,
+    else by calling it, so a wrapped (LoRA) or hooked table computes its own rows."""
+    if type(table) in (nn.Embedding, GDESEmbedding) and not hooked(table) and global_hooks() is None:
+        return table.weight[:n]
+    return table(torch.arange(n, device=next(table.parameters()).device))
 
 
 def word_table(vocab_size: int, embedding_size: int, pad_token_id: Optional[int]) -> nn.Embedding:
@@ -85,7 +94,7 @@ class ElectraEmbeddings(nn.Module):
         """``position_ids`` int [B, T] (document-masked rows restart them) or None (0 .. T-1 in every row)."""
         x = self.word_embeddings(input_ids)
         if token_type_ids is None:  # type 0 everywhere: add one broadcast row instead of a [B, T] gather
-            x = x + self.token_type_embeddings.weight[0]
+            x = x + first_rows(self.token_type_embeddings, 1)[0]
         else:
             x = x + self.token_type_embeddings(token_type_ids)
         x = x + positions(self.position_embeddings, input_ids.shape[1], position_ids)
@@ -119,7 +128,7 @@ class DebertaV2Embeddings(nn.Module):
         if self.position_biased_input:
             x = x + positions(self.position_embeddings, input_ids.shape[1], position_ids)
         if self.token_type_embeddings is not None:
-            x = x + (self.token_type_embeddings.weight[0] if token_type_ids is None
+            x = x + (first_rows(self.token_type_embeddings, 1)[0] if token_type_ids is None
                      else self.token_type_embeddings(token_type_ids))
         if self.embed_proj is not None:
             x = self.embed_proj(x)

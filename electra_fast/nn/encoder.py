@@ -80,6 +80,12 @@ class StandardSelfAttention(nn.Module):
             self.dropout = Dropout(p)
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x [B, T, H]; key_mask bool / integer [B, T] (nonzero = real token), None, or a ``Packed`` layout."""
+        if isinstance(key_mask, torch.Tensor) and key_mask.dtype != torch.bool:
+            if key_mask.is_floating_point() or key_mask.is_complex():  # SDPA would add it as a bias
+                raise TypeError(f"key_mask: expected a bool or integer tensor [B, T] (nonzero = real token), got "
+                                f"{key_mask.dtype}")
+            key_mask = key_mask != 0  # SDPA takes bool masks only
         p = self.dropout.p if self.training else 0.0
         return standard_attention(x, self.query, self.key, self.value, self.num_heads, key_mask, p)
 

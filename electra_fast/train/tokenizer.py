@@ -210,8 +210,10 @@ def _add_post_processor(tok) -> None:
         special_tokens=[(cls, ids["cls"]), (sep, ids["sep"])])
 
 
-def load_tokenizer(path: str):
-    """A ``tokenizer.json`` file, or a directory holding ``tokenizer.json`` or a WordPiece ``vocab.txt``."""
+def load_tokenizer(path: str, configured: bool = True):
+    """A ``tokenizer.json`` file, or a directory holding ``tokenizer.json``, a WordPiece ``vocab.txt`` or RoBERTa's
+    ``vocab.json`` + ``merges.txt``. ``configured``: a folder's tokenizer.json read as transformers reads it
+    (:func:`_as_configured`); False: as the file says (how runs before 2026-12-06 read it, for their resume check)."""
     from tokenizers import Tokenizer
     path = os.fspath(path)
     file = path
@@ -228,16 +230,12 @@ def load_tokenizer(path: str):
     if not os.path.isfile(file):
         raise PretrainError(f"--tokenizer: no such file or directory: {path}")
     try:
-        with open(file, encoding="utf-8") as f:
-            text = f.read()
-        if os.path.isdir(path):
-            text = _as_configured(text, _tokenizer_config(path))
-        tok = Tokenizer.from_str(text)
-    except PretrainError:
-        raise
+        tok = Tokenizer.from_file(file)
     except Exception as e:  # the Rust error is one line already
         raise PretrainError(f"--tokenizer: cannot read {file}: {reason(e)}") from None
     special_ids(tok, where=file)  # fail now, not after tokenising the corpus
+    if os.path.isdir(path) and configured:
+        _as_configured(tok, path)
     # a saved truncation would cut every document, a saved padding fill the token stream with [PAD] (hub files often
     # carry them); callers that want either set it themselves (fine-tuning does)
     tok.no_truncation()
@@ -260,56 +258,83 @@ def _tokenizer_config(directory: str) -> dict:
     return settings
 
 
-def _bert_normalizer(settings: dict) -> dict:
+def _bert_normalizer(settings: dict):
     """The BertNormalizer transformers' BERT-family tokenizers build from their config (its defaults when a key is
-    absent; strip_accents None: as lowercase), as tokenizers' JSON."""
+    absent; strip_accents None: as lowercase)."""
+    from tokenizers import normalizers
     strip = settings.get("strip_accents")
-    return {"type": "BertNormalizer", "clean_text": True,
-            "handle_chinese_chars": bool(settings.get("tokenize_chinese_chars", True)),
-            "strip_accents": None if strip is None else bool(strip), "lowercase": bool(settings.get("do_lower_case", True))}
+    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=bool(settings.get("tokenize_chinese_chars",
+                                                                                             True)),
+                                      strip_accents=None if strip is None else bool(strip),
+                                      lowercase=bool(settings.get("do_lower_case", True)))
 
 
-# tokenizer_class values (without "Fast") whose transformers class builds its normalizer / byte-level prefix space
-# from tokenizer_config.json over what tokenizer.json holds
+# transformers' tokenizer classes (without "Fast") that build their pipeline from tokenizer_config.json around the
+# vocabulary tokenizer.json holds, and the class AutoTokenizer takes from config.json's model_type without one
 _BERT_CLASSES = {"BertTokenizer", "ElectraTokenizer", "DistilBertTokenizer", "MobileBertTokenizer",
                  "SqueezeBertTokenizer", "LayoutLMTokenizer", "FunnelTokenizer", "LxmertTokenizer", "ConvBertTokenizer",
-                 "RetriBertTokenizer"}
+                 "RetriBertTokenizer", "DPRQuestionEncoderTokenizer", "DPRContextEncoderTokenizer", "DPRReaderTokenizer"}
 _ROBERTA_CLASSES = {"RobertaTokenizer", "LongformerTokenizer", "BartTokenizer", "LEDTokenizer", "BlenderbotTokenizer"}
+_MODEL_TYPES = {"bert": "BertTokenizer", "electra": "ElectraTokenizer", "distilbert": "DistilBertTokenizer",
+                "mobilebert": "MobileBertTokenizer", "squeezebert": "SqueezeBertTokenizer", "layoutlm": "LayoutLMTokenizer",
+                "funnel": "FunnelTokenizer", "lxmert": "LxmertTokenizer", "convbert": "ConvBertTokenizer",
+                "dpr": "DPRQuestionEncoderTokenizer", "roberta": "RobertaTokenizer", "longformer": "LongformerTokenizer",
+                "bart": "BartTokenizer", "led": "LEDTokenizer", "blenderbot": "BlenderbotTokenizer"}
 
 
-def _as_configured(text: str, settings: dict) -> str:
-    """tokenizer.json's text with what transformers' tokenizer class (``tokenizer_class`` in tokenizer_config.json)
-    sets from the config over it: a BERT-family class's lower-casing, accent stripping and Chinese characters, a
-    RoBERTa-family class's ``add_prefix_space`` / ``trim_offsets``. AutoTokenizer follows the config, so reading
-    tokenizer.json alone gave other ids ("The Quick" cased against an uncased config). Unchanged when they agree."""
-    kind = str(settings.get("tokenizer_class") or "").removesuffix("Fast")
-    if kind not in _BERT_CLASSES | _ROBERTA_CLASSES:
-        return text
-    data = json.loads(text)
-    changed = False
+def _tokenizer_class(directory: str, settings: dict) -> str:
+    """The transformers class AutoTokenizer builds for ``directory``: tokenizer_config.json's ``tokenizer_class``,
+    else the one of config.json's ``model_type`` ("" when neither names one)."""
+    kind = settings.get("tokenizer_class")
+    if not kind:
+        try:
+            with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+                kind = _MODEL_TYPES.get(json.load(f).get("model_type"), "")
+        except (OSError, ValueError, AttributeError):
+            kind = ""
+    return str(kind).removesuffix("Fast")
 
-    def put(part: str, key: str, value) -> None:
-        nonlocal changed
-        if isinstance(data.get(part), dict) and data[part].get(key) != value:
-            data[part][key], changed = value, True
 
-    if kind in _BERT_CLASSES and data.get("model", {}).get("type") == "WordPiece":
-        want = _bert_normalizer(settings)
-        if data.get("normalizer") != want:
-            data["normalizer"], changed = want, True
-    elif kind in _ROBERTA_CLASSES and data.get("model", {}).get("type") == "BPE":
-        prefix = bool(settings.get("add_prefix_space", False))
-        if (data.get("pre_tokenizer") or {}).get("type") == "ByteLevel":
-            put("pre_tokenizer", "add_prefix_space", prefix)
-        if (data.get("post_processor") or {}).get("type") in ("RobertaProcessing", "ByteLevel"):
-            put("post_processor", "add_prefix_space", prefix)
-            if data["post_processor"]["type"] == "RobertaProcessing":
-                put("post_processor", "trim_offsets", bool(settings.get("trim_offsets", True)))
-    return json.dumps(data, ensure_ascii=False) if changed else text
+def _as_configured(tok, directory: str) -> None:
+    """``tok`` (a folder's tokenizer.json) with the pipeline transformers' class builds around its vocabulary from
+    the folder's config (in place): a BERT-family class's normalizer (lower-casing, accents, Chinese characters, the
+    class defaults for absent keys), BERT pre-tokenizer and [CLS] / [SEP] template; a RoBERTa-family class's
+    byte-level ``add_prefix_space`` and ``<s> A </s></s> B </s>`` (``trim_offsets``). AutoTokenizer follows these, so
+    reading tokenizer.json alone gave other ids ("The Quick" cased against an uncased config). Nothing changes for
+    other classes (``PreTrainedTokenizerFast``: this project's exports) or a vocabulary of another kind."""
+    settings = _tokenizer_config(directory)
+    kind, model = _tokenizer_class(directory, settings), type(tok.model).__name__
+    if kind in _BERT_CLASSES and model == "WordPiece":
+        _bert_class_pipeline(tok, settings)
+    elif kind in _ROBERTA_CLASSES and model == "BPE":
+        _roberta_class_pipeline(tok, settings)
+
+
+def _bert_class_pipeline(tok, settings: dict) -> None:
+    """transformers' BertTokenizer around ``tok``'s WordPiece vocabulary: normalizer from ``settings``, BERT
+    pre-tokenizer, ``[CLS] A [SEP] B [SEP]``."""
+    from tokenizers import decoders, pre_tokenizers
+    tok.normalizer = _bert_normalizer(settings)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    _add_post_processor(tok)
+
+
+def _roberta_class_pipeline(tok, settings: dict) -> None:
+    """transformers' RobertaTokenizer around ``tok``'s byte-level BPE: ``add_prefix_space`` / ``trim_offsets`` from
+    ``settings``, ``<s> A </s></s> B </s>``."""
+    from tokenizers import decoders, pre_tokenizers, processors
+    prefix = bool(settings.get("add_prefix_space", False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+    tok.decoder = decoders.ByteLevel()
+    ids = special_ids(tok)
+    tok.post_processor = processors.RobertaProcessing(
+        (tok.id_to_token(ids["sep"]), ids["sep"]), (tok.id_to_token(ids["cls"]), ids["cls"]),
+        trim_offsets=bool(settings.get("trim_offsets", True)), add_prefix_space=prefix)
 
 
 def _from_vocab_txt(vocab: str, directory: str):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, models
     try:
         tok = Tokenizer(models.WordPiece.from_file(vocab, unk_token="[UNK]"))
         with open(vocab, encoding="utf-8") as f:
@@ -323,12 +348,8 @@ def _from_vocab_txt(vocab: str, directory: str):
         raise
     except Exception as e:
         raise PretrainError(f"--tokenizer: cannot read {vocab}: {e}") from None
-    bert = _bert_normalizer(_tokenizer_config(directory))  # transformers' BertTokenizer(Fast) reads the config
-    tok.normalizer = normalizers.BertNormalizer(**{k: v for k, v in bert.items() if k != "type"})
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
     special_ids(tok, where=vocab)
-    _add_post_processor(tok)
+    _bert_class_pipeline(tok, _tokenizer_config(directory))  # as transformers' BertTokenizer reads the folder
     return tok
 
 
@@ -336,20 +357,14 @@ def _from_bpe_files(directory: str):
     """A RoBERTa-style folder (``vocab.json`` + ``merges.txt``, what ``save_model`` of a byte-level BPE writes): the
     pipeline transformers' RobertaTokenizer builds (byte-level, ``add_prefix_space`` / ``trim_offsets`` from the
     config, ``<s> A </s></s> B </s>``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    settings = _tokenizer_config(directory)
+    from tokenizers import Tokenizer, models
     vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
     try:
         tok = Tokenizer(models.BPE.from_file(vocab, merges))
     except Exception as e:
         raise PretrainError(f"--tokenizer: cannot read {vocab} + {merges}: {reason(e)}") from None
-    prefix = bool(settings.get("add_prefix_space", False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
-    tok.decoder = decoders.ByteLevel()
-    ids = special_ids(tok, where=vocab)
-    tok.post_processor = processors.RobertaProcessing(
-        (tok.id_to_token(ids["sep"]), ids["sep"]), (tok.id_to_token(ids["cls"]), ids["cls"]),
-        trim_offsets=bool(settings.get("trim_offsets", True)), add_prefix_space=prefix)
+    special_ids(tok, where=vocab)
+    _roberta_class_pipeline(tok, _tokenizer_config(directory))
     return tok
 
 
@@ -463,8 +478,9 @@ def special_pieces(tok) -> set:
 
 
 def _text_only(tok):
-    """``tok``, or a copy whose Unigram model cannot segment text into its special pieces: they are renamed to
-    spellings no text holds (U+FFFF around them); ids, scores and every other piece are unchanged."""
+    """``tok``, or a copy whose Unigram model does not segment text into its special pieces: they are renamed to
+    spellings ordinary text never holds (U+FFFF, a Unicode noncharacter, around them: text that spells those exact
+    characters would still reach them); ids, scores and every other piece are unchanged."""
     pieces = special_pieces(tok)
     if not pieces:
         return tok

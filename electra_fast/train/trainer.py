@@ -392,7 +392,9 @@ class _Job:
         o, ctx, inputs = self.o, self.ctx, self.inputs
         if self.resume_from is not None:
             tok = load_tokenizer(os.path.join(self.resume_from, "tokenizer.json"))
-            if o.tokenizer is not None and fingerprint(load_tokenizer(o.tokenizer)) != fingerprint(tok):
+            # a run started before folders were read as transformers reads them had the file's own reading
+            if o.tokenizer is not None and fingerprint(tok) not in {
+                    fingerprint(load_tokenizer(o.tokenizer, configured=c)) for c in (True, False)}:
                 raise PretrainError(f"--tokenizer: {o.tokenizer} does not match the vocabulary of the checkpoint "
                                     f"being resumed ({self.resume_from}); drop --tokenizer or start a new --out")
             return tok
