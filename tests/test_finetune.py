@@ -887,6 +887,28 @@ def test_mlm_probe_scores_the_masked_positions_and_shuffles_only_context(pretrai
     assert r["original"]["logp"] > r["shuffled"]["logp"] + 3.0
 
 
+def test_mlm_probe_reads_special_spellings_as_text(pretrained, tmp_path, monkeypatch):
+    """The probe encoded its text with tok.encode: a spelled "[SEP]" / "[MASK]" became the special id in the middle
+    of a row, where pretraining reads it as text."""
+    probes = _probes()
+    src, cfg, _, tok = probes._load_run(str(pretrained))
+    seen = []
+
+    class Spy:
+        @staticmethod
+        def logits(ids):
+            seen.append(ids.clone())
+            return torch.zeros(*ids.shape, cfg.vocab_size)
+
+    monkeypatch.setattr(probes, "_load_run", lambda run: (src, cfg, type("M", (), {"generator": Spy()})(), tok))
+    text = tmp_path / "specials.txt"
+    text.write_text("the cat [SEP] sat on [MASK] the mat [CLS] and [PAD] ran\n" * 40)
+    probes.mlm_probe("unused", str(text), seq_len=32, rows=4)
+    body = seen[0][:, 1:-1]
+    specials = [cfg.sep_token_id, cfg.cls_token_id, cfg.pad_token_id]
+    assert not torch.isin(body, torch.tensor(specials)).any()
+
+
 # ------------------------------------------------------------------------------------------ columns and rows
 def _write(path, text):
     path.write_text(text, encoding="utf-8")

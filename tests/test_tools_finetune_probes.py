@@ -39,8 +39,8 @@ def test_a_seq_len_the_model_or_the_text_cannot_fill_is_one_line(tmp_path, monke
     text.write_text("a few words of held-out text\n")
     loaded = []  # the model's limits come from its config: a stand-in run whose rows hold at most 128 positions
     cfg = types.SimpleNamespace(max_position_embeddings=128, cls_token_id=1, sep_token_id=2, mask_token_id=3)
-    tok = types.SimpleNamespace(encode=lambda s, add_special_tokens=False: types.SimpleNamespace(ids=[5] * len(s)),
-                                enable_truncation=lambda n: None)
+    from electra_fast.train.tokenizer import train_tokenizer
+    tok = train_tokenizer("wordpiece", ["a few words of held-out text"] * 10, 100)
     monkeypatch.setattr(finetune_probes, "_load_run", lambda run: loaded.append(run) or ("src", cfg, None, tok))
     assert "--seq-len: expected an int >= 3" in _fail(monkeypatch, capsys, "mlm", "run", text, "--seq-len", 2)
     assert not loaded  # refused before the checkpoint is read

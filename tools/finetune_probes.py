@@ -181,15 +181,18 @@ def mlm_probe(run: str, text: str, seq_len: int = 128, rows: int = 64) -> dict:
     """{"original" | "shuffled": {"accuracy", "logp"}, "unigram logp", "masked"} of the generator on ``text``."""
     from electra_fast.train import PretrainError
     from electra_fast.train.options import check_seq_len, positive
+    from electra_fast.train.tokenizer import encode_documents
 
     positive("seq-len", seq_len, 3)  # [CLS], [SEP] and a token to mask
     src, cfg, model, tok = _load_run(run)
     check_seq_len(seq_len, cfg)
     stream: List[int] = []
     with open(text, encoding="utf-8") as f:
-        for line in f:
-            if line.strip() and len(stream) < rows * seq_len:
-                stream += tok.encode(line.strip(), add_special_tokens=False).ids
+        # as pretraining reads text (a spelled "[SEP]" is text, not the separator the rows add)
+        for ids, _ in encode_documents(tok, (line.strip() for line in f if line.strip())):
+            if len(stream) >= rows * seq_len:
+                break
+            stream += ids
     body = seq_len - 2
     n = min(rows, len(stream) // body)
     if n == 0:
