@@ -451,6 +451,21 @@ def test_hooked_position_and_type_tables_are_called():
     assert sorted(set(fired)) == ["position_embeddings", "token_type_embeddings"]
     assert (hooked - plain).abs().max() > 1e-3
 
+    class BufferTable(torch.nn.Module):  # a frozen table holding its weight as a buffer (no parameters)
+        def __init__(self, weight):
+            super().__init__()
+            self.register_buffer("weight", weight.detach().clone())
+
+        def forward(self, ids):
+            return torch.nn.functional.embedding(ids, self.weight)
+
+    frozen = copy.deepcopy(model)
+    frozen_emb = frozen.discriminator.backbone.embeddings
+    frozen_emb.token_type_embeddings._forward_hooks.clear()
+    frozen_emb.position_embeddings = BufferTable(emb.position_embeddings.weight)  # called: it is no nn.Embedding
+    with torch.no_grad():
+        torch.testing.assert_close(frozen.discriminator(ids, mask), plain, rtol=1e-5, atol=1e-5)
+
 
 @pytest.mark.parametrize("build, match", [
     (lambda nn: nn.Encoder(1, 16, 2, 0, "gelu", 1e-12, 0.0, 0.0), "intermediate_size: expected an int >= 1"),

@@ -179,6 +179,18 @@ def test_a_run_started_on_a_folder_read_without_its_config_resumes_with_it(env, 
         pretrain(env["data"], **_kw(env, tmp_path / "run", steps=6, resume=True, tokenizer=str(tmp_path / "other.json")))
 
 
+def test_a_vocab_and_merges_folder_of_another_class_is_refused(tmp_path):
+    """A vocab.json + merges.txt folder is read with RoBERTa's pipeline; one of another class (GPT-2: no
+    <s> ... </s>) is refused rather than read with RoBERTa's template."""
+    from electra_fast.train.tokenizer import train_tokenizer
+    trained = train_tokenizer("bpe", _corpus()[:200], 300)
+    (tmp_path / "gpt2").mkdir()
+    trained.model.save(str(tmp_path / "gpt2"))
+    (tmp_path / "gpt2" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    with pytest.raises(PretrainError, match="is a GPT2Tokenizer folder; vocab.json \\+ merges.txt are read for"):
+        load_tokenizer(str(tmp_path / "gpt2"))
+
+
 def test_a_vocab_txt_with_a_repeated_line_is_refused(tmp_path):
     """An id is a line number: a repeated token left the vocabulary one short of its largest id (a traceback at the
     first step, "ids must lie in [0, vocab_size=304)", after tokenising the corpus)."""

@@ -63,7 +63,7 @@ def first_rows(table: nn.Module, n: int) -> torch.Tensor:
     else by calling it, so a wrapped (LoRA) or hooked table computes its own rows."""
     if type(table) in (nn.Embedding, GDESEmbedding) and not hooked(table) and global_hooks() is None:
         return table.weight[:n]
-    return table(torch.arange(n, device=next(table.parameters()).device))
+    return table(torch.arange(n, device=table.weight.device))  # a frozen table may hold its weight as a buffer
 
 
 def word_table(vocab_size: int, embedding_size: int, pad_token_id: Optional[int]) -> nn.Embedding:

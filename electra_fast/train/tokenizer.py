@@ -274,12 +274,13 @@ def _bert_normalizer(settings: dict):
 _BERT_CLASSES = {"BertTokenizer", "ElectraTokenizer", "DistilBertTokenizer", "MobileBertTokenizer",
                  "SqueezeBertTokenizer", "LayoutLMTokenizer", "FunnelTokenizer", "LxmertTokenizer", "ConvBertTokenizer",
                  "RetriBertTokenizer", "DPRQuestionEncoderTokenizer", "DPRContextEncoderTokenizer", "DPRReaderTokenizer"}
-_ROBERTA_CLASSES = {"RobertaTokenizer", "LongformerTokenizer", "BartTokenizer", "LEDTokenizer", "BlenderbotTokenizer"}
+# (Blenderbot is not one: it defaults to add_prefix_space=True and keeps the file's post-processor)
+_ROBERTA_CLASSES = {"RobertaTokenizer", "LongformerTokenizer", "BartTokenizer", "LEDTokenizer"}
 _MODEL_TYPES = {"bert": "BertTokenizer", "electra": "ElectraTokenizer", "distilbert": "DistilBertTokenizer",
                 "mobilebert": "MobileBertTokenizer", "squeezebert": "SqueezeBertTokenizer", "layoutlm": "LayoutLMTokenizer",
                 "funnel": "FunnelTokenizer", "lxmert": "LxmertTokenizer", "convbert": "ConvBertTokenizer",
                 "dpr": "DPRQuestionEncoderTokenizer", "roberta": "RobertaTokenizer", "longformer": "LongformerTokenizer",
-                "bart": "BartTokenizer", "led": "LEDTokenizer", "blenderbot": "BlenderbotTokenizer"}
+                "bart": "BartTokenizer", "led": "LEDTokenizer"}
 
 
 def _tokenizer_class(directory: str, settings: dict) -> str:
@@ -359,12 +360,17 @@ def _from_bpe_files(directory: str):
     config, ``<s> A </s></s> B </s>``)."""
     from tokenizers import Tokenizer, models
     vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    settings = _tokenizer_config(directory)
+    kind = _tokenizer_class(directory, settings)
+    if kind and kind not in _ROBERTA_CLASSES:  # another class builds another pipeline (GPT-2: no <s> ... </s>)
+        raise PretrainError(f"--tokenizer: {directory} is a {kind} folder; vocab.json + merges.txt are read for "
+                            "RoBERTa-family classes only (save it as tokenizer.json to use it)")
     try:
         tok = Tokenizer(models.BPE.from_file(vocab, merges))
     except Exception as e:
         raise PretrainError(f"--tokenizer: cannot read {vocab} + {merges}: {reason(e)}") from None
     special_ids(tok, where=vocab)
-    _roberta_class_pipeline(tok, _tokenizer_config(directory))
+    _roberta_class_pipeline(tok, settings)
     return tok
 
 
