@@ -164,6 +164,15 @@ def choice(name: str, value, options: Sequence) -> None:
         raise ValueError(f"{name}: expected one of {tuple(options)}, got {value!r}")
 
 
+def mask_dtype(name: str, mask, what: str = "1 = real token") -> torch.Tensor:
+    """A bool or integer mask tensor (nonzero = ``what``). A float one is refused, not read as 0 / 1: it may be an
+    additive bias (transformers' 0 / -10000 mask reads inverted as nonzero = real)."""
+    tensor(name, mask)
+    if mask.dtype != torch.bool and mask.dtype not in INT_DTYPES:
+        raise TypeError(f"{name}: expected a bool or integer tensor ({what}), got {mask.dtype}")
+    return mask
+
+
 def mask_as_uint8(name: str, mask: Optional[torch.Tensor], ref_name: str, ref: torch.Tensor,
                   keep_int: bool = False, what: str = "1 = real token") -> Optional[torch.Tensor]:
     """A [B, T] bool / integer mask (nonzero = ``what``, by default a real token) as a contiguous uint8 tensor (a
@@ -171,9 +180,7 @@ def mask_as_uint8(name: str, mask: Optional[torch.Tensor], ref_name: str, ref: t
     passed through as they are, for kernels that read them directly."""
     if mask is None:
         return None
-    tensor(name, mask)
-    if mask.dtype != torch.bool and mask.dtype not in INT_DTYPES:
-        raise TypeError(f"{name}: expected a bool or integer tensor ({what}), got {mask.dtype}")
+    mask_dtype(name, mask, what)
     same_shape(name, mask, ref_name, ref)
     same_device(name, mask, ref_name, ref)
     if mask.dtype == torch.bool:

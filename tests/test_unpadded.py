@@ -115,7 +115,8 @@ def test_encoder_inputs_behave_the_same_on_either_path(unpad):
         want = enc(x, mask, unpad=unpad)
         for m in (mask.long(), mask.to(torch.uint8)):
             torch.testing.assert_close(enc(x, m, unpad=unpad), want, rtol=0, atol=0)
-        with pytest.raises(TypeError, match=r"^key_mask: expected a bool or integer tensor \[B, T\], got torch.float32"):
+        with pytest.raises(TypeError,
+                           match=r"^key_mask: expected a bool or integer tensor \(\[B, T\]\), got torch.float32"):
             enc(x, mask.float(), unpad=unpad)
         for bad in (torch.zeros(1, 12, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long)):
             with pytest.raises(ValueError, match=r"^document_ids: expected shape \(2, 6\)"):

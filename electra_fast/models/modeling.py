@@ -106,19 +106,11 @@ def _check_document_ids(document_ids, input_ids: torch.Tensor) -> None:
     _validate.same_device("document_ids", document_ids, "input_ids", input_ids)
 
 
-def _check_mask_dtype(attention_mask: torch.Tensor) -> None:
-    _validate.tensor("attention_mask", attention_mask)
-    if attention_mask.dtype != torch.bool and attention_mask.dtype not in _validate.INT_DTYPES:
-        # a float mask may be transformers' additive one (0 = real, -1e4 = padding), which .bool() reads inverted
-        raise TypeError(f"attention_mask: expected a bool or integer tensor [B, T] (1 = real token, 0 = padding), got "
-                        f"{attention_mask.dtype}")
-
-
 def _key_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """bool [B, T] key-padding mask, or None when nothing is padded (the fast SDPA path)."""
     if attention_mask is None:
         return None
-    _check_mask_dtype(attention_mask)
+    _validate.mask_dtype("attention_mask", attention_mask, "[B, T], 1 = real token, 0 = padding")
     m = attention_mask.bool()
     if bool(m.all()):
         return None
@@ -241,7 +233,7 @@ class ElectraPretrainingModel(nn.Module):
                 raise ValueError(f"input_ids: ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
                                  f"[{int(lo)}, {int(hi)}]")
         if attention_mask is not None:
-            _check_mask_dtype(attention_mask)
+            _validate.mask_dtype("attention_mask", attention_mask, "[B, T], 1 = real token, 0 = padding")
             _validate.same_shape("attention_mask", attention_mask, "input_ids", input_ids)
             _validate.same_device("attention_mask", attention_mask, "input_ids", input_ids)
         if seed is not None:

@@ -81,11 +81,8 @@ class StandardSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """x [B, T, H]; key_mask bool / integer [B, T] (nonzero = real token), None, or a ``Packed`` layout."""
-        if isinstance(key_mask, torch.Tensor) and key_mask.dtype != torch.bool:
-            if key_mask.is_floating_point() or key_mask.is_complex():  # SDPA would add it as a bias
-                raise TypeError(f"key_mask: expected a bool or integer tensor [B, T] (nonzero = real token), got "
-                                f"{key_mask.dtype}")
-            key_mask = key_mask != 0  # SDPA takes bool masks only
+        if isinstance(key_mask, torch.Tensor) and key_mask.dtype != torch.bool:  # SDPA takes bool masks only
+            key_mask = _validate.mask_dtype("key_mask", key_mask, "[B, T], nonzero = real token") != 0
         p = self.dropout.p if self.training else 0.0
         return standard_attention(x, self.query, self.key, self.value, self.num_heads, key_mask, p)
 
@@ -231,9 +228,7 @@ def encoder_inputs(x: torch.Tensor, key_mask: Optional[torch.Tensor], document_i
     for name, t in (("key_mask", key_mask), ("document_ids", document_ids)):
         if t is None or isinstance(t, Documents):
             continue
-        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex():
-            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise TypeError(f"{name}: expected a bool or integer tensor [B, T], got {what}")
+        _validate.mask_dtype(name, t, "[B, T]")
         if tuple(t.shape) != (B, T):
             raise ValueError(f"{name}: expected shape {(B, T)} (the batch's [B, T]), got {tuple(t.shape)}")
     if isinstance(document_ids, Documents) and (document_ids.packed.batch, document_ids.packed.length) != (B, T):
