@@ -196,16 +196,16 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
     tmp, meta_tmp = f"{path}.tmp-{os.getpid()}", f"{path}.json.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            for p in inputs:
-                for ids, starts in encode_documents(tok, read_documents(p, skip_bad_lines, stats), bpe_words=bpe_words,
-                                                    unigram_specials=unigram_specials):
-                    if not ids:
-                        continue
-                    arr = np.asarray(ids + [sep], dtype="<u4") | (np.asarray(starts + [1], dtype="<u4") << 31)
-                    f.write(arr.tobytes())
-                    digest.update(arr.tobytes())
-                    n_docs += 1
-                    n_tokens += arr.size
+            # one pass over every file's documents: the tokenizer is prepared once (a Unigram's text-only copy)
+            docs = (d for p in inputs for d in read_documents(p, skip_bad_lines, stats))
+            for ids, starts in encode_documents(tok, docs, bpe_words=bpe_words, unigram_specials=unigram_specials):
+                if not ids:
+                    continue
+                arr = np.asarray(ids + [sep], dtype="<u4") | (np.asarray(starts + [1], dtype="<u4") << 31)
+                f.write(arr.tobytes())
+                digest.update(arr.tobytes())
+                n_docs += 1
+                n_tokens += arr.size
             f.flush()
             os.fsync(f.fileno())
         if n_tokens == 0:
