@@ -204,12 +204,12 @@ class Lane:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         if args.dry_run:  # the same on any machine: CPU tensors, the Triton interpreter for the Triton backend
             self.env.update({DRY_RUN_ENV: "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"})
+        commit, dirty = bench_report.git_state(ROOT)  # the same reading as the benchmarks' commit label
         self.record = {
             "mode": self.mode, "argv": sys.argv[1:], "device": device, "out": out,
             "started": datetime.datetime.now().isoformat(timespec="seconds"), "budget_s": args.budget or
             BUDGET[self.mode], "estimate_s": sum(t[0] for t in self.times.values()),
-            "commit": _capture(["git", "rev-parse", "--short", "HEAD"]),
-            "dirty": bool(_capture(["git", "status", "--porcelain", "--untracked-files=no"])),
+            "commit": commit, "dirty": dirty,
             "env": {}, "install": {}, "stages": [],
         }
 
