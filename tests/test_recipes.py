@@ -321,16 +321,14 @@ def test_byte_level_bpe_words_are_the_text_between_whitespace(toks):
 
 def _resumes_under_its_old_rule(env, tmp_path, monkeypatch, data, kind, switch, old_code, field, value):
     """A run of tokenizer ``kind`` started by the code before a tokenisation rule changed (``switch`` in the
-    tokenizer, data and trainer modules patched to ``old_code``: no rule recorded), its corpus then touched (the
+    tokenizer module patched to ``old_code``: no rule recorded), its corpus then touched (the
     cache key holds its mtime: tokenised again), resumes; a new run records ``field`` = ``value``. Returns the
     (old, new) runs' token streams."""
     from electra_fast.train import checkpoint as ckpt
     from electra_fast.train import tokenizer as tok_mod
-    from electra_fast.train import trainer as trainer_mod
     kw = dict(tokenizer=None, save_every=2, recipe=dict(tokenizer_type=kind))
     with monkeypatch.context() as m:
-        for module in (tok_mod, data_mod, trainer_mod):
-            m.setattr(module, switch, old_code)
+        m.setattr(tok_mod, switch, old_code)
         pretrain(str(data), **_kw(env, tmp_path / "old", steps=2, **kw))
     state = tmp_path / "old" / "checkpoints" / "step-00000002" / "training_state.pt"
     assert field not in ckpt.load_training_state(str(state))
@@ -368,6 +366,25 @@ def test_a_unigram_run_tokenised_with_special_pieces_resumes_with_them(env, tmp_
                                            lambda tok: set(), "unigram_specials", "text")
     old, new = old & 0x7FFFFFFF, new & 0x7FFFFFFF
     assert (old == 2).sum() > (new == 2).sum() and (new == 1).sum() == 0  # [SEP] = 2, [CLS] = 1 in the text
+
+
+def test_text_rules_are_recorded_and_keyed_only_where_they_concern_the_tokenizer(toks):
+    """A checkpoint records the rules its tokenizer is read with, and a resumed run without them reads the old way;
+    the cache key's part is the one the caches of each reading were written under (a changed spelling would tokenise
+    every existing cache again, and a legacy reading must add nothing)."""
+    from electra_fast.train.tokenizer import TextRules
+    new, old = TextRules(), TextRules.of_checkpoint({})
+    assert TextRules.of_checkpoint(None) == new and old == TextRules("pre-tokens", "pieces")
+    assert TextRules.of_checkpoint({"bpe_words": "whitespace"}) == TextRules("whitespace", "pieces")
+    assert new.recorded(toks["bpe"]) == {"bpe_words": "whitespace"} and new.recorded(toks["wordpiece"]) == {}
+    assert new.recorded(toks["unigram"]) == {"unigram_specials": "text"}
+    assert new.cache_suffix(toks["bpe"]) == ";bpe-words=whitespace" and old.cache_suffix(toks["bpe"]) == ""
+    assert new.cache_suffix(toks["unigram"]) == ";unigram-specials=text" and old.cache_suffix(toks["unigram"]) == ""
+    assert new.cache_suffix(toks["wordpiece"]) == ""
+    with pytest.raises(ValueError, match="bpe_words: expected one of"):
+        TextRules.of_checkpoint({"bpe_words": "spaces"})
+    with pytest.raises(TypeError, match="rules: expected a TextRules"):
+        next(encode_documents(toks["bpe"], ["a b"], rules="whitespace"))
 
 
 def _units(starts_row):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import PretrainError
-from .tokenizer import byte_level, encode_documents, fingerprint, special_ids, special_pieces
+from .tokenizer import TextRules, encode_documents, fingerprint, special_ids
 
 TEXT_SUFFIXES = (".txt", ".jsonl")  # what a --data folder contributes (any case: .TXT too)
 JSONL_SUFFIXES = (".jsonl", ".json")  # a file named so is JSON Lines (datasets' to_json writes .json)
@@ -162,8 +162,7 @@ def read_documents(path: str, skip_bad_lines: bool = False, stats: Optional[dict
 
 
 # ---------------------------------------------------------------------------------------- cache
-def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool, bpe_words: str = "whitespace",
-              unigram_specials: str = "text") -> str:
+def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool, rules: TextRules = TextRules()) -> str:
     h = hashlib.sha256()
     for p in inputs:
         # a datasets save_to_disk folder: its files (a shard rewritten in place leaves the folder's own stat as is)
@@ -174,20 +173,15 @@ def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool, bpe_words: str =
             h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     h.update(fingerprint(tok).encode())
     h.update(f"skip={skip_bad_lines};format={CACHE_FORMAT};special-spellings=text".encode())
-    if bpe_words != "pre-tokens" and byte_level(tok):  # a pre-tokens cache keeps the key it was written under
-        h.update(f";bpe-words={bpe_words}".encode())
-    if unigram_specials != "pieces" and special_pieces(tok):  # as above, for a Unigram with special pieces
-        h.update(f";unigram-specials={unigram_specials}".encode())
+    h.update(rules.cache_suffix(tok).encode())
     return h.hexdigest()[:24]
 
 
 def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines: bool = False,
-                      log=print, bpe_words: str = "whitespace", unigram_specials: str = "text") -> str:
-    """Tokenise ``inputs`` into the cache unless already there; returns the ``.bin`` path. ``bpe_words``,
-    ``unigram_specials``: see :func:`.tokenizer.encode_documents` (a resumed run keeps its checkpoint's rules: the
-    digest covers the ids and bits they give)."""
+                      log=print, rules: TextRules = TextRules()) -> str:
+    """Tokenise ``inputs`` into the cache unless already there, read with ``rules``; returns the ``.bin`` path."""
     os.makedirs(cache_dir, exist_ok=True)
-    key = cache_key(inputs, tok, skip_bad_lines, bpe_words, unigram_specials)
+    key = cache_key(inputs, tok, skip_bad_lines, rules)
     path = os.path.join(cache_dir, f"tokens-{key}.bin")
     if os.path.isfile(path) and os.path.isfile(path + ".json") and _cache_format(path) == CACHE_FORMAT:
         return path
@@ -198,7 +192,7 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
         with open(tmp, "wb") as f:
             # one pass over every file's documents: the tokenizer is prepared once (a Unigram's text-only copy)
             docs = (d for p in inputs for d in read_documents(p, skip_bad_lines, stats))
-            for ids, starts in encode_documents(tok, docs, bpe_words=bpe_words, unigram_specials=unigram_specials):
+            for ids, starts in encode_documents(tok, docs, rules=rules):
                 if not ids:
                     continue
                 arr = np.asarray(ids + [sep], dtype="<u4") | (np.asarray(starts + [1], dtype="<u4") << 31)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Union
 
 from .._validate import reason
@@ -464,15 +465,46 @@ def space_word_starts(tokens) -> List[int]:
             for i, t in enumerate(tokens)]
 
 
-# Byte-level BPE word starts: "whitespace" (space_word_starts), or "pre-tokens" (the GPT-2 pre-tokens' word_ids),
-# what runs tokenised before 2026-12-06 recorded in their caches' digests and resume with
-BPE_WORD_RULES = ("whitespace", "pre-tokens")
+# How pretraining text becomes ids and word starts. A rule that changed keeps its old reading for the runs tokenised
+# under it: per rule, its readings (the current one first, the one runs checkpointed before the rule was recorded used
+# last) and which tokenizers it concerns.
+#   bpe_words: a byte-level BPE's word starts, "whitespace" (space_word_starts) or "pre-tokens" (the GPT-2 pre-tokens'
+#     word_ids; before 2026-12-06);
+#   unigram_specials: a Unigram model holding special tokens as pieces ([PAD] [CLS] [SEP] [UNK], as DeBERTa-v3's and
+#     the run's own Unigram do) reads their spellings in the text as "text", or segments them into the special ids,
+#     "pieces" (before 2026-12-06).
+TEXT_RULES = {"bpe_words": ("whitespace", "pre-tokens"), "unigram_specials": ("text", "pieces")}
 
 
-# A Unigram model that holds special tokens as pieces ([PAD] [CLS] [SEP] [UNK], as DeBERTa-v3's and the run's own
-# Unigram do) segmented their spellings in the text into the special ids: "text" reads them as text, "pieces" is what
-# runs tokenised before 2026-12-06 recorded in their caches' digests and resume with
-UNIGRAM_SPECIAL_RULES = ("text", "pieces")
+@dataclass(frozen=True)
+class TextRules:
+    """The readings of :data:`TEXT_RULES` a run tokenises with: a new run the current ones, a resumed run its
+    checkpoint's (its data digest covers the ids and start bits they give)."""
+    bpe_words: str = TEXT_RULES["bpe_words"][0]
+    unigram_specials: str = TEXT_RULES["unigram_specials"][0]
+
+    def __post_init__(self):
+        for name, readings in TEXT_RULES.items():
+            if getattr(self, name) not in readings:
+                raise ValueError(f"{name}: expected one of {readings}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def of_checkpoint(cls, state: Union[dict, None]) -> "TextRules":
+        """A checkpoint's rules (``None``: a new run); a rule it does not record predates the recording."""
+        if state is None:
+            return cls()
+        return cls(**{name: state.get(name, readings[-1]) for name, readings in TEXT_RULES.items()})
+
+    def recorded(self, tok) -> Dict[str, str]:
+        """What a checkpoint records: the rules that concern ``tok``."""
+        concerns = {"bpe_words": byte_level(tok), "unigram_specials": bool(special_pieces(tok))}
+        return {name: getattr(self, name) for name in TEXT_RULES if concerns[name]}
+
+    def cache_suffix(self, tok) -> str:
+        """The cache key's part: the rules that concern ``tok`` and changed (a cache of the old readings keeps the
+        key it was written under)."""
+        return "".join(f";{name.replace('_', '-')}={value}" for name, value in self.recorded(tok).items()
+                       if value != TEXT_RULES[name][-1])
 
 
 def special_pieces(tok) -> set:
@@ -498,22 +530,18 @@ def _text_only(tok):
     return Tokenizer.from_str(json.dumps(data))
 
 
-def encode_documents(tok, docs: Iterable[str], batch: int = 1024, bpe_words: str = "whitespace",
-                     unigram_specials: str = "text"):
-    """Yield ``(ids, word_starts)`` per document (no special tokens), through the multi-threaded batch API;
-    ``bpe_words``: the word-start rule of a byte-level BPE tokenizer (BPE_WORD_RULES; other kinds have one);
-    ``unigram_specials``: UNIGRAM_SPECIAL_RULES.
+def encode_documents(tok, docs: Iterable[str], batch: int = 1024, rules: TextRules = TextRules()):
+    """Yield ``(ids, word_starts)`` per document (no special tokens), through the multi-threaded batch API, read
+    with ``rules``.
 
     A special token's spelling in the text ("<s>struck</s>" in HTML, a literal "[MASK]" or "[SEP]") is text:
     tokenizers would otherwise give it the special id (a [SEP] that splits the document, a [PAD] attended mid-row,
     an unlabelled [MASK])."""
-    if bpe_words not in BPE_WORD_RULES:
-        raise ValueError(f"bpe_words: expected one of {BPE_WORD_RULES}, got {bpe_words!r}")
-    if unigram_specials not in UNIGRAM_SPECIAL_RULES:
-        raise ValueError(f"unigram_specials: expected one of {UNIGRAM_SPECIAL_RULES}, got {unigram_specials!r}")
-    if unigram_specials == "text":
+    if not isinstance(rules, TextRules):
+        raise TypeError(f"rules: expected a TextRules, got {type(rules).__name__}")
+    if rules.unigram_specials == "text":
         tok = _text_only(tok)
-    by_space = bpe_words == "whitespace" and byte_level(tok)
+    by_space = rules.bpe_words == "whitespace" and byte_level(tok)
     starts = (lambda e: space_word_starts(e.tokens)) if by_space else (lambda e: word_starts(e.word_ids))
     was = tok.encode_special_tokens
     tok.encode_special_tokens = True

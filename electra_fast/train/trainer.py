@@ -40,8 +40,8 @@ from .options import (DEFAULT_EMBEDDED_STEPS, DEFAULT_EMBEDDED_VOCAB, DEFAULT_SA
                       TOKENIZER_NAMES, check_seq_len, default_lr, model_config, positive, real, resolve_precision,
                       summary_writer)
 from .signals import Signals, Uninterrupted
-from .tokenizer import (DEFAULT_VOCAB, MAX_VOCAB, byte_level, config_overrides, fingerprint, load_tokenizer,
-                        min_vocab, special_ids, special_pieces, train_tokenizer)
+from .tokenizer import (DEFAULT_VOCAB, MAX_VOCAB, TextRules, config_overrides, fingerprint, load_tokenizer,
+                        min_vocab, special_ids, train_tokenizer)
 
 def _keep_freed_memory() -> bool:
     """CPU training: let glibc keep freed memory for reuse (True when applied).
@@ -439,12 +439,8 @@ class _Job:
     def _data(self) -> None:
         o, ctx = self.o, self.ctx
         said: list = []  # the cache's report waits until the corpus is known to fill a sequence: no line before an error
-        # a run resumes with the byte-level BPE word starts it was tokenised with (its digest covers them); one
-        # checkpointed before the rule was recorded had the GPT-2 pre-tokens'
-        self.bpe_words = "whitespace" if self.state is None else self.state.get("bpe_words", "pre-tokens")
-        # so with the reading of a Unigram's special pieces (one checkpointed before it was recorded: as pieces)
-        self.unigram_specials = "text" if self.state is None else self.state.get("unigram_specials", "pieces")
-        cache = dict(log=said.append, bpe_words=self.bpe_words, unigram_specials=self.unigram_specials)
+        self.text_rules = TextRules.of_checkpoint(self.state)  # a run resumes reading its text as it was tokenised
+        cache = dict(log=said.append, rules=self.text_rules)
         if ctx.is_main:
             stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, **cache)
         ctx.barrier()
@@ -730,10 +726,7 @@ class _Job:
                      "grad_accum": o.grad_accum, "precision": self.precision, "recipe": self.run_recipe,
                      "heldout_sequences": self.heldout_sequences, "sequences": len(self.packed),
                      "data_sha256": self.data_digest}
-            if byte_level(self.tok):
-                state["bpe_words"] = self.bpe_words
-            if special_pieces(self.tok):
-                state["unigram_specials"] = self.unigram_specials
+            state.update(self.text_rules.recorded(self.tok))
             writers = {"model.safetensors": lambda p: ckpt.save_model(self.net, p),
                        "training_state.pt": lambda p: ckpt.save_training_state(state, p),
                        "config.json": lambda p: self.cfg.to_json_file(p),
