@@ -520,6 +520,15 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(pretrained, tmp_pat
     monkeypatch.setattr(fmodel, "load_encoder", newer_checkpoint)
     with pytest.raises(fdata.FinetuneError, match="other options .*--model: its weights differ"):
         finetune(*args, out=str(tmp_path / "cut"), resume=True, **kw)
+    edited = json.loads(open(real_load(str(pretrained))[2], encoding="utf-8").read())
+    vocab = edited["model"]["vocab"]
+    a, b = "the", "cat"
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # the tokenizer file edited: the same weights read other ids
+    (tmp_path / "edited.json").write_text(json.dumps(edited), encoding="utf-8")
+    monkeypatch.setattr(fmodel, "load_encoder", lambda path: (*real_load(path)[:2], str(tmp_path / "edited.json")))
+    with pytest.raises(fdata.FinetuneError, match="other options .*--model: its tokenizer reads the examples into "
+                                                  "other token ids"):
+        finetune(*args, out=str(tmp_path / "cut"), resume=True, **kw)
     monkeypatch.setattr(fmodel, "load_encoder", real_load)
     done = finetune(*args, out=str(tmp_path / "cut"), resume=True, **kw)
     assert not done["interrupted"]

@@ -184,6 +184,14 @@ def _contents(ds: fdata.Dataset) -> str:
     return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
+def _token_ids(feats: Dict[str, fdata.Features]) -> str:
+    """A fingerprint of the token ids and types each split was read into."""
+    h = hashlib.sha256()
+    for name in sorted(feats):
+        h.update(json.dumps([name, feats[name].ids, feats[name].types]).encode())
+    return h.hexdigest()[:16]
+
+
 def _weights(state: Dict[str, torch.Tensor]) -> str:
     """A fingerprint of the encoder's weights (names, dtypes, shapes, bytes): a run directory's newest checkpoint
     changes while its pretraining goes on, and a resume must not fine-tune the later seeds from other weights."""
@@ -208,6 +216,8 @@ def _claim_out(out: str, record: dict, resume: bool) -> None:
     # a key the saved record lacks came with a later version: nothing to compare it with
     changed = [f"--{k[:-len(' contents')]}: its examples differ" if k.endswith(" contents")
                else "--model: its weights differ (a newer checkpoint of the run?)" if k == "model weights"
+               else "--model: its tokenizer reads the examples into other token ids (its tokenizer file, or "
+                    "electra_fast's reading of it, changed)" if k == "token ids"
                else f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in record.items() if k in saved and saved[k] != v]
     if changed:
         raise FinetuneError(f"--resume: the run in {out} was started with other options ({'; '.join(changed)}); "
@@ -307,6 +317,8 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
         precision = _cpu.default_precision(dev)[0]
     with torch.random.fork_rng(devices=[]):  # the weights fit the architecture: checked before --out is written
         fmodel.build(cfg, None if from_scratch else state, task, len(names), model)
+    feats = {k: fdata.featurize(d, tok, task, names, max_len) for k, d in (("train", tr), ("validation", va),
+                                                                           ("test", te)) if d is not None}
     record = {"model": os.path.abspath(model), "model weights": _weights(state), "train": os.path.abspath(train),
               "validation": os.path.abspath(validation), "test": test and os.path.abspath(test), "task": task,
               "columns": vars(columns), "max_len": max_len, "epochs": epochs, "batch_size": batch_size,
@@ -315,11 +327,11 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
               "from_scratch": from_scratch, "skip_bad_lines": skip_bad_lines,
               # what the files held: a resume over an edited file went on with another schedule and data
               **{f"{k} contents": _contents(d) for k, d in (("train", tr), ("validation", va), ("test", te))
-                 if d is not None}}
+                 if d is not None},
+              # what the model reads of them: its tokenizer file, or electra_fast's reading of it, may change
+              "token ids": _token_ids(feats)}
     _claim_out(out, record, resume)  # every check above ran before anything is written
 
-    feats = {k: fdata.featurize(d, tok, task, names, max_len) for k, d in (("train", tr), ("validation", va),
-                                                                           ("test", te)) if d is not None}
     for k, d in (("train", tr), ("validation", va), ("test", te)):
         if d is not None and d.skipped:
             say(f"warning: --{k}: skipped {d.skipped} bad line(s) (--skip-bad-lines)")
