@@ -56,6 +56,8 @@ def test_correlations_match_their_definitions():
     assert M.spearman(x, y) == pytest.approx(1 - 6 * d2 / (n * (n * n - 1)), abs=1e-12)
     assert list(M.ranks([3.0, 1.0, 3.0, 2.0])) == [3.5, 1.0, 3.5, 2.0]  # ties share their average rank
     assert M.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0
+    with pytest.raises(ValueError, match="finite"):  # NaNs ranked in input order scored a diverged model 1.0
+        M.regression_scores([float("nan")] * 3, [1.0, 2.0, 3.0])
 
 
 def test_entity_f1_counts_exact_spans():
@@ -263,6 +265,23 @@ def test_from_scratch_keeps_architecture_not_weights(pretrained):
 
 
 # ------------------------------------------------------------------------------------------ bad input
+def _dataset_dict(d):
+    """A folder as datasets' DatasetDict.save_to_disk writes it (one folder per split), and what finetune says of
+    it: the splits, or (without the optional package) that it is such a folder."""
+    try:
+        import datasets
+    except ImportError:
+        for split in ("train", "validation"):
+            (d / "splits" / split).mkdir(parents=True)
+            (d / "splits" / split / "state.json").write_text("{}")
+        (d / "splits" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation"]}))
+        return str(d / "splits"), "is a datasets save_to_disk folder; install the 'datasets' package"
+    rows = {"sentence": ["a b", "c d"], "label": ["yes", "no"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "validation": datasets.Dataset.from_dict(rows)}).save_to_disk(str(d / "splits"))
+    return str(d / "splits"), "holds several splits (train, validation); pass one split's folder"
+
+
 def _bad_cases(d, pretrained, tmp_path):
     def w(name, text):
         (d / name).write_text(text)
@@ -287,6 +306,7 @@ def _bad_cases(d, pretrained, tmp_path):
     shutil.copytree(tmp_path / "bert-one-type", tmp_path / "bert-short")  # its config says 2 layers, its weights 1
     config = json.loads((tmp_path / "bert-short" / "config.json").read_text())
     (tmp_path / "bert-short" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    splits = _dataset_dict(d)
     shutil.copytree(tmp_path / "bert-one-type", tmp_path / "bert-no-tokenizer")
     os.remove(tmp_path / "bert-no-tokenizer" / "tokenizer.json")
     return [
@@ -334,6 +354,13 @@ def _bad_cases(d, pretrained, tmp_path):
         (model + good + ["--sift", "-1"], "--sift: expected a finite number >= 0"),
         (model + ["--train", w("float.jsonl", '{"sentence": "a", "label": 1.5}\n'), "--validation",
                   str(d / "dev.jsonl")], "class label 1.5 must be a string or an integer"),
+        # finite as a Python float, inf as the model's float32 target: the run trained to NaN, scored Spearman 1.0
+        (model + ["--train", w("huge.jsonl", '{"sentence": "a b", "label": 1e39}\n'), "--validation",
+                  str(d / "dev-reg.jsonl"), "--task", "regression"], "regression label 1e+39 is outside float32's"),
+        (model + ["--train", w("blank-tag.jsonl", '{"tokens": ["a", "b"], "tags": ["O", " "]}\n'), "--validation",
+                  str(d / "dev-ner.jsonl"), "--task", "token-classification"], "blank-tag.jsonl line 1: a tag is empty"),
+        # datasets' DatasetDict.save_to_disk layout (its own message was unreachable: "not a save_to_disk folder")
+        (model + ["--train", splits[0], "--validation", str(d / "dev.tsv")], splits[1]),
     ]
 
 
@@ -959,6 +986,41 @@ def test_token_files_columns_fallbacks_indices_and_unlabelled_tests(tmp_path):
     assert (ds.examples[0].text, ds.examples[0].label) == (["the", "cat", "sat"], ["O", "B-ANI", "O"])
     with pytest.raises(fdata.FinetuneError, match="no tokens column"):  # indices given for the wrong task: one line
         fdata.read(headerless, "token-classification", fdata.Columns(text="0", label="1"), "--train")
+    spaced = _write(tmp_path / "s.jsonl", '{"tokens": ["Ann", "ran"], "tags": ["B-PER ", "O"]}\n'
+                    '{"tokens": ["Bo", "sat"], "tags": ["B-PER", " O"]}\n')
+    ds = fdata.read(spaced, "token-classification", fdata.Columns(), "--train")
+    assert fdata.label_names(ds, "token-classification") == ["O", "B-PER"]  # as class labels: stripped
+
+
+def test_a_diverging_run_stops_with_one_line_before_its_step(pretrained, tmp_path):
+    """Labels near 1e20 square to inf in float32: the run trained to NaN weights, wrote "Infinity" into
+    metrics.jsonl and scored its NaN predictions Spearman 1.0; it stops at the first non-finite loss instead."""
+    d = _classification_files(tmp_path / "data")
+    rows = [json.loads(x) for x in open(d / "train-reg.jsonl")]
+    (d / "huge.jsonl").write_text("".join(json.dumps({**r, "label": r["label"] * 1e19}) + "\n" for r in rows))
+    with pytest.raises(fdata.FinetuneError, match="seed 1 epoch 1: the training loss or its gradient is not finite "
+                                                  r"\(inf\); .* lower --lr or scale the regression labels"):
+        _run(pretrained, d, tmp_path / "out", "huge.jsonl", "dev-reg.jsonl", task="regression")
+    assert not (tmp_path / "out" / "seed-1" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("task", ["regression", "classification", "token-classification"])
+def test_heads_project_in_fp32_under_bf16_autocast(pretrained, task):
+    """bf16 logits hold 8 bits: regression predictions fell on steps of 0.016 near 3 (two distinct values over 30
+    examples), so the scores and the chosen epoch differed from the fp32 export's."""
+    cfg, state, _ = fmodel.load_encoder(str(pretrained))
+    net = fmodel.build(cfg, state, task, 3, str(pretrained)).eval()
+    ids = torch.randint(5, 50, (4, 9))
+    mask, types = torch.ones_like(ids), torch.zeros_like(ids)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(ids, mask, types)
+        head = net.head.out_proj if task != "token-classification" else net.head.classifier
+        hidden = {}
+        head.register_forward_pre_hook(lambda m, a: hidden.update(x=a[0]))
+        again = net(ids, mask, types)
+    assert out.dtype == torch.float32 and hidden["x"].dtype == torch.float32
+    expect = torch.nn.functional.linear(hidden["x"], head.weight.float(), head.bias.float())
+    assert torch.equal(again.reshape(expect.shape), expect)
 
 
 def test_token_cells_written_as_list_literals_are_lists(tmp_path):
@@ -992,6 +1054,8 @@ def test_rows_keep_their_place_when_bad_lines_are_skipped(tmp_path):
 def test_label_order_is_fixed_and_tag_sets_pick_their_metric():
     ds = fdata.Dataset([fdata.Example("x", label=v) for v in ("2", "01", "1", "0")])
     assert fdata.label_names(ds, "classification") == ["0", "01", "1", "2"]  # whatever the set's hash order
+    ds = fdata.Dataset([fdata.Example("x", label=v) for v in ("-1", "+1")])  # SVM-light's classes: +1 is class 1
+    assert fdata.label_names(ds, "classification") == ["-1", "+1"]
     ds = fdata.Dataset([fdata.Example("x", label=v) for v in ("\u2461", "\u2460")])  # "②".isdigit() is True
     assert fdata.label_names(ds, "classification") == ["\u2460", "\u2461"]
     assert M.selection_metric("token-classification", ["O", "B-PER", "I-PER"]) == "entity_f1"

@@ -139,8 +139,8 @@ def _tsv_quoting(text: str, where: str) -> int:
 
 
 def _saved_dataset(path: str, flag: str) -> List[Tuple[int, dict]]:
-    if not os.path.isfile(os.path.join(path, "dataset_info.json")) and not os.path.isfile(
-            os.path.join(path, "state.json")):
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "state.json",
+                                                               "dataset_dict.json")):
         raise FinetuneError(f"{flag}: {path} is a directory but not a datasets save_to_disk folder")
     try:
         import datasets  # optional: only this input format needs it
@@ -326,7 +326,10 @@ def _example(row, names: dict, task: str, labelled: bool, where: str, indexed: b
             raise FinetuneError(f"{where}: tags must be a list of labels")
         if len(tags) != len(tokens):
             raise FinetuneError(f"{where}: {len(tags)} tags for {len(tokens)} tokens")
-        return Example(tokens, None, [str(t) for t in tags], where)
+        tags = [str(t).strip() for t in tags]  # as class labels are: "B-PER " is B-PER, not another entity type
+        if not all(tags):
+            raise FinetuneError(f"{where}: a tag is empty")
+        return Example(tokens, None, tags, where)
     text = _field(row, names["text"], where, "text")
     if not isinstance(text, str) or not text.strip():
         raise FinetuneError(f"{where}: the text is empty or not a string")
@@ -348,10 +351,15 @@ def _example(row, names: dict, task: str, labelled: bool, where: str, indexed: b
             raise FinetuneError(f"{where}: regression label {label!r} is not a number") from None
         if not math.isfinite(value) or isinstance(label, bool):
             raise FinetuneError(f"{where}: regression label {label!r} is not a finite number")
+        if abs(value) > _FP32_MAX:  # infinite in the model's float32 targets
+            raise FinetuneError(f"{where}: regression label {label!r} is outside float32's range (|x| <= 3.4e38)")
         return Example(text, pair, value, where)
     if isinstance(label, (float, bool)) or not isinstance(label, (str, int)):
         raise FinetuneError(f"{where}: class label {label!r} must be a string or an integer")
     return Example(text, pair, str(label).strip(), where)
+
+
+_FP32_MAX = float(np.finfo(np.float32).max)
 
 
 # ---------------------------------------------------------------------------------------- labels
@@ -362,7 +370,7 @@ def label_names(train: Dataset, task: str) -> List[str]:
     values = {t for e in train.examples for t in (e.label if task == "token-classification" else [e.label])}
     if task == "token-classification" and "O" in values:
         return ["O"] + sorted(values - {"O"})
-    if all(re.fullmatch(r"-?[0-9]+", v) for v in values):  # ASCII digits only: int() refuses "①"
+    if all(re.fullmatch(r"[-+]?[0-9]+", v) for v in values):  # ASCII digits only: int() refuses "①"
         return sorted(values, key=lambda v: (int(v), v))  # "1" and "01" tie on int: a fixed order all the same
     return sorted(values)
 

@@ -135,6 +135,10 @@ def classification_scores(pred: Sequence[int], gold: Sequence[int], num_labels: 
 
 
 def regression_scores(pred: Sequence[float], gold: Sequence[float]) -> Dict[str, float]:
+    p, g = _pair(pred, gold)
+    if not (np.isfinite(p.astype(np.float64)).all() and np.isfinite(g.astype(np.float64)).all()):
+        # NaNs would be ranked in input order: Spearman 1.0 for a diverged model
+        raise ValueError("metrics: regression scores need finite predictions and labels")
     return {"pearson": pearson(pred, gold), "spearman": spearman(pred, gold)}
 
 

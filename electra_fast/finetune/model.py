@@ -36,6 +36,14 @@ from .._validate import reason
 from .errors import FinetuneError
 
 
+def _fp32_projection(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``proj(x)`` in fp32 under autocast: bf16 logits hold 8 bits, so a regression output rounded to steps of
+    0.016 near 3 (the predictions, their scores and the epoch chosen then differed from the fp32 export's); the
+    projection is H x labels, its cost nothing."""
+    with torch.autocast(x.device.type, enabled=False):
+        return proj(x.float())
+
+
 class ClassificationHead(nn.Module):
     """hidden [B, T, H] -> logits [B, num_labels] from the first token (ELECTRA's / DeBERTa's pooled head)."""
 
@@ -47,7 +55,7 @@ class ClassificationHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.dense(self.dropout(hidden[:, 0])))
-        return self.out_proj(self.dropout(x))
+        return _fp32_projection(self.out_proj, self.dropout(x))
 
 
 class TokenHead(nn.Module):
@@ -59,7 +67,7 @@ class TokenHead(nn.Module):
         self.classifier = nn.Linear(hidden, num_labels)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(hidden))
+        return _fp32_projection(self.classifier, self.dropout(hidden))
 
 
 class FinetuneModel(nn.Module):

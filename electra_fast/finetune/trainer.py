@@ -120,6 +120,9 @@ def predict(model: fmodel.FinetuneModel, feats: fdata.Features, pad: int, batch_
         b = _collate(feats, order[s:s + batch_size].tolist(), pad, model.task)
         with _autocast(device, precision):
             logits = model(b.ids.to(device), b.mask.to(device), b.types.to(device)).float().cpu()
+        if not bool(torch.isfinite(logits).all()):  # argmax reads NaN as the largest; a rank as any number
+            raise FinetuneError("the model's outputs are not finite (NaN or inf) on some examples: its weights are; "
+                                "fine-tune from another checkpoint")
         for r, i in enumerate(b.rows):
             if model.task == "regression":
                 out[i] = float(logits[r])
@@ -404,7 +407,12 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
                         loss = loss + hp["sift"] * adversary.loss(logits, lambda: net(ids, mask, types), task, counted)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                if not bool(torch.isfinite(loss.detach() + norm)):  # before the step: the saved epochs stay whole
+                    raise FinetuneError(
+                        f"seed {seed} epoch {epoch}: the training loss or its gradient is not finite ({float(loss.detach()):g});"
+                        f" the epochs evaluated before stand in {out}; lower --lr"
+                        + (" or scale the regression labels" if task == "regression" else ""))
                 optimizer.step()
                 scheduler.step()
                 losses.append(float(loss.detach()))
