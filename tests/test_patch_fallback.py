@@ -349,6 +349,59 @@ def test_adapters_subclassing_intermediate_or_output_are_not_bypassed():
         torch.testing.assert_close(got, model(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family, cls_name", [("bert", "BertModel"), ("deberta_v2", "DebertaV2Model")])
+def test_an_activation_swapped_after_patching_is_computed(family, cls_name):
+    """The erf-GELU check ran at patch time only: an activation set afterwards (or under apply_to_transformers, any
+    time after construction) was ignored, the fused MLP computing GELU (0.04 off); under strict it is named."""
+    inputs, _ = batch()
+    plain, patched = build(family, cls_name), build(family, cls_name)
+    electra_fast.patch(patched)
+    for model in (plain, patched):
+        for layer in model.encoder.layer:
+            layer.intermediate.intermediate_act_fn = torch.nn.ReLU()
+    want = plain(**inputs).last_hidden_state
+    torch.testing.assert_close(patched(**inputs).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+    strict = build(family, cls_name)
+    electra_fast.patch(strict, strict=True)
+    strict.encoder.layer[0].intermediate.intermediate_act_fn = torch.nn.Tanh()
+    with pytest.raises(ValueError, match="the feed-forward activation Tanh is not the erf GELU"):
+        strict(**inputs)
+
+
+def test_attention_fallback_passes_transformers_the_arguments_it_got(monkeypatch):
+    """The fallback called transformers' forward as (hidden, mask, cache, **kwargs): where the cache argument is
+    named ``past_key_values`` (transformers 5.x before the rename) a layer passing it by name got "multiple values
+    for argument 'past_key_values'"; transformers' forward now gets exactly what the patched one got."""
+    model = build("bert", "BertModel")
+    electra_fast.patch(model)
+    attention = model.encoder.layer[0].attention.self
+    seen = []
+    monkeypatch.setattr(type(attention), "forward", lambda self, *a, **kw: seen.append((a, kw)) or (a[0], None))
+    h, mask = torch.randn(2, 5, 32), torch.zeros(2, 1, 5, 5)
+    for args, kwargs in (((h,), dict(attention_mask=mask, past_key_values=None, output_attentions=True)),
+                         ((h, mask), dict(output_attentions=True)), ((h, mask, None), dict(output_attentions=True))):
+        seen.clear()
+        attention(*args, **kwargs)
+        assert len(seen) == 1 and len(seen[0][0]) == len(args) and seen[0][1].keys() == kwargs.keys()
+        assert all(a is b for a, b in zip(seen[0][0], args))
+
+
+def test_apply_to_transformers_builds_family_models_with_no_layers():
+    """A legal model of the family with none of its layers (num_hidden_layers=0) raised patch's "found none of their
+    layers" from its constructor under apply_to_transformers; it builds, unpatched, as in transformers."""
+    inputs, _ = batch()
+    plain = build("bert", "BertModel", num_hidden_layers=0)
+    electra_fast.apply_to_transformers()
+    try:
+        built = build("bert", "BertModel", num_hidden_layers=0)
+    finally:
+        electra_fast.remove_from_transformers()
+    assert not electra_fast.is_patched(built)
+    torch.testing.assert_close(built(**inputs).last_hidden_state, plain(**inputs).last_hidden_state)
+    with pytest.raises(ValueError, match="found none of their layers"):  # asked for explicitly: named
+        electra_fast.patch(built)
+
+
 def test_a_forward_set_on_the_instance_is_not_bypassed_nor_removed():
     """An adapter assigned as `layer.intermediate.forward = ...` was skipped by the fused feed-forward (0.017 off,
     even under strict); unpatch must leave it in place (it is the user's, not patch's)."""

@@ -62,12 +62,16 @@ def _call_unsupported(self, hidden_states, attention_mask, cache, kwargs) -> "tu
     return None, key_mask
 
 
-def attention_forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
-    """``*SelfAttention.forward``: hidden_states [B, T, H] -> (context [B, T, H], None)."""
+def attention_forward(self, hidden_states, *args, **kwargs):
+    """``*SelfAttention.forward``: hidden_states [B, T, H] -> (context [B, T, H], None). ``(attention_mask, cache)``
+    positionally or by name; transformers' code gets the arguments as they came (its cache argument was
+    ``past_key_values`` in earlier 5.x releases: a fallback that passed ``cache`` raised "multiple values")."""
+    attention_mask = args[0] if args else kwargs.get("attention_mask")
+    cache = args[1] if len(args) > 1 else kwargs.get("cache", kwargs.get("past_key_values"))
     reason, key_mask = _call_unsupported(self, hidden_states, attention_mask, cache, kwargs)
     if reason is not None:
         fallback(self, reason)
-        return type(self).forward(self, hidden_states, attention_mask, cache, **kwargs)
+        return type(self).forward(self, hidden_states, *args, **kwargs)
     p = self.dropout.p if self.training else 0.0
     padded = key_mask is not None and not bool(key_mask.all())
     # the fused dropout op leaves padded query rows 0 where transformers attends from them as from any row (a

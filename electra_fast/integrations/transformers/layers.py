@@ -67,9 +67,9 @@ def norm(output: nn.Module, y: torch.Tensor, residual: torch.Tensor) -> torch.Te
     promoted first, as transformers' add does."""
     if not _swap.overrides(output, "forward"):
         return output.LayerNorm(output.dropout(y) + residual)
-    reason = not_plain(LayerNorm=output.LayerNorm) or not_called(dropout=output.dropout)
+    reason = layer_norm_unsupported(output)
     if reason is not None:
-        fallback(output, f"layer_norm: {reason}")
+        fallback(output, reason)
         return output.LayerNorm(output.dropout(y) + residual)
     dtype = torch.promote_types(y.dtype, residual.dtype)
     return add_norm(y.to(dtype), residual.to(dtype), output.LayerNorm, output.dropout, output.training)
@@ -93,23 +93,26 @@ def feed_forward(layer: nn.Module, attention_output: torch.Tensor) -> torch.Tens
 
 
 def feed_forward_unsupported(layer: nn.Module) -> Optional[str]:
-    act = layer.intermediate.intermediate_act_fn
-    if not erf_gelu(act):
-        return f"mlp: the feed-forward activation {type(act).__name__} is not the erf GELU ('gelu')"
     reason = _mlp_parts(layer)
     return None if reason is None else f"mlp: {reason}"
 
 
 def _mlp_parts(layer: nn.Module) -> Optional[str]:
-    """Why the fused feed-forward may not stand in for ``layer.intermediate`` and ``layer.output`` (None: it may)."""
+    """Why the fused feed-forward may not stand in for ``layer.intermediate`` and ``layer.output`` (None: it may).
+    Checked at each call: an activation swapped after patching (``intermediate_act_fn = nn.ReLU()``) is seen."""
     inter, out = layer.intermediate, layer.output
+    act = inter.intermediate_act_fn
+    if not erf_gelu(act):
+        name = getattr(act, "__name__", type(act).__name__)
+        return f"the feed-forward activation {name} is not the erf GELU ('gelu')"
     return (not_plain(**{"intermediate.dense": inter.dense, "output.dense": out.dense})
             or not_called(**{"intermediate": inter, "output": out, "intermediate.intermediate_act_fn":
                              inter.intermediate_act_fn, "output.dropout": out.dropout}))
 
 
 def layer_norm_unsupported(output: nn.Module) -> Optional[str]:
-    """Why the add-norm of a ``*SelfOutput`` / ``*Output`` cannot be fused (None: it can)."""
+    """Why the add-norm of a ``*SelfOutput`` / ``*Output`` cannot be fused (None: it can); at patch time and at
+    each call."""
     if not is_layer_norm(output.LayerNorm):
         return "layer_norm: not torch's LayerNorm"
     reason = not_plain(LayerNorm=output.LayerNorm) or not_called(dropout=output.dropout)

@@ -205,7 +205,10 @@ def apply_to_transformers(*, attention: bool = True, layer_norm: bool = True, ml
 
         def post_init(self, _parent=parent):
             _parent(self)
-            patch(self, **options)
+            # a model of the family with none of its layers (0 layers, a user's class holding only heads) is legal:
+            # nothing to patch, where an explicit patch() names that
+            if next(iter(_matches(self)), None) is not None:
+                patch(self, **options)
 
         post_init._electra_fast_replaced = original
         cls.post_init = post_init
