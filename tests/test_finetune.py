@@ -358,7 +358,8 @@ def _bad_cases(d, pretrained, tmp_path):
         (model + ["--train", w("huge.jsonl", '{"sentence": "a b", "label": 1e39}\n'), "--validation",
                   str(d / "dev-reg.jsonl"), "--task", "regression"], "regression label 1e+39 is outside float32's"),
         (model + ["--train", w("blank-tag.jsonl", '{"tokens": ["a", "b"], "tags": ["O", " "]}\n'), "--validation",
-                  str(d / "dev-ner.jsonl"), "--task", "token-classification"], "blank-tag.jsonl line 1: a tag is empty"),
+                  str(d / "dev-ner.jsonl"), "--task", "token-classification"],
+         "blank-tag.jsonl line 1: a tag is empty"),
         # datasets' DatasetDict.save_to_disk layout (its own message was unreachable: "not a save_to_disk folder")
         (model + ["--train", splits[0], "--validation", str(d / "dev.tsv")], splits[1]),
     ]

@@ -121,8 +121,8 @@ def predict(model: fmodel.FinetuneModel, feats: fdata.Features, pad: int, batch_
         with _autocast(device, precision):
             logits = model(b.ids.to(device), b.mask.to(device), b.types.to(device)).float().cpu()
         if not bool(torch.isfinite(logits).all()):  # argmax reads NaN as the largest; a rank as any number
-            raise FinetuneError("the model's outputs are not finite (NaN or inf) on some examples: its weights are; "
-                                "fine-tune from another checkpoint")
+            raise FinetuneError("the model's outputs are not finite (NaN or inf) on some examples: its weights "
+                                "overflowed (lower --lr) or --model holds non-finite weights")
         for r, i in enumerate(b.rows):
             if model.task == "regression":
                 out[i] = float(logits[r])
@@ -410,8 +410,8 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
                 norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
                 if not bool(torch.isfinite(loss.detach() + norm)):  # before the step: the saved epochs stay whole
                     raise FinetuneError(
-                        f"seed {seed} epoch {epoch}: the training loss or its gradient is not finite ({float(loss.detach()):g});"
-                        f" the epochs evaluated before stand in {out}; lower --lr"
+                        f"seed {seed} epoch {epoch}: the training loss or its gradient is not finite "
+                        f"({float(loss.detach()):g}); the epochs evaluated before stand in {out}; lower --lr"
                         + (" or scale the regression labels" if task == "regression" else ""))
                 optimizer.step()
                 scheduler.step()
