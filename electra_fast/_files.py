@@ -33,6 +33,18 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
 
 
+def load_safetensors(path: str) -> dict:
+    """``safetensors.torch.load_file(path)`` (memory-mapped); a path that is not UTF-8 (a POSIX name may hold any
+    bytes; safetensors' Rust side refuses them: "is not valid UTF-8") is read through Python instead."""
+    from safetensors.torch import load, load_file
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        with open(path, "rb") as f:
+            return load(f.read())
+    return load_file(path)
+
+
 def write_text(path: str, text: str) -> None:
     """``text`` (UTF-8) as the whole of ``path``, atomically."""
     def write(tmp: str) -> None:

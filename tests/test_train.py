@@ -310,6 +310,24 @@ def test_end_to_end_loss_falls_checkpoints_export(env, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_paths_that_are_not_utf8_are_read_and_written(env, tmp_path, capsys):
+    """A POSIX file name may hold any bytes but / and NUL (Python's str holds the others as surrogates): --data,
+    --out, a trained tokenizer and export ended in a UnicodeEncodeError traceback (the cache key's .encode(),
+    tokenizers' save and from_file, which take UTF-8 paths only)."""
+    odd = lambda name: tmp_path / os.fsdecode(name.encode() + b"\xff")
+    data, out, exp = odd("corpus"), odd("run"), odd("export")
+    shutil.copy(env["data"], data)
+    argv = ["pretrain", "--data", str(data), "--out", str(out), "--model", env["model"], "--seq-len", "32",
+            "--batch-size", "4", "--vocab-size", "120", "--log-every", "1", "--no-progress"]
+    assert cli_main(argv + ["--steps", "2"]) == 0
+    assert cli_main(["export", str(out), str(exp)]) == 0
+    from electra_fast.train.tokenizer import load_tokenizer
+    assert load_tokenizer(str(exp / "discriminator")).get_vocab_size() == 120
+    assert cli_main(argv + ["--steps", "3", "--resume"]) == 0
+    assert sorted(_losses(out)) == [1, 2, 3]
+    assert "run\\udcff/" in capsys.readouterr().err  # named, escaped (a strict stream raised)
+
+
 def test_resume_reproduces_uninterrupted_run(env, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     pretrain(env["data"], **_kw(env, straight, steps=8, save_every=4, keep=5, grad_accum=2))
@@ -370,6 +388,29 @@ def test_resume_keeps_the_runs_bookkeeping_unless_changed(env, tmp_path):
     assert ckpts() == ["step-00000008", "step-00000009"]
     with pytest.raises(PretrainError, match=r"^--steps: the resumed run is already at step 9 >= --steps 9$"):
         pretrain(None, **bare)
+
+
+def test_resume_keeps_the_runs_thread_count(env, tmp_path):
+    """--threads was not recorded: a bare --resume of a --threads 1 run ran with torch's default count, whose
+    reductions (LayerNorm's parameter gradients) sum in another order, and drifted from the uninterrupted run with
+    no word. It is inherited now; a count above this machine's CPUs is not (torch's default, as without one)."""
+    run = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, run, steps=2, save_every=1, threads=1))
+    bare = dict(tokenizer=env["tokenizer"], out=str(run), resume=True, progress=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pretrain(None, steps=3, **bare)
+        assert torch.get_num_threads() == 1
+        record = json.loads((run / "run.json").read_text())
+        assert record["options"]["threads"] == 1
+        record["options"]["threads"] = 100_000  # a run made on a larger machine
+        (run / "run.json").write_text(json.dumps(record))
+        torch.set_num_threads(2)
+        pretrain(None, steps=4, **bare)  # not "--threads: expected an int <= 2"
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_resume_refuses_another_vocabulary_and_a_restart_keeps_the_precision(env, tmp_path):

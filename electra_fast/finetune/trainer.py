@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _cpu
-from .._files import write_atomic, write_json, write_text
+from .._files import load_safetensors, write_atomic, write_json, write_text
 from ..train.errors import PretrainError
 from ..train.distributed import check_device
 from ..train.optim import layer_decay, linear_schedule, param_groups
@@ -364,7 +364,7 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
 
 def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precision, out, metric, progress, say,
               source) -> dict:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm import tqdm
 
     os.makedirs(out, exist_ok=True)  # --resume: the seed's directory may hold its last finished epoch
@@ -387,7 +387,7 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
     if resumed is not None:
         best, best_epoch, history = resumed
         if best_epoch > 0:
-            best_state = (best, best_epoch, load_file(os.path.join(out, "best.safetensors")))
+            best_state = (best, best_epoch, load_safetensors(os.path.join(out, "best.safetensors")))
         say(f"seed {seed}: resuming after epoch {len(history)}")
     bar = tqdm(total=total, initial=len(history) * per_epoch, disable=not progress, unit="step",
                desc=f"seed {seed}", file=sys.stderr)

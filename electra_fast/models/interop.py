@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .._files import load_safetensors
 from .._validate import reason
 from .config import ElectraConfig
 
@@ -281,8 +282,7 @@ def load_weights(path: str, what: str = "weights file") -> Dict[str, torch.Tenso
     from safetensors import SafetensorError
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
+            return load_safetensors(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as e:
         # truncated or foreign bytes (torch.load's legacy reader raises KeyError on a wrong magic number)

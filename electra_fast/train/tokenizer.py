@@ -231,7 +231,8 @@ def load_tokenizer(path: str, configured: bool = True):
     if not os.path.isfile(file):
         raise PretrainError(f"--tokenizer: no such file or directory: {path}")
     try:
-        tok = Tokenizer.from_file(file)
+        with open(file, encoding="utf-8") as f:  # not from_file: the Rust side takes UTF-8 paths only
+            tok = Tokenizer.from_str(f.read())
     except Exception as e:  # the Rust error is one line already
         raise PretrainError(f"--tokenizer: cannot read {file}: {reason(e)}") from None
     special_ids(tok, where=file)  # fail now, not after tokenising the corpus
@@ -413,11 +414,18 @@ def fingerprint(tok) -> str:
     return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
 
 
+def write_tokenizer(tok, path: str) -> None:
+    """``tok.save(path)``'s file (pretty JSON), written by Python: tokenizers' own save takes UTF-8 paths only, and a
+    POSIX file name may hold any bytes (Python's str holds them as surrogates)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(tok.to_str(pretty=True))
+
+
 def save_for_transformers(tok, directory: str, model_max_length: int = 512) -> None:
     """``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json``: what
     ``transformers.AutoTokenizer.from_pretrained`` needs (as ``PreTrainedTokenizerFast``)."""
     os.makedirs(directory, exist_ok=True)
-    tok.save(os.path.join(directory, "tokenizer.json"))
+    write_tokenizer(tok, os.path.join(directory, "tokenizer.json"))
     ids = special_ids(tok)
     names = {f"{role}_token": tok.id_to_token(i) for role, i in ids.items()}
     with open(os.path.join(directory, "special_tokens_map.json"), "w", encoding="utf-8") as f:

@@ -41,7 +41,7 @@ from .options import (DEFAULT_EMBEDDED_STEPS, DEFAULT_EMBEDDED_VOCAB, DEFAULT_SA
                       summary_writer)
 from .signals import Signals, Uninterrupted
 from .tokenizer import (DEFAULT_VOCAB, MAX_VOCAB, TextRules, config_overrides, fingerprint, load_tokenizer,
-                        min_vocab, special_ids, train_tokenizer)
+                        min_vocab, special_ids, train_tokenizer, write_tokenizer)
 
 def _keep_freed_memory() -> bool:
     """CPU training: let glibc keep freed memory for reuse (True when applied).
@@ -111,9 +111,9 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     ``override``. ``resume``: the options of :data:`RUN_OPTIONS` and ``steps`` not given (None) are the run's
     (run.json); one of :data:`RUN_OPTIONS` given that differs from the run's is refused (it would change or be
     ignored by the continued run); a given ``steps`` may differ (train longer), as may the bookkeeping of
-    :data:`RUN_SETTINGS` (checkpoints kept and their period, logging, evaluation). ``init_from``: continue pretraining
-    from a run / export / transformers directory (:mod:`.init_from`); ``steps=0`` then writes the loaded model as
-    checkpoint step-0.
+    :data:`RUN_SETTINGS` (checkpoints kept and their period, logging, evaluation, CPU threads). ``init_from``:
+    continue pretraining from a run / export / transformers directory (:mod:`.init_from`); ``steps=0`` then writes
+    the loaded model as checkpoint step-0.
     """
     if isinstance(data, (str, os.PathLike)):
         data = [os.fspath(data)]
@@ -134,12 +134,15 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
                                 "without --resume")
         run_json = _run_record(out)
         recorded_recipe = run_json.get("recipe")
+        given_threads = threads
         (data, seq_len, batch_size, grad_accum, lr, warmup, weight_decay, seed, model, steps, save_every, keep,
-         log_every, eval_every, tensorboard, vocab_size, run_tokenizer, run_init_from) = _run_options(
+         log_every, eval_every, tensorboard, threads, vocab_size, run_tokenizer, run_init_from) = _run_options(
             run_json, out, data=data, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
             warmup=warmup, weight_decay=weight_decay, seed=seed, model=model, steps=steps, save_every=save_every,
-            keep=keep, log_every=log_every, eval_every=eval_every, tensorboard=tensorboard, vocab_size=vocab_size,
-            tokenizer=None, init_from=None).values()
+            keep=keep, log_every=log_every, eval_every=eval_every, tensorboard=tensorboard, threads=threads,
+            vocab_size=vocab_size, tokenizer=None, init_from=None).values()
+        if given_threads is None and isinstance(threads, int) and threads > _cpus():
+            threads = None  # the run's count, on a machine with fewer CPUs: torch's default, as for a run without
         if tokenizer is not None and isinstance(run_json.get("options"), dict) and (
                 run_tokenizer is None or not _same("tokenizer", tokenizer, run_tokenizer, out, None)):
             raise PretrainError(f"--resume: --tokenizer {tokenizer} (the run's: "
@@ -166,7 +169,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     batch_size = (16 if embedded else 32) if batch_size is None else batch_size
     if steps is None:  # an explicit 0 is refused below, never read as "unset"
         steps = DEFAULT_EMBEDDED_STEPS if embedded else DEFAULT_STEPS
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = _cpus()
     optional = (("save-every", save_every, 1, None), ("warmup", warmup, 0, None), ("eval-every", eval_every, 1, None),
                 ("vocab-size", vocab_size, min_vocab(tokenizer_type), MAX_VOCAB),
                 ("threads", threads, 1, cpus))  # more threads than CPUs only slow down (100000 crashed OpenMP)
@@ -196,7 +199,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     options = dict(data=None if embedded else [os.path.abspath(d) for d in data], seq_len=seq_len,
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay,
                    seed=seed, model=model, steps=steps, save_every=save_every, keep=keep, log_every=log_every,
-                   eval_every=eval_every, tensorboard=tensorboard, vocab_size=vocab_size,
+                   eval_every=eval_every, tensorboard=tensorboard, threads=threads, vocab_size=vocab_size,
                    tokenizer=run_tokenizer if tokenizer is None else os.path.abspath(tokenizer),
                    init_from=run_init_from if init_from is None else os.path.abspath(init_from),
                    )  # run.json's record: what a --resume inherits
@@ -231,8 +234,14 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 RUN_OPTIONS = ("data", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "seed", "model",
                "vocab_size")
 # ...and its bookkeeping, inherited where not given but free to change: a bare --resume of a --keep 10 run pruned
-# to the default 3 checkpoints (deleting the user's), and dropped its --save-every / --eval-every periods
-RUN_SETTINGS = ("steps", "save_every", "keep", "log_every", "eval_every", "tensorboard")
+# to the default 3 checkpoints (deleting the user's), and dropped its --save-every / --eval-every periods; and
+# --threads (CPU reductions such as LayerNorm's parameter gradients sum in another order with another count: a bare
+# resume of a --threads 1 run drifted from the uninterrupted run by 1e-5 in 8 steps)
+RUN_SETTINGS = ("steps", "save_every", "keep", "log_every", "eval_every", "tensorboard", "threads")
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 # A resumed run's vocabulary is its checkpoint's; one without a complete checkpoint starts again from the run's
 # record: its --vocab-size, --tokenizer and --init-from (a new tokenizer trained instead was another model)
 
@@ -415,7 +424,7 @@ class _Job:
                                   vocab)
             if tok.get_vocab_size() <= 5:
                 raise PretrainError("--data: no text found to train a tokenizer on")
-            tok.save(tok_path)
+            write_tokenizer(tok, tok_path)
         ctx.barrier()
         return load_tokenizer(tok_path)
 
@@ -730,7 +739,7 @@ class _Job:
             writers = {"model.safetensors": lambda p: ckpt.save_model(self.net, p),
                        "training_state.pt": lambda p: ckpt.save_training_state(state, p),
                        "config.json": lambda p: self.cfg.to_json_file(p),
-                       "tokenizer.json": lambda p: self.tok.save(p)}
+                       "tokenizer.json": lambda p: write_tokenizer(self.tok, p)}
             path = ckpt.save(self.ckpt_root, step, self.run_id, writers, keep=o.keep, hook=o._checkpoint_hook,
                              warn=self.say)
         ctx.barrier()
