@@ -17,7 +17,7 @@ AVX2_TESTS  ?= tests/test_models.py tests/test_linear.py $(wildcard tests/test_d
                tests/test_sampling.py tests/test_cpu_paths.py tests/test_train.py::test_mixed_precision_runs
 LATEST_VENV ?= .venv-latest
 
-.PHONY: setup pretrain finetune-demo demo test test-fast test-avx2 test-latest lock aot aot-triton36 bench clean gpu gpu-wheels
+.PHONY: setup pretrain finetune-demo demo test test-fast test-avx2 test-transformers test-latest lock aot aot-triton36 bench clean gpu gpu-wheels
 
 # torch is installed first and the package with --no-build-isolation, so pip never resolves torch
 # itself (an unpinned torch pulls several GB of CUDA packages) and _C compiles against this torch.
@@ -72,6 +72,25 @@ test-avx2: $(AVX2_VENV)/.installed
 	$(AVX2_ENV) PYTHONSAFEPATH=1 ELECTRA_FAST_REQUIRE_EXT=1 $(AVX2_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 	    -m "not interpreter" $(AVX2_TESTS) $(PYTEST_ARGS)
 	$(AVX2_ENV) PYTHONSAFEPATH=1 $(AVX2_VENV)/bin/python -m electra_fast info
+
+# The patch tests under another transformers release (patch() supports 5.0 and newer; the suite's own floor is 5.20,
+# README "Use it with transformers"): make test-transformers TRANSFORMERS=5.0.0. A side virtualenv with a
+# non-editable install of a source copy, as the AVX2 lane's.
+TRANSFORMERS ?= 5.0.0
+TF_VENV      := .venv-transformers
+TF_TESTS     ?= tests/test_patch_parity.py tests/test_patch_fallback.py tests/test_integrations_deberta_v2.py \
+                tests/test_patch_trainer.py
+test-transformers:
+	test -x $(TF_VENV)/bin/python || $(PYTHON) -m venv $(TF_VENV)
+	$(TF_VENV)/bin/python -m pip install -q --upgrade -c $(CONSTRAINTS) pip setuptools wheel ninja
+	$(TF_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	rm -rf build/tf-src && mkdir -p build/tf-src
+	cp -r pyproject.toml setup.py README.md MANIFEST.in csrc kernels electra_fast build/tf-src/
+	rm -f build/tf-src/electra_fast/_C*.so build/tf-src/electra_fast/_C_isa.json
+	$(TF_VENV)/bin/python -m pip install -q --no-build-isolation ./build/tf-src "transformers==$(TRANSFORMERS)" \
+	    "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" "accelerate>=1.1" "triton>=3.2"
+	PYTHONSAFEPATH=1 ELECTRA_FAST_REQUIRE_EXT=1 $(TF_VENV)/bin/python -m pytest -q -p no:cacheprovider $(TF_TESTS) \
+	    $(PYTEST_ARGS)
 
 # The canary: the newest releases pyproject.toml allows (no constraints), then the whole suite. torch stays the one
 # TORCH_SPEC installs (pinned for the upgrade): an eager upgrade would replace it with the newest torch on PyPI, a

@@ -386,6 +386,21 @@ def test_attention_fallback_passes_transformers_the_arguments_it_got(monkeypatch
         assert all(a is b for a, b in zip(seen[0][0], args))
 
 
+def test_a_transformers_release_before_5_is_refused_in_one_line(monkeypatch):
+    """Under transformers 4.57 patch raised AttributeError ('BertSelfAttention' object has no attribute
+    'is_causal') from inside its checks: the adapters are written for 5.x's layers."""
+    model = build("bert", "BertModel")
+    from electra_fast.integrations.transformers import patching
+    monkeypatch.setattr(patching, "_transformers_version", lambda: "4.57.6")
+    for call in (lambda: electra_fast.patch(model), electra_fast.apply_to_transformers):
+        with pytest.raises(ImportError, match=r"^electra_fast.patch needs transformers >= 5.0 .* found 4.57.6: pip"):
+            call()
+    assert not electra_fast.is_patched(model)
+    assert "post_init" not in vars(transformers.models.bert.modeling_bert.BertPreTrainedModel)
+    monkeypatch.setattr(patching, "_transformers_version", lambda: "5.0.0.dev0")
+    electra_fast.patch(model)
+
+
 def test_apply_to_transformers_builds_family_models_with_no_layers():
     """A legal model of the family with none of its layers (num_hidden_layers=0) raised patch's "found none of their
     layers" from its constructor under apply_to_transformers; it builds, unpatched, as in transformers."""

@@ -16,6 +16,7 @@ configuration it cannot serve.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Callable, Iterable, Optional
 
 from torch import nn
@@ -92,6 +93,26 @@ def _rules() -> tuple:
     return tuple(bert.rules()) + tuple(deberta_v2.rules())
 
 
+# The adapters override methods of transformers' layers, whose internals 5.0 rewrote (4.x's attention has no
+# is_causal and another signature: patch raised AttributeError mid-check). Tested: 5.0.0 through 5.25.0.
+MIN_TRANSFORMERS = (5, 0)
+
+
+def _transformers_version() -> str:
+    import transformers
+    return transformers.__version__
+
+
+def check_transformers() -> None:
+    """ImportError, in one line, for a transformers release the adapters were not written for."""
+    version = _transformers_version()
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None or tuple(map(int, found.groups())) < MIN_TRANSFORMERS:
+        need = ".".join(map(str, MIN_TRANSFORMERS))
+        raise ImportError(f"electra_fast.patch needs transformers >= {need} (its layers' internals changed in "
+                          f"{need}), found {version}: pip install -U 'transformers>={need}'")
+
+
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
@@ -125,6 +146,7 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
     patched (unpatch first to turn an option off).
     """
     _check_model(model)
+    check_transformers()
     options = dict(attention=attention, layer_norm=layer_norm, mlp=mlp, mlm_head=mlm_head)
     for name, value in {**options, "strict": strict}.items():
         if not isinstance(value, bool):
@@ -198,6 +220,7 @@ def apply_to_transformers(*, attention: bool = True, layer_norm: bool = True, ml
     for name, value in options.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    check_transformers()
     remove_from_transformers()
     for cls in _base_classes():
         original = vars(cls).get("post_init")  # None: inherited from PreTrainedModel
