@@ -58,7 +58,9 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     p.B = cu.numel() - 1, p.H = q.size(1), p.T = (rel_slots.numel() + 1) / 2, p.D = q.size(2);
     bool ok = p.cu[0] == 0 && p.cu[p.B] == q.size(0);
     for (int64_t b = 0; b < p.B && ok; ++b) ok = p.cu[b + 1] > p.cu[b] && p.cu[b + 1] - p.cu[b] <= p.T;
-    TORCH_CHECK(ok, "disentangled_attention: cu_seqlens must rise from 0 to N in steps of 1 .. T (rel_slots [2T - 1])");
+    // ValueError, in the op's terms: under torch.compile the Python checks cannot read the offsets, this one does
+    TORCH_CHECK_VALUE(ok, "cu_seqlens: expected offsets rising from 0 to N=", q.size(0),
+                      " (rows of query) in steps of 1 .. max_seqlen=", p.T);
   } else {
     p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.D = q.size(3);
   }

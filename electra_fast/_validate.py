@@ -203,6 +203,8 @@ def cu_seqlens(name: str, cu: torch.Tensor, total: int, ref_name: str, ref: torc
         raise ValueError(f"{name}: expected a 1-d tensor [n_seqs + 1] with n_seqs >= 1, got shape {tuple(cu.shape)}")
     same_device(name, cu, ref_name, ref)
     max_seqlen = integer_arg(max_name, max_seqlen, 1)
+    if max_seqlen >= 2 ** 31:  # its slot table was allocated first: an allocator error naming nothing
+        raise ValueError(f"{max_name}: expected a length int32 offsets can hold (< 2**31), got {max_seqlen}")
     if inspectable(cu):
         bounds = cu.tolist()
         if bounds[0] != 0:

@@ -285,6 +285,8 @@ BAD = [  # (change, exception, message)
     (dict(cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32, device="meta")), ValueError, "cu_seqlens: .*device"),
     (dict(max_seqlen=4), ValueError, "max_seqlen: expected >= every sequence length, got 4 < 5"),
     (dict(max_seqlen=5.0), TypeError, "max_seqlen: expected an int"),
+    # its slot table was allocated first: "[enforce fail at alloc_cpu.cpp] ... 17592186044408 bytes"
+    (dict(max_seqlen=2 ** 40), ValueError, r"max_seqlen: expected a length int32 offsets can hold \(< 2\*\*31\)"),
     (dict(max_seqlen=None), TypeError, "max_seqlen: expected an int"),
     (dict(attention_mask=torch.ones(1, 8, dtype=torch.bool)), ValueError, "attention_mask: expected None"),
     (dict(query=torch.randn(1, 8, 2, 8)), ValueError, r"query: expected a 3-d tensor \[N, H, D\]"),
@@ -313,3 +315,34 @@ def test_cpp_is_thread_count_independent(cpp_extension):
     finally:
         torch.set_num_threads(threads)
     _assert_same(*results)
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference"), *fast_backends()])
+@pytest.mark.parametrize("bounds", [(0, 3, 7), (0, 1, 8), (0, 6, 3, 8)], ids=["short", "too-long", "falling"])
+def test_compiled_calls_check_the_offsets_in_every_backend(backend, device, bounds):
+    """Under torch.compile the op's checks cannot read cu_seqlens: the Triton kernels then returned uninitialised
+    memory for rows no sequence covers (+-1e32), and the C++ kernel raised a RuntimeError in its own terms (T,
+    rel_slots). Every backend refuses them, in the op's terms (the Triton check is an asynchronous device assert:
+    at once on CPU tensors, at a later CUDA call on a GPU)."""
+    q = torch.randn(8, 1, 32, device=device)  # a head dim the Triton kernels take
+    f = torch.compile(lambda q, cu: electra_fast.disentangled_attention(q, q, q, cu_seqlens=cu, max_seqlen=6),
+                      fullgraph=True, backend="eager", dynamic=False)
+    exc = RuntimeError if backend == "triton" else ValueError  # torch._assert_async raises RuntimeError
+    with _backend.use_backend(backend), pytest.raises(exc, match=r"cu_seqlens: expected offsets rising from 0 to "
+                                                                 r"N=8 \(rows of query\) in steps of 1 .. max_seqlen=6"):
+        f(q, torch.tensor(bounds, dtype=torch.int32, device=device))
+
+
+def test_bucket_settings_without_position_tensors_are_not_read():
+    """position_buckets=1 with no position tensors ended in ZeroDivisionError (the slot table was built with log
+    buckets anyway): the settings index tables the call does not have."""
+    args, _, cu = _packed([3, 5], 2, 8, 8, torch.float32, pos=())
+    q, k, v = args[:3]
+    want = electra_fast.disentangled_attention(q, k, v, cu_seqlens=cu, max_seqlen=5)
+    for buckets, max_rel in ((1, 512), (256, -1), (3, 2)):
+        got = electra_fast.disentangled_attention(q, k, v, cu_seqlens=cu, max_seqlen=5, position_buckets=buckets,
+                                                  max_relative_positions=max_rel)
+        assert torch.equal(got, want)
+        padded = electra_fast.disentangled_attention(*(x[None].transpose(1, 2)[:, :, :3] for x in (q, k, v)),
+                                                     position_buckets=buckets, max_relative_positions=max_rel)
+        assert torch.isfinite(padded).all()

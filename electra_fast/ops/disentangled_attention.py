@@ -99,6 +99,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optiona
     rel_slots (for backend routing only). Packed (cu_seqlens): q / k / v / out [N, H, D], lse [H, N]."""
     q, k, v, pos_key, pos_query = _detached(q, k, v, pos_key, pos_query)
     fn = _impl("forward", q, rel_slots, position_buckets, max_relative_positions, cu_seqlens)
+    if cu_seqlens is not None and getattr(fn, "__module__", "").endswith("kernels." + SPEC.triton):
+        _offsets_on_device(cu_seqlens, q.shape[0], (rel_slots.numel() + 1) // 2)
     with no_autocast(q):
         if _takes_strided(fn):
             return list(fn(q, k, v, pos_key, pos_query, mask, rel_slots, scale, dropout_p, seed,
@@ -106,6 +108,14 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optiona
         out, lse = fn(q.contiguous(), k.contiguous(), v.contiguous(), pos_key, pos_query, mask, rel_slots, scale,
                       dropout_p, seed, *_packed(cu_seqlens))
     return [_like(out, q), lse]
+
+
+def _offsets_on_device(cu_seqlens: torch.Tensor, n: int, T: int) -> None:
+    """The Triton kernels trust the offsets (rows no sequence covers stayed uninitialised memory), and under
+    torch.compile the op's own checks cannot read them; the C++ kernel and the reference check them in place. Here
+    an asynchronous device assert: no host sync per layer, a failed check raises at a later CUDA call (and ends the
+    process's CUDA context, as any device-side assert does), at once on CPU tensors."""
+    torch._assert_async(ref.offsets_hold(cu_seqlens, n, T), ref.OFFSETS_RULE.format(n=n, T=T))
 
 
 def _lse_shape(q: torch.Tensor) -> tuple:
@@ -254,6 +264,8 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         if max_relative_positions < 1:
             raise ValueError(f"max_relative_positions: expected >= 1, got {max_relative_positions}")
         _validate.log_buckets(position_buckets, max_relative_positions)
+    else:  # they index position tables this call has none of: any values do (position_buckets=1 divided by 0)
+        position_buckets, max_relative_positions = 0, 1
     span = ref.attention_span(position_buckets, max_relative_positions)
     pos_key = _check_pos("pos_key", pos_key, query, span)
     pos_query = _check_pos("pos_query", pos_query, query, span)

@@ -159,6 +159,17 @@ def forward(q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_quer
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
+# what packed offsets must be (the C++ kernel's message says the same)
+OFFSETS_RULE = "cu_seqlens: expected offsets rising from 0 to N={n} (rows of query) in steps of 1 .. max_seqlen={T}"
+
+
+def offsets_hold(cu_seqlens: Tensor, n: int, T: int) -> Tensor:
+    """bool []: whether int32 [n_seqs + 1] ``cu_seqlens`` rise from 0 to ``n`` in steps of 1 .. ``T``, computed on
+    its device (no host sync)."""
+    steps = cu_seqlens[1:] - cu_seqlens[:-1]
+    return (cu_seqlens[0] == 0) & (cu_seqlens[-1] == n) & (steps >= 1).all() & (steps <= T).all()
+
+
 def _sequences(cu_seqlens: Tensor, rel_slots: Tensor, n: int):
     """(b, token slice, the slot table of its length, T = max_seqlen) per packed sequence of ``n`` tokens. The
     offsets are checked here too, as the C++ kernel checks them: under torch.compile the op's own checks cannot read
@@ -166,8 +177,7 @@ def _sequences(cu_seqlens: Tensor, rel_slots: Tensor, n: int):
     T = (rel_slots.numel() + 1) // 2
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != n or any(not 0 < b - a <= T for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens: expected offsets rising from 0 to N={n} in steps of 1 .. max_seqlen={T}, "
-                         f"got {bounds[:8]}{' ...' if len(bounds) > 8 else ''}")
+        raise ValueError(f"{OFFSETS_RULE.format(n=n, T=T)}, got {bounds[:8]}{' ...' if len(bounds) > 8 else ''}")
     for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         n = end - start
         yield b, slice(start, end), rel_slots[T - n: T + n - 1], T
