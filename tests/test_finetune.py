@@ -568,6 +568,28 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(pretrained, tmp_pat
     assert full["seeds"][0]["validation"] == done["seeds"][0]["validation"]
 
 
+def test_a_run_whose_classes_were_numbered_by_the_old_rule_does_not_resume(pretrained, tmp_path):
+    """Classes "+1" / "-1" were numbered as strings ("+1" = class 0) until "+1" read as an integer: a run started
+    before, resumed after, trained on with every label flipped (test accuracy 0.706 -> 0.294, unsaid). A record
+    without the class order (the old version's) resumes only where the order is the same."""
+    d = _classification_files(tmp_path / "data")
+    for name in ("train.tsv", "dev.tsv"):
+        text = (d / name).read_text()
+        (d / f"pm-{name}").write_text(text.replace("\tyes\n", "\t+1\n").replace("\tno\n", "\t-1\n"))
+    for prefix, refused in (("pm-", True), ("", False)):
+        out = tmp_path / f"out-{prefix}"
+        _run(pretrained, d, out, f"{prefix}train.tsv", f"{prefix}dev.tsv")
+        record = json.loads((out / "finetune.json").read_text())
+        del record["labels"], record["token ids"]  # as the version before wrote it
+        (out / "finetune.json").write_text(json.dumps(record))
+        resume = lambda: _run(pretrained, d, out, f"{prefix}train.tsv", f"{prefix}dev.tsv", resume=True)
+        if refused:
+            with pytest.raises(fdata.FinetuneError, match=r"numbered its classes \['\+1', '-1'\], not \['-1', '\+1'"):
+                resume()
+        else:
+            assert not resume()["interrupted"]
+
+
 @pytest.mark.parametrize("at", [1, 2])
 def test_ctrl_c_while_a_new_best_is_written_reports_the_model_it_keeps(pretrained, tmp_path, monkeypatch, at):
     """Ctrl-C while best.safetensors was being written for a new best epoch: the summary reported that epoch while
@@ -1022,6 +1044,8 @@ def test_heads_project_in_fp32_under_bf16_autocast(pretrained, task):
     assert out.dtype == torch.float32 and hidden["x"].dtype == torch.float32
     expect = torch.nn.functional.linear(hidden["x"], head.weight.float(), head.bias.float())
     assert torch.equal(again.reshape(expect.shape), expect)
+    with torch.no_grad():  # a model cast to bf16 keeps running (its head in bf16)
+        assert net.to(torch.bfloat16)(ids, mask, types).dtype == torch.bfloat16
 
 
 def test_token_cells_written_as_list_literals_are_lists(tmp_path):

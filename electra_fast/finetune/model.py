@@ -37,11 +37,11 @@ from .errors import FinetuneError
 
 
 def _fp32_projection(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``proj(x)`` in fp32 under autocast: bf16 logits hold 8 bits, so a regression output rounded to steps of
-    0.016 near 3 (the predictions, their scores and the epoch chosen then differed from the fp32 export's); the
-    projection is H x labels, its cost nothing."""
+    """``proj(x)`` in the weights' dtype (fp32 unless the model was cast), not autocast's: bf16 logits hold 8 bits,
+    so a regression output rounded to steps of 0.016 near 3 (the predictions, their scores and the epoch chosen
+    then differed from the fp32 export's); the projection is H x labels, its cost nothing."""
     with torch.autocast(x.device.type, enabled=False):
-        return proj(x.float())
+        return proj(x.to(proj.weight.dtype))  # fp32 weights: fp32; a model cast to bf16 stays bf16
 
 
 class ClassificationHead(nn.Module):

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -206,6 +207,13 @@ def _weights(state: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def _labels_before_2026_12_07(names: List[str]) -> List[str]:
+    """fdata.label_names' class order before "+1" read as an integer (strings sort "+1" before "-1")."""
+    if all(re.fullmatch(r"-?[0-9]+", v) for v in names):
+        return sorted(names, key=lambda v: (int(v), v))
+    return sorted(names)
+
+
 def _claim_out(out: str, record: dict, resume: bool) -> None:
     if not resume:
         _prepare_out(out)
@@ -216,8 +224,15 @@ def _claim_out(out: str, record: dict, resume: bool) -> None:
             saved = json.load(f)
     except (OSError, ValueError):
         raise FinetuneError(f"--resume: {out} holds no fine-tuning run ({RUN_FILE} missing or unreadable)") from None
-    # a key the saved record lacks came with a later version: nothing to compare it with
-    changed = [f"--{k[:-len(' contents')]}: its examples differ" if k.endswith(" contents")
+    # a key the saved record lacks came with a later version: nothing to compare it with, but the class order (a
+    # class's id), which the version before the record ordered otherwise for "+1" / "-1"
+    if "labels" not in saved and record["task"] == "classification" and _labels_before_2026_12_07(
+            record["labels"]) != record["labels"]:
+        raise FinetuneError(f"--resume: the run in {out} was started by an electra_fast that numbered its classes "
+                            f"{_labels_before_2026_12_07(record['labels'])}, not {record['labels']}; choose a new "
+                            "--out")
+    changed = [f"--{k[:-len(' contents')]}: its examples differ (the file, or how electra_fast reads it)"
+               if k.endswith(" contents")
                else "--model: its weights differ (a newer checkpoint of the run?)" if k == "model weights"
                else "--model: its tokenizer reads the examples into other token ids (its tokenizer file, or "
                     "electra_fast's reading of it, changed)" if k == "token ids"
@@ -332,7 +347,7 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
               **{f"{k} contents": _contents(d) for k, d in (("train", tr), ("validation", va), ("test", te))
                  if d is not None},
               # what the model reads of them: its tokenizer file, or electra_fast's reading of it, may change
-              "token ids": _token_ids(feats)}
+              "token ids": _token_ids(feats), "labels": names}
     _claim_out(out, record, resume)  # every check above ran before anything is written
 
     for k, d in (("train", tr), ("validation", va), ("test", te)):
