@@ -33,16 +33,24 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
 
 
-def load_safetensors(path: str) -> dict:
-    """``safetensors.torch.load_file(path)`` (memory-mapped); a path that is not UTF-8 (a POSIX name may hold any
-    bytes; safetensors' Rust side refuses them: "is not valid UTF-8") is read through Python instead."""
-    from safetensors.torch import load, load_file
+def utf8_path(path: str) -> bool:
+    """Whether ``path`` is UTF-8, as the Rust readers (tokenizers, safetensors) require; a POSIX name may hold any
+    bytes, which a str holds as surrogates, and Python's own open takes them."""
     try:
         os.fsencode(path).decode("utf-8")
     except UnicodeDecodeError:
-        with open(path, "rb") as f:
-            return load(f.read())
-    return load_file(path)
+        return False
+    return True
+
+
+def load_safetensors(path: str) -> dict:
+    """``safetensors.torch.load_file(path)`` (memory-mapped); a path that is not UTF-8 (safetensors' Rust side
+    refuses it: "is not valid UTF-8") is read through Python instead."""
+    from safetensors.torch import load, load_file
+    if utf8_path(path):
+        return load_file(path)
+    with open(path, "rb") as f:
+        return load(f.read())
 
 
 def write_text(path: str, text: str) -> None:

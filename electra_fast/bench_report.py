@@ -19,6 +19,8 @@ import sys
 import tempfile
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
+from ._console import paths_printable
+
 Key = Tuple[str, str, str, str]  # op, pass, shape, dtype
 
 
@@ -483,6 +485,7 @@ def sync_readme(root: str) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m electra_fast.bench_report --readme [--check]``: README.md's table from the committed JSON."""
+    paths_printable()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser = argparse.ArgumentParser(prog="python -m electra_fast.bench_report", description=main.__doc__)
     parser.add_argument("--readme", nargs="?", const=os.path.join(root, "README.md"), metavar="README.md",

@@ -3,18 +3,11 @@ from __future__ import annotations
 
 import sys
 
-
-def _paths_printable() -> None:
-    """A POSIX path may hold bytes that are not UTF-8 (a str holds them as surrogates): the messages that name it
-    show them escaped, as Python's stderr does by default, instead of ending in a UnicodeEncodeError (stdout is
-    strict under a UTF-8 locale)."""
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+from ._console import paths_printable
 
 
 def main(argv=None) -> int:
-    _paths_printable()
+    paths_printable()
     from .finetune import cli as finetune_cli
     from .train import cli as train_cli
     parser = train_cli.Parser(prog="electra-fast", description=__doc__)

@@ -41,6 +41,7 @@ import xml.etree.ElementTree as ET
 from typing import Dict, List, Optional
 
 from . import bench, bench_report
+from ._console import paths_printable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRY_RUN_ENV = "ELECTRA_FAST_GPU_LANE_DRY_RUN"
@@ -561,6 +562,7 @@ def _gpu_visible() -> bool:
 
 
 def main(argv=None) -> int:
+    paths_printable()
     try:
         args = parse_args(argv)
         device = gpu_name(args.dry_run)

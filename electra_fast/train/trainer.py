@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import _backend
-from .._files import unused, write_json
+from .._files import unused, utf8_path, write_json
 from .._seed import derive_seed
 from . import checkpoint as ckpt
 from . import plot, rundir
@@ -192,6 +192,9 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     warmup = min(10_000, steps // 10) if warmup is None else warmup
     if tensorboard:
         summary_writer()  # missing package: refused before anything is written
+        if not utf8_path(os.path.abspath(os.fspath(out))):  # its event writer raised UnicodeEncodeError at the start
+            raise PretrainError(f"--tensorboard: tensorboard writes under UTF-8 paths only, and --out "
+                                f"{os.fspath(out)!r} is not one; choose another --out, or run without --tensorboard")
     if cfg is not None:
         check_seq_len(seq_len, cfg)
 
