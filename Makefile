@@ -21,10 +21,15 @@ LATEST_VENV ?= .venv-latest
 
 # torch is installed first and the package with --no-build-isolation, so pip never resolves torch
 # itself (an unpinned torch pulls several GB of CUDA packages) and _C compiles against this torch.
+# $(call venv_with_torch,VENV,PIP_FLAGS): the virtualenv (made if missing), its build tools and torch.
+define venv_with_torch
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade $(2) pip setuptools wheel ninja
+	$(1)/bin/python -m pip install -q $(TORCH_SPEC)
+endef
+
 $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade -c $(CONSTRAINTS) pip setuptools wheel ninja
-	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(call venv_with_torch,$(VENV),-c $(CONSTRAINTS))
 	$(PY) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
@@ -55,17 +60,19 @@ test: test-fast test-avx2
 test-fast: setup
 	ELECTRA_FAST_REQUIRE_EXT=1 $(PY) -m pytest tests -q $(PYTEST_ARGS)
 
-# The lane installs a copy of the sources (a non-editable build must not share build/ or the in-tree _C with the
-# editable one) and runs pytest with PYTHONSAFEPATH=1, so `electra_fast` comes from that install, not the checkout.
+# $(call side_install,VENV,DIR,BUILD_ENV,PIP_ARGS): a side virtualenv with a non-editable install of a copy of the
+# sources in build/DIR (a non-editable build must not share build/ or the in-tree _C with the editable one); its
+# tests run with PYTHONSAFEPATH=1, so `electra_fast` comes from that install, not the checkout.
+define side_install
+	$(call venv_with_torch,$(1),-c $(CONSTRAINTS))
+	rm -rf build/$(2) && mkdir -p build/$(2)
+	cp -r pyproject.toml setup.py README.md MANIFEST.in csrc kernels electra_fast build/$(2)/
+	rm -f build/$(2)/electra_fast/_C*.so build/$(2)/electra_fast/_C_isa.json
+	$(3) $(1)/bin/python -m pip install -q --no-build-isolation $(4)
+endef
+
 $(AVX2_VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h electra_fast/*.py electra_fast/*/*.py kernels/*.py)
-	test -x $(AVX2_VENV)/bin/python || $(PYTHON) -m venv $(AVX2_VENV)
-	$(AVX2_VENV)/bin/python -m pip install -q --upgrade -c $(CONSTRAINTS) pip setuptools wheel ninja
-	$(AVX2_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
-	rm -rf build/avx2-src && mkdir -p build/avx2-src
-	cp -r pyproject.toml setup.py README.md MANIFEST.in csrc kernels electra_fast build/avx2-src/
-	rm -f build/avx2-src/electra_fast/_C*.so build/avx2-src/electra_fast/_C_isa.json
-	ELECTRA_FAST_CPU_ARCH=x86-64-v3 $(AVX2_VENV)/bin/python -m pip install -q --no-build-isolation \
-	    -c $(CONSTRAINTS) "./build/avx2-src[test]"
+	$(call side_install,$(AVX2_VENV),avx2-src,ELECTRA_FAST_CPU_ARCH=x86-64-v3,-c $(CONSTRAINTS) "./build/avx2-src[test]")
 	touch $@
 
 test-avx2: $(AVX2_VENV)/.installed
@@ -74,21 +81,15 @@ test-avx2: $(AVX2_VENV)/.installed
 	$(AVX2_ENV) PYTHONSAFEPATH=1 $(AVX2_VENV)/bin/python -m electra_fast info
 
 # The patch tests under another transformers release (patch() supports 5.0 and newer; the suite's own floor is 5.20,
-# README "Use it with transformers"): make test-transformers TRANSFORMERS=5.0.0. A side virtualenv with a
-# non-editable install of a source copy, as the AVX2 lane's.
+# README "Use it with transformers"): make test-transformers TRANSFORMERS=5.0.0, in a side install as the AVX2 lane's.
 TRANSFORMERS ?= 5.0.0
 TF_VENV      := .venv-transformers
 TF_TESTS     ?= tests/test_patch_parity.py tests/test_patch_fallback.py tests/test_integrations_deberta_v2.py \
                 tests/test_patch_trainer.py
+TF_PIP_ARGS  := ./build/tf-src "transformers==$(TRANSFORMERS)" "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" \
+                "accelerate>=1.1" "triton>=3.2"
 test-transformers:
-	test -x $(TF_VENV)/bin/python || $(PYTHON) -m venv $(TF_VENV)
-	$(TF_VENV)/bin/python -m pip install -q --upgrade -c $(CONSTRAINTS) pip setuptools wheel ninja
-	$(TF_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
-	rm -rf build/tf-src && mkdir -p build/tf-src
-	cp -r pyproject.toml setup.py README.md MANIFEST.in csrc kernels electra_fast build/tf-src/
-	rm -f build/tf-src/electra_fast/_C*.so build/tf-src/electra_fast/_C_isa.json
-	$(TF_VENV)/bin/python -m pip install -q --no-build-isolation ./build/tf-src "transformers==$(TRANSFORMERS)" \
-	    "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" "accelerate>=1.1" "triton>=3.2"
+	$(call side_install,$(TF_VENV),tf-src,,$(TF_PIP_ARGS))
 	PYTHONSAFEPATH=1 ELECTRA_FAST_REQUIRE_EXT=1 $(TF_VENV)/bin/python -m pytest -q -p no:cacheprovider $(TF_TESTS) \
 	    $(PYTEST_ARGS)
 
@@ -97,9 +98,7 @@ test-transformers:
 # CUDA build of several GB, after _C had been compiled against the first one. To try a newer torch, name it in
 # TORCH_SPEC.
 test-latest:
-	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
-	$(LATEST_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(call venv_with_torch,$(LATEST_VENV),)
 	$(LATEST_VENV)/bin/python -c 'import torch; print("torch==" + torch.__version__)' > $(LATEST_VENV)/torch-pin.txt
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation \
 	    -c $(LATEST_VENV)/torch-pin.txt -e ".[test]"
