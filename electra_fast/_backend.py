@@ -231,17 +231,21 @@ class OpSpec:
         return __getattr__
 
     def implementation(self, stage: str, device: torch.device, **call) -> Callable:
-        """The callable that serves ``stage`` on ``device``. Automatic routing that falls back to the reference
-        says why, once per (op, reason), in the log."""
+        """The callable that serves ``stage`` on ``device`` (see :meth:`serving`)."""
+        return self.serving(stage, device, **call)[1]
+
+    def serving(self, stage: str, device: torch.device, **call) -> Tuple[str, Callable]:
+        """``(backend, callable)`` that serves ``stage`` on ``device``, for ops whose checks depend on which backend
+        runs. Automatic routing that falls back to the reference says why, once per (op, reason), in the log."""
         backend, reason = self.route(device, stage, **call)
         if reason is not None and (self.name, reason) not in _logged:
             _logged.add((self.name, reason))
             log.warning("electra_fast.%s: %s; using the reference", self.name, reason)
         if backend == "cpp":
-            return _extension.cpp_op(self.cpp[stage])
+            return backend, _extension.cpp_op(self.cpp[stage])
         if backend == "triton":
-            return getattr(self.kernels(), stage)
-        return getattr(self.reference, stage)
+            return backend, getattr(self.kernels(), stage)
+        return backend, getattr(self.reference, stage)
 
 
 @functools.lru_cache(maxsize=1024)

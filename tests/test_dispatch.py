@@ -93,6 +93,22 @@ def test_supports_refusal_routes_to_reference():
         _backend.resolve("x", torch.device("cpu"), cpp="rtd_loss_fwd", supports=refuse)
 
 
+def test_serving_names_the_backend_that_serves(monkeypatch):
+    """OpSpec.serving pairs the callable with its backend's name (ops whose checks depend on the backend read it):
+    the name follows forcing and fallback, and the callable is the one implementation() returns."""
+    from electra_fast.ops.rtd_loss import SPEC
+    from electra_fast.reference import rtd_loss as ref
+
+    cpu = torch.device("cpu")
+    with electra_fast.use_backend("reference"):
+        assert SPEC.serving("forward", cpu) == ("reference", ref.forward)
+    if _extension.extension_loaded():
+        backend, fn = SPEC.serving("forward", cpu)
+        assert backend == "cpp" and fn is SPEC.implementation("forward", cpu) and fn is not ref.forward
+    monkeypatch.setattr(_extension, "EXTENSION_ERROR", "pretend it failed to load")
+    assert SPEC.serving("forward", cpu) == ("reference", ref.forward)
+
+
 def _python(code, **env):
     full = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)

@@ -36,11 +36,12 @@ _CPU = torch.device("cpu")
 
 def _impl(stage: str, q: torch.Tensor, rel_slots: torch.Tensor, position_buckets: int, max_relative_positions: int,
           cu_seqlens: Optional[torch.Tensor]):
+    """(backend name, callable) serving ``stage``."""
     # the slot table the kernels' limits read: a cached CPU table (no device sync per call; the limits are
     # computed once per table)
     cpu_slots = _slots((rel_slots.shape[0] + 1) // 2, position_buckets, max_relative_positions, _CPU)
-    return SPEC.implementation(stage, q.device, head_dim=q.shape[-1], dtype=q.dtype, rel_slots=cpu_slots,
-                               varlen=cu_seqlens is not None)
+    return SPEC.serving(stage, q.device, head_dim=q.shape[-1], dtype=q.dtype, rel_slots=cpu_slots,
+                        varlen=cu_seqlens is not None)
 
 
 def _packed(cu_seqlens: Optional[torch.Tensor]) -> tuple:
@@ -98,8 +99,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optiona
     """[out, lse] from the backend that serves the call. position_buckets / max_relative_positions describe
     rel_slots (for backend routing only). Packed (cu_seqlens): q / k / v / out [N, H, D], lse [H, N]."""
     q, k, v, pos_key, pos_query = _detached(q, k, v, pos_key, pos_query)
-    fn = _impl("forward", q, rel_slots, position_buckets, max_relative_positions, cu_seqlens)
-    if cu_seqlens is not None and getattr(fn, "__module__", "").endswith("kernels." + SPEC.triton):
+    backend, fn = _impl("forward", q, rel_slots, position_buckets, max_relative_positions, cu_seqlens)
+    if cu_seqlens is not None and backend == "triton":
         _offsets_on_device(cu_seqlens, q.shape[0], (rel_slots.numel() + 1) // 2)
     with no_autocast(q):
         if _takes_strided(fn):
@@ -135,7 +136,7 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     """[dq, dk, dv, dpos_key, dpos_query]; an absent position gradient is an empty tensor (custom ops cannot
     return None)."""
     grad_out, q, k, v, pos_key, pos_query = _detached(grad_out, q, k, v, pos_key, pos_query)
-    fn = _impl("backward", q, rel_slots, position_buckets, max_relative_positions, cu_seqlens)
+    _, fn = _impl("backward", q, rel_slots, position_buckets, max_relative_positions, cu_seqlens)
     with no_autocast(q):
         if _takes_strided(fn):
             grads = fn(grad_out, q, k, v, pos_key, pos_query, mask, rel_slots, out, lse, scale, dropout_p, seed,
