@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Callable
 
 
@@ -31,6 +32,41 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def vacant(path: str) -> bool:
+    """Whether ``path`` is missing or an empty directory (one that cannot be listed is not)."""
+    try:
+        return not os.path.lexists(path) or (os.path.isdir(path) and not os.listdir(path))
+    except OSError:
+        return False
+
+
+def write_directory(path: str, write: Callable[[str], None], inner: str = ".tmp") -> None:
+    """``write(tmp)`` fills a new temporary directory, which then becomes ``path``: a failure part way (a full disk,
+    an exception) leaves nothing at ``path``. ``path`` must be missing or an empty directory (:func:`vacant`; callers
+    say so in their own terms first), so nothing there is ever replaced. A new ``path`` is the sibling
+    ``.NAME.tmp-PID`` renamed (the same file system). An empty ``path`` stays (it may be a link, a mount point, the
+    working directory): the temporary is ``path/INNER-PID`` and its entries move up, one rename each."""
+    path = path.rstrip(os.sep + (os.altsep or "")) or path  # "a/": basename "" would name the temporary "."
+    if not vacant(path):
+        raise FileExistsError(f"{path} is not a new or empty directory")
+    empty = os.path.isdir(path)
+    tmp = (os.path.join(path, f"{inner}-{os.getpid()}") if empty
+           else os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}"))
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    try:
+        os.mkdir(tmp)
+        write(tmp)
+        if empty:
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
+            os.rmdir(tmp)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def utf8_path(path: str) -> bool:

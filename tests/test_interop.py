@@ -394,3 +394,55 @@ def test_enhanced_mask_decoder_needs_unbiased_positions():
         ElectraConfig(enhanced_mask_decoder=True)  # standard attention
     with pytest.raises(ValueError, match="enhanced_mask_decoder: needs"):
         ElectraConfig.deberta_v3_xsmall(position_biased_input=True)
+
+
+def _tiny_model(seed):
+    torch.manual_seed(seed)
+    return ElectraPretrainingModel(ElectraConfig(
+        vocab_size=V, embedding_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, generator_hidden_size=16, generator_num_hidden_layers=1,
+        generator_num_attention_heads=2, generator_intermediate_size=32, max_position_embeddings=32, **IDS))
+
+
+def test_save_pretrained_never_replaces_or_half_writes(tmp_path, monkeypatch):
+    """save_pretrained wrote over an existing export in place, generator first: a full disk on the second weights
+    file left B's generator beside A's discriminator and config, which from_pretrained loaded without a word. Now
+    a non-empty target is refused (nothing touched) and a failed save leaves no directory behind."""
+    from electra_fast.models import interop
+    a, b = _tiny_model(0), _tiny_model(1)
+    a.save_pretrained(tmp_path / "ckpt")
+    before = {p: (tmp_path / "ckpt" / p).read_bytes() for p in ("generator/model.safetensors",
+                                                                 "discriminator/model.safetensors",
+                                                                 "electra_fast.json")}
+    with pytest.raises(ValueError, match=r"^save_pretrained: path .*ckpt' already exists and is not empty"):
+        b.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match=r"exists and is not a directory"):
+        b.save_pretrained(tmp_path / "file")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+        b.save_pretrained(3)
+    assert {p: (tmp_path / "ckpt" / p).read_bytes() for p in before} == before
+    assert (tmp_path / "file").read_text() == "mine"
+
+    real, calls = interop.save_weights, []
+
+    def full_disk(state, directory):
+        calls.append(directory)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(state, directory)
+
+    monkeypatch.setattr(interop, "save_weights", full_disk)
+    for target in (tmp_path / "new", tmp_path / "empty"):
+        calls.clear()
+        if target.name == "empty":
+            target.mkdir()
+        with pytest.raises(OSError, match="No space left"):
+            b.save_pretrained(target)
+        assert not target.exists() or os.listdir(target) == []  # nothing half-written, the empty folder kept
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "empty", "file"]  # no temporaries left either
+    monkeypatch.setattr(interop, "save_weights", real)
+    b.save_pretrained(tmp_path / "empty")  # an empty directory is filled (it may be a mount point)
+    back = ElectraPretrainingModel.from_pretrained(tmp_path / "empty")
+    for (name, p), q in zip(b.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(p, q), name

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .. import _files
 from .._files import load_safetensors
 from .._validate import reason
 from .config import ElectraConfig
@@ -316,7 +317,20 @@ def export_state(model, role: str) -> Dict[str, torch.Tensor]:
 
 
 def save_pretrained(model, path) -> None:
+    """``model`` into ``path``, a new or empty directory (ValueError otherwise: nothing there is replaced), written
+    whole or not at all (:func:`electra_fast._files.write_directory`)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"save_pretrained: path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
+    if not _files.vacant(path):
+        what = "already exists and is not empty" if os.path.isdir(path) else "exists and is not a directory"
+        raise ValueError(f"save_pretrained: path {path!r} {what}; name a new or empty directory (nothing was "
+                         "written)")
+    _files.write_directory(path, lambda tmp: write_pretrained(model, tmp))
+
+
+def write_pretrained(model, path: str) -> None:
+    """The files of :func:`save_pretrained` into the existing directory ``path``."""
     for role in ("generator", "discriminator"):
         d = os.path.join(path, role)
         os.makedirs(d, exist_ok=True)

@@ -309,7 +309,9 @@ class ElectraPretrainingModel(nn.Module):
 
     # ------------------------------------------------------------------ interop
     def save_pretrained(self, path) -> None:
-        """path/generator + path/discriminator (transformers checkpoints) + path/electra_fast.json."""
+        """path/generator + path/discriminator (transformers checkpoints) + path/electra_fast.json. ``path`` must be
+        new or an empty directory (ValueError otherwise; unlike transformers' save_pretrained, nothing is
+        overwritten); the directory appears whole or not at all."""
         from . import interop
         interop.save_pretrained(self, path)
 

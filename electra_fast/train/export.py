@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 
+from .. import _files
+from ..models import interop
 from . import checkpoint as ckpt
 from . import rundir
 from .errors import PretrainError
@@ -32,7 +33,7 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
     remove_dead_temporaries(out_dir, EXPORT_TEMPORARY)  # a killed export's, inside an empty OUT_DIR
     if os.path.isdir(out_dir) and not rundir.is_vacant(out_dir):
         raise PretrainError(f"export: {out_dir} already exists and is not empty; choose another directory")
-    parent = above = os.path.dirname(os.path.abspath(out_dir))
+    above = os.path.dirname(os.path.abspath(out_dir))
     while not os.path.lexists(above):
         above = os.path.dirname(above)
     if not os.path.isdir(above):
@@ -45,25 +46,14 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
     model = ElectraPretrainingModel(cfg)
     ckpt.load_model_state(model, os.path.join(src, "model.safetensors"))
     tok = load_tokenizer(os.path.join(src, "tokenizer.json"))
-    # an empty OUT_DIR stays (it may be a link, a mount point, the working directory): written inside it (the same
-    # file system), then moved up; a kill leaves the temporary, which the next export removes
-    empty = os.path.isdir(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = (os.path.join(out_dir, f".export.tmp-{os.getpid()}") if empty
-           else os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}"))
-    try:
-        model.save_pretrained(tmp)
+
+    def write(tmp: str) -> None:
+        interop.write_pretrained(model, tmp)
         for role in ("generator", "discriminator"):
             save_for_transformers(tok, os.path.join(tmp, role), cfg.max_position_embeddings)
-        if empty:
-            for name in os.listdir(tmp):
-                os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-            os.rmdir(tmp)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    # inside an empty OUT_DIR a kill leaves .export.tmp-PID, which the next export removes
+    _files.write_directory(out_dir, write, inner=".export.tmp")
     return out_dir
 
 

@@ -27,6 +27,7 @@ import re
 import shutil
 import time
 
+from .. import _files
 from .._files import write_text
 from . import checkpoint as ckpt
 from .data import CACHE_TEMPORARY
@@ -132,10 +133,7 @@ def _is_our_run_json(path: str) -> bool:
 
 def is_vacant(out) -> bool:
     """Whether ``out`` is missing or an empty directory (one that cannot be listed is not)."""
-    try:
-        return not os.path.lexists(out) or (os.path.isdir(out) and not os.listdir(out))
-    except OSError:
-        return False
+    return _files.vacant(out)
 
 
 def is_claimed(out) -> bool:
