@@ -334,6 +334,75 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("attention", ATTN)
+def test_generator_and_discriminator_alone_check_their_inputs(attention):
+    """The models a pretraining model holds, called on their own (what a user does with an exported
+    discriminator), raised torch's IndexError for ids outside the vocabulary, and took an all-ones mask of the
+    wrong shape silently: the same checks as the pair's, naming the argument."""
+    model = ElectraPretrainingModel(tiny(attention, "none")).eval()
+    ids, mask = batch()
+    for part in (model.generator, model.discriminator):
+        with pytest.raises(ValueError, match=r"^input_ids: ids must lie in \[0, vocab_size=97\)"):
+            part(ids.clone().fill_(V))
+        with pytest.raises(ValueError, match=r"^input_ids: ids must lie in"):
+            part(ids.clone().fill_(-1))
+        with pytest.raises(ValueError, match="^attention_mask"):
+            part(ids, torch.ones(3, 5, dtype=torch.long))
+        with pytest.raises(TypeError, match="^input_ids"):
+            part(ids.float())
+        if attention == "standard":
+            with pytest.raises(ValueError, match=r"^token_type_ids: ids must lie in \[0, type_vocab_size=2\)"):
+                part(ids, mask, torch.full_like(ids, 5))
+    with torch.no_grad():
+        assert model.discriminator(ids, mask).shape == ids.shape
+        assert model.generator(ids, mask).shape == (*ids.shape, V)
+
+
+def test_config_changed_after_construction_is_checked_by_the_model():
+    """A field set on a made config (attention="bogus", disc_weight=nan) built a standard model, or trained to a
+    NaN loss, without a word."""
+    for field, value in (("attention", "bogus"), ("embedding_sharing", "bogus"), ("disc_weight", float("nan"))):
+        cfg = tiny()
+        setattr(cfg, field, value)
+        with pytest.raises(ValueError, match=f"^ElectraConfig.{field}"):
+            ElectraPretrainingModel(cfg)
+    with pytest.raises(ValueError, match="^ElectraConfig.position_biased_input: False needs attention='disentangled'"):
+        tiny(position_biased_input=False)  # was accepted and ignored: positions were added anyway
+
+
+def test_tied_model_refuses_an_untied_state_dict():
+    """A tied model's one embeddings module appears under both models' names: an untied model's state dict loaded
+    with "All keys matched", the discriminator's tables replacing the generator's."""
+    untied, tied = ElectraPretrainingModel(tiny(sharing="none")), ElectraPretrainingModel(tiny(sharing="tied"))
+    with pytest.raises(ValueError, match=r"^state_dict: its generator and discriminator embeddings differ "
+                                         r"\(word_embeddings.weight, position_embeddings.weight"):
+        tied.load_state_dict(untied.state_dict())
+    twin = ElectraPretrainingModel(tiny(sharing="tied"))
+    twin.load_state_dict(tied.state_dict())  # a tied model's own state dict still loads, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), tied.state_dict().values()))
+
+
+@pytest.mark.parametrize("attention", ATTN)
+def test_gdes_discriminator_cast_alone_runs_as_the_cast_pair(attention):
+    """The GDES table E_G is the generator's, held by reference: the discriminator cast on its own to bf16 kept E_G
+    in fp32 and failed with a raw 'mixed dtype' RuntimeError. It now reads E_G in its own dtype, as the whole model
+    cast to bf16 does."""
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(tiny(attention, "gdes")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ids, mask = batch()
+    alone, whole = copy.deepcopy(model), copy.deepcopy(model)
+    alone.discriminator.to(torch.bfloat16)
+    whole.to(torch.bfloat16)
+    assert alone.generator.word_embeddings.weight.dtype == torch.float32
+    with torch.no_grad():
+        got = alone.discriminator(ids, mask)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, whole.discriminator(ids, mask))
+
+
+@pytest.mark.parametrize("attention", ATTN)
 def test_float_masks_are_refused_not_read_inverted(attention):
     """transformers' additive mask (0 = real, -1e4 = padding) was read as nonzero = real by every model entry: real
     tokens attended only to the padding, with no error. A float mask is refused by name; an integer one is read."""
@@ -477,6 +546,14 @@ def test_hooked_position_and_type_tables_are_called():
     (lambda nn: nn.GeneratorHead(16, 16, 0, "gelu", 1e-12), "vocab_size: expected an int >= 1"),
     (lambda nn: nn.ElectraEmbeddings(10, 8, 16, 2, 50, 1e-12, 0.0), r"pad_token_id: expected an id in \[0, vocab"),
     (lambda nn: nn.DebertaV2Embeddings(-1, 8, 8, 16, 0, False, 0, 1e-7, 0.0), "vocab_size: expected an int >= 1"),
+    # built an identity encoder, a position table of no rows, one token-type row / no token types without a word
+    (lambda nn: nn.Encoder(-1, 16, 2, 32, "gelu", 1e-12, 0.0, 0.0), "num_layers: expected an int >= 0"),
+    (lambda nn: nn.DisentangledEncoder(-1, 16, 2, 32, "gelu", 1e-7, 0.0, 0.0, ("c2p", "p2c"), True, 4, 8, 4,
+                                       "layer_norm"), "num_layers: expected an int >= 0"),
+    (lambda nn: nn.ElectraEmbeddings(10, 8, 0, 2, 0, 1e-12, 0.0), "max_position_embeddings: expected an int >= 1"),
+    (lambda nn: nn.ElectraEmbeddings(10, 8, 16, -1, 0, 1e-12, 0.0), "type_vocab_size: expected an int >= 0"),
+    (lambda nn: nn.DebertaV2Embeddings(10, 8, 8, 16, -1, False, 0, 1e-7, 0.0), "type_vocab_size: expected an int >= 0"),
+    (lambda nn: nn.DiscriminatorHead(0, "gelu"), "hidden_size: expected an int >= 1"),
 ])
 def test_module_constructors_name_bad_arguments(build, match):
     """A typo in norm_rel_ebd silently built no LayerNorm, a short span failed only at the first forward, and

@@ -100,7 +100,9 @@ class ElectraConfig:
         self.validate()
 
     # ---------------------------------------------------------------- checks
-    def validate(self) -> None:
+    def validate(self, warn: bool = True) -> None:
+        """ValueError / TypeError naming the first field out of range; ``warn``: also warn about legal but unusual
+        settings (a generator larger than the discriminator)."""
         def positive(name):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -157,6 +159,10 @@ class ElectraConfig:
                              "positions are added to the generator's hidden states), got "
                              f"{self.attention!r}, {self.position_biased_input}, {self.embedding_size} vs "
                              f"{self.generator_hidden_size}")
+        if not self.disentangled and not self.position_biased_input:
+            raise ValueError("ElectraConfig.position_biased_input: False needs attention='disentangled' (relative "
+                             "positions); the standard layout's only position signal is the absolute embeddings it "
+                             "adds to the input")
         if self.disentangled:
             if self.relative_span < 1:
                 raise ValueError("ElectraConfig.position_buckets: the relative span (position_buckets if > 0 else "
@@ -171,8 +177,8 @@ class ElectraConfig:
                 raise ValueError("ElectraConfig.embedding_sharing: 'tied' with disentangled attention shares the "
                                  "embedding LayerNorm over the hidden size, so generator_hidden_size "
                                  f"({self.generator_hidden_size}) must equal hidden_size ({self.hidden_size})")
-        if (self.generator_hidden_size > self.hidden_size
-                or self.generator_num_hidden_layers > self.num_hidden_layers):
+        if warn and (self.generator_hidden_size > self.hidden_size
+                     or self.generator_num_hidden_layers > self.num_hidden_layers):
             warnings.warn("ElectraConfig: the generator is larger than the discriminator (ELECTRA works best with a "
                           "generator 1/4 to 1/2 the discriminator's size)", stacklevel=3)
 

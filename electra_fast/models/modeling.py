@@ -106,6 +106,46 @@ def _check_document_ids(document_ids, input_ids: torch.Tensor) -> None:
     _validate.same_device("document_ids", document_ids, "input_ids", input_ids)
 
 
+def check_inputs(cfg: ElectraConfig, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 token_type_ids: Optional[torch.Tensor] = None, document_ids=None) -> None:
+    """ValueError / TypeError naming the argument for inputs that ``cfg``'s models cannot take: ids int [B, T] in
+    the vocabulary and within the positions; a mask, token types or document ids of their shape and device. Run
+    once per public call (the id range reads the data: a host sync on CUDA), not by the modules a step runs."""
+    _validate.ids("input_ids", input_ids)
+    _validate.rank("input_ids", input_ids, 2, "[B, T]")
+    if input_ids.device.type == "meta":  # the id-range checks below read the data
+        raise ValueError("input_ids: expected a tensor with data (cpu / cuda), got a meta tensor")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids: expected a non-empty batch [B, T] (B, T >= 1), got shape "
+                         f"{tuple(input_ids.shape)}")
+    _validate.seq_len_fits(input_ids.shape[1], cfg.max_position_embeddings)
+    lo, hi = torch.aminmax(input_ids)
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise ValueError(f"input_ids: ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
+                         f"[{int(lo)}, {int(hi)}]")
+    if attention_mask is not None:
+        _validate.mask_dtype("attention_mask", attention_mask, "[B, T], 1 = real token, 0 = padding")
+        _validate.same_shape("attention_mask", attention_mask, "input_ids", input_ids)
+        _validate.same_device("attention_mask", attention_mask, "input_ids", input_ids)
+    if token_type_ids is not None:
+        _check_token_types(cfg, input_ids, token_type_ids)
+    _check_document_ids(document_ids, input_ids)
+
+
+def _check_token_types(cfg: ElectraConfig, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> None:
+    _validate.ids("token_type_ids", token_type_ids)
+    _validate.same_shape("token_type_ids", token_type_ids, "input_ids", input_ids)
+    _validate.same_device("token_type_ids", token_type_ids, "input_ids", input_ids)
+    # ELECTRA's embeddings keep at least one type row; DeBERTa's ignore token types when type_vocab_size is 0
+    if cfg.disentangled and cfg.type_vocab_size == 0:
+        return
+    n_types = max(cfg.type_vocab_size, 1)
+    lo, hi = torch.aminmax(token_type_ids)
+    if lo < 0 or hi >= n_types:
+        raise ValueError(f"token_type_ids: ids must lie in [0, type_vocab_size={n_types}), got values in "
+                         f"[{int(lo)}, {int(hi)}]")
+
+
 def _key_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """bool [B, T] key-padding mask, or None when nothing is padded (the fast SDPA path)."""
     if attention_mask is None:
@@ -123,6 +163,7 @@ class ElectraGenerator(nn.Module):
 
     def __init__(self, cfg: ElectraConfig):
         super().__init__()
+        self.config = cfg
         self.emd = cfg.enhanced_mask_decoder
         self.backbone = Backbone(cfg, cfg.generator_hidden_size, cfg.generator_num_hidden_layers,
                                  cfg.generator_num_attention_heads, cfg.generator_intermediate_size,
@@ -165,7 +206,9 @@ class ElectraGenerator(nn.Module):
         return q if packed is None else packed.pad(q)
 
     def logits(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        """Full [B, T, V] MLM logits (inspection / interop; training never builds them)."""
+        """Full [B, T, V] MLM logits (inspection / interop; training never builds them); inputs checked as
+        :func:`check_inputs` says."""
+        check_inputs(self.config, input_ids, attention_mask, token_type_ids)
         h = self.encode(input_ids, attention_mask, token_type_ids)
         return self.head.logits(h, self.word_embeddings.weight)
 
@@ -180,13 +223,33 @@ class ElectraDiscriminator(nn.Module):
 
     def __init__(self, cfg: ElectraConfig):
         super().__init__()
+        self.config = cfg
         self.backbone = Backbone(cfg, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
                                  cfg.intermediate_size)
         self.head = DiscriminatorHead(cfg.hidden_size, cfg.hidden_act)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, document_ids=None) -> torch.Tensor:
-        """ids [B, T] -> logits [B, T]; ``document_ids`` as in :meth:`Backbone.forward`."""
+        """ids [B, T] -> logits [B, T]; ``document_ids`` as in :meth:`Backbone.forward`; inputs checked as
+        :func:`check_inputs` says."""
+        check_inputs(self.config, input_ids, attention_mask, token_type_ids, document_ids)
+        return self.rtd_logits(input_ids, attention_mask, token_type_ids, document_ids)
+
+    def rtd_logits(self, input_ids, attention_mask=None, token_type_ids=None, document_ids=None) -> torch.Tensor:
+        """:meth:`forward` without the input checks, for callers that ran them (a pretraining step)."""
         return self.head(self.backbone(input_ids, attention_mask, token_type_ids, document_ids))
+
+
+def _tied_tables_agree(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook of a tied model: its one embeddings module appears under both models' names, so a
+    state dict from an untied model loaded with "All keys matched" and the discriminator's tables silently replaced
+    the generator's."""
+    g, d = f"{prefix}generator.backbone.embeddings.", f"{prefix}discriminator.backbone.embeddings."
+    differ = [key[len(d):] for key, value in state_dict.items() if key.startswith(d) and g + key[len(d):] in state_dict
+              and not (isinstance(value, torch.Tensor) and torch.equal(value, state_dict[g + key[len(d):]]))]
+    if differ:
+        raise ValueError(f"state_dict: its generator and discriminator embeddings differ ({', '.join(differ)}), but "
+                         "this model ties them (embedding_sharing='tied'); load it into a model with "
+                         "embedding_sharing='none'")
 
 
 class ElectraPretrainingModel(nn.Module):
@@ -200,6 +263,7 @@ class ElectraPretrainingModel(nn.Module):
         super().__init__()
         if not isinstance(config, ElectraConfig):
             raise TypeError(f"config: expected an ElectraConfig, got {type(config).__name__}")
+        config.validate(warn=False)  # a field set after construction (attention="bogus") built a model silently
         self.config = config
         self.fused = fused
         self.generator = ElectraGenerator(config)
@@ -211,6 +275,7 @@ class ElectraPretrainingModel(nn.Module):
         g, d = self.generator.backbone.embeddings, self.discriminator.backbone.embeddings
         if self.config.embedding_sharing == "tied":
             self.discriminator.backbone.embeddings = g
+            self.register_load_state_dict_pre_hook(_tied_tables_agree)
         elif self.config.embedding_sharing == "gdes":
             d.word_embeddings = GDESEmbedding(g.word_embeddings)
             if d.position_embeddings is not None:
@@ -218,42 +283,9 @@ class ElectraPretrainingModel(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def _check_inputs(self, input_ids, attention_mask, seed, token_type_ids=None, document_ids=None):
-        cfg = self.config
-        _validate.ids("input_ids", input_ids)
-        _validate.rank("input_ids", input_ids, 2, "[B, T]")
-        if input_ids.device.type == "meta":  # the id-range checks below read the data
-            raise ValueError("input_ids: expected a tensor with data (cpu / cuda), got a meta tensor")
-        if input_ids.numel() == 0:
-            raise ValueError(f"input_ids: expected a non-empty batch [B, T] (B, T >= 1), got shape "
-                             f"{tuple(input_ids.shape)}")
-        _validate.seq_len_fits(input_ids.shape[1], cfg.max_position_embeddings)
-        if input_ids.numel():
-            lo, hi = torch.aminmax(input_ids)
-            if lo < 0 or hi >= cfg.vocab_size:
-                raise ValueError(f"input_ids: ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
-                                 f"[{int(lo)}, {int(hi)}]")
-        if attention_mask is not None:
-            _validate.mask_dtype("attention_mask", attention_mask, "[B, T], 1 = real token, 0 = padding")
-            _validate.same_shape("attention_mask", attention_mask, "input_ids", input_ids)
-            _validate.same_device("attention_mask", attention_mask, "input_ids", input_ids)
+        check_inputs(self.config, input_ids, attention_mask, token_type_ids, document_ids)
         if seed is not None:
             _seed.check(seed)
-        if token_type_ids is not None:
-            self._check_token_types(input_ids, token_type_ids)
-        _check_document_ids(document_ids, input_ids)
-
-    def _check_token_types(self, input_ids, token_type_ids):
-        _validate.ids("token_type_ids", token_type_ids)
-        _validate.same_shape("token_type_ids", token_type_ids, "input_ids", input_ids)
-        _validate.same_device("token_type_ids", token_type_ids, "input_ids", input_ids)
-        # ELECTRA's embeddings keep at least one type row; DeBERTa's ignore token types when type_vocab_size is 0
-        if self.config.disentangled and self.config.type_vocab_size == 0:
-            return
-        n_types = max(self.config.type_vocab_size, 1)
-        lo, hi = torch.aminmax(token_type_ids)
-        if lo < 0 or hi >= n_types:
-            raise ValueError(f"token_type_ids: ids must lie in [0, type_vocab_size={n_types}), got values in "
-                             f"[{int(lo)}, {int(hi)}]")
 
     # ------------------------------------------------------------------ step
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -295,7 +327,7 @@ class ElectraPretrainingModel(nn.Module):
             h, weight, targets, bias=bias, seed=(seed + 1) % SEED_LIMIT,
             temperature=cfg.temperature, disallowed_ids=cfg.disallowed_sample_ids, return_metrics=True)
         corrupted = input_ids.masked_scatter(masked, sampled.to(input_ids.dtype))
-        logits = disc(corrupted, attention_mask, token_type_ids, document_ids)
+        logits = disc.rtd_logits(corrupted, attention_mask, token_type_ids, document_ids)
         rtd_loss, disc_metrics = rtd_loss_op(logits, corrupted, input_ids, attention_mask, return_metrics=True)
         loss = mlm_loss.float() + cfg.disc_weight * rtd_loss
         metrics = {"generator_accuracy": gen_metrics["accuracy"].float(),

@@ -24,7 +24,8 @@ class GDESEmbedding(nn.Module):
     """Gradient-disentangled embedding sharing (DeBERTa-v3): rows of ``base.weight.detach() + delta``.
 
     ``base`` (the generator's nn.Embedding) is held by reference, not registered, so it is neither a
-    submodule nor saved twice; only ``delta`` [num_embeddings, embedding_dim] belongs to this module. The
+    submodule nor saved twice; only ``delta`` [num_embeddings, embedding_dim] belongs to this module (so a GDES
+    discriminator's own ``state_dict`` is not a whole discriminator: save the pair, or export it). The
     lookup gathers both tables (never materialising the sum), so the discriminator's loss reaches ``delta``
     only and the generator's table receives the MLM gradient only.
     """
@@ -39,13 +40,18 @@ class GDESEmbedding(nn.Module):
     def base(self) -> nn.Embedding:
         return self._base
 
+    def _base_weight(self) -> torch.Tensor:
+        # E_G in delta's dtype and device: a discriminator moved on its own (.to(torch.bfloat16), .cuda()) leaves
+        # the generator's table where it was (a no-op when the whole model moved)
+        return self._base.weight.detach().to(self.delta)
+
     @property
     def weight(self) -> torch.Tensor:
         """The materialised discriminator table E_G + E_delta (what an export writes)."""
-        return self._base.weight.detach() + self.delta
+        return self._base_weight() + self.delta
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (F.embedding(ids, self._base.weight.detach(), self.padding_idx)
+        return (F.embedding(ids, self._base_weight(), self.padding_idx)
                 + F.embedding(ids, self.delta, self.padding_idx))
 
 
@@ -76,12 +82,19 @@ def word_table(vocab_size: int, embedding_size: int, pad_token_id: Optional[int]
     return nn.Embedding(vocab_size, embedding_size, padding_idx=pad_token_id)
 
 
+def _check_table_sizes(max_position_embeddings: int, type_vocab_size: int) -> None:
+    # a negative type_vocab_size became one row (ELECTRA) or no token types (DeBERTa) without a word
+    _validate.integer_arg("max_position_embeddings", max_position_embeddings, 1)
+    _validate.integer_arg("type_vocab_size", type_vocab_size, 0)
+
+
 class ElectraEmbeddings(nn.Module):
     """ids int [B, T] -> float [B, T, E] (transformers ElectraEmbeddings)."""
 
     def __init__(self, vocab_size: int, embedding_size: int, max_position_embeddings: int, type_vocab_size: int,
                  pad_token_id: int, layer_norm_eps: float, dropout: float):
         super().__init__()
+        _check_table_sizes(max_position_embeddings, type_vocab_size)
         self.word_embeddings = word_table(vocab_size, embedding_size, pad_token_id)
         self.position_embeddings = nn.Embedding(max_position_embeddings, embedding_size)
         self.token_type_embeddings = nn.Embedding(max(type_vocab_size, 1), embedding_size)
@@ -111,6 +124,7 @@ class DebertaV2Embeddings(nn.Module):
         (``position_biased_input=False``), for DeBERTa's Enhanced Mask Decoder (Microsoft's embeddings always
         hold them)."""
         super().__init__()
+        _check_table_sizes(max_position_embeddings, type_vocab_size)
         self.word_embeddings = word_table(vocab_size, embedding_size, pad_token_id)
         self.position_biased_input = position_biased_input
         self.position_embeddings = nn.Embedding(max_position_embeddings, embedding_size) \

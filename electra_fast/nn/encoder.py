@@ -243,6 +243,7 @@ class Encoder(nn.Module):
     def __init__(self, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int, act: str,
                  eps: float, dropout: float, attention_dropout: float):
         super().__init__()
+        _validate.integer_arg("num_layers", num_layers, 0)
         _validate.probability("attention_dropout", attention_dropout)
         self.layer = nn.ModuleList(
             EncoderLayer(StandardSelfAttention(hidden_size, num_heads, attention_dropout), hidden_size,
@@ -270,6 +271,7 @@ class DisentangledEncoder(nn.Module):
                  share_att_key: bool, position_buckets: int, max_relative_positions: int, span: int,
                  norm_rel_ebd: str):
         super().__init__()
+        _validate.integer_arg("num_layers", num_layers, 0)
         self.layer = nn.ModuleList(
             EncoderLayer(DisentangledSelfAttention(hidden_size, num_heads, position_buckets=position_buckets,
                                                    max_relative_positions=max_relative_positions,

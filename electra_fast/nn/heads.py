@@ -37,7 +37,7 @@ class GeneratorHead(nn.Module):
 class DiscriminatorHead(nn.Module):
     def __init__(self, hidden_size: int, act: str):
         super().__init__()
-        self.dense = Linear(hidden_size, hidden_size)
+        self.dense = Linear(_validate.integer_arg("hidden_size", hidden_size, 1), hidden_size)
         self.act = activation(act)
         self.dense_prediction = nn.Linear(hidden_size, 1)
 
