@@ -323,9 +323,15 @@ def test_unreadable_transformers_folders_are_a_checkpoint_error(tmp_path, damage
 def test_from_pretrained_with_a_broken_config_is_a_checkpoint_error(tmp_path):
     g, d = _electra_pair()
     ElectraPretrainingModel.from_transformers(*_save(tmp_path, g, d), **IDS).save_pretrained(tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "electra_fast.json").read_text())
     (tmp_path / "ours" / "electra_fast.json").write_text("{")
     with pytest.raises(CheckpointError, match=r"electra_fast\.json is not JSON"):
         ElectraPretrainingModel.from_pretrained(tmp_path / "ours")
+    # an unknown or ill-typed field named no file
+    for change, match in (({"hiden_size": 3}, "unknown fields"), ({"hidden_size": "32"}, "hidden_size")):
+        (tmp_path / "ours" / "electra_fast.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(CheckpointError, match=rf"^.*ours/electra_fast\.json: .*{match}"):
+            ElectraPretrainingModel.from_pretrained(tmp_path / "ours")
 
 def test_no_network(tmp_path, monkeypatch):
     """Interop reads local files only: a hub-style name is a missing directory, not a download."""

@@ -454,6 +454,8 @@ def from_pretrained(cls, path, fused: bool = True):
         cfg = ElectraConfig.from_json_file(cfg_path)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not JSON ({e})") from None
+    except (TypeError, ValueError) as e:  # an unknown or ill-typed field: the message named no file
+        raise CheckpointError(f"{cfg_path}: {e}") from None
     model = cls(cfg, fused=fused)
     states = []
     for role in ("generator", "discriminator"):
