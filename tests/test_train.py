@@ -1150,11 +1150,30 @@ def test_failed_first_step_leaves_nothing_that_refuses_a_rerun(env, tmp_path, mo
     _fail_on_call(monkeypatch, 1)
     with pytest.raises(RuntimeError, match="simulated failure"):
         pretrain(env["data"], **_kw(env, out, steps=4, allow_nonempty_out=True))
-    # run.json, metrics.jsonl, tensorboard/ taken back; the marker and the content-keyed cache stay (a retry reuses it)
-    assert sorted(os.listdir(out)) == [".electra-fast-run", "cache", "notes.txt"]
+    # run.json, metrics.jsonl, tensorboard/ taken back; so are the marker and the cache: the marker made the user's
+    # folder count as a run's, so a later job skipped --allow-nonempty-out and wrote over a curves.png put there
+    assert sorted(os.listdir(out)) == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "mine"
     monkeypatch.undo()
-    assert pretrain(env["data"], **_kw(env, out, steps=4))["steps"] == 4  # no --resume needed
+    (out / "curves.png").write_text("the user's plot")
+    with pytest.raises(PretrainError, match="is not empty"):
+        pretrain(env["data"], **_kw(env, out, steps=4))
+    with pytest.raises(PretrainError, match="already has curves.png, not created by electra-fast"):
+        pretrain(env["data"], **_kw(env, out, steps=4, allow_nonempty_out=True))
+    assert (out / "curves.png").read_text() == "the user's plot"
+    (out / "curves.png").unlink()
+    assert pretrain(env["data"], **_kw(env, out, steps=4, allow_nonempty_out=True))["steps"] == 4  # no --resume
+
+
+def test_failed_first_step_in_a_folder_of_its_own_keeps_the_cache(env, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _fail_on_call(monkeypatch, 1)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        pretrain(env["data"], **_kw(env, out, steps=4))
+    # the job made --out: it stays its own, with the content-keyed cache a retry reuses
+    assert sorted(os.listdir(out)) == [".electra-fast-run", "cache"]
+    monkeypatch.undo()
+    assert pretrain(env["data"], **_kw(env, out, steps=4))["steps"] == 4
 
 
 def test_failure_after_a_checkpoint_keeps_the_run(env, tmp_path, monkeypatch):

@@ -164,23 +164,29 @@ KEPT_UNLESS_EMPTY = ("cache", "")  # cache/ is content-keyed (a retry reuses it)
 
 def run_files(out: str):
     """The run's names not yet in ``out``, and its checkpoints: what :func:`take_back` compares against."""
-    return ([n for n in RUN_FILES + KEPT_UNLESS_EMPTY if not os.path.lexists(os.path.join(out, n))],
+    return ([n for n in RUN_FILES + (MARKER,) + KEPT_UNLESS_EMPTY if not os.path.lexists(os.path.join(out, n))],
             ckpt.checkpoint_dirs(os.path.join(out, "checkpoints")))
 
 
 def take_back(out: str, before) -> None:
     """A job that failed before writing a checkpoint leaves nothing a rerun would have to ``--resume``: it removes
-    the run files it created (and the directories it created, if empty), never anything that was there before."""
+    the run files it created (and the directories it created, if empty), never anything that was there before.
+    Its marker in a folder it did not make goes too, with the cache it made there: the marker would make the
+    user's folder count as a run's (later jobs would skip ``--allow-nonempty-out`` and its check of our names)."""
     absent, checkpoints = before
     if ckpt.checkpoint_dirs(os.path.join(out, "checkpoints")) != checkpoints:
         return  # this job wrote a checkpoint: the run is resumable as it stands
+    claimed_theirs = MARKER in absent and "" not in absent
     for name in absent:
         path = os.path.join(out, name)
         try:
             if name == "" and os.listdir(path) == [MARKER]:
                 os.unlink(os.path.join(path, MARKER))  # this job made --out: its claim goes with it
-            if name in KEPT_UNLESS_EMPTY:
-                os.rmdir(path)  # only when empty
+            if name == MARKER:
+                if claimed_theirs:
+                    os.unlink(path)
+            elif name in KEPT_UNLESS_EMPTY and not (name == "cache" and claimed_theirs):
+                os.rmdir(path)  # only when empty: the content-keyed cache/ stays for a retry in a folder of ours
             elif os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
             elif os.path.lexists(path):
