@@ -312,7 +312,7 @@ def _bad_cases(d, pretrained, tmp_path):
     return [
         (["--model", str(tmp_path / "bert-no-tokenizer")] + good,
          "error: --model: " + str(tmp_path / "bert-no-tokenizer") + " holds neither tokenizer.json, vocab.txt nor vocab.json + merges.txt"),
-        (bert["bert-small-vocab"] + good, "tokenizer has 120 tokens, more than its embeddings hold (100)"),
+        (bert["bert-small-vocab"] + good, "tokenizer gives ids up to 119, more than its embeddings hold (100 rows)"),
         (["--model", str(tmp_path / "bert-short")] + good, "lacks 'electra.encoder.layer.1."),  # --out was written
         (bert["bert-one-type"] + pairs, "has 1 token type(s), but its tokenizer gives a pair's second sentence type 1"),
         # [CLS] a [SEP] b [SEP] needs 3: tokenizers then leaves a row uncut (a traceback past the model's positions)

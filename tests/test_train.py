@@ -197,6 +197,29 @@ def test_a_vocab_txt_with_a_repeated_line_is_refused(tmp_path):
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\ncat\nthe\n", encoding="utf-8")
     with pytest.raises(PretrainError, match=r"vocab.txt line 8 repeats line 6 \('the'\); each token once"):
         load_tokenizer(str(tmp_path))
+    # tokenizers keys a line without its trailing spaces: "the " repeats "the" (it was missed)
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe \ncat\nthe\n", encoding="utf-8")
+    with pytest.raises(PretrainError, match=r"vocab.txt line 8 repeats line 6 \('the'\); each token once"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_a_tokenizer_with_holes_in_its_ids_sizes_the_model_by_its_largest_id(env, tmp_path):
+    """A tokenizer.json whose table skips ids (13 tokens, one at id 500) sized the model by its token count: the
+    first batch holding the high id ended the run with a traceback ("ids must lie in [0, vocab_size=13)"), perhaps
+    hours in. The model's tables now cover every id the tokenizer gives."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from electra_fast.train.tokenizer import config_overrides, embedding_rows
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on",
+                                         "a", "mat", ".", "dog"])}
+    vocab["dog"] = 500
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert embedding_rows(load_tokenizer(str(tmp_path / "tokenizer.json"))) == 501
+    assert config_overrides(load_tokenizer(str(tmp_path / "tokenizer.json")))["vocab_size"] == 501
+    (tmp_path / "c.txt").write_text("\n\n".join(["the dog sat on a mat . the cat sat on the dog ."] * 40) + "\n")
+    run = _kw(env, tmp_path / "run", steps=2, tokenizer=str(tmp_path / "tokenizer.json"))
+    assert pretrain(str(tmp_path / "c.txt"), **run)["steps"] == 2
 
 
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram", "unigram-brought"])

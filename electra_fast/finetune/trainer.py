@@ -41,7 +41,7 @@ from .._files import load_safetensors, write_atomic, write_json, write_text
 from ..train.errors import PretrainError
 from ..train.distributed import check_device
 from ..train.optim import layer_decay, linear_schedule, param_groups
-from ..train.tokenizer import load_tokenizer, special_ids, with_special_tokens
+from ..train.tokenizer import embedding_rows, load_tokenizer, special_ids, with_special_tokens
 from ..train.options import positive, real
 from . import data as fdata
 from . import metrics as fmetrics
@@ -170,9 +170,9 @@ def _check_tables(tok, cfg, model: str, pairs: bool) -> None:
     """The tokenizer's ids must index the model's tables (an IndexError at the first step, after --out was
     written, otherwise): its vocabulary, and with ``pairs`` the token type of a pair's second sentence (1 for
     BERT-style tokenizers; DeBERTa without token types ignores them)."""
-    if tok.get_vocab_size() > cfg.vocab_size:
-        raise FinetuneError(f"--model: {model}'s tokenizer has {tok.get_vocab_size()} tokens, more than its "
-                            f"embeddings hold ({cfg.vocab_size})")
+    if embedding_rows(tok) > cfg.vocab_size:
+        raise FinetuneError(f"--model: {model}'s tokenizer gives ids up to {embedding_rows(tok) - 1}, more than its "
+                            f"embeddings hold ({cfg.vocab_size} rows)")
     if not pairs or (cfg.disentangled and cfg.type_vocab_size == 0):
         return
     types = max(tok.encode("a", "b").type_ids, default=0)

@@ -367,7 +367,7 @@ def _from_vocab_txt(vocab: str, directory: str):
         with open(vocab, encoding="utf-8") as f:
             first: Dict[str, int] = {}
             for line, token in enumerate(f, 1):
-                token = token.rstrip("\n")
+                token = token.rstrip()  # as WordPiece.read_file keys it ("the " is "the")
                 if first.setdefault(token, line) != line:  # an id is a line number: a repeat leaves a hole
                     raise PretrainError(f"--tokenizer: {vocab} line {line} repeats line {first[token]} ({token!r}); "
                                         "each token once (its line number is its id)")
@@ -424,10 +424,17 @@ def with_special_tokens(tok):
     return tok
 
 
+def embedding_rows(tok) -> int:
+    """The rows a model's embeddings need for every id ``tok`` gives: its largest id + 1. That is its vocabulary
+    size unless its ids have holes (a tokenizer.json's table may skip ids), where sizing by the token count
+    failed at the first batch holding a high id, perhaps hours into a run."""
+    return max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+
 def config_overrides(tok) -> Dict[str, int]:
-    """ElectraConfig fields taken from the tokenizer: vocabulary size and special ids."""
+    """ElectraConfig fields taken from the tokenizer: vocabulary size (:func:`embedding_rows`) and special ids."""
     ids = special_ids(tok)
-    return dict(vocab_size=int(tok.get_vocab_size(with_added_tokens=True)), pad_token_id=ids["pad"],
+    return dict(vocab_size=embedding_rows(tok), pad_token_id=ids["pad"],
                 unk_token_id=ids["unk"], cls_token_id=ids["cls"], sep_token_id=ids["sep"],
                 mask_token_id=ids["mask"])
 

@@ -40,8 +40,8 @@ from .options import (DEFAULT_EMBEDDED_STEPS, DEFAULT_EMBEDDED_VOCAB, DEFAULT_SA
                       TOKENIZER_NAMES, check_seq_len, default_lr, model_config, positive, real, resolve_precision,
                       summary_writer)
 from .signals import Signals, Uninterrupted
-from .tokenizer import (DEFAULT_VOCAB, MAX_VOCAB, TextRules, config_overrides, fingerprint, load_tokenizer,
-                        min_vocab, special_ids, train_tokenizer, write_tokenizer)
+from .tokenizer import (DEFAULT_VOCAB, MAX_VOCAB, TextRules, config_overrides, embedding_rows, fingerprint,
+                        load_tokenizer, min_vocab, special_ids, train_tokenizer, write_tokenizer)
 
 def _keep_freed_memory() -> bool:
     """CPU training: let glibc keep freed memory for reuse (True when applied).
@@ -434,9 +434,9 @@ class _Job:
     def _config(self):
         if self.resume_from is not None:
             cfg = ckpt.load_config(self.resume_from)
-            if cfg.vocab_size != self.tok.get_vocab_size(with_added_tokens=True):
+            if cfg.vocab_size != embedding_rows(self.tok):
                 raise PretrainError(f"checkpoint {self.resume_from}: config vocab_size {cfg.vocab_size} does not "
-                                    f"match its tokenizer ({self.tok.get_vocab_size()})")
+                                    f"match its tokenizer ({embedding_rows(self.tok)} ids)")
         else:
             o = self.o
             cfg = o.source.config_for(self.tok, o.recipe) if o.source else model_config(o.model,
