@@ -746,6 +746,24 @@ def test_a_folder_inputs_cache_key_follows_its_files(tmp_path):
     assert cache_key([str(folder)], tok, False) != before
 
 
+def test_cache_key_follows_an_edit_that_keeps_size_and_mtime(tmp_path):
+    """An edit of the same size with the old mtime put back (touch -r, cp -p, rsync -t) kept the cache key: the
+    run, and a --resume, trained on the stale tokens without a word."""
+    from electra_fast.train.data import cache_key
+    from electra_fast.train.tokenizer import train_tokenizer
+    tok = train_tokenizer("wordpiece", ["a b c d e"] * 5, 40)
+    f = tmp_path / "c.txt"
+    f.write_text("the quick brown fox\n")
+    os.utime(f, ns=(1, 1))
+    before = cache_key([str(f)], tok, False)
+    assert cache_key([str(f)], tok, False) == before  # unchanged: the same key (the cache is reused)
+    time.sleep(0.05)  # past the kernel's coarse ctime tick (a jiffy, up to 10 ms)
+    f.write_text("the QUACK brown fox\n")
+    os.utime(f, ns=(1, 1))
+    assert os.stat(f).st_size == len("the quick brown fox\n") and os.stat(f).st_mtime_ns == 1
+    assert cache_key([str(f)], tok, False) != before
+
+
 def test_a_saved_dataset_with_bad_text_or_no_train_split(tmp_path, monkeypatch):
     """A datasets save_to_disk folder (the `datasets` package stands in here: it is no test dependency): a 'text'
     column of ints or lists ended in "AttributeError: 'int' object has no attribute 'strip'"; a DatasetDict without

@@ -170,8 +170,11 @@ def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool, rules: TextRules
             os.path.join(d, f) for d, _, names in os.walk(p) for f in names)
         for f in files:
             st = os.stat(f)
-            # the path's bytes: a POSIX name may hold any (a str holds them as surrogates, which .encode() refuses)
-            h.update(os.fsencode(os.path.abspath(f)) + f"\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            # the path's bytes: a POSIX name may hold any (a str holds them as surrogates, which .encode() refuses).
+            # Size and mtime can survive an edit (touch -r, cp -p, rsync -t of a same-size variant): the inode and
+            # ctime, which no user sets, key it too
+            h.update(os.fsencode(os.path.abspath(f)) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0"
+                                                       f"{st.st_ctime_ns}\0".encode())
     h.update(fingerprint(tok).encode())
     h.update(f"skip={skip_bad_lines};format={CACHE_FORMAT};special-spellings=text".encode())
     h.update(rules.cache_suffix(tok).encode())
