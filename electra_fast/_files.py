@@ -42,6 +42,20 @@ def vacant(path: str) -> bool:
         return False
 
 
+def creatable_dir(path: str) -> "str | None":
+    """Why the directory ``path`` (existing or not) cannot be written into, or None: its nearest existing ancestor
+    (itself, if it exists) must be a directory this process may write into. Checked before long work, not found
+    after it."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} exists and is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def write_directory(path: str, write: Callable[[str], None], inner: str = ".tmp") -> None:
     """``write(tmp)`` fills a new temporary directory, which then becomes ``path``: a failure part way (a full disk,
     an exception) leaves nothing at ``path``. ``path`` must be missing or an empty directory (:func:`vacant`; callers

@@ -2,12 +2,14 @@
 and optionally gate on a previous result. Runs from a source checkout (bench/ is not installed)."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
 import sys
 
 from . import bench_report
+from ._files import creatable_dir, write_text
 
 
 def bench_dir() -> str:
@@ -34,7 +36,7 @@ def record_pretrain(out_dir: str, device: "str | None" = None) -> str:
                                     "precision")}
     keep.update(machine=bench_report.machine_name(device), threads=torch.get_num_threads())
     path = unused_name(out_dir, bench_report.result_name(device), "-pretrain-default.json")
-    write_atomic(path, json.dumps(keep, indent=2))  # a run stopped meanwhile leaves no empty record behind
+    write_text(path, json.dumps(keep, indent=2))  # a run stopped meanwhile leaves no empty record behind
     return path
 
 
@@ -53,11 +55,11 @@ def check_args(args) -> "str | None":
         except PretrainError as e:
             return str(e)
     if args.out is not None:
-        existing = os.path.abspath(args.out)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing):
-            return f"--out: {existing} exists and is not a directory"
+        if not args.out.strip():  # the results went to the checkout, RESULTS.md to the working directory
+            return "--out: empty; name a directory for the results"
+        problem = creatable_dir(args.out)  # found only after the benchmarks ran, their results were lost
+        if problem:
+            return f"--out: {problem}"
     results_md = _results_md(args)
     if os.path.exists(results_md) and not _ours(results_md):
         return f"--out: {results_md} exists and was not written by electra-fast bench (it would be replaced)"
@@ -114,7 +116,8 @@ def main(args) -> int:
     # an earlier run of the day stays (<machine>-<date>-2...); a -k run is a selection, never the machine's full run
     # (README's table follows those): its own name
     json_path = unused_name(out_dir, bench_report.result_name(device),
-                            ("-quick" if args.quick else "") + ("-select" if args.select else "") + ".json")
+                            ("-quick" if args.quick else "") + ("-select" if args.select else "") + ".json",
+                            plots=True)
     env = dict(os.environ, ELECTRA_FAST_BENCH_QUICK="1" if args.quick else "0")
     from ._backend import forced_backend
     forced = forced_backend()  # checked by the CLI; None for auto
@@ -151,11 +154,17 @@ def main(args) -> int:
     return 0
 
 
-def unused_name(directory: str, base: str, suffix: str) -> str:
+def unused_name(directory: str, base: str, suffix: str, plots: bool = False) -> str:
     """``directory/<base><suffix>``, or ``<base>-2<suffix>``, ``-3``... while that name is taken: no run overwrites
-    another (the number right after the date, where bench_report.RUN_NAME reads it)."""
+    another (the number right after the date, where bench_report.RUN_NAME reads it). ``plots``: taken too while a
+    ``<stem>-*.png`` is there (the plots of a run whose JSON was deleted, or the user's: bench_report.plots names
+    its PNGs after the JSON)."""
+    def taken(path: str) -> bool:
+        stem = os.path.splitext(path)[0]
+        return os.path.lexists(path) or (plots and bool(glob.glob(glob.escape(stem) + "-*.png")))
+
     path, n = os.path.join(directory, base + suffix), 1
-    while os.path.exists(path):
+    while taken(path):
         n += 1
         path = os.path.join(directory, f"{base}-{n}{suffix}")
     return path
@@ -205,15 +214,7 @@ class MergedResults:
             self._skipped = []
 
     def write(self, path: str) -> None:
-        write_atomic(path, json.dumps(self.data, indent=2))
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a process killed meanwhile (the GPU
-    lane's time limit) leaves the previous complete file, never half of one."""
-    with open(path + ".tmp", "w") as fh:
-        fh.write(text)
-    os.replace(path + ".tmp", path)
+        write_text(path, json.dumps(self.data, indent=2))
 
 
 def _run_files(bdir: str, device: str, select, json_path: str, env) -> int:

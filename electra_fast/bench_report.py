@@ -71,17 +71,51 @@ def result_name(device: "str | None" = None) -> str:
     return f"{slug}-{datetime.date.today().isoformat()}"
 
 
+def _load(path: str) -> dict:
+    """The JSON object at ``path``: ValueError unless it is an object with a list of benchmark objects and a
+    ``machine_info`` object (what every reader here indexes)."""
+    with open(path) as fh:
+        data = json.load(fh)
+    if not (isinstance(data, dict) and isinstance(data.get("benchmarks", []), list)
+            and all(isinstance(bm, dict) for bm in data.get("benchmarks", []))
+            and isinstance(data.get("machine_info") or {}, dict)):
+        raise ValueError("not a pytest-benchmark JSON (an object with a list of benchmark objects)")
+    data["machine_info"] = data.get("machine_info") or {}  # null: nothing known of the machine
+    return data
+
+
 def load_groups(path: str) -> Dict[Key, Dict[str, dict]]:
-    """{(op, pass, shape, dtype): {impl: {"median": s, **extra_info}}} from one pytest-benchmark JSON."""
-    data = json.load(open(path))
+    """{(op, pass, shape, dtype): {impl: {"median": s, **extra_info}}} from one pytest-benchmark JSON; ValueError
+    for one whose electra_fast rows lack what the reports read."""
     groups: Dict[Key, Dict[str, dict]] = {}
-    for bm in data.get("benchmarks", []):
-        info = bm.get("extra_info", {})
-        if "op" not in info or bm.get("stats") is None:
-            continue
+    for bm in _load(path).get("benchmarks", []):
+        info = bm.get("extra_info") or {}
+        if not isinstance(info, dict) or "op" not in info or bm.get("stats") is None:
+            continue  # not an electra_fast row (another suite's, or one skipped before it ran)
+        name = bm.get("name", "?")
+        if not (isinstance(bm["stats"], dict) and "median" in bm["stats"]):
+            raise ValueError(f"benchmark {name!r} has no stats.median")
+        missing = [k for k in ("op", "pass_", "shape", "dtype", "impl") if not isinstance(info.get(k), str)]
+        if missing:
+            raise ValueError(f"benchmark {name!r}: extra_info lacks {', '.join(missing)}")
+        for k in ("peak_mem_bytes", "tokens_per_s"):
+            v = info.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
+                raise ValueError(f"benchmark {name!r}: extra_info.{k} is {v!r}, not a non-negative number")
         key = (info["op"], info["pass_"], info["shape"], info["dtype"])
         groups.setdefault(key, {})[info["impl"]] = {"median": bm["stats"]["median"], **info}
     return groups
+
+
+def run_problem(path: str) -> Optional[str]:
+    """Why the JSON at ``path`` cannot be reported (unreadable, not pytest-benchmark's layout, a row without a
+    positive finite median), or None."""
+    try:
+        return bad_median(load_groups(path))
+    except OSError as e:
+        return f"cannot read it ({e.strerror})"
+    except ValueError as e:
+        return str(e)
 
 
 def bad_median(groups) -> Optional[str]:
@@ -128,7 +162,7 @@ def compare_rows(current: str, previous: str, tolerance: float = 0.15) -> Tuple[
 
 def mismatch(current: str, previous: str) -> List[str]:
     """Why the two runs' ratios may not be comparable: another machine, thread count or backend."""
-    a, b = ((json.load(open(p)).get("machine_info") or {}) for p in (current, previous))
+    a, b = (_load(p)["machine_info"] for p in (current, previous))
     a, b = (m if isinstance(m, dict) else {} for m in (a, b))
     notes = []
     for key, what in (("electra_fast_machine", "machine"), ("torch_threads", "thread count"),
@@ -152,14 +186,14 @@ def _forced_note(m: dict) -> str:
 
 
 def table(path: str) -> str:
-    data = json.load(open(path))
+    data = _load(path)
     m = data.get("machine_info", {})
     groups = load_groups(path)
     lines = [
         f"### {m.get('electra_fast_machine', 'unknown machine')} ({m.get('cores', '?')} cores) — "
         f"`{os.path.basename(path)}`",
         "",
-        f"{data.get('datetime', '')[:19]} · torch {m.get('torch')} · triton {m.get('triton')} · "
+        f"{str(data.get('datetime') or '')[:19]} · torch {m.get('torch')} · triton {m.get('triton')} · "
         f"electra_fast {m.get('electra_fast')} (commit {m.get('git_commit')}) · {m.get('torch_threads')} threads · "
         f"C++ extension {'built' if m.get('extension') else 'NOT built'}" + _forced_note(m)
         + (f" · a selection (`-k {m['select']}`)" if m.get("select") else ""),
@@ -254,15 +288,12 @@ RUN_NAME = re.compile(r"^(.+)-(\d{4}-\d{2}-\d{2})(?:-(\d+))?(-quick)?\.json$")
 
 
 def _is_run(path: str) -> bool:
-    """Whether ``path`` reads as a pytest-benchmark JSON (an object with a list of benchmarks); a file that only
-    has a run's name (hand-made, truncated) is passed over, not a traceback after the benchmarks ran."""
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("benchmarks"), list) \
-        and isinstance(data.get("machine_info", {}), dict)
+    """Whether ``path`` can be reported (:func:`run_problem`); a file that only has a run's name (hand-made,
+    truncated, a median of 0) is passed over with a warning, not a traceback after the benchmarks ran."""
+    problem = run_problem(path)
+    if problem is not None:
+        print(f"electra-fast bench: warning: skipping {path}: {problem}", file=sys.stderr)
+    return problem is None
 
 
 def newest_per_machine(results_dir: str) -> List[str]:
@@ -390,14 +421,14 @@ def _fmt_short(s: float) -> str:
 
 
 def _caption(path: str, base_dir: str) -> str:
-    data = json.load(open(path))
+    data = _load(path)
     m = data.get("machine_info", {})
     cuda = f", CUDA {m['cuda']}" if m.get("cuda") else ""
     rel = os.path.relpath(path, base_dir).replace(os.sep, "/")
     return (f"**{m.get('electra_fast_machine', 'unknown machine')}**, {m.get('cores', '?')} cores, "
             f"{m.get('torch_threads', '?')} threads, torch {m.get('torch')}{cuda}"
             + ("" if m.get("extension", True) else " · **C++ extension NOT built**") + _forced_note(m) + " · "
-            f"[`{os.path.basename(path)}`]({rel}) ({data.get('datetime', '')[:10]}, commit {m.get('git_commit')})")
+            f"[`{os.path.basename(path)}`]({rel}) ({str(data.get('datetime') or '')[:10]}, commit {m.get('git_commit')})")
 
 
 def readme_table(paths: List[str], base_dir: str) -> str:
@@ -495,9 +526,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="benchmark JSON folder (default: the checkout's bench/results)")
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if the table is stale")
     args = parser.parse_args(argv)
-    for what, path, test in (("--readme", args.readme, os.path.isfile), ("--results", args.results, os.path.isdir)):
+    for what, path, test, kind in (("--readme", args.readme, os.path.isfile, "a file"),
+                                   ("--results", args.results, os.path.isdir, "a directory")):
         if not test(path):
-            print(f"bench_report: {what}: {path} not found", file=sys.stderr)
+            why = f"is not {kind}" if os.path.exists(path) else "not found"
+            print(f"bench_report: {what}: {path} {why}", file=sys.stderr)
             return 2
     try:
         if args.check:

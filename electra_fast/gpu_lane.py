@@ -42,6 +42,7 @@ from typing import Dict, List, Optional
 
 from . import bench, bench_report
 from ._console import paths_printable
+from ._files import creatable_dir, write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRY_RUN_ENV = "ELECTRA_FAST_GPU_LANE_DRY_RUN"
@@ -124,6 +125,9 @@ def resolve_out(out: Optional[str], device: str) -> str:
         if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
             what = "is a file" if not os.path.isdir(out) else f"holds {len(os.listdir(out))} entries"
             raise UsageError(f"--out {out}: expected a new or empty directory, but it {what} (nothing is overwritten)")
+        problem = creatable_dir(out)  # under a file, or read-only: a traceback when the lane opened its log
+        if problem:
+            raise UsageError(f"--out {out}: {problem}")
         return out
     base = os.path.join(ROOT, "bench", "results", f"gpu-{_slug(device)}-{datetime.date.today().isoformat()}")
     path, n = base, 1
@@ -438,8 +442,8 @@ class Lane:
     # ------------------------------------------------------------------------------------------------ reports
     def flush(self) -> None:
         self.record["elapsed_s"] = round(time.monotonic() - self.start, 1)
-        bench.write_atomic(self.path("lane"), json.dumps(self.record, indent=2, default=str))
-        bench.write_atomic(self.path("summary"), summary(self.record, self.out))
+        write_text(self.path("lane"), json.dumps(self.record, indent=2, default=str))
+        write_text(self.path("summary"), summary(self.record, self.out))
 
     def main(self) -> int:
         self.say(f"GPU lane ({self.mode}) on {self.device} -> {self.out}; budget {self.record['budget_s']} s, "

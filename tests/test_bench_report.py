@@ -228,6 +228,60 @@ def test_bench_keeps_what_was_on_disk_and_refuses_bad_out_or_compare(tmp_path, m
     assert bench_cli.pytest_command("test_bench_a.py", "cpu", "p.json", "-rtd")[-1] == "-k-rtd"
 
 
+def test_bench_never_writes_over_user_plots_and_skips_runs_it_cannot_report(tmp_path, monkeypatch, capsys):
+    """Review findings: a PNG left under this run's plot name (a run whose JSON was deleted, or the user's) was
+    overwritten; --out "" split the results between the checkout and the working directory; a read-only --out
+    failed after the benchmarks ran, their results lost; a run-named JSON with a median of 0, no stats.median or
+    extra_info null was a traceback (ZeroDivisionError, KeyError, TypeError) after the benchmarks ran."""
+    from electra_fast import bench as bench_cli
+
+    calls = []
+
+    def fake_call(cmd, cwd, env):
+        calls.append(cmd)
+        out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--benchmark-json="))
+        _write(__import__("pathlib").Path(out), [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", 2.0)])
+        return 0
+
+    monkeypatch.setattr(bench_cli.subprocess, "call", fake_call)
+    monkeypatch.setattr(bench_cli, "bench_files", lambda bdir: ["test_bench_a.py"])
+    monkeypatch.setattr(bench_report, "result_name", lambda device=None: "cpu-x-2026-12-07")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cpu-x-2026-12-07-speedups.png").write_text("the user's plot")
+    broken = {"zero": 0.0, "no-median": None, "null-info": 1.0}
+    for name, median in broken.items():
+        rows = [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", 2.0)]
+        if name == "no-median":
+            del rows[0]["stats"]["median"]
+        elif name == "null-info":
+            rows[1]["extra_info"]["peak_mem_bytes"] = "lots"
+        else:
+            rows[0]["stats"]["median"] = median
+        _write(out / f"cpu-{name}-2026-12-01.json", rows)
+    args = type("A", (), dict(quick=False, device="cpu", out=str(out), compare=None, select=None))
+    capsys.readouterr()
+    assert bench_cli.main(args) == 0
+    err = capsys.readouterr().err
+    for name in broken:
+        assert f"warning: skipping {out / f'cpu-{name}-2026-12-01.json'}: " in err, err
+    assert (out / "cpu-x-2026-12-07-speedups.png").read_text() == "the user's plot"
+    assert (out / "cpu-x-2026-12-07-2.json").is_file() and (out / "cpu-x-2026-12-07-2-speedups.png").is_file()
+    assert not (out / "cpu-x-2026-12-07.json").exists()
+    assert "cpu-x-2026-12-07-2.json" in (out / "RESULTS.md").read_text()
+
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    monkeypatch.setattr(bench_cli.os, "access", lambda path, mode: os.path.abspath(path) != str(readonly))
+    for bad, match in ((dict(out=""), "--out: empty; name a directory"),
+                       (dict(out=str(readonly / "sub")), f"--out: {readonly} is not writable")):
+        calls.clear()
+        args = type("A", (), dict(dict(quick=False, device="cpu", out=None, compare=None, select=None), **bad))
+        assert bench_cli.main(args) == 2 and not calls
+        err = capsys.readouterr().err.strip()
+        assert match in err and len(err.splitlines()) == 1, err
+
+
 def test_readme_caption_names_a_forced_backend_and_a_missing_extension(tmp_path):
     """A run on ELECTRA_FAST_BACKEND=reference, or without the C++ extension, became README's table unlabelled."""
     path = tmp_path / "cpu-x-2026-12-06.json"

@@ -267,7 +267,7 @@ def test_export_bad_arguments(finished_run, tmp_path, capsys):
         # with a trailing slash the check missed the file: the whole export was built, then '[Errno 20]' on a temporary
         ([str(finished_run), str(tmp_path / "a-file") + os.sep], f"export: {tmp_path / 'a-file'} is a file; choose"),
         ([str(finished_run), str(tmp_path / "full")], "already exists and is not empty"),
-        ([str(finished_run), str(tmp_path / "a-file" / "sub")], f"{tmp_path / 'a-file'} is a file, not a directory"),
+        ([str(finished_run), str(tmp_path / "a-file" / "sub")], f"{tmp_path / 'a-file'} exists and is not a directory"),
         ([str(finished_run)], "the following arguments are required: out_dir"),
         # an empty OUT_DIR was written beside the working directory, then failed at the rename ([Errno 2])
         ([str(finished_run), ""], "export: OUT_DIR is empty; name a new or empty directory"),

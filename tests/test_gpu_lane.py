@@ -80,6 +80,10 @@ def test_out_directory_is_never_overwritten(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--out" in err and "holds 1 entries" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "keep.txt").read_text() == "mine" and os.listdir(tmp_path) == ["keep.txt"]
+    # under a file: NotADirectoryError from the lane's makedirs was a traceback
+    assert gpu_lane.main(["--dry-run", "--out", str(tmp_path / "keep.txt" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'keep.txt'} exists and is not a directory" in err and len(err.strip().splitlines()) == 1
 
 
 def test_default_out_takes_a_fresh_name(tmp_path, monkeypatch):

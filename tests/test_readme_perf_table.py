@@ -123,6 +123,11 @@ def test_command_line(tmp_path, capsys):
     assert bench_report.main(["--readme", str(tmp_path / "nope.md"), "--results", str(results)]) == 2
     assert bench_report.main(["--readme", str(readme), "--results", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+    # paths that exist but are the wrong kind were "not found"
+    assert bench_report.main(["--readme", str(results), "--results", str(results)]) == 2
+    assert capsys.readouterr().err == f"bench_report: --readme: {results} is not a file\n"
+    assert bench_report.main(["--readme", str(readme), "--results", str(readme)]) == 2
+    assert capsys.readouterr().err == f"bench_report: --results: {readme} is not a directory\n"
     with pytest.raises(SystemExit) as e:
         bench_report.main([])  # --readme is the action: nothing to do without it
     assert e.value.code == 2

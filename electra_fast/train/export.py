@@ -33,11 +33,9 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
     remove_dead_temporaries(out_dir, EXPORT_TEMPORARY)  # a killed export's, inside an empty OUT_DIR
     if os.path.isdir(out_dir) and not rundir.is_vacant(out_dir):
         raise PretrainError(f"export: {out_dir} already exists and is not empty; choose another directory")
-    above = os.path.dirname(os.path.abspath(out_dir))
-    while not os.path.lexists(above):
-        above = os.path.dirname(above)
-    if not os.path.isdir(above):
-        raise PretrainError(f"export: cannot create {out_dir}: {above} is a file, not a directory")
+    problem = _files.creatable_dir(out_dir)
+    if problem:
+        raise PretrainError(f"export: cannot create {out_dir}: {problem}")
     inside = _checkpoint_above(out_dir)
     if inside is not None:
         raise PretrainError(f"export: {out_dir} is inside checkpoint {inside}, which the run's --keep may delete "
