@@ -506,6 +506,21 @@ def _layout(model, tok, root, kind):
     return root / "pair" if kind == "pair" else root / "pair" / "discriminator"
 
 
+@pytest.mark.parametrize("disentangled", [False, True])
+def test_export_says_when_transformers_reads_the_generator_without_its_emd(disentangled, env, tmp_path):
+    """transformers has no Enhanced Mask Decoder: an EMD generator loads there as a plain DebertaV2ForMaskedLM
+    whose MLM logits differ from ours (3 % of their scale after 3 steps), and the export said nothing."""
+    from electra_fast.train.export import export
+    src, tok = _tiny_source(env, disentangled)
+    assert src.config.enhanced_mask_decoder == disentangled
+    out = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, out, steps=0, tokenizer=None, model=None,
+                                init_from=str(_layout(src, tok, tmp_path, "export"))))
+    notes = []
+    export(str(out), str(tmp_path / "hf"), warn=notes.append)
+    assert any("Enhanced Mask Decoder" in n for n in notes) == disentangled, notes
+
+
 def _outputs(model, batch):
     model.eval()
     with torch.no_grad():

@@ -41,6 +41,10 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
         raise PretrainError(f"export: {out_dir} is inside checkpoint {inside}, which the run's --keep may delete "
                             "with everything in it; choose a directory outside checkpoints/")
     cfg = ckpt.load_config(src)
+    if cfg.enhanced_mask_decoder:
+        warn("export: note: the generator uses DeBERTa's Enhanced Mask Decoder, which transformers' "
+             "DebertaV2ForMaskedLM does not have: loaded there, its MLM logits differ from electra_fast's (the "
+             "discriminator's are the same); ElectraPretrainingModel.from_pretrained reads it back with its EMD")
     model = ElectraPretrainingModel(cfg)
     ckpt.load_model_state(model, os.path.join(src, "model.safetensors"))
     tok = load_tokenizer(os.path.join(src, "tokenizer.json"))
