@@ -7,7 +7,6 @@ import os
 import re
 
 from .. import _files
-from ..models import interop
 from . import checkpoint as ckpt
 from . import rundir
 from .errors import PretrainError
@@ -20,7 +19,7 @@ EXPORT_TEMPORARY = re.compile(r"^\.export\.tmp-(\d+)$")  # what an export writes
 
 def export(checkpoint: str, out_dir: str, warn=print) -> str:
     """``checkpoint``: a checkpoint directory or a run's ``--out`` (its newest complete checkpoint)."""
-    from ..models import ElectraPretrainingModel
+    from ..models import ElectraPretrainingModel, interop
     src = ckpt.resolve(checkpoint, warn)
     out_dir = os.fspath(out_dir)
     if not out_dir.strip():
