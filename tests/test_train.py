@@ -764,6 +764,24 @@ def test_cache_key_follows_an_edit_that_keeps_size_and_mtime(tmp_path):
     assert cache_key([str(f)], tok, False) != before
 
 
+def test_an_edited_corpus_leaves_one_token_cache(env, tmp_path, capsys):
+    """Every edit or touch of the corpus tokenised it again under a new key and kept the old cache, a full copy of
+    the corpus's tokens each time, that no later key could name. The run's cache folder keeps the one in use."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(open(env["data"]).read())
+    out = tmp_path / "run"
+    pretrain(str(corpus), **_kw(env, out, steps=1))
+    first = sorted(p.name for p in (out / "cache").glob("tokens-*"))
+    time.sleep(0.05)  # past the kernel's coarse ctime tick
+    corpus.write_text(open(env["data"]).read() + "\n\nOne more document at the end of it.\n")
+    capsys.readouterr()
+    with pytest.raises(PretrainError, match="--resume: the data now packs into"):  # changed: refused, as before
+        pretrain(str(corpus), **_kw(env, out, steps=2, resume=True))
+    assert "removed 1 stale token cache(s)" in capsys.readouterr().err
+    second = sorted(p.name for p in (out / "cache").glob("tokens-*"))
+    assert len(first) == len(second) == 2 and not set(first) & set(second)  # a .bin and its .json each time
+
+
 def test_a_saved_dataset_with_bad_text_or_no_train_split(tmp_path, monkeypatch):
     """A datasets save_to_disk folder (the `datasets` package stands in here: it is no test dependency): a 'text'
     column of ints or lists ended in "AttributeError: 'int' object has no attribute 'strip'"; a DatasetDict without

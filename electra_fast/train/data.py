@@ -225,6 +225,22 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
     return path
 
 
+CACHE_FILE = re.compile(r"^tokens-[0-9a-f]{24}\.bin(?:\.json)?$")
+
+
+def remove_other_caches(keep: str) -> List[str]:
+    """Remove the complete token caches beside ``keep`` (a run's cache/ folder) and return their paths: a corpus
+    edited, touched or moved leaves its old cache under a key nothing computes again (the key holds the files'
+    ctime), a full copy of the corpus's tokens each time."""
+    folder, removed = os.path.dirname(keep), []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if CACHE_FILE.match(name) and path not in (keep, keep + ".json") and os.path.isfile(path):
+            os.unlink(path)
+            removed.append(path)
+    return removed
+
+
 def stream_digest(path: str) -> str:
     """SHA-256 of a token cache's stream (what a resumed run checks its data against): from the cache's metadata,
     or, for a cache written before it was recorded there, read from the stream."""

@@ -29,8 +29,8 @@ from . import plot, rundir
 from . import recipe as recipes
 from .evaluation import HeldOut, SplitSampler, heldout_count, split
 from .metrics import TokenScores, fmt, learned, rtd_metrics
-from .data import (PackedSequences, Sampler, build_token_cache, model_inputs, read_documents, resolve_inputs,
-                   stream_digest, whole_word_shortfall)
+from .data import (PackedSequences, Sampler, build_token_cache, model_inputs, read_documents, remove_other_caches,
+                   resolve_inputs, stream_digest, whole_word_shortfall)
 from .doc_sentences import DocumentRows
 from .distributed import Context, setup
 from .errors import PretrainError
@@ -455,6 +455,10 @@ class _Job:
         cache = dict(log=said.append, rules=self.text_rules)
         if ctx.is_main:
             stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, **cache)
+            stale = [p for p in remove_other_caches(stream) if p.endswith(".bin")]
+            if stale:  # before the other ranks read theirs: a cache hit by now
+                said.append(f"removed {len(stale)} stale token cache(s) of an earlier corpus or tokenizer: "
+                            f"{', '.join(os.path.basename(p) for p in stale)}")
         ctx.barrier()
         if not ctx.is_main:  # a cache hit by now
             stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, **cache)
