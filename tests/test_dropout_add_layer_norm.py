@@ -197,6 +197,7 @@ def _kw(**over):
     (dict(seed=1.5), TypeError, "seed"),
     (dict(stream=2 ** 32), ValueError, "stream"),
     (dict(eps=0.0), ValueError, "eps"),
+    (dict(eps=1e-46), ValueError, "^eps: 1e-46 rounds to 0 in fp32"),  # legal-looking, and a constant row gave NaN
     (dict(eps=float("inf")), ValueError, "eps"),
 ])
 def test_bad_input(over, exc, match):

@@ -94,6 +94,26 @@ def test_fp32_and_eager_twin_are_plain_linear():
         assert _took_op(lin.linear(x, w, b).grad_fn, "linear")
 
 
+@pytest.mark.parametrize("which", ["x", "weight", "bias"])
+def test_fp64_beside_another_dtype_under_autocast_is_named(which):
+    """Autocast casts every operand but fp64: an fp64 x beside an fp32 weight reached ATen ("expected m1 and m2 to
+    have the same dtype", naming neither), and an fp64 weight beside an fp32 x ran silently in bf16."""
+    x, w, b = _case()
+    w2 = torch.randn(48, 80) * 0.1
+    if which == "x":
+        x = x.double()
+    elif which == "weight":
+        w = w.double()
+    else:
+        b = b.double()
+    name = "bias" if which == "bias" else "weight"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match=f"^{name}: expected dtype"):
+            lin.linear(x, w, b)
+        with pytest.raises(ValueError, match=f"^{name.replace('weight', 'w1').replace('bias', 'b1')}: expected dtype"):
+            lin.gelu_mlp(x, w, b, w2.to(w.dtype), None)
+
+
 def test_module_is_nn_linear():
     m = lin.Linear(16, 32)
     assert isinstance(m, torch.nn.Linear) and set(m.state_dict()) == {"weight", "bias"}

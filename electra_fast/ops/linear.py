@@ -107,8 +107,7 @@ def _check_weight(w_name: str, w, b_name: str, b, in_features: int, in_what: str
     if w.shape[1] != in_features:
         raise ValueError(f"{w_name}: expected in_features {in_features} ({in_what}), got shape {tuple(w.shape)}")
     _validate.same_device(w_name, w, "x", x)
-    mixed = _autocast(x)  # autocast casts each operand itself; otherwise ATen would refuse naming none of them
-    if not mixed:
+    if not _autocast_pairs(x, w):
         _validate.same_dtype(w_name, w, "x", x)
     if b is not None:
         _validate.floating(b_name, b)
@@ -116,8 +115,14 @@ def _check_weight(w_name: str, w, b_name: str, b, in_features: int, in_what: str
             raise ValueError(f"{b_name}: expected shape ({w.shape[0]},) (out_features of {w_name}), got "
                              f"{tuple(b.shape)}")
         _validate.same_device(b_name, b, "x", x)
-        if not mixed:
+        if not _autocast_pairs(x, b):
             _validate.same_dtype(b_name, b, "x", x)
+
+
+def _autocast_pairs(x: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether autocast makes ``t``'s dtype match ``x``'s itself: it casts each operand but fp64, which stays fp64
+    (ATen then refused the pair naming neither); without autocast ATen would refuse any mismatch so."""
+    return _autocast(x) and (x.dtype == torch.float64) == (t.dtype == torch.float64)
 
 
 def _autocast(x: torch.Tensor) -> bool:
