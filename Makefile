@@ -66,7 +66,7 @@ test-fast: setup
 define side_install
 	$(call venv_with_torch,$(1),-c $(CONSTRAINTS))
 	rm -rf build/$(2) && mkdir -p build/$(2)
-	cp -r pyproject.toml setup.py README.md MANIFEST.in csrc kernels electra_fast build/$(2)/
+	cp -r pyproject.toml setup.py README.md LICENSE MANIFEST.in csrc kernels electra_fast build/$(2)/
 	rm -f build/$(2)/electra_fast/_C*.so build/$(2)/electra_fast/_C_isa.json
 	$(3) $(1)/bin/python -m pip install -q --no-build-isolation $(4)
 endef

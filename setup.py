@@ -1,7 +1,8 @@
 """Builds the optional C++ extension electra_fast._C from csrc/ against the installed torch.
 
 Environment:
-  ELECTRA_FAST_SKIP_EXT=1      install without compiling (CPU calls use the reference backend)
+  ELECTRA_FAST_SKIP_EXT=1      install without compiling (CPU calls use the reference backend); any value but
+                               "" and "0" is on, as for the runtime switches
   ELECTRA_FAST_EXT_OPTIONAL=1  a failed compile becomes a warning instead of an error
   ELECTRA_FAST_CPU_ARCH=...    -march for the C++ kernels (default "native": the extension is compiled on
                                the machine that runs it, as DeepSpeed's CPU ops are; set e.g. "x86-64-v3",
@@ -16,8 +17,14 @@ import sys
 
 from setuptools import setup
 
-SKIP = os.environ.get("ELECTRA_FAST_SKIP_EXT", "0") == "1"
-OPTIONAL = os.environ.get("ELECTRA_FAST_EXT_OPTIONAL", "0") == "1"
+def _switch(name):
+    """On when set to anything but "" or "0", as electra_fast._cpu.switch reads the runtime switches ("true" was
+    read as off here: a 4-minute compile started, or a failed one stayed fatal)."""
+    return os.environ.get(name, "") not in ("", "0")
+
+
+SKIP = _switch("ELECTRA_FAST_SKIP_EXT")
+OPTIONAL = _switch("ELECTRA_FAST_EXT_OPTIONAL")
 
 
 # GCC's predefined instruction-set macros -> the flag Linux lists in /proc/cpuinfo for the same feature.
@@ -57,11 +64,12 @@ def _extensions_and_cmdclass():
         from torch.utils import cpp_extension
     except ImportError:
         # Without torch there is nothing to compile against; the package still works (reference backend).
-        msg = "electra_fast: torch is not installed in the build environment; building without _C " \
-              "(install torch first and use `pip install --no-build-isolation`)"
         if not OPTIONAL:
-            raise RuntimeError(msg)
-        print("WARNING: " + msg, file=sys.stderr)
+            raise RuntimeError("electra_fast: torch is not installed in the build environment, so _C cannot be "
+                               "compiled and the build stops: install torch first and use `pip install "
+                               "--no-build-isolation`, or set ELECTRA_FAST_SKIP_EXT=1 to install without _C")
+        print("WARNING: electra_fast: torch is not installed in the build environment; building without _C "
+              "(ELECTRA_FAST_EXT_OPTIONAL)", file=sys.stderr)
         return [], {}
 
     sources = sorted(glob.glob("csrc/*.cpp"))
@@ -105,8 +113,10 @@ def _extensions_and_cmdclass():
                 print(f"WARNING: electra_fast._C failed to build ({exc}); CPU ops will use the "
                       "reference backend", file=sys.stderr)
                 return
-            # the torch this build links against: _extension.py refuses _C under another torch release
-            record = {"march": arch or None, "cpu_flags": _required_cpu_flags(cxx), "torch": torch.__version__}
+            # the torch this build links against: _extension.py refuses _C under another torch release; its size:
+            # a copy cut short (a full disk) is refused, not loaded (SIGBUS)
+            record = {"march": arch or None, "cpu_flags": _required_cpu_flags(cxx), "torch": torch.__version__,
+                      "size": os.path.getsize(self.get_ext_fullpath(extension.name))}
             targets = [os.path.dirname(self.get_ext_fullpath(extension.name))]  # the wheel's copy
             if self.editable_mode:  # an editable install copies only the .so into the tree: the record goes too
                 targets.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "electra_fast"))

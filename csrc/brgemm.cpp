@@ -172,8 +172,9 @@ bool enabled() { return native() && !env_switch("ELECTRA_FAST_NO_AMX"); }
 }  // namespace brg
 
 TORCH_LIBRARY_FRAGMENT(electra_fast_cpp, m) {
-  // Whether bf16 inputs run their products on brgemm (AMX / AVX512-BF16) here (ELECTRA_FAST_NO_AMX=1 turns it
-  // off): bf16 disentangled attention and the bf16 fused MLM loss + sampling.
+  // Whether bf16 inputs run their products on brgemm here (where torch's brgemm packs bf16: AMX; not an
+  // AVX512-BF16 CPU without AMX; ELECTRA_FAST_NO_AMX=1 turns it off): bf16 disentangled attention and the bf16
+  // fused MLM loss + sampling.
   m.def("bf16_brgemm_available() -> bool", []() { return brg::native(); });
 }
 

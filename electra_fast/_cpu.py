@@ -75,7 +75,7 @@ def onednn_isa_cap() -> Optional[str]:
     """oneDNN's dispatch cap from the environment, upper case, or None (unset, or a name oneDNN does not know and
     ignores)."""
     setting = onednn_isa_setting()
-    cap = setting[1].strip().upper() if setting else None
+    cap = setting[1].upper() if setting else None  # oneDNN ignores case, not spaces: "AVX2 " caps nothing
     return cap if cap in _ONEDNN_ISAS else None
 
 
@@ -96,7 +96,7 @@ def native_bf16() -> Answer:
     may use it. Without it a bf16 matmul is emulated element by element: ~50x slower than fp32 here."""
     cap = onednn_isa_cap()
     if cap is not None and cap not in _ONEDNN_BF16_ISAS:
-        return False, f"{onednn_isa_setting()[0]}={cap} caps oneDNN below its bf16 instructions"
+        return False, "{}={} caps oneDNN below its bf16 instructions".format(*onednn_isa_setting())
     aten = aten_cap()
     if aten is not None:
         return False, f"ATEN_CPU_CAPABILITY={aten} caps ATen below AVX-512"

@@ -3,11 +3,13 @@
 The extension registers its kernels as ops in the ``electra_fast_cpp`` torch.library namespace
 (``torch.ops.electra_fast_cpp.<name>``). A missing build, one compiled for instruction sets this CPU lacks, or one
 compiled against another torch release leaves ``EXTENSION_ERROR`` set (saying how to rebuild) and CPU calls fall
-back to the reference. The last two are refused before ``_C`` is loaded, from what setup.py recorded next to it:
-loading them could die of SIGILL, or of a C++ ABI that changed between torch releases.
+back to the reference. The last two, and a file cut short, are refused before ``_C`` is loaded, from what setup.py
+recorded next to it: loading them could die of SIGILL, of a C++ ABI that changed between torch releases, or of
+SIGBUS.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -67,10 +69,41 @@ def torch_error(sidecar: str, running: str | None = None) -> str | None:
             f"loads only into the torch release it was built with); {REBUILD}")
 
 
+def built_file() -> str | None:
+    """The path of the ``_C`` shared library this package would load, None when there is none, or "" when that
+    cannot be told (a finder raised: the import itself then says why)."""
+    try:
+        spec = importlib.util.find_spec(f"{__package__}._C")
+    except Exception:  # noqa: BLE001 - whatever a finder raises is the import's to report
+        return ""
+    return None if spec is None else (spec.origin or "")
+
+
+def file_error(sidecar: str, path: str | None) -> str | None:
+    """Why the ``_C`` at ``path`` cannot be loaded as a file: there is none (an install with ELECTRA_FAST_SKIP_EXT
+    or an optional compile that failed: the import said "circular import"), or its size is not the one its build
+    recorded (a copy cut short by a full disk or an interrupted transfer: loading it killed the process with
+    SIGBUS). None when it may be loaded, or when the build recorded no size."""
+    if path is None:
+        return (f"electra_fast._C is not built in this install (installed with ELECTRA_FAST_SKIP_EXT=1, without "
+                f"torch, or an optional compile failed); {REBUILD}")
+    if not path:
+        return None
+    size = read_build_isa(sidecar).get("size")
+    try:
+        actual = os.path.getsize(path)
+    except OSError as exc:
+        return f"electra_fast._C ({path}) cannot be read ({exc.strerror}); {REBUILD}"
+    if isinstance(size, int) and not isinstance(size, bool) and actual != size:
+        return (f"electra_fast._C ({path}) is {actual} bytes, not the {size} its build wrote (a copy cut short?), "
+                f"and loading it could crash the process; {REBUILD}")
+    return None
+
+
 BUILD_ISA = read_build_isa(SIDECAR)
 # checked before the import: the switch is the way out when loading _C itself crashes (a SIGILL, an ABI abort)
 EXTENSION_ERROR = ("disabled by ELECTRA_FAST_DISABLE_EXT" if _cpu.switch("ELECTRA_FAST_DISABLE_EXT")
-                   else isa_error(SIDECAR) or torch_error(SIDECAR))
+                   else file_error(SIDECAR, built_file()) or isa_error(SIDECAR) or torch_error(SIDECAR))
 if EXTENSION_ERROR is None:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.electra_fast_cpp.*)

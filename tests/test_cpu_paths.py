@@ -62,6 +62,9 @@ def test_capped_isa_means_no_native_bf16_and_no_onednn_linear():
 @pytest.mark.parametrize("env,capped,note", [
     ({"ATEN_CPU_CAPABILITY": "AVX2"}, False, "ATEN_CPU_CAPABILITY=AVX2 (ignored by torch"),  # torch's names: lower case
     ({"ONEDNN_MAX_CPU_ISA": "bogus"}, False, "ONEDNN_MAX_CPU_ISA=bogus (ignored: not a oneDNN ISA name)"),
+    # oneDNN ignores a value with a stray space (its verbose log shows AVX-512 bf16 kernels): it caps nothing
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2 "}, False, "ONEDNN_MAX_CPU_ISA=AVX2  (ignored: not a oneDNN ISA name)"),
+    ({"ONEDNN_MAX_CPU_ISA": "avx2"}, True, "ONEDNN_MAX_CPU_ISA=avx2"),  # its case is not
     ({"DNNL_MAX_CPU_ISA": "AVX2"}, True, "DNNL_MAX_CPU_ISA=AVX2"),  # oneDNN's older name, reported as itself
 ])
 def test_caps_are_read_as_their_libraries_read_them(env, capped, note):
@@ -148,12 +151,32 @@ def test_extension_built_against_another_torch_is_refused(tmp_path):
     assert _extension.torch_error(str(tmp_path / "absent.json"), running="2.14.1") is None
 
 
+def test_a_missing_or_cut_short_extension_is_refused_before_loading(tmp_path):
+    """No _C (ELECTRA_FAST_SKIP_EXT, a failed optional compile) was reported as Python's "cannot import name '_C'
+    from partially initialized module (most likely due to a circular import)"; a _C cut short by a full disk killed
+    `import electra_fast` with SIGBUS. Both are refused before the import, in plain words."""
+    sidecar = tmp_path / "_C_isa.json"
+    sidecar.write_text(json.dumps({"march": "native", "cpu_flags": [], "torch": "2.13.0+cpu", "size": 1000}))
+    err = _extension.file_error(str(sidecar), None)
+    assert err.startswith("electra_fast._C is not built in this install") and "--no-build-isolation" in err
+    so = tmp_path / "_C.so"
+    so.write_bytes(b"\0" * 100)
+    err = _extension.file_error(str(sidecar), str(so))
+    assert "is 100 bytes, not the 1000 its build wrote" in err and "--no-build-isolation" in err
+    so.write_bytes(b"\0" * 1000)
+    assert _extension.file_error(str(sidecar), str(so)) is None
+    assert _extension.file_error(str(tmp_path / "absent.json"), str(so)) is None  # older builds recorded no size
+    assert _extension.file_error(str(sidecar), "") is None  # a finder raised: the import says why
+
+
 def test_this_build_runs_here(cpp_extension):
-    """The build CI made records the flags its -march needs, and this CPU has them all, and the torch it was
-    compiled against, which is the one running."""
+    """The build CI made records the flags its -march needs, and this CPU has them all, the torch it was compiled
+    against, which is the one running, and its size, which is the loaded file's."""
     assert _extension.BUILD_ISA.get("cpu_flags"), "setup.py recorded no instruction sets for _C"
     assert _cpu.missing_flags(_extension.BUILD_ISA["cpu_flags"]) == []
     assert _extension.BUILD_ISA.get("torch") == torch.__version__
+    assert _extension.BUILD_ISA.get("size") == os.path.getsize(_extension.EXTENSION_PATH) == \
+        os.path.getsize(_extension.built_file())
 
 
 def test_info_reports_the_paths():

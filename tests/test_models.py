@@ -357,6 +357,21 @@ def test_generator_and_discriminator_alone_check_their_inputs(attention):
         assert model.generator(ids, mask).shape == (*ids.shape, V)
 
 
+def test_random_replacements_never_draw_ids_the_generator_may_not_sample():
+    """--init-from a checkpoint with more embedding rows than its tokenizer has tokens disallows the unused rows for
+    the generator's samples, but masking's random replacements drew them (82 of 5120 masked positions), feeding
+    the generator ids no text yields."""
+    unused = tuple(range(80, V))
+    model = ElectraPretrainingModel(tiny(disallowed_sample_ids=unused, mask_token_frac=0.0, random_token_frac=1.0))
+    ids, mask = batch(b=8, t=40)
+    ids = ids.clamp(max=79)
+    drawn = torch.cat([model(ids, mask, seed=s).generator_input_ids[model(ids, mask, seed=s).masked]
+                       for s in range(6)])
+    assert drawn.numel() > 100 and int(drawn.max()) < 80
+    assert not set(drawn.tolist()) & set(model.config.special_token_ids)
+    assert model.config.masking_excluded_ids == tuple(sorted(set(model.config.special_token_ids) | set(unused)))
+
+
 def test_config_changed_after_construction_is_checked_by_the_model():
     """A field set on a made config (attention="bogus", disc_weight=nan) built a standard model, or trained to a
     NaN loss, without a word."""

@@ -87,7 +87,7 @@ def test_recipe_refused_against_the_tokenizer(user, tmp_path, capsys):
     (user / "no-split.json").write_text(json.dumps(state))
     no_words = "--whole-word-masking: the wordpiece tokenizer has no pre-tokenizer that splits words, so it marks no"
     cases = [(["--tokenizer", str(user / "tokenizer.json"), "--tokenizer-type", "bpe"],
-              "--tokenizer-type: bpe, but --tokenizer is a wordpiece tokenizer"),
+              "--tokenizer-type: bpe, but --tokenizer (or --init-from's own) is a wordpiece tokenizer"),
              (["--tokenizer", str(user / "no-words.json"), "--whole-word-masking"], no_words),
              (["--tokenizer", str(user / "no-split.json"), "--whole-word-masking"], no_words)]
     before = _snapshot(user)
@@ -519,6 +519,23 @@ def test_export_says_when_transformers_reads_the_generator_without_its_emd(disen
     notes = []
     export(str(out), str(tmp_path / "hf"), warn=notes.append)
     assert any("Enhanced Mask Decoder" in n for n in notes) == disentangled, notes
+
+
+def test_a_zero_step_run_fixes_no_warmup(env, tmp_path):
+    """--init-from X --steps 0 (a baseline checkpoint) recorded the default warm-up of 0 steps: its resume with
+    --steps N kept 0 and refused a given --warmup, where a direct N-step run warms up for N / 10 steps."""
+    src, tok = _tiny_source(env, False)
+    path = _layout(src, tok, tmp_path, "export")
+    kw = dict(tokenizer=None, model=None)
+    for name, resume_kw, warmup in (("default", dict(warmup=None), 2), ("given", dict(warmup=5), 5)):
+        out = tmp_path / name
+        pretrain(env["data"], **_kw(env, out, steps=0, init_from=str(path), warmup=None, **kw))
+        assert json.loads((out / "run.json").read_text())["options"]["warmup"] is None
+        pretrain(env["data"], **_kw(env, out, steps=20, resume=True, **kw, **resume_kw))
+        assert json.loads((out / "run.json").read_text())["options"]["warmup"] == warmup
+        with open(out / "metrics.jsonl") as f:
+            lr = [r["lr"] for r in map(json.loads, f)]
+        assert lr[0] == pytest.approx(3e-3 / warmup, rel=1e-12)  # the first warm-up step, not rate 0
 
 
 def _outputs(model, batch):

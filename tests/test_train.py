@@ -386,6 +386,23 @@ def test_resume_reproduces_uninterrupted_run(env, tmp_path):
     assert [a[i] for i in range(1, 9)] == [b[i] for i in range(1, 9)]  # bit-identical on CPU
 
 
+def test_a_run_resumed_to_train_longer_takes_its_new_schedule_from_the_first_step(env, tmp_path):
+    """The saved optimizer held the run's last rate under its old --steps, 0 at its end: the first step of a run
+    resumed with more --steps trained at rate 0 (its weights unchanged), then the schedule jumped. Now that step
+    takes the new schedule's rate, and the records carry the rate each step took."""
+    from electra_fast.train.optim import linear_schedule
+    out = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, out, steps=8, warmup=2))
+    s = pretrain(env["data"], **_kw(env, out, steps=12, resume=True))
+    with open(out / "metrics.jsonl") as f:
+        lr = {r["step"]: r["lr"] for r in map(json.loads, f)}
+    factor = linear_schedule(2, 12)
+    assert [lr[i] for i in range(9, 13)] == [pytest.approx(3e-3 * factor(i - 1), rel=1e-12) for i in range(9, 13)]
+    assert lr[9] > 0 and s["steps"] == 12
+    assert [lr[i] for i in range(1, 9)] == [pytest.approx(3e-3 * linear_schedule(2, 8)(i - 1), rel=1e-12)
+                                            for i in range(1, 9)]
+
+
 def test_resume_keeps_the_runs_options(env, tmp_path):
     """Options not given to --resume are the run's (README's `pretrain --out DIR --resume` continued on the embedded
     corpus at its defaults); a given one that differs is refused before anything is written."""

@@ -222,3 +222,22 @@ def test_a_logged_step_on_a_gpu_waits_for_its_work(monkeypatch):
     trainer_mod._finish_queued(cuda, False)
     trainer_mod._finish_queued(torch.device("cpu"), True)
     assert calls == [cuda]
+
+
+def test_undefined_and_infinite_values_are_null_in_metrics_jsonl(env, tmp_path, monkeypatch, capsys):
+    """metrics.jsonl held bare Infinity (an fp16 step the grad scaler skipped has an infinite grad norm), which no
+    JSON reader takes (jq turned it into 1.8e308); and with no [MASK] position (--mask-token-frac 0) the "[MASK]
+    alone" accuracies were 0.000, not undefined. Both are null, as an AUC of one class is, and "-" in the text."""
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: real(*a, **k) * float("inf"))
+    out = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, out, steps=2, eval_every=2,
+                                recipe=dict(mask_token_frac=0.0, random_token_frac=0.5)))
+    text = (out / "metrics.jsonl").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    recs = [json.loads(line) for line in text.splitlines()]
+    assert all(r["grad_norm"] is None for r in recs)
+    last = recs[-1]
+    assert last["eval_generator_mask_accuracy"] is None and last["eval_unigram_mask_accuracy"] is None
+    assert 0 <= last["eval_generator_accuracy"] <= 1  # masked positions exist: defined
+    assert "at [MASK] alone - (unigram -)" in capsys.readouterr().out

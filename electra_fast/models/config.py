@@ -204,6 +204,13 @@ class ElectraConfig:
         """Ids never selected for masking ([PAD], [CLS], [SEP], [MASK]; padding is also excluded by the mask)."""
         return tuple(sorted({self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id}))
 
+    @property
+    def masking_excluded_ids(self) -> Tuple[int, ...]:
+        """Ids masking neither selects nor draws as a random replacement: :attr:`special_token_ids` and
+        ``disallowed_sample_ids`` (--init-from's rows no token uses: random replacements drew them, though the
+        generator never samples them)."""
+        return tuple(sorted(set(self.special_token_ids) | set(self.disallowed_sample_ids)))
+
     def with_generator_size(self, fraction: float) -> "ElectraConfig":
         """The generator ``fraction`` of the discriminator's width, as ELECTRA's ``get_generator_config``
         (google-research/electra run_pretraining.py): hidden = round(hidden_size * fraction), FFN 4 x hidden,

@@ -136,7 +136,7 @@ def config_from_transformers(gen: dict, disc: dict, **overrides) -> ElectraConfi
         raise CheckpointError(f"expected two 'electra' or two 'deberta-v2' checkpoints, got model types "
                               f"generator={gen.get('model_type')!r}, discriminator={disc.get('model_type')!r}")
     kind = kinds.pop()
-    for name, hf in (("generator", gen), ("discriminator", disc)):
+    for name, hf in (("discriminator", disc), ("generator", gen)):  # a lone discriminator: named as such
         lacking = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                "intermediate_size") if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool)]
         if lacking:
@@ -160,13 +160,13 @@ def config_from_transformers(gen: dict, disc: dict, **overrides) -> ElectraConfi
                   initializer_range=disc.get("initializer_range", 0.02), pad_token_id=disc.get("pad_token_id") or 0,
                   **_sizes(disc, ""), **_sizes(gen, "generator_"))
     if kind == "electra":
-        for name, hf in (("generator", gen), ("discriminator", disc)):
+        for name, hf in (("discriminator", disc), ("generator", gen)):  # a lone discriminator: named as such
             if (hf.get("position_embedding_type") or "absolute") != "absolute":
                 raise CheckpointError(f"{name}: position_embedding_type {hf['position_embedding_type']!r} is not "
                                       "supported (electra_fast's ELECTRA layout has absolute position embeddings)")
         base = dict(attention="standard", embedding_sharing="tied")
     else:
-        for name, hf in (("generator", gen), ("discriminator", disc)):
+        for name, hf in (("discriminator", disc), ("generator", gen)):  # a lone discriminator: named as such
             if not hf.get("relative_attention", False):
                 raise CheckpointError(f"{name}: DeBERTa checkpoints without relative_attention are not supported")
             if hf.get("conv_kernel_size", 0) > 0 or "attention_head_size" in hf:

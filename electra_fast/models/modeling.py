@@ -310,7 +310,7 @@ class ElectraPretrainingModel(nn.Module):
             attention_mask = attention_mask != 0
         m = mask_tokens(input_ids, mask_token_id=cfg.mask_token_id, vocab_size=cfg.vocab_size, seed=seed,
                         mask_prob=cfg.mask_prob, mask_token_frac=cfg.mask_token_frac,
-                        random_token_frac=cfg.random_token_frac, special_token_ids=cfg.special_token_ids,
+                        random_token_frac=cfg.random_token_frac, special_token_ids=cfg.masking_excluded_ids,
                         attention_mask=attention_mask, word_starts=word_starts, strategy=cfg.masking_strategy,
                         validate=False)  # ids were checked above; word_starts' shape is checked regardless
         masked = m.masked

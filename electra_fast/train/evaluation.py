@@ -117,10 +117,13 @@ class HeldOut:
         finally:
             net.train(was_training)
         rec = {f"eval_{k}": v for k, v in rtd_metrics(*scores.tensors()).items()}
-        rec.update(eval_mlm_loss=mlm_sum / max(masked, 1), eval_rtd_loss=rtd_sum / max(tokens, 1),
-                   eval_generator_accuracy=gen_correct / max(masked, 1),
-                   eval_unigram_accuracy=unigram_correct / max(masked, 1),
-                   eval_generator_mask_accuracy=gen_mask_correct / max(at_mask, 1),
-                   eval_unigram_mask_accuracy=unigram_mask_correct / max(at_mask, 1))
+        # a ratio over no positions is undefined (null, as an AUC of one class), not 0: --mask-token-frac 0 leaves
+        # no [MASK] position, and the "[MASK] alone" accuracies read 0.000
+        ratio = lambda part, whole: part / whole if whole else None  # noqa: E731
+        rec.update(eval_mlm_loss=ratio(mlm_sum, masked), eval_rtd_loss=ratio(rtd_sum, tokens),
+                   eval_generator_accuracy=ratio(gen_correct, masked),
+                   eval_unigram_accuracy=ratio(unigram_correct, masked),
+                   eval_generator_mask_accuracy=ratio(gen_mask_correct, at_mask),
+                   eval_unigram_mask_accuracy=ratio(unigram_mask_correct, at_mask))
         return rec
 

@@ -47,7 +47,8 @@ class Source:
         rows = self.config.vocab_size
         # fewer tokens than rows: only PATH's own tokenizer (its ids are the rows'), not another one given
         if ids["vocab_size"] > rows or (ids["vocab_size"] < rows and not self.own_tokenizer):
-            raise PretrainError(f"--tokenizer: a vocabulary of {ids['vocab_size']} does not fit --init-from "
+            whose = f"--init-from: {self.path}'s own tokenizer" if self.own_tokenizer else "--tokenizer"
+            raise PretrainError(f"{whose}: a vocabulary of {ids['vocab_size']} does not fit --init-from "
                                 f"{self.path} (its embeddings hold {rows} tokens)")
         if ids["vocab_size"] < rows:  # DeBERTa-v3's release: 128100 rows, 128001 tokens; the rest no text yields
             unused = set(range(ids["vocab_size"], rows))

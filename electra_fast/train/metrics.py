@@ -92,9 +92,9 @@ def learned(rec: dict, held: Optional[dict]):
     if held:
         lines.append(f"held out: discriminator AUC {fmt(held['eval_discriminator_auc'], '.2f')} (chance 0.50), "
                      f"F1 {held['eval_discriminator_f1']:.2f}; generator MLM accuracy "
-                     f"{held['eval_generator_accuracy']:.3f} (unigram baseline {held['eval_unigram_accuracy']:.3f}), "
-                     f"at [MASK] alone {held['eval_generator_mask_accuracy']:.3f} (unigram "
-                     f"{held['eval_unigram_mask_accuracy']:.3f})")
+                     f"{fmt(held['eval_generator_accuracy'])} (unigram baseline {fmt(held['eval_unigram_accuracy'])}), "
+                     f"at [MASK] alone {fmt(held['eval_generator_mask_accuracy'])} (unigram "
+                     f"{fmt(held['eval_unigram_mask_accuracy'])})")
     return lines
 
 

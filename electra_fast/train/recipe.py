@@ -198,8 +198,8 @@ def settle(cfg, recipe: dict, tok, recorded: Optional[dict], override: bool, say
     kind = tokenizer_type(tok)
     if recorded is None:
         if recipe.get("tokenizer_type", kind) != kind:
-            raise PretrainError(f"--tokenizer-type: {recipe['tokenizer_type']}, but --tokenizer is a {kind} "
-                                "tokenizer; drop one of them")
+            raise PretrainError(f"--tokenizer-type: {recipe['tokenizer_type']}, but --tokenizer (or --init-from's "
+                                f"own) is a {kind} tokenizer; drop one of them")
         cfg = apply(cfg, recipe)
         full = record(cfg, recipe, kind)
     else:

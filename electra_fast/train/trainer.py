@@ -189,7 +189,11 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         lr = default_lr(model, cfg)
     real("lr", lr, 0.0, inclusive=False)
     real("weight-decay", weight_decay, 0.0, inclusive=True)
-    warmup = min(10_000, steps // 10) if warmup is None else warmup
+    # a 0-step run (--init-from's step-0 checkpoint) fixes no schedule: it records no default warm-up, so a resume
+    # takes the default of the --steps it gives (0 was inherited, and a given --warmup refused)
+    recorded_warmup = warmup = min(10_000, steps // 10) if warmup is None else warmup
+    if steps == 0 and warmup == 0:
+        recorded_warmup = None
     if tensorboard:
         summary_writer()  # missing package: refused before anything is written
         if not utf8_path(os.path.abspath(os.fspath(out))):  # its event writer raised UnicodeEncodeError at the start
@@ -200,12 +204,13 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
 
     out = os.fspath(out)
     options = dict(data=None if embedded else [os.path.abspath(d) for d in data], seq_len=seq_len,
-                   batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                   seed=seed, model=model, steps=steps, save_every=save_every, keep=keep, log_every=log_every,
+                   batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=recorded_warmup,
+                   weight_decay=weight_decay, seed=seed, model=model, steps=steps, save_every=save_every, keep=keep, log_every=log_every,
                    eval_every=eval_every, tensorboard=tensorboard, threads=threads, vocab_size=vocab_size,
                    tokenizer=run_tokenizer if tokenizer is None else os.path.abspath(tokenizer),
                    init_from=run_init_from if init_from is None else os.path.abspath(init_from),
                    )  # run.json's record: what a --resume inherits
+    del recorded_warmup
     ctx = setup(device)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx.is_main else (lambda msg: None)
     kwargs = dict(locals())
@@ -274,6 +279,8 @@ def _run_options(record: dict, out, **given) -> dict:
             continue
         if given[name] is None:
             given[name] = run[name]
+        elif name == "warmup" and run[name] is None:
+            continue  # a 0-step run's: any warm-up (:func:`pretrain`)
         elif name in RUN_OPTIONS and not _same(name, given[name], run[name], out, record.get("inputs")):
             flag = "--" + name.replace("_", "-")
             differ.append(f"{flag} {_shown(name, given[name])} (the run's: {_shown(name, run[name])})")
@@ -540,6 +547,11 @@ class _Job:
             self.optimizer.load_state_dict(st["optimizer"])
             recipes.set_optimizer(self.optimizer, self.run_recipe)
             self.scheduler.load_state_dict(st["scheduler"])
+            # the saved optimizer holds the run's last rate under its own --steps (0 where it ended): a run resumed
+            # to train longer took that first step at rate 0, changing nothing; this run's schedule sets it
+            for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                           self.scheduler.lr_lambdas):
+                group["lr"] = base * factor(self.scheduler.last_epoch)
             self.start_step, self.data_pos, self.tokens_seen = st["step"], st["data_position"], st["tokens_seen"]
             self.elapsed_before = st.get("elapsed_s", 0.0)
             self.run_id = ckpt.read_meta(self.resume_from)["run_id"]
@@ -626,7 +638,7 @@ class _Job:
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        lr_now = self.scheduler.get_last_lr()[0]
+        lr_now = self.optimizer.param_groups[0]["lr"]  # the rate this step took
         if self.scaler.get_scale() >= scale:  # fp16: a backed-off scale means the optimizer skipped (inf grads)
             self.scheduler.step()
         self.step += 1
@@ -668,8 +680,8 @@ class _Job:
         if self.last_eval is None:
             token = self.tok.id_to_token(self.heldout.unigram_token)
             self.say(f"held-out slice: {len(self.heldout.ids)} sequences never trained on; unigram baseline "
-                     f"(always {token!r}) MLM accuracy {rec['eval_unigram_accuracy']:.3f}, generator "
-                     f"{rec['eval_generator_accuracy']:.3f} at step {self.step}")
+                     f"(always {token!r}) MLM accuracy {fmt(rec['eval_unigram_accuracy'])}, generator "
+                     f"{fmt(rec['eval_generator_accuracy'])} at step {self.step}")
         self.last_eval = rec
         return rec
 
@@ -692,7 +704,10 @@ class _Job:
             self.first_loss = rec["loss"]
         if not self.ctx.is_main:
             return
-        self.mf.write(json.dumps(rec) + "\n")
+        # JSON has no Infinity / NaN (an fp16 step the scaler skipped has an infinite grad norm): null, as an
+        # undefined AUC
+        self.mf.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                  for k, v in rec.items()}, allow_nan=False) + "\n")
         self.mf.flush()
         if self.tb is not None:
             for k, v in rec.items():
