@@ -538,6 +538,18 @@ def test_a_zero_step_run_fixes_no_warmup(env, tmp_path):
         assert lr[0] == pytest.approx(3e-3 / warmup, rel=1e-12)  # the first warm-up step, not rate 0
 
 
+def test_a_zero_step_run_with_eval_every_evaluates_the_loaded_model(env, tmp_path, capsys):
+    """--init-from X --steps 0 --eval-every N logged nothing (evaluation ran only inside steps): the loaded model's
+    held-out numbers, the baseline of a continued pretraining, were never measured."""
+    src, tok = _tiny_source(env, False)
+    out = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, out, steps=0, eval_every=5, tokenizer=None, model=None,
+                                init_from=str(_layout(src, tok, tmp_path, "export"))))
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 1 and recs[0]["step"] == 0 and 0 <= recs[0]["eval_generator_accuracy"] <= 1
+    assert "held-out slice:" in capsys.readouterr().err
+
+
 def _outputs(model, batch):
     model.eval()
     with torch.no_grad():

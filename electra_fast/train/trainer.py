@@ -346,6 +346,8 @@ class _Job:
         self.net.train()
         with Signals(loud=ctx.is_main) as signals, \
                 open(self.metrics_path if ctx.is_main else os.devnull, "a", encoding="utf-8") as self.mf:
+            if o.steps == 0 and o.eval_every:  # --init-from's 0-step run: the loaded model's held-out baseline
+                self._write_record({"step": 0, **self._evaluate()})
             while self.step < o.steps:
                 values, scores, grad_norm, lr_now, dt = self._train_step()
                 if scores is not None:
@@ -685,6 +687,14 @@ class _Job:
         self.last_eval = rec
         return rec
 
+    def _write_record(self, rec: dict) -> None:
+        """One line of metrics.jsonl (rank 0). JSON has no Infinity / NaN (an fp16 step the grad scaler skipped has
+        an infinite grad norm): null, as an undefined AUC."""
+        if self.ctx.is_main:
+            self.mf.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                      for k, v in rec.items()}, allow_nan=False) + "\n")
+            self.mf.flush()
+
     def _log_step(self, values, rtd: dict, grad_norm, lr_now, dt) -> None:
         """One metrics.jsonl record (and TensorBoard scalars, and the progress bar's numbers); ``rtd``: the
         step's exact discriminator metrics, which replace the micro-batch means of the same names."""
@@ -704,11 +714,7 @@ class _Job:
             self.first_loss = rec["loss"]
         if not self.ctx.is_main:
             return
-        # JSON has no Infinity / NaN (an fp16 step the scaler skipped has an infinite grad norm): null, as an
-        # undefined AUC
-        self.mf.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                  for k, v in rec.items()}, allow_nan=False) + "\n")
-        self.mf.flush()
+        self._write_record(rec)
         if self.tb is not None:
             for k, v in rec.items():
                 if k != "step" and v is not None:
