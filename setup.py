@@ -113,10 +113,8 @@ def _extensions_and_cmdclass():
                 print(f"WARNING: electra_fast._C failed to build ({exc}); CPU ops will use the "
                       "reference backend", file=sys.stderr)
                 return
-            # the torch this build links against: _extension.py refuses _C under another torch release; its size:
-            # a copy cut short (a full disk) is refused, not loaded (SIGBUS)
-            record = {"march": arch or None, "cpu_flags": _required_cpu_flags(cxx), "torch": torch.__version__,
-                      "size": os.path.getsize(self.get_ext_fullpath(extension.name))}
+            # the torch this build links against: _extension.py refuses _C under another torch release
+            record = {"march": arch or None, "cpu_flags": _required_cpu_flags(cxx), "torch": torch.__version__}
             targets = [os.path.dirname(self.get_ext_fullpath(extension.name))]  # the wheel's copy
             if self.editable_mode:  # an editable install copies only the .so into the tree: the record goes too
                 targets.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "electra_fast"))

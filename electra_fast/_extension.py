@@ -3,9 +3,9 @@
 The extension registers its kernels as ops in the ``electra_fast_cpp`` torch.library namespace
 (``torch.ops.electra_fast_cpp.<name>``). A missing build, one compiled for instruction sets this CPU lacks, or one
 compiled against another torch release leaves ``EXTENSION_ERROR`` set (saying how to rebuild) and CPU calls fall
-back to the reference. The last two, and a file cut short, are refused before ``_C`` is loaded, from what setup.py
-recorded next to it: loading them could die of SIGILL, of a C++ ABI that changed between torch releases, or of
-SIGBUS.
+back to the reference. The last two are refused before ``_C`` is loaded, from what setup.py recorded next to it,
+and so is a file cut short (its ELF headers describe bytes it lacks): loading them could die of SIGILL, of a C++
+ABI that changed between torch releases, or of SIGBUS.
 """
 from __future__ import annotations
 
@@ -79,31 +79,51 @@ def built_file() -> str | None:
     return None if spec is None else (spec.origin or "")
 
 
-def file_error(sidecar: str, path: str | None) -> str | None:
+def file_error(path: str | None) -> str | None:
     """Why the ``_C`` at ``path`` cannot be loaded as a file: there is none (an install with ELECTRA_FAST_SKIP_EXT
-    or an optional compile that failed: the import said "circular import"), or its size is not the one its build
-    recorded (a copy cut short by a full disk or an interrupted transfer: loading it killed the process with
-    SIGBUS). None when it may be loaded, or when the build recorded no size."""
+    or an optional compile that failed: the import said "circular import"), or it is cut short (a full disk, an
+    interrupted copy: loading it killed the process with SIGBUS). None when it may be loaded ("": unknown)."""
     if path is None:
         return (f"electra_fast._C is not built in this install (installed with ELECTRA_FAST_SKIP_EXT=1, without "
                 f"torch, or an optional compile failed); {REBUILD}")
-    if not path:
-        return None
-    size = read_build_isa(sidecar).get("size")
+    problem = elf_short(path) if path else None
+    return None if problem is None else (f"electra_fast._C ({path}) {problem}, and loading it could crash the "
+                                         f"process; {REBUILD}")
+
+
+def elf_short(path: str) -> str | None:
+    """Why the 64-bit ELF file at ``path`` is incomplete (its headers describe bytes past its end), or None: whole,
+    or not a 64-bit ELF file (the import itself judges those). Stripping or patching a library after its build
+    (distribution packaging) keeps its headers true, so it passes."""
+    import struct
     try:
-        actual = os.path.getsize(path)
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+            if head[:4] != b"\x7fELF" or len(head) < 5 or head[4] != 2:
+                return None
+            if len(head) < 64:
+                return f"is {size} bytes, shorter than its ELF header"
+            order = "<" if head[5] == 1 else ">"
+            phoff, shoff = struct.unpack_from(order + "QQ", head, 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", head, 0x36)
+            ends = [phoff + phentsize * phnum, shoff + shentsize * shnum if shoff else 0]
+            fh.seek(phoff)
+            table = fh.read(phentsize * phnum)
     except OSError as exc:
-        return f"electra_fast._C ({path}) cannot be read ({exc.strerror}); {REBUILD}"
-    if isinstance(size, int) and not isinstance(size, bool) and actual != size:
-        return (f"electra_fast._C ({path}) is {actual} bytes, not the {size} its build wrote (a copy cut short?), "
-                f"and loading it could crash the process; {REBUILD}")
+        return f"cannot be read ({exc.strerror})"
+    if len(table) == phentsize * phnum and phentsize >= 0x28:
+        ends += [sum(struct.unpack_from(order + "Q", table, i * phentsize + at)[0] for at in (0x08, 0x20))
+                 for i in range(phnum)]  # each segment's p_offset + p_filesz
+    if max(ends) > size:
+        return f"is {size} bytes, but its ELF headers describe {max(ends)} (a copy cut short?)"
     return None
 
 
 BUILD_ISA = read_build_isa(SIDECAR)
 # checked before the import: the switch is the way out when loading _C itself crashes (a SIGILL, an ABI abort)
 EXTENSION_ERROR = ("disabled by ELECTRA_FAST_DISABLE_EXT" if _cpu.switch("ELECTRA_FAST_DISABLE_EXT")
-                   else file_error(SIDECAR, built_file()) or isa_error(SIDECAR) or torch_error(SIDECAR))
+                   else file_error(built_file()) or isa_error(SIDECAR) or torch_error(SIDECAR))
 if EXTENSION_ERROR is None:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.electra_fast_cpp.*)

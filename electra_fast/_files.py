@@ -62,18 +62,23 @@ def write_directory(path: str, write: Callable[[str], None], inner: str = ".tmp"
     say so in their own terms first), so nothing there is ever replaced. A new ``path`` is the sibling
     ``.NAME.tmp-PID`` renamed (the same file system). An empty ``path`` stays (it may be a link, a mount point, the
     working directory): the temporary is ``path/INNER-PID`` and its entries move up, one rename each."""
-    path = path.rstrip(os.sep + (os.altsep or "")) or path  # "a/": basename "" would name the temporary "."
+    if not path.strip():
+        raise ValueError("write_directory: empty path")
+    path = os.path.normpath(path)  # "a/", "a/.": basename "" or "." would name the temporary
     if not vacant(path):
         raise FileExistsError(f"{path} is not a new or empty directory")
     empty = os.path.isdir(path)
     tmp = (os.path.join(path, f"{inner}-{os.getpid()}") if empty
            else os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}"))
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    os.mkdir(tmp)  # outside the try: a name already taken (another writer's temporary) is never removed here
     try:
-        os.mkdir(tmp)
         write(tmp)
         if empty:
             for name in os.listdir(tmp):
+                # another writer may have filled path meanwhile: refuse rather than replace its files
+                if os.path.lexists(os.path.join(path, name)):
+                    raise FileExistsError(f"{path} gained {name} while it was being written; nothing replaced")
                 os.replace(os.path.join(tmp, name), os.path.join(path, name))
             os.rmdir(tmp)
         else:

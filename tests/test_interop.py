@@ -452,3 +452,34 @@ def test_save_pretrained_never_replaces_or_half_writes(tmp_path, monkeypatch):
     back = ElectraPretrainingModel.from_pretrained(tmp_path / "empty")
     for (name, p), q in zip(b.state_dict().items(), back.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_save_pretrained_paths_and_a_second_writer(tmp_path, monkeypatch):
+    """save_pretrained("") wrote the model beside the working directory's parent, then failed with a raw
+    FileNotFoundError; "new/." likewise. A second writer filling an empty target meanwhile had its file replaced;
+    a temporary name already taken (another writer's) was removed."""
+    from electra_fast import _files
+    from electra_fast.models import interop
+    model = _tiny_model(0)
+    with pytest.raises(ValueError, match="^save_pretrained: path is empty"):
+        model.save_pretrained("")
+    model.save_pretrained(str(tmp_path / "new") + "/.")
+    assert sorted(os.listdir(tmp_path)) == ["new"]
+    (tmp_path / "shared").mkdir()
+    real = interop.write_pretrained
+
+    def racing(m, path):
+        real(m, path)
+        (tmp_path / "shared" / "electra_fast.json").write_text("the other writer's")
+
+    monkeypatch.setattr(interop, "write_pretrained", racing)
+    with pytest.raises(FileExistsError, match="gained"):
+        model.save_pretrained(tmp_path / "shared")
+    assert (tmp_path / "shared" / "electra_fast.json").read_text() == "the other writer's"
+    monkeypatch.undo()
+    taken = tmp_path / f".fresh.tmp-{os.getpid()}"
+    taken.mkdir()
+    (taken / "theirs").write_text("x")
+    with pytest.raises(FileExistsError):
+        _files.write_directory(str(tmp_path / "fresh"), lambda tmp: None)
+    assert (taken / "theirs").read_text() == "x" and not (tmp_path / "fresh").exists()

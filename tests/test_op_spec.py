@@ -90,20 +90,21 @@ def test_spec_entries_resolve(name):
 def _served_by(monkeypatch):
     """Records (op, backend) for each implementation a call gets from its spec."""
     seen = []
-    original = _backend.OpSpec.implementation
+    original = _backend.OpSpec.serving  # implementation() goes through it too
 
     def spy(self, stage, device, **call):
-        fn = original(self, stage, device, **call)
+        backend, fn = original(self, stage, device, **call)
         if fn is getattr(self.reference, stage):
-            backend = "reference"
+            kind = "reference"
         elif isinstance(fn, torch._ops.OpOverloadPacket):
-            backend = "cpp"
+            kind = "cpp"
         else:
-            backend = "triton"
+            kind = "triton"
+        assert kind == backend, (self.name, stage, backend, fn)  # the name serving gives is the callable's
         seen.append((self.name, backend))
-        return fn
+        return backend, fn
 
-    monkeypatch.setattr(_backend.OpSpec, "implementation", spy)
+    monkeypatch.setattr(_backend.OpSpec, "serving", spy)
     return seen
 
 

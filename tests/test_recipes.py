@@ -550,6 +550,22 @@ def test_a_zero_step_run_with_eval_every_evaluates_the_loaded_model(env, tmp_pat
     assert "held-out slice:" in capsys.readouterr().err
 
 
+def test_a_run_from_a_model_with_unused_rows_resumes(env, tmp_path):
+    """--init-from a model with more embedding rows than its tokenizer has ids (DeBERTa-v3's release: 128100 rows,
+    128001 tokens) could never be resumed: "config vocab_size 111 does not match its tokenizer (71 ids)"."""
+    src, tok = _tiny_source(env, False)
+    rows = src.config.vocab_size + 40
+    torch.manual_seed(7)
+    wide = ElectraPretrainingModel(src.config.replace(vocab_size=rows))
+    out = tmp_path / "run"
+    kw = dict(tokenizer=None, model=None, init_from=str(_layout(wide, tok, tmp_path, "export")))
+    pretrain(env["data"], **_kw(env, out, steps=1, save_every=1, **kw))
+    del kw["init_from"]
+    s = pretrain(env["data"], **_kw(env, out, steps=2, resume=True, **kw))
+    assert s["steps"] == 2 and s["model"].config.vocab_size == rows
+    assert set(range(src.config.vocab_size, rows)) <= set(s["model"].config.disallowed_sample_ids)
+
+
 def _outputs(model, batch):
     model.eval()
     with torch.no_grad():

@@ -216,7 +216,13 @@ def test_a_tokenizer_with_holes_in_its_ids_sizes_the_model_by_its_largest_id(env
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.save(str(tmp_path / "tokenizer.json"))
     assert embedding_rows(load_tokenizer(str(tmp_path / "tokenizer.json"))) == 501
-    assert config_overrides(load_tokenizer(str(tmp_path / "tokenizer.json")))["vocab_size"] == 501
+    overrides = config_overrides(load_tokenizer(str(tmp_path / "tokenizer.json")))
+    # the rows in the hole are ids no text yields: neither random replacements nor the generator draw them
+    assert overrides["vocab_size"] == 501 and overrides["disallowed_sample_ids"] == tuple(range(12, 500))
+    vocab["dog"] = 2 ** 30  # one stray id sized a billion-row table
+    Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")).save(str(tmp_path / "huge.json"))
+    with pytest.raises(PretrainError, match=r"^--tokenizer: its ids run to 1073741824; a model here has at most"):
+        config_overrides(load_tokenizer(str(tmp_path / "huge.json")))
     (tmp_path / "c.txt").write_text("\n\n".join(["the dog sat on a mat . the cat sat on the dog ."] * 40) + "\n")
     run = _kw(env, tmp_path / "run", steps=2, tokenizer=str(tmp_path / "tokenizer.json"))
     assert pretrain(str(tmp_path / "c.txt"), **run)["steps"] == 2

@@ -322,6 +322,8 @@ def save_pretrained(model, path) -> None:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"save_pretrained: path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
+    if not path.strip():
+        raise ValueError("save_pretrained: path is empty; name a new or empty directory")
     if not _files.vacant(path):
         what = "already exists and is not empty" if os.path.isdir(path) else "exists and is not a directory"
         raise ValueError(f"save_pretrained: path {path!r} {what}; name a new or empty directory (nothing was "

@@ -244,8 +244,12 @@ def _tied_tables_agree(module, state_dict, prefix, *args) -> None:
     state dict from an untied model loaded with "All keys matched" and the discriminator's tables silently replaced
     the generator's."""
     g, d = f"{prefix}generator.backbone.embeddings.", f"{prefix}discriminator.backbone.embeddings."
+    def same(a, b) -> bool:  # NaN where the other has NaN too: a table of a diverged run is still one table
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all()))
+
     differ = [key[len(d):] for key, value in state_dict.items() if key.startswith(d) and g + key[len(d):] in state_dict
-              and not (isinstance(value, torch.Tensor) and torch.equal(value, state_dict[g + key[len(d):]]))]
+              and not same(value, state_dict[g + key[len(d):]])]
     if differ:
         raise ValueError(f"state_dict: its generator and discriminator embeddings differ ({', '.join(differ)}), but "
                          "this model ties them (embedding_sharing='tied'); load it into a model with "

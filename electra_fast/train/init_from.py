@@ -53,7 +53,8 @@ class Source:
         if ids["vocab_size"] < rows:  # DeBERTa-v3's release: 128100 rows, 128001 tokens; the rest no text yields
             unused = set(range(ids["vocab_size"], rows))
             ids = {**ids, "vocab_size": rows,
-                   "disallowed_sample_ids": tuple(sorted(set(self.config.disallowed_sample_ids) | unused))}
+                   "disallowed_sample_ids": tuple(sorted(set(self.config.disallowed_sample_ids) | unused
+                                                         | set(ids.get("disallowed_sample_ids", ()))))}
         if "generator_size" in recipe and _differs("generator_size", None, recipe["generator_size"], self.config):
             raise PretrainError(f"--generator-size: --init-from {self.path} has a generator "
                                 f"{self.config.generator_hidden_size} wide, which its weights fix; drop "

@@ -431,12 +431,20 @@ def embedding_rows(tok) -> int:
     return max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
 
-def config_overrides(tok) -> Dict[str, int]:
-    """ElectraConfig fields taken from the tokenizer: vocabulary size (:func:`embedding_rows`) and special ids."""
+def config_overrides(tok) -> dict:
+    """ElectraConfig fields taken from the tokenizer: vocabulary size (:func:`embedding_rows`), special ids, and
+    the ids in its holes as ``disallowed_sample_ids`` (rows no text yields: neither masking's random replacements
+    nor the generator draw them)."""
     ids = special_ids(tok)
-    return dict(vocab_size=embedding_rows(tok), pad_token_id=ids["pad"],
-                unk_token_id=ids["unk"], cls_token_id=ids["cls"], sep_token_id=ids["sep"],
-                mask_token_id=ids["mask"])
+    rows, used = embedding_rows(tok), set(tok.get_vocab(with_added_tokens=True).values())
+    if rows > MAX_VOCAB:  # one stray id of 10**9 sized a billion-row table
+        raise PretrainError(f"--tokenizer: its ids run to {rows - 1}; a model here has at most {MAX_VOCAB} embedding "
+                            "rows")
+    out = dict(vocab_size=rows, pad_token_id=ids["pad"], unk_token_id=ids["unk"], cls_token_id=ids["cls"],
+               sep_token_id=ids["sep"], mask_token_id=ids["mask"])
+    if len(used) < rows:
+        out["disallowed_sample_ids"] = tuple(i for i in range(rows) if i not in used)
+    return out
 
 
 def fingerprint(tok) -> str:

@@ -443,7 +443,11 @@ class _Job:
     def _config(self):
         if self.resume_from is not None:
             cfg = ckpt.load_config(self.resume_from)
-            if cfg.vocab_size != embedding_rows(self.tok):
+            # more rows than ids: an --init-from source's unused rows (DeBERTa-v3's release: 128100 rows, 128001
+            # tokens), which its config never lets masking or the generator draw; fewer would index past the table
+            if cfg.vocab_size < embedding_rows(self.tok) or (
+                    cfg.vocab_size > embedding_rows(self.tok)
+                    and not set(range(embedding_rows(self.tok), cfg.vocab_size)) <= set(cfg.disallowed_sample_ids)):
                 raise PretrainError(f"checkpoint {self.resume_from}: config vocab_size {cfg.vocab_size} does not "
                                     f"match its tokenizer ({embedding_rows(self.tok)} ids)")
         else:
