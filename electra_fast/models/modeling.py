@@ -244,6 +244,7 @@ def _tied_tables_agree(module, state_dict, prefix, *args) -> None:
     state dict from an untied model loaded with "All keys matched" and the discriminator's tables silently replaced
     the generator's."""
     g, d = f"{prefix}generator.backbone.embeddings.", f"{prefix}discriminator.backbone.embeddings."
+
     def same(a, b) -> bool:  # NaN where the other has NaN too: a table of a diverged run is still one table
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
                 and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all()))
