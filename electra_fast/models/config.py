@@ -77,7 +77,7 @@ class ElectraConfig:
     whole_word_masking: bool = False          # the trainer passes the tokenizer's word starts to mask_tokens
     # sampling and loss
     temperature: float = 1.0
-    disallowed_sample_ids: Tuple[int, ...] = ()
+    disallowed_sample_ids: Tuple[int, ...] = ()   # never sampled, never a random replacement (masking_excluded_ids)
     disc_weight: float = 50.0
     # regularisation / init
     hidden_dropout_prob: float = 0.1
