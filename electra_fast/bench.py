@@ -68,17 +68,10 @@ def check_args(args) -> "str | None":
         if why:
             return f"-k: {args.select!r} is not a pytest -k expression ({why})"
     if args.compare is not None:
-        try:
-            groups = bench_report.load_groups(args.compare)
-            bad = bench_report.bad_median(groups)
-            if bad:
-                return f"--compare: {args.compare}: {bad}"
-            rows = bench_report.speedups(groups)
-        except OSError as e:
-            return f"--compare: cannot read {args.compare}: {e.strerror}"
-        except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError) as e:
-            return f"--compare: {args.compare} is not a pytest-benchmark JSON written by electra-fast bench ({e})"
-        if not rows:
+        problem = bench_report.run_problem(args.compare)  # what the report skips, the gate refuses
+        if problem:
+            return f"--compare: {args.compare}: {problem}"
+        if not bench_report.speedups(bench_report.load_groups(args.compare)):
             return f"--compare: {args.compare} holds no fused-vs-baseline rows to compare against"
     return None
 

@@ -79,7 +79,7 @@ def _load(path: str) -> dict:
     if not (isinstance(data, dict) and isinstance(data.get("benchmarks", []), list)
             and all(isinstance(bm, dict) for bm in data.get("benchmarks", []))
             and isinstance(data.get("machine_info") or {}, dict)):
-        raise ValueError("not a pytest-benchmark JSON (an object with a list of benchmark objects)")
+        raise ValueError("not an object with a list of benchmark objects")
     data["machine_info"] = data.get("machine_info") or {}  # null: nothing known of the machine
     return data
 
@@ -114,8 +114,8 @@ def run_problem(path: str) -> Optional[str]:
         return bad_median(load_groups(path))
     except OSError as e:
         return f"cannot read it ({e.strerror})"
-    except ValueError as e:
-        return str(e)
+    except ValueError as e:  # JSONDecodeError too
+        return f"not a pytest-benchmark JSON written by electra-fast bench ({e})"
 
 
 def bad_median(groups) -> Optional[str]:
@@ -163,7 +163,6 @@ def compare_rows(current: str, previous: str, tolerance: float = 0.15) -> Tuple[
 def mismatch(current: str, previous: str) -> List[str]:
     """Why the two runs' ratios may not be comparable: another machine, thread count or backend."""
     a, b = (_load(p)["machine_info"] for p in (current, previous))
-    a, b = (m if isinstance(m, dict) else {} for m in (a, b))
     notes = []
     for key, what in (("electra_fast_machine", "machine"), ("torch_threads", "thread count"),
                       ("forced_backend", "forced backend")):
@@ -428,7 +427,8 @@ def _caption(path: str, base_dir: str) -> str:
     return (f"**{m.get('electra_fast_machine', 'unknown machine')}**, {m.get('cores', '?')} cores, "
             f"{m.get('torch_threads', '?')} threads, torch {m.get('torch')}{cuda}"
             + ("" if m.get("extension", True) else " · **C++ extension NOT built**") + _forced_note(m) + " · "
-            f"[`{os.path.basename(path)}`]({rel}) ({str(data.get('datetime') or '')[:10]}, commit {m.get('git_commit')})")
+            f"[`{os.path.basename(path)}`]({rel}) ({str(data.get('datetime') or '')[:10]}, "
+            f"commit {m.get('git_commit')})")
 
 
 def readme_table(paths: List[str], base_dir: str) -> str:

@@ -500,11 +500,12 @@ def test_bench_bad_arguments_checked_before_running(tmp_path, capsys, no_bench_r
     no_rows = _bench_json(tmp_path / "no-rows.json", [{"stats": {"median": 1.0}, "extra_info": {
         "op": "rtd", "impl": "eager", "pass_": "fwd", "shape": "2x8", "dtype": "float32"}}])
     cases = [
-        (["--compare", str(tmp_path / "missing.json")], "--compare: cannot read"),  # ran everything, then a traceback
-        (["--compare", str(tmp_path / "not.json")], "is not a pytest-benchmark JSON written by electra-fast bench"),
-        (["--compare", str(tmp_path / "list.json")], "is not a pytest-benchmark JSON written by electra-fast bench"),
+        (["--compare", str(tmp_path / "missing.json")], "missing.json: cannot read it"),  # ran all, then a traceback
+        (["--compare", str(tmp_path / "not.json")], "not.json: not a pytest-benchmark JSON written by electra-fast"),
+        (["--compare", str(tmp_path / "list.json")], "list.json: not a pytest-benchmark JSON written by electra-fast "
+                                                     "bench (not an object with a list of benchmark objects)"),
         (["--compare", no_rows], "holds no fused-vs-baseline rows to compare against"),
-        (["--compare", str(tmp_path)], "--compare: cannot read"),
+        (["--compare", str(tmp_path)], ": cannot read it"),
         (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
         *([(["--device", "cuda"], "--device cuda: ")] if not torch.cuda.is_available() else []),
         (["--out", str(tmp_path / "a-file")], "exists and is not a directory"),

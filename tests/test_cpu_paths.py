@@ -165,7 +165,7 @@ def test_a_missing_or_cut_short_extension_is_refused_before_loading(tmp_path, cp
     for keep in (100, 4096, 100_000, len(data) // 2, len(data) - 1):
         (tmp_path / "_C.so").write_bytes(data[:keep])
         err = _extension.file_error(str(tmp_path / "_C.so"))
-        assert err is not None and "a copy cut short?" in err or "shorter than its ELF header" in err, keep
+        assert err is not None and ("a copy cut short?" in err or "shorter than its ELF header" in err), keep
     (tmp_path / "text.so").write_bytes(b"hello")  # not ELF: the import judges it (and fails cleanly)
     assert _extension.file_error(str(tmp_path / "text.so")) is None
     if shutil.which("strip"):

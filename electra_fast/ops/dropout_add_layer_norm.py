@@ -120,8 +120,9 @@ def dropout_add_layer_norm(input: torch.Tensor, residual: torch.Tensor, weight: 
         _validate.same_device("bias", bias, "input", input)
     p = _validate.probability("p", p)
     eps = _validate.real("eps", eps, 0.0, math.inf, lo_open=True)
-    if float(torch.tensor(eps, dtype=torch.float32)) == 0.0:  # the kernels add it in fp32: a constant row gave NaN
-        raise ValueError(f"eps: {eps} rounds to 0 in fp32, where it is added; expected >= 1.4e-45 (1e-12 is usual)")
+    if eps <= 2.0 ** -150:  # rounds to 0 in fp32, where the kernels add it: a constant row gave NaN
+        raise ValueError(f"eps: {eps} rounds to 0 in fp32, where it is added; expected > 2**-150 = 7.0e-46 "
+                         "(1e-12 is usual)")
     stream = _seed.check(stream, "stream", _seed.STREAM_LIMIT)
     if p > 0.0 and seed is None:
         raise ValueError("seed: required when p > 0 (an int in [0, 2**64), e.g. the step's seed)")

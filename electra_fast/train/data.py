@@ -33,7 +33,8 @@ CACHE_FORMAT = 2  # 1: int32 ids; 2: uint32 ids with the word-start bit
 WORD_START = np.uint32(1 << 31)
 ID_BITS = np.uint32((1 << 31) - 1)
 # what the cache folder's writers (this module, corpus.write_default_corpus) name a file until it is complete
-CACHE_TEMPORARY = re.compile(r"^(?:tokens-[0-9a-f]{24}\.bin(?:\.json)?|default-corpus-py\d+\.\d+\.txt)\.tmp-(\d+)$")
+_CACHE_NAME = r"tokens-[0-9a-f]{24}\.bin(?:\.json)?"  # a token cache and its record
+CACHE_TEMPORARY = re.compile(rf"^(?:{_CACHE_NAME}|default-corpus-py\d+\.\d+\.txt)\.tmp-(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -225,7 +226,7 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
     return path
 
 
-CACHE_FILE = re.compile(r"^tokens-[0-9a-f]{24}\.bin(?:\.json)?$")
+CACHE_FILE = re.compile(rf"^{_CACHE_NAME}$")
 
 
 def remove_other_caches(keep: str) -> List[str]:

@@ -205,8 +205,9 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     out = os.fspath(out)
     options = dict(data=None if embedded else [os.path.abspath(d) for d in data], seq_len=seq_len,
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=recorded_warmup,
-                   weight_decay=weight_decay, seed=seed, model=model, steps=steps, save_every=save_every, keep=keep, log_every=log_every,
-                   eval_every=eval_every, tensorboard=tensorboard, threads=threads, vocab_size=vocab_size,
+                   weight_decay=weight_decay, seed=seed, model=model, steps=steps, save_every=save_every, keep=keep,
+                   log_every=log_every, eval_every=eval_every, tensorboard=tensorboard, threads=threads,
+                   vocab_size=vocab_size,
                    tokenizer=run_tokenizer if tokenizer is None else os.path.abspath(tokenizer),
                    init_from=run_init_from if init_from is None else os.path.abspath(init_from),
                    )  # run.json's record: what a --resume inherits
@@ -445,11 +446,10 @@ class _Job:
             cfg = ckpt.load_config(self.resume_from)
             # more rows than ids: an --init-from source's unused rows (DeBERTa-v3's release: 128100 rows, 128001
             # tokens), which its config never lets masking or the generator draw; fewer would index past the table
-            if cfg.vocab_size < embedding_rows(self.tok) or (
-                    cfg.vocab_size > embedding_rows(self.tok)
-                    and not set(range(embedding_rows(self.tok), cfg.vocab_size)) <= set(cfg.disallowed_sample_ids)):
+            ids = embedding_rows(self.tok)
+            if cfg.vocab_size < ids or not set(range(ids, cfg.vocab_size)) <= set(cfg.disallowed_sample_ids):
                 raise PretrainError(f"checkpoint {self.resume_from}: config vocab_size {cfg.vocab_size} does not "
-                                    f"match its tokenizer ({embedding_rows(self.tok)} ids)")
+                                    f"match its tokenizer ({ids} ids)")
         else:
             o = self.o
             cfg = o.source.config_for(self.tok, o.recipe) if o.source else model_config(o.model,
