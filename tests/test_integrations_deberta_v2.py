@@ -391,3 +391,84 @@ def test_module_query_states_and_4d_mask():
 def test_module_rejects_bad_config():
     with pytest.raises(ValueError, match="hidden_size"):
         FusedDisentangledSelfAttention(_tiny_config(hidden_size=63, num_attention_heads=2))
+
+
+def test_hooks_and_modules_on_the_attention_dropouts_are_kept():
+    """Review finding: patch put fresh nn.Dropouts in the fused module, so a hook on attention.self.dropout /
+    pos_dropout (or a module of the user's there) was dropped silently (max |diff| 2.6), strict too, and unpatch
+    copied the fresh ones over the originals: the user's module was lost for good."""
+    from transformers import DebertaV2Model
+
+    class Ablate(torch.nn.Module):
+        def forward(self, x):
+            return x * 0.0
+
+    torch.manual_seed(0)
+    model = DebertaV2Model(_tiny_config()).eval()
+    ids, mask = _batch()
+    layer0, layer1 = (layer.attention.self for layer in model.encoder.layer)
+    fired = []
+    layer0.dropout.register_forward_hook(lambda m, a, out: (fired.append("dropout"), out * 0.5)[1])
+    dropout0 = layer0.dropout
+    layer1.pos_dropout = Ablate()
+    ablate = layer1.pos_dropout
+    want = model(ids, attention_mask=mask).last_hidden_state
+    assert fired == ["dropout"]
+    with pytest.raises(ValueError, match="dropout has hooks"):
+        electra_fast.patch(model, strict=True)
+    electra_fast.patch(model)
+    fired.clear()
+    got = model(ids, attention_mask=mask).last_hidden_state
+    assert fired == ["dropout"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    patched1 = model.encoder.layer[1].attention.self
+    assert type(patched1) is FusedDisentangledSelfAttention and patched1.pos_dropout is ablate
+    # a hook put on the fused module's dropout after patching: its call falls back to transformers' computation
+    handle = patched1.dropout.register_forward_hook(lambda m, a, out: fired.append("late"))
+    fired.clear()
+    torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state, want, rtol=1e-4, atol=1e-5)
+    assert fired == ["dropout", "late"]
+    handle.remove()
+    electra_fast.unpatch(model)
+    restored0, restored1 = (layer.attention.self for layer in model.encoder.layer)
+    assert restored0.dropout is dropout0 and restored1.pos_dropout is ablate
+    torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state, want, rtol=0, atol=0)
+
+
+def test_padded_query_rows_get_transformers_dropout_when_training():
+    """Review finding: in training, padded query rows got the mean of V with no attention dropout, where
+    transformers drops each head's uniform weights: the right mean but no spread, so a loss that reads padded
+    positions (question answering's) differed in distribution (4.34 vs 3.91 over 300 seeds). Each padded row is
+    dropout(1/T) @ V: its mean over draws is the mean of V and its variance sum_j V_j^2 p / ((1 - p) T^2)."""
+    p = 0.5
+    config = _tiny_config(attention_probs_dropout_prob=p, hidden_size=8, num_attention_heads=2)
+    torch.manual_seed(0)
+    module = FusedDisentangledSelfAttention(config).train()
+    B, T, N = 2, 6, 4000
+    keys = torch.ones(B, T, dtype=torch.bool)
+    keys[0, 4:] = False  # right padding
+    keys[1, :1] = False  # left padding
+    x = torch.randn(B, T, 8)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        draws = torch.stack([module._keyless_rows(x, keys, p) for _ in range(N)])  # [N, B, T, 8]
+        v = module.value_proj(x)  # [B, T, 8]
+    rows = draws[:, ~keys]  # [N, padded rows, 8]
+    want_mean = v.mean(dim=1, keepdim=True).expand(B, T, 8)[~keys]
+    want_var = (v ** 2).sum(dim=1, keepdim=True).expand(B, T, 8)[~keys] * p / ((1 - p) * T * T)
+    se = (want_var / N).sqrt()
+    assert ((rows.mean(0) - want_mean).abs() < 5 * se).all()
+    torch.testing.assert_close(rows.var(0), want_var, rtol=0.15, atol=0)  # N = 4000: the estimate's sd ~2 %
+    # rows and heads draw independently: two padded rows of one sequence are uncorrelated
+    a, b = rows[:, 0] - rows[:, 0].mean(0), rows[:, 1] - rows[:, 1].mean(0)
+    corr = (a * b).mean(0) / (a.std(0) * b.std(0))
+    assert (corr.abs() < 0.1).all()
+    # the forward puts them there (real rows keep the fused op's context), and gradients reach value_proj
+    rel = torch.randn(2 * module.pos_ebd_size, 8)
+    module.zero_grad()
+    out, _ = module(x, keys.long(), rel_embeddings=rel)
+    out[~keys].sum().backward()
+    assert module.value_proj.weight.grad is not None and module.value_proj.weight.grad.abs().sum() > 0
+    module.eval()
+    out_eval, _ = module(x, keys.long(), rel_embeddings=rel)
+    torch.testing.assert_close(out_eval[~keys], want_mean, rtol=1e-5, atol=1e-6)

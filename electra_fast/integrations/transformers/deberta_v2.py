@@ -91,6 +91,9 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
                              f"{sorted(_with_parameters(module))} (an unknown transformers layout)")
         for name in projections:
             setattr(new, name, getattr(module, name))
+        for name in ("dropout", "pos_dropout"):  # module's own objects: a user's hook or module on them is kept
+            if name in module._modules and name in new._modules:
+                setattr(new, name, module._modules[name])
         return new.train(module.training)
 
     # transformers' helpers, which its own computation (the fallback path) calls on self
@@ -150,7 +153,8 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
                   else "an attention mask that is not a padding mask" if not fusable
                   else "query_states of another shape than hidden_states"
                   if query_states is not None and query_states.shape != hidden_states.shape
-                  else "a non-standard relative_pos" if not self._standard_relative_pos(relative_pos, T) else None)
+                  else "a non-standard relative_pos" if not self._standard_relative_pos(relative_pos, T)
+                  else _dropout_not_called(self))
         if reason is not None:
             from .patching import fallback
 
@@ -159,14 +163,47 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
                                               relative_pos, rel_embeddings)
         context = super().forward(hidden_states, key_mask, rel_embeddings=rel_embeddings, query_states=query_states)
         if key_mask is not None and not bool(key_mask.bool().all()):
-            # transformers' padded query rows attend uniformly to every key: the mean of V, i.e. value_proj of the
-            # mean input (heads that read padded positions, such as question answering's softmax, see them)
-            mean = hidden_states.mean(dim=-2, keepdim=True)
-            proj = self.value_proj  # torch's Linear: its weights, so its hooks see one call (V's), as transformers'
-            mean_value = (F.linear(mean, proj.weight, proj.bias) if type(proj) is nn.Linear else proj(mean))
-            mean_value = mean_value.to(context.dtype)
-            context = torch.where(key_mask.bool()[..., None], context, mean_value)
+            # transformers' padded query rows attend uniformly to every key (heads that read padded positions, such
+            # as question answering's softmax, see them); the fused op leaves them 0
+            keys = key_mask.bool()
+            p = self.dropout.p if self.training else 0.0
+            context = torch.where(keys[..., None], context, self._keyless_rows(hidden_states, keys, p).to(context.dtype))
         return (context, None)
+
+    def _value(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.value_proj  # torch's Linear: its weights, so its hooks see one call (V's), as transformers'
+        return F.linear(x, proj.weight, proj.bias) if type(proj) is nn.Linear else proj(x)
+
+    def _keyless_rows(self, hidden_states: torch.Tensor, keys: torch.Tensor, p: float) -> torch.Tensor:
+        """transformers' context at padded query rows: dropout(uniform weights over the T keys) @ V, [B, T or 1,
+        H * D] (only rows where ``keys`` [B, T] is False are meant). Without dropout the mean of V, i.e.
+        value_proj of the mean input; with it each head's weights are dropped independently, as transformers'
+        nn.Dropout does (the mean of V alone had the right mean and no spread: a training loss at padded rows,
+        question answering's, then differed)."""
+        if p == 0.0:
+            return self._value(hidden_states.mean(dim=-2, keepdim=True))
+        B, T = keys.shape
+        H = self.num_attention_heads
+        v = self._value(hidden_states).view(B, T, H, -1).transpose(1, 2)  # [B, H, T, D]
+        n_pad = (~keys).sum(dim=1)  # [B]
+        P = int(n_pad.max())
+        rows = torch.argsort(keys.to(torch.uint8), dim=1, stable=True)[:, :P]  # [B, P]: padded positions first
+        real = torch.arange(P, device=keys.device)[None, :] < n_pad[:, None]  # [B, P]: rows that are padded
+        kept = torch.empty(B, H, P, T, dtype=v.dtype, device=v.device).bernoulli_(1.0 - p)  # p < 1: checked
+        out = (kept * real[:, None, :, None].to(v.dtype)) @ v / (T * (1.0 - p))  # [B, H, P, D]
+        out = out.transpose(1, 2).reshape(B, P, -1)
+        full = torch.zeros(B, T, out.shape[-1], dtype=out.dtype, device=out.device)
+        return full.scatter(1, rows[..., None].expand(-1, -1, out.shape[-1]), out)
+
+
+def _dropout_not_called(module: nn.Module) -> Optional[str]:
+    """The fused op reads the attention dropout's p and never calls it: a hook on it, or a module of the user's
+    there, needs transformers' computation. pos_dropout is called by both, unless no position term reads it
+    (transformers calls it whenever the attention is relative)."""
+    from .layers import not_called
+
+    unread = module.relative_attention and not any(t in POSITION_TERMS for t in module.pos_att_type)
+    return not_called(dropout=module.dropout, **({"pos_dropout": module.pos_dropout} if unread else {}))
 
 
 def _encoder_get_attention_mask(self, attention_mask):
@@ -247,7 +284,8 @@ def _attention_unsupported(module: nn.Module) -> Optional[str]:
         FusedDisentangledSelfAttention.from_transformers(module.self)
     except (TypeError, ValueError) as error:
         return f"attention: {error}"
-    return None
+    reason = _dropout_not_called(module.self)
+    return None if reason is None else f"attention: {reason}"
 
 
 def _encoder_unsupported(encoder: nn.Module) -> Optional[str]:
