@@ -562,3 +562,24 @@ def test_tuple_output_keeps_the_place_of_logits():
     assert len(got) == len(want) == 3 and got[1] is None
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     assert len(got[2]) == len(want[2])
+
+
+def test_a_users_bool_4d_mask_under_eager_is_what_transformers_makes_of_it():
+    """Review finding: eager attention adds a 4D mask to the scores (a bool one as +1 / +0: transformers' masks for
+    eager are additive floats, so a bool one there is the user's), while the patched layer read it as a padding
+    mask: 2.5e-3 relative from unpatched. It now runs transformers' code; sdpa reads bool masks as masks."""
+    for impl in ("eager", "sdpa"):
+        model = build("bert", "BertModel", attn_implementation=impl)
+        inputs, _ = batch()
+        keys = inputs["attention_mask"].bool()
+        inputs["attention_mask"] = keys[:, None, None, :].expand(-1, 1, keys.shape[1], -1)
+        want = model(**inputs).last_hidden_state
+        electra_fast.patch(model)
+        torch.testing.assert_close(model(**inputs).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+        electra_fast.unpatch(model)
+        electra_fast.patch(model, strict=True)
+        if impl == "eager":
+            with pytest.raises(ValueError, match="bool attention mask under eager"):
+                model(**inputs)
+        else:
+            model(**inputs)

@@ -56,6 +56,9 @@ def _call_unsupported(self, hidden_states, attention_mask, cache, kwargs) -> "tu
               or layers.not_called(dropout=self.dropout))
     if reason is not None:
         return reason, None
+    if impl != "sdpa" and attention_mask is not None and attention_mask.dtype == torch.bool:
+        # transformers makes additive float masks for eager, which adds a bool one to the scores as +1 / +0
+        return "a bool attention mask under eager attention (transformers adds it to the scores)", None
     servable, key_mask = layers.padding_key_mask(attention_mask, *hidden_states.shape[:2])
     if not servable:
         return "an attention mask that is not a padding mask", None
