@@ -568,6 +568,35 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(pretrained, tmp_pat
     assert full["seeds"][0]["validation"] == done["seeds"][0]["validation"]
 
 
+def test_resuming_a_finished_run_keeps_the_users_files_in_its_export(pretrained, tmp_path, monkeypatch):
+    """Review finding: --resume on a finished run swapped in a new export/ and deleted the old one whole, with the
+    model card the user had written into it."""
+    d = _classification_files(tmp_path / "data")
+    out = tmp_path / "run"
+    _run(pretrained, d, out, "train.tsv", "dev.tsv", seeds=[3])
+    written = sorted(os.listdir(out / "export"))
+    (out / "export" / "README.md").write_text("my model card")
+    weights = (out / "export" / "model.safetensors").read_bytes()
+    _run(pretrained, d, out, "train.tsv", "dev.tsv", seeds=[3], resume=True)
+    assert (out / "export" / "README.md").read_text() == "my model card"
+    assert sorted(os.listdir(out / "export")) == sorted(written + ["README.md"])
+    assert (out / "export" / "model.safetensors").read_bytes() == weights
+    assert not [n for n in os.listdir(out) if ".old-" in n or ".tmp-" in n]
+    real_replace = os.replace
+
+    def stuck(src, dst):  # the model card cannot move: it stays in the earlier export, which stays on disk
+        if str(src).endswith("README.md"):
+            raise PermissionError(13, "Permission denied")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stuck)
+    with pytest.raises(fdata.FinetuneError, match="could not move 'README.md' .* is left as it is"):
+        _run(pretrained, d, out, "train.tsv", "dev.tsv", seeds=[3], resume=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    left = [n for n in os.listdir(out) if ".old-" in n]
+    assert len(left) == 1 and (out / left[0] / "README.md").read_text() == "my model card"
+
+
 def test_a_run_whose_classes_were_numbered_by_the_old_rule_does_not_resume(pretrained, tmp_path):
     """Classes "+1" / "-1" were numbered as strings ("+1" = class 0) until "+1" read as an integer: a run started
     before, resumed after, trained on with every label flipped (test accuracy 0.706 -> 0.294, unsaid). A record

@@ -150,7 +150,9 @@ def score(task: str, pred: List[Any], examples: List[fdata.Example], names: List
 
 
 def _replace_dir(path: str, write: Callable[[str], None]) -> None:
-    """Write a directory beside ``path``, then swap it in (a resumed run replaces its own earlier export)."""
+    """Write a directory beside ``path``, then swap it in (a resumed run replaces its own earlier export). What
+    the earlier directory holds that the new one does not write (a model card the user put there) moves into
+    the new one; should that fail, the earlier directory stays on disk beside it, named in the error."""
     import shutil
     tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
     try:
@@ -158,9 +160,20 @@ def _replace_dir(path: str, write: Callable[[str], None]) -> None:
         if os.path.isdir(path):
             os.replace(path, old)
         os.replace(tmp, path)
-    finally:
-        for d in (tmp, old):
-            shutil.rmtree(d, ignore_errors=True)
+    except BaseException:
+        if os.path.isdir(old) and not os.path.lexists(path):
+            os.replace(old, path)  # the earlier export back where it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(old):
+        try:
+            for name in os.listdir(old):
+                if not os.path.lexists(os.path.join(path, name)):
+                    os.replace(os.path.join(old, name), os.path.join(path, name))
+        except OSError as e:
+            raise FinetuneError(f"--out: could not move {name!r} from the earlier export {old} into {path} ({e}); "
+                                f"{old} is left as it is") from None
+        shutil.rmtree(old)
 
 
 RUN_FILE = "finetune.json"  # the options of the run in --out: what --resume must match
