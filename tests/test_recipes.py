@@ -319,6 +319,34 @@ def test_byte_level_bpe_words_are_the_text_between_whitespace(toks):
     assert [w for w in (tok.decode(w).strip() for w in words) if w] == text.split()
 
 
+def test_a_lone_space_piece_starts_the_word_it_prefixes(toks):
+    """Review finding: a piece after a piece ending in a space started a word, so where the vocabulary has no merge
+    of the space with a word's first bytes (an emoji, a rarer script: Ġ | ð Ł ĺ Ģ) the lone Ġ was a word of its own,
+    masked apart from the word it begins (157 of 200 seeds on one sentence). fairseq reads Ġ ð Ł ĺ Ģ as one word; a
+    run checkpointed under the old reading keeps it."""
+    from electra_fast.train.tokenizer import TextRules
+    tok = toks["bpe"]
+    text = "the fox served 😀 smiles and Ωmega stone\nthen  left"
+    enc = tok.encode(text, add_special_tokens=False)
+    lone = [i for i, t in enumerate(enc.tokens[:-1]) if t == "\u0120" and enc.tokens[i + 1][:1] != "\u0120"]
+    assert lone  # the case arises with this vocabulary
+    (ids, starts), = encode_documents(tok, [text])
+    assert ids == enc.ids
+    units = []
+    for i, start in zip(ids, starts):
+        if start or not units:
+            units.append([])
+        units[-1].append(i)
+    decoded = [tok.decode(u) for u in units]
+    assert "".join(decoded) == text
+    for unit, after in zip(decoded, decoded[1:]):
+        if unit.strip() == "":  # a run of whitespace is a unit only where whitespace or a line break comes next
+            assert after[:1].isspace() or unit.endswith("\n"), (unit, after)
+    assert [u.strip() for u in decoded if u.strip()] == text.split()
+    (_, old_starts), = encode_documents(tok, [text], rules=TextRules("whitespace"))
+    assert [old_starts[i + 1] for i in lone] == [1] * len(lone) and [starts[i + 1] for i in lone] == [0] * len(lone)
+
+
 def _resumes_under_its_old_rule(env, tmp_path, monkeypatch, data, kind, switch, old_code, field, value):
     """A run of tokenizer ``kind`` started by the code before a tokenisation rule changed (``switch`` in the
     tokenizer module patched to ``old_code``: no rule recorded), its corpus then touched (the
@@ -351,8 +379,42 @@ def test_a_bpe_run_tokenised_with_the_pre_token_rule_resumes_with_it(env, tmp_pa
     data = tmp_path / "corpus.txt"
     shutil.copy(env["data"], data)
     old, new = _resumes_under_its_old_rule(env, tmp_path, monkeypatch, data, "bpe", "byte_level", lambda tok: False,
-                                           "bpe_words", "whitespace")
+                                           "bpe_words", "leading-space")
     assert not np.array_equal(old >> 31, new >> 31)  # the rules differ on this corpus
+
+
+def test_a_bpe_run_tokenised_with_the_whitespace_rule_resumes_with_it(env, tmp_path, monkeypatch):
+    """A run checkpointed under the 2026-12-06 reading ("whitespace": a lone Ġ piece a word of its own) whose cache
+    is tokenised again resumes with that reading (its data check covers the start bits); a new run reads
+    "leading-space"."""
+    import shutil
+    from electra_fast.train import checkpoint as ckpt
+    from electra_fast.train import trainer as trainer_mod
+    from electra_fast.train.tokenizer import TextRules
+    data = tmp_path / "corpus.txt"
+    shutil.copy(env["data"], data)
+    with open(data, "a", encoding="utf-8") as f:  # words the small vocabulary does not merge with their space
+        f.write("".join(f"\nthey served 😀 smiles and Ωmega stones {i}\n" for i in range(5)))
+    kw = dict(tokenizer=None, save_every=2, recipe=dict(tokenizer_type="bpe"))
+
+    class Then(TextRules):  # what the code of 2026-12-06 gave a new run
+        @classmethod
+        def of_checkpoint(cls, state):
+            return TextRules("whitespace") if state is None else TextRules.of_checkpoint(state)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_mod, "TextRules", Then)
+        pretrain(str(data), **_kw(env, tmp_path / "old", steps=2, **kw))
+    state = tmp_path / "old" / "checkpoints" / "step-00000002" / "training_state.pt"
+    assert ckpt.load_training_state(str(state))["bpe_words"] == "whitespace"
+    os.utime(data, ns=(1, 1))  # the cache key holds the mtime: tokenised again
+    assert pretrain(str(data), **_kw(env, tmp_path / "old", steps=4, resume=True, **kw))["steps"] == 4
+    pretrain(str(data), **_kw(env, tmp_path / "new", steps=2, **kw))
+    state = tmp_path / "new" / "checkpoints" / "step-00000002" / "training_state.pt"
+    assert ckpt.load_training_state(str(state))["bpe_words"] == "leading-space"
+    old, new = (np.fromfile(sorted((tmp_path / run / "cache").glob("tokens-*.bin"))[0], dtype="<u4")
+                for run in ("old", "new"))
+    assert np.array_equal(old & 0x7FFFFFFF, new & 0x7FFFFFFF) and not np.array_equal(old >> 31, new >> 31)
 
 
 def test_a_unigram_run_tokenised_with_special_pieces_resumes_with_them(env, tmp_path, monkeypatch):
@@ -376,9 +438,10 @@ def test_text_rules_are_recorded_and_keyed_only_where_they_concern_the_tokenizer
     new, old = TextRules(), TextRules.of_checkpoint({})
     assert TextRules.of_checkpoint(None) == new and old == TextRules("pre-tokens", "pieces")
     assert TextRules.of_checkpoint({"bpe_words": "whitespace"}) == TextRules("whitespace", "pieces")
-    assert new.recorded(toks["bpe"]) == {"bpe_words": "whitespace"} and new.recorded(toks["wordpiece"]) == {}
+    assert new.recorded(toks["bpe"]) == {"bpe_words": "leading-space"} and new.recorded(toks["wordpiece"]) == {}
     assert new.recorded(toks["unigram"]) == {"unigram_specials": "text"}
-    assert new.cache_suffix(toks["bpe"]) == ";bpe-words=whitespace" and old.cache_suffix(toks["bpe"]) == ""
+    assert new.cache_suffix(toks["bpe"]) == ";bpe-words=leading-space" and old.cache_suffix(toks["bpe"]) == ""
+    assert TextRules("whitespace").cache_suffix(toks["bpe"]) == ";bpe-words=whitespace"  # that reading's caches
     assert new.cache_suffix(toks["unigram"]) == ";unigram-specials=text" and old.cache_suffix(toks["unigram"]) == ""
     assert new.cache_suffix(toks["wordpiece"]) == ""
     with pytest.raises(ValueError, match="bpe_words: expected one of"):

@@ -495,6 +495,7 @@ def word_starts(word_ids) -> List[int]:
 
 # byte-level BPE's spellings of the ASCII whitespace bytes \t \n \v \f \r and space (byte b -> chr(256 + b))
 _BYTE_LEVEL_SPACE = frozenset(chr(256 + b) for b in (9, 10, 11, 12, 13, 32))
+_BYTE_LEVEL_BREAK = _BYTE_LEVEL_SPACE - {chr(256 + 32)}  # the same but the space: line breaks and tabs
 
 
 def byte_level(tok) -> bool:
@@ -503,24 +504,28 @@ def byte_level(tok) -> bool:
         w.startswith("\u0120") for w, _ in tok.pre_tokenizer.pre_tokenize_str("a b"))
 
 
-def space_word_starts(tokens) -> List[int]:
-    """Word starts of byte-level BPE pieces: a word is a run of text between ASCII whitespace, as fairseq's RoBERTa
-    whole-word masking reads it (a ``Ġ`` piece starts one); a line break or tab starts one as well. The GPT-2
-    pre-tokens (``word_ids``) split more finely: at an apostrophe (didn / 't), between letters and digits (item / 42)
-    and at combining marks, so a word would have been masked in part."""
-    return [1 if i == 0 or t[:1] in _BYTE_LEVEL_SPACE or tokens[i - 1][-1:] in _BYTE_LEVEL_SPACE else 0
+def space_word_starts(tokens, after_space: bool = False) -> List[int]:
+    """Word starts of byte-level BPE pieces: a word is a run of text after ASCII whitespace, as fairseq's RoBERTa
+    whole-word masking reads it (a piece starting with ``Ġ`` starts one: a lone ``Ġ`` before ``ð Ł ĺ Ģ``, an emoji
+    the vocabulary has no merge with the space for, is that word's first piece); a piece after a line break or tab
+    starts one as well. The GPT-2 pre-tokens (``word_ids``) split more finely: at an apostrophe (didn / 't), between
+    letters and digits (item / 42) and at combining marks, so a word would have been masked in part.
+    ``after_space``: the 2026-12-06 reading, which also started a word after a piece ending in a space (the lone
+    ``Ġ`` then was a word of its own, masked apart from the rest)."""
+    after = _BYTE_LEVEL_SPACE if after_space else _BYTE_LEVEL_BREAK
+    return [1 if i == 0 or t[:1] in _BYTE_LEVEL_SPACE or tokens[i - 1][-1:] in after else 0
             for i, t in enumerate(tokens)]
 
 
 # How pretraining text becomes ids and word starts. A rule that changed keeps its old reading for the runs tokenised
 # under it: per rule, its readings (the current one first, the one runs checkpointed before the rule was recorded used
 # last) and which tokenizers it concerns.
-#   bpe_words: a byte-level BPE's word starts, "whitespace" (space_word_starts) or "pre-tokens" (the GPT-2 pre-tokens'
-#     word_ids; before 2026-12-06);
+#   bpe_words: a byte-level BPE's word starts, "leading-space" (space_word_starts), "whitespace" (space_word_starts
+#     with after_space; 2026-12-06 to 2026-12-07) or "pre-tokens" (the GPT-2 pre-tokens' word_ids; before 2026-12-06);
 #   unigram_specials: a Unigram model holding special tokens as pieces ([PAD] [CLS] [SEP] [UNK], as DeBERTa-v3's and
 #     the run's own Unigram do) reads their spellings in the text as "text", or segments them into the special ids,
 #     "pieces" (before 2026-12-06).
-TEXT_RULES = {"bpe_words": ("whitespace", "pre-tokens"), "unigram_specials": ("text", "pieces")}
+TEXT_RULES = {"bpe_words": ("leading-space", "whitespace", "pre-tokens"), "unigram_specials": ("text", "pieces")}
 
 
 @dataclass(frozen=True)
@@ -588,8 +593,9 @@ def encode_documents(tok, docs: Iterable[str], batch: int = 1024, rules: TextRul
         raise TypeError(f"rules: expected a TextRules, got {type(rules).__name__}")
     if rules.unigram_specials == "text":
         tok = _text_only(tok)
-    by_space = rules.bpe_words == "whitespace" and byte_level(tok)
-    starts = (lambda e: space_word_starts(e.tokens)) if by_space else (lambda e: word_starts(e.word_ids))
+    by_space = rules.bpe_words != "pre-tokens" and byte_level(tok)
+    after_space = rules.bpe_words == "whitespace"
+    starts = (lambda e: space_word_starts(e.tokens, after_space)) if by_space else (lambda e: word_starts(e.word_ids))
     was = tok.encode_special_tokens
     tok.encode_special_tokens = True
     try:
