@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -1056,6 +1057,65 @@ def test_two_process_gloo(env, tmp_path):
     assert not torch.equal(net, torch.zeros_like(net))
 
 
+def _ddp_disagreement_worker(rank, world, cases, result_dir):
+    from electra_fast.train import rundir as rundir_mod
+    from electra_fast.train import trainer as trainer_mod
+    torch.set_num_threads(1)
+    # what rank 1 sees on a node of its own, at the same paths: no --out of rank 0's (no shared filesystem), a
+    # corpus file of another size, other tokens
+    node = {"unseen": (rundir_mod, "is_claimed", lambda out: False),
+            "stat": (trainer_mod, "_stat", lambda path: ((".", 1, 1),)),
+            "digest": (trainer_mod, "stream_digest", lambda stream: "0" * 64)}
+    for i, (port, kws, own) in enumerate(cases):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+        module, name, value = node[own] if own and rank == 1 else (None, None, None)
+        real = getattr(module, name) if module else None
+        if module:
+            setattr(module, name, value)
+        try:
+            pretrain(**kws[rank])
+            said = "ran"
+        except PretrainError as e:
+            said = str(e)
+        finally:
+            if module:
+                setattr(module, name, real)
+        with open(os.path.join(result_dir, f"case{i}-rank{rank}.txt"), "w") as f:
+            f.write(said)
+
+
+def test_ranks_given_other_options_or_data_are_refused_on_every_rank(env, tmp_path):
+    """Review finding: nothing compared the ranks' options. A node's own --data trained one model on two corpora
+    and recorded rank 0's only; another --lr, --steps... silently too; another --out (no shared filesystem) failed
+    on rank 1 naming --tokenizer, and rank 0 with a gloo traceback. Every rank now stops with the same line."""
+    other = tmp_path / "other.txt"
+    other.write_text(open(env["data"], encoding="utf-8").read().replace("the", "a"), encoding="utf-8")
+    base = lambda out, **kw: dict(data=[env["data"]], **_kw(env, out, steps=2, batch_size=2, **kw))
+    cases = [  # (port, each rank's options, what rank 1's node holds of its own)
+        (_free_port(), [base(tmp_path / "a"), {**base(tmp_path / "a"), "data": [str(other)]}], None),
+        (_free_port(), [base(tmp_path / "b"), base(tmp_path / "b", lr=1e-2)], None),
+        (_free_port(), [base(tmp_path / "c"), base(tmp_path / "c-node1")], None),
+        (_free_port(), [base(tmp_path / "d"), base(tmp_path / "d")], "unseen"),
+        (_free_port(), [base(tmp_path / "e"), base(tmp_path / "e")], "stat"),
+        (_free_port(), [base(tmp_path / "f"), base(tmp_path / "f")], "digest"),
+    ]
+    torch.multiprocessing.spawn(_ddp_disagreement_worker, args=(2, cases, str(tmp_path)), nprocs=2, join=True)
+    said = [[(tmp_path / f"case{i}-rank{r}.txt").read_text() for r in (0, 1)] for i in range(len(cases))]
+    same = "every torchrun process needs the same options, and --out on one shared filesystem"
+    for (first, second), want, hint in zip(said, [
+            r"^--data: rank 1 has \[.*other\.txt'\], rank 0 \[.*'\]: ", r"^--lr: rank 1 has 0\.01, rank 0 ",
+            r"^--out: rank 1 has .*c-node1', rank 0 .*/c': ",
+            r"^--out: rank 1 has 'no run folder prepared by rank 0', rank 0 'the run folder rank 0 prepared'",
+            r"^--data: rank 1 has \[\('.*', \('\.', 1, 1\)\)\], rank 0 ",
+            r"^--data: rank 1 has 'tokens sha256 0{64}', rank 0 'tokens sha256 [0-9a-f]{64}': "],
+            [same] * 5 + ["every torchrun process needs the same corpus (its token cache differs from rank 0's)"]):
+        assert first == second and re.search(want, first) and first.endswith(hint), (first, second)
+    assert not any((tmp_path / run).exists() for run in ("a", "b", "c", "c-node1"))  # refused before writing
+    for run in "def":  # rank 0's claim taken back; a folder it made keeps its content-keyed cache for a retry
+        assert not (tmp_path / run).exists() or set(os.listdir(tmp_path / run)) <= {"cache", ".electra-fast-run"}
+
+
 def test_a_run_resumed_on_more_processes_gives_each_rank_its_own_dropout_stream(env, tmp_path):
     """A one-process run resumed on two: every rank past the saved ones loaded rank 0's generator state, so all
     ranks drew the same dropout seeds at every step (and their checkpoints kept it so)."""
@@ -1157,6 +1217,35 @@ def test_sigterm_checkpoints_and_stops(env, tmp_path):
     assert proc.returncode == 130 and "interrupted by SIGTERM" in stdout
     steps = ckpt.checkpoint_dirs(out / "checkpoints")
     assert len(steps) == 1 and ckpt.verify(steps[0][1]) is None and steps[0][0] == max(_losses(out))
+
+
+SIGTERM_IN_SETUP = """
+import os, signal, sys
+from electra_fast.train import trainer
+real = trainer._Job._tokenizer
+def stopped(self):  # a scheduler's SIGTERM while the job trains its tokenizer
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(self)
+trainer._Job._tokenizer = stopped
+from electra_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_before_training_takes_back_the_runs_files(env, tmp_path):
+    """Review finding: SIGTERM while the job prepared (training a tokenizer, tokenising) killed it with the default
+    action, leaving its marker and cache/ in the user's --allow-nonempty-out folder, which later jobs took for a
+    run's. It now stops as Ctrl-C does there: the folder is the user's again."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    cmd = [sys.executable, "-c", SIGTERM_IN_SETUP, "pretrain", "--no-progress", "--data", env["data"], "--model",
+           env["model"], "--seq-len", "32", "--steps", "2", "--out", str(user), "--allow-nonempty-out"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("electra-fast pretrain: interrupted by SIGTERM before training "
+                                                    "started")
+    assert os.listdir(user) == ["notes.txt"] and (user / "notes.txt").read_text() == "mine"
 
 
 def test_cpu_training_keeps_freed_memory(monkeypatch):

@@ -163,13 +163,18 @@ def read_documents(path: str, skip_bad_lines: bool = False, stats: Optional[dict
 
 
 # ---------------------------------------------------------------------------------------- cache
+def input_files(path: str) -> List[str]:
+    """The files an input reads: itself, or a datasets save_to_disk folder's (a shard rewritten in place leaves the
+    folder's own stat as is)."""
+    if not os.path.isdir(path):
+        return [path]
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+
+
 def cache_key(inputs: Sequence[str], tok, skip_bad_lines: bool, rules: TextRules = TextRules()) -> str:
     h = hashlib.sha256()
     for p in inputs:
-        # a datasets save_to_disk folder: its files (a shard rewritten in place leaves the folder's own stat as is)
-        files = [p] if not os.path.isdir(p) else sorted(
-            os.path.join(d, f) for d, _, names in os.walk(p) for f in names)
-        for f in files:
+        for f in input_files(p):
             st = os.stat(f)
             # the path's bytes: a POSIX name may hold any (a str holds them as surrogates, which .encode() refuses).
             # Size and mtime can survive an edit (touch -r, cp -p, rsync -t of a same-size variant): the inode and

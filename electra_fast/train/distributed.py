@@ -76,6 +76,19 @@ class Context:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def same_on_every_rank(self, values: dict, hint: str) -> None:
+        """PretrainError on every rank (none waits at a collective for a rank that stopped) when any of
+        ``values`` (option name -> a picklable value) differs from rank 0's; ``hint`` says what to do."""
+        if not self.distributed:
+            return
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, values)
+        for rank, theirs in enumerate(gathered):
+            for name, value in theirs.items():
+                if value != gathered[0].get(name):
+                    raise PretrainError(f"{name}: rank {rank} has {value!r}, rank 0 {gathered[0].get(name)!r}: "
+                                        f"{hint}")
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -44,6 +44,27 @@ class Signals:
             signal.signal(s, h)
 
 
+class TermInterrupts:
+    """SIGTERM raises KeyboardInterrupt inside (main thread only), as Ctrl-C does: a job stopped while it prepares
+    (training a tokenizer, tokenising) takes back what it wrote, where the default action killed it with its
+    marker left in the user's folder, which later jobs then took for a run's."""
+
+    def __enter__(self):
+        import threading
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    @staticmethod
+    def _handle(signum, frame):
+        raise KeyboardInterrupt("interrupted by SIGTERM before training started")
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
 class Uninterrupted:
     """Ctrl-C ignored inside (main thread only): a clean-up that stops half-way leaves a state no command expects
     (a run record without the files beside it)."""

@@ -29,8 +29,8 @@ from . import plot, rundir
 from . import recipe as recipes
 from .evaluation import HeldOut, SplitSampler, heldout_count, split
 from .metrics import TokenScores, fmt, learned, rtd_metrics
-from .data import (PackedSequences, Sampler, build_token_cache, model_inputs, read_documents, remove_other_caches,
-                   resolve_inputs, stream_digest, whole_word_shortfall)
+from .data import (PackedSequences, Sampler, build_token_cache, input_files, model_inputs, read_documents,
+                   remove_other_caches, resolve_inputs, stream_digest, whole_word_shortfall)
 from .doc_sentences import DocumentRows
 from .distributed import Context, setup
 from .errors import PretrainError
@@ -39,7 +39,7 @@ from .init_from import init_source
 from .options import (DEFAULT_EMBEDDED_STEPS, DEFAULT_EMBEDDED_VOCAB, DEFAULT_SAVE_EVERY, DEFAULT_STEPS,
                       TOKENIZER_NAMES, check_seq_len, default_lr, model_config, positive, real, resolve_precision,
                       summary_writer)
-from .signals import Signals, Uninterrupted
+from .signals import Signals, TermInterrupts, Uninterrupted
 from .tokenizer import (DEFAULT_VOCAB, MAX_VOCAB, TextRules, config_overrides, embedding_rows, fingerprint,
                         load_tokenizer, min_vocab, special_ids, train_tokenizer, write_tokenizer)
 
@@ -249,6 +249,11 @@ RUN_OPTIONS = ("data", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "w
 RUN_SETTINGS = ("steps", "save_every", "keep", "log_every", "eval_every", "tensorboard", "threads")
 
 
+def _stat(path: str) -> tuple:
+    """(name, size, mtime in ns) of each file an input reads: what each rank reads of it."""
+    return tuple((os.path.relpath(f, path), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in input_files(path))
+
+
 def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 # A resumed run's vocabulary is its checkpoint's; one without a complete checkpoint starts again from the run's
@@ -339,10 +344,11 @@ class _Job:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
-        self._prepare()
         o, ctx = self.o, self.ctx
-        self.bar = _progress_bar(o.progress and ctx.is_main, o.steps, self.start_step)
-        self._announce()
+        with TermInterrupts():
+            self._prepare()
+            self.bar = _progress_bar(o.progress and ctx.is_main, o.steps, self.start_step)
+            self._announce()
         self.t0 = time.perf_counter()
         self.net.train()
         with Signals(loud=ctx.is_main) as signals, \
@@ -365,6 +371,13 @@ class _Job:
     # ---------------------------------------------------------------- set-up
     def _prepare(self) -> None:
         o, ctx = self.o, self.ctx
+        # ranks given other options (a node's own --data or --lr) trained one model on mixed data or settings and
+        # recorded rank 0's only; other --out folders (no shared filesystem) failed later, naming --tokenizer
+        same = "every torchrun process needs the same options, and --out on one shared filesystem"
+        ctx.same_on_every_rank({f"--{k.replace('_', '-')}": v for k, v in {
+            **o.options, "out": os.path.abspath(o.out), "precision": o.precision, "recipe": o.recipe,
+            "override": o.override, "resume": o.resume, "allow_nonempty_out": o.allow_nonempty_out,
+            "skip_bad_lines": o.skip_bad_lines, "compile": o.compile, "fused": o.fused}.items()}, same)
         rundir.prepare(o.out, resume=o.resume, allow_nonempty=o.allow_nonempty_out, claim=ctx.is_main)
         self.lock = rundir.claim_lock(o.out) if ctx.is_main else None
         self.owns_out = ctx.is_main  # from here on, the files this job creates in --out are its own
@@ -391,7 +404,11 @@ class _Job:
         if ctx.is_main:
             os.makedirs(o.out, exist_ok=True)
             rundir.remove_stale_temporaries(o.out)
+        ctx.barrier()  # rank 0 has claimed --out: every rank must see it there
+        ctx.same_on_every_rank({"--out": "the run folder rank 0 prepared" if rundir.is_claimed(o.out)
+                                else "no run folder prepared by rank 0"}, same)
         self.inputs = self._inputs()
+        ctx.same_on_every_rank({"--data": [(p, *_stat(p)) for p in self.inputs]}, same)
         self.tok = self._tokenizer()
         self.cfg = self._config()
         self._data()
@@ -477,6 +494,8 @@ class _Job:
             stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, **cache)
         ids = special_ids(self.tok)
         self.data_digest = stream_digest(stream)
+        ctx.same_on_every_rank({"--data": f"tokens sha256 {self.data_digest}"}, "every torchrun process needs the "
+                               "same corpus (its token cache differs from rank 0's)")
         self.packed = (DocumentRows(stream, o.seq_len, ids["cls"], ids["sep"], ids["pad"])
                        if self.run_recipe["packing"] == "doc-sentences"
                        else PackedSequences(stream, o.seq_len, ids["cls"], ids["sep"]))
