@@ -1,7 +1,10 @@
-"""tools/sweep.py --merge: every case counted once, and one line (exit 2) for a report that cannot be read."""
+"""tools/sweep.py: --merge counts every case once; a bad argument or an unreadable report is one line (exit 2), said
+before anything runs."""
 import json
 import os
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import sweep  # noqa: E402
@@ -43,3 +46,61 @@ def test_merge_refuses_a_case_with_two_results_and_unreadable_reports(tmp_path, 
         assert sweep.main(["--merge", *paths, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert why in err and len(err.splitlines()) == 1 and not out.exists(), err
+
+
+def _no_run(monkeypatch, tmp_path):
+    """The parts replaced by stubs that log their calls; scratch folders made in tmp_path/tmp."""
+    import tempfile
+    calls = []
+    for part in ("ops", "model", "cli", "kill"):
+        monkeypatch.setattr(sweep, f"sweep_{part}", lambda *a, part=part: calls.append((part, a)) or [_case(part, "a")])
+    monkeypatch.setattr(sweep, "_meta", lambda args: {})  # no git, no torch import
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    return calls
+
+
+def test_bad_arguments_are_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    """Review finding: a missing --out folder lost the report after the whole run (traceback); --jobs 0 was a
+    traceback, --backends bogus hundreds of "unclear" defects, --timeout 0 took every case for a hang, and a
+    --cli-filter matching nothing exited 0 writing no report (an older one at --out looked current)."""
+    calls = _no_run(monkeypatch, tmp_path)
+    old = tmp_path / "old.json"
+    old.write_text("OLD REPORT")
+    report = _report(tmp_path / "r.json", [_case("cli", "a")])
+    for argv, why in (
+            (["--out", str(tmp_path / "missing" / "r.json")], f"--out: no such folder: {tmp_path / 'missing'}"),
+            (["--merge", report, "--out", str(tmp_path / "missing" / "r.json")], "--out: no such folder"),
+            (["--out", str(tmp_path)], "is a folder; expected a file path"),
+            (["--jobs", "0"], "--jobs: expected an int >= 1, got 0"),
+            (["--backends", "bogus"], "--backends: expected names among reference, cpp, got 'bogus'"),
+            (["--backends", "reference,"], None), (["--backends", ","], "--backends: expected"),
+            (["--timeout", "0"], "--timeout: expected a finite number of seconds > 0, got 0.0"),
+            (["--timeout", "-1"], "--timeout: expected"),
+            (["--timeout", "nan"], "--timeout: expected"), (["--timeout", "inf"], "--timeout: expected"),
+            (["--only", "cli", "--cli-filter", "finetune --otu"], "--cli-filter: expected text in a CLI case's id, "
+             "got 'finetune --otu', which matches none (the slow cases run with --full only)")):
+        rc = sweep.main(["--only", "ops", "--out", str(old), *argv])
+        err = capsys.readouterr().err.strip()
+        if why is None:  # legal: a trailing comma
+            assert rc == 0 and calls.pop()[0] == "ops", err
+            old.write_text("OLD REPORT")
+            continue
+        assert rc == 2 and why in err and len(err.splitlines()) == 1, (argv, err)
+        assert not calls and old.read_text() == "OLD REPORT" and not os.listdir(tmp_path / "tmp"), argv
+    assert sweep.main(["--only", "cli", "--cli-filter", "finetune a plain TSV", "--out", str(old)]) == 0
+    [(part, (_, _, cases))] = calls
+    assert part == "cli" and cases and all("finetune a plain TSV" in c.id for c in cases)
+
+
+def test_a_report_that_cannot_be_written_still_removes_the_scratch_folder(tmp_path, monkeypatch):
+    """Review finding: the report's exception left the cleanup before the scratch folder /tmp/ef-sweep-* went."""
+    _no_run(monkeypatch, tmp_path)
+
+    def report(rows, meta, out):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sweep, "report", report)
+    with pytest.raises(OSError):
+        sweep.main(["--only", "ops", "--out", str(tmp_path / "r.json")])
+    assert not os.listdir(tmp_path / "tmp")  # the ef-sweep-* scratch folder

@@ -15,8 +15,9 @@ Usage (from any directory but the repository root):
     python tools/finetune_probes.py swap RUN DEV.tsv
     python tools/finetune_probes.py linear RUN TASK_DIR      (TASK_DIR holds the demo's train.tsv and dev.tsv)
     python tools/finetune_probes.py mlm RUN TEXT [--seq-len T]  (TEXT: one document per line, not trained on)
-RUN: a pretraining run or checkpoint directory. The TSVs are the demo's (``sentence<TAB>label``; label 1 / fresh is
-the positive class). Prints one line per probe.
+RUN: a pretraining run or checkpoint directory (linear also reads an ``electra-fast export`` or a fine-tuning run's
+export/). The TSVs are the demo's (``sentence<TAB>label``, labels 0 / 1 or rotten / fresh, both classes present).
+Prints one line per probe.
 """
 from __future__ import annotations
 
@@ -28,8 +29,13 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-POSITIVE = ("1", "fresh")
+LABELS = {"0": 0, "1": 1, "rotten": 0, "fresh": 1}  # the demo's two tasks; 1 / fresh is the positive class
 DATA = {"swap": "a dev TSV", "linear": "a directory with train.tsv and dev.tsv", "mlm": "a text file"}
+
+
+def _not_utf8(path: str, e: UnicodeDecodeError):
+    from electra_fast.train import PretrainError
+    return PretrainError(f"data: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason})")
 
 
 def read_tsv(path: str) -> Tuple[List[str], torch.Tensor]:
@@ -41,12 +47,21 @@ def read_tsv(path: str) -> Tuple[List[str], torch.Tensor]:
         rows = read_split(path)
     except StopIteration:  # not even the header line
         raise PretrainError(f"{path}: empty; expected the demo's sentence<TAB>label TSV") from None
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
     bad = next((i for i, row in enumerate(rows, 2) if len(row) != 2), None)
     if bad is not None:
         raise PretrainError(f"{path}: line {bad} is not sentence<TAB>label")
     if not rows:
         raise PretrainError(f"{path}: no rows below the header")
-    return [t for t, _ in rows], torch.tensor([1 if y in POSITIVE else 0 for _, y in rows])
+    # an unknown label read as class 0 made a pos / neg file one class: a trivially perfect probe
+    bad = next(((i, y) for i, (_, y) in enumerate(rows, 2) if y not in LABELS), None)
+    if bad is not None:
+        raise PretrainError(f"{path}: line {bad[0]}: label {bad[1]!r}; expected 0 / 1 or rotten / fresh")
+    labels = torch.tensor([LABELS[y] for _, y in rows])
+    if labels.min() == labels.max():  # nothing to separate: accuracy is trivial and the AUC undefined
+        raise PretrainError(f"{path}: every row has label {rows[0][1]!r}; expected rows of both classes")
+    return [t for t, _ in rows], labels
 
 
 def _load_run(run: str):
@@ -64,9 +79,9 @@ def _load_run(run: str):
 
 
 def swap_probe(run: str, dev: str) -> float:
+    texts, labels = read_tsv(dev)  # before the model: bad data is said at once
     _, _, model, tok = _load_run(run)
     tok.enable_truncation(128)
-    texts, labels = read_tsv(dev)
     scores = []
     with torch.no_grad():
         for text in texts:
@@ -117,15 +132,18 @@ def _logistic(x_train, y_train, x_dev, y_dev) -> float:
 
 
 def linear_probe(run: str, task_dir: str) -> dict:
-    from tokenizers import Tokenizer
-
     from electra_fast.finetune import model as fmodel
+    from electra_fast.train import PretrainError
+    from electra_fast.train.tokenizer import load_tokenizer, with_special_tokens
 
-    cfg, state, tok_path = fmodel.load_encoder(run)
-    tok = Tokenizer.from_file(tok_path)
-    tok.enable_truncation(128)
     train, y_train = read_tsv(os.path.join(task_dir, "train.tsv"))
     dev, y_dev = read_tsv(os.path.join(task_dir, "dev.tsv"))
+    cfg, state, tok_path = fmodel.load_encoder(run)
+    try:  # as fine-tuning reads it: an export's tokenizer is a folder
+        tok = with_special_tokens(load_tokenizer(tok_path))
+    except PretrainError as e:  # the model's own tokenizer: there is no --tokenizer to name
+        raise PretrainError(f"run: {str(e).removeprefix('--tokenizer: ')}") from None
+    tok.enable_truncation(128)
     out = {}
     for init, weights in (("pretrained", state), ("random init", None)):
         torch.manual_seed(1)
@@ -187,12 +205,15 @@ def mlm_probe(run: str, text: str, seq_len: int = 128, rows: int = 64) -> dict:
     src, cfg, model, tok = _load_run(run)
     check_seq_len(seq_len, cfg)
     stream: List[int] = []
-    with open(text, encoding="utf-8") as f:
-        # as pretraining reads text (a spelled "[SEP]" is text, not the separator the rows add)
-        for ids, _ in encode_documents(tok, (line.strip() for line in f if line.strip())):
-            if len(stream) >= rows * seq_len:
-                break
-            stream += ids
+    try:
+        with open(text, encoding="utf-8") as f:
+            # as pretraining reads text (a spelled "[SEP]" is text, not the separator the rows add)
+            for ids, _ in encode_documents(tok, (line.strip() for line in f if line.strip())):
+                if len(stream) >= rows * seq_len:
+                    break
+                stream += ids
+    except UnicodeDecodeError as e:
+        raise _not_utf8(text, e) from None
     body = seq_len - 2
     n = min(rows, len(stream) // body)
     if n == 0:

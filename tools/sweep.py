@@ -55,6 +55,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 SELF = os.path.abspath(__file__)
 SEVERITY = ("crash", "hang", "data_lost", "silent_wrong", "unclear", "clear", "ok")  # most severe first
+CPU_BACKENDS = ("reference", "cpp")  # the op backends a CPU sweep compares
 OPS = ("mask_tokens", "gumbel_sample", "mlm_loss_and_sample", "rtd_loss", "disentangled_attention", "dropout",
        "dropout_add_layer_norm")
 PROTO = "@@SWEEP "  # prefix of the child -> parent protocol lines on stdout
@@ -2470,9 +2471,16 @@ def run_cli_case(case: CliCase, d: str, fx: str) -> dict:
             "argv": " ".join(a.replace(d, "$CASE") for a in argv)}
 
 
-def sweep_cli(scratch: str, jobs: int, only_ids=None, full: bool = False) -> List[dict]:
-    fx = os.path.join(scratch, "cli-fixture")
+def cli_selection(fx: str, only_ids=None, full: bool = False) -> List[CliCase]:
+    """The CLI cases to run (those whose id contains one of ``only_ids``); makes the fixture files they read."""
     make_fixture(fx)
+    cases = [c for c in cli_cases(fx) if full or not c.slow]
+    return [c for c in cases if any(s in c.id for s in only_ids)] if only_ids else cases
+
+
+def sweep_cli(scratch: str, jobs: int, cases: List[CliCase]) -> List[dict]:
+    """``cases``: :func:`cli_selection` of ``scratch``/cli-fixture."""
+    fx = os.path.join(scratch, "cli-fixture")
     r = subprocess.run(cli_command() + ["pretrain", "--no-progress", "--data", os.path.join(fx, "corpus.txt"),
                                         "--tokenizer", os.path.join(fx, "tokenizer.json"), "--model",
                                         os.path.join(fx, "tiny.json"), "--seq-len", "32", "--batch-size", "4",
@@ -2480,9 +2488,6 @@ def sweep_cli(scratch: str, jobs: int, only_ids=None, full: bool = False) -> Lis
                        capture_output=True, cwd=fx, env=_child_env(), timeout=300)
     if r.returncode != 0:
         raise SystemExit("sweep: the fixture run failed:\n" + r.stderr.decode()[-2000:])
-    cases = [c for c in cli_cases(fx) if full or not c.slow]
-    if only_ids:
-        cases = [c for c in cases if any(s in c.id for s in only_ids)]
 
     def one(item):
         i, case = item
@@ -2908,6 +2913,7 @@ def main(argv=None) -> int:
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_start", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    out = os.path.abspath(args.out)
     if args._child:
         import faulthandler
         faulthandler.enable()  # a crash leaves its Python stack on stderr, which the parent quotes
@@ -2917,13 +2923,19 @@ def main(argv=None) -> int:
         else:
             child_model(target, args._start)
         return 0
+    # the report's folder before the run: a missing one lost the report of a 12-minute sweep at its end
+    why = (f"--out: {out} is a folder; expected a file path" if os.path.isdir(out) else
+           f"--out: no such folder: {os.path.dirname(out)}" if not os.path.isdir(os.path.dirname(out)) else None)
+    if why and not args.list:
+        print(f"sweep: {why}", file=sys.stderr)
+        return 2
     if args.merge:
         try:
             rows, metas, paths = merge_reports(args.merge)
         except ValueError as e:
             print(f"sweep: --merge: {e}", file=sys.stderr)
             return 2
-        report(rows, {"merged": paths, "parts": metas}, os.path.abspath(args.out))
+        report(rows, {"merged": paths, "parts": metas}, out)
         return 0
     try:
         import electra_fast  # noqa: F401
@@ -2934,8 +2946,15 @@ def main(argv=None) -> int:
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [p for p in parts if p not in ("ops", "model", "cli", "kill")] + [o for o in ops if o not in SPECS]
-    if unknown:
-        print(f"sweep: unknown part / op: {unknown}", file=sys.stderr)
+    checks = ((unknown, f"unknown part / op: {unknown}"),
+              (not backends or any(b not in CPU_BACKENDS for b in backends),
+               f"--backends: expected names among {', '.join(CPU_BACKENDS)}, got {args.backends!r}"),
+              (args.jobs < 1, f"--jobs: expected an int >= 1, got {args.jobs}"),
+              (not 0 < args.timeout < math.inf,
+               f"--timeout: expected a finite number of seconds > 0, got {args.timeout}"))
+    why = next((msg for bad, msg in checks if bad), None)
+    if why:
+        print(f"sweep: {why}", file=sys.stderr)
         return 2
     if args.list:
         for op in ops:
@@ -2944,13 +2963,19 @@ def main(argv=None) -> int:
         for c in model_cases():
             print(f"model | {c.id} | expect {c.expect}")
         return 0
-    out = os.path.abspath(args.out)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below (scratch, partial report)
     scratch = tempfile.mkdtemp(prefix="ef-sweep-")
+    filters = [f for f in args.cli_filter.split(",") if f] if args.cli_filter else None
     meta = _meta(args)
     rows: List[dict] = []
     t0 = time.time()
     try:
+        if "cli" in parts:  # a filter matching nothing is a typo: said now, not after the other parts
+            cli = cli_selection(os.path.join(scratch, "cli-fixture"), filters, args.full)
+            if not cli:
+                print(f"sweep: --cli-filter: expected text in a CLI case's id, got {args.cli_filter!r}, which matches "
+                      f"none{'' if args.full else ' (the slow cases run with --full only)'}", file=sys.stderr)
+                return 2
         if "ops" in parts:
             print(f"ops: {len(ops)} op(s) x {backends}", flush=True)
             rows += sweep_ops(ops, backends, scratch, args.timeout, args.jobs)
@@ -2959,18 +2984,20 @@ def main(argv=None) -> int:
             rows += sweep_model(MODEL_BACKENDS, scratch, args.timeout, args.jobs)
         if "cli" in parts:
             print("cli: electra-fast pretrain / export / bench / info", flush=True)
-            rows += sweep_cli(scratch, args.jobs, args.cli_filter.split(",") if args.cli_filter else None, args.full)
+            rows += sweep_cli(scratch, args.jobs, cli)
         if "kill" in parts:
             print("kill: kill -9 of tiny pretraining runs, then resume and export", flush=True)
             rows += sweep_kill(scratch, args.jobs)
     finally:
         meta["wall_s"] = round(time.time() - t0, 1)
-        if rows:
-            report(rows, meta, out)
-        if args.keep_tmp:
-            print(f"scratch kept: {scratch}")
-        else:
-            _rmtree(scratch)
+        try:
+            if rows:
+                report(rows, meta, out)
+        finally:  # a report that cannot be written still removes the scratch folder
+            if args.keep_tmp:
+                print(f"scratch kept: {scratch}")
+            else:
+                _rmtree(scratch)
     return 0
 
 
