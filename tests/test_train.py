@@ -910,6 +910,31 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path)
     assert not [n for n in os.listdir(root) if n.startswith(".tmp")]
 
 
+@pytest.mark.parametrize("failure", ["os", "torch", "safetensors"])
+def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_keeps_the_earlier_ones(env, tmp_path, capsys,
+                                                                                           failure):
+    """Review finding: a full disk while writing a checkpoint ended in a traceback (torch: "basic_ios::clear:
+    iostream error" / "unexpected pos", safetensors: "os error 28"). Now one line naming the checkpoint, the file
+    and the free space; the partial directory goes, the earlier checkpoints stay, and --resume continues."""
+    from safetensors import SafetensorError
+    errors = {"os": OSError(28, "No space left on device"), "torch": RuntimeError("basic_ios::clear: iostream error"),
+              "safetensors": SafetensorError("Error while serializing: IoError(Os { code: 28 })")}
+    out = tmp_path / "run"
+
+    def full(stage):
+        if stage == "training_state.pt" and len(ckpt.checkpoint_dirs(out / "checkpoints")) == 1:
+            raise errors[failure]
+
+    with pytest.raises(PretrainError, match=r"^checkpoint step-00000004: writing training_state\.pt in .*checkpoints "
+                                            r"failed \(.+; \d+ MiB free there\); the earlier checkpoints are kept: "
+                                            r"free some space, then --resume$"):
+        pretrain(env["data"], **_kw(env, out, steps=4, save_every=2), _checkpoint_hook=full)
+    assert [s for s, _ in ckpt.checkpoint_dirs(out / "checkpoints")] == [2]
+    assert ckpt.verify(str(out / "checkpoints" / "step-00000002")) is None
+    assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".tmp")]
+    assert pretrain(env["data"], **_kw(env, out, steps=4, save_every=2, resume=True))["steps"] == 4
+
+
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(env, tmp_path, capsys):
     out = tmp_path / "run"
     pretrain(env["data"], **_kw(env, out, steps=4, save_every=2))
@@ -1116,13 +1141,18 @@ def test_ranks_given_other_options_or_data_are_refused_on_every_rank(env, tmp_pa
         assert not (tmp_path / run).exists() or set(os.listdir(tmp_path / run)) <= {"cache", ".electra-fast-run"}
 
 
-def test_a_run_resumed_on_more_processes_gives_each_rank_its_own_dropout_stream(env, tmp_path):
+def test_a_run_resumed_on_more_processes_gives_each_rank_its_own_dropout_stream(env, tmp_path, capfd):
     """A one-process run resumed on two: every rank past the saved ones loaded rank 0's generator state, so all
-    ranks drew the same dropout seeds at every step (and their checkpoints kept it so)."""
+    ranks drew the same dropout seeds at every step (and their checkpoints kept it so). The warning says the
+    step's batch changed (it said only that results would differ)."""
     out = tmp_path / "run"
     pretrain(env["data"], **_kw(env, out, steps=2, save_every=1, keep=5))
     kw = dict(data=[env["data"]], **_kw(env, out, steps=3, save_every=1, keep=5, resume=True))
+    capfd.readouterr()
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), kw, str(tmp_path)), nprocs=2, join=True)
+    batch = kw["batch_size"]
+    assert (f"warning: resuming a 1-process run on 2 processes: a step now takes {2 * batch} sequences, the run's "
+            f"took {batch} (--batch-size {batch} per process x --grad-accum 1 x processes)") in capfd.readouterr().err
     st = ckpt.load_training_state(str(out / "checkpoints" / "step-00000003" / "training_state.pt"))
     assert st["world"] == 2 and len(st["rng"]) == 2
     assert not torch.equal(st["rng"][0]["torch"], st["rng"][1]["torch"])

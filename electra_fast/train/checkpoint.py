@@ -80,23 +80,31 @@ def save(root: str, step: int, run_id: str, writers: Dict[str, Callable[[str], N
     tmp = os.path.join(root, f".tmp-step-{step:08d}-{os.getpid()}")
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    sums = {}
-    for name in FILES:
-        path = os.path.join(tmp, name)
-        writers[name](path)
-        _fsync_file(path)
-        sums[name] = _sha256(path)
+    name = os.path.basename(tmp)  # what was being written, for the message
+    try:
+        os.makedirs(tmp)
+        sums = {}
+        for name in FILES:
+            path = os.path.join(tmp, name)
+            writers[name](path)
+            _fsync_file(path)
+            sums[name] = _sha256(path)
+            if hook:
+                hook(name)
+        name = "meta.json"
+        meta = {"format": 1, "step": step, "run_id": run_id, "sha256": sums}
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
         if hook:
-            hook(name)
-    meta = {"format": 1, "step": step, "run_id": run_id, "sha256": sums}
-    with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if hook:
-        hook("meta")
+            hook("meta")
+    except _write_errors() as e:  # a full disk: torch says "iostream error", safetensors "os error 28"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PretrainError(f"checkpoint step-{step:08d}: writing {name} in {root} failed ({reason(e)}; "
+                            f"{_free(root)} free there); the earlier checkpoints are kept: free some space, "
+                            "then --resume") from e
     if os.path.isdir(final):  # a corrupt directory of the same step: move it aside, never lose it silently
         _set_aside(final, why, warn)
     os.replace(tmp, final)
@@ -107,6 +115,19 @@ def save(root: str, step: int, run_id: str, writers: Dict[str, Callable[[str], N
     if keep is not None and keep > 0:
         prune(root, keep, protect=final, hook=hook, warn=warn)
     return final
+
+
+def _write_errors() -> tuple:
+    """What a failed write raises: the OS's error, or torch's / safetensors' own for it."""
+    from safetensors import SafetensorError
+    return OSError, RuntimeError, SafetensorError
+
+
+def _free(path: str) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.0f} MiB"
+    except OSError:
+        return "unknown space"
 
 
 def prune(root: str, keep: int, protect: Optional[str] = None, hook: Optional[Callable[[str], None]] = None,

@@ -584,9 +584,13 @@ class _Job:
                 _set_rng_state(st["rng"][ctx.rank], ctx)
             else:  # a rank the run did not have: its own dropout stream (rank 0's would repeat it on every rank)
                 torch.manual_seed(derive_seed(o.seed, DROP_STREAM, ctx.rank, self.start_step))
-            if st.get("world", 1) != ctx.world:
-                self.say(f"warning: resuming a {st.get('world', 1)}-process run on {ctx.world} processes: the data "
-                         "order continues but per-step results will differ from an uninterrupted run")
+            if st.get("world", 1) != ctx.world:  # --batch-size is per process: the step's batch changes with it
+                per_step = o.batch_size * o.grad_accum
+                self.say(f"warning: resuming a {st.get('world', 1)}-process run on {ctx.world} processes: a step now "
+                         f"takes {per_step * ctx.world} sequences, the run's took {per_step * st.get('world', 1)} "
+                         f"(--batch-size {o.batch_size} per process x --grad-accum {o.grad_accum} x processes); the "
+                         "data order and learning-rate schedule continue, but the results differ from an "
+                         "uninterrupted run's")
             self.say(f"resuming from {self.resume_from} (step {self.start_step})")
         self.step = self.start_step  # < o.steps: checked in _prepare, before anything was said
 
