@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import operator
 from typing import List, Optional, Sequence, Tuple
 
@@ -230,6 +231,14 @@ def common_ids(*named) -> list:
     # Untouched tensors are returned as they are: each no-op .to() is a dispatcher round trip, which shows
     # at the per-call scale of the small ops.
     return [x if x.dtype == dtype and x.is_contiguous() else x.to(dtype).contiguous() for _, x in named]
+
+
+def path(name: str, value) -> str:
+    """A filesystem path given as a str or an os.PathLike (pathlib.Path), as a str."""
+    p = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(p, str):  # bytes paths too: every message and record holds text
+        raise TypeError(f"{name}: expected a path (str or os.PathLike), got {type(value).__name__}")
+    return p
 
 
 def reason(exc: BaseException) -> str:

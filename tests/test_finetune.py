@@ -279,7 +279,8 @@ def _dataset_dict(d):
     rows = {"sentence": ["a b", "c d"], "label": ["yes", "no"]}
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
                           "validation": datasets.Dataset.from_dict(rows)}).save_to_disk(str(d / "splits"))
-    return str(d / "splits"), "holds several splits (train, validation); pass one split's folder"
+    return str(d / "splits"), (f"is a DatasetDict (splits: train, validation); pass one split's folder, e.g. "
+                               f"{d / 'splits' / 'train'}")
 
 
 def _bad_cases(d, pretrained, tmp_path):
@@ -365,6 +366,40 @@ def _bad_cases(d, pretrained, tmp_path):
     ]
 
 
+def test_a_saved_split_whose_class_label_is_minus_one_is_unlabelled(pretrained, tmp_path, monkeypatch):
+    """Review finding: a datasets test split as GLUE's are saved (ClassLabel -1 on every row: datasets' "no
+    label") was refused: "label '-1' is not one of the training file's labels". -1 there is a missing label; in a
+    plain file, or a column that is not a ClassLabel, it stays a class name. (A stand-in for the optional
+    datasets package: the reader's use of it, not datasets itself, is under test.)"""
+    import sys
+    import types
+
+    class ClassLabel:
+        def __init__(self, names):
+            self.names = names
+
+    class Dataset(list):
+        features: dict = {}
+
+    rows = [{"sentence": s, "label": -1, "idx": -1} for s in _sentences(5, 3)]
+    split = Dataset(rows)
+    split.features = {"sentence": object(), "label": ClassLabel(["no", "yes"]), "idx": object()}
+    fake = types.ModuleType("datasets")
+    fake.ClassLabel, fake.Dataset, fake.DatasetDict = ClassLabel, Dataset, type("DatasetDict", (dict,), {})
+    fake.load_from_disk = lambda path: split
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    folder = tmp_path / "test-split"
+    folder.mkdir()
+    (folder / "state.json").write_text("{}")
+    d = _classification_files(tmp_path / "data")
+    summary = _run(pretrained, d, tmp_path / "run", "train.tsv", "dev.tsv", test=str(folder), seeds=[1])
+    assert "test" not in summary["seeds"][0]  # unlabelled: predicted, not scored
+    predicted = (tmp_path / "run" / "seed-1" / "predictions-test.tsv").read_text().splitlines()
+    assert len(predicted) == 1 + len(rows)
+    labels = {n: v for n, v in fdata._saved_dataset(str(folder), "--test")[0][1].items() if n != "sentence"}
+    assert labels == {"label": None, "idx": -1}  # only the ClassLabel column's -1 means "no label"
+
+
 def test_bad_inputs_are_one_line_and_touch_nothing(pretrained, tmp_path, capsys):
     d = _classification_files(tmp_path / "data")
     (tmp_path / "full").mkdir()
@@ -430,6 +465,20 @@ def test_reader_keeps_rows_whole(tmp_path, ext):
         path.write_text('sentence,label\n"a review\nin two lines",1\n"no label"\n')
         with pytest.raises(fdata.FinetuneError, match=r"rows.csv line 4: no label"):
             fdata.read(str(path), "classification", fdata.Columns(), "--train")
+
+
+def test_paths_are_str_or_pathlike_and_other_types_are_named(pretrained, tmp_path):
+    from pathlib import Path
+    d = _classification_files(tmp_path / "data")
+    summary = finetune(Path(pretrained), d / "train.tsv", d / "dev.tsv", out=tmp_path / "run", test=d / "dev.tsv",
+                       epochs=1, batch_size=8, progress=False, say=lambda m: None)
+    assert summary["seeds"] and (tmp_path / "run" / "export").is_dir()
+    for name in ("model", "train", "validation", "out", "test"):
+        args = {**dict(model=str(pretrained), train=str(d / "train.tsv"), validation=str(d / "dev.tsv"),
+                       out=str(tmp_path / "bad"), test=None), name: 7}
+        with pytest.raises(TypeError, match=rf"^{name}: expected a path \(str or os\.PathLike\), got int$"):
+            finetune(args.pop("model"), args.pop("train"), args.pop("validation"), **args, progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_skip_bad_lines_counts_them(pretrained, tmp_path):

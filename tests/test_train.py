@@ -107,6 +107,8 @@ def test_vocab_txt_folder_tokenizes_as_transformers(tmp_path, settings):
     text = "Café naïve Şeker. 中文"
     want = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))(text)["input_ids"]
     assert load_tokenizer(str(tmp_path)).encode(text).ids == want
+    # the vocab.txt file itself reads as its folder (it was parsed as a tokenizer.json: "invalid type: sequence")
+    assert load_tokenizer(str(tmp_path / "vocab.txt")).encode(text).ids == want
 
 
 @pytest.mark.parametrize("named_by", ["tokenizer_class", "model_type"])
@@ -1163,6 +1165,29 @@ def _cli(args, capsys):
     code = cli_main(["pretrain", "--no-progress", *args])
     err = capsys.readouterr().err.strip().splitlines()
     return code, (err[-1] if err else "")
+
+
+def test_the_api_takes_pathlib_paths_and_names_an_argument_of_another_type(env, tmp_path):
+    """Review finding: data / out / tokenizer took a pathlib.Path, model and init_from did not
+    ("'PosixPath' object has no attribute 'endswith'", "Path.replace() takes 2 positional arguments", the source
+    model loaded first); a number for tokenizer, a list holding one for data, a str for recipe: errors naming none."""
+    from pathlib import Path
+    run = tmp_path / "run"
+    pretrain([Path(env["data"])], **_kw(env, run, steps=1, model=Path(env["model"]), tokenizer=Path(env["tokenizer"])))
+    follow = pretrain(Path(env["data"]), **_kw(env, tmp_path / "follow", steps=1, model=None, tokenizer=None,
+                                               init_from=run))
+    assert follow["steps"] == 1
+    for kw, match in ((dict(tokenizer=123), r"^tokenizer: expected a path \(str or os\.PathLike\), got int$"),
+                      (dict(model=3.5), r"^model: expected a path \(str or os\.PathLike\), got float$"),
+                      (dict(init_from=b"run", model=None, tokenizer=None), r"^init_from: expected a path .*got bytes$"),
+                      (dict(out=None), r"^out: expected a path .*got NoneType$"),
+                      (dict(data=[env["data"], 5]), r"^data: expected a path .*got int$"),
+                      (dict(data={"a": 1}), r"^data: expected a path or a list of paths, got dict$"),
+                      (dict(recipe="bpe"), r"^recipe: expected a dict of recipe settings \(.*\), got str$")):
+        args = {**_kw(env, tmp_path / "bad", steps=1), "data": [env["data"]], **kw}
+        with pytest.raises(TypeError, match=match):
+            pretrain(**args)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_the_api_refuses_vocab_size_with_a_tokenizer(env, tmp_path):

@@ -152,8 +152,12 @@ def _saved_dataset(path: str, flag: str) -> List[Tuple[int, dict]]:
     except Exception as e:  # noqa: BLE001 - the library's own one-line reason
         raise FinetuneError(f"{flag}: cannot read {path}: {reason(e)}") from None
     if isinstance(ds, datasets.DatasetDict):
-        raise FinetuneError(f"{flag}: {path} holds several splits ({', '.join(ds)}); pass one split's folder")
-    return [(i + 1, dict(row)) for i, row in enumerate(ds)]
+        raise FinetuneError(f"{flag}: {path} is a DatasetDict (splits: {', '.join(ds)}); pass one split's folder, "
+                            f"e.g. {os.path.join(path, next(iter(ds)))}")
+    # a ClassLabel's -1 is datasets' "no label" (GLUE's test splits): an unlabelled row, not a class named "-1"
+    unlabelled = {name for name, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
+    return [(i + 1, {k: None if k in unlabelled and v == -1 else v for k, v in row.items()})
+            for i, row in enumerate(ds)]
 
 
 def _pick(header: Sequence[str], wanted: Optional[str], fallbacks: Sequence[str], what: str, where: str) -> str:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .. import _cpu
 from .._files import load_safetensors, write_atomic, write_json, write_text
+from .._validate import path as path_arg
 from ..train.errors import PretrainError
 from ..train.distributed import check_device
 from ..train.optim import layer_decay, linear_schedule, param_groups
@@ -311,6 +312,9 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
     ``resume``: continue the run in ``out`` (same options) from each seed's last evaluated epoch; the result equals
     an uninterrupted run's. Bad input raises :class:`FinetuneError` with a one-line message before anything is
     written."""
+    model, train, validation, out = (path_arg(n, v) for n, v in (("model", model), ("train", train),
+                                                                  ("validation", validation), ("out", out)))
+    test = None if test is None else path_arg("test", test)
     seeds = list(seeds)
     _check_options(dict(locals()))
     if threads is not None:

@@ -98,6 +98,9 @@ def check(recipe: Optional[dict], override: bool = False, resume: bool = False) 
     from .tokenizer import TOKENIZER_TYPES
     if override and not resume:
         raise PretrainError("--override: only means something with --resume (a new run takes any recipe)")
+    if recipe is not None and not isinstance(recipe, dict):
+        raise TypeError(f"recipe: expected a dict of recipe settings (some of {', '.join(KEYS)}, masking), got "
+                        f"{type(recipe).__name__}")
     recipe = dict(recipe or {})
     unknown = sorted(set(recipe) - set(KEYS) - {"masking"})
     if unknown:

@@ -219,6 +219,8 @@ def load_tokenizer(path: str, configured: bool = True):
     from tokenizers import Tokenizer
     path = os.fspath(path)
     file = path
+    if os.path.basename(path) == "vocab.txt" and os.path.isfile(path):  # the file, not its folder: read alike
+        return _from_vocab_txt(path, os.path.dirname(path) or ".")
     if os.path.isdir(path):
         file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(file):
@@ -235,7 +237,8 @@ def load_tokenizer(path: str, configured: bool = True):
         with open(file, encoding="utf-8") as f:  # not from_file: the Rust side takes UTF-8 paths only
             tok = Tokenizer.from_str(f.read())
     except Exception as e:  # the Rust error is one line already
-        raise PretrainError(f"--tokenizer: cannot read {file}: {reason(e)}") from None
+        raise PretrainError(f"--tokenizer: cannot read {file}: {reason(e)} (expected a tokenizer.json, a WordPiece "
+                            "vocab.txt, or a folder holding one or RoBERTa's vocab.json + merges.txt)") from None
     special_ids(tok, where=file)  # fail now, not after tokenising the corpus
     if os.path.isdir(path) and configured:
         _as_configured(tok, path)

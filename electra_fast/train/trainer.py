@@ -24,6 +24,7 @@ import torch
 from .. import _backend
 from .._files import unused, utf8_path, write_json
 from .._seed import derive_seed
+from .._validate import path as path_arg
 from . import checkpoint as ckpt
 from . import plot, rundir
 from . import recipe as recipes
@@ -116,7 +117,15 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     the loaded model as checkpoint step-0.
     """
     if isinstance(data, (str, os.PathLike)):
-        data = [os.fspath(data)]
+        data = [data]
+    if data is not None:
+        if not isinstance(data, (list, tuple)):
+            raise TypeError(f"data: expected a path or a list of paths, got {type(data).__name__}")
+        data = [path_arg("data", d) for d in data]
+    # a pathlib.Path reached string methods (model.endswith), a number os.path.abspath: errors naming neither
+    out = path_arg("out", out)
+    tokenizer, model, init_from = (None if v is None else path_arg(n, v) for n, v in
+                                   (("tokenizer", tokenizer), ("model", model), ("init_from", init_from)))
     if tokenizer is not None and vocab_size is not None:  # as the command line's mutually exclusive pair
         raise PretrainError(f"--vocab-size: not with --tokenizer (its vocabulary, {tokenizer}'s, is the model's; "
                             "--vocab-size sizes a tokenizer trained on the data)")
