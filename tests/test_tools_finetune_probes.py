@@ -124,3 +124,18 @@ def test_linear_reads_an_export_folder(tmp_path, monkeypatch, capsys):
         (pretrained / "discriminator" / name).unlink()
     err = _fail(monkeypatch, capsys, "linear", pretrained, task)  # no --tokenizer here to name
     assert err.startswith(f"finetune_probes: error: run: {pretrained / 'discriminator'} holds neither"), err
+
+
+def test_an_empty_sentence_or_logits_that_are_not_finite_are_one_line(tmp_path, monkeypatch, capsys):
+    """Review findings: swap on a row with an empty sentence ended in "max(): Expected reduction dim" (no token
+    between [CLS] and [SEP]); a discriminator giving NaN logits in roc_auc's ValueError, both tracebacks."""
+    import torch
+    _stand_in_run(monkeypatch, ["a good film", "a bad film"])
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("sentence\tlabel\na good film\t1\n \t0\n")
+    assert f"{dev}: line 3: the sentence is empty" in _fail(monkeypatch, capsys, "swap", "run", dev)
+    dev.write_text("sentence\tlabel\na good film\t1\na bad film\t0\n")
+    assert finetune_probes.swap_probe("run", str(dev)) == 0.5  # every logit 0: a tie
+    _, cfg, model, tok = finetune_probes._load_run("run")
+    model.discriminator = lambda ids: torch.full(ids.shape, float("nan"))
+    assert "logits that are not finite (NaN or inf)" in _fail(monkeypatch, capsys, "swap", "run", dev)

@@ -22,6 +22,7 @@ Prints one line per probe.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import List, Tuple
@@ -54,6 +55,9 @@ def read_tsv(path: str) -> Tuple[List[str], torch.Tensor]:
         raise PretrainError(f"{path}: line {bad} is not sentence<TAB>label")
     if not rows:
         raise PretrainError(f"{path}: no rows below the header")
+    empty = next((i for i, (t, _) in enumerate(rows, 2) if not t.strip()), None)
+    if empty is not None:  # [CLS] [SEP] alone: no token to probe (a max() over nothing was a traceback)
+        raise PretrainError(f"{path}: line {empty}: the sentence is empty")
     # an unknown label read as class 0 made a pos / neg file one class: a trivially perfect probe
     bad = next(((i, y) for i, (_, y) in enumerate(rows, 2) if y not in LABELS), None)
     if bad is not None:
@@ -87,7 +91,11 @@ def swap_probe(run: str, dev: str) -> float:
         for text in texts:
             logits = model.discriminator(torch.tensor([tok.encode(text).ids]))[0]
             scores.append(float(logits[1:-1].max()))  # [CLS] and [SEP] are never replaced
+    from electra_fast.train import PretrainError
     from electra_fast.train.metrics import roc_auc
+    if not all(math.isfinite(x) for x in scores):  # roc_auc's ValueError on NaN was a traceback
+        raise PretrainError(f"run: {run}'s discriminator gives logits that are not finite (NaN or inf): its weights "
+                            "are not usable")
     return roc_auc(torch.tensor(scores), labels == 0)  # swapped (label 0) is the "replaced" class
 
 
