@@ -142,6 +142,19 @@ def test_p_zero_is_identity():
     assert electra_fast.dropout(x, 0, SEED, 3) is x
 
 
+def test_p_one_drops_everything_as_torch_does():
+    """Review finding: nn.Dropout(1.0) (and p set to 1 later) returns zeros; electra_fast's drop-in refused it."""
+    x = torch.tensor([[float("inf"), 1.0, -2.5], [float("nan"), 0.0, 3.0]], requires_grad=True)
+    want = torch.nn.functional.dropout(x, 1.0)
+    for y in (electra_fast.dropout(x, 1.0, SEED), electra_fast.nn.Dropout(1.0).train()(x)):
+        torch.testing.assert_close(y, want, equal_nan=True)
+        (g,) = torch.autograd.grad(y.nan_to_num().sum(), x)
+        assert torch.equal(g, torch.zeros_like(x))
+    module = electra_fast.nn.Dropout(0.5).train()
+    module.p = 1.0
+    assert torch.equal(module(x[1:, 1:]), torch.zeros(1, 2))
+
+
 @pytest.mark.parametrize("backend,device", [p for p in fast_backends() if p.id == "cpp-cpu"])
 def test_thread_count_independent(backend, device):
     x = torch.randn(3 * 16384 + 5)
@@ -201,7 +214,7 @@ def test_torch_compile_fullgraph():
     (dict(input=[1.0]), TypeError, "input"),
     (dict(input=torch.ones(3, dtype=torch.long)), TypeError, "input"),
     (dict(input=torch.ones(3, dtype=torch.bool)), TypeError, "input"),
-    (dict(p=1.0), ValueError, "p"),
+    (dict(p=1.0 + 1e-9), ValueError, "p"),
     (dict(p=-0.1), ValueError, "p"),
     (dict(p=float("nan")), ValueError, "p"),
     (dict(p="0.1"), TypeError, "p"),

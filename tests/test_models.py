@@ -662,7 +662,7 @@ def test_dropout_module_is_the_philox_op_seeded_from_torch():
     assert not torch.equal(drop(x), a)  # a fresh seed per call
     assert torch.equal(drop.eval()(x), x)  # identity in eval mode
     with pytest.raises(ValueError, match="p: expected"):
-        Dropout(1.0)
+        Dropout(1.5)
 
 
 def test_dropout_module_is_an_nn_dropout():

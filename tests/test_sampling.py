@@ -144,7 +144,7 @@ def test_cpp_bf16_takes_the_brgemm_path_thread_independent(monkeypatch):
 @pytest.mark.parametrize("backend,device", fast_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_gumbel_sample_matches_reference(backend, device, dtype):
-    """The noise is bit-identical; C++ / Triton logs differ from torch's by ~1 ulp, which moves a sample only
+    """The uniforms are bit-identical; C++ / Triton logs differ from torch's by ~1 ulp, which moves a sample only
     when the top two scores are within ~1e-6: never on this seed (deterministic)."""
     g = torch.Generator().manual_seed(1)
     logits = (torch.randn(64, 333, generator=g) * 2).to(dtype)

@@ -29,7 +29,7 @@ class Dropout(nn.Dropout):
     inplace = False  # what a Dropout pickled before this was an nn.Dropout lacks
 
     def __init__(self, p: float = 0.5, inplace: bool = False):
-        super().__init__(_validate.probability("p", p), inplace)
+        super().__init__(_validate.probability("p", p, one=True), inplace)  # p == 1: zeros, as nn.Dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:

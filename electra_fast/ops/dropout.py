@@ -46,7 +46,8 @@ def dropout(input: torch.Tensor, p: float, seed: int, stream: int = 0) -> torch.
     Args:
         input: floating tensor (fp32 / fp64 / fp16 / bf16) of any shape, on any device. Element ``i`` is the
             i-th element of ``input.contiguous()`` (row-major order).
-        p: drop probability, a real number in [0, 1). ``p == 0`` returns ``input`` itself.
+        p: drop probability, a real number in [0, 1]. ``p == 0`` returns ``input`` itself, ``p == 1``
+            ``input * 0`` (as ``torch.nn.functional.dropout``: zeros, NaN where ``input`` is not finite).
         seed: int in [0, 2**64), e.g. the training step's seed.
         stream: int in [0, 2**32): one per dropout site of a step (layer / position), so sites draw
             independent masks from one seed.
@@ -59,9 +60,11 @@ def dropout(input: torch.Tensor, p: float, seed: int, stream: int = 0) -> torch.
         the same mask and scale applied to the incoming gradient.
     """
     _validate.floating("input", input)
-    p = _validate.probability("p", p)
+    p = _validate.probability("p", p, one=True)
     seed = _seed.check(seed, "seed", _seed.KEY_LIMIT)
     stream = _seed.check(stream, "stream", _seed.STREAM_LIMIT)  # the same rule: an int in [0, limit)
     if p == 0.0:
         return input
+    if p == 1.0:  # every element dropped: torch's answer (the kept scale 1 / (1 - p) is infinite)
+        return input * 0
     return _OP(input, p, _seed.as_int64(seed), stream)

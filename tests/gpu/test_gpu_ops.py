@@ -221,7 +221,7 @@ def test_mlm_loss_and_sample(case, dtype):
     """Loss and the gradients of hidden, weight and bias by the criterion; samples equal to the reference's
     except on rows whose two best exact scores are within SAMPLE_GAP: both backends form the logits from the
     same rounded inputs with fp32 accumulation (a difference of a few hundred fp32 ulps at |logit| ~ 10, far
-    below 1e-3), and the Gumbel noise is bit-identical."""
+    below 1e-3), and the Gumbel uniforms are bit-identical."""
     n, e, v = case
     hidden, weight, bias, targets = sampling_tests.make(n, e, v, torch.float32, DEVICE, seed=n)
     kw = dict(seed=2 ** 33 + 5, temperature=0.7, disallowed_ids=[0, 3])
@@ -243,8 +243,8 @@ def test_mlm_loss_and_sample(case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("n,v", _gpu([(2458, 30522), (3, 128100)], [(64, 333)]))
 def test_gumbel_sample_is_the_cpu_backends(n, v, dtype):
-    """Same logits, same seed: the same samples as every CPU backend (the noise is bit-identical), except on rows
-    whose two best scores are within 4 fp32 ulps (a 1-ulp difference of log() may swap them)."""
+    """Same logits, same seed: the same samples as every CPU backend (the uniforms are bit-identical), except on
+    rows whose two best scores are within 4 fp32 ulps (a 1-ulp difference of log() may swap them)."""
     logits = _randn(n, v, seed=3, scale=2.0).to(dtype)
     kw = dict(seed=2 ** 62 + 12345, temperature=0.3, disallowed_ids=[3, 4, 100])
     with electra_fast.use_backend("triton"):
