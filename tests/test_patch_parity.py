@@ -147,6 +147,15 @@ def test_mlm_head_option_keeps_full_logits():
     _close([as_tuple[0]], [want.loss])
     no_labels = model(**inputs)  # no labels: transformers' head, full logits
     _close([no_labels.logits[real]], [want.logits[real]])
+    # Review finding: patching again with mlm_head=False (the README's advice for a model from_pretrained patched)
+    # left the installed head in place: logits None, without a word. That call's options now hold.
+    electra_fast.patch(model, mlm_head=False)
+    again = model(**inputs, labels=labels)
+    assert again.logits.shape == (B, T, V) and electra_fast.is_patched(model)  # the other parts stay patched
+    _close([again.loss, again.logits[real]], [want.loss, want.logits[real]])
+    electra_fast.patch(model, attention=False, layer_norm=False, mlp=False, mlm_head=False)
+    assert not electra_fast.is_patched(model)
+    assert torch.equal(model(**inputs, labels=labels).logits, want.logits)  # transformers' computation, exactly
 
 
 @pytest.mark.parametrize("family,cls_name", [("bert", "BertForMaskedLM"), ("deberta_v2", "DebertaV2ForMaskedLM")])

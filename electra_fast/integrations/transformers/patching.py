@@ -142,8 +142,9 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
             instead of running transformers' code for it.
 
     The model keeps its modules, Parameter objects and ``state_dict``; :func:`unpatch` restores transformers'
-    computation exactly. Patching again installs what is not installed yet and applies its ``strict`` to everything
-    patched (unpatch first to turn an option off).
+    computation exactly. Patching again applies that call's options: it installs what is not installed yet,
+    removes what an option now False had installed (``patch(model, mlm_head=False)`` on a model
+    ``electra_fast.from_pretrained`` patched gives the logits back), and applies its ``strict`` to the rest.
     """
     _check_model(model)
     check_transformers()
@@ -151,11 +152,11 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
     for name, value in {**options, "strict": strict}.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-    plan, reasons, found, installed = [], [], False, []
+    plan, reasons, found, installed, turned_off = [], [], False, [], []
     for rule, module in _matches(model):
         found = True
         if rule.installed(module):
-            installed.append((rule, module))
+            (installed if options[rule.option] else turned_off).append((rule, module))
             continue
         if not options[rule.option]:
             continue
@@ -169,6 +170,8 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
                          f"their layers in {type(model).__name__}")
     if strict and reasons:
         raise ValueError("strict: electra_fast cannot serve " + "; ".join(reasons))
+    for rule, module in turned_off:  # patched before, its option False now: transformers' code again
+        rule.remove(module)
     for rule, module in installed:  # patched before: this call's strict holds for it too
         rule.set_strict(module, strict)
     for rule, module in plan:
