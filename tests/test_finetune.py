@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -626,7 +628,21 @@ def test_resuming_a_finished_run_keeps_the_users_files_in_its_export(pretrained,
     written = sorted(os.listdir(out / "export"))
     (out / "export" / "README.md").write_text("my model card")
     weights = (out / "export" / "model.safetensors").read_bytes()
+    # a killed job's temporaries (review finding: a full model + optimizer state, left for good) go on --resume;
+    # names the job does not write stay
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    planted = [out / "seed-3" / f"last-epoch.pt.tmp-{dead}", out / f"summary.json.tmp-{dead}",
+               out / f"export.tmp-{dead}" / "model.safetensors"]
+    kept = [out / f"notes.txt.tmp-{dead}", out / f"export.old-{dead}" / "README.md"]
+    for path in planted + kept:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("x")
     _run(pretrained, d, out, "train.tsv", "dev.tsv", seeds=[3], resume=True)
+    assert not any(p.exists() for p in planted) and not (out / f"export.tmp-{dead}").exists()
+    assert all(p.read_text() == "x" for p in kept)
+    shutil.rmtree(out / f"export.old-{dead}")
+    os.unlink(out / f"notes.txt.tmp-{dead}")
     assert (out / "export" / "README.md").read_text() == "my model card"
     assert sorted(os.listdir(out / "export")) == sorted(written + ["README.md"])
     assert (out / "export" / "model.safetensors").read_bytes() == weights

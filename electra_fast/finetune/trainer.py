@@ -42,6 +42,7 @@ from .._validate import path as path_arg
 from ..train.errors import PretrainError
 from ..train.distributed import check_device
 from ..train.optim import layer_decay, linear_schedule, param_groups
+from ..train.temporaries import remove_dead_temporaries
 from ..train.tokenizer import embedding_rows, load_tokenizer, special_ids, with_special_tokens
 from ..train.options import positive, real
 from . import data as fdata
@@ -178,6 +179,10 @@ def _replace_dir(path: str, write: Callable[[str], None]) -> None:
 
 
 RUN_FILE = "finetune.json"  # the options of the run in --out: what --resume must match
+# what a killed job leaves: its atomic writes' temporaries in --out and seed-N/ (an export's earlier copy, .old-PID,
+# may hold a user's files: never removed)
+TEMPORARY = re.compile(r"^(?:finetune\.json|summary\.json|curves\.png|export|metrics\.jsonl|last-epoch\.pt|"
+                       r"best\.safetensors|predictions-test\.tsv)\.tmp-(\d+)$")
 
 
 def _check_tables(tok, cfg, model: str, pairs: bool) -> None:
@@ -256,6 +261,8 @@ def _claim_out(out: str, record: dict, resume: bool) -> None:
                             "resume with the same ones or choose a new --out")
     if not os.access(out, os.W_OK | os.X_OK):
         raise FinetuneError(f"--out: {out} is not writable")
+    for d in [out] + [os.path.join(out, n) for n in os.listdir(out) if re.fullmatch(r"seed-\d+", n)]:
+        remove_dead_temporaries(d, TEMPORARY)  # a full model and optimizer each, kept for good otherwise
 
 
 def _prepare_out(out: str) -> None:
