@@ -322,8 +322,13 @@ def _bad_cases(d, pretrained, tmp_path):
         (model + pairs + ["--max-len", "3"], "--max-len: 3 leaves no room for text: the model's tokenizer adds 3 "
                                              "special tokens to a sentence pair; expected >= 4"),
         (model + ["--train", w("empty.tsv", ""), "--validation", str(d / "dev.tsv")], "empty.tsv is empty"),
+        # a missing label column was each row's fault ("line 2: no label"), and --skip-bad-lines skipped them all
         (model + ["--train", w("nolabel.tsv", "sentence\tscore\na b\t1\n"), "--validation", str(d / "dev.tsv")],
-         "line 2: no label (column 'label')"),
+         "nolabel.tsv: no column 'label' for the label (columns: sentence, score); name it with --label-column"),
+        (model + ["--train", w("nolabel.tsv", "sentence\tscore\na b\t1\n"), "--validation", str(d / "dev.tsv"),
+                  "--skip-bad-lines"], "nolabel.tsv: no column 'label' for the label (columns: sentence, score)"),
+        (model + ["--train", w("gaps.jsonl", '{"sentence": "a b", "label": 1}\n{"sentence": "b a"}\n'),
+                  "--validation", str(d / "dev.tsv")], "gaps.jsonl line 2: no label (column 'label')"),
         (model + ["--train", w("notext.tsv", "words\tlabel\na b\t1\n"), "--validation", str(d / "dev.tsv")],
          "no text column"),
         (model + ["--train", str(d / "train.tsv"), "--validation", w("unknown.tsv", "sentence\tlabel\na b\tmaybe\n")],
@@ -1076,6 +1081,8 @@ def test_glue_pair_columns_and_every_file_reads_the_training_files_columns(tmp_p
     assert ds.examples[0].pair == "The cat sat."  # a text column named alone keeps its GLUE partner
     qqp = _write(tmp_path / "qqp.tsv", "id\tquestion1\tquestion2\tis_duplicate\n0\ta?\tb?\t1\n")
     ds = fdata.read(qqp, "classification", fdata.Columns(label="is_duplicate"), "--train")
+    assert (ds.examples[0].text, ds.examples[0].pair, ds.examples[0].label) == ("a?", "b?", "1")
+    ds = fdata.read(qqp, "classification", fdata.Columns(), "--train")  # QQP as distributed: found by name too
     assert (ds.examples[0].text, ds.examples[0].pair, ds.examples[0].label) == ("a?", "b?", "1")
     train = fdata.read(_write(tmp_path / "train.tsv", "sentence1\tsentence2\tlabel\na\tb\t0\nc\td\t1\n"),
                        "classification", fdata.Columns(), "--train")

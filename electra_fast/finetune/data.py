@@ -275,17 +275,29 @@ def _column_names(rows, header, keyed: bool, task: str, columns: Columns, labell
                 raise
             tags = None  # an unlabelled test file: words only
         return {"tokens": tokens, "tags": tags}
+    label = _label_column(header, columns.label, labelled, where)
     if columns.text is None and columns.pair is None:
         for text, pair in PAIRS:
             if text in header and pair in header:
-                return {"text": text, "pair": pair, "label": columns.label}
+                return {"text": text, "pair": pair, "label": label}
     text = _pick(header, columns.text, ["sentence", "text", "sentence1", "question"], "text", where)
     if columns.pair is not None:
         pair = _pick(header, columns.pair, [], "pair", where)
     else:  # a text column named alone still takes its GLUE partner (sentence1 -> sentence2, ...)
         pair = dict(PAIRS).get(text)
         pair = pair if pair in header else None
-    return {"text": text, "pair": pair, "label": columns.label}
+    return {"text": text, "pair": pair, "label": label}
+
+
+def _label_column(header: Sequence[str], wanted: str, labelled: bool, where: str) -> str:
+    """The label's column: ``wanted``, or for the default name GLUE QQP's ``is_duplicate``. A labelled file
+    without it is refused here (each row was reported as having no label); a test file may have none."""
+    if wanted not in header and wanted == "label" and "is_duplicate" in header:
+        return "is_duplicate"
+    if wanted not in header and labelled:
+        raise FinetuneError(f"{where}: no column {wanted!r} for the label (columns: {', '.join(map(str, header))}); "
+                            "name it with --label-column")
+    return wanted
 
 
 def _field(row, key, where: str, what: str):
