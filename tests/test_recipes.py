@@ -125,8 +125,11 @@ RESUME_REFUSED = [
     (["--mask-prob", "0.3"], "--mask-prob: differs from the run being resumed (--mask-prob 0.2 -> 0.3); pass "
                              "--override to change it, or start a new --out"),
     (["--adam-beta2", "0.999"], "--adam-beta2: differs from the run being resumed (--adam-beta2 0.98 -> 0.999)"),
-    (["--masking", "bert"], "--mask-token-frac: differs from the run being resumed (--mask-token-frac 0.85 -> 0.8, "
+    # the flag the user typed (it named --mask-token-frac, which they never gave)
+    (["--masking", "bert"], "--masking bert: differs from the run being resumed (--mask-token-frac 0.85 -> 0.8, "
                             "--random-token-frac 0.0 -> 0.1)"),
+    (["--masking", "bert", "--mask-token-frac", "0.7"], "--mask-token-frac: differs from the run being resumed "
+                                                        "(--mask-token-frac 0.85 -> 0.7, --random-token-frac 0.0 -> 0.1)"),
     (["--whole-word-masking"], "--whole-word-masking: differs from the run being resumed"),
     (["--generator-size", "0.25", "--override"], "--generator-size: the run being resumed has 0.5, which a resumed "
                                                  "run cannot change; start a new --out"),

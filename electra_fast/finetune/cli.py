@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
                                         "token-classification task and evaluate it",
                        formatter_class=Defaults)
     p.add_argument("--model", required=True, metavar="PATH", help="an electra-fast checkpoint, run directory or "
-                   "export, or a local transformers ELECTRA / DeBERTa-v2/v3 directory")
+                   "export, or a local transformers ELECTRA / DeBERTa-v2/v3 / BERT / RoBERTa directory")
     p.add_argument("--train", required=True, metavar="FILE", help=".csv / .tsv (header row) / .jsonl, or a datasets "
                    "save_to_disk folder")
     p.add_argument("--validation", required=True, metavar="FILE", help="same format; picks each seed's best epoch")

@@ -42,6 +42,17 @@ def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+class Given(dict):
+    """A checked recipe; ``masking``: the --masking scheme its fractions came from (named in messages)."""
+    masking: Optional[str] = None
+
+
+def _named(key: str, recipe) -> str:
+    """How the user gave ``key``: its own flag, or the --masking scheme that set it."""
+    masking = getattr(recipe, "masking", None)
+    return f"--masking {masking}" if masking and key in ("mask_token_frac", "random_token_frac") else flag(key)
+
+
 def add_arguments(parser) -> None:
     """The recipe flags, as one argument group of ``pretrain``. A flag not given is absent from the parsed
     arguments (``argparse.SUPPRESS``): "the owner's value", which the help text names."""
@@ -112,6 +123,9 @@ def check(recipe: Optional[dict], override: bool = False, resume: bool = False) 
         if masking not in MASKING_SCHEMES:
             raise PretrainError(f"--masking: expected one of {', '.join(MASKING_SCHEMES)}, got {masking!r}")
         recipe = {**MASKING_SCHEMES[masking], **recipe}
+    recipe = Given(recipe)
+    recipe.masking = masking if masking is not None and not {"mask_token_frac", "random_token_frac"} & given \
+        else None
     for key, value in recipe.items():
         if key in RANGES:
             _number(key, value, *RANGES[key])
@@ -180,13 +194,14 @@ def _differs(key: str, old, new, cfg) -> bool:
     return old != new
 
 
-def _accept(changes: dict, recorded: dict, override: bool, say, doing: str) -> None:
-    """Flags that differ from the run being resumed: refused, or with ``override`` said on one line."""
+def _accept(changes: dict, recorded: dict, override: bool, say, doing: str, given=None) -> None:
+    """Flags that differ from the run being resumed: refused, or with ``override`` said on one line; ``given``:
+    the recipe they came from (a --masking scheme is named as such)."""
     if not changes:
         return
     what = ", ".join(f"{flag(k)} {recorded[k]!r} -> {v!r}" for k, v in changes.items())
     if not override:
-        raise PretrainError(f"{flag(next(iter(changes)))}: differs from the run being resumed ({what}); "
+        raise PretrainError(f"{_named(next(iter(changes)), given)}: differs from the run being resumed ({what}); "
                             "pass --override to change it, or start a new --out")
     say(f"--override: {doing} with {what}")
 
@@ -212,7 +227,7 @@ def settle(cfg, recipe: dict, tok, recorded: Optional[dict], override: bool, say
         if fixed:
             raise PretrainError(f"{flag(fixed[0])}: the run being resumed has {recorded[fixed[0]]!r}, which "
                                 "a resumed run cannot change; start a new --out")
-        _accept(changes, recorded, override, say, "resuming")
+        _accept(changes, recorded, override, say, "resuming", recipe)
         cfg = apply(cfg, changes)
         full = {**recorded, **changes}
     if cfg.whole_word_masking and not has_word_boundaries(tok):
@@ -228,7 +243,7 @@ def restart(recorded: dict, recipe: dict, override: bool, say) -> dict:
     The generator's width waits for the model: :func:`restart_generator`."""
     recorded = {k: v for k, v in recorded.items() if k in KEYS and k != "generator_size"}
     _accept({k: v for k, v in recipe.items() if k in recorded and recorded[k] != v}, recorded, override, say,
-            "starting again")
+            "starting again", recipe)
     return {**recorded, **recipe}
 
 
