@@ -37,7 +37,8 @@ def swap_submodule(parent: nn.Module, name: str, replacement: nn.Module) -> None
 
 def restore_submodule(parent: nn.Module, name: str) -> None:
     """Undo :func:`swap_submodule`: the original comes back, in the replacement's train / eval mode, with the
-    children they share by name as they are now (a projection wrapped after the swap, PEFT's LoRA, stays so)."""
+    children they share by name as they are now (a projection wrapped after the swap, PEFT's LoRA, stays so, and
+    a shared child keeps its own mode)."""
     current = getattr(parent, name)
     original = getattr(current, _ORIGINAL, None)
     if original is None:
@@ -48,7 +49,12 @@ def restore_submodule(parent: nn.Module, name: str) -> None:
         if child in original._modules and original._modules[child] is not module:
             setattr(original, child, module)
     original._is_full_backward_hook = current._is_full_backward_hook
-    original.train(current.training)
+    # the mode: the original's own flag, and its children that were not in place (shared ones, such as a dropout
+    # the user switched off, keep theirs: train() recursing would switch it on)
+    original.training = current.training
+    for child, module in original.named_children():
+        if current._modules.get(child) is not module:
+            module.train(current.training)
     setattr(parent, name, original)
 
 

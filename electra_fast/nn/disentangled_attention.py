@@ -41,6 +41,17 @@ def _position_terms(pos_att_type: Union[str, Sequence[str], None]) -> list:
     return terms
 
 
+def applied_dropout(module: nn.Module) -> Optional[float]:
+    """The drop probability the fused op applies for the attention's dropout ``module``: its ``p`` while it is in
+    training mode (its own flag, as it would apply itself: a user may switch one dropout off), 0 for an
+    nn.Identity (dropout removed), None for any other module (the op cannot apply it)."""
+    if isinstance(module, nn.Identity):
+        return 0.0
+    if isinstance(module, nn.Dropout):
+        return float(module.p) if module.training else 0.0
+    return None
+
+
 class DisentangledSelfAttention(nn.Module):
     """hidden_states [B, T, hidden] -> context [B, T, num_heads * head_size], DeBERTa attention.
 
@@ -162,7 +173,10 @@ class DisentangledSelfAttention(nn.Module):
         # (it counts pos_att_type even without relative attention)
         factor = 1 + int(c2p) + int(p2c)
         denom = torch.sqrt(torch.tensor(q.shape[-1], dtype=torch.float) * factor).to(q.dtype)
-        p = self.dropout.p if self.training else 0.0
+        p = applied_dropout(self.dropout)
+        if p is None:
+            raise TypeError(f"dropout: expected an nn.Dropout or nn.Identity (what the fused op applies), got "
+                            f"{type(self.dropout).__name__}")
         seed = _seed.draw() if p > 0 else None
         packed_args = {} if packed is None else dict(cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen)
         out = disentangled_attention(q, k, v, pos_key, pos_query, attention_mask=attention_mask,

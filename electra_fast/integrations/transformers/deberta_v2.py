@@ -19,7 +19,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ...nn.disentangled_attention import POSITION_TERMS, DisentangledSelfAttention
+from ... import _seed
+from ...nn.disentangled_attention import POSITION_TERMS, DisentangledSelfAttention, applied_dropout
+from ...ops.disentangled_attention import disentangled_attention
 from ...reference.disentangled_attention import relative_slots
 from .. import _swap
 
@@ -94,7 +96,8 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
         for name in ("dropout", "pos_dropout"):  # module's own objects: a user's hook or module on them is kept
             if name in module._modules and name in new._modules:
                 setattr(new, name, module._modules[name])
-        return new.train(module.training)
+        new.training = module.training  # its own flag only: every child is module's, in the mode the user set
+        return new
 
     # transformers' helpers, which its own computation (the fallback path) calls on self
     def transpose_for_scores(self, x, attention_heads) -> torch.Tensor:
@@ -166,44 +169,43 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
             # transformers' padded query rows attend uniformly to every key (heads that read padded positions, such
             # as question answering's softmax, see them); the fused op leaves them 0
             keys = key_mask.bool()
-            p = self.dropout.p if self.training else 0.0
-            context = torch.where(keys[..., None], context, self._keyless_rows(hidden_states, keys, p).to(context.dtype))
+            rows = self._keyless_rows(hidden_states, applied_dropout(self.dropout))
+            context = torch.where(keys[..., None], context, rows.to(context.dtype))
         return (context, None)
 
     def _value(self, x: torch.Tensor) -> torch.Tensor:
         proj = self.value_proj  # torch's Linear: its weights, so its hooks see one call (V's), as transformers'
         return F.linear(x, proj.weight, proj.bias) if type(proj) is nn.Linear else proj(x)
 
-    def _keyless_rows(self, hidden_states: torch.Tensor, keys: torch.Tensor, p: float) -> torch.Tensor:
+    def _keyless_rows(self, hidden_states: torch.Tensor, p: float) -> torch.Tensor:
         """transformers' context at padded query rows: dropout(uniform weights over the T keys) @ V, [B, T or 1,
-        H * D] (only rows where ``keys`` [B, T] is False are meant). Without dropout the mean of V, i.e.
-        value_proj of the mean input; with it each head's weights are dropped independently, as transformers'
-        nn.Dropout does (the mean of V alone had the right mean and no spread: a training loss at padded rows,
-        question answering's, then differed)."""
+        H * D] (meant only at the padded rows). Without dropout the mean of V, i.e. value_proj of the mean input.
+        With it each head's weights are dropped independently, as transformers' nn.Dropout does (the mean of V
+        alone had the right mean and no spread: a training loss at padded rows, question answering's, differed):
+        the fused op on zero queries and keys (uniform weights over every key) with its Philox dropout, which
+        stores no [B, H, T, T] weights for the backward."""
         if p == 0.0:
             return self._value(hidden_states.mean(dim=-2, keepdim=True))
-        B, T = keys.shape
-        H = self.num_attention_heads
-        v = self._value(hidden_states).view(B, T, H, -1).transpose(1, 2)  # [B, H, T, D]
-        n_pad = (~keys).sum(dim=1)  # [B]
-        P = int(n_pad.max())
-        rows = torch.argsort(keys.to(torch.uint8), dim=1, stable=True)[:, :P]  # [B, P]: padded positions first
-        real = torch.arange(P, device=keys.device)[None, :] < n_pad[:, None]  # [B, P]: rows that are padded
-        kept = torch.empty(B, H, P, T, dtype=v.dtype, device=v.device).bernoulli_(1.0 - p)  # p < 1: checked
-        out = (kept * real[:, None, :, None].to(v.dtype)) @ v / (T * (1.0 - p))  # [B, H, P, D]
-        out = out.transpose(1, 2).reshape(B, P, -1)
-        full = torch.zeros(B, T, out.shape[-1], dtype=out.dtype, device=out.device)
-        return full.scatter(1, rows[..., None].expand(-1, -1, out.shape[-1]), out)
+        B, T = hidden_states.shape[0], hidden_states.shape[-2]
+        v = self._value(hidden_states).view(B, T, self.num_attention_heads, -1).transpose(1, 2).contiguous()
+        zeros = torch.zeros_like(v)
+        out = disentangled_attention(zeros, zeros, v, None, None, dropout_p=p, seed=_seed.draw(), scale=1.0)
+        return out.transpose(1, 2).reshape(B, T, -1)
 
 
 def _dropout_not_called(module: nn.Module) -> Optional[str]:
     """The fused op reads the attention dropout's p and never calls it: a hook on it, or a module of the user's
-    there, needs transformers' computation. pos_dropout is called by both, unless no position term reads it
-    (transformers calls it whenever the attention is relative)."""
+    there other than torch's Dropout / Identity, or p = 1 (the op takes p < 1; every weight dropped: zeros), needs
+    transformers' computation. pos_dropout is called by both, unless no position term reads it (transformers
+    calls it whenever the attention is relative)."""
     from .layers import not_called
 
     unread = module.relative_attention and not any(t in POSITION_TERMS for t in module.pos_att_type)
-    return not_called(dropout=module.dropout, **({"pos_dropout": module.pos_dropout} if unread else {}))
+    why = not_called(dropout=module.dropout, **({"pos_dropout": module.pos_dropout} if unread else {}))
+    p = applied_dropout(module.dropout)
+    if why is None and p is None:
+        why = f"dropout is a {type(module.dropout).__name__} (the fused attention applies nn.Dropout only)"
+    return why if why is not None or p is None or p < 1.0 else "attention dropout p = 1"
 
 
 def _encoder_get_attention_mask(self, attention_mask):
