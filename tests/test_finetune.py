@@ -665,6 +665,20 @@ def test_resuming_a_finished_run_keeps_the_users_files_in_its_export(pretrained,
     monkeypatch.setattr(os, "replace", real_replace)
     left = [n for n in os.listdir(out) if ".old-" in n]
     assert len(left) == 1 and (out / left[0] / "README.md").read_text() == "my model card"
+    # that earlier export stays (this PID's name is taken); export/ a link to the user's folder: replaced, and
+    # nothing moved out of the folder (its model card was moved into the run, and rmtree refused the link)
+    published = tmp_path / "published"
+    published.mkdir()
+    (published / "README.md").write_text("published card")
+    shutil.rmtree(out / "export")
+    os.symlink(published, out / "export")
+    said = []
+    finetune(str(pretrained), str(d / "train.tsv"), str(d / "dev.tsv"), out=str(out), seeds=[3], resume=True,
+             epochs=1, batch_size=8, progress=False, say=said.append)
+    assert os.listdir(published) == ["README.md"] and (published / "README.md").read_text() == "published card"
+    assert not (out / "export").is_symlink() and sorted(os.listdir(out / "export")) == sorted(written)
+    assert any(f"export was a symbolic link to {published}" in m for m in said)
+    assert [n for n in os.listdir(out) if ".old-" in n] == left
 
 
 def test_a_run_whose_classes_were_numbered_by_the_old_rule_does_not_resume(pretrained, tmp_path):

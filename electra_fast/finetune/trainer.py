@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _cpu
-from .._files import load_safetensors, write_atomic, write_json, write_text
+from .._files import load_safetensors, temporary, unused, write_atomic, write_json, write_text
 from .._validate import path as path_arg
 from ..train.errors import PretrainError
 from ..train.distributed import check_device
@@ -151,23 +151,31 @@ def score(task: str, pred: List[Any], examples: List[fdata.Example], names: List
     return fmetrics.token_scores(tags, [e.label for e in examples])
 
 
-def _replace_dir(path: str, write: Callable[[str], None]) -> None:
+def _replace_dir(path: str, write: Callable[[str], None], say: Callable[[str], None]) -> None:
     """Write a directory beside ``path``, then swap it in (a resumed run replaces its own earlier export). What
     the earlier directory holds that the new one does not write (a model card the user put there) moves into
-    the new one; should that fail, the earlier directory stays on disk beside it, named in the error."""
+    the new one; should that fail, the earlier directory stays on disk beside it, named in the error. A
+    symbolic link there is replaced, its target left as it is (nothing is moved out of a folder it points to)."""
     import shutil
-    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
+    tmp, old = temporary(path), unused(f"{path}.old-{os.getpid()}")  # an earlier job's with this PID: not ours
+    link = os.readlink(path) if os.path.islink(path) else None
+    if os.path.lexists(tmp):  # a dead job's that had this PID (ours is the only live one)
+        shutil.rmtree(tmp)
     try:
         write(tmp)
-        if os.path.isdir(path):
+        if os.path.isdir(path) or link is not None:
             os.replace(path, old)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.isdir(old) and not os.path.lexists(path):
+        if os.path.lexists(old) and not os.path.lexists(path):
             os.replace(old, path)  # the earlier export back where it was
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.isdir(old):
+    if link is not None:
+        os.unlink(old)
+        say(f"note: {path} was a symbolic link to {link}; the export is written in its place, the link's target is "
+            "left as it is")
+    elif os.path.isdir(old):
         try:
             for name in os.listdir(old):
                 if not os.path.lexists(os.path.join(path, name)):
@@ -556,7 +564,7 @@ def _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say) -
         if all("test" in r for r in runs):
             summary["test_median"], summary["test_spread"] = _median_spread(runs, "test")
         best = max(runs, key=lambda r: r["validation"][metric])
-        _replace_dir(os.path.join(out, "export"), lambda d: fmodel.export(best["model"], names, tok, d))
+        _replace_dir(os.path.join(out, "export"), lambda d: fmodel.export(best["model"], names, tok, d), say)
         summary["exported"] = {"seed": best["seed"], "dir": os.path.join(out, "export")}
         _plot(os.path.join(out, "curves.png"), runs, metric, say)
         say(_table(runs, keys, summary))
