@@ -241,6 +241,14 @@ def path(name: str, value) -> str:
     return p
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """torch's allocation failures: MemoryError, CUDA's OutOfMemoryError, the CPU allocator's RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory" / "not enough memory")."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc)
+                                           or "DefaultCPUAllocator: not enough memory" in str(exc)))
+
+
 def reason(exc: BaseException) -> str:
     """The first line of ``exc``'s message (the type's name when it has none), for a one-line error."""
     text = str(exc).strip()

@@ -310,6 +310,9 @@ def test_export_into_an_empty_directory_that_is_a_link_or_the_working_directory(
 
 @pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
                                                 "80000000000 bytes. Error code 12 (Cannot allocate memory)"),
+                                   # the allocator's other wording (review finding: a traceback, not this line)
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: not "
+                                                "enough memory: you tried to allocate 80000000000 bytes."),
                                    MemoryError(), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")])
 def test_out_of_memory_is_one_line_naming_what_to_lower(error, capsys):
     """--batch-size 200000 ended in an allocator traceback."""

@@ -134,6 +134,9 @@ def test_an_empty_sentence_or_logits_that_are_not_finite_are_one_line(tmp_path, 
     dev = tmp_path / "dev.tsv"
     dev.write_text("sentence\tlabel\na good film\t1\n \t0\n")
     assert f"{dev}: line 3: the sentence is empty" in _fail(monkeypatch, capsys, "swap", "run", dev)
+    dev.write_text("sentence\tlabel\na good film\t1\n\u200b\t0\n", encoding="utf-8")  # what the normaliser deletes
+    assert f"{dev}: line 3: the sentence has no token the model reads" in _fail(monkeypatch, capsys, "swap", "run",
+                                                                                dev)
     dev.write_text("sentence\tlabel\na good film\t1\na bad film\t0\n")
     assert finetune_probes.swap_probe("run", str(dev)) == 0.5  # every logit 0: a tie
     _, cfg, model, tok = finetune_probes._load_run("run")

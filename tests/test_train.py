@@ -935,6 +935,20 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_keeps_the_ear
     assert ckpt.verify(str(out / "checkpoints" / "step-00000002")) is None
     assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".tmp")]
     assert pretrain(env["data"], **_kw(env, out, steps=4, save_every=2, resume=True))["steps"] == 4
+    # the first checkpoint: nothing to --resume (the run is taken back); out of memory: not the disk's fault
+    first = tmp_path / "first"
+    for error, raised in ((errors[failure], PretrainError), (RuntimeError("DefaultCPUAllocator: not enough "
+                                                                          "memory: you tried to allocate 9"), None)):
+        def fail(stage, error=error):
+            if stage == "model.safetensors":
+                raise error
+
+        with pytest.raises(raised or type(error)) as e:
+            pretrain(env["data"], **_kw(env, first, steps=2), _checkpoint_hook=fail)
+        assert e.value is not error if raised else e.value is error
+        if raised:
+            assert str(e.value).endswith("no checkpoint was written yet: free some space, then run the command "
+                                         "again")
 
 
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(env, tmp_path, capsys):
@@ -1131,16 +1145,29 @@ def test_ranks_given_other_options_or_data_are_refused_on_every_rank(env, tmp_pa
     said = [[(tmp_path / f"case{i}-rank{r}.txt").read_text() for r in (0, 1)] for i in range(len(cases))]
     same = "every torchrun process needs the same options, and --out on one shared filesystem"
     for (first, second), want, hint in zip(said, [
-            r"^--data: rank 1 has \[.*other\.txt'\], rank 0 \[.*'\]: ", r"^--lr: rank 1 has 0\.01, rank 0 ",
+            r"^--data: rank 1 has '.*other\.txt' where rank 0 has '.*' \(item 1\): ",
+            r"^--lr: rank 1 has 0\.01, rank 0 ",
             r"^--out: rank 1 has .*c-node1', rank 0 .*/c': ",
             r"^--out: rank 1 has 'no run folder prepared by rank 0', rank 0 'the run folder rank 0 prepared'",
-            r"^--data: rank 1 has \[\('.*', \('\.', 1, 1\)\)\], rank 0 ",
+            r"^--data: rank 1 has \('.*', \('\.', 1, 1\)\) where rank 0 has \('.*', \('\.', \d+, \d+\)\) \(item 1\)",
             r"^--data: rank 1 has 'tokens sha256 0{64}', rank 0 'tokens sha256 [0-9a-f]{64}': "],
             [same] * 5 + ["every torchrun process needs the same corpus (its token cache differs from rank 0's)"]):
         assert first == second and re.search(want, first) and first.endswith(hint), (first, second)
     assert not any((tmp_path / run).exists() for run in ("a", "b", "c", "c-node1"))  # refused before writing
     for run in "def":  # rank 0's claim taken back; a folder it made keeps its content-keyed cache for a retry
         assert not (tmp_path / run).exists() or set(os.listdir(tmp_path / run)) <= {"cache", ".electra-fast-run"}
+
+
+def test_a_disagreement_names_the_first_item_that_differs_in_one_short_line():
+    """Review finding: one differing file of a 2,000-shard --data folder made a 192,110-character line."""
+    from electra_fast.train.distributed import _difference
+    main = [(f"shard-{i:05d}.arrow", 1000 + i, 7) for i in range(2000)]
+    other = main[:1234] + [("shard-01234.arrow", 1, 7)] + main[1235:]
+    assert _difference(other, main, 3) == ("rank 3 has ('shard-01234.arrow', 1, 7) where rank 0 has "
+                                           "('shard-01234.arrow', 2234, 7) (item 1235)")
+    assert _difference(main[:5], main, 1) == "rank 1 has 5 items, rank 0 2000"
+    line = _difference("x" * 10_000, "y", 1)
+    assert len(line) < 250 and line.startswith("rank 1 has 'xxx") and line.endswith("..., rank 0 'y'")
 
 
 def test_a_run_resumed_on_more_processes_gives_each_rank_its_own_dropout_stream(env, tmp_path, capfd):
@@ -1177,6 +1204,9 @@ def test_the_api_takes_pathlib_paths_and_names_an_argument_of_another_type(env, 
     follow = pretrain(Path(env["data"]), **_kw(env, tmp_path / "follow", steps=1, model=None, tokenizer=None,
                                                init_from=run))
     assert follow["steps"] == 1
+    from types import MappingProxyType  # any Mapping is a recipe (review finding: only a dict was)
+    assert pretrain(env["data"], **_kw(env, tmp_path / "proxy", steps=1, recipe=MappingProxyType(
+        {"mask_prob": 0.2})))["steps"] == 1
     for kw, match in ((dict(tokenizer=123), r"^tokenizer: expected a path \(str or os\.PathLike\), got int$"),
                       (dict(model=3.5), r"^model: expected a path \(str or os\.PathLike\), got float$"),
                       (dict(init_from=b"run", model=None, tokenizer=None), r"^init_from: expected a path .*got bytes$"),

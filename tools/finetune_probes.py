@@ -83,15 +83,18 @@ def _load_run(run: str):
 
 
 def swap_probe(run: str, dev: str) -> float:
+    from electra_fast.train import PretrainError
     texts, labels = read_tsv(dev)  # before the model: bad data is said at once
     _, _, model, tok = _load_run(run)
     tok.enable_truncation(128)
     scores = []
     with torch.no_grad():
-        for text in texts:
-            logits = model.discriminator(torch.tensor([tok.encode(text).ids]))[0]
+        for line, text in enumerate(texts, 2):
+            ids = tok.encode(text).ids
+            if len(ids) <= 2:  # the normaliser removed it all (a zero-width space): no token to score
+                raise PretrainError(f"{dev}: line {line}: the sentence has no token the model reads")
+            logits = model.discriminator(torch.tensor([ids]))[0]
             scores.append(float(logits[1:-1].max()))  # [CLS] and [SEP] are never replaced
-    from electra_fast.train import PretrainError
     from electra_fast.train.metrics import roc_auc
     if not all(math.isfinite(x) for x in scores):  # roc_auc's ValueError on NaN was a traceback
         raise PretrainError(f"run: {run}'s discriminator gives logits that are not finite (NaN or inf): its weights "

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .._files import unused
-from .._validate import reason
+from .._validate import out_of_memory, reason
 from .errors import PretrainError
 from .temporaries import remove_dead_temporaries
 
@@ -102,9 +102,12 @@ def save(root: str, step: int, run_id: str, writers: Dict[str, Callable[[str], N
             hook("meta")
     except _write_errors() as e:  # a full disk: torch says "iostream error", safetensors "os error 28"
         shutil.rmtree(tmp, ignore_errors=True)
+        if out_of_memory(e):  # not the disk's: the command's out-of-memory advice
+            raise
+        then = ("the earlier checkpoints are kept: free some space, then --resume" if checkpoint_dirs(root)
+                else "no checkpoint was written yet: free some space, then run the command again")
         raise PretrainError(f"checkpoint step-{step:08d}: writing {name} in {root} failed ({reason(e)}; "
-                            f"{_free(root)} free there); the earlier checkpoints are kept: free some space, "
-                            "then --resume") from e
+                            f"{_free(root)} free there); {then}") from e
     if os.path.isdir(final):  # a corrupt directory of the same step: move it aside, never lose it silently
         _set_aside(final, why, warn)
     os.replace(tmp, final)

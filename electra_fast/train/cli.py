@@ -8,7 +8,7 @@ import argparse
 import re
 import sys
 
-from .._validate import reason
+from .._validate import out_of_memory, reason
 from . import recipe
 
 COMMANDS = ("pretrain", "export", "plot")
@@ -135,13 +135,6 @@ OOM_ADVICE = {"pretrain": "lower --batch-size or --seq-len (--grad-accum keeps t
               "finetune": "lower --batch-size / --eval-batch-size or --max-len"}
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    """torch's allocation failures: MemoryError, "DefaultCPUAllocator: can't allocate memory", CUDA's OOM."""
-    import torch
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
-
-
 def guard(args, command) -> int:
     """Run ``command()`` (a parsed sub-command); bad input -> one line on stderr, exit status 2; Ctrl-C -> 130.
 
@@ -168,7 +161,7 @@ def guard(args, command) -> int:
         if isinstance(exc, (PretrainError, OSError)):
             print(f"electra-fast {args.command}: {who}error: {exc}", file=sys.stderr)
             return 2
-        if _out_of_memory(exc):  # sizes the machine cannot hold: the user's to lower, not a bug's traceback
+        if out_of_memory(exc):  # sizes the machine cannot hold: the user's to lower, not a bug's traceback
             lower = OOM_ADVICE.get(args.command, "use smaller inputs")
             print(f"electra-fast {args.command}: {who}error: out of memory ({reason(exc)}): {lower}", file=sys.stderr)
             return 2

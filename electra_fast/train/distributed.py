@@ -86,12 +86,27 @@ class Context:
         for rank, theirs in enumerate(gathered):
             for name, value in theirs.items():
                 if value != gathered[0].get(name):
-                    raise PretrainError(f"{name}: rank {rank} has {value!r}, rank 0 {gathered[0].get(name)!r}: "
-                                        f"{hint}")
+                    raise PretrainError(f"{name}: {_difference(value, gathered[0].get(name), rank)}: {hint}")
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _difference(value, main, rank: int) -> str:
+    """How ``value`` (rank ``rank``'s) differs from rank 0's ``main``, in a line of bounded length: for two lists
+    (a folder's 2,000 files) the first element that differs, not both lists."""
+    if isinstance(value, (list, tuple)) and isinstance(main, (list, tuple)):
+        at = next((i for i, (a, b) in enumerate(zip(value, main)) if a != b), None)
+        if at is not None:
+            return f"rank {rank} has {_short(value[at])} where rank 0 has {_short(main[at])} (item {at + 1})"
+        return f"rank {rank} has {len(value)} items, rank 0 {len(main)}"
+    return f"rank {rank} has {_short(value)}, rank 0 {_short(main)}"
+
+
+def _short(value, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_device(device: "str | torch.device") -> torch.device:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Mapping
 from typing import Dict, Optional, Tuple
 
 from ..models.config import F32_MAX
@@ -109,7 +110,7 @@ def check(recipe: Optional[dict], override: bool = False, resume: bool = False) 
     from .tokenizer import TOKENIZER_TYPES
     if override and not resume:
         raise PretrainError("--override: only means something with --resume (a new run takes any recipe)")
-    if recipe is not None and not isinstance(recipe, dict):
+    if recipe is not None and not isinstance(recipe, Mapping):  # a dict, MappingProxyType, OmegaConf's DictConfig
         raise TypeError(f"recipe: expected a dict of recipe settings (some of {', '.join(KEYS)}, masking), got "
                         f"{type(recipe).__name__}")
     recipe = dict(recipe or {})
