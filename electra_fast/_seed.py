@@ -28,8 +28,10 @@ def check(seed, name: str = "seed", limit: int = SEED_LIMIT) -> int:
     return seed
 
 
+@torch.compiler.disable  # traced, Inductor drew it from its own generator: a compiled run had other dropout masks
 def draw() -> int:
-    """A seed in [0, SEED_LIMIT - 1) from torch's default generator: reproducible under ``torch.manual_seed``."""
+    """A seed in [0, SEED_LIMIT - 1) from torch's default generator: reproducible under ``torch.manual_seed``,
+    compiled or not (a graph break under ``torch.compile``)."""
     return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
 
 

@@ -488,6 +488,18 @@ def test_paths_are_str_or_pathlike_and_other_types_are_named(pretrained, tmp_pat
     assert not (tmp_path / "bad").exists()
 
 
+def test_explicit_bf16_on_a_cpu_that_emulates_it_warns_as_pretrain_does(pretrained, tmp_path, monkeypatch):
+    """Review finding: finetune --precision bf16 ran 4x slower there without a word; pretrain warns."""
+    from electra_fast import _cpu
+    monkeypatch.setattr(_cpu, "native_bf16", lambda: (False, "ONEDNN_MAX_CPU_ISA=AVX2 caps oneDNN"))
+    d = _classification_files(tmp_path / "data")
+    said = []
+    finetune(str(pretrained), str(d / "train.tsv"), str(d / "dev.tsv"), out=str(tmp_path / "run"), epochs=1,
+             batch_size=8, precision="bf16", progress=False, say=said.append)
+    assert [m for m in said if m.startswith("warning: --precision bf16: ONEDNN_MAX_CPU_ISA=AVX2 caps oneDNN: bf16 "
+                                            "matrix products are emulated here")]
+
+
 def test_skip_bad_lines_counts_them(pretrained, tmp_path):
     d = _classification_files(tmp_path / "data")
     good = open(d / "train.jsonl").read()

@@ -1220,6 +1220,39 @@ def test_the_api_takes_pathlib_paths_and_names_an_argument_of_another_type(env, 
     assert not (tmp_path / "bad").exists()
 
 
+def test_compile_is_checked_first_recorded_and_kept_on_resume(env, tmp_path, monkeypatch, capsys):
+    """Review findings: without a working C++ compiler --compile failed with a 109-line traceback at the first
+    step, after the tokenizer and the cache; run.json did not record it, so a bare --resume of a compiled run ran
+    uncompiled without a word; compile="no" compiled. (torch.compile stood in for: what is under test is when and
+    how the run calls it.)"""
+    import torch._inductor.exc as inductor_exc
+    compiled = []
+
+    def broken(fn, **kw):
+        raise inductor_exc.InductorError(RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), "")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    code = cli_main(["pretrain", "--no-progress", "--data", env["data"], "--model", env["model"], "--seq-len", "32",
+                     "--steps", "2", "--compile", "--out", str(tmp_path / "nocc")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("electra-fast pretrain: error: --compile: torch.compile does not work "
+                                            "here (InductorError: ") and err[-1].endswith("; run without --compile")
+    assert not any("tokeniz" in line for line in err)  # before the tokenizer was trained
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    run = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, run, steps=2, save_every=1, compile=True))
+    assert json.load(open(run / "run.json"))["options"]["compile"] is True and len(compiled) == 2  # probe + step
+    capsys.readouterr()
+    pretrain(env["data"], **_kw(env, run, steps=3, resume=True))
+    assert len(compiled) == 4 and "--compile" not in capsys.readouterr().err  # kept, without a word
+    pretrain(env["data"], **_kw(env, run, steps=4, resume=True, compile=False))
+    assert len(compiled) == 4
+    assert ("warning: --no-compile: resuming a run that was compiled; its losses will differ from an uninterrupted "
+            "run's in the last digits") in capsys.readouterr().err
+    with pytest.raises(TypeError, match="^compile: expected a bool, got str$"):
+        pretrain(env["data"], **_kw(env, tmp_path / "bad", steps=1, compile="no"))
+
+
 def test_the_api_refuses_vocab_size_with_a_tokenizer(env, tmp_path):
     """The command line makes --tokenizer and --vocab-size exclusive; the Python API ran, silently at the given
     tokenizer's 120 tokens for vocab_size=5000."""
@@ -1473,6 +1506,16 @@ def test_resolve_precision_of_a_resumed_run(monkeypatch):
     assert said == []
     assert resolve_precision("fp32", cpu, {"scaler": {}, "precision": "bf16"}, said.append) == "fp32"  # explicit
     assert len(said) == 1 and "resuming a bf16 run" in said[0]
+    # a bf16 run resumed on a CPU without native bf16: auto keeps bf16, and the warning says how to leave it (it
+    # said "--precision auto picks fp32 on this CPU", which it had not)
+    monkeypatch.setattr(_cpu, "native_bf16", lambda: (False, "ONEDNN_MAX_CPU_ISA=AVX2 caps oneDNN"))
+    said.clear()
+    assert resolve_precision("auto", cpu, {"scaler": {}, "precision": "bf16"}, said.append) == "bf16"
+    assert len(said) == 1 and said[0].startswith("warning: resuming a bf16 run: ONEDNN_MAX_CPU_ISA=AVX2 caps oneDNN: "
+                                                 "bf16 matrix products are emulated here") and said[0].endswith(
+        "; --precision fp32 resumes it in fp32 (its losses then differ from an uninterrupted run's)")
+    assert resolve_precision("bf16", cpu, None, said.append) == "bf16"
+    assert said[-1].endswith("; --precision auto picks fp32 on this CPU")
 
 
 BF16_CHILD = textwrap.dedent("""

@@ -44,7 +44,7 @@ from ..train.distributed import check_device
 from ..train.optim import layer_decay, linear_schedule, param_groups
 from ..train.temporaries import remove_dead_temporaries
 from ..train.tokenizer import embedding_rows, load_tokenizer, special_ids, with_special_tokens
-from ..train.options import positive, real
+from ..train.options import emulated_bf16_warning, positive, real
 from . import data as fdata
 from . import metrics as fmetrics
 from . import model as fmodel
@@ -365,6 +365,8 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
         fdata.check_labels(te, names, task, "--test")
     if precision == "auto":
         precision = _cpu.default_precision(dev)[0]
+    elif precision == "bf16" and dev.type == "cpu" and not _cpu.native_bf16()[0]:  # as pretrain says it
+        say(emulated_bf16_warning(_cpu.native_bf16()[1]))
     with torch.random.fork_rng(devices=[]):  # the weights fit the architecture: checked before --out is written
         fmodel.build(cfg, None if from_scratch else state, task, len(names), model)
     feats = {k: fdata.featurize(d, tok, task, names, max_len) for k, d in (("train", tr), ("validation", va),

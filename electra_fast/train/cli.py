@@ -69,7 +69,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 where the device multiplies it natively (GPUs, CPUs with AVX512-BF16 / AMX), "
                         "else fp32; a resumed run keeps its precision")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (default: not; a resumed run keeps the run's choice)")
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--out", default="runs/electra-fast", help="output directory (checkpoints, metrics, cache)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default 1000; always at "

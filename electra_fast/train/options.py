@@ -94,7 +94,7 @@ def real(name: str, value, minimum: float, inclusive: bool) -> float:
 
 # "an ELECTRA-small 32 x 128 step took 91 s in bf16 vs 4.5 s in fp32" (AVX2-only AMD EPYC, no native bf16)
 EMULATED_BF16 = ("bf16 matrix products are emulated here, ~20x slower than fp32 (an ELECTRA-small 32x128 step: 91 s "
-                 "vs 4.5 s on an AVX2-only AMD EPYC); --precision auto picks fp32 on this CPU")
+                 "vs 4.5 s on an AVX2-only AMD EPYC)")
 
 
 def resolve_precision(precision: str, device: torch.device, state: Optional[dict], say) -> str:
@@ -102,6 +102,7 @@ def resolve_precision(precision: str, device: torch.device, state: Optional[dict
     run.json's}), else bf16 where ``device`` runs
     it natively, else fp32. Warns (one line) when bf16 is emulated on this CPU, or when a resumed run changes it."""
     recorded = state.get("precision") if state else None
+    inherited = precision == "auto" and state is not None
     if precision == "auto":  # a checkpoint from before "precision" was recorded: fp16 left a scaler state, else fp32
         legacy = state and ("fp16" if state.get("scaler") else "fp32")
         precision = recorded or legacy or _cpu.default_precision(device)[0]
@@ -110,9 +111,17 @@ def resolve_precision(precision: str, device: torch.device, state: Optional[dict
             "uninterrupted run's")
     if precision == "bf16" and device.type == "cpu":
         native, why = _cpu.native_bf16()
-        if not native:
-            say(f"warning: --precision bf16: {why}: {EMULATED_BF16}")
+        if not native and inherited:  # auto kept the run's bf16: say how to leave it
+            say(f"warning: resuming a bf16 run: {why}: {EMULATED_BF16}; --precision fp32 resumes it in fp32 (its "
+                "losses then differ from an uninterrupted run's)")
+        elif not native:
+            say(emulated_bf16_warning(why))
     return precision
+
+
+def emulated_bf16_warning(why: str) -> str:
+    """The warning for an explicit --precision bf16 on a CPU that emulates it (``why``: what the CPU lacks)."""
+    return f"warning: --precision bf16: {why}: {EMULATED_BF16}; --precision auto picks fp32 on this CPU"
 
 
 def summary_writer():

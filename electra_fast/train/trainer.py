@@ -24,7 +24,7 @@ import torch
 from .. import _backend
 from .._files import unused, utf8_path, write_json
 from .._seed import derive_seed
-from .._validate import path as path_arg
+from .._validate import path as path_arg, reason
 from . import checkpoint as ckpt
 from . import plot, rundir
 from . import recipe as recipes
@@ -85,7 +85,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
              vocab_size: Optional[int] = None, model: Optional[str] = None, seq_len: Optional[int] = None,
              batch_size: Optional[int] = None, grad_accum: Optional[int] = None, steps: Optional[int] = None,
              lr: Optional[float] = None, warmup: Optional[int] = None, weight_decay: Optional[float] = None,
-             precision: str = "auto", compile: bool = False, seed: Optional[int] = None,
+             precision: str = "auto", compile: Optional[bool] = None, seed: Optional[int] = None,
              out: str = "runs/electra-fast", save_every: Optional[int] = None,
              keep: Optional[int] = None, resume: bool = False, log_every: Optional[int] = None,
              skip_bad_lines: bool = False,
@@ -131,6 +131,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
                             "--vocab-size sizes a tokenizer trained on the data)")
     # a resumed run's own, for a restart when it has no complete checkpoint
     run_tokenizer = run_init_from = recorded_recipe = run_precision = None
+    notes: list = []  # warnings said once the process knows whether it is the main one
     if resume:
         claimed = rundir.is_claimed(out)
         vacant = rundir.is_vacant(out)
@@ -143,13 +144,18 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
                                 "without --resume")
         run_json = _run_record(out)
         recorded_recipe = run_json.get("recipe")
-        given_threads = threads
+        given_threads, given_compile = threads, compile
         (data, seq_len, batch_size, grad_accum, lr, warmup, weight_decay, seed, model, steps, save_every, keep,
-         log_every, eval_every, tensorboard, threads, vocab_size, run_tokenizer, run_init_from) = _run_options(
+         log_every, eval_every, tensorboard, threads, compile, vocab_size, run_tokenizer, run_init_from) = _run_options(
             run_json, out, data=data, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
             warmup=warmup, weight_decay=weight_decay, seed=seed, model=model, steps=steps, save_every=save_every,
             keep=keep, log_every=log_every, eval_every=eval_every, tensorboard=tensorboard, threads=threads,
-            vocab_size=vocab_size, tokenizer=None, init_from=None).values()
+            compile=compile, vocab_size=vocab_size, tokenizer=None, init_from=None).values()
+        run_compiled = (run_json.get("options") or {}).get("compile") if isinstance(run_json, dict) else None
+        if given_compile is not None and run_compiled is not None and bool(given_compile) != run_compiled:
+            notes.append(f"warning: --{'' if given_compile else 'no-'}compile: resuming a run that was "
+                         f"{'' if run_compiled else 'not '}compiled; its losses will differ from an uninterrupted "
+                         "run's in the last digits")
         if given_threads is None and isinstance(threads, int) and threads > _cpus():
             threads = None  # the run's count, on a machine with fewer CPUs: torch's default, as for a run without
         if tokenizer is not None and isinstance(run_json.get("options"), dict) and (
@@ -159,6 +165,9 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
                                 "(omit it, or start a new --out)")
         run_precision = run_json.get("precision")
     keep = 3 if keep is None else keep
+    compile = False if compile is None else compile
+    if not isinstance(compile, bool):  # compile="no" compiled
+        raise TypeError(f"compile: expected a bool, got {type(compile).__name__}")
     # a kill -9 or an out-of-memory kill late in a long run lost all of it when only the end was saved
     save_every = DEFAULT_SAVE_EVERY if save_every is None else save_every
     log_every = 10 if log_every is None else log_every
@@ -216,13 +225,15 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
                    batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=recorded_warmup,
                    weight_decay=weight_decay, seed=seed, model=model, steps=steps, save_every=save_every, keep=keep,
                    log_every=log_every, eval_every=eval_every, tensorboard=tensorboard, threads=threads,
-                   vocab_size=vocab_size,
+                   compile=compile, vocab_size=vocab_size,
                    tokenizer=run_tokenizer if tokenizer is None else os.path.abspath(tokenizer),
                    init_from=run_init_from if init_from is None else os.path.abspath(init_from),
                    )  # run.json's record: what a --resume inherits
     del recorded_warmup
     ctx = setup(device)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx.is_main else (lambda msg: None)
+    for note in notes:
+        say(note)
     kwargs = dict(locals())
     before = rundir.run_files(out) if ctx.is_main else None
     job = None
@@ -255,7 +266,15 @@ RUN_OPTIONS = ("data", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "w
 # to the default 3 checkpoints (deleting the user's), and dropped its --save-every / --eval-every periods; and
 # --threads (CPU reductions such as LayerNorm's parameter gradients sum in another order with another count: a bare
 # resume of a --threads 1 run drifted from the uninterrupted run by 1e-5 in 8 steps)
-RUN_SETTINGS = ("steps", "save_every", "keep", "log_every", "eval_every", "tensorboard", "threads")
+RUN_SETTINGS = ("steps", "save_every", "keep", "log_every", "eval_every", "tensorboard", "threads", "compile")
+
+
+def _check_compiles(device: torch.device) -> None:
+    try:
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(2, device=device))
+    except Exception as e:  # noqa: BLE001 - Inductor's errors have no common base; one line, whatever it was
+        raise PretrainError(f"--compile: torch.compile does not work here ({type(e).__name__}: {reason(e)}); run "
+                            "without --compile") from None
 
 
 def _stat(path: str) -> tuple:
@@ -380,6 +399,8 @@ class _Job:
     # ---------------------------------------------------------------- set-up
     def _prepare(self) -> None:
         o, ctx = self.o, self.ctx
+        if o.compile:  # said now, not at the first step after hours of tokenising (a missing C++ compiler)
+            _check_compiles(ctx.device)
         # ranks given other options (a node's own --data or --lr) trained one model on mixed data or settings and
         # recorded rank 0's only; other --out folders (no shared filesystem) failed later, naming --tokenizer
         same = "every torchrun process needs the same options, and --out on one shared filesystem"
