@@ -1106,7 +1106,8 @@ def _ddp_disagreement_worker(rank, world, cases, result_dir):
     # corpus file of another size, other tokens
     node = {"unseen": (rundir_mod, "is_claimed", lambda out: False),
             "stat": (trainer_mod, "_stat", lambda path: ((".", 1, 1),)),
-            "digest": (trainer_mod, "stream_digest", lambda stream: "0" * 64)}
+            "digest": (trainer_mod, "stream_digest", lambda stream: "0" * 64),
+            "no compiler": (trainer_mod, "_compile_fails", lambda device: "InductorError: no C++ compiler")}
     for i, (port, kws, own) in enumerate(cases):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
@@ -1140,6 +1141,7 @@ def test_ranks_given_other_options_or_data_are_refused_on_every_rank(env, tmp_pa
         (_free_port(), [base(tmp_path / "d"), base(tmp_path / "d")], "unseen"),
         (_free_port(), [base(tmp_path / "e"), base(tmp_path / "e")], "stat"),
         (_free_port(), [base(tmp_path / "f"), base(tmp_path / "f")], "digest"),
+        (_free_port(), [base(tmp_path / "g", compile=True), base(tmp_path / "g", compile=True)], "no compiler"),
     ]
     torch.multiprocessing.spawn(_ddp_disagreement_worker, args=(2, cases, str(tmp_path)), nprocs=2, join=True)
     said = [[(tmp_path / f"case{i}-rank{r}.txt").read_text() for r in (0, 1)] for i in range(len(cases))]
@@ -1150,10 +1152,12 @@ def test_ranks_given_other_options_or_data_are_refused_on_every_rank(env, tmp_pa
             r"^--out: rank 1 has .*c-node1', rank 0 .*/c': ",
             r"^--out: rank 1 has 'no run folder prepared by rank 0', rank 0 'the run folder rank 0 prepared'",
             r"^--data: rank 1 has \('.*', \('\.', 1, 1\)\) where rank 0 has \('.*', \('\.', \d+, \d+\)\) \(item 1\)",
-            r"^--data: rank 1 has 'tokens sha256 0{64}', rank 0 'tokens sha256 [0-9a-f]{64}': "],
-            [same] * 5 + ["every torchrun process needs the same corpus (its token cache differs from rank 0's)"]):
+            r"^--data: rank 1 has 'tokens sha256 0{64}', rank 0 'tokens sha256 [0-9a-f]{64}': ",
+            r"^--compile failure: rank 1 has 'InductorError: no C\+\+ compiler', rank 0 None: "],
+            [same] * 5 + ["every torchrun process needs the same corpus (its token cache differs from rank 0's)",
+                          same]):
         assert first == second and re.search(want, first) and first.endswith(hint), (first, second)
-    assert not any((tmp_path / run).exists() for run in ("a", "b", "c", "c-node1"))  # refused before writing
+    assert not any((tmp_path / run).exists() for run in ("a", "b", "c", "c-node1", "g"))  # refused before writing
     for run in "def":  # rank 0's claim taken back; a folder it made keeps its content-keyed cache for a retry
         assert not (tmp_path / run).exists() or set(os.listdir(tmp_path / run)) <= {"cache", ".electra-fast-run"}
 
@@ -1251,6 +1255,11 @@ def test_compile_is_checked_first_recorded_and_kept_on_resume(env, tmp_path, mon
             "run's in the last digits") in capsys.readouterr().err
     with pytest.raises(TypeError, match="^compile: expected a bool, got str$"):
         pretrain(env["data"], **_kw(env, tmp_path / "bad", steps=1, compile="no"))
+    record = json.load(open(run / "run.json"))
+    record["options"]["compile"] = "yes"  # edited by hand
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(PretrainError, match=r"run\.json records compile 'yes'; expected true or false$"):
+        pretrain(env["data"], **_kw(env, run, steps=5, resume=True))
 
 
 def test_the_api_refuses_vocab_size_with_a_tokenizer(env, tmp_path):

@@ -151,7 +151,10 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
             warmup=warmup, weight_decay=weight_decay, seed=seed, model=model, steps=steps, save_every=save_every,
             keep=keep, log_every=log_every, eval_every=eval_every, tensorboard=tensorboard, threads=threads,
             compile=compile, vocab_size=vocab_size, tokenizer=None, init_from=None).values()
-        run_compiled = (run_json.get("options") or {}).get("compile") if isinstance(run_json, dict) else None
+        if not isinstance(compile, (bool, type(None))):  # a hand-edited run.json
+            raise PretrainError(f"--resume: {out}/run.json records compile {compile!r}; expected true or false")
+        run_options = run_json.get("options")
+        run_compiled = run_options.get("compile") if isinstance(run_options, dict) else None
         if given_compile is not None and run_compiled is not None and bool(given_compile) != run_compiled:
             notes.append(f"warning: --{'' if given_compile else 'no-'}compile: resuming a run that was "
                          f"{'' if run_compiled else 'not '}compiled; its losses will differ from an uninterrupted "
@@ -269,12 +272,13 @@ RUN_OPTIONS = ("data", "seq_len", "batch_size", "grad_accum", "lr", "warmup", "w
 RUN_SETTINGS = ("steps", "save_every", "keep", "log_every", "eval_every", "tensorboard", "threads", "compile")
 
 
-def _check_compiles(device: torch.device) -> None:
+def _compile_fails(device: torch.device) -> Optional[str]:
+    """Why torch.compile cannot run here (a missing C++ compiler, say), or None: asked before any work."""
     try:
         torch.compile(lambda t: t * 2 + 1)(torch.ones(2, device=device))
     except Exception as e:  # noqa: BLE001 - Inductor's errors have no common base; one line, whatever it was
-        raise PretrainError(f"--compile: torch.compile does not work here ({type(e).__name__}: {reason(e)}); run "
-                            "without --compile") from None
+        return f"{type(e).__name__}: {reason(e)}"
+    return None
 
 
 def _stat(path: str) -> tuple:
@@ -399,15 +403,19 @@ class _Job:
     # ---------------------------------------------------------------- set-up
     def _prepare(self) -> None:
         o, ctx = self.o, self.ctx
-        if o.compile:  # said now, not at the first step after hours of tokenising (a missing C++ compiler)
-            _check_compiles(ctx.device)
+        # said now, not at the first step after hours of tokenising; every rank asks, and all stop together
+        compile_fails = _compile_fails(ctx.device) if o.compile else None
         # ranks given other options (a node's own --data or --lr) trained one model on mixed data or settings and
         # recorded rank 0's only; other --out folders (no shared filesystem) failed later, naming --tokenizer
         same = "every torchrun process needs the same options, and --out on one shared filesystem"
         ctx.same_on_every_rank({f"--{k.replace('_', '-')}": v for k, v in {
             **o.options, "out": os.path.abspath(o.out), "precision": o.precision, "recipe": o.recipe,
             "override": o.override, "resume": o.resume, "allow_nonempty_out": o.allow_nonempty_out,
-            "skip_bad_lines": o.skip_bad_lines, "compile": o.compile, "fused": o.fused}.items()}, same)
+            "skip_bad_lines": o.skip_bad_lines, "compile": o.compile, "fused": o.fused,
+            "compile failure": compile_fails}.items()}, same)
+        if compile_fails is not None:
+            raise PretrainError(f"--compile: torch.compile does not work here ({compile_fails}); run without "
+                                "--compile")
         rundir.prepare(o.out, resume=o.resume, allow_nonempty=o.allow_nonempty_out, claim=ctx.is_main)
         self.lock = rundir.claim_lock(o.out) if ctx.is_main else None
         self.owns_out = ctx.is_main  # from here on, the files this job creates in --out are its own
