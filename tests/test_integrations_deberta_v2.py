@@ -499,7 +499,7 @@ def _train_mode_model(**kw):
     return DebertaV2Model(_tiny_config(attention_probs_dropout_prob=0.5, **kw)).train()
 
 
-@pytest.mark.parametrize("how", ["eval", "identity", "p=1 after patching"])
+@pytest.mark.parametrize("how", ["eval", "identity", "p=1 after patching", "p=1 before patching"])
 def test_the_users_choice_for_an_attention_dropout_holds(how):
     """Review findings on the shared dropouts: patch() called train() on them, switching a dropout the user had
     put in eval mode back on (padded rows 2.88 off); an nn.Identity put there to remove it crashed (no .p); p set
@@ -512,6 +512,8 @@ def test_the_users_choice_for_an_attention_dropout_holds(how):
             a.dropout.eval()
         elif how == "identity":
             a.dropout = torch.nn.Identity()
+        elif how == "p=1 before patching":  # legal in transformers: patching raised from the module's constructor
+            a.dropout.p = 1.0
     if how == "p=1 after patching":
         electra_fast.patch(model)
         for layer in model.encoder.layer:
@@ -519,6 +521,14 @@ def test_the_users_choice_for_an_attention_dropout_holds(how):
         got = model(ids, attention_mask=mask).last_hidden_state
         electra_fast.unpatch(model)
         want = model(ids, attention_mask=mask).last_hidden_state
+    elif how == "p=1 before patching":
+        want = model(ids, attention_mask=mask).last_hidden_state
+        with pytest.raises(ValueError, match="attention dropout p = 1"):
+            electra_fast.patch(model, strict=True)
+        electra_fast.patch_deberta_v2(model)  # the module swapped in; each call falls back to transformers' code
+        assert all(type(layer.attention.self) is FusedDisentangledSelfAttention for layer in model.encoder.layer)
+        got = model(ids, attention_mask=mask).last_hidden_state
+        electra_fast.unpatch(model)
     else:
         want = model(ids, attention_mask=mask).last_hidden_state
         electra_fast.patch(model, strict=True)

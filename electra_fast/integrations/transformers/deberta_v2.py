@@ -32,10 +32,6 @@ def _hf():
     return modeling_deberta_v2
 
 
-def _dropout_p(module: nn.Module) -> float:
-    return float(getattr(module, "p", getattr(module, "drop_prob", 0.0)))  # nn.Dropout / older StableDropout
-
-
 def config_arguments(config) -> dict:
     """``DisentangledSelfAttention``'s arguments from a ``DebertaV2Config``, resolved as transformers does."""
     max_rel = getattr(config, "max_relative_positions", -1)
@@ -50,15 +46,16 @@ def config_arguments(config) -> dict:
 
 
 def _module_arguments(module: nn.Module) -> dict:
-    """The same arguments read back from a built transformers ``DisentangledSelfAttention``."""
+    """The same arguments read back from a built transformers ``DisentangledSelfAttention``; the dropouts' are
+    placeholders (0): :meth:`FusedDisentangledSelfAttention.from_transformers` takes module's own dropout modules,
+    whatever their p (a p of 1, legal in transformers, failed this constructor's check before the fallback)."""
     relative = module.relative_attention
     return dict(hidden_size=module.query_proj.in_features, num_heads=module.num_attention_heads,
                 head_size=module.attention_head_size, relative_attention=relative,
                 position_buckets=module.position_buckets if relative else -1,
                 max_relative_positions=module.max_relative_positions if relative else 1,
                 pos_att_type=[t for t in module.pos_att_type if t in POSITION_TERMS],
-                share_att_key=module.share_att_key, attention_dropout=_dropout_p(module.dropout),
-                pos_dropout=_dropout_p(module.pos_dropout) if relative else 0.0)
+                share_att_key=module.share_att_key, attention_dropout=0.0, pos_dropout=0.0)
 
 
 def _with_parameters(module: nn.Module) -> set:
