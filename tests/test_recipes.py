@@ -130,6 +130,9 @@ RESUME_REFUSED = [
                             "--random-token-frac 0.0 -> 0.1)"),
     (["--masking", "bert", "--mask-token-frac", "0.7"], "--mask-token-frac: differs from the run being resumed "
                                                         "(--mask-token-frac 0.85 -> 0.7, --random-token-frac 0.0 -> 0.1)"),
+    # the fraction the scheme set, where the other was given the run's value
+    (["--masking", "bert", "--mask-token-frac", "0.85"], "--masking bert: differs from the run being resumed "
+                                                         "(--random-token-frac 0.0 -> 0.1)"),
     (["--whole-word-masking"], "--whole-word-masking: differs from the run being resumed"),
     (["--generator-size", "0.25", "--override"], "--generator-size: the run being resumed has 0.5, which a resumed "
                                                  "run cannot change; start a new --out"),

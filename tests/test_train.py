@@ -1253,8 +1253,9 @@ def test_compile_is_checked_first_recorded_and_kept_on_resume(env, tmp_path, mon
     assert len(compiled) == 4
     assert ("warning: --no-compile: resuming a run that was compiled; its losses will differ from an uninterrupted "
             "run's in the last digits") in capsys.readouterr().err
-    with pytest.raises(TypeError, match="^compile: expected a bool, got str$"):
-        pretrain(env["data"], **_kw(env, tmp_path / "bad", steps=1, compile="no"))
+    for out, resume in ((tmp_path / "bad", False), (run, True)):  # given on a resume: the argument, not run.json
+        with pytest.raises(TypeError, match="^compile: expected a bool, got str$"):
+            pretrain(env["data"], **_kw(env, out, steps=5, compile="no", resume=resume))
     record = json.load(open(run / "run.json"))
     record["options"]["compile"] = "yes"  # edited by hand
     (run / "run.json").write_text(json.dumps(record))

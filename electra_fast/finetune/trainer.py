@@ -365,8 +365,10 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
         fdata.check_labels(te, names, task, "--test")
     if precision == "auto":
         precision = _cpu.default_precision(dev)[0]
-    elif precision == "bf16" and dev.type == "cpu" and not _cpu.native_bf16()[0]:  # as pretrain says it
-        say(emulated_bf16_warning(_cpu.native_bf16()[1]))
+    elif precision == "bf16" and dev.type == "cpu":
+        native, why = _cpu.native_bf16()
+        if not native:  # as pretrain says it
+            say(emulated_bf16_warning(why))
     with torch.random.fork_rng(devices=[]):  # the weights fit the architecture: checked before --out is written
         fmodel.build(cfg, None if from_scratch else state, task, len(names), model)
     feats = {k: fdata.featurize(d, tok, task, names, max_len) for k, d in (("train", tr), ("validation", va),

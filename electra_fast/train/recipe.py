@@ -44,14 +44,14 @@ def flag(key: str) -> str:
 
 
 class Given(dict):
-    """A checked recipe; ``masking``: the --masking scheme its fractions came from (named in messages)."""
-    masking: Optional[str] = None
+    """A checked recipe; ``by_masking``: the --masking scheme given and the keys it set (named in messages)."""
+    by_masking: Tuple[Optional[str], frozenset] = (None, frozenset())
 
 
 def _named(key: str, recipe) -> str:
     """How the user gave ``key``: its own flag, or the --masking scheme that set it."""
-    masking = getattr(recipe, "masking", None)
-    return f"--masking {masking}" if masking and key in ("mask_token_frac", "random_token_frac") else flag(key)
+    masking, keys = getattr(recipe, "by_masking", Given.by_masking)
+    return f"--masking {masking}" if key in keys else flag(key)
 
 
 def add_arguments(parser) -> None:
@@ -125,8 +125,8 @@ def check(recipe: Optional[dict], override: bool = False, resume: bool = False) 
             raise PretrainError(f"--masking: expected one of {', '.join(MASKING_SCHEMES)}, got {masking!r}")
         recipe = {**MASKING_SCHEMES[masking], **recipe}
     recipe = Given(recipe)
-    recipe.masking = masking if masking is not None and not {"mask_token_frac", "random_token_frac"} & given \
-        else None
+    if masking is not None:
+        recipe.by_masking = (masking, frozenset(MASKING_SCHEMES[masking]) - given)
     for key, value in recipe.items():
         if key in RANGES:
             _number(key, value, *RANGES[key])

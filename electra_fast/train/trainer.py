@@ -129,6 +129,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     if tokenizer is not None and vocab_size is not None:  # as the command line's mutually exclusive pair
         raise PretrainError(f"--vocab-size: not with --tokenizer (its vocabulary, {tokenizer}'s, is the model's; "
                             "--vocab-size sizes a tokenizer trained on the data)")
+    if compile is not None and not isinstance(compile, bool):  # compile="no" compiled
+        raise TypeError(f"compile: expected a bool, got {type(compile).__name__}")
     # a resumed run's own, for a restart when it has no complete checkpoint
     run_tokenizer = run_init_from = recorded_recipe = run_precision = None
     notes: list = []  # warnings said once the process knows whether it is the main one
@@ -169,8 +171,6 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         run_precision = run_json.get("precision")
     keep = 3 if keep is None else keep
     compile = False if compile is None else compile
-    if not isinstance(compile, bool):  # compile="no" compiled
-        raise TypeError(f"compile: expected a bool, got {type(compile).__name__}")
     # a kill -9 or an out-of-memory kill late in a long run lost all of it when only the end was saved
     save_every = DEFAULT_SAVE_EVERY if save_every is None else save_every
     log_every = 10 if log_every is None else log_every
@@ -283,7 +283,8 @@ def _compile_fails(device: torch.device) -> Optional[str]:
 
 def _stat(path: str) -> tuple:
     """(name, size, mtime in ns) of each file an input reads: what each rank reads of it."""
-    return tuple((os.path.relpath(f, path), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in input_files(path))
+    return tuple((os.path.relpath(f, path), st.st_size, st.st_mtime_ns)
+                 for f, st in ((f, os.stat(f)) for f in input_files(path)))
 
 
 def _cpus() -> int:
