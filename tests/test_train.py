@@ -294,6 +294,23 @@ def test_jsonl_directory_and_skip_bad_lines(tmp_path):
     assert stats["skipped_lines"] == 1
 
 
+def test_folder_skips_hidden_and_dunder_names(tmp_path):
+    # Jupyter's checkpoint copies (and .git/, __pycache__/) sit next to a corpus; read, their text went in twice.
+    from electra_fast.train.data import resolve_inputs
+    d = tmp_path / "corpus"
+    for rel in ("a.txt", ".ipynb_checkpoints/a-checkpoint.txt", ".notes.txt", "__pycache__/x.txt", "sub/b.jsonl",
+                "sub/.c.txt"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text("some text\n", encoding="utf-8")
+    assert [os.path.relpath(f, d) for f in resolve_inputs([str(d)])] == ["a.txt", os.path.join("sub", "b.jsonl")]
+    assert resolve_inputs([str(d / ".notes.txt")]) == [str(d / ".notes.txt")]  # named as a file, it is read
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / ".x.txt").write_text("text\n", encoding="utf-8")
+    with pytest.raises(PretrainError, match=r"holds no \.txt or \.jsonl files \(only hidden ones"):
+        resolve_inputs([str(only)])
+
+
 def test_derive_seed():
     seeds = {derive_seed(0, s, r, m) for s in range(50) for r in range(2) for m in range(2)}
     assert len(seeds) == 200 and all(0 <= x < 2 ** 63 for x in seeds)

@@ -43,6 +43,10 @@ def _is_saved_dataset(path: str) -> bool:
                                     or os.path.isfile(os.path.join(path, "dataset_dict.json")))
 
 
+def _is_hidden(name: str) -> bool:
+    return name.startswith((".", "__"))
+
+
 def resolve_inputs(paths: Sequence[str], exclude: Optional[str] = None, owned: Sequence[str] = ()) -> List[str]:
     """Files (and saved datasets) named by ``paths``, directories expanded; errors for missing / empty.
 
@@ -60,17 +64,22 @@ def resolve_inputs(paths: Sequence[str], exclude: Optional[str] = None, owned: S
         if _is_saved_dataset(p):
             out.append(p)
         elif os.path.isdir(p):
-            found, seen = [], {os.path.realpath(p)}
+            found, seen, hidden = [], {os.path.realpath(p)}, 0
             for r, dirs, fs in os.walk(p, followlinks=True):  # a linked sub-folder is the user's text too
-                real = {d: os.path.realpath(os.path.join(r, d)) for d in dirs}
-                dirs[:] = [d for d in dirs if real[d] != skip and real[d] not in seen]  # no link cycle, no twice
+                # As datasets reads a folder: hidden and "__" names are tools' copies (.ipynb_checkpoints/,
+                # .git/, __pycache__/), not the user's corpus; read, they would put its text in twice.
+                hidden += sum(_is_hidden(n) and n.lower().endswith(TEXT_SUFFIXES) for n in fs)
+                fs = [f for f in fs if not _is_hidden(f)]
+                real = {d: os.path.realpath(os.path.join(r, d)) for d in dirs if not _is_hidden(d)}
+                dirs[:] = [d for d in real if real[d] != skip and real[d] not in seen]  # no link cycle, no twice
                 seen.update(real[d] for d in dirs)
                 if os.path.realpath(r) == skip:  # --data is --out itself: the run's own files are not text
                     dirs[:], fs = [d for d in dirs if d not in owned], [f for f in fs if f not in owned]
                 found.extend(os.path.join(r, f) for f in fs if f.lower().endswith(TEXT_SUFFIXES))
             found.sort()
             if not found:
-                raise PretrainError(f"--data: directory {p} holds no .txt or .jsonl files")
+                also = " (only hidden ones, whose names start with '.' or '__': name them as files)" if hidden else ""
+                raise PretrainError(f"--data: directory {p} holds no .txt or .jsonl files{also}")
             out.extend(found)
         else:
             out.append(p)
