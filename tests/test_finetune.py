@@ -58,6 +58,9 @@ def test_correlations_match_their_definitions():
     assert M.spearman(x, y) == pytest.approx(1 - 6 * d2 / (n * (n * n - 1)), abs=1e-12)
     assert list(M.ranks([3.0, 1.0, 3.0, 2.0])) == [3.5, 1.0, 3.5, 2.0]  # ties share their average rank
     assert M.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0
+    # a constant whose mean is inexact (2.3) centred to +-1e-16, not 0: the "correlation" was -1.0, and a run's
+    # best epoch went by the sign of that rounding error
+    assert M.pearson([0.1] * 6, [2.3] * 6) == 0.0 and M.pearson([0.2, 0.5, 0.1, 0.9, 0.4, 0.3, 0.7], [2.3] * 7) == 0.0
     with pytest.raises(ValueError, match="finite"):  # NaNs ranked in input order scored a diverged model 1.0
         M.regression_scores([float("nan")] * 3, [1.0, 2.0, 3.0])
 
@@ -1201,6 +1204,41 @@ def test_rows_keep_their_place_when_bad_lines_are_skipped(tmp_path):
     path = _write(tmp_path / "t.tsv", "sentence\tlabel\na\t\nb\t\n\t\nc\t\n")
     ds = fdata.read(path, "classification", fdata.Columns(), "--test", labelled=False, skip_bad_lines=True)
     assert [(e.text, e.row) for e in ds.examples] == [("a", 0), ("b", 1), ("c", 3)] and ds.skipped == 1
+
+
+def test_predictions_file_keeps_a_label_with_a_tab_or_line_break_in_one_field(pretrained, tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    for split in ("train", "dev"):
+        _write(d / f"{split}.jsonl", "".join(json.dumps({"sentence": s, "label": "yes\tmaybe" if "cat" in s else
+                                                         'no\n"really"'}) + "\n" for s in _sentences(12, 3)))
+    _run(pretrained, d, tmp_path / "out", "train.jsonl", "dev.jsonl", test=str(d / "dev.jsonl"))
+    with open(tmp_path / "out" / "seed-1" / "predictions-test.tsv", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    assert rows[0] == ["index", "prediction"] and [r[0] for r in rows[1:]] == [str(i) for i in range(12)]
+    assert {r[1] for r in rows[1:]} <= {"yes\tmaybe", 'no\n"really"'}
+
+
+def test_blank_lines_between_rows_are_no_row_and_said(pretrained, tmp_path):
+    # a one-column test file's blank line dropped a row without a word (a two-column file refuses an empty text)
+    d = _classification_files(tmp_path / "data")
+    test = _write(d / "test.tsv", "sentence\nthe cat\n\ngood dog\n\nbad fish\n\n\n")
+    said = []
+    finetune(str(pretrained), str(d / "train.tsv"), str(d / "dev.tsv"), test=test, out=str(tmp_path / "out"),
+             epochs=1, batch_size=8, progress=False, say=said.append)
+    assert [m for m in said if "blank" in m] == [
+        "note: --test: 2 blank line(s) between rows read as no row (as pandas reads them; predictions' index counts "
+        "the rows without them)"]
+    preds = (tmp_path / "out" / "seed-1" / "predictions-test.tsv").read_text().splitlines()
+    assert [p.split("\t")[0] for p in preds[1:]] == ["0", "1", "2"]
+    assert fdata.read(str(d / "dev.tsv"), "classification", fdata.Columns(), "--validation").blank == 0
+
+
+def test_a_tag_holding_white_space_is_refused(tmp_path):
+    # predicted tags are written space-separated: "B PER" would read back as two tags
+    path = _write(tmp_path / "t.jsonl", json.dumps({"tokens": ["Ann", "ran"], "tags": ["B PER", "O"]}) + "\n")
+    with pytest.raises(fdata.FinetuneError, match=r"line 1: tag 'B PER' holds white space"):
+        fdata.read(path, "token-classification", fdata.Columns(), "--train")
 
 
 def test_label_order_is_fixed_and_tag_sets_pick_their_metric():

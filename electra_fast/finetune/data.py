@@ -57,13 +57,15 @@ class Dataset:
     path: str = ""
     names: Dict[str, Any] = field(default_factory=dict)  # the columns read: {"text", "pair", "label"} or
     #                                                       {"tokens", "tags"}, names or 0-based indices
+    blank: int = 0  # blank lines between a CSV / TSV file's rows: no row (as pandas reads them), said aloud
 
 
 # ---------------------------------------------------------------------------------------- reading
-def _rows(path: str, flag: str) -> Tuple[List[Tuple[int, Any]], bool]:
-    """(line number, row) pairs and whether rows are dicts (header / JSON objects) or lists (no header)."""
+def _rows(path: str, flag: str) -> Tuple[List[Tuple[int, Any]], bool, int]:
+    """(line number, row) pairs, whether rows are dicts (header / JSON objects) or lists (no header), and how many
+    blank lines of a CSV / TSV file sat between rows."""
     if os.path.isdir(path):
-        return _saved_dataset(path, flag), True
+        return _saved_dataset(path, flag), True, 0
     if not os.path.isfile(path):
         raise FinetuneError(f"{flag}: no such file: {path}")
     ext = os.path.splitext(path)[1].lower()
@@ -87,7 +89,7 @@ def _rows(path: str, flag: str) -> Tuple[List[Tuple[int, Any]], bool]:
                 rows.append((n, json.loads(line)))
             except ValueError:
                 rows.append((n, None))  # reported by the caller as a bad row (or skipped)
-        return rows, True
+        return rows, True, 0
     if ext not in (".csv", ".tsv", ".txt"):
         raise FinetuneError(f"{flag}: {path}: expected a .csv, .tsv, .jsonl file or a datasets save_to_disk folder")
     delimiter = "," if ext == ".csv" else "\t"
@@ -98,16 +100,19 @@ def _rows(path: str, flag: str) -> Tuple[List[Tuple[int, Any]], bool]:
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text)))  # the default 128 KiB per field would refuse a long document
     try:
-        rows, start = [], 1
+        rows, start, blank, inner = [], 1, 0, 0
         for row in reader:
             if row:
                 rows.append((start, row))
+                inner = blank  # blank lines after the last row are the file's end, not a row each
+            else:
+                blank += 1
             start = reader.line_num + 1
     except csv.Error as e:
         raise FinetuneError(f"{flag}: {path} line {reader.line_num}: {e}") from None
     finally:
         csv.field_size_limit(limit)
-    return rows, False
+    return rows, False, inner
 
 
 # a TSV field that starts with a quote, and one wholly quoted the csv module's way (inner quotes doubled; tabs or
@@ -178,7 +183,7 @@ def read(path: str, task: str, columns: Columns, flag: str, labelled: bool = Tru
     training file's columns (its ``Dataset.names``), which a validation / test file must have too (a pair column
     cannot go missing from one file and turn its rows into single sentences)."""
     path = os.fspath(path)
-    rows, keyed = _rows(path, flag)
+    rows, keyed, blank = _rows(path, flag)
     used = (columns.tokens, columns.tags) if task == "token-classification" else (columns.text, columns.pair,
                                                                                   columns.label)
     indexed = all(c is None or str(c).isdigit() for c in used) and used[0] is not None and not keyed
@@ -217,7 +222,7 @@ def read(path: str, task: str, columns: Columns, flag: str, labelled: bool = Tru
             skipped += 1
     if not out:
         raise FinetuneError(f"{flag}: {path} has no usable rows" + (f" ({skipped} skipped)" if skipped else ""))
-    return Dataset(out, skipped, path, names)
+    return Dataset(out, skipped, path, names, blank=blank)
 
 
 # What a header names its columns (GLUE's, datasets', CoNLL's): a first row holding one of these in a label / tags
@@ -345,6 +350,9 @@ def _example(row, names: dict, task: str, labelled: bool, where: str, indexed: b
         tags = [str(t).strip() for t in tags]  # as class labels are: "B-PER " is B-PER, not another entity type
         if not all(tags):
             raise FinetuneError(f"{where}: a tag is empty")
+        spaced = next((t for t in tags if re.search(r"\s", t)), None)
+        if spaced is not None:  # a word's predicted tags are written space-separated: one such tag reads as two
+            raise FinetuneError(f"{where}: tag {spaced!r} holds white space; tags must be single words")
         return Example(tokens, None, tags, where)
     text = _field(row, names["text"], where, "text")
     if not isinstance(text, str) or not text.strip():

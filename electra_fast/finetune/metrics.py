@@ -54,6 +54,8 @@ def matthews(pred: Sequence[int], gold: Sequence[int]) -> float:
 
 def pearson(pred: Sequence[float], gold: Sequence[float]) -> float:
     p, g = _pair(pred, gold)
+    if len(p) == 0 or p.min() == p.max() or g.min() == g.max():  # undefined: 0.0, not the mean's rounding error
+        return 0.0
     p, g = p.astype(np.float64) - p.mean(), g.astype(np.float64) - g.mean()
     den = np.sqrt((p * p).sum() * (g * g).sum())
     return float((p * g).sum() / den) if den > 0 else 0.0

@@ -21,6 +21,7 @@ Outputs in ``out`` (which must be new or empty: nothing there is ever overwritte
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -389,6 +390,9 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
     for k, d in (("train", tr), ("validation", va), ("test", te)):
         if d is not None and d.skipped:
             say(f"warning: --{k}: skipped {d.skipped} bad line(s) (--skip-bad-lines)")
+        if d is not None and d.blank:  # in a one-column file, a blank line may have been meant as an empty text
+            say(f"note: --{k}: {d.blank} blank line(s) between rows read as no row (as pandas reads them; "
+                "predictions' index counts the rows without them)")
         if d is not None and feats[k].truncated:
             say(f"note: --{k}: {feats[k].truncated} example(s) cut to --max-len {max_len}")
     metric = fmetrics.selection_metric(task, names)
@@ -502,12 +506,13 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
         path = os.path.join(out, "predictions-test.tsv")
 
         def write(p):
-            with open(p, "w", encoding="utf-8") as f:
-                f.write("index\tprediction\n")
+            with open(p, "w", encoding="utf-8", newline="") as f:
+                # csv's quoting: a label holding a tab, a line break or a quote stays one field of one row
+                out = csv.writer(f, delimiter="\t", lineterminator="\n")
+                out.writerow(["index", "prediction"])
                 for e, y in zip(te.examples, pred):  # index: the row's place among the file's data rows
-                    shown = (f"{y:.6g}" if task == "regression" else names[y] if task == "classification"
-                             else " ".join(names[t] for t in y))
-                    f.write(f"{e.row}\t{shown}\n")
+                    out.writerow([e.row, f"{y:.6g}" if task == "regression" else names[y] if task == "classification"
+                                  else " ".join(names[t] for t in y)])
         write_atomic(path, write)
         result["predictions"] = path
         if all(e.label is not None for e in te.examples):  # a labelled test file is scored too; it chooses nothing
