@@ -32,3 +32,8 @@ __all__ = [
     "linear", "mask_tokens", "mlm_loss_and_sample", *_PATCHING,
     "patch_deberta_v2", "pretrain", "rtd_loss", "unpatch_deberta_v2", "use_backend", "eager_twin_mode", "__version__",
 ]
+
+
+def __dir__():
+    # the names __getattr__ loads on first use, for tab completion and dir()
+    return sorted(set(globals()) | set(__all__))

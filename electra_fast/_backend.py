@@ -159,9 +159,22 @@ def _static_reason(candidate: str, device_type: str, cpp: Optional[str], triton:
     return unavailable_reason(candidate, torch.device(device_type), cpp)
 
 
+def _device_arg(device) -> torch.device:
+    """A torch.device, or a str torch reads as one; anything else a TypeError, an unknown name a ValueError."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device: expected a torch.device or a str such as 'cpu' or 'cuda', got "
+                        f"{type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device: expected a device such as 'cpu' or 'cuda:0', got {device!r}") from None
+
+
 def available_backends(device: "torch.device | str" = "cpu") -> list:
-    """Backends that can serve CPU (or the given device's) tensors in this process."""
-    device = torch.device(device)
+    """Backends that can serve CPU (or the given device's) tensors in this process: names from ``BACKENDS``."""
+    device = _device_arg(device)
     return [b for b in BACKENDS if unavailable_reason(b, device) is None]
 
 

@@ -7,6 +7,8 @@ electra_fast/reference/philox.py.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 SEED_LIMIT = 2 ** 63
@@ -16,13 +18,15 @@ MASK64 = KEY_LIMIT - 1
 
 
 def check(seed, name: str = "seed", limit: int = SEED_LIMIT) -> int:
-    """``seed`` as a Python int in [0, limit): an int or a one-element integer tensor; a bool, a float or
-    anything else is a TypeError, an int out of range a ValueError."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        if isinstance(seed, torch.Tensor) and seed.numel() == 1 and not seed.is_floating_point():
+    """``seed`` as a Python int in [0, limit): an int, a NumPy integer or a one-element integer tensor; a bool, a
+    float or anything else is a TypeError, an int out of range a ValueError."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        if isinstance(seed, torch.Tensor) and seed.numel() == 1 and not seed.is_floating_point() \
+                and seed.dtype != torch.bool:
             seed = int(seed.item())
         else:
             raise TypeError(f"{name}: expected an int, got {type(seed).__name__}")
+    seed = int(seed)
     if not 0 <= seed < limit:
         raise ValueError(f"{name}: expected an int in [0, 2**{limit.bit_length() - 1}), got {seed}")
     return seed

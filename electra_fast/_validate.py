@@ -55,10 +55,11 @@ def ids(name: str, x) -> torch.Tensor:
 # The same mistake raises the same exception in every op: a value of the wrong type is a TypeError, a value of
 # the right type outside its range a ValueError.
 def integer_arg(name: str, value, minimum: Optional[int] = None) -> int:
-    """A Python int (not a bool) that fits int64 (what the kernels take: a larger one ended in "OverflowError: int
-    too big to convert"), at least ``minimum`` when given."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """A Python int (not a bool; a NumPy integer becomes one, as ids and probabilities do) that fits int64 (what the
+    kernels take: a larger one ended in "OverflowError: int too big to convert"), at least ``minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     if not -2 ** 63 <= value < 2 ** 63:
@@ -98,6 +99,16 @@ def real(name: str, value, lo: float = -math.inf, hi: float = math.inf, *, lo_op
         raise ValueError(f"{name}: expected a real number in {'(' if lo_open else '['}{lo}, {hi}"
                          f"{')' if hi_open else ']'}, got {v}")
     return v
+
+
+def layer_norm_eps(name: str, value) -> float:
+    """A LayerNorm epsilon: a real number > 0 that stays > 0 in fp32, where the kernels add it (one that rounds to 0
+    gave a constant row NaN); NaN or a negative one made every output NaN."""
+    eps = real(name, value, 0.0, math.inf, lo_open=True)
+    if eps <= 2.0 ** -150:
+        raise ValueError(f"{name}: {eps} rounds to 0 in fp32, where it is added; expected > 2**-150 = 7.0e-46 "
+                         "(1e-12 is usual)")
+    return eps
 
 
 def probability(name: str, value, *, one: bool = False) -> float:

@@ -120,7 +120,7 @@ BAD = [
     ("position_buckets", lambda a: a.update(position_buckets=8.0), TypeError),
     ("attention_mask", lambda a: a.update(attention_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError),
     ("attention_mask", lambda a: a.update(attention_mask=torch.ones(2, 6)), TypeError),
-    ("dropout_p", lambda a: a.update(dropout_p=1.0, seed=1), ValueError),
+    ("dropout_p", lambda a: a.update(dropout_p=1.5, seed=1), ValueError),
     ("dropout_p", lambda a: a.update(dropout_p=-0.1, seed=1), ValueError),
     ("seed", lambda a: a.update(dropout_p=0.1), ValueError),
     ("seed", lambda a: a.update(dropout_p=0.1, seed=-1), ValueError),
@@ -135,6 +135,18 @@ def test_bad_input(name, edit, exc):
     edit(args)
     with pytest.raises(exc, match=name):
         electra_fast.disentangled_attention(**args)
+
+
+def test_dropout_p_one_drops_every_weight_as_torch_does():
+    # torch's attention with dropout_p=1 gives zeros and zero gradients; the op refused it
+    args = _good()
+    args = {k: (v.clone().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in args.items()}
+    out = electra_fast.disentangled_attention(**{**args, "dropout_p": 1.0, "seed": 3})
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    grads = [args[k].grad for k in ("query", "key", "value")]
+    assert all(g is not None and torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
 def test_head_dim_limit_is_the_kernels():

@@ -155,6 +155,28 @@ def test_p_one_drops_everything_as_torch_does():
     assert torch.equal(module(x[1:, 1:]), torch.zeros(1, 2))
 
 
+def test_forward_mode_ad_is_refused_not_a_silent_zero_tangent():
+    """The custom ops (dropout's and the MLM loss's every call) have no forward-mode rule, and torch dropped the
+    tangent: jvp through dropout gave 0 and the MLM loss's directional derivative 0.0 (cross-entropy's: 0.124)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jacfwd, jvp
+    x = torch.randn(4, 6, dtype=torch.float64)
+    drop = lambda z: electra_fast.dropout(z, 0.5, seed=7)
+    for transform in (lambda: jvp(drop, (x,), (torch.ones_like(x),)), lambda: jacfwd(drop)(x),
+                      lambda: jvp(electra_fast.nn.Dropout(0.5).train(), (x,), (torch.ones_like(x),))):
+        with pytest.raises(NotImplementedError, match="forward-mode AD .* is not supported"):
+            transform()
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="electra_fast::dropout: forward-mode AD"):
+        drop(fwAD.make_dual(x, torch.ones_like(x)))
+    h, w, t = torch.randn(6, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64), torch.randint(0, 11, (6,))
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        jvp(lambda z: electra_fast.mlm_loss_and_sample(z, w, t, seed=1)[0], (h,), (torch.randn_like(h),))
+    # reverse mode is unchanged
+    xg = x.clone().requires_grad_()
+    drop(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, drop(torch.ones_like(x)))
+
+
 @pytest.mark.parametrize("backend,device", [p for p in fast_backends() if p.id == "cpp-cpu"])
 def test_thread_count_independent(backend, device):
     x = torch.randn(3 * 16384 + 5)

@@ -188,7 +188,7 @@ def _kw(**over):
     (dict(weight=torch.ones(8, dtype=torch.float64)), ValueError, "weight"),
     (dict(bias=torch.zeros(7)), ValueError, "bias"),
     (dict(bias=torch.zeros(8, dtype=torch.float64)), ValueError, "bias"),
-    (dict(p=1.0), ValueError, "p"),
+    (dict(p=1.0 + 1e-9), ValueError, "p"),
     (dict(p=-0.1), ValueError, "p"),
     (dict(p=float("nan")), ValueError, "p"),
     (dict(p="0.1"), TypeError, "p"),
@@ -203,6 +203,18 @@ def _kw(**over):
 def test_bad_input(over, exc, match):
     with pytest.raises(exc, match=match):
         electra_fast.dropout_add_layer_norm(**_kw(**over))
+
+
+def test_p_one_drops_all_of_input_as_torch_does():
+    # legal in torch (transformers models with dropout 1.0 train); the op refused it, so patched models raised
+    kw = _kw(p=1.0)
+    x = kw["input"].clone().requires_grad_()
+    r = kw["residual"].clone().requires_grad_()
+    out = electra_fast.dropout_add_layer_norm(**{**kw, "input": x, "residual": r})
+    want = torch.nn.functional.layer_norm(r.detach(), (r.shape[-1],), kw["weight"], kw["bias"], 1e-5)  # the default
+    torch.testing.assert_close(out, want)
+    out.square().sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and r.grad.abs().sum() > 0
 
 
 def test_triton_row_limit_is_the_kernels():

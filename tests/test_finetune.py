@@ -477,6 +477,22 @@ def test_reader_keeps_rows_whole(tmp_path, ext):
             fdata.read(str(path), "classification", fdata.Columns(), "--train")
 
 
+@pytest.mark.parametrize("change, match", [
+    (dict(epochs=0), r"^--epochs: expected an int >= 1, got 0$"),
+    (dict(lr=float("nan")), "^--lr: "),
+    (dict(threads=0), r"^--threads: expected an int >= 1, got 0$"),
+    (dict(seeds=1), r"^--seeds: expected a sequence of ints, got int$"),
+    (dict(seeds="12"), r"^--seeds: expected a sequence of ints, got str$"),
+])
+def test_bad_options_are_finetune_errors(tmp_path, change, match):
+    # the shared checks raised their base class (PretrainError), which `except FinetuneError` did not catch, and
+    # seeds=1 a TypeError naming nothing
+    kw = dict(out=str(tmp_path / "run"), progress=False, say=lambda m: None, **change)
+    with pytest.raises(fdata.FinetuneError, match=match):
+        finetune(str(tmp_path / "model"), str(tmp_path / "train.tsv"), str(tmp_path / "dev.tsv"), **kw)
+    assert not (tmp_path / "run").exists()
+
+
 def test_paths_are_str_or_pathlike_and_other_types_are_named(pretrained, tmp_path):
     from pathlib import Path
     d = _classification_files(tmp_path / "data")

@@ -156,7 +156,7 @@ def test_native_module_rejects_bad_arguments():
         (dict(pos_att_type=("c2p", "c2c")), ValueError, "pos_att_type"),
         (dict(position_buckets=4.0), TypeError, "position_buckets"),
         (dict(max_relative_positions=0), ValueError, "max_relative_positions"),
-        (dict(attention_dropout=1.0), ValueError, "attention_dropout"),
+        (dict(attention_dropout=1.5), ValueError, "attention_dropout"),
         (dict(pos_dropout=-0.1), ValueError, "pos_dropout"),
         (dict(attention_dropout="0.1"), TypeError, "attention_dropout"),
     ]:
@@ -521,11 +521,9 @@ def test_the_users_choice_for_an_attention_dropout_holds(how):
         got = model(ids, attention_mask=mask).last_hidden_state
         electra_fast.unpatch(model)
         want = model(ids, attention_mask=mask).last_hidden_state
-    elif how == "p=1 before patching":
+    elif how == "p=1 before patching":  # the fused op takes p = 1 (every weight dropped: zeros, as torch's)
         want = model(ids, attention_mask=mask).last_hidden_state
-        with pytest.raises(ValueError, match="attention dropout p = 1"):
-            electra_fast.patch(model, strict=True)
-        electra_fast.patch_deberta_v2(model)  # the module swapped in; each call falls back to transformers' code
+        electra_fast.patch(model, strict=True)
         assert all(type(layer.attention.self) is FusedDisentangledSelfAttention for layer in model.encoder.layer)
         got = model(ids, attention_mask=mask).last_hidden_state
         electra_fast.unpatch(model)

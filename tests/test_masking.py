@@ -491,6 +491,12 @@ def test_special_ids_are_checked_not_truncated():
     assert m.special_token_ids == tuple(SPECIALS) and all(type(s) is int for s in m.special_token_ids)
     with pytest.raises(TypeError, match="^mask_token_id: expected an int, got bool"):  # was: input_ids: ... bool
         electra_fast.TokenMasker.electra(mask_token_id=True, vocab_size=VOCAB)
+    # NumPy integers for the scalar ids, size and seed too (they were "expected an int, got int64")
+    got = electra_fast.mask_tokens(ids, mask_token_id=np.int64(MASK_ID), vocab_size=np.int32(VOCAB), seed=np.uint8(5),
+                                   special_token_ids=SPECIALS)
+    assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels)
+    with pytest.raises(TypeError, match="^seed: expected an int, got float64"):
+        electra_fast.mask_tokens(ids, mask_token_id=MASK_ID, vocab_size=VOCAB, seed=np.float64(5))
 
 
 def test_word_starts_checked_after_left_padding():

@@ -572,6 +572,12 @@ def test_hooked_position_and_type_tables_are_called():
     (lambda nn: nn.ElectraEmbeddings(10, 8, 16, -1, 0, 1e-12, 0.0), "type_vocab_size: expected an int >= 0"),
     (lambda nn: nn.DebertaV2Embeddings(10, 8, 8, 16, -1, False, 0, 1e-7, 0.0), "type_vocab_size: expected an int >= 0"),
     (lambda nn: nn.DiscriminatorHead(0, "gelu"), "hidden_size: expected an int >= 1"),
+    # a NaN or negative epsilon made every output NaN (the encoder layers already refused it)
+    (lambda nn: nn.ElectraEmbeddings(10, 8, 16, 2, 0, float("nan"), 0.0), "layer_norm_eps: expected a real number"),
+    (lambda nn: nn.DebertaV2Embeddings(10, 8, 8, 16, 0, False, 0, -1.0, 0.0), "layer_norm_eps: expected a real"),
+    (lambda nn: nn.GeneratorHead(16, 16, 10, "gelu", float("nan")), "eps: expected a real number"),
+    (lambda nn: nn.EncoderLayer(nn.StandardSelfAttention(16, 2, 0.0), 16, 32, "gelu", 1e-50, 0.0),
+     "layer_norm_eps: 1e-50 rounds to 0 in fp32"),
 ])
 def test_module_constructors_name_bad_arguments(build, match):
     """A typo in norm_rel_ebd silently built no LayerNorm, a short span failed only at the first forward, and
@@ -580,6 +586,83 @@ def test_module_constructors_name_bad_arguments(build, match):
 
     with pytest.raises(ValueError, match=match):
         build(nn)
+
+
+@pytest.mark.parametrize("build, exc, match", [
+    (lambda nn: nn.GDESEmbedding(torch.nn.Linear(3, 4)), TypeError, "base: expected the generator's nn.Embedding"),
+    (lambda nn: nn.DisentangledSelfAttention(32, 4, pos_att_type=5), TypeError, "pos_att_type: expected a list"),
+    (lambda nn: nn.DisentangledSelfAttention(32, 4)(np.zeros((1, 2, 32))), TypeError, "hidden_states: expected a"),
+    (lambda nn: nn.StandardSelfAttention(32, 4, 0.0)(torch.zeros(5, 32), None), ValueError, r"x: expected \[B, T"),
+    (lambda nn: ElectraConfig().with_generator_size(float("nan")), ValueError, "fraction: expected a real number"),
+    (lambda nn: ElectraConfig().with_generator_size("0.5"), TypeError, "fraction: expected a real number"),
+    (lambda nn: ElectraPretrainingModel.from_pretrained(None), TypeError, "path: expected a path"),
+    (lambda nn: ElectraConfig(layer_norm_eps=1e-50), ValueError, "ElectraConfig.layer_norm_eps: 1e-50 rounds to 0"),
+    (lambda nn: electra_fast.available_backends("tpu"), ValueError, "device: expected a device"),
+    (lambda nn: electra_fast.available_backends(5), TypeError, "device: expected a torch.device or a str"),
+])
+def test_public_api_names_the_argument(build, exc, match):
+    """Each gave a traceback from deep inside (an AttributeError, torch's RuntimeError, a failed unpack) naming no
+    argument, or (the epsilon) was accepted and refused only at the first fused forward."""
+    import electra_fast.nn as nn
+
+    with pytest.raises(exc, match=match):
+        build(nn)
+
+
+def test_model_checks_word_starts_and_takes_a_tensor_seed():
+    # word_starts reached mask_tokens with validate=False: all-False starts trained a step with nothing masked;
+    # a one-element tensor seed, which the ops take, was refused quoting a number the user never passed
+    model = ElectraPretrainingModel(tiny())
+    ids, mask = batch()
+    with pytest.raises(ValueError, match="word_starts: the first real token of each row must start a word"):
+        model(ids, mask, seed=1, word_starts=torch.zeros_like(ids, dtype=torch.bool))
+    with pytest.raises(ValueError, match="word_starts: expected"):
+        model(ids, mask, seed=1, word_starts=torch.ones(3, 5, dtype=torch.bool))
+    got = model(ids, mask, seed=torch.tensor(5)).loss
+    assert torch.equal(got, model(ids, mask, seed=5).loss)
+    assert torch.equal(model(ids, mask, seed=np.int64(5)).loss, got)
+
+
+def test_config_json_file_is_left_whole_when_the_config_cannot_be_written(tmp_path):
+    cfg = tiny()
+    path = tmp_path / "config.json"
+    cfg.to_json_file(path)
+    before = path.read_bytes()
+    cfg.mask_prob = np.float32(0.2)  # set after construction: not JSON-writable
+    with pytest.raises(TypeError):
+        cfg.to_json_file(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_deberta_embeddings_read_the_mask_as_a_padding_mask():
+    from electra_fast.nn.embeddings import DebertaV2Embeddings
+    emb = DebertaV2Embeddings(50, 8, 8, 16, 0, True, 0, 1e-7, 0.0)
+    ids = torch.randint(1, 50, (2, 4))
+    mask = torch.tensor([[1, 1, 1, 0], [2, 1, 0, 0]])  # nonzero = real, as every mask of the library
+    out = emb(ids, attention_mask=mask)
+    torch.testing.assert_close(out, emb(ids) * (mask != 0)[..., None].float())
+    with pytest.raises(TypeError, match="attention_mask: expected a bool or integer tensor"):
+        emb(ids, attention_mask=torch.zeros(2, 4))  # an additive bias zeroed every real token
+    with pytest.raises(ValueError, match="attention_mask"):
+        emb(ids, attention_mask=torch.ones(2, 1, dtype=torch.long))
+
+
+def test_generator_head_called_gives_the_logits():
+    import electra_fast.nn as nn
+    head = nn.GeneratorHead(16, 8, 10, "gelu", 1e-12)
+    h, w = torch.randn(3, 16), torch.randn(10, 8)
+    assert torch.equal(head(h, w), head.logits(h, w)) and head(h, w).shape == (3, 10)
+
+
+def test_layers_take_dropout_one_as_torch_does():
+    import electra_fast.nn as nn
+    torch.manual_seed(0)
+    layer = nn.EncoderLayer(nn.StandardSelfAttention(16, 2, 1.0), 16, 32, "gelu", 1e-12, 1.0).train()
+    x = torch.randn(2, 5, 16)
+    out = layer(x, None)
+    # every attention weight and every sublayer output dropped: both norms see the residual alone
+    ln1, ln2 = layer.attention.output.LayerNorm, layer.output.LayerNorm
+    torch.testing.assert_close(out, ln2(ln1(x)))
 
 
 def test_embedding_modules_name_a_sequence_too_long():

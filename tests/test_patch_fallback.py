@@ -177,6 +177,10 @@ def test_top_level_names_load_lazily():
                  "remove_from_transformers"):
         assert getattr(electra_fast, name) is getattr(patching, name) and name in electra_fast.__all__
     assert V == 101  # the shared tiny vocabulary of test_patch_parity
+    # tab completion lists what __getattr__ loads on first use
+    assert set(electra_fast.__all__) <= set(dir(electra_fast))
+    import electra_fast.finetune as finetune_module
+    assert set(finetune_module.__all__) <= set(dir(finetune_module))
 
 
 class _ScaledLinear(torch.nn.Module):
@@ -583,3 +587,18 @@ def test_a_users_bool_4d_mask_under_eager_is_what_transformers_makes_of_it():
                 model(**inputs)
         else:
             model(**inputs)
+
+
+@pytest.mark.parametrize("family,cls_name", [("bert", "BertModel"), ("roberta", "RobertaForSequenceClassification"),
+                                             ("electra", "ElectraForPreTraining"), ("deberta_v2", "DebertaV2Model")])
+def test_dropout_one_trains_as_transformers_does(family, cls_name):
+    """Dropout p = 1 is legal in transformers (every value dropped: zeros); patched models raised from the fused
+    ops ("p: expected [0, 1)", naming nothing the user set) at the first training step."""
+    from test_patch_parity import _run
+    model = build(family, cls_name, hidden_dropout_prob=1.0, attention_probs_dropout_prob=1.0).train()
+    inputs, labels = batch()
+    want_out, want_grads = _run(model, cls_name, inputs, labels)
+    electra_fast.patch(model, strict=True)
+    got_out, got_grads = _run(model, cls_name, inputs, labels)
+    _close(got_out, want_out)
+    _close(got_grads, want_grads)

@@ -13,3 +13,8 @@ def __getattr__(name):
 
 
 __all__ = ["FinetuneError", "finetune"]
+
+
+def __dir__():
+    # the names __getattr__ loads on first use, for tab completion and dir()
+    return sorted(set(globals()) | set(__all__))

@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -289,6 +289,17 @@ def _prepare_out(out: str) -> None:
 
 
 def _check_options(o: dict) -> None:
+    """FinetuneError naming the first bad option (the shared checks of train.options raise their base class, which
+    ``except FinetuneError`` would not catch)."""
+    try:
+        _check_option_values(o)
+    except FinetuneError:
+        raise
+    except PretrainError as e:
+        raise FinetuneError(str(e)) from None
+
+
+def _check_option_values(o: dict) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "max_len"):
         if o[name] is not None or name != "max_len":
             positive(name.replace("_", "-"), o[name], 3 if name == "max_len" else 1)
@@ -305,6 +316,8 @@ def _check_options(o: dict) -> None:
         raise FinetuneError(f"--task: expected one of {', '.join(fdata.TASKS)}, got {o['task']!r}")
     if o["precision"] not in ("auto", "fp32", "bf16"):
         raise FinetuneError(f"--precision: expected auto, fp32 or bf16, got {o['precision']!r}")
+    if o["threads"] is not None:
+        positive("threads", o["threads"], 1)
     seeds = o["seeds"]
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63 for s in seeds):
         raise FinetuneError(f"--seeds: expected one or more ints in [0, 2**63), got {seeds!r}")
@@ -331,10 +344,12 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
     model, train, validation, out = (path_arg(n, v) for n, v in (("model", model), ("train", train),
                                                                   ("validation", validation), ("out", out)))
     test = None if test is None else path_arg("test", test)
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+        raise FinetuneError(f"--seeds: expected a sequence of ints, got {type(seeds).__name__}")
     seeds = list(seeds)
     _check_options(dict(locals()))
     if threads is not None:
-        torch.set_num_threads(positive("threads", threads, 1))
+        torch.set_num_threads(threads)
     dev = check_device(device) if device is not None else torch.device("cpu")
     cfg, state, tok_path = fmodel.load_encoder(model)
     try:

@@ -20,6 +20,7 @@ from typing import Tuple
 import numpy as np
 
 from .. import _validate
+from .._files import write_atomic
 from ..nn.encoder import ACTIVATIONS, rel_embedding_norms
 
 ATTENTIONS = ("standard", "disentangled")
@@ -149,7 +150,7 @@ class ElectraConfig:
         # the step holds these in fp32: 1 / temperature and disc_weight must stay finite there
         _validate.real("ElectraConfig.temperature", self.temperature, 1 / F32_MAX, math.inf, lo_open=True)
         _validate.real("ElectraConfig.disc_weight", self.disc_weight, 0.0, F32_MAX, lo_open=True, hi_open=False)
-        _validate.real("ElectraConfig.layer_norm_eps", self.layer_norm_eps, 0.0, math.inf, lo_open=True)
+        _validate.layer_norm_eps("ElectraConfig.layer_norm_eps", self.layer_norm_eps)
         # a standard deviation of weights: far above 1 the first forward overflows fp32 (NaN losses)
         _validate.real("ElectraConfig.initializer_range", self.initializer_range, 0.0, 1.0, hi_open=False)
         if self.enhanced_mask_decoder and not (self.disentangled and not self.position_biased_input
@@ -215,6 +216,7 @@ class ElectraConfig:
         """The generator ``fraction`` of the discriminator's width, as ELECTRA's ``get_generator_config``
         (google-research/electra run_pretraining.py): hidden = round(hidden_size * fraction), FFN 4 x hidden,
         max(1, hidden // 64) heads; depth unchanged. DeBERTa-v3's tied LayerNorm needs the full width."""
+        fraction = _validate.real("fraction", fraction, 0.0, math.inf, lo_open=True)
         hidden = int(round(self.hidden_size * fraction))
         return self.replace(generator_hidden_size=hidden, generator_intermediate_size=4 * hidden,
                             generator_num_attention_heads=max(1, hidden // 64))
@@ -252,8 +254,14 @@ class ElectraConfig:
         return cls.from_dict(d)  # each field's type is checked where every config is made (__post_init__)
 
     def to_json_file(self, path: "str | os.PathLike") -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
+        """Write the config as JSON, atomically: the text is made first, so a field that cannot be written leaves
+        the file there was untouched."""
+        text = self.to_json_string()
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+        write_atomic(os.fspath(path), write)
 
     @classmethod
     def from_json_file(cls, path: "str | os.PathLike") -> "ElectraConfig":

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .. import _files
+from .. import _files, _validate
 from .._files import load_safetensors
 from .._validate import reason
 from .config import ElectraConfig
@@ -447,7 +447,7 @@ def _load_both(model, gen_state, disc_state, gen_dir, disc_dir) -> None:
 
 
 def from_pretrained(cls, path, fused: bool = True):
-    path = os.fspath(path)
+    path = _validate.path("path", path)
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"path: {path!r} has no {CONFIG_NAME} (written by ElectraPretrainingModel."

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .. import _backend, _seed, _validate
-from ..ops.masking import mask_tokens
+from ..ops.masking import check_word_starts, mask_tokens
 from ..ops.rtd_loss import rtd_loss as rtd_loss_op
 from ..ops.sampling import mlm_loss_and_sample
 from ..nn.embeddings import DebertaV2Embeddings, ElectraEmbeddings, GDESEmbedding, positions
@@ -287,10 +287,13 @@ class ElectraPretrainingModel(nn.Module):
                 d.position_embeddings = GDESEmbedding(g.position_embeddings)
 
     # ------------------------------------------------------------------ checks
-    def _check_inputs(self, input_ids, attention_mask, seed, token_type_ids=None, document_ids=None):
+    def _check_inputs(self, input_ids, attention_mask, seed, token_type_ids=None, document_ids=None,
+                      word_starts=None):
+        """The checked seed (an int; a one-element integer tensor becomes one), or None."""
         check_inputs(self.config, input_ids, attention_mask, token_type_ids, document_ids)
-        if seed is not None:
-            _seed.check(seed)
+        if word_starts is not None:  # mask_tokens runs with validate=False: the step would mask nothing
+            check_word_starts(word_starts, input_ids, attention_mask)
+        return None if seed is None else _seed.check(seed)
 
     # ------------------------------------------------------------------ step
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -301,7 +304,7 @@ class ElectraPretrainingModel(nn.Module):
         with ``document_ids``) or None; word_starts bool / uint8 [B, T] (1 = a word begins: whole-word masking) or
         None; document_ids int [B, T] or None: rows packed from several documents, each maximal run of equal ids
         one document (DOC-SENTENCES packing: attention stays inside a document, positions restart at each)."""
-        self._check_inputs(input_ids, attention_mask, seed, token_type_ids, document_ids)
+        seed = self._check_inputs(input_ids, attention_mask, seed, token_type_ids, document_ids, word_starts)
         if seed is None:
             seed = _seed.draw()
         ctx = contextlib.nullcontext() if self.fused else _backend.eager_twin_mode()

@@ -34,8 +34,11 @@ def _position_terms(pos_att_type: Union[str, Sequence[str], None]) -> list:
         return []
     if isinstance(pos_att_type, str):  # as DebertaV2Config reads it
         terms = [t.strip() for t in pos_att_type.lower().split("|") if t.strip()]
-    else:
+    elif isinstance(pos_att_type, (list, tuple)):
         terms = list(pos_att_type)
+    else:
+        raise TypeError(f"pos_att_type: expected a list of terms from {POSITION_TERMS} or a 'p2c|c2p' string, got "
+                        f"{type(pos_att_type).__name__}")
     if any(t not in POSITION_TERMS for t in terms):
         raise ValueError(f"pos_att_type: expected terms from {POSITION_TERMS}, got {pos_att_type!r}")
     return terms
@@ -106,13 +109,13 @@ class DisentangledSelfAttention(nn.Module):
             if self.pos_att_type:  # the op refuses these at every forward: say it where the module is built
                 _validate.log_buckets(self.position_buckets, self.max_relative_positions)
             self.pos_ebd_size = attention_span(position_buckets, max_relative_positions)
-            self.pos_dropout = nn.Dropout(_validate.probability("pos_dropout", pos_dropout))
+            self.pos_dropout = nn.Dropout(_validate.probability("pos_dropout", pos_dropout, one=True))
             if not self.share_att_key:
                 if "c2p" in self.pos_att_type:
                     self.pos_key_proj = nn.Linear(hidden_size, self.all_head_size, bias=True)
                 if "p2c" in self.pos_att_type:
                     self.pos_query_proj = nn.Linear(hidden_size, self.all_head_size)
-        self.dropout = nn.Dropout(_validate.probability("attention_dropout", attention_dropout))
+        self.dropout = nn.Dropout(_validate.probability("attention_dropout", attention_dropout, one=True))
 
     @classmethod
     def from_transformers(cls, module: nn.Module) -> "DisentangledSelfAttention":
@@ -140,6 +143,7 @@ class DisentangledSelfAttention(nn.Module):
         packed = attention_mask if isinstance(attention_mask, Packed) else None  # [N, hidden] real tokens
         if packed is not None:
             attention_mask = None
+        _validate.tensor("hidden_states", hidden_states)
         if hidden_states.dim() != (2 if packed is not None else 3):
             raise ValueError("hidden_states: expected [B, T, hidden] (or [N, hidden] with a Packed layout as "
                              f"attention_mask), got shape {tuple(hidden_states.shape)}")

@@ -32,6 +32,8 @@ class GDESEmbedding(nn.Module):
 
     def __init__(self, base: nn.Embedding):
         super().__init__()
+        if not isinstance(base, nn.Embedding):
+            raise TypeError(f"base: expected the generator's nn.Embedding, got {type(base).__name__}")
         object.__setattr__(self, "_base", base)
         self.padding_idx = base.padding_idx
         self.delta = nn.Parameter(torch.zeros_like(base.weight, requires_grad=True))
@@ -95,6 +97,7 @@ class ElectraEmbeddings(nn.Module):
                  pad_token_id: int, layer_norm_eps: float, dropout: float):
         super().__init__()
         _check_table_sizes(max_position_embeddings, type_vocab_size)
+        _validate.layer_norm_eps("layer_norm_eps", layer_norm_eps)
         self.word_embeddings = word_table(vocab_size, embedding_size, pad_token_id)
         self.position_embeddings = nn.Embedding(max_position_embeddings, embedding_size)
         self.token_type_embeddings = nn.Embedding(max(type_vocab_size, 1), embedding_size)
@@ -104,7 +107,9 @@ class ElectraEmbeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``position_ids`` int [B, T] (document-masked rows restart them) or None (0 .. T-1 in every row)."""
+        """input_ids int [B, T]; token_type_ids int [B, T] or None (type 0); ``position_ids`` int [B, T]
+        (document-masked rows restart them) or None (0 .. T-1 in every row). ``attention_mask`` is not read (ELECTRA's
+        embeddings do not mask; kept so both embeddings take one call). Returns [B, T, E] in the table's dtype."""
         x = self.word_embeddings(input_ids)
         if token_type_ids is None:  # type 0 everywhere: add one broadcast row instead of a [B, T] gather
             x = x + first_rows(self.token_type_embeddings, 1)[0]
@@ -125,6 +130,7 @@ class DebertaV2Embeddings(nn.Module):
         hold them)."""
         super().__init__()
         _check_table_sizes(max_position_embeddings, type_vocab_size)
+        _validate.layer_norm_eps("layer_norm_eps", layer_norm_eps)
         self.word_embeddings = word_table(vocab_size, embedding_size, pad_token_id)
         self.position_biased_input = position_biased_input
         self.position_embeddings = nn.Embedding(max_position_embeddings, embedding_size) \
@@ -137,7 +143,9 @@ class DebertaV2Embeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``position_ids`` as in :class:`ElectraEmbeddings` (used where positions are added to the input)."""
+        """As :class:`ElectraEmbeddings`, returning [B, T, H]; ``attention_mask`` bool / int [B, T] (nonzero = real
+        token) or None zeroes the padded positions' vectors, as transformers does; ``position_ids`` are used where
+        positions are added to the input."""
         x = self.word_embeddings(input_ids)
         if self.position_biased_input:
             x = x + positions(self.position_embeddings, input_ids.shape[1], position_ids)
@@ -148,5 +156,8 @@ class DebertaV2Embeddings(nn.Module):
             x = self.embed_proj(x)
         x = self.LayerNorm(x)
         if attention_mask is not None:  # transformers zeroes padded positions here
-            x = x * attention_mask.unsqueeze(-1).to(x.dtype)
+            # a float mask may be an additive 0 / -10000 bias, which as a factor zeroed every real token
+            _validate.mask_dtype("attention_mask", attention_mask, "[B, T], 1 = real token, 0 = padding")
+            _validate.same_shape("attention_mask", attention_mask, "input_ids", input_ids)
+            x = x * (attention_mask != 0).unsqueeze(-1).to(x.dtype)
         return self.dropout(x)

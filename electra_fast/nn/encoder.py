@@ -65,7 +65,7 @@ class StandardSelfAttention(nn.Module):
             _validate.integer_arg(name, value, 1)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size: {hidden_size} is not divisible by num_heads={num_heads}")
-        _validate.probability("dropout", dropout)
+        _validate.probability("dropout", dropout, one=True)
         self.num_heads = num_heads
         self.query = Linear(hidden_size, hidden_size)
         self.key = Linear(hidden_size, hidden_size)
@@ -80,7 +80,12 @@ class StandardSelfAttention(nn.Module):
             self.dropout = Dropout(p)
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """x [B, T, H]; key_mask bool / integer [B, T] (nonzero = real token), None, or a ``Packed`` layout."""
+        """x [B, T, H] float; key_mask bool / integer [B, T] (nonzero = real token), None, or a ``Packed`` layout
+        with x [N, H] (an unpadded batch's real tokens). Returns x's shape."""
+        _validate.tensor("x", x)
+        if x.dim() != (2 if isinstance(key_mask, Packed) else 3):
+            raise ValueError(f"x: expected [B, T, hidden] (or [N, hidden] with a Packed layout as key_mask), got "
+                             f"shape {tuple(x.shape)}")
         if isinstance(key_mask, torch.Tensor) and key_mask.dtype != torch.bool:  # SDPA takes bool masks only
             key_mask = _validate.mask_dtype("key_mask", key_mask, "[B, T], nonzero = real token") != 0
         p = self.dropout.p if self.training else 0.0
@@ -193,7 +198,7 @@ class EncoderLayer(nn.Module):
                  eps: float, dropout: float):
         super().__init__()
         _validate.integer_arg("intermediate_size", intermediate_size, 1)
-        _validate.real("layer_norm_eps", eps, 0.0, lo_open=True)
+        _validate.layer_norm_eps("layer_norm_eps", eps)
         self.attention = _Attention(self_attention, hidden_size, eps, dropout)
         self.intermediate = _Intermediate(hidden_size, intermediate_size, act)
         self.output = _AddNorm(intermediate_size, hidden_size, eps, dropout)
@@ -244,7 +249,7 @@ class Encoder(nn.Module):
                  eps: float, dropout: float, attention_dropout: float):
         super().__init__()
         _validate.integer_arg("num_layers", num_layers, 0)
-        _validate.probability("attention_dropout", attention_dropout)
+        _validate.probability("attention_dropout", attention_dropout, one=True)
         self.layer = nn.ModuleList(
             EncoderLayer(StandardSelfAttention(hidden_size, num_heads, attention_dropout), hidden_size,
                          intermediate_size, act, eps, dropout) for _ in range(num_layers))

@@ -52,7 +52,7 @@ class AutogradOp:
         if backward is not None:
             self.backward_op = torch.library.custom_op(f"electra_fast::{backward_name}", backward, mutates_args=())
             self.backward_op.register_fake(backward_fake)
-        self.eager = None
+        self.eager, self.name, self.differentiable = None, name, grads is not None
         if grads is None:
             return
         # the backward callable of each path: the backward op / body, else the forward op / body (an op that is
@@ -75,8 +75,20 @@ class AutogradOp:
     def __call__(self, *inputs):
         # graph capture, meta and fake tensors: the custom op, whose fake kernel describes the outputs
         if self.eager is not None and _validate.inspectable(inputs[0]):
-            return self.eager.apply(*inputs)
+            return self.eager.apply(*inputs)  # an autograd.Function: forward-mode AD raises there by itself
+        if self.differentiable and not torch.compiler.is_compiling():  # graphs carry no dual tensors
+            _no_tangents(self.name, inputs)
         return self.op(*inputs)
+
+
+def _no_tangents(name: str, inputs) -> None:
+    """A custom op has no forward-mode rule, and torch then drops the tangent without a word (jvp gave 0 through
+    dropout): refuse forward-mode AD (forward_ad dual tensors, torch.func.jvp / jacfwd) as autograd.Function does."""
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(x).tangent is not None:
+            raise NotImplementedError(f"electra_fast::{name}: forward-mode AD (torch.func.jvp / jacfwd, "
+                                      "torch.autograd.forward_ad) is not supported; use reverse mode (backward, "
+                                      "torch.func.vjp / jacrev)")
 
 
 def _eager_function(name: str, forward: Callable, setup: Callable, grads: Callable, backward: Callable,

@@ -225,7 +225,8 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
             dropout element index below).
         position_buckets, max_relative_positions: as in ``DebertaV2Config``; k = position_buckets if > 0
             else max_relative_positions.
-        dropout_p: attention-probability dropout in [0, 1); needs ``seed`` (Philox keyed by (seed, b, h, i, j),
+        dropout_p: attention-probability dropout in [0, 1] (1 drops every probability: zeros, as torch's
+            attention gives, with zero gradients); needs ``seed`` (Philox keyed by (seed, b, h, i, j),
             bit-identical on every backend; the backward regenerates the mask). Packed: sequence b is batch row b
             of the padded [n, H, max_seqlen, D] problem, so a token's mask is the one it gets in that padded
             layout (electra_fast/reference/disentangled_attention.py).
@@ -273,12 +274,15 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     D = query.shape[-1]
     mask = None if packed else _validate.mask_as_uint8("attention_mask", attention_mask,
                                                        "[B, T] (batch and length of query)", query[:, 0, :, 0])
-    dropout_p = _validate.probability("dropout_p", dropout_p)
+    dropout_p = _validate.probability("dropout_p", dropout_p, one=True)
     if dropout_p > 0.0 and seed is None:
         raise ValueError("seed: dropout_p > 0 needs a seed (an int in [0, 2**63)); pass dropout_p=0.0 for evaluation")
     seed = 0 if seed is None else _seed.check(seed)
     if dropout_p == 0.0:
         seed = 0  # the contract: seed is 0 without dropout (nothing is drawn)
+    dropped = dropout_p == 1.0  # every probability dropped (the kept scale 1 / (1 - p) is infinite): torch's zeros
+    if dropped:
+        dropout_p, seed = 0.0, 0
     n_terms = (pos_key is not None) + (pos_query is not None)
     if scale is None:
         scale = 1.0 / math.sqrt(D * (1 + n_terms))
@@ -292,4 +296,4 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     qkv = [x if x.device.type == "cpu" and x.stride(-1) == 1 else x.contiguous() for x in (query, key, value)]
     out, _lse = _OP(*qkv, pos_key, pos_query, mask, rel_slots, float(scale), dropout_p, seed, position_buckets,
                    max_relative_positions, cu_seqlens)
-    return out
+    return out * 0 if dropped else out

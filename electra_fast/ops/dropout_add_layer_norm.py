@@ -9,7 +9,6 @@ nothing stored). Semantics: electra_fast/reference/dropout_add_layer_norm.py.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -87,7 +86,8 @@ def dropout_add_layer_norm(input: torch.Tensor, residual: torch.Tensor, weight: 
         residual: the same shape, dtype and device as ``input``.
         weight: [H] LayerNorm weight, fp32 or ``input``'s dtype (fp32 parameters under autocast work as they are).
         bias: [H] LayerNorm bias of ``weight``'s dtype, or None.
-        p: drop probability in [0, 1); 0 (e.g. in eval mode) fuses the add and the norm only.
+        p: drop probability in [0, 1]; 0 (e.g. in eval mode) fuses the add and the norm only; 1 drops all of
+            ``input`` (``input * 0``, as torch's dropout), leaving the norm of ``residual``.
         seed: int in [0, 2**64), required when ``p > 0``; stream: int in [0, 2**32). The mask is exactly that of
             ``electra_fast.dropout(input, p, seed, stream)`` (element i of ``input.contiguous()``).
         eps: the LayerNorm epsilon (> 0).
@@ -95,8 +95,8 @@ def dropout_add_layer_norm(input: torch.Tensor, residual: torch.Tensor, weight: 
     Returns:
         A tensor shaped and typed like ``input``. The dropout product and the sum are rounded to the dtype as the
         unfused ops round them; mean, variance and the normalisation run in fp32 (fp64 for fp64), rescaled by a
-        power of two where the sum of squares would overflow (finite rows of any magnitude normalise; a row
-        holding inf / NaN gives NaN). Gradients flow to input, residual, weight and bias.
+        power of two where the sum of squares would overflow (finite rows normalise up to |h| < half the
+        accumulator's max, ~1.7e38 in fp32, where h - mean itself overflows; a row holding inf / NaN gives NaN). Gradients flow to input, residual, weight and bias.
     """
     _validate.floating("input", input)
     _validate.floating("residual", residual)
@@ -118,15 +118,14 @@ def dropout_add_layer_norm(input: torch.Tensor, residual: torch.Tensor, weight: 
             raise ValueError(f"bias: expected shape ({H},) and dtype {weight.dtype} (those of weight), "
                              f"got {tuple(bias.shape)} {bias.dtype}")
         _validate.same_device("bias", bias, "input", input)
-    p = _validate.probability("p", p)
-    eps = _validate.real("eps", eps, 0.0, math.inf, lo_open=True)
-    if eps <= 2.0 ** -150:  # rounds to 0 in fp32, where the kernels add it: a constant row gave NaN
-        raise ValueError(f"eps: {eps} rounds to 0 in fp32, where it is added; expected > 2**-150 = 7.0e-46 "
-                         "(1e-12 is usual)")
+    p = _validate.probability("p", p, one=True)
+    eps = _validate.layer_norm_eps("eps", eps)
     stream = _seed.check(stream, "stream", _seed.STREAM_LIMIT)
     if p > 0.0 and seed is None:
         raise ValueError("seed: required when p > 0 (an int in [0, 2**64), e.g. the step's seed)")
     seed = 0 if seed is None else _seed.check(seed, "seed", _seed.KEY_LIMIT)
+    if p == 1.0:  # every element dropped: torch's answer (the kept scale 1 / (1 - p) is infinite)
+        input, p = input * 0, 0.0
     x2 = input.reshape(-1, H).contiguous()
     r2 = residual.reshape(-1, H).contiguous()
     out = _OP(x2, r2, weight.contiguous(), None if bias is None else bias.contiguous(), keep_threshold(p),

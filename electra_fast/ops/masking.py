@@ -36,6 +36,27 @@ def _specials(specials: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(specials, dtype=torch.int64).to(device)
 
 
+def _check_first_starts(starts: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    """ValueError unless each row's first real token starts a word (starts, mask: uint8 [B, T]; mask may be None):
+    a row whose first word has no start would never be masked, nor would an inverted (continuation) flag tensor."""
+    real = mask.bool() if mask is not None else torch.ones_like(starts, dtype=torch.bool)
+    first = real.to(torch.uint8).argmax(1, keepdim=True)  # first real token (0 for an all-padding row)
+    bad_rows = (real.any(1) & ~starts.bool().gather(1, first).squeeze(1)).nonzero().flatten()
+    if bad_rows.numel():
+        raise ValueError(f"word_starts: the first real token of each row must start a word; rows "
+                         f"{bad_rows[:8].tolist()} do not")
+
+
+def check_word_starts(word_starts: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor] = None) -> None:
+    """:func:`mask_tokens`' checks of ``word_starts`` (bool / int [B, T], input_ids' shape and device), for a caller
+    that runs it with ``validate=False`` after checking the ids itself."""
+    mask = _validate.mask_as_uint8("attention_mask", attention_mask, "input_ids", input_ids)
+    starts = _validate.mask_as_uint8("word_starts", word_starts, "input_ids", input_ids, what="True = a word starts")
+    if _validate.inspectable(input_ids, mask, starts):
+        _check_first_starts(starts, mask)
+
+
 def _forward(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], word_starts: Optional[torch.Tensor],
                  specials: List[int], seed: int, mask_token_id: int, n_random: int, mask_prob: float,
                  sel_thr: int, mask_thr: int, rand_thr: int, count: bool
@@ -123,12 +144,7 @@ def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int,
             raise ValueError(f"input_ids: expected ids in [0, vocab_size={vocab_size}), got values in "
                              f"[{lo.item()}, {hi.item()}]")
         if starts is not None:
-            real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-            first = real.to(torch.uint8).argmax(1, keepdim=True)  # first real token (0 for an all-padding row)
-            bad_rows = (real.any(1) & ~starts.bool().gather(1, first).squeeze(1)).nonzero().flatten()
-            if bad_rows.numel():
-                raise ValueError(f"word_starts: the first real token of each row must start a word; rows "
-                                 f"{bad_rows[:8].tolist()} do not")
+            _check_first_starts(starts, mask)
     thr = ref.prob_threshold
     out = _OP(ids, mask, starts, specials, seed, mask_token_id, n_random, mask_prob, thr(mask_prob),
                        thr(mask_token_frac), thr(mask_token_frac + random_token_frac), strategy == "count")

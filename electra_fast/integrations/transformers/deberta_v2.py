@@ -192,17 +192,15 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
 
 def _dropout_not_called(module: nn.Module) -> Optional[str]:
     """The fused op reads the attention dropout's p and never calls it: a hook on it, or a module of the user's
-    there other than torch's Dropout / Identity, or p = 1 (the op takes p < 1; every weight dropped: zeros), needs
-    transformers' computation. pos_dropout is called by both, unless no position term reads it (transformers
-    calls it whenever the attention is relative)."""
+    there other than torch's Dropout / Identity needs transformers' computation. pos_dropout is called by both,
+    unless no position term reads it (transformers calls it whenever the attention is relative)."""
     from .layers import not_called
 
     unread = module.relative_attention and not any(t in POSITION_TERMS for t in module.pos_att_type)
     why = not_called(dropout=module.dropout, **({"pos_dropout": module.pos_dropout} if unread else {}))
-    p = applied_dropout(module.dropout)
-    if why is None and p is None:
+    if why is None and applied_dropout(module.dropout) is None:
         why = f"dropout is a {type(module.dropout).__name__} (the fused attention applies nn.Dropout only)"
-    return why if why is not None or p is None or p < 1.0 else "attention dropout p = 1"
+    return why
 
 
 def _encoder_get_attention_mask(self, attention_mask):
