@@ -70,6 +70,11 @@ def eager_twin() -> bool:
     return _twin.get()
 
 
+def forced_in_context() -> Optional[str]:
+    """The backend :func:`use_backend` / :func:`eager_twin_mode` force here (not the environment's), or None."""
+    return _forced.get()
+
+
 def forced_backend() -> Optional[str]:
     name = _forced.get()
     if name is not None:

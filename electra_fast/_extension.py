@@ -136,6 +136,8 @@ if EXTENSION_ERROR is None:
 
 
 def extension_loaded() -> bool:
+    """Whether the C++ extension (``electra_fast._C``) loaded: the CPU ops then run its kernels, else the reference
+    (``electra_fast.info`` says why it did not load)."""
     return EXTENSION_ERROR is None
 
 

@@ -116,10 +116,16 @@ def probability(name: str, value, *, one: bool = False) -> float:
     return real(name, value, 0.0, 1.0, hi_open=not one)
 
 
+def capturing() -> bool:
+    """Whether a graph is being recorded (torch.compile / torch.export, or torch.jit.trace): a decision read from
+    the data here (no padding in this batch, a cached table) would be frozen into the graph for every later input."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def inspectable(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether data-dependent checks may read these tensors' values: not while torch.compile traces, and not for
+    """Whether data-dependent checks may read these tensors' values: not while a graph is captured, and not for
     meta / fake tensors (shapes without data, which the ops' fake kernels serve)."""
-    if torch.compiler.is_compiling():
+    if capturing():
         return False
     for t in tensors:
         if t is None:
@@ -196,10 +202,16 @@ def mask_as_uint8(name: str, mask: Optional[torch.Tensor], ref_name: str, ref: t
     same_shape(name, mask, ref_name, ref)
     same_device(name, mask, ref_name, ref)
     if mask.dtype == torch.bool:
-        return mask.contiguous().view(torch.uint8)  # free reinterpretation
+        return bool_as_uint8(mask)
     if mask.dtype == torch.uint8 or (keep_int and mask.dtype in (torch.int32, torch.int64)):
         return mask.contiguous()
-    return (mask != 0).contiguous().view(torch.uint8)  # the comparison keeps a transposed mask's strides
+    return bool_as_uint8(mask != 0)  # the comparison keeps a transposed mask's strides: made contiguous there
+
+
+def bool_as_uint8(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as contiguous uint8: a free reinterpretation (a copy under torch.jit.trace, which cannot record
+    a dtype view: an internal assert in torch)."""
+    return mask.to(torch.uint8).contiguous() if torch.jit.is_tracing() else mask.contiguous().view(torch.uint8)
 
 
 def cu_seqlens(name: str, cu: torch.Tensor, total: int, ref_name: str, ref: torch.Tensor, max_name: str,

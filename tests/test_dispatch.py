@@ -109,6 +109,37 @@ def test_serving_names_the_backend_that_serves(monkeypatch):
     assert SPEC.serving("forward", cpu) == ("reference", ref.forward)
 
 
+@pytest.mark.skipif(not _extension.extension_loaded(), reason="needs a second CPU backend (the C++ extension)")
+def test_the_backward_runs_on_the_backend_its_forward_was_forced_onto(monkeypatch):
+    """backward() is usually called after the use_backend block (and on CUDA in autograd's own thread): it routed
+    again there, so a forward forced onto the reference - the eager twin's too - had C++ gradients."""
+    from electra_fast.models import ElectraConfig, ElectraPretrainingModel
+    served = []
+    serving = _backend.OpSpec.serving
+
+    def recording(self, stage, device, **call):
+        backend, fn = serving(self, stage, device, **call)
+        served.append((self.name, stage, backend))
+        return backend, fn
+    monkeypatch.setattr(_backend.OpSpec, "serving", recording)
+    q = torch.randn(1, 2, 6, 8, requires_grad=True)
+    with electra_fast.use_backend("reference"):
+        out = electra_fast.disentangled_attention(q, q, q)
+    with electra_fast.use_backend("cpp"):  # where backward() is called does not matter
+        out.sum().backward()
+    assert {(op, stage, b) for op, stage, b in served if op == "disentangled_attention"} == {
+        ("disentangled_attention", "forward", "reference"), ("disentangled_attention", "backward", "reference")}
+    served.clear()
+    cfg = ElectraConfig(vocab_size=64, unk_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4,
+                        embedding_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, generator_hidden_size=16, generator_num_hidden_layers=1,
+                        generator_num_attention_heads=1, generator_intermediate_size=32, max_position_embeddings=32,
+                        attention="disentangled", position_buckets=4, max_relative_positions=8)
+    twin = ElectraPretrainingModel(cfg, fused=False)
+    twin(torch.randint(5, 64, (2, 12)), seed=1).loss.backward()
+    assert served and {b for _, _, b in served} == {"reference"}, sorted(set(served))
+
+
 def _python(code, **env):
     full = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)

@@ -647,6 +647,19 @@ def test_deberta_embeddings_read_the_mask_as_a_padding_mask():
         emb(ids, attention_mask=torch.ones(2, 1, dtype=torch.long))
 
 
+def test_help_shows_the_constructors_parameters():
+    import inspect
+    import electra_fast.nn as nn
+    from electra_fast.integrations.transformers.deberta_v2 import FusedDisentangledSelfAttention
+    # the deprecated config form's __new__ showed (*args, **kwargs)
+    assert list(inspect.signature(nn.DisentangledSelfAttention).parameters)[:2] == ["hidden_size", "num_heads"]
+    assert list(inspect.signature(FusedDisentangledSelfAttention).parameters) == ["config"]
+    for obj in (nn.GeneratorHead, nn.DiscriminatorHead, ElectraConfig, electra_fast.MaskedTokens,
+                electra_fast.extension_loaded, nn.TokenMasker.electra, nn.TokenMasker.forward,
+                ElectraPretrainingModel.from_pretrained):
+        assert obj.__doc__ and "Base class for all neural network modules" not in obj.__doc__, obj
+
+
 def test_generator_head_called_gives_the_logits():
     import electra_fast.nn as nn
     head = nn.GeneratorHead(16, 8, 10, "gelu", 1e-12)
@@ -760,6 +773,48 @@ def test_a_compiled_dropout_module_draws_torchs_seeds():
     want = drop(x)
     torch.manual_seed(3)
     assert torch.equal(compiled(x), want)
+
+
+def test_a_compiled_disentangled_attention_draws_the_eager_masks():
+    """Review finding: the relative embeddings' dropout was torch's nn.Dropout, which under Inductor draws from
+    Inductor's generator: a compiled DeBERTa-layout run drew other masks (losses 38.870 vs 38.831 at step 2),
+    against the README's --compile contract."""
+    from electra_fast.nn import DisentangledSelfAttention, Dropout
+    attn = DisentangledSelfAttention(32, 2, position_buckets=4, max_relative_positions=8, pos_dropout=0.5,
+                                     attention_dropout=0.5).train()
+    assert isinstance(attn.pos_dropout, Dropout)
+    x, rel = torch.randn(2, 6, 32), torch.randn(8, 32)
+    torch.manual_seed(5)
+    want = [attn(x, rel_embeddings=rel) for _ in range(2)]
+    compiled = torch.compile(attn)
+    torch.manual_seed(5)
+    got = [compiled(x, rel_embeddings=rel) for _ in range(2)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)  # fp32; Inductor may reorder sums
+
+
+@pytest.mark.parametrize("attention", ATTN)
+def test_jit_trace_keeps_the_mask_and_draws_dropout_anew(attention):
+    """Review findings: a model traced on an unpadded batch froze "no padding" into the graph (padded keys were then
+    attended: 0.23 off at real tokens), the Dropout module froze its drawn seed (one mask for every call; torch's
+    traced dropout draws anew), and a bool mask reached a dtype view the tracer cannot record (INTERNAL ASSERT)."""
+    torch.manual_seed(0)
+    disc = ElectraPretrainingModel(tiny(attention)).discriminator.eval()
+    ids = torch.randint(5, V, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings from the argument checks
+        traced = torch.jit.trace(disc, (ids, torch.ones(2, 8, dtype=torch.long)), check_trace=False)
+        padded = torch.tensor([[1] * 8, [1] * 4 + [0] * 4])
+        with torch.no_grad():
+            got, want = traced(ids, padded), disc(ids, padded)
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1, :4], want[1, :4])
+        drop = torch.jit.trace(electra_fast.nn.Dropout(0.5).train(), (torch.ones(64),), check_trace=False)
+        masks = {tuple(drop(torch.ones(64)).nonzero().flatten().tolist()) for _ in range(3)}
+        assert len(masks) == 3
+        logits, c, m = torch.randn(2, 5), torch.randint(0, 5, (2, 5)), torch.tensor([[1] * 5, [1] * 3 + [0] * 2]).bool()
+        rtd = torch.jit.trace(lambda a, b, k: electra_fast.rtd_loss(a, b, b, k), (logits, c, m), check_trace=False)
+        assert torch.equal(rtd(logits, c, m), electra_fast.rtd_loss(logits, c, c, m))
 
 
 def test_dropout_module_is_an_nn_dropout():

@@ -36,6 +36,11 @@ MASKING_SCHEMES = {"electra": dict(mask_token_frac=0.85, random_token_frac=0.0),
 
 @dataclass
 class ElectraConfig:
+    """The generator / discriminator pair's architecture and pretraining objective, one typed field each (defaults:
+    ELECTRA-Small's discriminator with BERT uncased's special ids; presets: :meth:`electra_small`,
+    :meth:`deberta_v3_small`, ...). Every field is checked where a config is made (ValueError / TypeError naming
+    it); NumPy scalars are taken as Python numbers. JSON: :meth:`to_json_file` / :meth:`from_json_file`."""
+
     # vocabulary and special ids (BERT uncased WordPiece for ELECTRA)
     vocab_size: int = 30522
     pad_token_id: int = 0
@@ -222,10 +227,12 @@ class ElectraConfig:
                             generator_num_attention_heads=max(1, hidden // 64))
 
     def replace(self, **changes) -> "ElectraConfig":
+        """A copy with ``changes`` (field=value) applied and checked."""
         return dataclasses.replace(self, **changes)
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
+        """Every field as a JSON-ready value (tuples as lists)."""
         d = dataclasses.asdict(self)
         d["pos_att_type"] = list(self.pos_att_type)
         d["disallowed_sample_ids"] = list(self.disallowed_sample_ids)
@@ -233,6 +240,7 @@ class ElectraConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ElectraConfig":
+        """A config from a dict of fields (missing ones take their defaults; an unknown one is a ValueError)."""
         if not isinstance(d, dict):
             raise TypeError(f"ElectraConfig.from_dict: expected a dict of config fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -242,6 +250,7 @@ class ElectraConfig:
         return cls(**d)
 
     def to_json_string(self) -> str:
+        """:meth:`to_dict` as indented JSON with sorted keys."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -265,6 +274,7 @@ class ElectraConfig:
 
     @classmethod
     def from_json_file(cls, path: "str | os.PathLike") -> "ElectraConfig":
+        """A config from a UTF-8 JSON file written by :meth:`to_json_file` (see :meth:`from_json_string`)."""
         with open(path, encoding="utf-8") as f:
             return cls.from_json_string(f.read())
 

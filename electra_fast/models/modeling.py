@@ -44,7 +44,8 @@ SEED_LIMIT = _seed.SEED_LIMIT
 
 @dataclass
 class ElectraPretrainingOutput:
-    """Scalars are fp32 tensors; ``metrics`` holds detached fp32 scalars."""
+    """Scalar tensors: ``mlm_loss`` fp32, ``rtd_loss`` and ``loss`` fp32 (fp64 for an fp64 model); ``metrics`` holds
+    detached fp32 scalars."""
     loss: torch.Tensor
     mlm_loss: torch.Tensor
     rtd_loss: torch.Tensor
@@ -152,7 +153,7 @@ def _key_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None
     _validate.mask_dtype("attention_mask", attention_mask, "[B, T], 1 = real token, 0 = padding")
     m = attention_mask.bool()
-    if bool(m.all()):
+    if not _validate.capturing() and bool(m.all()):  # a graph keeps the mask: the next batch may be padded
         return None
     # a row without any real token attends to everything (its outputs are ignored) instead of NaN
     return m | ~m.any(1, keepdim=True)
@@ -301,9 +302,12 @@ class ElectraPretrainingModel(nn.Module):
                 word_starts: Optional[torch.Tensor] = None,
                 document_ids: Optional[torch.Tensor] = None) -> ElectraPretrainingOutput:
         """One pretraining step's forward. input_ids int [B, T]; attention_mask [B, T] (1 = real, right padding
-        with ``document_ids``) or None; word_starts bool / uint8 [B, T] (1 = a word begins: whole-word masking) or
+        with ``document_ids``) or None; seed: an int in [0, 2**63) (or a one-element integer tensor) keying the
+        masking, sampling and dropout, or None (drawn from torch's generator); token_type_ids int [B, T] or None;
+        word_starts bool / uint8 [B, T] (1 = a word begins: whole-word masking) or
         None; document_ids int [B, T] or None: rows packed from several documents, each maximal run of equal ids
-        one document (DOC-SENTENCES packing: attention stays inside a document, positions restart at each)."""
+        one document (DOC-SENTENCES packing: attention stays inside a document, positions restart at each).
+        Returns :class:`ElectraPretrainingOutput` (loss = MLM + disc_weight x RTD)."""
         seed = self._check_inputs(input_ids, attention_mask, seed, token_type_ids, document_ids, word_starts)
         if seed is None:
             seed = _seed.draw()
@@ -357,6 +361,9 @@ class ElectraPretrainingModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, fused: bool = True) -> "ElectraPretrainingModel":
+        """The pair :meth:`save_pretrained` (or ``electra-fast export``) wrote to ``path`` (str or os.PathLike), with
+        its config and embedding sharing; ``fused=False`` gives the eager twin. A missing or damaged file is a
+        ValueError / FileNotFoundError naming it."""
         from . import interop
         return interop.from_pretrained(cls, path, fused=fused)
 

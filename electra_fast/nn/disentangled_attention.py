@@ -7,13 +7,14 @@
 
 Differences from transformers (only where transformers' output is not meaningful): rows of padded queries are 0
 (transformers returns the mean of V there); attention dropout draws from the Philox stream (seeded from torch's
-generator) instead of ``nn.Dropout``.
+generator) instead of ``nn.Dropout``, and so does the relative embeddings' dropout (``electra_fast.nn.Dropout``).
 
 This module knows nothing about transformers: swapping it into a transformers model (and transformers' own
 signature, masks and fallbacks) is ``electra_fast.integrations.transformers.deberta_v2``.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence, Union
 
 import torch
@@ -23,6 +24,7 @@ from .. import _seed, _validate
 from ..ops.disentangled_attention import disentangled_attention
 from ..reference.disentangled_attention import attention_span
 from ._moved import moved
+from .dropout import Dropout
 from .packing import Packed
 
 POSITION_TERMS = ("c2p", "p2c")
@@ -55,6 +57,13 @@ def applied_dropout(module: nn.Module) -> Optional[float]:
     return None
 
 
+def _init_signature(cls) -> inspect.Signature:
+    """``cls.__init__``'s parameters without self: what inspect.signature / help() show for the class (its
+    ``__new__``, for the deprecated config form, hid them behind (*args, **kwargs))."""
+    sig = inspect.signature(cls.__init__)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+
 class DisentangledSelfAttention(nn.Module):
     """hidden_states [B, T, hidden] -> context [B, T, num_heads * head_size], DeBERTa attention.
 
@@ -74,6 +83,10 @@ class DisentangledSelfAttention(nn.Module):
     Defaults: DeBERTa-v3's (256 buckets, 512 positions, c2p + p2c, shared keys), no dropout. Parameters and their
     creation order are transformers' (same names, same initialisation under one seed).
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__signature__ = _init_signature(cls)
 
     def __new__(cls, *args, **kwargs):
         # Deprecated: DisentangledSelfAttention(config) built the transformers drop-in, which now lives in
@@ -109,7 +122,9 @@ class DisentangledSelfAttention(nn.Module):
             if self.pos_att_type:  # the op refuses these at every forward: say it where the module is built
                 _validate.log_buckets(self.position_buckets, self.max_relative_positions)
             self.pos_ebd_size = attention_span(position_buckets, max_relative_positions)
-            self.pos_dropout = nn.Dropout(_validate.probability("pos_dropout", pos_dropout, one=True))
+            # the library's dropout (an nn.Dropout): seeded from torch's generator, so a compiled model draws the masks
+            # the eager one draws (torch's own under Inductor drew from Inductor's generator, shifting every seed)
+            self.pos_dropout = Dropout(_validate.probability("pos_dropout", pos_dropout, one=True))
             if not self.share_att_key:
                 if "c2p" in self.pos_att_type:
                     self.pos_key_proj = nn.Linear(hidden_size, self.all_head_size, bias=True)
@@ -189,3 +204,6 @@ class DisentangledSelfAttention(nn.Module):
         if packed is not None:
             return out.reshape(out.shape[0], self.all_head_size)
         return out.transpose(1, 2).reshape(B, T, self.all_head_size)
+
+
+DisentangledSelfAttention.__signature__ = _init_signature(DisentangledSelfAttention)

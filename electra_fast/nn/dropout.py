@@ -34,5 +34,8 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        y = F.dropout(x, self.p, training=True) if eager_twin() else dropout(x, self.p, _seed.draw())
+        # torch.jit.trace would freeze the drawn seed into the graph (one mask for every call): torch's dropout
+        # there, which the trace records as drawing anew
+        torch_dropout = eager_twin() or torch.jit.is_tracing()
+        y = F.dropout(x, self.p, training=True) if torch_dropout else dropout(x, self.p, _seed.draw())
         return x.copy_(y) if self.inplace else y

@@ -91,7 +91,8 @@ def _check_table_sizes(max_position_embeddings: int, type_vocab_size: int) -> No
 
 
 class ElectraEmbeddings(nn.Module):
-    """ids int [B, T] -> float [B, T, E] (transformers ElectraEmbeddings)."""
+    """ids int [B, T] -> float [B, T, E] (transformers ElectraEmbeddings): word + position + token-type tables
+    [vocab_size / max_position_embeddings / max(type_vocab_size, 1), E], LayerNorm(``layer_norm_eps``), dropout."""
 
     def __init__(self, vocab_size: int, embedding_size: int, max_position_embeddings: int, type_vocab_size: int,
                  pad_token_id: int, layer_norm_eps: float, dropout: float):
@@ -120,7 +121,9 @@ class ElectraEmbeddings(nn.Module):
 
 
 class DebertaV2Embeddings(nn.Module):
-    """ids int [B, T] (+ attention_mask [B, T]) -> float [B, T, H] (transformers DebertaV2Embeddings)."""
+    """ids int [B, T] (+ attention_mask [B, T]) -> float [B, T, H] (transformers DebertaV2Embeddings): word table
+    [vocab_size, E], absolute positions when ``position_biased_input``, token types when type_vocab_size > 0, a
+    projection E -> H when they differ, LayerNorm(``layer_norm_eps``), the mask, dropout."""
 
     def __init__(self, vocab_size: int, embedding_size: int, hidden_size: int, max_position_embeddings: int,
                  type_vocab_size: int, position_biased_input: bool, pad_token_id: int, layer_norm_eps: float,

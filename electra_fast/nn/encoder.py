@@ -111,14 +111,14 @@ def standard_attention(x: torch.Tensor, query: nn.Linear, key: nn.Linear, value:
         q, k, v = qkv.view(N, 3, num_heads, H // num_heads).unbind(1)
         out = disentangled_attention(q, k, v, cu_seqlens=key_mask.cu_seqlens, max_seqlen=key_mask.max_seqlen,
                                      dropout_p=dropout_p, seed=_seed.draw() if dropout_p > 0 else None,
-                                     scale=q.shape[-1] ** -0.5)
+                                     scale=int(q.shape[-1]) ** -0.5)
         return out.reshape(N, H)
     B, T, H = x.shape
     qkv = qkv.view(B, T, 3, num_heads, H // num_heads)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
     if fused_dropout and dropout_p > 0 and x.device.type == "cpu" and not eager_twin():
         out = disentangled_attention(q, k, v, attention_mask=key_mask, dropout_p=dropout_p, seed=_seed.draw(),
-                                     scale=q.shape[-1] ** -0.5)
+                                     scale=int(q.shape[-1]) ** -0.5)
     else:
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -192,7 +192,11 @@ class _Intermediate(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """One post-LN transformer layer; ``attention.self`` is standard or disentangled."""
+    """One post-LN transformer layer; ``attention.self`` is standard or disentangled.
+
+    Args: ``self_attention`` the attention module (:class:`StandardSelfAttention` or
+    ``DisentangledSelfAttention``); ``hidden_size`` H; ``intermediate_size`` the FFN width; ``act`` one of
+    ``ACTIVATIONS``; ``eps`` the LayerNorms' epsilon; ``dropout`` the hidden-state dropout in [0, 1]."""
 
     def __init__(self, self_attention: nn.Module, hidden_size: int, intermediate_size: int, act: str,
                  eps: float, dropout: float):
@@ -243,7 +247,10 @@ def encoder_inputs(x: torch.Tensor, key_mask: Optional[torch.Tensor], document_i
 
 
 class Encoder(nn.Module):
-    """``layer`` ModuleList of standard-attention layers (transformers ElectraEncoder)."""
+    """``layer`` ModuleList of standard-attention layers (transformers ElectraEncoder).
+
+    Args: ``num_layers`` (>= 0), ``hidden_size``, ``num_heads``, ``intermediate_size``, ``act``, ``eps``,
+    ``dropout`` as :class:`EncoderLayer`'s; ``attention_dropout`` the attention probabilities' dropout in [0, 1]."""
 
     def __init__(self, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int, act: str,
                  eps: float, dropout: float, attention_dropout: float):
@@ -269,7 +276,11 @@ class Encoder(nn.Module):
 
 
 class DisentangledEncoder(nn.Module):
-    """``layer`` + ``rel_embeddings`` [2k, H] + ``LayerNorm`` on them (transformers DebertaV2Encoder)."""
+    """``layer`` + ``rel_embeddings`` [2k, H] + ``LayerNorm`` on them (transformers DebertaV2Encoder).
+
+    Args: as :class:`Encoder`'s, plus ``pos_att_type`` / ``share_att_key`` / ``position_buckets`` /
+    ``max_relative_positions`` as ``DebertaV2Config``'s, ``span`` k (the table holds 2k rows), ``norm_rel_ebd``
+    ``"layer_norm"`` or ``"none"``."""
 
     def __init__(self, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int, act: str,
                  eps: float, dropout: float, attention_dropout: float, pos_att_type: Sequence[str],

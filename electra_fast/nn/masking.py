@@ -38,10 +38,13 @@ class TokenMasker(nn.Module):
 
     @classmethod
     def electra(cls, **kwargs) -> "TokenMasker":
+        """ELECTRA's corruption: of the selected tokens 85 % become [MASK], 15 % stay; ``kwargs``: the constructor's
+        (``mask_token_id`` and ``vocab_size`` required), which override the preset."""
         return cls(**{"mask_token_frac": 0.85, "random_token_frac": 0.0, **kwargs})
 
     @classmethod
     def bert(cls, **kwargs) -> "TokenMasker":
+        """BERT's corruption: 80 % [MASK], 10 % a random token, 10 % kept; ``kwargs`` as :meth:`electra`."""
         return cls(**{"mask_token_frac": 0.8, "random_token_frac": 0.1, **kwargs})
 
     def _kwargs(self) -> dict:
@@ -51,6 +54,9 @@ class TokenMasker(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 word_starts: Optional[torch.Tensor] = None, *, seed: Optional[int] = None) -> MaskedTokens:
+        """input_ids int32 / int64 [B, T]; attention_mask and word_starts bool / int [B, T] or None; ``seed`` an int
+        in [0, 2**63) or None (drawn from torch's generator). Returns :class:`~electra_fast.MaskedTokens` (see
+        :func:`electra_fast.mask_tokens`)."""
         return mask_tokens(input_ids, seed=_seed.draw() if seed is None else seed, attention_mask=attention_mask,
                            word_starts=word_starts, **self._kwargs())
 

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .. import _backend, _cpu
+from .. import _backend, _cpu, _validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,7 @@ def packing(key_mask: Optional[torch.Tensor], document_ids=None) -> Optional[Pac
         return document_ids.packed
     if document_ids is not None:
         return documents(document_ids, key_mask)
-    if (key_mask is None or key_mask.device.type != "cpu" or torch.compiler.is_compiling() or _backend.eager_twin()
+    if (key_mask is None or key_mask.device.type != "cpu" or _validate.capturing() or _backend.eager_twin()
             or _backend.forced_backend() == "triton" or _cpu.switch("ELECTRA_FAST_NO_UNPAD")):
         return None
     B, T = key_mask.shape

@@ -18,11 +18,11 @@ Bodies (``name`` is the op's schema name in namespace ``electra_fast``):
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _validate
+from .. import _backend, _validate
 
 BUILT: Dict[str, "AutogradOp"] = {}  # schema name of the forward op -> its AutogradOp (read by the tests)
 
@@ -59,6 +59,7 @@ class AutogradOp:
         # its own derivative, e.g. dropout)
         op_backward = self.backward_op or self.op
         body_backward = backward or forward
+        setup, grads = _same_backend(setup, grads)
 
         def custom_op_backward(ctx, *grad_outputs):
             if len(grad_outputs) == 1 and isinstance(grad_outputs[0], (list, tuple)):  # a List[Tensor] output
@@ -79,6 +80,21 @@ class AutogradOp:
         if self.differentiable and not torch.compiler.is_compiling():  # graphs carry no dual tensors
             _no_tangents(self.name, inputs)
         return self.op(*inputs)
+
+
+def _same_backend(setup: Callable, grads: Callable) -> Tuple[Callable, Callable]:
+    """``setup`` and ``grads`` whose backward runs on the backend the forward was forced onto: the backward's own
+    routing read ``use_backend`` / the eager twin where ``backward()`` was called (usually outside the block; on
+    CUDA in autograd's own thread, which never sees the caller's context), so a forward forced onto the reference
+    had its gradient computed by the C++ or Triton kernels."""
+    def setup_recording(ctx, inputs, output):
+        ctx.forced_backend = _backend.forced_in_context()
+        setup(ctx, inputs, output)
+
+    def grads_on_forward_backend(ctx, grad_outputs, backward):
+        with _backend.use_backend(ctx.forced_backend):
+            return grads(ctx, grad_outputs, backward)
+    return setup_recording, grads_on_forward_backend
 
 
 def _no_tangents(name: str, inputs) -> None:

@@ -289,7 +289,7 @@ def disentangled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     else:
         scale = _validate.real("scale", scale, 0.0, math.inf, lo_open=True)
     rel_slots = (ref.relative_slots(T, position_buckets, max_relative_positions, query.device)
-                 if torch.compiler.is_compiling() else _slots(T, position_buckets, max_relative_positions, query.device))
+                 if _validate.capturing() else _slots(T, position_buckets, max_relative_positions, query.device))
     # CPU: q / k / v go in as given when their last dim is dense (the C++ kernels read strided [B, H, T, D]
     # views, e.g. the module's [B, T, H, D] projections, without a permute copy; out takes that layout too).
     # CUDA: contiguous, the Triton kernels' contract.

@@ -21,6 +21,10 @@ SPEC = _backend.register(_backend.OpSpec("mask_tokens", reference=ref, cpp={"for
 
 
 class MaskedTokens(NamedTuple):
+    """:func:`mask_tokens`' result: ``input_ids`` [B, T] in the input's dtype (the generator's input: [MASK], a
+    random or the kept token at selected positions), ``labels`` int64 [B, T] (the original id where selected,
+    -100 elsewhere), ``masked`` bool [B, T] (the selected positions)."""
+
     input_ids: torch.Tensor  # [B, T], dtype of the input: the generator's input
     labels: torch.Tensor     # int64 [B, T]: original id where masked, -100 elsewhere
     masked: torch.Tensor     # bool [B, T]: the selected positions

@@ -104,7 +104,7 @@ def rtd_loss(logits: torch.Tensor, corrupted_ids: torch.Tensor, original_ids: to
         corrupted, original = corrupted_ids, original_ids
         mask = attention_mask
         if mask is not None and mask.dtype == torch.bool:
-            mask = mask.view(torch.uint8)
+            mask = _validate.bool_as_uint8(mask)
     else:
         _validate.floating("logits", logits)
         _validate.rank("logits", logits, 2, "[B, T]")

@@ -34,6 +34,7 @@ def vocab_chunk(n_rows: int, embed: int, vocab: int) -> int:
     the size of hidden, i.e. ~E columns) is scaled up to ~32 E columns, clamped to [CHUNK_MIN, CHUNK_MAX]:
     CPU BLAS ran [2458, 128] @ [128, 256] chunks 7x slower than one big matmul, 2048-4096 columns at full
     speed. Peak extra memory stays O(N x chunk + V x E) (N = 2458, E = 128: a 40 MB chunk vs 300 MB logits)."""
+    embed, vocab = int(embed), int(vocab)  # sizes torch.jit.trace hands over as tensors
     return max(1, min(vocab, max(CHUNK_MIN, min(CHUNK_MAX, 1 << max(32 * embed - 1, 0).bit_length()))))
 
 

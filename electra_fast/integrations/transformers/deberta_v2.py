@@ -147,9 +147,12 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
 
     def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None, relative_pos=None,
                 rel_embeddings=None):
+        from . import layers  # imported here: layers imports this module's patching rules
+
         B, T = hidden_states.shape[0], hidden_states.shape[-2]
-        fusable, key_mask = self._key_mask(attention_mask, B, T)
-        reason = ("output_attentions=True (the fused attention builds no probabilities)" if output_attentions
+        fusable, key_mask = (False, None) if layers.exporting() else self._key_mask(attention_mask, B, T)
+        reason = (layers.EXPORTING if layers.exporting()
+                  else "output_attentions=True (the fused attention builds no probabilities)" if output_attentions
                   else "an attention mask that is not a padding mask" if not fusable
                   else "query_states of another shape than hidden_states"
                   if query_states is not None and query_states.shape != hidden_states.shape

@@ -120,6 +120,14 @@ def layer_norm_unsupported(output: nn.Module) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------- masks
+EXPORTING = "torch.export (the fused attention reads the mask's values to pick its path, which export cannot guard)"
+
+
+def exporting() -> bool:
+    """Whether torch.export traces this call: the attention adapters then leave it to transformers' code."""
+    return torch.compiler.is_exporting()
+
+
 def padding_key_mask(mask: Optional[torch.Tensor], B: int, T: int) -> "tuple[bool, Optional[torch.Tensor]]":
     """(servable, bool [B, T] key mask or None) from what transformers' ``create_bidirectional_mask`` passes to
     an attention layer: None, a bool [B|1, 1, T|1, T] mask (True = attend; sdpa) or an additive float one (0 /
