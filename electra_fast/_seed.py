@@ -35,7 +35,12 @@ def check(seed, name: str = "seed", limit: int = SEED_LIMIT) -> int:
 @torch.compiler.disable  # traced, Inductor drew it from its own generator: a compiled run had other dropout masks
 def draw() -> int:
     """A seed in [0, SEED_LIMIT - 1) from torch's default generator: reproducible under ``torch.manual_seed``,
-    compiled or not (a graph break under ``torch.compile``)."""
+    compiled or not (a graph break under ``torch.compile``). Under torch.jit.trace a RuntimeError: the seed would be
+    a constant of the trace, one dropout or masking pattern for every later call."""
+    if torch.jit.is_tracing():
+        raise RuntimeError("torch.jit.trace: a random seed drawn here would be frozen into the trace (the same "
+                           "dropout or masking pattern on every call); trace the model in eval mode, or use "
+                           "torch.compile / torch.export")
     return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
 
 

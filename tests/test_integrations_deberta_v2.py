@@ -547,3 +547,19 @@ def test_native_module_applies_its_dropouts_own_mode_and_refuses_another_module(
     module.train().dropout = torch.nn.AlphaDropout(0.5)
     with pytest.raises(TypeError, match="^dropout: expected an nn.Dropout or nn.Identity .*got AlphaDropout$"):
         module(x, rel_embeddings=rel)
+
+
+def test_the_drop_in_built_from_a_config_serves_relative_attention_without_position_terms(monkeypatch):
+    """Its relative embeddings' dropout is the library's own Dropout (the compile fix): the check for modules the
+    fused code would skip took it for a user's module, and every call fell back (strict=True raised)."""
+    from electra_fast.integrations.transformers import patching
+    reasons = []
+    fallback = patching.fallback
+    monkeypatch.setattr(patching, "fallback", lambda module, reason: (reasons.append(reason), fallback(module, reason)))
+    for terms in ([], ["p2c", "c2p"]):
+        from transformers import DebertaV2Config
+        cfg = DebertaV2Config(hidden_size=32, num_attention_heads=2, relative_attention=True, position_buckets=4,
+                              max_relative_positions=8, pos_att_type=terms)
+        module = FusedDisentangledSelfAttention(cfg).train()
+        module(torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.long), rel_embeddings=torch.randn(8, 32))
+    assert reasons == []

@@ -812,6 +812,18 @@ def test_jit_trace_keeps_the_mask_and_draws_dropout_anew(attention):
         drop = torch.jit.trace(electra_fast.nn.Dropout(0.5).train(), (torch.ones(64),), check_trace=False)
         masks = {tuple(drop(torch.ones(64)).nonzero().flatten().tolist()) for _ in range(3)}
         assert len(masks) == 3
+        # the layers' fused dropout draws a seed too: torch's ops in a trace; a seed no torch op replaces is refused
+        layer = electra_fast.nn.EncoderLayer(electra_fast.nn.StandardSelfAttention(16, 2, 0.5), 16, 32, "gelu",
+                                             1e-12, 0.5).train()
+        x = torch.randn(2, 5, 16)
+        from test_patch_fallback import _Called
+        traced_layer = torch.jit.trace(_Called(lambda m, t: m(t, None), layer), (x,), check_trace=False)
+        assert not torch.equal(traced_layer(x), traced_layer(x))
+        attn = electra_fast.nn.DisentangledSelfAttention(32, 2, position_buckets=4, max_relative_positions=8,
+                                                         attention_dropout=0.5).train()
+        with pytest.raises(RuntimeError, match="torch.jit.trace: a random seed drawn here would be frozen"):
+            torch.jit.trace(_Called(lambda m, t: m(t, rel_embeddings=torch.randn(8, 32)), attn),
+                            (torch.randn(2, 6, 32),), check_trace=False)
         logits, c, m = torch.randn(2, 5), torch.randint(0, 5, (2, 5)), torch.tensor([[1] * 5, [1] * 3 + [0] * 2]).bool()
         rtd = torch.jit.trace(lambda a, b, k: electra_fast.rtd_loss(a, b, b, k), (logits, c, m), check_trace=False)
         assert torch.equal(rtd(logits, c, m), electra_fast.rtd_loss(logits, c, c, m))

@@ -350,7 +350,7 @@ def _example(row, names: dict, task: str, labelled: bool, where: str, indexed: b
         tags = [str(t).strip() for t in tags]  # as class labels are: "B-PER " is B-PER, not another entity type
         if not all(tags):
             raise FinetuneError(f"{where}: a tag is empty")
-        spaced = next((t for t in tags if re.search(r"\s", t)), None)
+        spaced = next((t for t in tags if re.search(r"\s", t)), None)  # also a line break or a tab
         if spaced is not None:  # a word's predicted tags are written space-separated: one such tag reads as two
             raise FinetuneError(f"{where}: tag {spaced!r} holds white space; tags must be single words")
         return Example(tokens, None, tags, where)
@@ -380,7 +380,10 @@ def _example(row, names: dict, task: str, labelled: bool, where: str, indexed: b
         return Example(text, pair, value, where)
     if isinstance(label, (float, bool)) or not isinstance(label, (str, int)):
         raise FinetuneError(f"{where}: class label {label!r} must be a string or an integer")
-    return Example(text, pair, str(label).strip(), where)
+    label = str(label).strip()
+    if not label.isprintable():  # a line break or tab split predictions-test.tsv's rows (a lone CR too, for csv)
+        raise FinetuneError(f"{where}: class label {label!r} holds a line break, tab or other control character")
+    return Example(text, pair, label, where)
 
 
 _FP32_MAX = float(np.finfo(np.float32).max)

@@ -103,8 +103,8 @@ def _no_tangents(name: str, inputs) -> None:
     for x in inputs:
         if isinstance(x, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(x).tangent is not None:
             raise NotImplementedError(f"electra_fast::{name}: forward-mode AD (torch.func.jvp / jacfwd, "
-                                      "torch.autograd.forward_ad) is not supported; use reverse mode (backward, "
-                                      "torch.func.vjp / jacrev)")
+                                      "torch.autograd.forward_ad) is not supported; use reverse mode "
+                                      "(loss.backward() or torch.autograd.grad)")
 
 
 def _eager_function(name: str, forward: Callable, setup: Callable, grads: Callable, backward: Callable,

@@ -43,8 +43,9 @@ def _classes(suffix: str) -> tuple:
 # -------------------------------------------------------------------------------------------- attention
 def _call_unsupported(self, hidden_states, attention_mask, cache, kwargs) -> "tuple[str | None, object]":
     """(why transformers' code must serve this call, or None; the bool [B, T] key mask or None)."""
-    if layers.exporting():
-        return layers.EXPORTING, None
+    capture = layers.graph_capture()
+    if capture is not None:
+        return capture, None
     if kwargs.get("output_attentions") or getattr(self.config, "output_attentions", False):
         return "output_attentions=True (the fused attention builds no probabilities)", None
     if cache is not None or kwargs.get("encoder_hidden_states") is not None:

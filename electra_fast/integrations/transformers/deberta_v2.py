@@ -150,8 +150,9 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
         from . import layers  # imported here: layers imports this module's patching rules
 
         B, T = hidden_states.shape[0], hidden_states.shape[-2]
-        fusable, key_mask = (False, None) if layers.exporting() else self._key_mask(attention_mask, B, T)
-        reason = (layers.EXPORTING if layers.exporting()
+        capture = layers.graph_capture()
+        fusable, key_mask = (False, None) if capture else self._key_mask(attention_mask, B, T)
+        reason = (capture if capture
                   else "output_attentions=True (the fused attention builds no probabilities)" if output_attentions
                   else "an attention mask that is not a padding mask" if not fusable
                   else "query_states of another shape than hidden_states"

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...nn._plain import global_hooks, hooked, not_plain
+from ...nn.dropout import Dropout
 from ...nn.encoder import add_norm
 from ...ops.linear import gelu_mlp
 from ...ops.sampling import mlm_loss_and_sample
@@ -54,7 +55,8 @@ def not_called(**modules: Optional[nn.Module]) -> Optional[str]:
         if hooked(module):
             return f"{name} has hooks (the fused code does not call it)"
         own = vars(module).get("forward")  # a forward set on the instance (not patch's own override)
-        if (not getattr(type(module).forward, "__module__", "").startswith(("transformers.", "torch."))
+        ours = type(module) is Dropout  # the native modules' dropout: what the fused code applies in its place
+        if (not (ours or getattr(type(module).forward, "__module__", "").startswith(("transformers.", "torch.")))
                 or (own is not None and not _swap.overrides(module, "forward"))):
             return f"{name} is a {type(module).__name__} with its own forward (the fused code would skip it)"
     return None
@@ -120,12 +122,15 @@ def layer_norm_unsupported(output: nn.Module) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------- masks
-EXPORTING = "torch.export (the fused attention reads the mask's values to pick its path, which export cannot guard)"
-
-
-def exporting() -> bool:
-    """Whether torch.export traces this call: the attention adapters then leave it to transformers' code."""
-    return torch.compiler.is_exporting()
+def graph_capture() -> Optional[str]:
+    """Why transformers' code serves this call under torch.export / torch.jit.trace (None otherwise): the fused paths
+    read the mask's and labels' values to pick their path, which export cannot guard and a trace would freeze (a
+    model traced on an unpadded batch attended to the padding of later ones). torch.compile keeps the fused path."""
+    if torch.compiler.is_exporting():
+        return "torch.export (the fused path reads the mask's values, which export cannot guard)"
+    if torch.jit.is_tracing():
+        return "torch.jit.trace (the fused path reads the mask's values, which a trace would freeze)"
+    return None
 
 
 def padding_key_mask(mask: Optional[torch.Tensor], B: int, T: int) -> "tuple[bool, Optional[torch.Tensor]]":
@@ -176,13 +181,14 @@ class mlm_forward_for:
     def __init__(self, cls: type, head_parts: HeadParts):
         self.cls, self.head_parts = cls, head_parts
         functools.update_wrapper(self, cls.forward)
+        self.__code__ = cls.forward.__code__  # torch.export reads the bound forward's code for its argument names
 
     def __call__(self, model, *args, **kwargs):
         original = self.cls.forward
         labels = _signature(original).bind(model, *args, **kwargs).arguments.get("labels")
         if not isinstance(labels, torch.Tensor):
             return original(model, *args, **kwargs)
-        reason = self.unsupported(model)
+        reason = graph_capture() or self.unsupported(model)
         if reason is not None:
             fallback(model, reason)
             return original(model, *args, **kwargs)
