@@ -7,6 +7,16 @@ from ._console import paths_printable
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while a command's modules load, or in one without its own handling (bench)
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print("electra-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
     paths_printable()
     from .finetune import cli as finetune_cli
     from .train import cli as train_cli

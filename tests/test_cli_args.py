@@ -241,6 +241,26 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(user, tmp_path, capsys, mo
     assert code == 130 and err == ["electra-fast pretrain: interrupted"]
 
 
+
+def test_ctrl_c_in_a_command_without_its_own_handling_is_one_line(capsys, monkeypatch):
+    """Review finding: Ctrl-C while the command's modules load (or in one such as bench, info, demo) printed a
+    30-line KeyboardInterrupt traceback; the command now exits 130 with one line (--debug: the traceback)."""
+    from electra_fast import info
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "main", interrupted)
+    try:
+        code, err, _ = _cli(["info"], capsys)
+    except KeyboardInterrupt:  # not as pytest's own Ctrl-C, which would end the session
+        pytest.fail("Ctrl-C left the command as a KeyboardInterrupt traceback")
+    assert code == 130 and err == ["electra-fast: interrupted"]
+    from electra_fast.train import cli as train_cli
+    monkeypatch.setattr(train_cli, "_run", lambda args: interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(["pretrain", "--debug"])
+
 # ------------------------------------------------------------------------------------------ export
 @pytest.fixture(scope="module")
 def finished_run(env, tmp_path_factory):
@@ -272,9 +292,10 @@ def test_export_bad_arguments(finished_run, tmp_path, capsys):
         # an empty OUT_DIR was written beside the working directory, then failed at the rename ([Errno 2])
         ([str(finished_run), ""], "export: OUT_DIR is empty; name a new or empty directory"),
         ([str(finished_run), str(tmp_path / "e4"), "--bogus"], "unrecognized arguments: --bogus"),
-        # retention deletes a checkpoint with everything in it: an export there was lost at the next --resume
+        # retention deleted a checkpoint with everything in it: an export there was lost at the next --resume
         ([str(finished_run), str(finished_run / "checkpoints" / "step-00000001" / "hf")],
-         f"is inside checkpoint {finished_run / 'checkpoints' / 'step-00000001'}, which the run's --keep may delete"),
+         f"is inside checkpoint {finished_run / 'checkpoints' / 'step-00000001'}, which holds only the run's own "
+         "files (its --keep deletes old ones); choose a directory outside checkpoints/"),
     ]
     before, run_before = _snapshot(tmp_path), _snapshot(finished_run)
     for extra, message in cases:

@@ -429,6 +429,21 @@ def test_bad_inputs_are_one_line_and_touch_nothing(pretrained, tmp_path, capsys)
     assert _snapshot(tmp_path) == before and _snapshot(pretrained) == run_before
 
 
+
+def test_out_inside_a_checkpoint_is_refused(pretrained, tmp_path, capsys):
+    """Review finding (data loss): `finetune --model RUN/checkpoints/step-N --out RUN/checkpoints/step-N/sst` wrote
+    the fine-tuning run where the pretraining run's --keep deleted it with the checkpoint; refused as export's
+    OUT_DIR is (one shared check), on --resume too, before anything is written."""
+    d = _classification_files(tmp_path / "data")
+    step = pretrained / "checkpoints" / "step-00000001"
+    before = _snapshot(pretrained)
+    for extra in ([], ["--resume"]):
+        code, err, _ = _cli(["finetune", "--no-progress", "--model", str(step), "--train", str(d / "train.tsv"),
+                             "--validation", str(d / "dev.tsv"), "--out", str(step / "sst"), *extra], capsys)
+        _assert_refused(code, err, "finetune", f"--out: {step / 'sst'} is inside checkpoint {step}, which holds only "
+                        "the run's own files (its --keep deletes old ones); choose a directory outside checkpoints/")
+    assert _snapshot(pretrained) == before
+
 def test_tsv_quoted_by_python_or_pandas_and_glues_bare_quotes(tmp_path):
     """A TSV written by csv.writer(delimiter='\\t') / DataFrame.to_csv(sep='\\t') quotes a field holding a line
     break or a quote: it was read as text with its quotes and split at the line break (4 predictions for 3 rows,
@@ -483,6 +498,9 @@ def test_reader_keeps_rows_whole(tmp_path, ext):
     (dict(threads=0), r"^--threads: expected an int >= 1, got 0$"),
     (dict(seeds=1), r"^--seeds: expected a sequence of ints, got int$"),
     (dict(seeds="12"), r"^--seeds: expected a sequence of ints, got str$"),
+    # "expected an int >= 1, got np.int64(2)" read as a contradiction
+    (dict(epochs=np.int64(2)), r"^--epochs: expected a Python int, got int64 np\.int64\(2\); pass int\(\.\.\.\)$"),
+    (dict(seeds=[np.int64(1)]), r"^--seeds: expected a Python int, got int64"),
 ])
 def test_bad_options_are_finetune_errors(tmp_path, change, match):
     # the shared checks raised their base class (PretrainError), which `except FinetuneError` did not catch, and
@@ -506,6 +524,30 @@ def test_paths_are_str_or_pathlike_and_other_types_are_named(pretrained, tmp_pat
             finetune(args.pop("model"), args.pop("train"), args.pop("validation"), **args, progress=False)
     assert not (tmp_path / "bad").exists()
 
+
+
+def test_the_thread_count_is_the_callers_again_after_every_call(pretrained, tmp_path, monkeypatch):
+    """Review finding: finetune(threads=1) set torch's count for the rest of the calling process, even when it then
+    refused its arguments. Set after every check, for the training only; the caller's count is back afterwards."""
+    from electra_fast.finetune import trainer
+    d = _classification_files(tmp_path / "data")
+    before, counts = torch.get_num_threads(), []
+    real = trainer._loss
+
+    def counted(*a):
+        counts.append(torch.get_num_threads())
+        return real(*a)
+
+    monkeypatch.setattr(trainer, "_loss", counted)
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(fdata.FinetuneError, match="^--model: no such directory"):
+            _run(tmp_path / "missing", d, tmp_path / "refused", "train.tsv", "dev.tsv", threads=1)
+        assert torch.get_num_threads() == 2
+        _run(pretrained, d, tmp_path / "run", "train.tsv", "dev.tsv", threads=1)
+        assert set(counts) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 def test_explicit_bf16_on_a_cpu_that_emulates_it_warns_as_pretrain_does(pretrained, tmp_path, monkeypatch):
     """Review finding: finetune --precision bf16 ran 4x slower there without a word; pretrain warns."""
@@ -654,6 +696,29 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(pretrained, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert full["seeds"][0]["validation"] == done["seeds"][0]["validation"]
 
+
+
+def test_a_damaged_seed_file_on_resume_is_one_line_or_mended(pretrained, tmp_path, capsys):
+    """Review finding: on --resume a seed-N/best.safetensors of 0 bytes ended in a SafetensorError traceback, and a
+    seed-N/metrics.jsonl holding bytes that are not UTF-8 in a UnicodeDecodeError one. The weights are the run's
+    alone: one line naming the file, as last-epoch.pt gets. The log is the epoch state's history: written again."""
+    d = _classification_files(tmp_path / "data")
+    args = ["finetune", "--no-progress", "--model", str(pretrained), "--train", str(d / "train.tsv"),
+            "--validation", str(d / "dev.tsv"), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8"]
+    assert _cli(args, capsys)[0] == 0
+    seed = tmp_path / "run" / "seed-1"
+    logged, best = (seed / "metrics.jsonl").read_bytes(), (seed / "best.safetensors").read_bytes()
+    for damaged in (b"", best[:len(best) // 2]):
+        (seed / "best.safetensors").write_bytes(damaged)
+        code, err, _ = _cli(args + ["--resume"], capsys)
+        assert code == 2 and err[:-1] == [e for e in err if e.startswith("fine-tuning ")], err  # no traceback
+        assert err[-1].startswith(f"electra-fast finetune: error: --resume: {seed / 'best.safetensors'} cannot be "
+                                  "read (") and err[-1].endswith("remove that seed's directory to start it again")
+    (seed / "best.safetensors").write_bytes(best)
+    (seed / "metrics.jsonl").write_bytes(logged + b"\xff\xfe")
+    code, err, _ = _cli(args + ["--resume"], capsys)
+    assert code == 0, err
+    assert (seed / "metrics.jsonl").read_bytes() == logged
 
 def test_resuming_a_finished_run_keeps_the_users_files_in_its_export(pretrained, tmp_path, monkeypatch):
     """Review finding: --resume on a finished run swapped in a new export/ and deleted the old one whole, with the
@@ -1222,17 +1287,23 @@ def test_rows_keep_their_place_when_bad_lines_are_skipped(tmp_path):
     assert [(e.text, e.row) for e in ds.examples] == [("a", 0), ("b", 1), ("c", 3)] and ds.skipped == 1
 
 
-def test_predictions_file_keeps_a_label_with_a_tab_or_line_break_in_one_field(pretrained, tmp_path):
+def test_predictions_file_quotes_labels_and_control_characters_are_refused(pretrained, tmp_path):
+    # a label holding a tab or line break split predictions-test.tsv's rows (csv leaves a lone CR unquoted):
+    # refused where it is read; a quote character is written with csv's quoting
     d = tmp_path / "data"
     d.mkdir()
     for split in ("train", "dev"):
-        _write(d / f"{split}.jsonl", "".join(json.dumps({"sentence": s, "label": "yes\tmaybe" if "cat" in s else
-                                                         'no\n"really"'}) + "\n" for s in _sentences(12, 3)))
+        _write(d / f"{split}.jsonl", "".join(json.dumps({"sentence": s, "label": "yes" if "cat" in s else
+                                                         'no "really"'}) + "\n" for s in _sentences(12, 3)))
     _run(pretrained, d, tmp_path / "out", "train.jsonl", "dev.jsonl", test=str(d / "dev.jsonl"))
     with open(tmp_path / "out" / "seed-1" / "predictions-test.tsv", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t"))
     assert rows[0] == ["index", "prediction"] and [r[0] for r in rows[1:]] == [str(i) for i in range(12)]
-    assert {r[1] for r in rows[1:]} <= {"yes\tmaybe", 'no\n"really"'}
+    assert {r[1] for r in rows[1:]} <= {"yes", 'no "really"'}
+    for label in ("yes\tmaybe", "no\nreally", "yes\rmaybe"):
+        path = _write(tmp_path / "bad.jsonl", json.dumps({"sentence": "a b", "label": label}) + "\n")
+        with pytest.raises(fdata.FinetuneError, match=r"line 1: class label .* holds a line break, tab or other"):
+            fdata.read(path, "classification", fdata.Columns(), "--train")
 
 
 def test_blank_lines_between_rows_are_no_row_and_said(pretrained, tmp_path):

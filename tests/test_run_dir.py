@@ -104,6 +104,34 @@ def test_out_unwritable(env, tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
+
+@pytest.mark.parametrize("folder", ["checkpoints", "cache"])
+def test_checkpoints_or_cache_not_writable_is_refused_up_front(env, tmp_path, capsys, monkeypatch, folder):
+    """Review finding: with checkpoints/ not writable every step ran, then the checkpoint failed with advice to free
+    some space. Said now, before anything is written (os.access is asked: root's chmod bites nothing)."""
+    out = tmp_path / "run"
+    assert _pretrain_cli(env, out, capsys)[0] == 0
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: os.path.basename(p) != folder and access(p, mode, **k))
+    before = snapshot(tmp_path)
+    _refused(*_pretrain_cli(env, out, capsys, "--resume", steps=4), f"{out / folder} is not writable")
+    assert snapshot(tmp_path) == before
+
+
+def test_out_inside_a_checkpoint_is_refused(env, tmp_path, capsys):
+    """Review finding (data loss): `pretrain --init-from RUN/checkpoints/step-N --out RUN/checkpoints/step-N/cont`
+    put a run where the first run's --keep deleted it; refused as export's OUT_DIR is (one shared check)."""
+    out = tmp_path / "run"
+    assert _pretrain_cli(env, out, capsys)[0] == 0
+    step = out / "checkpoints" / "step-00000002"
+    before = snapshot(tmp_path)
+    for inside in (step / "cont", step / "a" / "b", step):
+        _refused(*_pretrain_cli(env, inside, capsys), f"{inside} is inside checkpoint {step}, which holds only the "
+                 "run's own files (its --keep deletes old ones); choose a directory outside checkpoints/")
+    assert snapshot(tmp_path) == before
+    code, err = _pretrain_cli(env, tmp_path / "checkpoints" / "step-00000001-copy", capsys)  # a name alike: no
+    assert code == 0, err
+
 def test_out_holding_another_run(env, tmp_path, capsys):
     out = tmp_path / "run"
     assert _pretrain_cli(env, out, capsys)[0] == 0
@@ -192,6 +220,20 @@ def test_resume_with_a_run_file_of_the_wrong_kind_is_refused_up_front(env, tmp_p
     _refused(*_pretrain_cli(env, out, capsys, "--resume", steps=4), str(path), "move it away")
     assert snapshot(tmp_path) == before  # was "[Errno 21] Is a directory" after three progress lines
 
+
+
+def test_a_metrics_line_that_is_not_utf8_is_dropped_on_resume(env, tmp_path, capsys):
+    """Review finding: metrics.jsonl whose last line held bytes that are not UTF-8 (a kill mid-write, a disk error)
+    stopped --resume with a UnicodeDecodeError traceback: the file was decoded outside the per-line check."""
+    out = tmp_path / "run"
+    assert _pretrain_cli(env, out, capsys)[0] == 0
+    logged = (out / "metrics.jsonl").read_bytes()
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 3, "x": "\xe9\xff')
+    code, err = _pretrain_cli(env, out, capsys, "--resume", steps=3)
+    assert code == 0, err
+    lines = (out / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    assert b"".join(lines[:2]) == logged and [json.loads(x)["step"] for x in lines] == [1, 2, 3]
 
 def test_out_inside_the_data_folder_is_never_read_as_data(env, tmp_path, capsys):
     data = tmp_path / "data"

@@ -278,6 +278,26 @@ def test_data_cache_packing_and_order(env, tmp_path):
     assert s.indices(len(packed), 5) != first[:5]  # a new order next epoch
 
 
+
+@pytest.mark.parametrize("size", [0, 1001, 400])
+def test_a_token_cache_whose_size_disagrees_with_its_record_is_rebuilt(env, tmp_path, size):
+    """Review finding: a cache .bin emptied or truncated (its .json intact) was trusted: "cannot mmap an empty file",
+    "not a multiple of the data-type size", or a resume blaming the user's corpus ("the data now packs into ...").
+    The cache is derived data: it is tokenised again, with a note."""
+    tok = load_tokenizer(env["tokenizer"])
+    path = build_token_cache([env["data"]], tok, str(tmp_path), log=lambda m: None)
+    whole = open(path, "rb").read()
+    os.truncate(path, size)
+    logs = []
+    assert build_token_cache([env["data"]], tok, str(tmp_path), log=logs.append) == path
+    assert logs[0] == (f"note: token cache {path} holds {size} bytes, not the {len(whole) // 4} tokens x 4 bytes its "
+                       "record says: tokenising the corpus again") and "tokenised" in logs[1]
+    assert open(path, "rb").read() == whole
+    os.truncate(path, size)  # read without the cache's check: one line naming the file, not numpy's traceback
+    if size % 4 or not size:
+        with pytest.raises(PretrainError, match=f"^token cache {re.escape(path)} is damaged \\({size} bytes, "):
+            PackedSequences(path, 32, 2, 3)
+
 def test_jsonl_directory_and_skip_bad_lines(tmp_path):
     d = tmp_path / "docs"
     (d / "sub").mkdir(parents=True)
@@ -307,8 +327,30 @@ def test_folder_skips_hidden_and_dunder_names(tmp_path):
     only = tmp_path / "only"
     only.mkdir()
     (only / ".x.txt").write_text("text\n", encoding="utf-8")
-    with pytest.raises(PretrainError, match=r"holds no \.txt or \.jsonl files \(only hidden ones"):
-        resolve_inputs([str(only)])
+    (only / ".ipynb_checkpoints").mkdir()
+    with pytest.raises(PretrainError, match=r"holds no \.txt or \.jsonl files outside the 2 hidden name\(s\) it "):
+        resolve_inputs([str(only)])  # a hidden folder counts too
+    assert [os.path.basename(f) for f in resolve_inputs([str(only)], hidden=True)] == [".x.txt"]
+
+
+def test_a_run_that_read_hidden_files_resumes_reading_them(env, tmp_path, monkeypatch):
+    """A run started before folders skipped hidden names resumed with fewer files: "the data now packs into 58
+    sequences ..., the checkpoint's into 117: it changed since", its token cache already removed."""
+    from electra_fast.train import data as data_module
+    corpus = tmp_path / "corpus"
+    (corpus / ".ipynb_checkpoints").mkdir(parents=True)
+    text = open(env["data"], encoding="utf-8").read()
+    (corpus / "a.txt").write_text(text, encoding="utf-8")
+    (corpus / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(data_module, "_is_hidden", lambda name: False)  # the earlier reading
+        pretrain([str(corpus)], **_kw(env, out, steps=2, save_every=2))
+    record = json.load(open(out / "run.json"))
+    assert any(".ipynb_checkpoints" in p for p in record["inputs"])
+    pretrain(**_kw(env, out, steps=3, resume=True, tokenizer=None, model=None))
+    pretrain([str(corpus)], **_kw(env, out, steps=4, resume=True, tokenizer=None, model=None))
+    assert max(_losses(out)) == 4
 
 
 def test_derive_seed():
@@ -486,17 +528,44 @@ def test_resume_keeps_the_runs_thread_count(env, tmp_path):
     run = tmp_path / "run"
     pretrain(env["data"], **_kw(env, run, steps=2, save_every=1, threads=1))
     bare = dict(tokenizer=env["tokenizer"], out=str(run), resume=True, progress=False)
-    before = torch.get_num_threads()
+    before, counts = torch.get_num_threads(), []
+    hook = lambda stage: counts.append(torch.get_num_threads())  # noqa: E731 - the count the run trains with
     try:
         torch.set_num_threads(2)
-        pretrain(None, steps=3, **bare)
-        assert torch.get_num_threads() == 1
+        pretrain(None, steps=3, _checkpoint_hook=hook, **bare)
+        assert set(counts) == {1} and torch.get_num_threads() == 2  # the caller's count is back afterwards
         record = json.loads((run / "run.json").read_text())
         assert record["options"]["threads"] == 1
         record["options"]["threads"] = 100_000  # a run made on a larger machine
         (run / "run.json").write_text(json.dumps(record))
+        counts.clear()
+        pretrain(None, steps=4, _checkpoint_hook=hook, **bare)  # not "--threads: expected an int <= 2"
+        assert set(counts) == {2}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_thread_count_is_the_callers_again_after_every_call(env, tmp_path, monkeypatch):
+    """Review finding: pretrain(threads=1) set torch's count for the rest of the calling process, even when it then
+    refused its arguments. The count is set after every argument check, and the caller's is back when the call
+    returns or raises."""
+    from electra_fast.train import trainer
+    before = torch.get_num_threads()
+    try:
         torch.set_num_threads(2)
-        pretrain(None, steps=4, **bare)  # not "--threads: expected an int <= 2"
+        with pytest.raises(PretrainError, match="^--precision"):
+            pretrain(env["data"], **_kw(env, tmp_path / "refused", threads=1, precision="bogus"))
+        assert torch.get_num_threads() == 2 and not (tmp_path / "refused").exists()
+        counts = []
+        s = pretrain(env["data"], **_kw(env, tmp_path / "run", steps=1, threads=1),
+                     _checkpoint_hook=lambda stage: counts.append(torch.get_num_threads()))
+        assert s["steps"] == 1 and set(counts) == {1} and torch.get_num_threads() == 2
+
+        def failing_step(self):
+            raise RuntimeError("a step that fails")
+        monkeypatch.setattr(trainer._Job, "_train_step", failing_step)
+        with pytest.raises(RuntimeError, match="a step that fails"):
+            pretrain(env["data"], **_kw(env, tmp_path / "failed", threads=1))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -525,6 +594,53 @@ def test_resume_refuses_another_vocabulary_and_a_restart_keeps_the_precision(env
         pretrain(None, out=str(run), resume=True, steps=3, progress=False, recipe=dict(tokenizer_type="bpe"))
 
 
+
+
+def _edit_record(run, change):
+    record = json.loads((run / "run.json").read_text())
+    change(record)
+    (run / "run.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (b"{", r"is damaged, not JSON \(Expecting property name enclosed in double quotes: line 1 column 2 \(char 1\)\); "
+           r"it records the run's options: restore it, or start a new --out"),
+    (b"\xff\xfe{}", r"is damaged, not JSON \('utf-8' codec can't decode byte 0xff"),
+    (b"[]", r"is damaged, a JSON list and not an object; it records the run's options"),
+    ("unreadable", r"^--resume: cannot read .*run\.json \(Permission denied\); it records the run's options"),
+    (lambda r: r.__setitem__("recipe", [1]), r"records recipe \[1\]; expected an object or null$"),
+    (lambda r: r.__setitem__("options", "x"), r"records options 'x'; expected an object$"),
+    (lambda r: r["options"].__setitem__("data", 5), r"records options\.data 5; expected a list of paths or null$"),
+    (lambda r: r["options"].__setitem__("data", "corpus.txt"), r"records options\.data 'corpus\.txt'; expected a list"),
+    (lambda r: r["options"].__setitem__("batch_size", "4"), r"records options\.batch_size '4'; expected an int$"),
+    (lambda r: r["options"].__setitem__("save_every", None), r"records options\.save_every None; expected an int$"),
+])
+def test_a_damaged_run_json_stops_the_resume_in_one_line(env, tmp_path, monkeypatch, damage, message):
+    """Review finding: a run.json that is there but damaged (not JSON, not an object) or unreadable was read as "no
+    record": the resume fell back to the defaults (another batch size, silently), and could delete the run's own
+    token cache. A field of the wrong type ended in a traceback ("recipe": [1], "data": 5) or, for a string, read
+    it one character at a time ("--data: no such file or directory: w"). Now one line naming the file; nothing
+    in the run changes."""
+    from electra_fast.train import trainer
+    from test_run_dir import snapshot
+    run = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, run, steps=2, batch_size=2))
+    if damage == "unreadable":  # root reads a chmod 000 file: the run's own open is refused instead
+        def refused(path, *a, **k):
+            if os.path.basename(path) == "run.json":
+                raise PermissionError(13, "Permission denied", path)
+            return open(path, *a, **k)
+        monkeypatch.setattr(trainer, "open", refused, raising=False)
+    elif callable(damage):
+        _edit_record(run, damage)
+    else:
+        (run / "run.json").write_bytes(damage)
+    before = snapshot(tmp_path)
+    for given in (dict(), dict(data=env["data"], seq_len=32)):
+        with pytest.raises(PretrainError, match=f"^--resume: .*{re.escape(str(run / 'run.json'))}.*{message}"
+                           if not message.startswith("^") else message):
+            pretrain(given.pop("data", None), out=str(run), resume=True, steps=4, progress=False, **given)
+        assert snapshot(tmp_path) == before
 
 def test_a_run_json_from_before_the_options_record_resumes_with_its_tokenizer(env, tmp_path):
     """A resume rewrote such a run.json with options it invented from its own omitted flags (tokenizer None): the
@@ -968,6 +1084,26 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_keeps_the_ear
                                          "again")
 
 
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), OSError(30, "Read-only file system"),
+                                   "safetensors", RuntimeError("open file failed with strerror: Permission denied")])
+def test_a_checkpoint_folder_the_run_may_not_write_is_said_not_writable(env, tmp_path, error):
+    """Review finding: a checkpoints/ the run may not write (EACCES / EPERM / EROFS) was reported as a full disk
+    ("free some space")."""
+    from safetensors import SafetensorError
+    if error == "safetensors":
+        error = SafetensorError('Error while serializing: I/O error: Permission denied (os error 13) at path "x"')
+    out = tmp_path / "run"
+
+    def denied(stage):
+        if stage == "model.safetensors" and ckpt.checkpoint_dirs(out / "checkpoints"):
+            raise error
+
+    with pytest.raises(PretrainError, match=r"^checkpoint step-00000002: writing model\.safetensors in "
+                                            r".*checkpoints failed \(not writable: .+\); the earlier checkpoints "
+                                            r"are kept: make it writable, then --resume$"):
+        pretrain(env["data"], **_kw(env, out, steps=2, save_every=1), _checkpoint_hook=denied)
+
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(env, tmp_path, capsys):
     out = tmp_path / "run"
     pretrain(env["data"], **_kw(env, out, steps=4, save_every=2))
@@ -1009,6 +1145,37 @@ def test_keep_counts_only_complete_checkpoints(env, tmp_path, capsys, keep, corr
     with open(os.path.join(out, "checkpoints", "step-00000008.corrupt", "training_state.pt"), "rb") as f:
         assert f.read() == corrupt_bytes
 
+
+
+def test_retention_deletes_only_a_checkpoints_own_files(env, tmp_path, capsys):
+    """Review finding (data loss): --keep deleted an old checkpoint with everything in it, a fine-tuning run the user
+    had saved inside it too. A checkpoint holding anything else is kept whole, said once; one whose folder gains
+    an entry while it is deleted goes back, that entry unharmed, and is set aside as partial."""
+    out = tmp_path / "run"
+    mine = out / "checkpoints" / "step-00000001" / "sst"
+
+    def user_run(stage):  # the user's fine-tuning run, saved into the first checkpoint once it is there
+        if stage == "renamed" and mine.parent.is_dir() and not mine.exists():
+            mine.mkdir()
+            (mine / "summary.json").write_text("{}\n")
+
+    pretrain(env["data"], **_kw(env, out, steps=4, save_every=1, keep=1), _checkpoint_hook=user_run)
+    err = capsys.readouterr().err
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000001", "step-00000004"]
+    assert (mine / "summary.json").read_text() == "{}\n" and ckpt.verify(str(mine.parent)) is None
+    warned = [line for line in err.splitlines() if "kept checkpoint" in line]
+    assert warned == [f"warning: --keep: kept checkpoint {mine.parent}, older than the ones --keep keeps: it also "
+                      "holds sst, not written by the run (retention deletes only a checkpoint's own files); move "
+                      "those out, then delete it"]  # once, not at each of the three saves after it
+
+    def late_entry(stage):  # written into the checkpoint between the check and its delete
+        if stage == f"prune renamed {out / 'checkpoints' / 'step-00000004'}":
+            doomed = [n for n in os.listdir(out / "checkpoints") if n.startswith(".del-step-00000004")]
+            (out / "checkpoints" / doomed[0] / "late.txt").write_text("mine\n")
+
+    pretrain(env["data"], **_kw(env, out, steps=6, save_every=1, keep=1, resume=True), _checkpoint_hook=late_entry)
+    assert (out / "checkpoints" / "step-00000004.corrupt" / "late.txt").read_text() == "mine\n"
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000001", "step-00000004.corrupt", "step-00000006"]
 
 KILL_IN_PRUNE = textwrap.dedent("""
     import json, os, signal, sys
@@ -1276,7 +1443,7 @@ def test_compile_is_checked_first_recorded_and_kept_on_resume(env, tmp_path, mon
     record = json.load(open(run / "run.json"))
     record["options"]["compile"] = "yes"  # edited by hand
     (run / "run.json").write_text(json.dumps(record))
-    with pytest.raises(PretrainError, match=r"run\.json records compile 'yes'; expected true or false$"):
+    with pytest.raises(PretrainError, match=r"run\.json records options\.compile 'yes'; expected true or false$"):
         pretrain(env["data"], **_kw(env, run, steps=5, resume=True))
 
 

@@ -40,12 +40,13 @@ import torch.nn.functional as F
 from .. import _cpu
 from .._files import load_safetensors, temporary, unused, write_atomic, write_json, write_text
 from .._validate import path as path_arg
+from ..train.checkpoint import inside_checkpoint
 from ..train.errors import PretrainError
 from ..train.distributed import check_device
 from ..train.optim import layer_decay, linear_schedule, param_groups
 from ..train.temporaries import remove_dead_temporaries
 from ..train.tokenizer import embedding_rows, load_tokenizer, special_ids, with_special_tokens
-from ..train.options import emulated_bf16_warning, positive, real
+from ..train.options import emulated_bf16_warning, positive, python_int, real, torch_threads
 from . import data as fdata
 from . import metrics as fmetrics
 from . import model as fmodel
@@ -243,6 +244,9 @@ def _labels_before_2026_12_07(names: List[str]) -> List[str]:
 
 
 def _claim_out(out: str, record: dict, resume: bool) -> None:
+    inside = inside_checkpoint(out)
+    if inside:  # its retention would keep that checkpoint whole, for good, for this run's files
+        raise FinetuneError(f"--out: {inside}")
     if not resume:
         _prepare_out(out)
         write_json(os.path.join(out, RUN_FILE), record)
@@ -319,6 +323,8 @@ def _check_option_values(o: dict) -> None:
     if o["threads"] is not None:
         positive("threads", o["threads"], 1)
     seeds = o["seeds"]
+    for s in seeds:
+        python_int("seeds", s)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63 for s in seeds):
         raise FinetuneError(f"--seeds: expected one or more ints in [0, 2**63), got {seeds!r}")
     if len(set(seeds)) != len(seeds):
@@ -348,8 +354,6 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
         raise FinetuneError(f"--seeds: expected a sequence of ints, got {type(seeds).__name__}")
     seeds = list(seeds)
     _check_options(dict(locals()))
-    if threads is not None:
-        torch.set_num_threads(threads)
     dev = check_device(device) if device is not None else torch.device("cpu")
     cfg, state, tok_path = fmodel.load_encoder(model)
     try:
@@ -419,17 +423,18 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
     runs, interrupted = [], False
     hp = dict(epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr, layer_decay=layer_decay,
               warmup=warmup, weight_decay=weight_decay, sift=sift)
-    for seed in seeds:
-        try:
-            runs.append(_one_seed(seed, cfg, None if from_scratch else state, task, names, feats, va, te, pad, hp,
-                                  dev, precision, os.path.join(out, f"seed-{seed}"), metric, progress, say, model))
-            interrupted = runs[-1]["interrupted"]
-        except KeyboardInterrupt:
-            interrupted = True
-        if interrupted:
-            say(f"interrupted during seed {seed}: keeping the epochs evaluated so far; no further seed runs")
-            break
-    return _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say)
+    with torch_threads(threads):
+        for seed in seeds:
+            try:
+                runs.append(_one_seed(seed, cfg, None if from_scratch else state, task, names, feats, va, te, pad, hp,
+                                      dev, precision, os.path.join(out, f"seed-{seed}"), metric, progress, say, model))
+                interrupted = runs[-1]["interrupted"]
+            except KeyboardInterrupt:
+                interrupted = True
+            if interrupted:
+                say(f"interrupted during seed {seed}: keeping the epochs evaluated so far; no further seed runs")
+                break
+        return _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say)
 
 
 def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precision, out, metric, progress, say,
@@ -457,7 +462,7 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
     if resumed is not None:
         best, best_epoch, history = resumed
         if best_epoch > 0:
-            best_state = (best, best_epoch, load_safetensors(os.path.join(out, "best.safetensors")))
+            best_state = (best, best_epoch, _load_best(os.path.join(out, "best.safetensors"), net))
         say(f"seed {seed}: resuming after epoch {len(history)}")
     bar = tqdm(total=total, initial=len(history) * per_epoch, disable=not progress, unit="step",
                desc=f"seed {seed}", file=sys.stderr)
@@ -563,19 +568,35 @@ def _load_epoch_state(out, net, optimizer, scheduler, rng):
         net.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
+        rng.bit_generator.state = st["batch_order"]
+        torch.set_rng_state(st["torch_rng"])
+        history, best, best_epoch = st["history"], st["best"], st["best_epoch"]
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise FinetuneError(f"--resume: {path} cannot be read ({type(e).__name__}); remove that seed's directory to "
-                            "start it again") from None
-    rng.bit_generator.state = st["batch_order"]
-    torch.set_rng_state(st["torch_rng"])
+        raise _unreadable(path, e) from None
     dev = next(net.parameters()).device
     if st.get("cuda_rng") is not None and dev.type == "cuda":
         torch.cuda.set_rng_state(st["cuda_rng"], dev)
-    history = st["history"]
-    with open(metrics, encoding="utf-8") as f:
-        lines = f.readlines()[:len(history)]
-    write_text(metrics, "".join(lines))
-    return st["best"], st["best_epoch"], history
+    # the log is the state's history, line for line: written again from it, a damaged file (bytes that are not
+    # UTF-8, lines of an epoch killed before its state) is mended rather than read
+    write_text(metrics, "".join(json.dumps(row) + "\n" for row in history))
+    return best, best_epoch, history
+
+
+def _load_best(path: str, net) -> dict:
+    """The best epoch's weights (``best.safetensors``), which must be ``net``'s: a file emptied or replaced -> one
+    line naming it (only the run wrote them: nothing else can rebuild them)."""
+    try:
+        weights = load_safetensors(path)
+        if set(weights) != set(net.state_dict()):
+            raise ValueError("other weights than the model's")
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors, an OSError, a foreign file
+        raise _unreadable(path, e) from None
+    return weights
+
+
+def _unreadable(path: str, e: BaseException) -> FinetuneError:
+    return FinetuneError(f"--resume: {path} cannot be read ({type(e).__name__}); remove that seed's directory to "
+                         "start it again")
 
 
 def _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say) -> dict:

@@ -9,7 +9,8 @@ Retention (``keep``): after each save, the ``keep`` newest checkpoints that veri
 written; older complete ones are deleted (renamed to ``.del-step-...-<pid>`` first, so a kill mid-delete leaves no
 half-deleted ``step-*``). Corrupt or partial ones are never counted and never deleted: they are renamed to
 ``step-XXXXXXXX.corrupt`` (``.corrupt-2``, ...), which resume and export ignore, and left for the user to inspect.
-Retention therefore never removes the last complete checkpoint.
+Retention therefore never removes the last complete checkpoint. Only a checkpoint's own files are ever deleted: one
+that holds anything else (a fine-tuning run saved inside it) is kept whole, with a warning.
 
 Files: ``model.safetensors`` (ElectraPretrainingModel state dict, tied tensors saved once per name),
 ``training_state.pt`` (optimizer, scheduler, scaler, RNG states, step, data position), ``config.json``
@@ -17,6 +18,7 @@ Files: ``model.safetensors`` (ElectraPretrainingModel state dict, tied tensors s
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,6 +36,7 @@ from .temporaries import remove_dead_temporaries
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_DIR = re.compile(r"^\.(?:tmp|del)-step-\d{8}-(\d+)$")  # being written / being deleted by that PID
 FILES = ("model.safetensors", "training_state.pt", "config.json", "tokenizer.json")
+OWN = FILES + ("meta.json",)  # every name a checkpoint directory holds: what retention may delete
 
 
 def _sha256(path: str) -> str:
@@ -104,10 +107,12 @@ def save(root: str, step: int, run_id: str, writers: Dict[str, Callable[[str], N
         shutil.rmtree(tmp, ignore_errors=True)
         if out_of_memory(e):  # not the disk's: the command's out-of-memory advice
             raise
-        then = ("the earlier checkpoints are kept: free some space, then --resume" if checkpoint_dirs(root)
-                else "no checkpoint was written yet: free some space, then run the command again")
-        raise PretrainError(f"checkpoint step-{step:08d}: writing {name} in {root} failed ({reason(e)}; "
-                            f"{_free(root)} free there); {then}") from e
+        denied = _not_writable(e)
+        fix = "make it writable" if denied else "free some space"
+        then = (f"the earlier checkpoints are kept: {fix}, then --resume" if checkpoint_dirs(root)
+                else f"no checkpoint was written yet: {fix}, then run the command again")
+        cause = f"not writable: {reason(e)}" if denied else f"{reason(e)}; {_free(root)} free there"
+        raise PretrainError(f"checkpoint step-{step:08d}: writing {name} in {root} failed ({cause}); {then}") from e
     if os.path.isdir(final):  # a corrupt directory of the same step: move it aside, never lose it silently
         _set_aside(final, why, warn)
     os.replace(tmp, final)
@@ -124,6 +129,16 @@ def _write_errors() -> tuple:
     """What a failed write raises: the OS's error, or torch's / safetensors' own for it."""
     from safetensors import SafetensorError
     return OSError, RuntimeError, SafetensorError
+
+
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+# the same errors as safetensors (Rust: "(os error 13)") and torch ("strerror: Permission denied") say them
+_DENIED_TEXT = re.compile(r"os error (?:1|13|30)\)|Permission denied|Read-only file system|Operation not permitted")
+
+
+def _not_writable(e: BaseException) -> bool:
+    """Whether a failed write was refused by permissions or a read-only filesystem (not a full disk)."""
+    return (isinstance(e, OSError) and e.errno in _DENIED) or bool(_DENIED_TEXT.search(str(e)))
 
 
 def _free(path: str) -> str:
@@ -149,14 +164,53 @@ def prune(root: str, keep: int, protect: Optional[str] = None, hook: Optional[Ca
         complete += 1
         if complete <= keep or path == protect:
             continue
+        others = _others(path)
+        if others:
+            _keep_whole(path, others, warn)
+            continue
         doomed = os.path.join(root, f".del-{os.path.basename(path)}-{os.getpid()}")
         os.replace(path, doomed)  # atomic: from here on no step-* name refers to a half-deleted checkpoint
         _fsync_dir(root)
         if hook:
             hook(f"prune renamed {path}")
-        shutil.rmtree(doomed, ignore_errors=True)
+        _delete_own(doomed, path)
         if hook:
             hook(f"prune deleted {path}")
+
+
+def _others(path: str) -> List[str]:
+    """The entries of checkpoint ``path`` that are not its own files (a user's run saved inside it), sorted."""
+    try:
+        return sorted(n for n in os.listdir(path) if n not in OWN or not os.path.isfile(os.path.join(path, n)))
+    except OSError as e:  # cannot tell what it holds: nothing there is deleted
+        return [f"(unlistable: {e.strerror})"]
+
+
+_KEPT_WHOLE: set = set()  # checkpoints retention kept for a user's entries: warned once per process, not per save
+
+
+def _keep_whole(path: str, others: List[str], warn) -> None:
+    if path in _KEPT_WHOLE:
+        return
+    _KEPT_WHOLE.add(path)
+    shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+    warn(f"warning: --keep: kept checkpoint {path}, older than the ones --keep keeps: it also holds {shown}, not "
+         "written by the run (retention deletes only a checkpoint's own files); move those out, then delete it")
+
+
+def _delete_own(doomed: str, path: str) -> None:
+    """Delete the renamed checkpoint ``doomed``: its own files, then the folder only if that left it empty (an entry
+    added since it was checked goes back, unharmed, as the partial checkpoint ``path``, set aside by the next
+    retention)."""
+    for name in OWN:
+        try:
+            os.unlink(os.path.join(doomed, name))
+        except OSError:  # as the delete it replaces: a file that will not go is left, the run goes on
+            pass
+    try:
+        os.rmdir(doomed)
+    except OSError:
+        os.replace(doomed, unused(path))
 
 
 def _set_aside(path: str, why: str, warn) -> None:
@@ -225,6 +279,29 @@ def remove_stale_temporaries(root: str) -> None:
     """Delete the ``.tmp-step-*`` / ``.del-step-*`` directories of killed runs (only names this module creates,
     only those whose process is gone)."""
     remove_dead_temporaries(root, TMP_DIR)
+
+
+def _checkpoint_above(path: str) -> Optional[str]:
+    """The checkpoint directory (``checkpoints/step-N``) that ``path`` is in (or is), else None."""
+    path = os.path.realpath(path)
+    while True:
+        up = os.path.dirname(path)
+        if STEP_DIR.fullmatch(os.path.basename(path)) and os.path.basename(up) == "checkpoints":
+            return path
+        if up == path:
+            return None
+        path = up
+
+
+def inside_checkpoint(out: str) -> Optional[str]:
+    """Why a command may not write its output directory ``out`` (every command's --out / OUT_DIR checks it): it is
+    inside a run's checkpoint, a folder of the run's own files that its --keep deletes (or, holding anything else,
+    must keep for good). None when it is not."""
+    inside = _checkpoint_above(out)
+    if inside is None:
+        return None
+    return (f"{out} is inside checkpoint {inside}, which holds only the run's own files (its --keep deletes old "
+            "ones); choose a directory outside checkpoints/")
 
 
 def resolve(path: str, warn=print) -> str:

@@ -47,8 +47,24 @@ def _is_hidden(name: str) -> bool:
     return name.startswith((".", "__"))
 
 
-def resolve_inputs(paths: Sequence[str], exclude: Optional[str] = None, owned: Sequence[str] = ()) -> List[str]:
+def reads_hidden(paths: Sequence[str], recorded: Optional[Sequence[str]]) -> bool:
+    """Whether a run's ``recorded`` inputs (run.json "inputs") hold a file that a ``--data`` folder of ``paths`` has
+    below a hidden name: a run started before folders skipped them, which resumes reading them as it did."""
+    if not isinstance(recorded, list):
+        return False
+    folders = [os.path.realpath(p) for p in paths if os.path.isdir(p)]
+    for f in map(os.path.realpath, recorded):
+        for d in folders:
+            rel = os.path.relpath(f, d)
+            if not rel.startswith(os.pardir) and any(_is_hidden(part) for part in rel.split(os.sep)):
+                return True
+    return False
+
+
+def resolve_inputs(paths: Sequence[str], exclude: Optional[str] = None, owned: Sequence[str] = (),
+                   hidden: bool = False) -> List[str]:
     """Files (and saved datasets) named by ``paths``, directories expanded; errors for missing / empty.
+    ``hidden``: read a folder's names that start with "." or "__" too (runs recorded before they were skipped).
 
     ``exclude``: a directory whose files are never inputs, even inside a ``--data`` folder (the run's own ``--out``:
     its metrics.jsonl and cache would otherwise be read back as training text on ``--resume``); when a ``--data``
@@ -64,13 +80,14 @@ def resolve_inputs(paths: Sequence[str], exclude: Optional[str] = None, owned: S
         if _is_saved_dataset(p):
             out.append(p)
         elif os.path.isdir(p):
-            found, seen, hidden = [], {os.path.realpath(p)}, 0
+            found, seen, passed = [], {os.path.realpath(p)}, 0
+            skipped = (lambda name: False) if hidden else _is_hidden
             for r, dirs, fs in os.walk(p, followlinks=True):  # a linked sub-folder is the user's text too
                 # As datasets reads a folder: hidden and "__" names are tools' copies (.ipynb_checkpoints/,
                 # .git/, __pycache__/), not the user's corpus; read, they would put its text in twice.
-                hidden += sum(_is_hidden(n) and n.lower().endswith(TEXT_SUFFIXES) for n in fs)
-                fs = [f for f in fs if not _is_hidden(f)]
-                real = {d: os.path.realpath(os.path.join(r, d)) for d in dirs if not _is_hidden(d)}
+                passed += sum(map(skipped, fs + dirs))
+                fs = [f for f in fs if not skipped(f)]
+                real = {d: os.path.realpath(os.path.join(r, d)) for d in dirs if not skipped(d)}
                 dirs[:] = [d for d in real if real[d] != skip and real[d] not in seen]  # no link cycle, no twice
                 seen.update(real[d] for d in dirs)
                 if os.path.realpath(r) == skip:  # --data is --out itself: the run's own files are not text
@@ -78,7 +95,8 @@ def resolve_inputs(paths: Sequence[str], exclude: Optional[str] = None, owned: S
                 found.extend(os.path.join(r, f) for f in fs if f.lower().endswith(TEXT_SUFFIXES))
             found.sort()
             if not found:
-                also = " (only hidden ones, whose names start with '.' or '__': name them as files)" if hidden else ""
+                also = (f" outside the {passed} hidden name(s) it skips (starting with '.' or '__': name such files "
+                        "as --data files)") if passed else ""
                 raise PretrainError(f"--data: directory {p} holds no .txt or .jsonl files{also}")
             out.extend(found)
         else:
@@ -202,8 +220,11 @@ def build_token_cache(inputs: Sequence[str], tok, cache_dir: str, skip_bad_lines
     os.makedirs(cache_dir, exist_ok=True)
     key = cache_key(inputs, tok, skip_bad_lines, rules)
     path = os.path.join(cache_dir, f"tokens-{key}.bin")
-    if os.path.isfile(path) and os.path.isfile(path + ".json") and _cache_format(path) == CACHE_FORMAT:
+    damage = _cache_damage(path)
+    if damage is None:
         return path
+    if damage:  # derived data: rebuilt, never trusted (read as it was, it blamed the user's corpus, or raised)
+        log(f"note: token cache {path} {damage}: tokenising the corpus again")
     sep = special_ids(tok)["sep"]
     stats, n_docs, n_tokens, digest = {}, 0, 0, hashlib.sha256()
     tmp, meta_tmp = f"{path}.tmp-{os.getpid()}", f"{path}.json.tmp-{os.getpid()}"
@@ -273,12 +294,21 @@ def stream_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def _cache_format(path: str) -> "int | None":
+def _cache_damage(path: str) -> "str | None":
+    """None when the cache ``path`` is complete and of this format; else "" (none there: an older format, or not
+    complete), or what is wrong with it: its stream's size disagrees with its record (truncated, emptied)."""
     try:
         with open(path + ".json", encoding="utf-8") as f:
-            return json.load(f).get("format", 1)
-    except (OSError, ValueError, AttributeError):
-        return None
+            record = json.load(f)
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+    except (OSError, ValueError):
+        return ""
+    if size is None or not isinstance(record, dict) or record.get("format", 1) != CACHE_FORMAT:
+        return ""
+    tokens = record.get("tokens")
+    if not isinstance(tokens, int) or size != 4 * tokens:
+        return f"holds {size} bytes, not the {tokens!r} tokens x 4 bytes its record says"
+    return None
 
 
 # ---------------------------------------------------------------------------------------- packing
@@ -287,13 +317,23 @@ def _cache_format(path: str) -> "int | None":
 PACKINGS = ("full-sentences", "doc-sentences")
 
 
+def token_stream(path: str) -> np.ndarray:
+    """A token cache's stream, memory-mapped; a file that holds no whole stream (emptied, torn mid-token) is refused
+    naming it (numpy said "cannot mmap an empty file"). :func:`build_token_cache` rebuilds such a cache first."""
+    size = os.path.getsize(path)
+    if size == 0 or size % 4:
+        raise PretrainError(f"token cache {path} is damaged ({size} bytes, not a whole number of 4-byte tokens); "
+                            "delete it: the next run tokenises the corpus again")
+    return np.memmap(path, dtype="<u4", mode="r")
+
+
 class PackedSequences:
     """Fixed-length [CLS] chunk [SEP] sequences over a memory-mapped token stream (ids and word starts)."""
 
     def __init__(self, stream_path: str, seq_len: int, cls_id: int, sep_id: int):
         if seq_len < 3:
             raise PretrainError(f"--seq-len: expected >= 3, got {seq_len}")
-        self.tokens = np.memmap(stream_path, dtype="<u4", mode="r")
+        self.tokens = token_stream(stream_path)
         self.seq_len, self.cls_id, self.sep_id = seq_len, cls_id, sep_id
         self.body = seq_len - 2
         self.n = len(self.tokens) // self.body

@@ -17,7 +17,7 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
-from .data import ID_BITS, WORD_START
+from .data import ID_BITS, WORD_START, token_stream
 from .errors import PretrainError
 
 MIN_SEGMENT = 3  # [CLS] + one token + [SEP]
@@ -63,7 +63,7 @@ class DocumentRows:
     def __init__(self, stream_path: str, seq_len: int, cls_id: int, sep_id: int, pad_id: int):
         if seq_len < MIN_SEGMENT:
             raise PretrainError(f"--seq-len: expected >= {MIN_SEGMENT}, got {seq_len}")
-        self.tokens = np.memmap(stream_path, dtype="<u4", mode="r")
+        self.tokens = token_stream(stream_path)
         self.seq_len, self.cls_id, self.sep_id, self.pad_id = seq_len, cls_id, sep_id, pad_id
         self.body = seq_len  # tokens per row (the unigram baseline's budget; every [CLS] / [SEP] is special anyway)
         self.n, (self._row, self._off, self._start, self._len) = layout(*document_bodies(self.tokens, sep_id), seq_len)

@@ -35,10 +35,9 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
     problem = _files.creatable_dir(out_dir)
     if problem:
         raise PretrainError(f"export: cannot create {out_dir}: {problem}")
-    inside = _checkpoint_above(out_dir)
-    if inside is not None:
-        raise PretrainError(f"export: {out_dir} is inside checkpoint {inside}, which the run's --keep may delete "
-                            "with everything in it; choose a directory outside checkpoints/")
+    inside = ckpt.inside_checkpoint(out_dir)
+    if inside:
+        raise PretrainError(f"export: {inside}")
     cfg = ckpt.load_config(src)
     if cfg.enhanced_mask_decoder:
         warn("export: note: the generator uses DeBERTa's Enhanced Mask Decoder, which transformers' "
@@ -57,14 +56,3 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
     _files.write_directory(out_dir, write, inner=".export.tmp")
     return out_dir
 
-
-def _checkpoint_above(path: str):
-    """The checkpoint directory (``checkpoints/step-N``) that ``path`` is in, or None."""
-    path = os.path.realpath(path)
-    while True:
-        up = os.path.dirname(path)
-        if ckpt.STEP_DIR.fullmatch(os.path.basename(path)) and os.path.basename(up) == "checkpoints":
-            return path
-        if up == path:
-            return None
-        path = up

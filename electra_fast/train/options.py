@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -77,11 +79,19 @@ def check_seq_len(seq_len: int, cfg) -> None:
 
 
 def positive(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> int:
+    python_int(name, value)
     if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
             or (maximum is not None and value > maximum)):
         expected = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
         raise PretrainError(f"--{name}: expected {expected}, got {value!r}")
     return value
+
+
+def python_int(name: str, value) -> None:
+    """A NumPy integer is refused by name: "expected an int, got np.int64(2)" read as a contradiction (the value goes
+    on into run.json / summary.json, which JSON cannot write as it is)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, int):
+        raise PretrainError(f"--{name}: expected a Python int, got {type(value).__name__} {value!r}; pass int(...)")
 
 
 def real(name: str, value, minimum: float, inclusive: bool) -> float:
@@ -90,6 +100,21 @@ def real(name: str, value, minimum: float, inclusive: bool) -> float:
         raise PretrainError(f"--{name}: expected a finite number {'>=' if inclusive else '>'} {minimum:g}, "
                             f"got {value!r}")
     return value
+
+
+@contextmanager
+def torch_threads(threads: Optional[int]):
+    """torch's CPU thread count ``threads`` (None: left as it is) inside the block, and the caller's again after it,
+    whatever it raised: ``pretrain(threads=1)`` / ``finetune(threads=1)`` (or a resumed run's own count) changed the
+    calling process's setting for good, even when they refused their arguments. Entered after every check."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 # "an ELECTRA-small 32 x 128 step took 91 s in bf16 vs 4.5 s in fp32" (AVX2-only AMD EPYC, no native bf16)

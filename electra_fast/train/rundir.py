@@ -8,7 +8,8 @@ before anything else) or our ``run.json`` (runs from before the marker). A job w
   checkpoints); a run that never got that far (a kill during tokenisation) is simply reused;
 - any other non-empty folder is refused unless ``allow_nonempty`` (``--allow-nonempty-out``), and even then when it
   already holds one of the names in ``OWNED``: nothing the user made is ever overwritten;
-- a file, or a folder the job cannot write to, is refused.
+- a file, or a folder the job cannot write to (``--out``, or its ``checkpoints/`` or ``cache/``), is refused, and so
+  is a folder inside a run's checkpoint (:func:`.checkpoint.inside_checkpoint`).
 
 Every refusal is a :class:`PretrainError` naming ``--out`` and raised before anything is written.
 
@@ -65,6 +66,9 @@ def claim_lock(out: str):
 def prepare(out: str, *, resume: bool, allow_nonempty: bool = False, claim: bool = True) -> None:
     """Check that ``out`` may hold this job's run (see the module docstring) and, with ``claim`` (the writing
     process), create it if missing and write the marker."""
+    inside = ckpt.inside_checkpoint(out)
+    if inside:
+        raise PretrainError(f"--out: {inside}")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise PretrainError(f"--out: {out} exists and is not a directory")
     if not os.path.isdir(out):
@@ -97,10 +101,9 @@ def prepare(out: str, *, resume: bool, allow_nonempty: bool = False, claim: bool
         if clash:
             raise PretrainError(f"--out: {out} already has {', '.join(clash)}, not created by electra-fast; the run "
                                 "would write there: choose another --out")
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise PretrainError(f"--out: {out} is not writable")
     if ours:
         _check_kinds(out, names)
+    _check_writable(out)
     if claim and not ours:
         _write_marker(out)
 
@@ -119,6 +122,14 @@ def _check_kinds(out: str, names) -> None:
         if name in _DIRS and not os.path.isdir(path):
             raise PretrainError(f"--out: {path} should be the run's {name}/ folder but is not a directory; move it "
                                 "away or choose another --out")
+
+
+def _check_writable(out: str) -> None:
+    """``out`` and its folders the job writes into must be writable: found now, not when the first checkpoint fails
+    after every step ran."""
+    for path in (out, os.path.join(out, "checkpoints"), os.path.join(out, "cache")):
+        if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+            raise PretrainError(f"--out: {path} is not writable")
 
 
 def _is_our_run_json(path: str) -> bool:
@@ -200,9 +211,10 @@ def truncate_metrics(path: str, step: int) -> None:
     if not os.path.isfile(path):
         return
     keep = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, "rb") as f:  # decoded line by line: a line a kill cut mid-character is dropped like any torn one
+        for raw in f:
             try:
+                line = raw.decode("utf-8")
                 if json.loads(line)["step"] <= step:
                     keep.append(line if line.endswith("\n") else line + "\n")
             except (ValueError, KeyError, TypeError):

@@ -31,7 +31,7 @@ from . import recipe as recipes
 from .evaluation import HeldOut, SplitSampler, heldout_count, split
 from .metrics import TokenScores, fmt, learned, rtd_metrics
 from .data import (PackedSequences, Sampler, build_token_cache, input_files, model_inputs, read_documents,
-                   remove_other_caches, resolve_inputs, stream_digest, whole_word_shortfall)
+                   reads_hidden, remove_other_caches, resolve_inputs, stream_digest, whole_word_shortfall)
 from .doc_sentences import DocumentRows
 from .distributed import Context, setup
 from .errors import PretrainError
@@ -39,7 +39,7 @@ from .optim import linear_schedule, param_groups
 from .init_from import init_source
 from .options import (DEFAULT_EMBEDDED_STEPS, DEFAULT_EMBEDDED_VOCAB, DEFAULT_SAVE_EVERY, DEFAULT_STEPS,
                       TOKENIZER_NAMES, check_seq_len, default_lr, model_config, positive, real, resolve_precision,
-                      summary_writer)
+                      summary_writer, torch_threads)
 from .signals import Signals, TermInterrupts, Uninterrupted
 from .tokenizer import (DEFAULT_VOCAB, MAX_VOCAB, TextRules, config_overrides, embedding_rows, fingerprint,
                         load_tokenizer, min_vocab, special_ids, train_tokenizer, write_tokenizer)
@@ -114,7 +114,11 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     ignored by the continued run); a given ``steps`` may differ (train longer), as may the bookkeeping of
     :data:`RUN_SETTINGS` (checkpoints kept and their period, logging, evaluation, CPU threads). ``init_from``:
     continue pretraining from a run / export / transformers directory (:mod:`.init_from`); ``steps=0`` then writes
-    the loaded model as checkpoint step-0.
+    the loaded model as checkpoint step-0. ``threads``: torch's CPU thread count for this call (the caller's is back
+    when it returns).
+
+    Reproducible one call at a time per process: dropout seeds come from torch's process-wide generator, which two
+    calls in threads of one process would share.
     """
     if isinstance(data, (str, os.PathLike)):
         data = [data]
@@ -153,8 +157,6 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
             warmup=warmup, weight_decay=weight_decay, seed=seed, model=model, steps=steps, save_every=save_every,
             keep=keep, log_every=log_every, eval_every=eval_every, tensorboard=tensorboard, threads=threads,
             compile=compile, vocab_size=vocab_size, tokenizer=None, init_from=None).values()
-        if not isinstance(compile, (bool, type(None))):  # a hand-edited run.json
-            raise PretrainError(f"--resume: {out}/run.json records compile {compile!r}; expected true or false")
         run_options = run_json.get("options")
         run_compiled = run_options.get("compile") if isinstance(run_options, dict) else None
         if given_compile is not None and run_compiled is not None and bool(given_compile) != run_compiled:
@@ -200,8 +202,6 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
                             *(o for o in optional if o[1] is not None)):
         positive(name, v, lo, hi)
     del name, v, lo, hi, optional, cpus, tokenizer_type
-    if threads is not None:  # CPU intra-op threads; 1 is fastest for tiny models on a busy machine
-        torch.set_num_threads(threads)
     if precision not in ("auto",) + PRECISIONS:
         raise PretrainError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
     # --model now, not after a tokenizer was trained (resume: the checkpoint's model, optimizer and schedule)
@@ -243,7 +243,8 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     try:
         _check_forced_backend(ctx.device)
         job = _Job(**kwargs)
-        return job.run()
+        with torch_threads(threads):  # CPU intra-op threads; 1 is fastest for tiny models on a busy machine
+            return job.run()
     except BaseException:
         if before is not None and job is not None and job.owns_out:  # never another job's files (no lock: no take)
             with Uninterrupted():
@@ -294,13 +295,58 @@ def _cpus() -> int:
 
 
 def _run_record(out) -> dict:
-    """The run.json of the run in ``out`` ({} when there is none, or it is unreadable)."""
-    try:
-        with open(os.path.join(os.fspath(out), "run.json"), encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError):
+    """The run.json of the run in ``out``; {} when there is none. One that is there but unreadable, not JSON, or
+    holds a field of the wrong type is refused in one line: read as "no record", the resume went on with the
+    default options (another batch size) and removed the run's own token cache."""
+    path = os.path.join(os.fspath(out), "run.json")
+    if not os.path.lexists(path):
         return {}
-    return record if isinstance(record, dict) else {}
+    restore = "it records the run's options: restore it, or start a new --out"
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except OSError as e:
+        raise PretrainError(f"--resume: cannot read {path} ({e.strerror or reason(e)}); {restore}") from None
+    except ValueError as e:  # not JSON, not UTF-8
+        raise PretrainError(f"--resume: {path} is damaged, not JSON ({reason(e)}); {restore}") from None
+    if not isinstance(record, dict):
+        raise PretrainError(f"--resume: {path} is damaged, a JSON {type(record).__name__} and not an object; "
+                            f"{restore}")
+    _check_record(record, path)
+    return record
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_KINDS = {"an int": _is_int,
+          "a number": lambda v: _is_int(v) or isinstance(v, float),
+          "true or false": lambda v: isinstance(v, bool),
+          "a path": lambda v: isinstance(v, str),
+          "a list of paths": lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v),
+          "an object": lambda v: isinstance(v, dict)}
+# what each field of run.json holds ("?": or null); a field left out is a record from an earlier version
+_RECORD_KINDS = {"recipe": "an object?", "inputs": "a list of paths", "options": "an object"}
+_OPTION_KINDS = {"data": "a list of paths?", "seq_len": "an int", "batch_size": "an int", "grad_accum": "an int",
+                 "lr": "a number", "warmup": "an int?", "weight_decay": "a number", "seed": "an int", "model": "a path",
+                 "steps": "an int", "save_every": "an int", "keep": "an int", "log_every": "an int",
+                 "eval_every": "an int?", "tensorboard": "true or false", "threads": "an int?",
+                 "compile": "true or false", "vocab_size": "an int?", "tokenizer": "a path?", "init_from": "a path?"}
+
+
+def _check_record(record: dict, path: str) -> None:
+    """Each known field of a run.json holds what the run wrote there: a hand edit ("recipe": [1], "data": 5 or a
+    string, read one character at a time) is refused in one line, not met later as a traceback or a wrong run."""
+    options = record.get("options")
+    for holder, kinds, prefix in ((record, _RECORD_KINDS, ""),
+                                  (options if isinstance(options, dict) else {}, _OPTION_KINDS, "options.")):
+        for key, kind in kinds.items():
+            nullable, kind = kind.endswith("?"), kind.rstrip("?")
+            if key not in holder or (nullable and holder[key] is None) or _KINDS[kind](holder[key]):
+                continue
+            raise PretrainError(f"--resume: {path} records {prefix}{key} {holder[key]!r}; expected {kind}"
+                                f"{' or null' if nullable else ''}")
 
 
 def _run_options(record: dict, out, **given) -> dict:
@@ -336,7 +382,8 @@ def _same(name: str, given, run, out, run_inputs) -> bool:
     file is refused (one named twice is read once)."""
     names = lambda v: [os.path.basename(os.path.normpath(p)) for p in (v if isinstance(v, list) else [v])]
     if name == "data" and given is not None and run is not None and isinstance(run_inputs, list):
-        return names(resolve_inputs(given, exclude=out, owned=rundir.OWNED)) == names(run_inputs)
+        read = resolve_inputs(given, exclude=out, owned=rundir.OWNED, hidden=reads_hidden(given, run_inputs))
+        return names(read) == names(run_inputs)
     if name in ("model", "tokenizer") and given is not None and run is not None:
         return names(given) == names(run)
     return given == run
@@ -458,7 +505,9 @@ class _Job:
     def _inputs(self):
         o, ctx = self.o, self.ctx
         if not o.embedded:
-            return resolve_inputs(o.data, exclude=o.out, owned=rundir.OWNED)  # the run's own files are never data
+            recorded = _run_record(o.out).get("inputs") if o.resume else None  # read as the run read its folders
+            return resolve_inputs(o.data, exclude=o.out, owned=rundir.OWNED,  # the run's own files are never data
+                                  hidden=reads_hidden(o.data, recorded))
         from .corpus import write_default_corpus
         corpus = os.path.join(self.cache_dir, f"default-corpus-py{sys.version_info[0]}.{sys.version_info[1]}.txt")
         if ctx.is_main:
