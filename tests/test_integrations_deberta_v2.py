@@ -557,7 +557,6 @@ def test_the_drop_in_built_from_a_config_serves_relative_attention_without_posit
     fallback = patching.fallback
     monkeypatch.setattr(patching, "fallback", lambda module, reason: (reasons.append(reason), fallback(module, reason)))
     for terms in ([], ["p2c", "c2p"]):
-        from transformers import DebertaV2Config
         cfg = DebertaV2Config(hidden_size=32, num_attention_heads=2, relative_attention=True, position_buckets=4,
                               max_relative_positions=8, pos_att_type=terms)
         module = FusedDisentangledSelfAttention(cfg).train()

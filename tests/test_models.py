@@ -1,6 +1,8 @@
 """ElectraPretrainingModel: config, step semantics, gradient routing, fused vs eager twin, training, bad input."""
 import copy
 import json
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -632,6 +634,16 @@ def test_config_json_file_is_left_whole_when_the_config_cannot_be_written(tmp_pa
     with pytest.raises(TypeError):
         cfg.to_json_file(path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    # the atomic write replaced a symbolic link by a file (the shared target stayed old) and reset permissions
+    shared = tmp_path / "shared.json"
+    cfg.mask_prob = 0.3
+    cfg.to_json_file(shared)
+    os.chmod(shared, 0o600)
+    link = tmp_path / "link.json"
+    link.symlink_to(shared)
+    cfg.replace(mask_prob=0.25).to_json_file(link)
+    assert link.is_symlink() and ElectraConfig.from_json_file(shared).mask_prob == 0.25
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o600
 
 
 def test_deberta_embeddings_read_the_mask_as_a_padding_mask():

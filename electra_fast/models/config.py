@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from typing import Tuple
@@ -264,13 +265,17 @@ class ElectraConfig:
 
     def to_json_file(self, path: "str | os.PathLike") -> None:
         """Write the config as JSON, atomically: the text is made first, so a field that cannot be written leaves
-        the file there was untouched."""
+        the file there was untouched. A symbolic link is written through (its target updated, the link kept), and an
+        existing file keeps its permissions, as ``open(path, "w")`` would."""
         text = self.to_json_string()
+        target = os.path.realpath(_validate.path("path", path))
 
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
-        write_atomic(os.fspath(path), write)
+            if os.path.isfile(target):
+                shutil.copymode(target, tmp)
+        write_atomic(target, write)
 
     @classmethod
     def from_json_file(cls, path: "str | os.PathLike") -> "ElectraConfig":
