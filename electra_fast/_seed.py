@@ -39,8 +39,8 @@ def draw() -> int:
     a constant of the trace, one dropout or masking pattern for every later call."""
     if torch.jit.is_tracing():
         raise RuntimeError("torch.jit.trace: a random seed drawn here would be frozen into the trace (the same "
-                           "dropout or masking pattern on every call); trace the model in eval mode, or use "
-                           "torch.compile / torch.export")
+                           "dropout or masking pattern on every call); pass seed= where the call takes one, trace "
+                           "dropout layers in eval mode, or use torch.compile / torch.export")
     return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
 
 

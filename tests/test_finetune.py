@@ -501,6 +501,7 @@ def test_reader_keeps_rows_whole(tmp_path, ext):
     # "expected an int >= 1, got np.int64(2)" read as a contradiction
     (dict(epochs=np.int64(2)), r"^--epochs: expected a Python int, got int64 np\.int64\(2\); pass int\(\.\.\.\)$"),
     (dict(seeds=[np.int64(1)]), r"^--seeds: expected a Python int, got int64"),
+    (dict(lr=np.float32(1e-3)), r"^--lr: expected a Python float, got float32"),
 ])
 def test_bad_options_are_finetune_errors(tmp_path, change, match):
     # the shared checks raised their base class (PretrainError), which `except FinetuneError` did not catch, and

@@ -644,6 +644,15 @@ def test_config_json_file_is_left_whole_when_the_config_cannot_be_written(tmp_pa
     cfg.replace(mask_prob=0.25).to_json_file(link)
     assert link.is_symlink() and ElectraConfig.from_json_file(shared).mask_prob == 0.25
     assert stat.S_IMODE(os.stat(shared).st_mode) == 0o600
+    os.chmod(shared, 0o444)  # a file its owner protected: open(path, "w") would refuse it, the rename did not
+    real_access = os.access
+    try:
+        os.access = lambda p, mode: False if os.path.realpath(p) == str(shared.resolve()) else real_access(p, mode)
+        with pytest.raises(PermissionError, match="is not writable"):
+            cfg.to_json_file(link)
+    finally:
+        os.access = real_access
+    assert ElectraConfig.from_json_file(shared).mask_prob == 0.25
 
 
 def test_deberta_embeddings_read_the_mask_as_a_padding_mask():

@@ -131,6 +131,10 @@ def test_out_inside_a_checkpoint_is_refused(env, tmp_path, capsys):
     assert snapshot(tmp_path) == before
     code, err = _pretrain_cli(env, tmp_path / "checkpoints" / "step-00000001-copy", capsys)  # a name alike: no
     assert code == 0, err
+    plain = tmp_path / "experiments" / "checkpoints" / "step-00000001"  # so named, but no run's checkpoint
+    plain.mkdir(parents=True)
+    code, err = _pretrain_cli(env, plain / "cont", capsys)
+    assert code == 0, err
 
 def test_out_holding_another_run(env, tmp_path, capsys):
     out = tmp_path / "run"

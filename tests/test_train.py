@@ -613,7 +613,8 @@ def _edit_record(run, change):
     (lambda r: r["options"].__setitem__("data", 5), r"records options\.data 5; expected a list of paths or null$"),
     (lambda r: r["options"].__setitem__("data", "corpus.txt"), r"records options\.data 'corpus\.txt'; expected a list"),
     (lambda r: r["options"].__setitem__("batch_size", "4"), r"records options\.batch_size '4'; expected an int$"),
-    (lambda r: r["options"].__setitem__("save_every", None), r"records options\.save_every None; expected an int$"),
+    (lambda r: r["options"].__setitem__("save_every", "10"), r"records options\.save_every '10'; expected an int or "
+                                                              r"null$"),
 ])
 def test_a_damaged_run_json_stops_the_resume_in_one_line(env, tmp_path, monkeypatch, damage, message):
     """Review finding: a run.json that is there but damaged (not JSON, not an object) or unreadable was read as "no
@@ -641,6 +642,14 @@ def test_a_damaged_run_json_stops_the_resume_in_one_line(env, tmp_path, monkeypa
                            if not message.startswith("^") else message):
             pretrain(given.pop("data", None), out=str(run), resume=True, steps=4, progress=False, **given)
         assert snapshot(tmp_path) == before
+
+def test_a_run_json_whose_save_every_is_null_resumes(env, tmp_path):
+    # the versions of 2026-12-06 recorded options.save_every null when --save-every was not given
+    run = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, run, steps=2, save_every=2))
+    _edit_record(run, lambda r: r["options"].__setitem__("save_every", None))
+    assert pretrain(out=str(run), resume=True, steps=3, progress=False)["steps"] == 3
+
 
 def test_a_run_json_from_before_the_options_record_resumes_with_its_tokenizer(env, tmp_path):
     """A resume rewrote such a run.json with options it invented from its own omitted flags (tokenizer None): the
@@ -1176,6 +1185,38 @@ def test_retention_deletes_only_a_checkpoints_own_files(env, tmp_path, capsys):
     pretrain(env["data"], **_kw(env, out, steps=6, save_every=1, keep=1, resume=True), _checkpoint_hook=late_entry)
     assert (out / "checkpoints" / "step-00000004.corrupt" / "late.txt").read_text() == "mine\n"
     assert sorted(os.listdir(out / "checkpoints")) == ["step-00000001", "step-00000004.corrupt", "step-00000006"]
+
+def test_retention_never_deletes_through_a_linked_checkpoint(env, tmp_path, capsys):
+    """Review finding (data loss): a checkpoint that was a symbolic link to an archive had the archive's files
+    deleted through the link (shutil.rmtree had refused links; the per-file delete followed them)."""
+    out = tmp_path / "run"
+    pretrain(env["data"], **_kw(env, out, steps=1, save_every=1))
+    archive = tmp_path / "archive"
+    os.replace(out / "checkpoints" / "step-00000001", archive)
+    os.symlink(archive, out / "checkpoints" / "step-00000001")
+    before = sorted(os.listdir(archive))
+    pretrain(env["data"], **_kw(env, out, steps=3, save_every=1, keep=1, resume=True))
+    assert sorted(os.listdir(archive)) == before and (out / "checkpoints" / "step-00000001").is_symlink()
+    assert "it also holds (a symbolic link to" in capsys.readouterr().err
+
+
+def test_resume_reads_a_hidden_file_named_on_its_own_and_old_relative_records(env, tmp_path, monkeypatch):
+    """Review findings: a hidden file named as a --data file (as the message advises) made the resume read the
+    folder's hidden names too, and an old run's relative records were resolved from the current directory."""
+    from electra_fast.train.data import reads_hidden
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = open(env["data"], encoding="utf-8").read()
+    for name in ("a.txt", ".extra.txt", ".other.txt"):
+        (corpus / name).write_text(text, encoding="utf-8")
+    out = tmp_path / "run"
+    pretrain([str(corpus), str(corpus / ".extra.txt")], **_kw(env, out, steps=2, save_every=2))
+    pretrain(**_kw(env, out, steps=3, resume=True, tokenizer=None, model=None))
+    assert max(_losses(out)) == 3
+    monkeypatch.chdir(tmp_path / "run")  # elsewhere than where the run started
+    assert reads_hidden([str(corpus)], ["corpus/.ipynb_checkpoints/a.txt", "corpus/a.txt"])
+    assert not reads_hidden([str(corpus)], ["corpus/a.txt", "elsewhere/.x.txt"])
+
 
 KILL_IN_PRUNE = textwrap.dedent("""
     import json, os, signal, sys

@@ -269,6 +269,8 @@ class ElectraConfig:
         existing file keeps its permissions, as ``open(path, "w")`` would."""
         text = self.to_json_string()
         target = os.path.realpath(_validate.path("path", path))
+        if os.path.isfile(target) and not os.access(target, os.W_OK):  # the rename would replace it all the same
+            raise PermissionError(f"path: {target} is not writable")
 
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:

@@ -179,7 +179,10 @@ def prune(root: str, keep: int, protect: Optional[str] = None, hook: Optional[Ca
 
 
 def _others(path: str) -> List[str]:
-    """The entries of checkpoint ``path`` that are not its own files (a user's run saved inside it), sorted."""
+    """The entries of checkpoint ``path`` that are not its own files (a user's run saved inside it), sorted; a
+    checkpoint that is a symbolic link is kept whole (deleting its files would empty the folder it points to)."""
+    if os.path.islink(path):
+        return [f"(a symbolic link to {os.path.realpath(path)})"]
     try:
         return sorted(n for n in os.listdir(path) if n not in OWN or not os.path.isfile(os.path.join(path, n)))
     except OSError as e:  # cannot tell what it holds: nothing there is deleted
@@ -298,7 +301,7 @@ def inside_checkpoint(out: str) -> Optional[str]:
     inside a run's checkpoint, a folder of the run's own files that its --keep deletes (or, holding anything else,
     must keep for good). None when it is not."""
     inside = _checkpoint_above(out)
-    if inside is None:
+    if inside is None or not any(os.path.exists(os.path.join(inside, n)) for n in OWN):  # a folder merely so named
         return None
     return (f"{out} is inside checkpoint {inside}, which holds only the run's own files (its --keep deletes old "
             "ones); choose a directory outside checkpoints/")

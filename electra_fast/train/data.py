@@ -49,16 +49,31 @@ def _is_hidden(name: str) -> bool:
 
 def reads_hidden(paths: Sequence[str], recorded: Optional[Sequence[str]]) -> bool:
     """Whether a run's ``recorded`` inputs (run.json "inputs") hold a file that a ``--data`` folder of ``paths`` has
-    below a hidden name: a run started before folders skipped them, which resumes reading them as it did."""
+    below a hidden name and that no file argument names: a run started before folders skipped them, which resumes
+    reading them as it did."""
     if not isinstance(recorded, list):
         return False
+    named = {os.path.realpath(p) for p in paths if not os.path.isdir(p)}
     folders = [os.path.realpath(p) for p in paths if os.path.isdir(p)]
-    for f in map(os.path.realpath, recorded):
+    for f in recorded:
+        if not isinstance(f, str) or os.path.realpath(f) in named:
+            continue
         for d in folders:
-            rel = os.path.relpath(f, d)
-            if not rel.startswith(os.pardir) and any(_is_hidden(part) for part in rel.split(os.sep)):
+            if any(_is_hidden(part) for part in _below(f, d)):
                 return True
     return False
+
+
+def _below(recorded: str, folder: str) -> List[str]:
+    """The path components of a recorded input below ``folder`` (a real path); [] when it is not below it. A
+    relative record is the original working directory's: matched after the folder's name when it is not found
+    from here (a run resumes from any directory)."""
+    if os.path.isabs(recorded) or os.path.exists(recorded):
+        rel = os.path.relpath(os.path.realpath(recorded), folder)
+        return [] if rel.startswith(os.pardir) else rel.split(os.sep)
+    parts = os.path.normpath(recorded).split(os.sep)
+    name = os.path.basename(folder)
+    return parts[len(parts) - parts[::-1].index(name):] if name in parts else []
 
 
 def resolve_inputs(paths: Sequence[str], exclude: Optional[str] = None, owned: Sequence[str] = (),

@@ -95,6 +95,9 @@ def python_int(name: str, value) -> None:
 
 
 def real(name: str, value, minimum: float, inclusive: bool) -> float:
+    if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):  # np.float32: not JSON-writable
+        raise PretrainError(f"--{name}: expected a Python float, got {type(value).__name__} {value!r}; pass "
+                            "float(...)")
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
             or value < minimum or (value == minimum and not inclusive)):
         raise PretrainError(f"--{name}: expected a finite number {'>=' if inclusive else '>'} {minimum:g}, "

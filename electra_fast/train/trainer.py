@@ -330,7 +330,7 @@ _KINDS = {"an int": _is_int,
 _RECORD_KINDS = {"recipe": "an object?", "inputs": "a list of paths", "options": "an object"}
 _OPTION_KINDS = {"data": "a list of paths?", "seq_len": "an int", "batch_size": "an int", "grad_accum": "an int",
                  "lr": "a number", "warmup": "an int?", "weight_decay": "a number", "seed": "an int", "model": "a path",
-                 "steps": "an int", "save_every": "an int", "keep": "an int", "log_every": "an int",
+                 "steps": "an int", "save_every": "an int?", "keep": "an int", "log_every": "an int",
                  "eval_every": "an int?", "tensorboard": "true or false", "threads": "an int?",
                  "compile": "true or false", "vocab_size": "an int?", "tokenizer": "a path?", "init_from": "a path?"}
 
