@@ -346,7 +346,16 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
     ``sift``: weight of DeBERTa's SiFT adversarial loss (:mod:`.sift`; 0 = off).
     ``resume``: continue the run in ``out`` (same options) from each seed's last evaluated epoch; the result equals
     an uninterrupted run's. Bad input raises :class:`FinetuneError` with a one-line message before anything is
-    written."""
+    written.
+
+    The other options are the command line's (``electra-fast finetune --help``; README "Fine-tuning"): ``test``
+    (labels optional: predictions, and scores when every row has one), ``task`` (classification, regression,
+    token-classification), the column names (``text_column``, ``pair_column``, ``label_column``, ``tokens_column``,
+    ``tags_column``: names or 0-based indices; None takes GLUE's defaults), ``max_len`` (tokens per example,
+    default min(128, the model's positions)), ``epochs``, ``batch_size``, ``eval_batch_size``, ``lr``,
+    ``layer_decay``, ``warmup`` (a fraction of the steps), ``weight_decay``, ``seeds`` (each a full run; the summary
+    holds their median and range), ``precision`` (auto / fp32 / bf16), ``device``, ``threads`` (torch's count for
+    this call only), ``skip_bad_lines``, ``progress`` (a progress bar), ``say`` (where messages go)."""
     model, train, validation, out = (path_arg(n, v) for n, v in (("model", model), ("train", train),
                                                                   ("validation", validation), ("out", out)))
     test = None if test is None else path_arg("test", test)

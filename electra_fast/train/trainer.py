@@ -117,6 +117,14 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     the loaded model as checkpoint step-0. ``threads``: torch's CPU thread count for this call (the caller's is back
     when it returns).
 
+    The other options are the command line's (``electra-fast pretrain --help``; README "Pretraining"), None taking
+    the default or, on ``resume``, the run's: ``tokenizer`` (a tokenizer.json or transformers folder; None trains one
+    of ``vocab_size`` on the data), ``model`` (a preset name or a config JSON), ``seq_len``, ``batch_size`` (per
+    process), ``grad_accum``, ``steps``, ``lr``, ``warmup`` (steps), ``weight_decay``, ``precision`` (auto / fp32 /
+    bf16 / fp16), ``compile``, ``seed``, ``out`` (the run directory), ``save_every`` / ``keep`` (checkpoints),
+    ``log_every``, ``skip_bad_lines``, ``device``, ``progress`` (a progress bar), ``fused`` (False: the eager twin),
+    ``allow_nonempty_out``. ``_checkpoint_hook`` is for the tests (called at each checkpoint stage).
+
     Reproducible one call at a time per process: dropout seeds come from torch's process-wide generator, which two
     calls in threads of one process would share.
     """
