@@ -168,7 +168,8 @@ def test_forward_mode_ad_is_refused_not_a_silent_zero_tangent():
             transform()
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="electra_fast::dropout: forward-mode AD"):
         drop(fwAD.make_dual(x, torch.ones_like(x)))
-    h, w, t = torch.randn(6, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64), torch.randint(0, 11, (6,))
+    h, w = torch.randn(6, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64)
+    t = torch.randint(0, 11, (6,))
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
         jvp(lambda z: electra_fast.mlm_loss_and_sample(z, w, t, seed=1)[0], (h,), (torch.randn_like(h),))
     # reverse mode is unchanged

@@ -54,7 +54,8 @@ def dropout(input: torch.Tensor, p: float, seed: int, stream: int = 0) -> torch.
 
     Returns:
         A tensor shaped and typed like ``input`` (contiguous for 0 < p < 1; ``input`` itself for p = 0):
-        ``input * fp32(1 / (1 - p))`` (computed in fp32, fp64 for fp64 input) where kept, exactly 0 where dropped. Element i is kept iff
+        ``input * fp32(1 / (1 - p))`` (computed in fp32, fp64 for fp64 input) where kept, exactly 0 where dropped.
+        Element i is kept iff
         ``uniform(w) >= p`` with ``w`` word ``i % 4`` of Philox4x32-10(key = seed, counter =
         (i // 4, DROPOUT = 4, stream)) (electra_fast/reference/philox.py). The gradient flows to ``input``:
         the same mask and scale applied to the incoming gradient.

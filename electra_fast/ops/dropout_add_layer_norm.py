@@ -96,7 +96,8 @@ def dropout_add_layer_norm(input: torch.Tensor, residual: torch.Tensor, weight: 
         A tensor shaped and typed like ``input``. The dropout product and the sum are rounded to the dtype as the
         unfused ops round them; mean, variance and the normalisation run in fp32 (fp64 for fp64), rescaled by a
         power of two where the sum of squares would overflow (finite rows normalise up to |h| < half the
-        accumulator's max, ~1.7e38 in fp32, where h - mean itself overflows; a row holding inf / NaN gives NaN). Gradients flow to input, residual, weight and bias.
+        accumulator's max, ~1.7e38 in fp32, where h - mean itself overflows; a row holding inf / NaN gives NaN).
+        Gradients flow to input, residual, weight and bias.
     """
     _validate.floating("input", input)
     _validate.floating("residual", residual)
