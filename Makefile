@@ -12,8 +12,8 @@ PYTEST_ARGS ?=
 # AVX-512), run with oneDNN / ATen capped at AVX2 and the project's AMX / AVX-512 paths switched off: the machine
 # then looks like an AVX2-only CPU (e.g. AMD EPYC Zen 3) whatever it really is.
 AVX2_VENV   ?= .venv-avx2
-# Inductor's on-disk cache does not key on ATEN_CPU_CAPABILITY: code compiled under the default ISA, loaded under
-# avx2, gave the disentangled attention out-of-range slot tables (torch 2.13). Each lane compiles into its own cache.
+# Inductor's on-disk cache is shared across ATEN_CPU_CAPABILITY settings: code cached under the default ISA, loaded
+# under avx2, gave the disentangled attention out-of-range slot tables (torch 2.13). Each lane gets its own cache.
 AVX2_ENV    := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 ELECTRA_FAST_NO_AMX=1 ELECTRA_FAST_NO_AVX512=1 \
                TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor-avx2
 AVX2_TESTS  ?= tests/test_models.py tests/test_linear.py $(wildcard tests/test_disentangled_attention_*.py) \
