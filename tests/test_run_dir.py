@@ -135,6 +135,8 @@ def test_out_inside_a_checkpoint_is_refused(env, tmp_path, capsys):
     plain.mkdir(parents=True)
     code, err = _pretrain_cli(env, plain / "cont", capsys)
     assert code == 0, err
+    future = out / "checkpoints" / "step-00000099"  # a step the run has yet to write is its checkpoint all the same
+    _refused(*_pretrain_cli(env, future / "cont", capsys), f"{future / 'cont'} is inside checkpoint {future}")
 
 def test_out_holding_another_run(env, tmp_path, capsys):
     out = tmp_path / "run"

@@ -37,6 +37,8 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 TMP_DIR = re.compile(r"^\.(?:tmp|del)-step-\d{8}-(\d+)$")  # being written / being deleted by that PID
 FILES = ("model.safetensors", "training_state.pt", "config.json", "tokenizer.json")
 OWN = FILES + ("meta.json",)  # every name a checkpoint directory holds: what retention may delete
+RUN_MARKER = ".electra-fast-run"  # in a run folder, claimed by a job (electra_fast/train/rundir.py)
+RUN_FILES = (RUN_MARKER, "run.json")  # what makes a folder a run's: its marker, or its record
 
 
 def _sha256(path: str) -> str:
@@ -301,7 +303,10 @@ def inside_checkpoint(out: str) -> Optional[str]:
     inside a run's checkpoint, a folder of the run's own files that its --keep deletes (or, holding anything else,
     must keep for good). None when it is not."""
     inside = _checkpoint_above(out)
-    if inside is None or not any(os.path.exists(os.path.join(inside, n)) for n in OWN):  # a folder merely so named
+    run = None if inside is None else os.path.dirname(os.path.dirname(inside))
+    # a run's checkpoint, written or to come (its run folder's marker / run.json), not a folder merely so named
+    if inside is None or not (any(os.path.exists(os.path.join(inside, n)) for n in OWN)
+                              or any(os.path.exists(os.path.join(run, n)) for n in RUN_FILES)):
         return None
     return (f"{out} is inside checkpoint {inside}, which holds only the run's own files (its --keep deletes old "
             "ones); choose a directory outside checkpoints/")

@@ -35,7 +35,7 @@ from .data import CACHE_TEMPORARY
 from .errors import PretrainError
 from .temporaries import remove_dead_temporaries
 
-MARKER = ".electra-fast-run"
+MARKER = ckpt.RUN_MARKER
 OWNED = (MARKER, "run.json", "metrics.jsonl", "checkpoints", "cache", "tensorboard", "curves.png")
 _HAS_RUN = ("run.json", "metrics.jsonl")
 TEMPORARY = re.compile(r"^(?:run\.json|metrics\.jsonl|curves\.png)\.tmp-(\d+)$")  # the job's atomic rewrites in --out
