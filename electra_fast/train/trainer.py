@@ -144,7 +144,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     if compile is not None and not isinstance(compile, bool):  # compile="no" compiled
         raise TypeError(f"compile: expected a bool, got {type(compile).__name__}")
     # a resumed run's own, for a restart when it has no complete checkpoint
-    run_tokenizer = run_init_from = recorded_recipe = run_precision = None
+    run_tokenizer = run_init_from = recorded_recipe = recorded_inputs = run_precision = None
     notes: list = []  # warnings said once the process knows whether it is the main one
     if resume:
         claimed = rundir.is_claimed(out)
@@ -157,7 +157,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
                                 f"{'' if claimed else ', no electra-fast marker'}); check --out, or start the run "
                                 "without --resume")
         run_json = _run_record(out)
-        recorded_recipe = run_json.get("recipe")
+        recorded_recipe, recorded_inputs = run_json.get("recipe"), run_json.get("inputs")
         given_threads, given_compile = threads, compile
         (data, seq_len, batch_size, grad_accum, lr, warmup, weight_decay, seed, model, steps, save_every, keep,
          log_every, eval_every, tensorboard, threads, compile, vocab_size, run_tokenizer, run_init_from) = _run_options(
@@ -513,9 +513,8 @@ class _Job:
     def _inputs(self):
         o, ctx = self.o, self.ctx
         if not o.embedded:
-            recorded = _run_record(o.out).get("inputs") if o.resume else None  # read as the run read its folders
             return resolve_inputs(o.data, exclude=o.out, owned=rundir.OWNED,  # the run's own files are never data
-                                  hidden=reads_hidden(o.data, recorded))
+                                  hidden=reads_hidden(o.data, o.recorded_inputs))  # read as the run read its folders
         from .corpus import write_default_corpus
         corpus = os.path.join(self.cache_dir, f"default-corpus-py{sys.version_info[0]}.{sys.version_info[1]}.txt")
         if ctx.is_main:
