@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from electra_fast.finetune import FinetuneError
 from electra_fast.finetune import data as fdata
 from electra_fast.finetune import metrics as M
 from electra_fast.finetune import model as fmodel
@@ -1025,6 +1026,7 @@ def test_bert_family_directory_is_the_same_encoder(family, tmp_path):
             **{**common, "max_position_embeddings": 42}, type_vocab_size=1, pad_token_id=1)).eval()
         encoder, pad = theirs, 1
     theirs.save_pretrained(tmp_path / family)
+    _vocab_txt(tmp_path / family, 120)
     cfg, state, _ = fmodel.load_encoder(str(tmp_path / family))
     ours = fmodel.build(cfg, state, "classification", 3).eval()
     ids = torch.randint(5, 120, (3, 12), generator=torch.Generator().manual_seed(1))
@@ -1037,6 +1039,65 @@ def test_bert_family_directory_is_the_same_encoder(family, tmp_path):
     real = mask.bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)  # fp32: summation order only
     assert cfg.max_position_embeddings == 40  # RoBERTa's 42 rows less the pad + 1 = 2 it never uses
+
+
+def _vocab_txt(folder, size):
+    """A WordPiece vocab.txt of ``size`` entries, BERT's special tokens first."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (folder / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(size - len(words))]) + "\n")
+
+
+def _small_bert(transformers, cls=None, **config):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  **config)
+    model = (cls or transformers.BertModel)(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # trained-scale weights: a wrong attention pattern shows clearly
+            p.normal_(0, 0.3)
+    return model
+
+
+def test_causal_decoder_directories_are_refused(tmp_path):
+    """A BERT / ELECTRA saved with is_decoder=True (BertLMHeadModel, ElectraForCausalLM) attends causally in
+    transformers; it was loaded and fine-tuned as a bidirectional encoder (hidden states 0.06 off), without a word."""
+    transformers = pytest.importorskip("transformers")
+    _small_bert(transformers, transformers.BertLMHeadModel, is_decoder=True).save_pretrained(tmp_path / "dec")
+    _vocab_txt(tmp_path / "dec", 64)
+    with pytest.raises(FinetuneError, match=r"^--model: .*config\.json: discriminator: config\.json has "
+                                            r"is_decoder=true \(a causal decoder"):
+        fmodel.load_encoder(str(tmp_path / "dec"))
+
+
+def test_original_bert_layer_norm_names_load(tmp_path):
+    """The original BERT releases (bert-base-uncased) name LayerNorm parameters gamma / beta, which transformers
+    renames on load; fine-tuning refused them ("lacks 'electra.embeddings.LayerNorm.weight'")."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    theirs = _small_bert(transformers)
+    theirs.save_pretrained(tmp_path / "bert")
+    weights = tmp_path / "bert" / "model.safetensors"
+    old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+           for k, v in load_file(weights).items()}
+    assert sum("gamma" in k for k in old) == 5  # embeddings + 2 per layer
+    save_file(old, weights, metadata={"format": "pt"})
+    _vocab_txt(tmp_path / "bert", 64)
+    cfg, state, _ = fmodel.load_encoder(str(tmp_path / "bert"))
+    ours = fmodel.build(cfg, state, "classification", 2).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 13, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.backbone(ids), theirs(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_tokenizer_is_said_before_the_config_it_would_have_fixed(tmp_path):
+    """Without a tokenizer, a small-vocabulary directory was refused for BERT's default unk id 100 ("expected an id
+    in [0, vocab_size=64)"): the missing tokenizer is what to fix."""
+    transformers = pytest.importorskip("transformers")
+    _small_bert(transformers).save_pretrained(tmp_path / "bert")
+    with pytest.raises(FinetuneError, match=r"^--model: .*bert holds neither tokenizer\.json, vocab\.txt nor"):
+        fmodel.load_encoder(str(tmp_path / "bert"))
 
 
 def test_special_spellings_in_the_text_read_as_transformers_reads_them(tmp_path, monkeypatch):

@@ -209,7 +209,30 @@ def test_unreadable_weights_are_a_checkpoint_error(tmp_path, name, data):
     gp, dp = _save(tmp_path, g, d)
     os.remove(dp / "model.safetensors")
     (dp / name).write_bytes(data)
-    with pytest.raises(CheckpointError, match=f"{name} is not a readable weights file"):
+    with pytest.raises(CheckpointError, match=f"{name} is not a readable weights file") as e:
+        ElectraPretrainingModel.from_transformers(gp, dp, **IDS)
+    assert "weights_only" not in str(e.value).replace("weights_only=True", "")  # torch's advice runs the file's code
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
+def test_git_lfs_pointers_are_named(tmp_path, name):
+    """A clone made without `git lfs pull` holds 130-byte pointer files: a .bin one was refused with torch's
+    advice to load it with weights_only=False."""
+    g, d = _electra_pair()
+    gp, dp = _save(tmp_path, g, d)
+    os.remove(dp / "model.safetensors")
+    (dp / name).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 9\n")
+    with pytest.raises(CheckpointError, match=f"{name} is a Git LFS pointer, not the weights: fetch them"):
+        ElectraPretrainingModel.from_transformers(gp, dp, **IDS)
+
+
+@pytest.mark.parametrize("role", ["generator", "discriminator"])
+def test_causal_decoders_are_refused(tmp_path, role):
+    """is_decoder=True: transformers masks attention causally, electra_fast's encoders do not (0.09 off)."""
+    g, d = _electra_pair()
+    (g if role == "generator" else d).config.is_decoder = True
+    gp, dp = _save(tmp_path, g, d)
+    with pytest.raises(CheckpointError, match=f"^{role}: config.json has is_decoder=true"):
         ElectraPretrainingModel.from_transformers(gp, dp, **IDS)
 
 

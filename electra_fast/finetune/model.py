@@ -102,10 +102,11 @@ def _transformers_dir(path: str) -> Tuple[ElectraConfig, Dict[str, torch.Tensor]
         raise FinetuneError(f"--model: {path} holds a {kind!r} model; fine-tuning reads ELECTRA, DeBERTa-v2/v3 and "
                             f"BERT-family ({', '.join(('electra', 'deberta-v2') + interop.BERT_FAMILY)}) encoders")
     state = interop.load_weights(weights)
+    ids = _special_ids(path)
     try:
         if kind in interop.BERT_FAMILY:  # the same encoder as ELECTRA's discriminator
             hf, state = interop.electra_view(hf, state)
-        cfg = interop.config_from_transformers(hf, hf, **_special_ids(path))  # the generator's sizes are unused
+        cfg = interop.config_from_transformers(hf, hf, **ids)  # the generator's sizes are unused
     except (ValueError, TypeError, KeyError) as e:
         raise FinetuneError(f"--model: {path}/config.json: {e}") from None
     return cfg, state
@@ -113,17 +114,21 @@ def _transformers_dir(path: str) -> Tuple[ElectraConfig, Dict[str, torch.Tensor]
 
 def _special_ids(path: str) -> Dict[str, int]:
     """The special-token ids of the tokenizer in a transformers directory (config.json holds only the pad id; BERT's
-    defaults, e.g. unk 100, do not fit a small vocabulary), or none when it has no tokenizer we can read (the
-    fine-tuning run then reports that)."""
+    defaults, e.g. unk 100, do not fit a small vocabulary)."""
     from ..train.errors import PretrainError
     from ..train.tokenizer import config_overrides, load_tokenizer
 
     try:
         ids = config_overrides(load_tokenizer(path))
-    except PretrainError:
-        return {}
+    except PretrainError as e:  # fine-tuning needs it: said now, not as the config error its absence would cause
+        raise tokenizer_error(e) from None
     ids.pop("vocab_size")  # the model's embedding matrix decides it
     return ids
+
+
+def tokenizer_error(e: Exception) -> FinetuneError:
+    """A model directory's own tokenizer failed to load: the ``--model``'s fault (finetune has no --tokenizer)."""
+    return FinetuneError(f"--model: {str(e).removeprefix('--tokenizer: ')}")
 
 
 def load_encoder(path: str) -> Tuple[ElectraConfig, Dict[str, torch.Tensor], str]:

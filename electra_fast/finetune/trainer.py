@@ -367,8 +367,8 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
     cfg, state, tok_path = fmodel.load_encoder(model)
     try:
         tok = with_special_tokens(load_tokenizer(tok_path))
-    except PretrainError as e:  # the model's own tokenizer: finetune has no --tokenizer to name
-        raise FinetuneError(f"--model: {str(e).removeprefix('--tokenizer: ')}") from None
+    except PretrainError as e:
+        raise fmodel.tokenizer_error(e) from None
     pad = special_ids(tok)["pad"]
     max_len = min(128, cfg.max_position_embeddings) if max_len is None else max_len
     if max_len > cfg.max_position_embeddings:

@@ -141,6 +141,9 @@ def config_from_transformers(gen: dict, disc: dict, **overrides) -> ElectraConfi
                                "intermediate_size") if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool)]
         if lacking:
             raise CheckpointError(f"{name}: config.json has no integer {', '.join(lacking)}")
+        if hf.get("is_decoder"):  # transformers masks such a model causally; these encoders attend both ways
+            raise CheckpointError(f"{name}: config.json has is_decoder=true (a causal decoder, e.g. "
+                                  "BertLMHeadModel); electra_fast's encoders attend in both directions")
     for key, default in _shared_settings(kind).items():  # one field of ElectraConfig serves both
         a, b = _setting(gen, key, default), _setting(disc, key, default)
         if (set(a) != set(b)) if key == "pos_att_type" else a != b:  # transformers tests membership only
@@ -281,18 +284,38 @@ def load_weights(path: str, what: str = "weights file") -> Dict[str, torch.Tenso
             out.update(load_weights(os.path.join(os.path.dirname(path), shard)))
         return out
     from safetensors import SafetensorError
+    with open(path, "rb") as f:
+        if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+            raise CheckpointError(f"{path} is a Git LFS pointer, not the weights: fetch them (git lfs pull) first")
     try:
         if path.endswith(".safetensors"):
-            return load_safetensors(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as e:
+            state = load_safetensors(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text advises weights_only=False: running a file's code, not a fix
+        raise CheckpointError(f"{path} is not a readable {what} (UnpicklingError: damaged, or a pickle of "
+                              "objects that torch.load(weights_only=True) does not load)") from None
+    except (SafetensorError, EOFError, RuntimeError, KeyError, ValueError) as e:
         # truncated or foreign bytes (torch.load's legacy reader raises KeyError on a wrong magic number)
         raise CheckpointError(f"{path} is not a readable {what} ({type(e).__name__}: {reason(e)})") from None
     if what == "weights file" and not (isinstance(state, dict) and all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise CheckpointError(f"{path} is not a readable {what} (expected a dict of named tensors, got a "
                               f"{type(state).__name__})")
-    return state
+    return _modern_names(state) if what == "weights file" else state
+
+
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _modern_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The original BERT releases (bert-base-uncased...) name LayerNorm parameters ``gamma`` / ``beta``; transformers
+    reads them as ``weight`` / ``bias`` (its "legacy" renaming), and so does this."""
+    renamed = {}
+    for key, value in state.items():
+        new = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        renamed[new if new not in state else key] = value
+    return renamed
 
 
 def save_weights(state: Dict[str, torch.Tensor], directory: str) -> None:
