@@ -551,6 +551,43 @@ def test_the_thread_count_is_the_callers_again_after_every_call(pretrained, tmp_
     finally:
         torch.set_num_threads(before)
 
+def test_the_callers_generator_grad_mode_and_plotting_backend_are_untouched(pretrained, tmp_path):
+    """Review findings: finetune() reseeded torch's global generator and left it so; under the caller's no_grad /
+    inference_mode its first backward raised, leaving finetune.json and seed-1/ behind; and it switched the caller's
+    matplotlib backend to Agg (a notebook lost its inline figures)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    d = _classification_files(tmp_path / "data")
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        torch.manual_seed(1234)
+        state = torch.get_rng_state()
+        _run(pretrained, d, tmp_path / "run", "train.tsv", "dev.tsv")
+        assert torch.equal(torch.get_rng_state(), state) and matplotlib.get_backend() == "svg"
+        assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        matplotlib.use(backend)
+    for i, mode in enumerate((torch.no_grad, torch.inference_mode)):
+        with mode():
+            s = _run(pretrained, d, tmp_path / f"under-{i}", "train.tsv", "dev.tsv")
+            assert len(s["seeds"]) == 1 and not torch.is_grad_enabled()
+
+
+def test_a_new_run_that_fails_before_any_epoch_leaves_nothing(pretrained, tmp_path):
+    """Review finding: a run diverging in its first epoch left finetune.json and an empty seed-1/, said "the epochs
+    evaluated before stand in seed-1", and the rerun it advised was refused ("--out is not empty", and with --resume
+    "started with other options (lr: 1e+30 -> 0.0001)")."""
+    d = _classification_files(tmp_path / "data")
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        with pytest.raises(fdata.FinetuneError, match=r"^seed 1 epoch 1: the training loss or its gradient is not "
+                                                      r"finite \([^)]*\); lower --lr$"):
+            _run(pretrained, d, out, "train.tsv", "dev.tsv", lr=1e30)
+        assert out.exists() == (out.name == "empty") and (not out.exists() or not os.listdir(out))
+        assert len(_run(pretrained, d, out, "train.tsv", "dev.tsv", lr=1e-4)["seeds"]) == 1
+
+
 def test_explicit_bf16_on_a_cpu_that_emulates_it_warns_as_pretrain_does(pretrained, tmp_path, monkeypatch):
     """Review finding: finetune --precision bf16 ran 4x slower there without a word; pretrain warns."""
     from electra_fast import _cpu
@@ -1295,9 +1332,9 @@ def test_a_diverging_run_stops_with_one_line_before_its_step(pretrained, tmp_pat
     rows = [json.loads(x) for x in open(d / "train-reg.jsonl")]
     (d / "huge.jsonl").write_text("".join(json.dumps({**r, "label": r["label"] * 1e19}) + "\n" for r in rows))
     with pytest.raises(fdata.FinetuneError, match="seed 1 epoch 1: the training loss or its gradient is not finite "
-                                                  r"\(inf\); .* lower --lr or scale the regression labels"):
+                                                  r"\(inf\); lower --lr or scale the regression labels$"):
         _run(pretrained, d, tmp_path / "out", "huge.jsonl", "dev-reg.jsonl", task="regression")
-    assert not (tmp_path / "out" / "seed-1" / "metrics.jsonl").exists()
+    assert not (tmp_path / "out").exists()  # nothing was evaluated: nothing kept
 
 
 @pytest.mark.parametrize("task", ["regression", "classification", "token-classification"])

@@ -571,6 +571,59 @@ def test_the_thread_count_is_the_callers_again_after_every_call(env, tmp_path, m
         torch.set_num_threads(before)
 
 
+def test_the_callers_generator_and_grad_mode_are_untouched(env, tmp_path):
+    """Review findings: pretrain() reseeded torch's global generator and left it so (the caller's torch.rand after
+    the call drew one fixed stream whatever it had seeded); under the caller's no_grad / inference_mode its first
+    backward raised, leaving the run's files behind."""
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    s = pretrain(env["data"], **_kw(env, tmp_path / "run", steps=2))
+    assert s["steps"] == 2 and torch.equal(torch.get_rng_state(), state)
+    for i, mode in enumerate((torch.no_grad, torch.inference_mode)):
+        with mode():
+            s = pretrain(env["data"], **_kw(env, tmp_path / f"under-{i}", steps=2))
+            assert s["steps"] == 2 and not torch.is_grad_enabled()
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def test_a_finished_run_is_freed_and_forgotten(env, tmp_path):
+    """Review findings: a finished run stayed in memory after pretrain() returned (matplotlib's mathtext keeps
+    exceptions whose tracebacks hold the call's frames: 5 runs held, +1 GB), until the caller's next full
+    collection; and the checkpoint verification cache kept an entry for every checkpoint ever written."""
+    from electra_fast.models import ElectraPretrainingModel
+
+    def alive():
+        return sum(isinstance(o, ElectraPretrainingModel) for o in gc.get_objects())
+
+    gc.collect()
+    before = alive()
+    gc.disable()  # only the call's own collection may free it
+    try:
+        pretrain(env["data"], **_kw(env, tmp_path / "run", steps=4, save_every=1, keep=1))
+        assert alive() == before
+    finally:
+        gc.enable()
+    gone = [p for p in ckpt._VERIFIED if str(tmp_path) in p and not os.path.isdir(p)]
+    assert not gone and len([p for p in ckpt._VERIFIED if str(tmp_path) in p]) == 1
+
+
+def test_a_failed_run_closes_its_tensorboard_writer(env, tmp_path, monkeypatch):
+    """Review finding: a pretrain(tensorboard=True) that raised left its SummaryWriter's thread running (one more
+    per failed call in a sweep)."""
+    import threading
+    pytest.importorskip("tensorboard")
+    from electra_fast.train import trainer
+
+    def failing_step(self):
+        raise RuntimeError("a step that fails")
+    monkeypatch.setattr(trainer._Job, "_train_step", failing_step)
+    before = threading.active_count()
+    for i in range(2):
+        with pytest.raises(RuntimeError, match="a step that fails"):
+            pretrain(env["data"], **_kw(env, tmp_path / f"failed-{i}", tensorboard=True))
+    assert threading.active_count() == before
+
+
 def test_resume_refuses_another_vocabulary_and_a_restart_keeps_the_precision(env, tmp_path):
     """--resume --vocab-size 300 / --tokenizer OTHER ran on silently with the run's vocabulary (or, on a restart,
     trained another one); a restart of an fp32 run went on in bf16 (the CPU's default)."""
@@ -1601,7 +1654,7 @@ def test_sigterm_before_training_takes_back_the_runs_files(env, tmp_path):
     assert os.listdir(user) == ["notes.txt"] and (user / "notes.txt").read_text() == "mine"
 
 
-def test_cpu_training_keeps_freed_memory(monkeypatch):
+def test_cpu_training_keeps_freed_memory(env, tmp_path, monkeypatch):
     """glibc's allocator is told to keep freed blocks (no per-step page faults); the opt-out is honoured.
 
     Asserts what the settings control - a large block comes from the heap, not a fresh mmap, and stays in the
@@ -1626,6 +1679,13 @@ def test_cpu_training_keeps_freed_memory(monkeypatch):
     # freed, and kept in the heap for the next step: a trim would hand nearly all of it back to the kernel (the
     # MiB of slack covers small blocks the interpreter and torch allocate or free meanwhile)
     assert _mallinfo().fordblks - held.fordblks >= size - (1 << 20)
+    # Review finding: the settings outlived pretrain(), so the caller's process kept up to 2 GiB of freed memory
+    # for good. On return a large block is an mmap of its own again (glibc's default), given back when freed.
+    pretrain(env["data"], **_kw(env, tmp_path / "run", steps=1))
+    before = _mallinfo()
+    a = torch.empty(size, dtype=torch.uint8).fill_(1)
+    assert _mallinfo().hblkhd - before.hblkhd >= size
+    del a
 
 
 def _mallinfo():

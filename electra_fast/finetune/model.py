@@ -149,7 +149,7 @@ def load_encoder(path: str) -> Tuple[ElectraConfig, Dict[str, torch.Tensor], str
         return (*_from_pretraining(model), tok)
     if os.path.isfile(os.path.join(path, "meta.json")) or os.path.isdir(os.path.join(path, "checkpoints")):
         src = ckpt.resolve(path, warn=lambda m: None)
-        model = ElectraPretrainingModel(ckpt.load_config(src))
+        model = interop.to_be_loaded(ElectraPretrainingModel, ckpt.load_config(src))
         ckpt.load_model_state(model, os.path.join(src, "model.safetensors"))
         return (*_from_pretraining(model), os.path.join(src, "tokenizer.json"))
     if os.path.isfile(os.path.join(path, "config.json")):

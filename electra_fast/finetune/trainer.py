@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -40,13 +41,14 @@ import torch.nn.functional as F
 from .. import _cpu
 from .._files import load_safetensors, temporary, unused, write_atomic, write_json, write_text
 from .._validate import path as path_arg
+from ..train import plot
 from ..train.checkpoint import inside_checkpoint
 from ..train.errors import PretrainError
 from ..train.distributed import check_device
 from ..train.optim import layer_decay, linear_schedule, param_groups
 from ..train.temporaries import remove_dead_temporaries
 from ..train.tokenizer import embedding_rows, load_tokenizer, special_ids, with_special_tokens
-from ..train.options import emulated_bf16_warning, positive, python_int, real, torch_threads
+from ..train.options import emulated_bf16_warning, job_scope, positive, python_int, real
 from . import data as fdata
 from . import metrics as fmetrics
 from . import model as fmodel
@@ -413,6 +415,7 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
                  if d is not None},
               # what the model reads of them: its tokenizer file, or electra_fast's reading of it, may change
               "token ids": _token_ids(feats), "labels": names}
+    made = not os.path.lexists(out)
     _claim_out(out, record, resume)  # every check above ran before anything is written
 
     for k, d in (("train", tr), ("validation", va), ("test", te)):
@@ -432,18 +435,45 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
     runs, interrupted = [], False
     hp = dict(epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr, layer_decay=layer_decay,
               warmup=warmup, weight_decay=weight_decay, sift=sift)
-    with torch_threads(threads):
-        for seed in seeds:
-            try:
-                runs.append(_one_seed(seed, cfg, None if from_scratch else state, task, names, feats, va, te, pad, hp,
-                                      dev, precision, os.path.join(out, f"seed-{seed}"), metric, progress, say, model))
-                interrupted = runs[-1]["interrupted"]
-            except KeyboardInterrupt:
-                interrupted = True
-            if interrupted:
-                say(f"interrupted during seed {seed}: keeping the epochs evaluated so far; no further seed runs")
-                break
-        return _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say)
+    try:
+        with job_scope(threads, dev):
+            for seed in seeds:
+                try:
+                    runs.append(_one_seed(seed, cfg, None if from_scratch else state, task, names, feats, va, te, pad,
+                                          hp, dev, precision, os.path.join(out, f"seed-{seed}"), metric, progress,
+                                          say, model))
+                    interrupted = runs[-1]["interrupted"]
+                except KeyboardInterrupt:
+                    interrupted = True
+                if interrupted:
+                    say(f"interrupted during seed {seed}: keeping the epochs evaluated so far; no further seed runs")
+                    break
+            return _finish(out, runs, seeds, task, names, metric, cfg, tok, interrupted, say)
+    except BaseException:
+        if not resume:
+            _take_back(out, seeds, made)
+        raise
+
+
+def _take_back(out: str, seeds: Sequence[int], made: bool) -> None:
+    """A new run that failed before evaluating any epoch leaves nothing a rerun in the same --out would trip on
+    (finetune.json and empty seed folders made it "not empty", and --resume kept the options that failed)."""
+    folders = [os.path.join(out, f"seed-{s}") for s in seeds]
+    if any(os.path.lexists(os.path.join(f, "metrics.jsonl")) for f in folders):
+        return  # epochs stand: --resume continues from them
+    for path in folders + [os.path.join(out, RUN_FILE)]:
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+        except OSError:  # keep it; never hide the failure being reported
+            pass
+    if made:
+        try:
+            os.rmdir(out)
+        except OSError:
+            pass
 
 
 def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precision, out, metric, progress, say,
@@ -495,7 +525,8 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
                 if not bool(torch.isfinite(loss.detach() + norm)):  # before the step: the saved epochs stay whole
                     raise FinetuneError(
                         f"seed {seed} epoch {epoch}: the training loss or its gradient is not finite "
-                        f"({float(loss.detach()):g}); the epochs evaluated before stand in {out}; lower --lr"
+                        f"({float(loss.detach()):g}); "
+                        + (f"the epochs evaluated before stand in {out}; " if history else "") + "lower --lr"
                         + (" or scale the regression labels" if task == "regression" else ""))
                 optimizer.step()
                 scheduler.step()
@@ -648,14 +679,13 @@ def _table(runs, keys, summary) -> str:
 
 
 def _plot(path: str, runs, metric: str, say) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a bare Figure, as pretrain's curves: pyplot would switch the caller's backend (a notebook's inline one)
+        from matplotlib.figure import Figure
     except ImportError:
         say("note: matplotlib is not installed: no curves.png")
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="tight")
+    a, b = fig.subplots(1, 2)
     for r in runs:
         epochs = [h["epoch"] for h in r["history"]]
         a.plot(epochs, [h["validation"][metric] for h in r["history"]], marker="o", label=f"seed {r['seed']}")
@@ -665,6 +695,4 @@ def _plot(path: str, runs, metric: str, say) -> None:
     for ax in (a, b):
         ax.set_xlabel("epoch")
         ax.legend()
-    fig.tight_layout()
-    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
+    plot.save(fig, path)

@@ -318,6 +318,13 @@ def _modern_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return renamed
 
 
+def to_be_loaded(cls, cfg: ElectraConfig, **kwargs):
+    """``cls(cfg, **kwargs)`` for weights loaded next: its random initialisation, overwritten at once, draws nothing
+    from the caller's generator (a loader that reseeded nothing still moved the caller's torch.rand stream)."""
+    with torch.random.fork_rng(devices=[]):
+        return cls(cfg, **kwargs)
+
+
 def save_weights(state: Dict[str, torch.Tensor], directory: str) -> None:
     from safetensors.torch import save_file
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()},
@@ -450,7 +457,7 @@ def from_transformers(cls, generator_path, discriminator_path, *, embedding_shar
     gen_state, disc_state = load_weights(gen_file), load_weights(disc_file)
     _check_architecture(gen_hf, "generator", gen_state, gen_dir)
     _check_architecture(disc_hf, "discriminator", disc_state, disc_dir)
-    model = cls(cfg, fused=fused)
+    model = to_be_loaded(cls, cfg, fused=fused)
     _load_both(model, gen_state, disc_state, gen_dir, disc_dir)
     return model
 
@@ -481,7 +488,7 @@ def from_pretrained(cls, path, fused: bool = True):
         raise CheckpointError(f"{cfg_path} is not JSON ({e})") from None
     except (TypeError, ValueError) as e:  # an unknown or ill-typed field: the message named no file
         raise CheckpointError(f"{cfg_path}: {e}") from None
-    model = cls(cfg, fused=fused)
+    model = to_be_loaded(cls, cfg, fused=fused)
     states = []
     for role in ("generator", "discriminator"):
         hf, f = checkpoint_files(os.path.join(path, role), role)

@@ -172,6 +172,7 @@ def prune(root: str, keep: int, protect: Optional[str] = None, hook: Optional[Ca
             continue
         doomed = os.path.join(root, f".del-{os.path.basename(path)}-{os.getpid()}")
         os.replace(path, doomed)  # atomic: from here on no step-* name refers to a half-deleted checkpoint
+        _VERIFIED.pop(path, None)  # a long-lived process saving every step kept one entry per checkpoint ever written
         _fsync_dir(root)
         if hook:
             hook(f"prune renamed {path}")
@@ -222,6 +223,7 @@ def _set_aside(path: str, why: str, warn) -> None:
     """Rename a corrupt or partial checkpoint to ``<path>.corrupt[-N]``: out of resume's and retention's way, kept."""
     aside = unused(path + ".corrupt")
     os.replace(path, aside)
+    _VERIFIED.pop(path, None)
     _fsync_dir(os.path.dirname(path))
     warn(f"warning: checkpoint {path} is corrupt or partial ({why}): moved to {aside} (not counted against "
          "--keep, never deleted; remove it yourself when done with it)")

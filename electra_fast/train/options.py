@@ -120,6 +120,18 @@ def torch_threads(threads: Optional[int]):
             torch.set_num_threads(before)
 
 
+@contextmanager
+def job_scope(threads: Optional[int], device: torch.device):
+    """What a ``pretrain()`` / ``finetune()`` call does to torch's process-wide state stays inside the block, whatever
+    it raised: the CPU thread count (:func:`torch_threads`); the global generators, which the job seeds (after
+    either call the caller's ``torch.rand`` drew one fixed stream, whatever it had seeded); and grad mode (called
+    under the caller's ``no_grad`` / ``inference_mode`` the first backward raised). Entered after every check."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch_threads(threads), torch.random.fork_rng(devices=cuda), torch.inference_mode(False), \
+            torch.enable_grad():
+        yield
+
+
 # "an ELECTRA-small 32 x 128 step took 91 s in bf16 vs 4.5 s in fp32" (AVX2-only AMD EPYC, no native bf16)
 EMULATED_BF16 = ("bf16 matrix products are emulated here, ~20x slower than fp32 (an ELECTRA-small 32x128 step: 91 s "
                  "vs 4.5 s on an AVX2-only AMD EPYC)")

@@ -38,8 +38,8 @@ from .errors import PretrainError
 from .optim import linear_schedule, param_groups
 from .init_from import init_source
 from .options import (DEFAULT_EMBEDDED_STEPS, DEFAULT_EMBEDDED_VOCAB, DEFAULT_SAVE_EVERY, DEFAULT_STEPS,
-                      TOKENIZER_NAMES, check_seq_len, default_lr, model_config, positive, real, resolve_precision,
-                      summary_writer, torch_threads)
+                      TOKENIZER_NAMES, check_seq_len, default_lr, job_scope, model_config, positive, real,
+                      resolve_precision, summary_writer)
 from .signals import Signals, TermInterrupts, Uninterrupted
 from .tokenizer import (DEFAULT_VOCAB, MAX_VOCAB, TextRules, config_overrides, embedding_rows, fingerprint,
                         load_tokenizer, min_vocab, special_ids, train_tokenizer, write_tokenizer)
@@ -53,16 +53,40 @@ def _keep_freed_memory() -> bool:
     which is never trimmed below 2 GiB of free space - the footprint a training loop reuses every step.
     No-op off glibc. ``ELECTRA_FAST_KEEP_FREED_MEMORY=0`` turns it off.
     """
-    if os.environ.get("ELECTRA_FAST_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get("ELECTRA_FAST_KEEP_FREED_MEMORY", "1") == "0":
         return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) & bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def _give_back_freed_memory() -> None:
+    """After the run: glibc's thresholds as the process started (its MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_,
+    else glibc's 128 KiB) and the free heap returned to the system. A notebook that called ``pretrain()`` kept up to
+    2 GiB of freed memory for good (glibc's dynamic mmap threshold, off once set, stays off)."""
+    libc = _glibc()
+    if libc is None:
+        return
+    for option, env in ((_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"), (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_")):
+        value = os.environ.get(env, "")
+        libc.mallopt(option, int(value) if value.isdigit() and int(value) < 2 ** 31 else 128 * 1024)
+    libc.malloc_trim(0)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _glibc():
+    """glibc through ctypes, or None (another C library, or not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
 
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) & bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 DROP_STREAM = 0x44524F50  # "DROP": derive_seed's purpose for a rank's dropout stream
@@ -251,7 +275,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     try:
         _check_forced_backend(ctx.device)
         job = _Job(**kwargs)
-        with torch_threads(threads):  # CPU intra-op threads; 1 is fastest for tiny models on a busy machine
+        with job_scope(threads, ctx.device):  # CPU intra-op threads: 1 is fastest for tiny models on a busy machine
             return job.run()
     except BaseException:
         if before is not None and job is not None and job.owns_out:  # never another job's files (no lock: no take)
@@ -261,12 +285,21 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     finally:
         if job is not None and job.lock is not None:
             job.lock.close()
-        if job is not None and ctx.distributed:
+        if job is not None and getattr(job, "tb", None) is not None:  # a run that raised: its writer's thread
+            job.tb.close()
+        if job is not None:
             # DDP's reducer holds the process group: dropped (and any cycle through the job collected) before the
             # group is destroyed, so gloo's threads end here and not at interpreter exit, where a rank aborted now and
-            # then ("terminate called without an active exception") after a finished run
+            # then ("terminate called without an active exception") after a finished run. Without DDP the cycles
+            # matter too: matplotlib's mathtext (curves.png's log-scale ticks) keeps exceptions whose tracebacks hold
+            # this call's frames, so the job (model, optimizer state) outlived the call until the caller's next full
+            # collection (5 finished runs held, +1 GB RSS)
+            kept_freed_memory = getattr(job, "kept_freed_memory", False)
             job.ddp = job.step_fn = None
+            job = None
             gc.collect()
+            if kept_freed_memory:  # after the job's memory was freed
+                _give_back_freed_memory()
         ctx.close()
 
 
@@ -641,7 +674,7 @@ class _Job:
             o.source.load_into(self.net)
         self.net = self.net.to(ctx.device)
         if ctx.device.type == "cpu":
-            _keep_freed_memory()
+            self.kept_freed_memory = _keep_freed_memory()
         # fused AdamW: one kernel over all parameters (CPU and CUDA) instead of ~10 ops per parameter tensor
         self.optimizer = torch.optim.AdamW(param_groups(self.net, o.weight_decay), lr=o.lr,
                                            **recipes.adam(self.run_recipe), fused=ctx.device.type in ("cpu", "cuda"))
@@ -901,6 +934,7 @@ class _Job:
         o, step = self.o, self.step
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
         curves = plot.write_run_curves(o.out, self.say) if self.ctx.is_main and self.last_record else ""
         summary = {"steps": step, "tokens_seen": self.tokens_seen, "wall_time_s": self.wall,
                    "tokens_per_s": (step - self.start_step) * self._tokens_per_step() / max(self.wall, 1e-9),
