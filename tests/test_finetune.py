@@ -759,6 +759,37 @@ def test_a_damaged_seed_file_on_resume_is_one_line_or_mended(pretrained, tmp_pat
     assert code == 0, err
     assert (seed / "metrics.jsonl").read_bytes() == logged
 
+def _dead_pid() -> int:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(gone.stdout)
+
+
+def test_a_kill_while_the_export_is_swapped_in_loses_no_user_file(pretrained, tmp_path):
+    """Review finding: killed between moving export/ aside (export.old-PID) and renaming the new one in, the next
+    --resume wrote a fresh export/ without the user's model card, which stayed in export.old-PID, unmentioned."""
+    d = _classification_files(tmp_path / "data")
+    out = tmp_path / "run"
+    _run(pretrained, d, out, "train.tsv", "dev.tsv", seeds=[3])
+    written = sorted(os.listdir(out / "export"))
+    (out / "export" / "README.md").write_text("my model card")
+    os.replace(out / "export", out / f"export.old-{_dead_pid()}")  # the kill: the new export not yet renamed in
+    _run(pretrained, d, out, "train.tsv", "dev.tsv", seeds=[3], resume=True)
+    assert (out / "export" / "README.md").read_text() == "my model card"
+    assert sorted(os.listdir(out / "export")) == sorted(written + ["README.md"])
+    assert not [n for n in os.listdir(out) if ".old-" in n]
+
+
+def test_a_job_killed_writing_its_first_file_leaves_a_folder_a_rerun_takes(pretrained, tmp_path):
+    """Review finding: killed while finetune.json was written, --out held only that temporary: the rerun said "not
+    empty", --resume "holds no fine-tuning run"."""
+    d = _classification_files(tmp_path / "data")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f"finetune.json.tmp-{_dead_pid()}").write_text("{")
+    assert len(_run(pretrained, d, out, "train.tsv", "dev.tsv")["seeds"]) == 1
+    assert not [n for n in os.listdir(out) if ".tmp-" in n]
+
+
 def test_resuming_a_finished_run_keeps_the_users_files_in_its_export(pretrained, tmp_path, monkeypatch):
     """Review finding: --resume on a finished run swapped in a new export/ and deleted the old one whole, with the
     model card the user had written into it."""
@@ -870,6 +901,54 @@ def test_ctrl_c_while_a_new_best_is_written_reports_the_model_it_keeps(pretraine
     (run,) = s["seeds"]
     assert run["best_epoch"] == 1 and len(predictions) == 3  # validation after epochs 1, 2; then the test file
     assert predictions[2] == predictions[0] != predictions[1]  # the test file is scored by the epoch reported
+
+
+def test_a_kill_between_an_epochs_state_and_its_best_weights_is_mended(pretrained, tmp_path, monkeypatch):
+    """Review finding: best.safetensors was written before the epoch's state, so a kill between them left epoch 2's
+    weights beside a state naming epoch 1 the best; a resume interrupted before its next evaluation reported epoch
+    1's score for epoch 2's weights (summary vs predictions and export). The state is written first now, and a best
+    file that is not the epoch the state names is mended from the state's weights."""
+    import itertools
+    from safetensors.torch import load_file
+    from electra_fast.finetune import trainer
+
+    class Killed(BaseException):
+        pass
+
+    d = _classification_files(tmp_path / "data")
+    real_write, real_predict, real_score = trainer.write_atomic, trainer.predict, trainer.score
+    counter, bests = itertools.count(1), []
+    monkeypatch.setattr(trainer, "score", lambda *a: {**real_score(*a), "pearson": float(next(counter))})
+
+    def kill_at_the_second_best(path, writer):
+        if path.endswith("best.safetensors"):
+            bests.append(path)
+            if len(bests) == 2:
+                raise Killed
+        return real_write(path, writer)
+
+    monkeypatch.setattr(trainer, "write_atomic", kill_at_the_second_best)
+    kw = dict(out=str(tmp_path / "out"), test=str(d / "dev-reg.jsonl"), task="regression", epochs=3, batch_size=8,
+              seeds=[2], precision="fp32", progress=False, say=lambda m: None)
+    with pytest.raises(Killed):
+        finetune(str(pretrained), str(d / "train-reg.jsonl"), str(d / "dev-reg.jsonl"), **kw)
+    seed = tmp_path / "out" / "seed-2"
+    state = torch.load(seed / "last-epoch.pt", weights_only=True)
+    assert state["best_epoch"] == 2 and len(state["history"]) == 2
+    monkeypatch.setattr(trainer, "write_atomic", real_write)
+    calls = itertools.count()
+
+    def ctrl_c_at_the_first_validation(*a):
+        if next(calls) == 0:
+            raise KeyboardInterrupt
+        return real_predict(*a)
+
+    monkeypatch.setattr(trainer, "predict", ctrl_c_at_the_first_validation)
+    s = finetune(str(pretrained), str(d / "train-reg.jsonl"), str(d / "dev-reg.jsonl"), resume=True, **kw)
+    (run,) = s["seeds"]
+    assert s["interrupted"] and run["best_epoch"] == 2
+    best = load_file(seed / "best.safetensors")
+    assert set(best) == set(state["model"]) and all(torch.equal(best[k], state["model"][k]) for k in best)
 
 
 # ------------------------------------------------------------------------------------------ demo data

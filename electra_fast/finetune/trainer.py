@@ -46,7 +46,7 @@ from ..train.checkpoint import inside_checkpoint
 from ..train.errors import PretrainError
 from ..train.distributed import check_device
 from ..train.optim import layer_decay, linear_schedule, param_groups
-from ..train.temporaries import remove_dead_temporaries
+from ..train.temporaries import pid_alive, remove_dead_temporaries
 from ..train.tokenizer import embedding_rows, load_tokenizer, special_ids, with_special_tokens
 from ..train.options import emulated_bf16_warning, job_scope, positive, python_int, real
 from . import data as fdata
@@ -160,7 +160,7 @@ def _replace_dir(path: str, write: Callable[[str], None], say: Callable[[str], N
     the earlier directory holds that the new one does not write (a model card the user put there) moves into
     the new one; should that fail, the earlier directory stays on disk beside it, named in the error. A
     symbolic link there is replaced, its target left as it is (nothing is moved out of a folder it points to)."""
-    import shutil
+    _recover_dead_olds(path)
     tmp, old = temporary(path), unused(f"{path}.old-{os.getpid()}")  # an earlier job's with this PID: not ours
     link = os.readlink(path) if os.path.islink(path) else None
     if os.path.lexists(tmp):  # a dead job's that had this PID (ours is the only live one)
@@ -180,14 +180,40 @@ def _replace_dir(path: str, write: Callable[[str], None], say: Callable[[str], N
         say(f"note: {path} was a symbolic link to {link}; the export is written in its place, the link's target is "
             "left as it is")
     elif os.path.isdir(old):
-        try:
-            for name in os.listdir(old):
-                if not os.path.lexists(os.path.join(path, name)):
-                    os.replace(os.path.join(old, name), os.path.join(path, name))
-        except OSError as e:
-            raise FinetuneError(f"--out: could not move {name!r} from the earlier export {old} into {path} ({e}); "
-                                f"{old} is left as it is") from None
-        shutil.rmtree(old)
+        _move_missing(old, path)
+        shutil.rmtree(old)  # what is left there, this job's export wrote again
+
+
+def _move_missing(old: str, path: str) -> None:
+    """Move what the earlier export ``old`` holds and ``path`` does not (a user's model card) into ``path``; on
+    failure ``old`` stays, named in the error."""
+    name = ""
+    try:
+        for name in os.listdir(old):
+            if not os.path.lexists(os.path.join(path, name)):
+                os.replace(os.path.join(old, name), os.path.join(path, name))
+    except OSError as e:
+        raise FinetuneError(f"--out: could not move {name!r} from the earlier export {old} into {path} ({e}); "
+                            f"{old} is left as it is") from None
+
+
+def _recover_dead_olds(path: str) -> None:
+    """A job killed while swapping its export in left the earlier one as ``path.old-PID``, with the files a user
+    added (a model card), which the next swap lost track of: it goes back in place, or its extra files into
+    ``path``."""
+    folder, base = os.path.split(path)
+    pattern = re.compile(re.escape(base) + r"\.old-(\d+)(?:-\d+)?")
+    for name in sorted(os.listdir(folder or ".")):
+        m = pattern.fullmatch(name)
+        dead = os.path.join(folder, name)
+        if m is None or pid_alive(int(m.group(1))) or os.path.islink(dead) or not os.path.isdir(dead):
+            continue
+        if not os.path.lexists(path):
+            os.replace(dead, path)  # killed between the two renames: the earlier export, back where it was
+        elif os.path.isdir(path) and not os.path.islink(path):
+            _move_missing(dead, path)  # what stays there (names the export holds too) is left, never deleted
+            if not os.listdir(dead):
+                os.rmdir(dead)
 
 
 RUN_FILE = "finetune.json"  # the options of the run in --out: what --resume must match
@@ -283,6 +309,8 @@ def _claim_out(out: str, record: dict, resume: bool) -> None:
 def _prepare_out(out: str) -> None:
     if os.path.lexists(out) and not os.path.isdir(out):
         raise FinetuneError(f"--out: {out} exists and is not a directory")
+    # a job killed writing its first file left only its temporary: neither a run to resume nor "not empty"
+    remove_dead_temporaries(out, TEMPORARY)
     if os.path.isdir(out) and os.listdir(out):
         raise FinetuneError(f"--out: {out} is not empty; choose a new or empty directory (nothing there is "
                             "overwritten)")
@@ -478,7 +506,6 @@ def _take_back(out: str, seeds: Sequence[int], made: bool) -> None:
 
 def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precision, out, metric, progress, say,
               source) -> dict:
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     os.makedirs(out, exist_ok=True)  # --resume: the seed's directory may hold its last finished epoch
@@ -501,7 +528,7 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
     if resumed is not None:
         best, best_epoch, history = resumed
         if best_epoch > 0:
-            best_state = (best, best_epoch, _load_best(os.path.join(out, "best.safetensors"), net))
+            best_state = (best, best_epoch, _load_best(out, net, best_epoch, len(history)))
         say(f"seed {seed}: resuming after epoch {len(history)}")
     bar = tqdm(total=total, initial=len(history) * per_epoch, disable=not progress, unit="step",
                desc=f"seed {seed}", file=sys.stderr)
@@ -542,15 +569,19 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
                 f.write(json.dumps(row) + "\n")
             shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
             say(f"seed {seed} epoch {epoch}: train loss {row['train_loss']:.4f}  validation {shown}")
-            if scores[metric] > best:
+            improved = scores[metric] > best
+            if improved:
+                best, best_epoch = scores[metric], epoch
+            # the state first: it names the best epoch and, when that is this one, holds its weights, which mend a
+            # best.safetensors a kill left behind (written first, a kill before the state paired the old state's
+            # score and epoch with this epoch's weights: summary, predictions and export disagreed)
+            _save_epoch_state(out, net, optimizer, scheduler, rng, best, best_epoch, history)
+            if improved:
                 weights = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-                write_atomic(os.path.join(out, "best.safetensors"),
-                              lambda p: save_file(weights, p, metadata={"format": "pt"}))
+                _write_best(out, weights, epoch)
                 # one assignment after the write: a Ctrl-C during the write kept the new score with the old
                 # file (the summary reported epoch N, the predictions and export came from N - 1)
-                best_state = (scores[metric], epoch, weights)
-                best, best_epoch = best_state[:2]
-            _save_epoch_state(out, net, optimizer, scheduler, rng, best, best_epoch, history)
+                best_state = (best, epoch, weights)
     except KeyboardInterrupt:  # Ctrl-C: the epochs evaluated so far stand; the caller runs no further seed
         interrupted = True
     finally:
@@ -622,15 +653,38 @@ def _load_epoch_state(out, net, optimizer, scheduler, rng):
     return best, best_epoch, history
 
 
-def _load_best(path: str, net) -> dict:
-    """The best epoch's weights (``best.safetensors``), which must be ``net``'s: a file emptied or replaced -> one
-    line naming it (only the run wrote them: nothing else can rebuild them)."""
+BEST = "best.safetensors"
+
+
+def _write_best(out: str, weights: Dict[str, torch.Tensor], epoch: int) -> None:
+    from safetensors.torch import save_file
+    write_atomic(os.path.join(out, BEST), lambda p: save_file(weights, p, metadata={"format": "pt",
+                                                                                    "epoch": str(epoch)}))
+
+
+def _load_best(out: str, net, best_epoch: int, last_epoch: int) -> dict:
+    """The best epoch's weights (``best.safetensors``), which must be ``net``'s and epoch ``best_epoch``'s: a file
+    emptied or replaced -> one line naming it (only the run wrote them: nothing else can rebuild them). A file left
+    behind by a kill between the epoch's state and its best weights is mended from that state (``net`` holds the
+    last finished epoch ``last_epoch``, which is then the best one)."""
+    from safetensors import safe_open
+
+    path = os.path.join(out, BEST)
     try:
         weights = load_safetensors(path)
         if set(weights) != set(net.state_dict()):
             raise ValueError("other weights than the model's")
+        with safe_open(path, "pt") as f:  # runs before 2026-12-07 recorded no epoch: their file is trusted
+            held = (f.metadata() or {}).get("epoch", str(best_epoch))
     except Exception as e:  # noqa: BLE001 - safetensors' own errors, an OSError, a foreign file
         raise _unreadable(path, e) from None
+    if held == str(best_epoch):
+        return weights
+    if best_epoch != last_epoch:
+        raise FinetuneError(f"--resume: {path} holds epoch {held}'s weights, but the seed's state names epoch "
+                            f"{best_epoch} as its best; remove that seed's directory to start it again")
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    _write_best(out, weights, best_epoch)
     return weights
 
 
