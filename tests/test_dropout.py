@@ -257,3 +257,24 @@ def test_bad_input(bad, exc, match):
     args.update(bad)
     with pytest.raises(exc, match=f"^{match}:"):
         electra_fast.dropout(**args)
+
+
+def test_keep_scale_is_the_fp32_rounding_and_traces_without_a_break():
+    """keep_scale was float(torch.tensor(...)): an .item(), two graph breaks per fused layer under torch.compile
+    (a patched BERT's compiled graphs doubled). The pure-Python rounding must equal fp32's conversion exactly."""
+    import random
+    rng = random.Random(0)
+    ps = [0.0, 0.1, 0.2, 0.5, 1 / 3, 0.9, 1e-8, 1 - 2 ** -52, 2 ** -25, 1 - 2 ** -24]
+    ps += [rng.random() for _ in range(20000)]
+    for p in ps:
+        assert ref.keep_scale(p) == float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)), p
+    from torch._dynamo.utils import counters
+
+    def scaled(t):
+        return t * ref.keep_scale(0.1)
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.ones(3)
+    assert torch.equal(torch.compile(scaled, backend="eager")(x), x * float(torch.tensor(1 / 0.9,
+                                                                                          dtype=torch.float32)))
+    assert not counters["graph_break"]  # fullgraph=True would not tell: it compiled the .item() version too

@@ -4,14 +4,18 @@ A submodule is replaced by another that remembers the original (in a list, so it
 submodule and adds nothing to ``parameters()`` or ``state_dict()``); an instance's methods are overridden by
 instance attributes, and deleting those brings the class's methods back.
 
-An override is ``functools.partial(function, module)``, not a bound method: a bound method pickles as
-``getattr(module, name)``, which the half-built module cannot answer when it is unpickled, while a partial pickles
-its function and module (``torch.save(model)`` / ``pickle`` of a patched model round-trips); ``inspect.signature``
-reads both the same way (transformers' Trainer filters dataset columns by it).
+An override is an :class:`_Override`: the function and a weak reference to the module. Anything holding the module
+strongly (a bound method, ``functools.partial(function, module)``) and stored in the module's own ``__dict__`` is a
+reference cycle: a dropped patched model would live on until a full cyclic GC (on a GPU, with its memory). It pickles as
+its function and module, not as ``getattr(module, name)`` (a bound method's way, which the half-built module cannot
+answer when it is unpickled): ``torch.save(model)`` / ``pickle`` / ``copy.deepcopy`` of a patched model give a copy
+whose overrides act on the copy. ``inspect.signature`` reads it as a bound method (transformers' Trainer filters
+dataset columns by it).
 """
 from __future__ import annotations
 
-import functools
+import inspect
+import weakref
 from typing import Callable
 
 from torch import nn
@@ -61,12 +65,51 @@ def restore_submodule(parent: nn.Module, name: str) -> None:
 _MARK = "_electra_fast_override"  # on each override: a method a user set on the instance is not one of ours
 
 
+class _Override:
+    """``function`` bound to ``module``, which it holds weakly (see the module docstring)."""
+
+    # __dict__ holds only the mark: a wrapper made by functools.update_wrapper (accelerate's fp32 output wrapper of
+    # a model's forward) copies it and counts as installed, as it did when the override was a partial
+    __slots__ = ("function", "module", "__dict__")
+
+    def __init__(self, function: Callable, module: nn.Module):
+        self.function, self.module = function, weakref.ref(module)
+        setattr(self, _MARK, True)
+
+    def __call__(self, *args, **kwargs):
+        module = self.module()
+        if module is None:  # only reachable through a reference taken from the module (m.forward) that outlived it
+            raise ReferenceError(f"{getattr(self.function, '__name__', self.function)}: its module was freed")
+        return self.function(module, *args, **kwargs)
+
+    def __reduce__(self):  # with the module itself: unpickled / deep-copied, it acts on the new module
+        return _Override, (self.function, self.module())
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        signature = inspect.signature(self.function)
+        return signature.replace(parameters=tuple(signature.parameters.values())[1:])
+
+    @property
+    def __code__(self):  # non-strict torch.export reads the module's forward's (it reads a partial's func's)
+        return self.function.__code__
+
+
+# Dynamo compiles no frame of its own for __call__ (it still traces through it, as through a partial): run after a
+# graph break in the module's _call_impl, that frame was one more graph break and, its code shared by every override,
+# recompiled for each. A private API: a torch without it only loses that.
+try:
+    from torch._dynamo.eval_frame import skip_code
+except ImportError:
+    pass
+else:
+    skip_code(_Override.__call__.__code__)
+
+
 def override_methods(module: nn.Module, **functions: Callable) -> None:
     """Bind each function to ``module`` as the method of that name (this instance only)."""
     for name, function in functions.items():
-        bound = functools.partial(function, module)
-        setattr(bound, _MARK, True)
-        setattr(module, name, bound)
+        setattr(module, name, _Override(function, module))
 
 
 def overrides(module: nn.Module, name: str) -> bool:

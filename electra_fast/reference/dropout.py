@@ -27,8 +27,11 @@ def keep_threshold(p: float) -> int:
 
 
 def keep_scale(p: float) -> float:
-    """``fp32(1 / (1 - p))`` as a Python float (exactly representable in fp32)."""
-    return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+    """``fp32(1 / (1 - p))`` as a Python float (exactly representable in fp32): the double rounded to 24 significant
+    bits, ties to even, as the fp32 conversion does (the value is >= 1 and < 2**54, always normal). Pure Python:
+    ``float(torch.tensor(...))`` was an ``.item()``, two graph breaks per fused layer under torch.compile."""
+    m, e = math.frexp(1.0 / (1.0 - p))
+    return math.ldexp(round(m * 2.0 ** 24) / 2.0 ** 24, e)
 
 
 def words(numel: int, seed: int, stream: int, device="cpu") -> torch.Tensor:
