@@ -3,13 +3,20 @@ after a kill, sees the old file or the new one, never half of one. And names for
 
 The temporary is ``PATH.tmp-PID`` beside ``PATH`` (the rename stays on one filesystem, and the next start can tell
 a dead process's leftovers by that pattern: :mod:`electra_fast.train.rundir`, :mod:`electra_fast.train.temporaries`).
+
+A write that fails (a full disk, a read-only folder) raises :class:`WriteError`, one line naming the file, whatever
+the writer (Python's open, torch.save, safetensors) said it with: every command shows it the same way.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import shutil
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 
 def temporary(path: str) -> str:
@@ -17,18 +24,117 @@ def temporary(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}"
 
 
+class WriteError(OSError):
+    """A file could not be written: ``writing PATH failed (CAUSE; N MiB free there)``, ``(not writable: CAUSE)``, or
+    ``(CAUSE)`` where the room is beside the point (an I/O error). An OSError (with the cause's errno), so the
+    commands' ``except OSError`` says it in one line."""
+
+    def __init__(self, path: str, detail: str, code: "int | None" = None):
+        super().__init__(f"writing {path} failed ({detail})")
+        self.filename, self.detail, self.errno = path, detail, code
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def renamed(self, old: str, new: str) -> "WriteError":
+        """The same error naming ``new`` for the temporary ``old`` it was written under (the name the user gave)."""
+        if self.filename == old or self.filename.startswith(old + os.sep):
+            return WriteError(new + self.filename[len(old):], self.detail, self.errno)
+        return self
+
+
+# torch says a full disk as "basic_ios::clear: iostream error" / "unexpected pos N vs M" (inline_container.cc) /
+# "PytorchStreamWriter failed writing file"; safetensors as "I/O error: ... (os error 28)". Other RuntimeErrors
+# are bugs, not the disk's: they stay tracebacks
+_IO_TEXT = re.compile(r"iostream error|inline_container|unexpected pos|PytorchStreamWriter|file write failed|"
+                      r"I/O error|IoError|\(os error \d+\)|strerror|No space left|Disk quota", re.IGNORECASE)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+# the same errors as safetensors (Rust: "(os error 13)") and torch ("strerror: Permission denied") say them
+_DENIED_TEXT = re.compile(r"os error (?:1|13|30)\)|Permission denied|Read-only file system|Operation not permitted")
+
+
+def write_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a writer's report of a failed write (OSError, or torch's / safetensors' words for one), not
+    an out-of-memory error (the commands' own advice) or a bug."""
+    if isinstance(e, OSError):
+        return True
+    from safetensors import SafetensorError
+    if not isinstance(e, (RuntimeError, SafetensorError)):
+        return False
+    from ._validate import out_of_memory
+    return not out_of_memory(e) and bool(_IO_TEXT.search(str(e)) or _DENIED_TEXT.search(str(e)))
+
+
+def not_writable(e: BaseException) -> bool:
+    """Whether a failed write was refused by permissions or a read-only filesystem (not a full disk)."""
+    return (isinstance(e, OSError) and e.errno in _DENIED) or bool(_DENIED_TEXT.search(str(e)))
+
+
+def free_space(path: str) -> str:
+    """``N MiB`` free on the file system of ``path`` (or of its nearest existing folder)."""
+    path = os.path.abspath(path)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.0f} MiB"
+    except OSError:
+        return "unknown space"
+
+
+def write_error(path: str, e: BaseException) -> WriteError:
+    """``e`` (a :func:`write_failure`) raised while writing ``path``, as a :class:`WriteError`."""
+    if isinstance(e, WriteError):
+        return e
+    if isinstance(e, OSError) and isinstance(e.filename, str) and e.filename.startswith(path + os.sep):
+        path = e.filename  # the file inside the directory being written
+    cause = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__)
+    cause = cause.splitlines()[0]
+    code = e.errno if isinstance(e, OSError) else None
+    if not_writable(e):
+        detail = f"not writable: {cause}"
+    elif code in (None, errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # the room left, where it may be the cause
+        detail = f"{cause}; {free_space(path)} free there"
+    else:  # another failure (an I/O error, a folder gone): the room says nothing about it
+        detail = cause
+    return WriteError(path, detail, code)
+
+
+@contextlib.contextmanager
+def writing(path: str, inside: "str | None" = None) -> Iterator[None]:
+    """A failed write in the block (:func:`write_failure`) -> :class:`WriteError` naming ``path``. With ``inside``
+    (the folder being written), an OSError naming a file elsewhere (a read of the user's input) stays as it was."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        if not write_failure(e) or (inside is not None and _elsewhere(e, inside)):
+            raise
+        raise write_error(path, e) from e
+
+
+def _elsewhere(e: BaseException, folder: str) -> bool:
+    name = getattr(e, "filename", None)
+    return isinstance(name, str) and not os.path.abspath(name).startswith(os.path.abspath(folder) + os.sep)
+
+
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """``write(tmp)``, flush ``tmp`` to disk, then rename it over ``path``; the temporary is gone afterwards whatever
-    ``write`` raised. The fsync comes before the rename so a power cut cannot leave ``path`` empty."""
+    ``write`` raised. The fsync comes before the rename so a power cut cannot leave ``path`` empty. A failed write
+    is a :class:`WriteError` naming ``path``."""
     tmp = temporary(path)
     try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        with writing(path):
+            try:
+                write(tmp)
+            except WriteError as e:
+                raise e.renamed(tmp, path) from e.__cause__
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -56,36 +162,168 @@ def creatable_dir(path: str) -> "str | None":
     return None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still be running (True when unsure: only provably dead writers are cleaned)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+# this process's directory temporaries being written now (by any thread): a name carrying our PID that is not here
+# is a dead namesake's (a container's every start has the same PID), never ours in progress
+_IN_PROGRESS: set = set()
+_IN_PROGRESS_LOCK = threading.Lock()
+MOVING = ".electra-fast-moving"  # in a temporary whose entries move up one by one: their names, for the next writer
+
+
+def _dead(pid: int, path: str) -> bool:
+    if pid == os.getpid():
+        with _IN_PROGRESS_LOCK:
+            return os.path.abspath(path) not in _IN_PROGRESS
+    return not pid_alive(pid)
+
+
+@contextlib.contextmanager
+def _temporary_dir(tmp: str) -> Iterator[None]:
+    """Create ``tmp`` (a name already taken is another writer's: FileExistsError, and it is never removed here) and
+    remove it afterwards, whatever happened."""
+    key = os.path.abspath(tmp)
+    with _IN_PROGRESS_LOCK:
+        if key in _IN_PROGRESS:
+            raise FileExistsError(errno.EEXIST, "being written by another thread", tmp)
+        _IN_PROGRESS.add(key)
+    try:
+        os.mkdir(tmp)
+    except BaseException:
+        with _IN_PROGRESS_LOCK:
+            _IN_PROGRESS.discard(key)
+        raise
+    try:
+        yield
+    finally:
+        with _IN_PROGRESS_LOCK:  # first: what a failing removal leaves is a dead writer's, for the next call
+            _IN_PROGRESS.discard(key)
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sibling(path: str) -> str:
+    parent, base = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{base}.tmp-{os.getpid()}")
+
+
+def _remove(path: str) -> None:
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except OSError:  # a leftover that will not go stays; the write after it says what is in the way
+        pass
+
+
+def remove_dead_writes(path: str, inner: str = ".tmp") -> None:
+    """Take back what a killed :func:`write_directory` (``path``, ``inner``) left: its sibling temporary beside a new
+    ``path``; inside an empty one, its temporary and the entries it had already moved up from there (the names it
+    listed before moving; an entry it never moved is not touched). Only a dead writer's names are touched."""
+    path = os.path.normpath(path)
+    parent, base = os.path.split(os.path.abspath(path))
+    for pattern, folder in ((re.compile(re.escape(f".{base}.tmp-") + r"(\d+)$"), parent),
+                            (re.compile(re.escape(f"{inner}-") + r"(\d+)$"), path)):
+        try:
+            names = os.listdir(folder) if os.path.isdir(folder) else []
+        except OSError:
+            continue
+        for name in names:
+            m = pattern.match(name)
+            tmp = os.path.join(folder, name)
+            if m and os.path.isdir(tmp) and not os.path.islink(tmp) and _dead(int(m.group(1)), tmp):
+                if folder == path:
+                    _take_back_moved(path, tmp)
+                _remove(tmp)
+
+
+def _take_back_moved(path: str, tmp: str) -> None:
+    """Remove the entries a killed writer had moved from ``tmp`` up into ``path`` (those its list names that ``tmp``
+    no longer holds), unless it had moved them all: that write was whole, and stays."""
+    try:
+        with open(os.path.join(tmp, MOVING), encoding="utf-8") as f:
+            listed = [n for n in json.load(f) if isinstance(n, str) and n and os.sep not in n and n not in ".."]
+    except (OSError, ValueError, TypeError):
+        return  # it had not begun moving: nothing of it is in path
+    if all(not os.path.lexists(os.path.join(tmp, n)) for n in listed):
+        return
+    for name in listed:
+        if not os.path.lexists(os.path.join(tmp, name)):
+            _remove(os.path.join(path, name))
+
+
 def write_directory(path: str, write: Callable[[str], None], inner: str = ".tmp") -> None:
     """``write(tmp)`` fills a new temporary directory, which then becomes ``path``: a failure part way (a full disk,
     an exception) leaves nothing at ``path``. ``path`` must be missing or an empty directory (:func:`vacant`; callers
     say so in their own terms first), so nothing there is ever replaced. A new ``path`` is the sibling
     ``.NAME.tmp-PID`` renamed (the same file system). An empty ``path`` stays (it may be a link, a mount point, the
-    working directory): the temporary is ``path/INNER-PID`` and its entries move up, one rename each."""
+    working directory, a folder with its own owner or ACL): the temporary is ``path/INNER-PID`` and its entries move
+    up, one rename each, folders first (a loader's config file last); only a kill can leave part of them there, and
+    the next call takes that back (:func:`remove_dead_writes`, as it removes a killed writer's temporary). A failed
+    write is a :class:`WriteError` naming ``path``."""
     if not path.strip():
         raise ValueError("write_directory: empty path")
     path = os.path.normpath(path)  # "a/", "a/.": basename "" or "." would name the temporary
+    remove_dead_writes(path, inner)
     if not vacant(path):
         raise FileExistsError(f"{path} is not a new or empty directory")
-    empty = os.path.isdir(path)
-    tmp = (os.path.join(path, f"{inner}-{os.getpid()}") if empty
-           else os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}"))
+    if os.path.isdir(path):
+        return _write_inside(path, write, inner)
+    tmp = _sibling(path)
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
-    os.mkdir(tmp)  # outside the try: a name already taken (another writer's temporary) is never removed here
+    with _temporary_dir(tmp):
+        write_as(path, tmp, write)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another writer made path meanwhile: never replaced
+                raise FileExistsError(f"{path} was made while it was being written; nothing replaced") from None
+            raise write_error(path, e) from e
+
+
+def write_as(path: str, tmp: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` for the temporary ``tmp`` of ``path``: a failed write is the :class:`WriteError` of ``path``
+    (or of the file inside it), the name the caller gave, not the temporary's."""
     try:
-        write(tmp)
-        if empty:
-            for name in os.listdir(tmp):
+        with writing(tmp):
+            write(tmp)
+    except WriteError as e:
+        raise e.renamed(tmp, path) from e.__cause__
+
+
+def _write_inside(path: str, write: Callable[[str], None], inner: str) -> None:
+    """:func:`write_directory` into the empty folder ``path`` that stays: written in ``path/INNER-PID``, whose
+    entries then move up, after the list of them (:data:`MOVING`) that lets the next call take back a killed move."""
+    tmp = os.path.join(path, f"{inner}-{os.getpid()}")
+    with _temporary_dir(tmp):
+        write_as(path, tmp, write)
+        names = sorted((n for n in os.listdir(tmp) if n != MOVING),
+                       key=lambda n: (not os.path.isdir(os.path.join(tmp, n)), n))  # a loader's config file last
+        write_text(os.path.join(tmp, MOVING), json.dumps(names))  # what a kill below leaves moved is known
+        moved = []
+        try:
+            for name in names:
                 # another writer may have filled path meanwhile: refuse rather than replace its files
                 if os.path.lexists(os.path.join(path, name)):
                     raise FileExistsError(f"{path} gained {name} while it was being written; nothing replaced")
                 os.replace(os.path.join(tmp, name), os.path.join(path, name))
-            os.rmdir(tmp)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+                moved.append(name)
+        except BaseException:
+            for name in moved:  # whole or nothing: what moved up goes too
+                _remove(os.path.join(path, name))
+            raise
 
 
 def utf8_path(path: str) -> bool:

@@ -565,3 +565,245 @@ def test_default_lr_by_preset_whatever_its_spelling_and_by_size_not_path(env, tm
                                     lr=None, steps=1, warmup=0))
         with open(tmp_path / f"run{hidden}" / "run.json", encoding="utf-8") as f:
             assert json.load(f)["options"]["lr"] == lr
+
+
+# ------------------------------------------------------------------------------------------ crashes, full disks
+class Killed(BaseException):
+    """A kill -9, simulated in-process: raised at the N-th os.replace and by every file-system change after it
+    (a dead process cleans nothing up)."""
+
+
+def kill_at_replace(monkeypatch, n):
+    """From the ``n``-th os.replace on, this process is "dead" (:class:`Killed`); returns its state."""
+    import shutil
+    state = {"calls": 0, "dead": False}
+    real = {"replace": os.replace, "unlink": os.unlink, "rmdir": os.rmdir, "rmtree": shutil.rmtree}
+
+    def replace(a, b):
+        state["calls"] += 1
+        state["dead"] = state["dead"] or state["calls"] == n
+        if state["dead"]:
+            raise Killed
+        return real["replace"](a, b)
+
+    def dying(name):
+        def call(*a, **k):
+            if state["dead"]:
+                raise Killed
+            return real[name](*a, **k)
+        return call
+
+    monkeypatch.setattr(os, "replace", replace)
+    for name in ("unlink", "rmdir"):
+        monkeypatch.setattr(os, name, dying(name))
+    monkeypatch.setattr(shutil, "rmtree", dying("rmtree"))
+    return state
+
+
+EXPORTED = ["discriminator", "electra_fast.json", "generator"]
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _run_copy(finished_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, symlinks=True)
+    return run
+
+
+def test_full_disk_in_export_is_one_line_and_leaves_nothing(finished_run, tmp_path, capsys, monkeypatch):
+    """Review finding: export on a full disk ended in safetensors' SafetensorError traceback ("os error 28")."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        code, err, _ = _cli(["export", str(finished_run), str(out)], capsys)
+        _assert_refused(code, err, "export", f"writing {out / 'generator' / 'model.safetensors'} failed (Error while "
+                        "serializing: I/O error: No space left on device (os error 28); ")
+        assert err[0].endswith(" MiB free there)"), err
+    assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(tmp_path / "empty") == []
+
+
+def _tsv(path, n=16):
+    rows = [("the cat sat on the mat", "yes"), ("a dog ran under the tree", "no")] * (n // 2)
+    path.write_text("sentence\tlabel\n" + "".join(f"{s}\t{lab}\n" for s, lab in rows))
+    return str(path)
+
+
+def test_full_disk_in_finetune_is_one_line(finished_run, tmp_path, capsys, monkeypatch):
+    """Review finding: finetune on a full disk ended in torch.save's traceback ("[enforce fail at
+    inline_container.cc:672] . unexpected pos") while writing last-epoch.pt."""
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        if "last-epoch.pt" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2424640 vs 2424528")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    tsv, out = _tsv(tmp_path / "train.tsv"), tmp_path / "ft"
+    code, err, _ = _cli(["finetune", "--no-progress", "--model", str(finished_run), "--train", tsv, "--validation",
+                         tsv, "--epochs", "1", "--batch-size", "8", "--seeds", "1", "--out", str(out)], capsys)
+    assert code == 2 and not [line for line in err if "Traceback" in line], err
+    assert err[-1].startswith(f"electra-fast finetune: error: writing {out / 'seed-1' / 'last-epoch.pt'} failed "
+                              "([enforce fail at inline_container.cc:672] . unexpected pos 2424640 vs 2424528; ")
+    assert err[-1].endswith(" MiB free there)"), err
+
+
+def test_full_disk_in_the_demo_is_one_line(finished_run, tmp_path, capsys, monkeypatch):
+    """Review finding: the finetune demo caught only FinetuneError / PretrainError: a full disk while it wrote its
+    task splits was an OSError traceback."""
+    import builtins
+    import errno
+    from electra_fast.finetune import demo
+    real = builtins.open
+
+    def full(file, mode="r", *a, **k):
+        if "train.tsv" in str(file) and any(c in mode for c in "wax+"):
+            raise OSError(errno.ENOSPC, "No space left on device", file)
+        return real(file, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", full)
+    out = tmp_path / "demo"
+    code = demo.main(["--out", str(out), "--model", str(finished_run), "--tasks", "acceptability", "--seeds", "1",
+                      "--epochs", "1"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1, err
+    split = out / "data" / "acceptability" / "train.tsv"
+    assert err[0].startswith(f"electra_fast.finetune.demo: error: writing {split} failed (No space left on device; ")
+    assert err[0].endswith(" MiB free there)"), err
+
+
+def test_full_disk_while_tokenising_names_the_cache_file(user, tmp_path, capsys, monkeypatch):
+    """Review finding: a full disk while the token cache was written said only "error: [Errno 28] No space left on
+    device": no file, no room."""
+    import errno
+    import re
+    from electra_fast.train import data
+    real = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def full(file, mode="r", *a, **k):
+        f = real(file, mode, *a, **k)
+        return Full(f) if ".bin.tmp-" in str(file) else f
+
+    monkeypatch.setattr(data, "open", full, raising=False)
+    out = tmp_path / "out"
+    code, err, _ = _cli(["pretrain", "--no-progress", "--data", str(user / "corpus.txt"), "--tokenizer",
+                         str(user / "tokenizer.json"), "--model", str(user / "tiny.json"), "--seq-len", "32",
+                         "--steps", "1", "--out", str(out)], capsys)
+    assert code == 2 and not [line for line in err if "Traceback" in line], err
+    assert re.fullmatch(rf"electra-fast pretrain: error: writing {re.escape(str(out / 'cache'))}/tokens-[0-9a-f]{{24}}"
+                        r"\.bin failed \(No space left on device; \d+ MiB free there\)", err[-1]), err
+
+
+def test_export_killed_part_way_into_an_empty_directory_is_whole_or_nothing(finished_run, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Review finding: export into an existing empty OUT_DIR moved its entries up one rename at a time: a kill
+    between them left part of the model there, and the retry said "already exists and is not empty". A kill still
+    may leave a part (the folder stays), never electra_fast.json without the rest; the retry takes it back."""
+    killed = []
+    for n in range(1, 9):
+        out = tmp_path / f"out{n}"
+        out.mkdir()
+        state = kill_at_replace(monkeypatch, n)
+        try:
+            cli_main(["export", str(finished_run), str(out)])
+        except Killed:
+            killed.append(n)
+        monkeypatch.undo()
+        capsys.readouterr()
+        left = sorted(os.listdir(out))
+        assert "electra_fast.json" not in left or left == EXPORTED, (n, left)  # the loader's file comes last
+        if left == EXPORTED:
+            continue
+        code, err, _ = _cli(["export", str(finished_run), str(out)], capsys)
+        assert code == 0 and sorted(os.listdir(out)) == EXPORTED, err
+        assert not [x for x in os.listdir(tmp_path) if ".tmp-" in x], os.listdir(tmp_path)
+    assert killed and not state["dead"]  # the last n was past every rename: each instant was tried
+
+
+def test_export_removes_a_killed_exports_temporary_beside_a_new_out_dir(finished_run, tmp_path, capsys,
+                                                                        monkeypatch):
+    """Review finding: export into a new OUT_DIR, killed part way, left .NAME.tmp-PID (a partial model) in OUT_DIR's
+    parent, which no later export removed; with this process's PID (a container's every start has the same one)
+    the retry even failed ("File exists")."""
+    kill_at_replace(monkeypatch, 1)
+    with pytest.raises(Killed):
+        cli_main(["export", str(finished_run), str(tmp_path / "new")])
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert os.listdir(tmp_path) == [f".new.tmp-{os.getpid()}"]  # what the kill left
+    dead = tmp_path / f".new.tmp-{_dead_pid()}"  # another killed export's
+    (dead / "generator").mkdir(parents=True)
+    (tmp_path / ".new.tmp-mine").write_text("the user's, not our pattern\n")
+    code, err, _ = _cli(["export", str(finished_run), str(tmp_path / "new")], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == [".new.tmp-mine", "new"] and sorted(os.listdir(tmp_path / "new")) == EXPORTED
+
+
+def test_a_finished_runs_resume_and_export_remove_a_killed_retentions_checkpoint(finished_run, tmp_path, capsys):
+    """Review finding: a finished run killed during its last retention kept .del-step-N-PID (a whole checkpoint):
+    --resume refused ("already at step") before its cleaning ran, and export cleaned nothing."""
+    run = _run_copy(finished_run, tmp_path)
+    doomed = run / "checkpoints" / f".del-step-00000000-{_dead_pid()}"
+    for command, argv in (("pretrain", ["pretrain", "--no-progress", "--resume", "--out", str(run)]),
+                          ("export", ["export", str(run), str(tmp_path / "hf")])):
+        doomed.mkdir()
+        (doomed / "model.safetensors").write_bytes(b"\0" * 4096)
+        code, err, _ = _cli(argv, capsys)
+        if command == "pretrain":
+            _assert_refused(code, err, "pretrain", "--steps: the resumed run is already at step 1 >= --steps 1")
+        else:
+            assert code == 0, err
+        assert not doomed.exists(), command
+
+
+def test_a_resumed_run_removes_its_folders_temporaries_whatever_their_pid(finished_run, tmp_path, capsys):
+    """Review finding: in a container every start has the same PID, and a temporary carrying the job's own PID
+    counted as alive: never removed. The job holds the run's lock (flock) before it cleans, so every temporary of
+    ours there is a dead job's, whatever its PID (ours, or one now another live process's); a user's file that
+    merely looks like one stays."""
+    run = _run_copy(finished_run, tmp_path)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        ours = [run / "checkpoints" / f".tmp-step-00000009-{os.getpid()}",
+                run / "checkpoints" / f".del-step-00000000-{sleeper.pid}", run / f"run.json.tmp-{os.getpid()}",
+                run / "cache" / f"tokens-{'0' * 24}.bin.tmp-{sleeper.pid}"]
+        theirs = [run / f"notes.tmp-{os.getpid()}", run / "cache" / f"mine.bin.tmp-{os.getpid()}"]
+        for path in ours[:2]:
+            path.mkdir()
+            (path / "model.safetensors").write_bytes(b"\0" * 4096)
+        for path in ours[2:] + theirs:
+            path.write_text("x")
+        code, err, _ = _cli(["pretrain", "--no-progress", "--resume", "--steps", "2", "--out", str(run)], capsys)
+        assert code == 0, err
+        assert [p for p in ours if os.path.lexists(p)] == [] and all(p.exists() for p in theirs)
+    finally:
+        sleeper.kill()
+        sleeper.wait()

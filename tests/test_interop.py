@@ -3,6 +3,7 @@ against randomly initialised transformers models (fp32, atol 1e-5 on valid posit
 import json
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -500,9 +501,140 @@ def test_save_pretrained_paths_and_a_second_writer(tmp_path, monkeypatch):
         model.save_pretrained(tmp_path / "shared")
     assert (tmp_path / "shared" / "electra_fast.json").read_text() == "the other writer's"
     monkeypatch.undo()
-    taken = tmp_path / f".fresh.tmp-{os.getpid()}"
-    taken.mkdir()
-    (taken / "theirs").write_text("x")
-    with pytest.raises(FileExistsError):
-        _files.write_directory(str(tmp_path / "fresh"), lambda tmp: None)
-    assert (taken / "theirs").read_text() == "x" and not (tmp_path / "fresh").exists()
+    # another writer's temporary (a thread of this process: the same PID) is never removed; a name with this PID
+    # that no thread is writing is a dead namesake's (a container's every start has the same PID): see
+    # test_save_pretrained_killed_part_way_is_whole_or_nothing
+    import threading
+    taken, started, release = tmp_path / f".fresh.tmp-{os.getpid()}", threading.Event(), threading.Event()
+
+    def slow(tmp):
+        with open(os.path.join(tmp, "theirs"), "w") as f:
+            f.write("x")
+        started.set()
+        release.wait(60)
+
+    writer = threading.Thread(target=_files.write_directory, args=(str(tmp_path / "fresh"), slow))
+    writer.start()
+    try:
+        assert started.wait(60)
+        with pytest.raises(FileExistsError):
+            _files.write_directory(str(tmp_path / "fresh"), lambda tmp: None)
+        assert (taken / "theirs").read_text() == "x" and not (tmp_path / "fresh").exists()
+    finally:
+        release.set()
+        writer.join()
+    assert (tmp_path / "fresh" / "theirs").read_text() == "x"
+
+
+# ------------------------------------------------------------------------------------------ crashes, full disks
+SAVED = ["discriminator", "electra_fast.json", "generator"]
+
+
+@pytest.mark.parametrize("kind", ["empty folder", "link to an empty folder"])
+def test_save_pretrained_killed_part_way_is_whole_or_nothing(tmp_path, monkeypatch, kind):
+    """Review finding: save_pretrained into an existing empty folder moved its entries up from DIR/.tmp-PID one
+    rename at a time: a kill between them left part of the model and the retry said "already exists and is not
+    empty". The folder stays (it may be a link, a mount point, a working directory), so a kill may still leave part
+    of the model there, but never electra_fast.json without the rest (from_pretrained never loads a part), and the
+    retry takes the part back and writes the model whole."""
+    from test_cli_args import Killed, kill_at_replace  # a kill -9 simulated in-process
+    model, killed = _tiny_model(0), []
+    for n in range(1, 8):
+        out, seen = tmp_path / f"out{n}", tmp_path / f"out{n}"
+        if kind == "empty folder":
+            out.mkdir()
+        else:
+            seen = tmp_path / f"target{n}"
+            seen.mkdir()
+            out.symlink_to(seen)
+        state = kill_at_replace(monkeypatch, n)
+        try:
+            model.save_pretrained(out)
+        except Killed:
+            pass
+        monkeypatch.undo()
+        left = sorted(os.listdir(seen))
+        assert "electra_fast.json" not in left or left == SAVED, (n, left)  # the loader's file comes last
+        if left == SAVED:
+            ElectraPretrainingModel.from_pretrained(out)
+            continue
+        assert state["dead"]
+        killed.append(n)
+        with pytest.raises((FileNotFoundError, ValueError)):  # a part is never loaded as the model
+            ElectraPretrainingModel.from_pretrained(out)
+        model.save_pretrained(out)  # the retry clears what the dead writer left
+        assert sorted(os.listdir(seen)) == SAVED
+        assert not [x for x in os.listdir(tmp_path) if ".tmp-" in x], os.listdir(tmp_path)
+        ElectraPretrainingModel.from_pretrained(out)
+    assert killed and not state["dead"]  # the last n was past every rename: each instant was tried
+
+
+def test_write_directory_keeps_the_folder_it_cannot_replace_and_its_mode(tmp_path):
+    """An existing empty folder stays what it was, its mode and inode too (a shell working there is not left in a
+    deleted folder): the entries move up into it."""
+    from electra_fast import _files
+    d = tmp_path / "shared"
+    d.mkdir()
+    os.chmod(d, 0o750)
+    _files.write_directory(str(d), lambda tmp: open(os.path.join(tmp, "f"), "w").close())
+    assert os.listdir(d) == ["f"] and (os.stat(d).st_mode & 0o7777) == 0o750
+    here = tmp_path / "here"
+    here.mkdir()
+    inode = os.stat(here).st_ino
+    cwd = os.getcwd()
+    os.chdir(here)
+    try:
+        _files.write_directory(str(here), lambda tmp: open(os.path.join(tmp, "f"), "w").close())
+    finally:
+        os.chdir(cwd)
+    assert os.listdir(here) == ["f"] and os.stat(here).st_ino == inode
+
+
+def test_a_full_disk_is_one_write_error_naming_the_file(tmp_path, monkeypatch):
+    """Review finding: a full disk reached the commands as torch's RuntimeError ("unexpected pos"), safetensors'
+    SafetensorError ("os error 28") or a bare "[Errno 28]", each a traceback or a line naming no file. Each writer's
+    words for it are now one OSError, WriteError, naming the file and the room left there (or "not writable"); an
+    out-of-memory error and other RuntimeErrors stay what they are."""
+    import errno
+    import safetensors.torch
+    from safetensors import SafetensorError
+    from electra_fast import _files
+    from electra_fast.models import interop
+    target = str(tmp_path / "f.pt")
+    failures = [(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2424640 vs 2424528"),
+                 r"\(\[enforce fail at inline_container.cc:672\] . unexpected pos 2424640 vs 2424528; \d+ MiB free "
+                 r"there\)"),
+                (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                 r"\(Error while serializing: I/O error: No space left on device \(os error 28\); \d+ MiB free "
+                 r"there\)"),
+                (OSError(errno.ENOSPC, "No space left on device"), r"\(No space left on device; \d+ MiB free there\)"),
+                (PermissionError(errno.EACCES, "Permission denied", target + ".tmp-1"),
+                 r"\(not writable: Permission denied\)")]
+    for error, detail in failures:
+        def write(tmp):
+            raise error
+        with pytest.raises(_files.WriteError) as caught:
+            _files.write_atomic(target, write)
+        assert isinstance(caught.value, OSError) and "\n" not in str(caught.value)
+        assert re.fullmatch(rf"writing {re.escape(target)} failed {detail}", str(caught.value)), str(caught.value)
+        assert os.listdir(tmp_path) == []
+    for error in (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+                  RuntimeError("a bug, not the disk")):
+        def write(tmp):
+            raise error
+        with pytest.raises(RuntimeError) as caught:
+            _files.write_atomic(target, write)
+        assert caught.value is error
+    # model.safetensors through save_weights, and save_pretrained (the file inside is named, not the temporary)
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(_files.WriteError, match=re.escape(f"writing {tmp_path / 'd'}{os.sep}model.safetensors "
+                                                          "failed (Error while serializing")):
+        interop.save_weights({"w": torch.zeros(2)}, str(tmp_path / "d"))
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        named = os.path.join(out, "generator", "model.safetensors")
+        with pytest.raises(_files.WriteError, match=re.escape(f"writing {named} failed (Error while serializing")):
+            _tiny_model(0).save_pretrained(out)
+    assert sorted(os.listdir(tmp_path)) == ["empty"] and os.listdir(tmp_path / "empty") == []

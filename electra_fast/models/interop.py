@@ -326,9 +326,13 @@ def to_be_loaded(cls, cfg: ElectraConfig, **kwargs):
 
 
 def save_weights(state: Dict[str, torch.Tensor], directory: str) -> None:
+    """``directory``/model.safetensors; a failed write (a full disk) is a :class:`electra_fast._files.WriteError`
+    naming it, not safetensors' bare "I/O error"."""
     from safetensors.torch import save_file
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()},
-              os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    path = os.path.join(directory, "model.safetensors")
+    with _files.writing(path):
+        save_file(tensors, path, metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -348,12 +352,13 @@ def export_state(model, role: str) -> Dict[str, torch.Tensor]:
 
 def save_pretrained(model, path) -> None:
     """``model`` into ``path``, a new or empty directory (ValueError otherwise: nothing there is replaced), written
-    whole or not at all (:func:`electra_fast._files.write_directory`)."""
+    whole or not at all (:func:`electra_fast._files.write_directory`; a full disk: its WriteError, an OSError)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"save_pretrained: path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     if not path.strip():
         raise ValueError("save_pretrained: path is empty; name a new or empty directory")
+    _files.remove_dead_writes(path)  # a killed save_pretrained's: a retry finds the folder as it was
     if not _files.vacant(path):
         what = "already exists and is not empty" if os.path.isdir(path) else "exists and is not a directory"
         raise ValueError(f"save_pretrained: path {path!r} {what}; name a new or empty directory (nothing was "

@@ -18,7 +18,6 @@ Files: ``model.safetensors`` (ElectraPretrainingModel state dict, tied tensors s
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -28,8 +27,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .._files import unused
-from .._validate import out_of_memory, reason
+from .._files import free_space, not_writable, unused, write_failure
+from .._validate import reason
 from .errors import PretrainError
 from .temporaries import remove_dead_temporaries
 
@@ -105,15 +104,15 @@ def save(root: str, step: int, run_id: str, writers: Dict[str, Callable[[str], N
         _fsync_dir(tmp)
         if hook:
             hook("meta")
-    except _write_errors() as e:  # a full disk: torch says "iostream error", safetensors "os error 28"
+    except Exception as e:  # a full disk: torch says "iostream error", safetensors "os error 28"
         shutil.rmtree(tmp, ignore_errors=True)
-        if out_of_memory(e):  # not the disk's: the command's out-of-memory advice
+        if not write_failure(e):  # out of memory (the command's own advice), or a bug: as it is
             raise
-        denied = _not_writable(e)
+        denied = not_writable(e)
         fix = "make it writable" if denied else "free some space"
         then = (f"the earlier checkpoints are kept: {fix}, then --resume" if checkpoint_dirs(root)
                 else f"no checkpoint was written yet: {fix}, then run the command again")
-        cause = f"not writable: {reason(e)}" if denied else f"{reason(e)}; {_free(root)} free there"
+        cause = f"not writable: {reason(e)}" if denied else f"{reason(e)}; {free_space(root)} free there"
         raise PretrainError(f"checkpoint step-{step:08d}: writing {name} in {root} failed ({cause}); {then}") from e
     if os.path.isdir(final):  # a corrupt directory of the same step: move it aside, never lose it silently
         _set_aside(final, why, warn)
@@ -125,29 +124,6 @@ def save(root: str, step: int, run_id: str, writers: Dict[str, Callable[[str], N
     if keep is not None and keep > 0:
         prune(root, keep, protect=final, hook=hook, warn=warn)
     return final
-
-
-def _write_errors() -> tuple:
-    """What a failed write raises: the OS's error, or torch's / safetensors' own for it."""
-    from safetensors import SafetensorError
-    return OSError, RuntimeError, SafetensorError
-
-
-_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
-# the same errors as safetensors (Rust: "(os error 13)") and torch ("strerror: Permission denied") say them
-_DENIED_TEXT = re.compile(r"os error (?:1|13|30)\)|Permission denied|Read-only file system|Operation not permitted")
-
-
-def _not_writable(e: BaseException) -> bool:
-    """Whether a failed write was refused by permissions or a read-only filesystem (not a full disk)."""
-    return (isinstance(e, OSError) and e.errno in _DENIED) or bool(_DENIED_TEXT.search(str(e)))
-
-
-def _free(path: str) -> str:
-    try:
-        return f"{shutil.disk_usage(path).free / 2**20:.0f} MiB"
-    except OSError:
-        return "unknown space"
 
 
 def prune(root: str, keep: int, protect: Optional[str] = None, hook: Optional[Callable[[str], None]] = None,

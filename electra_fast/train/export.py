@@ -1,26 +1,25 @@
 """``electra-fast export CHECKPOINT OUT_DIR``: transformers-format ``generator/`` and ``discriminator/``
 directories (weights, config, tokenizer) that ``AutoModelForMaskedLM`` / ``AutoModelForPreTraining`` and
-``AutoTokenizer`` load. Written to a temporary sibling directory, then renamed: never over existing files."""
+``AutoTokenizer`` load. Written whole or not at all (:func:`electra_fast._files.write_directory`): never over
+existing files; a killed export's leftovers go at the next one."""
 from __future__ import annotations
 
 import os
-import re
 
 from .. import _files
 from . import checkpoint as ckpt
 from . import rundir
 from .errors import PretrainError
-from .temporaries import remove_dead_temporaries
 from .tokenizer import load_tokenizer, save_for_transformers
 
-
-EXPORT_TEMPORARY = re.compile(r"^\.export\.tmp-(\d+)$")  # what an export writes inside an empty OUT_DIR
+INNER = ".export.tmp"  # the temporary inside an empty OUT_DIR that a new folder cannot replace (a link, a mount)
 
 
 def export(checkpoint: str, out_dir: str, warn=print) -> str:
     """``checkpoint``: a checkpoint directory or a run's ``--out`` (its newest complete checkpoint)."""
     from ..models import ElectraPretrainingModel, interop
     src = ckpt.resolve(checkpoint, warn)
+    _clean_run(src)
     out_dir = os.fspath(out_dir)
     if not out_dir.strip():
         raise PretrainError("export: OUT_DIR is empty; name a new or empty directory")
@@ -29,7 +28,7 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         what = "is a file" if os.path.isfile(out_dir) else "exists and is not a directory"
         raise PretrainError(f"export: {out_dir} {what}; choose a new directory")
-    remove_dead_temporaries(out_dir, EXPORT_TEMPORARY)  # a killed export's, inside an empty OUT_DIR
+    _files.remove_dead_writes(out_dir, INNER)  # a killed export's, beside a new OUT_DIR or inside an empty one
     if os.path.isdir(out_dir) and not rundir.is_vacant(out_dir):
         raise PretrainError(f"export: {out_dir} already exists and is not empty; choose another directory")
     problem = _files.creatable_dir(out_dir)
@@ -52,7 +51,14 @@ def export(checkpoint: str, out_dir: str, warn=print) -> str:
         for role in ("generator", "discriminator"):
             save_for_transformers(tok, os.path.join(tmp, role), cfg.max_position_embeddings)
 
-    # inside an empty OUT_DIR a kill leaves .export.tmp-PID, which the next export removes
-    _files.write_directory(out_dir, write, inner=".export.tmp")
+    _files.write_directory(out_dir, write, inner=INNER)
     return out_dir
 
+
+def _clean_run(src: str) -> None:
+    """The temporaries a killed job left in the run that checkpoint ``src`` is in (:func:`rundir.clean_if_idle`):
+    export is often the last command a finished run sees."""
+    up = os.path.dirname(os.path.abspath(src))
+    run = os.path.dirname(up)
+    if os.path.basename(up) == "checkpoints" and any(os.path.isfile(os.path.join(run, n)) for n in ckpt.RUN_FILES):
+        rundir.clean_if_idle(run)

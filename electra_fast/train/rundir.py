@@ -14,7 +14,9 @@ before anything else) or our ``run.json`` (runs from before the marker). A job w
 Every refusal is a :class:`PretrainError` naming ``--out`` and raised before anything is written.
 
 A kill -9 can leave temporaries (``NAME.tmp-PID``) in ``--out``, ``cache/`` and ``checkpoints/``; the next start
-removes those of dead processes (:func:`remove_stale_temporaries`), and only names matching their writer's pattern.
+removes them as soon as it holds the run's lock, before anything can refuse (:func:`remove_stale_temporaries`:
+whatever their PID, as a container's every start has the same one), and ``export`` does when no job holds the lock
+(:func:`clean_if_idle`); only names matching their writer's pattern.
 
 A job that fails before its first checkpoint takes back what it created (:func:`run_files` before, :func:`take_back`
 after), so a rerun needs no ``--resume``; a resumed job drops the metrics logged after its checkpoint
@@ -162,11 +164,31 @@ def _write_marker(out: str) -> None:
         raise PretrainError(f"--out: {out} is not writable ({e.strerror})") from None
 
 
-def remove_stale_temporaries(out: str) -> None:
-    """Remove what killed jobs left half-written in the run directory ``out`` (their processes being gone)."""
-    remove_dead_temporaries(out, TEMPORARY)
-    remove_dead_temporaries(os.path.join(out, "cache"), CACHE_TEMPORARY)
-    ckpt.remove_stale_temporaries(os.path.join(out, "checkpoints"))
+def remove_stale_temporaries(out: str, locked: bool = False) -> None:
+    """Remove what killed jobs left half-written in the run directory ``out``: with ``locked`` (this process holds
+    the run's lock, :func:`claim_lock`, and has written nothing yet) every temporary there, else those whose process
+    is gone."""
+    remove_dead_temporaries(out, TEMPORARY, locked)
+    remove_dead_temporaries(os.path.join(out, "cache"), CACHE_TEMPORARY, locked)
+    remove_dead_temporaries(os.path.join(out, "checkpoints"), ckpt.TMP_DIR, locked)
+
+
+def clean_if_idle(out: str) -> None:
+    """:func:`remove_stale_temporaries` of the run ``out`` for a command that only reads it (``export``): under the
+    run's lock, taken for the moment, when no job holds it (a run killed during its last retention left a whole
+    checkpoint as ``.del-step-*``, which no ``--resume`` of the finished run would remove); by their PIDs where
+    there is no lock to take (no marker: a run from before it; no ``flock``); not at all while a job runs."""
+    try:
+        import fcntl
+        f = open(os.path.join(out, MARKER), "rb")
+    except (ImportError, OSError):
+        return remove_stale_temporaries(out)
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a job is running there: its temporaries are live
+            return
+        remove_stale_temporaries(out, locked=True)
 
 
 RUN_FILES = ("run.json", "metrics.jsonl", "tensorboard", "checkpoints", "curves.png")

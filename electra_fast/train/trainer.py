@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import _backend
-from .._files import unused, utf8_path, write_json
+from .._files import unused, utf8_path, write_json, writing
 from .._seed import derive_seed
 from .._validate import path as path_arg, reason
 from . import checkpoint as ckpt
@@ -30,8 +30,9 @@ from . import plot, rundir
 from . import recipe as recipes
 from .evaluation import HeldOut, SplitSampler, heldout_count, split
 from .metrics import TokenScores, fmt, learned, rtd_metrics
-from .data import (PackedSequences, Sampler, build_token_cache, input_files, model_inputs, read_documents,
-                   reads_hidden, remove_other_caches, resolve_inputs, stream_digest, whole_word_shortfall)
+from .data import (PackedSequences, Sampler, build_token_cache, cache_key, input_files, model_inputs,
+                   read_documents, reads_hidden, remove_other_caches, resolve_inputs, stream_digest,
+                   whole_word_shortfall)
 from .doc_sentences import DocumentRows
 from .distributed import Context, setup
 from .errors import PretrainError
@@ -507,6 +508,8 @@ class _Job:
                                 "--compile")
         rundir.prepare(o.out, resume=o.resume, allow_nonempty=o.allow_nonempty_out, claim=ctx.is_main)
         self.lock = rundir.claim_lock(o.out) if ctx.is_main else None
+        if ctx.is_main:  # before anything may refuse: a finished run's --resume stopped before its cleaning
+            rundir.remove_stale_temporaries(o.out, locked=self.lock is not None)
         self.owns_out = ctx.is_main  # from here on, the files this job creates in --out are its own
         self.ckpt_root, self.cache_dir = os.path.join(o.out, "checkpoints"), os.path.join(o.out, "cache")
         self.resume_from = ckpt.newest_complete(self.ckpt_root, self.say) if o.resume else None
@@ -530,7 +533,6 @@ class _Job:
         self.precision = resolve_precision(o.precision, ctx.device, recorded, self.say)
         if ctx.is_main:
             os.makedirs(o.out, exist_ok=True)
-            rundir.remove_stale_temporaries(o.out)
         ctx.barrier()  # rank 0 has claimed --out: every rank must see it there
         ctx.same_on_every_rank({"--out": "the run folder rank 0 prepared" if rundir.is_claimed(o.out)
                                 else "no run folder prepared by rank 0"}, same)
@@ -551,7 +553,8 @@ class _Job:
         from .corpus import write_default_corpus
         corpus = os.path.join(self.cache_dir, f"default-corpus-py{sys.version_info[0]}.{sys.version_info[1]}.txt")
         if ctx.is_main:
-            write_default_corpus(corpus)
+            with writing(corpus):
+                write_default_corpus(corpus)
         ctx.barrier()
         return [corpus]
 
@@ -582,7 +585,8 @@ class _Job:
                                   vocab)
             if tok.get_vocab_size() <= 5:
                 raise PretrainError("--data: no text found to train a tokenizer on")
-            write_tokenizer(tok, tok_path)
+            with writing(tok_path):
+                write_tokenizer(tok, tok_path)
         ctx.barrier()
         return load_tokenizer(tok_path)
 
@@ -612,14 +616,14 @@ class _Job:
         self.text_rules = TextRules.of_checkpoint(self.state)  # a run resumes reading its text as it was tokenised
         cache = dict(log=said.append, rules=self.text_rules)
         if ctx.is_main:
-            stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, **cache)
+            stream = self._token_cache(cache)
             stale = [p for p in remove_other_caches(stream) if p.endswith(".bin")]
             if stale:  # before the other ranks read theirs: a cache hit by now
                 said.append(f"removed {len(stale)} stale token cache(s) of an earlier corpus or tokenizer: "
                             f"{', '.join(os.path.basename(p) for p in stale)}")
         ctx.barrier()
         if not ctx.is_main:  # a cache hit by now
-            stream = build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, **cache)
+            stream = self._token_cache(cache)
         ids = special_ids(self.tok)
         self.data_digest = stream_digest(stream)
         ctx.same_on_every_rank({"--data": f"tokens sha256 {self.data_digest}"}, "every torchrun process needs the "
@@ -635,6 +639,14 @@ class _Job:
         if shortfall:
             self.say(f"warning: {shortfall}")
         self._split(ids)
+
+    def _token_cache(self, cache: dict) -> str:
+        """:func:`build_token_cache`; a full disk is said naming the cache file and the room left (its writer's bare
+        "[Errno 28] No space left on device" named neither)."""
+        o = self.o
+        key = cache_key(self.inputs, self.tok, o.skip_bad_lines, cache["rules"])
+        with writing(os.path.join(self.cache_dir, f"tokens-{key}.bin"), inside=self.cache_dir):
+            return build_token_cache(self.inputs, self.tok, self.cache_dir, o.skip_bad_lines, **cache)
 
     def _split(self, special: dict) -> None:
         """The training order, and the held-out slice it leaves out: a new run holds one out with --eval-every;
