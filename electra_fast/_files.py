@@ -15,8 +15,12 @@ import json
 import os
 import re
 import shutil
-import threading
 from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): a dead writer is told by its PID
+    fcntl = None
 
 
 def temporary(path: str) -> str:
@@ -35,6 +39,9 @@ class WriteError(OSError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+    def __reduce__(self):  # across processes (a pool's worker): OSError's own would call __init__(message)
+        return WriteError, (self.filename, self.detail, self.errno)
 
     def renamed(self, old: str, new: str) -> "WriteError":
         """The same error naming ``new`` for the temporary ``old`` it was written under (the name the user gave)."""
@@ -175,42 +182,58 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-# this process's directory temporaries being written now (by any thread): a name carrying our PID that is not here
-# is a dead namesake's (a container's every start has the same PID), never ours in progress
-_IN_PROGRESS: set = set()
-_IN_PROGRESS_LOCK = threading.Lock()
 MOVING = ".electra-fast-moving"  # in a temporary whose entries move up one by one: their names, for the next writer
-
-
-def _dead(pid: int, path: str) -> bool:
-    if pid == os.getpid():
-        with _IN_PROGRESS_LOCK:
-            return os.path.abspath(path) not in _IN_PROGRESS
-    return not pid_alive(pid)
+# in each directory temporary from its first instant: a folder without it (a user's, however named) is never touched
+OURS = ".electra-fast-temporary"
 
 
 @contextlib.contextmanager
 def _temporary_dir(tmp: str) -> Iterator[None]:
-    """Create ``tmp`` (a name already taken is another writer's: FileExistsError, and it is never removed here) and
-    remove it afterwards, whatever happened."""
-    key = os.path.abspath(tmp)
-    with _IN_PROGRESS_LOCK:
-        if key in _IN_PROGRESS:
-            raise FileExistsError(errno.EEXIST, "being written by another thread", tmp)
-        _IN_PROGRESS.add(key)
+    """Create ``tmp`` (a name already taken is another writer's: FileExistsError, and it is never removed here), mark
+    it as ours and hold an exclusive ``flock`` on it while writing (:func:`_dead_write`), and remove it afterwards,
+    whatever happened."""
+    os.mkdir(tmp)
+    fd = None
     try:
-        os.mkdir(tmp)
-    except BaseException:
-        with _IN_PROGRESS_LOCK:
-            _IN_PROGRESS.discard(key)
-        raise
-    try:
+        if fcntl is not None:
+            fd = os.open(tmp, os.O_RDONLY)
+            _lock(fd, blocking=True)
+        open(os.path.join(tmp, OURS), "w").close()
         yield
     finally:
-        with _IN_PROGRESS_LOCK:  # first: what a failing removal leaves is a dead writer's, for the next call
-            _IN_PROGRESS.discard(key)
-        if os.path.lexists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if os.path.lexists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if fd is not None:
+                os.close(fd)  # the lock goes with it
+
+
+def _lock(fd: int, blocking: bool) -> bool:
+    """An exclusive flock on ``fd`` (True), or False when another open file holds one."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except OSError:
+        return False
+
+
+def _dead_write(tmp: str, pid: int) -> bool:
+    """Whether ``tmp`` is a directory temporary of ours whose writer is gone: it holds :data:`OURS`, and its lock can
+    be taken (a writer's lock ends with its process, in any PID namespace: in a container every start has the same
+    PID, and a PID says nothing there); without flock, by the PID."""
+    if os.path.islink(tmp) or not os.path.isfile(os.path.join(tmp, OURS)):
+        return False
+    if fcntl is None:
+        return not pid_alive(pid)
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return _lock(fd, blocking=False)
+    finally:
+        os.close(fd)
 
 
 def _sibling(path: str) -> str:
@@ -243,7 +266,7 @@ def remove_dead_writes(path: str, inner: str = ".tmp") -> None:
         for name in names:
             m = pattern.match(name)
             tmp = os.path.join(folder, name)
-            if m and os.path.isdir(tmp) and not os.path.islink(tmp) and _dead(int(m.group(1)), tmp):
+            if m and os.path.isdir(tmp) and _dead_write(tmp, int(m.group(1))):
                 if folder == path:
                     _take_back_moved(path, tmp)
                 _remove(tmp)
@@ -285,6 +308,7 @@ def write_directory(path: str, write: Callable[[str], None], inner: str = ".tmp"
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
     with _temporary_dir(tmp):
         write_as(path, tmp, write)
+        os.unlink(os.path.join(tmp, OURS))  # the folder it becomes holds only what write() wrote
         try:
             os.replace(tmp, path)
         except OSError as e:
@@ -309,7 +333,7 @@ def _write_inside(path: str, write: Callable[[str], None], inner: str) -> None:
     tmp = os.path.join(path, f"{inner}-{os.getpid()}")
     with _temporary_dir(tmp):
         write_as(path, tmp, write)
-        names = sorted((n for n in os.listdir(tmp) if n != MOVING),
+        names = sorted((n for n in os.listdir(tmp) if n not in (MOVING, OURS)),
                        key=lambda n: (not os.path.isdir(os.path.join(tmp, n)), n))  # a loader's config file last
         write_text(os.path.join(tmp, MOVING), json.dumps(names))  # what a kill below leaves moved is known
         moved = []

@@ -324,6 +324,7 @@ def test_export_into_an_empty_directory_that_is_a_link_or_the_working_directory(
     dead.wait()
     (tmp_path / "again").mkdir()
     (tmp_path / "again" / f".export.tmp-{dead.pid}").mkdir()
+    (tmp_path / "again" / f".export.tmp-{dead.pid}" / ".electra-fast-temporary").write_text("")  # marked as ours
     code, err, _ = _cli(["export", str(finished_run), str(tmp_path / "again")], capsys)
     assert code == 0 and sorted(os.listdir(tmp_path / "again")) == ["discriminator", "electra_fast.json", "generator"]
 
@@ -759,8 +760,10 @@ def test_export_removes_a_killed_exports_temporary_beside_a_new_out_dir(finished
     monkeypatch.undo()
     capsys.readouterr()
     assert os.listdir(tmp_path) == [f".new.tmp-{os.getpid()}"]  # what the kill left
-    dead = tmp_path / f".new.tmp-{_dead_pid()}"  # another killed export's
+    from electra_fast import _files
+    dead = tmp_path / f".new.tmp-{_dead_pid()}"  # another killed export's (marked as ours, its lock gone with it)
     (dead / "generator").mkdir(parents=True)
+    (dead / _files.OURS).write_text("")
     (tmp_path / ".new.tmp-mine").write_text("the user's, not our pattern\n")
     code, err, _ = _cli(["export", str(finished_run), str(tmp_path / "new")], capsys)
     assert code == 0, err

@@ -764,7 +764,8 @@ def _dead_pid() -> int:
     return int(gone.stdout)
 
 
-def test_a_kill_while_the_export_is_swapped_in_loses_no_user_file(pretrained, tmp_path):
+@pytest.mark.parametrize("own_pid", [False, True], ids=["dead pid", "this pid (a container)"])
+def test_a_kill_while_the_export_is_swapped_in_loses_no_user_file(pretrained, tmp_path, own_pid):
     """Review finding: killed between moving export/ aside (export.old-PID) and renaming the new one in, the next
     --resume wrote a fresh export/ without the user's model card, which stayed in export.old-PID, unmentioned."""
     d = _classification_files(tmp_path / "data")
@@ -772,7 +773,8 @@ def test_a_kill_while_the_export_is_swapped_in_loses_no_user_file(pretrained, tm
     _run(pretrained, d, out, "train.tsv", "dev.tsv", seeds=[3])
     written = sorted(os.listdir(out / "export"))
     (out / "export" / "README.md").write_text("my model card")
-    os.replace(out / "export", out / f"export.old-{_dead_pid()}")  # the kill: the new export not yet renamed in
+    pid = os.getpid() if own_pid else _dead_pid()  # in a container every start has the same PID
+    os.replace(out / "export", out / f"export.old-{pid}")  # the kill: the new export not yet renamed in
     _run(pretrained, d, out, "train.tsv", "dev.tsv", seeds=[3], resume=True)
     assert (out / "export" / "README.md").read_text() == "my model card"
     assert sorted(os.listdir(out / "export")) == sorted(written + ["README.md"])

@@ -569,6 +569,60 @@ def test_save_pretrained_killed_part_way_is_whole_or_nothing(tmp_path, monkeypat
     assert killed and not state["dead"]  # the last n was past every rename: each instant was tried
 
 
+def test_a_refused_save_touches_no_folder_of_the_users_however_named(tmp_path):
+    """Review finding (this session's diff): the leftover cleaning ran before the "not empty" refusal and took any
+    folder named like a temporary with a PID no process had: a user's my-project/.tmp-4000000/ and
+    .my-project.tmp-4000001/ were deleted, and the message said "nothing was written". Only a folder marked as ours
+    is ever cleaned."""
+    model = _tiny_model(0)
+    target = tmp_path / "my-project"
+    (target / ".tmp-4000000").mkdir(parents=True)
+    (target / ".tmp-4000000" / "notes.txt").write_text("mine")
+    (target / "README.md").write_text("mine")
+    (tmp_path / ".my-project.tmp-4000001").mkdir()
+    (tmp_path / ".my-project.tmp-4000001" / "data.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        model.save_pretrained(target)
+    assert (target / ".tmp-4000000" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / ".my-project.tmp-4000001" / "data.txt").read_text() == "mine"
+
+
+def test_a_live_writers_temporary_is_never_taken_whatever_its_pid(tmp_path):
+    """Review finding (this session's diff): two containers' writers, both PID 1, saving to one path: the second took
+    the first's live temporary for a dead namesake's and removed it; the first then finished into the second's
+    folder (one model's generator beside another's discriminator). A writer holds a lock on its temporary: only an
+    unlocked one (its writer gone, in any PID namespace) is removed."""
+    import fcntl
+    from electra_fast import _files
+    target = tmp_path / "model"
+    live = tmp_path / f".model.tmp-{os.getpid()}"  # another process's, with our PID
+    live.mkdir()
+    (live / _files.OURS).write_text("")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _files.remove_dead_writes(str(target))
+        assert live.is_dir()
+        with pytest.raises(FileExistsError):  # its name is taken: refused, never shared
+            _tiny_model(0).save_pretrained(target)
+        assert live.is_dir() and not target.exists()
+    finally:
+        os.close(fd)  # the writer is gone
+    _tiny_model(0).save_pretrained(target)
+    assert not live.exists() and sorted(os.listdir(target)) == SAVED
+
+
+def test_write_error_survives_a_process_pool():
+    """Review finding (this session's diff): WriteError could not be unpickled, so a full disk in a pool's worker
+    broke the pool (ProcessPoolExecutor) or hung it (multiprocessing.Pool)."""
+    import errno
+    import pickle
+    from electra_fast import _files
+    e = _files.write_error("out/model.safetensors", OSError(errno.ENOSPC, "No space left on device"))
+    again = pickle.loads(pickle.dumps(e))
+    assert type(again) is _files.WriteError and str(again) == str(e) and again.errno == errno.ENOSPC
+
+
 def test_write_directory_keeps_the_folder_it_cannot_replace_and_its_mode(tmp_path):
     """An existing empty folder stays what it was, its mode and inode too (a shell working there is not left in a
     deleted folder): the entries move up into it."""

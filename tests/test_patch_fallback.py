@@ -595,9 +595,12 @@ def test_copies_of_a_patched_model_compute_with_their_own_modules(family, cls_na
     import pickle
     import types
 
+    import weakref
+
     model, plain = electra_fast.patch(build(family, cls_name)), build(family, cls_name)
     inputs, labels = batch()
     assert _swap.overrides(model, "forward") and inspect.signature(model.forward) == inspect.signature(plain.forward)
+    assert weakref.ref(model.forward)() is model.forward  # as the partial was (review of the diff)
     layer = model.base_model.encoder.layer[0]  # an override reads as its function bound to the module
     assert inspect.signature(layer.output.forward) == inspect.signature(types.MethodType(layers.add_norm_forward,
                                                                                           layer.output))

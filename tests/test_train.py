@@ -579,6 +579,9 @@ def test_the_callers_generator_and_grad_mode_are_untouched(env, tmp_path):
     state = torch.get_rng_state()
     s = pretrain(env["data"], **_kw(env, tmp_path / "run", steps=2))
     assert s["steps"] == 2 and torch.equal(torch.get_rng_state(), state)
+    s = pretrain(env["data"], **_kw(env, tmp_path / "continued", steps=1, init_from=str(tmp_path / "run"),
+                                    tokenizer=None, model=None))
+    assert s["steps"] == 1 and torch.equal(torch.get_rng_state(), state)  # its source's loading drew nothing
     for i, mode in enumerate((torch.no_grad, torch.inference_mode)):
         with mode():
             s = pretrain(env["data"], **_kw(env, tmp_path / f"under-{i}", steps=2))

@@ -206,7 +206,9 @@ def _recover_dead_olds(path: str) -> None:
     for name in sorted(os.listdir(folder or ".")):
         m = pattern.fullmatch(name)
         dead = os.path.join(folder, name)
-        if m is None or pid_alive(int(m.group(1))) or os.path.islink(dead) or not os.path.isdir(dead):
+        # this process's own PID too: one job per --out, and in a container every start has the same PID
+        pid = int(m.group(1)) if m else 0
+        if m is None or (pid != os.getpid() and pid_alive(pid)) or os.path.islink(dead) or not os.path.isdir(dead):
             continue
         if not os.path.lexists(path):
             os.replace(dead, path)  # killed between the two renames: the earlier export, back where it was

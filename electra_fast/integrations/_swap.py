@@ -70,7 +70,7 @@ class _Override:
 
     # __dict__ holds only the mark: a wrapper made by functools.update_wrapper (accelerate's fp32 output wrapper of
     # a model's forward) copies it and counts as installed, as it did when the override was a partial
-    __slots__ = ("function", "module", "__dict__")
+    __slots__ = ("function", "module", "__dict__", "__weakref__")  # weakref-able, as the partial was
 
     def __init__(self, function: Callable, module: nn.Module):
         self.function, self.module = function, weakref.ref(module)

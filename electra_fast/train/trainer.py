@@ -220,7 +220,10 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
     # later, not as "--vocab-size: expected ..." here)
     tokenizer_type = ((recorded_recipe or {}).get("tokenizer_type") if resume else None) or recipe.get(
         "tokenizer_type", "wordpiece")
-    source, tokenizer = init_source(init_from, tokenizer, model, vocab_size, resume)
+    with torch.random.fork_rng(devices=[]):  # the caller's generator untouched; a fresh part of the source (a DeBERTa
+        if type(seed) is int and 0 <= seed < 2 ** 64:  # release's generator) starts from --seed (checked below)
+            torch.manual_seed(seed)
+        source, tokenizer = init_source(init_from, tokenizer, model, vocab_size, resume)
     model = model or init_from or ("electra-tiny" if embedded else "electra-small")
     batch_size = (16 if embedded else 32) if batch_size is None else batch_size
     if steps is None:  # an explicit 0 is refused below, never read as "unset"
