@@ -132,10 +132,7 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     tmp = temporary(path)
     try:
         with writing(path):
-            try:
-                write(tmp)
-            except WriteError as e:
-                raise e.renamed(tmp, path) from e.__cause__
+            write_as(path, tmp, write)
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -241,13 +238,15 @@ def _sibling(path: str) -> str:
     return os.path.join(parent, f".{base}.tmp-{os.getpid()}")
 
 
-def _remove(path: str) -> None:
+def remove_entry(path: str) -> None:
+    """Remove the file, link or folder ``path`` (a link itself, never its target); one that will not go (gone
+    already, not ours to remove) stays, silently: callers clean up after a failure they are reporting."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)  # as much as will go
+        return
     try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-    except OSError:  # a leftover that will not go stays; the write after it says what is in the way
+        os.unlink(path)
+    except OSError:  # gone already, or it will not go: the write after it says what is in the way
         pass
 
 
@@ -269,7 +268,7 @@ def remove_dead_writes(path: str, inner: str = ".tmp") -> None:
             if m and os.path.isdir(tmp) and _dead_write(tmp, int(m.group(1))):
                 if folder == path:
                     _take_back_moved(path, tmp)
-                _remove(tmp)
+                remove_entry(tmp)
 
 
 def _take_back_moved(path: str, tmp: str) -> None:
@@ -284,7 +283,7 @@ def _take_back_moved(path: str, tmp: str) -> None:
         return
     for name in listed:
         if not os.path.lexists(os.path.join(tmp, name)):
-            _remove(os.path.join(path, name))
+            remove_entry(os.path.join(path, name))
 
 
 def write_directory(path: str, write: Callable[[str], None], inner: str = ".tmp") -> None:
@@ -346,7 +345,7 @@ def _write_inside(path: str, write: Callable[[str], None], inner: str) -> None:
                 moved.append(name)
         except BaseException:
             for name in moved:  # whole or nothing: what moved up goes too
-                _remove(os.path.join(path, name))
+                remove_entry(os.path.join(path, name))
             raise
 
 

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _cpu
-from .._files import load_safetensors, temporary, unused, write_as, write_atomic, write_json, write_text, writing
+from .._files import (load_safetensors, remove_entry, temporary, unused, write_as, write_atomic, write_json,
+                      write_text, writing)
 from .._validate import path as path_arg
 from ..train import plot
 from ..train.checkpoint import inside_checkpoint
@@ -492,13 +493,7 @@ def _take_back(out: str, seeds: Sequence[int], made: bool) -> None:
     if any(os.path.lexists(os.path.join(f, "metrics.jsonl")) for f in folders):
         return  # epochs stand: --resume continues from them
     for path in folders + [os.path.join(out, RUN_FILE)]:
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            elif os.path.lexists(path):
-                os.unlink(path)
-        except OSError:  # keep it; never hide the failure being reported
-            pass
+        remove_entry(path)
     if made:
         try:
             os.rmdir(out)
@@ -580,7 +575,7 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
             # score and epoch with this epoch's weights: summary, predictions and export disagreed)
             _save_epoch_state(out, net, optimizer, scheduler, rng, best, best_epoch, history)
             if improved:
-                weights = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+                weights = _cpu_weights(net)
                 _write_best(out, weights, epoch)
                 # one assignment after the write: a Ctrl-C during the write kept the new score with the old
                 # file (the summary reported epoch N, the predictions and export came from N - 1)
@@ -659,6 +654,11 @@ def _load_epoch_state(out, net, optimizer, scheduler, rng):
 BEST = "best.safetensors"
 
 
+def _cpu_weights(net) -> Dict[str, torch.Tensor]:
+    """A copy of ``net``'s weights on the CPU, apart from the training that goes on."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+
+
 def _write_best(out: str, weights: Dict[str, torch.Tensor], epoch: int) -> None:
     from safetensors.torch import save_file
     write_atomic(os.path.join(out, BEST), lambda p: save_file(weights, p, metadata={"format": "pt",
@@ -686,7 +686,7 @@ def _load_best(out: str, net, best_epoch: int, last_epoch: int) -> dict:
     if best_epoch != last_epoch:
         raise FinetuneError(f"--resume: {path} holds epoch {held}'s weights, but the seed's state names epoch "
                             f"{best_epoch} as its best; remove that seed's directory to start it again")
-    weights = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    weights = _cpu_weights(net)
     _write_best(out, weights, best_epoch)
     return weights
 

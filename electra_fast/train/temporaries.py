@@ -9,10 +9,9 @@ touched.
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Pattern
 
-from .._files import pid_alive
+from .._files import pid_alive, remove_entry
 
 __all__ = ["pid_alive", "remove_dead_temporaries"]
 
@@ -29,11 +28,4 @@ def remove_dead_temporaries(directory: str, pattern: Pattern[str], locked: bool 
         m = pattern.match(name)
         if m is None or (not locked and pid_alive(int(m.groups()[-1]))):
             continue
-        path = os.path.join(directory, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            try:
-                os.unlink(path)
-            except OSError:  # gone already, or not ours to remove (a run read by export): it stays
-                pass
+        remove_entry(os.path.join(directory, name))  # one not ours to remove (a run read by export) stays
