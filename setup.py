@@ -18,9 +18,10 @@ import sys
 from setuptools import setup
 
 def _switch(name):
-    """On when set to anything but "" or "0", as electra_fast._cpu.switch reads the runtime switches ("true" was
-    read as off here: a 4-minute compile started, or a failed one stayed fatal)."""
-    return os.environ.get(name, "") not in ("", "0")
+    """On unless unset or "", "0", "false", "no", "off" (blanks stripped, any case), as electra_fast._cpu.switch
+    reads the runtime switches ("true" was read as off here: a 4-minute compile started, or a failed one stayed
+    fatal; "false" was read as on)."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 SKIP = _switch("ELECTRA_FAST_SKIP_EXT")

@@ -36,10 +36,14 @@ _ONEDNN_ISAS = _ONEDNN_BF16_ISAS | {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
+# the values that leave a switch off, after stripping blanks and ignoring case ("false" turned the path off before)
+SWITCH_OFF = ("", "0", "false", "no", "off")
+
+
 def switch(name: str) -> bool:
-    """An ``ELECTRA_FAST_NO_*``-style switch: set to anything but "" or "0", read exactly as csrc/env_switch.h reads
-    it (no stripping: "0 " is on there, so it is on here, and info reports the path the C++ runs)."""
-    return os.environ.get(name, "") not in ("", "0")
+    """An ``ELECTRA_FAST_NO_*``-style switch: on unless unset or one of :data:`SWITCH_OFF`, read exactly as
+    csrc/env_switch.h and setup.py read it (info reports the path the C++ runs)."""
+    return os.environ.get(name, "").strip().lower() not in SWITCH_OFF
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,15 +32,25 @@ def check(seed, name: str = "seed", limit: int = SEED_LIMIT) -> int:
     return seed
 
 
+def drawable() -> bool:
+    """Whether :func:`draw` gives a seed per call here: not under torch.jit.trace (the seed would be a constant of the
+    trace, one dropout or masking pattern for every later call) nor torch.export (its value is read on the host, which
+    export cannot trace). There the callers with a torch op for the same randomness (torch's dropout, SDPA's) use it;
+    it draws anew at each call of the graph."""
+    return not (torch.jit.is_tracing() or torch.compiler.is_exporting())
+
+
 @torch.compiler.disable  # traced, Inductor drew it from its own generator: a compiled run had other dropout masks
 def draw() -> int:
     """A seed in [0, SEED_LIMIT - 1) from torch's default generator: reproducible under ``torch.manual_seed``,
-    compiled or not (a graph break under ``torch.compile``). Under torch.jit.trace a RuntimeError: the seed would be
-    a constant of the trace, one dropout or masking pattern for every later call."""
+    compiled or not (a graph break under ``torch.compile``). A RuntimeError where it is not :func:`drawable`."""
     if torch.jit.is_tracing():
         raise RuntimeError("torch.jit.trace: a random seed drawn here would be frozen into the trace (the same "
                            "dropout or masking pattern on every call); pass seed= where the call takes one, trace "
-                           "dropout layers in eval mode, or use torch.compile / torch.export")
+                           "dropout layers in eval mode, or use torch.compile")
+    if torch.compiler.is_exporting():
+        raise RuntimeError("torch.export: a random seed cannot be drawn in an exported graph (its value is read on "
+                           "the host); export this module in eval mode, or use torch.compile")
     return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
 
 

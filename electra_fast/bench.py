@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from . import bench_report
+from ._console import show
 from ._files import creatable_dir, write_text
 
 
@@ -82,10 +83,12 @@ def _results_md(args) -> str:
 
 
 def _ours(path: str) -> bool:
-    """Whether ``path`` is a RESULTS.md this command wrote (so it may be rewritten)."""
+    """Whether ``path`` is a RESULTS.md this command wrote, or an empty one (an earlier version emptied its own when
+    the locale could not encode it; nothing there to lose), so it may be rewritten."""
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.readline().rstrip("\n") == bench_report.RESULTS_TITLE
+            first = fh.readline()
+        return first == "" or first.rstrip("\n") == bench_report.RESULTS_TITLE
     except OSError:
         return False
 
@@ -99,7 +102,7 @@ def main(args) -> int:
     if getattr(args, "pretrain", False):
         out_dir = os.path.abspath(args.out or os.path.join(bdir, "results"))
         os.makedirs(out_dir, exist_ok=True)
-        print(f"recorded {record_pretrain(out_dir, args.device)}")
+        show(f"recorded {record_pretrain(out_dir, args.device)}")
         paths = bench_report.newest_per_machine(out_dir)
         bench_report.write_results_md(paths, _results_md(args), {}, results_dir=out_dir)
         return 0
@@ -128,9 +131,9 @@ def main(args) -> int:
     if json_path not in paths:
         paths.append(json_path)
     bench_report.write_results_md(paths, results_md, {json_path: images})
-    print(f"wrote {json_path}, {results_md} and {len(images)} plot(s)")
+    show(f"wrote {json_path}, {results_md} and {len(images)} plot(s)")
     if args.out is None:  # the checkout's results: README.md's performance table follows them
-        print(bench_report.sync_readme(os.path.dirname(bdir)))
+        show(bench_report.sync_readme(os.path.dirname(bdir)))
     if args.compare:
         problems, shared = bench_report.compare_rows(json_path, args.compare)
         for note in bench_report.mismatch(json_path, args.compare):
@@ -143,7 +146,7 @@ def main(args) -> int:
             print("REGRESSION " + p, file=sys.stderr)
         if problems:
             return 1
-        print(f"no fused speed-up fell by more than 15% since {args.compare} ({shared} row(s) compared)")
+        show(f"no fused speed-up fell by more than 15% since {args.compare} ({shared} row(s) compared)")
     return 0
 
 
@@ -196,7 +199,7 @@ class MergedResults:
         if not os.path.exists(part):
             self.skip(name, "every row of this file was skipped on this device")
         else:
-            with open(part) as fh:
+            with open(part, encoding="utf-8") as fh:
                 data = json.load(fh)
             if self.data is None:
                 self.data = data

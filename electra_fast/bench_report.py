@@ -16,10 +16,10 @@ import math
 import os
 import re
 import sys
-import tempfile
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from ._console import paths_printable
+from ._files import write_atomic, write_text
 
 Key = Tuple[str, str, str, str]  # op, pass, shape, dtype
 
@@ -74,7 +74,7 @@ def result_name(device: "str | None" = None) -> str:
 def _load(path: str) -> dict:
     """The JSON object at ``path``: ValueError unless it is an object with a list of benchmark objects and a
     ``machine_info`` object (what every reader here indexes)."""
-    with open(path) as fh:
+    with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
     if not (isinstance(data, dict) and isinstance(data.get("benchmarks", []), list)
             and all(isinstance(bm, dict) for bm in data.get("benchmarks", []))
@@ -320,7 +320,7 @@ def pretrain_section(results_dir: str) -> List[str]:
         # a record cut short, emptied or hand-edited is passed over (as _is_run does), not a traceback after the
         # benchmarks ran, in every later run reading the folder
         try:
-            with open(f) as fh:
+            with open(f, encoding="utf-8") as fh:
                 r = json.load(fh)
             fin = r.get("final") or {}
             lines.append(f"| `{os.path.basename(f)}` | {r.get('machine')} ({r.get('threads')} threads) | "
@@ -357,8 +357,7 @@ def write_results_md(paths: List[str], out_path: str, images: Dict[str, List[str
             text.append(f"![{os.path.basename(img)}]({os.path.relpath(img, base)})")
         text.append("")
     text += pretrain_section(results_dir or (os.path.dirname(paths[0]) if paths else os.path.join(base, "results")))
-    with open(out_path, "w") as fh:
-        fh.write("\n".join(text))
+    write_text(out_path, "\n".join(text))  # UTF-8 whatever the locale, and whole: never an emptied RESULTS.md
 
 
 # ------------------------------------------------------------------------------ README performance table
@@ -491,15 +490,14 @@ def update_readme(readme: str, results_dir: str) -> bool:
     text, new = readme_with_table(readme, results_dir)
     if new == text:
         return False
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(readme)), prefix=".README.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    mode = os.stat(readme).st_mode & 0o7777
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(new)
-        os.chmod(tmp, os.stat(readme).st_mode & 0o7777)
-        os.replace(tmp, readme)  # all or nothing: a crash never leaves a half-written README
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        os.chmod(tmp, mode)
+
+    write_atomic(readme, write)  # all or nothing: a crash never leaves a half-written README
     return True
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from ._console import paths_printable
+from ._console import hold_standard_descriptors, paths_printable, say, settle_stdout
 
 
 def main(argv=None) -> int:
@@ -12,11 +12,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while a command's modules load, or in one without its own handling (bench)
         if "--debug" in (sys.argv[1:] if argv is None else argv):
             raise
-        print("electra-fast: interrupted", file=sys.stderr)
+        say("electra-fast: interrupted")
         return 130
 
 
 def _main(argv) -> int:
+    hold_standard_descriptors()
     paths_printable()
     from .finetune import cli as finetune_cli
     from .train import cli as train_cli
@@ -42,6 +43,19 @@ def _main(argv) -> int:
         forced_backend()
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    train_cli.expand_user(args)
+    prog = f"electra-fast {args.command}"
+    if args.command in ("info", "demo"):  # their output is their work
+        try:
+            return settle_stdout(prog, _command(args), output_is_the_work=True)
+        except OSError as e:  # what they print is all they write: stdout failed (| head, a full disk)
+            return settle_stdout(prog, 1, output_is_the_work=True, error=e)
+    return settle_stdout(prog, _command(args))  # a summary it could not print does not undo the work
+
+
+def _command(args) -> int:
+    from .finetune import cli as finetune_cli
+    from .train import cli as train_cli
     if args.command == "finetune":
         return train_cli.guard(args, lambda: finetune_cli.run(args))
     if args.command in train_cli.COMMANDS:

@@ -41,7 +41,7 @@ import xml.etree.ElementTree as ET
 from typing import Dict, List, Optional
 
 from . import bench, bench_report
-from ._console import paths_printable
+from ._console import help_text, paths_printable
 from ._files import creatable_dir, write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -530,7 +530,7 @@ def summary(record: dict, out: str) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m electra_fast.gpu_lane", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m electra_fast.gpu_lane", description=help_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="about 4 minutes: no C++ build, no slow GPU tests, "
                         "the benchmarks' quick shapes")

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from . import _backend, _cpu, _extension, ops  # noqa: F401  (importing ops registers their specs)
+from ._console import say, settle_stdout, show
 
 
 def _triton_status() -> str:
@@ -90,20 +91,19 @@ def report() -> str:
 
 def main(argv=()) -> int:
     if list(argv) in (["-h"], ["--help"]):
-        print("usage: python -m electra_fast.info (or electra-fast info): what this install runs on, and why")
+        show("usage: python -m electra_fast.info (or electra-fast info): what this install runs on, and why")
         return 0
     if argv:  # as `electra-fast info` does: it takes no arguments
-        print(f"python -m electra_fast.info: error: unrecognized arguments: {' '.join(argv)} (it takes none)",
-              file=sys.stderr)
+        say(f"python -m electra_fast.info: error: unrecognized arguments: {' '.join(argv)} (it takes none)")
         return 2
     try:  # python -m electra_fast.info: a misspelt ELECTRA_FAST_BACKEND is one line, as under electra-fast info
         _backend.forced_backend()
     except ValueError as e:
-        print(f"electra_fast.info: error: {e}", file=sys.stderr)
+        say(f"electra_fast.info: error: {e}")
         return 2
-    print(report())
+    show(report())  # a stdout that fails (| head) is the caller's to settle: settle_stdout
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(settle_stdout("python -m electra_fast.info", main(sys.argv[1:]), output_is_the_work=True))

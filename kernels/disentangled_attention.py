@@ -338,7 +338,10 @@ def _tile_ds(q, kT, v, do, lse2, delta, posk_ptr, posq_ptr, slots_ptr, mask_ptr,
     # Dead rows (padded queries, no valid key) have P = dS = 0 even at NaN scores, and a -inf score (a masked key)
     # P = 0 also in an invalid row (lse NaN): the reference's rule
     dead = (lse2 == float("inf"))[:, None]
-    p = tl.where(dead | (s == float("-inf")), 0.0, tl.exp2(s - lse2[:, None]))
+    # clamped at 0 as the C++ kernel is: lse's round trip through ln 2 can put it one ulp below a huge top score, and
+    # exp2 of that ulp (1024 at scores ~1e10) overflowed; a NaN difference stays NaN
+    d = s - lse2[:, None]
+    p = tl.where(dead | (s == float("-inf")), 0.0, tl.exp2(tl.where(d > 0.0, 0.0, d)))
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     pd = p
     if dropout_p > 0.0:

@@ -330,7 +330,8 @@ def backward(grad_rows, hidden, weight, bias, targets, lse, ignore_index: int, c
             mlm_dhidden_kernel[(triton.cdiv(n, BLOCK_N), triton.cdiv(e, BW_BLOCK_E))](
                 dl, weight, dh, n, e, v0, vc, IEEE=ieee, BLOCK_N=BLOCK_N, BLOCK_E=BW_BLOCK_E, BLOCK_K=BW_BLOCK_K,
                 **COMPILE_OPTIONS, num_warps=NUM_WARPS)
-        mlm_dweight_kernel[(triton.cdiv(vc, BLOCK_V), triton.cdiv(e, BW_BLOCK_E))](
+        # at least one e-block: its programs write dbias, which an empty hidden (E = 0) still has
+        mlm_dweight_kernel[(triton.cdiv(vc, BLOCK_V), max(1, triton.cdiv(e, BW_BLOCK_E)))](
             dl, hidden, dw, db, n, e, v0, vc, IEEE=ieee, ACC64=flags["ACC64"], BLOCK_V=BLOCK_V, BLOCK_E=BW_BLOCK_E,
             BLOCK_K=BW_BLOCK_K, **COMPILE_OPTIONS, num_warps=NUM_WARPS)
     return dh.to(hidden.dtype), dw, db

@@ -1,6 +1,9 @@
 """The benchmark report and the regression gate (synthetic pytest-benchmark JSON)."""
+import argparse
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -48,6 +51,61 @@ def test_results_md_and_plots(tmp_path):
     text = md.read_text()
     assert "| attn | fwd+bwd | 2x512 | float32 | transformers |" in text and "**3.00x**" in text
     assert "test cpu" in text and "scaling.png" in text
+
+
+def test_results_md_is_utf8_whatever_the_locale(tmp_path):
+    """Review finding: under LC_ALL=C (PYTHONUTF8=0) RESULTS.md was opened in the locale's ASCII, truncated, then the
+    first "\u2014" raised UnicodeEncodeError: every benchmark ran, RESULTS.md was left empty, and every later bench
+    refused the folder as not its own."""
+    p = _write(tmp_path / "cpu-2026-11-22.json", [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", 4.0)])
+    md = tmp_path / "RESULTS.md"
+    code = ("import sys; from electra_fast import bench_report; "
+            "bench_report.write_results_md([sys.argv[1]], sys.argv[2], {})")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONUTF8", "PYTHONIOENCODING"))}
+    proc = subprocess.run([sys.executable, "-c", code, p, str(md)], env=dict(env, LC_ALL="C", PYTHONUTF8="0"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = md.read_bytes().decode("utf-8")
+    assert text.startswith(bench_report.RESULTS_TITLE) and "test cpu (2 cores) \u2014 `cpu-2026-11-22.json`" in text
+
+
+def test_a_failed_results_md_write_keeps_the_old_one_and_an_emptied_one_is_replaced(tmp_path, monkeypatch):
+    """RESULTS.md is written through a temporary renamed over it: a write that fails (a full disk) leaves the old
+    one whole, where the file opened in place was already emptied. One an earlier version emptied is not refused."""
+    import builtins
+    import errno
+    from electra_fast import bench
+    p = _write(tmp_path / "cpu-2026-11-22.json", [_bench("rtd", "fused", 1.0), _bench("rtd", "eager", 4.0)])
+    md = tmp_path / "RESULTS.md"
+    md.write_text(bench_report.RESULTS_TITLE + "\nthe last run's\n", encoding="utf-8")
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return Full(f) if "w" in mode and os.path.basename(str(file)).startswith("RESULTS.md") else f
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        bench_report.write_results_md([p], str(md), {})
+    monkeypatch.undo()
+    assert md.read_text(encoding="utf-8") == bench_report.RESULTS_TITLE + "\nthe last run's\n"
+    assert sorted(os.listdir(tmp_path)) == ["RESULTS.md", "cpu-2026-11-22.json"]
+    md.write_bytes(b"")
+    args = argparse.Namespace(pretrain=False, quick=True, select=None, compare=None, device=None, out=str(tmp_path))
+    assert bench.check_args(args) is None
 
 
 def test_cli_compare_exit_code(tmp_path, monkeypatch):

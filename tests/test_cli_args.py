@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -490,6 +491,187 @@ def test_forced_backend_that_cannot_serve_the_device_is_one_line(user, tmp_path,
     _assert_refused(code, err, "pretrain", "ELECTRA_FAST_BACKEND=triton: ")  # was a 69-line traceback from step 1
     assert "unset it or choose another --device" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def _finetune_argv(run, tmp_path, *extra):
+    tsv = _tsv(tmp_path / "train.tsv")
+    return ["finetune", "--no-progress", "--model", str(run), "--train", tsv, "--validation", tsv, "--epochs", "1",
+            "--batch-size", "8", "--out", str(tmp_path / "ft"), *extra]
+
+
+def _triton_importable():
+    from electra_fast import _backend
+    return _backend.triton_import_error() is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the triton backend can serve a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_a_forced_backend_that_cannot_serve_is_one_line_in_finetune_as_in_pretrain(finished_run, tmp_path, capsys,
+                                                                                   monkeypatch, backend):
+    """Review finding: ELECTRA_FAST_BACKEND=triton on a CPU (or cpp without the extension) was pretrain's one line
+    but finetune's RuntimeError traceback from its first dropout: one check now serves both."""
+    from electra_fast import _extension
+    monkeypatch.setenv("ELECTRA_FAST_BACKEND", backend)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if backend == "cpp":  # as ELECTRA_FAST_DISABLE_EXT=1 leaves it, in a process that loaded it
+        monkeypatch.setattr(_extension, "extension_loaded", lambda: False)
+        monkeypatch.setattr(_extension, "EXTENSION_ERROR", "disabled by ELECTRA_FAST_DISABLE_EXT")
+    code, err, _ = _cli(_finetune_argv(finished_run, tmp_path, "--device", "cpu"), capsys)
+    _assert_refused(code, err, "finetune", f"ELECTRA_FAST_BACKEND={backend}: ")
+    assert err[0].endswith("; unset it or choose another --device")
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.skipif(not _triton_importable(), reason="needs triton (its CPU interpreter)")
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_a_forced_backend_the_bf16_linear_layers_cannot_use_is_one_line(user, finished_run, tmp_path, capsys,
+                                                                        monkeypatch, command):
+    """Review finding: ELECTRA_FAST_BACKEND=triton TRITON_INTERPRET=1 passed the check, then CPU bf16 autocast (what
+    --precision auto picks on a CPU with AVX512-BF16) reached electra_fast.linear, which has no Triton kernel: a
+    traceback from the first step."""
+    monkeypatch.setenv("ELECTRA_FAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    argv = (_finetune_argv(finished_run, tmp_path, "--precision", "bf16") if command == "finetune" else
+            ["pretrain", "--no-progress", "--data", str(user / "corpus.txt"), "--tokenizer",
+             str(user / "tokenizer.json"), "--model", str(user / "tiny.json"), "--seq-len", "32", "--steps", "1",
+             "--precision", "bf16", "--device", "cpu", "--out", str(tmp_path / "ft")])
+    code, err, _ = _cli(argv, capsys)
+    assert code == 2 and err[-1] == (
+        f"electra-fast {command}: error: ELECTRA_FAST_BACKEND=triton: bf16 on a CPU runs the linear layers through "
+        "electra_fast.linear, which the triton backend cannot serve (no Triton kernel for this op); unset it, or "
+        "pass --precision fp32"), err
+    assert not [line for line in err if "Traceback" in line] and not (tmp_path / "ft").exists()
+
+
+def test_a_partial_torchrun_environment_is_one_line(user, tmp_path, capsys, monkeypatch):
+    """Review finding: WORLD_SIZE=2 RANK=0 without MASTER_ADDR (a launcher's environment half set) ended in a
+    14-frame traceback from init_process_group, where WORLD_SIZE=2 alone was one line."""
+    import torch.distributed as dist
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    code, err, _ = _cli(["pretrain", "--no-progress", "--data", str(user / "corpus.txt"), "--tokenizer",
+                         str(user / "tokenizer.json"), "--model", str(user / "tiny.json"), "--seq-len", "32",
+                         "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "out")], capsys)
+    _assert_refused(code, err, "pretrain", "torchrun's environment (WORLD_SIZE=2, RANK=0): the process group did not "
+                    "start (")
+    assert "MASTER_ADDR" in err[0] and err[0].endswith("or unset WORLD_SIZE to run one process")
+    assert not dist.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_a_leading_tilde_in_every_path_option_is_the_home_folder(user, tmp_path, capsys, monkeypatch):
+    """Review finding: --out '~/run' (quoted: a launcher's argument list, a YAML config) made a folder named "~" in
+    the working directory, and the printed export hint pointed at the home folder. Every path option of every
+    command expands a leading ~ (transformers' TrainingArguments does so too)."""
+    from electra_fast.finetune import cli as finetune_cli
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    shutil.copytree(user, home)
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    code, err, out = _cli(["pretrain", "--no-progress", "--data", "~/corpus.txt", "--tokenizer", "~/tokenizer.json",
+                           "--model", "~/tiny.json", "--seq-len", "32", "--batch-size", "4", "--steps", "1",
+                           "--out", "~/run"], capsys)
+    assert code == 0, err
+    assert (home / "run" / "run.json").is_file() and os.listdir(cwd) == []
+    assert f"export: electra-fast export {home / 'run' / 'checkpoints' / 'step-00000001'} " in out
+    for argv in (["export", "~/run", "~/exported"], ["plot", "~/run", "--out", "~/curves.png"]):
+        code, err, _ = _cli(argv, capsys)
+        assert code == 0, err
+    assert (home / "exported" / "generator").is_dir() and (home / "curves.png").is_file() and os.listdir(cwd) == []
+    seen = {}
+    monkeypatch.setattr(finetune_cli, "run", lambda args: seen.setdefault("finetune", vars(args)) and 0)
+    monkeypatch.setattr(bench, "main", lambda args: seen.setdefault("bench", vars(args)) and 0)
+    _cli(["finetune", "--model", "~/m", "--train", "~/t.tsv", "--validation", "~/v.tsv", "--test", "~/x.tsv",
+          "--out", "~/ft"], capsys)
+    _cli(["bench", "--out", "~/b", "--compare", "~/prev.json"], capsys)
+    assert {k: seen["finetune"][k] for k in ("model", "train", "validation", "test", "out")} == {
+        "model": f"{home}/m", "train": f"{home}/t.tsv", "validation": f"{home}/v.tsv", "test": f"{home}/x.tsv",
+        "out": f"{home}/ft"}
+    assert (seen["bench"]["out"], seen["bench"]["compare"]) == (f"{home}/b", f"{home}/prev.json")
+
+
+def test_a_standard_descriptor_closed_at_the_start_is_never_a_files(tmp_path, capsys):
+    """Review finding: started with 2>&-, fd 2 was the number the next file opened got (the run's lock file, say):
+    the SIGTERM handler's message, and C libraries' stderr, would go into it. The command line holds os.devnull
+    there."""
+    saved = os.dup(2)
+    os.close(2)
+    try:
+        code = cli_main(["plot", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")])
+        with open(tmp_path / "a-file", "w") as f:
+            number = f.fileno()
+        held = number != 2 and os.path.samestat(os.fstat(2), os.stat(os.devnull))
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    assert code == 2 and number != 2 and held
+
+
+class _Unwritable:
+    """A stdout that takes nothing: every write and flush raises ``error`` (a full disk, a reader gone)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def write(self, text=""):
+        raise self.error
+
+    flush = write
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), BrokenPipeError(32, "Broken pipe")],
+                         ids=["full", "pipe"])
+def test_a_stdout_that_fails_after_the_work_is_done_is_not_the_works_failure(finished_run, user, tmp_path, capsys,
+                                                                             monkeypatch, error):
+    """Review finding: `electra-fast export RUN X >/dev/full` said "error: [Errno 28] No space left on device", exit
+    2, of a complete export (pretrain, finetune and plot alike). The work's status stands; one note says what was
+    lost, none for a reader that left (`| head`); info and the demo, whose output is their work, exit 1."""
+    full = not isinstance(error, BrokenPipeError)
+    note = ("note: stdout could not be written (No space left on device); the work is complete, only what it "
+            "printed is lost")
+    pretrain_argv = ["pretrain", "--no-progress", "--data", str(user / "corpus.txt"), "--tokenizer",
+                     str(user / "tokenizer.json"), "--model", str(user / "tiny.json"), "--seq-len", "32",
+                     "--batch-size", "4", "--steps", "1", "--out", str(tmp_path / "run")]
+    for argv in (["export", str(finished_run), str(tmp_path / "exported")], pretrain_argv):
+        monkeypatch.setattr(sys, "stdout", _Unwritable(error))
+        code, err, _ = _cli(argv, capsys)
+        said = [line for line in err if "could not be written" in line]  # after pretrain's own messages
+        assert code == 0 and said == ([f"electra-fast {argv[0]}: {note}"] if full else []), err
+    assert sorted(os.listdir(tmp_path / "exported")) == EXPORTED
+    assert ckpt_steps(tmp_path / "run") == [1]
+    monkeypatch.setattr(sys, "stdout", _Unwritable(error))
+    code, err, _ = _cli(["info"], capsys)
+    assert code == 1 and err == (["electra-fast info: error: stdout could not be written (No space left on device)"]
+                                 if full else []), err
+
+
+def ckpt_steps(run):
+    from electra_fast.train import checkpoint
+    return [step for step, _ in checkpoint.checkpoint_dirs(run / "checkpoints")]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_real_stdout_that_fails_leaves_no_exit_status_120_and_no_traceback(finished_run, tmp_path):
+    """The interpreter's own flush at exit, of what print() left buffered, failed again: "Exception ignored ...
+    BrokenPipeError", exit status 120 (info into a pipe its reader closed; export to /dev/full). Settled as Python's
+    documentation advises for SIGPIPE: stdout goes to os.devnull."""
+    command = [sys.executable, "-m", "electra_fast"]
+    reader, writer = os.pipe()
+    os.close(reader)  # `| head` gone before the first line
+    try:
+        info = subprocess.run(command + ["info"], stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(writer)
+    assert (info.returncode, info.stderr) == (1, "")
+    with open("/dev/full", "w") as full:
+        export = subprocess.run(command + ["export", str(finished_run), str(tmp_path / "x")], stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    assert export.returncode == 0 and export.stderr.splitlines() == [
+        "electra-fast export: note: stdout could not be written (No space left on device); the work is complete, "
+        "only what it printed is lost"], export.stderr
+    assert sorted(os.listdir(tmp_path / "x")) == EXPORTED
 
 
 def test_corpus_shorter_than_one_sequence_is_one_line(user, tmp_path, capsys):

@@ -194,11 +194,17 @@ def test_info_reports_the_paths():
 
 
 def test_switches_read_as_the_cpp_reads_them(monkeypatch):
-    """csrc/env_switch.h takes "0 " as on; Python stripped it to "0" (off): info reported the AVX-512 path while the
-    C++ ran the portable one."""
-    for value, on in (("", False), ("0", False), ("1", True), ("0 ", True), ("yes", True)):
+    """Python and csrc/env_switch.h once disagreed on "0 " (info reported the AVX-512 path while the C++ ran the
+    portable one); both read "false" / "no" / "off" as on, turning the path off (ELECTRA_FAST_NO_UNPAD=false ran
+    padded batches, ~3x slower)."""
+    cpp = getattr(torch.ops.electra_fast_cpp, "env_switch", None) if _extension.EXTENSION_ERROR is None else None
+    for value, on in (("", False), ("0", False), (" 0 ", False), ("false", False), ("False", False), ("no", False),
+                      ("OFF", False), ("1", True), ("yes", True), ("true", True), ("2", True), ("on", True)):
         monkeypatch.setenv("ELECTRA_FAST_NO_AVX512", value)
         assert _cpu.switch("ELECTRA_FAST_NO_AVX512") is on, value
+        if cpp is not None:
+            assert cpp("ELECTRA_FAST_NO_AVX512") is on, value
+    assert cpp is not None or not os.environ.get("ELECTRA_FAST_REQUIRE_EXT")
 
 
 def test_odd_build_records_are_no_crash(tmp_path, monkeypatch):

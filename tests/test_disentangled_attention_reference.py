@@ -5,6 +5,7 @@ import torch
 
 import electra_fast
 from attention_inputs import SMALL, _hf_module, _pad
+from conftest import all_backends
 from electra_fast.integrations.transformers.deberta_v2 import FusedDisentangledSelfAttention
 from electra_fast.reference import disentangled_attention as ref
 
@@ -78,3 +79,16 @@ def test_reference_matches_transformers(pos_att, share, buckets, max_rel, dtype)
                 assert a is None or not a.any()
             else:
                 torch.testing.assert_close(a, b, **REF_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_equal_keys_give_the_values_exactly_at_large_scores(backend, device):
+    # every key and value alike: the output is V whatever the scores. The reference normalised by exp(-lse) with an
+    # fp32 lse, |s| * 2^-24 off (0.7 % at |s| ~ 2e5); fp32's own rounding is ~1e-7
+    g = torch.Generator().manual_seed(0)
+    q, k, v = ((torch.randn(1, 1, 1, 32, generator=g) * 1000).expand(1, 1, 7, 32).contiguous().to(device)
+               for _ in range(3))
+    assert (q[0, 0, 0] @ k[0, 0, 0]).abs() / 32 ** 0.5 > 1e5
+    with electra_fast.use_backend(backend):
+        out = electra_fast.disentangled_attention(q, k, v, position_buckets=0, max_relative_positions=1)
+    assert ((out - v).abs().max() / v.abs().max()).item() < 1e-6

@@ -600,6 +600,18 @@ def test_explicit_bf16_on_a_cpu_that_emulates_it_warns_as_pretrain_does(pretrain
                                             "matrix products are emulated here")]
 
 
+@pytest.mark.parametrize("stderr", [None, test_train._BrokenPipe()], ids=["closed", "reader-gone"])
+def test_fine_tuning_goes_on_when_stderr_cannot_be_written(pretrained, tmp_path, monkeypatch, stderr):
+    """Review finding: with 2>&- (sys.stderr None) finetune stopped at its progress bar (tqdm(file=None)), and a
+    stderr whose reader left stopped it at the next message: the messages and the bar are lost, not the run."""
+    d = _classification_files(tmp_path / "data")
+    monkeypatch.setattr(sys, "stderr", stderr)
+    summary = finetune(str(pretrained), str(d / "train.tsv"), str(d / "dev.tsv"), out=str(tmp_path / "run"),
+                       epochs=2, batch_size=8, progress=True)
+    assert not summary["interrupted"] and (tmp_path / "run" / "summary.json").is_file()
+    assert len((tmp_path / "run" / "seed-1" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_skip_bad_lines_counts_them(pretrained, tmp_path):
     d = _classification_files(tmp_path / "data")
     good = open(d / "train.jsonl").read()

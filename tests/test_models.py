@@ -968,3 +968,76 @@ def test_config_takes_numpy_scalars_and_transformers_spellings():
     for ids in (np.array([0, 5]), range(2), {0, 5}):  # any collection of ids, as before the type checks
         assert set(ElectraConfig(disallowed_sample_ids=ids).disallowed_sample_ids) == set(ids)
     assert cfg.vocab_size == 100 and cfg.mask_prob == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("attention", ATTN)
+def test_accelerate_hooks_on_native_layers_are_called(attention):
+    """Review finding: accelerate's hooks (a forward it sets on the instance, not torch's hook registries: its device
+    placement and offloading) on the encoder's projections, MLP, LayerNorms, dropouts and position table were skipped,
+    the fused code reading their weights, where a torch hook there is honoured. Both are now."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    from electra_fast.finetune.model import FinetuneModel
+
+    class Post(hooks.ModelHook):
+        def post_forward(self, module, output):
+            return output * 0.5 + 1
+
+    torch.manual_seed(0)
+    base = FinetuneModel(tiny(attention), "classification", 3).eval()
+    ids, mask = batch()
+    layer = "encoder.layer.0."
+    names = [layer + n for n in ("attention.self.value" if attention == "standard" else "attention.self.value_proj",
+                                 "intermediate.dense", "intermediate", "output", "output.LayerNorm",
+                                 "attention.output.dropout")]
+    names += ["embeddings.position_embeddings"] if attention == "standard" else []
+    with torch.no_grad():
+        plain = base.backbone(ids, mask)
+        for name in names:
+            torch_hooked, accelerate_hooked = copy.deepcopy(base), copy.deepcopy(base)
+            torch_hooked.backbone.get_submodule(name).register_forward_hook(lambda m, i, o: o * 0.5 + 1)
+            hooks.add_hook_to_module(accelerate_hooked.backbone.get_submodule(name), Post())
+            want = torch_hooked.backbone(ids, mask)
+            assert (want - plain).abs().max() > 1e-3, name
+            torch.testing.assert_close(accelerate_hooked.backbone(ids, mask), want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("attention", ATTN)
+def test_torch_export_of_the_discriminator_and_generator(attention):
+    """Review finding: torch.export of ElectraDiscriminator / ElectraGenerator failed in the input check, a branch on
+    the ids' range ("Could not guard on data-dependent expression", "Data-dependent branching"). A captured graph
+    skips that check (eager keeps its ValueError); the exported models give eager's logits at real tokens."""
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(tiny(attention)).eval()
+    ids, mask = batch()
+    real = mask.bool()
+    for part in (model.discriminator, model.generator):
+        with torch.no_grad():
+            want = part(ids, mask)
+        for strict in (False, True):
+            exported = torch.export.export(part, (ids, mask), strict=strict).module()
+            torch.testing.assert_close(exported(ids, mask)[real], want[real], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=r"^input_ids: ids must lie in \[0, vocab_size=97\)"):
+            part(ids.clone().fill_(V), mask)
+
+
+def test_torch_export_in_training_draws_dropout_anew():
+    """Review finding: torch.export of a native model in training mode (dropout on) failed inside the seed draw (a
+    data-dependent .item(); under strict export also dynamo's refusal of the eager twin's ContextVar). Under export
+    the dropouts, the add-norms' and the standard attention's are torch's, which the graph draws anew at each call;
+    the disentangled attention's dropout has no torch op: export says so in one line."""
+    from electra_fast.finetune.model import FinetuneModel
+
+    torch.manual_seed(0)
+    ids, mask = batch(pad=False)
+    model = FinetuneModel(tiny("standard", dropout=0.1), "token-classification", 2).train()
+    with torch.no_grad():
+        evaluated = model.eval()(ids, mask)
+    model.train()
+    for strict in (False, True):
+        exported = torch.export.export(model, (ids, mask), strict=strict)
+        assert any("dropout" in str(n.target) for n in exported.graph.nodes)
+        first, second = exported.module()(ids, mask), exported.module()(ids, mask)
+        assert not torch.equal(first, second) and not torch.allclose(first, evaluated, atol=1e-3)
+    disentangled = FinetuneModel(tiny("disentangled", dropout=0.1), "token-classification", 2).train()
+    with pytest.raises(RuntimeError, match="^torch.export: a random seed cannot be drawn in an exported graph"):
+        torch.export.export(disentangled, (ids, mask), strict=False)

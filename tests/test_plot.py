@@ -117,6 +117,25 @@ def test_plot_overlays_runs_and_never_replaces_a_file_without_force(run, tmp_pat
     assert out.read_bytes()[:8] == before[:8] and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 
 
+def test_plot_shows_a_run_folder_name_that_is_not_utf8_escaped(run, tmp_path, capsys, monkeypatch):
+    """Review finding: a run folder named in Latin-1 (run_\\xe9) reached matplotlib as a str holding a surrogate:
+    "TypeError ... 'run_\\udce9: MLM'" traceback after every run was read. The legend shows its byte escaped."""
+    pytest.importorskip("matplotlib")
+    latin1 = tmp_path / os.fsdecode(b"run_\xe9")
+    shutil.copytree(run, latin1)
+    drawn, real = [], plot.save
+
+    def save(fig, path):
+        drawn.append(fig)
+        real(fig, path)
+
+    monkeypatch.setattr(plot, "save", save)
+    out = tmp_path / "both.png"
+    assert cli_main(["plot", str(latin1), str(run), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _labels(drawn[0].axes[3]) == ["run_\\xe9: tokens/s", "run: tokens/s"]
+
+
 def test_plot_errors_are_one_line_naming_what_is_wrong(run, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

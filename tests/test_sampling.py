@@ -261,6 +261,19 @@ def test_disallowed_never_drawn_and_low_temperature_is_argmax(backend, device):
     assert torch.equal(cold.cpu(), want) and torch.equal(cold_fused.cpu(), want)
 
 
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_hottest_temperature_never_draws_a_minus_inf_logit(backend, device):
+    # fp32(1 / T) is the smallest subnormal just below T = 2^150 and 0 at it: -inf * 0 would be NaN, which won the
+    # argmax, so every row drew a token whose logit is -inf; that temperature is refused, the one below is uniform-ish
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(1))
+    logits[:, :3] = float("-inf")
+    with electra_fast.use_backend(backend):
+        s = electra_fast.gumbel_sample(logits.to(device), seed=1, temperature=1e45)
+        with pytest.raises(ValueError, match="temperature: .* too large"):
+            electra_fast.gumbel_sample(logits.to(device), seed=1, temperature=2.0 ** 150)
+    assert (s.cpu() >= 3).all() and len(s.unique()) > 3
+
+
 # ------------------------------------------------------------------------- memory / stability
 def test_peak_memory_is_chunked(monkeypatch):
     """fwd + bwd extra memory stays O(N x chunk + V x E); the reference ([N, V] logits) must fail the bound."""
@@ -526,6 +539,8 @@ def _mlm_kwargs(**over):
     (dict(temperature=-1.0), ValueError, "temperature"),
     (dict(temperature=float("nan")), ValueError, "temperature"),
     (dict(temperature=1e-45), ValueError, "temperature"),
+    (dict(temperature=2.0 ** 150), ValueError, "temperature: .* too large"),
+    (dict(temperature=float("inf")), ValueError, "temperature"),
     (dict(disallowed_ids=[30]), ValueError, "disallowed_ids"),
     (dict(disallowed_ids=[-1]), ValueError, "disallowed_ids"),
     (dict(disallowed_ids=torch.tensor([31])), ValueError, "disallowed_ids"),
@@ -604,3 +619,18 @@ def test_portable_cpu_path_matches(backend, device):
         os.remove(p)
     assert len(fast) == len(portable) == 7
     assert all(torch.equal(a, b) for a, b in zip(fast, portable))
+
+
+@pytest.mark.parametrize("backend,device", all_backends())
+def test_empty_hidden_still_gives_the_bias_gradient(backend, device):
+    # E = 0: the logits are the bias alone; the Triton backward launched no weight-gradient program (an empty grid)
+    # and returned its uninitialised dbias buffer
+    bias = torch.randn(5, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    targets = torch.tensor([-100, 1, 4])
+    want = torch.autograd.grad(F.cross_entropy(bias.expand(3, 5), targets, reduction="sum"), bias)[0]
+    b = bias.detach().to(device).requires_grad_()
+    with electra_fast.use_backend(backend):
+        loss, _ = electra_fast.mlm_loss_and_sample(torch.zeros(3, 0, device=device), torch.zeros(5, 0, device=device),
+                                                   targets.to(device), bias=b, seed=7, reduction="sum")
+        loss.backward()
+    torch.testing.assert_close(b.grad.cpu(), want)

@@ -1657,6 +1657,101 @@ def test_sigterm_before_training_takes_back_the_runs_files(env, tmp_path):
     assert os.listdir(user) == ["notes.txt"] and (user / "notes.txt").read_text() == "mine"
 
 
+@pytest.fixture
+def sighup_survivable():
+    """SIGHUP's default action would end the test session if the code under test did not handle it: a handler of
+    the test's own is there underneath (restored afterwards)."""
+    old = signal.signal(signal.SIGHUP, lambda *a: None)
+    yield
+    signal.signal(signal.SIGHUP, old)
+
+
+def test_sighup_before_training_takes_back_the_runs_files(env, tmp_path, capsys, monkeypatch, sighup_survivable):
+    """Review finding: SIGHUP (the terminal closed) while the job trained its tokenizer killed it with the default
+    action: its marker and cache/ stayed in the user's --allow-nonempty-out folder, and a later job without the flag
+    wrote a run there. It now stops as SIGTERM does."""
+    from electra_fast.train import trainer
+    real = trainer._Job._tokenizer
+
+    def hung_up(self):
+        os.kill(os.getpid(), signal.SIGHUP)
+        return real(self)
+
+    monkeypatch.setattr(trainer._Job, "_tokenizer", hung_up)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    code = cli_main(["pretrain", "--no-progress", "--data", env["data"], "--model", env["model"], "--seq-len", "32",
+                     "--steps", "2", "--out", str(user), "--allow-nonempty-out"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and err[-1] == "electra-fast pretrain: interrupted by SIGHUP before training started", err
+    assert os.listdir(user) == ["notes.txt"] and (user / "notes.txt").read_text() == "mine"
+
+
+def test_sighup_while_training_checkpoints_and_stops(env, tmp_path, monkeypatch, sighup_survivable):
+    """Review finding: SIGHUP mid-training lost everything since the last checkpoint, where SIGTERM saves."""
+    from electra_fast.train import trainer
+    real = trainer._Job._maybe_checkpoint
+
+    def hung_up(self, signals):
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real(self, signals)
+
+    monkeypatch.setattr(trainer._Job, "_maybe_checkpoint", hung_up)
+    s = pretrain(env["data"], **_kw(env, tmp_path / "run", steps=50))
+    assert s["interrupted"] == "SIGHUP" and s["steps"] == 4
+    assert [step for step, _ in ckpt.checkpoint_dirs(tmp_path / "run" / "checkpoints")] == [4]
+
+
+def test_sighup_stays_ignored_under_nohup(sighup_survivable):
+    """nohup ignores SIGHUP so that a closed terminal does not stop the job: neither handler takes it over."""
+    from electra_fast.train.signals import Signals, TermInterrupts, stop_signals
+    assert signal.SIGHUP in stop_signals()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    assert stop_signals() == [signal.SIGTERM]
+    with TermInterrupts(), Signals(loud=False):
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+
+
+class _BrokenPipe:
+    """A stderr whose reader is gone (a dead tee, `2>&1 | head`): every write and flush raises EPIPE."""
+
+    def write(self, text=""):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    flush = write
+
+
+@pytest.mark.parametrize("stderr", [None, _BrokenPipe()], ids=["closed", "reader-gone"])
+def test_training_goes_on_when_stderr_cannot_be_written(env, tmp_path, monkeypatch, stderr):
+    """Review finding: started with 2>&- (sys.stderr None) the job stopped before step 1 (tqdm(file=None)); with the
+    stderr reader gone mid-run it stopped at the next progress-bar update, losing everything since its last
+    checkpoint. The progress bar and the messages are lost, not the run."""
+    monkeypatch.setattr(sys, "stderr", stderr)
+    out = tmp_path / "run"
+    code = cli_main(["pretrain", "--data", env["data"], "--tokenizer", env["tokenizer"], "--model", env["model"],
+                     "--seq-len", "32", "--batch-size", "4", "--steps", "6", "--save-every", "3", "--out", str(out)])
+    assert code == 0
+    assert sorted(step for step, _ in ckpt.checkpoint_dirs(out / "checkpoints")) == [3, 6] and max(_losses(out)) == 6
+
+
+def test_the_signal_handlers_message_to_a_closed_stderr_keeps_the_checkpoint():
+    """Review finding: with fd 2 closed, SIGTERM's "finishing this step" os.write raised EBADF inside the handler:
+    the job ended with "error: [Errno 9] Bad file descriptor" and no SIGTERM checkpoint."""
+    from electra_fast.train.signals import Signals
+    saved = os.dup(2)
+    try:
+        with Signals(loud=True) as signals:
+            os.close(2)
+            os.kill(os.getpid(), signal.SIGTERM)
+            caught = signals.caught
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    assert caught == "SIGTERM"
+
+
 def test_cpu_training_keeps_freed_memory(env, tmp_path, monkeypatch):
     """glibc's allocator is told to keep freed blocks (no per-step page faults); the opt-out is honoured.
 

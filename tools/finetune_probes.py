@@ -247,7 +247,7 @@ def mlm_probe(run: str, text: str, seq_len: int = 128, rows: int = 64) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("probe", choices=("swap", "linear", "mlm"))
     p.add_argument("run")
     p.add_argument("data", help="; ".join(f"{k}: {v}" for k, v in DATA.items()))

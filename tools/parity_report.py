@@ -494,7 +494,7 @@ def record_machine(result: dict, key: str, machine: dict) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=600)

@@ -2897,7 +2897,7 @@ def _meta(args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--out", default="sweep-report.json", help="the JSON report")
     ap.add_argument("--only", default="ops,model,cli,kill", help="comma-separated parts: ops, model, cli, kill")
     ap.add_argument("--ops", default=",".join(OPS), help="comma-separated ops (ops part)")

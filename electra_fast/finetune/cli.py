@@ -1,8 +1,7 @@
 """``electra-fast finetune``: argument parsing (the shared one-line error handling is ``train.cli.guard``)."""
 from __future__ import annotations
 
-import sys
-
+from .._console import show
 from ..train.cli import Defaults
 from .data import TASKS
 
@@ -68,6 +67,6 @@ def run(args) -> int:
                        threads=args.threads, skip_bad_lines=args.skip_bad_lines, from_scratch=args.from_scratch,
                        resume=args.resume, progress=not args.no_progress)
     if "exported" in summary:
-        print(f"export: {summary['exported']['dir']} (seed {summary['exported']['seed']})")
-    print(f"summary: {args.out}/summary.json", file=sys.stdout)
+        show(f"export: {summary['exported']['dir']} (seed {summary['exported']['seed']})")
+    show(f"summary: {args.out}/summary.json")
     return 130 if summary["interrupted"] else 0

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .._console import paths_printable
+from .._console import help_text, paths_printable
 from .._files import write_text, writing
 from .errors import FinetuneError
 
@@ -199,7 +199,7 @@ def _span(values: List[float]) -> str:
 
 def main(argv=None) -> int:
     paths_printable()
-    p = argparse.ArgumentParser(prog="python -m electra_fast.finetune.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m electra_fast.finetune.demo", description=help_text(__doc__))
     p.add_argument("--out", required=True, help="a new or empty directory")
     p.add_argument("--model", default=None, help="a pretrained run / checkpoint / export (default: pretrain one)")
     g = p.add_argument_group("pretraining (without --model)")

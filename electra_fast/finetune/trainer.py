@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _cpu
+from .._console import progress_bar, say as console_say
 from .._files import (load_safetensors, remove_entry, temporary, unused, write_as, write_atomic, write_json,
                       write_text, writing)
 from .._validate import path as path_arg
@@ -49,7 +49,7 @@ from ..train.distributed import check_device
 from ..train.optim import layer_decay, linear_schedule, param_groups
 from ..train.temporaries import pid_alive, remove_dead_temporaries
 from ..train.tokenizer import embedding_rows, load_tokenizer, special_ids, with_special_tokens
-from ..train.options import emulated_bf16_warning, job_scope, positive, python_int, real
+from ..train.options import check_forced_backend, emulated_bf16_warning, job_scope, positive, python_int, real
 from . import data as fdata
 from . import metrics as fmetrics
 from . import model as fmodel
@@ -371,8 +371,7 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
              lr: float = 1e-4, layer_decay: float = 0.8, warmup: float = 0.1, weight_decay: float = 0.01,
              seeds: Sequence[int] = (1,), sift: float = 0.0, precision: str = "auto", device: Optional[str] = None,
              threads: Optional[int] = None, skip_bad_lines: bool = False, from_scratch: bool = False,
-             resume: bool = False, progress: bool = True, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
-             ) -> dict:
+             resume: bool = False, progress: bool = True, say: Callable[[str], None] = console_say) -> dict:
     """Fine-tune ``model`` (a checkpoint / run / export / transformers directory) on ``train``, pick each seed's
     best epoch on ``validation``, predict ``test``; returns the summary (also written to ``out/summary.json``).
     ``from_scratch``: the same architecture and tokenizer, randomly initialised (the no-pretraining baseline).
@@ -431,6 +430,7 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
         native, why = _cpu.native_bf16()
         if not native:  # as pretrain says it
             say(emulated_bf16_warning(why))
+    check_forced_backend(dev, precision)  # pretrain's check: one line, not a traceback from the first step
     with torch.random.fork_rng(devices=[]):  # the weights fit the architecture: checked before --out is written
         fmodel.build(cfg, None if from_scratch else state, task, len(names), model)
     feats = {k: fdata.featurize(d, tok, task, names, max_len) for k, d in (("train", tr), ("validation", va),
@@ -527,8 +527,7 @@ def _one_seed(seed, cfg, state, task, names, feats, va, te, pad, hp, dev, precis
         if best_epoch > 0:
             best_state = (best, best_epoch, _load_best(out, net, best_epoch, len(history)))
         say(f"seed {seed}: resuming after epoch {len(history)}")
-    bar = tqdm(total=total, initial=len(history) * per_epoch, disable=not progress, unit="step",
-               desc=f"seed {seed}", file=sys.stderr)
+    bar = progress_bar(tqdm, progress, total=total, initial=len(history) * per_epoch, unit="step", desc=f"seed {seed}")
     start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
     try:
         for epoch in range(len(history) + 1, hp["epochs"] + 1):

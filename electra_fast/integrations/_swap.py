@@ -18,7 +18,10 @@ import inspect
 import weakref
 from typing import Callable
 
+import torch
 from torch import nn
+
+from ..nn._plain import FusedMethod
 
 _ORIGINAL = "_electra_fast_original"
 # A replacement holds the original's hook registries themselves (the same dict objects): a hook registered on either
@@ -63,18 +66,38 @@ def restore_submodule(parent: nn.Module, name: str) -> None:
 
 
 _MARK = "_electra_fast_override"  # on each override: a method a user set on the instance is not one of ours
+STRICT = "_electra_fast_strict"  # a patched module's flag (patching.py): a call it cannot serve raises
 
 
-class _Override:
+class _PatchedDict(dict):
+    """A patched module's ``__dict__``, whose overrides dynamo does not see under torch.export: a strict export
+    traces transformers' own methods. Dynamo names each module by the path it reached it through, and an override's
+    only path to its module is its weak reference (``encoder.layer.0.forward.module().attention``): a constant lifted
+    there failed the export, and ``torch.export.unflatten`` refused the rest. A module patched with ``strict=True``
+    keeps them (its calls raise rather than run transformers' code). CPython's attribute lookup never calls
+    ``__contains__``: eager calls, torch.compile and non-strict export run the overrides."""
+
+    __slots__ = ()
+
+    def __contains__(self, name) -> bool:  # nn.Module.__getattr__ asks 3 times per child: the common case first
+        if type(dict.get(self, name)) is not _Override:
+            return dict.__contains__(self, name)
+        return not torch.compiler.is_exporting() or bool(dict.get(self, STRICT))
+
+
+class _Override(FusedMethod):
     """``function`` bound to ``module``, which it holds weakly (see the module docstring)."""
 
     # __dict__ holds only the mark: a wrapper made by functools.update_wrapper (accelerate's fp32 output wrapper of
-    # a model's forward) copies it and counts as installed, as it did when the override was a partial
+    # a model's forward) copies it and counts as installed, as it did when the override was a partial (the fused
+    # code tells its own from such a wrapper by type: _plain.own_forward)
     __slots__ = ("function", "module", "__dict__", "__weakref__")  # weakref-able, as the partial was
 
     def __init__(self, function: Callable, module: nn.Module):
         self.function, self.module = function, weakref.ref(module)
         setattr(self, _MARK, True)
+        if type(vars(module)) is dict:  # also on a copy, which is built through here (__reduce__)
+            object.__setattr__(module, "__dict__", _PatchedDict(vars(module)))
 
     def __call__(self, *args, **kwargs):
         module = self.module()

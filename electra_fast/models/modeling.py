@@ -111,7 +111,8 @@ def check_inputs(cfg: ElectraConfig, input_ids: torch.Tensor, attention_mask: Op
                  token_type_ids: Optional[torch.Tensor] = None, document_ids=None) -> None:
     """ValueError / TypeError naming the argument for inputs that ``cfg``'s models cannot take: ids int [B, T] in
     the vocabulary and within the positions; a mask, token types or document ids of their shape and device. Run
-    once per public call (the id range reads the data: a host sync on CUDA), not by the modules a step runs."""
+    once per public call (the id range reads the data: a host sync on CUDA; not in a captured graph), not by the
+    modules a step runs."""
     _validate.ids("input_ids", input_ids)
     _validate.rank("input_ids", input_ids, 2, "[B, T]")
     if input_ids.device.type == "meta":  # the id-range checks below read the data
@@ -120,10 +121,7 @@ def check_inputs(cfg: ElectraConfig, input_ids: torch.Tensor, attention_mask: Op
         raise ValueError(f"input_ids: expected a non-empty batch [B, T] (B, T >= 1), got shape "
                          f"{tuple(input_ids.shape)}")
     _validate.seq_len_fits(input_ids.shape[1], cfg.max_position_embeddings)
-    lo, hi = torch.aminmax(input_ids)
-    if lo < 0 or hi >= cfg.vocab_size:
-        raise ValueError(f"input_ids: ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
-                         f"[{int(lo)}, {int(hi)}]")
+    _check_range("input_ids", input_ids, "vocab_size", cfg.vocab_size)
     if attention_mask is not None:
         _validate.mask_dtype("attention_mask", attention_mask, "[B, T], 1 = real token, 0 = padding")
         _validate.same_shape("attention_mask", attention_mask, "input_ids", input_ids)
@@ -140,11 +138,17 @@ def _check_token_types(cfg: ElectraConfig, input_ids: torch.Tensor, token_type_i
     # ELECTRA's embeddings keep at least one type row; DeBERTa's ignore token types when type_vocab_size is 0
     if cfg.disentangled and cfg.type_vocab_size == 0:
         return
-    n_types = max(cfg.type_vocab_size, 1)
-    lo, hi = torch.aminmax(token_type_ids)
-    if lo < 0 or hi >= n_types:
-        raise ValueError(f"token_type_ids: ids must lie in [0, type_vocab_size={n_types}), got values in "
-                         f"[{int(lo)}, {int(hi)}]")
+    _check_range("token_type_ids", token_type_ids, "type_vocab_size", max(cfg.type_vocab_size, 1))
+
+
+def _check_range(name: str, ids: torch.Tensor, limit_name: str, limit: int) -> None:
+    """ValueError for ids outside [0, limit); skipped while a graph is captured (torch.compile / torch.export /
+    torch.jit.trace: a branch on the ids' values is data-dependent, which export refused)."""
+    if not _validate.inspectable(ids):
+        return
+    lo, hi = torch.aminmax(ids)
+    if lo < 0 or hi >= limit:
+        raise ValueError(f"{name}: ids must lie in [0, {limit_name}={limit}), got values in [{int(lo)}, {int(hi)}]")
 
 
 def _key_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

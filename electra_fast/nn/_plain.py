@@ -3,8 +3,9 @@
 The fused layers (the encoder's one-GEMM q / k / v projection, its GELU MLP, its dropout + add + LayerNorm, and the
 transformers adapters built on them) read ``weight`` / ``bias`` directly. That is only the module's computation when
 the module is exactly torch's ``Linear`` / ``LayerNorm`` (or electra_fast's ``Linear``) and nothing is hooked on
-it: a PEFT LoRA wrapper exposing its base layer's ``weight``, a parametrized or pruned layer, a subclass or a user's
-hook would be skipped silently. Callers fall back to calling the modules when :func:`not_plain` names a reason.
+it: a PEFT LoRA wrapper exposing its base layer's ``weight``, a parametrized or pruned layer, a subclass, a user's
+hook or accelerate's (a ``forward`` set on the instance: offloading loads the weights there) would be skipped
+silently. Callers fall back to calling the modules when :func:`not_plain` names a reason.
 """
 from __future__ import annotations
 
@@ -17,10 +18,27 @@ from .linear import Linear
 _PLAIN = (nn.Linear, Linear, nn.LayerNorm)
 
 
+class FusedMethod:
+    """Base of electra_fast's own instance-level methods (``integrations/_swap.py``): a ``forward`` of this type set
+    on a module is the fused code itself. Told apart by type: accelerate's hook wrapper around one copies its
+    attributes (``functools.update_wrapper``)."""
+
+    __slots__ = ()
+
+
+def own_forward(module: nn.Module) -> bool:
+    """Whether ``module`` has a ``forward`` set on the instance that is not electra_fast's: accelerate's hooks
+    (``add_hook_to_module``: device placement, CPU / disk offloading, whose weights are on "meta" until it runs) or
+    a user's adapter, the module's computation either way."""
+    forward = vars(module).get("forward")
+    return forward is not None and not isinstance(forward, FusedMethod)
+
+
 def hooked(module: nn.Module) -> bool:
-    """Whether ``module`` has forward or backward hooks of its own (pruning and weight norm are forward pre-hooks)."""
+    """Whether ``module`` has forward or backward hooks of its own (pruning and weight norm are forward pre-hooks;
+    accelerate's are an :func:`own_forward`)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+                or module._backward_pre_hooks) or own_forward(module)
 
 
 def global_hooks() -> Optional[str]:
@@ -36,8 +54,8 @@ def not_plain(**modules: Optional[nn.Module]) -> Optional[str]:
     """Why the fused code, which reads these modules' Parameters instead of calling them, would skip part of their
     computation (None: it would not): a module that is not exactly torch's Linear / LayerNorm (a PEFT LoRA wrapper,
     a quantised or parametrized layer, a subclass) or one with forward or backward hooks (pruning, weight norm, a
-    user's hook), or hooks on every module. None entries are skipped. Checked at each call, so a wrapper installed
-    after the model was built (or patched) is seen."""
+    user's hook, accelerate's), or hooks on every module. None entries are skipped. Checked at each call, so a
+    wrapper installed after the model was built (or patched) is seen."""
     why = global_hooks()
     if why is not None:
         return why

@@ -34,8 +34,9 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        # torch.jit.trace would freeze the drawn seed into the graph (one mask for every call): torch's dropout
-        # there, which the trace records as drawing anew
-        torch_dropout = eager_twin() or torch.jit.is_tracing()
+        # a trace would freeze the drawn seed into the graph (one mask for every call) and export cannot draw it:
+        # torch's dropout there, which the graph records as drawing anew (checked first: dynamo cannot read the
+        # eager twin's ContextVar, which failed a strict export)
+        torch_dropout = not _seed.drawable() or eager_twin()
         y = F.dropout(x, self.p, training=True) if torch_dropout else dropout(x, self.p, _seed.draw())
         return x.copy_(y) if self.inplace else y

@@ -116,7 +116,7 @@ def standard_attention(x: torch.Tensor, query: nn.Linear, key: nn.Linear, value:
     B, T, H = x.shape
     qkv = qkv.view(B, T, 3, num_heads, H // num_heads)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-    if fused_dropout and dropout_p > 0 and x.device.type == "cpu" and not eager_twin() and not torch.jit.is_tracing():
+    if fused_dropout and dropout_p > 0 and x.device.type == "cpu" and _seed.drawable() and not eager_twin():
         out = disentangled_attention(q, k, v, attention_mask=key_mask, dropout_p=dropout_p, seed=_seed.draw(),
                                      scale=int(q.shape[-1]) ** -0.5)
     else:
@@ -156,7 +156,7 @@ def add_norm(y: torch.Tensor, residual: torch.Tensor, ln: nn.LayerNorm, dropout:
             and not_plain(LayerNorm=ln) is None and type(dropout) in (Dropout, nn.Dropout) and not hooked(dropout)
             and ln.weight.dtype in (torch.float32, y.dtype)
             and (torch.compiler.is_compiling() or not eager_twin())  # dynamo cannot read the ContextVar
-            and not (training and torch.jit.is_tracing())):  # a trace would freeze the drawn seed: torch's dropout
+            and (not training or _seed.drawable())):  # a trace or an export has no seed per call: torch's dropout
         p = dropout.p if training else 0.0
         return dropout_add_layer_norm(y, residual, ln.weight, ln.bias, p=p, seed=_seed.draw() if p > 0 else None,
                                       eps=ln.eps)

@@ -5,9 +5,10 @@ Kept apart from the top-level ``electra_fast/cli.py``, which only registers thes
 from __future__ import annotations
 
 import argparse
+import os
 import re
-import sys
 
+from .._console import say, show
 from .._validate import out_of_memory, reason
 from . import recipe
 
@@ -103,6 +104,23 @@ def add_parsers(sub) -> None:
     c.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+# every option that names a file or folder, of every command (pretrain, export, plot, finetune, bench)
+PATH_OPTIONS = ("data", "tokenizer", "model", "init_from", "out", "checkpoint", "out_dir", "run_dirs", "train",
+                "validation", "test", "compare")
+
+
+def expand_user(args) -> None:
+    """A leading ``~`` in every path option of ``args`` is the home folder, as a shell would have made it: a quoted
+    one (a launcher's argument list, a YAML config) became a folder named "~" in the working directory, and the
+    printed hints then pointed at the home folder. transformers' TrainingArguments expands its paths so too."""
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
+
+
 def run(args) -> int:
     """Run a parsed ``pretrain`` / ``export`` / ``plot`` command; bad input -> one line on stderr, exit status 2."""
     return guard(args, lambda: _run(args))
@@ -111,12 +129,12 @@ def run(args) -> int:
 def _run(args) -> int:
     if args.command == "export":
         from .export import export
-        path = export(args.checkpoint, args.out_dir, warn=lambda m: print(m, file=sys.stderr))
-        print(f"exported {args.checkpoint} -> {path}/generator, {path}/discriminator")
+        path = export(args.checkpoint, args.out_dir, warn=say)
+        show(f"exported {args.checkpoint} -> {path}/generator, {path}/discriminator")
         return 0
     if args.command == "plot":
         from .plot import plot_runs
-        print(f"wrote {plot_runs(args.run_dirs, args.out, force=args.force)}")
+        show(f"wrote {plot_runs(args.run_dirs, args.out, force=args.force)}")
         return 0
     from .trainer import pretrain
     summary = pretrain(args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size, model=args.model,
@@ -154,20 +172,20 @@ def guard(args, command) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop, or a second one inside it
         if args.debug:
             raise
-        print(f"electra-fast {args.command}: {who}{str(exc) or 'interrupted'}", file=sys.stderr)
+        say(f"electra-fast {args.command}: {who}{str(exc) or 'interrupted'}")
         return 130
     except Exception as exc:
         if args.debug:
             raise
         if isinstance(exc, (PretrainError, OSError)):
-            print(f"electra-fast {args.command}: {who}error: {exc}", file=sys.stderr)
+            say(f"electra-fast {args.command}: {who}error: {exc}")
             return 2
         if out_of_memory(exc):  # sizes the machine cannot hold: the user's to lower, not a bug's traceback
             lower = OOM_ADVICE.get(args.command, "use smaller inputs")
-            print(f"electra-fast {args.command}: {who}error: out of memory ({reason(exc)}): {lower}", file=sys.stderr)
+            say(f"electra-fast {args.command}: {who}error: out of memory ({reason(exc)}): {lower}")
             return 2
         if rank == 0:
             raise
-        print(f"electra-fast {args.command}: {who}stopped by {type(exc).__name__}: {reason(exc)} (rank 0's "
-              "message says why)", file=sys.stderr)
+        say(f"electra-fast {args.command}: {who}stopped by {type(exc).__name__}: {reason(exc)} (rank 0's message "
+            "says why)")
         return 1

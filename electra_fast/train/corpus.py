@@ -13,6 +13,8 @@ import sys
 import warnings
 from typing import Iterator, List
 
+from .errors import PretrainError
+
 # modules without import-time side effects and with long English docstrings
 MODULES = (
     "abc", "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "cmd", "codecs", "collections",
@@ -62,6 +64,9 @@ def _docstrings(module) -> Iterator[str]:
 
 def documents() -> List[str]:
     """The corpus as a list of documents (one per docstring, blank lines inside collapsed)."""
+    if sys.flags.optimize >= 2:  # the pure-Python modules' docstrings are gone: a seventh of the text, silently
+        raise PretrainError("the embedded corpus is read from the standard library's docstrings, which python -OO "
+                            "(PYTHONOPTIMIZE=2) strips: run without it, or pass --data")
     docs, seen = [], set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .._validate import reason
 from .errors import PretrainError
 
 
@@ -150,6 +151,11 @@ def setup(device: "str | None" = None) -> Context:
         torch.cuda.set_device(dev)
     owns = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        except (ValueError, dist.DistError) as e:  # a partial torchrun environment (no MASTER_ADDR), a port taken
+            raise PretrainError(f"torchrun's environment (WORLD_SIZE={world}, RANK={rank}): the process group did "
+                                f"not start ({reason(e)}); launch with torchrun, which sets MASTER_ADDR and "
+                                "MASTER_PORT, or unset WORLD_SIZE to run one process") from None
         owns = True
     return Context(rank=rank, world=world, local_rank=local_rank, device=dev, owns_group=owns)

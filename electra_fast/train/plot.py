@@ -63,6 +63,12 @@ def read_metrics(run_dir: str) -> List[dict]:
     return records
 
 
+def run_label(path: str) -> str:
+    """``path`` as a legend shows it: a name that is not UTF-8 (a str holds its bytes as surrogates, which matplotlib
+    cannot draw: a TypeError after every run was read) with those bytes escaped, as the commands' messages show it."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
 def _series(records: Sequence[dict], key: str):
     pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))
            and not isinstance(r.get(key), bool)]
@@ -108,7 +114,7 @@ def write_run_curves(run_dir: str, warn) -> str:
     ``warn`` and no picture, never a failure: the run itself is done. Returns the path, or "" when not written."""
     path = os.path.join(run_dir, "curves.png")
     try:
-        fig = figure({os.path.basename(os.path.normpath(run_dir)): read_metrics(run_dir)})
+        fig = figure({run_label(os.path.basename(os.path.normpath(run_dir))): read_metrics(run_dir)})
         save(fig, path)
     except ImportError:
         warn("warning: curves.png not written: matplotlib is not installed (pip install matplotlib)")
@@ -133,8 +139,9 @@ def plot_runs(run_dirs: Sequence[str], out: str, force: bool = False) -> str:
         raise PretrainError(f"--out: no such directory: {folder}")
     if len({os.path.realpath(d) for d in run_dirs}) < len(run_dirs):
         raise PretrainError("RUN_DIR: the same run is named twice")
-    labels = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-    runs = {(label if labels.count(label) == 1 else d): read_metrics(d) for label, d in zip(labels, run_dirs)}
+    labels = [run_label(os.path.basename(os.path.normpath(d))) for d in run_dirs]
+    runs = {(label if labels.count(label) == 1 else run_label(d)): read_metrics(d)
+            for label, d in zip(labels, run_dirs)}
     try:
         fig = figure(runs)
     except ImportError:

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .. import _backend
+from .._console import progress_bar, say as console_say, show
 from .._files import unused, utf8_path, write_json, writing
 from .._seed import derive_seed
 from .._validate import path as path_arg, reason
@@ -39,8 +39,8 @@ from .errors import PretrainError
 from .optim import linear_schedule, param_groups
 from .init_from import init_source
 from .options import (DEFAULT_EMBEDDED_STEPS, DEFAULT_EMBEDDED_VOCAB, DEFAULT_SAVE_EVERY, DEFAULT_STEPS,
-                      TOKENIZER_NAMES, check_seq_len, default_lr, job_scope, model_config, positive, real,
-                      resolve_precision, summary_writer)
+                      TOKENIZER_NAMES, check_forced_backend, check_seq_len, default_lr, job_scope, model_config,
+                      positive, real, resolve_precision, summary_writer)
 from .signals import Signals, TermInterrupts, Uninterrupted
 from .tokenizer import (DEFAULT_VOCAB, MAX_VOCAB, TextRules, config_overrides, embedding_rows, fingerprint,
                         load_tokenizer, min_vocab, special_ids, train_tokenizer, write_tokenizer)
@@ -270,14 +270,14 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
                    )  # run.json's record: what a --resume inherits
     del recorded_warmup
     ctx = setup(device)
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if ctx.is_main else (lambda msg: None)
+    say = console_say if ctx.is_main else (lambda msg: None)
     for note in notes:
         say(note)
     kwargs = dict(locals())
     before = rundir.run_files(out) if ctx.is_main else None
     job = None
     try:
-        _check_forced_backend(ctx.device)
+        check_forced_backend(ctx.device)
         job = _Job(**kwargs)
         with job_scope(threads, ctx.device):  # CPU intra-op threads: 1 is fastest for tiny models on a busy machine
             return job.run()
@@ -440,18 +440,6 @@ def _shown(name: str, value) -> str:
     return " ".join(value) if isinstance(value, list) else str(value)
 
 
-def _check_forced_backend(device: torch.device) -> None:
-    """``ELECTRA_FAST_BACKEND`` must name a backend that can run on ``device``: said now, in one line, not by the
-    first op of the first step."""
-    try:
-        forced = _backend.forced_backend()
-    except ValueError as e:
-        raise PretrainError(str(e)) from None
-    reason = forced and _backend.unavailable_reason(forced, device)
-    if reason:
-        raise PretrainError(f"ELECTRA_FAST_BACKEND={forced}: {reason}; unset it or choose another --device")
-
-
 class _Job:
     """One pretraining run on this process: :meth:`run` is the loop, each of its steps a method below.
 
@@ -472,7 +460,9 @@ class _Job:
         o, ctx = self.o, self.ctx
         with TermInterrupts():
             self._prepare()
-            self.bar = _progress_bar(o.progress and ctx.is_main, o.steps, self.start_step)
+            from tqdm.auto import tqdm
+            self.bar = progress_bar(tqdm, o.progress and ctx.is_main, total=o.steps, initial=self.start_step,
+                                    unit="step", dynamic_ncols=True)
             self._announce()
         self.t0 = time.perf_counter()
         self.net.train()
@@ -534,6 +524,7 @@ class _Job:
         # a restart (no checkpoint) keeps the run's precision as a resume does
         recorded = self.state or ({"precision": o.run_precision} if o.run_precision in PRECISIONS else None)
         self.precision = resolve_precision(o.precision, ctx.device, recorded, self.say)
+        check_forced_backend(ctx.device, self.precision)  # auto's bf16 on a CPU: ops of its own
         if ctx.is_main:
             os.makedirs(o.out, exist_ok=True)
         ctx.barrier()  # rank 0 has claimed --out: every rank must see it there
@@ -957,7 +948,7 @@ class _Job:
                    "out": o.out, "interrupted": self.interrupted, "precision": self.precision,
                    "eval": self.last_eval, "curves": curves}
         if self.ctx.is_main:
-            print("\n".join(self._summary_lines(summary)), flush=True)
+            show("\n".join(self._summary_lines(summary)))
         summary["model"] = self.net
         return summary
 
@@ -982,11 +973,6 @@ def _finish_queued(device: torch.device, wanted: bool) -> None:
     """Wait for the work queued on a CUDA ``device`` when ``wanted`` (CPU work is done when its call returns)."""
     if wanted and device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _progress_bar(enabled: bool, steps: int, start: int):
-    from tqdm.auto import tqdm
-    return tqdm(total=steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 class _null:

@@ -20,6 +20,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ... import _seed
+from ...nn._plain import own_forward
 from ...nn.disentangled_attention import POSITION_TERMS, DisentangledSelfAttention, applied_dropout
 from ...ops.disentangled_attention import disentangled_attention
 from ...reference.disentangled_attention import relative_slots
@@ -176,7 +177,8 @@ class FusedDisentangledSelfAttention(DisentangledSelfAttention):
 
     def _value(self, x: torch.Tensor) -> torch.Tensor:
         proj = self.value_proj  # torch's Linear: its weights, so its hooks see one call (V's), as transformers'
-        return F.linear(x, proj.weight, proj.bias) if type(proj) is nn.Linear else proj(x)
+        # but accelerate's hook is its computation (an offloaded weight is on "meta" outside the call)
+        return F.linear(x, proj.weight, proj.bias) if type(proj) is nn.Linear and not own_forward(proj) else proj(x)
 
     def _keyless_rows(self, hidden_states: torch.Tensor, p: float) -> torch.Tensor:
         """transformers' context at padded query rows: dropout(uniform weights over the T keys) @ V, [B, T or 1,

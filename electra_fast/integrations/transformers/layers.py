@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...nn._plain import global_hooks, hooked, not_plain
+from ...nn._plain import global_hooks, hooked, not_plain, own_forward
 from ...nn.dropout import Dropout
 from ...nn.encoder import add_norm
 from ...ops.linear import gelu_mlp
@@ -45,20 +45,20 @@ def is_layer_norm(module) -> bool:
 def not_called(**modules: Optional[nn.Module]) -> Optional[str]:
     """Why the fused code may not skip calling these modules (None: it may): a container of transformers' (an
     ``*Intermediate`` / ``*Output``, its activation) or torch's dropout, which the fused code computes itself, with
-    hooks, or whose forward is not transformers' / torch's own (a subclass overriding it: an adapter)."""
+    hooks, or whose forward is not transformers' / torch's own (a subclass overriding it, one set on the instance: an
+    adapter, accelerate's hooks)."""
     why = global_hooks()
     if why is not None:
         return why
     for name, module in modules.items():
         if not isinstance(module, nn.Module):  # an activation function, not a module: nothing to skip
             continue
+        ours = type(module) is Dropout  # the native modules' dropout: what the fused code applies in its place
+        if own_forward(module) or not (
+                ours or getattr(type(module).forward, "__module__", "").startswith(("transformers.", "torch."))):
+            return f"{name} is a {type(module).__name__} with its own forward (the fused code would skip it)"
         if hooked(module):
             return f"{name} has hooks (the fused code does not call it)"
-        own = vars(module).get("forward")  # a forward set on the instance (not patch's own override)
-        ours = type(module) is Dropout  # the native modules' dropout: what the fused code applies in its place
-        if (not (ours or getattr(type(module).forward, "__module__", "").startswith(("transformers.", "torch.")))
-                or (own is not None and not _swap.overrides(module, "forward"))):
-            return f"{name} is a {type(module).__name__} with its own forward (the fused code would skip it)"
     return None
 
 

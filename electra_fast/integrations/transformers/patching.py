@@ -24,7 +24,7 @@ from torch import nn
 from .. import _swap
 
 OPTIONS = ("attention", "layer_norm", "mlp", "mlm_head")
-_STRICT = "_electra_fast_strict"  # instance attribute of a patched module (removed by unpatch)
+_STRICT = _swap.STRICT  # instance attribute of a patched module (removed by unpatch)
 
 
 class Rule:
@@ -47,12 +47,16 @@ class Rule:
 
     def why_not(self, module: nn.Module) -> Optional[str]:
         """Why this instance cannot be served (None: it can): a subclass that overrides a method this rule
-        replaces (its own code would be lost), or the family's reason."""
+        replaces, or a method set on the instance (accelerate's hooks, an adapter: either would be lost), or the
+        family's reason."""
         if self.methods is not None:
             base = next(c for c in type(module).__mro__ if c in self.classes())
             for name in self.methods(module):
                 if getattr(type(module), name) is not getattr(base, name, None):
                     return f"{self.option}: {type(module).__name__} overrides {base.__name__}.{name}"
+                if name in vars(module):
+                    return (f"{self.option}: {type(module).__name__}.{name} is set on the instance (accelerate's "
+                            "hooks, an adapter)")
         return self.unsupported(module)
 
     def installed(self, module: nn.Module) -> bool:
