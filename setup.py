@@ -21,7 +21,7 @@ def _switch(name):
     """On unless unset or "", "0", "false", "no", "off" (blanks stripped, any case), as electra_fast._cpu.switch
     reads the runtime switches ("true" was read as off here: a 4-minute compile started, or a failed one stayed
     fatal; "false" was read as on)."""
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+    return os.environ.get(name, "").strip(" \t\n\v\f\r").lower() not in ("", "0", "false", "no", "off")
 
 
 SKIP = _switch("ELECTRA_FAST_SKIP_EXT")

@@ -87,15 +87,16 @@ def show(text: str) -> None:
             _failed_stdout.append((stream, e))
 
 
-def settle_stdout(prog: str, status: int, output_is_the_work: bool = False, error: "BaseException | None" = None
-                  ) -> int:
+def settle_stdout(prog: str, status: int, output_is_the_work: bool = False, error: "BaseException | None" = None,
+                  exiting: bool = True) -> int:
     """The exit status of a command that ended with ``status``, once stdout is settled: what print() left in its
     buffer is flushed, and a stdout that failed (here, in :func:`show`, or ``error``) is pointed at os.devnull, as
     Python's documentation advises for SIGPIPE, so that the interpreter's own flush at exit cannot fail again (exit
     status 120). A stderr that failed is pointed there too. One line on stderr says so, unless the reader left on
     purpose (EPIPE: it read what it wanted). A command whose work is done keeps its status (its files are complete:
     a script must not redo or discard them); one whose output is its work (info, the demo) exits 1, as Python does
-    on EPIPE."""
+    on EPIPE. ``exiting=False`` (a command run from a Python caller, ``cli.main(argv)``): the descriptors stay as they
+    are, the caller's to settle (its later output would have gone to os.devnull)."""
     stream, failed = _failed_stdout.pop() if _failed_stdout else (sys.stdout, None)
     error = error or (failed if stream is sys.stdout else None)  # one since replaced (a test's capture): not ours
     if error is None and sys.stdout is not None:
@@ -107,10 +108,12 @@ def settle_stdout(prog: str, status: int, output_is_the_work: bool = False, erro
         try:
             sys.stderr.flush()
         except (OSError, ValueError):
-            _to_devnull(sys.stderr)
+            if exiting:
+                _to_devnull(sys.stderr)
     if error is None:
         return status
-    _to_devnull(sys.stdout)
+    if exiting:
+        _to_devnull(sys.stdout)
     if not isinstance(error, BrokenPipeError):
         what = "error" if output_is_the_work else "note"
         done = "" if output_is_the_work or status else "; the work is complete, only what it printed is lost"

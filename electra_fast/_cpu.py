@@ -38,12 +38,13 @@ _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 # the values that leave a switch off, after stripping blanks and ignoring case ("false" turned the path off before)
 SWITCH_OFF = ("", "0", "false", "no", "off")
+_BLANKS = " \t\n\v\f\r"  # C's isspace: str.strip() would also take Unicode spaces, which the C++ keeps
 
 
 def switch(name: str) -> bool:
     """An ``ELECTRA_FAST_NO_*``-style switch: on unless unset or one of :data:`SWITCH_OFF`, read exactly as
     csrc/env_switch.h and setup.py read it (info reports the path the C++ runs)."""
-    return os.environ.get(name, "").strip().lower() not in SWITCH_OFF
+    return os.environ.get(name, "").strip(_BLANKS).lower() not in SWITCH_OFF
 
 
 @functools.lru_cache(maxsize=None)

@@ -40,10 +40,11 @@ def drawable() -> bool:
     return not (torch.jit.is_tracing() or torch.compiler.is_exporting())
 
 
-@torch.compiler.disable  # traced, Inductor drew it from its own generator: a compiled run had other dropout masks
 def draw() -> int:
     """A seed in [0, SEED_LIMIT - 1) from torch's default generator: reproducible under ``torch.manual_seed``,
-    compiled or not (a graph break under ``torch.compile``). A RuntimeError where it is not :func:`drawable`."""
+    compiled or not (a graph break under ``torch.compile``). A RuntimeError where it is not :func:`drawable`, raised
+    here, outside the disabled draw, where a strict torch.export traces it (dynamo's "Skip calling
+    torch.compiler.disable()'d function" said nothing of why)."""
     if torch.jit.is_tracing():
         raise RuntimeError("torch.jit.trace: a random seed drawn here would be frozen into the trace (the same "
                            "dropout or masking pattern on every call); pass seed= where the call takes one, trace "
@@ -51,6 +52,11 @@ def draw() -> int:
     if torch.compiler.is_exporting():
         raise RuntimeError("torch.export: a random seed cannot be drawn in an exported graph (its value is read on "
                            "the host); export this module in eval mode, or use torch.compile")
+    return _drawn()
+
+
+@torch.compiler.disable  # traced, Inductor drew it from its own generator: a compiled run had other dropout masks
+def _drawn() -> int:
     return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from . import bench_report
-from ._console import show
+from ._console import say, show
 from ._files import creatable_dir, write_text
 
 
@@ -96,7 +96,7 @@ def _ours(path: str) -> bool:
 def main(args) -> int:
     problem = check_args(args)
     if problem:
-        print(f"electra-fast bench: error: {problem}", file=sys.stderr)
+        say(f"electra-fast bench: error: {problem}")
         return 2
     bdir = bench_dir()
     if getattr(args, "pretrain", False):
@@ -118,12 +118,12 @@ def main(args) -> int:
     from ._backend import forced_backend
     forced = forced_backend()  # checked by the CLI; None for auto
     if forced:
-        print(f"electra-fast bench: warning: ELECTRA_FAST_BACKEND={forced}: the fused rows run on that backend "
-              "(recorded in the results)", file=sys.stderr)
+        say(f"electra-fast bench: warning: ELECTRA_FAST_BACKEND={forced}: the fused rows run on that backend "
+            "(recorded in the results)")
     rc = _run_files(bdir, device, args.select, json_path, env)
     if rc != 0:
         if rc != 5:  # 5: nothing selected, said by _run_files
-            print(f"electra-fast bench: pytest failed (exit {rc})", file=sys.stderr)
+            say(f"electra-fast bench: pytest failed (exit {rc})")
         return rc
     images = bench_report.plots(json_path, out_dir)
     results_md = _results_md(args)
@@ -137,13 +137,13 @@ def main(args) -> int:
     if args.compare:
         problems, shared = bench_report.compare_rows(json_path, args.compare)
         for note in bench_report.mismatch(json_path, args.compare):
-            print(f"electra-fast bench: warning: {note}", file=sys.stderr)
+            say(f"electra-fast bench: warning: {note}")
         if not shared:  # a gate that compared nothing would pass anything
-            print(f"electra-fast bench: error: --compare: no fused-vs-baseline row of this run is in {args.compare}; "
-                  "nothing was compared", file=sys.stderr)
+            say(f"electra-fast bench: error: --compare: no fused-vs-baseline row of this run is in {args.compare}; "
+                "nothing was compared")
             return 1
         for p in problems:
-            print("REGRESSION " + p, file=sys.stderr)
+            say("REGRESSION " + p)
         if problems:
             return 1
         show(f"no fused speed-up fell by more than 15% since {args.compare} ({shared} row(s) compared)")
@@ -233,12 +233,11 @@ def _run_files(bdir: str, device: str, select, json_path: str, env) -> int:
                     partial = unused_name(os.path.dirname(json_path),
                                           os.path.splitext(os.path.basename(json_path))[0], "-partial.json")
                     merged.write(partial)
-                    print(f"electra-fast bench: {name} failed; the rows of the files before it are in {partial}",
-                          file=sys.stderr)
+                    say(f"electra-fast bench: {name} failed; the rows of the files before it are in {partial}")
                 return rc
             merged.add(name, part)
     if merged.data is None:
-        print("electra-fast bench: no benchmark was selected", file=sys.stderr)
+        say("electra-fast bench: no benchmark was selected")
         return 5
     merged.write(json_path)
     return 0

@@ -18,7 +18,7 @@ import re
 import sys
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
-from ._console import paths_printable
+from ._console import paths_printable, say
 from ._files import write_atomic, write_text
 
 Key = Tuple[str, str, str, str]  # op, pass, shape, dtype
@@ -291,7 +291,7 @@ def _is_run(path: str) -> bool:
     truncated, a median of 0) is passed over with a warning, not a traceback after the benchmarks ran."""
     problem = run_problem(path)
     if problem is not None:
-        print(f"electra-fast bench: warning: skipping {path}: {problem}", file=sys.stderr)
+        say(f"electra-fast bench: warning: skipping {path}: {problem}")
     return problem is None
 
 
@@ -528,20 +528,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    ("--results", args.results, os.path.isdir, "a directory")):
         if not test(path):
             why = f"is not {kind}" if os.path.exists(path) else "not found"
-            print(f"bench_report: {what}: {path} {why}", file=sys.stderr)
+            say(f"bench_report: {what}: {path} {why}")
             return 2
     try:
         if args.check:
             text, new = readme_with_table(args.readme, args.results)
             if new != text:
-                print(f"bench_report: the performance table of {args.readme} is stale: run "
-                      f"`python -m electra_fast.bench_report --readme`", file=sys.stderr)
+                say(f"bench_report: the performance table of {args.readme} is stale: run "
+                    f"`python -m electra_fast.bench_report --readme`")
                 return 1
             print(f"the performance table of {args.readme} matches {args.results}")
             return 0
         changed = update_readme(args.readme, args.results)
     except ValueError as e:
-        print(f"bench_report: --readme: {e}", file=sys.stderr)
+        say(f"bench_report: --readme: {e}")
         return 2
     print(f"{'updated' if changed else 'unchanged'}: the performance table of {args.readme}")
     return 0

@@ -44,13 +44,10 @@ def _main(argv) -> int:
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     train_cli.expand_user(args)
-    prog = f"electra-fast {args.command}"
-    if args.command in ("info", "demo"):  # their output is their work
-        try:
-            return settle_stdout(prog, _command(args), output_is_the_work=True)
-        except OSError as e:  # what they print is all they write: stdout failed (| head, a full disk)
-            return settle_stdout(prog, 1, output_is_the_work=True, error=e)
-    return settle_stdout(prog, _command(args))  # a summary it could not print does not undo the work
+    # info's and the demo's output is their work; another command's summary it could not print does not undo its
+    # work. argv None: the process's own command line (the console script, python -m), which exits next
+    return settle_stdout(f"electra-fast {args.command}", _command(args),
+                         output_is_the_work=args.command in ("info", "demo"), exiting=argv is None)
 
 
 def _command(args) -> int:

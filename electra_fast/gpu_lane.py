@@ -41,7 +41,7 @@ import xml.etree.ElementTree as ET
 from typing import Dict, List, Optional
 
 from . import bench, bench_report
-from ._console import help_text, paths_printable
+from ._console import help_text, paths_printable, say
 from ._files import creatable_dir, write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -575,7 +575,7 @@ def main(argv=None) -> int:
                              "plumbing on CPU")
         out = resolve_out(args.out, device)
     except UsageError as exc:
-        print(f"python -m electra_fast.gpu_lane: {exc}", file=sys.stderr)
+        say(f"python -m electra_fast.gpu_lane: {exc}")
         return 2
     return Lane(args, out, device).main()
 

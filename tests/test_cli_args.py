@@ -541,6 +541,32 @@ def test_a_forced_backend_the_bf16_linear_layers_cannot_use_is_one_line(user, fi
         "electra_fast.linear, which the triton backend cannot serve (no Triton kernel for this op); unset it, or "
         "pass --precision fp32"), err
     assert not [line for line in err if "Traceback" in line] and not (tmp_path / "ft").exists()
+    if command == "finetune":  # the Python API raises its own error class, as its docstring says
+        from electra_fast.finetune import FinetuneError, finetune
+        tsv = _tsv(tmp_path / "train.tsv")
+        with pytest.raises(FinetuneError, match="ELECTRA_FAST_BACKEND=triton: bf16 on a CPU"):
+            finetune(str(finished_run), tsv, tsv, out=str(tmp_path / "ft"), epochs=1, precision="bf16",
+                     progress=False)
+        assert not (tmp_path / "ft").exists()
+
+
+def test_a_python_callers_stdout_descriptor_is_left_as_it_was(finished_run, tmp_path, monkeypatch):
+    """Review finding: settling a stdout that failed points its descriptor at os.devnull, right for the process's
+    own command line (the interpreter's flush at exit would fail again) but not for a Python program calling
+    cli.main(argv): everything it printed afterwards was discarded."""
+    from electra_fast import _console
+    full = open("/dev/full", "w")
+    try:
+        monkeypatch.setattr(sys, "stdout", full)
+        monkeypatch.setattr(_console, "_failed_stdout", [])
+        code = cli_main(["export", str(finished_run), str(tmp_path / "x")])
+        assert code == 0 and os.readlink(f"/proc/self/fd/{full.fileno()}") == "/dev/full"
+        assert sorted(os.listdir(tmp_path / "x")) == EXPORTED
+    finally:
+        try:  # the caller's to settle: its buffer cannot be written; close() closes the descriptor all the same
+            full.close()
+        except OSError:
+            pass
 
 
 def test_a_partial_torchrun_environment_is_one_line(user, tmp_path, capsys, monkeypatch):
@@ -662,9 +688,12 @@ def test_a_real_stdout_that_fails_leaves_no_exit_status_120_and_no_traceback(fin
     os.close(reader)  # `| head` gone before the first line
     try:
         info = subprocess.run(command + ["info"], stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)
+        demo = subprocess.run([sys.executable, "-m", "electra_fast.demo"], stdout=writer, stderr=subprocess.PIPE,
+                              text=True, timeout=300)  # run as a module, not through the command line
     finally:
         os.close(writer)
     assert (info.returncode, info.stderr) == (1, "")
+    assert (demo.returncode, demo.stderr) == (1, "")
     with open("/dev/full", "w") as full:
         export = subprocess.run(command + ["export", str(finished_run), str(tmp_path / "x")], stdout=full,
                                 stderr=subprocess.PIPE, text=True, timeout=120)

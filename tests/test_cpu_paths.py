@@ -199,7 +199,8 @@ def test_switches_read_as_the_cpp_reads_them(monkeypatch):
     padded batches, ~3x slower)."""
     cpp = getattr(torch.ops.electra_fast_cpp, "env_switch", None) if _extension.EXTENSION_ERROR is None else None
     for value, on in (("", False), ("0", False), (" 0 ", False), ("false", False), ("False", False), ("no", False),
-                      ("OFF", False), ("1", True), ("yes", True), ("true", True), ("2", True), ("on", True)):
+                      ("OFF", False), ("1", True), ("yes", True), ("true", True), ("2", True), ("on", True),
+                      ("\xa0", True), ("0\u3000", True), ("\t0\n", False)):  # C's blanks only
         monkeypatch.setenv("ELECTRA_FAST_NO_AVX512", value)
         assert _cpu.switch("ELECTRA_FAST_NO_AVX512") is on, value
         if cpp is not None:

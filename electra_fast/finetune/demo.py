@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .._console import help_text, paths_printable
+from .._console import help_text, paths_printable, say
 from .._files import write_text, writing
 from .errors import FinetuneError
 
@@ -278,10 +278,10 @@ def main(argv=None) -> int:
                 rows.append({"task": task, "init": init, "dev": dev, "test": test,
                              "dev_median": float(np.median(dev)), "test_median": float(np.median(test))})
     except (FinetuneError, PretrainError, OSError) as e:  # OSError: a full disk (WriteError), an unwritable --out
-        print(f"electra_fast.finetune.demo: error: {e}", file=sys.stderr)
+        say(f"electra_fast.finetune.demo: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print(f"electra_fast.finetune.demo: interrupted; the runs so far are in {args.out}", file=sys.stderr)
+        say(f"electra_fast.finetune.demo: interrupted; the runs so far are in {args.out}")
         return 130
     if "pretraining" in record:
         pt = record["pretraining"]
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     try:
         write_text(os.path.join(args.out, "demo.json"), json.dumps(record, indent=2))
     except OSError as e:
-        print(f"electra_fast.finetune.demo: error: {e}", file=sys.stderr)
+        say(f"electra_fast.finetune.demo: error: {e}")
         return 2
     return 0
 

@@ -430,7 +430,7 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
         native, why = _cpu.native_bf16()
         if not native:  # as pretrain says it
             say(emulated_bf16_warning(why))
-    check_forced_backend(dev, precision)  # pretrain's check: one line, not a traceback from the first step
+    check_forced_backend(dev, precision, FinetuneError)  # pretrain's check: one line, not a traceback
     with torch.random.fork_rng(devices=[]):  # the weights fit the architecture: checked before --out is written
         fmodel.build(cfg, None if from_scratch else state, task, len(names), model)
     feats = {k: fdata.featurize(d, tok, task, names, max_len) for k, d in (("train", tr), ("validation", va),

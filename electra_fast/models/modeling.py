@@ -142,9 +142,12 @@ def _check_token_types(cfg: ElectraConfig, input_ids: torch.Tensor, token_type_i
 
 
 def _check_range(name: str, ids: torch.Tensor, limit_name: str, limit: int) -> None:
-    """ValueError for ids outside [0, limit); skipped while a graph is captured (torch.compile / torch.export /
-    torch.jit.trace: a branch on the ids' values is data-dependent, which export refused)."""
-    if not _validate.inspectable(ids):
+    """ValueError for ids outside [0, limit). Kept under torch.compile (a graph break: a bad id there gave a silently
+    wrong loss or an out-of-bounds abort in Inductor's kernel); skipped where no value can be read: torch.export and
+    torch.jit.trace (a branch on the ids' values is data-dependent, which export refused), meta / fake tensors."""
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return
+    if not torch.compiler.is_compiling() and not _validate.inspectable(ids):  # meta / fake: no values
         return
     lo, hi = torch.aminmax(ids)
     if lo < 0 or hi >= limit:

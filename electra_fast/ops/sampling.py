@@ -105,8 +105,10 @@ def _inv_temperature(temperature) -> float:
     inv = 1.0 / _validate.real("temperature", temperature, 0.0, math.inf, lo_open=True)
     if inv > _FP32_MAX:
         raise ValueError(f"temperature: {temperature} is too small (1 / temperature overflows fp32)")
-    if inv <= 2.0 ** -150:  # rounds to fp32 zero: -inf logits * 0 would be NaN, and NaN wins the argmax
-        raise ValueError(f"temperature: {temperature} is too large (1 / temperature rounds to 0 in fp32)")
+    # a subnormal fp32 reciprocal is 0 where denormals are flushed (and 0 beyond 2^150 anywhere): -inf logits * 0
+    # are NaN, which wins the argmax
+    if inv < 2.0 ** -126:
+        raise ValueError(f"temperature: {temperature} is too large (1 / temperature is below fp32's normal range)")
     return inv
 
 

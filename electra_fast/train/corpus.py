@@ -66,7 +66,8 @@ def documents() -> List[str]:
     """The corpus as a list of documents (one per docstring, blank lines inside collapsed)."""
     if sys.flags.optimize >= 2:  # the pure-Python modules' docstrings are gone: a seventh of the text, silently
         raise PretrainError("the embedded corpus is read from the standard library's docstrings, which python -OO "
-                            "(PYTHONOPTIMIZE=2) strips: run without it, or pass --data")
+                            "(PYTHONOPTIMIZE=2) strips: run without -OO (pretrain can also read your own text: "
+                            "--data)")
     docs, seen = [], set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

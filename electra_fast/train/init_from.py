@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 from . import checkpoint as ckpt
+from .._console import say
 from .._validate import reason
 from .errors import PretrainError
 
@@ -73,7 +73,7 @@ def init_source(init_from: Optional[str], tokenizer: Optional[str], model, vocab
     for name, given in (("--resume", resume), ("--model", model is not None), ("--vocab-size", vocab_size is not None)):
         if given:
             raise PretrainError(f"--init-from: not with {name} (the model and its vocabulary are --init-from's)")
-    source = resolve(init_from, tokenizer, warn=lambda m: print(m, file=sys.stderr, flush=True))
+    source = resolve(init_from, tokenizer, warn=say)
     if source.tokenizer is None:
         raise PretrainError(f"--init-from: {init_from} holds no tokenizer.json or vocab.txt; pass --tokenizer")
     return source, source.tokenizer

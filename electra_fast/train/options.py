@@ -159,21 +159,22 @@ def resolve_precision(precision: str, device: torch.device, state: Optional[dict
     return precision
 
 
-def check_forced_backend(device: torch.device, precision: Optional[str] = None) -> None:
+def check_forced_backend(device: torch.device, precision: Optional[str] = None, error=PretrainError) -> None:
     """``ELECTRA_FAST_BACKEND`` must name a backend that can run the job on ``device`` (pretrain's and finetune's
     check): said before the work, in one line, not by the first op of the first step as a traceback. ``precision``
     (the resolved one, once known): CPU bf16 autocast runs the linear layers through ops of their own
-    (:mod:`electra_fast.ops.linear`), which the Triton backend does not implement."""
+    (:mod:`electra_fast.ops.linear`), which the Triton backend does not implement. ``error``: the command's error
+    class (finetune's FinetuneError)."""
     from .. import _backend
     try:
         forced = _backend.forced_backend()
     except ValueError as e:
-        raise PretrainError(str(e)) from None
+        raise error(str(e)) from None
     if not forced:
         return
     reason = _backend.unavailable_reason(forced, device)
     if reason:
-        raise PretrainError(f"ELECTRA_FAST_BACKEND={forced}: {reason}; unset it or choose another --device")
+        raise error(f"ELECTRA_FAST_BACKEND={forced}: {reason}; unset it or choose another --device")
     if precision == "bf16" and device.type == "cpu":
         from ..ops.linear import LINEAR_SPEC, MLP_SPEC
         for spec in (LINEAR_SPEC, MLP_SPEC):
@@ -181,7 +182,7 @@ def check_forced_backend(device: torch.device, precision: Optional[str] = None) 
                 spec.route(device)
             except RuntimeError as e:  # a forced backend that cannot serve
                 why = str(e).partition("cannot serve this call: ")[2] or str(e)
-                raise PretrainError(f"ELECTRA_FAST_BACKEND={forced}: bf16 on a CPU runs the linear layers through "
+                raise error(f"ELECTRA_FAST_BACKEND={forced}: bf16 on a CPU runs the linear layers through "
                                     f"electra_fast.{spec.name}, which the {forced} backend cannot serve ({why}); "
                                     "unset it, or pass --precision fp32") from None
 
