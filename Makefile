@@ -8,10 +8,11 @@ TORCH_SPEC  ?= torch==2.13.0
 CONSTRAINTS ?= requirements/ci-constraints.txt
 PY          := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# The forced-AVX2 lane: a second, non-editable install whose C++ extension is built for x86-64-v3 (AVX2, no
-# AVX-512), run with oneDNN / ATen capped at AVX2 and the project's AMX / AVX-512 paths switched off: the machine
-# then looks like an AVX2-only CPU (e.g. AMD EPYC Zen 3) whatever it really is.
-AVX2_VENV   ?= .venv-avx2
+# The forced-AVX2 lane: a second, non-editable install (pip --target into build/avx2-site, run by the main
+# virtualenv's python, so torch is installed once: a second torch took 2.4 GB and CI once ran out of disk) whose C++
+# extension is built for x86-64-v3 (AVX2, no AVX-512), run with oneDNN / ATen capped at AVX2 and the project's AMX /
+# AVX-512 paths switched off: the machine then looks like an AVX2-only CPU (e.g. AMD EPYC Zen 3) whatever it really is.
+AVX2_SITE   ?= build/avx2-site
 # Inductor's on-disk cache is shared across ATEN_CPU_CAPABILITY settings: code cached under the default ISA, loaded
 # under avx2, gave the disentangled attention out-of-range slot tables (torch 2.13). Each lane gets its own cache.
 AVX2_ENV    := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 ELECTRA_FAST_NO_AMX=1 ELECTRA_FAST_NO_AVX512=1 \
@@ -63,25 +64,41 @@ test: test-fast test-avx2
 test-fast: setup
 	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor ELECTRA_FAST_REQUIRE_EXT=1 $(PY) -m pytest tests -q $(PYTEST_ARGS)
 
+# $(call copy_sources,DIR): a copy of the sources in build/DIR for a non-editable install (one must not share build/
+# or the in-tree _C with the editable one).
+define copy_sources
+	rm -rf build/$(1) && mkdir -p build/$(1)
+	cp -r pyproject.toml setup.py README.md LICENSE MANIFEST.in csrc kernels electra_fast build/$(1)/
+	rm -f build/$(1)/electra_fast/_C*.so build/$(1)/electra_fast/_C_isa.json
+endef
+
 # $(call side_install,VENV,DIR,BUILD_ENV,PIP_ARGS): a side virtualenv with a non-editable install of a copy of the
-# sources in build/DIR (a non-editable build must not share build/ or the in-tree _C with the editable one); its
-# tests run with PYTHONSAFEPATH=1, so `electra_fast` comes from that install, not the checkout.
+# sources in build/DIR; its tests run with PYTHONSAFEPATH=1, so `electra_fast` comes from that install, not the
+# checkout.
 define side_install
 	$(call venv_with_torch,$(1),-c $(CONSTRAINTS))
-	rm -rf build/$(2) && mkdir -p build/$(2)
-	cp -r pyproject.toml setup.py README.md LICENSE MANIFEST.in csrc kernels electra_fast build/$(2)/
-	rm -f build/$(2)/electra_fast/_C*.so build/$(2)/electra_fast/_C_isa.json
+	$(call copy_sources,$(2))
 	$(3) $(1)/bin/python -m pip install -q --no-build-isolation $(4)
 endef
 
-$(AVX2_VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h electra_fast/*.py electra_fast/*/*.py kernels/*.py)
-	$(call side_install,$(AVX2_VENV),avx2-src,ELECTRA_FAST_CPU_ARCH=x86-64-v3,-c $(CONSTRAINTS) "./build/avx2-src[test]")
+# PYTHONPATH puts the side install ahead of the editable one (setuptools appends its finder to sys.meta_path, after
+# the path finder); the lane first checks that `electra_fast` and its _C come from there.
+AVX2_RUN    := $(AVX2_ENV) PYTHONSAFEPATH=1 PYTHONPATH=$(CURDIR)/$(AVX2_SITE) $(PY)
+$(AVX2_SITE)/.installed: $(VENV)/.installed pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h electra_fast/*.py \
+                         electra_fast/*/*.py kernels/*.py)
+	$(call copy_sources,avx2-src)
+	rm -rf $(AVX2_SITE)
+	ELECTRA_FAST_CPU_ARCH=x86-64-v3 $(PY) -m pip install -q --no-build-isolation --no-deps --target $(AVX2_SITE) \
+	    ./build/avx2-src
 	touch $@
 
-test-avx2: $(AVX2_VENV)/.installed
-	$(AVX2_ENV) PYTHONSAFEPATH=1 ELECTRA_FAST_REQUIRE_EXT=1 $(AVX2_VENV)/bin/python -m pytest -q -p no:cacheprovider \
-	    -m "not interpreter" $(AVX2_TESTS) $(PYTEST_ARGS)
-	$(AVX2_ENV) PYTHONSAFEPATH=1 $(AVX2_VENV)/bin/python -m electra_fast info
+test-avx2: $(AVX2_SITE)/.installed
+	$(AVX2_RUN) -c 'import electra_fast, electra_fast._C as c, sys; p = "$(CURDIR)/$(AVX2_SITE)/"; \
+	    sys.exit(0 if electra_fast.__file__.startswith(p) and c.__file__.startswith(p) else \
+	             "the AVX2 lane imported " + electra_fast.__file__ + " / " + c.__file__ + ", not " + p)'
+	ELECTRA_FAST_REQUIRE_EXT=1 $(AVX2_RUN) -m pytest -q -p no:cacheprovider -m "not interpreter" $(AVX2_TESTS) \
+	    $(PYTEST_ARGS)
+	$(AVX2_RUN) -m electra_fast info
 
 # The patch tests under another transformers release (patch() supports 5.0 and newer; the suite's own floor is 5.20,
 # README "Use it with transformers"): make test-transformers TRANSFORMERS=5.0.0, in a side install as the AVX2 lane's.
