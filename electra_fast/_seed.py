@@ -8,6 +8,7 @@ electra_fast/reference/philox.py.
 from __future__ import annotations
 
 import numbers
+import sys
 
 import torch
 
@@ -52,11 +53,13 @@ def draw() -> int:
     if torch.compiler.is_exporting():
         raise RuntimeError("torch.export: a random seed cannot be drawn in an exported graph (its value is read on "
                            "the host); export this module in eval mode, or use torch.compile")
-    return _drawn()
+    if torch.compiler.is_compiling() or "torch._dynamo" in sys.modules:  # a compiled caller is possible
+        from ._seed_outside_graphs import drawn_outside_graphs
+        return drawn_outside_graphs()
+    return drawn_here()
 
 
-@torch.compiler.disable  # traced, Inductor drew it from its own generator: a compiled run had other dropout masks
-def _drawn() -> int:
+def drawn_here() -> int:
     return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64).item())
 
 

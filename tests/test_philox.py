@@ -1,4 +1,8 @@
 """The shared Philox4x32-10 stream: known answers, and the three backends agree bit for bit."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -59,6 +63,37 @@ def test_every_drawn_seed_comes_from_one_place(monkeypatch):
     masker = electra_fast.TokenMasker(mask_token_id=1, vocab_size=50)
     want = electra_fast.mask_tokens(ids, mask_token_id=1, vocab_size=50, seed=12345)
     assert torch.equal(masker(ids).input_ids, want.input_ids)
+
+
+
+def test_draws_stay_outside_compiled_graphs_and_import_does_not_load_dynamo():
+    """A fresh process: importing electra_fast and drawing a seed leave torch._dynamo unloaded (1.8 s of every
+    command's start here; torch's custom ops load it at their first call). The first draws, made while torch.compile
+    (Inductor) traces, still come from torch's default generator, outside the graph: the compiled Dropout and masker
+    give what the eager ones give afterwards under the same manual_seed."""
+    code = """
+import sys, torch
+import electra_fast
+from electra_fast import _seed
+from electra_fast.nn.dropout import Dropout
+_seed.draw()
+assert 'torch._dynamo' not in sys.modules, 'import electra_fast or a draw loaded torch._dynamo'
+masker = electra_fast.TokenMasker(mask_token_id=1, vocab_size=50)
+def step(x, ids):
+    return Dropout(0.5)(x), masker(ids).input_ids
+x, ids = torch.randn(4, 64), torch.randint(5, 50, (4, 64))
+compiled = torch.compile(step)
+torch.manual_seed(7)
+got = [compiled(x, ids) for _ in range(3)]
+torch.manual_seed(7)
+eager = [step(x, ids) for _ in range(3)]
+assert all(torch.equal(a, b) for e, g in zip(eager, got) for a, b in zip(e, g)), 'compiled draws differ'
+assert not torch.equal(eager[0][0], eager[1][0])
+print('ok')
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(__file__))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 try:
