@@ -1041,7 +1041,7 @@ def test_torch_export_in_training_draws_dropout_anew():
     disentangled = FinetuneModel(tiny("disentangled", dropout=0.1), "token-classification", 2).train()
     with pytest.raises(RuntimeError, match="^torch.export: a random seed cannot be drawn in an exported graph"):
         torch.export.export(disentangled, (ids, mask), strict=False)
-    # strict: dynamo's own error, which names ours (the check ran inside the compiler-disabled draw, out of its sight)
+    # strict: dynamo's own error, which names ours (draw() checks before its compiler-disabled part, in dynamo's sight)
     with pytest.raises(Exception, match="torch.export: a random seed cannot be drawn in an exported graph"):
         torch.export.export(disentangled, (ids, mask), strict=True)
 

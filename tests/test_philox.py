@@ -65,7 +65,6 @@ def test_every_drawn_seed_comes_from_one_place(monkeypatch):
     assert torch.equal(masker(ids).input_ids, want.input_ids)
 
 
-
 def test_draws_stay_outside_compiled_graphs_and_import_does_not_load_dynamo():
     """A fresh process: importing electra_fast and drawing a seed leave torch._dynamo unloaded (1.8 s of every
     command's start here; torch's custom ops load it at their first call). The first draws, made while torch.compile

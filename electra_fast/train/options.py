@@ -183,8 +183,8 @@ def check_forced_backend(device: torch.device, precision: Optional[str] = None, 
             except RuntimeError as e:  # a forced backend that cannot serve
                 why = str(e).partition("cannot serve this call: ")[2] or str(e)
                 raise error(f"ELECTRA_FAST_BACKEND={forced}: bf16 on a CPU runs the linear layers through "
-                                    f"electra_fast.{spec.name}, which the {forced} backend cannot serve ({why}); "
-                                    "unset it, or pass --precision fp32") from None
+                            f"electra_fast.{spec.name}, which the {forced} backend cannot serve ({why}); "
+                            "unset it, or pass --precision fp32") from None
 
 
 def emulated_bf16_warning(why: str) -> str:
