@@ -3,6 +3,7 @@ never shadows the PyPI package ``kernels``, and a C++ build for another CPU is r
 
 The forced-AVX2 lane (`make test-avx2`) runs this file, the model / linear / attention / sampling tests and the
 training tests on an install built for x86-64-v3 with oneDNN and ATen capped at AVX2."""
+import ast
 import json
 import os
 import subprocess
@@ -193,16 +194,29 @@ def test_info_reports_the_paths():
     assert "Linear / MLP torch F.linear" in out
 
 
+def _setup_py_switch():
+    """setup.py's own switch reader (it runs before the package can be imported, so it cannot call _cpu.switch),
+    taken out of the file without running setup()."""
+    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as fh:
+        tree = ast.parse(fh.read())
+    func = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "_switch")
+    scope = {"os": os}
+    exec(compile(ast.Module(body=[func], type_ignores=[]), "setup.py", "exec"), scope)  # noqa: S102 - our file
+    return scope["_switch"]
+
+
 def test_switches_read_as_the_cpp_reads_them(monkeypatch):
     """Python and csrc/env_switch.h once disagreed on "0 " (info reported the AVX-512 path while the C++ ran the
     portable one); both read "false" / "no" / "off" as on, turning the path off (ELECTRA_FAST_NO_UNPAD=false ran
-    padded batches, ~3x slower)."""
+    padded batches, ~3x slower). setup.py read "true" as off (ELECTRA_FAST_SKIP_EXT=true compiled for 4 minutes)."""
     cpp = getattr(torch.ops.electra_fast_cpp, "env_switch", None) if _extension.EXTENSION_ERROR is None else None
+    setup_switch = _setup_py_switch()
     for value, on in (("", False), ("0", False), (" 0 ", False), ("false", False), ("False", False), ("no", False),
                       ("OFF", False), ("1", True), ("yes", True), ("true", True), ("2", True), ("on", True),
                       ("\xa0", True), ("0\u3000", True), ("\t0\n", False)):  # C's blanks only
         monkeypatch.setenv("ELECTRA_FAST_NO_AVX512", value)
         assert _cpu.switch("ELECTRA_FAST_NO_AVX512") is on, value
+        assert setup_switch("ELECTRA_FAST_NO_AVX512") is on, value
         if cpp is not None:
             assert cpp("ELECTRA_FAST_NO_AVX512") is on, value
     assert cpp is not None or not os.environ.get("ELECTRA_FAST_REQUIRE_EXT")
