@@ -8,6 +8,11 @@ TORCH_SPEC  ?= torch==2.13.0
 CONSTRAINTS ?= requirements/ci-constraints.txt
 PY          := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# pytest-xdist workers for the CPU suites: most tests run one thread on small tensors or wait on a subprocess, so two
+# workers halve the suite on a 2-core machine (17.5 -> 8.5 min). More rarely pays: every worker's torch uses every
+# core. PYTEST_WORKERS=0 runs one process (for --pdb or -x).
+PYTEST_WORKERS ?= 2
+XDIST       := -n $(PYTEST_WORKERS)
 # The forced-AVX2 lane: a second, non-editable install (pip --target into build/avx2-site, run by the main
 # virtualenv's python, so torch is installed once: a second torch took 2.4 GB and CI once ran out of disk) whose C++
 # extension is built for x86-64-v3 (AVX2, no AVX-512), run with oneDNN / ATen capped at AVX2 and the project's AMX /
@@ -62,7 +67,8 @@ test: test-fast test-avx2
 	$(PY) -m electra_fast bench --quick --out build/bench-smoke
 
 test-fast: setup
-	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor ELECTRA_FAST_REQUIRE_EXT=1 $(PY) -m pytest tests -q $(PYTEST_ARGS)
+	TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor ELECTRA_FAST_REQUIRE_EXT=1 $(PY) -m pytest tests -q $(XDIST) \
+	    $(PYTEST_ARGS)
 
 # $(call copy_sources,DIR): a copy of the sources in build/DIR for a non-editable install (one must not share build/
 # or the in-tree _C with the editable one).
@@ -96,7 +102,7 @@ test-avx2: $(AVX2_SITE)/.installed
 	$(AVX2_RUN) -c 'import electra_fast, electra_fast._C as c, sys; p = "$(CURDIR)/$(AVX2_SITE)/"; \
 	    sys.exit(0 if electra_fast.__file__.startswith(p) and c.__file__.startswith(p) else \
 	             "the AVX2 lane imported " + electra_fast.__file__ + " / " + c.__file__ + ", not " + p)'
-	ELECTRA_FAST_REQUIRE_EXT=1 $(AVX2_RUN) -m pytest -q -p no:cacheprovider -m "not interpreter" $(AVX2_TESTS) \
+	ELECTRA_FAST_REQUIRE_EXT=1 $(AVX2_RUN) -m pytest -q -p no:cacheprovider $(XDIST) -m "not interpreter" $(AVX2_TESTS) \
 	    $(PYTEST_ARGS)
 	$(AVX2_RUN) -m electra_fast info
 
@@ -106,12 +112,12 @@ TRANSFORMERS ?= 5.0.0
 TF_VENV      := .venv-transformers
 TF_TESTS     ?= tests/test_patch_parity.py tests/test_patch_fallback.py tests/test_integrations_deberta_v2.py \
                 tests/test_patch_trainer.py
-TF_PIP_ARGS  := ./build/tf-src "transformers==$(TRANSFORMERS)" "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" \
-                "accelerate>=1.1" "triton>=3.2"
+TF_PIP_ARGS  := ./build/tf-src "transformers==$(TRANSFORMERS)" "pytest>=7" "pytest-benchmark>=4" "pytest-xdist>=3" \
+                "hypothesis>=6" "accelerate>=1.1" "triton>=3.2"
 test-transformers:
 	$(call side_install,$(TF_VENV),tf-src,,$(TF_PIP_ARGS))
-	PYTHONSAFEPATH=1 ELECTRA_FAST_REQUIRE_EXT=1 $(TF_VENV)/bin/python -m pytest -q -p no:cacheprovider $(TF_TESTS) \
-	    $(PYTEST_ARGS)
+	PYTHONSAFEPATH=1 ELECTRA_FAST_REQUIRE_EXT=1 $(TF_VENV)/bin/python -m pytest -q -p no:cacheprovider $(XDIST) \
+	    $(TF_TESTS) $(PYTEST_ARGS)
 
 # The canary: the newest releases pyproject.toml allows (no constraints), then the whole suite. torch stays the one
 # TORCH_SPEC installs (pinned for the upgrade): an eager upgrade would replace it with the newest torch on PyPI, a
@@ -122,7 +128,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -c 'import torch; print("torch==" + torch.__version__)' > $(LATEST_VENV)/torch-pin.txt
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation \
 	    -c $(LATEST_VENV)/torch-pin.txt -e ".[test]"
-	ELECTRA_FAST_REQUIRE_EXT=1 $(LATEST_VENV)/bin/python -m pytest tests -q $(PYTEST_ARGS)
+	ELECTRA_FAST_REQUIRE_EXT=1 $(LATEST_VENV)/bin/python -m pytest tests -q $(XDIST) $(PYTEST_ARGS)
 
 # Refresh the pins from what test-latest resolved (review the diff, then commit it).
 lock: test-latest
