@@ -206,6 +206,24 @@ def _temporary_dir(tmp: str) -> Iterator[None]:
                 os.close(fd)  # the lock goes with it
 
 
+class InUse(Exception):
+    """Another open file holds the lock :func:`hold_lock` asked for."""
+
+
+def hold_lock(path: str) -> "int | None":
+    """An exclusive lock on the file or folder ``path`` (``flock``: it ends with the returned descriptor, and with
+    its process, in any PID namespace), or None where the platform has no flock. Raises :class:`InUse` while another
+    process holds it, OSError when ``path`` cannot be opened. One job per run folder: two writers would mix their
+    records and overwrite each other's files."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    if not _lock(fd, blocking=False):
+        os.close(fd)
+        raise InUse(path)
+    return fd
+
+
 def _lock(fd: int, blocking: bool) -> bool:
     """An exclusive flock on ``fd`` (True), or False when another open file holds one."""
     try:

@@ -793,13 +793,49 @@ def test_a_kill_while_the_export_is_swapped_in_loses_no_user_file(pretrained, tm
     assert not [n for n in os.listdir(out) if ".old-" in n]
 
 
-def test_a_job_killed_writing_its_first_file_leaves_a_folder_a_rerun_takes(pretrained, tmp_path):
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["new run", "--resume"])
+def test_a_second_job_on_the_same_out_is_refused_and_touches_nothing(pretrained, tmp_path, resume):
+    """Review finding: finetune took no lock. A `--resume` started while the first job still ran (another terminal)
+    trained the same seeds beside it: both appended to seed-N/metrics.jsonl and overwrote each other's best
+    weights and export. A job on a folder another process holds is now refused before it writes anything."""
+    d = _classification_files(tmp_path / "data")
+    out = tmp_path / "run"
+    if resume:
+        _run(pretrained, d, out, "train.tsv", "dev.tsv")
+    else:
+        out.mkdir()
+    before = _snapshot(out)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FinetuneError, match=r"^--out: .* is in use by another electra-fast finetune job; wait "):
+            _run(pretrained, d, out, "train.tsv", "dev.tsv", resume=resume)
+        assert _snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder gone, its lock is too: the same call runs
+    assert len(_run(pretrained, d, out, "train.tsv", "dev.tsv", resume=resume)["seeds"]) == 1
+
+
+@pytest.mark.parametrize("own_pid", [False, True], ids=["dead pid", "this pid (a container)"])
+def test_a_job_killed_writing_its_first_file_leaves_a_folder_a_rerun_takes(pretrained, tmp_path, own_pid):
     """Review finding: killed while finetune.json was written, --out held only that temporary: the rerun said "not
-    empty", --resume "holds no fine-tuning run"."""
+    empty", --resume "holds no fine-tuning run". With the dead job's PID this process's own (a container), the
+    temporary stayed and the rerun said "not empty" until the folder's lock told a dead writer from a live one."""
     d = _classification_files(tmp_path / "data")
     out = tmp_path / "run"
     out.mkdir()
-    (out / f"finetune.json.tmp-{_dead_pid()}").write_text("{")
+    (out / f"finetune.json.tmp-{os.getpid() if own_pid else _dead_pid()}").write_text("{")
     assert len(_run(pretrained, d, out, "train.tsv", "dev.tsv")["seeds"]) == 1
     assert not [n for n in os.listdir(out) if ".tmp-" in n]
 

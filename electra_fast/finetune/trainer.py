@@ -7,7 +7,8 @@ length-bucketed (no compute spent on more padding than the longest row of a batc
 electra_fast's fused modules, under bf16 autocast where the CPU multiplies bf16 natively (``--precision auto``);
 evaluation runs in large no_grad batches after every epoch.
 
-Outputs in ``out`` (which must be new or empty: nothing there is ever overwritten)::
+Outputs in ``out`` (which must be new or empty: nothing there is ever overwritten; one job at a time holds the
+folder's lock)::
 
     seed-N/metrics.jsonl        one line per epoch: train loss, validation metrics
     seed-N/best.safetensors     the weights of the epoch with the best validation score
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 
 from .. import _cpu
 from .._console import progress_bar, say as console_say
-from .._files import (load_safetensors, remove_entry, temporary, unused, write_as, write_atomic, write_json,
-                      write_text, writing)
+from .._files import (InUse, hold_lock, load_safetensors, remove_entry, temporary, unused, write_as, write_atomic,
+                      write_json, write_text, writing)
 from .._validate import path as path_arg
 from ..train import plot
 from ..train.checkpoint import inside_checkpoint
@@ -274,14 +275,40 @@ def _labels_before_2026_12_07(names: List[str]) -> List[str]:
     return sorted(names)
 
 
-def _claim_out(out: str, record: dict, resume: bool) -> None:
+def _claim_out(out: str, record: dict, resume: bool) -> "int | None":
+    """Check that ``out`` may take this run (new or empty; with ``resume``, the same run's) and hold its lock (the
+    descriptor, None without flock: the caller closes it when the job ends)."""
     inside = inside_checkpoint(out)
     if inside:  # its retention would keep that checkpoint whole, for good, for this run's files
         raise FinetuneError(f"--out: {inside}")
     if not resume:
-        _prepare_out(out)
-        write_json(os.path.join(out, RUN_FILE), record)
-        return
+        lock = _prepare_out(out)
+    else:  # a folder that is none: its finetune.json cannot be read, said below
+        lock = _lock_out(out) if os.path.isdir(out) else None
+    try:
+        if resume:
+            _check_resume(out, record)
+        else:
+            write_json(os.path.join(out, RUN_FILE), record)
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    return lock
+
+
+def _lock_out(out: str) -> "int | None":
+    """This job's lock on the folder ``out`` (two jobs there would overwrite each other's epochs and exports)."""
+    try:
+        return hold_lock(out)
+    except InUse:
+        raise FinetuneError(f"--out: {out} is in use by another electra-fast finetune job; wait for it to end or "
+                            "choose another --out") from None
+    except OSError as e:
+        raise FinetuneError(f"--out: cannot open {out}: {e.strerror}") from None
+
+
+def _check_resume(out: str, record: dict) -> None:
     try:
         with open(os.path.join(out, RUN_FILE), encoding="utf-8") as f:
             saved = json.load(f)
@@ -305,24 +332,34 @@ def _claim_out(out: str, record: dict, resume: bool) -> None:
                             "resume with the same ones or choose a new --out")
     if not os.access(out, os.W_OK | os.X_OK):
         raise FinetuneError(f"--out: {out} is not writable")
+    # this job holds the folder's lock and has written nothing yet: every temporary there is a dead job's, whatever
+    # its PID (in a container every start has the same one)
     for d in [out] + [os.path.join(out, n) for n in os.listdir(out) if re.fullmatch(r"seed-\d+", n)]:
-        remove_dead_temporaries(d, TEMPORARY)  # a full model and optimizer each, kept for good otherwise
+        remove_dead_temporaries(d, TEMPORARY, locked=True)  # a full model and optimizer each, kept for good otherwise
 
 
-def _prepare_out(out: str) -> None:
+def _prepare_out(out: str) -> "int | None":
+    """``out`` created if missing, locked (:func:`_lock_out`), and checked empty; the lock's descriptor."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise FinetuneError(f"--out: {out} exists and is not a directory")
-    # a job killed writing its first file left only its temporary: neither a run to resume nor "not empty"
-    remove_dead_temporaries(out, TEMPORARY)
-    if os.path.isdir(out) and os.listdir(out):
-        raise FinetuneError(f"--out: {out} is not empty; choose a new or empty directory (nothing there is "
-                            "overwritten)")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise FinetuneError(f"--out: cannot create {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise FinetuneError(f"--out: {out} is not writable")
+    lock = _lock_out(out)  # before the emptiness check: a job starting beside this one sees it in use
+    try:
+        # a job killed writing its first file left only its temporary: neither a run to resume nor "not empty"
+        remove_dead_temporaries(out, TEMPORARY, locked=True)
+        if os.listdir(out):
+            raise FinetuneError(f"--out: {out} is not empty; choose a new or empty directory (nothing there is "
+                                "overwritten)")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise FinetuneError(f"--out: {out} is not writable")
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    return lock
 
 
 def _check_options(o: dict) -> None:
@@ -447,26 +484,25 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
               # what the model reads of them: its tokenizer file, or electra_fast's reading of it, may change
               "token ids": _token_ids(feats), "labels": names}
     made = not os.path.lexists(out)
-    _claim_out(out, record, resume)  # every check above ran before anything is written
-
-    for k, d in (("train", tr), ("validation", va), ("test", te)):
-        if d is not None and d.skipped:
-            say(f"warning: --{k}: skipped {d.skipped} bad line(s) (--skip-bad-lines)")
-        if d is not None and d.blank:  # in a one-column file, a blank line may have been meant as an empty text
-            say(f"note: --{k}: {d.blank} blank line(s) between rows read as no row (as pandas reads them; "
-                "predictions' index counts the rows without them)")
-        if d is not None and feats[k].truncated:
-            say(f"note: --{k}: {feats[k].truncated} example(s) cut to --max-len {max_len}")
-    metric = fmetrics.selection_metric(task, names)
-    say(f"fine-tuning {'a randomly initialised copy of ' if from_scratch else ''}{model} for {task} "
-        f"({len(names) or 'real-valued'} labels) on {len(tr.examples)} examples, {epochs} epoch(s), batch "
-        f"{batch_size}, lr {lr:g} (layer decay {layer_decay:g}), {precision}, seeds {seeds}; best epoch by "
-        f"validation {metric}")
-
-    runs, interrupted = [], False
-    hp = dict(epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr, layer_decay=layer_decay,
-              warmup=warmup, weight_decay=weight_decay, sift=sift)
+    lock = _claim_out(out, record, resume)  # every check above ran before anything is written
     try:
+        for k, d in (("train", tr), ("validation", va), ("test", te)):
+            if d is not None and d.skipped:
+                say(f"warning: --{k}: skipped {d.skipped} bad line(s) (--skip-bad-lines)")
+            if d is not None and d.blank:  # in a one-column file a blank line may have been meant as an empty text
+                say(f"note: --{k}: {d.blank} blank line(s) between rows read as no row (as pandas reads them; "
+                    "predictions' index counts the rows without them)")
+            if d is not None and feats[k].truncated:
+                say(f"note: --{k}: {feats[k].truncated} example(s) cut to --max-len {max_len}")
+        metric = fmetrics.selection_metric(task, names)
+        say(f"fine-tuning {'a randomly initialised copy of ' if from_scratch else ''}{model} for {task} "
+            f"({len(names) or 'real-valued'} labels) on {len(tr.examples)} examples, {epochs} epoch(s), batch "
+            f"{batch_size}, lr {lr:g} (layer decay {layer_decay:g}), {precision}, seeds {seeds}; best epoch by "
+            f"validation {metric}")
+
+        runs, interrupted = [], False
+        hp = dict(epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr,
+                  layer_decay=layer_decay, warmup=warmup, weight_decay=weight_decay, sift=sift)
         with job_scope(threads, dev):
             for seed in seeds:
                 try:
@@ -484,6 +520,9 @@ def finetune(model: str, train: str, validation: str, *, out: str, test: Optiona
         if not resume:
             _take_back(out, seeds, made)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _take_back(out: str, seeds: Sequence[int], made: bool) -> None:

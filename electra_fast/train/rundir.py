@@ -43,26 +43,18 @@ _HAS_RUN = ("run.json", "metrics.jsonl")
 TEMPORARY = re.compile(r"^(?:run\.json|metrics\.jsonl|curves\.png)\.tmp-(\d+)$")  # the job's atomic rewrites in --out
 
 
-def claim_lock(out: str):
-    """An exclusive lock on ``out``'s marker for this job (the open file; closing it releases the lock), or None
-    where the platform has no ``flock``. A second job on the same ``--out`` is refused: two writers would mix their
-    records and checkpoints."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return None
+def claim_lock(out: str) -> "int | None":
+    """An exclusive lock on ``out``'s marker for this job (:func:`.._files.hold_lock`: the descriptor; closing it
+    releases the lock), or None where the platform has no ``flock``. A second job on the same ``--out`` is refused:
+    two writers would mix their records and checkpoints."""
     _write_marker(out)  # runs from before the marker get one
     try:
-        f = open(os.path.join(out, MARKER), "rb")
-    except OSError as e:
-        raise PretrainError(f"--out: cannot open {os.path.join(out, MARKER)}: {e.strerror}") from None
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
+        return _files.hold_lock(os.path.join(out, MARKER))
+    except _files.InUse:
         raise PretrainError(f"--out: {out} is in use by another electra-fast pretrain job; wait for it to end or "
                             "choose another --out") from None
-    return f
+    except OSError as e:
+        raise PretrainError(f"--out: cannot open {os.path.join(out, MARKER)}: {e.strerror}") from None
 
 
 def prepare(out: str, *, resume: bool, allow_nonempty: bool = False, claim: bool = True) -> None:

@@ -288,7 +288,7 @@ def pretrain(data: Optional[Sequence[str]] = None, *, tokenizer: Optional[str] =
         raise
     finally:
         if job is not None and job.lock is not None:
-            job.lock.close()
+            os.close(job.lock)
         if job is not None and getattr(job, "tb", None) is not None:  # a run that raised: its writer's thread
             job.tb.close()
         if job is not None:
@@ -452,7 +452,7 @@ class _Job:
         self.o = SimpleNamespace(**options)
         self.first_loss = self.last_record = self.last_eval = self.checkpoint = self.interrupted = None
         self.first_nonfinite = None  # device scalar: the first step whose loss was not finite (-1: none yet)
-        self.lock = None  # rundir.claim_lock's file: released by pretrain() when the job ends
+        self.lock = None  # rundir.claim_lock's descriptor: released by pretrain() when the job ends
         self.owns_out = False
 
     # ---------------------------------------------------------------- the loop
