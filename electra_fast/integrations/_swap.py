@@ -145,6 +145,9 @@ def restore_methods(module: nn.Module, *names: str) -> None:
     for name in names:
         if overrides(module, name):
             del vars(module)[name]
+    attributes = vars(module)
+    if type(attributes) is _PatchedDict and not any(type(v) is _Override for v in attributes.values()):
+        object.__setattr__(module, "__dict__", dict(attributes))  # the last override gone: a plain module again
 
 
 def swapped(parent: nn.Module, name: str) -> bool:
