@@ -212,15 +212,19 @@ class InUse(Exception):
 
 def hold_lock(path: str) -> "int | None":
     """An exclusive lock on the file or folder ``path`` (``flock``: it ends with the returned descriptor, and with
-    its process, in any PID namespace), or None where the platform has no flock. Raises :class:`InUse` while another
-    process holds it, OSError when ``path`` cannot be opened. One job per run folder: two writers would mix their
-    records and overwrite each other's files."""
+    its process, in any PID namespace), or None where the platform or the file system has no flock. Raises
+    :class:`InUse` while another process holds it, OSError when ``path`` cannot be opened. One job per run folder:
+    two writers would mix their records and overwrite each other's files."""
     if fcntl is None:
         return None
     fd = os.open(path, os.O_RDONLY)
-    if not _lock(fd, blocking=False):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
         os.close(fd)
-        raise InUse(path)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise InUse(path) from None
+        return None  # a file system without locks (NFS without lockd: ENOLCK) runs the job as a platform without flock
     return fd
 
 

@@ -1066,6 +1066,30 @@ def test_a_second_job_on_the_same_out_is_refused_and_takes_nothing(env, tmp_path
     assert sorted(_losses(out)) == [1, 2]
 
 
+def test_a_file_system_without_locks_runs_the_job(env, tmp_path, monkeypatch):
+    """flock failing for another reason than a holder (NFS without lockd: ENOLCK) said "in use by another job" on
+    every start: a run on such a folder could never start. It runs as on a platform without flock."""
+    import errno
+    import fcntl
+
+    from electra_fast import _files
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert _files.hold_lock(str(tmp_path)) is None
+    pretrain(env["data"], **_kw(env, tmp_path / "run", steps=2))
+    assert sorted(_losses(tmp_path / "run")) == [1, 2]
+
+    def held(fd, op):
+        raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(fcntl, "flock", held)
+    with pytest.raises(_files.InUse):
+        _files.hold_lock(str(tmp_path))
+
+
 # ------------------------------------------------------------------------------------------ crash safety
 CHILD = textwrap.dedent("""
     import os, sys, torch
