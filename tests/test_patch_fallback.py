@@ -33,6 +33,41 @@ def test_output_attentions_falls_back_or_raises_under_strict():
             model(**inputs, output_attentions=True)
 
 
+def test_a_layers_own_forward_put_back_on_the_instance_is_no_adapter():
+    """transformers 5.0's output recorder "restores" each recorded layer after an ``output_attentions`` call as
+    ``module.forward = original_forward``: the class's forward bound to the module, now on the instance. strict patch
+    then refused the model ("BertSelfAttention.forward is set on the instance"; `make test-transformers
+    TRANSFORMERS=5.0.0`) and a plain patch left those layers to transformers. A wrapper stays an adapter, and is
+    kept: DeBERTa's attention patch, which replaces the whole module, dropped it."""
+    for family, cls_name in (("bert", "BertForMaskedLM"), ("deberta_v2", "DebertaV2ForMaskedLM")):
+        model = build(family, cls_name)
+        inputs, labels = batch()
+        want, want_logits = model(**inputs, labels=labels).loss, model(**inputs).logits
+        for module in model.modules():
+            module.forward = module.forward  # what transformers 5.0 leaves on every layer it recorded
+        electra_fast.patch(model, strict=True)
+        assert all(type(vars(m).get("forward")) is _swap._Override for m in model.modules()
+                   if type(m).__name__.endswith(("SelfAttention", "Output")) and "forward" in vars(m))
+        _close([model(**inputs, labels=labels).loss, model(**inputs).logits], [want, want_logits])
+        electra_fast.unpatch(model)
+
+        attention = next(m for m in model.modules() if type(m).__name__.endswith("SelfAttention"))
+        inner = attention.forward
+
+        def adapter(*args, **kwargs):  # its own computation: half the attention's output
+            out = inner(*args, **kwargs)
+            return (out[0] * 0.5, *out[1:])
+
+        attention.forward = adapter
+        want_logits = model(**inputs).logits
+        with pytest.raises(ValueError, match=r"SelfAttention\.forward is set on the instance"):
+            electra_fast.patch(model, strict=True)
+        # not strict: that attention stays transformers' with the adapter (DeBERTa's swap of the whole module
+        # dropped the adapter, silently: logits 0.5 off)
+        electra_fast.patch(model)
+        _close([model(**inputs).logits], [want_logits])
+
+
 def test_unsupported_attention_implementation_falls_back():
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -26,12 +26,23 @@ class FusedMethod:
     __slots__ = ()
 
 
+def set_on_instance(module: nn.Module, name: str) -> bool:
+    """Whether ``module`` has a method ``name`` set on the instance that may compute something else than its class's:
+    not electra_fast's own, and not the class's method bound to this very module (transformers 5.0's output
+    recorder "restores" each layer's forward so after every ``output_attentions`` call: that one changes nothing,
+    and counting it left those layers unpatched, or refused under ``strict``)."""
+    method = vars(module).get(name)
+    if method is None or isinstance(method, FusedMethod):
+        return False
+    return not (getattr(method, "__self__", None) is module
+                and getattr(method, "__func__", None) is getattr(type(module), name, None))
+
+
 def own_forward(module: nn.Module) -> bool:
     """Whether ``module`` has a ``forward`` set on the instance that is not electra_fast's: accelerate's hooks
     (``add_hook_to_module``: device placement, CPU / disk offloading, whose weights are on "meta" until it runs) or
-    a user's adapter, the module's computation either way."""
-    forward = vars(module).get("forward")
-    return forward is not None and not isinstance(forward, FusedMethod)
+    a user's adapter, the module's computation either way (:func:`set_on_instance`)."""
+    return set_on_instance(module, "forward")
 
 
 def hooked(module: nn.Module) -> bool:

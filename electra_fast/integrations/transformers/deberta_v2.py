@@ -283,6 +283,12 @@ def unpatch_deberta_v2(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------ electra_fast.patch (all four options)
 def _attention_unsupported(module: nn.Module) -> Optional[str]:
+    from .patching import instance_method
+
+    # the swap replaces the whole module: a forward set on it (an adapter's, accelerate's) would be dropped, silently
+    reason = instance_method("attention", module.self, "forward")
+    if reason is not None:
+        return reason
     try:
         FusedDisentangledSelfAttention.from_transformers(module.self)
     except (TypeError, ValueError) as error:

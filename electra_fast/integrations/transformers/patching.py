@@ -21,10 +21,19 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
+from ...nn._plain import set_on_instance
 from .. import _swap
 
 OPTIONS = ("attention", "layer_norm", "mlp", "mlm_head")
 _STRICT = _swap.STRICT  # instance attribute of a patched module (removed by unpatch)
+
+
+def instance_method(option: str, module: nn.Module, name: str) -> Optional[str]:
+    """Why ``option`` cannot serve ``module`` when its method ``name`` is set on the instance (accelerate's hooks, a
+    user's adapter): the patch would lose that computation (None: it is not, :func:`.._plain.set_on_instance`)."""
+    if set_on_instance(module, name):
+        return f"{option}: {type(module).__name__}.{name} is set on the instance (accelerate's hooks, an adapter)"
+    return None
 
 
 class Rule:
@@ -54,9 +63,9 @@ class Rule:
             for name in self.methods(module):
                 if getattr(type(module), name) is not getattr(base, name, None):
                     return f"{self.option}: {type(module).__name__} overrides {base.__name__}.{name}"
-                if name in vars(module):
-                    return (f"{self.option}: {type(module).__name__}.{name} is set on the instance (accelerate's "
-                            "hooks, an adapter)")
+                reason = instance_method(self.option, module, name)
+                if reason is not None:
+                    return reason
         return self.unsupported(module)
 
     def installed(self, module: nn.Module) -> bool:
