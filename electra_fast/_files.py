@@ -217,7 +217,13 @@ def hold_lock(path: str) -> "int | None":
     two writers would mix their records and overwrite each other's files."""
     if fcntl is None:
         return None
-    fd = os.open(path, os.O_RDONLY)
+    fd = None
+    if not os.path.isdir(path):  # NFS emulates flock with a write lock, which a read-only descriptor cannot take
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            pass
+    fd = os.open(path, os.O_RDONLY) if fd is None else fd
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -225,6 +231,14 @@ def hold_lock(path: str) -> "int | None":
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise InUse(path) from None
         return None  # a file system without locks (NFS without lockd: ENOLCK) runs the job as a platform without flock
+    try:  # still the entry ``path`` names: another job may have removed it (a failed start) and made it again
+        held, named = os.fstat(fd), os.stat(path)
+        same = (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+    except OSError:
+        same = False
+    if not same:
+        os.close(fd)
+        raise InUse(path)
     return fd
 
 

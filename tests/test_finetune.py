@@ -827,6 +827,38 @@ def test_a_second_job_on_the_same_out_is_refused_and_touches_nothing(pretrained,
     assert len(_run(pretrained, d, out, "train.tsv", "dev.tsv", resume=resume)["seeds"]) == 1
 
 
+def test_without_file_locks_a_live_jobs_temporaries_stay(pretrained, tmp_path, monkeypatch):
+    """Review finding: with no flock there (NFS without lockd), a start removed every temporary whatever its PID, as
+    if it held the lock: a refused new run deleted a running job's summary.json.tmp-PID, and a --resume beside it its
+    seed-N/last-epoch.pt.tmp-PID (that job's rename then failed). Without a lock only a dead PID's go."""
+    import errno
+    import fcntl
+
+    d = _classification_files(tmp_path / "data")
+    done = tmp_path / "done"
+    _run(pretrained, d, done, "train.tsv", "dev.tsv")
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        busy = tmp_path / "busy"
+        busy.mkdir()
+        (busy / f"summary.json.tmp-{live.pid}").write_text("{")
+        with pytest.raises(FinetuneError, match="is not empty"):
+            _run(pretrained, d, busy, "train.tsv", "dev.tsv")
+        assert os.listdir(busy) == [f"summary.json.tmp-{live.pid}"]
+        (done / "seed-1" / f"last-epoch.pt.tmp-{live.pid}").write_bytes(b"half")
+        (done / "seed-1" / f"best.safetensors.tmp-{_dead_pid()}").write_bytes(b"half")
+        _run(pretrained, d, done, "train.tsv", "dev.tsv", resume=True)
+        assert sorted(n for n in os.listdir(done / "seed-1") if ".tmp-" in n) == [f"last-epoch.pt.tmp-{live.pid}"]
+    finally:
+        live.kill()
+        live.wait()
+
+
 @pytest.mark.parametrize("own_pid", [False, True], ids=["dead pid", "this pid (a container)"])
 def test_a_job_killed_writing_its_first_file_leaves_a_folder_a_rerun_takes(pretrained, tmp_path, own_pid):
     """Review finding: killed while finetune.json was written, --out held only that temporary: the rerun said "not

@@ -1089,6 +1089,19 @@ def test_a_file_system_without_locks_runs_the_job(env, tmp_path, monkeypatch):
     with pytest.raises(_files.InUse):
         _files.hold_lock(str(tmp_path))
 
+    # the folder removed and made again while this process locked it (another job's failed start, then a third
+    # job's): the lock is on a folder no path names, so it is no lock
+    folder = tmp_path / "again"
+    folder.mkdir()
+
+    def replaced(fd, op):
+        folder.rmdir()
+        folder.mkdir()
+
+    monkeypatch.setattr(fcntl, "flock", replaced)
+    with pytest.raises(_files.InUse):
+        _files.hold_lock(str(folder))
+
 
 # ------------------------------------------------------------------------------------------ crash safety
 CHILD = textwrap.dedent("""

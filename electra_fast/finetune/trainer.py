@@ -287,7 +287,7 @@ def _claim_out(out: str, record: dict, resume: bool) -> "int | None":
         lock = _lock_out(out) if os.path.isdir(out) else None
     try:
         if resume:
-            _check_resume(out, record)
+            _check_resume(out, record, locked=lock is not None)
         else:
             write_json(os.path.join(out, RUN_FILE), record)
     except BaseException:
@@ -308,7 +308,7 @@ def _lock_out(out: str) -> "int | None":
         raise FinetuneError(f"--out: cannot open {out}: {e.strerror}") from None
 
 
-def _check_resume(out: str, record: dict) -> None:
+def _check_resume(out: str, record: dict, locked: bool) -> None:
     try:
         with open(os.path.join(out, RUN_FILE), encoding="utf-8") as f:
             saved = json.load(f)
@@ -332,10 +332,10 @@ def _check_resume(out: str, record: dict) -> None:
                             "resume with the same ones or choose a new --out")
     if not os.access(out, os.W_OK | os.X_OK):
         raise FinetuneError(f"--out: {out} is not writable")
-    # this job holds the folder's lock and has written nothing yet: every temporary there is a dead job's, whatever
-    # its PID (in a container every start has the same one)
+    # holding the folder's lock, and having written nothing yet, every temporary there is a dead job's whatever its
+    # PID (in a container every start has the same one); without a lock (no flock there), only a dead PID's
     for d in [out] + [os.path.join(out, n) for n in os.listdir(out) if re.fullmatch(r"seed-\d+", n)]:
-        remove_dead_temporaries(d, TEMPORARY, locked=True)  # a full model and optimizer each, kept for good otherwise
+        remove_dead_temporaries(d, TEMPORARY, locked)  # a full model and optimizer each, kept for good otherwise
 
 
 def _prepare_out(out: str) -> "int | None":
@@ -349,7 +349,7 @@ def _prepare_out(out: str) -> "int | None":
     lock = _lock_out(out)  # before the emptiness check: a job starting beside this one sees it in use
     try:
         # a job killed writing its first file left only its temporary: neither a run to resume nor "not empty"
-        remove_dead_temporaries(out, TEMPORARY, locked=True)
+        remove_dead_temporaries(out, TEMPORARY, locked=lock is not None)
         if os.listdir(out):
             raise FinetuneError(f"--out: {out} is not empty; choose a new or empty directory (nothing there is "
                                 "overwritten)")
