@@ -33,26 +33,34 @@ def check(seed, name: str = "seed", limit: int = SEED_LIMIT) -> int:
     return seed
 
 
+def not_drawable() -> "str | None":
+    """Why :func:`draw` cannot give a seed per call here (None: it can): under torch.jit.trace the seed would be a
+    constant of the trace, one dropout or masking pattern for every later call; under torch.export its value is read
+    on the host, which export cannot trace."""
+    if torch.jit.is_tracing():
+        return ("torch.jit.trace: a random seed drawn here would be frozen into the trace (the same dropout or masking "
+                "pattern on every call); pass seed= where the call takes one, trace dropout layers in eval mode, or "
+                "use torch.compile")
+    if torch.compiler.is_exporting():
+        return ("torch.export: a random seed cannot be drawn in an exported graph (its value is read on the host); "
+                "export this module in eval mode, or use torch.compile")
+    return None
+
+
 def drawable() -> bool:
-    """Whether :func:`draw` gives a seed per call here: not under torch.jit.trace (the seed would be a constant of the
-    trace, one dropout or masking pattern for every later call) nor torch.export (its value is read on the host, which
-    export cannot trace). There the callers with a torch op for the same randomness (torch's dropout, SDPA's) use it;
-    it draws anew at each call of the graph."""
-    return not (torch.jit.is_tracing() or torch.compiler.is_exporting())
+    """Whether :func:`draw` gives a seed per call here (:func:`not_drawable`). Where it does not, the callers with a
+    torch op for the same randomness (torch's dropout, SDPA's) use it; it draws anew at each call of the graph."""
+    return not_drawable() is None
 
 
 def draw() -> int:
     """A seed in [0, SEED_LIMIT - 1) from torch's default generator: reproducible under ``torch.manual_seed``,
-    compiled or not (a graph break under ``torch.compile``). A RuntimeError where it is not :func:`drawable`, raised
-    here, outside the disabled draw, where a strict torch.export traces it (dynamo's "Skip calling
+    compiled or not (a graph break under ``torch.compile``). A RuntimeError saying :func:`not_drawable`'s reason,
+    raised here, outside the disabled draw, where a strict torch.export traces it (dynamo's "Skip calling
     torch.compiler.disable()'d function" said nothing of why)."""
-    if torch.jit.is_tracing():
-        raise RuntimeError("torch.jit.trace: a random seed drawn here would be frozen into the trace (the same "
-                           "dropout or masking pattern on every call); pass seed= where the call takes one, trace "
-                           "dropout layers in eval mode, or use torch.compile")
-    if torch.compiler.is_exporting():
-        raise RuntimeError("torch.export: a random seed cannot be drawn in an exported graph (its value is read on "
-                           "the host); export this module in eval mode, or use torch.compile")
+    why = not_drawable()
+    if why is not None:
+        raise RuntimeError(why)
     if torch.compiler.is_compiling() or "torch._dynamo" in sys.modules:  # a compiled caller is possible
         from ._seed_outside_graphs import drawn_outside_graphs
         return drawn_outside_graphs()
