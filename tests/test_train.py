@@ -1074,6 +1074,8 @@ def test_a_file_system_without_locks_runs_the_job(env, tmp_path, monkeypatch):
 
     from electra_fast import _files
 
+    real_flock = fcntl.flock
+
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
@@ -1101,6 +1103,32 @@ def test_a_file_system_without_locks_runs_the_job(env, tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", replaced)
     with pytest.raises(_files.InUse):
         _files.hold_lock(str(folder))
+
+    # NFS emulates flock with a write lock: a descriptor opened read-only gets EBADF (flock(2)). A run's marker file
+    # is opened read-write, so pretrain's lock holds there (it was opened read-only, and said "in use" on NFS).
+    monkeypatch.setattr(fcntl, "flock", _nfs_like_flock(real_flock))
+    marker = tmp_path / "marker"
+    marker.write_text("")
+    fd = _files.hold_lock(str(marker))
+    try:
+        assert fd is not None
+        with pytest.raises(_files.InUse):
+            _files.hold_lock(str(marker))
+    finally:
+        os.close(fd)
+
+
+def _nfs_like_flock(real):
+    """``real`` (fcntl.flock) as an NFS client serves it: EBADF for an exclusive lock on a read-only descriptor."""
+    import errno
+    import fcntl
+
+    def flock(fd, op):
+        if op & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd, op)
+
+    return flock
 
 
 # ------------------------------------------------------------------------------------------ crash safety
