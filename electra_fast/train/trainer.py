@@ -62,19 +62,34 @@ def _keep_freed_memory() -> bool:
 
 
 def _give_back_freed_memory() -> None:
-    """After the run: glibc's thresholds as the process started (its MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_,
-    else glibc's 128 KiB) and the free heap returned to the system. A notebook that called ``pretrain()`` kept up to
-    2 GiB of freed memory for good (glibc's dynamic mmap threshold, off once set, stays off)."""
+    """After the run: glibc's thresholds as near as glibc allows to the process's at its start, and the free heap
+    returned to the system (a notebook that called ``pretrain()`` kept up to 2 GiB of freed memory for good).
+
+    glibc's mmap threshold starts dynamic (128 KiB, raised to the size of each mmapped block freed, up to
+    :data:`_DYNAMIC_MMAP_MAX`; trimming at twice it) unless the environment sets one of the thresholds, and a
+    ``mallopt`` turns that off for good; there is no call to read it. So where the environment set none, both are
+    set to where the dynamic rule settles once large blocks are freed; where it set any, to its values (glibc's
+    128 KiB for the one it left). Restoring 128 KiB there instead (the first version) left every block over 128 KiB
+    an mmap of its own, unmapped and re-faulted on each use: ``finetune()`` after ``pretrain()`` in one process (the
+    fine-tuning demo, a notebook) spent 3/4 of its time in the kernel, ~150 s instead of ~38 s per Rotten Tomatoes
+    epoch on 2 AMD EPYC cores."""
     libc = _glibc()
     if libc is None:
         return
-    for option, env in ((_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"), (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_")):
-        value = os.environ.get(env, "")
-        libc.mallopt(option, int(value) if value.isdigit() and int(value) < 2 ** 31 else 128 * 1024)
+    tunables = dict(item.partition("=")[::2] for item in os.environ.get("GLIBC_TUNABLES", "").split(":"))
+    dynamic = not any(os.environ.get(f"MALLOC_{name.upper()}_") or tunables.get(f"glibc.malloc.{name}")
+                      for name in ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max"))
+    for option, name, settled in ((_M_MMAP_THRESHOLD, "mmap_threshold", _DYNAMIC_MMAP_MAX),
+                                  (_M_TRIM_THRESHOLD, "trim_threshold", 2 * _DYNAMIC_MMAP_MAX)):
+        value = tunables.get(f"glibc.malloc.{name}") or os.environ.get(f"MALLOC_{name.upper()}_", "")
+        value = int(value) if value.isdigit() and int(value) < 2 ** 31 else 128 * 1024
+        libc.mallopt(option, settled if dynamic else value)
     libc.malloc_trim(0)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# glibc's DEFAULT_MMAP_THRESHOLD_MAX: the highest its dynamic mmap threshold goes (32 MiB on 64-bit)
+_DYNAMIC_MMAP_MAX = 4 * 1024 * 1024 * (8 if sys.maxsize > 2 ** 32 else 4)
 
 
 def _glibc():
