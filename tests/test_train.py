@@ -1858,6 +1858,11 @@ def test_cpu_training_keeps_freed_memory(env, tmp_path, monkeypatch):
 @pytest.mark.parametrize("name,value,own_mmap", [(None, None, False),
                                                  ("MALLOC_MMAP_THRESHOLD_", "262144", True),
                                                  ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=262144", True),
+                                                 # glibc reads 0x... too: 8 MiB serves the block from the heap;
+                                                 # read as no number, 128 KiB would not
+                                                 ("GLIBC_TUNABLES", "glibc.malloc.check=0:glibc.malloc.trim_threshold"
+                                                                    "=0x1000000:glibc.malloc.mmap_threshold=0x800000",
+                                                  False),
                                                  ("MALLOC_TOP_PAD_", "0", True)])
 def test_malloc_thresholds_after_a_run(name, value, own_mmap):
     """After a CPU run (the thresholds raised, then given back): with nothing set in the environment, a 4 MiB block

@@ -81,10 +81,20 @@ def _give_back_freed_memory() -> None:
                       for name in ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max"))
     for option, name, settled in ((_M_MMAP_THRESHOLD, "mmap_threshold", _DYNAMIC_MMAP_MAX),
                                   (_M_TRIM_THRESHOLD, "trim_threshold", 2 * _DYNAMIC_MMAP_MAX)):
-        value = tunables.get(f"glibc.malloc.{name}") or os.environ.get(f"MALLOC_{name.upper()}_", "")
-        value = int(value) if value.isdigit() and int(value) < 2 ** 31 else 128 * 1024
-        libc.mallopt(option, settled if dynamic else value)
+        value = _glibc_number(tunables.get(f"glibc.malloc.{name}") or os.environ.get(f"MALLOC_{name.upper()}_", ""))
+        libc.mallopt(option, settled if dynamic else 128 * 1024 if value is None or value >= 2 ** 31 else value)
     libc.malloc_trim(0)
+
+
+def _glibc_number(text: str) -> Optional[int]:
+    """A tunable's value as glibc reads it (strtoul, base 0: 1024, 0x400 and 02000 are one number), or None."""
+    text = text.strip()
+    octal = len(text) > 1 and text[0] == "0" and text[1] not in "xX"  # C's "02000"; Python's base 0 refuses it
+    try:
+        value = int(text, 8 if octal else 0)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
