@@ -71,8 +71,8 @@ def _give_back_freed_memory() -> None:
     set to where the dynamic rule settles once large blocks are freed; where it set any, to its values (glibc's
     128 KiB for the one it left). Restoring 128 KiB there instead (the first version) left every block over 128 KiB
     an mmap of its own, unmapped and re-faulted on each use: ``finetune()`` after ``pretrain()`` in one process (the
-    fine-tuning demo, a notebook) spent 3/4 of its time in the kernel, ~150 s instead of ~38 s per Rotten Tomatoes
-    epoch on 2 AMD EPYC cores."""
+    fine-tuning demo, a notebook) took 164 s instead of 32 s per Rotten Tomatoes epoch on 2 AMD EPYC cores, its main
+    thread 80 % in the kernel."""
     libc = _glibc()
     if libc is None:
         return
