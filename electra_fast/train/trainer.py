@@ -77,12 +77,17 @@ def _give_back_freed_memory() -> None:
     if libc is None:
         return
     tunables = dict(item.partition("=")[::2] for item in os.environ.get("GLIBC_TUNABLES", "").split(":"))
-    dynamic = not any(os.environ.get(f"MALLOC_{name.upper()}_") or tunables.get(f"glibc.malloc.{name}")
-                      for name in ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max"))
+
+    def setting(name: str) -> str:  # GLIBC_TUNABLES's glibc.malloc.NAME, else its alias MALLOC_NAME_
+        return tunables.get(f"glibc.malloc.{name}") or os.environ.get(f"MALLOC_{name.upper()}_", "")
+
+    dynamic = not any(setting(name) for name in ("mmap_threshold", "trim_threshold", "top_pad", "mmap_max"))
     for option, name, settled in ((_M_MMAP_THRESHOLD, "mmap_threshold", _DYNAMIC_MMAP_MAX),
                                   (_M_TRIM_THRESHOLD, "trim_threshold", 2 * _DYNAMIC_MMAP_MAX)):
-        value = _glibc_number(tunables.get(f"glibc.malloc.{name}") or os.environ.get(f"MALLOC_{name.upper()}_", ""))
-        libc.mallopt(option, settled if dynamic else 128 * 1024 if value is None or value >= 2 ** 31 else value)
+        if not dynamic:
+            value = _glibc_number(setting(name))
+            settled = value if value is not None and value < 2 ** 31 else 128 * 1024  # mallopt takes an int
+        libc.mallopt(option, settled)
     libc.malloc_trim(0)
 
 
